@@ -1,0 +1,67 @@
+"""Stochastic gradient estimators shared by every algorithm: the one home of each.
+
+Each returns a per-seed *surrogate* (B,) whose autograd gradient is the estimate, so that
+one backward pass over the seed-summed surrogate gives every seed its own estimate. Samples
+come from the CountingSampler only (the caller draws them), so every one is counted.
+"""
+from __future__ import annotations
+
+import torch
+
+from ratebench.envs.exact import bradley_terry_nll
+from ratebench.sampling import PreferencePairs, Trajectories
+
+
+def leave_one_out_baseline(values: torch.Tensor) -> torch.Tensor:
+    """b_i = mean_{j != i} v_j within each seed's batch: (B, N) -> (B, N).
+
+    Independent of sample i, so subtracting it keeps a score-function estimator unbiased
+    without drawing extra samples. Needs N >= 2.
+    """
+    n = values.shape[1]
+    if n < 2:
+        raise ValueError("a leave-one-out baseline needs at least 2 samples per seed")
+    return (values.sum(1, keepdim=True) - values) / (n - 1)
+
+
+def kl_regularised_return(traj: Trajectories, rewards: list[torch.Tensor], logps: list[torch.Tensor],
+                          ref_logps: list[torch.Tensor], beta: float) -> torch.Tensor:
+    """G(tau) = R(tau) - beta sum_t log pi/pi_ref (a_t|s_t): (B, N)."""
+    return traj.returns(rewards) - beta * (traj.log_prob(logps) - traj.log_prob(ref_logps))
+
+
+def policy_gradient_surrogate(traj: Trajectories, rewards: list[torch.Tensor], logps: list[torch.Tensor],
+                              ref_logps: list[torch.Tensor], beta: float) -> torch.Tensor:
+    """REINFORCE for J(nu, theta) = E[R_nu] - beta KL, leave-one-out baseline.
+
+    grad_theta J = E[(G(tau) - b) grad log pi_theta(tau)]; G's own theta-dependence adds
+    -beta E[grad log pi] = 0. `logps` must carry the graph to theta; rewards are detached. (B,)
+    """
+    with torch.no_grad():
+        ret = kl_regularised_return(traj, [r.detach() for r in rewards], [lp.detach() for lp in logps],
+                                    ref_logps, beta)
+        advantage = ret - leave_one_out_baseline(ret)
+    return (advantage * traj.log_prob(logps)).mean(1)
+
+
+def reward_return_surrogate(traj: Trajectories, rewards: list[torch.Tensor]) -> torch.Tensor:
+    """grad_nu of E_{tau ~ pi}[R_nu(tau)] = -grad_nu g: mean R_nu over the trajectories. (B,)"""
+    return traj.returns(rewards).mean(1)
+
+
+def preference_loss(pairs: PreferencePairs, rewards: list[torch.Tensor]) -> torch.Tensor:
+    """BT negative log-likelihood of the labelled pairs, mean per seed; its nu-gradient is
+    the estimate of grad_nu f. (B,)"""
+    margin = pairs.first.returns(rewards) - pairs.second.returns(rewards)
+    return bradley_terry_nll(margin, pairs.label).mean(1)
+
+
+def preference_score_surrogate(pairs: PreferencePairs, rewards: list[torch.Tensor],
+                               logps: list[torch.Tensor]) -> torch.Tensor:
+    """Score-function estimate of grad_theta f(nu, theta) when both members come from pi_theta:
+    E[(l - b)(grad log pi(tau) + grad log pi(tau'))], l the pair's BT loss, leave-one-out b. (B,)"""
+    with torch.no_grad():
+        margin = pairs.first.returns(rewards) - pairs.second.returns(rewards)
+        loss = bradley_terry_nll(margin, pairs.label)
+        centred = loss - leave_one_out_baseline(loss)
+    return (centred * (pairs.first.log_prob(logps) + pairs.second.log_prob(logps))).mean(1)

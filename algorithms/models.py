@@ -1,0 +1,133 @@
+"""Small networks with parameters stacked over seeds: leading axis B everywhere.
+
+A seed's network only ever touches its own slice, so summing per-seed losses and calling
+autograd gives every seed its own gradient in one pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ratebench.envs.tabular import DTYPE, TabularProblem
+from ratebench.errors import ConfigError
+
+Params = list[torch.Tensor]
+ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+
+
+@dataclass
+class NetConfig:
+    kind: str = "mlp"  # "mlp"; the reward model may also be "linear" in the env's reward features
+    width: int = 32  # hidden units per layer (the theorem's m)
+    depth: int = 1  # hidden layers: 1 = the two-layer network of the neural-PG analyses
+    activation: str = "relu"  # relu (as analysed) or tanh (smooth)
+
+
+@dataclass
+class ModelConfig:
+    reward: NetConfig = field(default_factory=NetConfig)  # r_nu; reward_mle always uses "linear"
+    policy: NetConfig = field(default_factory=NetConfig)  # pi_theta
+
+
+def check_net(cfg, where: str, kinds: tuple[str, ...]) -> None:
+    if cfg.kind not in kinds:
+        raise ConfigError(f"{where}.kind", f"must be one of {list(kinds)}, got {cfg.kind!r}")
+    if cfg.kind == "mlp":
+        if cfg.width < 1:
+            raise ConfigError(f"{where}.width", f"must be >= 1, got {cfg.width}")
+        if cfg.depth < 1:
+            raise ConfigError(f"{where}.depth", f"must be >= 1, got {cfg.depth}")
+        if cfg.activation not in ACTIVATIONS:
+            raise ConfigError(f"{where}.activation", f"must be one of {list(ACTIVATIONS)}, got {cfg.activation!r}")
+
+
+def _seed_generator(seed: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(7919 * int(seed) + 104_729 * salt + 17)
+
+
+class StackedMLP:
+    """x (n, d_in) -> (B, n, d_out). Hidden layers ~ N(0, 2/fan_in); last layer optionally 0."""
+
+    def __init__(self, sizes: list[int], activation: str, zero_last: bool = False):
+        self.sizes, self.act, self.zero_last = sizes, ACTIVATIONS[activation], zero_last
+
+    def init(self, seeds: list[int], salt: int) -> Params:
+        per_seed = []
+        for seed in seeds:
+            gen, layers = _seed_generator(seed, salt), []
+            for i, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
+                last = i == len(self.sizes) - 2
+                w = torch.randn(fan_in, fan_out, generator=gen, dtype=DTYPE) * (2.0 / fan_in) ** 0.5
+                if last:
+                    w = torch.zeros_like(w) if self.zero_last else w / 2**0.5
+                layers += [w, torch.zeros(fan_out, dtype=DTYPE)]
+            per_seed.append(layers)
+        return [torch.stack(group) for group in zip(*per_seed)]
+
+    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for i in range(0, len(params), 2):
+            w, b = params[i], params[i + 1]
+            h = (torch.einsum("nd,bdk->bnk", h, w) if h.dim() == 2 else torch.bmm(h, w)) + b[:, None]
+            if i + 2 < len(params):
+                h = self.act(h)
+        return h
+
+
+class PolicyModel:
+    """pi_theta(.|h, s) = softmax(log pi_ref + MLP(features)); the zero last layer starts it at pi_ref."""
+
+    def __init__(self, problem: TabularProblem, cfg: NetConfig):
+        check_net(cfg, "model.policy", ("mlp",))
+        self.problem = problem
+        self.features = torch.cat([s.policy_features for s in problem.steps])
+        self.ref = torch.cat([s.ref_logp for s in problem.steps])
+        self.splits = [s.n_states for s in problem.steps]
+        self.net = StackedMLP([self.features.shape[1]] + [cfg.width] * cfg.depth + [problem.n_actions],
+                              cfg.activation, zero_last=True)
+
+    def init(self, seeds: list[int], salt: int = 1) -> Params:
+        return self.net.init(seeds, salt)
+
+    def log_probs(self, params: Params) -> list[torch.Tensor]:
+        """Per-step log-probability tables [(B, n_h, A)]."""
+        logits = self.ref + self.net(params, self.features)
+        return list(torch.log_softmax(logits, -1).split(self.splits, dim=1))
+
+
+class RewardModel:
+    """r_nu on the env's reward units: linear nu . phi(u), or an MLP on phi(u)."""
+
+    def __init__(self, problem: TabularProblem, cfg: NetConfig):
+        check_net(cfg, "model.reward", ("mlp", "linear"))
+        self.problem = problem
+        d = problem.unit_features.shape[1]
+        self.kind = cfg.kind
+        self.net = None if cfg.kind == "linear" else StackedMLP([d] + [cfg.width] * cfg.depth + [1], cfg.activation)
+
+    def init(self, seeds: list[int], salt: int = 2) -> Params:
+        if self.net is None:
+            return [torch.zeros(len(seeds), self.problem.unit_features.shape[1], dtype=DTYPE)]
+        return self.net.init(seeds, salt)
+
+    def unit_rewards(self, params: Params) -> torch.Tensor:
+        """(B, n_units)."""
+        if self.net is None:
+            return params[0] @ self.problem.unit_features.T
+        return self.net(params, self.problem.unit_features).squeeze(-1)
+
+    def step_tables(self, params: Params) -> list[torch.Tensor]:
+        return self.problem.step_tables_from_units(self.unit_rewards(params))
+
+
+def sgd_(params: Params, grads: Params, lr: float | torch.Tensor) -> None:
+    """Plain SGD in place (the analysed method): p <- p - lr * g."""
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.sub_(lr * g)
+
+
+def per_seed_sq_norm(tensors: Params) -> torch.Tensor:
+    """sum of squares per seed over a list of (B, ...) tensors: (B,)."""
+    return sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in tensors)

@@ -1,0 +1,161 @@
+"""Exact, differentiable float64 evaluation on a TabularProblem: the one home of the solvers.
+
+Everything takes reward and policy *tables* (never networks): rewards as per-step tables
+[(B, n_h, A)], policies as per-step log-probability tables [(B, n_h, A)].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F_
+
+from ratebench.envs.tabular import TabularProblem, gather_shared
+
+Tables = list[torch.Tensor]
+
+
+def _expected_next(step, values_next: torch.Tensor) -> torch.Tensor:
+    """E_{s' ~ P(.|s,a)} V_{h+1}(s') for all (s, a): (B, n_{h+1}) -> (B, n_h, A)."""
+    return (values_next[:, step.next_idx] * step.next_prob).sum(-1)
+
+
+def soft_optimal(problem: TabularProblem, rewards: Tables) -> tuple[Tables, torch.Tensor]:
+    """KL-regularised optimal policy by soft backward induction.
+
+    Q_h = r_h + E V_{h+1};  V_h = beta log sum_a pi_ref exp(Q_h / beta);
+    pi*_h = pi_ref exp((Q_h - V_h) / beta). Returns (log pi* tables, V_0 of shape (B, G)).
+    """
+    beta = problem.beta
+    values, logps = None, [None] * problem.horizon
+    for h in reversed(range(problem.horizon)):
+        step = problem.steps[h]
+        q = rewards[h]
+        if values is not None:
+            q = q + _expected_next(step, values)
+        scaled = step.ref_logp + q / beta
+        norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
+        logps[h] = scaled - norm
+        values = beta * norm.squeeze(-1)
+    return logps, values
+
+
+def policy_value(problem: TabularProblem, rewards: Tables, logps: Tables) -> torch.Tensor:
+    """J = E_pi[sum_t r_t - beta log(pi/pi_ref)] by backward evaluation. Returns (B,)."""
+    values = None
+    for h in reversed(range(problem.horizon)):
+        step = problem.steps[h]
+        q = rewards[h] - problem.beta * (logps[h] - step.ref_logp)
+        if values is not None:
+            q = q + _expected_next(step, values)
+        values = (logps[h].exp() * q).sum(-1)
+    return values @ problem.init_prob
+
+
+def optimal_value(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
+    """J*(r) = max_pi J = sum_g rho(g) V*_0(g). Returns (B,)."""
+    return soft_optimal(problem, rewards)[1] @ problem.init_prob
+
+
+def trajectory_returns(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
+    """R(tau) for every enumerated trajectory: (B, G, m)."""
+    table = problem.trajectory_table()
+    return gather_shared(rewards, table.states, table.actions)
+
+
+def trajectory_probs(problem: TabularProblem, logps: Tables) -> torch.Tensor:
+    """P(tau | initial state g) under the policy: (B, G, m)."""
+    table = problem.trajectory_table()
+    return (gather_shared(logps, table.states, table.actions) + table.log_trans).exp()
+
+
+def bradley_terry_nll(margin: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """BCE(p, sigmoid(margin)) = softplus(margin) - p * margin: the one BT loss of the suite.
+
+    margin = R(tau) - R(tau'); p = P(tau preferred) (a 0/1 label or the oracle's probability).
+    """
+    return F_.softplus(margin) - p * margin
+
+
+def preference_prob(problem: TabularProblem, true_returns_diff: torch.Tensor) -> torch.Tensor:
+    """P(y = 1) of the Bradley-Terry oracle with label noise eta (labels flipped w.p. eta)."""
+    eta = problem.label_noise
+    return eta + (1 - 2 * eta) * torch.sigmoid(true_returns_diff)
+
+
+def _true_pair_probs(problem: TabularProblem) -> torch.Tensor:
+    true = trajectory_returns(problem, problem.true_step_tables())[0]  # (G, m)
+    return preference_prob(problem, true[:, :, None] - true[:, None, :])  # (G, m, m)
+
+
+def upper_loss(problem: TabularProblem, rewards: Tables, logps: Tables, chunk: int = 4_000_000) -> torch.Tensor:
+    """f(nu, theta) = E_g E_{tau, tau' ~ pi(.|g)} BCE(p*, sigmoid(R_nu(tau) - R_nu(tau'))).
+
+    BCE(p, sigmoid(d)) = softplus(d) - p d. Exact by enumerating pairs; seeds are processed
+    in chunks so that no intermediate exceeds `chunk` elements. Returns (B,).
+    """
+    p_star = _true_pair_probs(problem)
+    ret = trajectory_returns(problem, rewards)
+    prob = trajectory_probs(problem, logps)
+    B = max(ret.shape[0], prob.shape[0])
+    ret, prob = ret.expand(B, *ret.shape[1:]), prob.expand(B, *prob.shape[1:])
+    per_seed = max(1, chunk // p_star.numel())
+    out = []
+    for lo in range(0, B, per_seed):
+        r, q = ret[lo:lo + per_seed], prob[lo:lo + per_seed]
+        diff = r[..., :, None] - r[..., None, :]
+        bce = bradley_terry_nll(diff, p_star)
+        per_group = torch.einsum("bgi,bgj,bgij->bg", q, q, bce)
+        out.append(per_group @ problem.init_prob)
+    return torch.cat(out)
+
+
+def bilevel_objective(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
+    """F(nu) = f(nu, theta*(nu)) with theta*(nu) the exact soft-optimal policy. (B,)."""
+    return upper_loss(problem, rewards, soft_optimal(problem, rewards)[0])
+
+
+def reward_error(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
+    """E_g E_{tau, tau' ~ pi_ref(.|g)} (Delta R_nu - Delta R*)^2 = 2 E_g Var_ref(R_nu - R*). (B,)."""
+    diff = trajectory_returns(problem, rewards) - trajectory_returns(problem, problem.true_step_tables())
+    q = trajectory_probs(problem, problem.ref_log_probs())
+    mean = (q * diff).sum(-1)
+    var = (q * diff**2).sum(-1) - mean**2
+    return 2 * var @ problem.init_prob
+
+
+def kl_to_ref(problem: TabularProblem, logps: Tables) -> torch.Tensor:
+    """Expected per-trajectory KL(pi || pi_ref) summed over steps: J with zero reward, negated. (B,)."""
+    zero = [torch.zeros_like(lp) for lp in logps]
+    return -policy_value(problem, zero, logps) / problem.beta
+
+
+def minimise_bilevel_objective(problem: TabularProblem, n_starts: int = 6, seed: int = 0,
+                               max_iter: int = 400) -> tuple[float, torch.Tensor]:
+    """F-hat*: best exact F over deterministic multi-start L-BFGS on tabular unit rewards.
+
+    Tabular unit rewards are the richest reward class on the problem's units, so F-hat*
+    lower-bounds F for every reward model. Starts: the true reward, zero, then Gaussian
+    draws from a fixed generator. Returns (F-hat*, minimising unit rewards).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    scale = float(problem.true_unit_reward.std()) or 1.0
+    starts = [problem.true_unit_reward.clone(), torch.zeros(problem.n_units, dtype=torch.float64)]
+    while len(starts) < n_starts:
+        starts.append(scale * torch.randn(problem.n_units, generator=gen, dtype=torch.float64))
+    best_value, best_x = float("inf"), starts[0]
+    for start in starts:
+        x = start.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=max_iter, tolerance_grad=1e-11,
+                                tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            value = bilevel_objective(problem, problem.step_tables_from_units(x[None]))[0]
+            value.backward()
+            return value
+
+        opt.step(closure)
+        with torch.no_grad():
+            value = float(bilevel_objective(problem, problem.step_tables_from_units(x[None]))[0])
+        if value < best_value:
+            best_value, best_x = value, x.detach().clone()
+    return best_value, best_x

@@ -1,0 +1,167 @@
+"""The one finite-horizon tabular structure every environment compiles to.
+
+A bandit is H = 1, a token task is an MDP whose state is the prefix; exact solvers, the
+sampler and trajectory enumeration are written once against this structure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ratebench.errors import ConfigError
+
+DTYPE = torch.float64
+
+
+@dataclass
+class Step:
+    """Time step h. Shapes: n = states at this step, A actions, K successors per (s, a)."""
+
+    policy_features: torch.Tensor  # (n, d_policy): what a policy network sees at (h, s)
+    ref_logp: torch.Tensor  # (n, A): log pi_ref(a | s)
+    unit_idx: torch.Tensor  # (n, A) long: reward unit of (h, s, a); n_units = no reward
+    next_idx: torch.Tensor  # (n, A, K) long: successor state indices at step h + 1
+    next_prob: torch.Tensor  # (n, A, K): their probabilities (unused at the last step)
+
+    @property
+    def n_states(self) -> int:
+        return self.ref_logp.shape[0]
+
+
+@dataclass
+class TrajectoryTable:
+    """Every trajectory, grouped by initial state g (G groups of equal size m).
+
+    A preference pair is two trajectories from the same initial state (same prompt).
+    """
+
+    states: torch.Tensor  # (G, m, H) long
+    actions: torch.Tensor  # (G, m, H) long
+    log_trans: torch.Tensor  # (G, m): sum of log transition probabilities (given g)
+
+
+@dataclass
+class TabularProblem:
+    """A KL-regularised finite-horizon problem with a known true reward.
+
+    Rewards live on `units` (what a reward model scores: (x, a), (h, s, a) or a whole
+    sequence); `unit_idx` of each step says which unit a step-action pays.
+    """
+
+    name: str
+    steps: list[Step]
+    init_prob: torch.Tensor  # (G,)
+    unit_features: torch.Tensor  # (n_units, d_reward)
+    true_unit_reward: torch.Tensor  # (n_units,)
+    beta: float
+    label_noise: float = 0.0
+    max_pairs: int = 1_000_000
+    _table: TrajectoryTable | None = field(default=None, repr=False)
+
+    @property
+    def horizon(self) -> int:
+        return len(self.steps)
+
+    @property
+    def n_actions(self) -> int:
+        return self.steps[0].ref_logp.shape[1]
+
+    @property
+    def n_units(self) -> int:
+        return self.unit_features.shape[0]
+
+    @property
+    def n_groups(self) -> int:
+        return self.init_prob.shape[0]
+
+    def trajectories_per_group(self) -> int:
+        """m = A^H * K^(H-1): enumeration keeps every successor, zero-probability ones too."""
+        m = 1
+        for h, step in enumerate(self.steps):
+            m *= self.n_actions
+            if h < self.horizon - 1:
+                m *= step.next_idx.shape[2]
+        return m
+
+    def n_pairs(self) -> int:
+        return self.n_groups * self.trajectories_per_group() ** 2
+
+    def check_enumerable(self, where: str) -> None:
+        """Refuse sizes whose exact evaluation would not fit, naming the limit."""
+        pairs = self.n_pairs()
+        if pairs > self.max_pairs:
+            raise ConfigError(
+                where,
+                f"exact evaluation enumerates {pairs:.3g} trajectory pairs, more than the "
+                f"limit env.max_pairs={self.max_pairs:.3g}; make the environment smaller "
+                "(fewer states, actions, horizon / vocabulary, length)",
+            )
+
+    # --- reward tables -----------------------------------------------------------------
+    def step_tables_from_units(self, unit_reward: torch.Tensor) -> list[torch.Tensor]:
+        """(B, n_units) unit rewards -> per-step tables [(B, n_h, A)]; no-reward slots are 0."""
+        padded = torch.cat([unit_reward, unit_reward.new_zeros(unit_reward.shape[0], 1)], 1)
+        return [padded[:, step.unit_idx] for step in self.steps]
+
+    def true_step_tables(self) -> list[torch.Tensor]:
+        return self.step_tables_from_units(self.true_unit_reward[None])
+
+    def ref_log_probs(self) -> list[torch.Tensor]:
+        """pi_ref as a one-seed policy table [(1, n_h, A)]."""
+        return [step.ref_logp[None] for step in self.steps]
+
+    # --- enumeration -------------------------------------------------------------------
+    def trajectory_table(self) -> TrajectoryTable:
+        """All trajectories grouped by initial state; built once, size-checked first."""
+        if self._table is None:
+            self.check_enumerable("env")
+            self._table = _enumerate(self)
+        return self._table
+
+
+def _enumerate(problem: TabularProblem) -> TrajectoryTable:
+    G, A, H = problem.n_groups, problem.n_actions, problem.horizon
+    states = torch.arange(G).reshape(G, 1, 1)  # partial trajectories: (G, m, h+1)
+    actions = torch.zeros(G, 1, 0, dtype=torch.long)
+    log_trans = torch.zeros(G, 1, dtype=DTYPE)
+    for h, step in enumerate(problem.steps):
+        m = states.shape[1]
+        states = states.repeat_interleave(A, dim=1)
+        log_trans = log_trans.repeat_interleave(A, dim=1)
+        new_a = torch.arange(A).repeat(m).expand(G, m * A)
+        actions = torch.cat([actions.repeat_interleave(A, dim=1), new_a[..., None]], dim=2)
+        if h == H - 1:
+            break
+        s, a = states[:, :, -1], actions[:, :, -1]
+        K = step.next_idx.shape[2]
+        nxt = step.next_idx[s, a]  # (G, m*A, K)
+        lp = step.next_prob[s, a].log()
+        states = torch.cat(
+            [states.repeat_interleave(K, dim=1), nxt.reshape(G, -1, 1)], dim=2
+        )
+        actions = actions.repeat_interleave(K, dim=1)
+        log_trans = (log_trans[..., None] + lp).reshape(G, -1)
+    return TrajectoryTable(states=states, actions=actions, log_trans=log_trans)
+
+
+def gather_shared(tables: list[torch.Tensor], states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Sum over h of tables[h][:, states[..., h], actions[..., h]] for index tensors shared by
+    all seeds. tables: [(B, n_h, A)]; states/actions: (*idx, H). Returns (B, *idx)."""
+    total = 0
+    for h, table in enumerate(tables):
+        B, n, A = table.shape
+        total = total + table.reshape(B, n * A)[:, states[..., h] * A + actions[..., h]]
+    return total
+
+
+def gather_batched(tables: list[torch.Tensor], states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Sum over h of tables[h][b, states[b, i, h], actions[b, i, h]] for per-seed indices.
+    tables: [(B or 1, n_h, A)]; states/actions: (B, N, H). Returns (B, N)."""
+    B, N, _ = states.shape
+    total = 0
+    for h, table in enumerate(tables):
+        _, n, A = table.shape
+        flat = table.reshape(table.shape[0], n * A).expand(B, n * A)
+        total = total + flat.gather(1, states[..., h] * A + actions[..., h])
+    return total

@@ -1,0 +1,172 @@
+"""`ratebench` command line: run (a Hydra app), fit, plot, check, report."""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+USAGE = """usage: ratebench <command> [args]
+
+  run [hydra overrides]    run a job (add -m for a sweep), e.g. ratebench run env=mdp seeds=[0,1,2]
+  fit DIR                  fit sample-complexity exponents of the runs under DIR
+  plot DIR                 convergence and n_hit(eps) figures of the runs under DIR
+  check [CLAIMS] [--runs DIR]  verdict per claim (exit 0 all pass, 1 violated/inconclusive, 2 bad input)
+  report DIR               HTML + Markdown report of the runs under DIR
+
+Run `ratebench run --help` for Hydra's options and `ratebench run --cfg job` to see the config."""
+
+HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--version",
+                    "--shell-completion", "-sc"}
+MAX_VALIDATED_COMBINATIONS = 64
+
+
+def _fail(message: str) -> int:
+    print(f"ratebench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        code = run_command(rest)
+    elif command in ("fit", "plot", "check", "report"):
+        try:
+            from ratebench.analysis import commands
+        except ImportError:
+            return _fail(f"'ratebench {command}' is not built yet")
+        code = commands.main(command, rest)
+    else:
+        return _fail(f"unknown command {command!r}; allowed: run, fit, plot, check, report")
+    if argv is not None and code:
+        sys.exit(code)
+    return code
+
+
+def _split(args: list[str]) -> tuple[list[str], list[str], bool]:
+    flags, overrides, multirun = [], [], False
+    for a in args:
+        if a in ("-m", "--multirun"):
+            multirun = True
+            flags.append(a)
+        elif a.startswith("-"):
+            flags.append(a)
+        else:
+            overrides.append(a)
+    return flags, overrides, multirun
+
+
+def run_command(args: list[str]) -> int:
+    from ratebench.config import register
+
+    register()
+    flags, overrides, multirun = _split(args)
+    if not (set(flags) & HYDRA_INFO_FLAGS):
+        try:
+            _prevalidate(overrides, multirun)
+        except _BadInput as exc:
+            return _fail(str(exc))
+    from ratebench.app import hydra_entry
+
+    sys.argv = ["ratebench run", *args]
+    hydra_entry()
+    return 0
+
+
+class _BadInput(Exception):
+    pass
+
+
+def _expand(overrides: list[str]) -> list[list[str]]:
+    """Every job's override list for a sweep (capped: beyond the cap, each value alone)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed, sweeps = [], []
+    for text, ov in zip(overrides, parsed):
+        if ov.is_sweep_override():
+            values = list(ov.sweep_string_iterator())
+            sweeps.append([f"{ov.get_key_element()}={v}" for v in values])
+        else:
+            fixed.append(text)
+    if not sweeps:
+        return [fixed]
+    total = 1
+    for s in sweeps:
+        total *= len(s)
+    if total <= MAX_VALIDATED_COMBINATIONS:
+        return [fixed + list(c) for c in itertools.product(*sweeps)]
+    return [fixed + [v] for s in sweeps for v in s]
+
+
+def _prevalidate(overrides: list[str], multirun: bool) -> None:
+    """Compose and validate every job's config, and check the output folder, before Hydra
+    creates anything: bad input exits 2 with nothing written."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ratebench.config import validate
+    from ratebench.errors import ConfigError
+
+    try:
+        jobs = _expand(overrides)
+    except HydraException as exc:
+        raise _BadInput(f"cannot parse overrides: {exc}") from None
+    if not multirun and len(jobs) > 1:
+        raise _BadInput("a sweep (comma list, range, glob) needs -m: ratebench run -m " + " ".join(overrides))
+    with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
+        for job in jobs:
+            try:
+                cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
+                dir_key = "sweep.dir" if multirun else "run.dir"
+                out = OmegaConf.select(cfg.hydra, dir_key)
+                hydra_cfg = cfg.hydra
+                with _unlocked(cfg):
+                    del cfg["hydra"]
+                validate(cfg)
+            except ConfigError as exc:
+                raise _BadInput(str(exc)) from None
+            except (HydraException, OmegaConfBaseException) as exc:
+                raise _BadInput(_describe(exc)) from None
+            _check_writable(out, f"hydra.{dir_key}")
+            del hydra_cfg
+
+
+def _unlocked(cfg):
+    from omegaconf import open_dict
+
+    return open_dict(cfg)
+
+
+def _describe(exc: BaseException) -> str:
+    """One readable line from a Hydra/OmegaConf composition error, naming the field."""
+    text = str(exc).strip()
+    if "Could not find" in text and "Available options" in text:
+        head = text.split("Could not find", 1)[1].split("\n", 1)[0].strip().strip("'")
+        group, _, value = head.partition("/")
+        options = [ln.strip() for ln in text.split("Available options", 1)[1].splitlines()[1:] if ln.strip()]
+        options = [o for o in options if not o.endswith("_schema")]
+        return f"{group}: unknown value {value!r}; allowed: {', '.join(options)}"
+    cause = exc.__cause__ or exc
+    key = getattr(cause, "full_key", None)
+    msg = getattr(cause, "msg", None) or str(cause).splitlines()[0]
+    return f"{key}: {msg}" if key else f"{text.splitlines()[0]}: {msg}" if cause is not exc else text.splitlines()[0]
+
+
+def _check_writable(path: str | None, field: str) -> None:
+    if not path:
+        return
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise _BadInput(f"{field}: cannot create output folder {str(p)!r}: {str(probe)!r} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise _BadInput(f"{field}: output folder {str(p)!r} is not writable ({str(probe)!r} refuses writes)")

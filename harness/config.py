@@ -1,0 +1,103 @@
+"""Structured run configuration (Hydra schemas) and the validation done before any compute."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ratebench.algorithms import ALGORITHMS
+from ratebench.algorithms.models import ModelConfig, NetConfig, check_net
+from ratebench.envs import ENVIRONMENTS
+from ratebench.errors import ConfigError
+
+
+@dataclass
+class BudgetConfig:
+    samples: int = 20_000  # stop when the sample counter reaches this (SPEC §6)
+    evals_per_decade: int = 10  # log-spaced evaluation points in samples, plus the final one
+
+
+@dataclass
+class RunConfig:
+    env: Any = MISSING  # chosen by env=<bandit|mdp|token>
+    algorithm: Any = MISSING  # chosen by algorithm=<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    seeds: List[int] = field(default_factory=lambda: list(range(8)))  # algorithm seeds, batched in one process
+    n_seeds: Optional[int] = None  # shorthand: seeds = 0..n_seeds-1 (overrides `seeds`)
+    threads: int = 1  # torch threads per job: 1 keeps two parallel jobs off each other's core
+    cache_dir: Optional[str] = None  # F-hat* cache; default $RATEBENCH_CACHE or ~/.cache/ratebench
+    progress: bool = True  # one line per evaluation decade (off under CI=true)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    for name, (env_cfg, _) in ENVIRONMENTS.items():
+        cs.store(group="env", name=f"{name}_schema", node=env_cfg)
+    for name, algo in ALGORITHMS.items():
+        cs.store(group="algorithm", name=f"{name}_schema", node=algo.Config)
+
+
+def to_dataclass(node: Any, schema: type, where: str):
+    """Typed copy of a config node (DictConfig or dict) as `schema`, errors naming the field."""
+    merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+    return OmegaConf.to_object(merged) if isinstance(merged, DictConfig) else merged
+
+
+def resolve_seeds(cfg) -> list[int]:
+    if cfg.n_seeds is not None:
+        if cfg.n_seeds < 1:
+            raise ConfigError("n_seeds", f"must be >= 1, got {cfg.n_seeds}")
+        return list(range(cfg.n_seeds))
+    seeds = [int(s) for s in cfg.seeds]
+    if not seeds:
+        raise ConfigError("seeds", "must list at least one seed, got []")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise ConfigError("seeds", f"must not repeat a seed; repeated: {dup}")
+    if any(s < 0 for s in seeds):
+        raise ConfigError("seeds", f"must be >= 0, got {seeds}")
+    return seeds
+
+
+@dataclass
+class Validated:
+    env: Any
+    algorithm: Any
+    model: ModelConfig
+    seeds: list[int]
+
+
+def validate(cfg: DictConfig) -> Validated:
+    """Every check that can be made without compute. Raises ConfigError naming the field."""
+    env_name = cfg.env.get("name") if isinstance(cfg.env, DictConfig) else None
+    if env_name not in ENVIRONMENTS:
+        raise ConfigError("env", f"unknown environment {env_name!r}; allowed: {sorted(ENVIRONMENTS)}")
+    algo_name = cfg.algorithm.get("name") if isinstance(cfg.algorithm, DictConfig) else None
+    if algo_name not in ALGORITHMS:
+        raise ConfigError("algorithm", f"unknown algorithm {algo_name!r}; allowed: {sorted(ALGORITHMS)}")
+    env = to_dataclass(cfg.env, ENVIRONMENTS[env_name][0], "env")
+    algorithm = to_dataclass(cfg.algorithm, ALGORITHMS[algo_name].Config, "algorithm")
+    model = ModelConfig(reward=to_dataclass(cfg.model.reward, NetConfig, "model.reward"),
+                        policy=to_dataclass(cfg.model.policy, NetConfig, "model.policy"))
+    check_net(model.reward, "model.reward", ("mlp", "linear"))
+    check_net(model.policy, "model.policy", ("mlp",))
+    if cfg.budget.samples < 1:
+        raise ConfigError("budget.samples", f"must be >= 1, got {cfg.budget.samples}")
+    if cfg.budget.evals_per_decade < 1:
+        raise ConfigError("budget.evals_per_decade", f"must be >= 1, got {cfg.budget.evals_per_decade}")
+    if cfg.threads < 1:
+        raise ConfigError("threads", f"must be >= 1, got {cfg.threads}")
+    return Validated(env=env, algorithm=algorithm, model=model, seeds=resolve_seeds(cfg))
+
+
+def plain(cfg: Any) -> dict:
+    """JSON-ready dict of a (structured or plain) config."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return {f.name: plain(getattr(cfg, f.name)) if hasattr(getattr(cfg, f.name), "__dataclass_fields__")
+            else getattr(cfg, f.name) for f in fields(cfg)}
