@@ -1,6 +1,23 @@
-"""Algorithms as plug-ins: name -> (config dataclass, class). See base.Algorithm."""
+"""Algorithms as plug-ins: name -> class (see base.Algorithm). Each module in _MODULES
+defines `ALGORITHM = <class>`; a module not written yet is simply absent."""
 from __future__ import annotations
 
-from ratebench.algorithms.reward_mle import RewardMLE
+import importlib
 
-ALGORITHMS = {cls.name: cls for cls in (RewardMLE,)}
+_MODULES = ("reward_mle", "bilevel", "dpo", "ppo_rlhf")
+
+
+def _discover() -> dict:
+    found = {}
+    for module in _MODULES:
+        try:
+            mod = importlib.import_module(f"{__name__}.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{module}":
+                continue
+            raise
+        found[mod.ALGORITHM.name] = mod.ALGORITHM
+    return found
+
+
+ALGORITHMS = _discover()

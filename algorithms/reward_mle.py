@@ -93,3 +93,4 @@ def _fisher_spectrum(problem) -> tuple[float, float]:
     eig = torch.linalg.eigvalsh(fisher)
     positive = eig[eig > 1e-9 * eig.max()]
     return float(positive.min()), float(eig.max())
+ALGORITHM = RewardMLE
