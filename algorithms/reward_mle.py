@@ -24,6 +24,14 @@ class RewardMLEConfig:
     #                        c * mu > 1/2 is what gives the 1/t rate, 2 leaves margin
     t0: float = 10.0  # offset of c / (t + t0); raised to c * lambda_max if needed for stability
 
+    def check(self) -> None:
+        if self.batch_pairs < 1:
+            raise ConfigError("algorithm.batch_pairs", f"must be >= 1, got {self.batch_pairs}")
+        if not self.lr_scale > 0:
+            raise ConfigError("algorithm.lr_scale", f"must be > 0, got {self.lr_scale}")
+        if self.t0 < 0:
+            raise ConfigError("algorithm.t0", f"must be >= 0, got {self.t0}")
+
 
 @dataclass
 class RewardMLEState:
@@ -38,12 +46,7 @@ class RewardMLE(Algorithm):
 
     def __init__(self, cfg, model_cfg, problem):
         super().__init__(cfg, model_cfg, problem)
-        if cfg.batch_pairs < 1:
-            raise ConfigError("algorithm.batch_pairs", f"must be >= 1, got {cfg.batch_pairs}")
-        if not cfg.lr_scale > 0:
-            raise ConfigError("algorithm.lr_scale", f"must be > 0, got {cfg.lr_scale}")
-        if cfg.t0 < 0:
-            raise ConfigError("algorithm.t0", f"must be >= 0, got {cfg.t0}")
+        cfg.check()
         self.model = RewardModel(problem, NetConfig(kind="linear"))
         mu, lam_max = _fisher_spectrum(problem)
         self.c = cfg.lr_scale / mu

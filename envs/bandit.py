@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ratebench.envs.common import CommonEnvConfig, check_common, generator, one_hot, reference_logp, teacher_reward
+from ratebench.envs.common import CommonEnvConfig, check_common, check_pairs, generator, one_hot, reference_logp, teacher_reward
 from ratebench.envs.tabular import DTYPE, Step, TabularProblem
+from ratebench.errors import ConfigError
 
 
 @dataclass
@@ -17,11 +18,16 @@ class BanditConfig(CommonEnvConfig):
     feature_dim: int = 4  # d of the reward features phi(x, a) ~ N(0, I)
 
 
-def build(cfg: BanditConfig) -> TabularProblem:
+def check(cfg: BanditConfig) -> None:
+    """Every size/range check, from the config alone (no tensors built)."""
     check_common(cfg, {"n_contexts": cfg.n_contexts, "n_actions": cfg.n_actions})
     if cfg.feature_dim < 1:
-        from ratebench.errors import ConfigError
         raise ConfigError("env.feature_dim", f"must be >= 1, got {cfg.feature_dim}")
+    check_pairs(cfg, cfg.n_contexts * cfg.n_actions**2, f"n_contexts={cfg.n_contexts}, n_actions={cfg.n_actions}")
+
+
+def build(cfg: BanditConfig) -> TabularProblem:
+    check(cfg)
     X, A = cfg.n_contexts, cfg.n_actions
     features = torch.randn(X * A, cfg.feature_dim, generator=generator(cfg, 5), dtype=DTYPE)
     true_reward = teacher_reward(cfg, features)
@@ -37,5 +43,4 @@ def build(cfg: BanditConfig) -> TabularProblem:
         unit_features=features, true_unit_reward=true_reward, beta=cfg.beta,
         label_noise=cfg.label_noise, max_pairs=cfg.max_pairs,
     )
-    problem.check_enumerable("env")
     return problem

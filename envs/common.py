@@ -47,6 +47,14 @@ def check_common(cfg, sizes: dict[str, int]) -> None:
             raise ConfigError(f"env.{field}", f"must be >= 2, got {value}")
 
 
+def check_pairs(cfg, n_pairs: int, sizes: str) -> None:
+    """Exact evaluation enumerates every trajectory pair: refuse sizes that would not fit."""
+    if n_pairs > cfg.max_pairs:
+        raise ConfigError(
+            "env", f"{cfg.name} with {sizes} needs {n_pairs:.3g} trajectory pairs for exact evaluation; "
+            f"allowed: at most env.max_pairs={cfg.max_pairs:.3g}: make the environment smaller")
+
+
 def generator(cfg, salt: int) -> torch.Generator:
     """Independent deterministic stream per (instance_seed, purpose)."""
     return torch.Generator().manual_seed(1_000_003 * cfg.instance_seed + salt)

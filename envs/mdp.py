@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ratebench.envs.common import CommonEnvConfig, check_common, generator, one_hot, reference_logp, teacher_reward
+from ratebench.envs.common import CommonEnvConfig, check_common, check_pairs, generator, one_hot, reference_logp, teacher_reward
 from ratebench.envs.tabular import DTYPE, Step, TabularProblem
 from ratebench.errors import ConfigError
 
@@ -24,12 +24,20 @@ class MDPConfig(CommonEnvConfig):
     transition_concentration: float = 1.0  # Dirichlet alpha of P(.|s, a): small = near-deterministic
 
 
-def build(cfg: MDPConfig) -> TabularProblem:
+def check(cfg: MDPConfig) -> None:
+    """Every size/range check, from the config alone (no tensors built)."""
     check_common(cfg, {"n_states": cfg.n_states, "n_actions": cfg.n_actions, "horizon": cfg.horizon})
     if cfg.feature_dim < 1:
         raise ConfigError("env.feature_dim", f"must be >= 1, got {cfg.feature_dim}")
     if not cfg.transition_concentration > 0:
         raise ConfigError("env.transition_concentration", f"must be > 0, got {cfg.transition_concentration}")
+    S, A, H = cfg.n_states, cfg.n_actions, cfg.horizon
+    per_start = A**H * S ** (H - 1)  # trajectories from one initial state
+    check_pairs(cfg, S * per_start**2, f"n_states={S}, n_actions={A}, horizon={H}")
+
+
+def build(cfg: MDPConfig) -> TabularProblem:
+    check(cfg)
     S, A, H = cfg.n_states, cfg.n_actions, cfg.horizon
     sa_features = torch.randn(S * A, cfg.feature_dim, generator=generator(cfg, 5), dtype=DTYPE)
     sa_reward = teacher_reward(cfg, sa_features)  # (S*A,), stationary true reward
@@ -56,7 +64,6 @@ def build(cfg: MDPConfig) -> TabularProblem:
         unit_features=unit_features, true_unit_reward=true_unit, beta=cfg.beta,
         label_noise=cfg.label_noise, max_pairs=cfg.max_pairs,
     )
-    problem.check_enumerable("env")
     return problem
 
 

@@ -93,9 +93,8 @@ class TabularProblem:
         if pairs > self.max_pairs:
             raise ConfigError(
                 where,
-                f"exact evaluation enumerates {pairs:.3g} trajectory pairs, more than the "
-                f"limit env.max_pairs={self.max_pairs:.3g}; make the environment smaller "
-                "(fewer states, actions, horizon / vocabulary, length)",
+                f"exact evaluation needs {pairs:.3g} trajectory pairs; allowed: at most "
+                f"env.max_pairs={self.max_pairs:.3g}: make the environment smaller",
             )
 
     # --- reward tables -----------------------------------------------------------------

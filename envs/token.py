@@ -29,13 +29,21 @@ def _digits(index: torch.Tensor, V: int, L: int) -> torch.Tensor:
     return (index[:, None] // powers) % V
 
 
-def build(cfg: TokenConfig) -> TabularProblem:
+def check(cfg: TokenConfig) -> None:
+    """Every size/range check, from the config alone (no tensors built)."""
     check_common(cfg, {"vocab": cfg.vocab, "length": cfg.length})
     V, L = cfg.vocab, cfg.length
     n_prefixes = sum(V**h for h in range(L))
     if n_prefixes > cfg.max_states:
-        raise ConfigError("env", f"vocab={V}, length={L} gives {n_prefixes} prefixes, more than "
-                          f"env.max_states={cfg.max_states}; use a smaller vocab or length")
+        raise ConfigError("env", f"vocab={V}, length={L} gives {n_prefixes:.3g} prefix states; allowed: at most "
+                          f"env.max_states={cfg.max_states:.3g}: use a smaller env.vocab or env.length")
+    check_pairs(cfg, V ** (2 * L), f"vocab={V}, length={L}")
+
+
+def build(cfg: TokenConfig) -> TabularProblem:
+    check(cfg)
+    V, L = cfg.vocab, cfg.length
+    n_prefixes = sum(V**h for h in range(L))
     sequences = _digits(torch.arange(V**L), V, L)  # (V^L, L)
     unit_features = one_hot(sequences, V).reshape(V**L, L * V)
     true_reward = teacher_reward(cfg, unit_features)
@@ -65,7 +73,6 @@ def build(cfg: TokenConfig) -> TabularProblem:
         unit_features=unit_features, true_unit_reward=true_reward, beta=cfg.beta,
         label_noise=cfg.label_noise, max_pairs=cfg.max_pairs,
     )
-    problem.check_enumerable("env")
     return problem
 
 

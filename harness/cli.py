@@ -42,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         code = commands.main(command, rest)
     else:
         return _fail(f"unknown command {command!r}; allowed: run, fit, plot, check, report")
-    if argv is not None and code:
-        sys.exit(code)
     return code
 
 
@@ -150,12 +148,16 @@ def _describe(exc: BaseException) -> str:
     if "Could not find" in text and "Available options" in text:
         head = text.split("Could not find", 1)[1].split("\n", 1)[0].strip().strip("'")
         group, _, value = head.partition("/")
-        options = [ln.strip() for ln in text.split("Available options", 1)[1].splitlines()[1:] if ln.strip()]
+        options = []
+        for line in text.split("Available options", 1)[1].splitlines()[1:]:
+            if not line.startswith(("\t", " ")) or not line.strip():
+                break
+            options.append(line.strip())
         options = [o for o in options if not o.endswith("_schema")]
         return f"{group}: unknown value {value!r}; allowed: {', '.join(options)}"
     cause = exc.__cause__ or exc
     key = getattr(cause, "full_key", None)
-    msg = getattr(cause, "msg", None) or str(cause).splitlines()[0]
+    msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
     return f"{key}: {msg}" if key else f"{text.splitlines()[0]}: {msg}" if cause is not exc else text.splitlines()[0]
 
 

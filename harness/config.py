@@ -36,7 +36,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
-    for name, (env_cfg, _) in ENVIRONMENTS.items():
+    for name, (env_cfg, _, _) in ENVIRONMENTS.items():
         cs.store(group="env", name=f"{name}_schema", node=env_cfg)
     for name, algo in ALGORITHMS.items():
         cs.store(group="algorithm", name=f"{name}_schema", node=algo.Config)
@@ -81,7 +81,10 @@ def validate(cfg: DictConfig) -> Validated:
     if algo_name not in ALGORITHMS:
         raise ConfigError("algorithm", f"unknown algorithm {algo_name!r}; allowed: {sorted(ALGORITHMS)}")
     env = to_dataclass(cfg.env, ENVIRONMENTS[env_name][0], "env")
+    ENVIRONMENTS[env_name][1](env)
     algorithm = to_dataclass(cfg.algorithm, ALGORITHMS[algo_name].Config, "algorithm")
+    if hasattr(algorithm, "check"):  # algorithm-specific range checks, config only (no compute)
+        algorithm.check()
     model = ModelConfig(reward=to_dataclass(cfg.model.reward, NetConfig, "model.reward"),
                         policy=to_dataclass(cfg.model.policy, NetConfig, "model.policy"))
     check_net(model.reward, "model.reward", ("mlp", "linear"))
