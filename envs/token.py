@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ratebench.envs.common import CommonEnvConfig, check_common, one_hot, reference_logp, teacher_reward
+from ratebench.envs.common import CommonEnvConfig, check_common, check_pairs, one_hot, reference_logp, teacher_reward
 from ratebench.envs.tabular import DTYPE, Step, TabularProblem
 from ratebench.errors import ConfigError
 

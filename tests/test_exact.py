@@ -1,0 +1,225 @@
+"""Exact quantities against independent computations: direct maximisation, enumeration,
+finite differences and Monte-Carlo draws from the sampler (fixed seeds, stated false-alarm rates)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ratebench import envs
+from ratebench.algorithms.models import NetConfig, RewardModel
+from ratebench.envs import bandit, exact, mdp, token
+from ratebench.sampling import Counters, CountingSampler
+
+SMALL = {
+    "bandit": bandit.BanditConfig(n_contexts=3, n_actions=4, feature_dim=3),
+    "mdp": mdp.MDPConfig(n_states=3, n_actions=2, horizon=3),
+    "token": token.TokenConfig(vocab=3, length=3),
+}
+Z_CRIT = 4.42  # two-sided normal quantile for a 1e-5 false-alarm rate per test
+
+
+@pytest.fixture(params=sorted(SMALL))
+def problem(request):
+    return envs.make(SMALL[request.param])
+
+
+def random_unit_rewards(problem, seed: int, batch: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, problem.n_units, generator=gen, dtype=torch.float64)
+
+
+def random_policy(problem, seed: int, scale: float = 1.5) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.log_softmax(scale * torch.randn(1, s.n_states, problem.n_actions, generator=gen,
+                                                  dtype=torch.float64), -1) for s in problem.steps]
+
+
+def enumerated_value(problem, rewards, logps) -> torch.Tensor:
+    """J by summing over every trajectory: E[R - beta sum log pi/pi_ref] (independent of the
+    backward recursion in exact.policy_value)."""
+    q = exact.trajectory_probs(problem, logps)
+    ret = exact.trajectory_returns(problem, rewards)
+    log_ratio = exact.trajectory_returns(problem, [lp - s.ref_logp for lp, s in zip(logps, problem.steps)])
+    return ((q * (ret - problem.beta * log_ratio)).sum(-1)) @ problem.init_prob
+
+
+def test_policy_value_equals_enumeration(problem):
+    rewards = problem.step_tables_from_units(random_unit_rewards(problem, 1))
+    logps = random_policy(problem, 2)
+    assert torch.allclose(exact.policy_value(problem, rewards, logps), enumerated_value(problem, rewards, logps),
+                          rtol=0, atol=1e-12)
+
+
+def test_soft_optimal_policy_matches_direct_maximisation(problem):
+    """pi*_nu from soft backward induction = argmax of J over tabular softmax logits (L-BFGS)."""
+    rewards = problem.step_tables_from_units(random_unit_rewards(problem, 3))
+    star, _ = exact.soft_optimal(problem, rewards)
+    logits = [torch.zeros(1, s.n_states, problem.n_actions, dtype=torch.float64, requires_grad=True)
+              for s in problem.steps]
+    opt = torch.optim.LBFGS(logits, max_iter=2000, tolerance_grad=1e-13, tolerance_change=1e-16,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -enumerated_value(problem, rewards, [torch.log_softmax(l, -1) for l in logits]).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    direct = [torch.softmax(l.detach(), -1) for l in logits]
+    for h, (p_direct, lp_star) in enumerate(zip(direct, star)):
+        assert torch.allclose(p_direct, lp_star.exp(), atol=1e-6), f"step {h}"
+    assert math.isclose(float(exact.optimal_value(problem, rewards)),
+                        float(enumerated_value(problem, rewards, [d.log() for d in direct])), abs_tol=1e-10)
+
+
+def test_bilevel_objective_gradient_matches_finite_differences(problem):
+    units = random_unit_rewards(problem, 4)[0]
+    x = units.clone().requires_grad_(True)
+    F = lambda r: exact.bilevel_objective(problem, problem.step_tables_from_units(r[None]))[0]  # noqa: E731
+    (grad,) = torch.autograd.grad(F(x), x)
+    h = 1e-6
+    fd = torch.stack([(F(units + h * e) - F(units - h * e)) / (2 * h) for e in torch.eye(problem.n_units,
+                                                                                        dtype=torch.float64)])
+    assert torch.allclose(grad, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_gradient_through_reward_network_matches_finite_differences(problem):
+    model = RewardModel(problem, NetConfig(kind="mlp", width=5, activation="tanh"))
+    params = model.init([0])
+    F = lambda ps: exact.bilevel_objective(problem, model.step_tables(ps))[0]  # noqa: E731
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    grads = torch.autograd.grad(F(leaves), leaves)
+    h = 1e-6
+    for i, p in enumerate(params):
+        flat = p.reshape(-1)
+        for j in range(0, flat.numel(), max(1, flat.numel() // 4)):
+            plus = [q.clone() for q in params]
+            minus = [q.clone() for q in params]
+            plus[i].reshape(-1)[j] += h
+            minus[i].reshape(-1)[j] -= h
+            fd = (F(plus) - F(minus)) / (2 * h)
+            assert math.isclose(float(grads[i].reshape(-1)[j]), float(fd), rel_tol=1e-5, abs_tol=1e-8)
+
+
+def test_reward_error_equals_explicit_pair_sum(problem):
+    rewards = problem.step_tables_from_units(random_unit_rewards(problem, 5))
+    q = exact.trajectory_probs(problem, problem.ref_log_probs())[0]
+    d = (exact.trajectory_returns(problem, rewards) - exact.trajectory_returns(problem, problem.true_step_tables()))[0]
+    pairwise = (q[:, :, None] * q[:, None, :] * (d[:, :, None] - d[:, None, :]) ** 2).sum((1, 2))
+    assert math.isclose(float(exact.reward_error(problem, rewards)), float(pairwise @ problem.init_prob),
+                        rel_tol=1e-12)
+
+
+def test_kl_to_ref_equals_enumeration(problem):
+    logps = random_policy(problem, 6)
+    q = exact.trajectory_probs(problem, logps)
+    log_ratio = exact.trajectory_returns(problem, [lp - s.ref_logp for lp, s in zip(logps, problem.steps)])
+    assert math.isclose(float(exact.kl_to_ref(problem, logps)), float((q * log_ratio).sum(-1) @ problem.init_prob),
+                        rel_tol=1e-12)
+
+
+def test_f_star_is_a_minimum(problem):
+    value, argmin = exact.minimise_bilevel_objective(problem, n_starts=3)
+    F = lambda r: float(exact.bilevel_objective(problem, problem.step_tables_from_units(r[None]))[0])  # noqa: E731
+    assert value <= F(problem.true_unit_reward) + 1e-12
+    for seed in range(5):
+        assert value <= F(random_unit_rewards(problem, 100 + seed)[0]) + 1e-12
+    x = argmin.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(exact.bilevel_objective(problem, problem.step_tables_from_units(x[None]))[0], x)
+    assert float(grad.norm()) < 1e-5
+
+
+# --- Monte Carlo against the sampler ------------------------------------------------------
+def sampler_for(problem, seed=0):
+    return CountingSampler(problem, [seed], Counters())
+
+
+def test_value_of_random_policy_matches_monte_carlo(problem):
+    logps = random_policy(problem, 7)
+    n = 100_000
+    traj = sampler_for(problem, 1).trajectories(logps, n)
+    ref = problem.ref_log_probs()
+    g = traj.returns(problem.true_step_tables()) - problem.beta * (traj.log_prob(logps) - traj.log_prob(ref))
+    exact_j = float(exact.policy_value(problem, problem.true_step_tables(), logps))
+    z = (float(g.mean()) - exact_j) / (float(g.std()) / n**0.5)
+    assert abs(z) < Z_CRIT, f"J exact {exact_j:.5f}, MC {float(g.mean()):.5f}, z={z:.2f}"
+
+
+def test_sampler_trajectory_frequencies_match_exact_probabilities(problem):
+    """Pearson chi-square of sampled trajectory counts vs exact probabilities (alpha = 1e-5)."""
+    from scipy import stats
+
+    logps = random_policy(problem, 8, scale=0.7)
+    n = 60_000
+    traj = sampler_for(problem, 2).trajectories(logps, n)
+    table = problem.trajectory_table()
+    G, m, H = table.states.shape
+    keys_all = _trajectory_keys(problem, table.states.reshape(G * m, H), table.actions.reshape(G * m, H))
+    expected = (exact.trajectory_probs(problem, logps)[0] * problem.init_prob[:, None]).reshape(-1)
+    keep = expected > 0
+    lookup = {int(k): i for i, k in enumerate(keys_all[keep])}
+    observed = torch.zeros(int(keep.sum()), dtype=torch.float64)
+    for k in _trajectory_keys(problem, traj.states[0], traj.actions[0]).tolist():
+        observed[lookup[k]] += 1
+    exp_counts = n * expected[keep]
+    assert math.isclose(float(observed.sum()), n)
+    chi2 = float(((observed - exp_counts) ** 2 / exp_counts).sum())
+    p_value = stats.chi2.sf(chi2, df=int(keep.sum()) - 1)
+    assert p_value > 1e-5, f"chi2={chi2:.1f}, p={p_value:.2e}"
+
+
+def _trajectory_keys(problem, states, actions):
+    key = torch.zeros(states.shape[0], dtype=torch.long)
+    for h, step in enumerate(problem.steps):
+        key = (key * step.n_states + states[:, h]) * problem.n_actions + actions[:, h]
+    return key
+
+
+@pytest.mark.parametrize("label_noise", [0.0, 0.2])
+def test_bradley_terry_oracle_frequencies(label_noise):
+    """Per (context, a, a') cell: label frequency vs eta + (1-2 eta) sigma(dR*); Pearson
+    chi-square over all cells with a 1e-5 false-alarm rate."""
+    from scipy import stats
+
+    problem = envs.make(bandit.BanditConfig(n_contexts=3, n_actions=3, feature_dim=3, label_noise=label_noise,
+                                            reward_scale=2.0))
+    n = 600_000  # power: a 5% error in the BT slope is rejected (checked by mutating the oracle)
+    pairs = sampler_for(problem, 3).pairs(problem.ref_log_probs(), n)
+    x, a, b = pairs.first.states[0, :, 0], pairs.first.actions[0, :, 0], pairs.second.actions[0, :, 0]
+    r = problem.true_unit_reward.reshape(3, 3)
+    p = label_noise + (1 - 2 * label_noise) * torch.sigmoid(r[x, a] - r[x, b])
+    cell = (x * 3 + a) * 3 + b
+    y = pairs.label[0]
+    chi2, df = 0.0, 0
+    for c in cell.unique():
+        mask = cell == c
+        n_c, p_c = int(mask.sum()), float(p[mask][0])
+        chi2 += (float(y[mask].sum()) - n_c * p_c) ** 2 / (n_c * p_c * (1 - p_c))
+        df += 1
+    assert df == 27  # every (x, a, a') cell was drawn
+    assert stats.chi2.sf(chi2, df) > 1e-5, f"chi2={chi2:.1f} on {df} cells"
+
+
+def test_upper_loss_matches_monte_carlo(problem):
+    """Exact f(nu, theta) vs the mean BT loss on sampled, labelled pairs from the policy."""
+    rewards = problem.step_tables_from_units(random_unit_rewards(problem, 9))
+    logps = random_policy(problem, 10)
+    n = 100_000
+    pairs = sampler_for(problem, 4).pairs(logps, n)
+    margin = pairs.first.returns(rewards) - pairs.second.returns(rewards)
+    loss = exact.bradley_terry_nll(margin, pairs.label)[0]
+    f = float(exact.upper_loss(problem, rewards, logps))
+    z = (float(loss.mean()) - f) / (float(loss.std()) / n**0.5)
+    assert abs(z) < Z_CRIT, f"f exact {f:.5f}, MC {float(loss.mean()):.5f}, z={z:.2f}"
+
+
+def test_sampler_counts_samples_and_queries(problem):
+    counters = Counters()
+    sampler = CountingSampler(problem, [0, 1], counters)
+    sampler.trajectories(problem.ref_log_probs(), 5)
+    sampler.pairs(problem.ref_log_probs(), 7)
+    assert (counters.samples, counters.queries) == (5 + 14, 7)
