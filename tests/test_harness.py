@@ -60,13 +60,14 @@ def test_evaluation_schedule_is_log_spaced(compose_config, tmp_path):
     assert all(7 <= n <= 11 for n in per_decade), per_decade
 
 
-def test_same_config_gives_identical_metrics(tmp_path):
+@pytest.mark.parametrize("env", ["bandit", "mdp", "token"])
+def test_same_config_gives_identical_metrics(env, tmp_path):
     """Two processes, same config and seeds: every column but wall_s is identical."""
     frames = []
     for name in ("a", "b"):
         out = tmp_path / name
-        subprocess.run([RATEBENCH, "run", "env=mdp", "seeds=[0,1]", "budget.samples=3000",
-                        f"hydra.run.dir={out}"], check=True, capture_output=True)
+        subprocess.run([RATEBENCH, "run", f"env={env}", "algorithm=reward_mle", "seeds=[0,1]",
+                        "budget.samples=3000", f"hydra.run.dir={out}"], check=True, capture_output=True)
         frames.append(pd.read_parquet(out / "metrics.parquet").drop(columns="wall_s"))
     pd.testing.assert_frame_equal(frames[0], frames[1], check_exact=True)
 
