@@ -1,0 +1,182 @@
+"""Claims (SPEC §7): a YAML record of a published rate, validated field by field, and the verdict
+rule that turns a rate fit into PASS / VIOLATED / INCONCLUSIVE."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from ratebench.analysis.curves import METRICS, X_AXES
+from ratebench.analysis.fit import RateFit
+from ratebench.errors import ConfigError
+
+RELATIONS = ("upper_bound", "equals")
+# ε may be stated in the metric's own unit or, for grad_sq, in gradient-norm units (ε_norm² = ε_sq).
+UNIT_POWER = {("grad_sq", "grad_norm"): 2.0}
+REQUIRED = ("id", "source", "algorithm", "experiment", "metric", "x", "exponent", "relation", "epsilon")
+PASS, VIOLATED, INCONCLUSIVE = "PASS", "VIOLATED", "INCONCLUSIVE"
+UPPER_BOUND_CAVEAT = ("A faster empirical rate (smaller p̂) is consistent with an upper bound on the sample "
+                      "complexity; it is evidence on these problems, never a proof of the bound.")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claimed rate N(ε) ≤ C·ε^-exponent (upper_bound) or N(ε) ≍ ε^-exponent (equals ± tolerance),
+    on `metric` against `x`, for ε in [eps_min, eps_max] stated in `eps_unit`."""
+
+    id: str
+    source: str
+    algorithm: str
+    experiment: str
+    metric: str
+    x: str
+    exponent: float
+    relation: str
+    tolerance: float
+    eps_unit: str
+    eps_min: float
+    eps_max: float
+    env: str | None = None
+    min_seeds: int = 4
+    path: str = ""
+    note: str = ""
+
+    @property
+    def unit_power(self) -> float:
+        """metric = (ε in eps_unit)^unit_power."""
+        return UNIT_POWER.get((self.metric, self.eps_unit), 1.0)
+
+    @property
+    def metric_exponent(self) -> float:
+        """The claimed exponent for ε measured in the metric's own unit."""
+        return self.exponent / self.unit_power
+
+    @property
+    def metric_eps_range(self) -> tuple[float, float]:
+        return self.eps_min ** self.unit_power, self.eps_max ** self.unit_power
+
+    @property
+    def curve_slope(self) -> float:
+        """Slope of log metric vs log x implied by the claim: metric ≈ x^(-1/p)."""
+        return -1.0 / self.metric_exponent
+
+
+def load_claim(path) -> Claim:
+    """Read and validate one claim file; every problem raises ConfigError naming the field."""
+    path = Path(path)
+    where = f"{path}"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(where, f"cannot read claim file ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(where, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(where, "a claim file must hold a mapping of fields " + ", ".join(REQUIRED))
+    return parse_claim(data, where)
+
+
+def parse_claim(data: dict, where: str = "claim") -> Claim:
+    def field(name):
+        return f"{where}: {name}"
+
+    for name in REQUIRED:
+        if name not in data or data[name] is None:
+            raise ConfigError(field(name), f"missing; a claim needs {', '.join(REQUIRED)}")
+    for name in ("id", "source", "algorithm", "experiment"):
+        if not isinstance(data[name], str) or not data[name].strip():
+            raise ConfigError(field(name), f"must be a non-empty string, got {data[name]!r}")
+    if data["metric"] not in METRICS:
+        raise ConfigError(field("metric"), f"unknown metric {data['metric']!r}; allowed: {', '.join(METRICS)}")
+    if data["x"] not in X_AXES:
+        raise ConfigError(field("x"), f"unknown x {data['x']!r}; allowed: {', '.join(X_AXES)}")
+    exponent = _positive(data["exponent"], field("exponent"))
+    if data["relation"] not in RELATIONS:
+        raise ConfigError(field("relation"), f"unknown relation {data['relation']!r}; allowed: {', '.join(RELATIONS)}")
+    tolerance = 0.0
+    if data["relation"] == "equals":
+        if data.get("tolerance") is None:
+            raise ConfigError(field("tolerance"), "required when relation is equals (p must lie within exponent ± tolerance)")
+        tolerance = _positive(data["tolerance"], field("tolerance"))
+    eps = data["epsilon"]
+    if not isinstance(eps, dict):
+        raise ConfigError(field("epsilon"), "must be a mapping with unit, min, max")
+    units = [data["metric"]] + [u for (m, u) in UNIT_POWER if m == data["metric"]]
+    if eps.get("unit") not in units:
+        raise ConfigError(field("epsilon.unit"), f"must state the unit of ε, got {eps.get('unit')!r}; "
+                                                 f"allowed for metric {data['metric']}: {', '.join(units)}")
+    eps_min = _positive(eps.get("min"), field("epsilon.min"))
+    eps_max = _positive(eps.get("max"), field("epsilon.max"))
+    if not eps_min < eps_max:
+        raise ConfigError(field("epsilon"), f"min must be < max, got min={eps_min}, max={eps_max}")
+    min_seeds = data.get("min_seeds", 4)
+    if not isinstance(min_seeds, int) or min_seeds < 2:
+        raise ConfigError(field("min_seeds"), f"must be an integer >= 2, got {min_seeds!r}")
+    env = data.get("env")
+    if env is not None and not isinstance(env, str):
+        raise ConfigError(field("env"), f"must be an environment name, got {env!r}")
+    return Claim(id=data["id"], source=data["source"], algorithm=data["algorithm"], experiment=data["experiment"],
+                 metric=data["metric"], x=data["x"], exponent=exponent, relation=data["relation"],
+                 tolerance=tolerance, eps_unit=eps["unit"], eps_min=eps_min, eps_max=eps_max, env=env,
+                 min_seeds=min_seeds, path=where, note=str(data.get("note", "")))
+
+
+def _positive(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)  # "7/2" is not accepted, "3.5" or 3.5 is
+        except (TypeError, ValueError):
+            raise ConfigError(where, f"must be a positive number, got {value!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(where, f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class Verdict:
+    claim: Claim
+    verdict: str
+    reason: str
+    fit: RateFit | None
+
+
+def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
+    """SPEC §7 at 95 %. upper_bound: PASS if the CI's upper end ≤ p_claim, VIOLATED if its
+    lower end > p_claim or the metric stalls above the ε range (final IQM above ε_min and a
+    log-log decay whose whole CI is slower than 1/(p_claim + tol)). equals (± tol): PASS if the CI
+    lies inside [p−tol, p+tol], VIOLATED if it misses that band entirely. INCONCLUSIVE otherwise,
+    and when the fit has too few seeds or ε levels. Exponents compared in the metric's unit."""
+    if fit is None:
+        return Verdict(claim, INCONCLUSIVE, "no runs of this algorithm in the evidence", None)
+    p_claim = claim.metric_exponent
+    lo_eps, _ = claim.metric_eps_range
+    slowest = 1.0 / (p_claim + claim.tolerance)  # decay exponent the claim implies at the least
+    if fit.status != "no_data" and _stalls(fit, lo_eps, slowest):
+        return Verdict(claim, VIOLATED, f"the metric stalls above the ε range: final IQM {fit.final_iqm:.3g} > "
+                                        f"ε_min = {lo_eps:.3g} and its log-log decay over the last decades, "
+                                        f"{fit.decay:.3g} (95% CI up to {fit.decay_high:.3g}), is slower than "
+                                        f"the claimed 1/{p_claim + claim.tolerance:.3g} = {slowest:.3g}", fit)
+    if fit.status != "ok":
+        return Verdict(claim, INCONCLUSIVE, f"{fit.status}: {fit.reason}", fit)
+    if fit.n_seeds < claim.min_seeds:
+        return Verdict(claim, INCONCLUSIVE, f"{fit.n_seeds} seeds fitted, the claim needs ≥ {claim.min_seeds}", fit)
+    ci = f"CI [{fit.p_low:.3g}, {fit.p_high:.3g}]"
+    if claim.relation == "upper_bound":
+        if fit.p_high <= p_claim:
+            return Verdict(claim, PASS, f"{ci} ≤ {p_claim:.3g}. {UPPER_BOUND_CAVEAT}", fit)
+        if fit.p_low > p_claim:
+            return Verdict(claim, VIOLATED, f"{ci} lies above the claimed {p_claim:.3g}", fit)
+        return Verdict(claim, INCONCLUSIVE, f"{ci} contains the claimed {p_claim:.3g}", fit)
+    band = (p_claim - claim.tolerance, p_claim + claim.tolerance)
+    if band[0] <= fit.p_low and fit.p_high <= band[1]:
+        return Verdict(claim, PASS, f"{ci} inside [{band[0]:.3g}, {band[1]:.3g}]", fit)
+    if fit.p_high < band[0] or fit.p_low > band[1]:
+        return Verdict(claim, VIOLATED, f"{ci} misses [{band[0]:.3g}, {band[1]:.3g}]", fit)
+    return Verdict(claim, INCONCLUSIVE, f"{ci} overlaps but is not inside [{band[0]:.3g}, {band[1]:.3g}]", fit)
+
+
+def _stalls(fit: RateFit, eps_min: float, slowest: float) -> bool:
+    """Still above the smallest claimed ε at the end, and decaying significantly slower than the
+    claim allows over the asymptotic points (the whole CI of the log-log decay below 1/p)."""
+    return bool(math.isfinite(fit.decay_high) and fit.decay_high < slowest and fit.final_iqm > eps_min)

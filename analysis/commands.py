@@ -1,0 +1,411 @@
+"""`ratebench fit | plot | check | report`: argument parsing, bad-input checks (exit 2) and the
+glue from run folders to tables, verdicts, figures and reports. The statistics live in fit.py."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from ratebench.analysis.claims import PASS, VIOLATED, Claim, Verdict, load_claim, verdict
+from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys
+from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
+from ratebench.analysis.load import Loaded, RunRecordError, load
+from ratebench.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class BadInput(Exception):
+    """One message for stderr; the command exits 2."""
+
+
+def main(command: str, args: list[str]) -> int:
+    handlers = {"fit": fit_command, "plot": plot_command, "check": check_command, "report": report_command}
+    parser = PARSERS[command]()
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exc:  # --help → 0, argparse errors → 2
+        return int(exc.code or 0)
+    try:
+        return handlers[command](ns)
+    except (BadInput, ConfigError, RunRecordError) as exc:
+        print(f"ratebench {command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------- parsers
+
+def _add_fit_options(p: argparse.ArgumentParser) -> None:
+    d = FitOptions()
+    p.add_argument("--strict", action="store_true", help="a run record that cannot be read is an error (exit 2)")
+    p.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap replicates (default {d.n_boot})")
+    p.add_argument("--boot-seed", type=int, default=d.seed, help="bootstrap RNG seed (default 0)")
+    p.add_argument("--reach", type=float, default=d.reach,
+                   help=f"window: fraction of seeds that must reach ε (default {d.reach})")
+    p.add_argument("--decades", type=float, default=d.decades,
+                   help=f"window: last decades of x treated as asymptotic (default {d.decades})")
+    p.add_argument("--tail", type=float, default=d.tail,
+                   help=f"window: decades of x kept after n_hit as evidence of staying (default {d.tail})")
+    p.add_argument("--floor-factor", type=float, default=d.floor_factor,
+                   help=f"window: ε ≥ this × fitted floor (default {d.floor_factor})")
+
+
+def _fit_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ratebench fit", description="Fit the sample-complexity exponent p "
+                                "(log n_hit vs log 1/ε) and the decay exponent b (metric ≈ c + A·n^-b) per "
+                                "(algorithm, env, config) of the runs under DIR, with seed-bootstrap 95% CIs.")
+    p.add_argument("dir", help="folder searched recursively for run.json")
+    p.add_argument("--metric", default="gap", help=f"metric column (default gap); one of {', '.join(METRICS)}")
+    p.add_argument("--x", default="samples", choices=X_AXES, help="x axis (default samples)")
+    p.add_argument("--by", default="algorithm,env,config_hash",
+                   help="comma-separated grouping columns (default algorithm,env,config_hash; e.g. "
+                        "algorithm,env pools configurations, bootstrap stratified by config_hash)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--sensitivity", action="store_true", help="also print the window-sensitivity table per group")
+    _add_fit_options(p)
+    return p
+
+
+def _plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ratebench plot", description="PNG and PDF figures, one per metric: "
+                                "metric vs x (IQM, median, 95%% bootstrap band, fitted line, claimed slopes) and "
+                                "n_hit(ε) vs 1/ε with the fit and the claimed slope.")
+    p.add_argument("dir", help="folder searched recursively for run.json")
+    p.add_argument("--metric", action="append", help="metric (repeatable; default every metric with data)")
+    p.add_argument("--x", default="samples", choices=X_AXES)
+    p.add_argument("--out", help="output folder (default DIR/figures)")
+    p.add_argument("--claims", nargs="*", help="claim files whose slopes are drawn (default conf/claims/*.yaml)")
+    p.add_argument("--by", default="algorithm,env,config_hash", help="grouping columns, as for fit")
+    _add_fit_options(p)
+    return p
+
+
+def _check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ratebench check", description="Verdict per claim (SPEC §7): exit 0 when "
+                                "every claim passes, 1 when one is VIOLATED or INCONCLUSIVE, 2 on bad input. "
+                                "Without --runs, each claim's experiment is run (or reused) under --workdir.")
+    p.add_argument("claims", nargs="*", help="claim YAML files (default conf/claims/*.yaml)")
+    p.add_argument("--runs", help="analyse the runs under this folder instead of running the experiments")
+    p.add_argument("--workdir", default="ratebench-runs", help="cache of experiment runs (default ./ratebench-runs)")
+    p.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    p.add_argument("--fail-on", choices=("any", "violated"), default="any",
+                   help="exit 1 when any claim is not PASS (default, SPEC §8) or only when one is VIOLATED "
+                        "(CI smoke checks: INCONCLUSIVE is reported but does not fail)")
+    _add_fit_options(p)
+    return p
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ratebench report", description="One self-contained HTML report (figures "
+                                "embedded) and its Markdown twin for the runs under DIR: verdict per claim, p̂ "
+                                "and CI, window, figures, diverged seeds, config hashes and commands.")
+    p.add_argument("dir", help="folder searched recursively for run.json")
+    p.add_argument("--claims", nargs="*", help="claim files (default: conf/claims/*.yaml whose algorithm has runs)")
+    p.add_argument("--out", help="output folder (default DIR/report)")
+    _add_fit_options(p)
+    return p
+
+
+PARSERS = {"fit": _fit_parser, "plot": _plot_parser, "check": _check_parser, "report": _report_parser}
+
+
+def fit_options(ns, **extra) -> FitOptions:
+    if ns.n_boot < 100:
+        raise BadInput(f"--n-boot must be >= 100, got {ns.n_boot}")
+    if not 0.5 <= ns.reach <= 1:
+        raise BadInput(f"--reach must be in [0.5, 1], got {ns.reach}")
+    for name in ("decades", "tail", "floor_factor"):
+        if not getattr(ns, name) >= 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(ns, name)}")
+    return FitOptions(n_boot=ns.n_boot, seed=ns.boot_seed, reach=ns.reach, decades=ns.decades, tail=ns.tail,
+                      floor_factor=ns.floor_factor, **extra)
+
+
+# ---------------------------------------------------------------------------------------------- analysis glue
+
+def load_dir(path, strict: bool) -> Loaded:
+    """Every run under path; bad input (missing folder, no runs) → BadInput."""
+    root = Path(path)
+    if not root.exists():
+        raise BadInput(f"{root}: no such folder")
+    if not root.is_dir():
+        raise BadInput(f"{root}: not a folder")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load(root, strict=strict)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if loaded.seeds.empty:
+        skipped = f" ({len(loaded.skipped)} unreadable)" if loaded.skipped else ""
+        raise BadInput(f"{root}: no runs found (no readable run.json below it{skipped}); "
+                       "make some with `ratebench run ... hydra.run.dir=...`")
+    return loaded
+
+
+def check_metric(loaded: Loaded, metric: str, x_name: str) -> None:
+    available = [m for m in METRICS if m in loaded.metrics.columns]
+    if metric not in available:
+        raise BadInput(f"--metric: unknown metric {metric!r}; allowed: {', '.join(available)}")
+    if x_name not in loaded.metrics.columns:
+        raise BadInput(f"--x: column {x_name!r} is not in the run records; allowed: "
+                       f"{', '.join(x for x in X_AXES if x in loaded.metrics.columns)}")
+
+
+def check_by(loaded: Loaded, by: list[str]) -> None:
+    bad = [k for k in by if k not in loaded.seeds.columns]
+    if bad:
+        allowed = ["algorithm", "env", "experiment", "config_hash"] + [c for c in loaded.seeds.columns
+                                                                         if c.startswith("cfg.")]
+        raise BadInput(f"--by: unknown column(s) {bad}; allowed: {', '.join(allowed)}")
+
+
+def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: FitOptions,
+               sensitivity: bool = False) -> list[tuple[dict, RateFit, object]]:
+    """(group key dict, fit, curves) for every group of runs."""
+    out = []
+    seeds = loaded.seeds.copy()
+    metrics = loaded.metrics
+    for key, seed_rows in seeds.groupby(by, dropna=False, sort=True):
+        key = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        runs = set(seed_rows["run_dir"])
+        rows = metrics[metrics["run_dir"].isin(runs)]
+        curves = build_curves(rows, seed_rows, metric, x_name)
+        fit = fit_rate(curves, opts)
+        if sensitivity and fit.status != "no_data":
+            fit.arrays["sensitivity"] = window_sensitivity(curves, opts)
+        key["config_hashes"] = sorted(set(seed_rows["config_hash"]))
+        for col in ("algorithm", "env"):  # pooled over them: name what was pooled
+            key.setdefault(col, ",".join(sorted(set(map(str, seed_rows[col])))))
+        out.append((key, fit, curves))
+    return out
+
+
+def _fmt(v, nd=3) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}g}"
+
+
+def fit_rows(results, metric: str, x_name: str) -> list[dict]:
+    rows = []
+    for key, fit, _ in results:
+        row = {"algorithm": key.get("algorithm"), "env": key.get("env"), "config_hash": key.get("config_hash"),
+               **{k: v for k, v in key.items() if k not in ("algorithm", "env", "config_hash", "config_hashes")},
+               "config_hashes": key["config_hashes"], "metric": metric, "x": x_name}
+        r = fit.row()
+        r.pop("metric"), r.pop("x_name")
+        row.update(r)
+        rows.append(row)
+    return rows
+
+
+def fit_command(ns) -> int:
+    loaded = load_dir(ns.dir, ns.strict)
+    check_metric(loaded, ns.metric, ns.x)
+    by = group_keys(ns.by)
+    check_by(loaded, by)
+    results = fit_groups(loaded, ns.metric, ns.x, by, fit_options(ns), ns.sensitivity)
+    rows = fit_rows(results, ns.metric, ns.x)
+    if ns.json:
+        print(json.dumps([_jsonable(r) for r in rows], indent=2))
+        return 0
+    print(format_fit_table(rows))
+    if ns.sensitivity:
+        for key, fit, _ in results:
+            if "sensitivity" in fit.arrays:
+                print(f"\nwindow sensitivity: {key}")
+                print(fit.arrays["sensitivity"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    return 0
+
+
+def _jsonable(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, (np.floating, float)):
+            v = float(v)
+            out[k] = v if math.isfinite(v) else None
+        elif isinstance(v, np.integer):
+            out[k] = int(v)
+        else:
+            out[k] = v
+    return out
+
+
+def format_fit_table(rows: list[dict]) -> str:
+    table = pd.DataFrame([{
+        "algorithm": r["algorithm"], "env": r["env"], "config": (r["config_hash"] or ",".join(r["config_hashes"]))[:16],
+        "p̂": _fmt(r["p"]), "95% CI": f"[{_fmt(r['p_low'])}, {_fmt(r['p_high'])}]", "b̂": _fmt(r["b"]),
+        "b CI": f"[{_fmt(r['b_low'])}, {_fmt(r['b_high'])}]", "floor ĉ": _fmt(r["c"]),
+        "ε window": f"[{_fmt(r['eps_low'])}, {_fmt(r['eps_high'])}]", "levels": r["n_levels"],
+        "seeds": r["n_seeds"], "diverged": r["n_diverged"], "failed": r["n_failed"],
+        "status": r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"} for r in rows])
+    metric, x = rows[0]["metric"], rows[0]["x"]
+    head = f"metric {metric} vs {x}: p = exponent of n_hit(ε) ~ ε^-p; b = decay exponent of {metric} ≈ c + A·{x}^-b"
+    return head + "\n" + table.to_string(index=False)
+
+
+# ---------------------------------------------------------------------------------------------- check
+
+def default_claims() -> list[Path]:
+    return sorted((CONF_DIR / "claims").glob("*.yaml"))
+
+
+def claim_evidence(loaded: Loaded, claim: Claim) -> tuple[Loaded, str]:
+    """The runs of the claim's algorithm (and env); of the claim's experiment when any run records it."""
+    seeds = loaded.seeds[loaded.seeds["algorithm"] == claim.algorithm]
+    if claim.env:
+        seeds = seeds[seeds["env"] == claim.env]
+    note = ""
+    if (seeds["experiment"] == claim.experiment).any():
+        seeds = seeds[seeds["experiment"] == claim.experiment]
+    elif len(seeds):
+        note = f"no run records experiment {claim.experiment!r}; using every {claim.algorithm} run"
+    runs = set(seeds["run_dir"])
+    return Loaded(loaded.metrics[loaded.metrics["run_dir"].isin(runs)], seeds, loaded.skipped), note
+
+
+def evaluate_claim(loaded: Loaded, claim: Claim, opts: FitOptions) -> tuple[Verdict, object, str]:
+    """Pool all configurations of the evidence (bootstrap stratified by config hash) and judge."""
+    evidence, note = claim_evidence(loaded, claim)
+    if evidence.seeds.empty:
+        return verdict(claim, None), None, note
+    if claim.metric not in evidence.metrics.columns:
+        raise BadInput(f"{claim.path}: metric {claim.metric!r} is not in the run records")
+    lo, hi = claim.metric_eps_range
+    opts = replace(opts, eps_min=lo, eps_max=hi, min_seeds=claim.min_seeds)
+    curves = build_curves(evidence.metrics, evidence.seeds, claim.metric, claim.x)
+    fit = fit_rate(curves, opts)
+    return verdict(claim, fit), curves, note
+
+
+def experiment_dir(workdir: Path, claim: Claim) -> Path:
+    return Path(workdir) / claim.id
+
+
+def experiment_file(name: str) -> Path:
+    return CONF_DIR / "experiment" / f"{name}.yaml"
+
+
+def ensure_experiment(claim: Claim, workdir: Path) -> Path:
+    """Run `ratebench run -m experiment=<name>` into workdir/<claim id> unless a finished sweep
+    of the same experiment file is there (marker .complete holds the file's hash)."""
+    source = experiment_file(claim.experiment)
+    if not source.exists():
+        known = sorted(p.stem for p in source.parent.glob("*.yaml"))
+        raise BadInput(f"{claim.path}: experiment: no experiment {claim.experiment!r} in {source.parent}; "
+                       f"allowed: {', '.join(known)}")
+    out = experiment_dir(workdir, claim)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    marker = out / ".complete"
+    if marker.exists() and marker.read_text().strip() == digest:
+        print(f"[{claim.id}] reusing finished runs in {out}", file=sys.stderr)
+        return out
+    cmd = [sys.executable, "-c", "import sys; from ratebench.cli import main; sys.exit(main())",
+           "run", "-m", f"experiment={claim.experiment}", f"hydra.sweep.dir={out}"]
+    print(f"[{claim.id}] running: ratebench run -m experiment={claim.experiment} hydra.sweep.dir={out}",
+          file=sys.stderr)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    result = subprocess.run(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr, check=False)
+    if result.returncode != 0:
+        raise BadInput(f"[{claim.id}] `ratebench run -m experiment={claim.experiment}` exited {result.returncode}")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(digest + "\n")
+    return out
+
+
+def check_command(ns) -> int:
+    paths = [Path(p) for p in ns.claims] or default_claims()
+    if not paths:
+        raise BadInput(f"no claim files given and none in {CONF_DIR / 'claims'}")
+    claims = [load_claim(p) for p in paths]  # all validated before any compute
+    opts = fit_options(ns)
+    if ns.runs:
+        loaded = load_dir(ns.runs, ns.strict)
+        verdicts = [evaluate_claim(loaded, c, opts) for c in claims]
+    else:
+        for c in claims:  # every experiment must exist before any of them runs
+            if not experiment_file(c.experiment).exists():
+                known = sorted(p.stem for p in experiment_file(c.experiment).parent.glob("*.yaml"))
+                raise BadInput(f"{c.path}: experiment: no experiment {c.experiment!r}; allowed: {', '.join(known)}")
+        verdicts = []
+        for c in claims:
+            loaded = load_dir(ensure_experiment(c, Path(ns.workdir)), ns.strict)
+            verdicts.append(evaluate_claim(loaded, c, opts))
+    if ns.json:
+        print(json.dumps([_jsonable(verdict_row(v, note)) for v, _, note in verdicts], indent=2))
+    else:
+        print(format_verdicts([verdict_row(v, note) for v, _, note in verdicts]))
+    if ns.fail_on == "violated":
+        return 1 if any(v.verdict == VIOLATED for v, _, _ in verdicts) else 0
+    return 0 if all(v.verdict == PASS for v, _, _ in verdicts) else 1
+
+
+def verdict_row(v: Verdict, note: str = "") -> dict:
+    c, f = v.claim, v.fit
+    row = {"claim": c.id, "algorithm": c.algorithm, "metric": c.metric, "x": c.x, "relation": c.relation,
+           "claimed_p": c.metric_exponent, "tolerance": c.tolerance, "verdict": v.verdict, "reason": v.reason,
+           "eps_claim": [c.metric_eps_range[0], c.metric_eps_range[1]], "note": note}
+    if f is not None:
+        row.update(p=f.p, p_low=f.p_low, p_high=f.p_high, eps_low=f.eps_low, eps_high=f.eps_high,
+                   n_seeds=f.n_seeds, n_diverged=f.n_diverged, n_failed=f.n_failed, b=f.b, c=f.c)
+    return row
+
+
+def format_verdicts(rows: list[dict]) -> str:
+    table = pd.DataFrame([{
+        "claim": r["claim"], "metric": r["metric"],
+        "claimed": ("≤ " if r["relation"] == "upper_bound" else "= ") + _fmt(r["claimed_p"]) +
+                   (f" ± {_fmt(r['tolerance'])}" if r["relation"] == "equals" else ""),
+        "p̂": _fmt(r.get("p")), "95% CI": f"[{_fmt(r.get('p_low'))}, {_fmt(r.get('p_high'))}]",
+        "ε window": f"[{_fmt(r.get('eps_low'))}, {_fmt(r.get('eps_high'))}]",
+        "seeds": r.get("n_seeds", 0), "diverged": r.get("n_diverged", 0), "verdict": r["verdict"]} for r in rows])
+    lines = [table.to_string(index=False), ""]
+    for r in rows:
+        lines.append(f"{r['claim']}: {r['verdict']} — {r['reason']}" + (f" ({r['note']})" if r["note"] else ""))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- plot, report
+
+def plot_command(ns) -> int:
+    from ratebench.analysis import plots
+
+    loaded = load_dir(ns.dir, ns.strict)
+    metrics = ns.metric or [m for m in METRICS if m in loaded.metrics.columns
+                            and np.isfinite(loaded.metrics[m].to_numpy(dtype=float)).any()]
+    for m in metrics:
+        check_metric(loaded, m, ns.x)
+    by = group_keys(ns.by)
+    check_by(loaded, by)
+    claims = [load_claim(p) for p in (ns.claims if ns.claims is not None else default_claims())]
+    out = Path(ns.out) if ns.out else Path(ns.dir) / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    opts = fit_options(ns)
+    for m in metrics:
+        results = fit_groups(loaded, m, ns.x, by, opts)
+        for path in plots.metric_figure(results, [c for c in claims if c.metric == m and c.x == ns.x], out):
+            print(path)
+    return 0
+
+
+def report_command(ns) -> int:
+    from ratebench.analysis import report
+
+    loaded = load_dir(ns.dir, ns.strict)
+    algorithms = set(loaded.seeds["algorithm"])
+    if ns.claims:
+        claims = [load_claim(p) for p in ns.claims]
+    else:
+        claims = [c for c in (load_claim(p) for p in default_claims()) if c.algorithm in algorithms]
+    out = Path(ns.out) if ns.out else Path(ns.dir) / "report"
+    paths = report.write_report(loaded, claims, fit_options(ns), out, evaluate_claim, fit_groups)
+    for p in paths:
+        print(p)
+    return 0

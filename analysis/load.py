@@ -1,0 +1,148 @@
+"""Run records → one tidy table: every run.json under a folder, its metrics.parquet, the seed
+statuses and the flattened resolved config (SPEC §6). Broken records are warned about and skipped."""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+RUN_KEYS = ["algorithm", "env", "experiment", "config_hash", "run_hash", "run_dir"]
+SEED_STATUSES = ("completed", "diverged", "failed")
+
+
+class RunRecordError(ValueError):
+    """A run record that cannot be read (missing, truncated or corrupted file)."""
+
+
+@dataclass
+class Loaded:
+    """metrics: one row per (run, seed, evaluation point); seeds: one row per (run, seed) with
+    its status, also for seeds without any metric row; skipped: the files that could not be read."""
+
+    metrics: pd.DataFrame
+    seeds: pd.DataFrame
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_runs(root) -> list[Path]:
+    """Every run.json below root (recursive), sorted; root itself may be a run folder."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("run.json") if p.is_file())
+
+
+def flatten_config(config: dict, prefix: str = "cfg") -> dict:
+    """{'env': {'beta': 1}} → {'cfg.env.beta': 1}; lists become their JSON text."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, name))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(list(value))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_record(run_json: Path) -> dict:
+    """The parsed run.json, checked for the keys analysis relies on."""
+    try:
+        record = json.loads(Path(run_json).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunRecordError(f"{run_json}: cannot read run record ({type(exc).__name__}: {exc})") from None
+    if not isinstance(record, dict):
+        raise RunRecordError(f"{run_json}: run record is not a JSON object")
+    missing = [k for k in ("algorithm", "env", "seeds", "status", "config", "config_hash") if k not in record]
+    if missing:
+        raise RunRecordError(f"{run_json}: run record lacks the keys {missing}")
+    return record
+
+
+def read_metrics(parquet: Path) -> pd.DataFrame:
+    """metrics.parquet as a DataFrame; any read failure → RunRecordError naming the file."""
+    try:
+        frame = pq.read_table(parquet).to_pandas()
+    except Exception as exc:  # pyarrow raises several unrelated types for truncated files
+        raise RunRecordError(f"{parquet}: cannot read metrics ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in ("seed", "samples") if c not in frame.columns]
+    if missing:
+        raise RunRecordError(f"{parquet}: metrics table lacks the columns {missing}")
+    return frame
+
+
+def run_keys(record: dict, run_dir: Path) -> dict:
+    """The identifying columns of a run plus its flattened config."""
+    keys = {"algorithm": record["algorithm"], "env": record["env"], "experiment": record.get("experiment"),
+            "config_hash": record["config_hash"], "run_hash": record.get("run_hash"), "run_dir": str(run_dir)}
+    config = {k: v for k, v in record["config"].items() if k != "seeds"}
+    keys.update(flatten_config(config))
+    return keys
+
+
+def seed_rows(record: dict, metrics: pd.DataFrame) -> list[dict]:
+    """One dict per seed of the run: status, the step of divergence/failure, message, rows, last samples."""
+    seed_col = metrics["seed"].to_numpy()
+    samples = metrics["samples"].to_numpy()
+    rows = []
+    for seed in record["seeds"]:
+        st = record["status"].get(str(seed)) or {"status": "failed", "message": "no status recorded"}
+        mine = samples[seed_col == seed]
+        rows.append({"seed": int(seed), "status": st.get("status", "failed"), "status_step": st.get("step"),
+                     "message": st.get("message"), "n_points": int(mine.size),
+                     "last_samples": int(mine.max()) if mine.size else 0})
+    return rows
+
+
+def load(root, strict: bool = False) -> Loaded:
+    """All runs under root. A run whose run.json or metrics.parquet cannot be read is skipped
+    with a warning naming the file; strict=True raises RunRecordError instead."""
+    frames, run_rows, seed_list, skipped = [], [], [], []
+    for run_json in find_runs(root):
+        run_dir = run_json.parent
+        try:
+            record = read_record(run_json)
+            metrics = read_metrics(run_dir / "metrics.parquet")
+        except RunRecordError as exc:
+            if strict:
+                raise
+            warnings.warn(f"skipping run: {exc}", stacklevel=2)
+            skipped.append((str(run_json.parent), str(exc)))
+            continue
+        i = len(run_rows)
+        run_rows.append(run_keys(record, run_dir))
+        for row in seed_rows(record, metrics):
+            row["_run"] = i
+            seed_list.append(row)
+        metrics["_run"] = i
+        frames.append(metrics)
+    if not run_rows:
+        empty_cols = ["seed", "status", "status_step", "message", "n_points", "last_samples", *RUN_KEYS]
+        return Loaded(pd.DataFrame(columns=["seed", "samples", *RUN_KEYS, "status"]),
+                      pd.DataFrame(columns=empty_cols), skipped)
+    runs = pd.DataFrame(run_rows)  # (runs, keys)
+    seeds = pd.DataFrame(seed_list)
+    seeds = pd.concat([seeds.drop(columns="_run"), runs.iloc[seeds["_run"].to_numpy()].reset_index(drop=True)], axis=1)
+    metrics = pd.concat(frames, ignore_index=True)
+    run_idx = metrics.pop("_run").to_numpy()
+    metrics = pd.concat([metrics, runs.iloc[run_idx].reset_index(drop=True)], axis=1)
+    status = seeds.set_index(["run_dir", "seed"])["status"]
+    key = pd.MultiIndex.from_arrays([metrics["run_dir"], metrics["seed"]])
+    metrics["status"] = status.reindex(key).fillna("failed").to_numpy()
+    return Loaded(metrics, seeds, skipped)
+
+
+def load_runs(root, strict: bool = False) -> pd.DataFrame:
+    """One row per (run, seed, evaluation point): the metrics.parquet columns plus algorithm,
+    env, experiment, config_hash, run_hash, run_dir, status and cfg.<dotted.key> columns.
+    Seeds without rows (diverged before the first evaluation) are only in the per-seed status
+    table: `load_seed_status(root)`, or `load(root)` for both at once (one pass over the files)."""
+    return load(root, strict=strict).metrics
+
+
+def load_seed_status(root, strict: bool = False) -> pd.DataFrame:
+    """The per-seed status table alone: one row per (run, seed)."""
+    return load(root, strict=strict).seeds

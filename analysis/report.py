@@ -1,0 +1,216 @@
+"""`ratebench report`: one self-contained HTML file (figures embedded as base64 PNG) and its
+Markdown twin: per claim the verdict, p̂ and CI, window, figures, diverged seeds, hashes, commands."""
+from __future__ import annotations
+
+import base64
+import html
+import math
+import shlex
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from ratebench.analysis import plots
+from ratebench.analysis.claims import UPPER_BOUND_CAVEAT
+from ratebench.analysis.curves import METRICS
+
+
+def _f(v, nd=3) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}g}"
+
+
+def commands_of(seeds: pd.DataFrame) -> list[str]:
+    """The command line that produced each run (from run.json provenance), one per run."""
+    import json
+
+    out = []
+    for run_dir in sorted(set(seeds["run_dir"])):
+        try:
+            argv = json.loads((Path(run_dir) / "run.json").read_text()).get("provenance", {}).get("argv")
+        except (OSError, ValueError):
+            argv = None
+        text = " ".join([argv[0]] + [shlex.quote(a) for a in argv[1:]]) if argv else "(not recorded)"
+        out.append(f"{run_dir}: {text}")
+    return out
+
+
+def claim_section(v, curves, note: str, evidence_seeds: pd.DataFrame, fig_png: Path | None) -> dict:
+    """Everything the report says about one claim, as plain values."""
+    c, f = v.claim, v.fit
+    bad = evidence_seeds[evidence_seeds["status"] != "completed"]
+    return {
+        "claim": c, "verdict": v.verdict, "reason": v.reason, "note": note, "fit": f, "figure": fig_png,
+        "diverged": [f"{r.run_dir} seed {r.seed}: {r.status} at step {r.status_step}"
+                     + (f" ({r.message})" if isinstance(r.message, str) else "") for r in bad.itertuples()],
+        "hashes": sorted(set(evidence_seeds["config_hash"])), "commands": commands_of(evidence_seeds),
+        "reproduce": f"ratebench run -m experiment={c.experiment}",
+        "sensitivity": f.arrays.get("sensitivity") if f is not None else None,
+    }
+
+
+def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups) -> list[Path]:
+    """Compute every claim's verdict on the runs in `loaded` and write report.html + report.md."""
+    from ratebench.analysis.fit import window_sensitivity
+
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    sections = []
+    for claim in claims:
+        v, curves, note = evaluate_claim(loaded, claim, opts)
+        evidence = loaded.seeds[loaded.seeds["algorithm"] == claim.algorithm]
+        if curves is not None:
+            evidence = curves.seeds
+        png = None
+        if curves is not None and v.fit is not None and v.fit.status != "no_data":
+            key = {"algorithm": claim.algorithm, "env": claim.env or ",".join(sorted(set(curves.seeds["env"]))),
+                   "config_hash": None}
+            png = plots.metric_figure([(key, v.fit, curves)], [claim], fig_dir, stem=f"claim_{claim.id}")[0]
+            lo, hi = claim.metric_eps_range
+            v.fit.arrays["sensitivity"] = window_sensitivity(curves, replace(opts, eps_min=lo, eps_max=hi))
+        sections.append(claim_section(v, curves, note, evidence, png))
+    overview = []
+    for metric in [m for m in METRICS if m in loaded.metrics.columns
+                   and np.isfinite(loaded.metrics[m].to_numpy(dtype=float)).any()]:
+        results = fit_groups(loaded, metric, "samples", ["algorithm", "env", "config_hash"], opts)
+        paths = plots.metric_figure(results, [c for c in claims if c.metric == metric], fig_dir)
+        overview.append((metric, results, paths[0] if paths else None))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    md.write_text(render_markdown(sections, overview, loaded, md.parent))
+    page.write_text(render_html(sections, overview, loaded))
+    return [page, md]
+
+
+def _fit_table(results) -> pd.DataFrame:
+    return pd.DataFrame([{"algorithm": k.get("algorithm"), "env": k.get("env"),
+                          "config": str(k.get("config_hash"))[:16], "p̂": _f(f.p),
+                          "95% CI": f"[{_f(f.p_low)}, {_f(f.p_high)}]", "b̂": _f(f.b), "floor ĉ": _f(f.c),
+                          "ε window": f"[{_f(f.eps_low)}, {_f(f.eps_high)}]", "seeds": f.n_seeds,
+                          "diverged": f.n_diverged, "failed": f.n_failed, "status": f.status}
+                         for k, f, _ in results])
+
+
+def _claim_rows(s) -> list[tuple[str, str]]:
+    c, f = s["claim"], s["fit"]
+    rel = (f"≤ {c.metric_exponent:g}" if c.relation == "upper_bound"
+           else f"= {c.metric_exponent:g} ± {c.tolerance:g}")
+    rows = [("source", c.source), ("claim file", c.path), ("algorithm / experiment", f"{c.algorithm} / {c.experiment}"),
+            ("metric vs x", f"{c.metric} vs {c.x}; ε stated in {c.eps_unit} units, range "
+                            f"[{c.eps_min:g}, {c.eps_max:g}]"),
+            ("claimed exponent (metric units)", rel), ("verdict", s["verdict"]), ("why", s["reason"])]
+    if f is not None:
+        rows += [("p̂ and 95% CI", f"{_f(f.p)} [{_f(f.p_low)}, {_f(f.p_high)}]"),
+                 ("fitting window (ε)", f"[{_f(f.eps_low)}, {_f(f.eps_high)}], {f.n_levels} levels"),
+                 ("decay exponent b̂ (c + A·n^-b)", f"{_f(f.b)} [{_f(f.b_low)}, {_f(f.b_high)}], floor ĉ = {_f(f.c)} "
+                                                   f"[{_f(f.c_low)}, {_f(f.c_high)}]"),
+                 ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_failed} failed, "
+                           f"{f.n_strata} configuration(s)")]
+    if s["note"]:
+        rows.append(("note", s["note"]))
+    if c.relation == "upper_bound":
+        rows.append(("reading", UPPER_BOUND_CAVEAT))
+    return rows
+
+
+def render_markdown(sections, overview, loaded, base: Path) -> str:
+    lines = ["# ratebench report", "", f"{len(set(loaded.seeds['run_dir']))} runs, {len(loaded.seeds)} seeds "
+             f"({(loaded.seeds['status'] == 'diverged').sum()} diverged, "
+             f"{(loaded.seeds['status'] == 'failed').sum()} failed).", ""]
+    if loaded.skipped:
+        lines += ["Unreadable run records (skipped):", ""] + [f"- `{d}`: {m}" for d, m in loaded.skipped] + [""]
+    lines += ["## Verdicts", "", "| claim | metric | claimed | p̂ | 95% CI | ε window | verdict |", "|---|---|---|---|---|---|---|"]
+    for s in sections:
+        c, f = s["claim"], s["fit"]
+        claimed = ("≤ " if c.relation == "upper_bound" else "= ") + f"{c.metric_exponent:g}"
+        lines.append(f"| {c.id} | {c.metric} | {claimed} | {_f(f.p) if f else '-'} | "
+                     f"[{_f(f.p_low) if f else '-'}, {_f(f.p_high) if f else '-'}] | "
+                     f"[{_f(f.eps_low) if f else '-'}, {_f(f.eps_high) if f else '-'}] | **{s['verdict']}** |")
+    lines += ["", UPPER_BOUND_CAVEAT, ""]
+    for s in sections:
+        c = s["claim"]
+        lines += [f"## Claim `{c.id}`: {s['verdict']}", ""]
+        lines += [f"- **{k}**: {v}" for k, v in _claim_rows(s)]
+        if s["figure"]:
+            lines += ["", f"![{c.id}]({Path(s['figure']).relative_to(base)})"]
+        if s["sensitivity"] is not None:
+            lines += ["", "Window sensitivity (how p̂ moves with the fitting window):", "",
+                      s["sensitivity"].to_markdown(index=False, floatfmt=".3g") if _has_tabulate()
+                      else "```\n" + s["sensitivity"].to_string(index=False) + "\n```"]
+        lines += ["", "Diverged / failed seeds:" if s["diverged"] else "Diverged / failed seeds: none", ""]
+        lines += [f"- {d}" for d in s["diverged"]]
+        lines += ["", f"Config hashes: {', '.join(f'`{h}`' for h in s['hashes'])}", "",
+                  f"Reproduce: `{s['reproduce']}`; the commands recorded in the runs:", "", "```"]
+        lines += s["commands"] + ["```", ""]
+    lines += ["## All runs", ""]
+    for metric, results, png in overview:
+        lines += [f"### {metric}", "", "```", _fit_table(results).to_string(index=False), "```", ""]
+        if png:
+            lines += [f"![{metric}]({Path(png).relative_to(base)})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _img(path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(Path(path).stem)}" style="max-width:100%" src="data:image/png;base64,{data}">'
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, escape=True, border=0, classes="t")
+
+
+def render_html(sections, overview, loaded) -> str:
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>ratebench report</title><style>",
+             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#111}"
+             "table.t,table.kv{border-collapse:collapse;font-size:13px}"
+             "table.t td,table.t th,table.kv td{border:1px solid #bbb;padding:3px 6px}"
+             ".PASS{font-weight:bold}.VIOLATED{font-weight:bold;text-decoration:underline}"
+             ".INCONCLUSIVE{font-style:italic}pre{background:#f4f4f4;padding:6px;overflow-x:auto}",
+             "</style></head><body><h1>ratebench report</h1>",
+             f"<p>{len(set(loaded.seeds['run_dir']))} runs, {len(loaded.seeds)} seeds "
+             f"({(loaded.seeds['status'] == 'diverged').sum()} diverged, "
+             f"{(loaded.seeds['status'] == 'failed').sum()} failed).</p>"]
+    if loaded.skipped:
+        parts.append("<p>Unreadable run records (skipped):</p><ul>" +
+                     "".join(f"<li><code>{e(d)}</code>: {e(m)}</li>" for d, m in loaded.skipped) + "</ul>")
+    parts.append("<h2>Verdicts</h2><table class='t'><tr><th>claim</th><th>metric</th><th>claimed</th><th>p̂</th>"
+                 "<th>95% CI</th><th>ε window</th><th>verdict</th></tr>")
+    for s in sections:
+        c, f = s["claim"], s["fit"]
+        claimed = ("≤ " if c.relation == "upper_bound" else "= ") + f"{c.metric_exponent:g}"
+        parts.append(f"<tr><td>{e(c.id)}</td><td>{c.metric}</td><td>{claimed}</td><td>{_f(f.p) if f else '-'}</td>"
+                     f"<td>[{_f(f.p_low) if f else '-'}, {_f(f.p_high) if f else '-'}]</td>"
+                     f"<td>[{_f(f.eps_low) if f else '-'}, {_f(f.eps_high) if f else '-'}]</td>"
+                     f"<td class='{s['verdict']}'>{s['verdict']}</td></tr>")
+    parts.append(f"</table><p>{e(UPPER_BOUND_CAVEAT)}</p>")
+    for s in sections:
+        c = s["claim"]
+        parts.append(f"<h2>Claim <code>{e(c.id)}</code>: <span class='{s['verdict']}'>{s['verdict']}</span></h2>")
+        parts.append("<table class='kv'>" + "".join(f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>"
+                                                     for k, v in _claim_rows(s)) + "</table>")
+        if s["figure"]:
+            parts.append(_img(s["figure"]))
+        if s["sensitivity"] is not None:
+            parts.append("<p>Window sensitivity (how p̂ moves with the fitting window):</p>" +
+                         _table(s["sensitivity"].round(4)))
+        parts.append("<p>Diverged / failed seeds: " + ("none</p>" if not s["diverged"] else
+                     "</p><ul>" + "".join(f"<li>{e(d)}</li>" for d in s["diverged"]) + "</ul>"))
+        parts.append(f"<p>Config hashes: {', '.join(f'<code>{e(h)}</code>' for h in s['hashes'])}</p>")
+        parts.append(f"<p>Reproduce: <code>{e(s['reproduce'])}</code>; the commands recorded in the runs:</p>"
+                     f"<pre>{e(chr(10).join(s['commands']))}</pre>")
+    parts.append("<h2>All runs</h2>")
+    for metric, results, png in overview:
+        parts.append(f"<h3>{e(metric)}</h3>" + _table(_fit_table(results)))
+        if png:
+            parts.append(_img(png))
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,120 @@
+"""Statistics as small pure functions over arrays: stratified seed bootstrap (as resample counts),
+trimmed means (IQM, median) of resamples, batched least squares, bootstrap confidence intervals."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats as sps
+
+
+def bootstrap_counts(strata: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Resample counts (R, S): replicate r draws, within each stratum (configuration), as many
+    seeds with replacement as the stratum holds. The resampling unit is the seed."""
+    strata = np.asarray(strata)
+    counts = np.zeros((n_boot, len(strata)), dtype=np.int32)
+    for label in np.unique(strata):
+        members = np.flatnonzero(strata == label)  # (S_k,)
+        draws = rng.integers(0, len(members), size=(n_boot, len(members)))  # (R, S_k) indices
+        np.add.at(counts, (np.arange(n_boot)[:, None], members[draws]), 1)
+    return counts
+
+
+def trimmed_mean(values: np.ndarray, counts: np.ndarray, trim: float = 0.25, chunk: int = 64) -> np.ndarray:
+    """Trimmed mean over seeds of every resample: values (S, K) (NaN = missing, ±inf allowed),
+    counts (R, S) → (R, K). trim=0.25 is the interquartile mean (IQM), trim=0.5 the median.
+    A resample whose kept middle contains an infinite value gets that infinity; one with no
+    data at a column gets NaN. Fractional boundary observations get fractional weight.
+    Works on the sorted values with the resample counts (no resampled copies); chunks of R."""
+    values = np.asarray(values, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.int32)
+    R, K = counts.shape[0], values.shape[1]
+    missing = np.isnan(values)
+    order = np.argsort(np.where(missing, np.inf, values), axis=0, kind="stable")  # (S, K), NaNs last
+    sorted_vals = np.take_along_axis(values, order, axis=0)  # (S, K)
+    valid = ~np.take_along_axis(missing, order, axis=0)  # (S, K)
+    safe = np.where(np.isfinite(sorted_vals), sorted_vals, 0.0)  # (S, K)
+    scale = np.abs(safe).max(axis=0, keepdims=True)  # (1, K) float32 sums on values of order 1
+    scale = np.where(scale > 0, scale, 1.0)
+    safe32 = (safe / scale).astype(np.float32)
+    pos, neg = sorted_vals == np.inf, sorted_vals == -np.inf  # (S, K)
+    counts = counts.astype(np.float32)
+    out = np.empty((R, K))
+    for start in range(0, R, chunk):
+        c = counts[start:start + chunk][:, order]  # (r, S, K) resample count of each sorted value (float32)
+        if not valid.all():
+            c *= valid[None]
+        cum = np.cumsum(c, axis=1)  # (r, S, K) exact: integers < 2^24
+        n = cum[:, -1, :]  # (r, K) resample size at each column
+        if trim >= 0.5:  # median: the unit-width window around the middle
+            lo, hi = 0.5 * n - 0.5, 0.5 * n + 0.5
+        else:
+            lo, hi = trim * n, (1.0 - trim) * n
+        weight = np.minimum(cum, hi[:, None, :])
+        weight -= np.maximum(cum - c, lo[:, None, :])  # (r, S, K)
+        np.clip(weight, 0.0, None, out=weight)
+        wsum = weight.sum(axis=1, dtype=np.float64)  # (r, K)
+        total = np.einsum("rsk,sk->rk", weight, safe32).astype(np.float64) * scale
+        with np.errstate(invalid="ignore", divide="ignore"):
+            block = total / wsum
+        if pos.any() or neg.any():
+            has_pos = (weight * pos[None]).sum(axis=1) > 0
+            has_neg = (weight * neg[None]).sum(axis=1) > 0
+            block = np.where(has_pos & ~has_neg, np.inf, np.where(has_neg & ~has_pos, -np.inf, block))
+            block = np.where(has_pos & has_neg, np.nan, block)
+        out[start:start + chunk] = np.where(n > 0, block, np.nan)
+    return out
+
+
+def iqm(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Interquartile mean of values along axis (seeds), NaN = missing, inf kept (point estimate)."""
+    moved = np.moveaxis(np.asarray(values, dtype=np.float64), axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)  # (S, K)
+    out = trimmed_mean(flat, np.ones((1, flat.shape[0]), dtype=np.int32), 0.25)[0]
+    return out.reshape(moved.shape[1:])
+
+
+def batched_slope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ordinary least squares y ≈ a + p·x for every row of y (R, K) sharing x (K,), using only the
+    finite entries of each row. Returns (p, a), each (R,); NaN where fewer than 2 points."""
+    y = np.atleast_2d(np.asarray(y, dtype=np.float64))
+    w = np.isfinite(y).astype(np.float64)  # (R, K)
+    ys = np.where(w > 0, y, 0.0)
+    n = w.sum(1)
+    sx, sy = w @ x, ys.sum(1)
+    sxx, sxy = w @ (x * x), ys @ x
+    den = n * sxx - sx * sx
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = (n * sxy - sx * sy) / den
+        a = (sy - p * sx) / n
+    bad = (n < 2) | (np.abs(den) < 1e-12 * np.maximum(n * sxx, 1e-300))
+    return np.where(bad, np.nan, p), np.where(bad, np.nan, a)
+
+
+def expanded_alpha(alpha: float, n: int) -> float:
+    """Hesterberg's expanded percentile interval: the tail mass to use so that a percentile
+    bootstrap interval from n independent units has the width of a t interval (the plain
+    percentile interval is too narrow for small n). Falls back to alpha for n < 2."""
+    if n < 2:
+        return alpha
+    t = sps.t.ppf(1 - alpha / 2, df=n - 1)
+    return float(2 * sps.norm.cdf(-np.sqrt(n / (n - 1)) * t))
+
+
+def percentile_ci(replicates: np.ndarray, alpha: float = 0.05, n_units: int | None = None,
+                  expand: bool = True, estimate: float | None = None) -> tuple[float, float]:
+    """Bootstrap interval of the finite replicates at level 1−alpha: percentile, expanded for
+    n_units independent units (seeds) if expand, and bias-corrected (BC, Efron 1987) when the
+    point estimate is given: the quantiles move by twice z0 = Φ⁻¹(share of replicates below the
+    estimate). (nan, nan) when under half the replicates are finite."""
+    reps = np.asarray(replicates, dtype=np.float64)
+    reps = reps[np.isfinite(reps)]
+    if reps.size < 10 or reps.size < 0.5 * np.asarray(replicates).size:
+        return float("nan"), float("nan")
+    a = expanded_alpha(alpha, n_units) if (expand and n_units) else alpha
+    z = sps.norm.ppf(1 - a / 2)
+    z0 = 0.0
+    if estimate is not None and np.isfinite(estimate):
+        share = (np.sum(reps < estimate) + 0.5 * np.sum(reps == estimate)) / reps.size
+        z0 = float(sps.norm.ppf(np.clip(share, 1.0 / reps.size, 1 - 1.0 / reps.size)))
+    q = sps.norm.cdf([2 * z0 - z, 2 * z0 + z])
+    lo, hi = np.quantile(reps, q)
+    return float(lo), float(hi)

@@ -1,0 +1,70 @@
+"""Synthetic curves with a known decay exponent (metric = c + A·n^-b·noise) for calibrating the
+fitter and benchmarking it, as Curves objects or as run folders in the harness's record layout."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from ratebench.analysis.curves import Curves
+
+
+def evaluation_grid(budget: float = 1e5, per_decade: int = 10, first: float = 8.0) -> np.ndarray:
+    """0 then log-spaced integers from `first` to budget, like the harness's schedule. (P,)"""
+    k = np.arange(np.ceil(np.log10(first) * per_decade), np.floor(np.log10(budget) * per_decade) + 1)
+    pts = np.unique(np.round(10.0 ** (k / per_decade)))
+    return np.concatenate([[0.0], pts[pts < budget], [float(budget)]])
+
+
+def synthetic_values(x: np.ndarray, b: float, n_seeds: int, rng: np.random.Generator, A: float = 1.0,
+                     floor: float = 0.0, seed_noise: float = 0.3, point_noise: float = 0.1,
+                     rho: float = 0.0) -> np.ndarray:
+    """(S, P) metric = floor + A·n^-b·exp(seed_noise·z_s + point_noise·e_{s,j}); z_s a per-seed level,
+    e an AR(1) sequence over the evaluation points (correlation rho) with unit variance. n = 0 is
+    recorded as n = 1 (the start value A)."""
+    z = rng.standard_normal((n_seeds, 1))
+    e = rng.standard_normal((n_seeds, len(x)))
+    for j in range(1, len(x)):
+        e[:, j] = rho * e[:, j - 1] + np.sqrt(1 - rho ** 2) * e[:, j]
+    n = np.maximum(x, 1.0)[None, :]
+    return floor + A * n ** -b * np.exp(seed_noise * z + point_noise * e)
+
+
+def synthetic_curves(b: float, n_seeds: int, rng: np.random.Generator, metric: str = "gap",
+                     budget: float = 1e5, **kw) -> Curves:
+    x = evaluation_grid(budget)
+    values = synthetic_values(x, b, n_seeds, rng, **kw)
+    seeds = pd.DataFrame({"seed": np.arange(n_seeds), "status": "completed", "config_hash": "synthetic",
+                          "run_dir": "synthetic"})
+    return Curves(metric, "samples", x, values, np.array(["synthetic"] * n_seeds), seeds, np.ones(n_seeds, bool))
+
+
+def write_run(folder: Path, x: np.ndarray, values: np.ndarray, seeds: list[int], metric: str = "reward_err",
+              algorithm: str = "synthetic", env: str = "synthetic", config: dict | None = None,
+              status: dict | None = None, experiment: str | None = None) -> Path:
+    """One run folder (metrics.parquet + run.json) in the harness's layout: values (S, P) for seeds.
+    A seed whose row holds +inf from some point on is recorded as diverged there (no rows after)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(config or {"env": {"name": env}, "algorithm": {"name": algorithm}})
+    status = dict(status or {})
+    frames = []
+    for i, s in enumerate(seeds):
+        v = values[i]
+        bad = np.flatnonzero(~np.isfinite(v))
+        keep = slice(0, bad[0]) if len(bad) else slice(None)
+        if len(bad):
+            status.setdefault(str(s), {"status": "diverged", "step": int(bad[0])})
+        frames.append(pd.DataFrame({"seed": s, "step": np.arange(len(x))[keep], "samples": x[keep].astype(np.int64),
+                                    "queries": (x[keep] // 2).astype(np.int64), metric: v[keep]}))
+    for s in seeds:
+        status.setdefault(str(s), {"status": "completed"})
+    pd.concat(frames, ignore_index=True).to_parquet(folder / "metrics.parquet", index=False)
+    from ratebench.records import config_hash
+
+    record = {"algorithm": algorithm, "env": env, "experiment": experiment, "seeds": list(seeds), "status": status,
+              "config": {**config, "seeds": list(seeds)}, "config_hash": config_hash(config),
+              "run_hash": config_hash({**config, "seeds": list(seeds)}), "provenance": {"argv": ["synthetic"]}}
+    (folder / "run.json").write_text(json.dumps(record, indent=2))
+    return folder
