@@ -6,7 +6,7 @@ import math
 import torch
 
 from ratebench.algorithms.models import per_seed_sq_norm
-from ratebench.envs import exact
+from ratebench.envs import exact, penalty
 
 
 class Evaluator:
@@ -43,7 +43,7 @@ class Evaluator:
             "gap": objective - self.f_star,
             "grad_sq": grad_sq,
             "policy_gap": policy_gap,
-            "psi_gap": torch.full_like(objective, math.nan),
+            "psi_gap": penalty.psi_gap(problem, rewards, algo.schedule(state).get("lam")),
             "reward_err": reward_err,
             "kl_ref": kl_ref,
         }

@@ -1,0 +1,188 @@
+"""bilevel: the first-order penalty method for bilevel RLHF (SPEC §3), plain SGD, neural r_nu and pi.
+
+Three sequences: z tracks theta*(nu) (argmax J), y tracks argmin f + lam g (g = -J), and the reward
+nu descends the penalty hypergradient; single_loop (F2SA style) or double_loop (Kwon et al. 2024).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ratebench.algorithms.base import Algorithm
+from ratebench.algorithms.estimators import (policy_gradient_surrogate, preference_loss,
+                                             preference_score_surrogate, reward_return_surrogate)
+from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_
+from ratebench.errors import ConfigError
+
+VARIANTS = ("single_loop", "double_loop")
+
+
+@dataclass
+class BilevelConfig:
+    """Knobs of the penalty method. Defaults: the `f2sa` schedule reading (docs/bilevel.md)."""
+
+    name: str = "bilevel"
+    variant: str = "single_loop"  # single_loop (F2SA: one step per sequence per k) | double_loop (Kwon ICLR'24)
+    schedule: str = "f2sa"  # label of the schedule reading (conf/algorithm/bilevel*.yaml); recorded, not used
+    batch_traj: int = 16  # N trajectories per REINFORCE / value-gradient estimate (>= 2: leave-one-out baseline)
+    batch_pairs: int = 4  # M labelled pairs per BT-loss / score-function estimate
+    inner_steps: int = 1  # single_loop: z and y steps per nu step (F2SA: 1; benchopt's F2SA: 10)
+    # --- single_loop schedules: alpha_k = c_alpha / (k + k0)^a, xi_k = c_xi / (k + k0)^b, ---------
+    #     lam_k = lam0 (1 + k / k0)^c_lam
+    c_alpha: float = 3.0  # y step constant (tuned on the bandit, docs/bilevel.md)
+    alpha_exponent: float = 4 / 7  # a: inner (y) step exponent; F2SA's inner timescale
+    c_alpha_z: float = 3.0  # z step constant
+    alpha_z_exponent: float = 4 / 7  # a_z <= a: z at least as fast as y (a slower z biases the nu-step)
+    c_xi: float = 1.0  # nu step constant (tuned; larger runs away: z cannot follow nu)
+    xi_exponent: float = 5 / 7  # b: outer (nu) step exponent; decays faster than the inner steps (nu is the slow timescale)
+    lam0: float = 1.0  # initial penalty; argmin psi_1 is already 5e-4 from F* in gap on the bandit
+    lam_exponent: float = 1 / 7  # c_lam: lam_T ~ T^(1/7), the F2SA growth that balances the 1/lam bias
+    k0: float = 100.0  # offset of every schedule (avoids huge first steps)
+    # --- double_loop: K, B, lam from a target eps, in units of grad_sq (||grad F||^2) ---------------
+    eps: float = 0.01  # target ||grad psi||^2
+    lam_scale: float = 0.2  # lam = lam_scale * eps^(-1/2): penalty bias O(1/lam^2) in grad_sq units = O(eps)
+    inner_scale: float = 1.0  # K = ceil(inner_scale * log(1/eps)) inner steps (PL lower level: linear rate)
+    batch_scale: float = 0.16  # B = ceil(batch_scale / eps) trajectories and pairs per estimate
+    inner_step: float = 0.3  # alpha, constant, for y and z (1.0 diverges on the bandit)
+    outer_step: float = 0.01  # xi = outer_step / lam (psi_lam is O(lam)-smooth); constants tuned briefly, docs
+
+    def check(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError("algorithm.variant", f"must be one of {list(VARIANTS)}, got {self.variant!r}")
+        if self.batch_traj < 2:
+            raise ConfigError("algorithm.batch_traj", f"must be >= 2 (leave-one-out baseline), got {self.batch_traj}")
+        if self.inner_steps < 1:
+            raise ConfigError("algorithm.inner_steps", f"must be >= 1, got {self.inner_steps}")
+        if self.batch_pairs < 2:
+            raise ConfigError("algorithm.batch_pairs", f"must be >= 2 (leave-one-out baseline), got {self.batch_pairs}")
+        for field in ("c_alpha", "c_alpha_z", "c_xi", "lam0", "k0", "eps", "lam_scale", "inner_scale",
+                      "batch_scale", "inner_step", "outer_step"):
+            if not getattr(self, field) > 0:
+                raise ConfigError(f"algorithm.{field}", f"must be > 0, got {getattr(self, field)}")
+        for field in ("alpha_exponent", "alpha_z_exponent", "xi_exponent", "lam_exponent"):
+            if not 0 <= getattr(self, field) <= 1:
+                raise ConfigError(f"algorithm.{field}", f"must be in [0, 1], got {getattr(self, field)}")
+        if self.alpha_z_exponent > self.alpha_exponent:
+            raise ConfigError("algorithm.alpha_z_exponent", f"must be <= alpha_exponent={self.alpha_exponent} "
+                              f"(z at least as fast as y), got {self.alpha_z_exponent}")
+        if self.eps >= 1:
+            raise ConfigError("algorithm.eps", f"must be in (0, 1), got {self.eps}")
+
+    # double_loop sizes as functions of eps
+    def double_loop_sizes(self) -> tuple[float, int, int]:
+        """(lam, K, B) of the double loop for the target eps."""
+        lam = self.lam_scale * self.eps ** -0.5
+        inner = math.ceil(self.inner_scale * math.log(1 / self.eps))
+        batch = max(2, math.ceil(self.batch_scale / self.eps))
+        return lam, inner, batch
+
+
+@dataclass
+class BilevelState:
+    nu: list[torch.Tensor]  # reward-network parameters, each (B, ...)
+    y: list[torch.Tensor]  # policy parameters tracking argmin f + lam g
+    z: list[torch.Tensor]  # policy parameters tracking theta*(nu); the deployed policy
+    k: int = 0  # outer iteration
+    lam: float = 0.0  # schedule used at the last step
+    alpha: float = 0.0
+    alpha_z: float = 0.0
+    xi: float = 0.0
+
+
+class Bilevel(Algorithm):
+    name = "bilevel"
+    Config = BilevelConfig
+
+    def __init__(self, cfg, model_cfg, problem):
+        super().__init__(cfg, model_cfg, problem)
+        cfg.check()
+        self.reward = RewardModel(problem, model_cfg.reward)
+        self.policy = PolicyModel(problem, model_cfg.policy)
+        self.ref = problem.ref_log_probs()
+
+    def init(self, seeds):
+        theta0 = self.policy.init(seeds)  # y and z start at the same network (= pi_ref, zero last layer)
+        return BilevelState(nu=self.reward.init(seeds), y=[t.clone() for t in theta0], z=theta0)
+
+    # --- one outer iteration ---------------------------------------------------------------
+    def step(self, state, sampler):
+        cfg = self.cfg
+        if cfg.variant == "single_loop":
+            k, k0 = state.k, cfg.k0
+            state.lam = cfg.lam0 * (1 + k / k0) ** cfg.lam_exponent  # lam_k = lam0 (1 + k/k0)^c_lam
+            state.alpha = cfg.c_alpha / (k + k0) ** cfg.alpha_exponent  # alpha_k = c_alpha / (k + k0)^a
+            state.alpha_z = cfg.c_alpha_z / (k + k0) ** cfg.alpha_z_exponent
+            state.xi = cfg.c_xi / (k + k0) ** cfg.xi_exponent  # xi_k = c_xi / (k + k0)^b
+            n_traj, n_pairs, inner = cfg.batch_traj, cfg.batch_pairs, cfg.inner_steps
+        else:
+            state.lam, inner, batch = cfg.double_loop_sizes()
+            state.alpha = state.alpha_z = cfg.inner_step
+            state.xi = cfg.outer_step / state.lam
+            n_traj = n_pairs = batch
+        rewards = [r.detach() for r in self.reward.step_tables(state.nu)]
+        for _ in range(inner):
+            self._z_step(state, sampler, rewards, n_traj)
+            self._y_step(state, sampler, rewards, n_traj, n_pairs)
+        self._nu_step(state, sampler, n_traj, n_pairs)
+        state.k += 1
+        return state
+
+    def _z_step(self, state, sampler, rewards, n_traj):
+        """z <- z + alpha_z g^_theta J(nu, z): REINFORCE ascent on the KL-regularised return."""
+        z = [p.requires_grad_(True) for p in state.z]
+        logp_z = self.policy.log_probs(z)
+        traj = sampler.trajectories(logp_z, n_traj)
+        ascent = policy_gradient_surrogate(traj, rewards, logp_z, self.ref, self.problem.beta).sum()
+        grads = torch.autograd.grad(ascent, z)
+        sgd_(z, grads, -state.alpha_z)
+        state.z = [p.detach() for p in z]
+
+    def _y_step(self, state, sampler, rewards, n_traj, n_pairs):
+        """y <- y - alpha [ g^_theta f(nu, y) / lam - g^_theta J(nu, y) ]: descent on (f + lam g)/lam."""
+        y = [p.requires_grad_(True) for p in state.y]
+        logp_y = self.policy.log_probs(y)
+        pairs = sampler.pairs(logp_y, n_pairs)
+        traj = sampler.trajectories(logp_y, n_traj)
+        score_f = preference_score_surrogate(pairs, rewards, logp_y)  # grad: g^_theta f (score function)
+        ascent_j = policy_gradient_surrogate(traj, rewards, logp_y, self.ref, self.problem.beta)
+        grads = torch.autograd.grad((score_f / state.lam - ascent_j).sum(), y)
+        sgd_(y, grads, state.alpha)
+        state.y = [p.detach() for p in y]
+
+    def _nu_step(self, state, sampler, n_traj, n_pairs):
+        """nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ], fresh samples
+        from the updated y and z (grad_nu g = -grad_nu J, so this is the SPEC §2 hypergradient)."""
+        with torch.no_grad():
+            logp_y, logp_z = self.policy.log_probs(state.y), self.policy.log_probs(state.z)
+        pairs = sampler.pairs(logp_y, n_pairs)
+        traj_z = sampler.trajectories(logp_z, n_traj)
+        traj_y = sampler.trajectories(logp_y, n_traj)
+        nu = [p.requires_grad_(True) for p in state.nu]
+        rewards = self.reward.step_tables(nu)
+        hyper = preference_loss(pairs, rewards) + state.lam * (
+            reward_return_surrogate(traj_z, rewards) - reward_return_surrogate(traj_y, rewards))
+        grads = torch.autograd.grad(hyper.sum(), nu)
+        sgd_(nu, grads, state.xi)
+        state.nu = [p.detach() for p in nu]
+
+    # --- what the harness reads --------------------------------------------------------------
+    def policy_log_probs(self, state):
+        return self.policy.log_probs(state.z)  # the deployed policy is z (SPEC §3)
+
+    def reward_model(self, state):
+        return self.reward, state.nu
+
+    def schedule(self, state):
+        return {"lam": state.lam, "alpha": state.alpha, "alpha_z": state.alpha_z, "xi": state.xi}
+
+    def tensors(self, state):
+        named = {}
+        for prefix in ("nu", "y", "z"):
+            for i, t in enumerate(getattr(state, prefix)):
+                named[f"{prefix}.{i}"] = t
+        return named
+
+
+ALGORITHM = Bilevel
