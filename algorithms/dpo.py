@@ -1,0 +1,172 @@
+"""dpo: Direct Preference Optimisation (sigmoid / IPO / hinge losses), offline on nested prefixes of one
+pi_ref dataset, online (fresh pairs from the current policy every step) or iterative (on-policy rounds). Plain SGD.
+
+The deployed policy is pi_theta; its implicit reward beta log pi_theta / pi_ref is the reward estimate
+the harness scores with `gap` (SPEC §5). See docs/baselines.md for defaults, sources and deviations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ratebench.algorithms.base import Algorithm
+from ratebench.algorithms.models import PolicyModel, sgd_
+from ratebench.algorithms.policy_opt import PairDataset, fit_on_dataset, next_grid_point, offline_steps
+from ratebench.envs.exact import bradley_terry_nll
+from ratebench.errors import ConfigError
+from ratebench.rng import CounterRng
+from ratebench.sampling import PreferencePairs
+
+MODES = ("offline", "online", "iterative")
+LOSSES = ("sigmoid", "ipo", "hinge")
+MINIBATCH_STREAM = 101  # CounterRng stream of offline minibatch indices (the sampler uses stream 1)
+
+
+@dataclass
+class DPOConfig:
+    """Knobs of DPO. Defaults follow TRL's DPOConfig where it makes sense here (docs/baselines.md)."""
+
+    name: str = "dpo"
+    mode: str = "offline"  # offline: fixed pi_ref dataset, nested prefixes | online: fresh pairs from pi_theta,
+    #                        one SGD step each (TRL OnlineDPO) | iterative: rounds on the offline grid, new pairs
+    #                        from the current policy, refit on all pairs so far (iterative DPO, Xiong et al. 2024)
+    loss: str = "sigmoid"  # sigmoid (DPO, TRL default) | ipo (Azar et al.) | hinge (SLiC, TRL's "hinge")
+    beta: Optional[float] = None  # DPO's beta; None = env.beta, so DPO targets the same KL-regularised optimum
+    batch_pairs: int = 32  # SGD minibatch in pairs; online: also the fresh pairs drawn per step (2 samples each)
+    lr: float = 1.0  # plain SGD step (TRL: AdamW 1e-6 on LLMs; here a 2-layer net on a tiny problem)
+    # --- online: lr_k = lr / (1 + k / k0)^lr_exponent -----------------------------------------------
+    lr_exponent: float = 0.5  # Robbins-Monro decay; 0 = constant step (noise floor)
+    k0: float = 100.0  # offset of the online decay
+    # --- offline: step j extends the dataset to the next grid size and trains on it to convergence ----
+    first_pairs: int = 32  # pairs in the first prefix (offline, iterative); must be >= batch_pairs
+    prefixes_per_decade: int = 10  # prefix grid in samples: 2 ceil(ceil(10^(j/10))/2), = the evaluation grid
+    epochs: float = 10.0  # SGD passes over each prefix (warm-started from the previous prefix)
+    min_steps: int = 300  # at least this many SGD steps per prefix (small prefixes)
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError("algorithm.mode", f"must be one of {list(MODES)}, got {self.mode!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError("algorithm.loss", f"must be one of {list(LOSSES)}, got {self.loss!r}")
+        if self.beta is not None and not self.beta > 0:
+            raise ConfigError("algorithm.beta", f"must be > 0 or null (= env.beta), got {self.beta}")
+        for field in ("batch_pairs", "first_pairs", "prefixes_per_decade", "min_steps"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"algorithm.{field}", f"must be >= 1, got {getattr(self, field)}")
+        for field in ("lr", "k0", "epochs"):
+            if not getattr(self, field) > 0:
+                raise ConfigError(f"algorithm.{field}", f"must be > 0, got {getattr(self, field)}")
+        if self.lr_exponent < 0:
+            raise ConfigError("algorithm.lr_exponent", f"must be >= 0, got {self.lr_exponent}")
+        check_batch_fits(self.mode, self.batch_pairs, self.first_pairs)
+
+
+def check_batch_fits(mode: str, batch_pairs: int, first_pairs: int) -> None:
+    """Offline/iterative minibatches are drawn from the dataset: the first (smallest) prefix must hold one."""
+    if mode != "online" and batch_pairs > first_pairs:
+        raise ConfigError("algorithm.batch_pairs", f"must be <= algorithm.first_pairs={first_pairs} (the first "
+                          f"offline prefix: a minibatch cannot be larger than the dataset), got {batch_pairs}")
+
+
+def dpo_loss(logratio_first: torch.Tensor, logratio_second: torch.Tensor, label: torch.Tensor, beta: float,
+             loss: str) -> torch.Tensor:
+    """Per-pair DPO-family loss; logratio = log pi_theta(tau) / pi_ref(tau), label 1 = first preferred. (B, N).
+
+    With h = logratio(winner) - logratio(loser):
+      sigmoid: -log sigma(beta h)  (= the BT NLL of the margin beta (logratio_first - logratio_second))
+      ipo:     (h - 1 / (2 beta))^2
+      hinge:   max(0, 1 - beta h)
+    """
+    margin = logratio_first - logratio_second  # (B, N), first minus second
+    if loss == "sigmoid":
+        return bradley_terry_nll(beta * margin, label)
+    h = (2 * label - 1) * margin  # winner minus loser
+    if loss == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss == "hinge":
+        return torch.relu(1 - beta * h)
+    raise ConfigError("algorithm.loss", f"must be one of {list(LOSSES)}, got {loss!r}")
+
+
+@dataclass
+class DPOState:
+    theta: list[torch.Tensor]  # policy parameters, each (B, ...)
+    data: PairDataset  # offline: the prefix trained on so far
+    rng: CounterRng  # offline minibatch indices
+    k: int = 0  # outer step
+    lr: float = 0.0  # step size at the last step (offline: the initial step of the linear decay)
+
+
+class DPO(Algorithm):
+    name = "dpo"
+    Config = DPOConfig
+
+    def __init__(self, cfg, model_cfg, problem):
+        super().__init__(cfg, model_cfg, problem)
+        cfg.check()
+        self.policy = PolicyModel(problem, model_cfg.policy)
+        self.ref = problem.ref_log_probs()
+        self.beta = float(problem.beta if cfg.beta is None else cfg.beta)
+
+    def init(self, seeds):
+        return DPOState(theta=self.policy.init(seeds), data=PairDataset(), rng=CounterRng(seeds, MINIBATCH_STREAM))
+
+    def pair_loss(self, theta, pairs: PreferencePairs) -> torch.Tensor:
+        """Mean DPO loss per seed on the pairs: (B,)."""
+        logps = self.policy.log_probs(theta)
+        ratio_first = pairs.first.log_prob(logps) - pairs.first.log_prob(self.ref)
+        ratio_second = pairs.second.log_prob(logps) - pairs.second.log_prob(self.ref)
+        return dpo_loss(ratio_first, ratio_second, pairs.label, self.beta, self.cfg.loss).mean(1)
+
+    def step(self, state, sampler):
+        if self.cfg.mode == "online":
+            return self._online_step(state, sampler)
+        return self._offline_step(state, sampler)
+
+    def _online_step(self, state, sampler):
+        """Iterative DPO: both members of each fresh pair from the current policy, one SGD step."""
+        cfg = self.cfg
+        with torch.no_grad():
+            logps = self.policy.log_probs(state.theta)
+        pairs = sampler.pairs(logps, cfg.batch_pairs)
+        theta = [p.requires_grad_(True) for p in state.theta]
+        grads = torch.autograd.grad(self.pair_loss(theta, pairs).sum(), theta)
+        state.lr = cfg.lr / (1 + state.k / cfg.k0) ** cfg.lr_exponent  # lr_k = lr / (1 + k/k0)^a
+        sgd_(theta, grads, state.lr)
+        state.theta = [p.detach() for p in theta]
+        state.k += 1
+        return state
+
+    def _offline_step(self, state, sampler):
+        """Extend the dataset to the next prefix size (only the new pairs are drawn: from pi_ref offline, from
+        the current policy in iterative mode), then SGD to convergence on all of it, warm-started."""
+        cfg = self.cfg
+        target = next_grid_point(2 * state.data.size, cfg.prefixes_per_decade, 2 * cfg.first_pairs) // 2
+        with torch.no_grad():
+            source = self.ref if cfg.mode == "offline" else self.policy.log_probs(state.theta)
+        state.data.extend(sampler.pairs(source, target - state.data.size))
+        steps = offline_steps(state.data.size, cfg.batch_pairs, cfg.epochs, cfg.min_steps)
+        state.theta = fit_on_dataset(state.theta, self.pair_loss, state.data, cfg.batch_pairs, steps, cfg.lr,
+                                     state.rng)
+        state.lr = cfg.lr
+        state.k += 1
+        return state
+
+    # --- what the harness reads ---------------------------------------------------------------------
+    def policy_log_probs(self, state):
+        return self.policy.log_probs(state.theta)
+
+    def implicit_rewards(self, state):
+        """beta (log pi_theta - log pi_ref) per step [(B, n_h, A)]: DPO's reward estimate."""
+        return [self.beta * (lp - ref) for lp, ref in zip(self.policy.log_probs(state.theta), self.ref)]
+
+    def schedule(self, state):
+        return {"lr": state.lr}
+
+    def tensors(self, state):
+        return {f"theta.{i}": t for i, t in enumerate(state.theta)}
+
+
+ALGORITHM = DPO

@@ -1,0 +1,246 @@
+"""ppo_rlhf: the classic RLHF pipeline: a reward model fit by Bradley-Terry maximum likelihood, then PPO
+against it with the KL-to-reference penalty folded into the reward. Plain SGD throughout.
+
+offline: reward model from nested prefixes of one pi_ref dataset, then PPO on it (two-stage pipeline);
+online: each step new pairs from the current policy refine the reward model, then one PPO iteration.
+The reward model is the `gap` reward estimate. See docs/baselines.md for defaults and deviations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ratebench.algorithms.base import Algorithm
+from ratebench.algorithms.estimators import leave_one_out_baseline, preference_loss
+from ratebench.algorithms.models import PolicyModel, RewardModel, StackedMLP, sgd_
+from ratebench.algorithms.policy_opt import (PairDataset, clipped_surrogate, fit_on_dataset, gae, next_grid_point,
+                                             normalise_per_seed, offline_steps, per_step)
+from ratebench.errors import ConfigError
+from ratebench.rng import CounterRng
+from ratebench.sampling import Trajectories
+
+MODES = ("offline", "online")
+MINIBATCH_STREAM = 102  # CounterRng stream of offline reward-model minibatches (the sampler uses stream 1)
+
+
+@dataclass
+class PPORLHFConfig:
+    """Knobs of PPO-RLHF. Defaults follow TRL's PPOConfig / CleanRL's ppo.py where sensible (docs/baselines.md)."""
+
+    name: str = "ppo_rlhf"
+    mode: str = "offline"  # offline: reward model from a fixed pi_ref dataset | online: pairs from pi_theta
+    reward_oracle: bool = False  # True: PPO on the exact true reward (no pairs, no reward model): a control
+    beta: Optional[float] = None  # KL coefficient folded into the reward; None = env.beta (same optimum)
+    # --- reward model (BT maximum likelihood, model.reward network) ------------------------------------
+    batch_pairs: int = 32  # online: fresh pairs per step; offline: reward-model SGD minibatch
+    rm_lr: float = 1.0  # reward-model SGD step
+    rm_lr_exponent: float = 0.5  # online: rm_lr / (1 + k/k0)^rm_lr_exponent
+    # --- PPO ------------------------------------------------------------------------------------------
+    rollouts: int = 16  # trajectories per PPO iteration (>= 2: leave-one-out baseline when H = 1)
+    ppo_epochs: int = 4  # passes over each rollout batch (TRL, CleanRL: 4)
+    minibatches: int = 1  # per epoch; the rollout batch is split into this many contiguous parts
+    clip: float = 0.2  # ratio clip epsilon (TRL, OpenRLHF, CleanRL: 0.2)
+    gamma: float = 1.0  # discount (TRL, OpenRLHF: 1 for RLHF)
+    gae_lambda: float = 0.95  # GAE lambda (TRL, CleanRL: 0.95); used where H > 1 (critic)
+    normalise_advantages: bool = True  # per seed, over its own rollout batch (TRL whitening, CleanRL norm_adv)
+    policy_lr: float = 0.2  # plain SGD step of the policy; decays as policy_lr / (1 + i/k0)^lr_exponent
+    critic_lr: float = 0.2  # plain SGD step of the critic (separate MLP, model.policy width/depth)
+    lr_exponent: float = 0.5  # decay exponent over PPO iterations i; 0 = constant
+    k0: float = 100.0  # offset of every decay
+    # --- offline: step j grows the total samples to the next grid point --------------------------------
+    first_pairs: int = 32  # pairs in the first prefix; must be >= batch_pairs
+    pair_fraction: float = 0.5  # share of each step's new samples spent on labelled pi_ref pairs; rest: PPO rollouts
+    prefixes_per_decade: int = 10  # grid of total samples 2 ceil(ceil(10^(j/10))/2) = the evaluation grid
+    epochs: float = 10.0  # reward-model SGD passes over each prefix (warm-started)
+    min_steps: int = 300  # at least this many reward-model SGD steps per prefix
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError("algorithm.mode", f"must be one of {list(MODES)}, got {self.mode!r}")
+        if self.beta is not None and not self.beta > 0:
+            raise ConfigError("algorithm.beta", f"must be > 0 or null (= env.beta), got {self.beta}")
+        for field in ("batch_pairs", "ppo_epochs", "minibatches", "first_pairs", "prefixes_per_decade", "min_steps"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"algorithm.{field}", f"must be >= 1, got {getattr(self, field)}")
+        if self.rollouts < 2:
+            raise ConfigError("algorithm.rollouts", f"must be >= 2 (leave-one-out baseline), got {self.rollouts}")
+        if self.minibatches > self.rollouts:
+            raise ConfigError("algorithm.minibatches", f"must be <= algorithm.rollouts={self.rollouts}, "
+                              f"got {self.minibatches}")
+        for field in ("rm_lr", "policy_lr", "critic_lr", "k0", "epochs", "clip"):
+            if not getattr(self, field) > 0:
+                raise ConfigError(f"algorithm.{field}", f"must be > 0, got {getattr(self, field)}")
+        for field in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, field) <= 1:
+                raise ConfigError(f"algorithm.{field}", f"must be in [0, 1], got {getattr(self, field)}")
+        for field in ("lr_exponent", "rm_lr_exponent"):
+            if getattr(self, field) < 0:
+                raise ConfigError(f"algorithm.{field}", f"must be >= 0, got {getattr(self, field)}")
+        if not 0 < self.pair_fraction < 1:
+            raise ConfigError("algorithm.pair_fraction", f"must be in (0, 1), got {self.pair_fraction}")
+        if self.mode == "offline" and not self.reward_oracle and self.batch_pairs > self.first_pairs:
+            raise ConfigError("algorithm.batch_pairs", f"must be <= algorithm.first_pairs={self.first_pairs} (the "
+                              f"first offline prefix: a minibatch cannot be larger than the dataset), got {self.batch_pairs}")
+
+
+@dataclass
+class PPORLHFState:
+    nu: list[torch.Tensor]  # reward-model parameters, each (B, ...)
+    theta: list[torch.Tensor]  # policy parameters
+    critic: list[torch.Tensor]  # value-network parameters (unused when H = 1)
+    data: PairDataset  # offline: the prefix the reward model was fit on
+    rng: CounterRng  # offline reward-model minibatch indices
+    k: int = 0  # outer step
+    ppo_iters: int = 0  # PPO iterations so far
+    policy_lr: float = 0.0  # step sizes used last
+    rm_lr: float = 0.0
+
+
+class PPORLHF(Algorithm):
+    name = "ppo_rlhf"
+    Config = PPORLHFConfig
+
+    def __init__(self, cfg, model_cfg, problem):
+        super().__init__(cfg, model_cfg, problem)
+        cfg.check()
+        self.reward = RewardModel(problem, model_cfg.reward)
+        self.policy = PolicyModel(problem, model_cfg.policy)
+        pol = model_cfg.policy
+        self.critic = StackedMLP([self.policy.features.shape[1]] + [pol.width] * pol.depth + [1], pol.activation,
+                                 zero_last=True)
+        self.ref = problem.ref_log_probs()
+        self.beta = float(problem.beta if cfg.beta is None else cfg.beta)
+        self.true_rewards = problem.true_step_tables()
+
+    def init(self, seeds):
+        return PPORLHFState(nu=self.reward.init(seeds), theta=self.policy.init(seeds), critic=self.critic.init(seeds, 3),
+                            data=PairDataset(), rng=CounterRng(seeds, MINIBATCH_STREAM))
+
+    # --- one outer step ----------------------------------------------------------------------------
+    def step(self, state, sampler):
+        cfg = self.cfg
+        if cfg.reward_oracle:
+            self.ppo_iteration(state, sampler, self.true_rewards, cfg.rollouts)
+        elif cfg.mode == "online":
+            self._online_reward_step(state, sampler)
+            self.ppo_iteration(state, sampler, self._rm_tables(state), cfg.rollouts)
+        else:
+            self._offline_step(state, sampler)
+        state.k += 1
+        return state
+
+    def _rm_tables(self, state):
+        with torch.no_grad():
+            return self.reward.step_tables(state.nu)
+
+    def rm_loss(self, nu, pairs):
+        """BT negative log-likelihood of the pairs under r_nu, mean per seed: (B,)."""
+        return preference_loss(pairs, self.reward.step_tables(nu))
+
+    def _online_reward_step(self, state, sampler):
+        """New pairs from the current policy refine the reward model: one SGD step on their BT NLL."""
+        cfg = self.cfg
+        with torch.no_grad():
+            logps = self.policy.log_probs(state.theta)
+        pairs = sampler.pairs(logps, cfg.batch_pairs)
+        nu = [p.requires_grad_(True) for p in state.nu]
+        grads = torch.autograd.grad(self.rm_loss(nu, pairs).sum(), nu)
+        state.rm_lr = cfg.rm_lr / (1 + state.k / cfg.k0) ** cfg.rm_lr_exponent
+        sgd_(nu, grads, state.rm_lr)
+        state.nu = [p.detach() for p in nu]
+
+    def _offline_step(self, state, sampler):
+        """Grow the total samples to the next grid point T: the labelled pi_ref prefix to pair_fraction T / 2
+        pairs (reward model refit to convergence on it), the rest of the step's samples on PPO rollouts."""
+        cfg = self.cfg
+        minimum = 2 * int(-(-cfg.first_pairs // cfg.pair_fraction))  # smallest T whose prefix holds first_pairs
+        total = next_grid_point(sampler.samples, cfg.prefixes_per_decade, minimum)
+        target = max(cfg.first_pairs, int(cfg.pair_fraction * total / 2))
+        if target > state.data.size:
+            state.data.extend(sampler.pairs(self.ref, target - state.data.size))
+            steps = offline_steps(state.data.size, cfg.batch_pairs, cfg.epochs, cfg.min_steps)
+            state.nu = fit_on_dataset(state.nu, self.rm_loss, state.data, cfg.batch_pairs, steps, cfg.rm_lr, state.rng)
+            state.rm_lr = cfg.rm_lr
+        rewards = self._rm_tables(state)
+        budget = total - sampler.samples  # rollouts left for this step
+        n_iter = max(1, budget // cfg.rollouts) if budget >= 2 else 0
+        for i in range(n_iter):  # split the budget into n_iter near-equal batches (each >= 2)
+            self.ppo_iteration(state, sampler, rewards, budget // n_iter + (i < budget % n_iter))
+
+    # --- PPO ---------------------------------------------------------------------------------------
+    def critic_tables(self, critic) -> list[torch.Tensor]:
+        """V(h, s) per step [(B, n_h)]."""
+        values = self.critic(critic, self.policy.features).squeeze(-1)  # (B, n_states_total)
+        return list(values.split(self.policy.splits, dim=1))
+
+    def ppo_iteration(self, state, sampler, rewards, n):
+        """Roll out n trajectories from the current policy, then ppo_epochs of clipped-surrogate SGD.
+
+        Per-step reward r_h = r(s_h, a_h) - beta (log pi_old - log pi_ref)(a_h | s_h) (KL folded in, k1);
+        advantages by GAE on the critic where H > 1, reward minus leave-one-out mean where H = 1."""
+        cfg = self.cfg
+        with torch.no_grad():
+            logps_old = self.policy.log_probs(state.theta)
+        traj = sampler.trajectories(logps_old, n)
+        with torch.no_grad():
+            lp_old = per_step(logps_old, traj)  # (B, N, H)
+            step_reward = per_step(rewards, traj) - self.beta * (lp_old - per_step(self.ref, traj))
+            if self.problem.horizon > 1:
+                values = _state_values(self.critic_tables(state.critic), traj)
+                advantage = gae(step_reward, values, cfg.gamma, cfg.gae_lambda)
+                returns = advantage + values
+            else:
+                advantage = (step_reward[..., 0] - leave_one_out_baseline(step_reward[..., 0]))[..., None]
+                returns = None
+            if cfg.normalise_advantages:
+                advantage = normalise_per_seed(advantage)
+        state.policy_lr = cfg.policy_lr / (1 + state.ppo_iters / cfg.k0) ** cfg.lr_exponent
+        critic_lr = cfg.critic_lr / (1 + state.ppo_iters / cfg.k0) ** cfg.lr_exponent
+        parts = torch.arange(n).tensor_split(min(cfg.minibatches, n))
+        for _ in range(cfg.ppo_epochs):
+            for idx in parts:
+                mb = Trajectories(traj.states[:, idx], traj.actions[:, idx])
+                theta = [p.requires_grad_(True) for p in state.theta]
+                lp_new = per_step(self.policy.log_probs(theta), mb)
+                objective = clipped_surrogate(lp_new, lp_old[:, idx], advantage[:, idx], cfg.clip).sum()
+                sgd_(theta, torch.autograd.grad(objective, theta), -state.policy_lr)  # ascent
+                state.theta = [p.detach() for p in theta]
+                if returns is not None:
+                    critic = [p.requires_grad_(True) for p in state.critic]
+                    v = _state_values(self.critic_tables(critic), mb)
+                    value_loss = (0.5 * (v - returns[:, idx]) ** 2).flatten(1).mean(1).sum()
+                    sgd_(critic, torch.autograd.grad(value_loss, critic), critic_lr)
+                    state.critic = [p.detach() for p in critic]
+        state.ppo_iters += 1
+
+    # --- what the harness reads ---------------------------------------------------------------------
+    def policy_log_probs(self, state):
+        return self.policy.log_probs(state.theta)
+
+    def reward_model(self, state):
+        return None if self.cfg.reward_oracle else (self.reward, state.nu)
+
+    def implicit_rewards(self, state):
+        """Oracle control only: the true reward is the reward estimate, [(B, n_h, A)]."""
+        B = state.theta[0].shape[0]
+        return [r.expand(B, *r.shape[1:]) for r in self.true_rewards]
+
+    def schedule(self, state):
+        return {"policy_lr": state.policy_lr, "rm_lr": state.rm_lr}
+
+    def tensors(self, state):
+        named = {}
+        for prefix in ("nu", "theta", "critic"):
+            for i, t in enumerate(getattr(state, prefix)):
+                named[f"{prefix}.{i}"] = t
+        return named
+
+
+def _state_values(tables: list[torch.Tensor], traj: Trajectories) -> torch.Tensor:
+    """V_h(s_h) along each trajectory: [(B, n_h)] -> (B, N, H)."""
+    return torch.stack([t.gather(1, traj.states[..., h]) for h, t in enumerate(tables)], -1)
+
+
+ALGORITHM = PPORLHF
