@@ -7,6 +7,8 @@ them exactly.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from typing import Any, ClassVar
 
 import torch
@@ -50,3 +52,69 @@ class Algorithm:
         """Every per-seed tensor of the state (leading axis B), for divergence checks and
         checkpoints. The harness may overwrite slices of diverged seeds in place."""
         raise NotImplementedError
+
+    def state_dict(self, state: Any) -> dict:
+        """The whole state as plain containers of tensors, numbers and strings, loadable with
+        torch.load(weights_only=True). Generic over dataclass states (override if needed)."""
+        return {"state": encode_state(state)}
+
+    def load_state_dict(self, state: Any, saved: dict) -> Any:
+        """Restore `saved` into a fresh `init(seeds)` state (same seeds); returns the state."""
+        return decode_state(saved["state"], state)
+
+
+_CLASS, _FIELDS, _OBJECT = "__class__", "__fields__", "__state_dict__"
+
+
+def encode_state(value: Any) -> Any:
+    """Tensors, numbers, strings, lists/tuples, dataclasses (by field) and objects with a
+    state_dict() (e.g. CounterRng) -> nested dicts/lists of weights_only-safe values."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [encode_state(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls = type(value)
+        return {_CLASS: f"{cls.__module__}:{cls.__qualname__}",
+                _FIELDS: {f.name: encode_state(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
+        return {_OBJECT: value.state_dict()}
+    raise TypeError(f"cannot checkpoint a state value of type {type(value).__name__}; "
+                    "give the algorithm its own state_dict()/load_state_dict()")
+
+
+def decode_state(saved: Any, template: Any) -> Any:
+    """Inverse of encode_state. `template` is the matching value of a fresh state: dataclasses are
+    filled in place, objects with load_state_dict() are restored in place (their seed keys come
+    from the template), a dataclass the template lacks (None) is rebuilt from its class."""
+    if isinstance(saved, dict) and _OBJECT in saved:
+        template.load_state_dict(saved[_OBJECT])
+        return template
+    if isinstance(saved, dict) and _CLASS in saved:
+        cls = template.__class__ if dataclasses.is_dataclass(template) else _ratebench_class(saved[_CLASS])
+        values = {name: decode_state(v, getattr(template, name, None)) for name, v in saved[_FIELDS].items()}
+        if dataclasses.is_dataclass(template):
+            for name, v in values.items():
+                setattr(template, name, v)
+            return template
+        return cls(**values)
+    if isinstance(saved, list):
+        items = list(template) if isinstance(template, (list, tuple)) else []
+        decoded = [decode_state(v, items[i] if i < len(items) else None) for i, v in enumerate(saved)]
+        return tuple(decoded) if isinstance(template, tuple) else decoded
+    return saved
+
+
+def _ratebench_class(path: str) -> type:
+    """A dataclass named in a checkpoint; only ratebench's own classes are ever imported."""
+    module, _, qualname = path.partition(":")
+    if not module.startswith("ratebench."):
+        raise ValueError(f"checkpoint names a class outside ratebench: {path!r}")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not dataclasses.is_dataclass(obj):
+        raise ValueError(f"checkpoint names {path!r}, which is not a dataclass")
+    return obj

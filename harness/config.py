@@ -29,10 +29,13 @@ class RunConfig:
     n_seeds: Optional[int] = None  # shorthand: seeds = 0..n_seeds-1 (overrides `seeds`)
     threads: int = 1  # torch threads per job: 1 keeps two parallel jobs off each other's core
     cache_dir: Optional[str] = None  # F-hat* cache; default $RATEBENCH_CACHE or ~/.cache/ratebench
-    progress: bool = True  # one line per evaluation decade (off under CI=true)
+    progress: bool = True  # a live progress line per job (off under CI=true)
+    checkpoint_every_s: float = 180.0  # save checkpoint.pt at least this often (0 = at every evaluation point)
 
 
 def register() -> None:
+    if not OmegaConf.has_resolver("rb_job_id"):
+        OmegaConf.register_new_resolver("rb_job_id", job_id)  # hydra.sweep.subdir (conf/config.yaml)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
@@ -95,6 +98,8 @@ def validate(cfg: DictConfig) -> Validated:
         raise ConfigError("budget.evals_per_decade", f"must be >= 1, got {cfg.budget.evals_per_decade}")
     if cfg.threads < 1:
         raise ConfigError("threads", f"must be >= 1, got {cfg.threads}")
+    if not cfg.checkpoint_every_s >= 0:
+        raise ConfigError("checkpoint_every_s", f"must be >= 0 seconds, got {cfg.checkpoint_every_s}")
     return Validated(env=env, algorithm=algorithm, model=model, seeds=resolve_seeds(cfg))
 
 
@@ -104,3 +109,19 @@ def plain(cfg: Any) -> dict:
         return OmegaConf.to_container(cfg, resolve=True)
     return {f.name: plain(getattr(cfg, f.name)) if hasattr(getattr(cfg, f.name), "__dataclass_fields__")
             else getattr(cfg, f.name) for f in fields(cfg)}
+
+
+def job_id(*, _root_: DictConfig) -> str:
+    """`<env>-<algorithm>-<run_hash>`: a sweep job's folder, keyed by its resolved config (the
+    run_hash of run.json), not by its position in the sweep, so a re-run finds its own folder."""
+    import copy
+
+    from omegaconf import open_dict, read_write
+
+    from ratebench.runner import resolve
+
+    job = copy.deepcopy(_root_)
+    with read_write(job), open_dict(job):
+        job.pop("hydra", None)
+    v, _, run_hash = resolve(job)
+    return f"{v.env.name}-{v.algorithm.name}-{run_hash}"

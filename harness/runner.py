@@ -1,5 +1,5 @@
 """The harness: builds env + algorithm, owns the loop, counters, clock, evaluation schedule,
-divergence handling and the run records of one job."""
+divergence handling, checkpoints (resume) and the run records of one job."""
 from __future__ import annotations
 
 import os
@@ -13,13 +13,16 @@ import pandas as pd
 import torch
 
 import ratebench
-from ratebench import envs
+from ratebench import checkpoint, envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import plain, validate
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import f_star
 from ratebench.records import BASE_COLUMNS, atomic_write_json, atomic_write_parquet, config_hash
 from ratebench.sampling import Counters, CountingSampler
+
+FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
+OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir")  # cannot change a result: not in the hashes
 
 
 def provenance() -> dict:
@@ -35,99 +38,227 @@ def provenance() -> dict:
 
 
 class Progress:
-    """One line per decade of samples: done, rate, ETA, current medians. Quiet under CI=true."""
+    """A live line per job: samples done, rate, ETA, current medians. On a terminal the line is
+    rewritten in place (at most every `interval_s`); otherwise one line per decade of samples or
+    per `log_interval_s`. Quiet under CI=true."""
 
-    def __init__(self, label: str, budget: int, enabled: bool):
+    def __init__(self, label: str, budget: int, enabled: bool, start_samples: int = 0,
+                 interval_s: float = 0.5, log_interval_s: float = 30.0):
         self.label, self.budget = label, budget
         self.enabled = enabled and os.environ.get("CI", "").lower() not in ("1", "true")
-        self.start, self.next_decade = time.perf_counter(), 10
+        self.live = self.enabled and sys.stdout.isatty()
+        self.interval_s = interval_s if self.live else log_interval_s
+        self.start, self.start_samples = time.perf_counter(), start_samples
+        self.last_print, self.next_decade = -float("inf"), 10
+        while self.next_decade <= start_samples:
+            self.next_decade *= 10
+        self.medians = ""
 
-    def update(self, samples: int, metrics: dict, final: bool = False) -> None:
-        if not self.enabled or (samples < self.next_decade and not final):
+    def metrics(self, metrics: dict) -> None:
+        """Remember the current per-seed metrics (B,) for the line."""
+        if self.enabled:
+            self.medians = " ".join(f"{k}={float(v.nanmedian()):.3g}" for k, v in metrics.items()
+                                    if k in ("gap", "policy_gap", "reward_err") and len(v))
+
+    def update(self, samples: int, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        decade = samples >= self.next_decade
+        if not (final or decade or now - self.last_print >= self.interval_s):
             return
         while self.next_decade <= samples:
             self.next_decade *= 10
-        elapsed = time.perf_counter() - self.start
-        rate = samples / elapsed if elapsed > 0 else float("nan")
-        eta = (self.budget - samples) / rate if rate and not final else 0.0
-        med = " ".join(f"{k}={float(v.nanmedian()):.3g}" for k, v in metrics.items()
-                       if k in ("gap", "policy_gap", "reward_err"))
-        print(f"[{self.label}] samples {samples:>9,d}/{self.budget:,d}  {rate:,.0f}/s  ETA {eta:5.0f}s  "
-              f"median {med}", flush=True)
+        self.last_print = now
+        elapsed = now - self.start
+        rate = (samples - self.start_samples) / elapsed if elapsed > 0 else 0.0
+        eta = f"{(self.budget - samples) / rate:6.0f}s" if rate > 0 and not final else "     -"
+        line = (f"[{self.label}] samples {samples:>10,d}/{self.budget:,d} ({100 * samples / self.budget:5.1f}%)  "
+                f"{rate:>9,.0f}/s  ETA {eta}  median {self.medians}")
+        if self.live:
+            print("\r" + line + ("\n" if final else ""), end="", flush=True)
+        else:
+            print(line, flush=True)
 
 
-def run_job(cfg, out_dir: Path, experiment: str | None = None) -> dict:
-    """Run one configured job and write metrics.parquet + run.json into out_dir."""
+def resolve(cfg) -> tuple:
+    """(validated config, resolved config dict, run_hash): the job's identity, a hash of the
+    resolved config (seeds as a list) without the keys that cannot change a result."""
     v = validate(cfg)
-    torch.set_num_threads(int(cfg.threads))
     resolved = plain(cfg)
     resolved["seeds"] = v.seeds
     resolved.pop("n_seeds", None)
-    problem = envs.make(v.env)
-    fstar, _ = f_star(problem, plain(v.env), cfg.cache_dir)
-    algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
-    counters = Counters()
-    sampler = CountingSampler(problem, v.seeds, counters)
-    evaluator = Evaluator(problem, fstar, algo)
-    state = algo.init(v.seeds)
-    seeds = torch.tensor(v.seeds)
-    alive = torch.ones(len(v.seeds), dtype=torch.bool)
-    status = {s: {"status": "completed"} for s in v.seeds}
-    budget = int(cfg.budget.samples)
-    points = evaluation_points(budget, int(cfg.budget.evals_per_decade))
-    progress = Progress(f"{v.env.name}/{v.algorithm.name}", budget, bool(cfg.progress))
-    rows: list[pd.DataFrame] = []
-    wall, next_point = 0.0, 0
-    last_recorded = None
+    return v, resolved, config_hash(identity(resolved))
 
-    def record():
-        nonlocal last_recorded, next_point
-        metrics = evaluator(state)
-        frame = pd.DataFrame({"seed": seeds[alive].numpy(), "step": counters.step,
-                              "samples": counters.samples, "queries": counters.queries,
-                              **{k: v_[alive].numpy() for k, v_ in metrics.items()},
-                              **{k: float(x) for k, x in algo.schedule(state).items()},
-                              "wall_s": wall})
-        rows.append(frame)
-        last_recorded = counters.samples
-        while next_point < len(points) and points[next_point] <= counters.samples:
-            next_point += 1
-        progress.update(counters.samples, {k: m[alive] for k, m in metrics.items()},
-                        final=counters.samples >= budget)
 
-    error = None
-    record()
-    while counters.samples < budget and alive.any():
+def identity(resolved: dict) -> dict:
+    return {k: val for k, val in resolved.items() if k not in OPERATIONAL_KEYS}
+
+
+def finished_record(out_dir: Path, run_hash: str) -> dict | None:
+    """The run.json in out_dir if it records this exact run (same run_hash) with every seed finished."""
+    import json
+
+    path = out_dir / "run.json"
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        return None
+    statuses = [s.get("status") for s in record.get("status", {}).values()]
+    if record.get("run_hash") == run_hash and statuses and all(s in FINISHED for s in statuses):
+        return record
+    return None
+
+
+def run_job(cfg, out_dir: Path, experiment: str | None = None) -> dict:
+    """Run one configured job and write metrics.parquet + run.json into out_dir. A finished run
+    with the same run_hash is skipped; an interrupted one resumes from out_dir/checkpoint.pt."""
+    return run_or_skip(cfg, out_dir, experiment)[0]
+
+
+def run_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[dict, bool]:
+    """(run record, True if out_dir already held this run finished and nothing was computed)."""
+    out_dir = Path(out_dir)
+    v, resolved, run_hash = resolve(cfg)
+    done = finished_record(out_dir, run_hash)
+    if done is not None:
+        print(f"skipping {out_dir}: completed", flush=True)
+        return done, True
+    torch.set_num_threads(int(cfg.threads))
+    return _Job(cfg, v, resolved, run_hash, out_dir, experiment).run(), False
+
+
+class _Job:
+    """One job's loop. Everything that must survive a restart is in `_snapshot()`."""
+
+    def __init__(self, cfg, v, resolved, run_hash, out_dir, experiment):
+        self.v, self.resolved, self.run_hash, self.out_dir, self.experiment = v, resolved, run_hash, out_dir, experiment
+        problem = envs.make(v.env)
+        self.fstar, _ = f_star(problem, plain(v.env), cfg.cache_dir)
+        self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
+        self.counters = Counters()
+        self.sampler = CountingSampler(problem, v.seeds, self.counters)
+        self.evaluator = Evaluator(problem, self.fstar, self.algo)
+        self.state = self.algo.init(v.seeds)
+        self.seeds = torch.tensor(v.seeds)  # (B,)
+        self.alive = torch.ones(len(v.seeds), dtype=torch.bool)  # (B,)
+        self.status = {s: {"status": "completed"} for s in v.seeds}
+        self.budget = int(cfg.budget.samples)
+        self.points = evaluation_points(self.budget, int(cfg.budget.evals_per_decade))
+        self.checkpoint_every_s = float(cfg.checkpoint_every_s)
+        self.rows: list[pd.DataFrame] = []
+        self.wall = self.eval_s = self.checkpoint_s = 0.0
+        self.next_point, self.last_recorded = 0, None
+        self.resumed_from = self._restore()
+        self.progress = Progress(f"{v.env.name}/{v.algorithm.name} {out_dir.name}", self.budget,
+                                 bool(cfg.progress), start_samples=self.counters.samples)
+        self.last_checkpoint = time.perf_counter()
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        rows = pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame()
+        return {"run_hash": self.run_hash, "algorithm": self.algo.state_dict(self.state),
+                "sampler": self.sampler.state_dict(), "counters": dict(vars(self.counters)),
+                "alive": self.alive.clone(), "status": {str(s): dict(st) for s, st in self.status.items()},
+                "rows": checkpoint.frame_to_columns(rows), "wall": self.wall, "eval_s": self.eval_s,
+                "next_point": self.next_point, "last_recorded": self.last_recorded}
+
+    def _restore(self) -> int | None:
+        saved = checkpoint.load(self.out_dir, self.run_hash)
+        if saved is None:
+            return None
+        self.state = self.algo.load_state_dict(self.state, saved["algorithm"])
+        self.sampler.load_state_dict(saved["sampler"])
+        for key, value in saved["counters"].items():
+            setattr(self.counters, key, int(value))
+        self.alive = saved["alive"].clone()
+        self.status = {int(s): dict(st) for s, st in saved["status"].items()}
+        self.rows = [checkpoint.columns_to_frame(saved["rows"])] if saved["rows"] else []
+        self.wall, self.eval_s = float(saved["wall"]), float(saved["eval_s"])
+        self.next_point, self.last_recorded = int(saved["next_point"]), saved["last_recorded"]
+        print(f"resuming {self.out_dir} from step {self.counters.step} ({self.counters.samples:,d} samples)",
+              flush=True)
+        return self.counters.step
+
+    def _maybe_checkpoint(self, at_evaluation: bool) -> None:
+        """At an evaluation point once checkpoint_every_s has passed (0: at every one); between
+        evaluation points (late, sparse ones) only once a positive interval has passed."""
+        elapsed = time.perf_counter() - self.last_checkpoint
+        if elapsed < self.checkpoint_every_s or (not at_evaluation and self.checkpoint_every_s <= 0):
+            return
         tic = time.perf_counter()
-        try:
-            state = algo.step(state, sampler)
-        except Exception as exc:  # an exception cannot be pinned on one seed: all fail
-            error = exc
-            for s in seeds[alive].tolist():
-                status[s] = {"status": "failed", "step": counters.step, "message": f"{type(exc).__name__}: {exc}"}
-            break
-        counters.step += 1
-        wall += time.perf_counter() - tic
-        _mark_diverged(algo, state, alive, seeds, status, counters.step)
-        if next_point < len(points) and counters.samples >= points[next_point] and alive.any():
-            record()
-    if error is None and alive.any() and last_recorded != counters.samples:
-        record()
-    metrics = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=BASE_COLUMNS)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_parquet(out_dir / "metrics.parquet", metrics)
-    without_seeds = {k: val for k, val in resolved.items() if k != "seeds"}
-    record_json = {
-        "algorithm": v.algorithm.name, "env": v.env.name, "experiment": experiment, "seeds": v.seeds,
-        "status": {str(s): st for s, st in status.items()}, "config": resolved,
-        "config_hash": config_hash(without_seeds), "run_hash": config_hash(resolved),
-        "f_star": fstar, "j_star": evaluator.j_star, "counters": vars(counters),
-        "wall_s": wall, "version": ratebench.__version__, "provenance": provenance(),
-    }
-    atomic_write_json(out_dir / "run.json", record_json)
-    if error is not None:
-        raise error
-    return record_json
+        checkpoint.save(self.out_dir, self._snapshot())
+        self.last_checkpoint = time.perf_counter()
+        self.checkpoint_s += self.last_checkpoint - tic
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def _record(self) -> None:
+        tic = time.perf_counter()
+        metrics = self.evaluator(self.state)  # each (B,)
+        alive, counters = self.alive, self.counters
+        frame = pd.DataFrame({"seed": self.seeds[alive].numpy(), "step": counters.step,
+                              "samples": counters.samples, "queries": counters.queries,
+                              **{k: m[alive].numpy() for k, m in metrics.items()},
+                              **{k: float(x) for k, x in self.algo.schedule(self.state).items()},
+                              "wall_s": self.wall})
+        self.rows.append(frame)
+        self.last_recorded = counters.samples
+        while self.next_point < len(self.points) and self.points[self.next_point] <= counters.samples:
+            self.next_point += 1
+        self.eval_s += time.perf_counter() - tic
+        self.progress.metrics({k: m[alive] for k, m in metrics.items()})
+        self.progress.update(counters.samples, final=counters.samples >= self.budget)
+
+    def run(self) -> dict:
+        counters, error = self.counters, None
+        if self.resumed_from is None:
+            self._record()
+        while counters.samples < self.budget and self.alive.any():
+            tic = time.perf_counter()
+            try:
+                self.state = self.algo.step(self.state, self.sampler)
+            except Exception as exc:  # an exception cannot be pinned on one seed: all fail
+                error = exc
+                for s in self.seeds[self.alive].tolist():
+                    self.status[s] = {"status": "failed", "step": counters.step,
+                                      "message": f"{type(exc).__name__}: {exc}"}
+                break
+            counters.step += 1
+            self.wall += time.perf_counter() - tic
+            _mark_diverged(self.algo, self.state, self.alive, self.seeds, self.status, counters.step)
+            at_point = self.next_point < len(self.points) and counters.samples >= self.points[self.next_point]
+            if at_point and self.alive.any():
+                self._record()
+            else:
+                self.progress.update(counters.samples)
+            self._maybe_checkpoint(at_evaluation=at_point)
+        if error is None and self.alive.any() and self.last_recorded != counters.samples:
+            self._record()
+        record = self._write_records()
+        if error is not None:
+            raise error
+        return record
+
+    def _write_records(self) -> dict:
+        metrics = pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame(columns=BASE_COLUMNS)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_parquet(self.out_dir / "metrics.parquet", metrics)
+        v, resolved = self.v, self.resolved
+        without_seeds = {k: val for k, val in identity(resolved).items() if k != "seeds"}
+        record = {
+            "algorithm": v.algorithm.name, "env": v.env.name, "experiment": self.experiment, "seeds": v.seeds,
+            "status": {str(s): st for s, st in self.status.items()}, "config": resolved,
+            "config_hash": config_hash(without_seeds), "run_hash": self.run_hash,
+            "f_star": self.fstar, "j_star": self.evaluator.j_star, "counters": vars(self.counters),
+            "wall_s": self.wall, "eval_wall_s": self.eval_s, "checkpoint_wall_s": self.checkpoint_s,
+            "resumed_from_step": self.resumed_from,
+            "version": ratebench.__version__, "provenance": provenance(),
+        }
+        atomic_write_json(self.out_dir / "run.json", record)  # the completion marker: written last
+        checkpoint.remove(self.out_dir)
+        return record
 
 
 def _mark_diverged(algo, state, alive, seeds, status, step) -> None:

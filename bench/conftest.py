@@ -1,0 +1,54 @@
+"""Shared set-up of the benchmarks: one torch thread, a private F-hat* cache, no progress lines,
+config composition, and a table of every ratio printed at the end of the session.
+
+Run serially (never under xdist):  OMP_NUM_THREADS=1 .venv/bin/pytest bench/ -p no:xdist --benchmark-enable -s
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+RATIOS: dict[str, tuple[float, str]] = {}  # name -> (value, what it is / target)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _bench_env(tmp_path_factory):
+    os.environ.setdefault("RATEBENCH_CACHE", str(tmp_path_factory.mktemp("fstar-cache")))
+    os.environ["CI"] = "true"  # progress lines off: they are not what is measured
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+
+
+@pytest.fixture
+def compose_config():
+    from hydra import compose, initialize_config_module
+
+    from ratebench.config import register
+
+    register()
+
+    def _compose(overrides=()):
+        with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+def record_ratio(benchmark, name: str, value: float, note: str) -> float:
+    """Keep a ratio for the end-of-session table and the benchmark JSON (extra_info)."""
+    RATIOS[name] = (value, note)
+    if benchmark is not None:
+        benchmark.extra_info[name] = value
+    print(f"\nRATIO {name} = {value:.3g}   ({note})", flush=True)
+    return value
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RATIOS:
+        return
+    terminalreporter.section("ratebench ratios (measured in this run)")
+    for name, (value, note) in RATIOS.items():
+        terminalreporter.write_line(f"{name:<48} {value:>10.3g}   {note}")

@@ -1,0 +1,30 @@
+"""Bad sweep input (duplicate seeds, n_seeds < 1, unknown launcher, bad checkpoint interval):
+one message naming the field and what is allowed, exit 2, nothing created."""
+from __future__ import annotations
+
+import pytest
+
+from ratebench.cli import main
+
+CASES = [  # overrides, words the message must contain
+    (["seeds=[0,1,0]"], ["seeds", "repeat", "[0]"]),
+    (["-m", "seeds=[2,2],[0,1]"], ["seeds", "repeat", "[2]"]),
+    (["n_seeds=0"], ["n_seeds", ">= 1", "0"]),
+    (["-m", "n_seeds=2,-1"], ["n_seeds", ">= 1", "-1"]),
+    (["-m", "hydra/launcher=foo"], ["launcher", "'", "foo", "basic", "joblib", "submitit_local", "submitit_slurm"]),
+    (["hydra/launcher=foo"], ["launcher", "foo", "joblib", "submitit_slurm"]),
+    (["checkpoint_every_s=-1"], ["checkpoint_every_s", ">= 0"]),
+    (["threads=0"], ["threads", ">= 1"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_sweep_input_exits_2_naming_the_field(overrides, words, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["run", *overrides, f"hydra.sweep.dir={out}", f"hydra.run.dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("ratebench: error:") and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, f"{word!r} not in {err!r}"
+    assert not out.exists()
