@@ -82,8 +82,13 @@ def preference_prob(problem: TabularProblem, true_returns_diff: torch.Tensor) ->
 
 
 def _true_pair_probs(problem: TabularProblem) -> torch.Tensor:
-    true = trajectory_returns(problem, problem.true_step_tables())[0]  # (G, m)
-    return preference_prob(problem, true[:, :, None] - true[:, None, :])  # (G, m, m)
+    """Oracle P(y = 1) for every enumerated pair: (G, m, m), computed once per problem."""
+    cached = getattr(problem, "_pair_probs", None)
+    if cached is None:
+        true = trajectory_returns(problem, problem.true_step_tables())[0]  # (G, m)
+        cached = preference_prob(problem, true[:, :, None] - true[:, None, :])
+        problem._pair_probs = cached
+    return cached
 
 
 def upper_loss(problem: TabularProblem, rewards: Tables, logps: Tables, chunk: int = 4_000_000) -> torch.Tensor:

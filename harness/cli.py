@@ -147,7 +147,7 @@ def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     if "Could not find" in text and "Available options" in text:
         head = text.split("Could not find", 1)[1].split("\n", 1)[0].strip().strip("'")
-        group, _, value = head.partition("/")
+        group, _, value = head.rpartition("/")
         options = []
         for line in text.split("Available options", 1)[1].splitlines()[1:]:
             if not line.startswith(("\t", " ")) or not line.strip():
