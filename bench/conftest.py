@@ -24,17 +24,9 @@ def _bench_env(tmp_path_factory):
 
 @pytest.fixture
 def compose_config():
-    from hydra import compose, initialize_config_module
+    from ratebench.config import compose
 
-    from ratebench.config import register
-
-    register()
-
-    def _compose(overrides=()):
-        with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides))
-
-    return _compose
+    return compose
 
 
 def record_ratio(benchmark, name: str, value: float, note: str) -> float:

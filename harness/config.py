@@ -45,6 +45,15 @@ def register() -> None:
         cs.store(group="algorithm", name=f"{name}_schema", node=algo.Config)
 
 
+def compose(overrides=()) -> DictConfig:
+    """The run config `ratebench run <overrides>` would build, without `hydra:` (Python API, tests)."""
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    register()
+    with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
 def to_dataclass(node: Any, schema: type, where: str):
     """Typed copy of a config node (DictConfig or dict) as `schema`, errors naming the field."""
     merged = OmegaConf.merge(OmegaConf.structured(schema), node)

@@ -19,14 +19,26 @@ def _private_cache(tmp_path_factory):
 @pytest.fixture
 def compose_config():
     """compose_config([overrides]) -> the run config Hydra would build (without `hydra:`)."""
-    from hydra import compose, initialize_config_module
+    from ratebench.config import compose
 
-    from ratebench.config import register
+    return compose
 
-    register()
 
-    def _compose(overrides=()):
-        with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides))
+@pytest.fixture
+def expect_bad_input(tmp_path, capsys):
+    """expect_bad_input(overrides, words): `ratebench run` refuses with exit 2, one line naming
+    every word, and no run folder created."""
+    from ratebench.cli import main
 
-    return _compose
+    def _check(overrides, words):
+        out = tmp_path / "run"
+        code = main(["run", *overrides, f"hydra.run.dir={out}"])
+        err = capsys.readouterr().err
+        assert code == 2
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("ratebench: error: "), err
+        for word in words:
+            assert word in err, f"{word!r} missing from {err!r}"
+        assert not out.exists()
+
+    return _check

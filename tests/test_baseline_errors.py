@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from ratebench.cli import main
 
 RATEBENCH = str(Path(sys.executable).with_name("ratebench"))
 
@@ -42,16 +41,8 @@ def test_cli_exits_2_naming_the_field_and_allowed_values(overrides, words, tmp_p
 
 
 @pytest.mark.parametrize("overrides, words", CASES, ids=[" ".join(c[0]) for c in CASES])
-def test_in_process_exit_2(overrides, words, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = main(["run", *overrides, f"hydra.run.dir={out}"])
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ratebench: error: "), err
-    for word in words:
-        assert word in err, f"{word!r} missing from {err!r}"
-    assert not out.exists()
+def test_in_process_exit_2(overrides, words, expect_bad_input):
+    expect_bad_input(overrides, words)
 
 
 def test_online_mode_has_no_dataset_so_any_batch_is_fine(compose_config):

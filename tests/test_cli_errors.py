@@ -40,16 +40,8 @@ CASES = [  # overrides, words the message must contain
 
 
 @pytest.mark.parametrize("overrides, words", CASES, ids=[" ".join(c[0]) for c in CASES])
-def test_bad_input_names_the_field_and_exits_2(overrides, words, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = main(["run", *overrides, f"hydra.run.dir={out}"])
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ratebench: error: "), err
-    for word in words:
-        assert word in err, f"{word!r} missing from {err!r}"
-    assert not out.exists()
+def test_bad_input_names_the_field_and_exits_2(overrides, words, expect_bad_input):
+    expect_bad_input(overrides, words)
 
 
 def test_unwritable_output_folder(tmp_path, capsys):
