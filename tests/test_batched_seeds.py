@@ -17,14 +17,14 @@ from ratebench.sampling import Counters, CountingSampler
 BATCH = [5, 0]  # unsorted, not starting at 0: a seed's stream must not depend on its position
 MAX_STEPS = 1000  # the issue's horizon; algorithms whose outer step is a whole refit stop at TIME_CAP_S
 TIME_CAP_S = 1.0
-FULL_HORIZON = {"reward_mle": MAX_STEPS}  # cheap steps: always the full 1,000, whatever the machine's load
+FULL_HORIZON = {"reward_mle": MAX_STEPS, "bilevel": MAX_STEPS}  # always the full 1,000 (bilevel: ~12 s)
 COMPARE_EVERY = 25  # steps between compared snapshots (the last step is always compared)
 RTOL, ATOL = 1e-9, 1e-12  # float64 round-off (batched vs unbatched matmul kernels may differ in the last bits)
 
 
-def trajectory(compose_config, name, seeds, n_steps=None):
+def trajectory(compose_config, name, seeds, n_steps=None, extra=()):
     """{step: {name: (B, ...)}} every COMPARE_EVERY steps and at the last step."""
-    v = validate(compose_config([f"algorithm={name}", f"seeds={seeds}"]))
+    v = validate(compose_config([f"algorithm={name}", f"seeds={seeds}", *extra]))
     problem = envs.make(v.env)
     algo = ALGORITHMS[name](v.algorithm, v.model, problem)
     sampler = CountingSampler(problem, v.seeds, Counters())
@@ -52,6 +52,19 @@ def test_each_seed_of_a_batch_equals_its_solo_run(compose_config, name):
                 where = f"{name} seed {seed} step {step}/{n} {key}"
                 torch.testing.assert_close(batched[step][key][i:i + 1], t, rtol=RTOL, atol=ATOL,
                                            msg=lambda m, where=where: f"{where}: {m}")
+
+
+@pytest.mark.parametrize("name", ["dpo", "ppo_rlhf"])
+def test_online_modes_match_solo_runs_over_1000_steps(compose_config, name):
+    """Online DPO / PPO-RLHF take one cheap step per outer iteration, so the full 1,000-step
+    horizon is affordable (their offline outer steps are whole refits, capped above)."""
+    extra = ["algorithm.mode=online"]
+    batched = trajectory(compose_config, name, BATCH, n_steps=MAX_STEPS, extra=extra)
+    for i, seed in enumerate(BATCH):
+        solo = trajectory(compose_config, name, [seed], n_steps=MAX_STEPS, extra=extra)
+        for step, tensors in solo.items():
+            for key, t in tensors.items():
+                torch.testing.assert_close(batched[step][key][i:i + 1], t, rtol=RTOL, atol=ATOL)
 
 
 def test_seeds_are_not_the_same_stream(compose_config):
