@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 import ratebench
+import ratebench.algorithms
 from ratebench import checkpoint, envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import plain, validate
@@ -81,14 +82,28 @@ class Progress:
             print(line, flush=True)
 
 
+def code_fingerprint() -> str:
+    """Hash of the source files that produce results (harness, envs, algorithms; not analysis):
+    a finished job is only reused by the code that computed it, never after a change."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for module in (ratebench, envs, ratebench.algorithms):
+        folder = Path(module.__file__).parent
+        for path in sorted(folder.glob("*.py")):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def resolve(cfg) -> tuple:
     """(validated config, resolved config dict, run_hash): the job's identity, a hash of the
-    resolved config (seeds as a list) without the keys that cannot change a result."""
+    resolved config (seeds as a list, without the keys that cannot change a result) and of
+    the code that computes it."""
     v = validate(cfg)
     resolved = plain(cfg)
     resolved["seeds"] = v.seeds
     resolved.pop("n_seeds", None)
-    return v, resolved, config_hash(identity(resolved))
+    return v, resolved, config_hash({**identity(resolved), "code": code_fingerprint()})
 
 
 def identity(resolved: dict) -> dict:

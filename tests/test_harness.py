@@ -133,3 +133,18 @@ def test_reward_mle_fisher_step_is_computed_from_the_instance(compose_config):
     eig = torch.linalg.eigvalsh(hessian)
     mu = float(eig[eig > 1e-9 * eig.max()].min())
     assert algo.c == pytest.approx(v.algorithm.lr_scale / mu, rel=1e-8)
+
+
+def test_finished_run_is_reused_only_by_the_same_code(compose_config, tmp_path, monkeypatch):
+    """Same config and code: the finished job is skipped (files untouched). A change in the code
+    that computes results changes the job identity, so the job is recomputed, never reused stale."""
+    from ratebench import runner
+
+    cfg = compose_config(["seeds=[0]", "budget.samples=500"])
+    first = run_job(cfg, tmp_path)
+    stamp = (tmp_path / "metrics.parquet").stat().st_mtime_ns
+    _, skipped = runner.run_or_skip(cfg, tmp_path)
+    assert skipped and (tmp_path / "metrics.parquet").stat().st_mtime_ns == stamp
+    monkeypatch.setattr(runner, "code_fingerprint", lambda: "a-different-code")
+    record, skipped = runner.run_or_skip(cfg, tmp_path)
+    assert not skipped and record["run_hash"] != first["run_hash"]
