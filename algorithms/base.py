@@ -49,9 +49,17 @@ class Algorithm:
         return {}
 
     def tensors(self, state: Any) -> dict[str, torch.Tensor]:
-        """Every per-seed tensor of the state (leading axis B), for divergence checks and
-        checkpoints. The harness may overwrite slices of diverged seeds in place."""
-        raise NotImplementedError
+        """Every per-seed parameter tensor of the state (leading axis B), for divergence checks;
+        the harness may overwrite slices of diverged seeds in place. Derived from the state
+        dataclass: each tensor field, and each list-of-tensors field as `<field>.<i>`."""
+        named = {}
+        for f in dataclasses.fields(state):
+            value = getattr(state, f.name)
+            if isinstance(value, torch.Tensor):
+                named[f.name] = value
+            elif isinstance(value, list) and value and all(isinstance(t, torch.Tensor) for t in value):
+                named.update({f"{f.name}.{i}": t for i, t in enumerate(value)})
+        return named
 
     def state_dict(self, state: Any) -> dict:
         """The whole state as plain containers of tensors, numbers and strings, loadable with

@@ -177,12 +177,5 @@ class Bilevel(Algorithm):
     def schedule(self, state):
         return {"lam": state.lam, "alpha": state.alpha, "alpha_z": state.alpha_z, "xi": state.xi}
 
-    def tensors(self, state):
-        named = {}
-        for prefix in ("nu", "y", "z"):
-            for i, t in enumerate(getattr(state, prefix)):
-                named[f"{prefix}.{i}"] = t
-        return named
-
 
 ALGORITHM = Bilevel

@@ -165,8 +165,5 @@ class DPO(Algorithm):
     def schedule(self, state):
         return {"lr": state.lr}
 
-    def tensors(self, state):
-        return {f"theta.{i}": t for i, t in enumerate(state.theta)}
-
 
 ALGORITHM = DPO

@@ -230,13 +230,6 @@ class PPORLHF(Algorithm):
     def schedule(self, state):
         return {"policy_lr": state.policy_lr, "rm_lr": state.rm_lr}
 
-    def tensors(self, state):
-        named = {}
-        for prefix in ("nu", "theta", "critic"):
-            for i, t in enumerate(getattr(state, prefix)):
-                named[f"{prefix}.{i}"] = t
-        return named
-
 
 def _state_values(tables: list[torch.Tensor], traj: Trajectories) -> torch.Tensor:
     """V_h(s_h) along each trajectory: [(B, n_h)] -> (B, N, H)."""

@@ -78,9 +78,6 @@ class RewardMLE(Algorithm):
     def schedule(self, state):
         return {"lr": state.lr}
 
-    def tensors(self, state):
-        return {"nu": state.nu[0]}
-
 
 def _fisher_spectrum(problem) -> tuple[float, float]:
     """Smallest non-zero and largest eigenvalue of E_ref[sigma'(dR*) dPhi dPhi^T], the BT

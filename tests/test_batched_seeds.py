@@ -69,7 +69,7 @@ def test_online_modes_match_solo_runs_over_1000_steps(compose_config, name):
 
 def test_seeds_are_not_the_same_stream(compose_config):
     """The comparison above would pass trivially if every seed drew the same numbers."""
-    batched = trajectory(compose_config, "reward_mle", BATCH, n_steps=5)[5]["nu"]
+    batched = trajectory(compose_config, "reward_mle", BATCH, n_steps=5)[5]["nu.0"]
     assert not torch.equal(batched[0], batched[1])
 
 
