@@ -13,7 +13,8 @@ import torch
 
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.models import PolicyModel, sgd_
-from ratebench.algorithms.policy_opt import PairDataset, fit_on_dataset, next_grid_point, offline_steps
+from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, fit_on_dataset, next_grid_point,
+                                             offline_steps)
 from ratebench.envs.exact import bradley_terry_nll
 from ratebench.errors import ConfigError
 from ratebench.rng import CounterRng
@@ -60,14 +61,8 @@ class DPOConfig:
                 raise ConfigError(f"algorithm.{field}", f"must be > 0, got {getattr(self, field)}")
         if self.lr_exponent < 0:
             raise ConfigError("algorithm.lr_exponent", f"must be >= 0, got {self.lr_exponent}")
-        check_batch_fits(self.mode, self.batch_pairs, self.first_pairs)
-
-
-def check_batch_fits(mode: str, batch_pairs: int, first_pairs: int) -> None:
-    """Offline/iterative minibatches are drawn from the dataset: the first (smallest) prefix must hold one."""
-    if mode != "online" and batch_pairs > first_pairs:
-        raise ConfigError("algorithm.batch_pairs", f"must be <= algorithm.first_pairs={first_pairs} (the first "
-                          f"offline prefix: a minibatch cannot be larger than the dataset), got {batch_pairs}")
+        if self.mode != "online":  # offline and iterative draw minibatches from a dataset
+            check_batch_fits(self.batch_pairs, self.first_pairs)
 
 
 def dpo_loss(logratio_first: torch.Tensor, logratio_second: torch.Tensor, label: torch.Tensor, beta: float,

@@ -1,5 +1,5 @@
 """Pieces the DPO and PPO-RLHF baselines share: PPO's clipped surrogate, GAE, per-seed advantage
-normalisation, per-step gathers, and the offline machinery (prefix grid, growing pair dataset, minibatch SGD).
+normalisation, and the offline machinery (prefix grid, growing pair dataset, minibatch SGD).
 
 Everything keeps the seed axis B first and never mixes seeds (no statistic pools over B).
 """
@@ -11,20 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.algorithms.models import Params, sgd_
+from ratebench.errors import ConfigError
+from ratebench.grid import log_point
 from ratebench.rng import CounterRng
 from ratebench.sampling import PreferencePairs, Trajectories
 
 # --- PPO --------------------------------------------------------------------------------------
-
-
-def per_step(tables: list[torch.Tensor], traj: Trajectories) -> torch.Tensor:
-    """tables[h][b, s_h, a_h] for every step of every trajectory: [(B or 1, n_h, A)] -> (B, N, H)."""
-    B, N, H = traj.states.shape
-    out = []
-    for h, table in enumerate(tables):
-        flat = table.reshape(table.shape[0], -1).expand(B, -1)
-        out.append(flat.gather(1, traj.states[..., h] * table.shape[2] + traj.actions[..., h]))
-    return torch.stack(out, -1)
 
 
 def clipped_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, advantage: torch.Tensor,
@@ -66,7 +58,7 @@ def next_grid_point(current: int, per_decade: int, minimum: int) -> int:
     `minimum` (even). Even because a pair is 2 samples; the grid matches the harness's evaluation points."""
     j = 0
     while True:
-        point = math.ceil(10 ** (j / per_decade) - 1e-9)
+        point = log_point(j, per_decade)
         point += point % 2
         point = max(point, minimum)
         if point > current:
@@ -120,6 +112,13 @@ def fit_on_dataset(params: Params, loss_of_pairs, data: PairDataset, batch: int,
         sgd_(params, grads, lr * (1 - i / steps))
         params = [p.detach() for p in params]
     return params
+
+
+def check_batch_fits(batch_pairs: int, first_pairs: int) -> None:
+    """Offline minibatches are drawn from the dataset: the first (smallest) prefix must hold one."""
+    if batch_pairs > first_pairs:
+        raise ConfigError("algorithm.batch_pairs", f"must be <= algorithm.first_pairs={first_pairs} (the first "
+                          f"offline prefix: a minibatch cannot be larger than the dataset), got {batch_pairs}")
 
 
 def offline_steps(n_pairs: int, batch: int, epochs: float, min_steps: int) -> int:

@@ -15,8 +15,8 @@ import torch
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.estimators import leave_one_out_baseline, preference_loss
 from ratebench.algorithms.models import PolicyModel, RewardModel, StackedMLP, sgd_
-from ratebench.algorithms.policy_opt import (PairDataset, clipped_surrogate, fit_on_dataset, gae, next_grid_point,
-                                             normalise_per_seed, offline_steps, per_step)
+from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, clipped_surrogate, fit_on_dataset, gae,
+                                             next_grid_point, normalise_per_seed, offline_steps)
 from ratebench.errors import ConfigError
 from ratebench.rng import CounterRng
 from ratebench.sampling import Trajectories
@@ -80,9 +80,8 @@ class PPORLHFConfig:
                 raise ConfigError(f"algorithm.{field}", f"must be >= 0, got {getattr(self, field)}")
         if not 0 < self.pair_fraction < 1:
             raise ConfigError("algorithm.pair_fraction", f"must be in (0, 1), got {self.pair_fraction}")
-        if self.mode == "offline" and not self.reward_oracle and self.batch_pairs > self.first_pairs:
-            raise ConfigError("algorithm.batch_pairs", f"must be <= algorithm.first_pairs={self.first_pairs} (the "
-                              f"first offline prefix: a minibatch cannot be larger than the dataset), got {self.batch_pairs}")
+        if self.mode == "offline" and not self.reward_oracle:  # the reward model's minibatches come from a dataset
+            check_batch_fits(self.batch_pairs, self.first_pairs)
 
 
 @dataclass
@@ -185,8 +184,8 @@ class PPORLHF(Algorithm):
             logps_old = self.policy.log_probs(state.theta)
         traj = sampler.trajectories(logps_old, n)
         with torch.no_grad():
-            lp_old = per_step(logps_old, traj)  # (B, N, H)
-            step_reward = per_step(rewards, traj) - self.beta * (lp_old - per_step(self.ref, traj))
+            lp_old = traj.per_step(logps_old)  # (B, N, H)
+            step_reward = traj.per_step(rewards) - self.beta * (lp_old - traj.per_step(self.ref))
             if self.problem.horizon > 1:
                 values = _state_values(self.critic_tables(state.critic), traj)
                 advantage = gae(step_reward, values, cfg.gamma, cfg.gae_lambda)
@@ -203,7 +202,7 @@ class PPORLHF(Algorithm):
             for idx in parts:
                 mb = Trajectories(traj.states[:, idx], traj.actions[:, idx])
                 theta = [p.requires_grad_(True) for p in state.theta]
-                lp_new = per_step(self.policy.log_probs(theta), mb)
+                lp_new = mb.per_step(self.policy.log_probs(theta))
                 objective = clipped_surrogate(lp_new, lp_old[:, idx], advantage[:, idx], cfg.clip).sum()
                 sgd_(theta, torch.autograd.grad(objective, theta), -state.policy_lr)  # ascent
                 state.theta = [p.detach() for p in theta]

@@ -154,13 +154,13 @@ def gather_shared(tables: list[torch.Tensor], states: torch.Tensor, actions: tor
     return total
 
 
-def gather_batched(tables: list[torch.Tensor], states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Sum over h of tables[h][b, states[b, i, h], actions[b, i, h]] for per-seed indices.
-    tables: [(B or 1, n_h, A)]; states/actions: (B, N, H). Returns (B, N)."""
-    B, N, _ = states.shape
-    total = 0
+def gather_per_step(tables: list[torch.Tensor], states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """tables[h][b, states[b, i, h], actions[b, i, h]] for per-seed indices, every step kept.
+    tables: [(B or 1, n_h, A)]; states/actions: (B, N, H). Returns (B, N, H)."""
+    B = states.shape[0]
+    out = []
     for h, table in enumerate(tables):
         _, n, A = table.shape
         flat = table.reshape(table.shape[0], n * A).expand(B, n * A)
-        total = total + flat.gather(1, states[..., h] * A + actions[..., h])
-    return total
+        out.append(flat.gather(1, states[..., h] * A + actions[..., h]))
+    return torch.stack(out, -1)

@@ -7,6 +7,7 @@ import torch
 
 from ratebench.algorithms.models import per_seed_sq_norm
 from ratebench.envs import exact, penalty
+from ratebench.grid import log_point
 
 
 class Evaluator:
@@ -54,7 +55,7 @@ def evaluation_points(budget: int, per_decade: int) -> list[int]:
     by the loop at whatever count the last step reached)."""
     points, k = {0}, 0
     while True:
-        n = math.ceil(10 ** (k / per_decade) - 1e-9)
+        n = log_point(k, per_decade)
         if n >= budget:
             break
         points.add(n)

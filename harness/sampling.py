@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.envs.exact import preference_prob
-from ratebench.envs.tabular import TabularProblem, gather_batched
+from ratebench.envs.tabular import TabularProblem, gather_per_step
 from ratebench.rng import CounterRng, categorical
 
 
@@ -32,13 +32,17 @@ class Trajectories:
     def init(self) -> torch.Tensor:
         return self.states[..., 0]
 
+    def per_step(self, tables: list[torch.Tensor]) -> torch.Tensor:
+        """tables[h](s_h, a_h) along every trajectory, from step tables [(B or 1, n_h, A)]: (B, N, H)."""
+        return gather_per_step(tables, self.states, self.actions)
+
     def returns(self, rewards: list[torch.Tensor]) -> torch.Tensor:
-        """R(tau) = sum_t r_t(s_t, a_t) from step tables [(B or 1, n_h, A)]: (B, N)."""
-        return gather_batched(rewards, self.states, self.actions)
+        """R(tau) = sum_t r_t(s_t, a_t): (B, N)."""
+        return self.per_step(rewards).sum(-1)
 
     def log_prob(self, logps: list[torch.Tensor]) -> torch.Tensor:
         """sum_t log pi(a_t | s_t) (policy part only; differentiable in the tables): (B, N)."""
-        return gather_batched(logps, self.states, self.actions)
+        return self.per_step(logps).sum(-1)
 
 
 @dataclass
