@@ -104,12 +104,11 @@ def _expand(overrides: list[str]) -> list[list[str]]:
 def _prevalidate(overrides: list[str], multirun: bool) -> None:
     """Compose and validate every job's config, and check the output folder, before Hydra
     creates anything: bad input exits 2 with nothing written."""
-    from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from ratebench.config import validate
+    from ratebench.config import compose, validate
     from ratebench.errors import ConfigError
 
     try:
@@ -118,28 +117,19 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
         raise _BadInput(f"cannot parse overrides: {exc}") from None
     if not multirun and len(jobs) > 1:
         raise _BadInput("a sweep (comma list, range, glob) needs -m: ratebench run -m " + " ".join(overrides))
-    with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
-        for job in jobs:
-            try:
-                cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
-                dir_key = "sweep.dir" if multirun else "run.dir"
-                out = OmegaConf.select(cfg.hydra, dir_key)
-                hydra_cfg = cfg.hydra
-                with _unlocked(cfg):
-                    del cfg["hydra"]
-                validate(cfg)
-            except ConfigError as exc:
-                raise _BadInput(str(exc)) from None
-            except (HydraException, OmegaConfBaseException) as exc:
-                raise _BadInput(_describe(exc)) from None
-            _check_writable(out, f"hydra.{dir_key}")
-            del hydra_cfg
-
-
-def _unlocked(cfg):
-    from omegaconf import open_dict
-
-    return open_dict(cfg)
+    dir_key = "sweep.dir" if multirun else "run.dir"
+    for job in jobs:
+        try:
+            cfg = compose(job, with_hydra=True)
+            out = OmegaConf.select(cfg.hydra, dir_key)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            validate(cfg)
+        except ConfigError as exc:
+            raise _BadInput(str(exc)) from None
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise _BadInput(_describe(exc)) from None
+        _check_writable(out, f"hydra.{dir_key}")
 
 
 def _describe(exc: BaseException) -> str:

@@ -45,13 +45,14 @@ def register() -> None:
         cs.store(group="algorithm", name=f"{name}_schema", node=algo.Config)
 
 
-def compose(overrides=()) -> DictConfig:
-    """The run config `ratebench run <overrides>` would build, without `hydra:` (Python API, tests)."""
+def compose(overrides=(), with_hydra: bool = False) -> DictConfig:
+    """The run config `ratebench run <overrides>` would build (Python API, tests, CLI checks);
+    `hydra:` (output folders, launcher) only when with_hydra."""
     from hydra import compose as hydra_compose, initialize_config_module
 
     register()
     with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def to_dataclass(node: Any, schema: type, where: str):
