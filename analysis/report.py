@@ -14,6 +14,7 @@ import pandas as pd
 from ratebench.analysis import plots
 from ratebench.analysis.claims import UPPER_BOUND_CAVEAT
 from ratebench.analysis.curves import METRICS
+from ratebench.analysis.load import RunRecordError, read_record
 
 
 def _f(v, nd=3) -> str:
@@ -22,13 +23,11 @@ def _f(v, nd=3) -> str:
 
 def commands_of(seeds: pd.DataFrame) -> list[str]:
     """The command line that produced each run (from run.json provenance), one per run."""
-    import json
-
     out = []
     for run_dir in sorted(set(seeds["run_dir"])):
         try:
-            argv = json.loads((Path(run_dir) / "run.json").read_text()).get("provenance", {}).get("argv")
-        except (OSError, ValueError):
+            argv = read_record(Path(run_dir) / "run.json").get("provenance", {}).get("argv")
+        except RunRecordError:
             argv = None
         text = " ".join([argv[0]] + [shlex.quote(a) for a in argv[1:]]) if argv else "(not recorded)"
         out.append(f"{run_dir}: {text}")
