@@ -14,7 +14,7 @@ from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.estimators import (policy_gradient_surrogate, preference_loss,
                                              preference_score_surrogate, reward_return_surrogate)
 from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_
-from ratebench.errors import ConfigError
+from ratebench.errors import ConfigError, require
 
 VARIANTS = ("single_loop", "double_loop")
 
@@ -57,13 +57,11 @@ class BilevelConfig:
             raise ConfigError("algorithm.inner_steps", f"must be >= 1, got {self.inner_steps}")
         if self.batch_pairs < 2:
             raise ConfigError("algorithm.batch_pairs", f"must be >= 2 (leave-one-out baseline), got {self.batch_pairs}")
-        for field in ("c_alpha", "c_alpha_z", "c_xi", "lam0", "k0", "eps", "lam_scale", "inner_scale",
-                      "batch_scale", "inner_step", "outer_step"):
-            if not getattr(self, field) > 0:
-                raise ConfigError(f"algorithm.{field}", f"must be > 0, got {getattr(self, field)}")
-        for field in ("alpha_exponent", "alpha_z_exponent", "xi_exponent", "lam_exponent"):
-            if not 0 <= getattr(self, field) <= 1:
-                raise ConfigError(f"algorithm.{field}", f"must be in [0, 1], got {getattr(self, field)}")
+        positive = ("c_alpha", "c_alpha_z", "c_xi", "lam0", "k0", "eps", "lam_scale", "inner_scale", "batch_scale",
+                    "inner_step", "outer_step")
+        require(self, "algorithm", positive, lambda v: v > 0, "must be > 0")
+        exponents = ("alpha_exponent", "alpha_z_exponent", "xi_exponent", "lam_exponent")
+        require(self, "algorithm", exponents, lambda v: 0 <= v <= 1, "must be in [0, 1]")
         if self.alpha_z_exponent > self.alpha_exponent:
             raise ConfigError("algorithm.alpha_z_exponent", f"must be <= alpha_exponent={self.alpha_exponent} "
                               f"(z at least as fast as y), got {self.alpha_z_exponent}")

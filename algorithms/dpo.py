@@ -16,7 +16,7 @@ from ratebench.algorithms.models import PolicyModel, sgd_
 from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, fit_on_dataset, next_grid_point,
                                              offline_steps)
 from ratebench.envs.exact import bradley_terry_nll
-from ratebench.errors import ConfigError
+from ratebench.errors import ConfigError, require
 from ratebench.rng import CounterRng
 from ratebench.sampling import PreferencePairs
 
@@ -53,12 +53,10 @@ class DPOConfig:
             raise ConfigError("algorithm.loss", f"must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.beta is not None and not self.beta > 0:
             raise ConfigError("algorithm.beta", f"must be > 0 or null (= env.beta), got {self.beta}")
-        for field in ("batch_pairs", "first_pairs", "prefixes_per_decade", "min_steps"):
-            if getattr(self, field) < 1:
-                raise ConfigError(f"algorithm.{field}", f"must be >= 1, got {getattr(self, field)}")
-        for field in ("lr", "k0", "epochs"):
-            if not getattr(self, field) > 0:
-                raise ConfigError(f"algorithm.{field}", f"must be > 0, got {getattr(self, field)}")
+        require(self, "algorithm", ("batch_pairs", "first_pairs", "prefixes_per_decade", "min_steps"),
+                lambda v: v >= 1, "must be >= 1")
+        require(self, "algorithm", ("lr", "k0", "epochs"),
+                lambda v: v > 0, "must be > 0")
         if self.lr_exponent < 0:
             raise ConfigError("algorithm.lr_exponent", f"must be >= 0, got {self.lr_exponent}")
         if self.mode != "online":  # offline and iterative draw minibatches from a dataset

@@ -17,7 +17,7 @@ from ratebench.algorithms.estimators import leave_one_out_baseline, preference_l
 from ratebench.algorithms.models import PolicyModel, RewardModel, StackedMLP, sgd_
 from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, clipped_surrogate, fit_on_dataset, gae,
                                              next_grid_point, normalise_per_seed, offline_steps)
-from ratebench.errors import ConfigError
+from ratebench.errors import ConfigError, require
 from ratebench.rng import CounterRng
 from ratebench.sampling import Trajectories
 
@@ -61,23 +61,20 @@ class PPORLHFConfig:
             raise ConfigError("algorithm.mode", f"must be one of {list(MODES)}, got {self.mode!r}")
         if self.beta is not None and not self.beta > 0:
             raise ConfigError("algorithm.beta", f"must be > 0 or null (= env.beta), got {self.beta}")
-        for field in ("batch_pairs", "ppo_epochs", "minibatches", "first_pairs", "prefixes_per_decade", "min_steps"):
-            if getattr(self, field) < 1:
-                raise ConfigError(f"algorithm.{field}", f"must be >= 1, got {getattr(self, field)}")
+        require(self, "algorithm", ("batch_pairs", "ppo_epochs", "minibatches",
+                                      "first_pairs", "prefixes_per_decade", "min_steps"),
+                lambda v: v >= 1, "must be >= 1")
         if self.rollouts < 2:
             raise ConfigError("algorithm.rollouts", f"must be >= 2 (leave-one-out baseline), got {self.rollouts}")
         if self.minibatches > self.rollouts:
             raise ConfigError("algorithm.minibatches", f"must be <= algorithm.rollouts={self.rollouts}, "
                               f"got {self.minibatches}")
-        for field in ("rm_lr", "policy_lr", "critic_lr", "k0", "epochs", "clip"):
-            if not getattr(self, field) > 0:
-                raise ConfigError(f"algorithm.{field}", f"must be > 0, got {getattr(self, field)}")
-        for field in ("gamma", "gae_lambda"):
-            if not 0 <= getattr(self, field) <= 1:
-                raise ConfigError(f"algorithm.{field}", f"must be in [0, 1], got {getattr(self, field)}")
-        for field in ("lr_exponent", "rm_lr_exponent"):
-            if getattr(self, field) < 0:
-                raise ConfigError(f"algorithm.{field}", f"must be >= 0, got {getattr(self, field)}")
+        require(self, "algorithm", ("rm_lr", "policy_lr", "critic_lr", "k0", "epochs", "clip"),
+                lambda v: v > 0, "must be > 0")
+        require(self, "algorithm", ("gamma", "gae_lambda"),
+                lambda v: 0 <= v <= 1, "must be in [0, 1]")
+        require(self, "algorithm", ("lr_exponent", "rm_lr_exponent"),
+                lambda v: v >= 0, "must be >= 0")
         if not 0 < self.pair_fraction < 1:
             raise ConfigError("algorithm.pair_fraction", f"must be in (0, 1), got {self.pair_fraction}")
         if self.mode == "offline" and not self.reward_oracle:  # the reward model's minibatches come from a dataset

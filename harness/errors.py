@@ -7,3 +7,13 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+def require(config, where: str, fields: tuple[str, ...], ok, rule: str) -> None:
+    """Raise ConfigError naming `<where>.<field>` for the first of `fields` whose value fails
+    ok(value); `rule` says what is allowed. Example:
+    require(cfg, "algorithm", ("lr",), lambda v: v > 0, "must be > 0")."""
+    for field in fields:
+        value = getattr(config, field)
+        if not ok(value):
+            raise ConfigError(f"{where}.{field}", f"{rule}, got {value}")
