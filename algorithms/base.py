@@ -22,6 +22,8 @@ class Algorithm:
     Config: ClassVar[type]
 
     def __init__(self, cfg: Any, model_cfg: Any, problem: TabularProblem):
+        if hasattr(cfg, "check"):  # range checks also when built directly, not through the CLI
+            cfg.check()
         self.cfg, self.model_cfg, self.problem = cfg, model_cfg, problem
 
     def init(self, seeds: list[int]) -> Any:

@@ -95,7 +95,6 @@ class Bilevel(Algorithm):
 
     def __init__(self, cfg, model_cfg, problem):
         super().__init__(cfg, model_cfg, problem)
-        cfg.check()
         self.reward = RewardModel(problem, model_cfg.reward)
         self.policy = PolicyModel(problem, model_cfg.policy)
         self.ref = problem.ref_log_probs()

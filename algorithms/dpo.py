@@ -98,7 +98,6 @@ class DPO(Algorithm):
 
     def __init__(self, cfg, model_cfg, problem):
         super().__init__(cfg, model_cfg, problem)
-        cfg.check()
         self.policy = PolicyModel(problem, model_cfg.policy)
         self.ref = problem.ref_log_probs()
         self.beta = float(problem.beta if cfg.beta is None else cfg.beta)

@@ -100,7 +100,6 @@ class PPORLHF(Algorithm):
 
     def __init__(self, cfg, model_cfg, problem):
         super().__init__(cfg, model_cfg, problem)
-        cfg.check()
         self.reward = RewardModel(problem, model_cfg.reward)
         self.policy = PolicyModel(problem, model_cfg.policy)
         pol = model_cfg.policy

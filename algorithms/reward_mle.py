@@ -46,7 +46,6 @@ class RewardMLE(Algorithm):
 
     def __init__(self, cfg, model_cfg, problem):
         super().__init__(cfg, model_cfg, problem)
-        cfg.check()
         self.model = RewardModel(problem, NetConfig(kind="linear"))
         mu, lam_max = _fisher_spectrum(problem)
         self.c = cfg.lr_scale / mu
