@@ -83,12 +83,10 @@ def preference_prob(problem: TabularProblem, true_returns_diff: torch.Tensor) ->
 
 def _true_pair_probs(problem: TabularProblem) -> torch.Tensor:
     """Oracle P(y = 1) for every enumerated pair: (G, m, m), computed once per problem."""
-    cached = getattr(problem, "_pair_probs", None)
-    if cached is None:
+    if "pair_probs" not in problem.derived:
         true = trajectory_returns(problem, problem.true_step_tables())[0]  # (G, m)
-        cached = preference_prob(problem, true[:, :, None] - true[:, None, :])
-        problem._pair_probs = cached
-    return cached
+        problem.derived["pair_probs"] = preference_prob(problem, true[:, :, None] - true[:, None, :])
+    return problem.derived["pair_probs"]
 
 
 def upper_loss(problem: TabularProblem, rewards: Tables, logps: Tables, chunk: int = 4_000_000) -> torch.Tensor:

@@ -144,7 +144,6 @@ class PsiReference:
         return psi(self.problem, rewards, lam, tol=METRIC_TOL) - self.min_psi(lam)
 
 
-_REFERENCES: dict[int, tuple[TabularProblem, PsiReference]] = {}
 LAM_GRID_PER_DECADE = 10  # psi_gap is evaluated at lam rounded down to this log grid (docs/bilevel.md)
 
 
@@ -161,8 +160,7 @@ def psi_gap(problem: TabularProblem, rewards: Tables, lam: float | None) -> torc
     batch = rewards[0].shape[0]
     if lam is None or not math.isfinite(lam) or lam <= 0:
         return torch.full((batch,), math.nan, dtype=rewards[0].dtype)
-    entry = _REFERENCES.get(id(problem))
-    if entry is None or entry[0] is not problem:
-        entry = _REFERENCES[id(problem)] = (problem, PsiReference(problem))
+    if "psi_reference" not in problem.derived:  # min psi_lam per lam, solved once per problem
+        problem.derived["psi_reference"] = PsiReference(problem)
     with torch.enable_grad():
-        return entry[1].gap([r.detach() for r in rewards], grid_lambda(lam)).detach()
+        return problem.derived["psi_reference"].gap([r.detach() for r in rewards], grid_lambda(lam)).detach()

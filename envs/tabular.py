@@ -58,6 +58,8 @@ class TabularProblem:
     label_noise: float = 0.0
     max_pairs: int = 1_000_000
     _table: TrajectoryTable | None = field(default=None, repr=False)
+    # exact quantities derived once per problem (oracle pair probabilities, min psi_lam references)
+    derived: dict = field(default_factory=dict, repr=False)
 
     @property
     def horizon(self) -> int:
