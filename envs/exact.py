@@ -89,26 +89,42 @@ def _true_pair_probs(problem: TabularProblem) -> torch.Tensor:
     return problem.derived["pair_probs"]
 
 
-def upper_loss(problem: TabularProblem, rewards: Tables, logps: Tables, chunk: int = 4_000_000) -> torch.Tensor:
+PAIR_CHUNK = 4_000_000  # largest pair table (seeds x pairs) built at once
+
+
+def seed_chunks(problem: TabularProblem, batch: int, chunk: int = PAIR_CHUNK) -> list[slice]:
+    """Slices of the seed axis whose pair tables have at most `chunk` elements (at least one seed)."""
+    per_seed = max(1, chunk // _true_pair_probs(problem).numel())
+    return [slice(lo, lo + per_seed) for lo in range(0, batch, per_seed)]
+
+
+def pair_losses(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
+    """BCE(p*, sigmoid(R_nu(tau) - R_nu(tau'))) for every enumerated pair: (B, G, m, m).
+    Depends on nu only, so an inner solve over theta computes it once."""
+    ret = trajectory_returns(problem, rewards)
+    return bradley_terry_nll(ret[..., :, None] - ret[..., None, :], _true_pair_probs(problem))
+
+
+def expected_pair_loss(problem: TabularProblem, losses: torch.Tensor, logps: Tables) -> torch.Tensor:
+    """f = E_g E_{tau, tau' ~ pi(.|g)} losses[tau, tau']: a quadratic form in the trajectory
+    probabilities. (B,)"""
+    prob = trajectory_probs(problem, logps)
+    prob = prob.expand(losses.shape[0], *prob.shape[1:])
+    return torch.einsum("bgi,bgj,bgij->bg", prob, prob, losses) @ problem.init_prob
+
+
+def upper_loss(problem: TabularProblem, rewards: Tables, logps: Tables, chunk: int = PAIR_CHUNK) -> torch.Tensor:
     """f(nu, theta) = E_g E_{tau, tau' ~ pi(.|g)} BCE(p*, sigmoid(R_nu(tau) - R_nu(tau'))).
 
     BCE(p, sigmoid(d)) = softplus(d) - p d. Exact by enumerating pairs; seeds are processed
     in chunks so that no intermediate exceeds `chunk` elements. Returns (B,).
     """
-    p_star = _true_pair_probs(problem)
-    ret = trajectory_returns(problem, rewards)
-    prob = trajectory_probs(problem, logps)
-    B = max(ret.shape[0], prob.shape[0])
-    ret, prob = ret.expand(B, *ret.shape[1:]), prob.expand(B, *prob.shape[1:])
-    per_seed = max(1, chunk // p_star.numel())
-    out = []
-    for lo in range(0, B, per_seed):
-        r, q = ret[lo:lo + per_seed], prob[lo:lo + per_seed]
-        diff = r[..., :, None] - r[..., None, :]
-        bce = bradley_terry_nll(diff, p_star)
-        per_group = torch.einsum("bgi,bgj,bgij->bg", q, q, bce)
-        out.append(per_group @ problem.init_prob)
-    return torch.cat(out)
+    B = max(rewards[0].shape[0], logps[0].shape[0])
+    rewards = [r.expand(B, *r.shape[1:]) for r in rewards]
+    logps = [lp.expand(B, *lp.shape[1:]) for lp in logps]
+    return torch.cat([expected_pair_loss(problem, pair_losses(problem, [r[part] for r in rewards]),
+                                         [lp[part] for lp in logps])
+                      for part in seed_chunks(problem, B, chunk)])
 
 
 def bilevel_objective(problem: TabularProblem, rewards: Tables) -> torch.Tensor:

@@ -11,8 +11,12 @@ from ratebench.grid import log_point
 
 
 class Evaluator:
-    def __init__(self, problem, f_star: float, algorithm):
+    def __init__(self, problem, f_star: float, algorithm, f_argmin: torch.Tensor | None = None):
+        """f_argmin: F-hat*'s minimising unit rewards, if known: psi_gap's reference search
+        starts there instead of searching for it again."""
         self.problem, self.f_star, self.algorithm = problem, f_star, algorithm
+        if f_argmin is not None:
+            problem.derived.setdefault("psi_reference", penalty.PsiReference(problem, f_argmin))
         self.true_rewards = problem.true_step_tables()
         self.j_star = float(exact.optimal_value(problem, self.true_rewards)[0])
 

@@ -151,11 +151,11 @@ class _Job:
     def __init__(self, cfg, v, resolved, run_hash, out_dir, experiment):
         self.v, self.resolved, self.run_hash, self.out_dir, self.experiment = v, resolved, run_hash, out_dir, experiment
         problem = envs.make(v.env)
-        self.fstar, _ = f_star(problem, plain(v.env), cfg.cache_dir)
+        self.fstar, f_argmin = f_star(problem, plain(v.env), cfg.cache_dir)
         self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
         self.counters = Counters()
         self.sampler = CountingSampler(problem, v.seeds, self.counters)
-        self.evaluator = Evaluator(problem, self.fstar, self.algo)
+        self.evaluator = Evaluator(problem, self.fstar, self.algo, f_argmin)
         self.state = self.algo.init(v.seeds)
         self.seeds = torch.tensor(v.seeds)  # (B,)
         self.alive = torch.ones(len(v.seeds), dtype=torch.bool)  # (B,)

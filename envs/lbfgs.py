@@ -1,0 +1,121 @@
+"""Row-wise L-BFGS: minimise B independent smooth objectives at once, each with its own memory
+and its own step length.
+
+The exact penalty quantities (envs/penalty.py) solve one small inner problem per seed. Summing
+the seeds into one objective for torch.optim.LBFGS couples them through a single line search
+and a single curvature memory, so every seed pays for the worst-conditioned one. Here row b
+of x sees only row b of the gradient, its own (s, y) pairs and its own Armijo backtracking;
+the rows share only the batched objective call. A row that reaches the gradient tolerance is
+frozen, so a row's iterates do not depend on which other rows share the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+ARMIJO = 1e-4  # sufficient-decrease constant c1
+CURVATURE_COS = 1e-10  # a pair (s, y) is kept only if s.y > CURVATURE_COS |s| |y| (positive curvature)
+ROUNDING = 1e-13  # relative slack on f in the decrease test: near the minimum f changes below rounding
+
+
+@dataclass
+class RowResult:
+    x: torch.Tensor  # (B, n) minimisers
+    value: torch.Tensor  # (B,) objective at x
+    grad_norm: torch.Tensor  # (B,) sup-norm of the gradient at x
+    iterations: int  # iterations until the last row stopped
+    evaluations: int  # batched objective calls
+
+
+def _value_and_grad(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        value = objective(x)
+        (grad,) = torch.autograd.grad(value.sum(), x)  # rows independent: d(sum)/dx_b = d f_b / dx_b
+    return value.detach(), grad.detach()
+
+
+def _direction(grad, s_hist, y_hist, rho, gamma, newest_first, diag) -> torch.Tensor:
+    """-H grad by the two-loop recursion, per row. Unused or rejected slots have rho = 0 and
+    s = y = 0, which makes them no-ops, so rows with different memory lengths share the loops."""
+    q = grad.clone()
+    alphas = []
+    for i in newest_first:
+        a = rho[:, i] * (s_hist[:, i] * q).sum(-1)
+        q -= a[:, None] * y_hist[:, i]
+        alphas.append(a)
+    r = gamma[:, None] * diag * q
+    for i, a in zip(reversed(newest_first), reversed(alphas)):
+        b = rho[:, i] * (y_hist[:, i] * r).sum(-1)
+        r += (a - b)[:, None] * s_hist[:, i]
+    return -r
+
+
+def minimise_rows(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, tol: float,
+                  max_iter: int = 1000, history: int = 10, max_backtracks: int = 50,
+                  preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  first_step: float = 1.0) -> RowResult:
+    """Minimise objective(x)[b] over x[b] for every row b of x0 (B, n). `objective` maps (B, n)
+    to (B,) and row b of its output may depend only on row b of its input. Stops a row when its
+    gradient sup-norm is <= tol (or when no step along its direction decreases f any more).
+
+    preconditioner(x) -> (B, n) positive diagonal: the shape of the initial inverse Hessian
+    (scaled by the usual s.y / y.D.y after each accepted step). first_step: sup-norm of the
+    first move, before any curvature is known; small keeps a nonconvex row in its start's basin."""
+    x = x0.detach().clone()
+    B, n = x.shape
+    f, g = _value_and_grad(objective, x)
+    evaluations = 1
+    s_hist = x.new_zeros(B, history, n)
+    y_hist = x.new_zeros(B, history, n)
+    rho = x.new_zeros(B, history)
+    diag = preconditioner(x) if preconditioner is not None else torch.ones_like(x)
+    # first step: preconditioned steepest descent of sup-norm at most first_step (scale unknown yet)
+    gamma = first_step / (diag * g).abs().amax(-1).clamp_min(1.0)
+    active = g.abs().amax(-1) > tol
+    iteration = 0
+    while bool(active.any()) and iteration < max_iter:
+        slot = iteration % history
+        newest_first = [(slot - 1 - i) % history for i in range(min(iteration, history))]
+        d = _direction(g, s_hist, y_hist, rho, gamma, newest_first, diag)
+        slope = (g * d).sum(-1)
+        uphill = active & (slope >= 0)  # lost positive definiteness numerically: restart that row's memory
+        if bool(uphill.any()):
+            rho[uphill] = 0.0
+            s_hist[uphill] = 0.0
+            y_hist[uphill] = 0.0
+            d = torch.where(uphill[:, None], -gamma[:, None] * diag * g, d)
+            slope = (g * d).sum(-1)
+        d = torch.where(active[:, None], d, 0.0)
+        step = torch.ones(B, dtype=x.dtype)
+        searching = active.clone()
+        x_new, f_new, g_new = x, f, g
+        for _ in range(max_backtracks):
+            trial = x + step[:, None] * d
+            f_trial, g_trial = _value_and_grad(objective, trial)
+            evaluations += 1
+            slack = ROUNDING * (1.0 + f.abs())
+            ok = searching & (f_trial <= f + ARMIJO * step * slope + slack) & torch.isfinite(f_trial)
+            x_new = torch.where(ok[:, None], trial, x_new)
+            g_new = torch.where(ok[:, None], g_trial, g_new)
+            f_new = torch.where(ok, f_trial, f_new)
+            searching = searching & ~ok
+            if not bool(searching.any()):
+                break
+            step = torch.where(searching, 0.5 * step, step)
+        stalled = searching  # no decrease found: the row is at the precision floor of f
+        s, y = x_new - x, g_new - g
+        sy = (s * y).sum(-1)
+        keep = active & ~stalled & (sy > CURVATURE_COS * s.norm(dim=-1) * y.norm(dim=-1))
+        s_hist[:, slot] = torch.where(keep[:, None], s, 0.0)
+        y_hist[:, slot] = torch.where(keep[:, None], y, 0.0)
+        rho[:, slot] = torch.where(keep, 1.0 / torch.where(keep, sy, 1.0), 0.0)
+        if preconditioner is not None:
+            diag = preconditioner(x_new)
+        gamma = torch.where(keep, sy / (y * diag * y).sum(-1).clamp_min(1e-300), gamma)
+        x, f, g = x_new, f_new, g_new
+        active = active & ~stalled & (g.abs().amax(-1) > tol)
+        iteration += 1
+    return RowResult(x, f, g.abs().amax(-1), iteration, evaluations)
