@@ -123,8 +123,9 @@ def minimise_psi(problem: TabularProblem, lam: float, starts: list[torch.Tensor]
     return float(solved.value[best]), solved.x[best, :n_units].clone()
 
 
-METRIC_TOL = 1e-6  # inner gradient sup-norm tolerance of psi_gap; measured on the 928 (seed, evaluation) rows
-#                    of a 32-seed default-bandit run at 1e5 samples: within 1.6e-7 of a 1e-9 solve
+METRIC_TOL = 5e-6  # inner gradient sup-norm tolerance of psi_gap; measured on the 928 (seed, evaluation) rows
+#                    of a 32-seed default-bandit run at 1e5 samples: within 9.5e-7 of a 1e-9 solve (1e-6: 1.6e-7
+#                    at 1.4x the time), against psi_gap values >= 6e-3 there
 
 
 class PsiReference:

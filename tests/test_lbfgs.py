@@ -7,7 +7,7 @@ import torch
 
 from ratebench import envs
 from ratebench.envs import bandit, exact, mdp, penalty, token
-from ratebench.envs.lbfgs import minimise_rows
+from ratebench.envs.lbfgs import inverse_hessian_times, minimise_rows
 
 
 def random_quadratics(batch: int, n: int, seed: int):
@@ -19,6 +19,32 @@ def random_quadratics(batch: int, n: int, seed: int):
     a = q @ torch.diag_embed(spectrum) @ q.transpose(1, 2)
     b = torch.randn(batch, n, generator=gen, dtype=torch.float64)
     return a, b
+
+
+def test_compact_inverse_hessian_equals_the_bfgs_recursion():
+    """H g from the compact form equals the dense BFGS inverse update applied pair by pair,
+    H <- (I - rho s y')H(I - rho y s') + rho s s', from H0 = diag(h0); a rejected (zero) slot
+    between the pairs changes nothing; and the ring-buffer order is honoured."""
+    gen = torch.Generator().manual_seed(5)
+    B, n, history = 3, 5, 4
+    h0 = torch.rand(B, n, generator=gen, dtype=torch.float64) + 0.5
+    grad = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    s_hist = torch.zeros(B, history, n, dtype=torch.float64)
+    y_hist = torch.zeros(B, history, n, dtype=torch.float64)
+    chronological = [2, 3, 0, 1]  # oldest first, wrapped around the ring
+    dense = torch.diag_embed(h0)
+    eye = torch.eye(n, dtype=torch.float64)
+    for slot in chronological:
+        if slot == 0:
+            continue  # a rejected pair: the slot stays zero
+        s = torch.randn(B, n, generator=gen, dtype=torch.float64)
+        y = s + 0.3 * torch.randn(B, n, generator=gen, dtype=torch.float64)  # s.y > 0
+        s_hist[:, slot], y_hist[:, slot] = s, y
+        rho = 1.0 / (s * y).sum(-1)
+        left = eye - rho[:, None, None] * s[:, :, None] * y[:, None, :]
+        dense = left @ dense @ left.transpose(1, 2) + rho[:, None, None] * s[:, :, None] * s[:, None, :]
+    expected = (dense @ grad[..., None])[..., 0]
+    assert torch.allclose(inverse_hessian_times(grad, s_hist, y_hist, h0, chronological), expected, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("with_preconditioner", [False, True])
