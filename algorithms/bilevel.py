@@ -13,7 +13,7 @@ import torch
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.estimators import (policy_gradient_surrogate, preference_loss,
                                              preference_score_surrogate, reward_return_surrogate)
-from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_
+from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step
 from ratebench.errors import ConfigError, require
 
 VARIANTS = ("single_loop", "double_loop")
@@ -51,12 +51,8 @@ class BilevelConfig:
     def check(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError("algorithm.variant", f"must be one of {list(VARIANTS)}, got {self.variant!r}")
-        if self.batch_traj < 2:
-            raise ConfigError("algorithm.batch_traj", f"must be >= 2 (leave-one-out baseline), got {self.batch_traj}")
-        if self.inner_steps < 1:
-            raise ConfigError("algorithm.inner_steps", f"must be >= 1, got {self.inner_steps}")
-        if self.batch_pairs < 2:
-            raise ConfigError("algorithm.batch_pairs", f"must be >= 2 (leave-one-out baseline), got {self.batch_pairs}")
+        require(self, "algorithm", ("batch_traj", "batch_pairs"), lambda v: v >= 2, "must be >= 2 (leave-one-out baseline)")
+        require(self, "algorithm", ("inner_steps",), lambda v: v >= 1, "must be >= 1")
         positive = ("c_alpha", "c_alpha_z", "c_xi", "lam0", "k0", "eps", "lam_scale", "inner_scale", "batch_scale",
                     "inner_step", "outer_step")
         require(self, "algorithm", positive, lambda v: v > 0, "must be > 0")
@@ -128,25 +124,24 @@ class Bilevel(Algorithm):
 
     def _z_step(self, state, sampler, rewards, n_traj):
         """z <- z + alpha_z g^_theta J(nu, z): REINFORCE ascent on the KL-regularised return."""
-        z = [p.requires_grad_(True) for p in state.z]
-        logp_z = self.policy.log_probs(z)
-        traj = sampler.trajectories(logp_z, n_traj)
-        ascent = policy_gradient_surrogate(traj, rewards, logp_z, self.ref, self.problem.beta).sum()
-        grads = torch.autograd.grad(ascent, z)
-        sgd_(z, grads, -state.alpha_z)
-        state.z = [p.detach() for p in z]
+        def ascent(z):
+            logp_z = self.policy.log_probs(z)
+            traj = sampler.trajectories(logp_z, n_traj)
+            return policy_gradient_surrogate(traj, rewards, logp_z, self.ref, self.problem.beta)
+
+        state.z = sgd_step(state.z, ascent, -state.alpha_z)
 
     def _y_step(self, state, sampler, rewards, n_traj, n_pairs):
         """y <- y - alpha [ g^_theta f(nu, y) / lam - g^_theta J(nu, y) ]: descent on (f + lam g)/lam."""
-        y = [p.requires_grad_(True) for p in state.y]
-        logp_y = self.policy.log_probs(y)
-        pairs = sampler.pairs(logp_y, n_pairs)
-        traj = sampler.trajectories(logp_y, n_traj)
-        score_f = preference_score_surrogate(pairs, rewards, logp_y)  # grad: g^_theta f (score function)
-        ascent_j = policy_gradient_surrogate(traj, rewards, logp_y, self.ref, self.problem.beta)
-        grads = torch.autograd.grad((score_f / state.lam - ascent_j).sum(), y)
-        sgd_(y, grads, state.alpha)
-        state.y = [p.detach() for p in y]
+        def descent(y):
+            logp_y = self.policy.log_probs(y)
+            pairs = sampler.pairs(logp_y, n_pairs)
+            traj = sampler.trajectories(logp_y, n_traj)
+            score_f = preference_score_surrogate(pairs, rewards, logp_y)  # grad: g^_theta f (score function)
+            ascent_j = policy_gradient_surrogate(traj, rewards, logp_y, self.ref, self.problem.beta)
+            return score_f / state.lam - ascent_j
+
+        state.y = sgd_step(state.y, descent, state.alpha)
 
     def _nu_step(self, state, sampler, n_traj, n_pairs):
         """nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ], fresh samples
@@ -156,13 +151,12 @@ class Bilevel(Algorithm):
         pairs = sampler.pairs(logp_y, n_pairs)
         traj_z = sampler.trajectories(logp_z, n_traj)
         traj_y = sampler.trajectories(logp_y, n_traj)
-        nu = [p.requires_grad_(True) for p in state.nu]
-        rewards = self.reward.step_tables(nu)
-        hyper = preference_loss(pairs, rewards) + state.lam * (
-            reward_return_surrogate(traj_z, rewards) - reward_return_surrogate(traj_y, rewards))
-        grads = torch.autograd.grad(hyper.sum(), nu)
-        sgd_(nu, grads, state.xi)
-        state.nu = [p.detach() for p in nu]
+        def hypergradient_surrogate(nu):
+            rewards = self.reward.step_tables(nu)
+            return preference_loss(pairs, rewards) + state.lam * (
+                reward_return_surrogate(traj_z, rewards) - reward_return_surrogate(traj_y, rewards))
+
+        state.nu = sgd_step(state.nu, hypergradient_surrogate, state.xi)
 
     # --- what the harness reads --------------------------------------------------------------
     def policy_log_probs(self, state):

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ratebench.algorithms.base import Algorithm
-from ratebench.algorithms.models import PolicyModel, sgd_
+from ratebench.algorithms.models import PolicyModel, sgd_step
 from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, fit_on_dataset, next_grid_point,
                                              offline_steps)
 from ratebench.envs.exact import bradley_terry_nll
@@ -123,11 +123,8 @@ class DPO(Algorithm):
         with torch.no_grad():
             logps = self.policy.log_probs(state.theta)
         pairs = sampler.pairs(logps, cfg.batch_pairs)
-        theta = [p.requires_grad_(True) for p in state.theta]
-        grads = torch.autograd.grad(self.pair_loss(theta, pairs).sum(), theta)
         state.lr = cfg.lr / (1 + state.k / cfg.k0) ** cfg.lr_exponent  # lr_k = lr / (1 + k/k0)^a
-        sgd_(theta, grads, state.lr)
-        state.theta = [p.detach() for p in theta]
+        state.theta = sgd_step(state.theta, lambda theta: self.pair_loss(theta, pairs), state.lr)
         state.k += 1
         return state
 

@@ -121,11 +121,14 @@ class RewardModel:
         return self.problem.step_tables_from_units(self.unit_rewards(params))
 
 
-def sgd_(params: Params, grads: Params, lr: float | torch.Tensor) -> None:
-    """Plain SGD in place (the analysed method): p <- p - lr * g."""
+def sgd_step(params: Params, loss_of, lr: float | torch.Tensor) -> Params:
+    """One plain SGD step (the analysed method): p <- p - lr * grad of loss_of(params).sum().
+    loss_of returns per-seed losses (B,); the seeds' parameters are disjoint, so the gradient of the
+    sum is each seed's own gradient. A negative lr ascends. Returns new, detached parameters."""
+    params = [p.detach().requires_grad_(True) for p in params]
+    grads = torch.autograd.grad(loss_of(params).sum(), params)
     with torch.no_grad():
-        for p, g in zip(params, grads):
-            p.sub_(lr * g)
+        return [p - lr * g for p, g in zip(params, grads)]
 
 
 def per_seed_sq_norm(tensors: Params) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ratebench.algorithms.models import Params, sgd_
+from ratebench.algorithms.models import Params, sgd_step
 from ratebench.errors import ConfigError
 from ratebench.grid import log_point
 from ratebench.rng import CounterRng
@@ -106,11 +106,8 @@ def fit_on_dataset(params: Params, loss_of_pairs, data: PairDataset, batch: int,
     params = [p.detach() for p in params]
     for i in range(steps):
         index = (rng.uniform(batch) * n).long().clamp_max(n - 1)  # (B, b)
-        params = [p.requires_grad_(True) for p in params]
-        loss = loss_of_pairs(params, data.minibatch(index)).sum()  # sum over seeds: per-seed gradients
-        grads = torch.autograd.grad(loss, params)
-        sgd_(params, grads, lr * (1 - i / steps))
-        params = [p.detach() for p in params]
+        batch_pairs = data.minibatch(index)
+        params = sgd_step(params, lambda p: loss_of_pairs(p, batch_pairs), lr * (1 - i / steps))
     return params
 
 

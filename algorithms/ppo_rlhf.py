@@ -14,7 +14,7 @@ import torch
 
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.estimators import leave_one_out_baseline, preference_loss
-from ratebench.algorithms.models import PolicyModel, RewardModel, StackedMLP, sgd_
+from ratebench.algorithms.models import PolicyModel, RewardModel, StackedMLP, sgd_step
 from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, clipped_surrogate, fit_on_dataset, gae,
                                              next_grid_point, normalise_per_seed, offline_steps)
 from ratebench.errors import ConfigError, require
@@ -140,11 +140,8 @@ class PPORLHF(Algorithm):
         with torch.no_grad():
             logps = self.policy.log_probs(state.theta)
         pairs = sampler.pairs(logps, cfg.batch_pairs)
-        nu = [p.requires_grad_(True) for p in state.nu]
-        grads = torch.autograd.grad(self.rm_loss(nu, pairs).sum(), nu)
         state.rm_lr = cfg.rm_lr / (1 + state.k / cfg.k0) ** cfg.rm_lr_exponent
-        sgd_(nu, grads, state.rm_lr)
-        state.nu = [p.detach() for p in nu]
+        state.nu = sgd_step(state.nu, lambda nu: self.rm_loss(nu, pairs), state.rm_lr)
 
     def _offline_step(self, state, sampler):
         """Grow the total samples to the next grid point T: the labelled pi_ref prefix to pair_fraction T / 2
@@ -197,17 +194,14 @@ class PPORLHF(Algorithm):
         for _ in range(cfg.ppo_epochs):
             for idx in parts:
                 mb = Trajectories(traj.states[:, idx], traj.actions[:, idx])
-                theta = [p.requires_grad_(True) for p in state.theta]
-                lp_new = mb.per_step(self.policy.log_probs(theta))
-                objective = clipped_surrogate(lp_new, lp_old[:, idx], advantage[:, idx], cfg.clip).sum()
-                sgd_(theta, torch.autograd.grad(objective, theta), -state.policy_lr)  # ascent
-                state.theta = [p.detach() for p in theta]
+                state.theta = sgd_step(  # ascent on the clipped surrogate: negative step
+                    state.theta, lambda theta: clipped_surrogate(mb.per_step(self.policy.log_probs(theta)),
+                                                                 lp_old[:, idx], advantage[:, idx], cfg.clip),
+                    -state.policy_lr)
                 if returns is not None:
-                    critic = [p.requires_grad_(True) for p in state.critic]
-                    v = _state_values(self.critic_tables(critic), mb)
-                    value_loss = (0.5 * (v - returns[:, idx]) ** 2).flatten(1).mean(1).sum()
-                    sgd_(critic, torch.autograd.grad(value_loss, critic), critic_lr)
-                    state.critic = [p.detach() for p in critic]
+                    state.critic = sgd_step(state.critic, lambda critic: (
+                        0.5 * (_state_values(self.critic_tables(critic), mb) - returns[:, idx]) ** 2).flatten(1).mean(1),
+                        critic_lr)
         state.ppo_iters += 1
 
     # --- what the harness reads ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.algorithms.base import Algorithm
-from ratebench.algorithms.models import NetConfig, RewardModel, sgd_
+from ratebench.algorithms.models import NetConfig, RewardModel, sgd_step
 from ratebench.envs.exact import bradley_terry_nll, soft_optimal, trajectory_returns, trajectory_probs
 from ratebench.errors import ConfigError
 
@@ -57,14 +57,13 @@ class RewardMLE(Algorithm):
     def step(self, state, sampler):
         ref = self.problem.ref_log_probs()
         pairs = sampler.pairs(ref, self.cfg.batch_pairs)
-        nu = [p.requires_grad_(True) for p in state.nu]
-        rewards = self.model.step_tables(nu)
-        margin = pairs.first.returns(rewards) - pairs.second.returns(rewards)
-        loss = bradley_terry_nll(margin, pairs.label).mean(1).sum()  # mean over pairs, sum over seeds
-        grads = torch.autograd.grad(loss, nu)
+        def bt_loss(nu):  # mean BT negative log-likelihood over the pairs, per seed
+            rewards = self.model.step_tables(nu)
+            margin = pairs.first.returns(rewards) - pairs.second.returns(rewards)
+            return bradley_terry_nll(margin, pairs.label).mean(1)
+
         state.lr = self.c / (state.t + self.t0)  # step c / (t + t0)
-        sgd_(nu, grads, state.lr)
-        state.nu = [p.detach() for p in nu]
+        state.nu = sgd_step(state.nu, bt_loss, state.lr)
         state.t += 1
         return state
 
