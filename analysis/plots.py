@@ -25,6 +25,26 @@ X_LABELS = {"samples": "samples drawn (trajectories / context-action draws)",
 STYLES = [("-", "o", "0.0"), ("--", "s", "0.35"), (":", "^", "0.55"), ("-.", "D", "0.2"),
           ((0, (5, 1, 1, 1)), "v", "0.45"), ((0, (1, 1)), "P", "0.65")]
 MAX_GROUPS = 6
+# Metrics whose n_hit(ε) has a rate meaning (they should fall to 0); kl_ref grows from 0 by design.
+RATE_METRICS = ("gap", "grad_sq", "policy_gap", "psi_gap", "reward_err")
+
+
+def _positive(y: np.ndarray) -> np.ndarray:
+    """y with non-positive and non-finite entries as NaN: what a log axis can show."""
+    y = np.asarray(y, dtype=np.float64)
+    return np.where(np.isfinite(y) & (y > 0), y, np.nan)
+
+
+def set_log_axes(ax, note_if_empty: str) -> None:
+    """Log-log axes when the axis holds positive data on both coordinates; otherwise a linear
+    y axis (symlog cannot show a curve that is all zero either) and a note saying why."""
+    ax.set_xscale("log")
+    ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+    if any((np.isfinite(y) & (y > 0)).any() for y in ys if y.size):
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, note_if_empty, transform=ax.transAxes, ha="center", va="center", fontsize=9,
+                color="0.3", wrap=True)
 
 
 def curve_bands(curves, n_boot: int = 500, seed: int = 0):
@@ -57,13 +77,15 @@ def draw_curves(ax, results, claims) -> None:
     for (key, fit, curves), (ls, mk, grey) in zip(results, STYLES):
         pos = curves.x > 0
         x = curves.x[pos]
-        iqm, median, band = (a[..., pos] for a in curve_bands(curves))
+        iqm, median, band = (_positive(a[..., pos]) for a in curve_bands(curves))
         label = label_of(key, many)
-        ax.fill_between(x, band[0], band[1], color=grey, alpha=0.18, linewidth=0)
+        ax.fill_between(x, band[0], band[1], where=np.isfinite(band[0]) & np.isfinite(band[1]), color=grey,
+                        alpha=0.18, linewidth=0)
         ax.plot(x, iqm, ls=ls, color=grey, marker=mk, markevery=max(len(x) // 8, 1), ms=4, lw=1.6,
                 label=f"{label}: IQM ± 95% band (n={curves.n_seeds}, diverged {fit.n_diverged})")
         ax.plot(x, median, ls=ls, color=grey, lw=0.8, alpha=0.8)
-        if np.isfinite(fit.b):
+        decays = fit.metric in RATE_METRICS and (fit.A > 0 or fit.c > 0)  # kl_ref grows; A = c = 0: no decay
+        if np.isfinite(fit.b) and decays:
             xs = x[fit.arrays["asym"][pos]] if "asym" in fit.arrays else x
             ax.plot(xs, fit.c + fit.A * xs ** -fit.b, color="0.0", ls=ls, lw=2.6, alpha=0.3,
                     label=f"{label}: fit {fit.c:.2g} + {fit.A:.2g}·n^-{fit.b:.3g}")
@@ -76,8 +98,7 @@ def draw_curves(ax, results, claims) -> None:
         x0, y0, x1 = anchor
         xs = np.array([x0, x1])
         ax.plot(xs, y0 * (xs / x0) ** claim.curve_slope, color="0.0", ls=ls, lw=1.2, label=slope_text(claim))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    set_log_axes(ax, "no positive values to show on a log axis\n(linear axis)")
 
 
 def draw_nhit(ax, results, claims) -> None:
@@ -95,7 +116,7 @@ def draw_nhit(ax, results, claims) -> None:
         ax.plot(inv[ok & ~win], n[ok & ~win], ls="none", marker=mk, mfc="white", mec=grey, ms=4)
         ax.plot(inv[ok & win], n[ok & win], ls="none", marker=mk, color=grey, ms=5,
                 label=f"{label}: IQM n_hit (filled = fitting window, hollow = outside)")
-        if np.isfinite(fit.p):
+        if np.isfinite(fit.p) and win.any():  # a finite p̂ with a non-ok status has no window to draw on
             xs = inv[win]
             ax.plot(xs, 10 ** fit.log10_C * xs ** fit.p, color=grey, ls=ls, lw=1.6,
                     label=f"{label}: p̂ = {fit.p:.3g} [{fit.p_low:.3g}, {fit.p_high:.3g}]")
@@ -108,8 +129,7 @@ def draw_nhit(ax, results, claims) -> None:
         xs = np.array([x0, x1])
         ax.plot(xs, y0 * (xs / x0) ** claim.metric_exponent, color="0.0", ls=ls, lw=1.2,
                 label=f"claim {claim.id}: slope {claim.metric_exponent:g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    set_log_axes(ax, "no ε level reached by the seeds:\nno n_hit(ε) to show")
 
 
 def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> list[Path]:
@@ -119,19 +139,23 @@ def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> li
         return []
     results = results[:MAX_GROUPS]
     metric, x_name = results[0][1].metric, results[0][1].x_name
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    rate_panel = metric in RATE_METRICS
+    fig, axes = plt.subplots(1, 2 if rate_panel else 1, figsize=(12 if rate_panel else 6.5, 4.8), squeeze=False)
+    left = axes[0, 0]
     draw_curves(left, results, claims)
     left.set_xlabel(X_LABELS.get(x_name, x_name))
     left.set_ylabel(METRIC_LABELS.get(metric, metric))
-    left.set_title(f"{metric} vs {x_name} (log-log)")
-    draw_nhit(right, results, claims)
-    right.set_xlabel(f"1/ε  (ε in {metric} units)")
-    right.set_ylabel(f"n_hit(ε): {x_name} until {metric} stays ≤ ε")
-    right.set_title("sample complexity n_hit(ε) vs 1/ε")
-    for ax in (left, right):
+    left.set_title(f"{metric} vs {x_name}")
+    if rate_panel:
+        right = axes[0, 1]
+        draw_nhit(right, results, claims)
+        right.set_xlabel(f"1/ε  (ε in {metric} units)")
+        right.set_ylabel(f"n_hit(ε): {x_name} until {metric} stays ≤ ε")
+        right.set_title("sample complexity n_hit(ε) vs 1/ε")
+    for ax in axes[0]:
         ax.grid(True, which="major", color="0.85", lw=0.6)
     handles, labels = [], []
-    for ax in (left, right):
+    for ax in axes[0]:
         h, l_ = ax.get_legend_handles_labels()
         handles += h
         labels += l_
