@@ -39,6 +39,9 @@ class Claim:
     eps_max: float
     env: str | None = None
     min_seeds: int = 4
+    # held-out environment instances the evidence must cover: a count (at least this many distinct
+    # env.instance_seed values outside the experiment's tuning instances) or an explicit tuple
+    instances: int | tuple[int, ...] = 1
     path: str = ""
     note: str = ""
 
@@ -113,13 +116,20 @@ def parse_claim(data: dict, where: str = "claim") -> Claim:
     min_seeds = data.get("min_seeds", 4)
     if not isinstance(min_seeds, int) or min_seeds < 2:
         raise ConfigError(field("min_seeds"), f"must be an integer >= 2, got {min_seeds!r}")
+    instances = data.get("instances", 1)
+    if isinstance(instances, list) and instances and all(isinstance(i, int) and not isinstance(i, bool) for i in instances):
+        if len(set(instances)) != len(instances):
+            raise ConfigError(field("instances"), f"must not repeat an instance, got {instances}")
+        instances = tuple(instances)
+    elif not (isinstance(instances, int) and not isinstance(instances, bool) and instances >= 1):
+        raise ConfigError(field("instances"), f"must be a count >= 1 or a list of env.instance_seed values, got {instances!r}")
     env = data.get("env")
     if env is not None and not isinstance(env, str):
         raise ConfigError(field("env"), f"must be an environment name, got {env!r}")
     return Claim(id=data["id"], source=data["source"], algorithm=data["algorithm"], experiment=data["experiment"],
                  metric=data["metric"], x=data["x"], exponent=exponent, relation=data["relation"],
                  tolerance=tolerance, eps_unit=eps["unit"], eps_min=eps_min, eps_max=eps_max, env=env,
-                 min_seeds=min_seeds, path=where, note=str(data.get("note", "")))
+                 min_seeds=min_seeds, instances=instances, path=where, note=str(data.get("note", "")))
 
 
 def _positive(value, where: str) -> float:

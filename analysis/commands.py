@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ratebench.analysis.claims import PASS, VIOLATED, Claim, Verdict, load_claim, verdict
+from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, load_claim, verdict
 from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
 from ratebench.analysis.load import Loaded, RunRecordError, load
 from ratebench.errors import ConfigError
+from ratebench.records import code_fingerprint
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -179,6 +181,8 @@ def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: Fi
         runs = set(seed_rows["run_dir"])
         rows = metrics[metrics["run_dir"].isin(runs)]
         curves = build_curves(rows, seed_rows, metric, x_name)
+        if len(runs) > 1:
+            warn_identical_curves(curves, f"group {key}")
         fit = fit_rate(curves, opts)
         if sensitivity and fit.status != "no_data":
             fit.arrays["sensitivity"] = window_sensitivity(curves, opts)
@@ -257,64 +261,132 @@ def default_claims() -> list[Path]:
     return sorted((CONF_DIR / "claims").glob("*.yaml"))
 
 
-def claim_evidence(loaded: Loaded, claim: Claim) -> tuple[Loaded, str]:
-    """The runs of the claim's algorithm (and env); of the claim's experiment when any run records it."""
-    seeds = loaded.seeds[loaded.seeds["algorithm"] == claim.algorithm]
+INSTANCE_COL, TUNING_COL = "cfg.env.instance_seed", "cfg.tuning_instances"
+
+
+def claim_evidence(loaded: Loaded, claim: Claim, where: str = "the runs") -> tuple[Loaded, str, str | None]:
+    """(evidence, note, missing). The evidence is the runs of the claim's own experiment (and
+    algorithm, env) on held-out instances. No fallback to other runs of the algorithm: evidence
+    produced for another purpose (another sweep, a tuning screen) is not the claim's evidence.
+    Runs on an instance their config names in `tuning_instances` are dropped (the note says so).
+    `missing` is the reason the claim cannot be judged (no runs, too few or the wrong instances)."""
+    seeds = loaded.seeds[(loaded.seeds["experiment"] == claim.experiment) & (loaded.seeds["algorithm"] == claim.algorithm)]
     if claim.env:
         seeds = seeds[seeds["env"] == claim.env]
-    note = ""
-    if (seeds["experiment"] == claim.experiment).any():
-        seeds = seeds[seeds["experiment"] == claim.experiment]
-    elif len(seeds):
-        note = f"no run records experiment {claim.experiment!r}; using every {claim.algorithm} run"
+    notes = []
+    if seeds.empty:
+        found = sorted({str(e) for e in loaded.seeds["experiment"].dropna()}) if len(loaded.seeds) else []
+        missing = (f"no runs of experiment {claim.experiment!r} ({claim.algorithm}" + (f" on {claim.env}" if claim.env else "")
+                   + f") under {where}" + (f"; experiments found: {', '.join(found)}" if found else ""))
+        return Loaded(loaded.metrics.iloc[:0], seeds, loaded.skipped), "", missing
+    instance = seeds[INSTANCE_COL] if INSTANCE_COL in seeds.columns else pd.Series(0, index=seeds.index)
+    tuned = pd.Series(False, index=seeds.index)
+    if TUNING_COL in seeds.columns:
+        tuned = pd.Series([int(i) in set(json.loads(t) if isinstance(t, str) else (t or []))
+                           for i, t in zip(instance, seeds[TUNING_COL])], index=seeds.index)
+    if tuned.any():
+        notes.append(f"runs on tuning instance(s) {sorted(set(map(int, instance[tuned])))} are not evidence")
+        seeds, instance = seeds[~tuned], instance[~tuned]
+    held_out = sorted(set(map(int, instance)))
+    missing = None
+    if isinstance(claim.instances, tuple):
+        absent = sorted(set(claim.instances) - set(held_out))
+        if absent:
+            missing = f"the claim names instances {list(claim.instances)}; no held-out runs of {absent} under {where}"
+        seeds = seeds[instance.isin(claim.instances)]
+    elif len(held_out) < claim.instances:
+        missing = (f"{len(held_out)} held-out instance(s) {held_out} under {where}; the claim needs ≥ {claim.instances}"
+                   + (" (" + notes[0] + ")" if notes else ""))
     runs = set(seeds["run_dir"])
-    return Loaded(loaded.metrics[loaded.metrics["run_dir"].isin(runs)], seeds, loaded.skipped), note
+    return (Loaded(loaded.metrics[loaded.metrics["run_dir"].isin(runs)], seeds, loaded.skipped), "; ".join(notes),
+            missing)
 
 
-def evaluate_claim(loaded: Loaded, claim: Claim, opts: FitOptions) -> tuple[Verdict, object, str]:
+def evaluate_claim(loaded: Loaded, claim: Claim, opts: FitOptions, where: str = "the runs") -> tuple[Verdict, object, str]:
     """Pool all configurations of the evidence (bootstrap stratified by config hash) and judge."""
-    evidence, note = claim_evidence(loaded, claim)
-    if evidence.seeds.empty:
-        return verdict(claim, None), None, note
+    evidence, note, missing = claim_evidence(loaded, claim, where)
+    if missing or evidence.seeds.empty:
+        return Verdict(claim, INCONCLUSIVE, missing or "no evidence", None), None, note
     if claim.metric not in evidence.metrics.columns:
         raise BadInput(f"{claim.path}: metric {claim.metric!r} is not in the run records")
     lo, hi = claim.metric_eps_range
     opts = replace(opts, eps_min=lo, eps_max=hi, min_seeds=claim.min_seeds)
     curves = build_curves(evidence.metrics, evidence.seeds, claim.metric, claim.x)
+    warn_identical_curves(curves, f"claim {claim.id}")
     fit = fit_rate(curves, opts)
     return verdict(claim, fit), curves, note
 
 
-def experiment_dir(workdir: Path, claim: Claim) -> Path:
-    return Path(workdir) / claim.id
+def identical_curves(curves) -> list[tuple[int, str, str]]:
+    """(seed, run_dir, run_dir) for every pair of fitted rows from different runs that share a seed
+    and have the same curve to the last bit: pooled configurations whose knob did not change the
+    result (or a copy with another run_hash). Pooling them counts one seed's evidence twice."""
+    fitted = curves.seeds[curves.used].reset_index(drop=True)
+    first: dict[tuple, str] = {}
+    pairs = []
+    for i, (seed, run_dir) in enumerate(zip(fitted["seed"], fitted["run_dir"])):
+        if not np.isfinite(curves.values[i]).any():  # no data (e.g. grad_sq of DPO): nothing is duplicated
+            continue
+        key = (int(seed), np.nan_to_num(curves.values[i], nan=-1.0, posinf=-2.0).tobytes())
+        if key in first and first[key] != run_dir:
+            pairs.append((int(seed), first[key], str(run_dir)))
+        first.setdefault(key, str(run_dir))
+    return pairs
+
+
+def warn_identical_curves(curves, what: str) -> None:
+    pairs = identical_curves(curves)
+    if pairs:
+        shown = "; ".join(f"seed {s}: {a} = {b}" for s, a, b in pairs[:3]) + (" ..." if len(pairs) > 3 else "")
+        warnings.warn(f"{what}: {len(pairs)} seed curves are identical across pooled runs (the same seed gave the "
+                      f"same result in different configurations, so the pooled CI counts it more than once): {shown}",
+                      stacklevel=2)
+
+
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def experiment_dir(workdir: Path, experiment: str) -> Path:
+    """One folder per experiment: claims that share an experiment share its runs."""
+    return Path(workdir) / experiment
 
 
 def experiment_file(name: str) -> Path:
     return CONF_DIR / "experiment" / f"{name}.yaml"
 
 
-def ensure_experiment(claim: Claim, workdir: Path) -> Path:
-    """Run `ratebench run -m experiment=<name>` into workdir/<claim id> unless a finished sweep
-    of the same experiment file is there (marker .complete holds the file's hash)."""
+def check_experiment_name(claim: Claim) -> None:
+    """The experiment must be a shipped preset named without path parts (it names a folder)."""
     source = experiment_file(claim.experiment)
-    if not source.exists():
-        known = sorted(p.stem for p in source.parent.glob("*.yaml"))
-        raise BadInput(f"{claim.path}: experiment: no experiment {claim.experiment!r} in {source.parent}; "
+    known = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    if not EXPERIMENT_NAME.fullmatch(claim.experiment) or claim.experiment.startswith(".") or not source.exists():
+        raise BadInput(f"{claim.path}: experiment: no experiment {claim.experiment!r} in conf/experiment; "
                        f"allowed: {', '.join(known)}")
-    out = experiment_dir(workdir, claim)
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+
+
+def experiment_digest(name: str) -> str:
+    """What a finished sweep's marker records: the experiment file and the result-producing code.
+    Either changing means the runs must be re-made (the sweep itself skips jobs that are still valid)."""
+    return hashlib.sha256(experiment_file(name).read_bytes() + code_fingerprint().encode()).hexdigest()[:16]
+
+
+def ensure_experiment(experiment: str, workdir: Path, claim_ids: list[str]) -> Path:
+    """Run `ratebench run -m experiment=<name>` into workdir/<name> unless a finished sweep of the
+    same experiment file and code is there (marker .complete holds their hash)."""
+    out = experiment_dir(workdir, experiment)
+    digest = experiment_digest(experiment)
     marker = out / ".complete"
+    label = ",".join(claim_ids)
     if marker.exists() and marker.read_text().strip() == digest:
-        print(f"[{claim.id}] reusing finished runs in {out}", file=sys.stderr)
+        print(f"[{label}] reusing finished runs of experiment {experiment} in {out}", file=sys.stderr)
         return out
     cmd = [sys.executable, "-c", "import sys; from ratebench.cli import main; sys.exit(main())",
-           "run", "-m", f"experiment={claim.experiment}", f"hydra.sweep.dir={out}"]
-    print(f"[{claim.id}] running: ratebench run -m experiment={claim.experiment} hydra.sweep.dir={out}",
-          file=sys.stderr)
+           "run", "-m", f"experiment={experiment}", f"hydra.sweep.dir={out}"]
+    print(f"[{label}] running: ratebench run -m experiment={experiment} hydra.sweep.dir={out}", file=sys.stderr)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     result = subprocess.run(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr, check=False)
     if result.returncode != 0:
-        raise BadInput(f"[{claim.id}] `ratebench run -m experiment={claim.experiment}` exited {result.returncode}")
+        raise BadInput(f"[{label}] `ratebench run -m experiment={experiment}` exited {result.returncode}")
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(digest + "\n")
     return out
@@ -328,16 +400,18 @@ def check_command(ns) -> int:
     opts = fit_options(ns)
     if ns.runs:
         loaded = load_dir(ns.runs, ns.strict)
-        verdicts = [evaluate_claim(loaded, c, opts) for c in claims]
+        verdicts = [evaluate_claim(loaded, c, opts, where=ns.runs) for c in claims]
     else:
         for c in claims:  # every experiment must exist before any of them runs
-            if not experiment_file(c.experiment).exists():
-                known = sorted(p.stem for p in experiment_file(c.experiment).parent.glob("*.yaml"))
-                raise BadInput(f"{c.path}: experiment: no experiment {c.experiment!r}; allowed: {', '.join(known)}")
-        verdicts = []
+            check_experiment_name(c)
+        by_experiment: dict[str, list[Claim]] = {}
         for c in claims:
-            loaded = load_dir(ensure_experiment(c, Path(ns.workdir)), ns.strict)
-            verdicts.append(evaluate_claim(loaded, c, opts))
+            by_experiment.setdefault(c.experiment, []).append(c)
+        evidence = {}
+        for name, group in by_experiment.items():  # each experiment runs (or is reused) once
+            folder = ensure_experiment(name, Path(ns.workdir), [c.id for c in group])
+            evidence[name] = (load_dir(folder, ns.strict), str(folder))
+        verdicts = [evaluate_claim(evidence[c.experiment][0], c, opts, where=evidence[c.experiment][1]) for c in claims]
     if ns.json:
         print(json.dumps([_jsonable(verdict_row(v, note)) for v, _, note in verdicts], indent=2))
     else:

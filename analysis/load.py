@@ -132,7 +132,32 @@ def load(root, strict: bool = False) -> Loaded:
     status = seeds.set_index(["run_dir", "seed"])["status"]
     key = pd.MultiIndex.from_arrays([metrics["run_dir"], metrics["seed"]])
     metrics["status"] = status.reindex(key).fillna("failed").to_numpy()
-    return Loaded(metrics, seeds, skipped)
+    return deduplicate(Loaded(metrics, seeds, skipped))
+
+
+def deduplicate(loaded: Loaded) -> Loaded:
+    """Keep one copy of each (run_hash, seed): a run folder copied next to another (or the same sweep
+    found twice under a parent folder) is the same evidence, and counting it twice would shrink every
+    CI. The first folder in path order is kept; one warning names the copies."""
+    seeds = loaded.seeds
+    if seeds.empty or "run_hash" not in seeds.columns:
+        return loaded
+    keyed = seeds[seeds["run_hash"].notna()]
+    dup = keyed.duplicated(subset=["run_hash", "seed"], keep="first")
+    if not dup.any():
+        return loaded
+    dropped = keyed[dup]
+    copies = {}
+    for run_hash, rows in keyed[keyed["run_hash"].isin(set(dropped["run_hash"]))].groupby("run_hash"):
+        copies[run_hash] = sorted(set(rows["run_dir"]))
+    text = "; ".join(f"run_hash {h}: {', '.join(dirs)}" for h, dirs in copies.items())
+    warnings.warn(f"duplicate runs: {int(dup.sum())} (run, seed) rows are copies of runs already loaded and are "
+                  f"counted once (kept the first folder of each): {text}", stacklevel=2)
+    drop_keys = pd.MultiIndex.from_arrays([dropped["run_dir"], dropped["seed"]])
+    metrics = loaded.metrics
+    keep_seed = ~pd.MultiIndex.from_arrays([seeds["run_dir"], seeds["seed"]]).isin(drop_keys)
+    keep_metric = ~pd.MultiIndex.from_arrays([metrics["run_dir"], metrics["seed"]]).isin(drop_keys)
+    return Loaded(metrics[keep_metric].reset_index(drop=True), seeds[keep_seed].reset_index(drop=True), loaded.skipped)
 
 
 def load_runs(root, strict: bool = False) -> pd.DataFrame:

@@ -31,6 +31,9 @@ class RunConfig:
     cache_dir: Optional[str] = None  # F-hat* cache; default $RATEBENCH_CACHE or ~/.cache/ratebench
     progress: bool = True  # a live progress line per job (off under CI=true)
     checkpoint_every_s: float = 180.0  # save checkpoint.pt at least this often (0 = at every evaluation point)
+    # env.instance_seed values whose results chose this configuration's constants (an experiment file
+    # names them); `check` never counts runs on them as evidence for a claim. Cannot change a result.
+    tuning_instances: List[int] = field(default_factory=list)
 
 
 def register() -> None:

@@ -49,3 +49,21 @@ def config_hash(config: dict) -> str:
     """Stable short hash of a JSON-able config."""
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+RESULT_PACKAGES = ("ratebench", "ratebench.envs", "ratebench.algorithms")  # code that computes results
+
+
+def code_fingerprint() -> str:
+    """Hash of the source files that produce results (harness, envs, algorithms; not analysis):
+    a finished job — or a finished experiment sweep reused by `check` — is only reused by the code
+    that computed it, never after a change. Found without importing those packages."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in RESULT_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        for folder in spec.submodule_search_locations:
+            for path in sorted(Path(folder).glob("*.py")):
+                digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -19,11 +19,11 @@ from ratebench.algorithms import ALGORITHMS
 from ratebench.config import plain, validate
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import f_star
-from ratebench.records import BASE_COLUMNS, atomic_write_json, atomic_write_parquet, config_hash
+from ratebench.records import BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint, config_hash
 from ratebench.sampling import Counters, CountingSampler
 
 FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
-OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir")  # cannot change a result: not in the hashes
+OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances")  # cannot change a result: not in the hashes
 
 
 def provenance() -> dict:
@@ -80,19 +80,6 @@ class Progress:
             print("\r" + line + ("\n" if final else ""), end="", flush=True)
         else:
             print(line, flush=True)
-
-
-def code_fingerprint() -> str:
-    """Hash of the source files that produce results (harness, envs, algorithms; not analysis):
-    a finished job is only reused by the code that computed it, never after a change."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for module in (ratebench, envs, ratebench.algorithms):
-        folder = Path(module.__file__).parent
-        for path in sorted(folder.glob("*.py")):
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def resolve(cfg) -> tuple:

@@ -114,7 +114,7 @@ def test_control_claim_passes(control_check):
     assert code == 0, rows
     (row,) = rows
     assert row["verdict"] == PASS and row["p_low"] <= 1.0 <= row["p_high"]
-    assert row["n_seeds"] == 16 and (work / "control_reward_mle" / ".complete").exists()
+    assert row["n_seeds"] == 16 and (work / "control_bandit" / ".complete").exists()  # one folder per experiment
 
 
 def test_wrong_exponent_is_violated_on_the_same_runs(control_check, tmp_path, capsys):
