@@ -3,6 +3,7 @@ rule that turns a rate fit into PASS / VIOLATED / INCONCLUSIVE."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from ratebench.analysis.fit import RateFit
 from ratebench.errors import ConfigError
 
 RELATIONS = ("upper_bound", "equals")
+CLAIM_ID = re.compile(r"[A-Za-z0-9_.-]+")
 # ε may be stated in the metric's own unit or, for grad_sq, in gradient-norm units (ε_norm² = ε_sq).
 UNIT_POWER = {("grad_sq", "grad_norm"): 2.0}
 REQUIRED = ("id", "source", "algorithm", "experiment", "metric", "x", "exponent", "relation", "epsilon")
@@ -90,6 +92,9 @@ def parse_claim(data: dict, where: str = "claim") -> Claim:
     for name in ("id", "source", "algorithm", "experiment"):
         if not isinstance(data[name], str) or not data[name].strip():
             raise ConfigError(field(name), f"must be a non-empty string, got {data[name]!r}")
+    if not CLAIM_ID.fullmatch(data["id"]) or data["id"].startswith("."):
+        raise ConfigError(field("id"), f"must be letters, digits, '_', '.' or '-' (it names files and folders), "
+                                       f"got {data['id']!r}")
     if data["metric"] not in METRICS:
         raise ConfigError(field("metric"), f"unknown metric {data['metric']!r}; allowed: {', '.join(METRICS)}")
     if data["x"] not in X_AXES:

@@ -1,6 +1,7 @@
 """Pieces the environment builders share: validated knobs, the random teacher, pi_ref."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,9 @@ class CommonEnvConfig:
 
 
 def check_common(cfg, sizes: dict[str, int]) -> None:
+    for name in ("beta", "reward_scale", "ref_scale", "ref_misalignment", "label_noise"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"env.{name}", f"must be a finite number, got {getattr(cfg, name)}")
     if not cfg.beta > 0:
         raise ConfigError("env.beta", f"must be > 0, got {cfg.beta}")
     if cfg.teacher not in TEACHERS:

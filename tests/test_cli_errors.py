@@ -17,6 +17,8 @@ CASES = [  # overrides, words the message must contain
     (["algorithm=bar"], ["algorithm", "'bar'", "reward_mle"]),
     (["env.beta=-1"], ["env.beta", "> 0", "-1"]),
     (["env.beta=0"], ["env.beta", "> 0"]),
+    (["env.beta=inf"], ["env.beta", "finite"]),  # ran before: NaN j_star and policy_gap (issue 14, item 7)
+    (["env.reward_scale=nan"], ["env.reward_scale", "finite"]),
     (["env.n_actions=1"], ["env.n_actions", ">= 2"]),
     (["env.n_contexts=1"], ["env.n_contexts", ">= 2"]),
     (["env=mdp", "env.n_states=1"], ["env.n_states", ">= 2"]),

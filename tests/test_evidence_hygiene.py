@@ -165,3 +165,10 @@ def test_bad_instances_field_names_the_field(tmp_path, bad):
     from ratebench.errors import ConfigError
     with pytest.raises(ConfigError, match="instances"):
         claim_with(tmp_path, instances=bad)
+
+
+@pytest.mark.parametrize("bad_id", ["../../x", "/abs/path", "a/b", ".hidden", "spa ce", "x;rm"])
+def test_claim_ids_that_could_name_a_path_are_refused(tmp_path, bad_id):
+    from ratebench.errors import ConfigError
+    with pytest.raises(ConfigError, match="id"):
+        claim_with(tmp_path, id=bad_id)
