@@ -128,7 +128,8 @@ def stationary_points(problem: TabularProblem, n_starts: int, seed: int, f_star:
     first. Each: value, gap = F - f_star, grad_norm, policy_gap (true-reward regret of pi*_nu, same
     beta), reward_err, max_abs_reward, min_policy_prob, kind ("interior", or "asymptotic" when some
     pi*_nu(a|s) < ASYMPTOTIC_PROB: a limit as rewards diverge, where grad F -> 0 without a minimiser),
-    share (fraction of all starts ending there). Starts that did not converge are left out."""
+    share (fraction of all starts ending there), units (the point's unit rewards, a list). Starts
+    that did not converge are left out."""
     ms = multistart(problem, n_starts, seed)
     rows = ms.converged.nonzero().squeeze(1)
     if rows.numel() == 0:
@@ -144,6 +145,7 @@ def stationary_points(problem: TabularProblem, n_starts: int, seed: int, f_star:
         point["gap"] = point["value"] - f_star
         point["kind"] = "asymptotic" if point["min_policy_prob"] < ASYMPTOTIC_PROB else "interior"
         point["share"] = members.numel() / n_starts
+        point["units"] = units[best].tolist()
         points.append(point)
     return sorted(points, key=lambda p: p["value"])
 
@@ -220,7 +222,10 @@ def penalty_bias(problem: TabularProblem, lam_grid, nu_loc: torch.Tensor, c_lam:
     (psi_lam's local minimum there no longer exists): that lam and all smaller are marked
     in_basin = False and left out of the fit. q: the power of B ~ lam^-q (log-log least squares);
     implied_exponent = 1 / (q c_lam): with lam_k ~ k^c_lam the bias alone decays as k^(-q c_lam),
-    so reaching gap eps takes >= eps^(-1/(q c_lam)) steps by construction of the schedule."""
+    so reaching gap eps takes >= eps^(-1/(q c_lam)) steps by construction of the schedule.
+    Returns lam, bias, psi (min psi_lam), f_lam (F(nu_lam)), in_basin, nu_lam (unit rewards), f_local,
+    q, q_pairs (the local power between consecutive in-basin lam, increasing lam: its last entry is
+    the best estimate of the lam -> infinity power), c_lam, implied_exponent."""
     f_loc = float(bilevel_objective(problem, problem.step_tables_from_units(nu_loc[None]))[0])
     order = sorted((float(l) for l in lam_grid), reverse=True)
     solved, start, inside = {}, nu_loc, True
@@ -228,12 +233,15 @@ def penalty_bias(problem: TabularProblem, lam_grid, nu_loc: torch.Tensor, c_lam:
         psi_value, nu_lam = minimise_psi(problem, lam, [start], tol=tol, max_iter=MAX_ITER)
         f_lam = float(bilevel_objective(problem, problem.step_tables_from_units(nu_lam[None]))[0])
         inside = inside and f_lam > f_loc
-        solved[lam] = (f_lam - f_loc, psi_value, f_lam, inside)
+        solved[lam] = (f_lam - f_loc, psi_value, f_lam, inside, nu_lam.tolist())
         start = nu_lam
     lams = [float(l) for l in lam_grid]
     bias = [solved[l][0] for l in lams]
     in_basin = [solved[l][3] for l in lams]
-    q = fit_power([l for l, ok in zip(lams, in_basin) if ok], [b for b, ok in zip(bias, in_basin) if ok])
-    return {"lam": lams, "bias": bias, "psi": [solved[l][1] for l in lams], "f_lam": [solved[l][2] for l in lams],
-            "in_basin": in_basin, "f_local": f_loc, "q": q, "c_lam": float(c_lam),
+    kept = [(l, b) for l, b, ok in zip(lams, bias, in_basin) if ok]
+    q = fit_power([l for l, _ in kept], [b for _, b in kept])
+    kept.sort()
+    q_pairs = [fit_power([l0, l1], [b0, b1]) for (l0, b0), (l1, b1) in zip(kept[:-1], kept[1:])]
+    return {"q_pairs": q_pairs,"lam": lams, "bias": bias, "psi": [solved[l][1] for l in lams], "f_lam": [solved[l][2] for l in lams],
+            "in_basin": in_basin, "nu_lam": [solved[l][4] for l in lams], "f_local": f_loc, "q": q, "c_lam": float(c_lam),
             "implied_exponent": 1.0 / (q * c_lam) if q > 0 and c_lam > 0 else math.nan}

@@ -23,7 +23,7 @@ class BadInput(ValueError):
     """A composition error already worded by ratebench.cli._describe (it names the field)."""
 
 DEFAULT_STARTS = 64  # multistart size of the landscape (and of F-hat* until global_reference is wired)
-LAM_GRID = (1.0, 2.0, 4.0, 8.0, 16.0)  # penalties of B(lam): lam_k = (1 + k/k0)^(1/7) is ~4 at k = 10^6
+LAM_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # penalties of B(lam); the schedule's lam_k = (1 + k/k0)^(1/7) is ~4 at k = 10^6
 TAU_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # WGD constants at which eps_bias(tau) is reported
 POLICY_DRAWS = 64  # random policy networks of the lower-level check ...
 POLICY_SCALES = (0.5, 1.0, 2.0, 4.0)  # ... their parameters are the network's init times these, in turn
@@ -62,7 +62,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", help="folder of runs whose logged iterates (gap, grad_sq) join the WGD sample")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", default="audit", help="folder of the figure (default audit/)")
-    p.add_argument("--cache-dir", help="premise cache (default $RATEBENCH_CACHE or ~/.cache/ratebench)")
     return p
 
 
@@ -299,7 +298,8 @@ def format_table(result: dict) -> str:
               f"{lo['gap_max']:.3g}], tau_max {lo['tau_max']:.3g}, PL min |grad|^2/gap {lo['pl_min']:.3g}",
               "penalty bias  " + "  ".join(f"B({l:g})={x:.3g}{'' if ok else '*'}"
                                            for l, x, ok in zip(b["lam"], b["bias"], b["in_basin"])),
-              f"              q = {b['q']:.3f}, c_lam = {b['c_lam']:.4g}, implied exponent 1/(q c_lam) = "
+              f"              q = {b['q']:.3f} (between consecutive lam: "
+              f"{', '.join(f'{x:.2f}' for x in b['q_pairs'])}), c_lam = {b['c_lam']:.4g}, implied exponent 1/(q c_lam) = "
               f"{b['implied_exponent']:.3f}" + ("   (* left the local basin, not fitted)" if not all(b["in_basin"]) else "")]
     return "\n".join(lines)
 
@@ -381,7 +381,7 @@ def main(args: list[str]) -> int:
 def _parse(args: list[str]):
     """(argparse namespace, validated instances, run files), or an exit code (0 for --help, 2 bad input)."""
     try:
-        ns = _parser().parse_args(args)
+        ns = _parser().parse_intermixed_args(args)
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
