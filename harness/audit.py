@@ -40,7 +40,12 @@ def reference(problem, n_starts: int = DEFAULT_STARTS, seed: int = 0) -> dict:
     For now f_star is the best end point of this audit's own multistart (method "multistart-N");
     the global infimum by exact face enumeration (envs/global_ref.py `global_reference`, written in
     parallel on another branch) replaces it here at merge — every use of F* in the audit goes
-    through this function. f_star_local: L-BFGS of F from the true reward."""
+    through this function. f_star_local: L-BFGS of F from the true reward.
+
+    MERGE NOTE: replace the multistart below by `envs.global_ref.global_reference(problem)`
+    (value -> f_star, method -> f_star_method, local_value / local_argmin -> f_star_local /
+    local_argmin, argmin -> argmin) and bump AUDIT_VERSION so cached premise summaries are redone.
+    The landscape (stationary points) keeps using landscape.multistart either way."""
     from ratebench.envs import landscape
 
     f_local, local_argmin = landscape.local_minimiser(problem)
