@@ -1,4 +1,4 @@
-"""`ratebench` command line: run (a Hydra app), fit, plot, check, report."""
+"""`ratebench` command line: run (a Hydra app), fit, plot, check, report, audit."""
 from __future__ import annotations
 
 import itertools
@@ -13,6 +13,8 @@ USAGE = """usage: ratebench <command> [args]
   plot DIR                 convergence and n_hit(eps) figures of the runs under DIR
   check [CLAIMS] [--runs DIR]  verdict per claim (exit 0 all pass, 1 violated/inconclusive, 2 bad input)
   report DIR               HTML + Markdown report of the runs under DIR
+  audit [env overrides] [--starts N] [--runs DIR] [--json] [--out DIR]
+                           the instance's landscape of F and the claim's premises (WGD floor, implied exponent)
 
 Run `ratebench run --help` for Hydra's options and `ratebench run --cfg job` to see the config."""
 
@@ -40,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             return _fail(f"'ratebench {command}' is not built yet")
         code = commands.main(command, rest)
+    elif command == "audit":
+        from ratebench import audit
+
+        code = audit.main(rest)
     else:
-        return _fail(f"unknown command {command!r}; allowed: run, fit, plot, check, report")
+        return _fail(f"unknown command {command!r}; allowed: run, fit, plot, check, report, audit")
     return code
 
 
