@@ -2,6 +2,7 @@
 
 Three sequences: z tracks theta*(nu) (argmax J), y tracks argmin f + lam g (g = -J), and the reward
 nu descends the penalty hypergradient; single_loop (F2SA style) or double_loop (Kwon et al. 2024).
+The four gradient estimates come from algorithms/oracles.py: stochastic (default) or exact (oracle=exact).
 """
 from __future__ import annotations
 
