@@ -2,6 +2,7 @@
 
 Three sequences: z tracks theta*(nu) (argmax J), y tracks argmin f + lam g (g = -J), and the reward
 nu descends the penalty hypergradient; single_loop (F2SA style) or double_loop (Kwon et al. 2024).
+The four gradient estimates come from algorithms/oracles.py: stochastic (default) or exact (oracle=exact).
 """
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.algorithms.base import Algorithm
-from ratebench.algorithms.estimators import (policy_gradient_surrogate, preference_loss,
-                                             preference_score_surrogate, reward_return_surrogate)
 from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step
+from ratebench.algorithms.oracles import ORACLES, make_oracle
 from ratebench.errors import ConfigError, require
 
 VARIANTS = ("single_loop", "double_loop")
@@ -29,6 +29,8 @@ class BilevelConfig:
     batch_traj: int = 16  # N trajectories per REINFORCE / value-gradient estimate (>= 2: leave-one-out baseline)
     batch_pairs: int = 4  # M labelled pairs per BT-loss / score-function estimate
     inner_steps: int = 1  # single_loop: z and y steps per nu step (F2SA: 1; benchopt's F2SA: 10)
+    oracle: str = "stochastic"  # stochastic (SPEC §3 estimators, counted samples) | exact (population gradients
+    #                             by enumeration, no samples: the schedule's deterministic rate; needs budget.steps)
     # --- single_loop schedules: alpha_k = c_alpha / (k + k0)^a, xi_k = c_xi / (k + k0)^b, ---------
     #     lam_k = lam0 (1 + k / k0)^c_lam
     c_alpha: float = 3.0  # y step constant (tuned on the bandit, docs/bilevel.md)
@@ -51,6 +53,8 @@ class BilevelConfig:
     def check(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError("algorithm.variant", f"must be one of {list(VARIANTS)}, got {self.variant!r}")
+        if self.oracle not in ORACLES:
+            raise ConfigError("algorithm.oracle", f"must be one of {list(ORACLES)}, got {self.oracle!r}")
         require(self, "algorithm", ("batch_traj", "batch_pairs"), lambda v: v >= 2, "must be >= 2 (leave-one-out baseline)")
         require(self, "algorithm", ("inner_steps",), lambda v: v >= 1, "must be >= 1")
         positive = ("c_alpha", "c_alpha_z", "c_xi", "lam0", "k0", "eps", "lam_scale", "inner_scale", "batch_scale",
@@ -93,7 +97,7 @@ class Bilevel(Algorithm):
         super().__init__(cfg, model_cfg, problem)
         self.reward = RewardModel(problem, model_cfg.reward)
         self.policy = PolicyModel(problem, model_cfg.policy)
-        self.ref = problem.ref_log_probs()
+        self.oracle = make_oracle(cfg.oracle, problem)  # the four gradient estimates (or their exact values)
 
     def init(self, seeds):
         theta0 = self.policy.init(seeds)  # y and z start at the same network (= pi_ref, zero last layer)
@@ -125,9 +129,7 @@ class Bilevel(Algorithm):
     def _z_step(self, state, sampler, rewards, n_traj):
         """z <- z + alpha_z g^_theta J(nu, z): REINFORCE ascent on the KL-regularised return."""
         def ascent(z):
-            logp_z = self.policy.log_probs(z)
-            traj = sampler.trajectories(logp_z, n_traj)
-            return policy_gradient_surrogate(traj, rewards, logp_z, self.ref, self.problem.beta)
+            return self.oracle.value_theta(sampler, rewards, self.policy.log_probs(z), n_traj)
 
         state.z = sgd_step(state.z, ascent, -state.alpha_z)
 
@@ -135,10 +137,8 @@ class Bilevel(Algorithm):
         """y <- y - alpha [ g^_theta f(nu, y) / lam - g^_theta J(nu, y) ]: descent on (f + lam g)/lam."""
         def descent(y):
             logp_y = self.policy.log_probs(y)
-            pairs = sampler.pairs(logp_y, n_pairs)
-            traj = sampler.trajectories(logp_y, n_traj)
-            score_f = preference_score_surrogate(pairs, rewards, logp_y)  # grad: g^_theta f (score function)
-            ascent_j = policy_gradient_surrogate(traj, rewards, logp_y, self.ref, self.problem.beta)
+            score_f = self.oracle.upper_theta(sampler, rewards, logp_y, n_pairs)  # grad: g^_theta f (score function)
+            ascent_j = self.oracle.value_theta(sampler, rewards, logp_y, n_traj)  # grad: g^_theta J (REINFORCE)
             return score_f / state.lam - ascent_j
 
         state.y = sgd_step(state.y, descent, state.alpha)
@@ -148,13 +148,12 @@ class Bilevel(Algorithm):
         from the updated y and z (grad_nu g = -grad_nu J, so this is the SPEC §2 hypergradient)."""
         with torch.no_grad():
             logp_y, logp_z = self.policy.log_probs(state.y), self.policy.log_probs(state.z)
-        pairs = sampler.pairs(logp_y, n_pairs)
-        traj_z = sampler.trajectories(logp_z, n_traj)
-        traj_y = sampler.trajectories(logp_y, n_traj)
+        upper_y = self.oracle.upper_nu(sampler, logp_y, n_pairs)  # grad: g^_nu f(nu, y), M pairs from pi_y
+        value_z = self.oracle.value_nu(sampler, logp_z, n_traj)  # grad: g^_nu J(nu, z), N from pi_z
+        value_y = self.oracle.value_nu(sampler, logp_y, n_traj)  # grad: g^_nu J(nu, y), N from pi_y
         def hypergradient_surrogate(nu):
             rewards = self.reward.step_tables(nu)
-            return preference_loss(pairs, rewards) + state.lam * (
-                reward_return_surrogate(traj_z, rewards) - reward_return_surrogate(traj_y, rewards))
+            return upper_y(rewards) + state.lam * (value_z(rewards) - value_y(rewards))
 
         state.nu = sgd_step(state.nu, hypergradient_surrogate, state.xi)
 

@@ -1,7 +1,8 @@
 """reward_mle: SGD on the Bradley-Terry log-likelihood of a linear reward, pairs from pi_ref.
 
-The control of SPEC §7: with a realisable linear reward, a fixed sampling policy and step
-c / (t + t0), E[reward_err] decays like 1/t, so its sample-complexity exponent is exactly 1.
+The controls of SPEC §7: with a realisable linear reward, a fixed sampling policy and step
+c / (t + t0)^a, E[reward_err] decays like t^-a (Moulines & Bach 2011; a = 1 needs c mu > 1/2),
+so its sample-complexity exponent is exactly 1/a: 1 for the default a = 1, 4/3, 3/2 for a = 3/4, 2/3.
 Deployed policy: pi*_nu, the exact soft-optimal policy of the current reward estimate.
 """
 from __future__ import annotations
@@ -22,7 +23,10 @@ class RewardMLEConfig:
     batch_pairs: int = 4  # labelled pairs from pi_ref per step (2 samples + 1 query each)
     lr_scale: float = 2.0  # c = lr_scale / mu, mu = smallest non-zero eigenvalue of the BT Fisher at nu*;
     #                        c * mu > 1/2 is what gives the 1/t rate, 2 leaves margin
-    t0: float = 10.0  # offset of c / (t + t0); raised to c * lambda_max if needed for stability
+    t0: float = 10.0  # offset of c / (t + t0)^a; raised to (c * lambda_max)^(1/a) if needed, so that the
+    #                   first step c / t0^a is at most 1 / lambda_max (stable on the noiseless quadratic)
+    lr_exponent: float = 1.0  # a in c / (t + t0)^a, in (1/2, 1]: E[reward_err] ~ t^-a, exponent 1/a
+    #                          (Moulines & Bach 2011); 1 is the classic 1/t control
 
     def check(self) -> None:
         if self.batch_pairs < 1:
@@ -31,6 +35,9 @@ class RewardMLEConfig:
             raise ConfigError("algorithm.lr_scale", f"must be > 0, got {self.lr_scale}")
         if self.t0 < 0:
             raise ConfigError("algorithm.t0", f"must be >= 0, got {self.t0}")
+        if not 0.5 < self.lr_exponent <= 1:
+            raise ConfigError("algorithm.lr_exponent", f"must be in (1/2, 1] (Robbins-Monro steps c / (t + t0)^a), "
+                                                       f"got {self.lr_exponent}")
 
 
 @dataclass
@@ -49,7 +56,7 @@ class RewardMLE(Algorithm):
         self.model = RewardModel(problem, NetConfig(kind="linear"))
         mu, lam_max = _fisher_spectrum(problem)
         self.c = cfg.lr_scale / mu
-        self.t0 = max(cfg.t0, self.c * lam_max)
+        self.t0 = stable_offset(cfg.t0, self.c * lam_max, cfg.lr_exponent)
 
     def init(self, seeds):
         return RewardMLEState(nu=self.model.init(seeds))
@@ -62,7 +69,7 @@ class RewardMLE(Algorithm):
             margin = pairs.first.returns(rewards) - pairs.second.returns(rewards)
             return bradley_terry_nll(margin, pairs.label).mean(1)
 
-        state.lr = self.c / (state.t + self.t0)  # step c / (t + t0)
+        state.lr = step_size(self.c, self.t0, self.cfg.lr_exponent, state.t)  # c / (t + t0)^a
         state.nu = sgd_step(state.nu, bt_loss, state.lr)
         state.t += 1
         return state
@@ -75,6 +82,17 @@ class RewardMLE(Algorithm):
 
     def schedule(self, state):
         return {"lr": state.lr}
+
+
+def stable_offset(t0: float, c_lam_max: float, a: float) -> float:
+    """The offset actually used: max(t0, (c lambda_max)^(1/a)), so that c / t0^a <= 1 / lambda_max.
+    a = 1 computes exactly max(t0, c lambda_max), today's control bit for bit."""
+    return max(t0, c_lam_max if a == 1 else c_lam_max ** (1 / a))
+
+
+def step_size(c: float, t0: float, a: float, t: int) -> float:
+    """gamma_t = c / (t + t0)^a; a = 1 is exactly c / (t + t0) (no pow)."""
+    return c / (t + t0) if a == 1 else c / (t + t0) ** a
 
 
 def _fisher_spectrum(problem) -> tuple[float, float]:

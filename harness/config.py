@@ -16,7 +16,10 @@ from ratebench.errors import ConfigError
 @dataclass
 class BudgetConfig:
     samples: int = 20_000  # stop when the sample counter reaches this (SPEC §6)
-    evals_per_decade: int = 10  # log-spaced evaluation points in samples, plus the final one
+    steps: Optional[int] = None  # also stop after this many outer steps; when set, the evaluation points are
+    #                             log-spaced in steps (fit with --x step). Needed by runs that draw no samples
+    #                             (algorithm.oracle=exact)
+    evals_per_decade: int = 10  # log-spaced evaluation points in samples (in steps under budget.steps), plus the final one
 
 
 @dataclass
@@ -107,6 +110,11 @@ def validate(cfg: DictConfig) -> Validated:
     check_net(model.policy, "model.policy", ("mlp",))
     if cfg.budget.samples < 1:
         raise ConfigError("budget.samples", f"must be >= 1, got {cfg.budget.samples}")
+    if cfg.budget.steps is not None and cfg.budget.steps < 1:
+        raise ConfigError("budget.steps", f"must be >= 1 (or null: no step budget), got {cfg.budget.steps}")
+    if getattr(algorithm, "oracle", "stochastic") == "exact" and cfg.budget.steps is None:
+        raise ConfigError("budget.steps", "required with algorithm.oracle=exact: an exact-gradient run draws no "
+                                          "samples, so budget.samples never stops it; set e.g. budget.steps=10000")
     if cfg.budget.evals_per_decade < 1:
         raise ConfigError("budget.evals_per_decade", f"must be >= 1, got {cfg.budget.evals_per_decade}")
     if cfg.threads < 1:

@@ -44,8 +44,8 @@ class Progress:
     per `log_interval_s`. Quiet under CI=true."""
 
     def __init__(self, label: str, budget: int, enabled: bool, start_samples: int = 0,
-                 interval_s: float = 0.5, log_interval_s: float = 30.0):
-        self.label, self.budget = label, budget
+                 interval_s: float = 0.5, log_interval_s: float = 30.0, unit: str = "samples"):
+        self.label, self.budget, self.unit = label, budget, unit
         self.enabled = enabled and os.environ.get("CI", "").lower() not in ("1", "true")
         self.live = self.enabled and sys.stdout.isatty()
         self.interval_s = interval_s if self.live else log_interval_s
@@ -74,7 +74,7 @@ class Progress:
         elapsed = now - self.start
         rate = (samples - self.start_samples) / elapsed if elapsed > 0 else 0.0
         eta = f"{(self.budget - samples) / rate:6.0f}s" if rate > 0 and not final else "     -"
-        line = (f"[{self.label}] samples {samples:>10,d}/{self.budget:,d} ({100 * samples / self.budget:5.1f}%)  "
+        line = (f"[{self.label}] {self.unit} {samples:>10,d}/{self.budget:,d} ({100 * samples / self.budget:5.1f}%)  "
                 f"{rate:>9,.0f}/s  ETA {eta}  median {self.medians}")
         if self.live:
             print("\r" + line + ("\n" if final else ""), end="", flush=True)
@@ -148,14 +148,18 @@ class _Job:
         self.alive = torch.ones(len(v.seeds), dtype=torch.bool)  # (B,)
         self.status = {s: {"status": "completed"} for s in v.seeds}
         self.budget = int(cfg.budget.samples)
-        self.points = evaluation_points(self.budget, int(cfg.budget.evals_per_decade))
+        self.step_budget = None if cfg.budget.steps is None else int(cfg.budget.steps)
+        # the evaluation clock: samples, or outer steps when the run is step-budgeted (budget.steps)
+        self.clock_name = "samples" if self.step_budget is None else "step"
+        self.points = evaluation_points(self.step_budget or self.budget, int(cfg.budget.evals_per_decade))
         self.checkpoint_every_s = float(cfg.checkpoint_every_s)
         self.rows: list[pd.DataFrame] = []
         self.wall = self.eval_s = self.checkpoint_s = 0.0
         self.next_point, self.last_recorded = 0, None
         self.resumed_from = self._restore()
-        self.progress = Progress(f"{v.env.name}/{v.algorithm.name} {out_dir.name}", self.budget,
-                                 bool(cfg.progress), start_samples=self.counters.samples)
+        self.progress = Progress(f"{v.env.name}/{v.algorithm.name} {out_dir.name}", self.step_budget or self.budget,
+                                 bool(cfg.progress), start_samples=self._clock(),
+                                 unit="steps" if self.step_budget else "samples")
         self.last_checkpoint = time.perf_counter()
 
     # --- checkpoints -----------------------------------------------------------------------------
@@ -196,6 +200,15 @@ class _Job:
         self.checkpoint_s += self.last_checkpoint - tic
 
     # --- the loop ----------------------------------------------------------------------------------
+    def _clock(self) -> int:
+        """Where the run is on its evaluation schedule: the sample counter, or the step counter."""
+        return getattr(self.counters, self.clock_name)
+
+    def _budget_left(self) -> bool:
+        """Neither budget.samples nor budget.steps (if set) is reached."""
+        return self.counters.samples < self.budget and (self.step_budget is None
+                                                         or self.counters.step < self.step_budget)
+
     def _record(self) -> None:
         tic = time.perf_counter()
         metrics = self.evaluator(self.state)  # each (B,)
@@ -206,18 +219,18 @@ class _Job:
                               **{k: float(x) for k, x in self.algo.schedule(self.state).items()},
                               "wall_s": self.wall})
         self.rows.append(frame)
-        self.last_recorded = counters.samples
-        while self.next_point < len(self.points) and self.points[self.next_point] <= counters.samples:
+        self.last_recorded = self._clock()
+        while self.next_point < len(self.points) and self.points[self.next_point] <= self._clock():
             self.next_point += 1
         self.eval_s += time.perf_counter() - tic
         self.progress.metrics({k: m[alive] for k, m in metrics.items()})
-        self.progress.update(counters.samples, final=counters.samples >= self.budget)
+        self.progress.update(self._clock(), final=not self._budget_left())
 
     def run(self) -> dict:
         counters, error = self.counters, None
         if self.resumed_from is None:
             self._record()
-        while counters.samples < self.budget and self.alive.any():
+        while self._budget_left() and self.alive.any():
             tic = time.perf_counter()
             try:
                 self.state = self.algo.step(self.state, self.sampler)
@@ -230,13 +243,13 @@ class _Job:
             counters.step += 1
             self.wall += time.perf_counter() - tic
             _mark_diverged(self.algo, self.state, self.alive, self.seeds, self.status, counters.step)
-            at_point = self.next_point < len(self.points) and counters.samples >= self.points[self.next_point]
+            at_point = self.next_point < len(self.points) and self._clock() >= self.points[self.next_point]
             if at_point and self.alive.any():
                 self._record()
             else:
-                self.progress.update(counters.samples)
+                self.progress.update(self._clock())
             self._maybe_checkpoint(at_evaluation=at_point)
-        if error is None and self.alive.any() and self.last_recorded != counters.samples:
+        if error is None and self.alive.any() and self.last_recorded != self._clock():
             self._record()
         record = self._write_records()
         if error is not None:

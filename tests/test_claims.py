@@ -1,6 +1,6 @@
 """Claims: file validation (bad fields exit 2 naming the field), the verdict rules of SPEC §7, and
 the control end to end: `ratebench check conf/claims/control.yaml` passes for exponent 1 and a
-deliberately wrong upper bound of 0.5 is VIOLATED on the same runs."""
+deliberately wrong upper bound of 0.5 is VIOLATED on the same runs, and so is the a = 2/3 known-rate claim."""
 from __future__ import annotations
 
 import json
@@ -126,6 +126,19 @@ def test_wrong_exponent_is_violated_on_the_same_runs(control_check, tmp_path, ca
     assert row["verdict"] == VIOLATED and row["p_low"] > 0.5
     assert commands.main("check", [str(wrong), "--runs", str(work), "--fail-on", "violated"]) == 1
     capsys.readouterr()
+
+
+def test_a067_claim_is_violated_on_the_a1_runs(control_check, tmp_path, capsys):
+    """Wrong twin of the a = 1 control in the other direction: the a = 2/3 claim (p = 3/2 +- 0.3) on the
+    1/t runs; the three known-rate controls (docs/analysis.md "Known rates") must tell 1 from 3/2."""
+    _, _, work = control_check
+    data = yaml.safe_load((CLAIMS / "control_a067.yaml").read_text())
+    data.update(id="control_a1_wrong", experiment="control_bandit")
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(yaml.safe_dump(data))
+    assert commands.main("check", [str(wrong), "--runs", str(work), "--json"]) == 1
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["verdict"] == VIOLATED and row["p_high"] < 1.2
 
 
 def test_fail_on_violated_lets_inconclusive_pass(control_check, tmp_path, capsys):
