@@ -131,6 +131,10 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
             with open_dict(cfg):
                 del cfg["hydra"]
             validate(cfg)
+            if not multirun and out:  # sweep job folders are named by run_hash: they cannot clash
+                from ratebench.runner import refuse_replacing, resolve
+
+                refuse_replacing(Path(out), resolve(cfg)[2], bool(cfg.get("overwrite", False)))
         except ConfigError as exc:
             raise _BadInput(str(exc)) from None
         except (HydraException, OmegaConfBaseException) as exc:

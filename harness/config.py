@@ -37,6 +37,7 @@ class RunConfig:
     # env.instance_seed values whose results chose this configuration's constants (an experiment file
     # names them); `check` never counts runs on them as evidence for a claim. Cannot change a result.
     tuning_instances: List[int] = field(default_factory=list)
+    overwrite: bool = False  # allow a run folder that holds a finished run of ANOTHER config to be replaced
 
 
 def register() -> None:

@@ -17,13 +17,14 @@ import ratebench.algorithms
 from ratebench import checkpoint, envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import plain, validate
+from ratebench.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import f_star
 from ratebench.records import BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint, config_hash
 from ratebench.sampling import Counters, CountingSampler
 
 FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
-OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances")  # cannot change a result: not in the hashes
+OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite")  # cannot change a result: not in the hashes
 
 
 def provenance() -> dict:
@@ -97,6 +98,32 @@ def identity(resolved: dict) -> dict:
     return {k: val for k, val in resolved.items() if k not in OPERATIONAL_KEYS}
 
 
+def other_finished_run(out_dir: Path, run_hash: str) -> str | None:
+    """The run_hash of a finished run in out_dir that is NOT this run (None if there is none): a
+    folder is one run's record, and replacing another finished run silently loses it."""
+    import json
+
+    path = Path(out_dir) / "run.json"
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    statuses = [s.get("status") for s in record.get("status", {}).values()] if isinstance(record, dict) else []
+    other = record.get("run_hash") if isinstance(record, dict) else None
+    if other and other != run_hash and statuses and all(s in FINISHED for s in statuses):
+        return str(other)
+    return None
+
+
+def refuse_replacing(out_dir: Path, run_hash: str, overwrite: bool, where: str = "hydra.run.dir") -> None:
+    other = other_finished_run(out_dir, run_hash)
+    if other and not overwrite:
+        raise ConfigError(where, f"{str(out_dir)!r} holds a finished run of another configuration (run_hash {other}; "
+                                 f"this run is {run_hash}); choose another folder or pass overwrite=true to replace it")
+
+
 def finished_record(out_dir: Path, run_hash: str) -> dict | None:
     """The run.json in out_dir if it records this exact run (same run_hash) with every seed finished."""
     import json
@@ -124,6 +151,7 @@ def run_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[dict
     """(run record, True if out_dir already held this run finished and nothing was computed)."""
     out_dir = Path(out_dir)
     v, resolved, run_hash = resolve(cfg)
+    refuse_replacing(out_dir, run_hash, bool(cfg.get("overwrite", False)))
     done = finished_record(out_dir, run_hash)
     if done is not None:
         print(f"skipping {out_dir}: completed", flush=True)
