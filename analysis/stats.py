@@ -18,6 +18,31 @@ def bootstrap_counts(strata: np.ndarray, n_boot: int, rng: np.random.Generator) 
     return counts
 
 
+def hierarchical_counts(instances: np.ndarray, strata: np.ndarray, n_boot: int,
+                        rng: np.random.Generator) -> np.ndarray:
+    """Two-level resample counts (R, S). The resampling unit is the environment *instance*: replicate
+    r draws as many instances with replacement as there are; each draw of an instance then
+    resamples that instance's seeds with replacement within each configuration (stratum), as
+    bootstrap_counts does. An instance drawn twice gets two independent seed resamples (counts
+    add up); an instance not drawn gets zero counts, so a replicate's size varies when instances
+    hold different numbers of seeds."""
+    instances, strata = np.asarray(instances), np.asarray(strata)
+    labels = np.unique(instances)  # (I,)
+    I = len(labels)
+    counts = np.zeros((n_boot, len(strata)), dtype=np.int32)
+    picks = rng.integers(0, I, size=(n_boot, I))  # (R, I) which instance each draw is
+    times = np.stack([(picks == i).sum(1) for i in range(I)], axis=1)  # (R, I) draws of each instance
+    rows = np.arange(n_boot)[:, None]
+    for i, label in enumerate(labels):
+        for group in np.unique(strata[instances == label]):
+            members = np.flatnonzero((instances == label) & (strata == group))  # (S_ik,)
+            n = len(members)
+            draws = rng.integers(0, n, size=(n_boot, I * n))  # (R, I·S_ik) enough for I draws
+            live = np.arange(I * n)[None, :] < (times[:, i] * n)[:, None]  # (R, I·S_ik) the used ones
+            np.add.at(counts, (np.broadcast_to(rows, draws.shape)[live], members[draws][live]), 1)
+    return counts
+
+
 def trimmed_mean(values: np.ndarray, counts: np.ndarray, trim: float = 0.25, chunk: int = 64) -> np.ndarray:
     """Trimmed mean over seeds of every resample: values (S, K) (NaN = missing, ±inf allowed),
     counts (R, S) → (R, K). trim=0.25 is the interquartile mean (IQM), trim=0.5 the median.
@@ -104,9 +129,11 @@ def percentile_ci(replicates: np.ndarray, alpha: float = 0.05, n_units: int | No
     """Bootstrap interval of the finite replicates at level 1−alpha: percentile, expanded for
     n_units independent units (seeds) if expand, and bias-corrected (BC, Efron 1987) when the
     point estimate is given: the quantiles move by twice z0 = Φ⁻¹(share of replicates below the
-    estimate). (nan, nan) when under half the replicates are finite."""
+    estimate). NaN replicates (undefined) are left out; ±inf replicates are kept as the extreme
+    values (a replicate with no evidence of a finite rate, p = +inf, pushes the upper end and may
+    make it +inf). (nan, nan) when under half the replicates are defined."""
     reps = np.asarray(replicates, dtype=np.float64)
-    reps = reps[np.isfinite(reps)]
+    reps = reps[~np.isnan(reps)]
     if reps.size < 10 or reps.size < 0.5 * np.asarray(replicates).size:
         return float("nan"), float("nan")
     a = expanded_alpha(alpha, n_units) if (expand and n_units) else alpha
@@ -116,5 +143,7 @@ def percentile_ci(replicates: np.ndarray, alpha: float = 0.05, n_units: int | No
         share = (np.sum(reps < estimate) + 0.5 * np.sum(reps == estimate)) / reps.size
         z0 = float(sps.norm.ppf(np.clip(share, 1.0 / reps.size, 1 - 1.0 / reps.size)))
     q = sps.norm.cdf([2 * z0 - z, 2 * z0 + z])
-    lo, hi = np.quantile(reps, q)
+    big = 1e300  # ±inf as a sentinel, so that a quantile between a finite value and inf is inf
+    lo, hi = np.quantile(np.clip(reps, -big, big), q)
+    lo, hi = (v if abs(v) < 1e299 else float(np.sign(v) * np.inf) for v in (lo, hi))
     return float(lo), float(hi)
