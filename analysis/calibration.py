@@ -59,8 +59,8 @@ SCENARIOS = {
                              note="variance n^-5/7 then bias n^-0.2 (p 5), claim p ≤ 3.5"),
     "phase_change_reached": Scenario("violates", 1.0, 1.3, 1e-4, 1e-1, 1e6, tail_A=1e-2, tail_b=0.5,
                                      note="variance n^-1 then bias n^-1/2: local p 1.44 at ε_min 1e-4, claim p ≤ 1.3"),
-    "rate_bandit_like": Scenario("violates", 5 / 7, 3.5, 1e-4, 1e-1, 1e6, floor=3e-4,
-                                 note="n^-5/7 onto a floor 3e-4 (issue 10), claim p ≤ 3.5 on [1e-4, 0.1]"),
+    "rate_bandit_like": Scenario("violates", 5 / 7, 3.5, 1e-4, 1e-1, 1e6, A=10.0, floor=3e-4, n_seeds=16,
+                                 note="10·n^-5/7 onto a floor 3e-4 (issue 10), claim p ≤ 3.5 on [1e-4, 0.1]"),
     "short_slow_run": Scenario("uncovered", 0.22, 10.0, 1e-6, 1.0, 3e5,
                                note="n^-0.22 over 3 decades (issue 10), loose claim p ≤ 10 on [1e-6, 1]"),
 }
