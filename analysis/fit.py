@@ -357,15 +357,26 @@ def replicate_windows(nh: np.ndarray, counts: np.ndarray, eps: np.ndarray, x: np
     """The window re-selected in every bootstrap replicate by the same rules (selection-aware CIs).
     nh (S, E), counts (R, S), c_reps (R,) the replicates' floors, window (E,) the chosen one.
     Returns (window (R, E) bool, IQM log10 n_hit (R, E)); the IQM is computed only at levels that
-    some replicate can use (reach rule and claim range) or that the chosen window holds, NaN elsewhere."""
+    some replicate can use (reach rule, claim range, finite values inside the asymptotic/stays
+    band) or that the chosen window holds, NaN elsewhere."""
     x_first = _x_first(x)
     reached, at_once = _reach_fractions(nh, x_first, counts)  # (R, E)
     iqm_r = np.full(reached.shape, np.nan)
+    log_n = _log_nhit(nh, x_first)  # (S, E)
     probe = window_rules(eps, reached, at_once, np.zeros_like(reached), c_reps, np.inf, opts)
     needed = (probe["rule_reach"] & probe["rule_claim_range"]).any(0) | window  # (E,)
+    # a finite resample IQM lies between the smallest and largest finite value of the column, so a
+    # level whose finite values all miss [lx − nhit_decades, lx − tail] is in no replicate's window
+    finite = np.isfinite(log_n)
+    lx = _log10_xmax(x)
+    with np.errstate(invalid="ignore"):
+        hi_v = np.where(finite, log_n, -np.inf).max(0, initial=-np.inf)  # (E,)
+        lo_v = np.where(finite, log_n, np.inf).min(0, initial=np.inf)
+    needed &= (hi_v >= lx - opts.nhit_decades) & (lo_v <= lx - opts.tail)
+    needed |= window
     if needed.any():
-        iqm_r[:, needed] = trimmed_mean(_log_nhit(nh[:, needed], x_first), counts)
-    rules = window_rules(eps, reached, at_once, iqm_r, c_reps, _log10_xmax(x), opts)
+        iqm_r[:, needed] = trimmed_mean(log_n[:, needed], counts)
+    rules = window_rules(eps, reached, at_once, iqm_r, c_reps, lx, opts)
     return window_from_rules(rules, opts), iqm_r
 
 
