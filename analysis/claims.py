@@ -276,17 +276,19 @@ def judge(claim: Claim, curves: Curves, opts: FitOptions | None = None) -> Verdi
 
     worst = min(verdicts, key=badness)
     v = verdicts[worst]
-    return Verdict(claim, v.verdict, v.reason + _evidence_note(claim, per, worst, pooled), v.fit,
+    note = _evidence_note(claim, per, worst, pooled, with_window="window covers [" not in v.reason)
+    return Verdict(claim, v.verdict, v.reason + note, v.fit,
                    per_instance=per, pooled=pooled, worst_instance=worst)
 
 
-def _evidence_note(claim: Claim, per: dict, worst, pooled: RateFit) -> str:
-    """' | window ...; worst instance ...; local exponent ...' for the reason line."""
+def _evidence_note(claim: Claim, per: dict, worst, pooled: RateFit, with_window: bool = True) -> str:
+    """' | window ...; worst instance ...; local exponent ...' for the reason line (the window is
+    left out when the reason already says what it covers)."""
     f = per[worst]
     lo, hi = claim.metric_eps_range
-    window = (f"window [{f.eps_low:.3g}, {f.eps_high:.3g}] of claimed [{lo:.3g}, {hi:.3g}]" if f.n_levels
-              else f"no window in claimed [{lo:.3g}, {hi:.3g}]")
-    parts = [window]
+    window = (f"window covers [{f.eps_low:.3g}, {f.eps_high:.3g}] of the claimed [{lo:.3g}, {hi:.3g}]"
+              if f.n_levels else f"no window in the claimed [{lo:.3g}, {hi:.3g}]")
+    parts = [window] if with_window else []
     if len(per) > 1:
         ps = ", ".join(f"{k}: {v.p:.3g}" for k, v in per.items())
         parts.append(f"worst instance {worst} of {len(per)} (p̂ per instance {ps}; pooled p̂ {pooled.p:.3g} "
@@ -294,4 +296,4 @@ def _evidence_note(claim: Claim, per: dict, worst, pooled: RateFit) -> str:
     if np.isfinite(f.p_local):
         trend = f", trend {f.p_trend:+.2g} per decade of 1/ε" if np.isfinite(f.p_trend) else ""
         parts.append(f"local exponent at ε_min {f.p_local:.3g} [{f.p_local_low:.3g}, {f.p_local_high:.3g}]{trend}")
-    return " | " + "; ".join(parts)
+    return (" | " + "; ".join(parts)) if parts else ""

@@ -208,7 +208,7 @@ def test_judge_passes_only_when_every_instance_passes():
     assert good.fit.p_high == max(f.p_high for f in good.per_instance.values())  # worst = largest upper end
     bad = judge(claim, _instances([1.0, 0.5, 1.0]), opts)  # instance 1: p = 2 > 1.5
     assert bad.verdict == VIOLATED and bad.worst_instance == 1
-    assert "worst instance 1 of 3" in bad.reason and "window [" in bad.reason and "local exponent" in bad.reason
+    assert "worst instance 1 of 3" in bad.reason and "window covers [" in bad.reason and "local exponent" in bad.reason
     assert bad.per_instance[1].p_low > 1.5 and bad.per_instance[0].p_high < 1.5
 
 
