@@ -227,9 +227,10 @@ def fit_command(ns) -> int:
                 print(f"\nwindow sensitivity: {key}")
                 print(fit.arrays["sensitivity"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
             if "profile" in fit.arrays:
-                print(f"\nlocal exponent p(ε) on {fit.arrays['profile_trend']['eps_eval']:.3g}-bottomed window, "
-                      f"half-decade sub-windows (trend {_fmt(fit.p_trend)} per decade of 1/ε; at the bottom "
-                      f"{_fmt(fit.p_local)} [{_fmt(fit.p_local_low)}, {_fmt(fit.p_local_high)}]): {key}")
+                at = fit.arrays["profile_trend"]["eps_eval"]
+                print(f"\nlocal exponent p(ε) on half-decade sub-windows (trend {_fmt(fit.p_trend)} per decade "
+                      f"of 1/ε; at ε = {at:.3g}: {_fmt(fit.p_local)} [{_fmt(fit.p_local_low)}, "
+                      f"{_fmt(fit.p_local_high)}]): {key}")
                 print(fit.arrays["profile"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 

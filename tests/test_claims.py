@@ -174,7 +174,7 @@ def test_true_power_law_at_the_claimed_rate_is_never_called_a_stall():
 
 # ---------------------------------------------------------------------------------------------- issue 10: honest verdicts
 
-UPPER = dict(relation="upper_bound", exponent=1.0)  # on the control claim's range [1e-2, 1]
+UPPER = {"relation": "upper_bound", "exponent": 1.0}  # on the control claim's range [1e-2, 1]
 
 
 @pytest.mark.parametrize("relation", ["upper_bound", "equals"])
@@ -217,12 +217,12 @@ def test_local_exponent_reaching_the_claim_at_eps_min_is_inconclusive(trend, wor
 
 def test_p_and_inverse_b_disagreeing_beyond_their_cis_blocks_pass():
     claim = parse_claim(base_claim(**UPPER))
-    slow_b = dict(b=0.7, b_low=0.65, b_high=0.75)  # 1/b ∈ [1.33, 1.54]: disjoint from [0.9, 0.98], above 1
+    slow_b = {"b": 0.7, "b_low": 0.65, "b_high": 0.75}  # 1/b ∈ [1.33, 1.54]: disjoint from [0.9, 0.98], above 1
     v = verdict(claim, fake_fit(0.95, 0.9, 0.98, **slow_b))
     assert v.verdict == INCONCLUSIVE and "disagree" in v.reason
-    agreeing = dict(b=1.05, b_low=1.02, b_high=1.12)  # 1/b ∈ [0.89, 0.98]
+    agreeing = {"b": 1.05, "b_low": 1.02, "b_high": 1.12}  # 1/b ∈ [0.89, 0.98]
     assert verdict(claim, fake_fit(0.95, 0.9, 0.98, **agreeing)).verdict == PASS
-    fast_b = dict(b=2.0, b_low=1.9, b_high=2.1)  # disagrees, but 1/b ≤ 0.53 confirms the bound too
+    fast_b = {"b": 2.0, "b_low": 1.9, "b_high": 2.1}  # disagrees, but 1/b ≤ 0.53 confirms the bound too
     assert verdict(claim, fake_fit(0.95, 0.9, 0.98, **fast_b)).verdict == PASS
 
 
