@@ -61,32 +61,58 @@ def trimmed_mean(values: np.ndarray, counts: np.ndarray, trim: float = 0.25, chu
     scale = np.where(scale > 0, scale, 1.0)
     safe32 = (safe / scale).astype(np.float32)
     pos, neg = sorted_vals == np.inf, sorted_vals == -np.inf  # (S, K)
+    # sorted: the -inf values first, then finite ones, then +inf, then NaN. Which resamples keep an
+    # infinity in their middle follows from the cumulative counts at the block edges (no (r, S, K) pass)
+    n_neg = neg.sum(0)  # (K,)
+    first_pos = (valid & ~pos).sum(0)  # (K,) index of the first +inf (= number of valid when none)
+    any_inf = bool(pos.any() or neg.any())
     counts = counts.astype(np.float32)
     out = np.empty((R, K))
     for start in range(0, R, chunk):
         c = counts[start:start + chunk][:, order]  # (r, S, K) resample count of each sorted value (float32)
         if not valid.all():
             c *= valid[None]
-        cum = np.cumsum(c, axis=1)  # (r, S, K) exact: integers < 2^24
-        n = cum[:, -1, :]  # (r, K) resample size at each column
+        cum = _cumsum_axis1(c)  # (r, S, K) exact: integers < 2^24
+        n = cum[:, -1, :].copy()  # (r, K) resample size at each column (cum is reused in place below)
         if trim >= 0.5:  # median: the unit-width window around the middle
             lo, hi = 0.5 * n - 0.5, 0.5 * n + 0.5
         else:
             lo, hi = trim * n, (1.0 - trim) * n
-        weight = np.minimum(cum, hi[:, None, :])
-        weight -= np.maximum(cum - c, lo[:, None, :])  # (r, S, K)
+        if any_inf:
+            before_pos = _count_before(cum, first_pos)  # (r, K) resampled values before the +inf block
+            upto_neg = _count_before(cum, n_neg)  # (r, K) resampled -inf values
+        weight = np.minimum(cum, hi[:, None, :])  # (r, S, K)
+        cum -= c  # in place: the count before each value
+        np.maximum(cum, lo[:, None, :], out=cum)
+        weight -= cum
         np.clip(weight, 0.0, None, out=weight)
         wsum = weight.sum(axis=1, dtype=np.float64)  # (r, K)
         total = np.einsum("rsk,sk->rk", weight, safe32).astype(np.float64) * scale
         with np.errstate(invalid="ignore", divide="ignore"):
             block = total / wsum
-        if pos.any() or neg.any():
-            has_pos = (weight * pos[None]).sum(axis=1) > 0
-            has_neg = (weight * neg[None]).sum(axis=1) > 0
+        if any_inf:
+            has_pos = np.minimum(n, hi) > np.maximum(before_pos, lo)  # the +inf block has weight
+            has_neg = np.minimum(upto_neg, hi) > np.maximum(0.0, lo)  # the -inf block has weight
             block = np.where(has_pos & ~has_neg, np.inf, np.where(has_neg & ~has_pos, -np.inf, block))
             block = np.where(has_pos & has_neg, np.nan, block)
         out[start:start + chunk] = np.where(n > 0, block, np.nan)
     return out
+
+
+def _cumsum_axis1(c: np.ndarray) -> np.ndarray:
+    """np.cumsum(c, axis=1) of (r, S, K) as S vectorised (r, K) additions: numpy's cumsum along a
+    middle axis is ~8x slower than this loop (measured for S = 80, K = 106)."""
+    cum = c.copy()
+    for s in range(1, cum.shape[1]):
+        np.add(cum[:, s], cum[:, s - 1], out=cum[:, s])
+    return cum
+
+
+def _count_before(cum: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """cum (r, S, K) cumulative counts along the sorted axis, index (K,) → (r, K) the count of
+    entries before position index[k] (0 when index is 0)."""
+    at = np.take_along_axis(cum, np.maximum(index - 1, 0)[None, None, :], axis=1)[:, 0]
+    return np.where(index > 0, at, 0.0)
 
 
 def iqm(values: np.ndarray, axis: int = 0) -> np.ndarray:
