@@ -291,3 +291,20 @@ def test_fit_sensitivity_prints_the_profile_numbers(tmp_path, capsys):
     np.testing.assert_allclose(printed[:, 0], prof["eps_center"], rtol=5e-3)  # printed to 3 digits
     np.testing.assert_allclose(printed[:, 1], prof["p"], rtol=5e-3)
     assert np.all(np.abs(printed[:, 1] - 2.0) < 0.5)
+
+
+def test_one_inconclusive_instance_makes_the_claim_inconclusive():
+    """Instances 0 and 1 pass; instance 2 has 3 seeds (the claim needs 4 per instance): the claim
+    is INCONCLUSIVE, decided by instance 2, and the pooled fit still uses all 19 seeds."""
+    import pandas as pd
+
+    rng = np.random.default_rng(15)
+    parts = [synthetic_curves(1.0, n, rng, instances=np.full(n, k)) for k, n in enumerate((8, 8, 3))]
+    seeds = pd.concat([p.seeds for p in parts], ignore_index=True)
+    curves = Curves("gap", "samples", parts[0].x, np.vstack([p.values for p in parts]),
+                    np.concatenate([p.strata for p in parts]), seeds, np.ones(len(seeds), bool),
+                    np.concatenate([p.instances for p in parts]))
+    v = judge(_claim(1.5, 1e-4, 1.0), curves, FitOptions(n_boot=300))
+    assert v.verdict == INCONCLUSIVE and v.worst_instance == 2
+    assert v.per_instance[2].status == "too_few_seeds" and v.pooled.n_seeds == 19
+    assert v.per_instance[0].p_high < 1.5 and v.per_instance[1].p_high < 1.5
