@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import yaml
-from ratebench.analysis.curves import METRICS, X_AXES
-from ratebench.analysis.fit import RateFit
+from ratebench.analysis.curves import METRICS, X_AXES, Curves
+from ratebench.analysis.fit import FitOptions, RateFit, fit_rate
 from ratebench.errors import ConfigError
 
 RELATIONS = ("upper_bound", "equals")
@@ -150,18 +151,55 @@ def _positive(value, where: str) -> float:
 
 @dataclass
 class Verdict:
+    """A claim's verdict. fit: the fit the verdict was decided on (the worst instance when the
+    evidence holds several); per_instance: one fit per environment instance; pooled: the fit of all
+    instances together (hierarchical bootstrap), shown beside; worst_instance: the deciding one."""
+
     claim: Claim
     verdict: str
     reason: str
     fit: RateFit | None
+    per_instance: dict = field(default_factory=dict)
+    pooled: RateFit | None = None
+    worst_instance: object = None
+
+
+GRID_STEP = 10 ** (1 / FitOptions().per_decade)  # a window "reaches" ε_min when its lowest level is within one step
+COVER_REACH = FitOptions().reach  # ... and this fraction of the seeds stay ≤ ε_min at the end
+
+
+def coverage(claim: Claim, fit: RateFit) -> tuple[bool, str]:
+    """Does the fitting window reach the claim's ε_min (its lowest level within one grid step of
+    ε_min, and ≥ 75 % of the seeds staying ≤ ε_min) and span the required decades (else the fit
+    is `too_narrow`)? Returns (covered, "window covers [a, b] of the claimed [ε_min, ε_max]")."""
+    lo, hi = claim.metric_eps_range
+    text = (f"window covers [{fit.eps_low:.3g}, {fit.eps_high:.3g}] of the claimed [{lo:.3g}, {hi:.3g}]"
+            if fit.n_levels else f"no window in the claimed [{lo:.3g}, {hi:.3g}]")
+    reaches = fit.eps_low <= lo * GRID_STEP * (1 + 1e-9) and fit.reach_eps_min >= COVER_REACH
+    return bool(reaches and fit.status != "too_narrow"), text
+
+
+def _floor_above(fit: RateFit, eps_min: float) -> bool:
+    """The fitted floor's whole 95 % CI lies above ε_min: the metric cannot reach the claimed range."""
+    return bool(fit.c > 0 and np.isfinite(fit.c_low) and fit.c_low > eps_min)
+
+
+def _pb_disagree(fit: RateFit) -> bool:
+    """p̂ (from n_hit) and 1/b̂ (from the decay fit) disagree beyond both CIs."""
+    inv_lo, inv_hi = 1.0 / fit.b_high, 1.0 / fit.b_low  # CI of 1/b
+    return bool(np.isfinite(fit.p_low) and np.isfinite(inv_lo) and (fit.p_low > inv_hi or fit.p_high < inv_lo))
 
 
 def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
-    """SPEC §7 at 95 %. upper_bound: PASS if the CI's upper end ≤ p_claim, VIOLATED if its
-    lower end > p_claim or the metric stalls above the ε range (final IQM above ε_min and a
-    log-log decay whose whole CI is slower than 1/(p_claim + tol)). equals (± tol): PASS if the CI
-    lies inside [p−tol, p+tol], VIOLATED if it misses that band entirely. INCONCLUSIVE otherwise,
-    and when the fit has too few seeds or ε levels. Exponents compared in the metric's unit."""
+    """SPEC §7 at 95 %, on one fit (one instance; judge() combines instances). upper_bound: PASS
+    only if the window reaches ε_min and spans ≥ min_decades (coverage), the local exponent's
+    trend at ε_min stays below p_claim, p̂ and 1/b̂ do not disagree with 1/b̂ above p_claim, and
+    the CI's upper end ≤ p_claim; VIOLATED if its lower end > p_claim, the metric stalls above
+    the ε range (final IQM above ε_min and a log-log decay whose whole CI is slower than
+    1/(p_claim + tol)), or the fitted floor's CI lies above ε_min. equals (± tol): PASS if covered
+    and the CI lies inside [p−tol, p+tol], VIOLATED if it misses that band entirely (or stall,
+    floor). INCONCLUSIVE otherwise, and when the fit has too few seeds or ε levels. Exponents are
+    compared in the metric's unit."""
     if fit is None:
         return Verdict(claim, INCONCLUSIVE, "no runs of this algorithm in the evidence", None)
     p_claim = claim.metric_exponent
@@ -172,26 +210,105 @@ def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
                                         f"ε_min = {lo_eps:.3g} and its log-log decay over the last decades, "
                                         f"{fit.decay:.3g} (95% CI up to {fit.decay_high:.3g}), is slower than "
                                         f"the claimed 1/{p_claim + claim.tolerance:.3g} = {slowest:.3g}", fit)
-    if fit.status != "ok":
+    if fit.status != "no_data" and _floor_above(fit, lo_eps):
+        return Verdict(claim, VIOLATED, f"cannot reach the claimed range: the fitted floor ĉ = {fit.c:.3g} "
+                                        f"(95% CI [{fit.c_low:.3g}, {fit.c_high:.3g}]) lies above ε_min = "
+                                        f"{lo_eps:.3g}", fit)
+    covered, cover_text = coverage(claim, fit)
+    if fit.status not in ("ok", "too_narrow"):
         return Verdict(claim, INCONCLUSIVE, f"{fit.status}: {fit.reason}", fit)
     if fit.n_seeds < claim.min_seeds:
         return Verdict(claim, INCONCLUSIVE, f"{fit.n_seeds} seeds fitted, the claim needs ≥ {claim.min_seeds}", fit)
     ci = f"CI [{fit.p_low:.3g}, {fit.p_high:.3g}]"
     if claim.relation == "upper_bound":
+        if fit.p_low > p_claim:  # a slope steeper than claimed on part of the range already contradicts it
+            return Verdict(claim, VIOLATED, f"{ci} lies above the claimed {p_claim:.3g} ({cover_text})", fit)
+        if not covered:
+            return Verdict(claim, INCONCLUSIVE, f"{cover_text}" + _narrow(fit), fit)
+        if fit.p_local_high >= p_claim:
+            rising = "rising towards" if fit.p_trend > 0 else "at ε_min could reach"
+            return Verdict(claim, INCONCLUSIVE, f"pre-asymptotic: local exponent {rising} p_claim = {p_claim:.3g} "
+                                                f"(trend at ε_min {fit.p_local:.3g}, 95% CI up to "
+                                                f"{fit.p_local_high:.3g}; {ci}; {cover_text})", fit)
+        if _pb_disagree(fit) and 1.0 / fit.b_low > p_claim:
+            return Verdict(claim, INCONCLUSIVE, f"p̂ = {fit.p:.3g} ({ci}) and 1/b̂ = {1 / fit.b:.3g} (CI up to "
+                                                f"{1 / fit.b_low:.3g} > {p_claim:.3g}) disagree beyond their CIs "
+                                                f"({cover_text})", fit)
         if fit.p_high <= p_claim:
-            return Verdict(claim, PASS, f"{ci} ≤ {p_claim:.3g}. {UPPER_BOUND_CAVEAT}", fit)
-        if fit.p_low > p_claim:
-            return Verdict(claim, VIOLATED, f"{ci} lies above the claimed {p_claim:.3g}", fit)
-        return Verdict(claim, INCONCLUSIVE, f"{ci} contains the claimed {p_claim:.3g}", fit)
+            return Verdict(claim, PASS, f"{ci} ≤ {p_claim:.3g}; {cover_text}. {UPPER_BOUND_CAVEAT}", fit)
+        return Verdict(claim, INCONCLUSIVE, f"{ci} contains the claimed {p_claim:.3g} ({cover_text})", fit)
     band = (p_claim - claim.tolerance, p_claim + claim.tolerance)
-    if band[0] <= fit.p_low and fit.p_high <= band[1]:
-        return Verdict(claim, PASS, f"{ci} inside [{band[0]:.3g}, {band[1]:.3g}]", fit)
     if fit.p_high < band[0] or fit.p_low > band[1]:
-        return Verdict(claim, VIOLATED, f"{ci} misses [{band[0]:.3g}, {band[1]:.3g}]", fit)
-    return Verdict(claim, INCONCLUSIVE, f"{ci} overlaps but is not inside [{band[0]:.3g}, {band[1]:.3g}]", fit)
+        return Verdict(claim, VIOLATED, f"{ci} misses [{band[0]:.3g}, {band[1]:.3g}] ({cover_text})", fit)
+    if not covered:
+        return Verdict(claim, INCONCLUSIVE, f"{cover_text}" + _narrow(fit), fit)
+    if band[0] <= fit.p_low and fit.p_high <= band[1]:
+        return Verdict(claim, PASS, f"{ci} inside [{band[0]:.3g}, {band[1]:.3g}]; {cover_text}", fit)
+    return Verdict(claim, INCONCLUSIVE, f"{ci} overlaps but is not inside [{band[0]:.3g}, {band[1]:.3g}] "
+                                        f"({cover_text})", fit)
+
+
+def _narrow(fit: RateFit) -> str:
+    return f" ({fit.reason})" if fit.status == "too_narrow" else ""
 
 
 def _stalls(fit: RateFit, eps_min: float, slowest: float) -> bool:
     """Still above the smallest claimed ε at the end, and decaying significantly slower than the
     claim allows over the asymptotic points (the whole CI of the log-log decay below 1/p)."""
     return bool(math.isfinite(fit.decay_high) and fit.decay_high < slowest and fit.final_iqm > eps_min)
+
+
+RANK = {VIOLATED: 0, INCONCLUSIVE: 1, PASS: 2}
+
+
+def claim_options(claim: Claim, opts: FitOptions) -> FitOptions:
+    """The fit options of a claim: its ε range (metric units) and its minimum seed count."""
+    lo, hi = claim.metric_eps_range
+    return replace(opts, eps_min=lo, eps_max=hi, min_seeds=claim.min_seeds)
+
+
+def judge(claim: Claim, curves: Curves, opts: FitOptions | None = None) -> Verdict:
+    """The claim on every environment instance of the evidence: one fit per instance (seed
+    bootstrap within it) and the pooled fit (hierarchical bootstrap: instances, then seeds). A
+    bound must hold on each instance: PASS only if every instance passes, VIOLATED if any is
+    violated, else INCONCLUSIVE; the verdict, its fit and its reason are those of the worst
+    instance (the first VIOLATED, else INCONCLUSIVE, else the largest CI upper end). The reason
+    line also names the covered ε range, the worst instance and the local-exponent trend."""
+    opts = claim_options(claim, opts or FitOptions())
+    labels = list(curves.instance_labels)
+    if len(labels) <= 1:
+        fit = fit_rate(curves, opts)
+        per = {labels[0] if labels else 0: fit}
+        pooled = fit
+    else:
+        per = {lab: fit_rate(curves.subset(lab), opts) for lab in labels}
+        pooled = fit_rate(curves, opts)
+    verdicts = {lab: verdict(claim, f) for lab, f in per.items()}
+
+    def badness(lab):
+        f = per[lab]
+        return RANK[verdicts[lab].verdict], -(f.p_high if np.isfinite(f.p_high) else np.inf)
+
+    worst = min(verdicts, key=badness)
+    v = verdicts[worst]
+    note = _evidence_note(claim, per, worst, pooled, with_window="window covers [" not in v.reason)
+    return Verdict(claim, v.verdict, v.reason + note, v.fit,
+                   per_instance=per, pooled=pooled, worst_instance=worst)
+
+
+def _evidence_note(claim: Claim, per: dict, worst, pooled: RateFit, with_window: bool = True) -> str:
+    """' | window ...; worst instance ...; local exponent ...' for the reason line (the window is
+    left out when the reason already says what it covers)."""
+    f = per[worst]
+    lo, hi = claim.metric_eps_range
+    window = (f"window covers [{f.eps_low:.3g}, {f.eps_high:.3g}] of the claimed [{lo:.3g}, {hi:.3g}]"
+              if f.n_levels else f"no window in the claimed [{lo:.3g}, {hi:.3g}]")
+    parts = [window] if with_window else []
+    if len(per) > 1:
+        ps = ", ".join(f"{k}: {v.p:.3g}" for k, v in per.items())
+        parts.append(f"worst instance {worst} of {len(per)} (p̂ per instance {ps}; pooled p̂ {pooled.p:.3g} "
+                     f"CI [{pooled.p_low:.3g}, {pooled.p_high:.3g}])")
+    if np.isfinite(f.p_local):
+        trend = f", trend {f.p_trend:+.2g} per decade of 1/ε" if np.isfinite(f.p_trend) else ""
+        parts.append(f"local exponent at ε_min {f.p_local:.3g} [{f.p_local_low:.3g}, {f.p_local_high:.3g}]{trend}")
+    return (" | " + "; ".join(parts)) if parts else ""

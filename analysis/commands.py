@@ -11,12 +11,11 @@ import re
 import subprocess
 import sys
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, load_claim, verdict
+from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, judge, load_claim, verdict
 from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
 from ratebench.analysis.load import Loaded, RunRecordError, load
@@ -59,6 +58,10 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
                    help=f"window: decades of x kept after n_hit as evidence of staying (default {d.tail})")
     p.add_argument("--floor-factor", type=float, default=d.floor_factor,
                    help=f"window: ε ≥ this × fitted floor (default {d.floor_factor})")
+    p.add_argument("--nhit-decades", type=float, default=d.nhit_decades,
+                   help=f"window: IQM n_hit within the last this many decades of x (default {d.nhit_decades})")
+    p.add_argument("--min-decades", type=float, default=d.min_decades,
+                   help=f"a window spanning fewer decades of ε is too_narrow: no PASS (default {d.min_decades})")
 
 
 def _fit_parser() -> argparse.ArgumentParser:
@@ -125,11 +128,12 @@ def fit_options(ns, **extra) -> FitOptions:
         raise BadInput(f"--n-boot must be >= 100, got {ns.n_boot}")
     if not 0.5 <= ns.reach <= 1:
         raise BadInput(f"--reach must be in [0.5, 1], got {ns.reach}")
-    for name in ("decades", "tail", "floor_factor"):
+    for name in ("decades", "tail", "floor_factor", "nhit_decades", "min_decades"):
         if not getattr(ns, name) >= 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(ns, name)}")
     return FitOptions(n_boot=ns.n_boot, seed=ns.boot_seed, reach=ns.reach, decades=ns.decades, tail=ns.tail,
-                      floor_factor=ns.floor_factor, **extra)
+                      floor_factor=ns.floor_factor, nhit_decades=ns.nhit_decades, min_decades=ns.min_decades,
+                      **extra)
 
 
 # ---------------------------------------------------------------------------------------------- analysis glue
@@ -226,6 +230,12 @@ def fit_command(ns) -> int:
             if "sensitivity" in fit.arrays:
                 print(f"\nwindow sensitivity: {key}")
                 print(fit.arrays["sensitivity"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+            if "profile" in fit.arrays:
+                at = fit.arrays["profile_trend"]["eps_eval"]
+                print(f"\nlocal exponent p(ε) on half-decade sub-windows (trend {_fmt(fit.p_trend)} per decade "
+                      f"of 1/ε; at ε = {at:.3g}: {_fmt(fit.p_local)} [{_fmt(fit.p_local_low)}, "
+                      f"{_fmt(fit.p_local_high)}]): {key}")
+                print(fit.arrays["profile"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
 
@@ -303,18 +313,20 @@ def claim_evidence(loaded: Loaded, claim: Claim, where: str = "the runs") -> tup
 
 
 def evaluate_claim(loaded: Loaded, claim: Claim, opts: FitOptions, where: str = "the runs") -> tuple[Verdict, object, str]:
-    """Pool all configurations of the evidence (bootstrap stratified by config hash) and judge."""
+    """Pool all configurations of the evidence (bootstrap stratified by config hash) and judge it
+    per environment instance (claims.judge). The curves returned are those of the worst instance
+    (the ones v.fit was fitted on; all the evidence when it holds one instance)."""
     evidence, note, missing = claim_evidence(loaded, claim, where)
     if missing or evidence.seeds.empty:
         return Verdict(claim, INCONCLUSIVE, missing or "no evidence", None), None, note
     if claim.metric not in evidence.metrics.columns:
         raise BadInput(f"{claim.path}: metric {claim.metric!r} is not in the run records")
-    lo, hi = claim.metric_eps_range
-    opts = replace(opts, eps_min=lo, eps_max=hi, min_seeds=claim.min_seeds)
     curves = build_curves(evidence.metrics, evidence.seeds, claim.metric, claim.x)
     warn_identical_curves(curves, f"claim {claim.id}")
-    fit = fit_rate(curves, opts)
-    return verdict(claim, fit), curves, note
+    v = judge(claim, curves, opts)
+    if len(v.per_instance) > 1:
+        curves = curves.subset(v.worst_instance)
+    return v, curves, note
 
 
 def identical_curves(curves) -> list[tuple[int, str, str]]:
@@ -428,7 +440,10 @@ def verdict_row(v: Verdict, note: str = "") -> dict:
            "eps_claim": [c.metric_eps_range[0], c.metric_eps_range[1]], "note": note}
     if f is not None:
         row.update(p=f.p, p_low=f.p_low, p_high=f.p_high, eps_low=f.eps_low, eps_high=f.eps_high,
-                   n_seeds=f.n_seeds, n_diverged=f.n_diverged, n_failed=f.n_failed, b=f.b, c=f.c)
+                   n_seeds=f.n_seeds, n_diverged=f.n_diverged, n_failed=f.n_failed, b=f.b, c=f.c,
+                   p_local=f.p_local, p_local_high=f.p_local_high, p_trend=f.p_trend)
+    row.update(n_instances=max(len(v.per_instance), 1 if f is not None else 0),
+               worst_instance=None if v.worst_instance is None else _jsonable({"i": v.worst_instance})["i"])
     return row
 
 
@@ -439,7 +454,9 @@ def format_verdicts(rows: list[dict]) -> str:
                    (f" ± {_fmt(r['tolerance'])}" if r["relation"] == "equals" else ""),
         "p̂": _fmt(r.get("p")), "95% CI": f"[{_fmt(r.get('p_low'))}, {_fmt(r.get('p_high'))}]",
         "ε window": f"[{_fmt(r.get('eps_low'))}, {_fmt(r.get('eps_high'))}]",
-        "seeds": r.get("n_seeds", 0), "diverged": r.get("n_diverged", 0), "verdict": r["verdict"]} for r in rows])
+        "seeds": r.get("n_seeds", 0), "diverged": r.get("n_diverged", 0), "instances": r.get("n_instances", 0),
+        "worst": "-" if r.get("worst_instance") is None or r.get("n_instances", 0) < 2 else r["worst_instance"],
+        "verdict": r["verdict"]} for r in rows])
     lines = [table.to_string(index=False), ""]
     for r in rows:
         lines.append(f"{r['claim']}: {r['verdict']} — {r['reason']}" + (f" ({r['note']})" if r["note"] else ""))

@@ -2,7 +2,7 @@
 log-spaced ε grid, and the inversion of curves into n_hit(ε) (SPEC §7)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -10,6 +10,7 @@ import pandas as pd
 METRICS = ("gap", "grad_sq", "policy_gap", "psi_gap", "reward_err", "kl_ref")
 X_AXES = ("samples", "queries", "step")
 DEFAULT_GROUP = ("algorithm", "env", "config_hash")
+INSTANCE_COLUMN = "cfg.env.instance_seed"  # the environment instance a seed ran on (envs/common.py)
 
 
 @dataclass
@@ -17,7 +18,9 @@ class Curves:
     """One group's evidence. x (P,) sorted evaluation points (0 included); values (S, P): the
     metric of every fitted seed, +inf after a divergence, NaN where the seed has no evaluation;
     seeds: one row per seed of the group (all statuses); used (S_all,) bool: which seed rows
-    are in `values` (completed + diverged; failed seeds are counted but not fitted)."""
+    are in `values` (completed + diverged; failed seeds are counted but not fitted); instances
+    (S,): the environment instance (`cfg.env.instance_seed`) of every fitted seed, default one
+    instance (all 0)."""
 
     metric: str
     x_name: str
@@ -26,16 +29,44 @@ class Curves:
     strata: np.ndarray
     seeds: pd.DataFrame
     used: np.ndarray
+    instances: np.ndarray = field(default=None)
+
+    def __post_init__(self):
+        if self.instances is None:
+            self.instances = seed_instances(self.seeds)[np.asarray(self.used, bool)] if len(self.seeds) \
+                else np.zeros(self.values.shape[0], np.int64)
+        self.instances = np.asarray(self.instances)
 
     @property
     def n_seeds(self) -> int:
         return int(self.values.shape[0])
+
+    @property
+    def instance_labels(self) -> np.ndarray:
+        """The distinct instances among the fitted seeds, sorted. (I,)"""
+        return np.unique(self.instances)
+
+    def subset(self, instance) -> Curves:
+        """The same curves restricted to one environment instance (its fitted and failed seeds)."""
+        keep = self.instances == instance  # (S,)
+        rows = seed_instances(self.seeds) == instance  # (S_all,)
+        return Curves(self.metric, self.x_name, self.x, self.values[keep], self.strata[keep],
+                      self.seeds[rows].reset_index(drop=True), np.asarray(self.used, bool)[rows], self.instances[keep])
 
     def count(self, status: str) -> int:
         """Seeds with that status; 'failed' also counts any status other than completed/diverged."""
         if status == "failed":
             return int((~self.seeds["status"].isin(["completed", "diverged"])).sum())
         return int((self.seeds["status"] == status).sum())
+
+
+def seed_instances(seeds: pd.DataFrame) -> np.ndarray:
+    """(S_all,) the instance of every seed row: the `cfg.env.instance_seed` column, 0 where it is
+    absent or missing (one instance)."""
+    if INSTANCE_COLUMN not in seeds.columns:
+        return np.zeros(len(seeds), np.int64)
+    col = pd.to_numeric(seeds[INSTANCE_COLUMN], errors="coerce").fillna(0)
+    return col.to_numpy(dtype=np.int64)
 
 
 def group_keys(by: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -59,7 +90,8 @@ def build_curves(metrics: pd.DataFrame, seeds: pd.DataFrame, metric: str, x_name
     values = table.to_numpy(dtype=np.float64)  # (S, P)
     values = mark_divergence(values, x, fit_seeds, rows, x_name)
     strata = fit_seeds["config_hash"].astype(str).to_numpy()
-    return Curves(metric, x_name, x, values, strata, seeds.reset_index(drop=True), used_mask)
+    return Curves(metric, x_name, x, values, strata, seeds.reset_index(drop=True), used_mask,
+                  seed_instances(fit_seeds))
 
 
 def mark_divergence(values: np.ndarray, x: np.ndarray, fit_seeds: pd.DataFrame, rows: pd.DataFrame,

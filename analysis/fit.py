@@ -7,7 +7,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 from ratebench.analysis.curves import Curves, eps_grid, n_hit
-from ratebench.analysis.stats import batched_slope, bootstrap_counts, percentile_ci, trimmed_mean
+from ratebench.analysis.stats import (
+    batched_slope,
+    bootstrap_counts,
+    hierarchical_counts,
+    percentile_ci,
+    trimmed_mean,
+)
 from scipy import stats as sps
 
 B_GRID = np.exp(np.linspace(np.log(0.03), np.log(5.0), 101))  # b < 0.03 (p > 33) is a plateau here  # decay exponents searched, log-spaced
@@ -19,7 +25,10 @@ class FitOptions:
 
     reach: float = 0.75  # an ε level is usable when ≥ this fraction of seeds reached it (and ≤ 1−reach hit it at once)
     floor_factor: float = 10.0  # usable ε ≥ floor_factor · ĉ: keeps the fitted floor out of the window
-    decades: float = 2.0  # asymptotic regime: only the last `decades` decades of x (n_hit for p, x for b)
+    decades: float = 2.0  # asymptotic points of the curve for b, c and the decay: the last `decades` decades of x
+    nhit_decades: float = 4.0  # window: IQM n_hit within the last `nhit_decades` decades of x. A window spans
+    # at most (nhit_decades − tail)/p decades of ε, so a decade of ε at p needs p + tail decades of x here;
+    # the local-exponent profile, not this rule, is what catches a window still in a transient
     tail: float = 0.5  # n_hit ≤ x_max / 10^tail: evidence that the metric *stays* below ε
     per_decade: int = 20  # ε grid density (shared levels 10^(k/per_decade))
     n_boot: int = 2000  # bootstrap replicates (seeds resampled within each configuration)
@@ -31,6 +40,9 @@ class FitOptions:
     eps_max: float | None = None
     drop_top: int = 0  # drop this many of the largest / smallest window levels (sensitivity)
     drop_bottom: int = 0
+    min_decades: float = 1.0  # a window spanning fewer decades of ε is `too_narrow` (never a verdict)
+    profile_width: float = 0.5  # local exponent profile: sub-windows of this many decades of ε ...
+    profile_step: float = 0.25  # ... with centres this many decades apart
 
 
 @dataclass
@@ -39,7 +51,7 @@ class RateFit:
 
     metric: str
     x_name: str
-    status: str  # ok | too_few_seeds | too_few_levels | no_data
+    status: str  # ok | too_few_seeds | too_few_levels | too_narrow | no_data
     reason: str
     p: float = np.nan
     p_low: float = np.nan
@@ -63,13 +75,22 @@ class RateFit:
     decay: float = np.nan  # −(log-log slope of the IQM curve over the asymptotic points), no floor
     decay_low: float = np.nan
     decay_high: float = np.nan
+    window_decades: float = np.nan  # log10(eps_high / eps_low)
+    reach_eps_min: float = np.nan  # fraction of seeds that stay ≤ the claim's ε_min (opts.eps_min) at the end
+    p_local: float = np.nan  # local exponent trend evaluated at ε_min (or the window's bottom), with CI
+    p_local_low: float = np.nan
+    p_local_high: float = np.nan
+    p_trend: float = np.nan  # d p_local / d log10(1/ε): > 0 means the exponent still rises towards small ε
+    n_instances: int = 1
+    boot_unit: str = "seed"  # what the bootstrap resampled: seed | instance (then seeds within each)
     p_reps: np.ndarray = field(default=None, repr=False)
     arrays: dict = field(default_factory=dict, repr=False)
 
     def row(self) -> dict:
         keys = ["metric", "x_name", "status", "p", "p_low", "p_high", "log10_C", "b", "b_low", "b_high", "c",
                 "c_low", "c_high", "eps_low", "eps_high", "n_levels", "n_seeds", "n_diverged", "n_failed",
-                "n_strata", "final_iqm", "decay", "decay_low", "decay_high", "reason"]
+                "n_strata", "final_iqm", "decay", "decay_low", "decay_high", "window_decades", "reach_eps_min",
+                "p_local", "p_local_low", "p_local_high", "p_trend", "n_instances", "boot_unit", "reason"]
         return {k: getattr(self, k) for k in keys}
 
 
@@ -175,34 +196,67 @@ def asymptotic_points(x: np.ndarray, decades: float) -> np.ndarray:
 
 def level_table(curves: Curves, opts: FitOptions, floor_c: float) -> pd.DataFrame:
     """Per ε level: reached fraction, at-once fraction, IQM log10 n_hit, and which window rule it
-    passes. The window is the levels passing every rule, minus drop_top/drop_bottom."""
+    passes. The window is the levels passing every rule, minus drop_top/drop_bottom. The rules
+    are computed by window_rules, the function every bootstrap replicate uses too."""
     x, vals = curves.x, curves.values
     eps = eps_grid(vals[:, x > 0] if vals.size else vals, opts.per_decade)
     nh = n_hit(x, vals, eps)  # (S, E)
-    x_first = x[x > 0].min() if (x > 0).any() else np.inf
-    S = max(nh.shape[0], 1)
-    reached = np.isfinite(nh).sum(0) / S
-    at_once = (nh <= x_first).sum(0) / S
+    x_first = _x_first(x)
+    ones = np.ones((1, nh.shape[0]), np.int32)
+    reached, at_once = _reach_fractions(nh, x_first, ones)  # (1, E)
     log_n = _log_nhit(nh, x_first)
-    iqm_log_n = trimmed_mean(log_n, np.ones((1, nh.shape[0]), np.int32))[0] if nh.shape[0] else np.full(len(eps), np.nan)
-    lx = np.log10(x.max()) if len(x) and x.max() > 0 else np.nan
-    t = pd.DataFrame({"eps": eps, "reached": reached, "at_once": at_once, "iqm_log10_nhit": iqm_log_n})
-    t["rule_reach"] = (reached >= opts.reach) & (at_once <= 1 - opts.reach)
-    t["rule_floor"] = ~(eps < opts.floor_factor * floor_c) if np.isfinite(floor_c) else True
-    t["rule_asymptotic"] = iqm_log_n >= lx - opts.decades
-    t["rule_stays"] = iqm_log_n <= lx - opts.tail
-    lo = opts.eps_min if opts.eps_min is not None else 0.0
-    hi = opts.eps_max if opts.eps_max is not None else np.inf
-    t["rule_claim_range"] = (eps >= lo * (1 - 1e-9)) & (eps <= hi * (1 + 1e-9))
-    rules = [c for c in t.columns if c.startswith("rule_")]
-    window = t[rules].all(axis=1).to_numpy()
-    idx = np.flatnonzero(window)
-    if len(idx):
-        keep = idx[opts.drop_top: len(idx) - opts.drop_bottom]
-        window = np.isin(np.arange(len(eps)), keep)
-    t["window"] = window
+    iqm_log_n = trimmed_mean(log_n, ones) if nh.shape[0] else np.full((1, len(eps)), np.nan)  # (1, E)
+    rules = window_rules(eps, reached, at_once, iqm_log_n, np.array([floor_c]), _log10_xmax(x), opts)
+    t = pd.DataFrame({"eps": eps, "reached": reached[0], "at_once": at_once[0], "iqm_log10_nhit": iqm_log_n[0]})
+    for name, mask in rules.items():
+        t[name] = mask[0]
+    t["window"] = window_from_rules(rules, opts)[0]
     t.attrs["n_hit"] = nh
     return t
+
+
+def window_rules(eps: np.ndarray, reached: np.ndarray, at_once: np.ndarray, iqm_log_n: np.ndarray,
+                 floor_c: np.ndarray, log10_xmax: float, opts: FitOptions) -> dict[str, np.ndarray]:
+    """The window rules of docs/analysis.md for R resamples at once: eps (E,), reached / at_once /
+    iqm_log_n (R, E), floor_c (R,) (NaN = no floor rule). Returns {rule name: (R, E) bool}."""
+    c = np.asarray(floor_c, np.float64)[:, None]  # (R, 1)
+    with np.errstate(invalid="ignore"):
+        rules = {"rule_reach": (reached >= opts.reach) & (at_once <= 1 - opts.reach),
+                 "rule_floor": ~(eps[None, :] < opts.floor_factor * c),  # NaN floor → rule passes
+                 "rule_asymptotic": iqm_log_n >= log10_xmax - opts.nhit_decades,
+                 "rule_stays": iqm_log_n <= log10_xmax - opts.tail}
+    lo = opts.eps_min if opts.eps_min is not None else 0.0
+    hi = opts.eps_max if opts.eps_max is not None else np.inf
+    in_range = (eps >= lo * (1 - 1e-9)) & (eps <= hi * (1 + 1e-9))  # (E,)
+    rules["rule_claim_range"] = np.broadcast_to(in_range, reached.shape)
+    return rules
+
+
+def window_from_rules(rules: dict[str, np.ndarray], opts: FitOptions) -> np.ndarray:
+    """(R, E) the levels passing every rule, minus the drop_top largest and drop_bottom smallest
+    of them (levels are ordered largest ε first)."""
+    window = np.logical_and.reduce(list(rules.values()))  # (R, E)
+    if opts.drop_top or opts.drop_bottom:
+        rank = np.cumsum(window, axis=1)  # (R, E) 1-based rank of each window level from the top
+        total = rank[:, -1:]
+        window = window & (rank > opts.drop_top) & (rank <= total - opts.drop_bottom)
+    return window
+
+
+def _x_first(x: np.ndarray) -> float:
+    return float(x[x > 0].min()) if (x > 0).any() else np.inf
+
+
+def _log10_xmax(x: np.ndarray) -> float:
+    return float(np.log10(x.max())) if len(x) and x.max() > 0 else np.nan
+
+
+def _reach_fractions(nh: np.ndarray, x_first: float, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per resample (R, E): the fraction of (resampled) seeds that reached each ε, and that hit it
+    at the first evaluation. nh (S, E), counts (R, S)."""
+    w = counts.astype(np.float64)
+    size = np.maximum(w.sum(1, keepdims=True), 1.0)  # (R, 1)
+    return (w @ np.isfinite(nh)) / size, (w @ (nh <= x_first)) / size
 
 
 def _log10_positive(values: np.ndarray) -> np.ndarray:
@@ -217,16 +271,29 @@ def _log_nhit(nh: np.ndarray, x_first: float) -> np.ndarray:
         return np.where(nh <= x_first, -np.inf, np.log10(nh))
 
 
+def resample_counts(curves: Curves, n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, int, str]:
+    """The bootstrap of one group: (counts (R, S), independent units, unit name). With ≥ 2
+    environment instances the unit is the instance (hierarchical: instances, then seeds within
+    each); otherwise the seed (stratified by configuration)."""
+    n_inst = len(curves.instance_labels)
+    if n_inst >= 2:
+        return hierarchical_counts(curves.instances, curves.strata, n_boot, rng), n_inst, "instance"
+    return bootstrap_counts(curves.strata, n_boot, rng), curves.n_seeds, "seed"
+
+
 def fit_rate(curves: Curves, opts: FitOptions = FitOptions()) -> RateFit:
-    """p, b, c with bootstrap CIs for one group of seeds (stratified by configuration)."""
-    base = dict(metric=curves.metric, x_name=curves.x_name, n_seeds=curves.n_seeds,
-                n_diverged=curves.count("diverged"), n_failed=curves.count("failed"),
-                n_strata=len(np.unique(curves.strata)))
+    """p, b, c with bootstrap CIs for one group of seeds (stratified by configuration; by instance,
+    then seed, when the group holds ≥ 2 environment instances). The window is re-selected inside
+    every replicate (selection-aware CI); a replicate in which a level of the chosen window is
+    unreached (its IQM n_hit is +inf) has p = +inf."""
+    base = {"metric": curves.metric, "x_name": curves.x_name, "n_seeds": curves.n_seeds,
+            "n_diverged": curves.count("diverged"), "n_failed": curves.count("failed"),
+            "n_strata": len(np.unique(curves.strata)), "n_instances": max(len(curves.instance_labels), 1)}
     vals, x = curves.values, curves.x
     if curves.n_seeds == 0 or not np.isfinite(vals).any():
         return RateFit(status="no_data", reason=f"no finite values of {curves.metric}", **base)
     rng = np.random.default_rng(opts.seed)
-    counts = bootstrap_counts(curves.strata, opts.n_boot, rng)  # (R, S)
+    counts, n_units, unit = resample_counts(curves, opts.n_boot, rng)  # (R, S)
     ones = np.ones((1, curves.n_seeds), np.int32)
     asym = asymptotic_points(x, opts.decades)
     curve_iqm = trimmed_mean(vals[:, asym], ones)  # (1, Pa)
@@ -236,17 +303,23 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions()) -> RateFit:
     decay, _ = batched_slope(np.log10(x[asym]), _log10_positive(curve_iqm))
     decay_reps, _ = batched_slope(np.log10(x[asym]), _log10_positive(curve_reps))
     final = trimmed_mean(vals[:, -1:], ones)[0, 0] if vals.shape[1] else np.nan
-    fit = RateFit(status="ok", reason="", b=float(b[0]), c=float(c[0]), A=float(A[0]), final_iqm=float(final), **base)
-    fit.b_low, fit.b_high = percentile_ci(b_reps, opts.alpha, curves.n_seeds, estimate=fit.b)
-    fit.c_low, fit.c_high = percentile_ci(c_reps, opts.alpha, curves.n_seeds)
+    fit = RateFit(status="ok", reason="", b=float(b[0]), c=float(c[0]), A=float(A[0]), final_iqm=float(final),
+                  boot_unit=unit, **base)
+    fit.b_low, fit.b_high = percentile_ci(b_reps, opts.alpha, n_units, estimate=fit.b)
+    fit.c_low, fit.c_high = percentile_ci(c_reps, opts.alpha, n_units)
     fit.decay = float(-decay[0])
-    fit.decay_low, fit.decay_high = percentile_ci(-decay_reps, opts.alpha, curves.n_seeds)
+    fit.decay_low, fit.decay_high = percentile_ci(-decay_reps, opts.alpha, n_units)
     levels = level_table(curves, opts, fit.c)
     fit.arrays.update(levels=levels, curve_x=x, asym=asym)
+    nh = levels.attrs["n_hit"]  # (S, E)
+    eps_all = levels["eps"].to_numpy()
+    if opts.eps_min is not None:
+        fit.reach_eps_min = float(np.isfinite(n_hit(x, vals, np.array([opts.eps_min]))).mean())
     window = levels["window"].to_numpy()
     fit.n_levels = int(window.sum())
     if fit.n_levels:
-        fit.eps_low, fit.eps_high = float(levels["eps"][window].min()), float(levels["eps"][window].max())
+        fit.eps_low, fit.eps_high = float(eps_all[window].min()), float(eps_all[window].max())
+        fit.window_decades = float(np.log10(fit.eps_high / fit.eps_low))
     if curves.n_seeds < opts.min_seeds:
         fit.status, fit.reason = "too_few_seeds", f"{curves.n_seeds} seeds fitted, need ≥ {opts.min_seeds}"
     if fit.n_levels < opts.min_levels:
@@ -254,24 +327,126 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions()) -> RateFit:
         fit.reason = _why_no_window(levels, opts) if fit.n_levels == 0 else \
             f"{fit.n_levels} usable ε levels, need ≥ {opts.min_levels}"
         return fit
-    eps_w = levels["eps"].to_numpy()[window]
-    log_n = _log_nhit(levels.attrs["n_hit"][:, window], x[x > 0].min())  # (S, Ew)
-    lx = np.log10(1.0 / eps_w)  # (Ew,)
-    p, a = batched_slope(lx, trimmed_mean(log_n, ones))
+    u = np.log10(1.0 / eps_all)  # (E,) log10(1/ε)
+    iqm_point = levels["iqm_log10_nhit"].to_numpy()  # (E,)
+    p, a = batched_slope(u[window], iqm_point[window][None])
     fit.p, fit.log10_C = float(p[0]), float(a[0])
-    p_reps, _ = batched_slope(lx, trimmed_mean(log_n, counts))
-    fit.p_reps = p_reps
-    fit.p_low, fit.p_high = percentile_ci(p_reps, opts.alpha, curves.n_seeds)
+    win_r, iqm_r = replicate_windows(nh, counts, eps_all, x, c_reps, window, opts)  # (R, E) each
+    p_reps, _ = batched_slope(u, np.where(win_r, iqm_r, np.nan))
+    required = win_r | _coverage_level(eps_all, window, opts)[None, :]  # (R, E)
+    unreached = _unreached(iqm_r, required)  # (R,)
+    fit.p_reps = np.where(unreached, np.inf, p_reps)
+    fit.p_low, fit.p_high = percentile_ci(fit.p_reps, opts.alpha, n_units)
+    fit.arrays["window_reps"] = win_r
+    eps_eval = opts.eps_min if opts.eps_min is not None else fit.eps_low
+    profile, trend = local_profile(eps_all, window, iqm_point, iqm_r, win_r, unreached, eps_eval, opts, n_units)
+    fit.arrays.update(profile=profile, profile_trend=trend)
+    fit.p_local, fit.p_local_low, fit.p_local_high = trend["p_at_eval"], trend["p_at_eval_low"], trend["p_at_eval_high"]
+    fit.p_trend = trend["slope"]
     if not np.isfinite(fit.p_low):
         fit.status, fit.reason = "too_few_levels", "under half of the bootstrap replicates had 2+ usable ε levels"
+    elif fit.status == "ok" and not fit.window_decades >= opts.min_decades * (1 - 1e-9):
+        fit.status = "too_narrow"
+        fit.reason = (f"the window [{fit.eps_low:.3g}, {fit.eps_high:.3g}] spans {fit.window_decades:.2g} decades "
+                      f"of ε, need ≥ {opts.min_decades:g}")
     return fit
+
+
+def replicate_windows(nh: np.ndarray, counts: np.ndarray, eps: np.ndarray, x: np.ndarray, c_reps: np.ndarray,
+                      window: np.ndarray, opts: FitOptions) -> tuple[np.ndarray, np.ndarray]:
+    """The window re-selected in every bootstrap replicate by the same rules (selection-aware CIs).
+    nh (S, E), counts (R, S), c_reps (R,) the replicates' floors, window (E,) the chosen one.
+    Returns (window (R, E) bool, IQM log10 n_hit (R, E)); the IQM is computed only at levels that
+    some replicate can use (reach rule, claim range, finite values inside the asymptotic/stays
+    band) or that the chosen window holds, NaN elsewhere."""
+    x_first = _x_first(x)
+    reached, at_once = _reach_fractions(nh, x_first, counts)  # (R, E)
+    iqm_r = np.full(reached.shape, np.nan)
+    log_n = _log_nhit(nh, x_first)  # (S, E)
+    probe = window_rules(eps, reached, at_once, np.zeros_like(reached), c_reps, np.inf, opts)
+    needed = (probe["rule_reach"] & probe["rule_claim_range"]).any(0) | window  # (E,)
+    # a finite resample IQM lies between the smallest and largest finite value of the column, so a
+    # level whose finite values all miss [lx − nhit_decades, lx − tail] is in no replicate's window
+    finite = np.isfinite(log_n)
+    lx = _log10_xmax(x)
+    with np.errstate(invalid="ignore"):
+        hi_v = np.where(finite, log_n, -np.inf).max(0, initial=-np.inf)  # (E,)
+        lo_v = np.where(finite, log_n, np.inf).min(0, initial=np.inf)
+    needed &= (hi_v >= lx - opts.nhit_decades) & (lo_v <= lx - opts.tail)
+    needed |= window
+    if needed.any():
+        iqm_r[:, needed] = trimmed_mean(log_n[:, needed], counts)
+    rules = window_rules(eps, reached, at_once, iqm_r, c_reps, lx, opts)
+    return window_from_rules(rules, opts), iqm_r
+
+
+def _coverage_level(eps: np.ndarray, window: np.ndarray, opts: FitOptions) -> np.ndarray:
+    """(E,) the level a claim needs reached: the chosen window's lowest level when it is within one
+    grid step of the claim's ε_min (the window covers ε_min); none otherwise or without a claim."""
+    need = np.zeros(len(eps), bool)
+    if opts.eps_min is None or not window.any():
+        return need
+    low = np.flatnonzero(window)[-1]  # levels are largest first
+    if eps[low] <= opts.eps_min * 10 ** (1 / opts.per_decade) * (1 + 1e-9):
+        need[low] = True
+    return need
+
+
+def _unreached(iqm_r: np.ndarray, required: np.ndarray) -> np.ndarray:
+    """(R,) replicates in which a required level (R, E) bool is unreached: its IQM log10 n_hit is
+    +inf (more than a quarter of the resampled seeds never stay below it). Such a replicate has no
+    evidence of a finite rate there: its p is +inf (not the slope of the other levels)."""
+    return ((iqm_r == np.inf) & required).any(1)
+
+
+def local_profile(eps: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, iqm_r: np.ndarray,
+                  win_r: np.ndarray, unreached: np.ndarray, eps_eval: float, opts: FitOptions,
+                  n_units: int) -> tuple[pd.DataFrame, dict]:
+    """Local exponent p(ε): the slope of IQM log10 n_hit on log10(1/ε) over sub-windows of
+    `profile_width` decades (centres `profile_step` apart) inside the chosen window (E,), for the
+    point estimate and every replicate (its levels of the sub-window inside its own window win_r
+    (R, E); p = +inf in the `unreached` (R,) replicates, as for p). Then the trend: local p
+    regressed on log10(1/ε_center) per replicate, evaluated at eps_eval (the claim's ε_min).
+    Returns (DataFrame eps_center, p, p_low, p_high, n_levels; trend dict)."""
+    u = np.log10(1.0 / eps)  # (E,)
+    lo, hi = u[window].min(), u[window].max()
+    half = opts.profile_width / 2
+    if hi - lo >= opts.profile_width - 1e-9:
+        n_c = int(np.floor((hi - lo - opts.profile_width) / opts.profile_step + 1e-9)) + 1
+        centres = lo + half + opts.profile_step * np.arange(n_c)  # (J,) in log10(1/ε)
+    else:
+        centres = np.array([(lo + hi) / 2])
+    rows, sub_reps = [], []
+    for cu in centres:
+        cols = window & (np.abs(u - cu) <= half + 1e-9)  # (E,)
+        p0, _ = batched_slope(u[cols], iqm_point[cols][None])
+        pr, _ = batched_slope(u[cols], np.where(win_r[:, cols], iqm_r[:, cols], np.nan))
+        pr = np.where(unreached, np.inf, pr)  # (R,)
+        low, high = percentile_ci(pr, opts.alpha, n_units)
+        rows.append({"eps_center": 10.0 ** -cu, "p": float(p0[0]), "p_low": low, "p_high": high,
+                     "n_levels": int(cols.sum())})
+        sub_reps.append(pr)
+    profile = pd.DataFrame(rows)
+    P = np.stack(sub_reps, axis=1)  # (R, J)
+    ue = np.log10(1.0 / eps_eval) if eps_eval and np.isfinite(eps_eval) else lo
+    if len(centres) >= 2:
+        s0, a0 = batched_slope(centres, profile["p"].to_numpy()[None])
+        s_r, a_r = batched_slope(centres, np.where(np.isinf(P), np.nan, P))  # NaN sub-windows left out
+        at_r = np.where(unreached, np.inf, a_r + s_r * ue)  # (R,)
+        at0, slope = float(a0[0] + s0[0] * ue), float(s0[0])
+    else:
+        at_r, at0, slope = P[:, 0], float(profile["p"].iloc[0]), np.nan
+    at_low, at_high = percentile_ci(at_r, opts.alpha, n_units)
+    trend = {"eps_eval": 10.0 ** -ue, "slope": slope, "p_at_eval": at0, "p_at_eval_low": at_low,
+             "p_at_eval_high": at_high}
+    return profile, trend
 
 
 def _why_no_window(levels: pd.DataFrame, opts: FitOptions) -> str:
     """Which window rule removed the most levels, in words."""
     words = {"rule_reach": f"fewer than {opts.reach:.0%} of seeds reached ε (or too many at once)",
              "rule_floor": f"ε below {opts.floor_factor}× the fitted floor",
-             "rule_asymptotic": f"n_hit before the last {opts.decades} decades of the budget",
+             "rule_asymptotic": f"n_hit before the last {opts.nhit_decades} decades of the budget",
              "rule_stays": f"n_hit within the last {opts.tail} decade of the budget",
              "rule_claim_range": "outside the claim's ε range"}
     fails = {k: int((~levels[k].astype(bool)).sum()) for k in words}
@@ -284,6 +459,7 @@ def window_sensitivity(curves: Curves, opts: FitOptions = FitOptions(), n_boot: 
     variants = [("chosen", {})]
     variants += [(f"reach={r}", {"reach": r}) for r in (0.5, 0.9) if r != opts.reach]
     variants += [(f"decades={d}", {"decades": d}) for d in (1.0, 1.5, 3.0, 99.0) if d != opts.decades]
+    variants += [(f"nhit_decades={d}", {"nhit_decades": d}) for d in (2.0, 3.0, 99.0) if d != opts.nhit_decades]
     variants += [(f"floor_factor={f}", {"floor_factor": f}) for f in (3.0, 5.0, 20.0) if f != opts.floor_factor]
     variants += [(f"tail={t}", {"tail": t}) for t in (0.0, 1.0) if t != opts.tail]
     variants += [("drop top 2", {"drop_top": 2}), ("drop bottom 2", {"drop_bottom": 2})]

@@ -1,11 +1,14 @@
 """Calibration of the rate fitter on synthetic curves n ↦ A·n^-b·noise (+ floor) with known b:
-coverage of the 95% seed-bootstrap CIs of p = 1/b and of b, and exclusion of an error floor."""
+coverage of the 95% seed-bootstrap CIs of p = 1/b and of b, and exclusion of an error floor; and of
+the verdicts on curves that are not power laws (analysis/calibration.py): false PASS on curves
+violating the claim somewhere in its ε range, PASS rate on honest power laws."""
 from __future__ import annotations
 
 import itertools
 
 import numpy as np
 import pytest
+from ratebench.analysis.calibration import SCENARIOS, run_scenario
 from ratebench.analysis.fit import FitOptions, fit_rate
 from ratebench.analysis.synthetic import synthetic_curves
 
@@ -31,15 +34,23 @@ def calibration():
 
 
 def test_grid_has_at_least_200_fits_and_nearly_all_succeed(calibration):
+    """Every fit has a p CI; a window under a decade of ε is `too_narrow` (never ok), exactly the
+    b = 2/7 fits here: n_hit over the last 4 decades of 1e5 samples minus the 0.5-decade tail is
+    3.5·2/7 = 1 decade at best. (Before issue 10 these were 'ok'; that was the wrong behaviour.)"""
     assert len(calibration) >= 200
-    ok = [f.status == "ok" for _, f in calibration]
-    assert np.mean(ok) >= 0.95, [f.reason for _, f in calibration if f.status != "ok"][:5]
+    fitted = [f.status in ("ok", "too_narrow") for _, f in calibration]
+    assert np.mean(fitted) >= 0.95, [f.reason for _, f in calibration if not f.status.startswith("too_n")][:5]
+    for b, f in calibration:
+        if f.status in ("ok", "too_narrow"):
+            assert (f.status == "too_narrow") == (np.log10(f.eps_high / f.eps_low) < 1 - 1e-9)
+    assert all(f.status == "ok" for b, f in calibration if b >= 1)
 
 
 def test_p_ci_covers_truth_at_nominal_rate(calibration):
     """If the true coverage is 95%, a pooled coverage outside [0.90, 0.99] over 208 fits has
-    probability < 1% (binomial); the grid is seeded, so the outcome is reproducible."""
-    fits = [(b, f) for b, f in calibration if f.status == "ok"]
+    probability < 1% (binomial); the grid is seeded, so the outcome is reproducible. The CI is
+    selection-aware (the window re-selected in every replicate)."""
+    fits = [(b, f) for b, f in calibration if np.isfinite(f.p_low)]
     covered = [f.p_low <= 1 / b <= f.p_high for b, f in fits]
     assert 0.90 <= np.mean(covered) <= 0.99, np.mean(covered)
 
@@ -53,7 +64,7 @@ def test_b_ci_covers_truth_at_nominal_rate(calibration):
 
 @pytest.mark.parametrize("b", B_VALUES)
 def test_estimates_recover_truth(calibration, b):
-    fits = [f for bb, f in calibration if bb == b and f.status == "ok"]
+    fits = [f for bb, f in calibration if bb == b and f.status in ("ok", "too_narrow")]
     p_hat = np.array([f.p for f in fits])
     b_hat = np.array([f.b for f in fits])
     assert np.median(np.abs(p_hat * b - 1)) < 0.05  # p̂ within 5% of 1/b (median over the cell)
@@ -82,3 +93,28 @@ def test_no_floor_is_reported_when_there_is_none():
     curves = synthetic_curves(1.0, 16, np.random.default_rng(8))
     fit = fit_rate(curves, FitOptions(n_boot=500))
     assert fit.c < 1e-2 * fit.final_iqm
+
+
+# ---------------------------------------------------------------------------------------------- verdicts on non-power-laws
+
+CI_REPS, CI_BOOT = 20, 500  # CI-sized; `python -m ratebench.analysis.calibration` runs 100 × 2,000 (docs/analysis.md)
+
+
+@pytest.fixture(scope="module")
+def scenarios():
+    return {name: run_scenario(name, CI_REPS, CI_BOOT) for name in SCENARIOS}
+
+
+@pytest.mark.parametrize("name", [n for n, sc in SCENARIOS.items() if sc.kind in ("violates", "uncovered")])
+def test_no_false_pass_on_curves_that_violate_or_do_not_cover_the_claim(scenarios, name):
+    """Curves violating the claim somewhere in its ε range (slower tail, floors, phase change) or not
+    covering it: at most 1 PASS in 20 (seeded). The full run measures 0/100 in every scenario; a
+    true false-PASS rate of 5 % would give ≥ 2 of 20 with probability 0.26, of 20 % with 0.93."""
+    assert scenarios[name]["PASS"] <= 1, scenarios[name]
+
+
+@pytest.mark.parametrize("name", [n for n, sc in SCENARIOS.items() if sc.kind == "holds"])
+def test_honest_power_laws_reaching_eps_min_pass(scenarios, name):
+    """No blanket INCONCLUSIVE: n^-1 (claim p ≤ 1.5) and n^-1/2 (claim p ≤ 3) reaching ε_min PASS in
+    ≥ 18 of 20 (the full run: 100/100 each)."""
+    assert scenarios[name]["PASS"] >= 18, scenarios[name]

@@ -27,7 +27,8 @@ def two_algorithms(tmp_path_factory):
             if name == "alg_slow" and r == 1:
                 vals[0, 25:] = np.inf
             write_run(root / name / f"job{r}", X, vals, list(range(6 * r, 6 * r + 6)), metric="gap",
-                      algorithm=name, env="bandit", config={"algorithm": {"name": name}, "env": {"name": "bandit"}})
+                      algorithm=name, env="bandit", config={"algorithm": {"name": name}, "env": {"name": "bandit"}},
+                      experiment="none")
     return root
 
 

@@ -25,8 +25,12 @@ def base_claim(**change) -> dict:
 
 
 def fake_fit(p, lo, hi, **kw) -> RateFit:
+    """A fit whose window covers the control claim's range [1e-2, 1] (two decades, every seed below
+    ε_min at the end) with a flat local exponent: only the CI of p decides."""
     fields = dict(metric="reward_err", x_name="samples", status="ok", reason="", p=p, p_low=lo, p_high=hi,
-                  n_seeds=16, c=0.0, c_low=0.0, c_high=0.0, final_iqm=1e-3, decay=1.0, decay_low=0.9, decay_high=1.1)
+                  n_seeds=16, c=0.0, c_low=0.0, c_high=0.0, final_iqm=1e-3, decay=1.0, decay_low=0.9, decay_high=1.1,
+                  eps_low=1e-2, eps_high=1.0, n_levels=41, window_decades=2.0, reach_eps_min=1.0,
+                  p_local=p, p_local_low=lo, p_local_high=hi, p_trend=0.0)
     fields.update(kw)
     return RateFit(**fields)
 
@@ -179,3 +183,64 @@ def test_true_power_law_at_the_claimed_rate_is_never_called_a_stall():
         fit = fit_rate(synthetic_curves(2 / 7, 8, rng, metric="gap"), FitOptions(n_boot=1000, seed=r))
         assert fit.final_iqm > claim.eps_min
         assert verdict(claim, fit).verdict != VIOLATED, verdict(claim, fit).reason
+
+
+# ---------------------------------------------------------------------------------------------- issue 10: honest verdicts
+
+UPPER = {"relation": "upper_bound", "exponent": 1.0}  # on the control claim's range [1e-2, 1]
+
+
+@pytest.mark.parametrize("relation", ["upper_bound", "equals"])
+@pytest.mark.parametrize("change", [
+    {"eps_low": 0.0316},  # window stops 2 grid levels above ε_min
+    {"reach_eps_min": 0.6},  # the window's bottom level is near ε_min, but under 75 % of seeds stay below ε_min
+    {"reach_eps_min": np.nan},  # not measured: not shown
+    {"status": "too_narrow", "reason": "spans 0.5 decades", "window_decades": 0.5},
+])
+def test_pass_requires_the_window_to_cover_eps_min_and_a_decade(relation, change):
+    claim = parse_claim(base_claim(relation=relation, exponent=1.0))
+    good = fake_fit(0.95, 0.9, 0.98 if relation == "upper_bound" else 1.1)
+    assert verdict(claim, good).verdict == PASS
+    v = verdict(claim, fake_fit(0.95, 0.9, 0.98 if relation == "upper_bound" else 1.1, **change))
+    assert v.verdict == INCONCLUSIVE and "window covers [" in v.reason and "of the claimed [0.01, 1]" in v.reason
+
+
+def test_grid_step_tolerance_of_coverage():
+    """ε_min between grid levels: the lowest window level may sit up to one step (10^(1/20)) above it."""
+    claim = parse_claim(base_claim(epsilon={"unit": "reward_err", "min": 9e-3, "max": 1.0}, **UPPER))
+    assert verdict(claim, fake_fit(0.95, 0.9, 0.98, eps_low=1e-2)).verdict == PASS  # 1e-2 < 9e-3·1.122
+    claim = parse_claim(base_claim(epsilon={"unit": "reward_err", "min": 8e-3, "max": 1.0}, **UPPER))
+    assert verdict(claim, fake_fit(0.95, 0.9, 0.98, eps_low=1e-2)).verdict == INCONCLUSIVE  # 1e-2 > 8e-3·1.122
+
+
+def test_floor_ci_above_eps_min_is_violated_and_below_is_not():
+    claim = parse_claim(base_claim(**UPPER))  # ε_min = 1e-2
+    v = verdict(claim, fake_fit(0.95, 0.9, 0.98, c=0.03, c_low=0.011, c_high=0.05))
+    assert v.verdict == VIOLATED and "cannot reach the claimed range" in v.reason
+    assert verdict(claim, fake_fit(0.95, 0.9, 0.98, c=0.03, c_low=0.009, c_high=0.05)).verdict != VIOLATED
+
+
+@pytest.mark.parametrize("trend,word", [(0.3, "rising towards"), (-0.1, "could reach")])
+def test_local_exponent_reaching_the_claim_at_eps_min_is_inconclusive(trend, word):
+    claim = parse_claim(base_claim(**UPPER))
+    v = verdict(claim, fake_fit(0.95, 0.9, 0.98, p_local=0.99, p_local_low=0.9, p_local_high=1.0, p_trend=trend))
+    assert v.verdict == INCONCLUSIVE and v.reason.startswith("pre-asymptotic") and word in v.reason
+    assert verdict(claim, fake_fit(0.95, 0.9, 0.98, p_local_high=0.999)).verdict == PASS
+
+
+def test_p_and_inverse_b_disagreeing_beyond_their_cis_blocks_pass():
+    claim = parse_claim(base_claim(**UPPER))
+    slow_b = {"b": 0.7, "b_low": 0.65, "b_high": 0.75}  # 1/b ∈ [1.33, 1.54]: disjoint from [0.9, 0.98], above 1
+    v = verdict(claim, fake_fit(0.95, 0.9, 0.98, **slow_b))
+    assert v.verdict == INCONCLUSIVE and "disagree" in v.reason
+    agreeing = {"b": 1.05, "b_low": 1.02, "b_high": 1.12}  # 1/b ∈ [0.89, 0.98]
+    assert verdict(claim, fake_fit(0.95, 0.9, 0.98, **agreeing)).verdict == PASS
+    fast_b = {"b": 2.0, "b_low": 1.9, "b_high": 2.1}  # disagrees, but 1/b ≤ 0.53 confirms the bound too
+    assert verdict(claim, fake_fit(0.95, 0.9, 0.98, **fast_b)).verdict == PASS
+
+
+def test_steeper_slope_on_a_partial_window_is_still_violated():
+    """A slope whose whole CI exceeds the claim contradicts it on the covered part of the range."""
+    claim = parse_claim(base_claim(**UPPER))
+    v = verdict(claim, fake_fit(1.3, 1.2, 1.4, eps_low=0.1, reach_eps_min=0.2))
+    assert v.verdict == VIOLATED and "window covers [0.1, 1]" in v.reason

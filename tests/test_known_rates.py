@@ -27,7 +27,13 @@ from ratebench.runner import run_job
 from ratebench.sampling import Counters, CountingSampler
 
 CLAIMS = Path(commands.__file__).resolve().parent.parent / "conf" / "claims"
-CI_SIZED = ["n_seeds=48", "budget.samples=96000"]  # 16 pairs = 32 samples per step: 3000 steps
+CI_SIZED = ["n_seeds=48", "budget.samples=192000"]  # 16 pairs = 32 samples per step: 6000 steps
+# The CI-sized runs reach reward_err ~ 0.018 (75 % of 48 seeds for a = 2/3), not the shipped claims'
+# eps_min, and above ~0.25 they are still in SGD's transient (local exponent falling towards 1/a; with
+# eps_max = 1 the a = 3/4 CI is [1.41, 1.69], above 4/3). A PASS needs the window to reach eps_min
+# (issue 10), so the tests judge the same claims on [0.017, 0.25], the asymptotic range these runs
+# cover. The shipped claims are judged on the full 16-seed experiments (docs/analysis.md).
+CI_EPSILON = {"unit": "reward_err", "min": 0.017, "max": 0.25}
 
 
 def fisher_spectrum_numpy(problem) -> tuple[float, float]:
@@ -144,19 +150,20 @@ def runs_a067(tmp_path_factory):
 
 
 def test_a075_control_passes_and_the_1_over_t_claim_is_violated(runs_a075, tmp_path):
-    code, row = check(CLAIMS / "control_a075.yaml", runs_a075)
+    code, row = check(twin(tmp_path, "control_a075.yaml", epsilon=CI_EPSILON), runs_a075)
     assert code == 0 and row["verdict"] == PASS and row["p_low"] <= 4 / 3 <= row["p_high"], row
     assert row["n_seeds"] == 48
     # wrong twin: "this SGD is as fast as 1/t" (n_hit <= C eps^-1), what a fitter biased towards 1 would say
-    wrong = twin(tmp_path, "control_a075.yaml", id="control_a075_wrong", relation="upper_bound", exponent=1.0)
+    wrong = twin(tmp_path, "control_a075.yaml", id="control_a075_wrong", relation="upper_bound", exponent=1.0,
+                epsilon=CI_EPSILON)
     code, row = check(wrong, runs_a075)
     assert code == 1 and row["verdict"] == VIOLATED and row["p_low"] > 1.0, row
 
 
 def test_a067_control_passes_and_the_a1_claim_is_violated(runs_a067, tmp_path):
-    code, row = check(CLAIMS / "control_a067.yaml", runs_a067)
+    code, row = check(twin(tmp_path, "control_a067.yaml", epsilon=CI_EPSILON), runs_a067)
     assert code == 0 and row["verdict"] == PASS and row["p_low"] <= 1.5 <= row["p_high"], row
     # wrong twin: the a = 1 control's claim (1 +- 0.2) on the a = 2/3 runs
-    wrong = twin(tmp_path, "control.yaml", id="control_a067_wrong", experiment="control_bandit_a067")
+    wrong = twin(tmp_path, "control.yaml", id="control_a067_wrong", experiment="control_bandit_a067", epsilon=CI_EPSILON)
     code, row = check(wrong, runs_a067)
     assert code == 1 and row["verdict"] == VIOLATED and row["p_low"] > 1.2, row
