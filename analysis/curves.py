@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-METRICS = ("gap", "grad_sq", "policy_gap", "psi_gap", "reward_err", "kl_ref")
+METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "psi_grad_sq", "policy_gap", "psi_gap", "reward_err", "kl_ref")
 X_AXES = ("samples", "queries", "step")
 DEFAULT_GROUP = ("algorithm", "env", "config_hash")
 
