@@ -38,6 +38,13 @@ class Curves:
         return int((self.seeds["status"] == status).sum())
 
 
+def has_positive(column: pd.Series) -> bool:
+    """Whether a metric column has a finite positive value: what a log-scale plot needs (lower_gap
+    of reward_mle, whose policy is exactly pi*_nu, is zero up to rounding)."""
+    values = column.to_numpy(dtype=float)
+    return bool((np.isfinite(values) & (values > 0)).any())
+
+
 def group_keys(by: str | list[str] | tuple[str, ...] | None) -> list[str]:
     if by is None:
         return list(DEFAULT_GROUP)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 # metric columns added with the global reference (issue 11): older runs lack them, and load as NaN
 NEW_METRICS = ("gap_local", "lower_gap", "psi_grad_sq")
+HARNESS_METRICS = {"gap", "grad_sq", "policy_gap"}  # columns every harness run has written: marks a run record
 RUN_KEYS = ["algorithm", "env", "experiment", "config_hash", "run_hash", "run_dir"]
 SEED_STATUSES = ("completed", "diverged", "failed")
 
@@ -120,7 +121,7 @@ def load(root, strict: bool = False) -> Loaded:
             row["_run"] = i
             seed_list.append(row)
         metrics["_run"] = i
-        if "gap" in metrics.columns and any(m not in metrics.columns for m in NEW_METRICS):
+        if HARNESS_METRICS <= set(metrics.columns) and any(m not in metrics.columns for m in NEW_METRICS):
             older.append(str(run_dir))
         frames.append(metrics)
     if not run_rows:

@@ -36,9 +36,10 @@ FACE_ITER = 300  # face rows: the face minima settle in < 100 iterations; the re
 SAME_VALUE = 1e-8  # two end points are one minimum if their values and policies agree this closely
 SAME_POLICY = 1e-4
 MULTISTART_SCALES = (1.0, 3.0, 10.0)  # Gaussian starts cycle through these multiples of std(R*)
-SCREEN_ITER = 30  # MDP multistart: every start runs this many iterations ...
-KEEP = 16  # ... then the best KEEP continue
-POLISH_ITER = 500
+SCREEN_ITER = 20  # MDP multistart: every start runs this many iterations ...
+KEEP = 8  # ... then the best KEEP continue
+POLISH_ITER = 400
+CONVERGED = 1e-6  # a multistart end point counts as a minimum when its gradient sup-norm is below this
 
 
 @dataclass
@@ -225,7 +226,8 @@ def sampled_faces(problem: TabularProblem, form: SequenceForm, n_starts: int, se
 def multistart(problem: TabularProblem, n_starts: int, seed: int = 0):
     """Batched multistart of the row-wise L-BFGS on F over tabular unit rewards: the true reward,
     zero, then Gaussian draws at MULTISTART_SCALES x std(R*). Every row runs SCREEN_ITER
-    iterations; the KEEP best continue to convergence. Returns (values (n,), x (n, n_units))."""
+    iterations; the KEEP best continue to convergence. Returns (values (n,), x (n, n_units),
+    converged (n,) bool: gradient sup-norm <= CONVERGED)."""
     gen = torch.Generator().manual_seed(seed)
     scale = float(problem.true_unit_reward.std()) or 1.0
     starts = [problem.true_unit_reward, torch.zeros(problem.n_units, dtype=DTYPE)]
@@ -236,9 +238,9 @@ def multistart(problem: TabularProblem, n_starts: int, seed: int = 0):
     screened = minimise_rows(objective, torch.stack(starts[:n_starts]), SOLVER_TOL, max_iter=SCREEN_ITER)
     keep = screened.value.argsort()[:KEEP]
     polished = minimise_rows(objective, screened.x[keep], SOLVER_TOL, max_iter=POLISH_ITER)
-    values, x = screened.value.clone(), screened.x.clone()
-    values[keep], x[keep] = polished.value, polished.x
-    return values, x
+    values, x, grad = screened.value.clone(), screened.x.clone(), screened.grad_norm.clone()
+    values[keep], x[keep], grad[keep] = polished.value, polished.x, polished.grad_norm
+    return values, x, grad <= CONVERGED
 
 
 def _policy_rows(problem: TabularProblem, x: torch.Tensor) -> torch.Tensor:
@@ -279,10 +281,11 @@ def global_reference(problem: TabularProblem, n_starts: int = 256, seed: int = 0
             raise RuntimeError(f"{method}: the local minimum {local_value:.9g} lies below the enumerated "
                                f"infimum {value:.9g}: the face search missed a minimum")
         return GlobalReference(value, argmin, method, math.prod(counts), local_value, local_argmin, counts)
-    values, x = multistart(problem, n_starts, seed)
+    values, x, converged = multistart(problem, n_starts, seed)
     best = int(values.argmin())
     value, argmin, counts = float(values[best]), x[best].clone(), []
-    method, n_minima = f"multistart-{n_starts}", distinct(values, _policy_rows(problem, x))
+    method = f"multistart-{n_starts}"
+    n_minima = distinct(values[converged], _policy_rows(problem, x[converged]))  # stationary end points only
     if form is not None:  # a large token task: faces too, searched in part
         face_value, face_argmin, counts, rows = sampled_faces(problem, form, n_starts, seed)
         method, n_minima = f"multistart-{rows + n_starts}", math.prod(counts)
