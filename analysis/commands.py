@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, judge, load_claim, verdict
-from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys
+from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys, has_positive
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
 from ratebench.analysis.load import Loaded, RunRecordError, load
 from ratebench.errors import ConfigError
@@ -470,7 +470,7 @@ def plot_command(ns) -> int:
 
     loaded = load_dir(ns.dir, ns.strict)
     metrics = ns.metric or [m for m in METRICS if m in loaded.metrics.columns
-                            and np.isfinite(loaded.metrics[m].to_numpy(dtype=float)).any()]
+                            and has_positive(loaded.metrics[m])]
     for m in metrics:
         check_metric(loaded, m, ns.x)
     by = group_keys(ns.by)

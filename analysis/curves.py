@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-METRICS = ("gap", "grad_sq", "policy_gap", "psi_gap", "reward_err", "kl_ref")
+METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "psi_grad_sq", "policy_gap", "psi_gap", "reward_err", "kl_ref")
 X_AXES = ("samples", "queries", "step")
 DEFAULT_GROUP = ("algorithm", "env", "config_hash")
 INSTANCE_COLUMN = "cfg.env.instance_seed"  # the environment instance a seed ran on (envs/common.py)
@@ -67,6 +67,13 @@ def seed_instances(seeds: pd.DataFrame) -> np.ndarray:
         return np.zeros(len(seeds), np.int64)
     col = pd.to_numeric(seeds[INSTANCE_COLUMN], errors="coerce").fillna(0)
     return col.to_numpy(dtype=np.int64)
+
+
+def has_positive(column: pd.Series) -> bool:
+    """Whether a metric column has a finite positive value: what a log-scale plot needs (lower_gap
+    of reward_mle, whose policy is exactly pi*_nu, is zero up to rounding)."""
+    values = column.to_numpy(dtype=float)
+    return bool((np.isfinite(values) & (values > 0)).any())
 
 
 def group_keys(by: str | list[str] | tuple[str, ...] | None) -> list[str]:

@@ -10,6 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+# metric columns added with the global reference (issue 11): older runs lack them, and load as NaN
+NEW_METRICS = ("gap_local", "lower_gap", "psi_grad_sq")
+HARNESS_METRICS = {"gap", "grad_sq", "policy_gap"}  # columns every harness run has written: marks a run record
 RUN_KEYS = ["algorithm", "env", "experiment", "config_hash", "run_hash", "run_dir"]
 SEED_STATUSES = ("completed", "diverged", "failed")
 
@@ -100,7 +103,7 @@ def seed_rows(record: dict, metrics: pd.DataFrame) -> list[dict]:
 def load(root, strict: bool = False) -> Loaded:
     """All runs under root. A run whose run.json or metrics.parquet cannot be read is skipped
     with a warning naming the file; strict=True raises RunRecordError instead."""
-    frames, run_rows, seed_list, skipped = [], [], [], []
+    frames, run_rows, seed_list, skipped, older = [], [], [], [], []
     for run_json in find_runs(root):
         run_dir = run_json.parent
         try:
@@ -118,6 +121,8 @@ def load(root, strict: bool = False) -> Loaded:
             row["_run"] = i
             seed_list.append(row)
         metrics["_run"] = i
+        if HARNESS_METRICS <= set(metrics.columns) and any(m not in metrics.columns for m in NEW_METRICS):
+            older.append(str(run_dir))
         frames.append(metrics)
     if not run_rows:
         empty_cols = ["seed", "status", "status_step", "message", "n_points", "last_samples", *RUN_KEYS]
@@ -127,6 +132,12 @@ def load(root, strict: bool = False) -> Loaded:
     seeds = pd.DataFrame(seed_list)
     seeds = pd.concat([seeds.drop(columns="_run"), runs.iloc[seeds["_run"].to_numpy()].reset_index(drop=True)], axis=1)
     metrics = pd.concat(frames, ignore_index=True)
+    if older:
+        for m in NEW_METRICS:
+            if m not in metrics.columns:
+                metrics[m] = float("nan")
+        warnings.warn(f"{len(older)} run(s) predate the metric columns {', '.join(NEW_METRICS)} (e.g. {older[0]}): "
+                      f"they are NaN there; re-run to compute them", stacklevel=2)
     run_idx = metrics.pop("_run").to_numpy()
     metrics = pd.concat([metrics, runs.iloc[run_idx].reset_index(drop=True)], axis=1)
     status = seeds.set_index(["run_dir", "seed"])["status"]

@@ -13,8 +13,11 @@ import numpy as np
 from ratebench.analysis.stats import bootstrap_counts, trimmed_mean
 
 METRIC_LABELS = {
-    "gap": "gap  F(ν_t) − F̂*  [nats]",
+    "gap": "gap  F(ν_t) − F*  (global inf)  [nats]",
+    "gap_local": "gap_local  F(ν_t) − F_loc  (basin of ν_true)  [nats]",
+    "lower_gap": "lower_gap  J*(ν_t) − J(ν_t, θ_t)  [reward units]",
     "grad_sq": "grad_sq  ‖∇F(ν_t)‖²  [nats²]",
+    "psi_grad_sq": "psi_grad_sq  ‖∇ψ_λ(ν_t)‖²  [nats²]",
     "policy_gap": "policy_gap  J* − J(π_t)  [reward units]",
     "psi_gap": "psi_gap  ψ_λ(ν_t) − min ψ_λ  [nats]",
     "reward_err": "reward_err  E[(ΔR_ν − ΔR*)²]  [reward units²]",

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from ratebench.analysis import plots
 from ratebench.analysis.claims import UPPER_BOUND_CAVEAT
-from ratebench.analysis.curves import METRICS
+from ratebench.analysis.curves import METRICS, has_positive
 from ratebench.analysis.load import RunRecordError, read_record
 
 
@@ -70,7 +70,7 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
         sections.append(claim_section(v, curves, note, evidence, png))
     overview = []
     for metric in [m for m in METRICS if m in loaded.metrics.columns
-                   and np.isfinite(loaded.metrics[m].to_numpy(dtype=float)).any()]:
+                   and has_positive(loaded.metrics[m])]:
         results = fit_groups(loaded, metric, "samples", ["algorithm", "env", "config_hash"], opts)
         paths = plots.metric_figure(results, [c for c in claims if c.metric == metric], fig_dir)
         overview.append((metric, results, paths[0] if paths else None))

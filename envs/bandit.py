@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.envs.common import CommonEnvConfig, check_common, check_pairs, generator, one_hot, reference_logp, teacher_reward
+from ratebench.envs.global_ref import MAX_FACE_SIZE
 from ratebench.envs.tabular import DTYPE, Step, TabularProblem
 from ratebench.errors import ConfigError
 
@@ -23,6 +24,9 @@ def check(cfg: BanditConfig) -> None:
     check_common(cfg, {"n_contexts": cfg.n_contexts, "n_actions": cfg.n_actions})
     if cfg.feature_dim < 1:
         raise ConfigError("env.feature_dim", f"must be >= 1, got {cfg.feature_dim}")
+    if cfg.n_actions > MAX_FACE_SIZE:  # the exact global reference F* enumerates 2^A - 1 faces per context
+        raise ConfigError("env.n_actions", f"must be <= {MAX_FACE_SIZE} (the exact global reference enumerates "
+                          f"2^A - 1 faces per context), got {cfg.n_actions}")
     check_pairs(cfg, cfg.n_contexts * cfg.n_actions**2, f"n_contexts={cfg.n_contexts}, n_actions={cfg.n_actions}")
 
 

@@ -157,12 +157,17 @@ class PsiReference:
             self.cache[lam] = minimise_psi(self.problem, lam, self._starts(lam), tol=1e-7)
         return self.cache[lam][0]
 
+    def gap_and_minimiser(self, rewards: Tables, lam: float) -> tuple[torch.Tensor, Tables]:
+        """(psi_lam(nu) - min psi_lam per seed (B,), the inner minimiser y*_lam(nu) it solved)."""
+        # Always start at z* = pi*_nu: the inner problem is nonconvex, and a warm start from the
+        # previous evaluation's y* was measured to land in a worse local minimum (0.2% of rows).
+        y = penalty_minimiser(self.problem, rewards, lam, tol=METRIC_TOL)
+        return psi(self.problem, rewards, lam, y=y) - self.min_psi(lam), y
+
     def gap(self, rewards: Tables, lam: float) -> torch.Tensor:
         """psi_lam(nu) - min psi_lam per seed: (B,). Not clamped: the joint minimisation is a
         local search, and a negative value would show that its reference was not global."""
-        # Always start at z* = pi*_nu: the inner problem is nonconvex, and a warm start from the
-        # previous evaluation's y* was measured to land in a worse local minimum (0.2% of rows).
-        return psi(self.problem, rewards, lam, tol=METRIC_TOL) - self.min_psi(lam)
+        return self.gap_and_minimiser(rewards, lam)[0]
 
 
 LAM_GRID_PER_DECADE = 10  # psi_gap is evaluated at lam rounded down to this log grid (docs/bilevel.md)
@@ -174,14 +179,23 @@ def grid_lambda(lam: float) -> float:
     return 10 ** (k / LAM_GRID_PER_DECADE)
 
 
-def psi_gap(problem: TabularProblem, rewards: Tables, lam: float | None) -> torch.Tensor:
-    """psi_gap metric of SPEC §5 for reward tables [(B, n_h, A)]: psi_l(nu) - min psi_l at
-    l = grid_lambda(lam), so that min psi_l (a joint L-BFGS, ~1 s on the bandit) is solved once
-    per grid value, not at every evaluation. (B,); NaN when lam is None (no penalty)."""
+def psi_gap_and_minimiser(problem: TabularProblem, rewards: Tables, lam: float | None):
+    """psi_gap of SPEC §5 for reward tables [(B, n_h, A)] with what it solved on the way:
+    (gap (B,), y*_l tables [(B, n_h, A)] or None, l = grid_lambda(lam) or None). psi_l(nu) - min psi_l
+    is taken at l = grid_lambda(lam), so that min psi_l (a joint L-BFGS, ~1 s on the bandit) is
+    solved once per grid value, not at every evaluation. NaN gap and no y when lam is None."""
     batch = rewards[0].shape[0]
     if lam is None or not math.isfinite(lam) or lam <= 0:
-        return torch.full((batch,), math.nan, dtype=rewards[0].dtype)
+        return torch.full((batch,), math.nan, dtype=rewards[0].dtype), None, None
     if "psi_reference" not in problem.derived:  # min psi_lam per lam, solved once per problem
         problem.derived["psi_reference"] = PsiReference(problem)
+    lam_grid = grid_lambda(lam)
     with torch.enable_grad():
-        return problem.derived["psi_reference"].gap([r.detach() for r in rewards], grid_lambda(lam)).detach()
+        gap, y = problem.derived["psi_reference"].gap_and_minimiser([r.detach() for r in rewards], lam_grid)
+    return gap.detach(), y, lam_grid
+
+
+def psi_gap(problem: TabularProblem, rewards: Tables, lam: float | None) -> torch.Tensor:
+    """psi_gap metric of SPEC §5: psi_l(nu) - min psi_l at l = grid_lambda(lam). (B,); NaN when lam
+    is None (no penalty). Not clamped: a negative value would show that min psi_l was not global."""
+    return psi_gap_and_minimiser(problem, rewards, lam)[0]

@@ -10,15 +10,34 @@ from ratebench.envs import exact, penalty
 from ratebench.grid import log_point
 
 
+NEGATIVE_GAP = -1e-9  # a gap below this means F* was not the infimum of F
+
+
 class Evaluator:
-    def __init__(self, problem, f_star: float, algorithm, f_argmin: torch.Tensor | None = None):
-        """f_argmin: F-hat*'s minimising unit rewards, if known: psi_gap's reference search
-        starts there instead of searching for it again."""
-        self.problem, self.f_star, self.algorithm = problem, f_star, algorithm
-        if f_argmin is not None:
-            problem.derived.setdefault("psi_reference", penalty.PsiReference(problem, f_argmin))
+    def __init__(self, problem, reference, algorithm, f_argmin: torch.Tensor | None = None):
+        """reference: the GlobalReference of the problem (envs/global_ref.py), or a bare F* float
+        (then F_loc = F*). psi_gap's reference search starts at the LOCAL argmin (the basin of the
+        true reward), or at f_argmin when given with a bare float."""
+        self.problem, self.algorithm = problem, algorithm
+        if isinstance(reference, (int, float)):
+            self.f_star = self.f_star_local = float(reference)
+            local_argmin = f_argmin
+        else:
+            self.f_star, self.f_star_local = float(reference.value), float(reference.local_value)
+            local_argmin = reference.local_argmin
+        if local_argmin is not None:
+            problem.derived.setdefault("psi_reference", penalty.PsiReference(problem, local_argmin))
         self.true_rewards = problem.true_step_tables()
         self.j_star = float(exact.optimal_value(problem, self.true_rewards)[0])
+
+    def gap(self, objective: torch.Tensor) -> torch.Tensor:
+        """F(nu_t) - F* (B,); raises if any value is below NEGATIVE_GAP (F* was not the infimum)."""
+        gap = objective - self.f_star
+        if bool((gap < NEGATIVE_GAP).any()):
+            raise RuntimeError(f"gap = F - F* = {float(gap.min()):.3g} < {NEGATIVE_GAP:g}: the global reference "
+                               f"F* = {self.f_star:.9g} is not the infimum of F on this problem "
+                               f"(an algorithm found F = {float(objective.min()):.9g}); report it with the env config")
+        return gap
 
     def __call__(self, state) -> dict[str, torch.Tensor]:
         """Per-seed metrics, each (B,) float64."""
@@ -28,6 +47,7 @@ class Evaluator:
             policy_gap = self.j_star - exact.policy_value(problem, self.true_rewards, logps)
             kl_ref = exact.kl_to_ref(problem, logps)
         estimate = algo.reward_model(state)
+        lam = algo.schedule(state).get("lam")
         if estimate is not None:
             model, params = estimate
             nu = [p.detach().clone().requires_grad_(True) for p in params]
@@ -37,21 +57,41 @@ class Evaluator:
             grad_sq = per_seed_sq_norm(grads)
             rewards = [r.detach() for r in rewards]
             objective = objective.detach()
+            with torch.no_grad():  # J*(nu_t) - J(nu_t, theta_t): the lower level's own optimality
+                lower_gap = exact.optimal_value(problem, rewards) - exact.policy_value(problem, rewards, logps)
         else:
             with torch.no_grad():
                 rewards = [r.detach() for r in algo.implicit_rewards(state)]
                 objective = exact.bilevel_objective(problem, rewards)
             grad_sq = torch.full_like(objective, math.nan)
+            lower_gap = torch.full_like(objective, math.nan)
+        psi_gap, y, lam_grid = penalty.psi_gap_and_minimiser(problem, rewards, lam)
+        psi_grad_sq = torch.full_like(objective, math.nan)
+        if estimate is not None and y is not None:
+            psi_grad_sq = self.psi_grad_sq(estimate, y, lam_grid)
         with torch.no_grad():
             reward_err = exact.reward_error(problem, rewards)
         return {
-            "gap": objective - self.f_star,
+            "gap": self.gap(objective),
+            "gap_local": objective - self.f_star_local,
+            "lower_gap": lower_gap,
             "grad_sq": grad_sq,
+            "psi_grad_sq": psi_grad_sq,
             "policy_gap": policy_gap,
-            "psi_gap": penalty.psi_gap(problem, rewards, algo.schedule(state).get("lam")),
+            "psi_gap": psi_gap,
             "reward_err": reward_err,
             "kl_ref": kl_ref,
         }
+
+    def psi_grad_sq(self, estimate, y, lam: float) -> torch.Tensor:
+        """||grad psi_lam(nu_t)||^2 in the reward network's parameters (B,), through the SPEC §2
+        formula (penalty.hypergradient_surrogate) with the y* that psi_gap solved and z* = pi*_nu."""
+        model, params = estimate
+        nu = [p.detach().clone().requires_grad_(True) for p in params]
+        rewards = model.step_tables(nu)
+        z, _ = exact.soft_optimal(self.problem, [r.detach() for r in rewards])
+        surrogate = penalty.hypergradient_surrogate(self.problem, rewards, y, z, lam)
+        return per_seed_sq_norm(torch.autograd.grad(surrogate.sum(), nu)).detach()
 
 
 def evaluation_points(budget: int, per_decade: int) -> list[int]:

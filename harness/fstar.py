@@ -1,16 +1,21 @@
-"""F-hat* per environment instance, computed once and cached on disk keyed by the env config."""
+"""The global reference F* (and F_loc) per environment instance, computed once by
+envs/global_ref.py and cached on disk keyed by the env config; entries are validated on read."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
-from ratebench.envs.exact import minimise_bilevel_objective
+from ratebench.envs.exact import bilevel_objective
+from ratebench.envs.global_ref import GlobalReference, global_reference
 from ratebench.records import atomic_write_json, config_hash
 
-EXACT_VERSION = 1  # bump when the exact objective changes, so old cache entries are not reused
+EXACT_VERSION = 2  # bump when the exact objective or the reference changes (2: global reference), so old entries are not reused
+ORDER_SLACK = 1e-9  # f_star <= f_star_local <= F(nu_true) up to this
 
 
 def cache_dir(explicit: str | None) -> Path:
@@ -18,16 +23,68 @@ def cache_dir(explicit: str | None) -> Path:
     return Path(root)
 
 
-def f_star(problem, env_config: dict, directory: str | None = None) -> tuple[float, torch.Tensor]:
+def true_objective(problem) -> float:
+    """F(nu_true): the bilevel objective of the true reward."""
+    with torch.no_grad():
+        return float(bilevel_objective(problem, problem.true_step_tables())[0])
+
+
+def entry_problem(entry: dict, n_units: int, f_true: float) -> str | None:
+    """Why a cache entry cannot be used, or None: finite values, argmins of the right size and
+    f_star <= f_star_local <= F(nu_true) + ORDER_SLACK."""
+    try:
+        value, local = float(entry["f_star"]), float(entry["f_star_local"])
+        sizes = {len(entry["argmin"]), len(entry["local_argmin"])}
+        str(entry["method"]), int(entry["n_minima"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    if not (math.isfinite(value) and math.isfinite(local)):
+        return f"non-finite values f_star={value}, f_star_local={local}"
+    if sizes != {n_units}:
+        return f"argmin sizes {sorted(sizes)} != n_units={n_units}"
+    if not value <= local + ORDER_SLACK or not local <= f_true + ORDER_SLACK:
+        return f"order violated: f_star={value:.9g}, f_star_local={local:.9g}, F(nu_true)={f_true:.9g}"
+    return None
+
+
+def to_entry(ref: GlobalReference, env_config: dict) -> dict:
+    return {"f_star": ref.value, "argmin": ref.argmin.tolist(), "method": ref.method, "n_minima": ref.n_minima,
+            "f_star_local": ref.local_value, "local_argmin": ref.local_argmin.tolist(),
+            "minima_per_group": list(ref.minima_per_group), "env": env_config}
+
+
+def from_entry(entry: dict) -> GlobalReference:
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float64)
+    return GlobalReference(float(entry["f_star"]), as_tensor(entry["argmin"]), str(entry["method"]),
+                           int(entry["n_minima"]), float(entry["f_star_local"]), as_tensor(entry["local_argmin"]),
+                           list(entry.get("minima_per_group", [])))
+
+
+def reference(problem, env_config: dict, directory: str | None = None) -> GlobalReference:
+    """The GlobalReference of this env config, from the cache when a valid entry exists."""
     key = config_hash({"env": env_config, "exact_version": EXACT_VERSION})
     path = cache_dir(directory) / f"fstar-{key}.json"
+    f_true = true_objective(problem)
     if path.exists():
         try:
             entry = json.loads(path.read_text())
-            return float(entry["f_star"]), torch.tensor(entry["argmin"], dtype=torch.float64)
-        except (ValueError, KeyError):
-            pass  # unreadable entry: recompute and overwrite
-    value, argmin = minimise_bilevel_objective(problem, seed=env_config.get("instance_seed", 0))
+        except ValueError as exc:
+            entry, why = None, f"unreadable ({exc})"
+        else:
+            why = entry_problem(entry, problem.n_units, f_true) if isinstance(entry, dict) else "not a JSON object"
+        if why is None:
+            return from_entry(entry)
+        warnings.warn(f"recomputing the global reference: cache entry {path} is invalid: {why}", stacklevel=2)
+    ref = global_reference(problem, seed=env_config.get("instance_seed", 0))
+    why = entry_problem(to_entry(ref, env_config), problem.n_units, f_true)
+    if why is not None:
+        raise RuntimeError(f"global reference of {env_config.get('name')}: {why}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {"f_star": value, "argmin": argmin.tolist(), "env": env_config})
-    return value, argmin
+    atomic_write_json(path, to_entry(ref, env_config))
+    return ref
+
+
+def f_star(problem, env_config: dict, directory: str | None = None) -> tuple[float, torch.Tensor]:
+    """(F*, its argmin unit rewards): the global reference's value, for callers that need only that."""
+    ref = reference(problem, env_config, directory)
+    return ref.value, ref.argmin

@@ -19,7 +19,7 @@ from ratebench.algorithms import ALGORITHMS
 from ratebench.config import plain, validate
 from ratebench.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
-from ratebench.fstar import f_star
+from ratebench.fstar import reference, true_objective
 from ratebench.records import BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint, config_hash
 from ratebench.sampling import Counters, CountingSampler
 
@@ -166,11 +166,12 @@ class _Job:
     def __init__(self, cfg, v, resolved, run_hash, out_dir, experiment):
         self.v, self.resolved, self.run_hash, self.out_dir, self.experiment = v, resolved, run_hash, out_dir, experiment
         problem = envs.make(v.env)
-        self.fstar, f_argmin = f_star(problem, plain(v.env), cfg.cache_dir)
+        self.reference = reference(problem, plain(v.env), cfg.cache_dir)
+        self.f_true = true_objective(problem)
         self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
         self.counters = Counters()
         self.sampler = CountingSampler(problem, v.seeds, self.counters)
-        self.evaluator = Evaluator(problem, self.fstar, self.algo, f_argmin)
+        self.evaluator = Evaluator(problem, self.reference, self.algo)
         self.state = self.algo.init(v.seeds)
         self.seeds = torch.tensor(v.seeds)  # (B,)
         self.alive = torch.ones(len(v.seeds), dtype=torch.bool)  # (B,)
@@ -294,7 +295,9 @@ class _Job:
             "algorithm": v.algorithm.name, "env": v.env.name, "experiment": self.experiment, "seeds": v.seeds,
             "status": {str(s): st for s, st in self.status.items()}, "config": resolved,
             "config_hash": config_hash(without_seeds), "run_hash": self.run_hash,
-            "f_star": self.fstar, "j_star": self.evaluator.j_star, "counters": vars(self.counters),
+            "f_star": self.reference.value, "f_star_method": self.reference.method,
+            "f_star_n_minima": self.reference.n_minima, "f_star_local": self.reference.local_value,
+            "f_true": self.f_true, "j_star": self.evaluator.j_star, "counters": vars(self.counters),
             "wall_s": self.wall, "eval_wall_s": self.eval_s, "checkpoint_wall_s": self.checkpoint_s,
             "resumed_from_step": self.resumed_from,
             "version": ratebench.__version__, "provenance": provenance(),
