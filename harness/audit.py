@@ -27,35 +27,22 @@ LAM_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # penalties of B(lam); the schedule
 TAU_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # WGD constants at which eps_bias(tau) is reported
 POLICY_DRAWS = 64  # random policy networks of the lower-level check ...
 POLICY_SCALES = (0.5, 1.0, 2.0, 4.0)  # ... their parameters are the network's init times these, in turn
-AUDIT_VERSION = 1  # bump when a premise number's definition changes: old premise_summary entries are not reused
+AUDIT_VERSION = 2  # bump when a premise number's definition changes: old premise_summary entries are not reused
 ALLOWED_KEYS = "env=<name>, env.<field>=..., model.policy.<field>=..., algorithm.c_lam=... (or algorithm.lam_exponent)"
 
 
 # ---------------------------------------------------------------------------------------------- reference
 
-def reference(problem, n_starts: int = DEFAULT_STARTS, seed: int = 0) -> dict:
+def reference(problem, env_config: dict, cache: str | None = None) -> dict:
     """The one door to F* and the local reference: dict(f_star, f_star_method, f_star_local,
-    local_argmin, argmin).
+    local_argmin, argmin), from the same cached GlobalReference the runs' `gap` uses
+    (harness/fstar.py → envs/global_ref.py: exact face enumeration on the bandit, a batched
+    multistart elsewhere). f_star_local: L-BFGS of F from the true reward."""
+    from ratebench.fstar import reference as global_reference
 
-    For now f_star is the best end point of this audit's own multistart (method "multistart-N");
-    the global infimum by exact face enumeration (envs/global_ref.py `global_reference`, written in
-    parallel on another branch) replaces it here at merge — every use of F* in the audit goes
-    through this function. f_star_local: L-BFGS of F from the true reward.
-
-    MERGE NOTE: replace the multistart below by `envs.global_ref.global_reference(problem)`
-    (value -> f_star, method -> f_star_method, local_value / local_argmin -> f_star_local /
-    local_argmin, argmin -> argmin) and bump AUDIT_VERSION so cached premise summaries are redone.
-    The landscape (stationary points) keeps using landscape.multistart either way."""
-    from ratebench.envs import landscape
-
-    f_local, local_argmin = landscape.local_minimiser(problem)
-    ms = landscape.multistart(problem, n_starts, seed)
-    best = int(ms.value.argmin())
-    f_star, argmin = float(ms.value[best]), ms.x[best].clone()
-    if f_local < f_star:  # the local refinement may go lower than the multistart's copy of that start
-        f_star, argmin = f_local, local_argmin.clone()
-    return {"f_star": f_star, "f_star_method": f"multistart-{n_starts}", "f_star_local": f_local,
-            "local_argmin": local_argmin, "argmin": argmin}
+    ref = global_reference(problem, env_config, cache)
+    return {"f_star": ref.value, "f_star_method": ref.method, "f_star_local": ref.local_value,
+            "local_argmin": ref.local_argmin, "argmin": ref.argmin}
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -198,7 +185,7 @@ def audit_instance(env, policy_net, c_lam: float, n_starts: int = DEFAULT_STARTS
     clock = time.perf_counter()
     problem = envs.make(env)
     _progress(label, f"multistart of F from {n_starts} starts ({problem.n_units} unit rewards)", quiet)
-    ref = reference(problem, n_starts, seed=seed)
+    ref = reference(problem, env_config)
     f_star = ref["f_star"]
     true_units = problem.true_unit_reward[None]
     info = landscape.describe_points(problem, torch.stack([true_units[0], ref["local_argmin"], ref["argmin"]]))

@@ -259,7 +259,11 @@ def test_audit_json_has_every_key_and_joins_runs(tmp_path, capsys, compose_confi
     assert elapsed < 180  # measured ~10 s on one core of the 2-core CI machine
     for key in KEYS:
         assert key in out, key
-    assert out["f_star_method"] == f"multistart-{out['n_starts']}"
+    # issue 11 acceptance: the exact global infimum, F(nu_true), spurious stationary points, q ~ 2
+    assert out["f_star_method"] == "exact-faces" and out["f_star"] == pytest.approx(DEFAULT_BANDIT_INF, abs=1e-6)
+    assert out["f_true"] == pytest.approx(0.601379, abs=1e-6)
+    assert sum(p["gap"] > 1e-3 for p in out["stationary_points"]) >= 5
+    assert 1.7 <= out["penalty_bias"]["q"] <= 2.3
     assert out["f_star"] <= out["f_star_local"] <= out["f_true"]
     for p in out["stationary_points"]:
         assert {"value", "gap", "grad_norm", "policy_gap", "reward_err", "share"} <= set(p)
