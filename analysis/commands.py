@@ -18,7 +18,7 @@ import pandas as pd
 from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, judge, load_claim, verdict
 from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys, has_positive
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
-from ratebench.analysis.load import Loaded, RunRecordError, load
+from ratebench.analysis.load import Loaded, RunRecordError, load, read_record
 from ratebench.errors import ConfigError
 from ratebench.records import code_fingerprint
 
@@ -29,13 +29,17 @@ class BadInput(Exception):
     """One message for stderr; the command exits 2."""
 
 
-def main(command: str, args: list[str]) -> int:
+def main(command: str, args: list[str], premise=None) -> int:
+    """premise: optional callable (env config dict, c_lam) -> {"wgd_floor", "implied_exponent", "q"}
+    (the CLI passes ratebench.audit.premise_summary): check and report print the claim's premises on
+    the evidence's instances. Analysis computes no landscape itself; it is handed the function."""
     handlers = {"fit": fit_command, "plot": plot_command, "check": check_command, "report": report_command}
     parser = PARSERS[command]()
     try:
         ns = parser.parse_args(args)
     except SystemExit as exc:  # --help → 0, argparse errors → 2
         return int(exc.code or 0)
+    ns.premise = None if getattr(ns, "no_premise", True) else premise
     try:
         return handlers[command](ns)
     except (BadInput, ConfigError, RunRecordError) as exc:
@@ -102,6 +106,9 @@ def _check_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", help="analyse the runs under this folder instead of running the experiments")
     p.add_argument("--workdir", default="ratebench-runs", help="cache of experiment runs (default ./ratebench-runs)")
     p.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    p.add_argument("--no-premise", action="store_true",
+                   help="do not print the premises (WGD floor, schedule-imposed exponent) of bilevel claims; "
+                        "their first computation per instance takes ~10 s (bandit) to minutes (mdp), then cached")
     p.add_argument("--fail-on", choices=("any", "violated"), default="any",
                    help="exit 1 when any claim is not PASS (default, SPEC §8) or only when one is VIOLATED "
                         "(CI smoke checks: INCONCLUSIVE is reported but does not fail)")
@@ -117,6 +124,8 @@ def _report_parser() -> argparse.ArgumentParser:
     p.add_argument("--claims", nargs="*", help="claim files (default: conf/claims/*.yaml whose algorithm has runs)")
     p.add_argument("--out", help="output folder (default DIR/report)")
     _add_fit_options(p)
+    p.add_argument("--no-premise", action="store_true",
+                   help="leave out the premises (WGD floor, schedule-imposed exponent) of bilevel claims")
     return p
 
 
@@ -329,6 +338,47 @@ def evaluate_claim(loaded: Loaded, claim: Claim, opts: FitOptions, where: str = 
     return v, curves, note
 
 
+def claim_premise(loaded: Loaded, claim: Claim, premise_fn, where: str = "the runs") -> dict | None:
+    """The claim's premises on the instances of its evidence (bilevel claims only): per instance the
+    weak-gradient-domination floor (in `gap` units: the largest gap among stationary points of F, below
+    which the assumption guarantees nothing) and the exponent the λ-schedule imposes, 1/(q·c_λ) with
+    B(λ) ∝ λ^-q. `holds` is False when the floor lies above the claim's ε_min on a `gap` claim."""
+    if premise_fn is None or claim.algorithm != "bilevel":
+        return None
+    evidence, _, missing = claim_evidence(loaded, claim, where)
+    if missing or evidence.seeds.empty:
+        return None
+    per_instance = {}
+    for run_dir in sorted(set(evidence.seeds["run_dir"])):
+        config = read_record(Path(run_dir) / "run.json")["config"]
+        env, algo = config["env"], config.get("algorithm", {})
+        key = int(env.get("instance_seed", 0))
+        if key not in per_instance:
+            summary = dict(premise_fn(env, float(algo.get("lam_exponent", 1 / 7))))
+            summary["c_lam"] = float(algo.get("lam_exponent", 1 / 7))
+            summary["schedule_applies"] = algo.get("variant", "single_loop") == "single_loop"
+            per_instance[key] = summary
+    floors = [p["wgd_floor"] for p in per_instance.values()]
+    exps = [p["implied_exponent"] for p in per_instance.values() if p["schedule_applies"]]
+    lo_eps = claim.metric_eps_range[0]
+    holds = not (claim.metric == "gap" and max(floors) > lo_eps)
+    text = (f"premise on instance(s) {sorted(per_instance)}: weak gradient domination floor "
+            f"{_span(floors)} in gap units — the assumption guarantees nothing below that gap here"
+            + (f"; the claim's ε_min is {lo_eps:.3g}: PREMISE FAILS" if not holds else
+               "" if claim.metric == "gap" else f" (this claim reads {claim.metric})"))
+    if exps:
+        text += (f"; the λ-schedule imposes the asymptotic exponent 1/(q·c_λ) = {_span(exps)} "
+                 f"(q = {_span([p['q'] for p in per_instance.values()])}, c_λ = "
+                 f"{_span([p['c_lam'] for p in per_instance.values()])}) by construction, whatever the algorithm does")
+    return {"text": text, "holds": holds, "per_instance": per_instance, "wgd_floor": max(floors),
+            "implied_exponent": exps}
+
+
+def _span(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.3g}" if abs(hi - lo) <= 1e-3 * max(abs(hi), 1e-12) else f"{lo:.3g}–{hi:.3g}"
+
+
 def identical_curves(curves) -> list[tuple[int, str, str]]:
     """(seed, run_dir, run_dir) for every pair of fitted rows from different runs that share a seed
     and have the same curve to the last bit: pooled configurations whose knob did not change the
@@ -424,10 +474,22 @@ def check_command(ns) -> int:
             folder = ensure_experiment(name, Path(ns.workdir), [c.id for c in group])
             evidence[name] = (load_dir(folder, ns.strict), str(folder))
         verdicts = [evaluate_claim(evidence[c.experiment][0], c, opts, where=evidence[c.experiment][1]) for c in claims]
+    rows = []
+    for claim, (v, _, note) in zip(claims, verdicts):
+        row = verdict_row(v, note)
+        if ns.premise is not None and claim.algorithm == "bilevel":
+            loaded_c, where = (loaded, ns.runs) if ns.runs else evidence[claim.experiment]
+            print(f"[{claim.id}] premises on the evidence's instances (ratebench audit; cached after the first time)",
+                  file=sys.stderr)
+            prem = claim_premise(loaded_c, claim, ns.premise, where)
+            if prem is not None:
+                row.update(premise=prem["text"], premise_holds=prem["holds"], wgd_floor=prem["wgd_floor"],
+                           implied_exponent=prem["implied_exponent"])
+        rows.append(row)
     if ns.json:
-        print(json.dumps([_jsonable(verdict_row(v, note)) for v, _, note in verdicts], indent=2))
+        print(json.dumps([_jsonable(r) for r in rows], indent=2))
     else:
-        print(format_verdicts([verdict_row(v, note) for v, _, note in verdicts]))
+        print(format_verdicts(rows))
     if ns.fail_on == "violated":
         return 1 if any(v.verdict == VIOLATED for v, _, _ in verdicts) else 0
     return 0 if all(v.verdict == PASS for v, _, _ in verdicts) else 1
@@ -460,6 +522,8 @@ def format_verdicts(rows: list[dict]) -> str:
     lines = [table.to_string(index=False), ""]
     for r in rows:
         lines.append(f"{r['claim']}: {r['verdict']} — {r['reason']}" + (f" ({r['note']})" if r["note"] else ""))
+        if r.get("premise"):
+            lines.append(f"    {r['premise']}")
     return "\n".join(lines)
 
 
@@ -496,7 +560,11 @@ def report_command(ns) -> int:
     else:
         claims = [c for c in (load_claim(p) for p in default_claims()) if c.algorithm in algorithms]
     out = Path(ns.out) if ns.out else Path(ns.dir) / "report"
-    paths = report.write_report(loaded, claims, fit_options(ns), out, evaluate_claim, fit_groups)
+    premise = None
+    if ns.premise is not None:
+        def premise(loaded_, claim):
+            return claim_premise(loaded_, claim, ns.premise, ns.dir)
+    paths = report.write_report(loaded, claims, fit_options(ns), out, evaluate_claim, fit_groups, premise=premise)
     for p in paths:
         print(p)
     return 0

@@ -48,8 +48,9 @@ def claim_section(v, curves, note: str, evidence_seeds: pd.DataFrame, fig_png: P
     }
 
 
-def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups) -> list[Path]:
-    """Compute every claim's verdict on the runs in `loaded` and write report.html + report.md."""
+def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups, premise=None) -> list[Path]:
+    """Compute every claim's verdict on the runs in `loaded` and write report.html + report.md.
+    premise(loaded, claim) -> dict with "text" (or None): the claim's premises on its instances."""
     from ratebench.analysis.fit import window_sensitivity
 
     out_dir = Path(out_dir)
@@ -67,7 +68,10 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
             png = plots.metric_figure([(key, v.fit, curves)], [claim], fig_dir, stem=f"claim_{claim.id}")[0]
             lo, hi = claim.metric_eps_range
             v.fit.arrays["sensitivity"] = window_sensitivity(curves, replace(opts, eps_min=lo, eps_max=hi))
-        sections.append(claim_section(v, curves, note, evidence, png))
+        section = claim_section(v, curves, note, evidence, png)
+        prem = premise(loaded, claim) if premise is not None else None
+        section["premise"] = prem["text"] if prem else None
+        sections.append(section)
     overview = []
     for metric in [m for m in METRICS if m in loaded.metrics.columns
                    and has_positive(loaded.metrics[m])]:
@@ -105,6 +109,8 @@ def _claim_rows(s) -> list[tuple[str, str]]:
                                                    f"[{_f(f.c_low)}, {_f(f.c_high)}]"),
                  ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_failed} failed, "
                            f"{f.n_strata} configuration(s)")]
+    if s.get("premise"):
+        rows.append(("premise (ratebench audit)", s["premise"]))
     if s["note"]:
         rows.append(("note", s["note"]))
     if c.relation == "upper_bound":

@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
             from ratebench.analysis import commands
         except ImportError:
             return _fail(f"'ratebench {command}' is not built yet")
-        code = commands.main(command, rest)
+        from ratebench.audit import premise_summary
+
+        code = commands.main(command, rest, premise=premise_summary)
     elif command == "audit":
         from ratebench import audit
 
