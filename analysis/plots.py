@@ -135,6 +135,24 @@ def draw_nhit(ax, results, claims) -> None:
     set_log_axes(ax, "no ε level reached by the seeds:\nno n_hit(ε) to show")
 
 
+def draw_profile(ax, results, claims) -> None:
+    """Local exponent p(ε) on half-decade sub-windows (fit.arrays["profile"]) with its 95% CI, and the
+    claimed exponent: a p(ε) still rising at the smallest ε means the window is pre-asymptotic."""
+    for (key, fit, _), (ls, mk, grey) in zip(results, STYLES):
+        prof = fit.arrays.get("profile")
+        if prof is None or not len(prof):
+            continue
+        x = 1.0 / prof["eps_center"].to_numpy()
+        lo, hi = prof["p_low"].to_numpy(dtype=float), prof["p_high"].to_numpy(dtype=float)
+        ok = np.isfinite(lo) & np.isfinite(hi)
+        ax.fill_between(x, lo, hi, where=ok, color=grey, alpha=0.18, linewidth=0)
+        ax.plot(x, prof["p"].to_numpy(dtype=float), ls=ls, marker=mk, color=grey, ms=4,
+                label=f"{label_of(key, False)}: local p(ε), half-decade windows")
+    for claim, ls in zip(claims, [(0, (2, 2)), (0, (6, 2)), (0, (1, 3))]):
+        ax.axhline(claim.metric_exponent, color="0.0", ls=ls, lw=1.2, label=f"claim {claim.id}: p = {claim.metric_exponent:g}")
+    ax.set_xscale("log")
+
+
 def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> list[Path]:
     """One figure (PNG + PDF) for one metric: results = [(key, fit, curves)] of fit_groups."""
     results = [r for r in results if r[1].status != "no_data"]
@@ -143,7 +161,9 @@ def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> li
     results = results[:MAX_GROUPS]
     metric, x_name = results[0][1].metric, results[0][1].x_name
     rate_panel = metric in RATE_METRICS
-    fig, axes = plt.subplots(1, 2 if rate_panel else 1, figsize=(12 if rate_panel else 6.5, 4.8), squeeze=False)
+    profile_panel = rate_panel and any(len(f.arrays.get("profile", ())) for _, f, _ in results)
+    n_panels = 1 + rate_panel + profile_panel
+    fig, axes = plt.subplots(1, n_panels, figsize=(6.2 * n_panels, 4.8), squeeze=False)
     left = axes[0, 0]
     draw_curves(left, results, claims)
     left.set_xlabel(X_LABELS.get(x_name, x_name))
@@ -155,6 +175,12 @@ def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> li
         right.set_xlabel(f"1/ε  (ε in {metric} units)")
         right.set_ylabel(f"n_hit(ε): {x_name} until {metric} stays ≤ ε")
         right.set_title("sample complexity n_hit(ε) vs 1/ε")
+    if profile_panel:
+        prof_ax = axes[0, 2]
+        draw_profile(prof_ax, results, claims)
+        prof_ax.set_xlabel(f"1/ε  (ε in {metric} units)")
+        prof_ax.set_ylabel("local exponent p(ε)")
+        prof_ax.set_title("local exponent: flat = asymptotic, rising = not yet")
     for ax in axes[0]:
         ax.grid(True, which="major", color="0.85", lw=0.6)
     handles, labels = [], []

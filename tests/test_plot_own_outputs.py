@@ -96,3 +96,17 @@ def test_growing_metric_has_no_rate_panel_and_no_decay_line(tmp_path):
     plots.draw_curves(ax, results, [])
     assert not any("fit" in str(line.get_label()) for line in ax.get_lines())
     plt.close(fig)
+
+
+def test_profile_panel_draws_the_fits_local_exponents(tmp_path):
+    rng = np.random.default_rng(4)
+    results = _fit_results(tmp_path, lambda x: synthetic_values(x, 0.5, 6, rng), "gap")
+    fit = results[0][1]
+    prof = fit.arrays["profile"]
+    assert len(prof) >= 2
+    fig, ax = plt.subplots()
+    plots.draw_profile(ax, results, [])
+    (line,) = [ln for ln in ax.get_lines() if "local p" in str(ln.get_label())]
+    np.testing.assert_allclose(line.get_xdata(), 1 / prof["eps_center"].to_numpy())
+    np.testing.assert_allclose(line.get_ydata(), prof["p"].to_numpy())
+    plt.close(fig)
