@@ -45,6 +45,8 @@ def claim_section(v, curves, note: str, evidence_seeds: pd.DataFrame, fig_png: P
         "hashes": sorted(set(evidence_seeds["config_hash"])), "commands": commands_of(evidence_seeds),
         "reproduce": f"ratebench run -m experiment={c.experiment}",
         "sensitivity": f.arrays.get("sensitivity") if f is not None else None,
+        "per_instance": dict(getattr(v, "per_instance", {}) or {}), "pooled": getattr(v, "pooled", None),
+        "worst_instance": getattr(v, "worst_instance", None),
     }
 
 
@@ -109,6 +111,17 @@ def _claim_rows(s) -> list[tuple[str, str]]:
                                                    f"[{_f(f.c_low)}, {_f(f.c_high)}]"),
                  ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_failed} failed, "
                            f"{f.n_strata} configuration(s)")]
+    if len(s.get("per_instance", {})) > 1:
+        parts = [f"{i}: {_f(fi.p)} [{_f(fi.p_low)}, {_f(fi.p_high)}] {fi.status}"
+                 + (" (worst)" if i == s["worst_instance"] else "") for i, fi in s["per_instance"].items()]
+        rows.append(("p̂ per instance (judged on the worst)", "; ".join(parts)))
+        pooled = s.get("pooled")
+        if pooled is not None:
+            rows.append(("pooled over instances (hierarchical bootstrap)",
+                         f"{_f(pooled.p)} [{_f(pooled.p_low)}, {_f(pooled.p_high)}]"))
+    if f is not None and np.isfinite(getattr(f, "p_local", np.nan)):
+        rows.append(("local exponent at ε_min", f"{_f(f.p_local)} [{_f(f.p_local_low)}, {_f(f.p_local_high)}], "
+                                                f"trend {_f(f.p_trend)} per decade of 1/ε"))
     if s.get("premise"):
         rows.append(("premise (ratebench audit)", s["premise"]))
     if s["note"]:
