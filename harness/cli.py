@@ -136,7 +136,8 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
             if not multirun and out:  # sweep job folders are named by run_hash: they cannot clash
                 from ratebench.runner import refuse_replacing, resolve
 
-                refuse_replacing(Path(out), resolve(cfg)[2], bool(cfg.get("overwrite", False)))
+                _, resolved, run_hash = resolve(cfg)
+                refuse_replacing(Path(out), resolved, run_hash, bool(cfg.get("overwrite", False)))
         except ConfigError as exc:
             raise _BadInput(str(exc)) from None
         except (HydraException, OmegaConfBaseException) as exc:

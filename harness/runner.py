@@ -98,9 +98,10 @@ def identity(resolved: dict) -> dict:
     return {k: val for k, val in resolved.items() if k not in OPERATIONAL_KEYS}
 
 
-def other_finished_run(out_dir: Path, run_hash: str) -> str | None:
-    """The run_hash of a finished run in out_dir that is NOT this run (None if there is none): a
-    folder is one run's record, and replacing another finished run silently loses it."""
+def other_finished_run(out_dir: Path, resolved: dict) -> str | None:
+    """The run_hash of a finished run in out_dir of ANOTHER configuration or seed list (None if there
+    is none): a folder is one run's record, and replacing another finished run silently loses it. The
+    same config and seeds under changed code is not another run: it is recomputed (job identity)."""
     import json
 
     path = Path(out_dir) / "run.json"
@@ -110,15 +111,23 @@ def other_finished_run(out_dir: Path, run_hash: str) -> str | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    statuses = [s.get("status") for s in record.get("status", {}).values()] if isinstance(record, dict) else []
-    other = record.get("run_hash") if isinstance(record, dict) else None
-    if other and other != run_hash and statuses and all(s in FINISHED for s in statuses):
-        return str(other)
+    if not isinstance(record, dict):
+        return None
+    statuses = [s.get("status") for s in record.get("status", {}).values()]
+    same = (record.get("config_hash") == config_hash(_without_seeds(resolved))
+            and list(record.get("seeds", [])) == list(resolved.get("seeds", [])))
+    if record.get("run_hash") and not same and statuses and all(s in FINISHED for s in statuses):
+        return str(record["run_hash"])
     return None
 
 
-def refuse_replacing(out_dir: Path, run_hash: str, overwrite: bool, where: str = "hydra.run.dir") -> None:
-    other = other_finished_run(out_dir, run_hash)
+def _without_seeds(resolved: dict) -> dict:
+    """What run.json's config_hash hashes: the result-changing config without the seeds."""
+    return {k: val for k, val in identity(resolved).items() if k != "seeds"}
+
+
+def refuse_replacing(out_dir: Path, resolved: dict, run_hash: str, overwrite: bool, where: str = "hydra.run.dir") -> None:
+    other = other_finished_run(out_dir, resolved)
     if other and not overwrite:
         raise ConfigError(where, f"{str(out_dir)!r} holds a finished run of another configuration (run_hash {other}; "
                                  f"this run is {run_hash}); choose another folder or pass overwrite=true to replace it")
@@ -151,7 +160,7 @@ def run_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[dict
     """(run record, True if out_dir already held this run finished and nothing was computed)."""
     out_dir = Path(out_dir)
     v, resolved, run_hash = resolve(cfg)
-    refuse_replacing(out_dir, run_hash, bool(cfg.get("overwrite", False)))
+    refuse_replacing(out_dir, resolved, run_hash, bool(cfg.get("overwrite", False)))
     done = finished_record(out_dir, run_hash)
     if done is not None:
         print(f"skipping {out_dir}: completed", flush=True)
@@ -290,7 +299,7 @@ class _Job:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_parquet(self.out_dir / "metrics.parquet", metrics)
         v, resolved = self.v, self.resolved
-        without_seeds = {k: val for k, val in identity(resolved).items() if k != "seeds"}
+        without_seeds = _without_seeds(resolved)
         record = {
             "algorithm": v.algorithm.name, "env": v.env.name, "experiment": self.experiment, "seeds": v.seeds,
             "status": {str(s): st for s, st in self.status.items()}, "config": resolved,
