@@ -113,8 +113,15 @@ def test_finished_job_is_skipped_and_its_files_untouched(compose_config, tmp_pat
 
 
 def test_other_config_in_the_folder_is_not_skipped_nor_resumed(compose_config, tmp_path):
-    run(compose_config, tmp_path)
-    record = run(compose_config, tmp_path, ["budget.samples=2000"])
+    """Another config in a folder holding a finished run is refused (issue 14, item 3: it used to
+    replace the run silently); with overwrite=true it is computed afresh, neither skipped nor resumed."""
+    from ratebench.errors import ConfigError
+
+    first = run(compose_config, tmp_path)
+    with pytest.raises(ConfigError, match=first["run_hash"]):
+        run(compose_config, tmp_path, ["budget.samples=2000"])
+    assert json.loads((tmp_path / "run.json").read_text())["run_hash"] == first["run_hash"]
+    record = run(compose_config, tmp_path, ["budget.samples=2000", "overwrite=true"])
     assert record["resumed_from_step"] is None
     assert json.loads((tmp_path / "run.json").read_text())["config"]["budget"]["samples"] == 2000
 
