@@ -53,15 +53,29 @@ class GlobalReference:
     minima_per_group: list[int] = field(default_factory=list)  # exact methods: distinct minima of each F_g
 
 
-def _objective_rows(problem: TabularProblem):
-    """x (B, n_units) -> F (B,): the bilevel objective of B tabular unit rewards."""
+def objective_rows(problem: TabularProblem):
+    """x (B, n_units) -> F (B,): the bilevel objective of B tabular unit rewards (what every
+    multistart of F minimises: this one, the audit's landscape, F_loc)."""
     return lambda x: bilevel_objective(problem, problem.step_tables_from_units(x))
+
+
+def gaussian_starts(problem: TabularProblem, n_starts: int, seed: int, scales) -> torch.Tensor:
+    """(n_starts, n_units): the true reward, zero, then Gaussian draws from a fixed generator at
+    `scales` x std(R*), cycling through the scales. The one home of multistart starts."""
+    if n_starts < 2:
+        raise ValueError(f"n_starts must be >= 2 (true reward and zero), got {n_starts}")
+    gen = torch.Generator().manual_seed(seed)
+    scale = float(problem.true_unit_reward.std()) or 1.0
+    starts = [problem.true_unit_reward, torch.zeros(problem.n_units, dtype=DTYPE)]
+    for i in range(n_starts - 2):
+        starts.append(scales[i % len(scales)] * scale * torch.randn(problem.n_units, generator=gen, dtype=DTYPE))
+    return torch.stack(starts)
 
 
 def local_reference(problem: TabularProblem, max_iter: int = 2000) -> tuple[float, torch.Tensor]:
     """F_loc: row-wise L-BFGS on F from the true reward alone, with a small first move so the
     search stays in nu_true's basin. Returns (value, minimising unit rewards (n_units,))."""
-    solved = minimise_rows(_objective_rows(problem), problem.true_unit_reward[None], SOLVER_TOL,
+    solved = minimise_rows(objective_rows(problem), problem.true_unit_reward[None], SOLVER_TOL,
                            max_iter=max_iter, first_step=0.1)
     return float(solved.value[0]), solved.x[0].clone()
 
@@ -228,14 +242,9 @@ def multistart(problem: TabularProblem, n_starts: int, seed: int = 0):
     zero, then Gaussian draws at MULTISTART_SCALES x std(R*). Every row runs SCREEN_ITER
     iterations; the KEEP best continue to convergence. Returns (values (n,), x (n, n_units),
     converged (n,) bool: gradient sup-norm <= CONVERGED)."""
-    gen = torch.Generator().manual_seed(seed)
-    scale = float(problem.true_unit_reward.std()) or 1.0
-    starts = [problem.true_unit_reward, torch.zeros(problem.n_units, dtype=DTYPE)]
-    for i in range(n_starts - 2):
-        factor = MULTISTART_SCALES[i % len(MULTISTART_SCALES)]
-        starts.append(factor * scale * torch.randn(problem.n_units, generator=gen, dtype=DTYPE))
-    objective = _objective_rows(problem)
-    screened = minimise_rows(objective, torch.stack(starts[:n_starts]), SOLVER_TOL, max_iter=SCREEN_ITER)
+    objective = objective_rows(problem)
+    screened = minimise_rows(objective, gaussian_starts(problem, n_starts, seed, MULTISTART_SCALES), SOLVER_TOL,
+                             max_iter=SCREEN_ITER)
     keep = screened.value.argsort()[:KEEP]
     polished = minimise_rows(objective, screened.x[keep], SOLVER_TOL, max_iter=POLISH_ITER)
     values, x, grad = screened.value.clone(), screened.x.clone(), screened.grad_norm.clone()
@@ -243,7 +252,7 @@ def multistart(problem: TabularProblem, n_starts: int, seed: int = 0):
     return values, x, grad <= CONVERGED
 
 
-def _policy_rows(problem: TabularProblem, x: torch.Tensor) -> torch.Tensor:
+def policy_rows(problem: TabularProblem, x: torch.Tensor) -> torch.Tensor:
     """pi*_x as one flat row of probabilities per unit-reward row: (n, sum_h n_h A)."""
     logps, _ = soft_optimal(problem, problem.step_tables_from_units(x))
     return torch.cat([lp.exp().reshape(x.shape[0], -1) for lp in logps], 1)
@@ -285,7 +294,7 @@ def global_reference(problem: TabularProblem, n_starts: int = 256, seed: int = 0
     best = int(values.argmin())
     value, argmin, counts = float(values[best]), x[best].clone(), []
     method = f"multistart-{n_starts}"
-    n_minima = distinct(values[converged], _policy_rows(problem, x[converged]))  # stationary end points only
+    n_minima = distinct(values[converged], policy_rows(problem, x[converged]))  # stationary end points only
     if form is not None:  # a large token task: faces too, searched in part
         face_value, face_argmin, counts, rows = sampled_faces(problem, form, n_starts, seed)
         method, n_minima = f"multistart-{rows + n_starts}", math.prod(counts)

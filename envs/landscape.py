@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from ratebench.envs.exact import bilevel_objective, optimal_value, policy_value, reward_error, soft_optimal
+from ratebench.envs.global_ref import gaussian_starts, objective_rows, policy_rows
 from ratebench.envs.lbfgs import minimise_rows
 from ratebench.envs.penalty import minimise_psi
-from ratebench.envs.tabular import DTYPE, TabularProblem
+from ratebench.envs.tabular import TabularProblem
 
 Tables = list[torch.Tensor]
 
@@ -45,12 +46,6 @@ def true_regret(problem: TabularProblem, logps: Tables) -> torch.Tensor:
     return optimal_value(problem, true)[0] - policy_value(problem, true, logps)
 
 
-def _flat_policy(problem: TabularProblem, units: torch.Tensor) -> torch.Tensor:
-    """pi*_nu as one row of probabilities per unit-reward row: (B, sum_h n_h A)."""
-    logps, _ = soft_optimal(problem, problem.step_tables_from_units(units))
-    return torch.cat([lp.exp().reshape(lp.shape[0], -1) for lp in logps], 1)
-
-
 def describe_points(problem: TabularProblem, units: torch.Tensor) -> dict[str, torch.Tensor]:
     """value, grad_norm (Euclidean, in unit rewards), policy_gap, reward_err, max_abs_reward and
     min_policy_prob of each row of units (B, n_units); each (B,)."""
@@ -60,23 +55,14 @@ def describe_points(problem: TabularProblem, units: torch.Tensor) -> dict[str, t
         logps, _ = soft_optimal(problem, tables)
         return {"value": value, "grad_norm": grad.norm(dim=1), "policy_gap": true_regret(problem, logps),
                 "reward_err": reward_error(problem, tables), "max_abs_reward": units.abs().amax(1),
-                "min_policy_prob": _flat_policy(problem, units).amin(1)}
+                "min_policy_prob": policy_rows(problem, units).amin(1)}
 
 
 # ---------------------------------------------------------------------------------------------- multistart
 
 def multistart_starts(problem: TabularProblem, n_starts: int, seed: int) -> torch.Tensor:
-    """(n_starts, n_units): the true reward, zero, then Gaussian draws from a fixed generator at
-    START_SCALES x std(true reward), cycling through the scales."""
-    if n_starts < 2:
-        raise ValueError(f"n_starts must be >= 2 (true reward and zero), got {n_starts}")
-    gen = torch.Generator().manual_seed(seed)
-    scale = float(problem.true_unit_reward.std()) or 1.0
-    rows = [problem.true_unit_reward.clone(), torch.zeros(problem.n_units, dtype=DTYPE)]
-    for i in range(n_starts - 2):
-        rows.append(START_SCALES[i % len(START_SCALES)] * scale
-                    * torch.randn(problem.n_units, generator=gen, dtype=DTYPE))
-    return torch.stack(rows)
+    """(n_starts, n_units): the true reward, zero, then Gaussian draws at START_SCALES x std(R*)."""
+    return gaussian_starts(problem, n_starts, seed, START_SCALES)
 
 
 @dataclass
@@ -94,12 +80,8 @@ def multistart(problem: TabularProblem, n_starts: int = 64, seed: int = 0) -> Mu
     (problem, n_starts, seed) and kept in problem.derived (F-hat* and the stationary points share it)."""
     key = ("multistart", n_starts, seed)
     if key not in problem.derived:
-        x0 = multistart_starts(problem, n_starts, seed)
-
-        def objective(u):
-            return bilevel_objective(problem, problem.step_tables_from_units(u))
-
-        res = minimise_rows(objective, x0, STATIONARY_TOL, max_iter=MAX_ITER)
+        res = minimise_rows(objective_rows(problem), multistart_starts(problem, n_starts, seed), STATIONARY_TOL,
+                            max_iter=MAX_ITER)
         problem.derived[key] = Multistart(res.x, res.value, res.grad_norm, res.grad_norm <= STATIONARY_TOL)
     return problem.derived[key]
 
@@ -135,7 +117,7 @@ def stationary_points(problem: TabularProblem, n_starts: int, seed: int, f_star:
     if rows.numel() == 0:
         return []
     units = ms.x[rows]
-    labels = cluster(ms.value[rows], _flat_policy(problem, units).detach())
+    labels = cluster(ms.value[rows], policy_rows(problem, units).detach())
     info = describe_points(problem, units)
     points = []
     for label in range(int(labels.max()) + 1):
@@ -148,14 +130,6 @@ def stationary_points(problem: TabularProblem, n_starts: int, seed: int, f_star:
         point["units"] = units[best].tolist()
         points.append(point)
     return sorted(points, key=lambda p: p["value"])
-
-
-def local_minimiser(problem: TabularProblem, tol: float = 1e-10) -> tuple[float, torch.Tensor]:
-    """F-hat_loc: the local minimum of F in the basin of the true reward (L-BFGS from it), and its
-    unit rewards (n_units,)."""
-    res = minimise_rows(lambda u: bilevel_objective(problem, problem.step_tables_from_units(u)),
-                        problem.true_unit_reward[None].clone(), tol, max_iter=MAX_ITER)
-    return float(res.value[0]), res.x[0].clone()
 
 
 # ---------------------------------------------------------------------------------------------- premises

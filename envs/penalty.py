@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ratebench.envs.exact import (expected_pair_loss, minimise_bilevel_objective, optimal_value, pair_losses,
+from ratebench.envs.exact import (expected_pair_loss, optimal_value, pair_losses,
                                   policy_value, seed_chunks, soft_optimal, upper_loss)
 from ratebench.envs.lbfgs import minimise_rows
 from ratebench.envs.tabular import TabularProblem
@@ -147,8 +147,10 @@ class PsiReference:
         if self.cache:
             nearest = min(self.cache, key=lambda other: abs(math.log(other / lam)))
             return [self.cache[nearest][1]]
-        if self.f_argmin is None:
-            self.f_argmin = minimise_bilevel_objective(self.problem, n_starts=2)[1]
+        if self.f_argmin is None:  # F_loc's argmin: the basin of the true reward (envs/global_ref.py)
+            from ratebench.envs.global_ref import local_reference
+
+            self.f_argmin = local_reference(self.problem)[1]
         return [self.problem.true_unit_reward, self.f_argmin]
 
     def min_psi(self, lam: float) -> float:
