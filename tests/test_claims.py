@@ -205,6 +205,17 @@ def test_pass_requires_the_window_to_cover_eps_min_and_a_decade(relation, change
     assert v.verdict == INCONCLUSIVE and "window covers [" in v.reason and "of the claimed [0.01, 1]" in v.reason
 
 
+def test_equals_band_missed_on_a_narrow_window_is_inconclusive_not_violated():
+    """An `equals` claim is asymptotic: a CI outside the band on a window under a decade (found on the
+    exact-oracle grad_sq runs: 0.2 decades, p̂ quantised to 1) cannot contradict it; on a full window it does."""
+    claim = parse_claim(base_claim(relation="equals", exponent=1.75, tolerance=0.35))
+    wide = fake_fit(1.0, 0.5, 1.2)
+    assert verdict(claim, wide).verdict == VIOLATED
+    narrow = fake_fit(1.0, 0.5, 1.2, status="too_narrow", reason="spans 0.2 decades", window_decades=0.2)
+    v = verdict(claim, narrow)
+    assert v.verdict == INCONCLUSIVE and "too narrow to contradict" in v.reason
+
+
 def test_grid_step_tolerance_of_coverage():
     """ε_min between grid levels: the lowest window level may sit up to one step (10^(1/20)) above it."""
     claim = parse_claim(base_claim(epsilon={"unit": "reward_err", "min": 9e-3, "max": 1.0}, **UPPER))
