@@ -38,8 +38,7 @@ def fake_fit(p, lo, hi, **kw) -> RateFit:
 def test_every_shipped_claim_file_is_valid():
     files = sorted(CLAIMS.glob("*.yaml"))
     ids = [load_claim(f).id for f in files]
-    assert {"control_reward_mle", "bilevel_gap_7_2", "bilevel_grad_sq_7_2", "successor_grad_sq_3",
-            "smoke_bilevel"} <= set(ids) and len(ids) == len(set(ids))
+    assert {"control_reward_mle", "bilevel_gap_7_2", "bilevel_grad_sq_7_2", "smoke_bilevel"} <= set(ids) and len(ids) == len(set(ids))
     gap = load_claim(CLAIMS / "bilevel_gap.yaml")
     assert gap.metric_exponent == 3.5 and gap.curve_slope == pytest.approx(-2 / 7) and gap.eps_unit == "gap"
 
