@@ -18,6 +18,7 @@ import pandas as pd
 from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, judge, load_claim, verdict
 from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys, has_positive
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
+from ratebench.analysis.labels import group_config, group_labels, short_key
 from ratebench.analysis.load import Loaded, RunRecordError, load, read_record
 from ratebench.errors import ConfigError
 from ratebench.records import code_fingerprint
@@ -186,10 +187,11 @@ def check_by(loaded: Loaded, by: list[str]) -> None:
 def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: FitOptions,
                sensitivity: bool = False) -> list[tuple[dict, RateFit, object]]:
     """(group key dict, fit, curves) for every group of runs."""
-    out = []
+    out, configs = [], []
     seeds = loaded.seeds.copy()
     metrics = loaded.metrics
     for key, seed_rows in seeds.groupby(by, dropna=False, sort=True):
+        configs.append(group_config(seed_rows))
         key = dict(zip(by, key if isinstance(key, tuple) else (key,)))
         runs = set(seed_rows["run_dir"])
         rows = metrics[metrics["run_dir"].isin(runs)]
@@ -203,6 +205,9 @@ def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: Fi
         for col in ("algorithm", "env"):  # pooled over them: name what was pooled
             key.setdefault(col, ",".join(sorted(set(map(str, seed_rows[col])))))
         out.append((key, fit, curves))
+    hashes = [k.get("config_hash") or ",".join(k["config_hashes"]) for k, _, _ in out]
+    for (key, _, _), label in zip(out, group_labels(configs, hashes)):
+        key["label"] = label  # named by what differs between the groups (analysis/labels.py)
     return out
 
 
@@ -212,9 +217,10 @@ def _fmt(v, nd=3) -> str:
 
 def fit_rows(results, metric: str, x_name: str) -> list[dict]:
     rows = []
+    skip = ("algorithm", "env", "config_hash", "config_hashes", "label")
     for key, fit, _ in results:
-        row = {"algorithm": key.get("algorithm"), "env": key.get("env"), "config_hash": key.get("config_hash"),
-               **{k: v for k, v in key.items() if k not in ("algorithm", "env", "config_hash", "config_hashes")},
+        row = {"label": key.get("label"), "algorithm": key.get("algorithm"), "env": key.get("env"),
+               "config_hash": key.get("config_hash"), **{k: v for k, v in key.items() if k not in skip},
                "config_hashes": key["config_hashes"], "metric": metric, "x": x_name}
         r = fit.row()
         r.pop("metric"), r.pop("x_name")
@@ -237,13 +243,13 @@ def fit_command(ns) -> int:
     if ns.sensitivity:
         for key, fit, _ in results:
             if "sensitivity" in fit.arrays:
-                print(f"\nwindow sensitivity: {key}")
+                print(f"\nwindow sensitivity: {key['label']}")
                 print(fit.arrays["sensitivity"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
             if "profile" in fit.arrays:
                 at = fit.arrays["profile_trend"]["eps_eval"]
                 print(f"\nlocal exponent p(ε) on half-decade sub-windows (trend {_fmt(fit.p_trend)} per decade "
                       f"of 1/ε; at ε = {at:.3g}: {_fmt(fit.p_local)} [{_fmt(fit.p_local_low)}, "
-                      f"{_fmt(fit.p_local_high)}]): {key}")
+                      f"{_fmt(fit.p_local_high)}]): {key['label']}")
                 print(fit.arrays["profile"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
@@ -261,17 +267,26 @@ def _jsonable(row: dict) -> dict:
     return out
 
 
-def format_fit_table(rows: list[dict]) -> str:
-    table = pd.DataFrame([{
-        "algorithm": r["algorithm"], "env": r["env"], "config": (r["config_hash"] or ",".join(r["config_hashes"]))[:16],
+def fit_display(rows: list[dict]) -> pd.DataFrame:
+    """The fit table as shown: one row per group, named by what differs between the groups
+    (`group`), then the --by columns beyond algorithm/env/config_hash (`env.beta`), then the fit."""
+    extra = [k for k in rows[0] if k.startswith("cfg.")] if rows else []
+    return pd.DataFrame([{
+        "group": r["label"], **{short_key(k): r[k] for k in extra},
         "p̂": _fmt(r["p"]), "95% CI": f"[{_fmt(r['p_low'])}, {_fmt(r['p_high'])}]", "b̂": _fmt(r["b"]),
         "b CI": f"[{_fmt(r['b_low'])}, {_fmt(r['b_high'])}]", "floor ĉ": _fmt(r["c"]),
         "ε window": f"[{_fmt(r['eps_low'])}, {_fmt(r['eps_high'])}]", "levels": r["n_levels"],
         "seeds": r["n_seeds"], "diverged": r["n_diverged"], "failed": r["n_failed"],
         "status": r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"} for r in rows])
+
+
+def fit_heading(rows: list[dict]) -> str:
     metric, x = rows[0]["metric"], rows[0]["x"]
-    head = f"metric {metric} vs {x}: p = exponent of n_hit(ε) ~ ε^-p; b = decay exponent of {metric} ≈ c + A·{x}^-b"
-    return head + "\n" + table.to_string(index=False)
+    return f"metric {metric} vs {x}: p = exponent of n_hit(ε) ~ ε^-p; b = decay exponent of {metric} ≈ c + A·{x}^-b"
+
+
+def format_fit_table(rows: list[dict]) -> str:
+    return fit_heading(rows) + "\n" + fit_display(rows).to_string(index=False)
 
 
 # ---------------------------------------------------------------------------------------------- check

@@ -78,9 +78,28 @@ def run_command(args: list[str]) -> int:
             return _fail(str(exc))
     from ratebench.app import hydra_entry
 
+    if multirun and not (set(flags) & HYDRA_INFO_FLAGS):
+        args = [*args, *_name_jobs_by_swept_values(overrides)]
     sys.argv = ["ratebench run", *args]
     hydra_entry()
     return 0
+
+
+EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
+
+
+def _name_jobs_by_swept_values(overrides: list[str]) -> list[str]:
+    """The Hydra override that leaves out of each sweep job's folder name (config.job_id) the
+    overrides every job shares, so the folder names the swept values (`env.beta=0.5-<run_hash>`).
+    Only hydra.* changes: the job's config and run_hash are untouched."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(o.split("=", 1)[0].lstrip("+~") == EXCLUDE_KEYS for o in overrides):
+        return []
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    shared = sorted({ov.key_or_group for ov in parsed if not ov.is_sweep_override()
+                     and not ov.key_or_group.startswith("hydra")})
+    return [f"{EXCLUDE_KEYS}=[{','.join(repr(k) for k in shared)}]"] if shared else []
 
 
 class _BadInput(Exception):

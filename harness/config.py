@@ -133,17 +133,31 @@ def plain(cfg: Any) -> dict:
             else getattr(cfg, f.name) for f in fields(cfg)}
 
 
+JOB_NAME_CHARS = 96  # the override part of a sweep job's folder name is cut here (file names stop at 255)
+
+
+def job_name(override_dirname: str, env: str, algorithm: str, run_hash: str) -> str:
+    """`<swept overrides>-<run_hash>` (`env.beta=0.5-1a2b...`), or `<env>-<algorithm>-<run_hash>` when
+    nothing is swept: a folder a person can find by its values, keyed by the hash so that a re-run of
+    the sweep finds its own folder (skip/resume) and the replace-guard compares whole configs."""
+    text = "".join(ch if ch.isalnum() or ch in "._=,+-" else "_" for ch in override_dirname)[:JOB_NAME_CHARS]
+    return f"{text}-{run_hash}" if text else f"{env}-{algorithm}-{run_hash}"
+
+
 def job_id(*, _root_: DictConfig) -> str:
-    """`<env>-<algorithm>-<run_hash>`: a sweep job's folder, keyed by its resolved config (the
-    run_hash of run.json), not by its position in the sweep, so a re-run finds its own folder."""
+    """A sweep job's folder (job_name), keyed by its resolved config (the run_hash of run.json), not
+    by its position in the sweep, so a re-run finds its own folder. The overrides in the name are
+    Hydra's hydra.job.override_dirname; `ratebench run -m` excludes from it the overrides shared by
+    every job of the sweep (harness/cli.py), so it names the swept values."""
     import copy
 
     from omegaconf import open_dict, read_write
 
     from ratebench.runner import resolve
 
+    dirname = OmegaConf.select(_root_, "hydra.job.override_dirname", default="") or ""
     job = copy.deepcopy(_root_)
     with read_write(job), open_dict(job):
         job.pop("hydra", None)
     v, _, run_hash = resolve(job)
-    return f"{v.env.name}-{v.algorithm.name}-{run_hash}"
+    return job_name(str(dirname), v.env.name, v.algorithm.name, run_hash)

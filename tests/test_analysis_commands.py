@@ -49,7 +49,7 @@ def test_fit_json_contract_and_known_exponents(two_algorithms, capsys):
 def test_fit_table_shows_diverged_seeds_and_sensitivity(two_algorithms, capsys):
     assert commands.main("fit", [str(two_algorithms), "--sensitivity", "--n-boot", "300"]) == 0
     out = capsys.readouterr().out
-    slow = next(line for line in out.splitlines() if line.strip().startswith("alg_slow"))
+    slow = next(line for line in out.splitlines() if line.strip().startswith("algorithm=alg_slow"))
     assert re.search(r"\b12\s+1\s+0\s+ok", slow), slow  # seeds 12, diverged 1, failed 0
     assert "window sensitivity" in out and "decades=3.0" in out
 

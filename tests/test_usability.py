@@ -1,0 +1,38 @@
+"""Issue 15 on a real tiny sweep (reward_mle, env.beta=0.5,1.0, 2 seeds, 2,000 samples, made once):
+sweep folders named by the swept value, re-runs skip, fit tables and exports name the β groups."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from ratebench.analysis import commands
+from ratebench.cli import main as cli_main
+
+SWEEP = ["run", "-m", "env.beta=0.5,1.0", "budget.samples=2000", "n_seeds=2"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("beta_sweep")
+    assert cli_main([*SWEEP, f"hydra.sweep.dir={root}"]) == 0
+    return root
+
+
+def test_sweep_folders_are_named_by_the_swept_value_and_rerun_skips(sweep, capsys):
+    dirs = sorted(p.parent for p in sweep.rglob("run.json"))
+    assert [d.name.split("-")[0] for d in dirs] == ["env.beta=0.5", "env.beta=1.0"]
+    for d in dirs:
+        assert d.name.endswith(json.loads((d / "run.json").read_text())["run_hash"])
+    capsys.readouterr()
+    assert cli_main([*SWEEP, f"hydra.sweep.dir={sweep}"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"skipping {d}: completed" in out for d in dirs), out
+
+
+def test_fit_by_beta_shows_the_beta_column_and_labels(sweep, capsys):
+    assert commands.main("fit", [str(sweep), "--metric", "reward_err", "--by", "cfg.env.beta", "--n-boot", "200"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "env.beta" in lines[1].split()
+    assert lines[2].split()[:2] == ["env.beta=0.5", "0.5"] and lines[3].split()[:2] == ["env.beta=1", "1.0"]
+    assert commands.main("fit", [str(sweep), "--metric", "reward_err", "--json", "--n-boot", "200"]) == 0
+    assert [r["label"] for r in json.loads(capsys.readouterr().out)] == ["env.beta=0.5", "env.beta=1"]
