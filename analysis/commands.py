@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pandas as pd
 from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, judge, load_claim, verdict
 from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys, has_positive
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
-from ratebench.analysis.labels import group_config, group_labels, short_key
+from ratebench.analysis.labels import group_config, group_labels, natural_order, short_key
 from ratebench.analysis.load import Loaded, RunRecordError, load, read_record
 from ratebench.errors import ConfigError
 from ratebench.records import code_fingerprint
@@ -208,7 +209,7 @@ def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: Fi
     hashes = [k.get("config_hash") or ",".join(k["config_hashes"]) for k, _, _ in out]
     for (key, _, _), label in zip(out, group_labels(configs, hashes)):
         key["label"] = label  # named by what differs between the groups (analysis/labels.py)
-    return out
+    return sorted(out, key=lambda r: natural_order(r[0]["label"]))
 
 
 def _fmt(v, nd=3) -> str:
@@ -558,11 +559,22 @@ def plot_command(ns) -> int:
     out = Path(ns.out) if ns.out else Path(ns.dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
     opts = fit_options(ns)
-    for m in metrics:
+    for i, m in enumerate(metrics, start=1):
+        started = time.monotonic()
         results = fit_groups(loaded, m, ns.x, by, opts)
-        for path in plots.metric_figure(results, [c for c in claims if c.metric == m and c.x == ns.x], out):
+        paths = plots.metric_figure(results, claims, out) + plots.interval_figure(results, claims, out)
+        for path in paths:
             print(path)
+        pngs = [p.name for p in paths if p.suffix == ".png"]
+        progress(f"[plot {i}/{len(metrics)}] {m}: {len(results)} group(s) → {', '.join(pngs) or 'no data'} "
+                 f"({time.monotonic() - started:.1f} s)")
     return 0
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (a figure, a claim); quiet under CI=true."""
+    if os.environ.get("CI", "").lower() not in ("true", "1"):
+        print(message, file=sys.stderr, flush=True)
 
 
 def report_command(ns) -> int:

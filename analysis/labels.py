@@ -4,6 +4,7 @@ algorithm.mode=online`), with a short config hash only to tell apart groups that
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -30,6 +31,12 @@ def value_text(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def natural_order(label: str) -> list:
+    """Sort key that puts `c_xi=2` before `c_xi=10`: numbers compare as numbers."""
+    parts = re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", label)
+    return [(0, float(t), "") if i % 2 else (1, 0.0, t) for i, t in enumerate(parts)]
 
 
 def group_config(seed_rows: pd.DataFrame) -> dict[str, Any]:
