@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, judge, load_claim, verdict
+from ratebench.analysis.claims import (INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, find_claim, judge, load_claim,
+                                       verdict)
 from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys, has_positive
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
 from ratebench.analysis.labels import group_config, group_labels, natural_order, short_key
@@ -104,7 +105,8 @@ def _check_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ratebench check", description="Verdict per claim (SPEC §7): exit 0 when "
                                 "every claim passes, 1 when one is VIOLATED or INCONCLUSIVE, 2 on bad input. "
                                 "Without --runs, each claim's experiment is run (or reused) under --workdir.")
-    p.add_argument("claims", nargs="*", help="claim YAML files (default conf/claims/*.yaml)")
+    p.add_argument("claims", nargs="*", help="claim names (`control`, as `ratebench list claims` shows them), claim ids, "
+                   "or claim YAML files (default: every shipped claim)")
     p.add_argument("--runs", help="analyse the runs under this folder instead of running the experiments")
     p.add_argument("--workdir", default="ratebench-runs", help="cache of experiment runs (default ./ratebench-runs)")
     p.add_argument("--json", action="store_true", help="print the verdicts as JSON")
@@ -471,7 +473,7 @@ def ensure_experiment(experiment: str, workdir: Path, claim_ids: list[str]) -> P
 
 
 def check_command(ns) -> int:
-    paths = [Path(p) for p in ns.claims] or default_claims()
+    paths = [find_claim(p, CONF_DIR / "claims") for p in ns.claims] or default_claims()
     if not paths:
         raise BadInput(f"no claim files given and none in {CONF_DIR / 'claims'}")
     claims = [load_claim(p) for p in paths]  # all validated before any compute

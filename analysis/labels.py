@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -15,7 +16,7 @@ MIXED = object()  # a key that takes several values inside one pooled group: it 
 
 def short_key(column: str) -> str:
     """`cfg.env.beta` → `env.beta`; `cfg.algorithm.name` → `algorithm` (what a user types in an override)."""
-    key = column[4:] if column.startswith("cfg.") else column
+    key = column.removeprefix("cfg.")
     for scope in SCOPED:
         if key == f"{scope}.name":
             return scope

@@ -49,7 +49,7 @@ def power_of_ten(value: float, _pos=None) -> str:
     k = math.log10(value)
     if abs(k - round(k)) > 1e-9:
         return ""
-    return "10" + str(int(round(k))).translate(SUPERSCRIPT)
+    return "10" + str(round(k)).translate(SUPERSCRIPT)
 
 
 def log_ticks(axis) -> None:
@@ -319,7 +319,7 @@ def interval_figure(results, claims, out_dir: Path, stem: str | None = None) -> 
         if np.isfinite(lo):
             ax.plot([lo, hi_drawn], [y, y], color=colour, lw=2.2, solid_capstyle="butt")
             if not np.isfinite(hi):
-                ax.annotate("", xy=(top, y), xytext=(lo, y), arrowprops=dict(arrowstyle="->", color=colour))
+                ax.annotate("", xy=(top, y), xytext=(lo, y), arrowprops={"arrowstyle": "->", "color": colour})
         ax.plot([p], [y], marker=mk, color=colour, ms=7, mfc=colour if status == "ok" else "white")
     for claim, ls in zip(claims, CLAIM_STYLES):
         ax.axvline(claim.metric_exponent, color="0.0", ls=ls, lw=1.2, label=f"claim {claim.id}: p = "

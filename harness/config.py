@@ -43,6 +43,10 @@ class RunConfig:
 def register() -> None:
     if not OmegaConf.has_resolver("rb_job_id"):
         OmegaConf.register_new_resolver("rb_job_id", job_id)  # hydra.sweep.subdir (conf/config.yaml)
+    if not OmegaConf.has_resolver("rb_run_help"):
+        from ratebench.catalog import run_help
+
+        OmegaConf.register_new_resolver("rb_run_help", run_help)  # hydra.help.template (conf/config.yaml)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
