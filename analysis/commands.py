@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys,
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
 from ratebench.analysis.labels import group_config, group_labels, natural_order, short_key
 from ratebench.analysis.load import Loaded, RunRecordError, load, read_record
+from ratebench.analysis.tables import latex_table
 from ratebench.errors import ConfigError
 from ratebench.records import code_fingerprint
 
@@ -43,6 +45,7 @@ def main(command: str, args: list[str], premise=None) -> int:
     except SystemExit as exc:  # --help → 0, argparse errors → 2
         return int(exc.code or 0)
     ns.premise = None if getattr(ns, "no_premise", True) else premise
+    ns.argv = list(args)
     try:
         return handlers[command](ns)
     except (BadInput, ConfigError, RunRecordError) as exc:
@@ -81,7 +84,10 @@ def _fit_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="algorithm,env,config_hash",
                    help="comma-separated grouping columns (default algorithm,env,config_hash; e.g. "
                         "algorithm,env pools configurations, bootstrap stratified by config_hash)")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--format", default="table", choices=FIT_FORMATS,
+                   help="table (default, for reading), json (a list of objects), csv (one row per group, every "
+                        "field, for pandas/R/spreadsheets) or latex (a booktabs table of the displayed columns)")
+    p.add_argument("--json", action="store_const", const="json", dest="format", help="the same as --format json")
     p.add_argument("--sensitivity", action="store_true", help="also print the window-sensitivity table per group")
     _add_fit_options(p)
     return p
@@ -239,8 +245,8 @@ def fit_command(ns) -> int:
     check_by(loaded, by)
     results = fit_groups(loaded, ns.metric, ns.x, by, fit_options(ns), ns.sensitivity)
     rows = fit_rows(results, ns.metric, ns.x)
-    if ns.json:
-        print(json.dumps([_jsonable(r) for r in rows], indent=2))
+    if ns.format != "table":
+        print(format_fit_rows(rows, ns.format))
         return 0
     print(format_fit_table(rows))
     if ns.sensitivity:
@@ -286,6 +292,22 @@ def fit_display(rows: list[dict]) -> pd.DataFrame:
 def fit_heading(rows: list[dict]) -> str:
     metric, x = rows[0]["metric"], rows[0]["x"]
     return f"metric {metric} vs {x}: p = exponent of n_hit(ε) ~ ε^-p; b = decay exponent of {metric} ≈ c + A·{x}^-b"
+
+
+FIT_FORMATS = ("table", "json", "csv", "latex")
+
+
+def format_fit_rows(rows: list[dict], fmt: str) -> str:
+    """`fit --format json|csv|latex`: JSON and CSV hold every field of every row (NaN/±inf as null in
+    JSON, empty in CSV; lists joined by ';'), LaTeX the displayed table with its heading as caption."""
+    if fmt == "json":
+        return json.dumps([_jsonable(r) for r in rows], indent=2)
+    if fmt == "csv":
+        flat = [{k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in _jsonable(r).items()} for r in rows]
+        return pd.DataFrame(flat).to_csv(index=False).rstrip("\n")
+    if fmt == "latex":
+        return latex_table(fit_display(rows), caption=fit_heading(rows))
+    raise BadInput(f"--format: unknown format {fmt!r}; allowed: {', '.join(FIT_FORMATS)}")
 
 
 def format_fit_table(rows: list[dict]) -> str:
@@ -493,7 +515,8 @@ def check_command(ns) -> int:
             evidence[name] = (load_dir(folder, ns.strict), str(folder))
         verdicts = [evaluate_claim(evidence[c.experiment][0], c, opts, where=evidence[c.experiment][1]) for c in claims]
     rows = []
-    for claim, (v, _, note) in zip(claims, verdicts):
+    for i, (claim, (v, _, note)) in enumerate(zip(claims, verdicts), start=1):
+        progress(f"[check {i}/{len(claims)}] {claim.id}: {v.verdict}")
         row = verdict_row(v, note)
         if ns.premise is not None and claim.algorithm == "bilevel":
             loaded_c, where = (loaded, ns.runs) if ns.runs else evidence[claim.experiment]
@@ -593,7 +616,9 @@ def report_command(ns) -> int:
     if ns.premise is not None:
         def premise(loaded_, claim):
             return claim_premise(loaded_, claim, ns.premise, ns.dir)
-    paths = report.write_report(loaded, claims, fit_options(ns), out, evaluate_claim, fit_groups, premise=premise)
+    command = "ratebench report " + " ".join(shlex.quote(a) for a in getattr(ns, "argv", [ns.dir]))
+    paths = report.write_report(loaded, claims, fit_options(ns), out, evaluate_claim, fit_groups, premise=premise,
+                                command=command)
     for p in paths:
         print(p)
     return 0

@@ -141,27 +141,27 @@ def run_command(args: list[str]) -> int:
     from ratebench.app import hydra_entry
 
     if multirun and not (set(flags) & HYDRA_INFO_FLAGS):
-        args = [*args, *_name_jobs_by_swept_values(overrides)]
+        _name_jobs_by_swept_values(overrides)
     sys.argv = ["ratebench run", *args]
-    hydra_entry()
+    try:
+        hydra_entry()
+    finally:
+        os.environ.pop(SHARED_OVERRIDES_ENV, None)
     return 0
 
 
-EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
+SHARED_OVERRIDES_ENV = "RATEBENCH_SHARED_OVERRIDES"  # read by config.job_id (sweep job folder names)
 
 
-def _name_jobs_by_swept_values(overrides: list[str]) -> list[str]:
-    """The Hydra override that leaves out of each sweep job's folder name (config.job_id) the
-    overrides every job shares, so the folder names the swept values (`env.beta=0.5-<run_hash>`).
-    Only hydra.* changes: the job's config and run_hash are untouched."""
+def _name_jobs_by_swept_values(overrides: list[str]) -> None:
+    """Tell config.job_id which overrides every job of this sweep shares, so that each job's folder is
+    named by the swept values only (`env.beta=0.5-<run_hash>`). An environment variable, inherited by
+    launcher workers, rather than a Hydra override: nothing changes in the jobs' configs or argv."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if any(o.split("=", 1)[0].lstrip("+~") == EXCLUDE_KEYS for o in overrides):
-        return []
     parsed = OverridesParser.create().parse_overrides(overrides)
-    shared = sorted({ov.key_or_group for ov in parsed if not ov.is_sweep_override()
-                     and not ov.key_or_group.startswith("hydra")})
-    return [f"{EXCLUDE_KEYS}=[{','.join(repr(k) for k in shared)}]"] if shared else []
+    shared = sorted({ov.key_or_group for ov in parsed if not ov.is_sweep_override()})
+    os.environ[SHARED_OVERRIDES_ENV] = ",".join(shared)
 
 
 class _BadInput(Exception):

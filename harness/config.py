@@ -140,28 +140,37 @@ def plain(cfg: Any) -> dict:
 JOB_NAME_CHARS = 96  # the override part of a sweep job's folder name is cut here (file names stop at 255)
 
 
-def job_name(override_dirname: str, env: str, algorithm: str, run_hash: str) -> str:
+def job_name(overrides: str, env: str, algorithm: str, run_hash: str) -> str:
     """`<swept overrides>-<run_hash>` (`env.beta=0.5-1a2b...`), or `<env>-<algorithm>-<run_hash>` when
     nothing is swept: a folder a person can find by its values, keyed by the hash so that a re-run of
     the sweep finds its own folder (skip/resume) and the replace-guard compares whole configs."""
-    text = "".join(ch if ch.isalnum() or ch in "._=,+-" else "_" for ch in override_dirname)[:JOB_NAME_CHARS]
+    text = "".join(ch if ch.isalnum() or ch in "._=,+-" else "_" for ch in overrides)[:JOB_NAME_CHARS]
     return f"{text}-{run_hash}" if text else f"{env}-{algorithm}-{run_hash}"
+
+
+def job_overrides(task: list[str], shared: set[str]) -> str:
+    """The overrides that name a sweep job: its task overrides without the keys every job of the sweep
+    shares (`ratebench run -m` lists them in $RATEBENCH_SHARED_OVERRIDES), sorted, joined by ','."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(task))
+    return ",".join(sorted(ov.input_line for ov in parsed if ov.key_or_group not in shared))
 
 
 def job_id(*, _root_: DictConfig) -> str:
     """A sweep job's folder (job_name), keyed by its resolved config (the run_hash of run.json), not
-    by its position in the sweep, so a re-run finds its own folder. The overrides in the name are
-    Hydra's hydra.job.override_dirname; `ratebench run -m` excludes from it the overrides shared by
-    every job of the sweep (harness/cli.py), so it names the swept values."""
+    by its position in the sweep, so a re-run finds its own folder; named by the job's swept values."""
     import copy
+    import os
 
     from omegaconf import open_dict, read_write
 
     from ratebench.runner import resolve
 
-    dirname = OmegaConf.select(_root_, "hydra.job.override_dirname", default="") or ""
+    task = OmegaConf.select(_root_, "hydra.overrides.task", default=None) or []
+    shared = set(filter(None, os.environ.get("RATEBENCH_SHARED_OVERRIDES", "").split(",")))
     job = copy.deepcopy(_root_)
     with read_write(job), open_dict(job):
         job.pop("hydra", None)
     v, _, run_hash = resolve(job)
-    return job_name(str(dirname), v.env.name, v.algorithm.name, run_hash)
+    return job_name(job_overrides(task, shared), v.env.name, v.algorithm.name, run_hash)

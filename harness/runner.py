@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ from ratebench.config import plain, validate
 from ratebench.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import reference, true_objective
-from ratebench.records import BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint, config_hash
+from ratebench.records import (BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint, config_hash,
+                               git_commit)
 from ratebench.sampling import Counters, CountingSampler
 
 FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
@@ -30,12 +30,7 @@ OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_insta
 def provenance() -> dict:
     info = {"ratebench": ratebench.__version__, "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform(), "argv": sys.argv}
-    try:
-        here = Path(ratebench.__file__).resolve().parent
-        info["git_commit"] = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
+    info["git_commit"] = git_commit()
     return info
 
 

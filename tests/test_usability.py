@@ -2,13 +2,17 @@
 sweep folders named by the swept value, re-runs skip, fit tables and exports name the β groups."""
 from __future__ import annotations
 
+import io
 import json
+
+import pandas as pd
 
 import pytest
 from ratebench.analysis import commands
 from ratebench.cli import main as cli_main
 
-SWEEP = ["run", "-m", "env.beta=0.5,1.0", "budget.samples=2000", "n_seeds=2"]
+SWEEP = ["run", "-m", "env.beta=0.5,1.0", "budget.samples=2000", "n_seeds=2", "env.n_contexts=2", "env.n_actions=3",
+         "env.feature_dim=2"]  # a small bandit: its exact F* takes no time
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +40,14 @@ def test_fit_by_beta_shows_the_beta_column_and_labels(sweep, capsys):
     assert lines[2].split()[:2] == ["env.beta=0.5", "0.5"] and lines[3].split()[:2] == ["env.beta=1", "1.0"]
     assert commands.main("fit", [str(sweep), "--metric", "reward_err", "--json", "--n-boot", "200"]) == 0
     assert [r["label"] for r in json.loads(capsys.readouterr().out)] == ["env.beta=0.5", "env.beta=1"]
+
+
+def test_fit_exports_csv_that_parses_and_latex(sweep, capsys):
+    assert commands.main("fit", [str(sweep), "--metric", "reward_err", "--format", "csv", "--n-boot", "200"]) == 0
+    frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(frame["label"]) == ["env.beta=0.5", "env.beta=1"] and len(frame) == 2
+    assert {"p", "p_low", "p_high", "n_seeds", "config_hash"} <= set(frame.columns) and frame["p"].dtype == float
+    assert commands.main("fit", [str(sweep), "--metric", "reward_err", "--format", "latex", "--n-boot", "200"]) == 0
+    latex = capsys.readouterr().out
+    assert latex.startswith("\\begin{table}") and "\\toprule" in latex and "env.beta=0.5 &" in latex
+    assert "p̂" not in latex and "\\hat p" in latex
