@@ -38,7 +38,8 @@ def main(command: str, args: list[str], premise=None) -> int:
     """premise: optional callable (env config dict, c_lam) -> {"wgd_floor", "implied_exponent", "q"}
     (the CLI passes ratebench.audit.premise_summary): check and report print the claim's premises on
     the evidence's instances. Analysis computes no landscape itself; it is handed the function."""
-    handlers = {"fit": fit_command, "plot": plot_command, "check": check_command, "report": report_command}
+    handlers = {"fit": fit_command, "plot": plot_command, "check": check_command, "report": report_command,
+                "compare": compare_command}
     parser = PARSERS[command]()
     try:
         ns = parser.parse_args(args)
@@ -139,7 +140,22 @@ def _report_parser() -> argparse.ArgumentParser:
     return p
 
 
-PARSERS = {"fit": _fit_parser, "plot": _plot_parser, "check": _check_parser, "report": _report_parser}
+def _compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ratebench compare", description="The difference of sample-complexity "
+                                "exponents p̂_a − p̂_b between every pair of groups, with a paired bootstrap 95%% CI "
+                                "over the (instance, seed) pairs both groups ran: instances resampled, then seeds "
+                                "within each (the same draw for both groups).")
+    p.add_argument("dir", help="folder searched recursively for run.json")
+    p.add_argument("--metric", default="gap", help=f"metric column (default gap); one of {', '.join(METRICS)}")
+    p.add_argument("--x", default="samples", choices=X_AXES, help="x axis (default samples)")
+    p.add_argument("--by", default="algorithm", help="grouping columns (default algorithm), as for fit")
+    p.add_argument("--format", default="table", choices=("table", "json", "csv"), help="output format")
+    _add_fit_options(p)
+    return p
+
+
+PARSERS = {"fit": _fit_parser, "plot": _plot_parser, "check": _check_parser, "report": _report_parser,
+           "compare": _compare_parser}
 
 
 def fit_options(ns, **extra) -> FitOptions:
@@ -193,9 +209,9 @@ def check_by(loaded: Loaded, by: list[str]) -> None:
         raise BadInput(f"--by: unknown column(s) {bad}; allowed: {', '.join(allowed)}")
 
 
-def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: FitOptions,
-               sensitivity: bool = False) -> list[tuple[dict, RateFit, object]]:
-    """(group key dict, fit, curves) for every group of runs."""
+def group_curves(loaded: Loaded, metric: str, x_name: str, by: list[str]) -> list[tuple[dict, object]]:
+    """(group key dict, curves) for every group of runs, each key with its `label` (named by what
+    differs between the groups, analysis/labels.py), in the natural order of the labels."""
     out, configs = [], []
     seeds = loaded.seeds.copy()
     metrics = loaded.metrics
@@ -207,17 +223,26 @@ def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: Fi
         curves = build_curves(rows, seed_rows, metric, x_name)
         if len(runs) > 1:
             warn_identical_curves(curves, f"group {key}")
-        fit = fit_rate(curves, opts)
-        if sensitivity and fit.status != "no_data":
-            fit.arrays["sensitivity"] = window_sensitivity(curves, opts)
         key["config_hashes"] = sorted(set(seed_rows["config_hash"]))
         for col in ("algorithm", "env"):  # pooled over them: name what was pooled
             key.setdefault(col, ",".join(sorted(set(map(str, seed_rows[col])))))
-        out.append((key, fit, curves))
-    hashes = [k.get("config_hash") or ",".join(k["config_hashes"]) for k, _, _ in out]
-    for (key, _, _), label in zip(out, group_labels(configs, hashes)):
-        key["label"] = label  # named by what differs between the groups (analysis/labels.py)
+        out.append((key, curves))
+    hashes = [k.get("config_hash") or ",".join(k["config_hashes"]) for k, _ in out]
+    for (key, _), label in zip(out, group_labels(configs, hashes)):
+        key["label"] = label
     return sorted(out, key=lambda r: natural_order(r[0]["label"]))
+
+
+def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: FitOptions,
+               sensitivity: bool = False) -> list[tuple[dict, RateFit, object]]:
+    """(group key dict, fit, curves) for every group of runs (group_curves)."""
+    out = []
+    for key, curves in group_curves(loaded, metric, x_name, by):
+        fit = fit_rate(curves, opts)
+        if sensitivity and fit.status != "no_data":
+            fit.arrays["sensitivity"] = window_sensitivity(curves, opts)
+        out.append((key, fit, curves))
+    return out
 
 
 def _fmt(v, nd=3) -> str:
@@ -621,4 +646,35 @@ def report_command(ns) -> int:
                                 command=command)
     for p in paths:
         print(p)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+def compare_command(ns) -> int:
+    from ratebench.analysis.compare import difference_table
+
+    loaded = load_dir(ns.dir, ns.strict)
+    check_metric(loaded, ns.metric, ns.x)
+    by = group_keys(ns.by)
+    check_by(loaded, by)
+    groups = [(key["label"], curves) for key, curves in group_curves(loaded, ns.metric, ns.x, by)]
+    if len(groups) < 2:
+        raise BadInput(f"--by {ns.by}: {len(groups)} group under {ns.dir}; compare needs at least 2")
+    table = difference_table(groups, fit_options(ns))
+    if ns.format == "json":
+        print(json.dumps([_jsonable(r) for r in table.to_dict("records")], indent=2))
+    elif ns.format == "csv":
+        print(table.to_csv(index=False).rstrip("\n"))
+    else:
+        print(f"p̂_a − p̂_b on {ns.metric} vs {ns.x} (N(ε) ∝ ε^-p; < 0: a needs fewer {ns.x}), paired bootstrap "
+              f"95% CI over the (instance, seed) pairs both groups ran")
+        shown = pd.DataFrame({"a": table["a"], "b": table["b"], "p̂_a": table["p_a"].map(_fmt),
+                              "p̂_b": table["p_b"].map(_fmt), "p̂_a − p̂_b": table["diff"].map(_fmt),
+                              "95% CI": [f"[{_fmt(lo)}, {_fmt(hi)}]" for lo, hi in zip(table["diff_low"],
+                                                                                       table["diff_high"])],
+                              "shared": table["n_shared"], "unit": table["boot_unit"],
+                              "status": [st if st == "ok" else f"{st}: {why}" for st, why in
+                                         zip(table["status"], table["reason"])]})
+        print(shown.to_string(index=False))
     return 0
