@@ -652,7 +652,7 @@ def report_command(ns) -> int:
 # ---------------------------------------------------------------------------------------------- compare
 
 def compare_command(ns) -> int:
-    from ratebench.analysis.compare import difference_table
+    from ratebench.analysis.paired import difference_table
 
     loaded = load_dir(ns.dir, ns.strict)
     check_metric(loaded, ns.metric, ns.x)

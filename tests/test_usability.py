@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 
@@ -51,3 +53,22 @@ def test_fit_exports_csv_that_parses_and_latex(sweep, capsys):
     latex = capsys.readouterr().out
     assert latex.startswith("\\begin{table}") and "\\toprule" in latex and "env.beta=0.5 &" in latex
     assert "p̂" not in latex and "\\hat p" in latex
+
+
+def test_api_walkthrough_runs_and_returns_dataframes(sweep, tmp_path, monkeypatch):
+    """docs/api.md: its bash block is this module's sweep; its Python blocks run, in order."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    (bash,) = re.findall(r"```bash\n(.*?)\n```", text, re.S)
+    assert bash.split() == ["ratebench", *SWEEP, "hydra.sweep.dir=runs/beta"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "beta").symlink_to(sweep)
+    namespace: dict = {}
+    blocks = re.findall(r"```python\n(.*?)\n```", text, re.S)
+    assert len(blocks) >= 6
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), namespace)  # noqa: S102 - the page's own code
+    for name in ("table", "diff", "curve"):
+        assert isinstance(namespace[name], pd.DataFrame), name
+    assert namespace["verdict"].verdict == "INCONCLUSIVE"
+    assert "reward_err_vs_samples.png" in [p.name for p in namespace["paths"]]
