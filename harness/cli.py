@@ -140,17 +140,45 @@ def run_command(args: list[str]) -> int:
             return _fail(str(exc))
     from ratebench.app import hydra_entry
 
-    if multirun and not (set(flags) & HYDRA_INFO_FLAGS):
+    sweep = multirun and not (set(flags) & HYDRA_INFO_FLAGS)
+    if sweep:
         _name_jobs_by_swept_values(overrides)
+        _start_sweep_log()
     sys.argv = ["ratebench run", *args]
     try:
         hydra_entry()
     finally:
         os.environ.pop(SHARED_OVERRIDES_ENV, None)
+        if sweep:
+            _print_sweep_summary()
     return 0
 
 
 SHARED_OVERRIDES_ENV = "RATEBENCH_SHARED_OVERRIDES"  # read by config.job_id (sweep job folder names)
+
+
+def _start_sweep_log() -> None:
+    """A fresh file that every job of this sweep appends its outcome to (app.report_outcome)."""
+    import tempfile
+
+    from ratebench.app import SWEEP_LOG_ENV
+
+    fd, path = tempfile.mkstemp(prefix="ratebench-sweep-", suffix=".jsonl")
+    os.close(fd)
+    os.environ[SWEEP_LOG_ENV] = path
+
+
+def _print_sweep_summary() -> None:
+    """`sweep: 4 jobs: 2 done, 1 skipped, 1 resumed, 0 failed` from the jobs' outcomes."""
+    from ratebench.app import SWEEP_LOG_ENV, sweep_summary
+
+    path = os.environ.pop(SWEEP_LOG_ENV, None)
+    if not path:
+        return
+    try:
+        print(sweep_summary(Path(path).read_text()), flush=True)
+    finally:
+        Path(path).unlink(missing_ok=True)
 
 
 def _name_jobs_by_swept_values(overrides: list[str]) -> None:

@@ -33,6 +33,7 @@ def test_sweep_folders_are_named_by_the_swept_value_and_rerun_skips(sweep, capsy
     assert cli_main([*SWEEP, f"hydra.sweep.dir={sweep}"]) == 0
     out = capsys.readouterr().out
     assert all(f"skipping {d}: completed" in out for d in dirs), out
+    assert "ratebench: sweep of 2 jobs: 0 done, 2 skipped, 0 resumed, 0 failed" in out  # the summary line
 
 
 def test_fit_by_beta_shows_the_beta_column_and_labels(sweep, capsys):
