@@ -200,9 +200,10 @@ def group_entry(key, fit, colour, ls, mk) -> Line2D:
     """One legend entry per group: its name, seeds, and what was fitted, in words."""
     text = f"{group_label(key)}  (n={fit.n_seeds}" + (f", {fit.n_diverged} diverged" if fit.n_diverged else "") + ")"
     if fit.metric in RATE_METRICS:
-        if np.isfinite(fit.p) and fit.status == "ok":
+        if np.isfinite(fit.p):
             text += f": p̂ = {_fmt(fit.p)} [{_fmt(fit.p_low)}, {_fmt(fit.p_high)}]"
-        elif fit.status != "ok":
+            text += "" if fit.status == "ok" else f" ({fit.status})"
+        else:
             text += f": no p̂ ({fit.status})"
         if np.isfinite(fit.b) and (fit.A > 0 or fit.c > 0):
             text += f"; decay ∝ n^-{fit.b:.2g}" + (f", floor {fit.c:.2g}" if fit.c > 0 else "")
