@@ -11,6 +11,7 @@ from ratebench.algorithms import ALGORITHMS
 from ratebench.algorithms.models import ModelConfig, NetConfig, check_net
 from ratebench.envs import ENVIRONMENTS
 from ratebench.errors import ConfigError
+from ratebench.live_log import check_logger
 
 
 @dataclass
@@ -38,6 +39,8 @@ class RunConfig:
     # names them); `check` never counts runs on them as evidence for a claim. Cannot change a result.
     tuning_instances: List[int] = field(default_factory=list)
     overwrite: bool = False  # allow a run folder that holds a finished run of ANOTHER config to be replaced
+    logger: str = "none"  # live logging while the run goes: none | tensorboard (<run folder>/tensorboard/, the
+    #                       `tensorboard` extra); cannot change a result
 
 
 def register() -> None:
@@ -124,6 +127,7 @@ def validate(cfg: DictConfig) -> Validated:
         raise ConfigError("budget.evals_per_decade", f"must be >= 1, got {cfg.budget.evals_per_decade}")
     if cfg.threads < 1:
         raise ConfigError("threads", f"must be >= 1, got {cfg.threads}")
+    check_logger(str(cfg.get("logger", "none")))
     if not cfg.checkpoint_every_s >= 0:
         raise ConfigError("checkpoint_every_s", f"must be >= 0 seconds, got {cfg.checkpoint_every_s}")
     return Validated(env=env, algorithm=algorithm, model=model, seeds=resolve_seeds(cfg))

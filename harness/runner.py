@@ -19,12 +19,13 @@ from ratebench.config import plain, validate
 from ratebench.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import reference, true_objective
+from ratebench.live_log import live_logger
 from ratebench.records import (BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint, config_hash,
                                git_commit)
 from ratebench.sampling import Counters, CountingSampler
 
 FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
-OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite")  # cannot change a result: not in the hashes
+OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite", "logger")  # cannot change a result: not in the hashes
 
 
 def provenance() -> dict:
@@ -194,6 +195,7 @@ class _Job:
                                  bool(cfg.progress), start_samples=self._clock(),
                                  unit="steps" if self.step_budget else "samples")
         self.last_checkpoint = time.perf_counter()
+        self.live_log = live_logger(cfg.get("logger"), out_dir)  # logger=tensorboard: watch a long run
 
     # --- checkpoints -----------------------------------------------------------------------------
     def _snapshot(self) -> dict:
@@ -252,6 +254,7 @@ class _Job:
                               **{k: float(x) for k, x in self.algo.schedule(self.state).items()},
                               "wall_s": self.wall})
         self.rows.append(frame)
+        self.live_log.log(frame)
         self.last_recorded = self._clock()
         while self.next_point < len(self.points) and self.points[self.next_point] <= self._clock():
             self.next_point += 1
@@ -284,6 +287,7 @@ class _Job:
             self._maybe_checkpoint(at_evaluation=at_point)
         if error is None and self.alive.any() and self.last_recorded != self._clock():
             self._record()
+        self.live_log.close()
         record = self._write_records()
         if error is not None:
             raise error
