@@ -527,7 +527,7 @@ def check_command(ns) -> int:
     opts = fit_options(ns)
     if ns.runs:
         loaded = load_dir(ns.runs, ns.strict)
-        verdicts = [evaluate_claim(loaded, c, opts, where=ns.runs) for c in claims]
+        verdicts = [_judged(loaded, c, opts, ns.runs, i, len(claims)) for i, c in enumerate(claims, start=1)]
     else:
         for c in claims:  # every experiment must exist before any of them runs
             check_experiment_name(c)
@@ -538,10 +538,10 @@ def check_command(ns) -> int:
         for name, group in by_experiment.items():  # each experiment runs (or is reused) once
             folder = ensure_experiment(name, Path(ns.workdir), [c.id for c in group])
             evidence[name] = (load_dir(folder, ns.strict), str(folder))
-        verdicts = [evaluate_claim(evidence[c.experiment][0], c, opts, where=evidence[c.experiment][1]) for c in claims]
+        verdicts = [_judged(evidence[c.experiment][0], c, opts, evidence[c.experiment][1], i, len(claims))
+                    for i, c in enumerate(claims, start=1)]
     rows = []
-    for i, (claim, (v, _, note)) in enumerate(zip(claims, verdicts), start=1):
-        progress(f"[check {i}/{len(claims)}] {claim.id}: {v.verdict}")
+    for claim, (v, _, note) in zip(claims, verdicts):
         row = verdict_row(v, note)
         if ns.premise is not None and claim.algorithm == "bilevel":
             loaded_c, where = (loaded, ns.runs) if ns.runs else evidence[claim.experiment]
@@ -559,6 +559,13 @@ def check_command(ns) -> int:
     if ns.fail_on == "violated":
         return 1 if any(v.verdict == VIOLATED for v, _, _ in verdicts) else 0
     return 0 if all(v.verdict == PASS for v, _, _ in verdicts) else 1
+
+
+def _judged(loaded: Loaded, claim: Claim, opts: FitOptions, where: str, i: int, n: int):
+    """evaluate_claim, then one progress line: `[check 2/5] control_reward_mle: PASS`."""
+    result = evaluate_claim(loaded, claim, opts, where=where)
+    progress(f"[check {i}/{n}] {claim.id}: {result[0].verdict}")
+    return result
 
 
 def verdict_row(v: Verdict, note: str = "") -> dict:

@@ -107,10 +107,10 @@ def completion_command(args: list[str]) -> int:
         if words[1] != "run":
             return 0  # fit/plot/check/... take folders and files: the shell's own completion
         os.environ["COMP_LINE"] = line.replace("run", "", 1)
-    from ratebench.app import hydra_entry
-
     import contextlib
     import io
+
+    from ratebench.app import hydra_entry
 
     sys.argv = ["ratebench", *[a for a in args if a != "run"]]
     answer, code = io.StringIO(), 0
@@ -169,7 +169,7 @@ def _start_sweep_log() -> None:
 
 
 def _print_sweep_summary() -> None:
-    """`sweep: 4 jobs: 2 done, 1 skipped, 1 resumed, 0 failed` from the jobs' outcomes."""
+    """`ratebench: sweep of 4 jobs: 2 done, 1 skipped, 1 resumed, 0 failed`, from the jobs' outcomes."""
     from ratebench.app import SWEEP_LOG_ENV, sweep_summary
 
     path = os.environ.pop(SWEEP_LOG_ENV, None)
