@@ -14,7 +14,7 @@ from __future__ import annotations
 from ratebench.analysis import fit as _fit_module  # noqa: F401
 from ratebench.analysis import load as _load_module
 
-__all__ = ["load", "fit", "check", "compare"]
+__all__ = ["check", "compare", "fit", "load"]
 
 
 def load(path, strict: bool = False):

@@ -7,8 +7,8 @@ import io
 import numpy as np
 import pandas as pd
 from ratebench.analysis import commands
-from ratebench.analysis.paired import exponent_difference
 from ratebench.analysis.fit import FitOptions
+from ratebench.analysis.paired import exponent_difference
 from ratebench.analysis.synthetic import evaluation_grid, synthetic_curves, synthetic_values, write_run
 
 OPTS = FitOptions(n_boot=500)

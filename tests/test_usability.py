@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pandas as pd
-
 import pytest
 from ratebench.analysis import commands
 from ratebench.cli import main as cli_main
@@ -59,13 +58,13 @@ def test_fit_exports_csv_that_parses_and_latex(sweep, capsys):
 def test_api_walkthrough_runs_and_returns_dataframes(sweep, tmp_path, monkeypatch):
     """docs/api.md: its bash block is this module's sweep; its Python blocks run, in order."""
     text = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
-    (bash,) = re.findall(r"```bash\n(.*?)\n```", text, re.S)
+    (bash,) = re.findall(r"```bash\n(.*?)\n```", text, re.DOTALL)
     assert bash.split() == ["ratebench", *SWEEP, "hydra.sweep.dir=runs/beta"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "beta").symlink_to(sweep)
     namespace: dict = {}
-    blocks = re.findall(r"```python\n(.*?)\n```", text, re.S)
+    blocks = re.findall(r"```python\n(.*?)\n```", text, re.DOTALL)
     assert len(blocks) >= 6
     for block in blocks:
         exec(compile(block, "docs/api.md", "exec"), namespace)  # noqa: S102 - the page's own code
