@@ -68,6 +68,23 @@ class Claim:
         return -1.0 / self.metric_exponent
 
 
+def find_claim(name: str, claims_dir: Path) -> Path:
+    """A claim named by its file stem (`control`) or its id (`control_reward_mle`) among the claim
+    files in claims_dir (the installed package's conf/claims), else `name` itself as a path."""
+    files = sorted(Path(claims_dir).glob("*.yaml"))
+    for p in files:
+        if p.stem == name:
+            return p
+    for p in files:
+        try:
+            data = yaml.safe_load(p.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and data.get("id") == name:
+            return p
+    return Path(name)
+
+
 def load_claim(path) -> Claim:
     """Read and validate one claim file; every problem raises ConfigError naming the field."""
     path = Path(path)
