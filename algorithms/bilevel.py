@@ -12,9 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.algorithms.base import Algorithm
-from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step
+from ratebench.algorithms.estimators import (kl_regularised_return, policy_gradient_weights, preference_loss_weights,
+                                             preference_score_weights)
+from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step, sgd_update
 from ratebench.algorithms.oracles import ORACLES, make_oracle
 from ratebench.errors import ConfigError, require
+from ratebench.sampling import padded_units, policy_cdf
 
 VARIANTS = ("single_loop", "double_loop")
 
@@ -104,7 +107,8 @@ class Bilevel(Algorithm):
         return BilevelState(nu=self.reward.init(seeds), y=[t.clone() for t in theta0], z=theta0)
 
     # --- one outer iteration ---------------------------------------------------------------
-    def step(self, state, sampler):
+    def set_schedule(self, state) -> tuple[int, int, int]:
+        """Set this step's lam, alpha, alpha_z, xi on the state; returns (N, M, inner steps)."""
         cfg = self.cfg
         if cfg.variant == "single_loop":
             k, k0 = state.k, cfg.k0
@@ -112,12 +116,19 @@ class Bilevel(Algorithm):
             state.alpha = cfg.c_alpha / (k + k0) ** cfg.alpha_exponent  # alpha_k = c_alpha / (k + k0)^a
             state.alpha_z = cfg.c_alpha_z / (k + k0) ** cfg.alpha_z_exponent
             state.xi = cfg.c_xi / (k + k0) ** cfg.xi_exponent  # xi_k = c_xi / (k + k0)^b
-            n_traj, n_pairs, inner = cfg.batch_traj, cfg.batch_pairs, cfg.inner_steps
-        else:
-            state.lam, inner, batch = cfg.double_loop_sizes()
-            state.alpha = state.alpha_z = cfg.inner_step
-            state.xi = cfg.outer_step / state.lam
-            n_traj = n_pairs = batch
+            return cfg.batch_traj, cfg.batch_pairs, cfg.inner_steps
+        state.lam, inner, batch = cfg.double_loop_sizes()
+        state.alpha = state.alpha_z = cfg.inner_step
+        state.xi = cfg.outer_step / state.lam
+        return batch, batch, inner
+
+    def has_fast_step(self) -> bool:
+        return self.cfg.oracle == "stochastic"  # the exact oracle draws nothing: its step stays the reference
+
+    def step(self, state, sampler):
+        if self.impl == "fast" and self.has_fast_step():
+            return self.fast_step(state, sampler)
+        n_traj, n_pairs, inner = self.set_schedule(state)
         rewards = [r.detach() for r in self.reward.step_tables(state.nu)]
         for _ in range(inner):
             self._z_step(state, sampler, rewards, n_traj)
@@ -156,6 +167,49 @@ class Bilevel(Algorithm):
             return upper_y(rewards) + state.lam * (value_z(rewards) - value_y(rewards))
 
         state.nu = sgd_step(state.nu, hypergradient_surrogate, state.xi)
+
+    # --- the fast path (impl=fast): the same step, closed-form gradients, one RNG call -------------
+    def fast_step(self, state, sampler):
+        """step() with each surrogate's gradient in closed form (estimators' *_weights) on the flat
+        tables, one backward per network and every uniform of the step drawn at once. Equal to
+        step() to float64 round-off (tests/test_fast.py)."""
+        n_traj, n_pairs, inner = self.set_schedule(state)
+        sampler.prefetch(inner * sampler.draws(trajectories=2 * n_traj, pairs=n_pairs)
+                         + sampler.draws(trajectories=2 * n_traj, pairs=n_pairs))
+        units, reward_acts = self.reward.units(state.nu)
+        rewards = padded_units(units)  # (B, n_units + 1), fixed during the inner steps (nu moves last)
+        beta, ref = self.problem.beta, self.problem.flat().ref_logp
+        for _ in range(inner):
+            # z <- z + alpha_z g^_theta J(nu, z)
+            logp, acts = self.policy.table(state.z)
+            flat = logp.view(logp.shape[0], -1)
+            traj = sampler.flat_trajectories(policy_cdf(logp), n_traj)
+            grad = torch.zeros_like(flat)
+            traj.add_log_prob_grad(grad, policy_gradient_weights(kl_regularised_return(traj, rewards, flat, ref, beta)))
+            state.z = sgd_update(state.z, self.policy.backward(state.z, acts, logp, grad), -state.alpha_z)
+            # y <- y - alpha [ g^_theta f(nu, y) / lam - g^_theta J(nu, y) ]
+            logp, acts = self.policy.table(state.y)
+            flat, cdf = logp.view(logp.shape[0], -1), policy_cdf(logp)
+            pairs = sampler.flat_pairs(cdf, n_pairs)
+            traj = sampler.flat_trajectories(cdf, n_traj)
+            grad = torch.zeros_like(flat)
+            score = preference_score_weights(pairs.margin(rewards), pairs.label) / state.lam
+            pairs.add_log_prob_grad(grad, score, score)
+            traj.add_log_prob_grad(grad, -policy_gradient_weights(kl_regularised_return(traj, rewards, flat, ref, beta)))
+            state.y = sgd_update(state.y, self.policy.backward(state.y, acts, logp, grad), state.alpha)
+        # nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ], fresh samples
+        cdf_y, cdf_z = policy_cdf(self.policy.table(state.y)[0]), policy_cdf(self.policy.table(state.z)[0])
+        pairs = sampler.flat_pairs(cdf_y, n_pairs)
+        traj_z, traj_y = sampler.flat_trajectories(cdf_z, n_traj), sampler.flat_trajectories(cdf_y, n_traj)
+        grad = torch.zeros_like(rewards)
+        upper = preference_loss_weights(pairs.margin(rewards), pairs.label)
+        pairs.add_return_grad(grad, upper, -upper)
+        value = torch.full_like(traj_z.unit[..., 0], state.lam / n_traj, dtype=grad.dtype)  # reward_return_surrogate
+        traj_z.add_return_grad(grad, value)
+        traj_y.add_return_grad(grad, -value)
+        state.nu = sgd_update(state.nu, self.reward.backward(state.nu, reward_acts, grad[:, :-1]), state.xi)
+        state.k += 1
+        return state
 
     # --- what the harness reads --------------------------------------------------------------
     def policy_log_probs(self, state):
