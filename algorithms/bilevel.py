@@ -14,7 +14,7 @@ import torch
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.estimators import (kl_regularised_return, policy_gradient_weights, preference_loss_weights,
                                              preference_score_weights)
-from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step, sgd_update
+from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step, sgd_update, stack_seeds, unstack_seeds
 from ratebench.algorithms.oracles import ORACLES, make_oracle
 from ratebench.errors import ConfigError, require
 from ratebench.sampling import padded_units, policy_cdf
@@ -170,43 +170,39 @@ class Bilevel(Algorithm):
 
     # --- the fast path (impl=fast): the same step, closed-form gradients, one RNG call -------------
     def fast_step(self, state, sampler):
-        """step() with each surrogate's gradient in closed form (estimators' *_weights) on the flat
-        tables, one backward per network and every uniform of the step drawn at once. Equal to
-        step() to float64 round-off (tests/test_fast.py)."""
+        """step() with each surrogate's gradient in closed form (estimators' *_weights) on flat tables:
+        z and y as one stacked batch of networks (one forward, one backward), a stage's draws as one
+        rollout, every uniform of the step drawn at once. Equal to step() to float64 round-off
+        (tests/test_fast.py)."""
         n_traj, n_pairs, inner = self.set_schedule(state)
-        sampler.prefetch(inner * sampler.draws(trajectories=2 * n_traj, pairs=n_pairs)
-                         + sampler.draws(trajectories=2 * n_traj, pairs=n_pairs))
+        sampler.prefetch((inner + 1) * sampler.draws(trajectories=2 * n_traj, pairs=n_pairs))
         units, reward_acts = self.reward.units(state.nu)
-        rewards = padded_units(units)  # (B, n_units + 1), fixed during the inner steps (nu moves last)
-        beta, ref = self.problem.beta, self.problem.flat().ref_logp
+        rewards = padded_units(units)  # (B, n_units + 1); nu moves last, so fixed for the z and y steps
+        B, beta = units.shape[0], self.problem.beta
+        zy = stack_seeds([state.z, state.y])  # policy 0 = z, policy 1 = y of each seed
+        logp, acts = self.policy.table(zy)  # (2B, S, A)
+        lr = torch.tensor([[-state.alpha_z], [state.alpha]], dtype=logp.dtype)  # z ascends J, y descends
         for _ in range(inner):
-            # z <- z + alpha_z g^_theta J(nu, z)
-            logp, acts = self.policy.table(state.z)
-            flat = logp.view(logp.shape[0], -1)
-            traj = sampler.flat_trajectories(policy_cdf(logp), n_traj)
+            draws = sampler.flat_draws(policy_cdf(logp).view(B, -1, logp.shape[-1]), inner_draws(n_traj, n_pairs))
+            traj_z, pairs_y, traj_y = draws.parts()
+            flat = logp.view(B, -1)
+            ret_z, _, ret_y = draws.split(kl_regularised_return(draws.every, rewards, flat, draws.plan.ref_logp, beta))
+            score = preference_score_weights(pairs_y.margin(rewards), pairs_y.label) / state.lam
+            # z: grad of g^_theta J(nu, z);  y: grad of g^_theta f(nu, y) / lam - g^_theta J(nu, y)
+            weights = torch.cat([policy_gradient_weights(ret_z), score, score, -policy_gradient_weights(ret_y)], 1)
             grad = torch.zeros_like(flat)
-            traj.add_log_prob_grad(grad, policy_gradient_weights(kl_regularised_return(traj, rewards, flat, ref, beta)))
-            state.z = sgd_update(state.z, self.policy.backward(state.z, acts, logp, grad), -state.alpha_z)
-            # y <- y - alpha [ g^_theta f(nu, y) / lam - g^_theta J(nu, y) ]
-            logp, acts = self.policy.table(state.y)
-            flat, cdf = logp.view(logp.shape[0], -1), policy_cdf(logp)
-            pairs = sampler.flat_pairs(cdf, n_pairs)
-            traj = sampler.flat_trajectories(cdf, n_traj)
-            grad = torch.zeros_like(flat)
-            score = preference_score_weights(pairs.margin(rewards), pairs.label) / state.lam
-            pairs.add_log_prob_grad(grad, score, score)
-            traj.add_log_prob_grad(grad, -policy_gradient_weights(kl_regularised_return(traj, rewards, flat, ref, beta)))
-            state.y = sgd_update(state.y, self.policy.backward(state.y, acts, logp, grad), state.alpha)
+            draws.every.add_log_prob_grad(grad, weights)
+            grad.view(B, 2, -1).mul_(lr)
+            zy = [p - g for p, g in zip(zy, self.policy.backward(zy, acts, logp, grad))]
+            logp, acts = self.policy.table(zy)
+        state.z, state.y = unstack_seeds(zy, 2)
         # nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ], fresh samples
-        cdf_y, cdf_z = policy_cdf(self.policy.table(state.y)[0]), policy_cdf(self.policy.table(state.z)[0])
-        pairs = sampler.flat_pairs(cdf_y, n_pairs)
-        traj_z, traj_y = sampler.flat_trajectories(cdf_z, n_traj), sampler.flat_trajectories(cdf_y, n_traj)
+        draws = sampler.flat_draws(policy_cdf(logp).view(B, -1, logp.shape[-1]), outer_draws(n_traj, n_pairs))
+        pairs_y, traj_z, traj_y = draws.parts()
+        upper = preference_loss_weights(pairs_y.margin(rewards), pairs_y.label)
+        value = upper.new_full((B, n_traj), state.lam / n_traj)  # reward_return_surrogate: 1 / N per trajectory
         grad = torch.zeros_like(rewards)
-        upper = preference_loss_weights(pairs.margin(rewards), pairs.label)
-        pairs.add_return_grad(grad, upper, -upper)
-        value = torch.full_like(traj_z.unit[..., 0], state.lam / n_traj, dtype=grad.dtype)  # reward_return_surrogate
-        traj_z.add_return_grad(grad, value)
-        traj_y.add_return_grad(grad, -value)
+        draws.every.add_return_grad(grad, torch.cat([upper, -upper, value, -value], 1))
         state.nu = sgd_update(state.nu, self.reward.backward(state.nu, reward_acts, grad[:, :-1]), state.xi)
         state.k += 1
         return state
@@ -220,6 +216,16 @@ class Bilevel(Algorithm):
 
     def schedule(self, state):
         return {"lam": state.lam, "alpha": state.alpha, "alpha_z": state.alpha_z, "xi": state.xi}
+
+
+def inner_draws(n_traj: int, n_pairs: int) -> tuple:
+    """The z and y steps' sampler calls in the reference's order: (kind, policy 0 = z / 1 = y, n)."""
+    return (("trajectories", 0, n_traj), ("pairs", 1, n_pairs), ("trajectories", 1, n_traj))
+
+
+def outer_draws(n_traj: int, n_pairs: int) -> tuple:
+    """The nu step's sampler calls in the reference's order."""
+    return (("pairs", 1, n_pairs), ("trajectories", 0, n_traj), ("trajectories", 1, n_traj))
 
 
 ALGORITHM = Bilevel

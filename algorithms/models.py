@@ -66,14 +66,22 @@ class StackedMLP:
         return [torch.stack(group) for group in zip(*per_seed)]
 
     def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        return self.activations(params, x)[-1]
-
-    def activations(self, params: Params, x: torch.Tensor) -> list[torch.Tensor]:
-        """[x, h_1, ..., h_L]: each layer's input and the output (hidden ones after the activation)."""
-        h, out = x, [x]
+        h = x
         for i in range(0, len(params), 2):
             w, b = params[i], params[i + 1]
             h = (torch.einsum("nd,bdk->bnk", h, w) if h.dim() == 2 else torch.bmm(h, w)) + b[:, None]
+            if i + 2 < len(params):
+                h = self.act(h)
+        return h
+
+    def activations(self, params: Params, x: torch.Tensor) -> list[torch.Tensor]:
+        """__call__ for the fast path, keeping [x (B, n, d), h_1, ..., h_L] (each layer's input and the
+        output, hidden ones after the activation) for `backward`; bmm on the broadcast x (einsum's
+        permutes cost more than the product at these sizes)."""
+        h = x.expand(params[0].shape[0], *x.shape)
+        out = [h]
+        for i in range(0, len(params), 2):
+            h = torch.baddbmm(params[i + 1][:, None], h, params[i])
             if i + 2 < len(params):
                 h = self.act(h)
             out.append(h)
@@ -86,9 +94,8 @@ class StackedMLP:
         for layer in reversed(range(len(params) // 2)):
             if layer < len(params) // 2 - 1:  # through the activation: relu' = [h > 0], tanh' = 1 - h^2
                 h = acts[layer + 1]
-                g = torch.where(h > 0, g, 0.0) if self.act is torch.relu else g * (1 - h * h)
-            x = acts[layer]
-            grads[2 * layer] = torch.matmul(x.T, g) if x.dim() == 2 else torch.bmm(x.transpose(1, 2), g)
+                g = torch.ops.aten.threshold_backward(g, h, 0) if self.act is torch.relu else g * (1 - h * h)
+            grads[2 * layer] = torch.bmm(acts[layer].transpose(1, 2), g)
             grads[2 * layer + 1] = g.sum(1)
             if layer:
                 g = torch.bmm(g, params[2 * layer].transpose(1, 2))
@@ -126,6 +133,18 @@ class PolicyModel:
         log_softmax (d logits = g - pi sum_a g) and the network."""
         g = grad_logp.view(logp.shape)
         return self.net.backward(params, acts, g - logp.exp() * g.sum(-1, keepdim=True))
+
+
+def stack_seeds(models: list[Params]) -> Params:
+    """K parameter lists of B seeds -> one list of K * B networks, seed-major (seed b's k-th network is
+    row b * K + k), so that a (K * B, S, A) output views as (B, K * S, A): the fast path's batched forward."""
+    return [torch.stack(group, 1).flatten(0, 1) for group in zip(*models)]
+
+
+def unstack_seeds(params: Params, k: int) -> list[Params]:
+    """Inverse of stack_seeds (views)."""
+    views = [p.view(-1, k, *p.shape[1:]) for p in params]
+    return [[v[:, i] for v in views] for i in range(k)]
 
 
 class RewardModel:
