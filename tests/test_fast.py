@@ -43,6 +43,9 @@ CASES = {  # id: (overrides, steps)
     "bilevel-bandit-deep-tanh": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, "model.reward.depth=2",
                                   "model.policy.activation=tanh"], 40),
     "bilevel-bandit-linear-reward": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, "model.reward.kind=linear"], 40),
+    "reward_mle-bandit": (["algorithm=reward_mle", "env=bandit"], 300),
+    "reward_mle-mdp": (["algorithm=reward_mle", "env=mdp"], 100),
+    "reward_mle-token": (["algorithm=reward_mle", "env=token"], 100),
 }
 
 
