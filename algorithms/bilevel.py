@@ -179,8 +179,7 @@ class Bilevel(Algorithm):
         units, reward_acts = self.reward.units(state.nu)
         rewards = padded_units(units)  # (B, n_units + 1); nu moves last, so fixed for the z and y steps
         B, beta = units.shape[0], self.problem.beta
-        zy = stack_seeds([state.z, state.y])  # policy 0 = z, policy 1 = y of each seed
-        logp, acts = self.policy.table(zy)  # (2B, S, A)
+        zy, logp, acts = self._stacked_policies(state)  # policy 0 = z, policy 1 = y of each seed; (2B, S, A)
         lr = torch.tensor([[-state.alpha_z], [state.alpha]], dtype=logp.dtype)  # z ascends J, y descends
         for _ in range(inner):
             draws = sampler.flat_draws(policy_cdf(logp).view(B, -1, logp.shape[-1]), inner_draws(n_traj, n_pairs))
@@ -196,6 +195,7 @@ class Bilevel(Algorithm):
             zy = [p - g for p, g in zip(zy, self.policy.backward(zy, acts, logp, grad))]
             logp, acts = self.policy.table(zy)
         state.z, state.y = unstack_seeds(zy, 2)
+        self._policy_cache = (state.z, state.y, zy, logp, acts, [p._version for p in zy])
         # nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ], fresh samples
         draws = sampler.flat_draws(policy_cdf(logp).view(B, -1, logp.shape[-1]), outer_draws(n_traj, n_pairs))
         pairs_y, traj_z, traj_y = draws.parts()
@@ -206,6 +206,18 @@ class Bilevel(Algorithm):
         state.nu = sgd_update(state.nu, self.reward.backward(state.nu, reward_acts, grad[:, :-1]), state.xi)
         state.k += 1
         return state
+
+    def _stacked_policies(self, state):
+        """(z and y stacked, their log-prob table, activations). The last step's nu-step forward is this
+        step's first one when z and y are still the tensors it left (not replaced by a restore or a
+        reference step, nor written in place: the harness zeroes diverged seeds, which bumps _version)."""
+        cache = getattr(self, "_policy_cache", None)
+        if (cache is not None and len(cache[0]) == len(state.z)
+                and all(a is b for a, b in zip(cache[0] + cache[1], state.z + state.y))
+                and [p._version for p in cache[2]] == cache[5]):
+            return cache[2], cache[3], cache[4]
+        zy = stack_seeds([state.z, state.y])
+        return (zy, *self.policy.table(zy))
 
     # --- what the harness reads --------------------------------------------------------------
     def policy_log_probs(self, state):

@@ -57,7 +57,8 @@ def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if table.dim() == 1:
         return table[index]
     B = index.shape[0]
-    return table.expand(B, table.shape[1]).gather(1, index.reshape(B, -1)).view(index.shape)
+    table = table if table.shape[0] == B else table.expand(B, table.shape[1])
+    return table.gather(1, index.reshape(B, -1)).view(index.shape)
 
 
 def _scatter(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
