@@ -30,6 +30,7 @@ CONFIGS = {  # id: (overrides, issue target for reference / fast, regression flo
     "bilevel-smoke-8-N=256-M=64": (["algorithm=bilevel", "n_seeds=8", "algorithm.batch_traj=256",
                                     "algorithm.batch_pairs=64", "algorithm.c_xi=8"], None, 1.5),
     "reward_mle-16": (["algorithm=reward_mle", "n_seeds=16"], None, 1.5),
+    "dpo_online-16": (["algorithm=dpo", "algorithm.mode=online", "n_seeds=16"], None, 1.5),
 }
 
 

@@ -46,6 +46,10 @@ CASES = {  # id: (overrides, steps)
     "reward_mle-bandit": (["algorithm=reward_mle", "env=bandit"], 300),
     "reward_mle-mdp": (["algorithm=reward_mle", "env=mdp"], 100),
     "reward_mle-token": (["algorithm=reward_mle", "env=token"], 100),
+    "dpo_online-bandit": (["algorithm=dpo", "env=bandit", "algorithm.mode=online", "algorithm.batch_pairs=2"], 150),
+    "dpo_online-mdp": (["algorithm=dpo", "env=mdp", "algorithm.mode=online", "algorithm.batch_pairs=2"], 40),
+    "dpo_online_ipo-token": (["algorithm=dpo", "env=token", "algorithm.mode=online", "algorithm.loss=ipo"], 40),
+    "dpo_online_hinge-bandit": (["algorithm=dpo", "env=bandit", "algorithm.mode=online", "algorithm.loss=hinge"], 40),
 }
 
 
