@@ -183,7 +183,7 @@ class Bilevel(Algorithm):
         lr = torch.tensor([[-state.alpha_z], [state.alpha]], dtype=logp.dtype)  # z ascends J, y descends
         for _ in range(inner):
             draws = sampler.flat_draws(policy_cdf(logp).view(B, -1, logp.shape[-1]), inner_draws(n_traj, n_pairs))
-            traj_z, pairs_y, traj_y = draws.parts()
+            pairs_y = draws.parts()[1]  # parts: z's trajectories, y's pairs, y's trajectories
             flat = logp.view(B, -1)
             ret_z, _, ret_y = draws.split(kl_regularised_return(draws.every, rewards, flat, draws.plan.ref_logp, beta))
             score = preference_score_weights(pairs_y.margin(rewards), pairs_y.label) / state.lam
@@ -198,7 +198,7 @@ class Bilevel(Algorithm):
         self._policy_cache = (state.z, state.y, zy, logp, acts, [p._version for p in zy])
         # nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ], fresh samples
         draws = sampler.flat_draws(policy_cdf(logp).view(B, -1, logp.shape[-1]), outer_draws(n_traj, n_pairs))
-        pairs_y, traj_z, traj_y = draws.parts()
+        pairs_y = draws.parts()[0]  # parts: y's pairs, z's trajectories, y's trajectories
         upper = preference_loss_weights(pairs_y.margin(rewards), pairs_y.label)
         value = upper.new_full((B, n_traj), state.lam / n_traj)  # reward_return_surrogate: 1 / N per trajectory
         grad = torch.zeros_like(rewards)

@@ -112,7 +112,7 @@ class TabularProblem:
         """pi_ref as a one-seed policy table [(1, n_h, A)]."""
         return [step.ref_logp[None] for step in self.steps]
 
-    def flat(self) -> "FlatLayout":
+    def flat(self) -> FlatLayout:
         """The per-step tables laid end to end (the fast path's one-index gathers); built once."""
         if "flat" not in self.derived:
             self.derived["flat"] = FlatLayout.of(self)
@@ -143,7 +143,7 @@ class FlatLayout:
     next_idx: list[torch.Tensor]  # h < H - 1: (n_h * A, K) long successor states (index at step h + 1)
 
     @classmethod
-    def of(cls, problem: TabularProblem) -> "FlatLayout":
+    def of(cls, problem: TabularProblem) -> FlatLayout:
         offsets, rows = [], 0
         for step in problem.steps:
             offsets.append(rows)

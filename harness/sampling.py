@@ -247,7 +247,7 @@ class CountingSampler:
         """Draw the next n uniforms in one call (see CounterRng.prefetch); counts nothing."""
         self._rng.prefetch(n)
 
-    def flat_draws(self, cdf: torch.Tensor, requests: tuple[tuple[str, int, int], ...]) -> "FlatDraws":
+    def flat_draws(self, cdf: torch.Tensor, requests: tuple[tuple[str, int, int], ...]) -> FlatDraws:
         """What the calls `trajectories(pi_p, n)` / `pairs(pi_p, n)` listed in `requests` as
         (kind, p, n), in that order, would draw and count, as one rollout of every trajectory.
         cdf: (B or 1, P * S, A) = policy_cdf of P policies' flat tables stacked along the rows, policy p
