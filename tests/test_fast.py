@@ -11,8 +11,8 @@ nu (what `gap` scores) stays within 1e-12 of the reference's. y and z are compar
 implementation that rounds differently can track them to 1e-12 over 1,000 steps; (1) is the exact test.
 
 Small on purpose (2 seeds, width-4 networks, N = M = 2): the arithmetic is the same at any size, and
-the suite's time budget is tight. 1,000 steps on the bandit's single loop; 20-60 on the MDP / token task, the
-double loop and other network shapes (each of their steps does the bandit's work several times over)."""
+the suite's time budget is tight. 1,000 steps for bilevel on the bandit; 20-200 elsewhere (MDP,
+token task, the double loop, other network shapes, reward_mle, online DPO)."""
 from __future__ import annotations
 
 import copy
@@ -35,21 +35,21 @@ SMALL_BATCHES = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
 DOUBLE = ["algorithm.variant=double_loop", "algorithm.eps=0.08"]  # K = 3 inner steps, B = 2
 CASES = {  # id: (overrides, steps)
     "bilevel-bandit": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES], 1000),
-    "bilevel-mdp": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES], 60),
-    "bilevel-token": (["algorithm=bilevel", "env=token", *SMALL_BATCHES], 60),
+    "bilevel-mdp": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES], 40),
+    "bilevel-token": (["algorithm=bilevel", "env=token", *SMALL_BATCHES], 40),
     "bilevel_double-bandit": (["algorithm=bilevel", "env=bandit", *DOUBLE], 40),
     "bilevel_double-mdp": (["algorithm=bilevel", "env=mdp", *DOUBLE], 20),
     "bilevel_double-token": (["algorithm=bilevel", "env=token", *DOUBLE], 20),
     "bilevel-bandit-deep-tanh": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, "model.reward.depth=2",
-                                  "model.policy.activation=tanh"], 40),
-    "bilevel-bandit-linear-reward": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, "model.reward.kind=linear"], 40),
-    "reward_mle-bandit": (["algorithm=reward_mle", "env=bandit"], 300),
-    "reward_mle-mdp": (["algorithm=reward_mle", "env=mdp"], 100),
-    "reward_mle-token": (["algorithm=reward_mle", "env=token"], 100),
-    "dpo_online-bandit": (["algorithm=dpo", "env=bandit", "algorithm.mode=online", "algorithm.batch_pairs=2"], 150),
-    "dpo_online-mdp": (["algorithm=dpo", "env=mdp", "algorithm.mode=online", "algorithm.batch_pairs=2"], 40),
-    "dpo_online_ipo-token": (["algorithm=dpo", "env=token", "algorithm.mode=online", "algorithm.loss=ipo"], 40),
-    "dpo_online_hinge-bandit": (["algorithm=dpo", "env=bandit", "algorithm.mode=online", "algorithm.loss=hinge"], 40),
+                                  "model.policy.activation=tanh"], 30),
+    "bilevel-bandit-linear-reward": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, "model.reward.kind=linear"], 30),
+    "reward_mle-bandit": (["algorithm=reward_mle", "env=bandit"], 200),
+    "reward_mle-mdp": (["algorithm=reward_mle", "env=mdp"], 50),
+    "reward_mle-token": (["algorithm=reward_mle", "env=token"], 50),
+    "dpo_online-bandit": (["algorithm=dpo", "env=bandit", "algorithm.mode=online", "algorithm.batch_pairs=2"], 100),
+    "dpo_online-mdp": (["algorithm=dpo", "env=mdp", "algorithm.mode=online", "algorithm.batch_pairs=2"], 30),
+    "dpo_online_ipo-token": (["algorithm=dpo", "env=token", "algorithm.mode=online", "algorithm.loss=ipo"], 30),
+    "dpo_online_hinge-bandit": (["algorithm=dpo", "env=bandit", "algorithm.mode=online", "algorithm.loss=hinge"], 30),
 }
 
 
@@ -70,8 +70,7 @@ def through_disk(obj):
 
 
 def snapshot(algo, state, sampler, counters):
-    return ({k: t.detach().clone() for k, t in algo.tensors(state).items()}, sampler.state_dict(),
-            dict(vars(counters)), algo.schedule(state))
+    return algo.tensors(state), sampler.state_dict(), dict(vars(counters)), algo.schedule(state)
 
 
 def compare(got, want, atol, where):
@@ -79,7 +78,8 @@ def compare(got, want, atol, where):
     assert rest == list(want[1:]), f"{where}: draws, counters or schedule differ"
     for key, t in want[0].items():
         tol = ATOL if key.startswith("nu") else atol
-        torch.testing.assert_close(tensors[key], t, rtol=0, atol=tol, msg=lambda m, key=key: f"{where} {key}: {m}")
+        if not (tensors[key] - t).abs().max() <= tol:  # cheap check first; assert_close for the message
+            torch.testing.assert_close(tensors[key], t, rtol=0, atol=tol, msg=lambda m, key=key: f"{where} {key}: {m}")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
