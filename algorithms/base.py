@@ -17,9 +17,13 @@ from ratebench.algorithms.models import Params, RewardModel
 from ratebench.envs.tabular import TabularProblem
 
 
+IMPLS = ("fast", "reference")  # impl=: how a step is computed, never what it computes (docs/fast.md)
+
+
 class Algorithm:
     name: ClassVar[str]
     Config: ClassVar[type]
+    impl: str = "fast"  # set from the run config; "fast" takes fast_step() where has_fast_step(), else step()
 
     def __init__(self, cfg: Any, model_cfg: Any, problem: TabularProblem):
         if hasattr(cfg, "check"):  # range checks also when built directly, not through the CLI
@@ -33,6 +37,10 @@ class Algorithm:
     def step(self, state: Any, sampler) -> Any:
         """One outer iteration; returns the new state."""
         raise NotImplementedError
+
+    def has_fast_step(self) -> bool:
+        """True if this configuration has a fast path (equal to the reference step to round-off)."""
+        return False
 
     def policy_log_probs(self, state: Any) -> list[torch.Tensor]:
         """The deployed policy as per-step log-prob tables [(B, n_h, A)]."""

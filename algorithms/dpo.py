@@ -12,14 +12,15 @@ from typing import Optional
 import torch
 
 from ratebench.algorithms.base import Algorithm
-from ratebench.algorithms.models import PolicyModel, sgd_step
+from ratebench.algorithms.models import PolicyModel, sgd_step, sgd_update
 from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, fit_on_dataset, next_grid_point,
                                              offline_steps)
-from ratebench.envs.exact import _true_pair_probs, bradley_terry_nll, trajectory_probs, trajectory_returns
+from ratebench.envs.exact import (_true_pair_probs, bradley_terry_nll, bradley_terry_nll_grad, trajectory_probs,
+                                   trajectory_returns)
 from ratebench.envs.lbfgs import minimise_rows
 from ratebench.errors import ConfigError, require
 from ratebench.rng import CounterRng
-from ratebench.sampling import PreferencePairs
+from ratebench.sampling import PreferencePairs, policy_cdf
 
 MODES = ("offline", "online", "iterative")
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -84,6 +85,21 @@ def dpo_loss(logratio_first: torch.Tensor, logratio_second: torch.Tensor, label:
     raise ConfigError("algorithm.loss", f"must be one of {list(LOSSES)}, got {loss!r}")
 
 
+def dpo_loss_grad(logratio_first: torch.Tensor, logratio_second: torch.Tensor, label: torch.Tensor, beta: float,
+                  loss: str) -> torch.Tensor:
+    """d dpo_loss / d margin (margin = logratio_first - logratio_second), in closed form: (B, N)."""
+    margin = logratio_first - logratio_second
+    if loss == "sigmoid":
+        return beta * bradley_terry_nll_grad(beta * margin, label)
+    sign = 2 * label - 1  # d h / d margin
+    h = sign * margin
+    if loss == "ipo":
+        return 2 * (h - 1 / (2 * beta)) * sign
+    if loss == "hinge":
+        return torch.where(1 - beta * h > 0, -beta * sign, 0.0)
+    raise ConfigError("algorithm.loss", f"must be one of {list(LOSSES)}, got {loss!r}")
+
+
 @dataclass
 class DPOState:
     theta: list[torch.Tensor]  # policy parameters, each (B, ...)
@@ -115,8 +131,28 @@ class DPO(Algorithm):
 
     def step(self, state, sampler):
         if self.cfg.mode == "online":
-            return self._online_step(state, sampler)
+            return self._fast_online_step(state, sampler) if self.impl == "fast" else self._online_step(state, sampler)
         return self._offline_step(state, sampler)
+
+    def has_fast_step(self) -> bool:
+        return self.cfg.mode == "online"  # offline / iterative refits stay the reference
+
+    def _fast_online_step(self, state, sampler):
+        """_online_step with the DPO loss's gradient in closed form (dpo_loss_grad) on flat tables; one
+        forward serves the sampling and the gradient (the reference's two forwards compute the same)."""
+        cfg = self.cfg
+        logp, acts = self.policy.table(state.theta)  # (B, S, A)
+        draws = sampler.flat_draws(policy_cdf(logp), (("pairs", 0, cfg.batch_pairs),))
+        (pairs,) = draws.parts()
+        flat, n = logp.view(logp.shape[0], -1), cfg.batch_pairs
+        ratio = pairs.both.log_prob(flat) - pairs.both.log_prob(draws.plan.ref_logp)  # log pi / pi_ref, (B, 2M)
+        first = dpo_loss_grad(ratio[:, :n], ratio[:, n:], pairs.label, self.beta, cfg.loss) / n
+        grad = torch.zeros_like(flat)
+        draws.every.add_log_prob_grad(grad, torch.cat([first, -first], 1))
+        state.lr = cfg.lr / (1 + state.k / cfg.k0) ** cfg.lr_exponent  # lr_k = lr / (1 + k/k0)^a
+        state.theta = sgd_update(state.theta, self.policy.backward(state.theta, acts, logp, grad), state.lr)
+        state.k += 1
+        return state
 
     def _online_step(self, state, sampler):
         """Iterative DPO: both members of each fresh pair from the current policy, one SGD step."""

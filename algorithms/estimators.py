@@ -3,12 +3,14 @@
 Each returns a per-seed *surrogate* (B,) whose autograd gradient is the estimate, so that
 one backward pass over the seed-summed surrogate gives every seed its own estimate. Samples
 come from the CountingSampler only (the caller draws them), so every one is counted.
+The fast path (impl=fast) uses the `*_weights` beside each surrogate: the surrogate's gradient in
+closed form, as one weight per trajectory on its log pi(tau) or R(tau) (tests/test_fast.py ties them).
 """
 from __future__ import annotations
 
 import torch
 
-from ratebench.envs.exact import bradley_terry_nll
+from ratebench.envs.exact import bradley_terry_nll, bradley_terry_nll_grad
 from ratebench.sampling import PreferencePairs, Trajectories
 
 
@@ -44,6 +46,12 @@ def policy_gradient_surrogate(traj: Trajectories, rewards: list[torch.Tensor], l
     return (advantage * traj.log_prob(logps)).mean(1)
 
 
+def policy_gradient_weights(ret: torch.Tensor) -> torch.Tensor:
+    """policy_gradient_surrogate's gradient in closed form: the weight (G(tau_i) - b_i) / N on each
+    log pi(tau_i), from G = kl_regularised_return (B, N). (B, N)"""
+    return (ret - leave_one_out_baseline(ret)) / ret.shape[1]
+
+
 def reward_return_surrogate(traj: Trajectories, rewards: list[torch.Tensor]) -> torch.Tensor:
     """grad_nu of E_{tau ~ pi}[R_nu(tau)] = -grad_nu g: mean R_nu over the trajectories. (B,)"""
     return traj.returns(rewards).mean(1)
@@ -56,6 +64,12 @@ def preference_loss(pairs: PreferencePairs, rewards: list[torch.Tensor]) -> torc
     return bradley_terry_nll(margin, pairs.label).mean(1)
 
 
+def preference_loss_weights(margin: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """preference_loss's gradient in closed form: the weight on R(tau) of each pair (and minus it on
+    R(tau')), d/d margin of the mean BT loss, margin = R(tau) - R(tau') (B, M). (B, M)"""
+    return bradley_terry_nll_grad(margin, label) / margin.shape[1]
+
+
 def preference_score_surrogate(pairs: PreferencePairs, rewards: list[torch.Tensor],
                                logps: list[torch.Tensor]) -> torch.Tensor:
     """Score-function estimate of grad_theta f(nu, theta) when both members come from pi_theta:
@@ -65,3 +79,10 @@ def preference_score_surrogate(pairs: PreferencePairs, rewards: list[torch.Tenso
         loss = bradley_terry_nll(margin, pairs.label)
         centred = loss - leave_one_out_baseline(loss)
     return (centred * (pairs.first.log_prob(logps) + pairs.second.log_prob(logps))).mean(1)
+
+
+def preference_score_weights(margin: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """preference_score_surrogate's gradient in closed form: the weight (l - b) / M on both
+    log pi(tau) and log pi(tau') of each pair, margin = R_nu(tau) - R_nu(tau') (B, M). (B, M)"""
+    loss = bradley_terry_nll(margin, label)
+    return (loss - leave_one_out_baseline(loss)) / loss.shape[1]

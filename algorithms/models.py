@@ -74,6 +74,33 @@ class StackedMLP:
                 h = self.act(h)
         return h
 
+    def activations(self, params: Params, x: torch.Tensor) -> list[torch.Tensor]:
+        """__call__ for the fast path, keeping [x (B, n, d), h_1, ..., h_L] (each layer's input and the
+        output, hidden ones after the activation) for `backward`; bmm on the broadcast x (einsum's
+        permutes cost more than the product at these sizes)."""
+        h = x.expand(params[0].shape[0], *x.shape)
+        out = [h]
+        for i in range(0, len(params), 2):
+            h = torch.baddbmm(params[i + 1][:, None], h, params[i])
+            if i + 2 < len(params):
+                h = self.act(h)
+            out.append(h)
+        return out
+
+    def backward(self, params: Params, acts: list[torch.Tensor], grad_out: torch.Tensor) -> Params:
+        """Gradients of sum(grad_out * output) w.r.t. params, from activations(params, x): the
+        closed-form backward pass of the fast path (what autograd computes, without its graph)."""
+        grads, g = [None] * len(params), grad_out
+        for layer in reversed(range(len(params) // 2)):
+            if layer < len(params) // 2 - 1:  # through the activation: relu' = [h > 0], tanh' = 1 - h^2
+                h = acts[layer + 1]
+                g = torch.ops.aten.threshold_backward(g, h, 0) if self.act is torch.relu else g * (1 - h * h)
+            grads[2 * layer] = torch.bmm(acts[layer].transpose(1, 2), g)
+            grads[2 * layer + 1] = g.sum(1)
+            if layer:
+                g = torch.bmm(g, params[2 * layer].transpose(1, 2))
+        return grads
+
 
 class PolicyModel:
     """pi_theta(.|h, s) = softmax(log pi_ref + MLP(features)); the zero last layer starts it at pi_ref."""
@@ -94,6 +121,30 @@ class PolicyModel:
         """Per-step log-probability tables [(B, n_h, A)]."""
         logits = self.ref + self.net(params, self.features)
         return list(torch.log_softmax(logits, -1).split(self.splits, dim=1))
+
+    def table(self, params: Params) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The fast path's forward: (log-prob table (B, S, A) of every step's states stacked, the
+        network's activations for `backward`); log_probs splits the same table per step."""
+        acts = self.net.activations(params, self.features)
+        return torch.log_softmax(self.ref + acts[-1], -1), acts
+
+    def backward(self, params: Params, acts: list[torch.Tensor], logp: torch.Tensor, grad_logp: torch.Tensor) -> Params:
+        """Gradient w.r.t. params of sum(grad_logp * logp), grad_logp (B, S * A) or (B, S, A), through
+        log_softmax (d logits = g - pi sum_a g) and the network."""
+        g = grad_logp.view(logp.shape)
+        return self.net.backward(params, acts, g - logp.exp() * g.sum(-1, keepdim=True))
+
+
+def stack_seeds(models: list[Params]) -> Params:
+    """K parameter lists of B seeds -> one list of K * B networks, seed-major (seed b's k-th network is
+    row b * K + k), so that a (K * B, S, A) output views as (B, K * S, A): the fast path's batched forward."""
+    return [torch.stack(group, 1).flatten(0, 1) for group in zip(*models)]
+
+
+def unstack_seeds(params: Params, k: int) -> list[Params]:
+    """Inverse of stack_seeds (views)."""
+    views = [p.view(-1, k, *p.shape[1:]) for p in params]
+    return [[v[:, i] for v in views] for i in range(k)]
 
 
 class RewardModel:
@@ -120,6 +171,19 @@ class RewardModel:
     def step_tables(self, params: Params) -> list[torch.Tensor]:
         return self.problem.step_tables_from_units(self.unit_rewards(params))
 
+    def units(self, params: Params) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The fast path's forward: (unit rewards (B, n_units), activations for `backward`)."""
+        if self.net is None:
+            return self.unit_rewards(params), None
+        acts = self.net.activations(params, self.problem.unit_features)
+        return acts[-1].squeeze(-1), acts
+
+    def backward(self, params: Params, acts: list[torch.Tensor] | None, grad_units: torch.Tensor) -> Params:
+        """Gradient w.r.t. params of sum(grad_units * unit_rewards), grad_units (B, n_units)."""
+        if self.net is None:
+            return [grad_units @ self.problem.unit_features]
+        return self.net.backward(params, acts, grad_units[..., None])
+
 
 def sgd_step(params: Params, loss_of, lr: float | torch.Tensor) -> Params:
     """One plain SGD step (the analysed method): p <- p - lr * grad of loss_of(params).sum().
@@ -128,7 +192,12 @@ def sgd_step(params: Params, loss_of, lr: float | torch.Tensor) -> Params:
     params = [p.detach().requires_grad_(True) for p in params]
     grads = torch.autograd.grad(loss_of(params).sum(), params)
     with torch.no_grad():
-        return [p - lr * g for p, g in zip(params, grads)]
+        return sgd_update(params, grads, lr)
+
+
+def sgd_update(params: Params, grads: Params, lr: float) -> Params:
+    """The update of sgd_step with given gradients (the fast path): p <- p - lr * g."""
+    return [p - lr * g for p, g in zip(params, grads)]
 
 
 def per_seed_sq_norm(tensors: Params) -> torch.Tensor:

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.algorithms.base import Algorithm
-from ratebench.algorithms.models import NetConfig, RewardModel, sgd_step
+from ratebench.algorithms.estimators import preference_loss_weights
+from ratebench.algorithms.models import NetConfig, RewardModel, sgd_step, sgd_update
 from ratebench.envs.exact import bradley_terry_nll, soft_optimal, trajectory_returns, trajectory_probs
 from ratebench.errors import ConfigError
+from ratebench.sampling import padded_units, policy_cdf
 
 
 @dataclass
@@ -57,11 +59,15 @@ class RewardMLE(Algorithm):
         mu, lam_max = _fisher_spectrum(problem)
         self.c = cfg.lr_scale / mu
         self.t0 = stable_offset(cfg.t0, self.c * lam_max, cfg.lr_exponent)
+        lay = problem.flat()
+        self._ref_cdf = policy_cdf(lay.ref_logp.view(1, -1, lay.n_actions))  # the fast path's pi_ref (1, S, A)
 
     def init(self, seeds):
         return RewardMLEState(nu=self.model.init(seeds))
 
     def step(self, state, sampler):
+        if self.impl == "fast":
+            return self.fast_step(state, sampler)
         ref = self.problem.ref_log_probs()
         pairs = sampler.pairs(ref, self.cfg.batch_pairs)
         def bt_loss(nu):  # mean BT negative log-likelihood over the pairs, per seed
@@ -71,6 +77,22 @@ class RewardMLE(Algorithm):
 
         state.lr = step_size(self.c, self.t0, self.cfg.lr_exponent, state.t)  # c / (t + t0)^a
         state.nu = sgd_step(state.nu, bt_loss, state.lr)
+        state.t += 1
+        return state
+
+    def has_fast_step(self) -> bool:
+        return True
+
+    def fast_step(self, state, sampler):
+        """step() with the BT loss's gradient in closed form (preference_loss_weights) on flat tables."""
+        draws = sampler.flat_draws(self._ref_cdf, (("pairs", 0, self.cfg.batch_pairs),))
+        (pairs,) = draws.parts()
+        rewards = padded_units(self.model.units(state.nu)[0])  # (B, n_units + 1)
+        first = preference_loss_weights(pairs.margin(rewards), pairs.label)  # d mean BT NLL / d R(tau)
+        grad = torch.zeros_like(rewards)
+        draws.every.add_return_grad(grad, torch.cat([first, -first], 1))
+        state.lr = step_size(self.c, self.t0, self.cfg.lr_exponent, state.t)  # c / (t + t0)^a
+        state.nu = sgd_update(state.nu, self.model.backward(state.nu, None, grad[:, :-1]), state.lr)
         state.t += 1
         return state
 

@@ -136,10 +136,12 @@ def network_calls_of_one_step(algo, problem, seeds, state):
         return unit_rewards(self, params)
 
     StackedMLP.__call__, RewardModel.unit_rewards = counted_mlp, counted_units
+    impl, algo.impl = algo.impl, "reference"  # the reference's network evaluations define the work
     try:
         algo.step(copy.deepcopy(state), CountingSampler(problem, list(seeds), Counters()))
     finally:
         StackedMLP.__call__, RewardModel.unit_rewards = mlp_call, unit_rewards
+        algo.impl = impl
     return calls
 
 

@@ -75,6 +75,11 @@ def bradley_terry_nll(margin: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return F_.softplus(margin) - p * margin
 
 
+def bradley_terry_nll_grad(margin: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """d bradley_terry_nll / d margin = sigmoid(margin) - p (the fast path's closed form)."""
+    return torch.sigmoid(margin) - p
+
+
 def preference_prob(problem: TabularProblem, true_returns_diff: torch.Tensor) -> torch.Tensor:
     """P(y = 1) of the Bradley-Terry oracle with label noise eta (labels flipped w.p. eta)."""
     eta = problem.label_noise

@@ -112,6 +112,12 @@ class TabularProblem:
         """pi_ref as a one-seed policy table [(1, n_h, A)]."""
         return [step.ref_logp[None] for step in self.steps]
 
+    def flat(self) -> FlatLayout:
+        """The per-step tables laid end to end (the fast path's one-index gathers); built once."""
+        if "flat" not in self.derived:
+            self.derived["flat"] = FlatLayout.of(self)
+        return self.derived["flat"]
+
     # --- enumeration -------------------------------------------------------------------
     def trajectory_table(self) -> TrajectoryTable:
         """All trajectories grouped by initial state; built once, size-checked first."""
@@ -119,6 +125,37 @@ class TabularProblem:
             self.check_enumerable("env")
             self._table = _enumerate(self)
         return self._table
+
+
+@dataclass
+class FlatLayout:
+    """Every step's (n_h, A) table stacked into one (S, A) table, S = sum_h n_h, and flattened:
+    (h, s, a) has the flat index (row_offset[h] + s) * A + a. Policy tables (B, S, A) are what the
+    policy network outputs before the per-step split; unit rewards are padded with a zero slot
+    n_units (no reward), so r[unit_of[i]] is the reward of flat index i."""
+
+    n_actions: int
+    row_offset: list[int]  # first row of step h
+    unit_of: torch.Tensor  # (S * A,) long: reward unit of each flat (h, s, a); n_units = no reward
+    ref_logp: torch.Tensor  # (S * A,): log pi_ref
+    init_cdf: torch.Tensor  # (G,): cumulative initial-state distribution
+    next_cdf: list[torch.Tensor]  # h < H - 1: (n_h * A, K) cumulative successor probabilities of s * A + a
+    next_idx: list[torch.Tensor]  # h < H - 1: (n_h * A, K) long successor states (index at step h + 1)
+
+    @classmethod
+    def of(cls, problem: TabularProblem) -> FlatLayout:
+        offsets, rows = [], 0
+        for step in problem.steps:
+            offsets.append(rows)
+            rows += step.n_states
+        A, steps = problem.n_actions, problem.steps[:-1]
+        return cls(
+            n_actions=A, row_offset=offsets,
+            unit_of=torch.cat([step.unit_idx.reshape(-1) for step in problem.steps]),
+            ref_logp=torch.cat([step.ref_logp.reshape(-1) for step in problem.steps]),
+            init_cdf=problem.init_prob.cumsum(-1),
+            next_cdf=[step.next_prob.reshape(step.n_states * A, -1).cumsum(-1) for step in steps],
+            next_idx=[step.next_idx.reshape(step.n_states * A, -1) for step in steps])
 
 
 def _enumerate(problem: TabularProblem) -> TrajectoryTable:

@@ -8,6 +8,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ratebench.algorithms import ALGORITHMS
+from ratebench.algorithms.base import IMPLS
 from ratebench.algorithms.models import ModelConfig, NetConfig, check_net
 from ratebench.envs import ENVIRONMENTS
 from ratebench.errors import ConfigError
@@ -41,6 +42,10 @@ class RunConfig:
     overwrite: bool = False  # allow a run folder that holds a finished run of ANOTHER config to be replaced
     logger: str = "none"  # live logging while the run goes: none | tensorboard (<run folder>/tensorboard/, the
     #                       `tensorboard` extra); cannot change a result
+    # how a step is computed: fast (closed-form gradients, one RNG call per step; equal to reference to
+    # float64 round-off, tests/test_fast.py) or reference (the autograd path that reads like SPEC §3).
+    # Cannot change a result: not in the hashes. Algorithms without a fast path run the reference.
+    impl: str = "fast"
 
 
 def register() -> None:
@@ -97,6 +102,7 @@ class Validated:
     algorithm: Any
     model: ModelConfig
     seeds: list[int]
+    impl: str = "fast"
 
 
 def validate(cfg: DictConfig) -> Validated:
@@ -130,7 +136,10 @@ def validate(cfg: DictConfig) -> Validated:
     check_logger(str(cfg.get("logger", "none")))
     if not cfg.checkpoint_every_s >= 0:
         raise ConfigError("checkpoint_every_s", f"must be >= 0 seconds, got {cfg.checkpoint_every_s}")
-    return Validated(env=env, algorithm=algorithm, model=model, seeds=resolve_seeds(cfg))
+    impl = cfg.get("impl", "fast")
+    if impl not in IMPLS:
+        raise ConfigError("impl", f"must be one of {list(IMPLS)}, got {impl!r}")
+    return Validated(env=env, algorithm=algorithm, model=model, seeds=resolve_seeds(cfg), impl=impl)
 
 
 def plain(cfg: Any) -> dict:

@@ -25,7 +25,8 @@ from ratebench.records import (BASE_COLUMNS, atomic_write_json, atomic_write_par
 from ratebench.sampling import Counters, CountingSampler
 
 FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
-OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite", "logger")  # cannot change a result: not in the hashes
+OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite", "logger",
+                    "impl")  # cannot change a result: not in the hashes
 
 
 def provenance() -> dict:
@@ -174,6 +175,7 @@ class _Job:
         self.reference = reference(problem, plain(v.env), cfg.cache_dir)
         self.f_true = true_objective(problem)
         self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
+        self.algo.impl = v.impl
         self.counters = Counters()
         self.sampler = CountingSampler(problem, v.seeds, self.counters)
         self.evaluator = Evaluator(problem, self.reference, self.algo)

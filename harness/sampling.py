@@ -52,11 +52,141 @@ class PreferencePairs:
     label: torch.Tensor  # (B, N) float64: 1 where the first trajectory is preferred
 
 
+def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for a shared table (n,) or per seed for (B or 1, n); index (B, N, H)."""
+    if table.dim() == 1:
+        return table[index]
+    B = index.shape[0]
+    table = table if table.shape[0] == B else table.expand(B, table.shape[1])
+    return table.gather(1, index.reshape(B, -1)).view(index.shape)
+
+
+def _scatter(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+    """table[b, index[b, i, h]] += weights[b, i] for every step h, in place. table (B, n)."""
+    B = index.shape[0]
+    table.scatter_add_(1, index.reshape(B, -1), weights[..., None].expand(index.shape).reshape(B, -1))
+
+
+@dataclass
+class FlatTrajectories:
+    """The fast path's trajectories (B, N): for each step h the flat (h, s, a) index of FlatLayout and the
+    reward unit it pays. Same draws and values as Trajectories; gathers and their gradients are one
+    call each. returns/log_prob take flat tables: padded unit rewards (B or 1, n_units + 1), flat
+    log-prob tables (B or 1, S * A) or shared ones (S * A,)."""
+
+    index: torch.Tensor  # (B, N, H) long
+    unit: torch.Tensor  # (B, N, H) long
+
+    def returns(self, unit_rewards: torch.Tensor) -> torch.Tensor:
+        """R(tau) = sum_t r(unit_t): (B, N)."""
+        return _take(unit_rewards, self.unit).sum(-1)
+
+    def log_prob(self, flat_logps: torch.Tensor) -> torch.Tensor:
+        """sum_t log pi(a_t | s_t): (B, N)."""
+        return _take(flat_logps, self.index).sum(-1)
+
+    def add_log_prob_grad(self, grad: torch.Tensor, weights: torch.Tensor) -> None:
+        """grad += d/d(flat log-prob table) of sum_i weights_i log pi(tau_i), in place: (B, S * A)."""
+        _scatter(grad, self.index, weights)
+
+    def add_return_grad(self, grad: torch.Tensor, weights: torch.Tensor) -> None:
+        """grad += d/d(padded unit rewards) of sum_i weights_i R(tau_i), in place: (B, n_units + 1)."""
+        _scatter(grad, self.unit, weights)
+
+
+@dataclass
+class FlatPairs:
+    """n labelled pairs as one batch of 2n FlatTrajectories: first members, then second members."""
+
+    both: FlatTrajectories
+    label: torch.Tensor  # (B, n) float64: 1 where the first trajectory is preferred
+
+    def margin(self, unit_rewards: torch.Tensor) -> torch.Tensor:
+        """R(tau) - R(tau') per pair: (B, n)."""
+        ret, n = self.both.returns(unit_rewards), self.label.shape[1]
+        return ret[:, :n] - ret[:, n:]
+
+
+def policy_cdf(logp_table: torch.Tensor) -> torch.Tensor:
+    """What the fast sampler draws actions from: cumulative pi per row of a (B or 1, S, A) log-prob table."""
+    return logp_table.detach().exp().cumsum(-1)
+
+
+def padded_units(unit_rewards: torch.Tensor) -> torch.Tensor:
+    """(B, n_units) -> (B, n_units + 1) with the zero no-reward slot (as step_tables_from_units)."""
+    return torch.cat([unit_rewards, unit_rewards.new_zeros(unit_rewards.shape[0], 1)], 1)
+
+
+class _DrawPlan:
+    """Where each uniform of a stage goes: the reference consumes, per `trajectories` call, n initial-state
+    draws then (2H - 1) blocks of n (action, transition, ..., action); per `pairs` call, n initial states,
+    the first members' blocks, the second members' blocks, then n label draws. Built once per request list."""
+
+    def __init__(self, problem: TabularProblem, requests):
+        lay, H = problem.flat(), problem.horizon
+        steps, S = 2 * H - 1, sum(step.n_states for step in problem.steps)
+        init, blocks, policy, labels, first, second = [], [[] for _ in range(steps)], [], [], [], []
+        self.parts, self.sizes = [], []  # (kind, first trajectory, n) and trajectories per request
+        col = t = 0  # next uniform column, next trajectory position
+        for kind, p, n in requests:
+            if kind not in ("trajectories", "pairs"):
+                raise ValueError(f"unknown draw kind {kind!r}; allowed: trajectories, pairs")
+            members = 1 if kind == "trajectories" else 2
+            init += list(range(col, col + n)) * members
+            col += n
+            for _ in range(members):
+                for j in range(steps):
+                    blocks[j] += range(col, col + n)
+                    col += n
+            if kind == "pairs":
+                labels += range(col, col + n)
+                col += n
+                first += range(t, t + n)
+                second += range(t + n, t + 2 * n)
+            policy += [p] * (members * n)
+            self.parts.append((kind, t, n))
+            self.sizes.append(members * n)
+            t += members * n
+        P = max(policy) + 1
+        self.n_uniforms, self.n_pairs, self.samples = col, len(labels), t
+        self.columns = torch.tensor([init, *blocks])  # (2H, T)
+        base = torch.tensor(policy) * S
+        self.row_base = [base + off for off in lay.row_offset]  # (T,) per step
+        self.label_columns, self.first, self.second = torch.tensor(labels), torch.tensor(first), torch.tensor(second)
+        self.unit_of = lay.unit_of.repeat(P)  # (P * S * A,)
+        self.ref_logp = lay.ref_logp.repeat(P)
+
+
+@dataclass
+class FlatDraws:
+    """One stage's draws: `every` holds all T trajectories in request order (pairs as first members, then
+    second members); parts() gives each request's FlatTrajectories or FlatPairs (views)."""
+
+    every: FlatTrajectories
+    plan: _DrawPlan
+    label: torch.Tensor | None  # (B, pairs of the stage)
+
+    def split(self, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, T) per-trajectory values -> one (B, n or 2n) block per request."""
+        return values.split(self.plan.sizes, 1)
+
+    def parts(self) -> list:
+        out, lab = [], 0
+        for (kind, t, n), size in zip(self.plan.parts, self.plan.sizes):
+            traj = FlatTrajectories(self.every.index[:, t:t + size], self.every.unit[:, t:t + size])
+            if kind == "pairs":
+                traj = FlatPairs(traj, self.label[:, lab:lab + n])
+                lab += n
+            out.append(traj)
+        return out
+
+
 class CountingSampler:
     def __init__(self, problem: TabularProblem, seeds: list[int], counters: Counters, stream: int = 1):
         self.problem = problem
         self._counters = counters
         self._rng = CounterRng(seeds, stream)
+        self._plans: dict = {}  # request lists of flat_draws -> _DrawPlan
         self._true_rewards = problem.true_step_tables()
 
     @property
@@ -106,6 +236,62 @@ class CountingSampler:
         diff = first.returns(self._true_rewards) - second.returns(self._true_rewards)
         p = preference_prob(self.problem, diff)
         return (self._rng.uniform(p.shape[1]) < p).to(torch.float64)
+
+    # --- the fast path: the same draws as flat indices, a whole stage of a step in one rollout ----------
+    def draws(self, trajectories: int = 0, pairs: int = 0) -> int:
+        """Uniforms consumed by `trajectories` trajectories plus `pairs` labelled pairs."""
+        H = self.problem.horizon
+        return 2 * H * trajectories + 4 * H * pairs
+
+    def prefetch(self, n: int) -> None:
+        """Draw the next n uniforms in one call (see CounterRng.prefetch); counts nothing."""
+        self._rng.prefetch(n)
+
+    def flat_draws(self, cdf: torch.Tensor, requests: tuple[tuple[str, int, int], ...]) -> FlatDraws:
+        """What the calls `trajectories(pi_p, n)` / `pairs(pi_p, n)` listed in `requests` as
+        (kind, p, n), in that order, would draw and count, as one rollout of every trajectory.
+        cdf: (B or 1, P * S, A) = policy_cdf of P policies' flat tables stacked along the rows, policy p
+        at rows p * S ... (p + 1) * S - 1; the indices point into (P * S * A) tables laid out the same way."""
+        plan = self._plans.get(requests)
+        if plan is None:
+            plan = self._plans[requests] = _DrawPlan(self.problem, requests)
+        lay, B, H = self.problem.flat(), len(self._rng.keys), self.problem.horizon
+        drawn = self._rng.uniform(plan.n_uniforms)  # (B, n_uniforms), in the order of `requests`
+        u = drawn[:, plan.columns]  # (B, 2H, T): the initial-state draw, then (action, transition) per step
+        init_cdf, A = lay.init_cdf, lay.n_actions
+        s = torch.searchsorted(init_cdf, u[:, 0] * init_cdf[-1]).clamp_max(init_cdf.shape[0] - 1)  # (B, T)
+        cdf, T = cdf.expand(B, *cdf.shape[1:]), s.shape[1]
+        index = []
+        for h in range(H):
+            rows = s + plan.row_base[h]  # (B, T): row of (h, s) in policy p's block
+            row_cdf = cdf.gather(1, rows[..., None].expand(B, T, A))  # (B, T, A)
+            a = torch.searchsorted(row_cdf, (u[:, 1 + 2 * h] * row_cdf[..., -1])[..., None]).squeeze(-1)
+            a = a.clamp_max(A - 1)
+            index.append(rows * A + a)
+            if h < H - 1:
+                local = s * A + a
+                nxt = lay.next_idx[h][local]  # (B, T, K)
+                if nxt.shape[-1] == 1:  # deterministic successor (token task): the draw is made but not needed
+                    s = nxt[..., 0]
+                else:
+                    next_cdf = lay.next_cdf[h][local]
+                    k = torch.searchsorted(next_cdf, (u[:, 2 + 2 * h] * next_cdf[..., -1])[..., None])
+                    s = nxt.gather(-1, k.clamp_max(nxt.shape[-1] - 1)).squeeze(-1)
+        index = index[0][..., None] if H == 1 else torch.stack(index, -1)
+        every = FlatTrajectories(index, plan.unit_of[index])
+        label = None
+        if plan.n_pairs:  # the Bradley-Terry oracle on the true reward, every pair of the stage at once
+            true = every.returns(self._flat_true_rewards())
+            p = preference_prob(self.problem, true[:, plan.first] - true[:, plan.second])
+            label = (drawn[:, plan.label_columns] < p).to(torch.float64)
+        self._counters.samples += plan.samples
+        self._counters.queries += plan.n_pairs
+        return FlatDraws(every, plan, label)
+
+    def _flat_true_rewards(self) -> torch.Tensor:
+        if "flat_true" not in self.problem.derived:
+            self.problem.derived["flat_true"] = padded_units(self.problem.true_unit_reward[None])[0]
+        return self.problem.derived["flat_true"]
 
     def state_dict(self) -> dict:
         return self._rng.state_dict()

@@ -71,6 +71,7 @@ def test_lr_exponent_1_is_todays_control_bit_for_bit(t0):
     """The default reproduces the pre-lr_exponent update exactly: step c / (t + max(t0, c lambda_max))."""
     problem = small_bandit()
     algo = RewardMLE(RewardMLEConfig(t0=t0), ModelConfig(), problem)
+    algo.impl = "reference"  # bit for bit is the reference path's promise (impl=fast: tests/test_fast.py)
     assert algo.cfg.lr_exponent == 1.0
     lam_max = fisher_spectrum_numpy(problem)[1]
     offset = max(t0, algo.c * lam_max)

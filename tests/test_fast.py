@@ -1,0 +1,132 @@
+"""impl=fast equals impl=reference (issue 12): the closed-form, one-RNG-call step against the autograd
+step it replaces, in float64, on every environment, through a checkpoint taken mid-run.
+
+Two checks per case. (1) The one-step map: from every state of the reference's own run, one fast
+step equals one reference step to 1e-12 (parameters, schedule, counters, RNG position); at the
+midpoint the state first goes through a disk checkpoint into a fresh algorithm (resume). (2) The
+free-running fast run draws exactly the reference's samples (counters, RNG position) and its reward
+nu (what `gap` scores) stays within 1e-12 of the reference's. y and z are compared free-running to
+1e-6 only: at N = M = 2 the method itself amplifies round-off (a 1e-15 perturbation of y in the
+*reference* grows to 1e-8 within 500 steps, in jumps: a ReLU unit crossing its kink), so no
+implementation that rounds differently can track them to 1e-12 over 1,000 steps; (1) is the exact test.
+
+Small on purpose (2 seeds, width-4 networks, N = M = 2): the arithmetic is the same at any size, and
+the suite's time budget is tight. 1,000 steps for bilevel on the bandit; 20-200 elsewhere (MDP,
+token task, the double loop, other network shapes, reward_mle, online DPO)."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from ratebench import envs
+from ratebench.algorithms import ALGORITHMS
+from ratebench.config import validate
+from ratebench.errors import ConfigError
+from ratebench.rng import CounterRng
+from ratebench.runner import resolve
+from ratebench.sampling import Counters, CountingSampler
+
+ATOL = 1e-12  # float64: the two paths sum the same terms in a different order
+TINY = ["seeds=[3,0]", "model.reward.width=4", "model.policy.width=4"]
+SMALL_BATCHES = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
+DOUBLE = ["algorithm.variant=double_loop", "algorithm.eps=0.08"]  # K = 3 inner steps, B = 2
+CASES = {  # id: (overrides, steps)
+    "bilevel-bandit": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES], 1000),
+    "bilevel-mdp": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES], 40),
+    "bilevel-token": (["algorithm=bilevel", "env=token", *SMALL_BATCHES], 40),
+    "bilevel_double-bandit": (["algorithm=bilevel", "env=bandit", *DOUBLE], 40),
+    "bilevel_double-mdp": (["algorithm=bilevel", "env=mdp", *DOUBLE], 20),
+    "bilevel_double-token": (["algorithm=bilevel", "env=token", *DOUBLE], 20),
+    "bilevel-bandit-deep-tanh": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, "model.reward.depth=2",
+                                  "model.policy.activation=tanh"], 30),
+    "bilevel-bandit-linear-reward": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, "model.reward.kind=linear"], 30),
+    "reward_mle-bandit": (["algorithm=reward_mle", "env=bandit"], 200),
+    "reward_mle-mdp": (["algorithm=reward_mle", "env=mdp"], 50),
+    "reward_mle-token": (["algorithm=reward_mle", "env=token"], 50),
+    "dpo_online-bandit": (["algorithm=dpo", "env=bandit", "algorithm.mode=online", "algorithm.batch_pairs=2"], 100),
+    "dpo_online-mdp": (["algorithm=dpo", "env=mdp", "algorithm.mode=online", "algorithm.batch_pairs=2"], 30),
+    "dpo_online_ipo-token": (["algorithm=dpo", "env=token", "algorithm.mode=online", "algorithm.loss=ipo"], 30),
+    "dpo_online_hinge-bandit": (["algorithm=dpo", "env=bandit", "algorithm.mode=online", "algorithm.loss=hinge"], 30),
+}
+
+
+def build(compose_config, overrides, impl):
+    v = validate(compose_config([*TINY, *overrides]))
+    problem = envs.make(v.env)
+    algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
+    algo.impl = impl
+    counters = Counters()
+    return algo, CountingSampler(problem, v.seeds, counters), counters, v.seeds
+
+
+def through_disk(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def snapshot(algo, state, sampler, counters):
+    return algo.tensors(state), sampler.state_dict(), dict(vars(counters)), algo.schedule(state)
+
+
+def compare(got, want, atol, where):
+    tensors, *rest = got
+    assert rest == list(want[1:]), f"{where}: draws, counters or schedule differ"
+    for key, t in want[0].items():
+        tol = ATOL if key.startswith("nu") else atol
+        if not (tensors[key] - t).abs().max() <= tol:  # cheap check first; assert_close for the message
+            torch.testing.assert_close(tensors[key], t, rtol=0, atol=tol, msg=lambda m, key=key: f"{where} {key}: {m}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fast_equals_reference_through_a_checkpoint(compose_config, case):
+    overrides, n = CASES[case]
+    ref, ref_sampler, ref_counters, seeds = build(compose_config, overrides, "reference")
+    fast, sampler, counters, _ = build(compose_config, overrides, "fast")
+    assert ref.has_fast_step()
+    state, free = ref.init(seeds), fast.init(seeds)
+    free_sampler, free_counters = build(compose_config, overrides, "fast")[1:3]
+    for k in range(1, n + 1):
+        start = copy.deepcopy(state)
+        if k == n // 2:  # resume: the state and the sampler through a checkpoint into a fresh algorithm
+            saved = through_disk({"algorithm": ref.state_dict(start), "sampler": ref_sampler.state_dict()})
+            fast, sampler, counters, _ = build(compose_config, overrides, "fast")
+            start = fast.load_state_dict(fast.init(seeds), saved["algorithm"])
+            sampler.load_state_dict(saved["sampler"])
+        sampler.load_state_dict(ref_sampler.state_dict())
+        vars(counters).update(vars(ref_counters))
+        state = ref.step(state, ref_sampler)
+        one = fast.step(start, sampler)
+        want = snapshot(ref, state, ref_sampler, ref_counters)
+        compare(snapshot(fast, one, sampler, counters), want, ATOL, f"{case} one step from step {k - 1}")
+        free = fast.step(free, free_sampler)
+        compare(snapshot(fast, free, free_sampler, free_counters), want, 1e-6, f"{case} free-running step {k}")
+
+
+def test_prefetched_uniforms_are_the_direct_draws():
+    direct, ahead = CounterRng([7, 2, 9], stream=1), CounterRng([7, 2, 9], stream=1)
+    direct.uniform(5)
+    ahead.uniform(5)
+    ahead.prefetch(40)
+    for shape in [(3,), (2, 4), (10,), (30,)]:  # the last one runs past the buffer: drawn directly
+        assert torch.equal(direct.uniform(*shape), ahead.uniform(*shape))
+    assert direct.state_dict() == ahead.state_dict()
+
+
+def test_impl_is_operational_and_validated(compose_config):
+    """impl changes how, not what: the same run_hash (a finished reference run is reused by a fast one)."""
+    assert resolve(compose_config(["impl=reference"]))[2] == resolve(compose_config(["impl=fast"]))[2]
+    with pytest.raises(ConfigError, match="impl"):
+        validate(compose_config(["impl=turbo"]))
+
+
+def test_exact_oracle_has_no_fast_step_and_runs_the_reference(compose_config):
+    algo, sampler, _, seeds = build(compose_config, ["algorithm=bilevel", "algorithm.oracle=exact",
+                                                         "budget.steps=10"], "fast")
+    assert not algo.has_fast_step()
+    state = algo.step(algo.init(seeds), sampler)
+    assert state.k == 1 and sampler.samples == 0
