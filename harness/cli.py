@@ -16,7 +16,10 @@ USAGE = """usage: ratebench <command> [args]
   audit [env overrides] [--starts N] [--runs DIR] [--json] [--out DIR]
                            the instance's landscape of F and the claim's premises (WGD floor, implied exponent)
 
-Run `ratebench run --help` for Hydra's options and `ratebench run --cfg job` to see the config."""
+Run `ratebench run --help` for Hydra's options and `ratebench run --cfg job` to see the config.
+Exit status: 0 done (check: every claim passes), 1 check only: a claim violated or inconclusive,
+2 bad input (one line naming the field), 3 internal error (one line + the file holding the traceback),
+130 / 143 interrupted by SIGINT / SIGTERM (a run checkpoints first: re-run to resume)."""
 
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--version",
                     "--shell-completion", "-sc"}
@@ -29,6 +32,40 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit status of a command (see USAGE); nothing but check's verdicts returns 1, and no
+    exception leaves as a bare traceback."""
+    from ratebench.signals import Interrupted
+
+    try:
+        return _main(argv)
+    except Interrupted as exc:
+        return exc.code
+    except KeyboardInterrupt:
+        print("ratebench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (our bug, not the user's input)
+        return internal_error(exc)
+
+
+def internal_error(exc: BaseException) -> int:
+    """Exit status 3: one line on stderr naming the error and the file that holds its traceback."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    try:
+        fd, where = tempfile.mkstemp(prefix=f"ratebench-error-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"ratebench {' '.join(sys.argv[1:])}\n{text}")
+    except OSError as err:
+        where = f"nowhere (the temporary folder refused it: {err.strerror or err})"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    print(f"ratebench: internal error: {type(exc).__name__}: {first}; traceback written to {where}", file=sys.stderr)
+    return 3
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -79,7 +116,17 @@ def run_command(args: list[str]) -> int:
     from ratebench.app import hydra_entry
 
     sys.argv = ["ratebench run", *args]
-    hydra_entry()
+    from ratebench.signals import LAUNCHER_ENV
+
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # a sweep worker whose parent this is stops when it dies
+    try:
+        hydra_entry()
+    except SystemExit as exc:  # the job's status (app.py); Hydra's own failures exit 1: not check's 1
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 3)
+        if code == 1:
+            print("ratebench: internal error: Hydra stopped with exit status 1 (its message is above)", file=sys.stderr)
+            return 3
+        return code
     return 0
 
 
