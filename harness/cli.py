@@ -190,6 +190,23 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
         except (HydraException, OmegaConfBaseException) as exc:
             raise _BadInput(_describe(exc)) from None
         _check_writable(out, f"hydra.{dir_key}")
+        _check_cache(cfg.get("cache_dir"))
+
+
+def _check_cache(explicit: str | None) -> None:
+    """The F* cache (cache_dir, else $RATEBENCH_CACHE, else ~/.cache/ratebench) must be a readable,
+    writable folder or creatable: found now, not after Hydra has made the output folder."""
+    from ratebench.fstar import cache_dir
+
+    where = "cache_dir" if explicit else "RATEBENCH_CACHE" if os.environ.get("RATEBENCH_CACHE") else "cache_dir"
+    folder = cache_dir(explicit).absolute()
+    if folder.exists():
+        if not folder.is_dir():
+            raise _BadInput(f"{where}: the F* cache {str(folder)!r} is not a folder")
+        if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+            raise _BadInput(f"{where}: the F* cache folder {str(folder)!r} is not readable and writable")
+        return
+    _check_writable(str(folder), where, "the F* cache folder")
 
 
 def _describe(exc: BaseException) -> str:
@@ -211,7 +228,7 @@ def _describe(exc: BaseException) -> str:
     return f"{key}: {msg}" if key else f"{text.splitlines()[0]}: {msg}" if cause is not exc else text.splitlines()[0]
 
 
-def _check_writable(path: str | None, field: str) -> None:
+def _check_writable(path: str | None, field: str, what: str = "output folder") -> None:
     if not path:
         return
     p = Path(path).absolute()
@@ -219,6 +236,6 @@ def _check_writable(path: str | None, field: str) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise _BadInput(f"{field}: cannot create output folder {str(p)!r}: {str(probe)!r} is not a folder")
+        raise _BadInput(f"{field}: cannot create {what} {str(p)!r}: {str(probe)!r} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise _BadInput(f"{field}: output folder {str(p)!r} is not writable ({str(probe)!r} refuses writes)")
+        raise _BadInput(f"{field}: {what} {str(p)!r} is not writable ({str(probe)!r} refuses writes)")
