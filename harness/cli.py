@@ -229,13 +229,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _check_writable(path: str | None, field: str, what: str = "output folder") -> None:
-    if not path:
-        return
-    p = Path(path).absolute()
-    probe = p
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise _BadInput(f"{field}: cannot create {what} {str(p)!r}: {str(probe)!r} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise _BadInput(f"{field}: {what} {str(p)!r} is not writable ({str(probe)!r} refuses writes)")
+    from ratebench.records import unwritable_reason
+
+    why = unwritable_reason(path) if path else None
+    if why:
+        raise _BadInput(f"{field}: cannot write the {what} {str(Path(path).absolute())!r}: {why}")

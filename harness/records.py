@@ -94,6 +94,18 @@ def remove_stale_temporaries(folder: Path, names) -> list[Path]:
     return removed
 
 
+def unwritable_reason(path) -> str | None:
+    """Why a folder could not be made (or written) at path, or None: checked before any compute."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{str(probe)!r} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{str(probe)!r} refuses writes"
+    return None
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
