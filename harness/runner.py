@@ -184,6 +184,7 @@ def run_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[dict
     refuse_replacing(out_dir, resolved, run_hash, bool(cfg.get("overwrite", False)))
     done = finished_record(out_dir, run_hash)
     if done is not None:
+        checkpoint.remove(out_dir)  # left only by a kill between run.json's rename and its removal
         print(f"skipping {out_dir}: completed", flush=True)
         return done, True
     torch.set_num_threads(int(cfg.threads))
