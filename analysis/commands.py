@@ -42,6 +42,7 @@ def main(command: str, args: list[str], premise=None) -> int:
         return int(exc.code or 0)
     ns.premise = None if getattr(ns, "no_premise", True) else premise
     try:
+        fit_options(ns)  # the options' bounds (--n-boot, ...) before any run is read
         return handlers[command](ns)
     except (BadInput, ConfigError, RunRecordError) as exc:
         print(f"ratebench {command}: error: {exc}", file=sys.stderr)
