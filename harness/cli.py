@@ -169,7 +169,7 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
     try:
         jobs = _expand(overrides)
     except HydraException as exc:
-        raise _BadInput(f"cannot parse overrides: {exc}") from None
+        raise _BadInput(f"cannot parse overrides: {str(exc).strip().splitlines()[0]}") from None
     if not multirun and len(jobs) > 1:
         raise _BadInput("a sweep (comma list, range, glob) needs -m: ratebench run -m " + " ".join(overrides))
     dir_key = "sweep.dir" if multirun else "run.dir"
@@ -189,6 +189,8 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
             raise _BadInput(str(exc)) from None
         except (HydraException, OmegaConfBaseException) as exc:
             raise _BadInput(_describe(exc)) from None
+        except ValueError as exc:  # Hydra's own checks, e.g. `env=0` (a group's value must be a name)
+            raise _BadInput(f"{' '.join(job)}: {str(exc).strip().splitlines()[0]}") from None
         _check_writable(out, f"hydra.{dir_key}")
         _check_cache(cfg.get("cache_dir"))
 
