@@ -163,7 +163,7 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from ratebench.config import compose, validate
+    from ratebench.config import validate
     from ratebench.errors import ConfigError
 
     try:
@@ -175,7 +175,7 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
     dir_key = "sweep.dir" if multirun else "run.dir"
     for job in jobs:
         try:
-            cfg = compose(job, with_hydra=True)
+            cfg = _compose(job)
             out = OmegaConf.select(cfg.hydra, dir_key)
             with open_dict(cfg):
                 del cfg["hydra"]
@@ -189,10 +189,23 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
             raise _BadInput(str(exc)) from None
         except (HydraException, OmegaConfBaseException) as exc:
             raise _BadInput(_describe(exc)) from None
-        except ValueError as exc:  # Hydra's own checks, e.g. `env=0` (a group's value must be a name)
-            raise _BadInput(f"{' '.join(job)}: {str(exc).strip().splitlines()[0]}") from None
         _check_writable(out, f"hydra.{dir_key}")
         _check_cache(cfg.get("cache_dir"))
+
+
+def _compose(job: list[str]):
+    """The job's config with `hydra:`; Hydra's own value checks (ValueError / TypeError, e.g. `env=0` or
+    `experiment=[1,1]`: a config group takes names) are bad input, not a traceback."""
+    from ratebench.config import compose
+    from ratebench.errors import ConfigError
+
+    try:
+        return compose(job, with_hydra=True)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise _BadInput(f"{' '.join(job)}: {str(exc).strip().splitlines()[0]} (a config group such as env, "
+                        f"algorithm or experiment takes a name or a list of names)") from None
 
 
 def _check_cache(explicit: str | None) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import yaml
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, example, given, settings, strategies as st
 
 from ratebench.analysis.claims import REQUIRED, load_claim
 from ratebench.cli import _BadInput, _prevalidate, main
@@ -36,6 +36,9 @@ def one_line(message: str) -> bool:
 
 @FUZZ
 @given(st.lists(OVERRIDE, min_size=1, max_size=3))
+@example(["env=0"])  # what the fuzz found: tracebacks from Hydra's own checks, and a multi-line parse error
+@example(["experiment=[1,1]"])
+@example(["env=#"])
 def test_any_overrides_validate_or_are_refused_in_one_line(overrides):
     try:
         _prevalidate(overrides, multirun=False)
