@@ -140,7 +140,7 @@ def check_known_keys(node, schema: type, where: str) -> None:
     if not isinstance(node, DictConfig):
         return
     allowed = [f.name for f in fields(schema)] + (["hydra"] if schema is RunConfig else [])
-    for key in node.keys():
+    for key in node:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"did you mean {'.'.join(filter(None, (where, close[0])))}? " if close else ""

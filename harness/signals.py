@@ -39,7 +39,7 @@ class StopRequests:
             return
         raise Interrupted(signum)
 
-    def __enter__(self) -> "StopRequests":
+    def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._saved[s] = signal.signal(s, self._handle)
@@ -75,7 +75,7 @@ class ParentWatch:
                     os._exit(128 + signal.SIGTERM)
                 return
 
-    def __enter__(self) -> "ParentWatch":
+    def __enter__(self) -> ParentWatch:
         if self.active:
             threading.Thread(target=self._watch, name="ratebench-parent-watch", daemon=True).start()
         return self

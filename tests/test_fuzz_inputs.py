@@ -26,7 +26,7 @@ VALUES = st.one_of(NUMBERS.map(str), WORDS)
 OVERRIDE = st.builds(lambda prefix, key, value: f"{prefix}{key}={value}",
                      st.sampled_from(["", "", "", "+", "++", "~"]), st.sampled_from(KEYS), VALUES)
 NO_SHRINK = (Phase.explicit, Phase.generate)  # a failure is reported as found (derandomized: reproducible), fast
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None, phases=NO_SHRINK,
+FUZZ = settings(max_examples=15, deadline=None, derandomize=True, database=None, phases=NO_SHRINK,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
