@@ -37,6 +37,8 @@ class StopRequests:
         if self.deferring and self.signum is None:
             self.signum = signum
             return
+        when = "again, before the checkpoint was written" if self.deferring else "before the first step"
+        print(f"ratebench: interrupted {when}; re-run to start or resume", file=sys.stderr, flush=True)
         raise Interrupted(signum)
 
     def __enter__(self) -> StopRequests:
