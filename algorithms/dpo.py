@@ -15,7 +15,8 @@ from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.models import PolicyModel, sgd_step
 from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, fit_on_dataset, next_grid_point,
                                              offline_steps)
-from ratebench.envs.exact import bradley_terry_nll
+from ratebench.envs.exact import _true_pair_probs, bradley_terry_nll, trajectory_probs, trajectory_returns
+from ratebench.envs.lbfgs import minimise_rows
 from ratebench.errors import ConfigError, require
 from ratebench.rng import CounterRng
 from ratebench.sampling import PreferencePairs
@@ -153,6 +154,45 @@ class DPO(Algorithm):
 
     def schedule(self, state):
         return {"lr": state.lr}
+
+
+# --- offline DPO's population target (infinite data from its own sampling scheme) -------------------
+
+def population_loss(problem, logps, beta: float, loss: str = "sigmoid") -> torch.Tensor:
+    """Offline DPO's loss with infinite data: E_g E_{tau, tau' ~ pi_ref(.|g)} E_{y ~ BT oracle} of the
+    per-pair loss, by enumeration (pairs share their initial state g, as the sampler draws them).
+    logps: per-step log-prob tables [(B, n_h, A)]. Returns (B,)."""
+    ref = problem.ref_log_probs()
+    ratio = trajectory_returns(problem, [lp - r for lp, r in zip(logps, ref)])  # log pi/pi_ref(tau): (B, G, m)
+    first, second = ratio[..., :, None], ratio[..., None, :]
+    first, second = torch.broadcast_tensors(first, second)
+    p = _true_pair_probs(problem)  # (G, m, m): P(first preferred)
+    ones = torch.ones_like(first)
+    per_pair = p * dpo_loss(first, second, ones, beta, loss) + (1 - p) * dpo_loss(first, second, 0 * ones, beta, loss)
+    q = trajectory_probs(problem, ref)[0]  # (G, m): pi_ref(tau | g)
+    return torch.einsum("gi,gj,bgij->bg", q, q, per_pair) @ problem.init_prob
+
+
+def population_target(problem, beta: float, loss: str = "sigmoid", n_starts: int = 1, seed: int = 0,
+                      tol: float = 1e-11) -> list[torch.Tensor]:
+    """argmin over tabular policies of population_loss: per-step log-prob tables [(n_starts, n_h, A)],
+    one row per start (start 0 at pi_ref, the others at random logits), row-wise L-BFGS. On a
+    deterministic env with the sigmoid loss this is pi* of the true reward (docs/baselines.md); on
+    stochastic transitions it is not, because beta log pi*/pi_ref(tau) = R(tau) - V_0 plus a
+    transition-noise term, not R(tau) + const."""
+    ref = problem.ref_log_probs()
+    shapes = [r.shape[1:] for r in ref]
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+
+    def tables(x):  # (B, n) logits -> per-step log-softmax tables around pi_ref
+        parts = torch.split(x, sizes, dim=1)
+        return [torch.log_softmax(r + z.view(-1, *s), -1) for r, z, s in zip(ref, parts, shapes)]
+
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n_starts, sum(sizes), generator=gen, dtype=torch.float64)
+    x0[0] = 0.0
+    result = minimise_rows(lambda x: population_loss(problem, tables(x), beta, loss), x0, tol=tol, max_iter=5000)
+    return [t.detach() for t in tables(result.x)]
 
 
 ALGORITHM = DPO

@@ -1,0 +1,113 @@
+"""ratebench.analysis: run records → rate fits, verdicts, figures, reports. The Python API (docs/api.md):
+
+    from ratebench import analysis
+    runs = analysis.load("runs/beta")                       # Loaded: .metrics, .seeds DataFrames
+    table = analysis.fit(runs, metric="reward_err", by="cfg.env.beta")   # DataFrame, one row per group
+    verdicts = analysis.check(["control"], runs="runs/control")         # [Verdict]
+    diff = analysis.compare("runs/a", "runs/b", metric="gap")           # DataFrame, p̂_a − p̂_b, paired CI
+
+The modules hold the pieces (load, curves, stats, fit, claims, paired, labels, plots, report, commands)."""
+from __future__ import annotations
+
+# The submodules `load` and `fit` share their names with API functions below: import them first, so
+# that the functions (defined after) are what `ratebench.analysis.load` / `.fit` name as attributes.
+from ratebench.analysis import fit as _fit_module  # noqa: F401
+from ratebench.analysis import load as _load_module
+
+__all__ = ["check", "compare", "fit", "load"]
+
+
+def load(path, strict: bool = False):
+    """Every run under path (searched for run.json): a Loaded with .metrics (one row per run, seed and
+    evaluation point, cfg.* columns) and .seeds (one row per run and seed, with its status). Unreadable
+    runs are skipped with a warning (strict=True: an error). ValueError when there are none."""
+    loaded = _load_module.load(path, strict=strict)
+    if loaded.seeds.empty:
+        raise ValueError(f"{path}: no runs found (no readable run.json below it)")
+    return loaded
+
+
+def _as_loaded(runs, strict: bool = False):
+    """A Loaded from a folder, a Loaded, or the metrics DataFrame of load(...).metrics / load_runs."""
+    import pandas as pd
+
+    if isinstance(runs, _load_module.Loaded):
+        return runs
+    if isinstance(runs, pd.DataFrame):
+        keep = [c for c in runs.columns if c in _load_module.RUN_KEYS or c.startswith("cfg.") or c in ("seed", "status")]
+        seeds = runs.drop_duplicates(["run_dir", "seed"])[keep].reset_index(drop=True)
+        return _load_module.Loaded(runs, seeds)
+    return load(runs, strict=strict)
+
+
+def _options(**options):
+    from ratebench.analysis.fit import FitOptions
+
+    return FitOptions(**options)
+
+
+def fit(runs, metric: str = "gap", x: str = "samples", by="algorithm,env,config_hash", **options):
+    """The table of `ratebench fit` as a DataFrame, one row per group: `label` (named by what differs
+    between the groups), the grouping columns, p, p_low, p_high, b, c, the ε window, seeds, status, ...
+    runs: a folder, load(...) or its .metrics frame; by: columns (`cfg.env.beta`, ...); options: any
+    FitOptions field (n_boot=500, reach=0.9, ...). Bad input raises commands.BadInput (one line)."""
+    import pandas as pd
+    from ratebench.analysis import commands
+    from ratebench.analysis.curves import group_keys
+
+    loaded = _as_loaded(runs)
+    commands.check_metric(loaded, metric, x)
+    keys = group_keys(by)
+    commands.check_by(loaded, keys)
+    results = commands.fit_groups(loaded, metric, x, keys, _options(**options))
+    return pd.DataFrame(commands.fit_rows(results, metric, x))
+
+
+def check(claims, runs=None, workdir: str = "ratebench-runs", **options) -> list:
+    """A Verdict per claim (`.verdict` PASS / VIOLATED / INCONCLUSIVE, `.reason`, `.fit`, `.per_instance`).
+    claims: names (`control`), ids, paths or Claim objects (one or a list). runs: a folder or load(...)
+    holding the evidence; None runs (or reuses, under workdir) each claim's experiment as the CLI does."""
+    from pathlib import Path
+
+    from ratebench.analysis import commands
+    from ratebench.analysis.claims import Claim, load_claim
+
+    items = [claims] if isinstance(claims, (str, Path, Claim)) else list(claims)
+    parsed = [c if isinstance(c, Claim) else load_claim(commands.find_claim(str(c), commands.CONF_DIR / "claims"))
+              for c in items]
+    opts = _options(**options)
+    verdicts = []
+    for claim in parsed:
+        if runs is None:
+            commands.check_experiment_name(claim)
+            loaded = load(commands.ensure_experiment(claim.experiment, Path(workdir), [claim.id]))
+        else:
+            loaded = _as_loaded(runs)
+        verdicts.append(commands.evaluate_claim(loaded, claim, opts)[0])
+    return verdicts
+
+
+def compare(a, b=None, metric: str = "gap", x: str = "samples", by="algorithm", **options):
+    """p̂_a − p̂_b with a paired bootstrap CI over the (instance, seed) pairs both ran (paired.py), as a
+    DataFrame with one row per pair: a, b, p_a, p_b, diff, diff_low, diff_high, n_shared, boot_unit, ...
+    compare(a, b): all runs of a against all runs of b (folders, load(...) or frames); compare(a, by=...):
+    every pair of groups of a, as `ratebench compare`."""
+    from ratebench.analysis import commands
+    from ratebench.analysis.curves import build_curves, group_keys
+    from ratebench.analysis.paired import difference_table
+
+    opts = _options(**options)
+    if b is None:
+        loaded = _as_loaded(a)
+        commands.check_metric(loaded, metric, x)
+        keys = group_keys(by)
+        commands.check_by(loaded, keys)
+        groups = [(k["label"], c) for k, c in commands.group_curves(loaded, metric, x, keys)]
+    else:
+        groups = []
+        for name, runs in (("a", a), ("b", b)):
+            loaded = _as_loaded(runs)
+            commands.check_metric(loaded, metric, x)
+            groups.append((str(runs) if isinstance(runs, (str, bytes)) or hasattr(runs, "__fspath__") else name,
+                           build_curves(loaded.metrics, loaded.seeds, metric, x)))
+    return difference_table(groups, opts)

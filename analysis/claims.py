@@ -68,6 +68,23 @@ class Claim:
         return -1.0 / self.metric_exponent
 
 
+def find_claim(name: str, claims_dir: Path) -> Path:
+    """A claim named by its file stem (`control`) or its id (`control_reward_mle`) among the claim
+    files in claims_dir (the installed package's conf/claims), else `name` itself as a path."""
+    files = sorted(Path(claims_dir).glob("*.yaml"))
+    for p in files:
+        if p.stem == name:
+            return p
+    for p in files:
+        try:
+            data = yaml.safe_load(p.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and data.get("id") == name:
+            return p
+    return Path(name)
+
+
 def load_claim(path) -> Claim:
     """Read and validate one claim file; every problem raises ConfigError naming the field."""
     path = Path(path)
@@ -199,8 +216,8 @@ def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
     the CI's upper end ≤ p_claim; VIOLATED if its lower end > p_claim, the metric stalls above
     the ε range (final IQM above ε_min and a log-log decay whose whole CI is slower than
     1/(p_claim + tol)), or the fitted floor's CI lies above ε_min. equals (± tol): PASS if covered
-    and the CI lies inside [p−tol, p+tol], VIOLATED if it misses that band entirely (or stall,
-    floor). INCONCLUSIVE otherwise, and when the fit has too few seeds or ε levels. Exponents are
+    and the CI lies inside [p−tol, p+tol], VIOLATED if it misses that band entirely on a window of at
+    least min_decades (or stall, floor). INCONCLUSIVE otherwise, and when the fit has too few seeds or ε levels. Exponents are
     compared in the metric's unit."""
     if fit is None:
         return Verdict(claim, INCONCLUSIVE, "no runs of this algorithm in the evidence", None)
@@ -241,6 +258,10 @@ def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
         return Verdict(claim, INCONCLUSIVE, f"{ci} contains the claimed {p_claim:.3g} ({cover_text})", fit)
     band = (p_claim - claim.tolerance, p_claim + claim.tolerance)
     if fit.p_high < band[0] or fit.p_low > band[1]:
+        if fit.status == "too_narrow":  # "≍ ε^-p" is asymptotic: a window under a decade (its n_hit on a
+            # 0.1-decade x grid, so p̂ is quantised) cannot contradict it, only fail to confirm it
+            return Verdict(claim, INCONCLUSIVE, f"{ci} misses [{band[0]:.3g}, {band[1]:.3g}], but on a window too "
+                                                f"narrow to contradict an asymptotic rate ({fit.reason}; {cover_text})", fit)
         return Verdict(claim, VIOLATED, f"{ci} misses [{band[0]:.3g}, {band[1]:.3g}] ({cover_text})", fit)
     if not covered:
         return Verdict(claim, INCONCLUSIVE, f"{cover_text}" + _narrow(fit), fit)

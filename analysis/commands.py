@@ -8,17 +8,22 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, judge, load_claim, verdict
+from ratebench.analysis.claims import (INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, find_claim, judge, load_claim,
+                                       verdict)
 from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys, has_positive
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
+from ratebench.analysis.labels import group_config, group_labels, natural_order, short_key
 from ratebench.analysis.load import Loaded, RunRecordError, load, read_record
+from ratebench.analysis.tables import latex_table
 from ratebench.errors import ConfigError
 from ratebench.records import code_fingerprint, unwritable_reason
 
@@ -34,13 +39,15 @@ def main(command: str, args: list[str], premise=None) -> int:
     """premise: optional callable (env config dict, c_lam) -> {"wgd_floor", "implied_exponent", "q"}
     (the CLI passes ratebench.audit.premise_summary): check and report print the claim's premises on
     the evidence's instances. Analysis computes no landscape itself; it is handed the function."""
-    handlers = {"fit": fit_command, "plot": plot_command, "check": check_command, "report": report_command}
+    handlers = {"fit": fit_command, "plot": plot_command, "check": check_command, "report": report_command,
+                "compare": compare_command}
     parser = PARSERS[command]()
     try:
         ns = parser.parse_args(args)
     except SystemExit as exc:  # --help → 0, argparse errors → 2
         return int(exc.code or 0)
     ns.premise = None if getattr(ns, "no_premise", True) else premise
+    ns.argv = list(args)
     try:
         fit_options(ns)  # the options' bounds (--n-boot, ...) before any run is read
         return handlers[command](ns)
@@ -80,7 +87,10 @@ def _fit_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="algorithm,env,config_hash",
                    help="comma-separated grouping columns (default algorithm,env,config_hash; e.g. "
                         "algorithm,env pools configurations, bootstrap stratified by config_hash)")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--format", default="table", choices=FIT_FORMATS,
+                   help="table (default, for reading), json (a list of objects), csv (one row per group, every "
+                        "field, for pandas/R/spreadsheets) or latex (a booktabs table of the displayed columns)")
+    p.add_argument("--json", action="store_const", const="json", dest="format", help="the same as --format json")
     p.add_argument("--sensitivity", action="store_true", help="also print the window-sensitivity table per group")
     _add_fit_options(p)
     return p
@@ -104,7 +114,8 @@ def _check_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ratebench check", description="Verdict per claim (SPEC §7): exit 0 when "
                                 "every claim passes, 1 when one is VIOLATED or INCONCLUSIVE, 2 on bad input. "
                                 "Without --runs, each claim's experiment is run (or reused) under --workdir.")
-    p.add_argument("claims", nargs="*", help="claim YAML files (default conf/claims/*.yaml)")
+    p.add_argument("claims", nargs="*", help="claim names (`control`, as `ratebench list claims` shows them), claim ids, "
+                   "or claim YAML files (default: every shipped claim)")
     p.add_argument("--runs", help="analyse the runs under this folder instead of running the experiments")
     p.add_argument("--workdir", default="ratebench-runs", help="cache of experiment runs (default ./ratebench-runs)")
     p.add_argument("--json", action="store_true", help="print the verdicts as JSON")
@@ -131,7 +142,22 @@ def _report_parser() -> argparse.ArgumentParser:
     return p
 
 
-PARSERS = {"fit": _fit_parser, "plot": _plot_parser, "check": _check_parser, "report": _report_parser}
+def _compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ratebench compare", description="The difference of sample-complexity "
+                                "exponents p̂_a − p̂_b between every pair of groups, with a paired bootstrap 95%% CI "
+                                "over the (instance, seed) pairs both groups ran: instances resampled, then seeds "
+                                "within each (the same draw for both groups).")
+    p.add_argument("dir", help="folder searched recursively for run.json")
+    p.add_argument("--metric", default="gap", help=f"metric column (default gap); one of {', '.join(METRICS)}")
+    p.add_argument("--x", default="samples", choices=X_AXES, help="x axis (default samples)")
+    p.add_argument("--by", default="algorithm", help="grouping columns (default algorithm), as for fit")
+    p.add_argument("--format", default="table", choices=("table", "json", "csv"), help="output format")
+    _add_fit_options(p)
+    return p
+
+
+PARSERS = {"fit": _fit_parser, "plot": _plot_parser, "check": _check_parser, "report": _report_parser,
+           "compare": _compare_parser}
 
 
 def fit_options(ns, **extra) -> FitOptions:
@@ -188,25 +214,38 @@ def check_by(loaded: Loaded, by: list[str]) -> None:
         raise BadInput(f"--by: unknown column(s) {bad}; allowed: {', '.join(allowed)}")
 
 
-def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: FitOptions,
-               sensitivity: bool = False) -> list[tuple[dict, RateFit, object]]:
-    """(group key dict, fit, curves) for every group of runs."""
-    out = []
+def group_curves(loaded: Loaded, metric: str, x_name: str, by: list[str]) -> list[tuple[dict, object]]:
+    """(group key dict, curves) for every group of runs, each key with its `label` (named by what
+    differs between the groups, analysis/labels.py), in the natural order of the labels."""
+    out, configs = [], []
     seeds = loaded.seeds.copy()
     metrics = loaded.metrics
     for key, seed_rows in seeds.groupby(by, dropna=False, sort=True):
+        configs.append(group_config(seed_rows))
         key = dict(zip(by, key if isinstance(key, tuple) else (key,)))
         runs = set(seed_rows["run_dir"])
         rows = metrics[metrics["run_dir"].isin(runs)]
         curves = build_curves(rows, seed_rows, metric, x_name)
         if len(runs) > 1:
             warn_identical_curves(curves, f"group {key}")
-        fit = fit_rate(curves, opts)
-        if sensitivity and fit.status != "no_data":
-            fit.arrays["sensitivity"] = window_sensitivity(curves, opts)
         key["config_hashes"] = sorted(set(seed_rows["config_hash"]))
         for col in ("algorithm", "env"):  # pooled over them: name what was pooled
             key.setdefault(col, ",".join(sorted(set(map(str, seed_rows[col])))))
+        out.append((key, curves))
+    hashes = [k.get("config_hash") or ",".join(k["config_hashes"]) for k, _ in out]
+    for (key, _), label in zip(out, group_labels(configs, hashes)):
+        key["label"] = label
+    return sorted(out, key=lambda r: natural_order(r[0]["label"]))
+
+
+def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: FitOptions,
+               sensitivity: bool = False) -> list[tuple[dict, RateFit, object]]:
+    """(group key dict, fit, curves) for every group of runs (group_curves)."""
+    out = []
+    for key, curves in group_curves(loaded, metric, x_name, by):
+        fit = fit_rate(curves, opts)
+        if sensitivity and fit.status != "no_data":
+            fit.arrays["sensitivity"] = window_sensitivity(curves, opts)
         out.append((key, fit, curves))
     return out
 
@@ -217,9 +256,10 @@ def _fmt(v, nd=3) -> str:
 
 def fit_rows(results, metric: str, x_name: str) -> list[dict]:
     rows = []
+    skip = ("algorithm", "env", "config_hash", "config_hashes", "label")
     for key, fit, _ in results:
-        row = {"algorithm": key.get("algorithm"), "env": key.get("env"), "config_hash": key.get("config_hash"),
-               **{k: v for k, v in key.items() if k not in ("algorithm", "env", "config_hash", "config_hashes")},
+        row = {"label": key.get("label"), "algorithm": key.get("algorithm"), "env": key.get("env"),
+               "config_hash": key.get("config_hash"), **{k: v for k, v in key.items() if k not in skip},
                "config_hashes": key["config_hashes"], "metric": metric, "x": x_name}
         r = fit.row()
         r.pop("metric"), r.pop("x_name")
@@ -235,20 +275,20 @@ def fit_command(ns) -> int:
     check_by(loaded, by)
     results = fit_groups(loaded, ns.metric, ns.x, by, fit_options(ns), ns.sensitivity)
     rows = fit_rows(results, ns.metric, ns.x)
-    if ns.json:
-        print(json.dumps([_jsonable(r) for r in rows], indent=2))
+    if ns.format != "table":
+        print(format_fit_rows(rows, ns.format))
         return 0
     print(format_fit_table(rows))
     if ns.sensitivity:
         for key, fit, _ in results:
             if "sensitivity" in fit.arrays:
-                print(f"\nwindow sensitivity: {key}")
+                print(f"\nwindow sensitivity: {key['label']}")
                 print(fit.arrays["sensitivity"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
             if "profile" in fit.arrays:
                 at = fit.arrays["profile_trend"]["eps_eval"]
                 print(f"\nlocal exponent p(ε) on half-decade sub-windows (trend {_fmt(fit.p_trend)} per decade "
                       f"of 1/ε; at ε = {at:.3g}: {_fmt(fit.p_local)} [{_fmt(fit.p_local_low)}, "
-                      f"{_fmt(fit.p_local_high)}]): {key}")
+                      f"{_fmt(fit.p_local_high)}]): {key['label']}")
                 print(fit.arrays["profile"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
@@ -266,17 +306,42 @@ def _jsonable(row: dict) -> dict:
     return out
 
 
-def format_fit_table(rows: list[dict]) -> str:
-    table = pd.DataFrame([{
-        "algorithm": r["algorithm"], "env": r["env"], "config": (r["config_hash"] or ",".join(r["config_hashes"]))[:16],
+def fit_display(rows: list[dict]) -> pd.DataFrame:
+    """The fit table as shown: one row per group, named by what differs between the groups
+    (`group`), then the --by columns beyond algorithm/env/config_hash (`env.beta`), then the fit."""
+    extra = [k for k in rows[0] if k.startswith("cfg.")] if rows else []
+    return pd.DataFrame([{
+        "group": r["label"], **{short_key(k): r[k] for k in extra},
         "p̂": _fmt(r["p"]), "95% CI": f"[{_fmt(r['p_low'])}, {_fmt(r['p_high'])}]", "b̂": _fmt(r["b"]),
         "b CI": f"[{_fmt(r['b_low'])}, {_fmt(r['b_high'])}]", "floor ĉ": _fmt(r["c"]),
         "ε window": f"[{_fmt(r['eps_low'])}, {_fmt(r['eps_high'])}]", "levels": r["n_levels"],
         "seeds": r["n_seeds"], "diverged": r["n_diverged"], "failed": r["n_failed"],
         "status": r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"} for r in rows])
+
+
+def fit_heading(rows: list[dict]) -> str:
     metric, x = rows[0]["metric"], rows[0]["x"]
-    head = f"metric {metric} vs {x}: p = exponent of n_hit(ε) ~ ε^-p; b = decay exponent of {metric} ≈ c + A·{x}^-b"
-    return head + "\n" + table.to_string(index=False)
+    return f"metric {metric} vs {x}: p = exponent of n_hit(ε) ~ ε^-p; b = decay exponent of {metric} ≈ c + A·{x}^-b"
+
+
+FIT_FORMATS = ("table", "json", "csv", "latex")
+
+
+def format_fit_rows(rows: list[dict], fmt: str) -> str:
+    """`fit --format json|csv|latex`: JSON and CSV hold every field of every row (NaN/±inf as null in
+    JSON, empty in CSV; lists joined by ';'), LaTeX the displayed table with its heading as caption."""
+    if fmt == "json":
+        return json.dumps([_jsonable(r) for r in rows], indent=2)
+    if fmt == "csv":
+        flat = [{k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in _jsonable(r).items()} for r in rows]
+        return pd.DataFrame(flat).to_csv(index=False).rstrip("\n")
+    if fmt == "latex":
+        return latex_table(fit_display(rows), caption=fit_heading(rows))
+    raise BadInput(f"--format: unknown format {fmt!r}; allowed: {', '.join(FIT_FORMATS)}")
+
+
+def format_fit_table(rows: list[dict]) -> str:
+    return fit_heading(rows) + "\n" + fit_display(rows).to_string(index=False)
 
 
 # ---------------------------------------------------------------------------------------------- check
@@ -460,14 +525,14 @@ def ensure_experiment(experiment: str, workdir: Path, claim_ids: list[str]) -> P
 
 
 def check_command(ns) -> int:
-    paths = [Path(p) for p in ns.claims] or default_claims()
+    paths = [find_claim(p, CONF_DIR / "claims") for p in ns.claims] or default_claims()
     if not paths:
         raise BadInput(f"no claim files given and none in {CONF_DIR / 'claims'}")
     claims = [load_claim(p) for p in paths]  # all validated before any compute
     opts = fit_options(ns)
     if ns.runs:
         loaded = load_dir(ns.runs, ns.strict)
-        verdicts = [evaluate_claim(loaded, c, opts, where=ns.runs) for c in claims]
+        verdicts = [_judged(loaded, c, opts, ns.runs, i, len(claims)) for i, c in enumerate(claims, start=1)]
     else:
         for c in claims:  # every experiment must exist before any of them runs
             check_experiment_name(c)
@@ -478,7 +543,8 @@ def check_command(ns) -> int:
         for name, group in by_experiment.items():  # each experiment runs (or is reused) once
             folder = ensure_experiment(name, Path(ns.workdir), [c.id for c in group])
             evidence[name] = (load_dir(folder, ns.strict), str(folder))
-        verdicts = [evaluate_claim(evidence[c.experiment][0], c, opts, where=evidence[c.experiment][1]) for c in claims]
+        verdicts = [_judged(evidence[c.experiment][0], c, opts, evidence[c.experiment][1], i, len(claims))
+                    for i, c in enumerate(claims, start=1)]
     rows = []
     for claim, (v, _, note) in zip(claims, verdicts):
         row = verdict_row(v, note)
@@ -498,6 +564,13 @@ def check_command(ns) -> int:
     if ns.fail_on == "violated":
         return 1 if any(v.verdict == VIOLATED for v, _, _ in verdicts) else 0
     return 0 if all(v.verdict == PASS for v, _, _ in verdicts) else 1
+
+
+def _judged(loaded: Loaded, claim: Claim, opts: FitOptions, where: str, i: int, n: int):
+    """evaluate_claim, then one progress line: `[check 2/5] control_reward_mle: PASS`."""
+    result = evaluate_claim(loaded, claim, opts, where=where)
+    progress(f"[check {i}/{n}] {claim.id}: {result[0].verdict}")
+    return result
 
 
 def verdict_row(v: Verdict, note: str = "") -> dict:
@@ -557,11 +630,22 @@ def plot_command(ns) -> int:
     out = Path(ns.out) if ns.out else Path(ns.dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
     opts = fit_options(ns)
-    for m in metrics:
+    for i, m in enumerate(metrics, start=1):
+        started = time.monotonic()
         results = fit_groups(loaded, m, ns.x, by, opts)
-        for path in plots.metric_figure(results, [c for c in claims if c.metric == m and c.x == ns.x], out):
+        paths = plots.metric_figure(results, claims, out) + plots.interval_figure(results, claims, out)
+        for path in paths:
             print(path)
+        pngs = [p.name for p in paths if p.suffix == ".png"]
+        progress(f"[plot {i}/{len(metrics)}] {m}: {len(results)} group(s) → {', '.join(pngs) or 'no data'} "
+                 f"({time.monotonic() - started:.1f} s)")
     return 0
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (a figure, a claim); quiet under CI=true."""
+    if os.environ.get("CI", "").lower() not in ("true", "1"):
+        print(message, file=sys.stderr, flush=True)
 
 
 def report_command(ns) -> int:
@@ -579,7 +663,40 @@ def report_command(ns) -> int:
     if ns.premise is not None:
         def premise(loaded_, claim):
             return claim_premise(loaded_, claim, ns.premise, ns.dir)
-    paths = report.write_report(loaded, claims, fit_options(ns), out, evaluate_claim, fit_groups, premise=premise)
+    command = "ratebench report " + " ".join(shlex.quote(a) for a in getattr(ns, "argv", [ns.dir]))
+    paths = report.write_report(loaded, claims, fit_options(ns), out, evaluate_claim, fit_groups, premise=premise,
+                                command=command)
     for p in paths:
         print(p)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+def compare_command(ns) -> int:
+    from ratebench.analysis.paired import difference_table
+
+    loaded = load_dir(ns.dir, ns.strict)
+    check_metric(loaded, ns.metric, ns.x)
+    by = group_keys(ns.by)
+    check_by(loaded, by)
+    groups = [(key["label"], curves) for key, curves in group_curves(loaded, ns.metric, ns.x, by)]
+    if len(groups) < 2:
+        raise BadInput(f"--by {ns.by}: {len(groups)} group under {ns.dir}; compare needs at least 2")
+    table = difference_table(groups, fit_options(ns))
+    if ns.format == "json":
+        print(json.dumps([_jsonable(r) for r in table.to_dict("records")], indent=2))
+    elif ns.format == "csv":
+        print(table.to_csv(index=False).rstrip("\n"))
+    else:
+        print(f"p̂_a − p̂_b on {ns.metric} vs {ns.x} (N(ε) ∝ ε^-p; < 0: a needs fewer {ns.x}), paired bootstrap "
+              f"95% CI over the (instance, seed) pairs both groups ran")
+        shown = pd.DataFrame({"a": table["a"], "b": table["b"], "p̂_a": table["p_a"].map(_fmt),
+                              "p̂_b": table["p_b"].map(_fmt), "p̂_a − p̂_b": table["diff"].map(_fmt),
+                              "95% CI": [f"[{_fmt(lo)}, {_fmt(hi)}]" for lo, hi in zip(table["diff_low"],
+                                                                                       table["diff_high"])],
+                              "shared": table["n_shared"], "unit": table["boot_unit"],
+                              "status": [st if st == "ok" else f"{st}: {why}" for st, why in
+                                         zip(table["status"], table["reason"])]})
+        print(shown.to_string(index=False))
     return 0

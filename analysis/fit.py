@@ -281,11 +281,12 @@ def resample_counts(curves: Curves, n_boot: int, rng: np.random.Generator) -> tu
     return bootstrap_counts(curves.strata, n_boot, rng), curves.n_seeds, "seed"
 
 
-def fit_rate(curves: Curves, opts: FitOptions = FitOptions()) -> RateFit:
+def fit_rate(curves: Curves, opts: FitOptions = FitOptions(), resample: tuple | None = None) -> RateFit:
     """p, b, c with bootstrap CIs for one group of seeds (stratified by configuration; by instance,
     then seed, when the group holds ≥ 2 environment instances). The window is re-selected inside
     every replicate (selection-aware CI); a replicate in which a level of the chosen window is
-    unreached (its IQM n_hit is +inf) has p = +inf."""
+    unreached (its IQM n_hit is +inf) has p = +inf. resample: (counts (R, S), units, unit name) given
+    by the caller instead of resample_counts (compare.py: the same draws for two groups, paired)."""
     base = {"metric": curves.metric, "x_name": curves.x_name, "n_seeds": curves.n_seeds,
             "n_diverged": curves.count("diverged"), "n_failed": curves.count("failed"),
             "n_strata": len(np.unique(curves.strata)), "n_instances": max(len(curves.instance_labels), 1)}
@@ -293,7 +294,7 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions()) -> RateFit:
     if curves.n_seeds == 0 or not np.isfinite(vals).any():
         return RateFit(status="no_data", reason=f"no finite values of {curves.metric}", **base)
     rng = np.random.default_rng(opts.seed)
-    counts, n_units, unit = resample_counts(curves, opts.n_boot, rng)  # (R, S)
+    counts, n_units, unit = resample or resample_counts(curves, opts.n_boot, rng)  # (R, S)
     ones = np.ones((1, curves.n_seeds), np.int32)
     asym = asymptotic_points(x, opts.decades)
     curve_iqm = trimmed_mean(vals[:, asym], ones)  # (1, Pa)

@@ -1,7 +1,9 @@
 """Figures (matplotlib, Agg): per metric, the log-log curves with IQM, median, 95% bootstrap band,
-fitted decay and claimed slopes, next to n_hit(ε) vs 1/ε with the fit; greyscale-readable."""
+fitted decay and floor and claimed slopes, next to n_hit(ε) vs 1/ε with the fit; and an interval
+(forest) plot of p̂ with its CI across groups. Okabe–Ito colours plus line styles and markers."""
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -10,6 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator
 from ratebench.analysis.stats import bootstrap_counts, trimmed_mean
 
 METRIC_LABELS = {
@@ -25,11 +30,32 @@ METRIC_LABELS = {
 }
 X_LABELS = {"samples": "samples drawn (trajectories / context-action draws)",
             "queries": "preference queries (labels)", "step": "outer iterations"}
-STYLES = [("-", "o", "0.0"), ("--", "s", "0.35"), (":", "^", "0.55"), ("-.", "D", "0.2"),
-          ((0, (5, 1, 1, 1)), "v", "0.45"), ((0, (1, 1)), "P", "0.65")]
-MAX_GROUPS = 6
+# Okabe & Ito (2008) colour-blind-safe qualitative palette (yellow left out: unreadable on white),
+# each colour with its own line style and marker so that a greyscale print still tells groups apart
+OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+STYLES = list(zip(("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1)), (0, (3, 1, 1, 1, 1, 1))),
+                  ("o", "s", "^", "D", "v", "P", "X"), OKABE_ITO))
+MAX_GROUPS = len(STYLES)  # groups per figure; more go to further pages (<stem>_page2.png, ...)
+CLAIM_STYLES = [(0, (2, 2)), (0, (6, 2)), (0, (1, 3))]
 # Metrics whose n_hit(ε) has a rate meaning (they should fall to 0); kl_ref grows from 0 by design.
-RATE_METRICS = ("gap", "grad_sq", "policy_gap", "psi_gap", "reward_err")
+RATE_METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "psi_grad_sq", "policy_gap", "psi_gap", "reward_err")
+SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def power_of_ten(value: float, _pos=None) -> str:
+    """Tick label 10⁻³ in plain Unicode (no mathtext: parsing it was most of plot's time)."""
+    if not value > 0:
+        return ""
+    k = math.log10(value)
+    if abs(k - round(k)) > 1e-9:
+        return ""
+    return "10" + str(round(k)).translate(SUPERSCRIPT)
+
+
+def log_ticks(axis) -> None:
+    axis.set_major_locator(LogLocator(base=10))
+    axis.set_major_formatter(FuncFormatter(power_of_ten))
+    # minor ticks keep matplotlib's labels, which appear only when the axis spans under a decade
 
 
 def _positive(y: np.ndarray) -> np.ndarray:
@@ -42,9 +68,11 @@ def set_log_axes(ax, note_if_empty: str) -> None:
     """Log-log axes when the axis holds positive data on both coordinates; otherwise a linear
     y axis (symlog cannot show a curve that is all zero either) and a note saying why."""
     ax.set_xscale("log")
+    log_ticks(ax.xaxis)
     ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
     if any((np.isfinite(y) & (y > 0)).any() for y in ys if y.size):
         ax.set_yscale("log")
+        log_ticks(ax.yaxis)
     else:
         ax.text(0.5, 0.5, note_if_empty, transform=ax.transAxes, ha="center", va="center", fontsize=9,
                 color="0.3", wrap=True)
@@ -62,52 +90,66 @@ def curve_bands(curves, n_boot: int = 500, seed: int = 0):
     return iqm, median, band
 
 
-def label_of(key: dict, many_configs: bool) -> str:
-    text = f"{key.get('algorithm')} / {key.get('env')}"
-    if many_configs and key.get("config_hash"):
-        text += f" [{str(key['config_hash'])[:6]}]"
-    return text
+def group_label(key: dict) -> str:
+    """The group's name: what differs between the groups shown (analysis/labels.py, set by fit_groups)."""
+    return key.get("label") or f"algorithm={key.get('algorithm')} env={key.get('env')}"
 
 
 def slope_text(claim) -> str:
     p = claim.metric_exponent
-    return f"claim {claim.id}: ε^-{p:g} ⇒ slope −1/{p:g} = {-1 / p:.3g}"
+    return f"claim {claim.id}: N(ε) ∝ ε^-{p:.3g}  (curve slope −{1 / p:.2g}, n_hit slope {p:.3g})"
+
+
+def claims_for(results, claims) -> list:
+    """The claims whose slopes belong on a figure of these groups: the claim's metric and x, and an
+    algorithm among the groups' (a bilevel claim on a reward_mle figure would be read as its claim)."""
+    if not results:
+        return []
+    fit = results[0][1]
+    algorithms = {a for k, _, _ in results for a in str(k.get("algorithm", "")).split(",")}
+    return [c for c in claims if c.metric == fit.metric and c.x == fit.x_name and c.algorithm in algorithms]
+
+
+def _anchor(x: np.ndarray, y: np.ndarray):
+    j = np.flatnonzero(np.isfinite(y) & (y > 0))
+    return (x[j[len(j) // 3]], y[j[len(j) // 3]], x[j[-1]]) if len(j) else None
 
 
 def draw_curves(ax, results, claims) -> None:
-    many = len({k.get("config_hash") for k, _, _ in results}) > len({k.get("algorithm") for k, _, _ in results})
+    """IQM (thick, markers) with its 95% band, median (thin), fitted c + A·n^-b over the asymptotic
+    points (wide, translucent) and the fitted floor ĉ (dashed) per group; claimed slopes (black)."""
     anchor = None
-    for (key, fit, curves), (ls, mk, grey) in zip(results, STYLES):
+    for (key, fit, curves), (ls, mk, colour) in zip(results, STYLES):
         pos = curves.x > 0
         x = curves.x[pos]
         iqm, median, band = (_positive(a[..., pos]) for a in curve_bands(curves))
-        label = label_of(key, many)
-        ax.fill_between(x, band[0], band[1], where=np.isfinite(band[0]) & np.isfinite(band[1]), color=grey,
-                        alpha=0.18, linewidth=0)
-        ax.plot(x, iqm, ls=ls, color=grey, marker=mk, markevery=max(len(x) // 8, 1), ms=4, lw=1.6,
-                label=f"{label}: IQM ± 95% band (n={curves.n_seeds}, diverged {fit.n_diverged})")
-        ax.plot(x, median, ls=ls, color=grey, lw=0.8, alpha=0.8)
+        ax.fill_between(x, band[0], band[1], where=np.isfinite(band[0]) & np.isfinite(band[1]), color=colour,
+                        alpha=0.15, linewidth=0)
+        ax.plot(x, iqm, ls=ls, color=colour, marker=mk, markevery=max(len(x) // 8, 1), ms=4, lw=1.6,
+                label=group_label(key))
+        ax.plot(x, median, ls=ls, color=colour, lw=0.7, alpha=0.9)
         decays = fit.metric in RATE_METRICS and (fit.A > 0 or fit.c > 0)  # kl_ref grows; A = c = 0: no decay
         if np.isfinite(fit.b) and decays:
             xs = x[fit.arrays["asym"][pos]] if "asym" in fit.arrays else x
-            ax.plot(xs, fit.c + fit.A * xs ** -fit.b, color="0.0", ls=ls, lw=2.6, alpha=0.3,
-                    label=f"{label}: fit {fit.c:.2g} + {fit.A:.2g}·n^-{fit.b:.3g}")
-        if anchor is None and np.isfinite(iqm).any():
-            j = np.flatnonzero(np.isfinite(iqm) & (iqm > 0))
-            anchor = (x[j[len(j) // 3]], iqm[j[len(j) // 3]], x[j[-1]]) if len(j) else None
-    for claim, ls in zip(claims, [(0, (2, 2)), (0, (6, 2)), (0, (1, 3))]):
+            ax.plot(xs, fit.c + fit.A * xs ** -fit.b, color=colour, ls="-", lw=4, alpha=0.3)
+            if fit.c > 0:
+                ax.plot([x[0], x[-1]], [fit.c, fit.c], color=colour, ls=(0, (4, 3)), lw=1.0)
+        if anchor is None:
+            anchor = _anchor(x, iqm)
+    for claim, ls in zip(claims, CLAIM_STYLES):
         if anchor is None:
             break
         x0, y0, x1 = anchor
         xs = np.array([x0, x1])
-        ax.plot(xs, y0 * (xs / x0) ** claim.curve_slope, color="0.0", ls=ls, lw=1.2, label=slope_text(claim))
+        ax.plot(xs, y0 * (xs / x0) ** claim.curve_slope, color="0.0", ls=ls, lw=1.2)
     set_log_axes(ax, "no positive values to show on a log axis\n(linear axis)")
 
 
 def draw_nhit(ax, results, claims) -> None:
-    many = len({k.get("config_hash") for k, _, _ in results}) > len({k.get("algorithm") for k, _, _ in results})
+    """IQM n_hit(ε) per group, filled inside the fitting window and hollow outside, the fitted line
+    of slope p̂; claimed slopes (black) from the first group's fit."""
     anchor = None
-    for (key, fit, curves), (ls, mk, grey) in zip(results, STYLES):
+    for (key, fit, curves), (ls, mk, colour) in zip(results, STYLES):
         levels = fit.arrays.get("levels")
         if levels is None:
             continue
@@ -115,51 +157,101 @@ def draw_nhit(ax, results, claims) -> None:
         n = 10.0 ** levels["iqm_log10_nhit"].to_numpy()
         win = levels["window"].to_numpy() & (fit.status == "ok")
         ok = np.isfinite(n) & (n > 0)
-        label = label_of(key, many)
-        ax.plot(inv[ok & ~win], n[ok & ~win], ls="none", marker=mk, mfc="white", mec=grey, ms=4)
-        ax.plot(inv[ok & win], n[ok & win], ls="none", marker=mk, color=grey, ms=5,
-                label=f"{label}: IQM n_hit (filled = fitting window, hollow = outside)")
+        ax.plot(inv[ok & ~win], n[ok & ~win], ls="none", marker=mk, mfc="white", mec=colour, ms=4)
+        ax.plot(inv[ok & win], n[ok & win], ls="none", marker=mk, color=colour, ms=5)
         if np.isfinite(fit.p) and win.any():  # a finite p̂ with a non-ok status has no window to draw on
             xs = inv[win]
-            ax.plot(xs, 10 ** fit.log10_C * xs ** fit.p, color=grey, ls=ls, lw=1.6,
-                    label=f"{label}: p̂ = {fit.p:.3g} [{fit.p_low:.3g}, {fit.p_high:.3g}]")
+            ax.plot(xs, 10 ** fit.log10_C * xs ** fit.p, color=colour, ls=ls, lw=1.6)
             if anchor is None:
                 anchor = (xs.min(), 10 ** fit.log10_C * xs.min() ** fit.p, xs.max())
-    for claim, ls in zip(claims, [(0, (2, 2)), (0, (6, 2)), (0, (1, 3))]):
+    for claim, ls in zip(claims, CLAIM_STYLES):
         if anchor is None:
             break
         x0, y0, x1 = anchor
         xs = np.array([x0, x1])
-        ax.plot(xs, y0 * (xs / x0) ** claim.metric_exponent, color="0.0", ls=ls, lw=1.2,
-                label=f"claim {claim.id}: slope {claim.metric_exponent:g}")
+        ax.plot(xs, y0 * (xs / x0) ** claim.metric_exponent, color="0.0", ls=ls, lw=1.2)
     set_log_axes(ax, "no ε level reached by the seeds:\nno n_hit(ε) to show")
 
 
 def draw_profile(ax, results, claims) -> None:
     """Local exponent p(ε) on half-decade sub-windows (fit.arrays["profile"]) with its 95% CI, and the
     claimed exponent: a p(ε) still rising at the smallest ε means the window is pre-asymptotic."""
-    for (key, fit, _), (ls, mk, grey) in zip(results, STYLES):
+    for (key, fit, _), (ls, mk, colour) in zip(results, STYLES):
         prof = fit.arrays.get("profile")
         if prof is None or not len(prof):
             continue
         x = 1.0 / prof["eps_center"].to_numpy()
         lo, hi = prof["p_low"].to_numpy(dtype=float), prof["p_high"].to_numpy(dtype=float)
         ok = np.isfinite(lo) & np.isfinite(hi)
-        ax.fill_between(x, lo, hi, where=ok, color=grey, alpha=0.18, linewidth=0)
-        ax.plot(x, prof["p"].to_numpy(dtype=float), ls=ls, marker=mk, color=grey, ms=4,
-                label=f"{label_of(key, False)}: local p(ε), half-decade windows")
-    for claim, ls in zip(claims, [(0, (2, 2)), (0, (6, 2)), (0, (1, 3))]):
-        ax.axhline(claim.metric_exponent, color="0.0", ls=ls, lw=1.2, label=f"claim {claim.id}: p = {claim.metric_exponent:g}")
+        ax.fill_between(x, lo, hi, where=ok, color=colour, alpha=0.15, linewidth=0)
+        ax.plot(x, prof["p"].to_numpy(dtype=float), ls=ls, marker=mk, color=colour, ms=4,
+                label=f"{group_label(key)}: local p(ε)")
+    for claim, ls in zip(claims, CLAIM_STYLES):
+        ax.axhline(claim.metric_exponent, color="0.0", ls=ls, lw=1.2)
     ax.set_xscale("log")
+    log_ticks(ax.xaxis)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if np.isfinite(v) else "∞" if v == np.inf else "-"
+
+
+def group_entry(key, fit, colour, ls, mk) -> Line2D:
+    """One legend entry per group: its name, seeds, and what was fitted, in words."""
+    text = f"{group_label(key)}  (n={fit.n_seeds}" + (f", {fit.n_diverged} diverged" if fit.n_diverged else "") + ")"
+    if fit.metric in RATE_METRICS:
+        if np.isfinite(fit.p):
+            text += f": p̂ = {_fmt(fit.p)} [{_fmt(fit.p_low)}, {_fmt(fit.p_high)}]"
+            text += "" if fit.status == "ok" else f" ({fit.status})"
+        else:
+            text += f": no p̂ ({fit.status})"
+        if np.isfinite(fit.b) and (fit.A > 0 or fit.c > 0):
+            text += f"; decay ∝ n^-{fit.b:.2g}" + (f", floor {fit.c:.2g}" if fit.c > 0 else "")
+    return Line2D([], [], color=colour, ls=ls, marker=mk, ms=5, lw=1.6, label=text)
+
+
+def key_entries(rate_panel: bool, claims, any_floor: bool) -> list:
+    """The shared key of the drawing conventions, once per figure (not per group)."""
+    grey = "0.35"
+    entries = [Line2D([], [], color=grey, lw=1.6, marker="o", ms=4, label="IQM over seeds (thick)"),
+               Patch(color=grey, alpha=0.25, label="95% bootstrap band of the IQM"),
+               Line2D([], [], color=grey, lw=0.7, label="median over seeds (thin)")]
+    if rate_panel:
+        entries.append(Line2D([], [], color=grey, lw=4, alpha=0.3, label="fitted c + A·n^-b (asymptotic points)"))
+        if any_floor:
+            entries.append(Line2D([], [], color=grey, ls=(0, (4, 3)), lw=1.0, label="fitted floor ĉ"))
+        entries += [Line2D([], [], color=grey, ls="none", marker="o", ms=5, label="n_hit(ε) inside the fitting window"),
+                    Line2D([], [], color=grey, ls="none", marker="o", mfc="white", ms=4, label="n_hit(ε) outside it"),
+                    Line2D([], [], color=grey, lw=1.6, label="fitted n_hit ∝ ε^-p̂")]
+    entries += [Line2D([], [], color="0.0", ls=ls, lw=1.2, label=slope_text(c)) for c, ls in zip(claims, CLAIM_STYLES)]
+    return entries
+
+
+def pages(results: list, per_page: int = MAX_GROUPS) -> list[list]:
+    """Groups split into figures of at most per_page groups each: never a silent drop."""
+    return [results[i:i + per_page] for i in range(0, len(results), per_page)]
 
 
 def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> list[Path]:
-    """One figure (PNG + PDF) for one metric: results = [(key, fit, curves)] of fit_groups."""
+    """Figures (PNG + PDF) for one metric: results = [(key, fit, curves)] of fit_groups. Up to
+    MAX_GROUPS groups per figure; more groups give further pages `<stem>_page2.png`, ... Claims are
+    drawn only on figures of their own metric, x and algorithm (claims_for)."""
     results = [r for r in results if r[1].status != "no_data"]
     if not results:
         return []
-    results = results[:MAX_GROUPS]
+    claims = claims_for(results, claims)
     metric, x_name = results[0][1].metric, results[0][1].x_name
+    stem = stem or f"{metric}_vs_{x_name}"
+    paths = []
+    chunks = pages(results)
+    for number, chunk in enumerate(chunks, start=1):
+        suffix = "" if number == 1 else f"_page{number}"
+        title = f" (page {number} of {len(chunks)})" if len(chunks) > 1 else ""
+        paths += _one_figure(chunk, claims, metric, x_name, Path(out_dir), stem + suffix, title)
+    return paths
+
+
+def _one_figure(results, claims, metric, x_name, out_dir: Path, stem: str, title: str) -> list[Path]:
     rate_panel = metric in RATE_METRICS
     profile_panel = rate_panel and any(len(f.arrays.get("profile", ())) for _, f, _ in results)
     n_panels = 1 + rate_panel + profile_panel
@@ -168,7 +260,7 @@ def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> li
     draw_curves(left, results, claims)
     left.set_xlabel(X_LABELS.get(x_name, x_name))
     left.set_ylabel(METRIC_LABELS.get(metric, metric))
-    left.set_title(f"{metric} vs {x_name}")
+    left.set_title(f"{metric} vs {x_name}{title}")
     if rate_panel:
         right = axes[0, 1]
         draw_nhit(right, results, claims)
@@ -182,19 +274,65 @@ def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> li
         prof_ax.set_ylabel("local exponent p(ε)")
         prof_ax.set_title("local exponent: flat = asymptotic, rising = not yet")
     for ax in axes[0]:
-        ax.grid(True, which="major", color="0.85", lw=0.6)
-    handles, labels = [], []
-    for ax in axes[0]:
-        h, l_ = ax.get_legend_handles_labels()
-        handles += h
-        labels += l_
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
+        ax.grid(True, which="major", color="0.88", lw=0.6)
+    groups = [group_entry(k, f, colour, ls, mk) for (k, f, _), (ls, mk, colour) in zip(results, STYLES)]
+    any_floor = any(f.c > 0 and np.isfinite(f.b) for _, f, _ in results)
+    keys = key_entries(rate_panel, claims, any_floor)
+    fig.legend(handles=groups, loc="upper left", bbox_to_anchor=(0.0, 0.0), ncol=1, fontsize=8, frameon=False,
+               title="groups", title_fontsize=8, alignment="left")
+    fig.legend(handles=keys, loc="upper right", bbox_to_anchor=(1.0, 0.0), ncol=2 if len(keys) > 5 else 1,
+               fontsize=8, frameon=False, title="key", title_fontsize=8, alignment="left")
     fig.tight_layout()
-    out_dir = Path(out_dir)
+    return _save(fig, out_dir, stem)
+
+
+def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or f"{metric}_vs_{x_name}"
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
     for p in paths:
         fig.savefig(p, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return paths
+
+
+def interval_rows(results) -> list[tuple[str, float, float, float, str]]:
+    """(label, p̂, CI low, CI high, status) per group with a finite p̂: what the interval plot shows."""
+    return [(group_label(k), f.p, f.p_low, f.p_high, f.status) for k, f, _ in results if np.isfinite(f.p)]
+
+
+def interval_figure(results, claims, out_dir: Path, stem: str | None = None) -> list[Path]:
+    """Interval (forest) plot: p̂ with its 95% CI per group, one row each, on one axis (the rliable
+    habit: compare interval estimates, not point estimates); the claimed exponents as vertical lines.
+    A CI whose upper end is +∞ (unreached levels) is drawn as an arrow to the edge. [] without p̂."""
+    rows = interval_rows(results)
+    if not rows or results[0][1].metric not in RATE_METRICS:
+        return []
+    claims = claims_for(results, claims)
+    fit = results[0][1]
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.42 * len(rows)))
+    finite = [v for _, p, lo, hi, _ in rows for v in (p, lo, hi) if np.isfinite(v)]
+    finite += [c.metric_exponent for c in claims]
+    top = max(finite) * 1.15 if finite else 1.0
+    for i, (label, p, lo, hi, status) in enumerate(rows):
+        _, mk, colour = STYLES[i % len(STYLES)]
+        y = len(rows) - 1 - i
+        hi_drawn = hi if np.isfinite(hi) else top
+        if np.isfinite(lo):
+            ax.plot([lo, hi_drawn], [y, y], color=colour, lw=2.2, solid_capstyle="butt")
+            if not np.isfinite(hi):
+                ax.annotate("", xy=(top, y), xytext=(lo, y), arrowprops={"arrowstyle": "->", "color": colour})
+        ax.plot([p], [y], marker=mk, color=colour, ms=7, mfc=colour if status == "ok" else "white")
+    for claim, ls in zip(claims, CLAIM_STYLES):
+        ax.axvline(claim.metric_exponent, color="0.0", ls=ls, lw=1.2, label=f"claim {claim.id}: p = "
+                                                                            f"{claim.metric_exponent:.3g}")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{label}  ({status})" if status != "ok" else label for label, *_, status in rows][::-1],
+                       fontsize=8)
+    ax.set_xlabel(f"p̂: N(ε) ∝ ε^-p on {fit.metric} vs {fit.x_name}, 95% bootstrap CI (hollow: status not ok)")
+    ax.set_xlim(left=0, right=top)
+    ax.grid(True, axis="x", color="0.88", lw=0.6)
+    ax.set_title(f"sample-complexity exponent per group: {fit.metric}")
+    if claims:
+        ax.legend(loc="lower right", fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _save(fig, Path(out_dir), stem or f"{fit.metric}_vs_{fit.x_name}_p_intervals")

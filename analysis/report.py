@@ -15,6 +15,7 @@ from ratebench.analysis import plots
 from ratebench.analysis.claims import UPPER_BOUND_CAVEAT
 from ratebench.analysis.curves import METRICS, has_positive
 from ratebench.analysis.load import RunRecordError, read_record
+from ratebench.analysis.tables import markdown_table
 
 
 def _f(v, nd=3) -> str:
@@ -22,7 +23,8 @@ def _f(v, nd=3) -> str:
 
 
 def commands_of(seeds: pd.DataFrame) -> list[str]:
-    """The command line that produced each run (from run.json provenance), one per run."""
+    """The command line that produced each run (from run.json provenance), one per run, each as a
+    comment line naming the run folder and the command wrapped with shell continuations."""
     out = []
     for run_dir in sorted(set(seeds["run_dir"])):
         try:
@@ -30,8 +32,43 @@ def commands_of(seeds: pd.DataFrame) -> list[str]:
         except RunRecordError:
             argv = None
         text = " ".join([argv[0]] + [shlex.quote(a) for a in argv[1:]]) if argv else "(not recorded)"
-        out.append(f"{run_dir}: {text}")
+        out.append(f"# {run_dir}\n{wrap_command(text)}")
     return out
+
+
+def wrap_command(text: str, width: int = 96) -> str:
+    """A long command line as several lines joined by ` \\` (still one command for a shell)."""
+    words, lines, line = text.split(" "), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line + " \\")
+            line = "    " + w
+        else:
+            line = f"{line} {w}" if line else w
+    return "\n".join([*lines, line])
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def summary_line(loaded) -> str:
+    seeds = loaded.seeds
+    return (f"{plural(len(set(seeds['run_dir'])), 'run')}, {plural(len(seeds), 'seed')} "
+            f"({(seeds['status'] == 'diverged').sum()} diverged, {(seeds['status'] == 'failed').sum()} failed).")
+
+
+def provenance_line(command: str | None = None) -> str:
+    """What made this report: package version, commit (+dirty), UTC date, the command."""
+    import datetime
+
+    import ratebench
+    from ratebench.records import git_commit
+
+    commit = git_commit(with_dirty=True)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"ratebench {ratebench.__version__} · commit {commit[:12] + commit[40:] if commit else 'unknown'} · "
+            f"{date}" + (f" · `{command}`" if command else ""))
 
 
 def claim_section(v, curves, note: str, evidence_seeds: pd.DataFrame, fig_png: Path | None) -> dict:
@@ -50,9 +87,12 @@ def claim_section(v, curves, note: str, evidence_seeds: pd.DataFrame, fig_png: P
     }
 
 
-def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups, premise=None) -> list[Path]:
+def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups, premise=None,
+                 command: str | None = None) -> list[Path]:
     """Compute every claim's verdict on the runs in `loaded` and write report.html + report.md.
-    premise(loaded, claim) -> dict with "text" (or None): the claim's premises on its instances."""
+    premise(loaded, claim) -> dict with "text" (or None): the claim's premises on its instances.
+    command: the command line shown in the report's header. One progress line per claim and figure."""
+    from ratebench.analysis.commands import progress
     from ratebench.analysis.fit import window_sensitivity
 
     out_dir = Path(out_dir)
@@ -71,6 +111,7 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
             lo, hi = claim.metric_eps_range
             v.fit.arrays["sensitivity"] = window_sensitivity(curves, replace(opts, eps_min=lo, eps_max=hi))
         section = claim_section(v, curves, note, evidence, png)
+        progress(f"[report] claim {claim.id}: {v.verdict}")
         prem = premise(loaded, claim) if premise is not None else None
         section["premise"] = prem["text"] if prem else None
         sections.append(section)
@@ -78,22 +119,24 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
     for metric in [m for m in METRICS if m in loaded.metrics.columns
                    and has_positive(loaded.metrics[m])]:
         results = fit_groups(loaded, metric, "samples", ["algorithm", "env", "config_hash"], opts)
-        paths = plots.metric_figure(results, [c for c in claims if c.metric == metric], fig_dir)
-        overview.append((metric, results, paths[0] if paths else None))
+        paths = plots.metric_figure(results, claims, fig_dir)
+        progress(f"[report] {metric}: {plural(len(results), 'group')}, {plural(len(paths) // 2, 'figure')}")
+        overview.append((metric, results, [p for p in paths if p.suffix == ".png"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     md, page = out_dir / "report.md", out_dir / "report.html"
-    md.write_text(render_markdown(sections, overview, loaded, md.parent))
-    page.write_text(render_html(sections, overview, loaded))
+    header = provenance_line(command)
+    md.write_text(render_markdown(sections, overview, loaded, md.parent, header))
+    page.write_text(render_html(sections, overview, loaded, header))
     return [page, md]
 
 
 def _fit_table(results) -> pd.DataFrame:
-    return pd.DataFrame([{"algorithm": k.get("algorithm"), "env": k.get("env"),
-                          "config": str(k.get("config_hash"))[:16], "p̂": _f(f.p),
-                          "95% CI": f"[{_f(f.p_low)}, {_f(f.p_high)}]", "b̂": _f(f.b), "floor ĉ": _f(f.c),
-                          "ε window": f"[{_f(f.eps_low)}, {_f(f.eps_high)}]", "seeds": f.n_seeds,
-                          "diverged": f.n_diverged, "failed": f.n_failed, "status": f.status}
-                         for k, f, _ in results])
+    """The fit table of `ratebench fit` (groups named by what differs), one home for its columns."""
+    from ratebench.analysis.commands import fit_display, fit_rows
+
+    if not results:
+        return pd.DataFrame()
+    return fit_display(fit_rows(results, results[0][1].metric, results[0][1].x_name))
 
 
 def _claim_rows(s) -> list[tuple[str, str]]:
@@ -131,10 +174,8 @@ def _claim_rows(s) -> list[tuple[str, str]]:
     return rows
 
 
-def render_markdown(sections, overview, loaded, base: Path) -> str:
-    lines = ["# ratebench report", "", f"{len(set(loaded.seeds['run_dir']))} runs, {len(loaded.seeds)} seeds "
-             f"({(loaded.seeds['status'] == 'diverged').sum()} diverged, "
-             f"{(loaded.seeds['status'] == 'failed').sum()} failed).", ""]
+def render_markdown(sections, overview, loaded, base: Path, header: str = "") -> str:
+    lines = ["# ratebench report", "", *([header, ""] if header else []), summary_line(loaded), ""]
     if loaded.skipped:
         lines += ["Unreadable run records (skipped):", ""] + [f"- `{d}`: {m}" for d, m in loaded.skipped] + [""]
     lines += ["## Verdicts", "", "| claim | metric | claimed | p̂ | 95% CI | ε window | verdict |", "|---|---|---|---|---|---|---|"]
@@ -153,27 +194,17 @@ def render_markdown(sections, overview, loaded, base: Path) -> str:
             lines += ["", f"![{c.id}]({Path(s['figure']).relative_to(base)})"]
         if s["sensitivity"] is not None:
             lines += ["", "Window sensitivity (how p̂ moves with the fitting window):", "",
-                      s["sensitivity"].to_markdown(index=False, floatfmt=".3g") if _has_tabulate()
-                      else "```\n" + s["sensitivity"].to_string(index=False) + "\n```"]
+                      markdown_table(s["sensitivity"])]
         lines += ["", "Diverged / failed seeds:" if s["diverged"] else "Diverged / failed seeds: none", ""]
         lines += [f"- {d}" for d in s["diverged"]]
         lines += ["", f"Config hashes: {', '.join(f'`{h}`' for h in s['hashes'])}", "",
                   f"Reproduce: `{s['reproduce']}`; the commands recorded in the runs:", "", "```"]
         lines += s["commands"] + ["```", ""]
     lines += ["## All runs", ""]
-    for metric, results, png in overview:
-        lines += [f"### {metric}", "", "```", _fit_table(results).to_string(index=False), "```", ""]
-        if png:
-            lines += [f"![{metric}]({Path(png).relative_to(base)})", ""]
+    for metric, results, pngs in overview:
+        lines += [f"### {metric}", "", markdown_table(_fit_table(results)), ""]
+        lines += [line for png in pngs for line in (f"![{metric}]({Path(png).relative_to(base)})", "")]
     return "\n".join(lines) + "\n"
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _img(path) -> str:
@@ -185,18 +216,19 @@ def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, escape=True, border=0, classes="t")
 
 
-def render_html(sections, overview, loaded) -> str:
+def render_html(sections, overview, loaded, header: str = "") -> str:
     e = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>ratebench report</title><style>",
              "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#111}"
              "table.t,table.kv{border-collapse:collapse;font-size:13px}"
              "table.t td,table.t th,table.kv td{border:1px solid #bbb;padding:3px 6px}"
-             ".PASS{font-weight:bold}.VIOLATED{font-weight:bold;text-decoration:underline}"
-             ".INCONCLUSIVE{font-style:italic}pre{background:#f4f4f4;padding:6px;overflow-x:auto}",
+             ".PASS,.VIOLATED,.INCONCLUSIVE{font-weight:bold;color:#fff;padding:1px 7px;border-radius:4px}"
+             ".PASS{background:#1a7f37}.VIOLATED{background:#cf222e}.INCONCLUSIVE{background:#9a6700}"
+             "pre{background:#f4f4f4;padding:6px;white-space:pre-wrap;overflow-wrap:anywhere}"
+             ".meta{color:#555;font-size:13px}",
              "</style></head><body><h1>ratebench report</h1>",
-             f"<p>{len(set(loaded.seeds['run_dir']))} runs, {len(loaded.seeds)} seeds "
-             f"({(loaded.seeds['status'] == 'diverged').sum()} diverged, "
-             f"{(loaded.seeds['status'] == 'failed').sum()} failed).</p>"]
+             f"<p class='meta'>{html.escape(header)}</p>" if header else "",
+             f"<p>{html.escape(summary_line(loaded))}</p>"]
     if loaded.skipped:
         parts.append("<p>Unreadable run records (skipped):</p><ul>" +
                      "".join(f"<li><code>{e(d)}</code>: {e(m)}</li>" for d, m in loaded.skipped) + "</ul>")
@@ -226,9 +258,8 @@ def render_html(sections, overview, loaded) -> str:
         parts.append(f"<p>Reproduce: <code>{e(s['reproduce'])}</code>; the commands recorded in the runs:</p>"
                      f"<pre>{e(chr(10).join(s['commands']))}</pre>")
     parts.append("<h2>All runs</h2>")
-    for metric, results, png in overview:
+    for metric, results, pngs in overview:
         parts.append(f"<h3>{e(metric)}</h3>" + _table(_fit_table(results)))
-        if png:
-            parts.append(_img(png))
+        parts += [_img(png) for png in pngs]
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -12,6 +12,30 @@ from ratebench.config import register
 
 register()
 
+SWEEP_LOG_ENV = "RATEBENCH_SWEEP_LOG"  # `ratebench run -m` sets it: the file the jobs report their outcome to
+OUTCOMES = ("done", "skipped", "resumed", "failed")
+
+
+def report_outcome(out_dir, outcome: str) -> None:
+    """Append this job's outcome (OUTCOMES) to the sweep's log, if there is one: one JSON line, one write."""
+    import json
+    import os
+
+    path = os.environ.get(SWEEP_LOG_ENV)
+    if path:
+        with open(path, "a") as log:
+            log.write(json.dumps({"job": str(out_dir), "outcome": outcome}) + "\n")
+
+
+def sweep_summary(log_text: str) -> str:
+    """One line from the outcome log: how many jobs were done, skipped, resumed and failed."""
+    import json
+
+    outcomes = [json.loads(line)["outcome"] for line in log_text.splitlines() if line.strip()]
+    n = len(outcomes)
+    counts = ", ".join(f"{outcomes.count(o)} {o}" for o in OUTCOMES)
+    return f"ratebench: sweep of {n} job{'' if n == 1 else 's'}: {counts}"
+
 
 @hydra.main(version_base="1.3", config_path="pkg://ratebench.conf", config_name="config")
 def hydra_entry(cfg) -> float:
@@ -39,7 +63,13 @@ def _job(cfg) -> None:
     from ratebench.runner import run_or_skip
 
     hc = HydraConfig.get()
-    record, skipped = run_or_skip(cfg, Path(hc.runtime.output_dir), experiment=hc.runtime.choices.get("experiment"))
+    try:
+        record, skipped = run_or_skip(cfg, Path(hc.runtime.output_dir), experiment=hc.runtime.choices.get("experiment"))
+    except BaseException:
+        report_outcome(hc.runtime.output_dir, "failed")
+        raise
+    report_outcome(hc.runtime.output_dir, "skipped" if skipped else
+                   "resumed" if record.get("resumed_from_step") is not None else "done")
     if not skipped:
         resumed = record.get("resumed_from_step")
         print(f"ratebench: wrote {hc.runtime.output_dir}/metrics.parquet and run.json "

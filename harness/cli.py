@@ -15,8 +15,14 @@ USAGE = """usage: ratebench <command> [args]
   report DIR               HTML + Markdown report of the runs under DIR
   audit [env overrides] [--starts N] [--runs DIR] [--json] [--out DIR]
                            the instance's landscape of F and the claim's premises (WGD floor, implied exponent)
+  compare DIR --metric M --by algorithm
+                           difference of exponents between groups, paired bootstrap CI
+  list [algorithms|envs|experiments|claims]
+                           what ships, one line each
+  --version                the installed version
 
-Run `ratebench run --help` for Hydra's options and `ratebench run --cfg job` to see the config.
+Run `ratebench run --help` for the run keys and examples, `ratebench run --cfg job` to see the config.
+Shell completion (bash, zsh with bashcompinit): eval "$(ratebench -sc install=bash)".
 Exit status: 0 done (check: every claim passes), 1 check only: a claim violated or inconclusive,
 2 bad input (one line naming the field), 3 internal error (one line + the file holding the traceback),
 130 / 143 interrupted by SIGINT / SIGTERM (a run checkpoints first: re-run to resume)."""
@@ -71,9 +77,20 @@ def _main(argv: list[str] | None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command in ("--version", "-V", "version"):
+        from ratebench import __version__
+
+        print(f"ratebench {__version__}")
+        return 0
+    if command in COMPLETION_FLAGS:
+        return completion_command(argv)
+    if command == "list":
+        from ratebench import catalog
+
+        return catalog.main(rest)
     if command == "run":
         code = run_command(rest)
-    elif command in ("fit", "plot", "check", "report"):
+    elif command in ("fit", "plot", "check", "report", "compare"):
         try:
             from ratebench.analysis import commands
         except ImportError:
@@ -86,7 +103,8 @@ def _main(argv: list[str] | None) -> int:
 
         code = audit.main(rest)
     else:
-        return _fail(f"unknown command {command!r}; allowed: run, fit, plot, check, report, audit")
+        return _fail(f"unknown command {command!r}; allowed: run, fit, plot, check, report, audit, compare, list, "
+                     "--version")
     return code
 
 
@@ -103,10 +121,54 @@ def _split(args: list[str]) -> tuple[list[str], list[str], bool]:
     return flags, overrides, multirun
 
 
+COMPLETION_FLAGS = ("-sc", "--shell-completion")
+COMMANDS = ("run", "fit", "plot", "check", "report", "audit", "compare", "list", "--version")
+
+
+def completion_command(args: list[str]) -> int:
+    """Hydra's shell completion for `ratebench run`: `-sc install=bash` prints the script (registered
+    for `ratebench`), `-sc query=bash` answers the script's query. The script asks `ratebench -sc
+    query=bash` with the whole line in COMP_LINE: the word `run` is taken out before Hydra reads it
+    (it would complete `run` as an override), and the first word completes to the commands."""
+    from ratebench.config import register
+
+    register()
+    line = os.environ.get("COMP_LINE")
+    query = any(a.startswith("query=") for a in args)
+    if query and line is not None:
+        words = line.split()
+        if len(words) < 2 or (len(words) == 2 and not line.endswith(" ")):
+            prefix = words[1] if len(words) == 2 else ""
+            print(" ".join(c for c in COMMANDS if c.startswith(prefix)))
+            return 0
+        if words[1] != "run":
+            return 0  # fit/plot/check/... take folders and files: the shell's own completion
+        os.environ["COMP_LINE"] = line.replace("run", "", 1)
+    import contextlib
+    import io
+
+    from ratebench.app import hydra_entry
+
+    sys.argv = ["ratebench", *[a for a in args if a != "run"]]
+    answer, code = io.StringIO(), 0
+    with contextlib.redirect_stdout(answer):
+        try:
+            hydra_entry()
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    text = answer.getvalue()
+    if query:  # the structured-config schemas are not choices a user makes
+        text = " ".join(w for w in text.split() if not w.split("=", 1)[-1].endswith("_schema")) + "\n"
+    sys.stdout.write(text)
+    return code
+
+
 def run_command(args: list[str]) -> int:
     from ratebench.config import register
 
     register()
+    if set(args) & set(COMPLETION_FLAGS):
+        return completion_command(args)
     flags, overrides, multirun = _split(args)
     if not (set(flags) & HYDRA_INFO_FLAGS):
         try:
@@ -115,6 +177,10 @@ def run_command(args: list[str]) -> int:
             return _fail(str(exc))
     from ratebench.app import hydra_entry
 
+    sweep = multirun and not (set(flags) & HYDRA_INFO_FLAGS)
+    if sweep:
+        _name_jobs_by_swept_values(overrides)
+        _start_sweep_log()
     sys.argv = ["ratebench run", *args]
     from ratebench.signals import LAUNCHER_ENV
 
@@ -122,12 +188,56 @@ def run_command(args: list[str]) -> int:
     try:
         hydra_entry()
     except SystemExit as exc:  # the job's status (app.py); Hydra's own failures exit 1: not check's 1
+        if set(flags) & HYDRA_INFO_FLAGS:  # --help, --cfg, ...: Hydra's own exit, as it was
+            raise
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 3)
         if code == 1:
             print("ratebench: internal error: Hydra stopped with exit status 1 (its message is above)", file=sys.stderr)
             return 3
         return code
+    finally:
+        os.environ.pop(SHARED_OVERRIDES_ENV, None)
+        if sweep:
+            _print_sweep_summary()
     return 0
+
+
+SHARED_OVERRIDES_ENV = "RATEBENCH_SHARED_OVERRIDES"  # read by config.job_id (sweep job folder names)
+
+
+def _start_sweep_log() -> None:
+    """A fresh file that every job of this sweep appends its outcome to (app.report_outcome)."""
+    import tempfile
+
+    from ratebench.app import SWEEP_LOG_ENV
+
+    fd, path = tempfile.mkstemp(prefix="ratebench-sweep-", suffix=".jsonl")
+    os.close(fd)
+    os.environ[SWEEP_LOG_ENV] = path
+
+
+def _print_sweep_summary() -> None:
+    """`ratebench: sweep of 4 jobs: 2 done, 1 skipped, 1 resumed, 0 failed`, from the jobs' outcomes."""
+    from ratebench.app import SWEEP_LOG_ENV, sweep_summary
+
+    path = os.environ.pop(SWEEP_LOG_ENV, None)
+    if not path:
+        return
+    try:
+        print(sweep_summary(Path(path).read_text()), flush=True)
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+def _name_jobs_by_swept_values(overrides: list[str]) -> None:
+    """Tell config.job_id which overrides every job of this sweep shares, so that each job's folder is
+    named by the swept values only (`env.beta=0.5-<run_hash>`). An environment variable, inherited by
+    launcher workers, rather than a Hydra override: nothing changes in the jobs' configs or argv."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    shared = sorted({ov.key_or_group for ov in parsed if not ov.is_sweep_override()})
+    os.environ[SHARED_OVERRIDES_ENV] = ",".join(shared)
 
 
 class _BadInput(Exception):

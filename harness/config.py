@@ -12,6 +12,7 @@ from ratebench.algorithms.models import ModelConfig, NetConfig, check_net
 from ratebench.bounds import check_bounds
 from ratebench.envs import ENVIRONMENTS
 from ratebench.errors import ConfigError
+from ratebench.live_log import check_logger
 
 
 @dataclass
@@ -39,11 +40,17 @@ class RunConfig:
     # names them); `check` never counts runs on them as evidence for a claim. Cannot change a result.
     tuning_instances: List[int] = field(default_factory=list)
     overwrite: bool = False  # allow a run folder that holds a finished run of ANOTHER config to be replaced
+    logger: str = "none"  # live logging while the run goes: none | tensorboard (<run folder>/tensorboard/, the
+    #                       `tensorboard` extra); cannot change a result
 
 
 def register() -> None:
     if not OmegaConf.has_resolver("rb_job_id"):
         OmegaConf.register_new_resolver("rb_job_id", job_id)  # hydra.sweep.subdir (conf/config.yaml)
+    if not OmegaConf.has_resolver("rb_run_help"):
+        from ratebench.catalog import run_help
+
+        OmegaConf.register_new_resolver("rb_run_help", run_help)  # hydra.help.template (conf/config.yaml)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
@@ -125,6 +132,7 @@ def validate(cfg: DictConfig) -> Validated:
         raise ConfigError("budget.evals_per_decade", f"must be >= 1, got {cfg.budget.evals_per_decade}")
     if cfg.threads < 1:
         raise ConfigError("threads", f"must be >= 1, got {cfg.threads}")
+    check_logger(str(cfg.get("logger", "none")))
     if not cfg.checkpoint_every_s >= 0:
         raise ConfigError("checkpoint_every_s", f"must be >= 0 seconds, got {cfg.checkpoint_every_s}")
     n_seeds, seeds_key = (cfg.n_seeds, "n_seeds") if cfg.n_seeds is not None else (len(cfg.seeds), "seeds")
@@ -156,17 +164,40 @@ def plain(cfg: Any) -> dict:
             else getattr(cfg, f.name) for f in fields(cfg)}
 
 
+JOB_NAME_CHARS = 96  # the override part of a sweep job's folder name is cut here (file names stop at 255)
+
+
+def job_name(overrides: str, env: str, algorithm: str, run_hash: str) -> str:
+    """`<swept overrides>-<run_hash>` (`env.beta=0.5-1a2b...`), or `<env>-<algorithm>-<run_hash>` when
+    nothing is swept: a folder a person can find by its values, keyed by the hash so that a re-run of
+    the sweep finds its own folder (skip/resume) and the replace-guard compares whole configs."""
+    text = "".join(ch if ch.isalnum() or ch in "._=,+-" else "_" for ch in overrides)[:JOB_NAME_CHARS]
+    return f"{text}-{run_hash}" if text else f"{env}-{algorithm}-{run_hash}"
+
+
+def job_overrides(task: list[str], shared: set[str]) -> str:
+    """The overrides that name a sweep job: its task overrides without the keys every job of the sweep
+    shares (`ratebench run -m` lists them in $RATEBENCH_SHARED_OVERRIDES), sorted, joined by ','."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(task))
+    return ",".join(sorted(ov.input_line for ov in parsed if ov.key_or_group not in shared))
+
+
 def job_id(*, _root_: DictConfig) -> str:
-    """`<env>-<algorithm>-<run_hash>`: a sweep job's folder, keyed by its resolved config (the
-    run_hash of run.json), not by its position in the sweep, so a re-run finds its own folder."""
+    """A sweep job's folder (job_name), keyed by its resolved config (the run_hash of run.json), not
+    by its position in the sweep, so a re-run finds its own folder; named by the job's swept values."""
     import copy
+    import os
 
     from omegaconf import open_dict, read_write
 
     from ratebench.runner import resolve
 
+    task = OmegaConf.select(_root_, "hydra.overrides.task", default=None) or []
+    shared = set(filter(None, os.environ.get("RATEBENCH_SHARED_OVERRIDES", "").split(",")))
     job = copy.deepcopy(_root_)
     with read_write(job), open_dict(job):
         job.pop("hydra", None)
     v, _, run_hash = resolve(job)
-    return f"{v.env.name}-{v.algorithm.name}-{run_hash}"
+    return job_name(job_overrides(task, shared), v.env.name, v.algorithm.name, run_hash)

@@ -153,3 +153,21 @@ def code_fingerprint() -> str:
             for path in sorted(Path(folder).glob("*.py")):
                 digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def git_commit(with_dirty: bool = False) -> str | None:
+    """The commit of the git checkout the package runs from (None outside one); with_dirty appends
+    "+dirty" when its working tree has uncommitted changes."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+        if commit and with_dirty:
+            status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=5).stdout.strip()
+            commit += "+dirty" if status else ""
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -21,25 +20,21 @@ from ratebench.config import plain, validate
 from ratebench.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import reference, true_objective
+from ratebench.live_log import live_logger
 from ratebench.records import (BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint, config_hash,
-                               file_sha256, remove_stale_temporaries)
-from ratebench.signals import Interrupted, StopRequests
+                               file_sha256, git_commit, remove_stale_temporaries)
 from ratebench.sampling import Counters, CountingSampler
+from ratebench.signals import Interrupted, StopRequests
 
 FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
 RESULT_FILES = ("metrics.parquet", "run.json", checkpoint.FILENAME)  # written atomically into a run folder
-OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite")  # cannot change a result: not in the hashes
+OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite", "logger")  # cannot change a result: not in the hashes
 
 
 def provenance() -> dict:
     info = {"ratebench": ratebench.__version__, "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform(), "argv": sys.argv}
-    try:
-        here = Path(ratebench.__file__).resolve().parent
-        info["git_commit"] = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
+    info["git_commit"] = git_commit()
     return info
 
 
@@ -225,6 +220,7 @@ class _Job:
                                  bool(cfg.progress), start_samples=self._clock(),
                                  unit="steps" if self.step_budget else "samples")
         self.last_checkpoint = time.perf_counter()
+        self.live_log = live_logger(cfg.get("logger"), out_dir)  # logger=tensorboard: watch a long run
 
     # --- checkpoints -----------------------------------------------------------------------------
     def _snapshot(self) -> dict:
@@ -299,6 +295,7 @@ class _Job:
                               **{k: float(x) for k, x in self.algo.schedule(self.state).items()},
                               "wall_s": self.wall})
         self.rows.append(frame)
+        self.live_log.log(frame)
         self.last_recorded = self._clock()
         while self.next_point < len(self.points) and self.points[self.next_point] <= self._clock():
             self.next_point += 1
@@ -334,6 +331,7 @@ class _Job:
                 self._stop(self.stops.signum)
         if error is None and self.alive.any() and self.last_recorded != self._clock():
             self._record()
+        self.live_log.close()
         record = self._write_records()
         if error is not None:
             raise error

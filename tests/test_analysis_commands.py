@@ -49,7 +49,7 @@ def test_fit_json_contract_and_known_exponents(two_algorithms, capsys):
 def test_fit_table_shows_diverged_seeds_and_sensitivity(two_algorithms, capsys):
     assert commands.main("fit", [str(two_algorithms), "--sensitivity", "--n-boot", "300"]) == 0
     out = capsys.readouterr().out
-    slow = next(line for line in out.splitlines() if line.strip().startswith("alg_slow"))
+    slow = next(line for line in out.splitlines() if line.strip().startswith("algorithm=alg_slow"))
     assert re.search(r"\b12\s+1\s+0\s+ok", slow), slow  # seeds 12, diverged 1, failed 0
     assert "window sensitivity" in out and "decades=3.0" in out
 
@@ -97,6 +97,11 @@ def test_report_is_self_contained_with_verdict_and_hashes(two_algorithms, tmp_pa
     for text in (page, md):  # the diverged seed is listed with its run and step
         assert f"{two_algorithms / 'alg_slow' / 'job1'} seed 6: diverged at step 25" in text
         assert "slow_claim" in text and "VIOLATED" in text  # p = 2 > 1.5
+    assert re.search(r"^ratebench \S+ · commit \S+ · \d{4}-\d\d-\d\d \d\d:\d\d UTC · `ratebench report ", md, re.M)
+    assert "| group | p̂ | 95% CI |" in md and "algorithm=alg_fast" in md  # real tables, groups named
+    assert md.count("```") == 4  # only the recorded commands of the two claims are code blocks
+    assert "<span class='PASS'>PASS</span>" in page and ".PASS{background:" in page  # coloured badges
+    assert "2 runs, 12 seeds" in md or "4 runs, 24 seeds" in md
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert images and base64.b64decode(images[0])[:4] == b"\x89PNG"
     assert "src=\"figures" not in page  # nothing linked from the HTML: one file
