@@ -90,9 +90,11 @@ def load_claim(path) -> Claim:
     path = Path(path)
     where = f"{path}"
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(where, f"cannot read claim file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(where, f"not UTF-8 text (byte {exc.start}: {exc.reason}); a claim file is YAML") from None
     except yaml.YAMLError as exc:
         raise ConfigError(where, f"not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):

@@ -25,9 +25,10 @@ from ratebench.analysis.labels import group_config, group_labels, natural_order,
 from ratebench.analysis.load import Loaded, RunRecordError, load, read_record
 from ratebench.analysis.tables import latex_table
 from ratebench.errors import ConfigError
-from ratebench.records import code_fingerprint
+from ratebench.records import code_fingerprint, unwritable_reason
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MAX_N_BOOT = 100_000  # bootstrap replicates: 2000 (default) gives stable 95% bounds; 1e8 would exhaust memory
 
 
 class BadInput(Exception):
@@ -48,6 +49,7 @@ def main(command: str, args: list[str], premise=None) -> int:
     ns.premise = None if getattr(ns, "no_premise", True) else premise
     ns.argv = list(args)
     try:
+        fit_options(ns)  # the options' bounds (--n-boot, ...) before any run is read
         return handlers[command](ns)
     except (BadInput, ConfigError, RunRecordError) as exc:
         print(f"ratebench {command}: error: {exc}", file=sys.stderr)
@@ -159,8 +161,11 @@ PARSERS = {"fit": _fit_parser, "plot": _plot_parser, "check": _check_parser, "re
 
 
 def fit_options(ns, **extra) -> FitOptions:
-    if ns.n_boot < 100:
-        raise BadInput(f"--n-boot must be >= 100, got {ns.n_boot}")
+    if not 100 <= ns.n_boot <= MAX_N_BOOT:
+        raise BadInput(f"--n-boot must be in [100, {MAX_N_BOOT}] (memory and time grow with replicates x seeds x "
+                       f"ε levels per group), got {ns.n_boot}")
+    if ns.boot_seed < 0:
+        raise BadInput(f"--boot-seed must be >= 0, got {ns.boot_seed}")
     if not 0.5 <= ns.reach <= 1:
         raise BadInput(f"--reach must be in [0.5, 1], got {ns.reach}")
     for name in ("decades", "tail", "floor_factor", "nhit_decades", "min_decades"):
@@ -602,9 +607,18 @@ def format_verdicts(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------------------------- plot, report
 
+def writable_folder(path: Path, option: str) -> Path:
+    """path as an output folder that can be made and written, checked before any compute (BadInput if not)."""
+    why = unwritable_reason(path)
+    if why:
+        raise BadInput(f"{option}: cannot write the output folder {str(path)!r}: {why}")
+    return Path(path)
+
+
 def plot_command(ns) -> int:
     from ratebench.analysis import plots
 
+    writable_folder(Path(ns.out) if ns.out else Path(ns.dir) / "figures", "--out")
     loaded = load_dir(ns.dir, ns.strict)
     metrics = ns.metric or [m for m in METRICS if m in loaded.metrics.columns
                             and has_positive(loaded.metrics[m])]
@@ -637,6 +651,7 @@ def progress(message: str) -> None:
 def report_command(ns) -> int:
     from ratebench.analysis import report
 
+    writable_folder(Path(ns.out) if ns.out else Path(ns.dir) / "report", "--out")
     loaded = load_dir(ns.dir, ns.strict)
     algorithms = set(loaded.seeds["algorithm"])
     if ns.claims:

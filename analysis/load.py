@@ -62,7 +62,31 @@ def read_record(run_json: Path) -> dict:
     missing = [k for k in ("algorithm", "env", "seeds", "status", "config", "config_hash") if k not in record]
     if missing:
         raise RunRecordError(f"{run_json}: run record lacks the keys {missing}")
+    shapes = {"algorithm": str, "env": str, "config_hash": str, "seeds": list, "status": dict, "config": dict}
+    wrong = [f"{k} ({type(record[k]).__name__}, not {t.__name__})" for k, t in shapes.items() if not isinstance(record[k], t)]
+    if not wrong and not all(isinstance(s, int) and not isinstance(s, bool) for s in record["seeds"]):
+        wrong.append("seeds (not a list of integers)")
+    if not wrong and not all(isinstance(st, dict) for st in record["status"].values()):
+        wrong.append("status (not a mapping of seed to a status record)")
+    if wrong:
+        raise RunRecordError(f"{run_json}: run record of the wrong shape: {', '.join(wrong)}")
     return record
+
+
+def check_metrics_file(record: dict, parquet: Path, frame: pd.DataFrame) -> None:
+    """RunRecordError unless metrics.parquet is the file run.json recorded (sha256, row count); records
+    written before these fields existed are not checked."""
+    import hashlib
+
+    expected = record.get("metrics_sha256")
+    if expected is not None:
+        actual = hashlib.sha256(Path(parquet).read_bytes()).hexdigest()
+        if actual != expected:
+            raise RunRecordError(f"{parquet}: does not match its run.json (sha256 {actual[:12]}..., recorded "
+                                 f"{str(expected)[:12]}...): modified or damaged after the run")
+    rows = record.get("metrics_rows")
+    if rows is not None and rows != len(frame):
+        raise RunRecordError(f"{parquet}: {len(frame)} rows, run.json recorded {rows}")
 
 
 def read_metrics(parquet: Path) -> pd.DataFrame:
@@ -109,6 +133,7 @@ def load(root, strict: bool = False) -> Loaded:
         try:
             record = read_record(run_json)
             metrics = read_metrics(run_dir / "metrics.parquet")
+            check_metrics_file(record, run_dir / "metrics.parquet", metrics)
         except RunRecordError as exc:
             if strict:
                 raise

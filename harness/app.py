@@ -2,6 +2,7 @@
 (sweeps: <sweep dir>/<env>-<algorithm>-<run_hash>, so re-running a sweep skips or resumes jobs)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -38,6 +39,27 @@ def sweep_summary(log_text: str) -> str:
 
 @hydra.main(version_base="1.3", config_path="pkg://ratebench.conf", config_name="config")
 def hydra_entry(cfg) -> float:
+    """One job. Its outcome leaves as an exit status, never as an exception for Hydra to print with
+    exit 1: bad input 2, internal error 3 (one line + a traceback file), a signal 128 + signum."""
+    from ratebench.cli import internal_error
+    from ratebench.errors import ConfigError
+    from ratebench.signals import Interrupted, ParentWatch
+
+    with ParentWatch() as watch:  # a sweep worker stops (checkpointed) when its launcher dies
+        try:
+            _job(cfg)
+        except Interrupted as exc:
+            watch.exit_if_orphaned(exc.code)
+            raise SystemExit(exc.code) from None
+        except ConfigError as exc:
+            print(f"ratebench: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except Exception as exc:  # noqa: BLE001  (anything else is our bug: exit 3 with the traceback saved)
+            raise SystemExit(internal_error(exc)) from None
+    return 0.0
+
+
+def _job(cfg) -> None:
     from ratebench.runner import run_or_skip
 
     hc = HydraConfig.get()
@@ -53,4 +75,3 @@ def hydra_entry(cfg) -> float:
         print(f"ratebench: wrote {hc.runtime.output_dir}/metrics.parquet and run.json "
               f"({record['counters']['samples']:,d} samples, {len(record['seeds'])} seeds"
               f"{f', resumed from step {resumed}' if resumed is not None else ''})")
-    return 0.0

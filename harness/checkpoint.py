@@ -1,9 +1,12 @@
 """Checkpoints of a running job (algorithm state, sampler RNG counters, counters, rows so far):
-written atomically as checkpoint.pt, read back only with torch.load(weights_only=True)."""
+written atomically as checkpoint.pt behind a sha256 of the payload, verified before it is read back
+(only with torch.load(weights_only=True)); a checkpoint that fails the check is discarded."""
 from __future__ import annotations
 
+import hashlib
 import io
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -12,15 +15,25 @@ import torch
 from ratebench.records import atomic_write_bytes
 
 FILENAME = "checkpoint.pt"
-FORMAT = 1  # bump when the payload layout changes: older checkpoints are then ignored
+FORMAT = 2  # bump when the payload layout changes: older checkpoints are then ignored (2: checksum, psi cache)
+MAGIC = b"ratebench-checkpoint sha256="  # file = MAGIC + hex digest of the payload + b"\n" + torch.save payload
 
 
 def save(out_dir: Path, payload: dict) -> None:
     """Atomic: a job killed mid-write leaves the previous checkpoint (or none), never a torn one."""
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **payload}, buffer)
+    data = buffer.getvalue()
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / FILENAME, buffer.getvalue())
+    atomic_write_bytes(out_dir / FILENAME, MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+
+
+def verified_payload(raw: bytes) -> bytes | None:
+    """The torch payload of a checkpoint file's bytes if its sha256 matches, else None."""
+    head, sep, data = raw.partition(b"\n")
+    if not sep or not head.startswith(MAGIC) or head[len(MAGIC):] != hashlib.sha256(data).hexdigest().encode():
+        return None
+    return data
 
 
 def load(out_dir: Path, run_hash: str) -> dict | None:
@@ -30,11 +43,16 @@ def load(out_dir: Path, run_hash: str) -> dict | None:
     if not path.exists():
         return None
     try:
-        payload = torch.load(path, weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (torn/foreign file: any unpickling error) start over, not crash
+        data = verified_payload(path.read_bytes())
+        if data is None:
+            warnings.warn(f"discarding checkpoint {path}: its checksum does not match its contents (corrupted or "
+                          f"written by an older ratebench); the job starts over", stacklevel=2)
+            return None
+        payload = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (foreign file: any unpickling error) start over, not crash
         print(f"ratebench: ignoring unreadable checkpoint {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
-    if payload.get("format") != FORMAT or payload.get("run_hash") != run_hash:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("run_hash") != run_hash:
         return None
     return payload
 

@@ -22,7 +22,10 @@ USAGE = """usage: ratebench <command> [args]
   --version                the installed version
 
 Run `ratebench run --help` for the run keys and examples, `ratebench run --cfg job` to see the config.
-Shell completion (bash, zsh with bashcompinit): eval "$(ratebench -sc install=bash)"."""
+Shell completion (bash, zsh with bashcompinit): eval "$(ratebench -sc install=bash)".
+Exit status: 0 done (check: every claim passes), 1 check only: a claim violated or inconclusive,
+2 bad input (one line naming the field), 3 internal error (one line + the file holding the traceback),
+130 / 143 interrupted by SIGINT / SIGTERM (a run checkpoints first: re-run to resume)."""
 
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--version",
                     "--shell-completion", "-sc"}
@@ -35,6 +38,40 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit status of a command (see USAGE); nothing but check's verdicts returns 1, and no
+    exception leaves as a bare traceback."""
+    from ratebench.signals import Interrupted
+
+    try:
+        return _main(argv)
+    except Interrupted as exc:
+        return exc.code
+    except KeyboardInterrupt:
+        print("ratebench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (our bug, not the user's input)
+        return internal_error(exc)
+
+
+def internal_error(exc: BaseException) -> int:
+    """Exit status 3: one line on stderr naming the error and the file that holds its traceback."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    try:
+        fd, where = tempfile.mkstemp(prefix=f"ratebench-error-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"ratebench {' '.join(sys.argv[1:])}\n{text}")
+    except OSError as err:
+        where = f"nowhere (the temporary folder refused it: {err.strerror or err})"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    print(f"ratebench: internal error: {type(exc).__name__}: {first}; traceback written to {where}", file=sys.stderr)
+    return 3
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -145,8 +182,19 @@ def run_command(args: list[str]) -> int:
         _name_jobs_by_swept_values(overrides)
         _start_sweep_log()
     sys.argv = ["ratebench run", *args]
+    from ratebench.signals import LAUNCHER_ENV
+
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # a sweep worker whose parent this is stops when it dies
     try:
         hydra_entry()
+    except SystemExit as exc:  # the job's status (app.py); Hydra's own failures exit 1: not check's 1
+        if set(flags) & HYDRA_INFO_FLAGS:  # --help, --cfg, ...: Hydra's own exit, as it was
+            raise
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 3)
+        if code == 1:
+            print("ratebench: internal error: Hydra stopped with exit status 1 (its message is above)", file=sys.stderr)
+            return 3
+        return code
     finally:
         os.environ.pop(SHARED_OVERRIDES_ENV, None)
         if sweep:
@@ -225,19 +273,19 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from ratebench.config import compose, validate
+    from ratebench.config import validate
     from ratebench.errors import ConfigError
 
     try:
         jobs = _expand(overrides)
     except HydraException as exc:
-        raise _BadInput(f"cannot parse overrides: {exc}") from None
+        raise _BadInput(f"cannot parse overrides: {str(exc).strip().splitlines()[0]}") from None
     if not multirun and len(jobs) > 1:
         raise _BadInput("a sweep (comma list, range, glob) needs -m: ratebench run -m " + " ".join(overrides))
     dir_key = "sweep.dir" if multirun else "run.dir"
     for job in jobs:
         try:
-            cfg = compose(job, with_hydra=True)
+            cfg = _compose(job)
             out = OmegaConf.select(cfg.hydra, dir_key)
             with open_dict(cfg):
                 del cfg["hydra"]
@@ -252,6 +300,38 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
         except (HydraException, OmegaConfBaseException) as exc:
             raise _BadInput(_describe(exc)) from None
         _check_writable(out, f"hydra.{dir_key}")
+        _check_cache(cfg.get("cache_dir"))
+
+
+def _compose(job: list[str]):
+    """The job's config with `hydra:`; Hydra's own value checks (ValueError / TypeError, e.g. `env=0` or
+    `experiment=[1,1]`: a config group takes names) are bad input, not a traceback."""
+    from ratebench.config import compose
+    from ratebench.errors import ConfigError
+
+    try:
+        return compose(job, with_hydra=True)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise _BadInput(f"{' '.join(job)}: {str(exc).strip().splitlines()[0]} (a config group such as env, "
+                        f"algorithm or experiment takes a name or a list of names)") from None
+
+
+def _check_cache(explicit: str | None) -> None:
+    """The F* cache (cache_dir, else $RATEBENCH_CACHE, else ~/.cache/ratebench) must be a readable,
+    writable folder or creatable: found now, not after Hydra has made the output folder."""
+    from ratebench.fstar import cache_dir
+
+    where = "cache_dir" if explicit else "RATEBENCH_CACHE" if os.environ.get("RATEBENCH_CACHE") else "cache_dir"
+    folder = cache_dir(explicit).absolute()
+    if folder.exists():
+        if not folder.is_dir():
+            raise _BadInput(f"{where}: the F* cache {str(folder)!r} is not a folder")
+        if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+            raise _BadInput(f"{where}: the F* cache folder {str(folder)!r} is not readable and writable")
+        return
+    _check_writable(str(folder), where, "the F* cache folder")
 
 
 def _describe(exc: BaseException) -> str:
@@ -273,14 +353,9 @@ def _describe(exc: BaseException) -> str:
     return f"{key}: {msg}" if key else f"{text.splitlines()[0]}: {msg}" if cause is not exc else text.splitlines()[0]
 
 
-def _check_writable(path: str | None, field: str) -> None:
-    if not path:
-        return
-    p = Path(path).absolute()
-    probe = p
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise _BadInput(f"{field}: cannot create output folder {str(p)!r}: {str(probe)!r} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise _BadInput(f"{field}: output folder {str(p)!r} is not writable ({str(probe)!r} refuses writes)")
+def _check_writable(path: str | None, field: str, what: str = "output folder") -> None:
+    from ratebench.records import unwritable_reason
+
+    why = unwritable_reason(path) if path else None
+    if why:
+        raise _BadInput(f"{field}: cannot write the {what} {str(Path(path).absolute())!r}: {why}")

@@ -10,6 +10,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from ratebench.algorithms import ALGORITHMS
 from ratebench.algorithms.base import IMPLS
 from ratebench.algorithms.models import ModelConfig, NetConfig, check_net
+from ratebench.bounds import check_bounds
 from ratebench.envs import ENVIRONMENTS
 from ratebench.errors import ConfigError
 from ratebench.live_log import check_logger
@@ -113,6 +114,10 @@ def validate(cfg: DictConfig) -> Validated:
     algo_name = cfg.algorithm.get("name") if isinstance(cfg.algorithm, DictConfig) else None
     if algo_name not in ALGORITHMS:
         raise ConfigError("algorithm", f"unknown algorithm {algo_name!r}; allowed: {sorted(ALGORITHMS)}")
+    for node, schema, where in ((cfg, RunConfig, ""), (cfg.budget, BudgetConfig, "budget"), (cfg.model, ModelConfig, "model"),
+                                (cfg.model.reward, NetConfig, "model.reward"), (cfg.model.policy, NetConfig, "model.policy"),
+                                (cfg.env, ENVIRONMENTS[env_name][0], "env"), (cfg.algorithm, ALGORITHMS[algo_name].Config, "algorithm")):
+        check_known_keys(node, schema, where)
     env = to_dataclass(cfg.env, ENVIRONMENTS[env_name][0], "env")
     ENVIRONMENTS[env_name][1](env)
     algorithm = to_dataclass(cfg.algorithm, ALGORITHMS[algo_name].Config, "algorithm")
@@ -139,7 +144,25 @@ def validate(cfg: DictConfig) -> Validated:
     impl = cfg.get("impl", "fast")
     if impl not in IMPLS:
         raise ConfigError("impl", f"must be one of {list(IMPLS)}, got {impl!r}")
+    n_seeds, seeds_key = (cfg.n_seeds, "n_seeds") if cfg.n_seeds is not None else (len(cfg.seeds), "seeds")
+    check_bounds(cfg, env, model, max(int(n_seeds), 1), seeds_key)  # before the seed list is built
     return Validated(env=env, algorithm=algorithm, model=model, seeds=resolve_seeds(cfg), impl=impl)
+
+
+def check_known_keys(node, schema: type, where: str) -> None:
+    """Refuse a key the schema does not declare (`+budget.sampels=1000` would otherwise run the
+    default budget silently), naming it, the closest declared key and the allowed ones."""
+    import difflib
+
+    if not isinstance(node, DictConfig):
+        return
+    allowed = [f.name for f in fields(schema)] + (["hydra"] if schema is RunConfig else [])
+    for key in node:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean {'.'.join(filter(None, (where, close[0])))}? " if close else ""
+            raise ConfigError(".".join(filter(None, (where, str(key)))),
+                              f"unknown key; {hint}allowed: {', '.join(a for a in allowed if a != 'hydra')}")
 
 
 def plain(cfg: Any) -> dict:

@@ -68,7 +68,7 @@ def reference(problem, env_config: dict, directory: str | None = None) -> Global
     if path.exists():
         try:
             entry = json.loads(path.read_text())
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:
             entry, why = None, f"unreadable ({exc})"
         else:
             why = entry_problem(entry, problem.n_units, f_true) if isinstance(entry, dict) else "not a JSON object"
@@ -79,8 +79,11 @@ def reference(problem, env_config: dict, directory: str | None = None) -> Global
     why = entry_problem(to_entry(ref, env_config), problem.n_units, f_true)
     if why is not None:
         raise RuntimeError(f"global reference of {env_config.get('name')}: {why}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, to_entry(ref, env_config))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, to_entry(ref, env_config))
+    except OSError as exc:  # the cache saves time, it is not a result: run on without it
+        warnings.warn(f"cannot cache the global reference in {path}: {exc.strerror or exc}", stacklevel=2)
     return ref
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -13,36 +14,121 @@ METRIC_COLUMNS = ["gap", "grad_sq", "policy_gap", "psi_gap", "reward_err", "kl_r
 BASE_COLUMNS = ["seed", "step", "samples", "queries"]
 
 
+FAULT_ENV = "RATEBENCH_FAULT"  # test hook: "<file name>:<write point>[:<n>]" exits the process there (tests only)
+WRITE_POINTS = ("torn", "written", "renamed")  # temp file half written / written + fsynced / renamed into place
+FAULT_EXIT = 99  # the exit status of a process killed by the fault hook
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str, point: str) -> None:
+    """Fault injection (tests/test_fault_injection.py): when $RATEBENCH_FAULT names this file and
+    write point (and, with :n, this is its n-th occurrence in the process), exit at once without
+    any cleanup, as a kill -9 there would."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    target, _, rest = spec.partition(":")
+    where, _, nth = rest.partition(":")
+    if (target, where) != (name, point):
+        return
+    _FAULT_COUNTS[spec] = _FAULT_COUNTS.get(spec, 0) + 1
+    if _FAULT_COUNTS[spec] == int(nth or 1):
+        os._exit(FAULT_EXIT)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data to path atomically and durably: a temporary file in the same folder, fsynced,
+    renamed over path, then the folder fsynced (the rename survives a power cut). The file gets the
+    mode an ordinary open() would give it (0666 minus the umask, usually 0644), not mkstemp's 0600,
+    so collaborators on a shared file system can read results."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            half = len(data) // 2
+            fh.write(data[:half])
+            fh.flush()
+            fault_point(path.name, "torn")  # half of the data in the temporary file
+            fh.write(data[half:])
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point(path.name, "written")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fault_point(path.name, "renamed")
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename (or unlink) in folder durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path, names) -> list[Path]:
+    """Delete the temporary files `.<name>.*.tmp` that a killed atomic write of one of `names` left
+    in folder (a run's start-up: no other process writes that run's files). Returns what was removed."""
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def unwritable_reason(path) -> str | None:
+    """Why a folder could not be made (or written) at path, or None: checked before any compute."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{str(probe)!r} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{str(probe)!r} refuses writes"
+    return None
 
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> str:
+    """Atomic, fsynced parquet write (through atomic_write_bytes); returns the file's sha256."""
+    data = parquet_bytes(frame)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def config_hash(config: dict) -> str:

@@ -6,6 +6,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -21,10 +22,12 @@ from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import reference, true_objective
 from ratebench.live_log import live_logger
 from ratebench.records import (BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint, config_hash,
-                               git_commit)
+                               file_sha256, git_commit, remove_stale_temporaries)
 from ratebench.sampling import Counters, CountingSampler
+from ratebench.signals import Interrupted, StopRequests
 
 FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
+RESULT_FILES = ("metrics.parquet", "run.json", checkpoint.FILENAME)  # written atomically into a run folder
 OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite", "logger",
                     "impl")  # cannot change a result: not in the hashes
 
@@ -99,23 +102,30 @@ def other_finished_run(out_dir: Path, resolved: dict) -> str | None:
     """The run_hash of a finished run in out_dir of ANOTHER configuration or seed list (None if there
     is none): a folder is one run's record, and replacing another finished run silently loses it. The
     same config and seeds under changed code is not another run: it is recomputed (job identity)."""
-    import json
-
-    path = Path(out_dir) / "run.json"
-    if not path.exists():
+    record = _run_record(out_dir)
+    if record is None:
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict):
-        return None
-    statuses = [s.get("status") for s in record.get("status", {}).values()]
     same = (record.get("config_hash") == config_hash(_without_seeds(resolved))
-            and list(record.get("seeds", [])) == list(resolved.get("seeds", [])))
-    if record.get("run_hash") and not same and statuses and all(s in FINISHED for s in statuses):
+            and record.get("seeds") == list(resolved.get("seeds", [])))
+    if record.get("run_hash") and not same and _all_finished(record):
         return str(record["run_hash"])
     return None
+
+
+def _run_record(out_dir: Path) -> dict | None:
+    """out_dir/run.json as a dict with a `status` mapping, or None (absent, unreadable, wrong shape)."""
+    import json
+
+    try:
+        record = json.loads((Path(out_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("status"), dict) else None
+
+
+def _all_finished(record: dict) -> bool:
+    statuses = [s.get("status") if isinstance(s, dict) else None for s in record["status"].values()]
+    return bool(statuses) and all(s in FINISHED for s in statuses)
 
 
 def _without_seeds(resolved: dict) -> dict:
@@ -132,18 +142,28 @@ def refuse_replacing(out_dir: Path, resolved: dict, run_hash: str, overwrite: bo
 
 def finished_record(out_dir: Path, run_hash: str) -> dict | None:
     """The run.json in out_dir if it records this exact run (same run_hash) with every seed finished."""
-    import json
+    record = _run_record(out_dir)
+    if record is not None and record.get("run_hash") == run_hash and _all_finished(record):
+        why = metrics_mismatch(out_dir, record)
+        if why is None:
+            return record
+        warnings.warn(f"recomputing {out_dir}: {why}", stacklevel=2)
+    return None
 
-    path = out_dir / "run.json"
-    if not path.exists():
-        return None
+
+def metrics_mismatch(out_dir: Path, record: dict) -> str | None:
+    """Why out_dir/metrics.parquet is not the file run.json recorded (its sha256, which also fixes the
+    row count `metrics_rows`), or None."""
+    path = Path(out_dir) / "metrics.parquet"
+    expected = record.get("metrics_sha256")
+    if not isinstance(expected, str):
+        return "run.json records no sha256 of metrics.parquet"
     try:
-        record = json.loads(path.read_text())
-    except ValueError:
-        return None
-    statuses = [s.get("status") for s in record.get("status", {}).values()]
-    if record.get("run_hash") == run_hash and statuses and all(s in FINISHED for s in statuses):
-        return record
+        actual = file_sha256(path)
+    except OSError as exc:
+        return f"cannot read metrics.parquet ({exc.strerror or exc})"
+    if actual != expected:
+        return f"metrics.parquet does not match run.json (sha256 {actual[:12]}..., recorded {expected[:12]}...)"
     return None
 
 
@@ -160,18 +180,23 @@ def run_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[dict
     refuse_replacing(out_dir, resolved, run_hash, bool(cfg.get("overwrite", False)))
     done = finished_record(out_dir, run_hash)
     if done is not None:
+        checkpoint.remove(out_dir)  # left only by a kill between run.json's rename and its removal
         print(f"skipping {out_dir}: completed", flush=True)
         return done, True
     torch.set_num_threads(int(cfg.threads))
-    return _Job(cfg, v, resolved, run_hash, out_dir, experiment).run(), False
+    if out_dir.is_dir():  # what a killed atomic write left (no other process writes this run's files)
+        remove_stale_temporaries(out_dir, RESULT_FILES)
+    with StopRequests() as stops:
+        return _Job(cfg, v, resolved, run_hash, out_dir, experiment, stops).run(), False
 
 
 class _Job:
     """One job's loop. Everything that must survive a restart is in `_snapshot()`."""
 
-    def __init__(self, cfg, v, resolved, run_hash, out_dir, experiment):
+    def __init__(self, cfg, v, resolved, run_hash, out_dir, experiment, stops: StopRequests | None = None):
         self.v, self.resolved, self.run_hash, self.out_dir, self.experiment = v, resolved, run_hash, out_dir, experiment
-        problem = envs.make(v.env)
+        self.stops = stops or StopRequests()
+        self.problem = problem = envs.make(v.env)
         self.reference = reference(problem, plain(v.env), cfg.cache_dir)
         self.f_true = true_objective(problem)
         self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
@@ -206,7 +231,17 @@ class _Job:
                 "sampler": self.sampler.state_dict(), "counters": dict(vars(self.counters)),
                 "alive": self.alive.clone(), "status": {str(s): dict(st) for s, st in self.status.items()},
                 "rows": checkpoint.frame_to_columns(rows), "wall": self.wall, "eval_s": self.eval_s,
-                "next_point": self.next_point, "last_recorded": self.last_recorded}
+                "next_point": self.next_point, "last_recorded": self.last_recorded,
+                "psi_reference": self._psi_cache()}
+
+    def _psi_cache(self) -> dict:
+        """min psi_lam per solved lam (envs/penalty.py PsiReference): each solve is warm-started from the
+        nearest solved lam, so a resumed run needs the same cache to reproduce psi_gap exactly."""
+        ref = self.problem.derived.get("psi_reference")
+        cache = ref.cache if ref is not None else {}
+        return {"lam": torch.tensor(list(cache), dtype=torch.float64),
+                "value": torch.tensor([v for v, _ in cache.values()], dtype=torch.float64),
+                "argmin": [x for _, x in cache.values()]}
 
     def _restore(self) -> int | None:
         saved = checkpoint.load(self.out_dir, self.run_hash)
@@ -221,6 +256,12 @@ class _Job:
         self.rows = [checkpoint.columns_to_frame(saved["rows"])] if saved["rows"] else []
         self.wall, self.eval_s = float(saved["wall"]), float(saved["eval_s"])
         self.next_point, self.last_recorded = int(saved["next_point"]), saved["last_recorded"]
+        psi = saved["psi_reference"]
+        if len(psi["lam"]):
+            from ratebench.envs.penalty import PsiReference
+
+            ref = self.problem.derived.setdefault("psi_reference", PsiReference(self.problem))
+            ref.cache = {float(lam): (float(value), x) for lam, value, x in zip(psi["lam"], psi["value"], psi["argmin"])}
         print(f"resuming {self.out_dir} from step {self.counters.step} ({self.counters.samples:,d} samples)",
               flush=True)
         return self.counters.step
@@ -268,6 +309,7 @@ class _Job:
         counters, error = self.counters, None
         if self.resumed_from is None:
             self._record()
+        self.stops.deferring = True  # from here a signal stops the loop at the end of a step, after a checkpoint
         while self._budget_left() and self.alive.any():
             tic = time.perf_counter()
             try:
@@ -287,18 +329,31 @@ class _Job:
             else:
                 self.progress.update(self._clock())
             self._maybe_checkpoint(at_evaluation=at_point)
+            if self.stops.signum is not None:
+                self._stop(self.stops.signum)
         if error is None and self.alive.any() and self.last_recorded != self._clock():
             self._record()
         self.live_log.close()
         record = self._write_records()
         if error is not None:
             raise error
+        if self.stops.signum is not None:  # arrived while the records were written: the job is complete
+            print(f"ratebench: interrupted after {self.out_dir} completed", file=sys.stderr, flush=True)
+            raise Interrupted(self.stops.signum)
         return record
+
+    def _stop(self, signum: int) -> None:
+        """SIGTERM / SIGINT in the loop: checkpoint now (the state is consistent at the end of a step),
+        one line, and Interrupted (exit 128 + signum)."""
+        checkpoint.save(self.out_dir, self._snapshot())
+        print(f"ratebench: interrupted at step {self.counters.step}; re-run to resume ({self.out_dir})",
+              file=sys.stderr, flush=True)
+        raise Interrupted(signum)
 
     def _write_records(self) -> dict:
         metrics = pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame(columns=BASE_COLUMNS)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_parquet(self.out_dir / "metrics.parquet", metrics)
+        metrics_sha256 = atomic_write_parquet(self.out_dir / "metrics.parquet", metrics)
         v, resolved = self.v, self.resolved
         without_seeds = _without_seeds(resolved)
         record = {
@@ -309,7 +364,7 @@ class _Job:
             "f_star_n_minima": self.reference.n_minima, "f_star_local": self.reference.local_value,
             "f_true": self.f_true, "j_star": self.evaluator.j_star, "counters": vars(self.counters),
             "wall_s": self.wall, "eval_wall_s": self.eval_s, "checkpoint_wall_s": self.checkpoint_s,
-            "resumed_from_step": self.resumed_from,
+            "resumed_from_step": self.resumed_from, "metrics_sha256": metrics_sha256, "metrics_rows": len(metrics),
             "version": ratebench.__version__, "provenance": provenance(),
         }
         atomic_write_json(self.out_dir / "run.json", record)  # the completion marker: written last
