@@ -2,6 +2,8 @@
 envs/global_ref.py and cached on disk keyed by the env config; entries are validated on read."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -61,9 +63,30 @@ def from_entry(entry: dict) -> GlobalReference:
 
 
 def reference(problem, env_config: dict, directory: str | None = None) -> GlobalReference:
-    """The GlobalReference of this env config, from the cache when a valid entry exists."""
+    """The GlobalReference of this env config, from the cache when a valid entry exists. Jobs that
+    need the same entry at once (a sweep's workers on one instance, parallel test workers) take an
+    exclusive lock on it, so one computes it and the others read its result."""
     key = config_hash({"env": env_config, "exact_version": EXACT_VERSION})
     path = cache_dir(directory) / f"fstar-{key}.json"
+    with _entry_lock(path):
+        return _reference(problem, env_config, path)
+
+
+@contextlib.contextmanager
+def _entry_lock(path: Path):
+    """flock on `<entry>.lock` next to the entry; without a writable cache folder, no lock (and no cache)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_suffix(".lock"), "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes, also if the process dies
+        yield
+
+
+def _reference(problem, env_config: dict, path: Path) -> GlobalReference:
     f_true = true_objective(problem)
     if path.exists():
         try:

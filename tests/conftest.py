@@ -11,7 +11,13 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
-    os.environ["RATEBENCH_CACHE"] = str(tmp_path_factory.mktemp("fstar-cache"))
+    # one cache for the whole session, shared by the xdist workers (their base folders have a common
+    # parent): the F-hat* of an instance is computed once, under harness/fstar.py's per-entry lock
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp()
+    cache = root / "fstar-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["RATEBENCH_CACHE"] = str(cache)
     os.environ.setdefault("CI", "true")  # no progress lines in test output
     yield
 
