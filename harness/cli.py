@@ -172,6 +172,7 @@ def run_command(args: list[str]) -> int:
     flags, overrides, multirun = _split(args)
     if not (set(flags) & HYDRA_INFO_FLAGS):
         try:
+            multirun = multirun or _multirun_by_config(overrides)  # an experiment file's hydra.mode: MULTIRUN
             _prevalidate(overrides, multirun)
         except _BadInput as exc:
             return _fail(str(exc))
@@ -242,6 +243,22 @@ def _name_jobs_by_swept_values(overrides: list[str]) -> None:
 
 class _BadInput(Exception):
     pass
+
+
+def _multirun_by_config(overrides: list[str]) -> bool:
+    """A sweep without -m: the composed config says `hydra.mode: MULTIRUN` (the rate_* and smoke
+    experiments do), so its jobs are named, validated and summarised like those of `run -m`."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ratebench.config import compose
+
+    try:
+        mode = OmegaConf.select(compose(_expand(overrides)[0], with_hydra=True), "hydra.mode")
+    except (HydraException, OmegaConfBaseException):
+        return False  # _prevalidate reports the composition error in one line
+    return str(mode).endswith("MULTIRUN")
 
 
 def _expand(overrides: list[str]) -> list[list[str]]:

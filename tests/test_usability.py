@@ -35,6 +35,17 @@ def test_sweep_folders_are_named_by_the_swept_value_and_rerun_skips(sweep, capsy
     assert "ratebench: sweep of 2 jobs: 0 done, 2 skipped, 0 resumed, 0 failed" in out  # the summary line
 
 
+def test_a_sweep_set_by_the_config_is_named_and_summarised_like_run_m(sweep, capsys):
+    """`hydra.mode: MULTIRUN` from the config (as the rate_* experiment files set it, no -m on the
+    command line) names job folders by the swept values too: this re-run finds the -m sweep's folders."""
+    args = [a for a in SWEEP if a != "-m"] + ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}"]
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "ratebench: sweep of 2 jobs: 0 done, 2 skipped, 0 resumed, 0 failed" in out, out
+    assert sorted(p.parent.name.split("-")[0] for p in sweep.rglob("run.json")) == ["env.beta=0.5", "env.beta=1.0"]
+
+
 def test_fit_by_beta_shows_the_beta_column_and_labels(sweep, capsys):
     assert commands.main("fit", [str(sweep), "--metric", "reward_err", "--by", "cfg.env.beta", "--n-boot", "200"]) == 0
     lines = capsys.readouterr().out.splitlines()
