@@ -150,36 +150,3 @@ def kl_to_ref(problem: TabularProblem, logps: Tables) -> torch.Tensor:
     """Expected per-trajectory KL(pi || pi_ref) summed over steps: J with zero reward, negated. (B,)."""
     zero = [torch.zeros_like(lp) for lp in logps]
     return -policy_value(problem, zero, logps) / problem.beta
-
-
-def minimise_bilevel_objective(problem: TabularProblem, n_starts: int = 6, seed: int = 0,
-                               max_iter: int = 400) -> tuple[float, torch.Tensor]:
-    """F-hat*: best exact F over deterministic multi-start L-BFGS on tabular unit rewards.
-
-    Tabular unit rewards are the richest reward class on the problem's units, so F-hat*
-    lower-bounds F for every reward model. Starts: the true reward, zero, then Gaussian
-    draws from a fixed generator. Returns (F-hat*, minimising unit rewards).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    scale = float(problem.true_unit_reward.std()) or 1.0
-    starts = [problem.true_unit_reward.clone(), torch.zeros(problem.n_units, dtype=torch.float64)]
-    while len(starts) < n_starts:
-        starts.append(scale * torch.randn(problem.n_units, generator=gen, dtype=torch.float64))
-    best_value, best_x = float("inf"), starts[0]
-    for start in starts:
-        x = start.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=max_iter, tolerance_grad=1e-11,
-                                tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            value = bilevel_objective(problem, problem.step_tables_from_units(x[None]))[0]
-            value.backward()
-            return value
-
-        opt.step(closure)
-        with torch.no_grad():
-            value = float(bilevel_objective(problem, problem.step_tables_from_units(x[None]))[0])
-        if value < best_value:
-            best_value, best_x = value, x.detach().clone()
-    return best_value, best_x

@@ -9,7 +9,7 @@ import torch
 
 from ratebench import envs
 from ratebench.algorithms.models import NetConfig, RewardModel
-from ratebench.envs import bandit, exact, mdp, token
+from ratebench.envs import bandit, exact, global_ref, mdp, token
 from ratebench.sampling import Counters, CountingSampler
 
 SMALL = {
@@ -122,8 +122,8 @@ def test_kl_to_ref_equals_enumeration(problem):
                         rel_tol=1e-12)
 
 
-def test_f_star_is_a_minimum(problem):
-    value, argmin = exact.minimise_bilevel_objective(problem, n_starts=3)
+def test_local_reference_is_a_minimum(problem):
+    value, argmin = global_ref.local_reference(problem)  # F_loc, the one L-BFGS home (envs/global_ref.py)
     F = lambda r: float(exact.bilevel_objective(problem, problem.step_tables_from_units(r[None]))[0])  # noqa: E731
     assert value <= F(problem.true_unit_reward) + 1e-12
     for seed in range(5):
