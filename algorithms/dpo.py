@@ -15,8 +15,8 @@ from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.models import PolicyModel, sgd_step, sgd_update
 from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, fit_on_dataset, next_grid_point,
                                              offline_steps)
-from ratebench.envs.exact import (_true_pair_probs, bradley_terry_nll, bradley_terry_nll_grad, trajectory_probs,
-                                   trajectory_returns)
+from ratebench.envs.exact import (bradley_terry_nll, bradley_terry_nll_grad, expected_pair_loss, trajectory_returns,
+                                   true_pair_probs)
 from ratebench.envs.lbfgs import minimise_rows
 from ratebench.errors import ConfigError, require
 from ratebench.rng import CounterRng
@@ -202,11 +202,10 @@ def population_loss(problem, logps, beta: float, loss: str = "sigmoid") -> torch
     ratio = trajectory_returns(problem, [lp - r for lp, r in zip(logps, ref)])  # log pi/pi_ref(tau): (B, G, m)
     first, second = ratio[..., :, None], ratio[..., None, :]
     first, second = torch.broadcast_tensors(first, second)
-    p = _true_pair_probs(problem)  # (G, m, m): P(first preferred)
+    p = true_pair_probs(problem)  # (G, m, m): P(first preferred)
     ones = torch.ones_like(first)
     per_pair = p * dpo_loss(first, second, ones, beta, loss) + (1 - p) * dpo_loss(first, second, 0 * ones, beta, loss)
-    q = trajectory_probs(problem, ref)[0]  # (G, m): pi_ref(tau | g)
-    return torch.einsum("gi,gj,bgij->bg", q, q, per_pair) @ problem.init_prob
+    return expected_pair_loss(problem, per_pair, ref)  # pairs from pi_ref: the quadratic form of f
 
 
 def population_target(problem, beta: float, loss: str = "sigmoid", n_starts: int = 1, seed: int = 0,

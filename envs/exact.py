@@ -86,7 +86,7 @@ def preference_prob(problem: TabularProblem, true_returns_diff: torch.Tensor) ->
     return eta + (1 - 2 * eta) * torch.sigmoid(true_returns_diff)
 
 
-def _true_pair_probs(problem: TabularProblem) -> torch.Tensor:
+def true_pair_probs(problem: TabularProblem) -> torch.Tensor:
     """Oracle P(y = 1) for every enumerated pair: (G, m, m), computed once per problem."""
     if "pair_probs" not in problem.derived:
         true = trajectory_returns(problem, problem.true_step_tables())[0]  # (G, m)
@@ -99,7 +99,7 @@ PAIR_CHUNK = 4_000_000  # largest pair table (seeds x pairs) built at once
 
 def seed_chunks(problem: TabularProblem, batch: int, chunk: int = PAIR_CHUNK) -> list[slice]:
     """Slices of the seed axis whose pair tables have at most `chunk` elements (at least one seed)."""
-    per_seed = max(1, chunk // _true_pair_probs(problem).numel())
+    per_seed = max(1, chunk // true_pair_probs(problem).numel())
     return [slice(lo, lo + per_seed) for lo in range(0, batch, per_seed)]
 
 
@@ -107,7 +107,7 @@ def pair_losses(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
     """BCE(p*, sigmoid(R_nu(tau) - R_nu(tau'))) for every enumerated pair: (B, G, m, m).
     Depends on nu only, so an inner solve over theta computes it once."""
     ret = trajectory_returns(problem, rewards)
-    return bradley_terry_nll(ret[..., :, None] - ret[..., None, :], _true_pair_probs(problem))
+    return bradley_terry_nll(ret[..., :, None] - ret[..., None, :], true_pair_probs(problem))
 
 
 def expected_pair_loss(problem: TabularProblem, losses: torch.Tensor, logps: Tables) -> torch.Tensor:

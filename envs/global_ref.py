@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ratebench.envs.exact import _true_pair_probs, bilevel_objective, bradley_terry_nll, soft_optimal
+from ratebench.envs.exact import true_pair_probs, bilevel_objective, bradley_terry_nll, soft_optimal
 from ratebench.envs.lbfgs import minimise_rows
 from ratebench.envs.tabular import DTYPE, TabularProblem, gather_shared
 from ratebench.errors import ConfigError
@@ -106,7 +106,7 @@ def sequence_form(problem: TabularProblem) -> SequenceForm | None:
     if unit.unique().numel() != unit.numel():
         return None
     ref_logp = gather_shared(problem.ref_log_probs(), table.states, table.actions)[0]  # (G, m)
-    return SequenceForm(unit, ref_logp, _true_pair_probs(problem))
+    return SequenceForm(unit, ref_logp, true_pair_probs(problem))
 
 
 def face_objective(form: SequenceForm, beta: float, group: torch.Tensor, face: torch.Tensor):
