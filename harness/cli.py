@@ -172,8 +172,7 @@ def run_command(args: list[str]) -> int:
     flags, overrides, multirun = _split(args)
     if not (set(flags) & HYDRA_INFO_FLAGS):
         try:
-            multirun = multirun or _multirun_by_config(overrides)  # an experiment file's hydra.mode: MULTIRUN
-            _prevalidate(overrides, multirun)
+            multirun = _prevalidate(overrides, multirun)  # also an experiment file's hydra.mode: MULTIRUN
         except _BadInput as exc:
             return _fail(str(exc))
     from ratebench.app import hydra_entry
@@ -245,22 +244,6 @@ class _BadInput(Exception):
     pass
 
 
-def _multirun_by_config(overrides: list[str]) -> bool:
-    """A sweep without -m: the composed config says `hydra.mode: MULTIRUN` (the rate_* and smoke
-    experiments do), so its jobs are named, validated and summarised like those of `run -m`."""
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ratebench.config import compose
-
-    try:
-        mode = OmegaConf.select(compose(_expand(overrides)[0], with_hydra=True), "hydra.mode")
-    except (HydraException, OmegaConfBaseException):
-        return False  # _prevalidate reports the composition error in one line
-    return str(mode).endswith("MULTIRUN")
-
-
 def _expand(overrides: list[str]) -> list[list[str]]:
     """Every job's override list for a sweep (capped: beyond the cap, each value alone)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -283,9 +266,11 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     return [fixed + [v] for s in sweeps for v in s]
 
 
-def _prevalidate(overrides: list[str], multirun: bool) -> None:
+def _prevalidate(overrides: list[str], multirun: bool) -> bool:
     """Compose and validate every job's config, and check the output folder, before Hydra
-    creates anything: bad input exits 2 with nothing written."""
+    creates anything: bad input exits 2 with nothing written. Returns whether this is a sweep: -m,
+    or `hydra.mode: MULTIRUN` in the composed config (the rate_* and smoke experiments set it), whose
+    jobs are then named, validated and summarised like those of `run -m`."""
     from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
@@ -297,12 +282,14 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
         jobs = _expand(overrides)
     except HydraException as exc:
         raise _BadInput(f"cannot parse overrides: {str(exc).strip().splitlines()[0]}") from None
+    first = _compose_or_bad(jobs[0])
+    multirun = multirun or str(OmegaConf.select(first, "hydra.mode")).endswith("MULTIRUN")
     if not multirun and len(jobs) > 1:
         raise _BadInput("a sweep (comma list, range, glob) needs -m: ratebench run -m " + " ".join(overrides))
     dir_key = "sweep.dir" if multirun else "run.dir"
-    for job in jobs:
+    for i, job in enumerate(jobs):
+        cfg = first if i == 0 else _compose_or_bad(job)
         try:
-            cfg = _compose(job)
             out = OmegaConf.select(cfg.hydra, dir_key)
             with open_dict(cfg):
                 del cfg["hydra"]
@@ -318,6 +305,22 @@ def _prevalidate(overrides: list[str], multirun: bool) -> None:
             raise _BadInput(_describe(exc)) from None
         _check_writable(out, f"hydra.{dir_key}")
         _check_cache(cfg.get("cache_dir"))
+    return multirun
+
+
+def _compose_or_bad(job: list[str]):
+    """_compose, with Hydra's and OmegaConf's composition errors as one-line bad input."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ratebench.errors import ConfigError
+
+    try:
+        return _compose(job)
+    except ConfigError as exc:
+        raise _BadInput(str(exc)) from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _BadInput(_describe(exc)) from None
 
 
 def _compose(job: list[str]):
