@@ -44,8 +44,9 @@ class RunConfig:
     logger: str = "none"  # live logging while the run goes: none | tensorboard (<run folder>/tensorboard/, the
     #                       `tensorboard` extra); cannot change a result
     # how a step is computed: fast (closed-form gradients, one RNG call per step; equal to reference to
-    # float64 round-off, tests/test_fast.py) or reference (the autograd path that reads like SPEC §3).
-    # Cannot change a result: not in the hashes. Algorithms without a fast path run the reference.
+    # float64 round-off per step, tests/test_fast.py) or reference (the autograd path that reads like
+    # SPEC §3). In the hashes: at tiny batches the method amplifies round-off, so a seed's long run
+    # differs between the two (docs/fast.md). Algorithms without a fast path run the reference.
     impl: str = "fast"
 
 

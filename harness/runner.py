@@ -28,8 +28,8 @@ from ratebench.signals import Interrupted, StopRequests
 
 FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
 RESULT_FILES = ("metrics.parquet", "run.json", checkpoint.FILENAME)  # written atomically into a run folder
-OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite", "logger",
-                    "impl")  # cannot change a result: not in the hashes
+OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite",
+                    "logger")  # cannot change a result: not in the hashes (impl can: docs/fast.md)
 
 
 def provenance() -> dict:

@@ -88,8 +88,10 @@ def test_fast_equals_reference_through_a_checkpoint(compose_config, case):
     ref, ref_sampler, ref_counters, seeds = build(compose_config, overrides, "reference")
     fast, sampler, counters, _ = build(compose_config, overrides, "fast")
     assert ref.has_fast_step()
-    state, free = ref.init(seeds), fast.init(seeds)
-    free_sampler, free_counters = build(compose_config, overrides, "fast")[1:3]
+    # the free-running run has an algorithm of its own: one algorithm, one state, as in the harness, so
+    # that per-step caches (bilevel's policy forward, reused by the next step) are hit as in a real run
+    free_algo, free_sampler, free_counters, _ = build(compose_config, overrides, "fast")
+    state, free = ref.init(seeds), free_algo.init(seeds)
     for k in range(1, n + 1):
         start = copy.deepcopy(state)
         if k == n // 2:  # resume: the state and the sampler through a checkpoint into a fresh algorithm
@@ -101,10 +103,11 @@ def test_fast_equals_reference_through_a_checkpoint(compose_config, case):
         vars(counters).update(vars(ref_counters))
         state = ref.step(state, ref_sampler)
         one = fast.step(start, sampler)
+        assert sampler._plans and not ref_sampler._plans, f"{case}: the fast step did not take the fast path"
         want = snapshot(ref, state, ref_sampler, ref_counters)
         compare(snapshot(fast, one, sampler, counters), want, ATOL, f"{case} one step from step {k - 1}")
-        free = fast.step(free, free_sampler)
-        compare(snapshot(fast, free, free_sampler, free_counters), want, 1e-6, f"{case} free-running step {k}")
+        free = free_algo.step(free, free_sampler)
+        compare(snapshot(free_algo, free, free_sampler, free_counters), want, 1e-6, f"{case} free-running step {k}")
 
 
 def test_prefetched_uniforms_are_the_direct_draws():
@@ -117,9 +120,10 @@ def test_prefetched_uniforms_are_the_direct_draws():
     assert direct.state_dict() == ahead.state_dict()
 
 
-def test_impl_is_operational_and_validated(compose_config):
-    """impl changes how, not what: the same run_hash (a finished reference run is reused by a fast one)."""
-    assert resolve(compose_config(["impl=reference"]))[2] == resolve(compose_config(["impl=fast"]))[2]
+def test_impl_is_in_the_hash_and_validated(compose_config):
+    """At N = M = 2 the two impls' long runs part ways seed by seed (round-off, amplified by the method:
+    docs/fast.md), so a finished reference run must not be reused, or resumed, as a fast one."""
+    assert resolve(compose_config(["impl=reference"]))[2] != resolve(compose_config(["impl=fast"]))[2]
     with pytest.raises(ConfigError, match="impl"):
         validate(compose_config(["impl=turbo"]))
 
