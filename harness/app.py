@@ -16,58 +16,67 @@ SWEEP_LOG_ENV = "RATEBENCH_SWEEP_LOG"  # `ratebench run -m` sets it: the file th
 OUTCOMES = ("done", "skipped", "resumed", "failed")
 
 
-def report_outcome(out_dir, outcome: str) -> None:
-    """Append this job's outcome (OUTCOMES) to the sweep's log, if there is one: one JSON line, one write."""
+def report_outcome(out_dir, outcome: str, code: int = 0) -> None:
+    """Append this job's outcome (OUTCOMES) and exit status to the sweep's log, if there is one: one
+    JSON line, one write."""
     import json
     import os
 
     path = os.environ.get(SWEEP_LOG_ENV)
     if path:
         with open(path, "a") as log:
-            log.write(json.dumps({"job": str(out_dir), "outcome": outcome}) + "\n")
+            log.write(json.dumps({"job": str(out_dir), "outcome": outcome, "code": code}) + "\n")
 
 
-def sweep_summary(log_text: str) -> str:
-    """One line from the outcome log: how many jobs were done, skipped, resumed and failed."""
+def sweep_summary(log_text: str) -> tuple[str, int]:
+    """From the outcome log: one line with how many jobs were done, skipped, resumed and failed, and
+    the sweep's exit status (the highest of its jobs': 0 when none failed)."""
     import json
 
-    outcomes = [json.loads(line)["outcome"] for line in log_text.splitlines() if line.strip()]
+    entries = [json.loads(line) for line in log_text.splitlines() if line.strip()]
+    outcomes = [e["outcome"] for e in entries]
     n = len(outcomes)
     counts = ", ".join(f"{outcomes.count(o)} {o}" for o in OUTCOMES)
-    return f"ratebench: sweep of {n} job{'' if n == 1 else 's'}: {counts}"
+    return f"ratebench: sweep of {n} job{'' if n == 1 else 's'}: {counts}", max((e.get("code", 0) for e in entries),
+                                                                           default=0)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ratebench.conf", config_name="config")
 def hydra_entry(cfg) -> float:
     """One job. Its outcome leaves as an exit status, never as an exception for Hydra to print with
-    exit 1: bad input 2, internal error 3 (one line + a traceback file), a signal 128 + signum."""
+    exit 1: bad input 2, internal error 3 (one line + a traceback file), a signal 128 + signum. In a
+    sweep a failed job only reports its status (the sweep's exit status is the highest one, cli.py)
+    and the launcher goes on with the other jobs; a signal stops the sweep."""
+    from hydra.types import RunMode
+
     from ratebench.cli import internal_error
     from ratebench.errors import ConfigError
     from ratebench.signals import Interrupted, ParentWatch
 
+    hc = HydraConfig.get()
     with ParentWatch() as watch:  # a sweep worker stops (checkpointed) when its launcher dies
         try:
-            _job(cfg)
+            _job(cfg, hc)
+            return 0.0
         except Interrupted as exc:
+            report_outcome(hc.runtime.output_dir, "failed", exc.code)
             watch.exit_if_orphaned(exc.code)
             raise SystemExit(exc.code) from None
         except ConfigError as exc:
             print(f"ratebench: error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+            code = 2
         except Exception as exc:  # noqa: BLE001  (anything else is our bug: exit 3 with the traceback saved)
-            raise SystemExit(internal_error(exc)) from None
-    return 0.0
+            code = internal_error(exc)
+    report_outcome(hc.runtime.output_dir, "failed", code)
+    if hc.mode == RunMode.MULTIRUN:
+        return float("nan")
+    raise SystemExit(code)
 
 
-def _job(cfg) -> None:
+def _job(cfg, hc) -> None:
     from ratebench.runner import run_or_skip
 
-    hc = HydraConfig.get()
-    try:
-        record, skipped = run_or_skip(cfg, Path(hc.runtime.output_dir), experiment=hc.runtime.choices.get("experiment"))
-    except BaseException:
-        report_outcome(hc.runtime.output_dir, "failed")
-        raise
+    record, skipped = run_or_skip(cfg, Path(hc.runtime.output_dir), experiment=hc.runtime.choices.get("experiment"))
     report_outcome(hc.runtime.output_dir, "skipped" if skipped else
                    "resumed" if record.get("resumed_from_step") is not None else "done")
     if not skipped:

@@ -185,6 +185,7 @@ def run_command(args: list[str]) -> int:
     from ratebench.signals import LAUNCHER_ENV
 
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # a sweep worker whose parent this is stops when it dies
+    sweep_code = 0
     try:
         hydra_entry()
     except SystemExit as exc:  # the job's status (app.py); Hydra's own failures exit 1: not check's 1
@@ -197,9 +198,10 @@ def run_command(args: list[str]) -> int:
         return code
     finally:
         os.environ.pop(SHARED_OVERRIDES_ENV, None)
+        os.environ.pop(LAUNCHER_ENV, None)
         if sweep:
-            _print_sweep_summary()
-    return 0
+            sweep_code = _print_sweep_summary()
+    return sweep_code  # a sweep whose jobs all ran: the highest status of its failed jobs, else 0
 
 
 SHARED_OVERRIDES_ENV = "RATEBENCH_SHARED_OVERRIDES"  # read by config.job_id (sweep job folder names)
@@ -216,15 +218,18 @@ def _start_sweep_log() -> None:
     os.environ[SWEEP_LOG_ENV] = path
 
 
-def _print_sweep_summary() -> None:
-    """`ratebench: sweep of 4 jobs: 2 done, 1 skipped, 1 resumed, 0 failed`, from the jobs' outcomes."""
+def _print_sweep_summary() -> int:
+    """Print `ratebench: sweep of 4 jobs: 2 done, 1 skipped, 1 resumed, 0 failed` from the jobs'
+    outcomes; return the sweep's exit status (the highest of its failed jobs', else 0)."""
     from ratebench.app import SWEEP_LOG_ENV, sweep_summary
 
     path = os.environ.pop(SWEEP_LOG_ENV, None)
     if not path:
-        return
+        return 0
     try:
-        print(sweep_summary(Path(path).read_text()), flush=True)
+        line, code = sweep_summary(Path(path).read_text())
+        print(line, flush=True)
+        return code
     finally:
         Path(path).unlink(missing_ok=True)
 

@@ -242,3 +242,30 @@ def test_an_internal_error_exits_3_with_one_line_and_the_traceback_file(tmp_path
     assert saved.parent == tmp_path and "Traceback" in saved.read_text() and "an injected bug" in saved.read_text()
     record = json.loads((tmp_path / "run" / "run.json").read_text())  # the failure is recorded, not lost
     assert {st["status"] for st in record["status"].values()} == {"failed"}
+
+
+def test_a_failed_job_does_not_stop_its_sweep_and_sets_the_exit_status(tmp_path, capsys, monkeypatch):
+    """A job that fails inside a sweep (here an injected bug in the middle job) leaves its status in
+    the outcome log; the launcher runs the other jobs, and the sweep exits with the failure's 3."""
+    import tempfile
+
+    from ratebench import runner
+
+    original = runner.run_or_skip
+
+    def fails_for_301(cfg, out_dir, experiment=None):
+        if cfg.budget.samples == 301:
+            raise RuntimeError("an injected bug")
+        return original(cfg, out_dir, experiment)
+
+    monkeypatch.setattr(runner, "run_or_skip", fails_for_301)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # the traceback file goes under tmp_path
+    sweep = tmp_path / "sweep"
+    code = main(["run", "-m", "budget.samples=300,301,302", "n_seeds=2", "env.n_contexts=2", "env.n_actions=3",
+                 f"hydra.sweep.dir={sweep}"])
+    out = capsys.readouterr().out
+    assert code == 3
+    assert "ratebench: sweep of 3 jobs: 2 done, 0 skipped, 0 resumed, 1 failed" in out, out
+    finished = sorted(json.loads(p.read_text())["config"]["budget"]["samples"] for p in sweep.rglob("run.json"))
+    assert finished == [300, 302]
