@@ -35,6 +35,14 @@ class BadInput(Exception):
     """One message for stderr; the command exits 2."""
 
 
+class RunFailed(Exception):
+    """A `ratebench run` that check started exited with `code` (never 1: runs do not return verdicts)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 def main(command: str, args: list[str], premise=None) -> int:
     """premise: optional callable (env config dict, c_lam) -> {"wgd_floor", "implied_exponent", "q"}
     (the CLI passes ratebench.audit.premise_summary): check and report print the claim's premises on
@@ -54,6 +62,9 @@ def main(command: str, args: list[str], premise=None) -> int:
     except (BadInput, ConfigError, RunRecordError) as exc:
         print(f"ratebench {command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:  # check's experiment run failed: its status, not "bad input"
+        print(f"ratebench {command}: error: {exc}", file=sys.stderr)
+        return exc.code if exc.code != 1 else 3  # 1 is check's own verdict status
 
 
 # ---------------------------------------------------------------------------------------------- parsers
@@ -517,8 +528,9 @@ def ensure_experiment(experiment: str, workdir: Path, claim_ids: list[str]) -> P
     print(f"[{label}] running: ratebench run -m experiment={experiment} hydra.sweep.dir={out}", file=sys.stderr)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     result = subprocess.run(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr, check=False)
-    if result.returncode != 0:
-        raise BadInput(f"[{label}] `ratebench run -m experiment={experiment}` exited {result.returncode}")
+    if result.returncode != 0:  # the run's own status: 2 bad input, 3 internal error, 130/143 a signal
+        raise RunFailed(result.returncode, f"[{label}] `ratebench run -m experiment={experiment}` exited "
+                                           f"{result.returncode}")
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(digest + "\n")
     return out

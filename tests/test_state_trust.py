@@ -269,3 +269,17 @@ def test_a_failed_job_does_not_stop_its_sweep_and_sets_the_exit_status(tmp_path,
     assert "ratebench: sweep of 3 jobs: 2 done, 0 skipped, 0 resumed, 1 failed" in out, out
     finished = sorted(json.loads(p.read_text())["config"]["budget"]["samples"] for p in sweep.rglob("run.json"))
     assert finished == [300, 302]
+
+
+def test_check_passes_on_the_status_of_a_failed_experiment_run(tmp_path, monkeypatch, capsys):
+    """check runs its experiment in a child `ratebench run`; an internal error (3) or a signal (130,
+    143) there is that status, not "bad input" (2), and never 1 (a verdict)."""
+    import subprocess
+
+    from ratebench.analysis import commands
+
+    for status in (3, 130, 143):
+        monkeypatch.setattr(commands.subprocess, "run", lambda cmd, status=status, **kw: subprocess.CompletedProcess(cmd, status))
+        code = commands.main("check", ["control", "--workdir", str(tmp_path / str(status)), "--no-premise"])
+        assert code == status, capsys.readouterr().err
+        assert not (tmp_path / str(status) / "control_bandit" / ".complete").exists()
