@@ -17,6 +17,11 @@ ENVIRONMENTS = {  # name -> (config dataclass, check, build)
 }
 
 
+def sizes(cfg) -> tuple[int, int, int]:
+    """(reward units, trajectory pairs of exact evaluation, horizon) of an env config (a known name)."""
+    return {"bandit": bandit, "mdp": mdp, "token": token}[cfg.name].sizes(cfg)
+
+
 def make(cfg) -> TabularProblem:
     """Build the environment named by cfg.name (a dataclass or DictConfig with its knobs)."""
     if cfg.name not in ENVIRONMENTS:

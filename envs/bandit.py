@@ -19,6 +19,11 @@ class BanditConfig(CommonEnvConfig):
     feature_dim: int = 4  # d of the reward features phi(x, a) ~ N(0, I)
 
 
+def sizes(cfg: BanditConfig) -> tuple[int, int, int]:
+    """(reward units, trajectory pairs of exact evaluation, horizon), from the config alone."""
+    return cfg.n_contexts * cfg.n_actions, cfg.n_contexts * cfg.n_actions**2, 1
+
+
 def check(cfg: BanditConfig) -> None:
     """Every size/range check, from the config alone (no tensors built)."""
     check_common(cfg, {"n_contexts": cfg.n_contexts, "n_actions": cfg.n_actions})
@@ -27,7 +32,7 @@ def check(cfg: BanditConfig) -> None:
     if cfg.n_actions > MAX_FACE_SIZE:  # the exact global reference F* enumerates 2^A - 1 faces per context
         raise ConfigError("env.n_actions", f"must be <= {MAX_FACE_SIZE} (the exact global reference enumerates "
                           f"2^A - 1 faces per context), got {cfg.n_actions}")
-    check_pairs(cfg, cfg.n_contexts * cfg.n_actions**2, f"n_contexts={cfg.n_contexts}, n_actions={cfg.n_actions}")
+    check_pairs(cfg, sizes(cfg)[1], f"n_contexts={cfg.n_contexts}, n_actions={cfg.n_actions}")
 
 
 def build(cfg: BanditConfig) -> TabularProblem:

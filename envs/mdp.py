@@ -24,6 +24,13 @@ class MDPConfig(CommonEnvConfig):
     transition_concentration: float = 1.0  # Dirichlet alpha of P(.|s, a): small = near-deterministic
 
 
+def sizes(cfg: MDPConfig) -> tuple[int, int, int]:
+    """(reward units, trajectory pairs of exact evaluation, horizon), from the config alone."""
+    S, A, H = cfg.n_states, cfg.n_actions, cfg.horizon
+    per_start = A**H * S ** (H - 1)  # trajectories from one initial state
+    return H * S * A, S * per_start**2, H
+
+
 def check(cfg: MDPConfig) -> None:
     """Every size/range check, from the config alone (no tensors built)."""
     check_common(cfg, {"n_states": cfg.n_states, "n_actions": cfg.n_actions, "horizon": cfg.horizon})
@@ -31,9 +38,7 @@ def check(cfg: MDPConfig) -> None:
         raise ConfigError("env.feature_dim", f"must be >= 1, got {cfg.feature_dim}")
     if not cfg.transition_concentration > 0:
         raise ConfigError("env.transition_concentration", f"must be > 0, got {cfg.transition_concentration}")
-    S, A, H = cfg.n_states, cfg.n_actions, cfg.horizon
-    per_start = A**H * S ** (H - 1)  # trajectories from one initial state
-    check_pairs(cfg, S * per_start**2, f"n_states={S}, n_actions={A}, horizon={H}")
+    check_pairs(cfg, sizes(cfg)[1], f"n_states={cfg.n_states}, n_actions={cfg.n_actions}, horizon={cfg.horizon}")
 
 
 def build(cfg: MDPConfig) -> TabularProblem:

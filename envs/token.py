@@ -29,6 +29,12 @@ def _digits(index: torch.Tensor, V: int, L: int) -> torch.Tensor:
     return (index[:, None] // powers) % V
 
 
+def sizes(cfg: TokenConfig) -> tuple[int, int, int]:
+    """(reward units, trajectory pairs of exact evaluation, horizon), from the config alone."""
+    V, L = cfg.vocab, cfg.length
+    return sum(V**h for h in range(L)) * V, V ** (2 * L), L
+
+
 def check(cfg: TokenConfig) -> None:
     """Every size/range check, from the config alone (no tensors built)."""
     check_common(cfg, {"vocab": cfg.vocab, "length": cfg.length})
@@ -37,7 +43,7 @@ def check(cfg: TokenConfig) -> None:
     if n_prefixes > cfg.max_states:
         raise ConfigError("env", f"vocab={V}, length={L} gives {n_prefixes:.3g} prefix states; allowed: at most "
                           f"env.max_states={cfg.max_states:.3g}: use a smaller env.vocab or env.length")
-    check_pairs(cfg, V ** (2 * L), f"vocab={V}, length={L}")
+    check_pairs(cfg, sizes(cfg)[1], f"vocab={V}, length={L}")
 
 
 def build(cfg: TokenConfig) -> TabularProblem:

@@ -14,21 +14,9 @@ FLOAT = 8  # float64 / int64
 NET_COPIES = 8  # per activation of a network evaluated on every unit: forward, backward, exact-evaluation copies
 PAIR_COPIES = 4  # per (seed, trajectory pair) of exact evaluation: reward difference, probability, BCE, gradient
 ROW_BYTES = 30 * FLOAT * 3  # per metric row (~30 columns) held as rows, a concatenated frame and a checkpoint copy
-
-
-def env_sizes(env) -> tuple[int, int]:
-    """(reward units = rows of a reward table, trajectory pairs of exact evaluation) of an env config."""
-    name = getattr(env, "name", None)
-    if name == "bandit":
-        X, A = env.n_contexts, env.n_actions
-        return X * A, X * A * A
-    if name == "mdp":
-        S, A, H = env.n_states, env.n_actions, env.horizon
-        return H * S * A, S * (A**H * S ** (H - 1)) ** 2
-    if name == "token":
-        V, L = env.vocab, env.length
-        return sum(V**h for h in range(L)) * V, V ** (2 * L)
-    return 0, 0
+STEP_SAMPLES = 4  # samples of one step per (batch_traj + batch_pairs) and time step: the bilevel step's four estimates
+SAMPLE_COPIES = 16  # per sample of a step: uniforms, indices, log-probs, returns, weights, their gathers
+#                     (64 seeds at N = 4,096, M = 1,024 on the bandit: estimated 168 MB, measured 184 MB)
 
 
 def evaluation_point_count(clock_budget: int, per_decade: int) -> float:
@@ -75,12 +63,16 @@ def check_bounds(cfg, env, model, n_seeds: int, seeds_key: str) -> None:
         raise ConfigError("budget.evals_per_decade", f"{cfg.budget.evals_per_decade} per decade over "
                           f"{math.log10(max(clock_budget, 1)):.2g} decades is {points:.3g} evaluation points; allowed: "
                           f"at most {MAX_EVAL_POINTS} (each is an exact evaluation of every seed)")
-    units, pairs = env_sizes(env)
+    from ratebench.envs import sizes
+
+    units, pairs, horizon = sizes(env)
+    batch_knobs = {k: int(getattr(cfg.algorithm, k, 0) or 0) for k in ("batch_traj", "batch_pairs")}
+    samples = STEP_SAMPLES * sum(batch_knobs.values()) * horizon
     widths = {"model.reward.width": model.reward.width, "model.policy.width": model.policy.width}
     mlps = [net for net in (model.reward, model.policy) if net.kind == "mlp"]  # a linear reward has no width
     nets = n_seeds * units * sum(net.width * max(net.depth, 1) for net in mlps)
     terms = {"networks": nets * NET_COPIES * FLOAT, "pair tables": n_seeds * pairs * PAIR_COPIES * FLOAT,
-             "evaluation grid": n_seeds * points * ROW_BYTES}
+             "evaluation grid": n_seeds * points * ROW_BYTES, "step batches": n_seeds * samples * SAMPLE_COPIES * FLOAT}
     estimate = sum(terms.values())
     limit = available_memory()
     if limit is None or estimate <= MEMORY_SHARE * limit:
@@ -89,10 +81,13 @@ def check_bounds(cfg, env, model, n_seeds: int, seeds_key: str) -> None:
     knob = seeds_key
     if dominant == "networks" and max(widths.values()) > n_seeds:
         knob = max(widths, key=widths.get)
+    if dominant == "step batches" and max(batch_knobs.values()) > n_seeds:
+        knob = "algorithm." + max(batch_knobs, key=batch_knobs.get)
     detail = {"networks": f"seeds x units x width = {n_seeds:,} x {units:,} x {max(widths.values()):,}",
               "pair tables": f"seeds x trajectory pairs = {n_seeds:,} x {pairs:,}",
-              "evaluation grid": f"seeds x evaluation points = {n_seeds:,} x {points:.0f}"}[dominant]
+              "evaluation grid": f"seeds x evaluation points = {n_seeds:,} x {points:.0f}",
+              "step batches": f"seeds x samples per step = {n_seeds:,} x {samples:,}"}[dominant]
     raise ConfigError(knob, f"estimated peak memory {_size(estimate)} (mostly {dominant}: {detail}) exceeds the "
                             f"limit {_size(MEMORY_SHARE * limit)} ({MEMORY_SHARE:.0%} of the {_size(limit)} available); "
-                            + (f"use a smaller {knob}" if knob in widths else
+                            + (f"use a smaller {knob}" if knob in widths or knob.startswith("algorithm.") else
                                "use fewer seeds per job (split them over a sweep) or a smaller environment"))

@@ -179,6 +179,8 @@ def test_out_of_bounds_configs_exit_2_naming_the_knob_estimate_and_limit(expect_
     expect_bad_input(["n_seeds=100000000"], ["n_seeds", "estimated peak memory", "TB", "limit 859 MB"])
     expect_bad_input(["algorithm=bilevel", "model.reward.width=100000000"],
                      ["model.reward.width", "estimated peak memory", "limit 859 MB"])
+    expect_bad_input(["algorithm=bilevel", "algorithm.batch_traj=1000000000", "algorithm.batch_pairs=1000000000"],
+                     ["algorithm.batch", "step batches", "estimated peak memory", "limit 859 MB"])  # passed before
     expect_bad_input(["budget.evals_per_decade=1000000000"],  # hung before
                      ["budget.evals_per_decade", "4.3e+09 evaluation points", "at most 10000"])
     expect_bad_input(["+budget.sampels=1000"], ["budget.sampels", "unknown key", "did you mean budget.samples"])
