@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ratebench.records import metrics_mismatch
 
 # metric columns added with the global reference (issue 11): older runs lack them, and load as NaN
 NEW_METRICS = ("gap_local", "lower_gap", "psi_grad_sq")
@@ -73,26 +76,17 @@ def read_record(run_json: Path) -> dict:
     return record
 
 
-def check_metrics_file(record: dict, parquet: Path, frame: pd.DataFrame) -> None:
-    """RunRecordError unless metrics.parquet is the file run.json recorded (sha256, row count); records
-    written before these fields existed are not checked."""
-    import hashlib
-
-    expected = record.get("metrics_sha256")
-    if expected is not None:
-        actual = hashlib.sha256(Path(parquet).read_bytes()).hexdigest()
-        if actual != expected:
-            raise RunRecordError(f"{parquet}: does not match its run.json (sha256 {actual[:12]}..., recorded "
-                                 f"{str(expected)[:12]}...): modified or damaged after the run")
-    rows = record.get("metrics_rows")
-    if rows is not None and rows != len(frame):
-        raise RunRecordError(f"{parquet}: {len(frame)} rows, run.json recorded {rows}")
-
-
-def read_metrics(parquet: Path) -> pd.DataFrame:
-    """metrics.parquet as a DataFrame; any read failure → RunRecordError naming the file."""
+def read_metrics(parquet: Path, record: dict | None = None) -> pd.DataFrame:
+    """metrics.parquet as a DataFrame, read once; any read failure, or (given its run record) a file
+    that is not the one run.json recorded → RunRecordError naming the file."""
     try:
-        frame = pq.read_table(parquet).to_pandas()
+        data = Path(parquet).read_bytes()
+        why = metrics_mismatch(data, record, required=False) if record is not None else None
+        if why is not None:
+            raise RunRecordError(f"{parquet}: {why}")
+        frame = pq.read_table(pa.BufferReader(data)).to_pandas()
+    except RunRecordError:
+        raise
     except Exception as exc:  # pyarrow raises several unrelated types for truncated files
         raise RunRecordError(f"{parquet}: cannot read metrics ({type(exc).__name__}: {exc})") from None
     missing = [c for c in ("seed", "samples") if c not in frame.columns]
@@ -132,8 +126,7 @@ def load(root, strict: bool = False) -> Loaded:
         run_dir = run_json.parent
         try:
             record = read_record(run_json)
-            metrics = read_metrics(run_dir / "metrics.parquet")
-            check_metrics_file(record, run_dir / "metrics.parquet", metrics)
+            metrics = read_metrics(run_dir / "metrics.parquet", record)
         except RunRecordError as exc:
             if strict:
                 raise

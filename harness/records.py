@@ -131,6 +131,23 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def metrics_mismatch(metrics: Path | bytes, record: dict, required: bool = True) -> str | None:
+    """Why metrics.parquet (its path, or its bytes already read) is not the file run.json recorded (its
+    sha256, which also fixes the row count `metrics_rows`), or None. required=False: a record without
+    a sha256 (written before it existed) passes."""
+    expected = record.get("metrics_sha256")
+    if not isinstance(expected, str):
+        return "run.json records no sha256 of metrics.parquet" if required else None
+    try:
+        actual = hashlib.sha256(metrics).hexdigest() if isinstance(metrics, bytes) else file_sha256(metrics)
+    except OSError as exc:
+        return f"cannot read metrics.parquet ({exc.strerror or exc})"
+    if actual != expected:
+        return (f"metrics.parquet does not match run.json (sha256 {actual[:12]}..., recorded {expected[:12]}...): "
+                f"modified or damaged after the run")
+    return None
+
+
 def config_hash(config: dict) -> str:
     """Stable short hash of a JSON-able config."""
     text = json.dumps(config, sort_keys=True, default=str)

@@ -22,7 +22,7 @@ from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import reference, true_objective
 from ratebench.live_log import live_logger
 from ratebench.records import (BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint, config_hash,
-                               file_sha256, git_commit, remove_stale_temporaries)
+                               git_commit, metrics_mismatch, remove_stale_temporaries)
 from ratebench.sampling import Counters, CountingSampler
 from ratebench.signals import Interrupted, StopRequests
 
@@ -144,26 +144,10 @@ def finished_record(out_dir: Path, run_hash: str) -> dict | None:
     """The run.json in out_dir if it records this exact run (same run_hash) with every seed finished."""
     record = _run_record(out_dir)
     if record is not None and record.get("run_hash") == run_hash and _all_finished(record):
-        why = metrics_mismatch(out_dir, record)
+        why = metrics_mismatch(Path(out_dir) / "metrics.parquet", record)
         if why is None:
             return record
         warnings.warn(f"recomputing {out_dir}: {why}", stacklevel=2)
-    return None
-
-
-def metrics_mismatch(out_dir: Path, record: dict) -> str | None:
-    """Why out_dir/metrics.parquet is not the file run.json recorded (its sha256, which also fixes the
-    row count `metrics_rows`), or None."""
-    path = Path(out_dir) / "metrics.parquet"
-    expected = record.get("metrics_sha256")
-    if not isinstance(expected, str):
-        return "run.json records no sha256 of metrics.parquet"
-    try:
-        actual = file_sha256(path)
-    except OSError as exc:
-        return f"cannot read metrics.parquet ({exc.strerror or exc})"
-    if actual != expected:
-        return f"metrics.parquet does not match run.json (sha256 {actual[:12]}..., recorded {expected[:12]}...)"
     return None
 
 
