@@ -213,7 +213,8 @@ def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
     """SPEC §7 at 95 %, on one fit (one instance; judge() combines instances). upper_bound: PASS
     only if the window reaches ε_min and spans ≥ min_decades (coverage), the local exponent's
     trend at ε_min stays below p_claim, p̂ and 1/b̂ do not disagree with 1/b̂ above p_claim, and
-    the CI's upper end ≤ p_claim; VIOLATED if its lower end > p_claim, the metric stalls above
+    the CI's upper end ≤ p_claim; VIOLATED if its lower end > p_claim (on a window of at least
+    min_decades, as for equals), the metric stalls above
     the ε range (final IQM above ε_min and a log-log decay whose whole CI is slower than
     1/(p_claim + tol)), or the fitted floor's CI lies above ε_min. equals (± tol): PASS if covered
     and the CI lies inside [p−tol, p+tol], VIOLATED if it misses that band entirely on a window of at
@@ -239,9 +240,20 @@ def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
     if fit.n_seeds < claim.min_seeds:
         return Verdict(claim, INCONCLUSIVE, f"{fit.n_seeds} seeds fitted, the claim needs ≥ {claim.min_seeds}", fit)
     ci = f"CI [{fit.p_low:.3g}, {fit.p_high:.3g}]"
+    band = (p_claim - claim.tolerance, p_claim + claim.tolerance)
+    if claim.relation == "upper_bound" and fit.p_low > p_claim:  # steeper than claimed on the covered part
+        contradiction = f"{ci} lies above the claimed {p_claim:.3g}"
+    elif claim.relation == "equals" and (fit.p_high < band[0] or fit.p_low > band[1]):
+        contradiction = f"{ci} misses [{band[0]:.3g}, {band[1]:.3g}]"
+    else:
+        contradiction = None
+    if contradiction and fit.status == "too_narrow":  # a window under a decade (n_hit on a 0.1-decade x grid,
+        # so p̂ is quantised: exactly 1 on the exact-oracle grad_sq runs) cannot contradict a rate, only fail to show it
+        return Verdict(claim, INCONCLUSIVE, f"{contradiction}, but on a window too narrow to contradict a rate "
+                                            f"({fit.reason}; {cover_text})", fit)
+    if contradiction:
+        return Verdict(claim, VIOLATED, f"{contradiction} ({cover_text})", fit)
     if claim.relation == "upper_bound":
-        if fit.p_low > p_claim:  # a slope steeper than claimed on part of the range already contradicts it
-            return Verdict(claim, VIOLATED, f"{ci} lies above the claimed {p_claim:.3g} ({cover_text})", fit)
         if not covered:
             return Verdict(claim, INCONCLUSIVE, f"{cover_text}" + _narrow(fit), fit)
         if fit.p_local_high >= p_claim:
@@ -256,13 +268,6 @@ def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
         if fit.p_high <= p_claim:
             return Verdict(claim, PASS, f"{ci} ≤ {p_claim:.3g}; {cover_text}. {UPPER_BOUND_CAVEAT}", fit)
         return Verdict(claim, INCONCLUSIVE, f"{ci} contains the claimed {p_claim:.3g} ({cover_text})", fit)
-    band = (p_claim - claim.tolerance, p_claim + claim.tolerance)
-    if fit.p_high < band[0] or fit.p_low > band[1]:
-        if fit.status == "too_narrow":  # "≍ ε^-p" is asymptotic: a window under a decade (its n_hit on a
-            # 0.1-decade x grid, so p̂ is quantised) cannot contradict it, only fail to confirm it
-            return Verdict(claim, INCONCLUSIVE, f"{ci} misses [{band[0]:.3g}, {band[1]:.3g}], but on a window too "
-                                                f"narrow to contradict an asymptotic rate ({fit.reason}; {cover_text})", fit)
-        return Verdict(claim, VIOLATED, f"{ci} misses [{band[0]:.3g}, {band[1]:.3g}] ({cover_text})", fit)
     if not covered:
         return Verdict(claim, INCONCLUSIVE, f"{cover_text}" + _narrow(fit), fit)
     if band[0] <= fit.p_low and fit.p_high <= band[1]:

@@ -40,7 +40,7 @@ class FitOptions:
     eps_max: float | None = None
     drop_top: int = 0  # drop this many of the largest / smallest window levels (sensitivity)
     drop_bottom: int = 0
-    min_decades: float = 1.0  # a window spanning fewer decades of ε is `too_narrow` (never a verdict)
+    min_decades: float = 1.0  # a window spanning fewer decades of ε is `too_narrow`: neither a PASS nor a CI-based VIOLATED
     profile_width: float = 0.5  # local exponent profile: sub-windows of this many decades of ε ...
     profile_step: float = 0.25  # ... with centres this many decades apart
 

@@ -215,6 +215,15 @@ def test_equals_band_missed_on_a_narrow_window_is_inconclusive_not_violated():
     assert v.verdict == INCONCLUSIVE and "too narrow to contradict" in v.reason
 
 
+def test_upper_bound_exceeded_on_a_narrow_window_is_inconclusive_not_violated():
+    """The same rule for both relations: a CI above an upper bound contradicts it only on a window of a
+    decade or more."""
+    claim = parse_claim(base_claim(**UPPER))  # p <= 1
+    assert verdict(claim, fake_fit(1.5, 1.2, 1.8)).verdict == VIOLATED
+    v = verdict(claim, fake_fit(1.5, 1.2, 1.8, status="too_narrow", reason="spans 0.3 decades", window_decades=0.3))
+    assert v.verdict == INCONCLUSIVE and "too narrow to contradict" in v.reason
+
+
 def test_grid_step_tolerance_of_coverage():
     """ε_min between grid levels: the lowest window level may sit up to one step (10^(1/20)) above it."""
     claim = parse_claim(base_claim(epsilon={"unit": "reward_err", "min": 9e-3, "max": 1.0}, **UPPER))
