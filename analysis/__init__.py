@@ -41,9 +41,17 @@ def _as_loaded(runs, strict: bool = False):
 
 
 def _options(**options):
+    """FitOptions from keywords, with the CLI's bounds (commands.BadInput naming the option)."""
+    import dataclasses
+
+    from ratebench.analysis import commands
     from ratebench.analysis.fit import FitOptions
 
-    return FitOptions(**options)
+    allowed = [f.name for f in dataclasses.fields(FitOptions)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise commands.BadInput(f"unknown fit option(s) {unknown}; allowed: {allowed}")
+    return commands.check_fit_options(FitOptions(**options))
 
 
 def fit(runs, metric: str = "gap", x: str = "samples", by="algorithm,env,config_hash", **options):
@@ -76,13 +84,14 @@ def check(claims, runs=None, workdir: str = "ratebench-runs", **options) -> list
     parsed = [c if isinstance(c, Claim) else load_claim(commands.find_claim(str(c), commands.CONF_DIR / "claims"))
               for c in items]
     opts = _options(**options)
+    given = None if runs is None else _as_loaded(runs)  # the evidence, loaded once for every claim
+    by_experiment = {}  # else each experiment runs (or is reused) and is loaded once, as in `ratebench check`
     verdicts = []
     for claim in parsed:
-        if runs is None:
+        if given is None and claim.experiment not in by_experiment:
             commands.check_experiment_name(claim)
-            loaded = load(commands.ensure_experiment(claim.experiment, Path(workdir), [claim.id]))
-        else:
-            loaded = _as_loaded(runs)
+            by_experiment[claim.experiment] = load(commands.ensure_experiment(claim.experiment, Path(workdir), [claim.id]))
+        loaded = given if given is not None else by_experiment[claim.experiment]
         verdicts.append(commands.evaluate_claim(loaded, claim, opts)[0])
     return verdicts
 

@@ -172,19 +172,24 @@ PARSERS = {"fit": _fit_parser, "plot": _plot_parser, "check": _check_parser, "re
 
 
 def fit_options(ns, **extra) -> FitOptions:
-    if not 100 <= ns.n_boot <= MAX_N_BOOT:
+    return check_fit_options(FitOptions(n_boot=ns.n_boot, seed=ns.boot_seed, reach=ns.reach, decades=ns.decades,
+                                        tail=ns.tail, floor_factor=ns.floor_factor, nhit_decades=ns.nhit_decades,
+                                        min_decades=ns.min_decades, **extra))
+
+
+def check_fit_options(opts: FitOptions) -> FitOptions:
+    """The bounds of the fit options, for the CLI's flags and the Python API's keywords alike."""
+    if not 100 <= opts.n_boot <= MAX_N_BOOT:
         raise BadInput(f"--n-boot must be in [100, {MAX_N_BOOT}] (memory and time grow with replicates x seeds x "
-                       f"ε levels per group), got {ns.n_boot}")
-    if ns.boot_seed < 0:
-        raise BadInput(f"--boot-seed must be >= 0, got {ns.boot_seed}")
-    if not 0.5 <= ns.reach <= 1:
-        raise BadInput(f"--reach must be in [0.5, 1], got {ns.reach}")
+                       f"ε levels per group), got {opts.n_boot}")
+    if opts.seed < 0:
+        raise BadInput(f"--boot-seed must be >= 0, got {opts.seed}")
+    if not 0.5 <= opts.reach <= 1:
+        raise BadInput(f"--reach must be in [0.5, 1], got {opts.reach}")
     for name in ("decades", "tail", "floor_factor", "nhit_decades", "min_decades"):
-        if not getattr(ns, name) >= 0:
-            raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(ns, name)}")
-    return FitOptions(n_boot=ns.n_boot, seed=ns.boot_seed, reach=ns.reach, decades=ns.decades, tail=ns.tail,
-                      floor_factor=ns.floor_factor, nhit_decades=ns.nhit_decades, min_decades=ns.min_decades,
-                      **extra)
+        if not getattr(opts, name) >= 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(opts, name)}")
+    return opts
 
 
 # ---------------------------------------------------------------------------------------------- analysis glue

@@ -83,3 +83,13 @@ def test_api_walkthrough_runs_and_returns_dataframes(sweep, tmp_path, monkeypatc
         assert isinstance(namespace[name], pd.DataFrame), name
     assert namespace["verdict"].verdict == "INCONCLUSIVE"
     assert "reward_err_vs_samples.png" in [p.name for p in namespace["paths"]]
+
+
+def test_api_refuses_bad_fit_options_like_the_cli(sweep):
+    """analysis.fit(..., n_boot=5) silently gave NaN CIs; the API now has the CLI's bounds."""
+    from ratebench import analysis
+
+    for options, words in (({"n_boot": 5}, "--n-boot must be in"), ({"reach": 3.0}, "--reach must be in"),
+                           ({"min_decades": -1}, "--min-decades must be >= 0"), ({"nboot": 500}, "unknown fit option")):
+        with pytest.raises(commands.BadInput, match=words):
+            analysis.fit(sweep, metric="reward_err", **options)
