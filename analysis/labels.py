@@ -10,6 +10,8 @@ from typing import Any
 
 import pandas as pd
 
+from ratebench.records import OPERATIONAL_KEYS
+
 SCOPED = ("algorithm", "env")  # a knob of algorithm X (env X) is compared only among groups of the same X
 MIXED = object()  # a key that takes several values inside one pooled group: it does not name the group
 
@@ -45,7 +47,7 @@ def group_config(seed_rows: pd.DataFrame) -> dict[str, Any]:
     a key with several values in the group (pooled configurations); keys absent from it are left out."""
     out: dict[str, Any] = {}
     for col in seed_rows.columns:
-        if not col.startswith("cfg."):
+        if not col.startswith("cfg.") or col[4:].split(".")[0] in OPERATIONAL_KEYS:  # cannot tell results apart
             continue
         values = {value_text(v) for v in seed_rows[col] if not _absent(v)}
         if len(values) == 1:

@@ -12,6 +12,8 @@ import pandas as pd
 
 METRIC_COLUMNS = ["gap", "grad_sq", "policy_gap", "psi_gap", "reward_err", "kl_ref"]
 BASE_COLUMNS = ["seed", "step", "samples", "queries"]
+OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite",
+                    "logger")  # cannot change a result: not in the hashes, nor in group labels (impl can: docs/fast.md)
 
 
 FAULT_ENV = "RATEBENCH_FAULT"  # test hook: "<file name>:<write point>[:<n>]" exits the process there (tests only)

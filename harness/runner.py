@@ -21,15 +21,13 @@ from ratebench.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import reference, true_objective
 from ratebench.live_log import live_logger
-from ratebench.records import (BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint, config_hash,
-                               git_commit, metrics_mismatch, remove_stale_temporaries)
+from ratebench.records import (BASE_COLUMNS, OPERATIONAL_KEYS, atomic_write_json, atomic_write_parquet, code_fingerprint,
+                               config_hash, git_commit, metrics_mismatch, remove_stale_temporaries)
 from ratebench.sampling import Counters, CountingSampler
 from ratebench.signals import Interrupted, StopRequests
 
 FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
 RESULT_FILES = ("metrics.parquet", "run.json", checkpoint.FILENAME)  # written atomically into a run folder
-OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite",
-                    "logger")  # cannot change a result: not in the hashes (impl can: docs/fast.md)
 
 
 def provenance() -> dict:

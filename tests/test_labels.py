@@ -41,3 +41,11 @@ def test_job_folder_is_the_swept_overrides_plus_the_run_hash():
     assert job_name("", "bandit", "dpo", "0123456789abcdef") == "bandit-dpo-0123456789abcdef"
     assert job_name("x=a/b", "e", "a", "h") == "x=a_b-h"  # never a path separator
     assert len(job_name("k=" + "v" * 500, "e", "a", "h" * 16)) < 255
+
+
+def test_operational_keys_do_not_name_groups_but_impl_does():
+    """logger / progress cannot change a result (records.OPERATIONAL_KEYS): not in a label; impl can (docs/fast.md)."""
+    rows = pd.DataFrame({"cfg.env.beta": ["0.5", "1.0"], "cfg.logger": ["none", "tensorboard"],
+                         "cfg.progress": [True, False], "cfg.impl": ["fast", "reference"]})
+    configs = [group_config(rows.iloc[[i]]) for i in range(2)]
+    assert group_labels(configs) == ["env.beta=0.5 impl=fast", "env.beta=1.0 impl=reference"]
