@@ -24,10 +24,11 @@ from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensiti
 from ratebench.analysis.labels import group_config, group_labels, natural_order, short_key
 from ratebench.analysis.load import Loaded, RunRecordError, load, read_record
 from ratebench.analysis.tables import latex_table
+from ratebench.catalog import claim_files, conf_dir
 from ratebench.errors import ConfigError
 from ratebench.records import code_fingerprint, unwritable_reason
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = conf_dir()  # the installed package's conf/ (one home: ratebench.catalog)
 MAX_N_BOOT = 100_000  # bootstrap replicates: 2000 (default) gives stable 95% bounds; 1e8 would exhaust memory
 
 
@@ -363,7 +364,13 @@ def format_fit_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------- check
 
 def default_claims() -> list[Path]:
-    return sorted((CONF_DIR / "claims").glob("*.yaml"))
+    return claim_files()
+
+
+def named_claims(names: list[str]) -> list[Claim]:
+    """Claims from names, ids or paths (claims.find_claim), all parsed before any compute: for check,
+    plot and report alike."""
+    return [load_claim(find_claim(name, CONF_DIR / "claims")) for name in names]
 
 
 INSTANCE_COL, TUNING_COL = "cfg.env.instance_seed", "cfg.tuning_instances"
@@ -542,10 +549,9 @@ def ensure_experiment(experiment: str, workdir: Path, claim_ids: list[str]) -> P
 
 
 def check_command(ns) -> int:
-    paths = [find_claim(p, CONF_DIR / "claims") for p in ns.claims] or default_claims()
-    if not paths:
+    claims = named_claims(ns.claims) or [load_claim(p) for p in default_claims()]  # all parsed before any compute
+    if not claims:
         raise BadInput(f"no claim files given and none in {CONF_DIR / 'claims'}")
-    claims = [load_claim(p) for p in paths]  # all validated before any compute
     opts = fit_options(ns)
     if ns.runs:
         loaded = load_dir(ns.runs, ns.strict)
@@ -643,7 +649,7 @@ def plot_command(ns) -> int:
         check_metric(loaded, m, ns.x)
     by = group_keys(ns.by)
     check_by(loaded, by)
-    claims = [load_claim(p) for p in (ns.claims if ns.claims is not None else default_claims())]
+    claims = named_claims(ns.claims) if ns.claims is not None else [load_claim(p) for p in default_claims()]
     out = Path(ns.out) if ns.out else Path(ns.dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
     opts = fit_options(ns)
@@ -672,7 +678,7 @@ def report_command(ns) -> int:
     loaded = load_dir(ns.dir, ns.strict)
     algorithms = set(loaded.seeds["algorithm"])
     if ns.claims:
-        claims = [load_claim(p) for p in ns.claims]
+        claims = named_claims(ns.claims)
     else:
         claims = [c for c in (load_claim(p) for p in default_claims()) if c.algorithm in algorithms]
     out = Path(ns.out) if ns.out else Path(ns.dir) / "report"

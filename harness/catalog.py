@@ -48,7 +48,8 @@ def _docstring_line(module: str) -> str:
 
 
 def claim_files() -> list[Path]:
-    return sorted((conf_dir() / "claims").glob("*.yaml"))  # what `check` reads by default (commands.default_claims)
+    """The shipped claim files: what `check` reads by default and `list claims` shows."""
+    return sorted((conf_dir() / "claims").glob("*.yaml"))
 
 
 def entries(kind: str) -> list[tuple[str, str]]:

@@ -73,3 +73,20 @@ def test_shell_completion_installs_for_ratebench_and_answers_a_query(capsys, mon
         (CONF / "env" / f"{n}.yaml").read_text())["name"] for n in ENVIRONMENTS)]
     monkeypatch.setenv("COMP_LINE", "ratebench li")
     assert main(["-sc", "query=bash"]) == 0 and capsys.readouterr().out.split() == ["list"]
+
+
+def test_plot_and_report_take_claim_names_like_check(tmp_path, monkeypatch):
+    """`report --claims control` from any folder: the same claim lookup as check (claims.find_claim)."""
+    import numpy as np
+
+    from ratebench.analysis import commands
+    from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+
+    x = evaluation_grid(1e4)
+    write_run(tmp_path / "runs" / "r", x, synthetic_values(x, 1.0, 4, np.random.default_rng(0)), list(range(4)),
+              metric="reward_err", algorithm="reward_mle", env="bandit")
+    monkeypatch.chdir(tmp_path)
+    assert [c.id for c in commands.named_claims(["control", "control_reward_mle_a075"])] == [
+        "control_reward_mle", "control_reward_mle_a075"]
+    assert commands.main("report", ["runs", "--claims", "control", "--no-premise", "--n-boot", "100"]) == 0
+    assert "control_reward_mle" in (tmp_path / "runs" / "report" / "report.md").read_text()
