@@ -66,18 +66,12 @@ class StackedMLP:
         return [torch.stack(group) for group in zip(*per_seed)]
 
     def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        for i in range(0, len(params), 2):
-            w, b = params[i], params[i + 1]
-            h = (torch.einsum("nd,bdk->bnk", h, w) if h.dim() == 2 else torch.bmm(h, w)) + b[:, None]
-            if i + 2 < len(params):
-                h = self.act(h)
-        return h
+        return self.activations(params, x)[-1]
 
     def activations(self, params: Params, x: torch.Tensor) -> list[torch.Tensor]:
-        """__call__ for the fast path, keeping [x (B, n, d), h_1, ..., h_L] (each layer's input and the
-        output, hidden ones after the activation) for `backward`; bmm on the broadcast x (einsum's
-        permutes cost more than the product at these sizes)."""
+        """The forward pass, keeping [x (B, n, d), h_1, ..., h_L] (each layer's input and the output,
+        hidden ones after the activation) for the fast path's `backward`; one forward for both impls:
+        bmm on the broadcast x (einsum's permutes cost more than the product at these sizes)."""
         h = x.expand(params[0].shape[0], *x.shape)
         out = [h]
         for i in range(0, len(params), 2):
