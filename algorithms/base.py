@@ -23,7 +23,7 @@ IMPLS = ("fast", "reference")  # impl=: how a step is computed, never what it co
 class Algorithm:
     name: ClassVar[str]
     Config: ClassVar[type]
-    impl: str = "fast"  # set from the run config; "fast" takes fast_step() where has_fast_step(), else step()
+    impl: str = "fast"  # set from the run config; "fast" takes fast_step() where has_fast_step()
 
     def __init__(self, cfg: Any, model_cfg: Any, problem: TabularProblem):
         if hasattr(cfg, "check"):  # range checks also when built directly, not through the CLI
@@ -35,12 +35,22 @@ class Algorithm:
         raise NotImplementedError
 
     def step(self, state: Any, sampler) -> Any:
-        """One outer iteration; returns the new state."""
+        """One outer iteration; returns the new state. The one place where impl chooses the path."""
+        if self.impl == "fast" and self.has_fast_step():
+            return self.fast_step(state, sampler)
+        return self.reference_step(state, sampler)
+
+    def reference_step(self, state: Any, sampler) -> Any:
+        """The step as the paper writes it (autograd through the surrogates): what fast_step must equal."""
         raise NotImplementedError
 
     def has_fast_step(self) -> bool:
         """True if this configuration has a fast path (equal to the reference step to round-off)."""
         return False
+
+    def fast_step(self, state: Any, sampler) -> Any:
+        """reference_step in fewer kernel calls (closed-form gradients, one RNG call), where has_fast_step()."""
+        raise NotImplementedError
 
     def policy_log_probs(self, state: Any) -> list[torch.Tensor]:
         """The deployed policy as per-step log-prob tables [(B, n_h, A)]."""

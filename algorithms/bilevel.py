@@ -125,9 +125,7 @@ class Bilevel(Algorithm):
     def has_fast_step(self) -> bool:
         return self.cfg.oracle == "stochastic"  # the exact oracle draws nothing: its step stays the reference
 
-    def step(self, state, sampler):
-        if self.impl == "fast" and self.has_fast_step():
-            return self.fast_step(state, sampler)
+    def reference_step(self, state, sampler):
         n_traj, n_pairs, inner = self.set_schedule(state)
         rewards = [r.detach() for r in self.reward.step_tables(state.nu)]
         for _ in range(inner):

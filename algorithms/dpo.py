@@ -129,15 +129,13 @@ class DPO(Algorithm):
         ratio_second = pairs.second.log_prob(logps) - pairs.second.log_prob(self.ref)
         return dpo_loss(ratio_first, ratio_second, pairs.label, self.beta, self.cfg.loss).mean(1)
 
-    def step(self, state, sampler):
-        if self.cfg.mode == "online":
-            return self._fast_online_step(state, sampler) if self.impl == "fast" else self._online_step(state, sampler)
-        return self._offline_step(state, sampler)
+    def reference_step(self, state, sampler):
+        return self._online_step(state, sampler) if self.cfg.mode == "online" else self._offline_step(state, sampler)
 
     def has_fast_step(self) -> bool:
         return self.cfg.mode == "online"  # offline / iterative refits stay the reference
 
-    def _fast_online_step(self, state, sampler):
+    def fast_step(self, state, sampler):
         """_online_step with the DPO loss's gradient in closed form (dpo_loss_grad) on flat tables; one
         forward serves the sampling and the gradient (the reference's two forwards compute the same)."""
         cfg = self.cfg

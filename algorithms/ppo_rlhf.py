@@ -114,7 +114,7 @@ class PPORLHF(Algorithm):
                             data=PairDataset(), rng=CounterRng(seeds, MINIBATCH_STREAM))
 
     # --- one outer step ----------------------------------------------------------------------------
-    def step(self, state, sampler):
+    def reference_step(self, state, sampler):
         cfg = self.cfg
         if cfg.reward_oracle:
             self.ppo_iteration(state, sampler, self.true_rewards, cfg.rollouts)

@@ -65,9 +65,7 @@ class RewardMLE(Algorithm):
     def init(self, seeds):
         return RewardMLEState(nu=self.model.init(seeds))
 
-    def step(self, state, sampler):
-        if self.impl == "fast":
-            return self.fast_step(state, sampler)
+    def reference_step(self, state, sampler):
         ref = self.problem.ref_log_probs()
         pairs = sampler.pairs(ref, self.cfg.batch_pairs)
         def bt_loss(nu):  # mean BT negative log-likelihood over the pairs, per seed
@@ -84,7 +82,7 @@ class RewardMLE(Algorithm):
         return True
 
     def fast_step(self, state, sampler):
-        """step() with the BT loss's gradient in closed form (preference_loss_weights) on flat tables."""
+        """reference_step() with the BT loss's gradient in closed form (preference_loss_weights) on flat tables."""
         draws = sampler.flat_draws(self._ref_cdf, (("pairs", 0, self.cfg.batch_pairs),))
         (pairs,) = draws.parts()
         rewards = padded_units(self.model.units(state.nu)[0])  # (B, n_units + 1)
