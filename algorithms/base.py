@@ -68,6 +68,12 @@ class Algorithm:
         """Step sizes / penalty actually used at the last step, for the records."""
         return {}
 
+    def population_targets(self, reference) -> dict:
+        """{"target": PopulationTarget, ...}: what this configuration converges to with infinite data
+        from its own sampling scheme (algorithms/targets.py), given the problem's GlobalReference.
+        "target" is the one its excess metric is measured against; {} = none is known."""
+        return {}
+
     def tensors(self, state: Any) -> dict[str, torch.Tensor]:
         """Every per-seed parameter tensor of the state (leading axis B), for divergence checks;
         the harness may overwrite slices of diverged seeds in place. Derived from the state

@@ -16,6 +16,7 @@ from ratebench.algorithms.estimators import (kl_regularised_return, policy_gradi
                                              preference_score_weights)
 from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step, sgd_update, stack_seeds, unstack_seeds
 from ratebench.algorithms.oracles import ORACLES, make_oracle
+from ratebench.algorithms.targets import minimiser_target
 from ratebench.errors import ConfigError, require
 from ratebench.sampling import padded_units, policy_cdf
 
@@ -226,6 +227,16 @@ class Bilevel(Algorithm):
 
     def schedule(self, state):
         return {"lam": state.lam, "alpha": state.alpha, "alpha_z": state.alpha_z, "xi": state.xi}
+
+    def population_targets(self, reference):
+        """The lower level tracks pi*_nu and the upper level descends F, so as lambda grows the method comes
+        to rest at pi* of a minimiser of F (at finite lambda, psi_lam's: the bias B(lambda) away). Its own
+        target is the minimiser in nu_true's basin (F_loc: where the runs here go); the global one (F*, a
+        degenerate reward) is recorded beside it."""
+        return {"target": minimiser_target(self.problem, reference.local_argmin,
+                                           "pi* of the minimiser of F in the basin of nu_true (F_loc)"),
+                "target_global": minimiser_target(self.problem, reference.argmin,
+                                                  "pi* of the global minimiser of F (F*)")}
 
 
 def inner_draws(n_traj: int, n_pairs: int) -> tuple:

@@ -15,6 +15,7 @@ from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.models import PolicyModel, sgd_step, sgd_update
 from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, fit_on_dataset, next_grid_point,
                                              offline_steps)
+from ratebench.algorithms.targets import TARGET_TOL, PopulationTarget, fixed_point
 from ratebench.envs.exact import (bradley_terry_nll, bradley_terry_nll_grad, expected_pair_loss, trajectory_returns,
                                    true_pair_probs)
 from ratebench.envs.lbfgs import minimise_rows
@@ -189,13 +190,32 @@ class DPO(Algorithm):
     def schedule(self, state):
         return {"lr": state.lr}
 
+    def population_targets(self, reference):
+        """Offline: the minimiser of the population loss on pi_ref pairs. Online and iterative: the fixed
+        point of "minimise the population loss on pairs from the current policy" (where on-policy refits
+        come to rest). The hinge loss has none: its population minimisers form a set."""
+        cfg, problem = self.cfg, self.problem
+        if cfg.loss == "hinge":
+            return {}
 
-# --- offline DPO's population target (infinite data from its own sampling scheme) -------------------
+        def solve(pairs_from, what):
+            logps, grad = solve_population_loss(problem, self.beta, cfg.loss, pairs_from)
+            return PopulationTarget(what, logps, [self.beta * (lp - r) for lp, r in zip(logps, self.ref)],
+                                    float(grad[0]))
 
-def population_loss(problem, logps, beta: float, loss: str = "sigmoid") -> torch.Tensor:
-    """Offline DPO's loss with infinite data: E_g E_{tau, tau' ~ pi_ref(.|g)} E_{y ~ BT oracle} of the
+        if cfg.mode == "offline":
+            return {"target": solve(self.ref, f"argmin of the population {cfg.loss} loss on pi_ref pairs")}
+        what = f"fixed point of argmin of the population {cfg.loss} loss on pairs from the current policy"
+        return {"target": fixed_point(lambda logps: solve(logps, what), self.ref, what)}
+
+
+# --- DPO's population target (infinite data from its own sampling scheme; algorithms/targets.py) ---
+
+def population_loss(problem, logps, beta: float, loss: str = "sigmoid", pairs_from=None) -> torch.Tensor:
+    """DPO's loss with infinite data: E_g E_{tau, tau' ~ pairs_from(.|g)} E_{y ~ BT oracle} of the
     per-pair loss, by enumeration (pairs share their initial state g, as the sampler draws them).
-    logps: per-step log-prob tables [(B, n_h, A)]. Returns (B,)."""
+    logps: per-step log-prob tables [(B, n_h, A)]; pairs_from: the pair distribution's tables, default
+    pi_ref (offline DPO). Returns (B,)."""
     ref = problem.ref_log_probs()
     ratio = trajectory_returns(problem, [lp - r for lp, r in zip(logps, ref)])  # log pi/pi_ref(tau): (B, G, m)
     first, second = ratio[..., :, None], ratio[..., None, :]
@@ -203,16 +223,16 @@ def population_loss(problem, logps, beta: float, loss: str = "sigmoid") -> torch
     p = true_pair_probs(problem)  # (G, m, m): P(first preferred)
     ones = torch.ones_like(first)
     per_pair = p * dpo_loss(first, second, ones, beta, loss) + (1 - p) * dpo_loss(first, second, 0 * ones, beta, loss)
-    return expected_pair_loss(problem, per_pair, ref)  # pairs from pi_ref: the quadratic form of f
+    return expected_pair_loss(problem, per_pair, ref if pairs_from is None else pairs_from)  # quadratic form of f
 
 
-def population_target(problem, beta: float, loss: str = "sigmoid", n_starts: int = 1, seed: int = 0,
-                      tol: float = 1e-11) -> list[torch.Tensor]:
-    """argmin over tabular policies of population_loss: per-step log-prob tables [(n_starts, n_h, A)],
-    one row per start (start 0 at pi_ref, the others at random logits), row-wise L-BFGS. On a
-    deterministic env with the sigmoid loss this is pi* of the true reward (docs/baselines.md); on
-    stochastic transitions it is not, because beta log pi*/pi_ref(tau) = R(tau) - V_0 plus a
-    transition-noise term, not R(tau) + const."""
+def solve_population_loss(problem, beta: float, loss: str = "sigmoid", pairs_from=None, n_starts: int = 1,
+                          seed: int = 0, tol: float = TARGET_TOL) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """argmin over tabular policies of population_loss: (per-step log-prob tables [(n_starts, n_h, A)],
+    gradient sup-norm per start (n_starts,)); start 0 at pi_ref, the others at random logits, row-wise
+    L-BFGS. On a deterministic env with the sigmoid loss and pi_ref pairs this is pi* of the true reward
+    (docs/baselines.md); on stochastic transitions it is not, because beta log pi*/pi_ref(tau) =
+    R(tau) - V_0 plus a transition-noise term, not R(tau) + const."""
     ref = problem.ref_log_probs()
     shapes = [r.shape[1:] for r in ref]
     sizes = [int(torch.Size(s).numel()) for s in shapes]
@@ -224,8 +244,15 @@ def population_target(problem, beta: float, loss: str = "sigmoid", n_starts: int
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(n_starts, sum(sizes), generator=gen, dtype=torch.float64)
     x0[0] = 0.0
-    result = minimise_rows(lambda x: population_loss(problem, tables(x), beta, loss), x0, tol=tol, max_iter=5000)
-    return [t.detach() for t in tables(result.x)]
+    result = minimise_rows(lambda x: population_loss(problem, tables(x), beta, loss, pairs_from), x0, tol=tol,
+                           max_iter=5000)
+    return [t.detach() for t in tables(result.x)], result.grad_norm
+
+
+def population_target(problem, beta: float, loss: str = "sigmoid", n_starts: int = 1, seed: int = 0,
+                      tol: float = 1e-11, pairs_from=None) -> list[torch.Tensor]:
+    """The minimising policy tables alone (solve_population_loss)."""
+    return solve_population_loss(problem, beta, loss, pairs_from, n_starts, seed, tol)[0]
 
 
 ALGORITHM = DPO

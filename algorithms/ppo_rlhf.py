@@ -17,6 +17,7 @@ from ratebench.algorithms.estimators import leave_one_out_baseline, preference_l
 from ratebench.algorithms.models import PolicyModel, RewardModel, StackedMLP, sgd_step
 from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, clipped_surrogate, fit_on_dataset, gae,
                                              next_grid_point, normalise_per_seed, offline_steps)
+from ratebench.algorithms.targets import PopulationTarget, bt_mle_target, fixed_point, soft_optimal_at
 from ratebench.errors import ConfigError, require
 from ratebench.rng import CounterRng
 from ratebench.sampling import Trajectories
@@ -218,6 +219,22 @@ class PPORLHF(Algorithm):
 
     def schedule(self, state):
         return {"policy_lr": state.policy_lr, "rm_lr": state.rm_lr}
+
+    def population_targets(self, reference):
+        """pi* at this method's KL coefficient of the reward it fits: the true one (reward_oracle), the
+        population BT-MLE on pi_ref pairs (offline), or the fixed point of "fit the BT-MLE on pairs from
+        the current policy, then pi* of it" (online). PPO itself is assumed to reach the pi* of its reward."""
+        problem, beta = self.problem, self.beta
+        if self.cfg.reward_oracle:
+            return {"target": PopulationTarget(f"pi* of the true reward at KL coefficient {beta:g}",
+                                               soft_optimal_at(problem, self.true_rewards, beta), self.true_rewards,
+                                               0.0)}
+        if self.cfg.mode == "offline":
+            return {"target": bt_mle_target(problem, beta, self.ref,
+                                            f"pi* (KL coefficient {beta:g}) of the population BT-MLE reward on "
+                                            f"pi_ref pairs")}
+        what = f"fixed point of pi* (KL coefficient {beta:g}) of the population BT-MLE reward on pairs from pi"
+        return {"target": fixed_point(lambda logps: bt_mle_target(problem, beta, logps, what), self.ref, what)}
 
 
 def _state_values(tables: list[torch.Tensor], traj: Trajectories) -> torch.Tensor:

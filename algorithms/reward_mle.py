@@ -14,6 +14,7 @@ import torch
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.estimators import preference_loss_weights
 from ratebench.algorithms.models import NetConfig, RewardModel, sgd_step, sgd_update
+from ratebench.algorithms.targets import bt_mle_target
 from ratebench.envs.exact import bradley_terry_nll, soft_optimal, trajectory_returns, trajectory_probs
 from ratebench.errors import ConfigError
 from ratebench.sampling import padded_units, policy_cdf
@@ -102,6 +103,12 @@ class RewardMLE(Algorithm):
 
     def schedule(self, state):
         return {"lr": state.lr}
+
+    def population_targets(self, reference):
+        """pi* of the population BT-MLE reward on pi_ref pairs: pi* of nu_true when the oracle is the BT
+        model itself (label_noise = 0), a shrunk reward's pi* otherwise."""
+        return {"target": bt_mle_target(self.problem, self.problem.beta, self.problem.ref_log_probs(),
+                                        "pi* of the population BT-MLE reward on pi_ref pairs")}
 
 
 def stable_offset(t0: float, c_lam_max: float, a: float) -> float:

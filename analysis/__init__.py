@@ -34,7 +34,8 @@ def _as_loaded(runs, strict: bool = False):
     if isinstance(runs, _load_module.Loaded):
         return runs
     if isinstance(runs, pd.DataFrame):
-        keep = [c for c in runs.columns if c in _load_module.RUN_KEYS or c.startswith("cfg.") or c in ("seed", "status")]
+        keep = [c for c in runs.columns if c in _load_module.RUN_KEYS or c.startswith(("cfg.", "target."))
+                or c in ("seed", "status")]
         seeds = runs.drop_duplicates(["run_dir", "seed"])[keep].reset_index(drop=True)
         return _load_module.Loaded(runs, seeds)
     return load(runs, strict=strict)

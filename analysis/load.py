@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 
 from ratebench.records import metrics_mismatch
 
-# metric columns added with the global reference (issue 11): older runs lack them, and load as NaN
-NEW_METRICS = ("gap_local", "lower_gap", "psi_grad_sq")
+# metric columns added with the global reference (issue 11) and the population targets (issue 13): older
+# runs lack them, and load as NaN
+NEW_METRICS = ("gap_local", "lower_gap", "psi_grad_sq", "target_policy_gap_excess")
+TARGET_FIELDS = ("policy_gap", "gap", "gap_local", "reward_err", "what", "solved")  # run.json target -> target.<field>
 HARNESS_METRICS = {"gap", "grad_sq", "policy_gap"}  # columns every harness run has written: marks a run record
 RUN_KEYS = ["algorithm", "env", "experiment", "config_hash", "run_hash", "run_dir"]
 SEED_STATUSES = ("completed", "diverged", "failed")
@@ -99,9 +101,15 @@ def run_keys(record: dict, run_dir: Path) -> dict:
     """The identifying columns of a run plus its flattened config."""
     keys = {"algorithm": record["algorithm"], "env": record["env"], "experiment": record.get("experiment"),
             "config_hash": record["config_hash"], "run_hash": record.get("run_hash"), "run_dir": str(run_dir)}
+    target = record.get("target") if isinstance(record.get("target"), dict) else {}
+    keys.update({f"target.{k}": _nan_if_none(target.get(k)) for k in TARGET_FIELDS})
     config = {k: v for k, v in record["config"].items() if k != "seeds"}
     keys.update(flatten_config(config))
     return keys
+
+
+def _nan_if_none(value):
+    return float("nan") if value is None else value
 
 
 def seed_rows(record: dict, metrics: pd.DataFrame) -> list[dict]:
@@ -139,8 +147,9 @@ def load(root, strict: bool = False) -> Loaded:
             row["_run"] = i
             seed_list.append(row)
         metrics["_run"] = i
-        if HARNESS_METRICS <= set(metrics.columns) and any(m not in metrics.columns for m in NEW_METRICS):
-            older.append(str(run_dir))
+        lacking = [m for m in NEW_METRICS if m not in metrics.columns]
+        if HARNESS_METRICS <= set(metrics.columns) and lacking:
+            older.append((str(run_dir), lacking))
         frames.append(metrics)
     if not run_rows:
         empty_cols = ["seed", "status", "status_step", "message", "n_points", "last_samples", *RUN_KEYS]
@@ -154,7 +163,8 @@ def load(root, strict: bool = False) -> Loaded:
         for m in NEW_METRICS:
             if m not in metrics.columns:
                 metrics[m] = float("nan")
-        warnings.warn(f"{len(older)} run(s) predate the metric columns {', '.join(NEW_METRICS)} (e.g. {older[0]}): "
+        lacking = [m for m in NEW_METRICS if any(m in missing for _, missing in older)]
+        warnings.warn(f"{len(older)} run(s) predate the metric columns {', '.join(lacking)} (e.g. {older[0][0]}): "
                       f"they are NaN there; re-run to compute them", stacklevel=2)
     run_idx = metrics.pop("_run").to_numpy()
     metrics = pd.concat([metrics, runs.iloc[run_idx].reset_index(drop=True)], axis=1)

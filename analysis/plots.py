@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
@@ -24,6 +25,7 @@ METRIC_LABELS = {
     "grad_sq": "grad_sq  ‖∇F(ν_t)‖²  [nats²]",
     "psi_grad_sq": "psi_grad_sq  ‖∇ψ_λ(ν_t)‖²  [nats²]",
     "policy_gap": "policy_gap  J* − J(π_t)  [reward units]",
+    "target_policy_gap_excess": "target_policy_gap_excess  J(π_target) − J(π_t)  [reward units]",
     "psi_gap": "psi_gap  ψ_λ(ν_t) − min ψ_λ  [nats]",
     "reward_err": "reward_err  E[(ΔR_ν − ΔR*)²]  [reward units²]",
     "kl_ref": "kl_ref  KL(π_t ‖ π_ref)  [nats]",
@@ -38,7 +40,8 @@ STYLES = list(zip(("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1)), (0, (3,
 MAX_GROUPS = len(STYLES)  # groups per figure; more go to further pages (<stem>_page2.png, ...)
 CLAIM_STYLES = [(0, (2, 2)), (0, (6, 2)), (0, (1, 3))]
 # Metrics whose n_hit(ε) has a rate meaning (they should fall to 0); kl_ref grows from 0 by design.
-RATE_METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "psi_grad_sq", "policy_gap", "psi_gap", "reward_err")
+RATE_METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "psi_grad_sq", "policy_gap", "target_policy_gap_excess",
+                "psi_gap", "reward_err")
 SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
@@ -115,9 +118,29 @@ def _anchor(x: np.ndarray, y: np.ndarray):
     return (x[j[len(j) // 3]], y[j[len(j) // 3]], x[j[-1]]) if len(j) else None
 
 
+TARGET_STYLE = (0, (1, 1.5))  # the population target's level: dotted, in the group's colour
+TARGET_GID = "population-target"  # marks the line (tests find it by this)
+ROUND_OFF = 1e-12  # a target level below this in size is a 0 computed in float64 (e.g. J* - J(pi*))
+
+
+def target_level(curves, metric: str) -> float:
+    """The group's population target of `metric` (run.json `target`, column target.<metric>): the median
+    over its runs (instances differ), NaN when the runs record none for this metric."""
+    column = f"target.{metric}"
+    if column not in curves.seeds.columns:
+        return np.nan
+    values = pd.to_numeric(curves.seeds[column], errors="coerce").to_numpy(float)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return np.nan
+    level = float(np.median(values))
+    return 0.0 if abs(level) < ROUND_OFF else level
+
+
 def draw_curves(ax, results, claims) -> None:
     """IQM (thick, markers) with its 95% band, median (thin), fitted c + A·n^-b over the asymptotic
-    points (wide, translucent) and the fitted floor ĉ (dashed) per group; claimed slopes (black)."""
+    points (wide, translucent), the fitted floor ĉ (dashed) and the method's population target (dotted)
+    per group; claimed slopes (black)."""
     anchor = None
     for (key, fit, curves), (ls, mk, colour) in zip(results, STYLES):
         pos = curves.x > 0
@@ -134,6 +157,9 @@ def draw_curves(ax, results, claims) -> None:
             ax.plot(xs, fit.c + fit.A * xs ** -fit.b, color=colour, ls="-", lw=4, alpha=0.3)
             if fit.c > 0:
                 ax.plot([x[0], x[-1]], [fit.c, fit.c], color=colour, ls=(0, (4, 3)), lw=1.0)
+        level = target_level(curves, fit.metric)
+        if level > 0:  # a target of 0 (the method is unbiased) has no place on a log axis: the legend says it
+            ax.plot([x[0], x[-1]], [level, level], color=colour, ls=TARGET_STYLE, lw=1.6, gid=TARGET_GID)
         if anchor is None:
             anchor = _anchor(x, iqm)
     for claim, ls in zip(claims, CLAIM_STYLES):
@@ -196,9 +222,11 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if np.isfinite(v) else "∞" if v == np.inf else "-"
 
 
-def group_entry(key, fit, colour, ls, mk) -> Line2D:
-    """One legend entry per group: its name, seeds, and what was fitted, in words."""
+def group_entry(key, fit, colour, ls, mk, target: float = np.nan) -> Line2D:
+    """One legend entry per group: its name, seeds, its population target, and what was fitted, in words."""
     text = f"{group_label(key)}  (n={fit.n_seeds}" + (f", {fit.n_diverged} diverged" if fit.n_diverged else "") + ")"
+    if np.isfinite(target):
+        text += f"; target {_fmt(target)}"
     if fit.metric in RATE_METRICS:
         if np.isfinite(fit.p):
             text += f": p̂ = {_fmt(fit.p)} [{_fmt(fit.p_low)}, {_fmt(fit.p_high)}]"
@@ -210,7 +238,7 @@ def group_entry(key, fit, colour, ls, mk) -> Line2D:
     return Line2D([], [], color=colour, ls=ls, marker=mk, ms=5, lw=1.6, label=text)
 
 
-def key_entries(rate_panel: bool, claims, any_floor: bool) -> list:
+def key_entries(rate_panel: bool, claims, any_floor: bool, any_target: bool = False) -> list:
     """The shared key of the drawing conventions, once per figure (not per group)."""
     grey = "0.35"
     entries = [Line2D([], [], color=grey, lw=1.6, marker="o", ms=4, label="IQM over seeds (thick)"),
@@ -220,6 +248,9 @@ def key_entries(rate_panel: bool, claims, any_floor: bool) -> list:
         entries.append(Line2D([], [], color=grey, lw=4, alpha=0.3, label="fitted c + A·n^-b (asymptotic points)"))
         if any_floor:
             entries.append(Line2D([], [], color=grey, ls=(0, (4, 3)), lw=1.0, label="fitted floor ĉ"))
+        if any_target:
+            entries.append(Line2D([], [], color=grey, ls=TARGET_STYLE, lw=1.6,
+                                  label="population target (infinite data, the method's own pairs)"))
         entries += [Line2D([], [], color=grey, ls="none", marker="o", ms=5, label="n_hit(ε) inside the fitting window"),
                     Line2D([], [], color=grey, ls="none", marker="o", mfc="white", ms=4, label="n_hit(ε) outside it"),
                     Line2D([], [], color=grey, lw=1.6, label="fitted n_hit ∝ ε^-p̂")]
@@ -275,9 +306,10 @@ def _one_figure(results, claims, metric, x_name, out_dir: Path, stem: str, title
         prof_ax.set_title("local exponent: flat = asymptotic, rising = not yet")
     for ax in axes[0]:
         ax.grid(True, which="major", color="0.88", lw=0.6)
-    groups = [group_entry(k, f, colour, ls, mk) for (k, f, _), (ls, mk, colour) in zip(results, STYLES)]
+    targets = [target_level(c, metric) for _, _, c in results]
+    groups = [group_entry(k, f, colour, ls, mk, t) for (k, f, _), (ls, mk, colour), t in zip(results, STYLES, targets)]
     any_floor = any(f.c > 0 and np.isfinite(f.b) for _, f, _ in results)
-    keys = key_entries(rate_panel, claims, any_floor)
+    keys = key_entries(rate_panel, claims, any_floor, any(t > 0 for t in targets))
     fig.legend(handles=groups, loc="upper left", bbox_to_anchor=(0.0, 0.0), ncol=1, fontsize=8, frameon=False,
                title="groups", title_fontsize=8, alignment="left")
     fig.legend(handles=keys, loc="upper right", bbox_to_anchor=(1.0, 0.0), ncol=2 if len(keys) > 5 else 1,

@@ -130,6 +130,44 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
     return [page, md]
 
 
+def _final_with_band(curves) -> str:
+    """The IQM at the last evaluation point with its 95% bootstrap band over seeds, as text."""
+    iqm, _, band = plots.curve_bands(curves)
+    seen = np.flatnonzero(np.isfinite(iqm))
+    if not seen.size:
+        return "-"
+    j = seen[-1]
+    return f"{_f(iqm[j])} [{_f(band[0, j])}, {_f(band[1, j])}]"
+
+
+def target_table(overview) -> pd.DataFrame:
+    """Each group against its own population target (issue 13): the target's policy_gap and what it is,
+    the final policy_gap and target_policy_gap_excess (IQM [95% band]), and the rate of approach to the
+    target: the decay exponent b̂ of the excess (c + A·n^-b) and p̂ of its n_hit(ε), with CIs. Empty when
+    no run records a target. Slow and biased separate here: a large target policy_gap is bias, a large
+    final excess or a small b̂ is slowness."""
+    fits = {metric: results for metric, results, _ in overview}
+    gaps = {key["label"]: (fit, curves) for key, fit, curves in fits.get("policy_gap", [])}
+    rows = []
+    for key, fit, curves in fits.get("target_policy_gap_excess", []):
+        level = plots.target_level(curves, "policy_gap")
+        if not np.isfinite(level) or key["label"] not in gaps:
+            continue
+        what = curves.seeds["target.what"].dropna().unique() if "target.what" in curves.seeds else []
+        rows.append({"group": key["label"], "target": "; ".join(map(str, what)) or "-",
+                     "target policy_gap": _f(level),
+                     "final policy_gap": _final_with_band(gaps[key["label"]][1]),
+                     "final excess": _final_with_band(curves),
+                     "decay b̂ of the excess [95% CI]": f"{_f(fit.b)} [{_f(fit.b_low)}, {_f(fit.b_high)}]",
+                     "p̂ of the excess [95% CI]": f"{_f(fit.p)} [{_f(fit.p_low)}, {_f(fit.p_high)}] ({fit.status})"})
+    return pd.DataFrame(rows)
+
+
+TARGET_NOTE = ("target = what the method converges to with infinite data from its own sampling scheme "
+               "(run.json `target`, algorithms/targets.py); excess = policy_gap − target policy_gap. A large target "
+               "policy_gap is bias, a large final excess or a slow decay is slowness.")
+
+
 def _fit_table(results) -> pd.DataFrame:
     """The fit table of `ratebench fit` (groups named by what differs), one home for its columns."""
     from ratebench.analysis.commands import fit_display, fit_rows
@@ -200,6 +238,9 @@ def render_markdown(sections, overview, loaded, base: Path, header: str = "") ->
         lines += ["", f"Config hashes: {', '.join(f'`{h}`' for h in s['hashes'])}", "",
                   f"Reproduce: `{s['reproduce']}`; the commands recorded in the runs:", "", "```"]
         lines += s["commands"] + ["```", ""]
+    targets = target_table(overview)
+    if not targets.empty:
+        lines += ["## Each method against its own population target", "", TARGET_NOTE, "", markdown_table(targets), ""]
     lines += ["## All runs", ""]
     for metric, results, pngs in overview:
         lines += [f"### {metric}", "", markdown_table(_fit_table(results)), ""]
@@ -257,6 +298,10 @@ def render_html(sections, overview, loaded, header: str = "") -> str:
         parts.append(f"<p>Config hashes: {', '.join(f'<code>{e(h)}</code>' for h in s['hashes'])}</p>")
         parts.append(f"<p>Reproduce: <code>{e(s['reproduce'])}</code>; the commands recorded in the runs:</p>"
                      f"<pre>{e(chr(10).join(s['commands']))}</pre>")
+    targets = target_table(overview)
+    if not targets.empty:
+        parts.append(f"<h2>Each method against its own population target</h2><p>{e(TARGET_NOTE)}</p>"
+                     + _table(targets))
     parts.append("<h2>All runs</h2>")
     for metric, results, pngs in overview:
         parts.append(f"<h3>{e(metric)}</h3>" + _table(_fit_table(results)))

@@ -29,6 +29,29 @@ class Evaluator:
             problem.derived.setdefault("psi_reference", penalty.PsiReference(problem, local_argmin))
         self.true_rewards = problem.true_step_tables()
         self.j_star = float(exact.optimal_value(problem, self.true_rewards)[0])
+        # the method's own population targets (algorithms/targets.py), scored like a state; a bare F* float
+        # carries no argmin to build the bilevel's from, and a duck-typed state reader (tests) may know none
+        targets_of = getattr(algorithm, "population_targets", None)
+        found = {} if isinstance(reference, (int, float)) or targets_of is None else targets_of(reference)
+        self.targets = {name: self.target_record(t) for name, t in found.items()}
+        self.target_policy_gap = self.targets["target"]["policy_gap"] if "target" in self.targets else math.nan
+
+    def policy_gap(self, logps) -> torch.Tensor:
+        """J* - J(pi) of per-step log-prob tables (B,)."""
+        return self.j_star - exact.policy_value(self.problem, self.true_rewards, logps)
+
+    def target_record(self, target) -> dict:
+        """run.json's `target`: the target's policy_gap, gap, gap_local and reward_err (null without a reward),
+        what it is, and the residual of its solve."""
+        with torch.no_grad():
+            record = {"what": target.what, "policy_gap": float(self.policy_gap(target.logps)[0]),
+                      "gap": None, "gap_local": None, "reward_err": None,
+                      "residual": target.residual, "solved": target.solved}
+            if target.rewards is not None:
+                objective = exact.bilevel_objective(self.problem, target.rewards)
+                record.update(gap=float(objective[0]) - self.f_star, gap_local=float(objective[0]) - self.f_star_local,
+                              reward_err=float(exact.reward_error(self.problem, target.rewards)[0]))
+        return record
 
     def gap(self, objective: torch.Tensor) -> torch.Tensor:
         """F(nu_t) - F* (B,); raises if any value is below NEGATIVE_GAP (F* was not the infimum)."""
@@ -44,7 +67,7 @@ class Evaluator:
         problem, algo = self.problem, self.algorithm
         with torch.no_grad():
             logps = [lp.detach() for lp in algo.policy_log_probs(state)]
-            policy_gap = self.j_star - exact.policy_value(problem, self.true_rewards, logps)
+            policy_gap = self.policy_gap(logps)
             kl_ref = exact.kl_to_ref(problem, logps)
         estimate = algo.reward_model(state)
         lam = algo.schedule(state).get("lam")
@@ -78,6 +101,7 @@ class Evaluator:
             "grad_sq": grad_sq,
             "psi_grad_sq": psi_grad_sq,
             "policy_gap": policy_gap,
+            "target_policy_gap_excess": policy_gap - self.target_policy_gap,  # slow (> 0) vs biased (the target's)
             "psi_gap": psi_gap,
             "reward_err": reward_err,
             "kl_ref": kl_ref,

@@ -312,6 +312,7 @@ def test_runs_without_the_new_columns_load_as_nan_with_one_note(tmp_path, capsys
         frame["grad_sq"], frame["policy_gap"] = frame["gap"] ** 2, frame["gap"]
         if new:
             frame["gap_local"], frame["lower_gap"], frame["psi_grad_sq"] = frame["gap"] / 2, 0.0 * frame["gap"], frame["gap"] ** 2
+            frame["target_policy_gap_excess"] = frame["gap"]  # the current format (issue 13) has it too
         frame.to_parquet(folder / "metrics.parquet", index=False)
     with pytest.warns(UserWarning, match="1 run\\(s\\) predate the metric columns") as caught:
         loaded = load(tmp_path)
