@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
@@ -56,8 +58,7 @@ def hydra_entry(cfg) -> float:
     hc = HydraConfig.get()
     with ParentWatch() as watch:  # a sweep worker stops (checkpointed) when its launcher dies
         try:
-            _job(cfg, hc)
-            return 0.0
+            return _job(cfg, hc)
         except Interrupted as exc:
             report_outcome(hc.runtime.output_dir, "failed", exc.code)
             watch.exit_if_orphaned(exc.code)
@@ -73,7 +74,9 @@ def hydra_entry(cfg) -> float:
     raise SystemExit(code)
 
 
-def _job(cfg, hc) -> None:
+def _job(cfg, hc) -> float:
+    """Run (or skip) the job; returns its `objective` for a sweeper (0.0 without one)."""
+    from ratebench.records import objective_value
     from ratebench.runner import run_or_skip
 
     record, skipped = run_or_skip(cfg, Path(hc.runtime.output_dir), experiment=hc.runtime.choices.get("experiment"))
@@ -84,3 +87,9 @@ def _job(cfg, hc) -> None:
         print(f"ratebench: wrote {hc.runtime.output_dir}/metrics.parquet and run.json "
               f"({record['counters']['samples']:,d} samples, {len(record['seeds'])} seeds"
               f"{f', resumed from step {resumed}' if resumed is not None else ''})")
+    if cfg.get("objective") is None:
+        return 0.0
+    metrics = pd.read_parquet(Path(hc.runtime.output_dir) / "metrics.parquet")
+    value = objective_value(metrics, record, cfg.objective)
+    print(f"ratebench: objective {cfg.objective} (mean final over seeds) = {value:.6g}")
+    return value

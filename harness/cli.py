@@ -372,7 +372,7 @@ def _describe(exc: BaseException) -> str:
             options.append(line.strip())
         options = [o for o in options if not o.endswith("_schema")]
         return f"{group}: unknown value {value!r}; allowed: {', '.join(options)}"
-    cause = exc.__cause__ or exc
+    cause = exc.__cause__ or exc.__context__ or exc  # Hydra re-raises some OmegaConf errors without `from`
     key = getattr(cause, "full_key", None)
     msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
     return f"{key}: {msg}" if key else f"{text.splitlines()[0]}: {msg}" if cause is not exc else text.splitlines()[0]

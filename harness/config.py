@@ -14,6 +14,7 @@ from ratebench.bounds import check_bounds
 from ratebench.envs import ENVIRONMENTS
 from ratebench.errors import ConfigError
 from ratebench.live_log import check_logger
+from ratebench.records import OBJECTIVES
 
 
 @dataclass
@@ -48,6 +49,9 @@ class RunConfig:
     # SPEC §3). In the hashes: at tiny batches the method amplifies round-off, so a seed's long run
     # differs between the two (docs/fast.md). Algorithms without a fast path run the reference.
     impl: str = "fast"
+    # what a job returns to Hydra's sweeper (the Optuna sweeper minimises it: docs/sweeps.md "Tuning"): null
+    # (0.0) or a metric column, then the mean over seeds of its final value. Cannot change a result.
+    objective: Optional[str] = None
 
 
 def register() -> None:
@@ -77,7 +81,11 @@ def compose(overrides=(), with_hydra: bool = False) -> DictConfig:
 
 
 def to_dataclass(node: Any, schema: type, where: str):
-    """Typed copy of a config node (DictConfig or dict) as `schema`, errors naming the field."""
+    """Typed copy of a config node (DictConfig or dict) as `schema`, errors naming the field.
+    Interpolations (`algorithm.c_alpha_z='${algorithm.c_alpha}'`) are resolved first, against the whole
+    config the node belongs to: merged into the bare schema they would have no root to resolve from."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
     merged = OmegaConf.merge(OmegaConf.structured(schema), node)
     return OmegaConf.to_object(merged) if isinstance(merged, DictConfig) else merged
 
@@ -142,6 +150,9 @@ def validate(cfg: DictConfig) -> Validated:
     check_logger(str(cfg.get("logger", "none")))
     if not cfg.checkpoint_every_s >= 0:
         raise ConfigError("checkpoint_every_s", f"must be >= 0 seconds, got {cfg.checkpoint_every_s}")
+    objective = cfg.get("objective")
+    if objective is not None and objective not in OBJECTIVES:
+        raise ConfigError("objective", f"must be null or one of {list(OBJECTIVES)}, got {objective!r}")
     impl = cfg.get("impl", "fast")
     if impl not in IMPLS:
         raise ConfigError("impl", f"must be one of {list(IMPLS)}, got {impl!r}")

@@ -8,12 +8,27 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 METRIC_COLUMNS = ["gap", "grad_sq", "policy_gap", "psi_gap", "reward_err", "kl_ref"]
+# what a sweep may minimise (config `objective`): the metrics every algorithm has
+OBJECTIVES = ("policy_gap", "target_policy_gap_excess", "gap", "gap_local", "reward_err")
+
+
+def objective_value(metrics: pd.DataFrame, record: dict, metric: str) -> float:
+    """The mean over seeds of each seed's last value of `metric`: what a tuning trial reports. +inf when a
+    seed did not complete (diverged or failed) or has no finite last value, so a sweeper never prefers a
+    configuration that blows up on some seeds."""
+    if any(st.get("status") != "completed" for st in record["status"].values()) or metrics.empty:
+        return float("inf")
+    last = metrics.sort_values(["seed", "samples"]).drop_duplicates("seed", keep="last").set_index("seed")[metric]
+    if len(last) != len(record["seeds"]) or not bool(np.isfinite(last.to_numpy(float)).all()):
+        return float("inf")
+    return float(last.mean())
 BASE_COLUMNS = ["seed", "step", "samples", "queries"]
 OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite",
-                    "logger")  # cannot change a result: not in the hashes, nor in group labels (impl can: docs/fast.md)
+                    "logger", "objective")  # cannot change a result: not in the hashes, nor in group labels (impl can: docs/fast.md)
 
 
 FAULT_ENV = "RATEBENCH_FAULT"  # test hook: "<file name>:<write point>[:<n>]" exits the process there (tests only)
