@@ -23,7 +23,7 @@ from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys,
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
 from ratebench.analysis.labels import group_config, group_labels, natural_order, short_key
 from ratebench.analysis.load import Loaded, RunRecordError, load, read_record
-from ratebench.analysis.tables import latex_table
+from ratebench.analysis.tables import latex_table, number_text
 from ratebench.catalog import claim_files, conf_dir
 from ratebench.errors import ConfigError
 from ratebench.records import code_fingerprint, unwritable_reason
@@ -267,10 +267,6 @@ def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: Fi
     return out
 
 
-def _fmt(v, nd=3) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}g}"
-
-
 def fit_rows(results, metric: str, x_name: str) -> list[dict]:
     rows = []
     skip = ("algorithm", "env", "config_hash", "config_hashes", "label")
@@ -303,9 +299,9 @@ def fit_command(ns) -> int:
                 print(fit.arrays["sensitivity"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
             if "profile" in fit.arrays:
                 at = fit.arrays["profile_trend"]["eps_eval"]
-                print(f"\nlocal exponent p(ε) on half-decade sub-windows (trend {_fmt(fit.p_trend)} per decade "
-                      f"of 1/ε; at ε = {at:.3g}: {_fmt(fit.p_local)} [{_fmt(fit.p_local_low)}, "
-                      f"{_fmt(fit.p_local_high)}]): {key['label']}")
+                print(f"\nlocal exponent p(ε) on half-decade sub-windows (trend {number_text(fit.p_trend)} per decade "
+                      f"of 1/ε; at ε = {at:.3g}: {number_text(fit.p_local)} [{number_text(fit.p_local_low)}, "
+                      f"{number_text(fit.p_local_high)}]): {key['label']}")
                 print(fit.arrays["profile"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
@@ -329,9 +325,9 @@ def fit_display(rows: list[dict]) -> pd.DataFrame:
     extra = [k for k in rows[0] if k.startswith("cfg.")] if rows else []
     return pd.DataFrame([{
         "group": r["label"], **{short_key(k): r[k] for k in extra},
-        "p̂": _fmt(r["p"]), "95% CI": f"[{_fmt(r['p_low'])}, {_fmt(r['p_high'])}]", "b̂": _fmt(r["b"]),
-        "b CI": f"[{_fmt(r['b_low'])}, {_fmt(r['b_high'])}]", "floor ĉ": _fmt(r["c"]),
-        "ε window": f"[{_fmt(r['eps_low'])}, {_fmt(r['eps_high'])}]", "levels": r["n_levels"],
+        "p̂": number_text(r["p"]), "95% CI": f"[{number_text(r['p_low'])}, {number_text(r['p_high'])}]", "b̂": number_text(r["b"]),
+        "b CI": f"[{number_text(r['b_low'])}, {number_text(r['b_high'])}]", "floor ĉ": number_text(r["c"]),
+        "ε window": f"[{number_text(r['eps_low'])}, {number_text(r['eps_high'])}]", "levels": r["n_levels"],
         "seeds": r["n_seeds"], "diverged": r["n_diverged"], "failed": r["n_failed"],
         "status": r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"} for r in rows])
 
@@ -613,10 +609,10 @@ def verdict_row(v: Verdict, note: str = "") -> dict:
 def format_verdicts(rows: list[dict]) -> str:
     table = pd.DataFrame([{
         "claim": r["claim"], "metric": r["metric"],
-        "claimed": ("≤ " if r["relation"] == "upper_bound" else "= ") + _fmt(r["claimed_p"]) +
-                   (f" ± {_fmt(r['tolerance'])}" if r["relation"] == "equals" else ""),
-        "p̂": _fmt(r.get("p")), "95% CI": f"[{_fmt(r.get('p_low'))}, {_fmt(r.get('p_high'))}]",
-        "ε window": f"[{_fmt(r.get('eps_low'))}, {_fmt(r.get('eps_high'))}]",
+        "claimed": ("≤ " if r["relation"] == "upper_bound" else "= ") + number_text(r["claimed_p"]) +
+                   (f" ± {number_text(r['tolerance'])}" if r["relation"] == "equals" else ""),
+        "p̂": number_text(r.get("p")), "95% CI": f"[{number_text(r.get('p_low'))}, {number_text(r.get('p_high'))}]",
+        "ε window": f"[{number_text(r.get('eps_low'))}, {number_text(r.get('eps_high'))}]",
         "seeds": r.get("n_seeds", 0), "diverged": r.get("n_diverged", 0), "instances": r.get("n_instances", 0),
         "worst": "-" if r.get("worst_instance") is None or r.get("n_instances", 0) < 2 else r["worst_instance"],
         "verdict": r["verdict"]} for r in rows])
@@ -714,9 +710,9 @@ def compare_command(ns) -> int:
     else:
         print(f"p̂_a − p̂_b on {ns.metric} vs {ns.x} (N(ε) ∝ ε^-p; < 0: a needs fewer {ns.x}), paired bootstrap "
               f"95% CI over the (instance, seed) pairs both groups ran")
-        shown = pd.DataFrame({"a": table["a"], "b": table["b"], "p̂_a": table["p_a"].map(_fmt),
-                              "p̂_b": table["p_b"].map(_fmt), "p̂_a − p̂_b": table["diff"].map(_fmt),
-                              "95% CI": [f"[{_fmt(lo)}, {_fmt(hi)}]" for lo, hi in zip(table["diff_low"],
+        shown = pd.DataFrame({"a": table["a"], "b": table["b"], "p̂_a": table["p_a"].map(number_text),
+                              "p̂_b": table["p_b"].map(number_text), "p̂_a − p̂_b": table["diff"].map(number_text),
+                              "95% CI": [f"[{number_text(lo)}, {number_text(hi)}]" for lo, hi in zip(table["diff_low"],
                                                                                        table["diff_high"])],
                               "shared": table["n_shared"], "unit": table["boot_unit"],
                               "status": [st if st == "ok" else f"{st}: {why}" for st, why in

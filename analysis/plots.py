@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +18,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
 from ratebench.analysis.stats import bootstrap_counts, trimmed_mean
+from ratebench.analysis.tables import number_text
 
 METRIC_LABELS = {
     "gap": "gap  F(ν_t) − F*  (global inf)  [nats]",
@@ -42,6 +44,7 @@ CLAIM_STYLES = [(0, (2, 2)), (0, (6, 2)), (0, (1, 3))]
 # Metrics whose n_hit(ε) has a rate meaning (they should fall to 0); kl_ref grows from 0 by design.
 RATE_METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "psi_grad_sq", "policy_gap", "target_policy_gap_excess",
                 "psi_gap", "reward_err")
+legend_number = partial(number_text, infinite="∞")  # an unbounded CI end reads as ∞ in a legend
 SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
@@ -218,18 +221,14 @@ def draw_profile(ax, results, claims) -> None:
     log_ticks(ax.xaxis)
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}" if np.isfinite(v) else "∞" if v == np.inf else "-"
-
-
 def group_entry(key, fit, colour, ls, mk, target: float = np.nan) -> Line2D:
     """One legend entry per group: its name, seeds, its population target, and what was fitted, in words."""
     text = f"{group_label(key)}  (n={fit.n_seeds}" + (f", {fit.n_diverged} diverged" if fit.n_diverged else "") + ")"
     if np.isfinite(target):
-        text += f"; target {_fmt(target)}"
+        text += f"; target {legend_number(target)}"
     if fit.metric in RATE_METRICS:
         if np.isfinite(fit.p):
-            text += f": p̂ = {_fmt(fit.p)} [{_fmt(fit.p_low)}, {_fmt(fit.p_high)}]"
+            text += f": p̂ = {legend_number(fit.p)} [{legend_number(fit.p_low)}, {legend_number(fit.p_high)}]"
             text += "" if fit.status == "ok" else f" ({fit.status})"
         else:
             text += f": no p̂ ({fit.status})"

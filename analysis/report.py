@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -15,11 +14,7 @@ from ratebench.analysis import plots
 from ratebench.analysis.claims import UPPER_BOUND_CAVEAT
 from ratebench.analysis.curves import METRICS, has_positive
 from ratebench.analysis.load import RunRecordError, read_record
-from ratebench.analysis.tables import markdown_table
-
-
-def _f(v, nd=3) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}g}"
+from ratebench.analysis.tables import markdown_table, number_text
 
 
 def commands_of(seeds: pd.DataFrame) -> list[str]:
@@ -137,7 +132,7 @@ def _final_with_band(curves) -> str:
     if not seen.size:
         return "-"
     j = seen[-1]
-    return f"{_f(iqm[j])} [{_f(band[0, j])}, {_f(band[1, j])}]"
+    return f"{number_text(iqm[j])} [{number_text(band[0, j])}, {number_text(band[1, j])}]"
 
 
 def target_table(overview) -> pd.DataFrame:
@@ -155,11 +150,11 @@ def target_table(overview) -> pd.DataFrame:
             continue
         what = curves.seeds["target.what"].dropna().unique() if "target.what" in curves.seeds else []
         rows.append({"group": key["label"], "target": "; ".join(map(str, what)) or "-",
-                     "target policy_gap": _f(level),
+                     "target policy_gap": number_text(level),
                      "final policy_gap": _final_with_band(gaps[key["label"]][1]),
                      "final excess": _final_with_band(curves),
-                     "decay b̂ of the excess [95% CI]": f"{_f(fit.b)} [{_f(fit.b_low)}, {_f(fit.b_high)}]",
-                     "p̂ of the excess [95% CI]": f"{_f(fit.p)} [{_f(fit.p_low)}, {_f(fit.p_high)}] ({fit.status})"})
+                     "decay b̂ of the excess [95% CI]": f"{number_text(fit.b)} [{number_text(fit.b_low)}, {number_text(fit.b_high)}]",
+                     "p̂ of the excess [95% CI]": f"{number_text(fit.p)} [{number_text(fit.p_low)}, {number_text(fit.p_high)}] ({fit.status})"})
     return pd.DataFrame(rows)
 
 
@@ -186,23 +181,23 @@ def _claim_rows(s) -> list[tuple[str, str]]:
                             f"[{c.eps_min:g}, {c.eps_max:g}]"),
             ("claimed exponent (metric units)", rel), ("verdict", s["verdict"]), ("why", s["reason"])]
     if f is not None:
-        rows += [("p̂ and 95% CI", f"{_f(f.p)} [{_f(f.p_low)}, {_f(f.p_high)}]"),
-                 ("fitting window (ε)", f"[{_f(f.eps_low)}, {_f(f.eps_high)}], {f.n_levels} levels"),
-                 ("decay exponent b̂ (c + A·n^-b)", f"{_f(f.b)} [{_f(f.b_low)}, {_f(f.b_high)}], floor ĉ = {_f(f.c)} "
-                                                   f"[{_f(f.c_low)}, {_f(f.c_high)}]"),
+        rows += [("p̂ and 95% CI", f"{number_text(f.p)} [{number_text(f.p_low)}, {number_text(f.p_high)}]"),
+                 ("fitting window (ε)", f"[{number_text(f.eps_low)}, {number_text(f.eps_high)}], {f.n_levels} levels"),
+                 ("decay exponent b̂ (c + A·n^-b)", f"{number_text(f.b)} [{number_text(f.b_low)}, {number_text(f.b_high)}], floor ĉ = {number_text(f.c)} "
+                                                   f"[{number_text(f.c_low)}, {number_text(f.c_high)}]"),
                  ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_failed} failed, "
                            f"{f.n_strata} configuration(s)")]
     if len(s.get("per_instance", {})) > 1:
-        parts = [f"{i}: {_f(fi.p)} [{_f(fi.p_low)}, {_f(fi.p_high)}] {fi.status}"
+        parts = [f"{i}: {number_text(fi.p)} [{number_text(fi.p_low)}, {number_text(fi.p_high)}] {fi.status}"
                  + (" (worst)" if i == s["worst_instance"] else "") for i, fi in s["per_instance"].items()]
         rows.append(("p̂ per instance (judged on the worst)", "; ".join(parts)))
         pooled = s.get("pooled")
         if pooled is not None:
             rows.append(("pooled over instances (hierarchical bootstrap)",
-                         f"{_f(pooled.p)} [{_f(pooled.p_low)}, {_f(pooled.p_high)}]"))
+                         f"{number_text(pooled.p)} [{number_text(pooled.p_low)}, {number_text(pooled.p_high)}]"))
     if f is not None and np.isfinite(getattr(f, "p_local", np.nan)):
-        rows.append(("local exponent at ε_min", f"{_f(f.p_local)} [{_f(f.p_local_low)}, {_f(f.p_local_high)}], "
-                                                f"trend {_f(f.p_trend)} per decade of 1/ε"))
+        rows.append(("local exponent at ε_min", f"{number_text(f.p_local)} [{number_text(f.p_local_low)}, {number_text(f.p_local_high)}], "
+                                                f"trend {number_text(f.p_trend)} per decade of 1/ε"))
     if s.get("premise"):
         rows.append(("premise (ratebench audit)", s["premise"]))
     if s["note"]:
@@ -220,9 +215,9 @@ def render_markdown(sections, overview, loaded, base: Path, header: str = "") ->
     for s in sections:
         c, f = s["claim"], s["fit"]
         claimed = ("≤ " if c.relation == "upper_bound" else "= ") + f"{c.metric_exponent:g}"
-        lines.append(f"| {c.id} | {c.metric} | {claimed} | {_f(f.p) if f else '-'} | "
-                     f"[{_f(f.p_low) if f else '-'}, {_f(f.p_high) if f else '-'}] | "
-                     f"[{_f(f.eps_low) if f else '-'}, {_f(f.eps_high) if f else '-'}] | **{s['verdict']}** |")
+        lines.append(f"| {c.id} | {c.metric} | {claimed} | {number_text(f.p) if f else '-'} | "
+                     f"[{number_text(f.p_low) if f else '-'}, {number_text(f.p_high) if f else '-'}] | "
+                     f"[{number_text(f.eps_low) if f else '-'}, {number_text(f.eps_high) if f else '-'}] | **{s['verdict']}** |")
     lines += ["", UPPER_BOUND_CAVEAT, ""]
     for s in sections:
         c = s["claim"]
@@ -278,9 +273,9 @@ def render_html(sections, overview, loaded, header: str = "") -> str:
     for s in sections:
         c, f = s["claim"], s["fit"]
         claimed = ("≤ " if c.relation == "upper_bound" else "= ") + f"{c.metric_exponent:g}"
-        parts.append(f"<tr><td>{e(c.id)}</td><td>{c.metric}</td><td>{claimed}</td><td>{_f(f.p) if f else '-'}</td>"
-                     f"<td>[{_f(f.p_low) if f else '-'}, {_f(f.p_high) if f else '-'}]</td>"
-                     f"<td>[{_f(f.eps_low) if f else '-'}, {_f(f.eps_high) if f else '-'}]</td>"
+        parts.append(f"<tr><td>{e(c.id)}</td><td>{c.metric}</td><td>{claimed}</td><td>{number_text(f.p) if f else '-'}</td>"
+                     f"<td>[{number_text(f.p_low) if f else '-'}, {number_text(f.p_high) if f else '-'}]</td>"
+                     f"<td>[{number_text(f.eps_low) if f else '-'}, {number_text(f.eps_high) if f else '-'}]</td>"
                      f"<td class='{s['verdict']}'>{s['verdict']}</td></tr>")
     parts.append(f"</table><p>{e(UPPER_BOUND_CAVEAT)}</p>")
     for s in sections:

@@ -21,6 +21,16 @@ def cell_text(value, digits: int = 3) -> str:
     return str(value)
 
 
+def number_text(value, digits: int = 3, infinite: str = "-") -> str:
+    """A number as text to `digits` significant figures; None/NaN as '-', +-inf as `infinite`
+    (the one number format of fit tables, reports, verdict lines and legends)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return infinite if value > 0 else "-"
+    return f"{value:.{digits}g}"
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown pipe table (| a | b |), pipes inside cells escaped."""
     def row(cells):
