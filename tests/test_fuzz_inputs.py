@@ -39,11 +39,27 @@ def one_line(message: str) -> bool:
 @example(["env=0"])  # what the fuzz found: tracebacks from Hydra's own checks, and a multi-line parse error
 @example(["experiment=[1,1]"])
 @example(["env=#"])
-def test_any_overrides_validate_or_are_refused_in_one_line(overrides):
-    try:
+def test_any_overrides_validate_or_are_refused_in_one_line(monkeypatch, capsys, tmp_path, overrides):
+    """Through the command itself (`ratebench run <overrides>`), with the Hydra job replaced by a stub that
+    only records that it was reached: either the job starts (exit 0) or the command refuses with exit 2 and
+    one line, before the job; never 1 (a verdict's status) or 3 (our bug)."""
+    import ratebench.app
+
+    started = []
+    monkeypatch.setattr(ratebench.app, "hydra_entry", lambda: started.append(True))
+    capsys.readouterr()
+    code = main(["run", *overrides, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    err = capsys.readouterr().err
+    if code == 2:
+        assert not started and one_line(err) and err.startswith("ratebench: error:"), (overrides, err)
+    else:
+        assert code == 0 and started, (overrides, code, err)
+    try:  # the same decision as the pre-run validation alone
         _prevalidate(overrides, multirun=False)
     except _BadInput as exc:
-        assert one_line(str(exc)), (overrides, str(exc))
+        assert code == 2 and one_line(str(exc)), (overrides, str(exc))
+    else:
+        assert code == 0, (overrides, err)
 
 
 CLAIM_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
