@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import sys
 import time
 import warnings
@@ -207,14 +208,15 @@ class _Job:
         self.live_log = live_logger(cfg.get("logger"), out_dir)  # logger=tensorboard: watch a long run
 
     # --- checkpoints -----------------------------------------------------------------------------
-    def _snapshot(self) -> dict:
+    def _snapshot(self, written_on: str = "schedule") -> dict:
+        """written_on: "schedule" (checkpoint_every_s) or the signal that stopped the job (SIGTERM, ...)."""
         rows = pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame()
         return {"run_hash": self.run_hash, "algorithm": self.algo.state_dict(self.state),
                 "sampler": self.sampler.state_dict(), "counters": dict(vars(self.counters)),
                 "alive": self.alive.clone(), "status": {str(s): dict(st) for s, st in self.status.items()},
                 "rows": checkpoint.frame_to_columns(rows), "wall": self.wall, "eval_s": self.eval_s,
                 "next_point": self.next_point, "last_recorded": self.last_recorded,
-                "psi_reference": self._psi_cache()}
+                "psi_reference": self._psi_cache(), "written_on": written_on}
 
     def _psi_cache(self) -> dict:
         """min psi_lam per solved lam (envs/penalty.py PsiReference): each solve is warm-started from the
@@ -244,8 +246,9 @@ class _Job:
 
             ref = self.problem.derived.setdefault("psi_reference", PsiReference(self.problem))
             ref.cache = {float(lam): (float(value), x) for lam, value, x in zip(psi["lam"], psi["value"], psi["argmin"])}
-        print(f"resuming {self.out_dir} from step {self.counters.step} ({self.counters.samples:,d} samples)",
-              flush=True)
+        why = saved.get("written_on", "schedule")
+        print(f"resuming {self.out_dir} from step {self.counters.step} ({self.counters.samples:,d} samples; "
+              f"checkpoint written {'on ' + why if why != 'schedule' else 'on schedule'})", flush=True)
         return self.counters.step
 
     def _maybe_checkpoint(self, at_evaluation: bool) -> None:
@@ -327,7 +330,7 @@ class _Job:
     def _stop(self, signum: int) -> None:
         """SIGTERM / SIGINT in the loop: checkpoint now (the state is consistent at the end of a step),
         one line, and Interrupted (exit 128 + signum)."""
-        checkpoint.save(self.out_dir, self._snapshot())
+        checkpoint.save(self.out_dir, self._snapshot(written_on=signal.Signals(signum).name))
         print(f"ratebench: interrupted at step {self.counters.step}; re-run to resume ({self.out_dir})",
               file=sys.stderr, flush=True)
         raise Interrupted(signum)

@@ -54,6 +54,19 @@ SIGTERM_SWEEP = pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.ski
     os.environ.get("RATEBENCH_SWEEP_TESTS") != "all", reason="~12 s CPU; set RATEBENCH_SWEEP_TESTS=all"))
 
 
+def _checkpoint(job) -> dict:
+    """The checkpoint payload of a job folder (its sha256 verified), whatever its run hash."""
+    import io
+
+    import torch
+
+    from ratebench.checkpoint import verified_payload
+
+    payload = verified_payload((job / "checkpoint.pt").read_bytes())
+    assert payload is not None, f"{job}/checkpoint.pt does not verify"
+    return torch.load(io.BytesIO(payload), weights_only=True)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("signum", [pytest.param(signal.SIGKILL, id="SIGKILL"), SIGTERM_SWEEP])
 def test_joblib_workers_die_with_their_launcher(tmp_path, signum):
@@ -87,8 +100,9 @@ def test_joblib_workers_die_with_their_launcher(tmp_path, signum):
     # each worker checkpointed on the way out and wrote no result: a re-run resumes both jobs
     jobs = [d for d in sweep.iterdir() if d.is_dir() and not d.name.startswith(".")]
     assert len(jobs) == 2
-    for job in jobs:
+    for job in jobs:  # written by the stop the watch sent, not only by the schedule before the kill
         assert (job / "checkpoint.pt").exists() and not (job / "run.json").exists()
+        assert _checkpoint(job)["written_on"] == "SIGTERM"
         assert not list(job.glob(".*.tmp"))
 
 
@@ -142,3 +156,4 @@ def test_a_worker_stops_checkpointed_when_its_launcher_gets_sigterm(compose_conf
         if running(worker):
             os.kill(worker, signal.SIGKILL)
     assert (out / "checkpoint.pt").exists() and not (out / "run.json").exists()
+    assert _checkpoint(out)["written_on"] == "SIGTERM"  # the stop's own checkpoint, not the schedule's
