@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import sys
 import warnings
 from pathlib import Path
 
@@ -45,16 +44,22 @@ def load(out_dir: Path, run_hash: str) -> dict | None:
     try:
         data = verified_payload(path.read_bytes())
         if data is None:
-            warnings.warn(f"discarding checkpoint {path}: its checksum does not match its contents (corrupted or "
-                          f"written by an older ratebench); the job starts over", stacklevel=2)
-            return None
+            return _discard(path, "its checksum does not match its contents (corrupted or written by an older "
+                                  "ratebench)")
         payload = torch.load(io.BytesIO(data), weights_only=True)
     except Exception as exc:  # noqa: BLE001  (foreign file: any unpickling error) start over, not crash
-        print(f"ratebench: ignoring unreadable checkpoint {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("run_hash") != run_hash:
-        return None
+        return _discard(path, f"it cannot be read ({type(exc).__name__}: {exc})")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        return _discard(path, f"it is not a checkpoint of this ratebench format ({FORMAT})")
+    if payload.get("run_hash") != run_hash:
+        return _discard(path, f"it belongs to another run (run_hash {payload.get('run_hash')}, not {run_hash})")
     return payload
+
+
+def _discard(path: Path, why: str) -> None:
+    """The one way a checkpoint is refused: a warning naming the file and why; the job starts over."""
+    warnings.warn(f"discarding checkpoint {path}: {why}; the job starts over", stacklevel=3)
+    return None
 
 
 def remove(out_dir: Path) -> None:

@@ -142,9 +142,14 @@ def test_a_killed_checkpoint_write_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unreadable_or_foreign_checkpoint_is_ignored(tmp_path):
+def test_unreadable_or_foreign_checkpoint_is_ignored_with_a_warning_saying_why(tmp_path):
     (tmp_path / checkpoint.FILENAME).write_bytes(b"not a checkpoint")
-    assert checkpoint.load(tmp_path, "abc") is None
+    with pytest.warns(UserWarning, match="discarding checkpoint .*checksum does not match"):
+        assert checkpoint.load(tmp_path, "abc") is None
+    checkpoint.save(tmp_path, {"run_hash": "other", "format": checkpoint.FORMAT - 1})  # an older layout
+    with pytest.warns(UserWarning, match="discarding checkpoint .*not a checkpoint of this ratebench format"):
+        assert checkpoint.load(tmp_path, "other") is None
     checkpoint.save(tmp_path, {"run_hash": "other"})
-    assert checkpoint.load(tmp_path, "abc") is None
+    with pytest.warns(UserWarning, match="discarding checkpoint .*belongs to another run .*other"):
+        assert checkpoint.load(tmp_path, "abc") is None
     assert checkpoint.load(tmp_path, "other")["run_hash"] == "other"
