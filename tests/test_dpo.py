@@ -14,6 +14,8 @@ from ratebench.envs.bandit import BanditConfig
 from ratebench.envs.exact import policy_value, soft_optimal, trajectory_probs, trajectory_returns
 from ratebench.sampling import Counters, CountingSampler
 
+from independent_solvers import torch_lbfgs
+
 D = torch.float64
 
 
@@ -62,20 +64,9 @@ def test_gradient_in_tabular_logits_is_closed_form():
 
 
 def _tabular_minimiser(objective, shape, max_iter=500) -> torch.Tensor:
-    """argmin over tabular logits z of objective(log_softmax tables), strong-Wolfe L-BFGS."""
-    z = torch.zeros(shape, dtype=D, requires_grad=True)
-    opt = torch.optim.LBFGS([z], lr=1.0, max_iter=max_iter, tolerance_grad=1e-13, tolerance_change=1e-16,
-                            history_size=30, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        value = objective(z)
-        value.backward()
-        return value
-
-    for _ in range(4):
-        opt.step(closure)
-    return z.detach()
+    """argmin over tabular logits z of objective(log_softmax tables), with the independent solver."""
+    return torch_lbfgs(lambda zs: objective(zs[0]), [torch.zeros(shape, dtype=D)], rounds=4, max_iter=max_iter,
+                       tol=1e-13)[0]
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.3])

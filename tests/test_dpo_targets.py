@@ -12,6 +12,8 @@ from ratebench.algorithms.dpo import population_loss, population_target
 from ratebench.config import compose, validate
 from ratebench.envs.exact import policy_value, soft_optimal
 
+from independent_solvers import torch_lbfgs
+
 D = torch.float64
 
 
@@ -28,19 +30,10 @@ def _policy_gap(problem, logps) -> torch.Tensor:
 def _independent_minimiser(problem, beta):
     """torch.optim.LBFGS (strong Wolfe) on one start at pi_ref: a solver separate from minimise_rows."""
     ref = problem.ref_log_probs()
-    zs = [torch.zeros(r.shape[1:], dtype=D, requires_grad=True) for r in ref]
-    opt = torch.optim.LBFGS(zs, lr=1.0, max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-16,
-                            history_size=30, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        value = population_loss(problem, [torch.log_softmax(r + z, -1) for r, z in zip(ref, zs)], beta).sum()
-        value.backward()
-        return value
-
-    for _ in range(3):
-        opt.step(closure)
-    return [torch.log_softmax(r + z.detach(), -1) for r, z in zip(ref, zs)]
+    tables = lambda zs: [torch.log_softmax(r + z, -1) for r, z in zip(ref, zs)]  # noqa: E731
+    zs = torch_lbfgs(lambda zs: population_loss(problem, tables(zs), beta).sum(),
+                     [torch.zeros(r.shape[1:], dtype=D) for r in ref])
+    return tables(zs)
 
 
 @pytest.mark.parametrize("env", ["bandit", "token", "mdp"])

@@ -12,6 +12,8 @@ from ratebench.algorithms.models import NetConfig, RewardModel
 from ratebench.envs import bandit, exact, global_ref, mdp, token
 from ratebench.sampling import Counters, CountingSampler
 
+from independent_solvers import torch_lbfgs
+
 SMALL = {
     "bandit": bandit.BanditConfig(n_contexts=3, n_actions=4, feature_dim=3),
     "mdp": mdp.MDPConfig(n_states=3, n_actions=2, horizon=3),
@@ -56,20 +58,10 @@ def test_soft_optimal_policy_matches_direct_maximisation(problem):
     """pi*_nu from soft backward induction = argmax of J over tabular softmax logits (L-BFGS)."""
     rewards = problem.step_tables_from_units(random_unit_rewards(problem, 3))
     star, _ = exact.soft_optimal(problem, rewards)
-    logits = [torch.zeros(1, s.n_states, problem.n_actions, dtype=torch.float64, requires_grad=True)
-              for s in problem.steps]
-    opt = torch.optim.LBFGS(logits, max_iter=2000, tolerance_grad=1e-13, tolerance_change=1e-16,
-                            history_size=50, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = -enumerated_value(problem, rewards, [torch.log_softmax(l, -1) for l in logits]).sum()
-        loss.backward()
-        return loss
-
-    for _ in range(5):
-        opt.step(closure)
-    direct = [torch.softmax(l.detach(), -1) for l in logits]
+    logits = torch_lbfgs(lambda ls: -enumerated_value(problem, rewards, [torch.log_softmax(l, -1) for l in ls]).sum(),
+                         [torch.zeros(1, s.n_states, problem.n_actions, dtype=torch.float64) for s in problem.steps],
+                         rounds=5, tol=1e-13, history=50)
+    direct = [torch.softmax(l, -1) for l in logits]
     for h, (p_direct, lp_star) in enumerate(zip(direct, star)):
         assert torch.allclose(p_direct, lp_star.exp(), atol=1e-6), f"step {h}"
     assert math.isclose(float(exact.optimal_value(problem, rewards)),

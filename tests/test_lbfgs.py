@@ -9,6 +9,8 @@ from ratebench import envs
 from ratebench.envs import bandit, exact, mdp, penalty, token
 from ratebench.envs.lbfgs import inverse_hessian_times, minimise_rows
 
+from independent_solvers import torch_lbfgs
+
 
 def random_quadratics(batch: int, n: int, seed: int):
     """Rows 0.5 x'A_b x - b_b'x with condition numbers from 1 to 1e4 (one per row)."""
@@ -103,18 +105,9 @@ def test_steps_into_non_finite_values_are_backtracked():
 def _torch_lbfgs_psi(problem, rewards, lam):
     """Reference: torch.optim.LBFGS (strong Wolfe) on the seed-summed h_lam, from z*, tol 1e-11."""
     start, _ = exact.soft_optimal(problem, rewards)
-    logits = [t.clone().requires_grad_(True) for t in start]
-    opt = torch.optim.LBFGS(logits, lr=1.0, max_iter=2000, tolerance_grad=1e-11, tolerance_change=1e-16,
-                            history_size=30, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        value = penalty.penalised_objective(problem, rewards, [torch.log_softmax(t, -1) for t in logits], lam).sum()
-        value.backward()
-        return value
-
-    for _ in range(3):
-        opt.step(closure)
+    logits = torch_lbfgs(
+        lambda ls: penalty.penalised_objective(problem, rewards, [torch.log_softmax(t, -1) for t in ls], lam).sum(),
+        start, tol=1e-11)
     with torch.no_grad():
         return penalty.penalised_objective(problem, rewards, [torch.log_softmax(t, -1) for t in logits], lam)
 

@@ -19,6 +19,8 @@ from ratebench.config import compose, validate
 from ratebench.envs.exact import bilevel_objective, policy_value, soft_optimal, upper_loss
 from ratebench.envs.global_ref import global_reference
 
+from independent_solvers import torch_lbfgs
+
 D = torch.float64
 ENVS = ["bandit", "token", "mdp"]
 
@@ -44,20 +46,8 @@ def _max_prob_diff(a, b) -> float:
 
 
 def _torch_lbfgs(objective, x):
-    """Minimise objective(x) (a scalar) with torch.optim.LBFGS (strong Wolfe) from x."""
-    x = x.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=3000, tolerance_grad=1e-12, tolerance_change=1e-16,
-                            history_size=30, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        value = objective(x)
-        value.backward()
-        return value
-
-    for _ in range(3):
-        opt.step(closure)
-    return x.detach()
+    """Minimise objective(x) (a scalar) over one tensor with the independent solver, from x."""
+    return torch_lbfgs(lambda xs: objective(xs[0]), [x], max_iter=3000)[0]
 
 
 def _logit_tables(problem, x):
