@@ -33,7 +33,7 @@ def test_objective_is_the_mean_final_value_and_inf_when_a_seed_did_not_complete(
 
 def test_the_optuna_sweepers_best_trial_is_the_folder_with_the_lowest_objective(tmp_path):
     out = tmp_path / "tune"
-    code = main(["run", "-m", "experiment=tune_compare_bandit_dpo", "budget.samples=400", "n_seeds=2",
+    code = main(["run", "-m", "experiment=tune_compare_dpo", "budget.samples=400", "n_seeds=2",
                  "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1", "hydra.launcher.n_jobs=1", "progress=false",
                  f"hydra.sweep.dir={out}"])
     assert code == 0
