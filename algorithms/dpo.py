@@ -249,10 +249,4 @@ def solve_population_loss(problem, beta: float, loss: str = "sigmoid", pairs_fro
     return [t.detach() for t in tables(result.x)], result.grad_norm
 
 
-def population_target(problem, beta: float, loss: str = "sigmoid", n_starts: int = 1, seed: int = 0,
-                      tol: float = 1e-11, pairs_from=None) -> list[torch.Tensor]:
-    """The minimising policy tables alone (solve_population_loss)."""
-    return solve_population_loss(problem, beta, loss, pairs_from, n_starts, seed, tol)[0]
-
-
 ALGORITHM = DPO

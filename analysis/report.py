@@ -120,8 +120,9 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
     out_dir.mkdir(parents=True, exist_ok=True)
     md, page = out_dir / "report.md", out_dir / "report.html"
     header = provenance_line(command)
-    md.write_text(render_markdown(sections, overview, loaded, md.parent, header))
-    page.write_text(render_html(sections, overview, loaded, header))
+    targets = target_table(overview)  # bootstraps each group's final values: once for both renderings
+    md.write_text(render_markdown(sections, overview, loaded, md.parent, header, targets))
+    page.write_text(render_html(sections, overview, loaded, header, targets))
     return [page, md]
 
 
@@ -207,7 +208,7 @@ def _claim_rows(s) -> list[tuple[str, str]]:
     return rows
 
 
-def render_markdown(sections, overview, loaded, base: Path, header: str = "") -> str:
+def render_markdown(sections, overview, loaded, base: Path, header: str = "", targets: pd.DataFrame | None = None) -> str:
     lines = ["# ratebench report", "", *([header, ""] if header else []), summary_line(loaded), ""]
     if loaded.skipped:
         lines += ["Unreadable run records (skipped):", ""] + [f"- `{d}`: {m}" for d, m in loaded.skipped] + [""]
@@ -233,8 +234,7 @@ def render_markdown(sections, overview, loaded, base: Path, header: str = "") ->
         lines += ["", f"Config hashes: {', '.join(f'`{h}`' for h in s['hashes'])}", "",
                   f"Reproduce: `{s['reproduce']}`; the commands recorded in the runs:", "", "```"]
         lines += s["commands"] + ["```", ""]
-    targets = target_table(overview)
-    if not targets.empty:
+    if targets is not None and not targets.empty:
         lines += ["## Each method against its own population target", "", TARGET_NOTE, "", markdown_table(targets), ""]
     lines += ["## All runs", ""]
     for metric, results, pngs in overview:
@@ -252,7 +252,7 @@ def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, escape=True, border=0, classes="t")
 
 
-def render_html(sections, overview, loaded, header: str = "") -> str:
+def render_html(sections, overview, loaded, header: str = "", targets: pd.DataFrame | None = None) -> str:
     e = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>ratebench report</title><style>",
              "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#111}"
@@ -293,8 +293,7 @@ def render_html(sections, overview, loaded, header: str = "") -> str:
         parts.append(f"<p>Config hashes: {', '.join(f'<code>{e(h)}</code>' for h in s['hashes'])}</p>")
         parts.append(f"<p>Reproduce: <code>{e(s['reproduce'])}</code>; the commands recorded in the runs:</p>"
                      f"<pre>{e(chr(10).join(s['commands']))}</pre>")
-    targets = target_table(overview)
-    if not targets.empty:
+    if targets is not None and not targets.empty:
         parts.append(f"<h2>Each method against its own population target</h2><p>{e(TARGET_NOTE)}</p>"
                      + _table(targets))
     parts.append("<h2>All runs</h2>")

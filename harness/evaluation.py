@@ -30,9 +30,8 @@ class Evaluator:
         self.true_rewards = problem.true_step_tables()
         self.j_star = float(exact.optimal_value(problem, self.true_rewards)[0])
         # the method's own population targets (algorithms/targets.py), scored like a state; a bare F* float
-        # carries no argmin to build the bilevel's from, and a duck-typed state reader (tests) may know none
-        targets_of = getattr(algorithm, "population_targets", None)
-        found = {} if isinstance(reference, (int, float)) or targets_of is None else targets_of(reference)
+        # carries no argmin to build the bilevel's from
+        found = {} if isinstance(reference, (int, float)) else algorithm.population_targets(reference)
         self.targets = {name: self.target_record(t) for name, t in found.items()}
         self.target_policy_gap = self.targets["target"]["policy_gap"] if "target" in self.targets else math.nan
 
@@ -49,7 +48,7 @@ class Evaluator:
                       "residual": target.residual, "solved": target.solved}
             if target.rewards is not None:
                 objective = exact.bilevel_objective(self.problem, target.rewards)
-                record.update(gap=float(objective[0]) - self.f_star, gap_local=float(objective[0]) - self.f_star_local,
+                record.update(gap=float(self.gap(objective)[0]), gap_local=float(objective[0]) - self.f_star_local,
                               reward_err=float(exact.reward_error(self.problem, target.rewards)[0]))
         return record
 

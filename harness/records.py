@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-METRIC_COLUMNS = ["gap", "grad_sq", "policy_gap", "psi_gap", "reward_err", "kl_ref"]
 # what a sweep may minimise (config `objective`): the metrics every algorithm has
 OBJECTIVES = ("policy_gap", "target_policy_gap_excess", "gap", "gap_local", "reward_err")
+BASE_COLUMNS = ["seed", "step", "samples", "queries"]
+OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite",
+                    "logger", "objective")  # cannot change a result: not in the hashes, nor in group labels (impl can: docs/fast.md)
 
 
 def objective_value(metrics: pd.DataFrame, record: dict, metric: str) -> float:
@@ -26,9 +28,6 @@ def objective_value(metrics: pd.DataFrame, record: dict, metric: str) -> float:
     if len(last) != len(record["seeds"]) or not bool(np.isfinite(last.to_numpy(float)).all()):
         return float("inf")
     return float(last.mean())
-BASE_COLUMNS = ["seed", "step", "samples", "queries"]
-OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite",
-                    "logger", "objective")  # cannot change a result: not in the hashes, nor in group labels (impl can: docs/fast.md)
 
 
 FAULT_ENV = "RATEBENCH_FAULT"  # test hook: "<file name>:<write point>[:<n>]" exits the process there (tests only)

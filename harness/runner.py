@@ -246,9 +246,8 @@ class _Job:
 
             ref = self.problem.derived.setdefault("psi_reference", PsiReference(self.problem))
             ref.cache = {float(lam): (float(value), x) for lam, value, x in zip(psi["lam"], psi["value"], psi["argmin"])}
-        why = saved.get("written_on", "schedule")
         print(f"resuming {self.out_dir} from step {self.counters.step} ({self.counters.samples:,d} samples; "
-              f"checkpoint written {'on ' + why if why != 'schedule' else 'on schedule'})", flush=True)
+              f"checkpoint written on {saved.get('written_on', 'schedule')})", flush=True)
         return self.counters.step
 
     def _maybe_checkpoint(self, at_evaluation: bool) -> None:
@@ -347,8 +346,8 @@ class _Job:
             "config_hash": config_hash(without_seeds), "run_hash": self.run_hash,
             "f_star": self.reference.value, "f_star_method": self.reference.method,
             "f_star_n_minima": self.reference.n_minima, "f_star_local": self.reference.local_value,
-            "f_true": self.f_true, "j_star": self.evaluator.j_star, "target": self.evaluator.targets.get("target"),
-            **{k: t for k, t in self.evaluator.targets.items() if k != "target"}, "counters": vars(self.counters),
+            "f_true": self.f_true, "j_star": self.evaluator.j_star, "target": None, **self.evaluator.targets,
+            "counters": vars(self.counters),
             "wall_s": self.wall, "eval_wall_s": self.eval_s, "checkpoint_wall_s": self.checkpoint_s,
             "resumed_from_step": self.resumed_from, "metrics_sha256": metrics_sha256, "metrics_rows": len(metrics),
             "version": ratebench.__version__, "provenance": provenance(),

@@ -230,6 +230,9 @@ class FixedState:
     def schedule(self, state):
         return {} if self.lam is None else {"lam": self.lam}
 
+    def population_targets(self, reference):
+        return {}  # a fixed state converges to nothing
+
 
 @pytest.fixture(scope="module")
 def small():
