@@ -44,6 +44,13 @@ class Algorithm:
         """The step as the paper writes it (autograd through the surrogates): what fast_step must equal."""
         raise NotImplementedError
 
+    @staticmethod
+    def instance_batch_refusal(cfg: Any) -> str | None:
+        """Why this configuration cannot step an InstanceBatch (several instances as batch rows), or None when it
+        can: its step touches the environment only through the sampler and the networks' tables, so a row
+        computes on its own instance's tables what a separate job would (tests/test_instance_batch.py)."""
+        return None
+
     def has_fast_step(self) -> bool:
         """True if this configuration has a fast path (equal to the reference step to round-off)."""
         return False
@@ -86,6 +93,22 @@ class Algorithm:
             elif isinstance(value, list) and value and all(isinstance(t, torch.Tensor) for t in value):
                 named.update({f"{f.name}.{i}": t for i, t in enumerate(value)})
         return named
+
+    def select_rows(self, state: Any, rows: slice) -> Any:
+        """The state of batch rows `rows` only (copies of every per-row tensor; scalars, datasets and RNGs as they
+        are): what one instance's evaluator reads of a batched instance family's state. Generic over
+        dataclass states whose per-row tensors lead with the row axis, alone or in lists. Copies, not views: a
+        kernel may sum in another order on a view that starts mid-storage, and the evaluation must be the
+        instance job's to the last bit."""
+        def cut(value):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return value[rows].clone()
+            if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+                return [cut(v) for v in value]
+            return value
+
+        return dataclasses.replace(state, **{f.name: cut(getattr(state, f.name)) for f in dataclasses.fields(state)
+                                             if f.init})
 
     def state_dict(self, state: Any) -> dict:
         """The whole state as plain containers of tensors, numbers and strings, loadable with

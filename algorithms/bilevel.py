@@ -123,6 +123,12 @@ class Bilevel(Algorithm):
         state.xi = cfg.outer_step / state.lam
         return batch, batch, inner
 
+    @staticmethod
+    def instance_batch_refusal(cfg) -> str | None:
+        if cfg.oracle == "exact":
+            return "algorithm.oracle=exact enumerates its instance's trajectories at every step: it cannot batch instances"
+        return None
+
     def has_fast_step(self) -> bool:
         return self.cfg.oracle == "stochastic"  # the exact oracle draws nothing: its step stays the reference
 

@@ -72,7 +72,7 @@ class StackedMLP:
         """The forward pass, keeping [x (B, n, d), h_1, ..., h_L] (each layer's input and the output,
         hidden ones after the activation) for the fast path's `backward`; one forward for both impls:
         bmm on the broadcast x (einsum's permutes cost more than the product at these sizes)."""
-        h = x.expand(params[0].shape[0], *x.shape)
+        h = x.expand(params[0].shape[0], *x.shape) if x.dim() == 2 else x  # (n, d) shared, or (B, n, d) per network
         out = [h]
         for i in range(0, len(params), 2):
             h = torch.baddbmm(params[i + 1][:, None], h, params[i])
@@ -102,25 +102,38 @@ class PolicyModel:
     def __init__(self, problem: TabularProblem, cfg: NetConfig):
         check_net(cfg, "model.policy", ("mlp",))
         self.problem = problem
-        self.features = torch.cat([s.policy_features for s in problem.steps])
-        self.ref = torch.cat([s.ref_logp for s in problem.steps])
+        self.features = torch.cat([s.policy_features for s in problem.steps], -2)  # (S, d); an InstanceBatch's (B, S, d)
+        self.ref = torch.cat([s.ref_logp for s in problem.steps], -2)
         self.splits = [s.n_states for s in problem.steps]
-        self.net = StackedMLP([self.features.shape[1]] + [cfg.width] * cfg.depth + [problem.n_actions],
+        self.net = StackedMLP([self.features.shape[-1]] + [cfg.width] * cfg.depth + [problem.n_actions],
                               cfg.activation, zero_last=True)
+        self._per_network: dict = {}  # an InstanceBatch's tables repeated for K networks per row (stack_seeds)
 
     def init(self, seeds: list[int], salt: int = 1) -> Params:
         return self.net.init(seeds, salt)
 
+    def _inputs(self, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, log pi_ref) for these networks: shared tables as they are; an InstanceBatch's per-row
+        tables repeated when each row has K networks (stack_seeds: row b's networks are b * K ... b * K + K - 1)."""
+        if self.features.dim() == 2 or params[0].shape[0] == self.features.shape[0]:
+            return self.features, self.ref
+        k = params[0].shape[0] // self.features.shape[0]
+        if k not in self._per_network:
+            self._per_network[k] = (self.features.repeat_interleave(k, 0), self.ref.repeat_interleave(k, 0))
+        return self._per_network[k]
+
     def log_probs(self, params: Params) -> list[torch.Tensor]:
         """Per-step log-probability tables [(B, n_h, A)]."""
-        logits = self.ref + self.net(params, self.features)
+        features, ref = self._inputs(params)
+        logits = ref + self.net(params, features)
         return list(torch.log_softmax(logits, -1).split(self.splits, dim=1))
 
     def table(self, params: Params) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The fast path's forward: (log-prob table (B, S, A) of every step's states stacked, the
         network's activations for `backward`); log_probs splits the same table per step."""
-        acts = self.net.activations(params, self.features)
-        return torch.log_softmax(self.ref + acts[-1], -1), acts
+        features, ref = self._inputs(params)
+        acts = self.net.activations(params, features)
+        return torch.log_softmax(ref + acts[-1], -1), acts
 
     def backward(self, params: Params, acts: list[torch.Tensor], logp: torch.Tensor, grad_logp: torch.Tensor) -> Params:
         """Gradient w.r.t. params of sum(grad_logp * logp), grad_logp (B, S * A) or (B, S, A), through
@@ -147,19 +160,22 @@ class RewardModel:
     def __init__(self, problem: TabularProblem, cfg: NetConfig):
         check_net(cfg, "model.reward", ("mlp", "linear"))
         self.problem = problem
-        d = problem.unit_features.shape[1]
+        d = problem.unit_features.shape[-1]
         self.kind = cfg.kind
         self.net = None if cfg.kind == "linear" else StackedMLP([d] + [cfg.width] * cfg.depth + [1], cfg.activation)
 
     def init(self, seeds: list[int], salt: int = 2) -> Params:
         if self.net is None:
-            return [torch.zeros(len(seeds), self.problem.unit_features.shape[1], dtype=DTYPE)]
+            return [torch.zeros(len(seeds), self.problem.unit_features.shape[-1], dtype=DTYPE)]
         return self.net.init(seeds, salt)
 
     def unit_rewards(self, params: Params) -> torch.Tensor:
         """(B, n_units)."""
         if self.net is None:
-            return params[0] @ self.problem.unit_features.T
+            features = self.problem.unit_features
+            if features.dim() == 3:  # an InstanceBatch: each row its own instance's features
+                return torch.bmm(features, params[0][..., None]).squeeze(-1)
+            return params[0] @ features.T
         return self.net(params, self.problem.unit_features).squeeze(-1)
 
     def step_tables(self, params: Params) -> list[torch.Tensor]:
@@ -175,7 +191,10 @@ class RewardModel:
     def backward(self, params: Params, acts: list[torch.Tensor] | None, grad_units: torch.Tensor) -> Params:
         """Gradient w.r.t. params of sum(grad_units * unit_rewards), grad_units (B, n_units)."""
         if self.net is None:
-            return [grad_units @ self.problem.unit_features]
+            features = self.problem.unit_features
+            if features.dim() == 3:
+                return [torch.bmm(grad_units[:, None], features).squeeze(1)]
+            return [grad_units @ features]
         return self.net.backward(params, acts, grad_units[..., None])
 
 

@@ -104,7 +104,7 @@ class PPORLHF(Algorithm):
         self.reward = RewardModel(problem, model_cfg.reward)
         self.policy = PolicyModel(problem, model_cfg.policy)
         pol = model_cfg.policy
-        self.critic = StackedMLP([self.policy.features.shape[1]] + [pol.width] * pol.depth + [1], pol.activation,
+        self.critic = StackedMLP([self.policy.features.shape[-1]] + [pol.width] * pol.depth + [1], pol.activation,
                                  zero_last=True)
         self.ref = problem.ref_log_probs()
         self.beta = float(problem.beta if cfg.beta is None else cfg.beta)

@@ -54,6 +54,11 @@ class RewardMLE(Algorithm):
     name = "reward_mle"
     Config = RewardMLEConfig
 
+    @staticmethod
+    def instance_batch_refusal(cfg) -> str | None:
+        return ("reward_mle's step size is set from its instance's exact Fisher spectrum, one scalar per job: "
+                "it cannot batch instances")
+
     def __init__(self, cfg, model_cfg, problem):
         super().__init__(cfg, model_cfg, problem)
         self.model = RewardModel(problem, NetConfig(kind="linear"))

@@ -26,7 +26,7 @@ class Step:
 
     @property
     def n_states(self) -> int:
-        return self.ref_logp.shape[0]
+        return self.unit_idx.shape[0]
 
 
 @dataclass
@@ -67,15 +67,20 @@ class TabularProblem:
 
     @property
     def n_actions(self) -> int:
-        return self.steps[0].ref_logp.shape[1]
+        return self.steps[0].unit_idx.shape[1]
 
     @property
     def n_units(self) -> int:
-        return self.unit_features.shape[0]
+        return self.unit_features.shape[-2]
 
     @property
     def n_groups(self) -> int:
-        return self.init_prob.shape[0]
+        return self.init_prob.shape[-1]
+
+    @property
+    def batched(self) -> bool:
+        """True for an InstanceBatch: every instance-dependent table has a leading row axis (B, ...)."""
+        return False
 
     def trajectories_per_group(self) -> int:
         """m = A^H * K^(H-1): enumeration keeps every successor, zero-probability ones too."""
@@ -83,7 +88,7 @@ class TabularProblem:
         for h, step in enumerate(self.steps):
             m *= self.n_actions
             if h < self.horizon - 1:
-                m *= step.next_idx.shape[2]
+                m *= step.next_idx.shape[-1]
         return m
 
     def n_pairs(self) -> int:
@@ -106,11 +111,11 @@ class TabularProblem:
         return [padded[:, step.unit_idx] for step in self.steps]
 
     def true_step_tables(self) -> list[torch.Tensor]:
-        return self.step_tables_from_units(self.true_unit_reward[None])
+        return self.step_tables_from_units(_rows(self.true_unit_reward, 1))
 
     def ref_log_probs(self) -> list[torch.Tensor]:
-        """pi_ref as a one-seed policy table [(1, n_h, A)]."""
-        return [step.ref_logp[None] for step in self.steps]
+        """pi_ref as a one-seed policy table [(1, n_h, A)] (an InstanceBatch: one per row, (B, n_h, A))."""
+        return [_rows(step.ref_logp, 2) for step in self.steps]
 
     def flat(self) -> FlatLayout:
         """The per-step tables laid end to end (the fast path's one-index gathers); built once."""
@@ -144,18 +149,68 @@ class FlatLayout:
 
     @classmethod
     def of(cls, problem: TabularProblem) -> FlatLayout:
+        """An InstanceBatch's layout keeps its row axis: ref_logp (B, S * A), init_cdf (B, G), next_* (B, n_h * A, K)."""
         offsets, rows = [], 0
         for step in problem.steps:
             offsets.append(rows)
             rows += step.n_states
         A, steps = problem.n_actions, problem.steps[:-1]
+        lead = problem.init_prob.shape[:-1]  # () or (B,)
         return cls(
             n_actions=A, row_offset=offsets,
             unit_of=torch.cat([step.unit_idx.reshape(-1) for step in problem.steps]),
-            ref_logp=torch.cat([step.ref_logp.reshape(-1) for step in problem.steps]),
+            ref_logp=torch.cat([step.ref_logp.reshape(*lead, -1) for step in problem.steps], -1),
             init_cdf=problem.init_prob.cumsum(-1),
-            next_cdf=[step.next_prob.reshape(step.n_states * A, -1).cumsum(-1) for step in steps],
-            next_idx=[step.next_idx.reshape(step.n_states * A, -1) for step in steps])
+            next_cdf=[step.next_prob.reshape(*lead, step.n_states * A, -1).cumsum(-1) for step in steps],
+            next_idx=[step.next_idx.reshape(*lead, step.n_states * A, -1) for step in steps])
+
+
+def _rows(table: torch.Tensor, dims: int) -> torch.Tensor:
+    """A table with `dims` dimensions per row as (rows, ...): a shared one gets a leading axis of 1,
+    an InstanceBatch's (B, ...) is returned as it is."""
+    return table if table.dim() > dims else table[None]
+
+
+class InstanceBatch(TabularProblem):
+    """Several instances of one environment (same sizes, different env.instance_seed) as one problem whose
+    batch rows are (instance, seed) pairs: every instance-dependent table gets a leading row axis B, row b
+    holding the tables of instance `row_instance[b]`. What a seed computes on it is what it computes on its
+    own instance; algorithms that step it say so (Algorithm.batches_instances). Exact evaluation is per
+    instance, on `instances` (the harness slices the rows)."""
+
+    def __init__(self, instances: list[TabularProblem], row_instance: torch.Tensor):
+        first = instances[0]
+        for other in instances[1:]:
+            if (other.name, other.horizon, other.n_actions, other.n_units, other.n_groups) != \
+                    (first.name, first.horizon, first.n_actions, first.n_units, first.n_groups) or \
+                    not all(torch.equal(a.unit_idx, b.unit_idx) and a.next_idx.shape == b.next_idx.shape
+                            and a.policy_features.shape == b.policy_features.shape
+                            for a, b in zip(first.steps, other.steps)) or \
+                    (other.beta, other.label_noise) != (first.beta, first.label_noise):
+                raise ValueError("an instance batch needs instances of one environment with the same sizes, beta and "
+                                 "label noise")
+
+        def per_row(tables: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(tables)[row_instance]
+
+        steps = [Step(policy_features=per_row([p.steps[h].policy_features for p in instances]),
+                      ref_logp=per_row([p.steps[h].ref_logp for p in instances]),
+                      unit_idx=step.unit_idx,  # the structure is shared
+                      next_idx=per_row([p.steps[h].next_idx for p in instances]),
+                      next_prob=per_row([p.steps[h].next_prob for p in instances]))
+                 for h, step in enumerate(first.steps)]
+        super().__init__(name=first.name, steps=steps, init_prob=per_row([p.init_prob for p in instances]),
+                         unit_features=per_row([p.unit_features for p in instances]),
+                         true_unit_reward=per_row([p.true_unit_reward for p in instances]),
+                         beta=first.beta, label_noise=first.label_noise, max_pairs=first.max_pairs)
+        self.instances, self.row_instance = instances, row_instance
+
+    @property
+    def batched(self) -> bool:
+        return True
+
+    def trajectory_table(self) -> TrajectoryTable:
+        raise TypeError("an instance batch is not enumerated: evaluate each instance (InstanceBatch.instances)")
 
 
 def _enumerate(problem: TabularProblem) -> TrajectoryTable:

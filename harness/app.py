@@ -75,21 +75,30 @@ def hydra_entry(cfg) -> float:
 
 
 def _job(cfg, hc) -> float:
-    """Run (or skip) the job; returns its `objective` for a sweeper (0.0 without one)."""
+    """Run (or skip) the job; returns its `objective` for a sweeper (0.0 without one). A batched instance
+    family (`instances=[...]`) writes one folder per instance; its objective is the mean over them."""
     from ratebench.records import objective_value
-    from ratebench.runner import run_or_skip
+    from ratebench.runner import run_instances_or_skip, run_or_skip
 
-    record, skipped = run_or_skip(cfg, Path(hc.runtime.output_dir), experiment=hc.runtime.choices.get("experiment"))
-    report_outcome(hc.runtime.output_dir, "skipped" if skipped else
+    out_dir, experiment = Path(hc.runtime.output_dir), hc.runtime.choices.get("experiment")
+    if cfg.get("instances") is None:
+        record, skipped = run_or_skip(cfg, out_dir, experiment=experiment)
+        folders = [(out_dir, record)]
+    else:
+        folders, skipped = run_instances_or_skip(cfg, out_dir, experiment=experiment)
+        record = folders[0][1]
+    report_outcome(out_dir, "skipped" if skipped else
                    "resumed" if record.get("resumed_from_step") is not None else "done")
     if not skipped:
         resumed = record.get("resumed_from_step")
-        print(f"ratebench: wrote {hc.runtime.output_dir}/metrics.parquet and run.json "
-              f"({record['counters']['samples']:,d} samples, {len(record['seeds'])} seeds"
-              f"{f', resumed from step {resumed}' if resumed is not None else ''})")
+        for folder, rec in folders:
+            print(f"ratebench: wrote {folder}/metrics.parquet and run.json "
+                  f"({rec['counters']['samples']:,d} samples, {len(rec['seeds'])} seeds"
+                  f"{f', resumed from step {resumed}' if resumed is not None else ''})")
     if cfg.get("objective") is None:
         return 0.0
-    metrics = pd.read_parquet(Path(hc.runtime.output_dir) / "metrics.parquet")
-    value = objective_value(metrics, record, cfg.objective)
-    print(f"ratebench: objective {cfg.objective} (mean final over seeds) = {value:.6g}")
+    values = [objective_value(pd.read_parquet(folder / "metrics.parquet"), rec, cfg.objective) for folder, rec in folders]
+    value = sum(values) / len(values)
+    over = "seeds" if len(values) == 1 else f"seeds, then over {len(values)} instances"
+    print(f"ratebench: objective {cfg.objective} (mean final over {over}) = {value:.6g}")
     return value

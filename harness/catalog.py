@@ -103,6 +103,7 @@ def main(args: list[str]) -> int:
 RUN_KEYS = (  # (override, what it does): the keys every run accepts (SPEC §6), shown by `ratebench run --help`
     ("seeds=[0,1,2]  |  n_seeds=N", "algorithm seeds, advanced together in one process as a batch"),
     ("env.instance_seed=K", "draws the environment instance (features, teacher, pi_ref), apart from the seeds"),
+    ("instances=[1,2,3,4]", "those env.instance_seed values as ONE batched job: <run dir>/instance_<k>/ each"),
     ("env.beta=B", "KL weight (> 0)"),
     ("budget.samples=N", "stop when the sample counter reaches N (default 20000)"),
     ("budget.steps=N", "also stop after N outer steps; evaluation points log-spaced in steps"),

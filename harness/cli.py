@@ -300,10 +300,9 @@ def _prevalidate(overrides: list[str], multirun: bool) -> bool:
                 del cfg["hydra"]
             validate(cfg)
             if not multirun and out:  # sweep job folders are named by run_hash: they cannot clash
-                from ratebench.runner import refuse_replacing, resolve
+                from ratebench.runner import refuse_replacing_job
 
-                _, resolved, run_hash = resolve(cfg)
-                refuse_replacing(Path(out), resolved, run_hash, bool(cfg.get("overwrite", False)))
+                refuse_replacing_job(cfg, Path(out))
         except ConfigError as exc:
             raise _BadInput(str(exc)) from None
         except (HydraException, OmegaConfBaseException) as exc:

@@ -52,6 +52,10 @@ class RunConfig:
     # what a job returns to Hydra's sweeper (the Optuna sweeper minimises it: docs/sweeps.md "Tuning"): null
     # (0.0) or a metric column, then the mean over seeds of its final value. Cannot change a result.
     objective: Optional[str] = None
+    # env.instance_seed values run as ONE batched job (rows = instances x seeds, one step for all; docs/fast.md
+    # "Instances as a batch axis"). Each instance writes <run dir>/instance_<k>/, the folder its own job
+    # (env.instance_seed=k) would write, with the same run_hash and metrics. null: the one env.instance_seed.
+    instances: Optional[List[int]] = None
 
 
 def register() -> None:
@@ -113,6 +117,7 @@ class Validated:
     model: ModelConfig
     seeds: list[int]
     impl: str = "fast"
+    instances: list[int] | None = None  # a batched instance family (RunConfig.instances), or None
 
 
 def validate(cfg: DictConfig) -> Validated:
@@ -156,9 +161,27 @@ def validate(cfg: DictConfig) -> Validated:
     impl = cfg.get("impl", "fast")
     if impl not in IMPLS:
         raise ConfigError("impl", f"must be one of {list(IMPLS)}, got {impl!r}")
+    instances = check_instances(cfg.get("instances"), ALGORITHMS[algo_name], algorithm)
     n_seeds, seeds_key = (cfg.n_seeds, "n_seeds") if cfg.n_seeds is not None else (len(cfg.seeds), "seeds")
-    check_bounds(cfg, env, model, max(int(n_seeds), 1), seeds_key)  # before the seed list is built
-    return Validated(env=env, algorithm=algorithm, model=model, seeds=resolve_seeds(cfg), impl=impl)
+    rows = max(int(n_seeds), 1) * (len(instances) if instances else 1)  # a batched family steps every instance's seeds
+    check_bounds(cfg, env, model, rows, seeds_key)  # before the seed list is built
+    return Validated(env=env, algorithm=algorithm, model=model, seeds=resolve_seeds(cfg), impl=impl, instances=instances)
+
+
+def check_instances(value, algorithm_class, algorithm) -> list[int] | None:
+    """`instances`: null, or a non-empty list of distinct env.instance_seed values >= 0, for an algorithm
+    whose step can batch instances."""
+    if value is None:
+        return None
+    instances = [int(k) for k in value]
+    if not instances or any(k < 0 for k in instances) or len(set(instances)) != len(instances):
+        raise ConfigError("instances", f"must be null or a non-empty list of distinct env.instance_seed values >= 0 "
+                                       f"(e.g. [1,2,3,4]), got {instances}")
+    why = algorithm_class.instance_batch_refusal(algorithm)
+    if why:
+        raise ConfigError("instances", f"{why}; run one job per instance instead (ratebench run -m "
+                                       f"env.instance_seed={','.join(map(str, instances))})")
+    return instances
 
 
 def check_known_keys(node, schema: type, where: str) -> None:

@@ -18,6 +18,7 @@ import ratebench.algorithms
 from ratebench import checkpoint, envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import plain, validate
+from ratebench.envs.tabular import InstanceBatch
 from ratebench.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import reference, true_objective
@@ -158,6 +159,9 @@ def run_job(cfg, out_dir: Path, experiment: str | None = None) -> dict:
 
 def run_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[dict, bool]:
     """(run record, True if out_dir already held this run finished and nothing was computed)."""
+    if cfg.get("instances") is not None:
+        raise ConfigError("instances", "a batched instance family writes one folder per instance: "
+                                       "run it with run_instances_or_skip")
     out_dir = Path(out_dir)
     v, resolved, run_hash = resolve(cfg)
     refuse_replacing(out_dir, resolved, run_hash, bool(cfg.get("overwrite", False)))
@@ -170,55 +174,83 @@ def run_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[dict
     if out_dir.is_dir():  # what a killed atomic write left (no other process writes this run's files)
         remove_stale_temporaries(out_dir, RESULT_FILES)
     with StopRequests() as stops:
-        return _Job(cfg, v, resolved, run_hash, out_dir, experiment, stops).run(), False
+        part = _Part(v, resolved, run_hash, out_dir, cfg)
+        return _Job(cfg, [part], run_hash, out_dir, experiment, stops).run()[0], False
 
 
-class _Job:
-    """One job's loop. Everything that must survive a restart is in `_snapshot()`."""
+INSTANCE_DIR = "instance_{}"  # a batched family's folder of instance k, inside the job's run folder
 
-    def __init__(self, cfg, v, resolved, run_hash, out_dir, experiment, stops: StopRequests | None = None):
-        self.v, self.resolved, self.run_hash, self.out_dir, self.experiment = v, resolved, run_hash, out_dir, experiment
-        self.stops = stops or StopRequests()
-        self.problem = problem = envs.make(v.env)
-        self.reference = reference(problem, plain(v.env), cfg.cache_dir)
-        self.f_true = true_objective(problem)
-        self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
+
+def instance_configs(cfg) -> list[tuple[int, object]]:
+    """(k, the config of instance k's own job) for each k of cfg.instances: env.instance_seed=k, instances=null.
+    Its run_hash is that of `ratebench run env.instance_seed=k ...`: the folders are interchangeable."""
+    import copy
+
+    from omegaconf import open_dict, read_write
+
+    out = []
+    for k in cfg.instances:
+        part = copy.deepcopy(cfg)
+        with read_write(part), open_dict(part):
+            part.instances = None
+            part.env.instance_seed = int(k)
+        out.append((int(k), part))
+    return out
+
+
+def refuse_replacing_job(cfg, out_dir: Path) -> None:
+    """refuse_replacing for the folder(s) a job writes: out_dir, or each instance folder of a batched family."""
+    overwrite = bool(cfg.get("overwrite", False))
+    if cfg.get("instances") is None:
+        _, resolved, run_hash = resolve(cfg)
+        refuse_replacing(Path(out_dir), resolved, run_hash, overwrite)
+        return
+    for k, part in instance_configs(cfg):
+        _, resolved, run_hash = resolve(part)
+        refuse_replacing(Path(out_dir) / INSTANCE_DIR.format(k), resolved, run_hash, overwrite, where="instances")
+
+
+def run_instances_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[list[tuple[Path, dict]], bool]:
+    """A batched instance family (cfg.instances): every instance's seeds as rows of one batch, one step for all,
+    each instance's records written to out_dir/instance_<k>/ exactly as its own job would write them (same
+    run_hash, same metrics). The checkpoint of the whole batch lives in out_dir. Returns ([(folder, record)],
+    True if every instance folder already held its run finished and nothing was computed)."""
+    out_dir = Path(out_dir)
+    _, _, batch_hash = resolve(cfg)  # validates the family (instances, algorithm) before anything is built
+    refuse_replacing_job(cfg, out_dir)
+    parts = [(out_dir / INSTANCE_DIR.format(k), *resolve(part)) for k, part in instance_configs(cfg)]
+    done = [finished_record(d, run_hash) for d, _, _, run_hash in parts]
+    if all(record is not None for record in done):
+        checkpoint.remove(out_dir)
+        print(f"skipping {out_dir}: every instance completed", flush=True)
+        return [(d, record) for (d, *_), record in zip(parts, done)], True
+    torch.set_num_threads(int(cfg.threads))
+    for d in [out_dir] + [d for d, *_ in parts]:
+        if d.is_dir():
+            remove_stale_temporaries(d, RESULT_FILES)
+    with StopRequests() as stops:
+        job_parts = [_Part(v, resolved, run_hash, d, cfg) for d, v, resolved, run_hash in parts]
+        records = _Job(cfg, job_parts, batch_hash, out_dir, experiment, stops).run()
+    return [(p.out_dir, record) for p, record in zip(job_parts, records)], False
+
+
+class _Part:
+    """One instance of a job: its identity (config, run_hash, folder), its exact references and evaluator, the
+    status and metric rows of its seeds. A job has one; a batched instance family one per instance."""
+
+    def __init__(self, v, resolved, run_hash, out_dir: Path, cfg):
+        self.v, self.resolved, self.run_hash, self.out_dir = v, resolved, run_hash, Path(out_dir)
+        self.problem = envs.make(v.env)
+        self.reference = reference(self.problem, plain(v.env), cfg.cache_dir)
+        self.f_true = true_objective(self.problem)
+        self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, self.problem)  # steps a single job
         self.algo.impl = v.impl
-        self.counters = Counters()
-        self.sampler = CountingSampler(problem, v.seeds, self.counters)
-        self.evaluator = Evaluator(problem, self.reference, self.algo)
-        self.state = self.algo.init(v.seeds)
-        self.seeds = torch.tensor(v.seeds)  # (B,)
-        self.alive = torch.ones(len(v.seeds), dtype=torch.bool)  # (B,)
+        self.evaluator = Evaluator(self.problem, self.reference, self.algo)
         self.status = {s: {"status": "completed"} for s in v.seeds}
-        self.budget = int(cfg.budget.samples)
-        self.step_budget = None if cfg.budget.steps is None else int(cfg.budget.steps)
-        # the evaluation clock: samples, or outer steps when the run is step-budgeted (budget.steps)
-        self.clock_name = "samples" if self.step_budget is None else "step"
-        self.points = evaluation_points(self.step_budget or self.budget, int(cfg.budget.evals_per_decade))
-        self.checkpoint_every_s = float(cfg.checkpoint_every_s)
         self.rows: list[pd.DataFrame] = []
-        self.wall = self.eval_s = self.checkpoint_s = 0.0
-        self.next_point, self.last_recorded = 0, None
-        self.resumed_from = self._restore()
-        self.progress = Progress(f"{v.env.name}/{v.algorithm.name} {out_dir.name}", self.step_budget or self.budget,
-                                 bool(cfg.progress), start_samples=self._clock(),
-                                 unit="steps" if self.step_budget else "samples")
-        self.last_checkpoint = time.perf_counter()
-        self.live_log = live_logger(cfg.get("logger"), out_dir)  # logger=tensorboard: watch a long run
+        self.live_log = live_logger(cfg.get("logger"), self.out_dir)  # logger=tensorboard: watch a long run
 
-    # --- checkpoints -----------------------------------------------------------------------------
-    def _snapshot(self, written_on: str = "schedule") -> dict:
-        """written_on: "schedule" (checkpoint_every_s) or the signal that stopped the job (SIGTERM, ...)."""
-        rows = pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame()
-        return {"run_hash": self.run_hash, "algorithm": self.algo.state_dict(self.state),
-                "sampler": self.sampler.state_dict(), "counters": dict(vars(self.counters)),
-                "alive": self.alive.clone(), "status": {str(s): dict(st) for s, st in self.status.items()},
-                "rows": checkpoint.frame_to_columns(rows), "wall": self.wall, "eval_s": self.eval_s,
-                "next_point": self.next_point, "last_recorded": self.last_recorded,
-                "psi_reference": self._psi_cache(), "written_on": written_on}
-
-    def _psi_cache(self) -> dict:
+    def psi_cache(self) -> dict:
         """min psi_lam per solved lam (envs/penalty.py PsiReference): each solve is warm-started from the
         nearest solved lam, so a resumed run needs the same cache to reproduce psi_gap exactly."""
         ref = self.problem.derived.get("psi_reference")
@@ -226,6 +258,64 @@ class _Job:
         return {"lam": torch.tensor(list(cache), dtype=torch.float64),
                 "value": torch.tensor([v for v, _ in cache.values()], dtype=torch.float64),
                 "argmin": [x for _, x in cache.values()]}
+
+    def restore_psi_cache(self, psi: dict) -> None:
+        if len(psi["lam"]):
+            from ratebench.envs.penalty import PsiReference
+
+            ref = self.problem.derived.setdefault("psi_reference", PsiReference(self.problem))
+            ref.cache = {float(lam): (float(value), x) for lam, value, x in zip(psi["lam"], psi["value"], psi["argmin"])}
+
+
+class _Job:
+    """One job's loop over its parts' seeds, stepped as one batch (rows part-major: part p owns rows
+    p * n_seeds ... (p + 1) * n_seeds - 1). Everything that must survive a restart is in `_snapshot()`."""
+
+    def __init__(self, cfg, parts: list[_Part], run_hash, out_dir, experiment, stops: StopRequests | None = None):
+        self.parts, self.run_hash, self.out_dir, self.experiment = parts, run_hash, Path(out_dir), experiment
+        self.v = v = parts[0].v
+        self.stops = stops or StopRequests()
+        n = len(v.seeds)
+        if len(parts) == 1:
+            self.problem, self.algo = parts[0].problem, parts[0].algo
+        else:  # a batched instance family: the stepping algorithm sees every instance's tables, row by row
+            self.problem = InstanceBatch([p.problem for p in parts], torch.arange(len(parts)).repeat_interleave(n))
+            self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, self.problem)
+            self.algo.impl = v.impl
+        self.part_rows = [slice(i * n, (i + 1) * n) for i in range(len(parts))]
+        rows = v.seeds * len(parts)  # a seed's streams do not depend on its instance: as in its own job
+        self.counters = Counters()
+        self.sampler = CountingSampler(self.problem, rows, self.counters)
+        self.state = self.algo.init(rows)
+        self.seeds = torch.tensor(rows)  # (B,)
+        self.alive = torch.ones(len(rows), dtype=torch.bool)  # (B,)
+        self.budget = int(cfg.budget.samples)
+        self.step_budget = None if cfg.budget.steps is None else int(cfg.budget.steps)
+        # the evaluation clock: samples, or outer steps when the run is step-budgeted (budget.steps)
+        self.clock_name = "samples" if self.step_budget is None else "step"
+        self.points = evaluation_points(self.step_budget or self.budget, int(cfg.budget.evals_per_decade))
+        self.checkpoint_every_s = float(cfg.checkpoint_every_s)
+        self.wall = self.eval_s = self.checkpoint_s = 0.0
+        self.next_point, self.last_recorded = 0, None
+        self.resumed_from = self._restore()
+        self.progress = Progress(f"{v.env.name}/{v.algorithm.name} {self.out_dir.name}", self.step_budget or self.budget,
+                                 bool(cfg.progress), start_samples=self._clock(),
+                                 unit="steps" if self.step_budget else "samples")
+        self.last_checkpoint = time.perf_counter()
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def _snapshot(self, written_on: str = "schedule") -> dict:
+        """written_on: "schedule" (checkpoint_every_s) or the signal that stopped the job (SIGTERM, ...)."""
+        def rows(part):
+            return checkpoint.frame_to_columns(pd.concat(part.rows, ignore_index=True) if part.rows else pd.DataFrame())
+
+        return {"run_hash": self.run_hash, "algorithm": self.algo.state_dict(self.state),
+                "sampler": self.sampler.state_dict(), "counters": dict(vars(self.counters)),
+                "alive": self.alive.clone(),
+                "status": [{str(s): dict(st) for s, st in part.status.items()} for part in self.parts],
+                "rows": [rows(part) for part in self.parts], "wall": self.wall, "eval_s": self.eval_s,
+                "next_point": self.next_point, "last_recorded": self.last_recorded,
+                "psi_reference": [part.psi_cache() for part in self.parts], "written_on": written_on}
 
     def _restore(self) -> int | None:
         saved = checkpoint.load(self.out_dir, self.run_hash)
@@ -236,16 +326,12 @@ class _Job:
         for key, value in saved["counters"].items():
             setattr(self.counters, key, int(value))
         self.alive = saved["alive"].clone()
-        self.status = {int(s): dict(st) for s, st in saved["status"].items()}
-        self.rows = [checkpoint.columns_to_frame(saved["rows"])] if saved["rows"] else []
+        for part, status, rows, psi in zip(self.parts, saved["status"], saved["rows"], saved["psi_reference"]):
+            part.status = {int(s): dict(st) for s, st in status.items()}
+            part.rows = [checkpoint.columns_to_frame(rows)] if rows else []
+            part.restore_psi_cache(psi)
         self.wall, self.eval_s = float(saved["wall"]), float(saved["eval_s"])
         self.next_point, self.last_recorded = int(saved["next_point"]), saved["last_recorded"]
-        psi = saved["psi_reference"]
-        if len(psi["lam"]):
-            from ratebench.envs.penalty import PsiReference
-
-            ref = self.problem.derived.setdefault("psi_reference", PsiReference(self.problem))
-            ref.cache = {float(lam): (float(value), x) for lam, value, x in zip(psi["lam"], psi["value"], psi["argmin"])}
         print(f"resuming {self.out_dir} from step {self.counters.step} ({self.counters.samples:,d} samples; "
               f"checkpoint written on {saved.get('written_on', 'schedule')})", flush=True)
         return self.counters.step
@@ -271,23 +357,34 @@ class _Job:
         return self.counters.samples < self.budget and (self.step_budget is None
                                                          or self.counters.step < self.step_budget)
 
+    def _part_state(self, i: int):
+        """Part i's rows of the state (views), what its evaluator scores; a single job's state as it is."""
+        return self.state if len(self.parts) == 1 else self.algo.select_rows(self.state, self.part_rows[i])
+
     def _record(self) -> None:
         tic = time.perf_counter()
-        metrics = self.evaluator(self.state)  # each (B,)
-        alive, counters = self.alive, self.counters
-        frame = pd.DataFrame({"seed": self.seeds[alive].numpy(), "step": counters.step,
-                              "samples": counters.samples, "queries": counters.queries,
-                              **{k: m[alive].numpy() for k, m in metrics.items()},
-                              **{k: float(x) for k, x in self.algo.schedule(self.state).items()},
-                              "wall_s": self.wall})
-        self.rows.append(frame)
-        self.live_log.log(frame)
+        counters, schedule, shown = self.counters, self.algo.schedule(self.state), []
+        for i, part in enumerate(self.parts):
+            metrics = part.evaluator(self._part_state(i))  # each (n_seeds,): exact, on the part's own instance
+            alive = self.alive[self.part_rows[i]]
+            frame = pd.DataFrame({"seed": self.seeds[self.part_rows[i]][alive].numpy(), "step": counters.step,
+                                  "samples": counters.samples, "queries": counters.queries,
+                                  **{k: m[alive].numpy() for k, m in metrics.items()},
+                                  **{k: float(x) for k, x in schedule.items()},
+                                  "wall_s": self.wall})
+            part.rows.append(frame)
+            part.live_log.log(frame)
+            shown.append({k: m[alive] for k, m in metrics.items()})
         self.last_recorded = self._clock()
         while self.next_point < len(self.points) and self.points[self.next_point] <= self._clock():
             self.next_point += 1
         self.eval_s += time.perf_counter() - tic
-        self.progress.metrics({k: m[alive] for k, m in metrics.items()})
+        self.progress.metrics({k: torch.cat([m[k] for m in shown]) for k in shown[0]})
         self.progress.update(self._clock(), final=not self._budget_left())
+
+    def _row_owner(self, row: int) -> tuple[_Part, int]:
+        """(part, seed) of batch row `row`."""
+        return self.parts[row // len(self.v.seeds)], int(self.seeds[row])
 
     def run(self) -> dict:
         counters, error = self.counters, None
@@ -300,13 +397,16 @@ class _Job:
                 self.state = self.algo.step(self.state, self.sampler)
             except Exception as exc:  # an exception cannot be pinned on one seed: all fail
                 error = exc
-                for s in self.seeds[self.alive].tolist():
-                    self.status[s] = {"status": "failed", "step": counters.step,
-                                      "message": f"{type(exc).__name__}: {exc}"}
+                for row in self.alive.nonzero().flatten().tolist():
+                    part, seed = self._row_owner(row)
+                    part.status[seed] = {"status": "failed", "step": counters.step,
+                                         "message": f"{type(exc).__name__}: {exc}"}
                 break
             counters.step += 1
             self.wall += time.perf_counter() - tic
-            _mark_diverged(self.algo, self.state, self.alive, self.seeds, self.status, counters.step)
+            for row in _mark_diverged(self.algo, self.state, self.alive).tolist():
+                part, seed = self._row_owner(row)
+                part.status[seed] = {"status": "diverged", "step": counters.step}
             at_point = self.next_point < len(self.points) and self._clock() >= self.points[self.next_point]
             if at_point and self.alive.any():
                 self._record()
@@ -317,14 +417,16 @@ class _Job:
                 self._stop(self.stops.signum)
         if error is None and self.alive.any() and self.last_recorded != self._clock():
             self._record()
-        self.live_log.close()
-        record = self._write_records()
+        for part in self.parts:
+            part.live_log.close()
+        records = [self._write_records(part) for part in self.parts]
+        checkpoint.remove(self.out_dir)  # after every part's run.json: a kill in between resumes and rewrites them
         if error is not None:
             raise error
         if self.stops.signum is not None:  # arrived while the records were written: the job is complete
             print(f"ratebench: interrupted after {self.out_dir} completed", file=sys.stderr, flush=True)
             raise Interrupted(self.stops.signum)
-        return record
+        return records
 
     def _stop(self, signum: int) -> None:
         """SIGTERM / SIGINT in the loop: checkpoint now (the state is consistent at the end of a step),
@@ -334,41 +436,44 @@ class _Job:
               file=sys.stderr, flush=True)
         raise Interrupted(signum)
 
-    def _write_records(self) -> dict:
-        metrics = pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame(columns=BASE_COLUMNS)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_sha256 = atomic_write_parquet(self.out_dir / "metrics.parquet", metrics)
-        v, resolved = self.v, self.resolved
+    def _write_records(self, part: _Part) -> dict:
+        metrics = pd.concat(part.rows, ignore_index=True) if part.rows else pd.DataFrame(columns=BASE_COLUMNS)
+        part.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_sha256 = atomic_write_parquet(part.out_dir / "metrics.parquet", metrics)
+        v, resolved = part.v, part.resolved
         without_seeds = _without_seeds(resolved)
+        info = provenance()
+        if len(self.parts) > 1:  # how it was computed, not what: wall times are the whole batch's
+            info["instance_batch"] = {"instances": [p.v.env.instance_seed for p in self.parts],
+                                      "run_hash": self.run_hash}
         record = {
             "algorithm": v.algorithm.name, "env": v.env.name, "experiment": self.experiment, "seeds": v.seeds,
-            "status": {str(s): st for s, st in self.status.items()}, "config": resolved,
-            "config_hash": config_hash(without_seeds), "run_hash": self.run_hash,
-            "f_star": self.reference.value, "f_star_method": self.reference.method,
-            "f_star_n_minima": self.reference.n_minima, "f_star_local": self.reference.local_value,
-            "f_true": self.f_true, "j_star": self.evaluator.j_star, "target": None, **self.evaluator.targets,
+            "status": {str(s): st for s, st in part.status.items()}, "config": resolved,
+            "config_hash": config_hash(without_seeds), "run_hash": part.run_hash,
+            "f_star": part.reference.value, "f_star_method": part.reference.method,
+            "f_star_n_minima": part.reference.n_minima, "f_star_local": part.reference.local_value,
+            "f_true": part.f_true, "j_star": part.evaluator.j_star, "target": None, **part.evaluator.targets,
             "counters": vars(self.counters),
             "wall_s": self.wall, "eval_wall_s": self.eval_s, "checkpoint_wall_s": self.checkpoint_s,
             "resumed_from_step": self.resumed_from, "metrics_sha256": metrics_sha256, "metrics_rows": len(metrics),
-            "version": ratebench.__version__, "provenance": provenance(),
+            "version": ratebench.__version__, "provenance": info,
         }
-        atomic_write_json(self.out_dir / "run.json", record)  # the completion marker: written last
-        checkpoint.remove(self.out_dir)
+        atomic_write_json(part.out_dir / "run.json", record)  # the completion marker: written last
         return record
 
 
-def _mark_diverged(algo, state, alive, seeds, status, step) -> None:
+def _mark_diverged(algo, state, alive) -> torch.Tensor:
     """A seed with a non-finite tensor is diverged at this step; its slices are zeroed so the
-    batch stays finite, and it gets no further metric rows. Other seeds continue."""
+    batch stays finite, and it gets no further metric rows. Other seeds continue. Returns the
+    rows that diverged at this step."""
     tensors = algo.tensors(state)
     finite = torch.ones_like(alive)
     for t in tensors.values():
         finite &= torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(1)
     newly = alive & ~finite
     if newly.any():
-        for s in seeds[newly].tolist():
-            status[s] = {"status": "diverged", "step": step}
         alive &= finite
         with torch.no_grad():
             for t in tensors.values():
                 t[newly] = 0
+    return newly.nonzero().flatten()

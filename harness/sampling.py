@@ -107,6 +107,14 @@ class FlatPairs:
         return ret[:, :n] - ret[:, n:]
 
 
+def _rows_of(table: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """table[local] of a shared (n, K) table, or row b's table[b, local[b]] of an InstanceBatch's (B, n, K):
+    (B, T, K) for local (B, T)."""
+    if table.dim() == 2:
+        return table[local]
+    return table.gather(1, local[..., None].expand(*local.shape, table.shape[-1]))
+
+
 def policy_cdf(logp_table: torch.Tensor) -> torch.Tensor:
     """What the fast sampler draws actions from: cumulative pi per row of a (B or 1, S, A) log-prob table."""
     return logp_table.detach().exp().cumsum(-1)
@@ -154,7 +162,7 @@ class _DrawPlan:
         self.row_base = [base + off for off in lay.row_offset]  # (T,) per step
         self.label_columns, self.first, self.second = torch.tensor(labels), torch.tensor(first), torch.tensor(second)
         self.unit_of = lay.unit_of.repeat(P)  # (P * S * A,)
-        self.ref_logp = lay.ref_logp.repeat(P)
+        self.ref_logp = torch.cat([lay.ref_logp] * P, -1)  # (P * S * A,), an InstanceBatch's (B, P * S * A)
 
 
 @dataclass
@@ -199,11 +207,13 @@ class CountingSampler:
 
     def _initial_states(self, n: int) -> torch.Tensor:
         u = self._rng.uniform(n)
-        return categorical(self.problem.init_prob.expand(*u.shape, -1), u)
+        init = self.problem.init_prob  # (G,), or (B, G) per row of an InstanceBatch
+        return categorical((init[:, None] if init.dim() == 2 else init).expand(*u.shape, -1), u)
 
     def _rollout(self, logps: list[torch.Tensor], init: torch.Tensor) -> Trajectories:
         B, N = init.shape
         states, actions, s = [], [], init
+        row = torch.arange(B)[:, None] if self.problem.batched else None  # transitions per row of an InstanceBatch
         for h, step in enumerate(self.problem.steps):
             table = logps[h].detach().exp()
             table = table.expand(B, *table.shape[1:])
@@ -212,8 +222,9 @@ class CountingSampler:
             states.append(s)
             actions.append(a)
             if h < self.problem.horizon - 1:
-                k = categorical(step.next_prob[s, a], self._rng.uniform(N))
-                s = step.next_idx[s, a].gather(-1, k[..., None]).squeeze(-1)
+                where = (s, a) if row is None else (row, s, a)
+                k = categorical(step.next_prob[where], self._rng.uniform(N))
+                s = step.next_idx[where].gather(-1, k[..., None]).squeeze(-1)
         return Trajectories(torch.stack(states, -1), torch.stack(actions, -1))
 
     def trajectories(self, logps: list[torch.Tensor], n: int) -> Trajectories:
@@ -259,7 +270,7 @@ class CountingSampler:
         drawn = self._rng.uniform(plan.n_uniforms)  # (B, n_uniforms), in the order of `requests`
         u = drawn[:, plan.columns]  # (B, 2H, T): the initial-state draw, then (action, transition) per step
         init_cdf, A = lay.init_cdf, lay.n_actions
-        s = torch.searchsorted(init_cdf, u[:, 0] * init_cdf[-1]).clamp_max(init_cdf.shape[0] - 1)  # (B, T)
+        s = torch.searchsorted(init_cdf, u[:, 0] * init_cdf[..., -1:]).clamp_max(init_cdf.shape[-1] - 1)  # (B, T)
         cdf, T = cdf.expand(B, *cdf.shape[1:]), s.shape[1]
         index = []
         for h in range(H):
@@ -270,11 +281,11 @@ class CountingSampler:
             index.append(rows * A + a)
             if h < H - 1:
                 local = s * A + a
-                nxt = lay.next_idx[h][local]  # (B, T, K)
+                nxt = _rows_of(lay.next_idx[h], local)  # (B, T, K)
                 if nxt.shape[-1] == 1:  # deterministic successor (token task): the draw is made but not needed
                     s = nxt[..., 0]
                 else:
-                    next_cdf = lay.next_cdf[h][local]
+                    next_cdf = _rows_of(lay.next_cdf[h], local)
                     k = torch.searchsorted(next_cdf, (u[:, 2 + 2 * h] * next_cdf[..., -1])[..., None])
                     s = nxt.gather(-1, k.clamp_max(nxt.shape[-1] - 1)).squeeze(-1)
         index = index[0][..., None] if H == 1 else torch.stack(index, -1)
@@ -289,8 +300,9 @@ class CountingSampler:
         return FlatDraws(every, plan, label)
 
     def _flat_true_rewards(self) -> torch.Tensor:
-        if "flat_true" not in self.problem.derived:
-            self.problem.derived["flat_true"] = padded_units(self.problem.true_unit_reward[None])[0]
+        if "flat_true" not in self.problem.derived:  # (n_units + 1,), an InstanceBatch's (B, n_units + 1)
+            true = self.problem.true_unit_reward
+            self.problem.derived["flat_true"] = padded_units(true) if true.dim() == 2 else padded_units(true[None])[0]
         return self.problem.derived["flat_true"]
 
     def state_dict(self) -> dict:

@@ -1,0 +1,96 @@
+"""Instances as a batch axis (issue 12 item 4), side by side in one run, as ratios: one outer step of a
+4-instance x 16-seed batch vs the 4 instances' 16-seed steps one after the other, and a whole batched job
+(`instances=[1,2,3,4]`) vs the 4 separate jobs run one after the other in one process.
+
+Run serially:  OMP_NUM_THREADS=1 .venv/bin/pytest bench/test_bench_instances.py -p no:xdist --benchmark-enable -s -q
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+from conftest import record_ratio
+
+from ratebench import envs
+from ratebench.algorithms import ALGORITHMS
+from ratebench.config import validate
+from ratebench.envs.tabular import InstanceBatch
+from ratebench.runner import run_instances_or_skip, run_job
+from ratebench.sampling import Counters, CountingSampler
+
+INSTANCES = [1, 2, 3, 4]
+SMALL = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
+CONFIGS = {  # id: (overrides, regression floor asserted here)
+    "bandit-bilevel-16-default": (["env=bandit", "algorithm=bilevel", "n_seeds=16"], 2.0),
+    "bandit-bilevel-16-N=M=2": (["env=bandit", "algorithm=bilevel", "n_seeds=16", *SMALL], 2.0),
+    "mdp-bilevel-16-default": (["env=mdp", "algorithm=bilevel", "n_seeds=16"], 1.5),
+    "bandit-dpo_online-16": (["env=bandit", "algorithm=dpo", "algorithm.mode=online", "n_seeds=16"], 1.5),
+}
+
+
+def _stepper(v, problem, seeds):
+    algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
+    algo.impl = v.impl
+    sampler = CountingSampler(problem, seeds, Counters())
+    state = algo.init(seeds)
+    for _ in range(3):  # warm-up: layouts, draw plans, caches
+        state = algo.step(state, sampler)
+    return [algo, sampler, state]
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_batched_instances_vs_separate_steps(benchmark, compose_config, config):
+    overrides, floor = CONFIGS[config]
+    v = validate(compose_config(overrides))
+    problems = [envs.make(validate(compose_config(overrides + [f"env.instance_seed={k}"])).env) for k in INSTANCES]
+    separate = [_stepper(v, p, v.seeds) for p in problems]
+    rows = torch.arange(len(problems)).repeat_interleave(len(v.seeds))
+    batched = _stepper(v, InstanceBatch(problems, rows), v.seeds * len(problems))
+    probe = time.perf_counter()
+    for run in separate:
+        run[2] = run[0].step(run[2], run[1])
+    per_round = max(3, min(100, int(0.3 / max(time.perf_counter() - probe, 1e-6))))
+    times = {"separate": [], "batched": []}
+    for _ in range(7):  # interleaved rounds: both see the same machine load
+        tic = time.process_time()
+        for _ in range(per_round):
+            for run in separate:
+                run[2] = run[0].step(run[2], run[1])
+        times["separate"].append((time.process_time() - tic) / per_round)
+        tic = time.process_time()
+        for _ in range(per_round):
+            batched[2] = batched[0].step(batched[2], batched[1])
+        times["batched"].append((time.process_time() - tic) / per_round)
+    t = {k: statistics.median(x) for k, x in times.items()}
+    benchmark.pedantic(lambda: batched[0].step(batched[2], batched[1]), rounds=3, iterations=1)
+    ratio = record_ratio(benchmark, f"instance_batch_step_speedup[{config}]", t["separate"] / t["batched"],
+                         f"{len(problems)} instances x {len(v.seeds)} seeds: separate steps "
+                         f"{t['separate'] * 1e3:.2f} ms, one batched step {t['batched'] * 1e3:.2f} ms (CPU time)")
+    assert ratio >= floor
+
+
+def test_batched_job_vs_separate_jobs(benchmark, compose_config, tmp_path):
+    """Whole jobs (set-up, steps, exact evaluations, records): `instances=[1,2,3,4]` vs the 4 jobs one after the
+    other in this process (what one core does with a sweep; process start-up not counted for either)."""
+    common = ["env=bandit", "algorithm=bilevel", "n_seeds=16", "budget.samples=40000", "progress=false", *SMALL]
+    for k in INSTANCES:  # F-hat* of every instance cached for both
+        run_job(compose_config(common + [f"env.instance_seed={k}", "budget.samples=100"]), tmp_path / f"warm_{k}")
+    walls = {"separate": [], "batched": []}
+    for round_ in range(2):
+        tic = time.perf_counter()
+        for k in INSTANCES:
+            run_job(compose_config(common + [f"env.instance_seed={k}"]), tmp_path / f"separate_{round_}_{k}")
+        walls["separate"].append(time.perf_counter() - tic)
+        tic = time.perf_counter()
+        folders, _ = run_instances_or_skip(compose_config(common + ["instances=[1,2,3,4]"]), tmp_path / f"batch_{round_}")
+        walls["batched"].append(time.perf_counter() - tic)
+    benchmark.pedantic(lambda: None, rounds=1)
+    wall = {k: min(x) for k, x in walls.items()}
+    record = folders[0][1]
+    ratio = record_ratio(benchmark, "instance_batch_job_speedup", wall["separate"] / wall["batched"],
+                         f"4 instances x 16 seeds x 4e4 samples, N = M = 2: separate jobs {wall['separate']:.1f} s, "
+                         f"one batched job {wall['batched']:.1f} s (its steps {record['wall_s']:.1f} s, "
+                         f"evaluations {record['eval_wall_s']:.1f} s)")
+    assert ratio >= 1.5
