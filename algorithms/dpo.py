@@ -21,7 +21,7 @@ from ratebench.envs.exact import (bradley_terry_nll, bradley_terry_nll_grad, exp
 from ratebench.envs.lbfgs import minimise_rows
 from ratebench.errors import ConfigError, require
 from ratebench.rng import CounterRng
-from ratebench.sampling import PreferencePairs, policy_cdf
+from ratebench.sampling import FlatTrajectories, PreferencePairs, policy_cdf
 
 MODES = ("offline", "online", "iterative")
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -134,12 +134,15 @@ class DPO(Algorithm):
         return self._online_step(state, sampler) if self.cfg.mode == "online" else self._offline_step(state, sampler)
 
     def has_fast_step(self) -> bool:
-        return self.cfg.mode == "online"  # offline / iterative refits stay the reference
+        return True  # online: the one SGD step; offline / iterative: every SGD step of the refit
 
     def fast_step(self, state, sampler):
         """_online_step with the DPO loss's gradient in closed form (dpo_loss_grad) on flat tables; one
-        forward serves the sampling and the gradient (the reference's two forwards compute the same)."""
+        forward serves the sampling and the gradient (the reference's two forwards compute the same).
+        Offline / iterative: _offline_step with the refit's SGD steps computed the same way (_fast_fit)."""
         cfg = self.cfg
+        if cfg.mode != "online":
+            return self._offline_step(state, sampler, fit=self._fast_fit)
         logp, acts = self.policy.table(state.theta)  # (B, S, A)
         draws = sampler.flat_draws(policy_cdf(logp), (("pairs", 0, cfg.batch_pairs),))
         (pairs,) = draws.parts()
@@ -164,7 +167,7 @@ class DPO(Algorithm):
         state.k += 1
         return state
 
-    def _offline_step(self, state, sampler):
+    def _offline_step(self, state, sampler, fit=None):
         """Extend the dataset to the next prefix size (only the new pairs are drawn: from pi_ref offline, from
         the current policy in iterative mode), then SGD to convergence on all of it, warm-started."""
         cfg = self.cfg
@@ -173,11 +176,39 @@ class DPO(Algorithm):
             source = self.ref if cfg.mode == "offline" else self.policy.log_probs(state.theta)
         state.data.extend(sampler.pairs(source, target - state.data.size))
         steps = offline_steps(state.data.size, cfg.batch_pairs, cfg.epochs, cfg.min_steps)
-        state.theta = fit_on_dataset(state.theta, self.pair_loss, state.data, cfg.batch_pairs, steps, cfg.lr,
-                                     state.rng)
+        if fit is None:
+            state.theta = fit_on_dataset(state.theta, self.pair_loss, state.data, cfg.batch_pairs, steps, cfg.lr,
+                                         state.rng)
+        else:
+            state.theta = fit(state.theta, state.data, steps, state.rng)
         state.lr = cfg.lr
         state.k += 1
         return state
+
+    def _fast_fit(self, theta, data, steps: int, rng):
+        """fit_on_dataset(theta, pair_loss, data, ...) with each SGD step's gradient in closed form: the same
+        minibatches (every index of the refit drawn in one RNG call) and step sizes; the pairs as flat
+        indices and their log pi_ref sums computed once per refit."""
+        cfg, n, b = self.cfg, data.size, self.cfg.batch_pairs
+        lay = self.problem.flat()
+        pairs = data.pairs
+        first, second = pairs.first.flat(lay), pairs.second.flat(lay)
+        every = FlatTrajectories(torch.cat([first.index, second.index], 1), torch.cat([first.unit, second.unit], 1))
+        ref = every.log_prob(lay.ref_logp)  # log pi_ref(tau) of every member, (B, 2n)
+        rng.prefetch(steps * b)
+        params = [p.detach() for p in theta]
+        for i in range(steps):
+            index = (rng.uniform(b) * n).long().clamp_max(n - 1)  # (B, b): fit_on_dataset's minibatch
+            members = torch.cat([index, index + n], 1)  # (B, 2b): first members, then second members
+            batch = every.take(members)
+            logp, acts = self.policy.table(params)
+            flat = logp.view(logp.shape[0], -1)
+            ratio = batch.log_prob(flat) - ref.gather(1, members)  # log pi / pi_ref, (B, 2b)
+            first = dpo_loss_grad(ratio[:, :b], ratio[:, b:], pairs.label.gather(1, index), self.beta, cfg.loss) / b
+            grad = torch.zeros_like(flat)
+            batch.add_log_prob_grad(grad, torch.cat([first, -first], 1))
+            params = sgd_update(params, self.policy.backward(params, acts, logp, grad), cfg.lr * (1 - i / steps))
+        return params
 
     # --- what the harness reads ---------------------------------------------------------------------
     def policy_log_probs(self, state):

@@ -44,6 +44,11 @@ class Trajectories:
         """sum_t log pi(a_t | s_t) (policy part only; differentiable in the tables): (B, N)."""
         return self.per_step(logps).sum(-1)
 
+    def flat(self, layout) -> FlatTrajectories:
+        """The same trajectories as the fast path's flat indices: (h, s, a) -> (row_offset[h] + s) * A + a."""
+        index = (self.states + torch.tensor(layout.row_offset)) * layout.n_actions + self.actions
+        return FlatTrajectories(index, layout.unit_of[index])
+
 
 @dataclass
 class PreferencePairs:
@@ -84,6 +89,13 @@ class FlatTrajectories:
     def log_prob(self, flat_logps: torch.Tensor) -> torch.Tensor:
         """sum_t log pi(a_t | s_t): (B, N)."""
         return _take(flat_logps, self.index).sum(-1)
+
+    def take(self, rows: torch.Tensor) -> FlatTrajectories:
+        """The trajectories at per-seed positions rows (B, b): (B, b, H)."""
+        def pick(t):
+            return t.gather(1, rows[..., None].expand(-1, -1, t.shape[2]))
+
+        return FlatTrajectories(pick(self.index), pick(self.unit))
 
     def add_log_prob_grad(self, grad: torch.Tensor, weights: torch.Tensor) -> None:
         """grad += d/d(flat log-prob table) of sum_i weights_i log pi(tau_i), in place: (B, S * A)."""

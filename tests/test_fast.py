@@ -12,7 +12,7 @@ implementation that rounds differently can track them to 1e-12 over 1,000 steps;
 
 Small on purpose (2 seeds, width-4 networks, N = M = 2): the arithmetic is the same at any size, and
 the suite's time budget is tight. 1,000 steps for bilevel on the bandit; 20-200 elsewhere (MDP,
-token task, the double loop, other network shapes, reward_mle, online DPO)."""
+token task, the double loop, other network shapes, reward_mle, online DPO, offline and iterative DPO's refits)."""
 from __future__ import annotations
 
 import copy
@@ -33,6 +33,7 @@ ATOL = 1e-12  # float64: the two paths sum the same terms in a different order
 TINY = ["seeds=[3,0]", "model.reward.width=4", "model.policy.width=4"]
 SMALL_BATCHES = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
 DOUBLE = ["algorithm.variant=double_loop", "algorithm.eps=0.08"]  # K = 3 inner steps, B = 2
+REFIT = ["algorithm.min_steps=20", "algorithm.first_pairs=8", "algorithm.batch_pairs=4", "algorithm.epochs=2"]
 CASES = {  # id: (overrides, steps)
     "bilevel-bandit": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES], 1000),
     "bilevel-mdp": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES], 40),
@@ -50,7 +51,14 @@ CASES = {  # id: (overrides, steps)
     "dpo_online-mdp": (["algorithm=dpo", "env=mdp", "algorithm.mode=online", "algorithm.batch_pairs=2"], 30),
     "dpo_online_ipo-token": (["algorithm=dpo", "env=token", "algorithm.mode=online", "algorithm.loss=ipo"], 30),
     "dpo_online_hinge-bandit": (["algorithm=dpo", "env=bandit", "algorithm.mode=online", "algorithm.loss=hinge"], 30),
+    # offline / iterative: one outer step = a refit (small here: >= 20 SGD steps on minibatches of 4)
+    "dpo_offline-bandit": (["algorithm=dpo", "env=bandit", *REFIT], 8),
+    # lr 0.1: at lr 1 one IPO refit on the token task drives the width-4 net's weights to ~3e3 (squared loss),
+    # where 1e-12 absolute is below one ulp
+    "dpo_offline_ipo-token": (["algorithm=dpo", "env=token", "algorithm.loss=ipo", "algorithm.lr=0.1", *REFIT], 6),
+    "dpo_iterative-mdp": (["algorithm=dpo", "env=mdp", "algorithm.mode=iterative", *REFIT], 6),
 }
+REFITS = {case for case, (overrides, _) in CASES.items() if REFIT[0] in overrides}  # draw the dataset by pairs()
 
 
 def build(compose_config, overrides, impl):
@@ -83,8 +91,13 @@ def compare(got, want, atol, where):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_fast_equals_reference_through_a_checkpoint(compose_config, case):
+def test_fast_equals_reference_through_a_checkpoint(compose_config, case, monkeypatch):
     overrides, n = CASES[case]
+    import ratebench.algorithms.dpo as dpo_module
+
+    refits = []  # the reference's refit (fit_on_dataset) calls: a fast step must make none
+    reference_fit = dpo_module.fit_on_dataset
+    monkeypatch.setattr(dpo_module, "fit_on_dataset", lambda *a, **k: refits.append(1) or reference_fit(*a, **k))
     ref, ref_sampler, ref_counters, seeds = build(compose_config, overrides, "reference")
     fast, sampler, counters, _ = build(compose_config, overrides, "fast")
     assert ref.has_fast_step()
@@ -102,8 +115,12 @@ def test_fast_equals_reference_through_a_checkpoint(compose_config, case):
         sampler.load_state_dict(ref_sampler.state_dict())
         vars(counters).update(vars(ref_counters))
         state = ref.step(state, ref_sampler)
+        before = len(refits)
         one = fast.step(start, sampler)
-        assert sampler._plans and not ref_sampler._plans, f"{case}: the fast step did not take the fast path"
+        if case in REFITS:  # its new pairs come from pairs() as in the reference; its refit must be the fast one
+            assert len(refits) == before, f"{case}: the fast step ran the reference refit"
+        else:
+            assert sampler._plans and not ref_sampler._plans, f"{case}: the fast step did not take the fast path"
         want = snapshot(ref, state, ref_sampler, ref_counters)
         compare(snapshot(fast, one, sampler, counters), want, ATOL, f"{case} one step from step {k - 1}")
         free = free_algo.step(free, free_sampler)
