@@ -13,15 +13,15 @@ import torch
 
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.models import PolicyModel, sgd_step, sgd_update
-from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, fit_on_dataset, next_grid_point,
-                                             offline_steps)
+from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, fit_on_dataset, fit_on_dataset_fast,
+                                             next_grid_point, offline_steps)
 from ratebench.algorithms.targets import TARGET_TOL, PopulationTarget, fixed_point
 from ratebench.envs.exact import (bradley_terry_nll, bradley_terry_nll_grad, expected_pair_loss, trajectory_returns,
                                    true_pair_probs)
 from ratebench.envs.lbfgs import minimise_rows
 from ratebench.errors import ConfigError, require
 from ratebench.rng import CounterRng
-from ratebench.sampling import FlatTrajectories, PreferencePairs, policy_cdf
+from ratebench.sampling import PreferencePairs, policy_cdf
 
 MODES = ("offline", "online", "iterative")
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -186,29 +186,21 @@ class DPO(Algorithm):
         return state
 
     def _fast_fit(self, theta, data, steps: int, rng):
-        """fit_on_dataset(theta, pair_loss, data, ...) with each SGD step's gradient in closed form: the same
-        minibatches (every index of the refit drawn in one RNG call) and step sizes; the pairs as flat
-        indices and their log pi_ref sums computed once per refit."""
-        cfg, n, b = self.cfg, data.size, self.cfg.batch_pairs
-        lay = self.problem.flat()
-        pairs = data.pairs
-        first, second = pairs.first.flat(lay), pairs.second.flat(lay)
-        every = FlatTrajectories(torch.cat([first.index, second.index], 1), torch.cat([first.unit, second.unit], 1))
-        ref = every.log_prob(lay.ref_logp)  # log pi_ref(tau) of every member, (B, 2n)
-        rng.prefetch(steps * b)
-        params = [p.detach() for p in theta]
-        for i in range(steps):
-            index = (rng.uniform(b) * n).long().clamp_max(n - 1)  # (B, b): fit_on_dataset's minibatch
-            members = torch.cat([index, index + n], 1)  # (B, 2b): first members, then second members
-            batch = every.take(members)
+        """fit_on_dataset(theta, pair_loss, ...) with each SGD step's gradient in closed form (dpo_loss_grad on
+        the flat log-prob table, one backward through the network); log pi_ref of every member once per refit."""
+        cfg, b, pairs = self.cfg, self.cfg.batch_pairs, data.pairs
+        ref = torch.cat([pairs.first.log_prob(self.ref), pairs.second.log_prob(self.ref)], 1)  # (B, 2n)
+
+        def grad_of_minibatch(params, members, label, rows):
             logp, acts = self.policy.table(params)
             flat = logp.view(logp.shape[0], -1)
-            ratio = batch.log_prob(flat) - ref.gather(1, members)  # log pi / pi_ref, (B, 2b)
-            first = dpo_loss_grad(ratio[:, :b], ratio[:, b:], pairs.label.gather(1, index), self.beta, cfg.loss) / b
+            ratio = members.log_prob(flat) - ref.gather(1, rows)  # log pi / pi_ref, (B, 2b)
+            first = dpo_loss_grad(ratio[:, :b], ratio[:, b:], label, self.beta, cfg.loss) / b
             grad = torch.zeros_like(flat)
-            batch.add_log_prob_grad(grad, torch.cat([first, -first], 1))
-            params = sgd_update(params, self.policy.backward(params, acts, logp, grad), cfg.lr * (1 - i / steps))
-        return params
+            members.add_log_prob_grad(grad, torch.cat([first, -first], 1))
+            return self.policy.backward(params, acts, logp, grad)
+
+        return fit_on_dataset_fast(theta, grad_of_minibatch, data, self.problem.flat(), b, steps, cfg.lr, rng)
 
     # --- what the harness reads ---------------------------------------------------------------------
     def policy_log_probs(self, state):

@@ -13,14 +13,15 @@ from typing import Optional
 import torch
 
 from ratebench.algorithms.base import Algorithm
-from ratebench.algorithms.estimators import leave_one_out_baseline, preference_loss
+from ratebench.algorithms.estimators import leave_one_out_baseline, preference_loss, preference_loss_weights
 from ratebench.algorithms.models import PolicyModel, RewardModel, StackedMLP, sgd_step
-from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, clipped_surrogate, fit_on_dataset, gae,
-                                             next_grid_point, normalise_per_seed, offline_steps)
+from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, clipped_surrogate, fit_on_dataset,
+                                             fit_on_dataset_fast, gae, next_grid_point, normalise_per_seed,
+                                             offline_steps)
 from ratebench.algorithms.targets import PopulationTarget, bt_mle_target, fixed_point, soft_optimal_at
 from ratebench.errors import ConfigError, require
 from ratebench.rng import CounterRng
-from ratebench.sampling import Trajectories
+from ratebench.sampling import Trajectories, padded_units
 
 MODES = ("offline", "online")
 MINIBATCH_STREAM = 102  # CounterRng stream of offline reward-model minibatches (the sampler uses stream 1)
@@ -144,7 +145,32 @@ class PPORLHF(Algorithm):
         state.rm_lr = cfg.rm_lr / (1 + state.k / cfg.k0) ** cfg.rm_lr_exponent
         state.nu = sgd_step(state.nu, lambda nu: self.rm_loss(nu, pairs), state.rm_lr)
 
-    def _offline_step(self, state, sampler):
+    def has_fast_step(self) -> bool:
+        return self.cfg.mode == "offline" and not self.cfg.reward_oracle  # the reward-model refit; PPO stays autograd
+
+    def fast_step(self, state, sampler):
+        """reference_step with the offline reward-model refit's SGD steps in closed form (_fast_rm_fit)."""
+        self._offline_step(state, sampler, fit=self._fast_rm_fit)
+        state.k += 1
+        return state
+
+    def _fast_rm_fit(self, nu, data, steps: int, rng):
+        """fit_on_dataset(nu, rm_loss, ...) with each SGD step's gradient in closed form: the BT loss's weight per
+        pair on R(tau) - R(tau') (preference_loss_weights), one backward through the reward network."""
+        cfg, b = self.cfg, self.cfg.batch_pairs
+
+        def grad_of_minibatch(params, members, label, rows):
+            units, acts = self.reward.units(params)
+            rewards = padded_units(units)
+            ret = members.returns(rewards)  # (B, 2b)
+            weight = preference_loss_weights(ret[:, :b] - ret[:, b:], label)
+            grad = torch.zeros_like(rewards)
+            members.add_return_grad(grad, torch.cat([weight, -weight], 1))
+            return self.reward.backward(params, acts, grad[:, :-1])
+
+        return fit_on_dataset_fast(nu, grad_of_minibatch, data, self.problem.flat(), b, steps, cfg.rm_lr, rng)
+
+    def _offline_step(self, state, sampler, fit=None):
         """Grow the total samples to the next grid point T: the labelled pi_ref prefix to pair_fraction T / 2
         pairs (reward model refit to convergence on it), the rest of the step's samples on PPO rollouts."""
         cfg = self.cfg
@@ -154,7 +180,11 @@ class PPORLHF(Algorithm):
         if target > state.data.size:
             state.data.extend(sampler.pairs(self.ref, target - state.data.size))
             steps = offline_steps(state.data.size, cfg.batch_pairs, cfg.epochs, cfg.min_steps)
-            state.nu = fit_on_dataset(state.nu, self.rm_loss, state.data, cfg.batch_pairs, steps, cfg.rm_lr, state.rng)
+            if fit is None:
+                state.nu = fit_on_dataset(state.nu, self.rm_loss, state.data, cfg.batch_pairs, steps, cfg.rm_lr,
+                                          state.rng)
+            else:
+                state.nu = fit(state.nu, state.data, steps, state.rng)
             state.rm_lr = cfg.rm_lr
         rewards = self._rm_tables(state)
         budget = total - sampler.samples  # rollouts left for this step

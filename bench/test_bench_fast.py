@@ -146,20 +146,25 @@ def test_seed_alone_equals_seed_in_a_256_batch(compose_config):
         torch.testing.assert_close(got["n_seeds=256"][key], t, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("env", ["bandit", "token"])
-def test_dpo_offline_refit_fast_vs_reference(benchmark, compose_config, env):
-    """Offline DPO's step is a refit: 300 minibatch SGD steps on a fixed prefix of 512 pi_ref pairs, 16 seeds,
-    timed from the same parameters, dataset and RNG position (fit_on_dataset vs DPO._fast_fit)."""
+@pytest.mark.parametrize("algorithm,env", [("dpo", "bandit"), ("dpo", "token"), ("ppo_rlhf", "token")])
+def test_offline_refit_fast_vs_reference(benchmark, compose_config, algorithm, env):
+    """Offline DPO's step is a refit, and so is most of offline PPO-RLHF's (its reward model): 300 minibatch SGD
+    steps on a fixed prefix of 512 pi_ref pairs, 16 seeds, timed from the same parameters, dataset and RNG
+    position (fit_on_dataset vs DPO._fast_fit / PPORLHF._fast_rm_fit)."""
     import copy
 
     from ratebench.algorithms.policy_opt import PairDataset, fit_on_dataset
 
-    algo, sampler, v = build(compose_config, [f"env={env}", "algorithm=dpo", "n_seeds=16"], "fast")
+    algo, sampler, v = build(compose_config, [f"env={env}", f"algorithm={algorithm}", "n_seeds=16"], "fast")
     state = algo.init(v.seeds)
     data = PairDataset()
     data.extend(sampler.pairs(algo.ref, 512))
-    fits = {"reference": lambda rng: fit_on_dataset(state.theta, algo.pair_loss, data, 32, 300, 1.0, rng),
-            "fast": lambda rng: algo._fast_fit(state.theta, data, 300, rng)}
+    if algorithm == "dpo":
+        fits = {"reference": lambda rng: fit_on_dataset(state.theta, algo.pair_loss, data, 32, 300, 1.0, rng),
+                "fast": lambda rng: algo._fast_fit(state.theta, data, 300, rng)}
+    else:
+        fits = {"reference": lambda rng: fit_on_dataset(state.nu, algo.rm_loss, data, 32, 300, 1.0, rng),
+                "fast": lambda rng: algo._fast_rm_fit(state.nu, data, 300, rng)}
     times = {impl: [] for impl in fits}
     for _ in range(5):  # interleaved rounds
         for impl, fit in fits.items():
@@ -169,6 +174,6 @@ def test_dpo_offline_refit_fast_vs_reference(benchmark, compose_config, env):
             times[impl].append(time.process_time() - tic)
     t = {impl: statistics.median(x) for impl, x in times.items()}
     benchmark.pedantic(lambda: fits["fast"](copy.deepcopy(state.rng)), rounds=2, iterations=1)
-    ratio = record_ratio(benchmark, f"fast_speedup[dpo_offline_refit-{env}-16]", t["reference"] / t["fast"],
+    ratio = record_ratio(benchmark, f"fast_speedup[{algorithm}_offline_refit-{env}-16]", t["reference"] / t["fast"],
                          f"300 SGD steps on 512 pairs: reference {t['reference'] * 1e3:.0f} ms, fast {t['fast'] * 1e3:.0f} ms")
     assert ratio >= 1.5

@@ -12,7 +12,8 @@ implementation that rounds differently can track them to 1e-12 over 1,000 steps;
 
 Small on purpose (2 seeds, width-4 networks, N = M = 2): the arithmetic is the same at any size, and
 the suite's time budget is tight. 1,000 steps for bilevel on the bandit; 20-200 elsewhere (MDP,
-token task, the double loop, other network shapes, reward_mle, online DPO, offline and iterative DPO's refits)."""
+token task, the double loop, other network shapes, reward_mle, online DPO, offline and iterative DPO's refits,
+offline PPO-RLHF's reward-model refit)."""
 from __future__ import annotations
 
 import copy
@@ -34,6 +35,7 @@ TINY = ["seeds=[3,0]", "model.reward.width=4", "model.policy.width=4"]
 SMALL_BATCHES = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
 DOUBLE = ["algorithm.variant=double_loop", "algorithm.eps=0.08"]  # K = 3 inner steps, B = 2
 REFIT = ["algorithm.min_steps=20", "algorithm.first_pairs=8", "algorithm.batch_pairs=4", "algorithm.epochs=2"]
+PPO_REFIT = ["algorithm.min_steps=20", "algorithm.first_pairs=8", "algorithm.batch_pairs=4", "algorithm.epochs=2"]
 CASES = {  # id: (overrides, steps)
     "bilevel-bandit": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES], 1000),
     "bilevel-mdp": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES], 40),
@@ -57,8 +59,11 @@ CASES = {  # id: (overrides, steps)
     # where 1e-12 absolute is below one ulp
     "dpo_offline_ipo-token": (["algorithm=dpo", "env=token", "algorithm.loss=ipo", "algorithm.lr=0.1", *REFIT], 6),
     "dpo_iterative-mdp": (["algorithm=dpo", "env=mdp", "algorithm.mode=iterative", *REFIT], 6),
+    "ppo_rlhf-bandit": (["algorithm=ppo_rlhf", "env=bandit", *PPO_REFIT], 6),
+    "ppo_rlhf-mdp": (["algorithm=ppo_rlhf", "env=mdp", *PPO_REFIT, "model.reward.kind=linear"], 5),
 }
-REFITS = {case for case, (overrides, _) in CASES.items() if REFIT[0] in overrides}  # draw the dataset by pairs()
+REFITS = {case for case, (overrides, _) in CASES.items()  # draw the dataset by pairs(): no flat draw plans
+          if REFIT[0] in overrides or PPO_REFIT[0] in overrides}
 
 
 def build(compose_config, overrides, impl):
@@ -94,10 +99,12 @@ def compare(got, want, atol, where):
 def test_fast_equals_reference_through_a_checkpoint(compose_config, case, monkeypatch):
     overrides, n = CASES[case]
     import ratebench.algorithms.dpo as dpo_module
+    import ratebench.algorithms.ppo_rlhf as ppo_module
 
     refits = []  # the reference's refit (fit_on_dataset) calls: a fast step must make none
     reference_fit = dpo_module.fit_on_dataset
-    monkeypatch.setattr(dpo_module, "fit_on_dataset", lambda *a, **k: refits.append(1) or reference_fit(*a, **k))
+    for module in (dpo_module, ppo_module):
+        monkeypatch.setattr(module, "fit_on_dataset", lambda *a, **k: refits.append(1) or reference_fit(*a, **k))
     ref, ref_sampler, ref_counters, seeds = build(compose_config, overrides, "reference")
     fast, sampler, counters, _ = build(compose_config, overrides, "fast")
     assert ref.has_fast_step()
