@@ -167,3 +167,26 @@ def test_a_seed_that_diverges_ends_only_in_its_instance(compose_config, tmp_path
 ])
 def test_bad_instance_lists_are_refused_before_compute(expect_bad_input, overrides, words):
     expect_bad_input(overrides, words)
+
+
+def test_ratebench_run_with_instances_writes_each_folder_and_returns_the_mean_objective(tmp_path, capsys):
+    """Through the command line (the Hydra app): exit 0, one folder per instance, and the objective a tuning
+    sweeper gets is the mean over the instances of each folder's own objective (computed here from its files)."""
+    import numpy as np
+
+    from ratebench.cli import main
+
+    out = tmp_path / "family"
+    code = main(["run", "algorithm=bilevel", "instances=[3,1]", "seeds=[0,2]", "budget.samples=3000",
+                 "objective=policy_gap", "progress=false", f"hydra.run.dir={out}"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    finals = []
+    for k in (3, 1):
+        record = json.loads((out / f"instance_{k}" / "run.json").read_text())
+        assert record["config"]["env"]["instance_seed"] == k and record["config"]["instances"] is None
+        metrics = pd.read_parquet(out / f"instance_{k}" / "metrics.parquet")
+        finals.append(metrics.sort_values("samples").groupby("seed")["policy_gap"].last().mean())
+    line = [ln for ln in printed.splitlines() if ln.startswith("ratebench: objective")][-1]
+    assert "over 2 instances" in line
+    assert np.isclose(float(line.rsplit("=", 1)[1]), np.mean(finals), rtol=1e-5)
