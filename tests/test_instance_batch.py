@@ -27,6 +27,8 @@ CASES = [
     ("mdp", ["algorithm=bilevel", "model.reward.kind=linear"], "fast", 20),
     ("bandit", ["algorithm=bilevel", "algorithm.batch_traj=2", "algorithm.batch_pairs=2"], "fast", 40),
     ("mdp", ["algorithm=dpo"], "fast", 2),  # offline: one step is a refit on the pi_ref dataset
+    ("bandit", ["algorithm=dpo"], "reference", 2),  # the autograd refit too
+    ("bandit", ["algorithm=ppo_rlhf"], "reference", 2),
     ("token", ["algorithm=dpo", "algorithm.mode=online"], "fast", 4),
     ("bandit", ["algorithm=dpo", "algorithm.mode=iterative"], "fast", 2),
     ("mdp", ["algorithm=dpo", "algorithm.mode=online", "algorithm.loss=ipo"], "fast", 4),
