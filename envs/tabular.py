@@ -80,7 +80,7 @@ class TabularProblem:
     @property
     def batched(self) -> bool:
         """True for an InstanceBatch: every instance-dependent table has a leading row axis (B, ...)."""
-        return False
+        return self.init_prob.dim() == 2
 
     def trajectories_per_group(self) -> int:
         """m = A^H * K^(H-1): enumeration keeps every successor, zero-probability ones too."""
@@ -175,8 +175,8 @@ class InstanceBatch(TabularProblem):
     """Several instances of one environment (same sizes, different env.instance_seed) as one problem whose
     batch rows are (instance, seed) pairs: every instance-dependent table gets a leading row axis B, row b
     holding the tables of instance `row_instance[b]`. What a seed computes on it is what it computes on its
-    own instance; algorithms that step it say so (Algorithm.batches_instances). Exact evaluation is per
-    instance, on `instances` (the harness slices the rows)."""
+    own instance; an algorithm that cannot step it says why (Algorithm.instance_batch_refusal). Exact evaluation
+    is per instance, on the instance's own problem (the harness slices the rows)."""
 
     def __init__(self, instances: list[TabularProblem], row_instance: torch.Tensor):
         first = instances[0]
@@ -203,14 +203,9 @@ class InstanceBatch(TabularProblem):
                          unit_features=per_row([p.unit_features for p in instances]),
                          true_unit_reward=per_row([p.true_unit_reward for p in instances]),
                          beta=first.beta, label_noise=first.label_noise, max_pairs=first.max_pairs)
-        self.instances, self.row_instance = instances, row_instance
-
-    @property
-    def batched(self) -> bool:
-        return True
 
     def trajectory_table(self) -> TrajectoryTable:
-        raise TypeError("an instance batch is not enumerated: evaluate each instance (InstanceBatch.instances)")
+        raise TypeError("an instance batch is not enumerated: evaluate each instance on its own problem")
 
 
 def _enumerate(problem: TabularProblem) -> TrajectoryTable:

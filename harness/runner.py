@@ -181,33 +181,34 @@ def run_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[dict
 INSTANCE_DIR = "instance_{}"  # a batched family's folder of instance k, inside the job's run folder
 
 
-def instance_configs(cfg) -> list[tuple[int, object]]:
-    """(k, the config of instance k's own job) for each k of cfg.instances: env.instance_seed=k, instances=null.
-    Its run_hash is that of `ratebench run env.instance_seed=k ...`: the folders are interchangeable."""
+def instance_parts(cfg, out_dir: Path) -> list[tuple[Path, object, dict, str]]:
+    """(folder, validated config, resolved config, run_hash) of each instance k of a batched family: the config of
+    instance k's own job (env.instance_seed=k, instances=null) and its folder out_dir/instance_<k>/. Its run_hash
+    is that of `ratebench run env.instance_seed=k ...`: the folders are interchangeable."""
     import copy
 
     from omegaconf import open_dict, read_write
 
-    out = []
-    for k in cfg.instances:
+    parts = []
+    for k in validate(cfg).instances:
         part = copy.deepcopy(cfg)
         with read_write(part), open_dict(part):
             part.instances = None
-            part.env.instance_seed = int(k)
-        out.append((int(k), part))
-    return out
+            part.env.instance_seed = k
+        parts.append((Path(out_dir) / INSTANCE_DIR.format(k), *resolve(part)))
+    return parts
 
 
-def refuse_replacing_job(cfg, out_dir: Path) -> None:
-    """refuse_replacing for the folder(s) a job writes: out_dir, or each instance folder of a batched family."""
+def refuse_replacing_job(cfg, out_dir: Path, parts: list | None = None) -> None:
+    """refuse_replacing for the folder(s) a job writes: out_dir, or each instance folder of a batched family
+    (`parts`: instance_parts(cfg, out_dir), when the caller has them already)."""
     overwrite = bool(cfg.get("overwrite", False))
     if cfg.get("instances") is None:
         _, resolved, run_hash = resolve(cfg)
         refuse_replacing(Path(out_dir), resolved, run_hash, overwrite)
         return
-    for k, part in instance_configs(cfg):
-        _, resolved, run_hash = resolve(part)
-        refuse_replacing(Path(out_dir) / INSTANCE_DIR.format(k), resolved, run_hash, overwrite, where="instances")
+    for folder, _, resolved, run_hash in parts or instance_parts(cfg, out_dir):
+        refuse_replacing(folder, resolved, run_hash, overwrite, where="instances")
 
 
 def run_instances_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[list[tuple[Path, dict]], bool]:
@@ -217,8 +218,8 @@ def run_instances_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> 
     True if every instance folder already held its run finished and nothing was computed)."""
     out_dir = Path(out_dir)
     _, _, batch_hash = resolve(cfg)  # validates the family (instances, algorithm) before anything is built
-    refuse_replacing_job(cfg, out_dir)
-    parts = [(out_dir / INSTANCE_DIR.format(k), *resolve(part)) for k, part in instance_configs(cfg)]
+    parts = instance_parts(cfg, out_dir)
+    refuse_replacing_job(cfg, out_dir, parts)
     done = [finished_record(d, run_hash) for d, _, _, run_hash in parts]
     if all(record is not None for record in done):
         checkpoint.remove(out_dir)
