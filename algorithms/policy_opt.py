@@ -28,6 +28,17 @@ def clipped_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, advantage:
     return torch.minimum(ratio * advantage, clipped * advantage).flatten(1).mean(1)
 
 
+def clipped_surrogate_weights(logp_new: torch.Tensor, logp_old: torch.Tensor, advantage: torch.Tensor,
+                              clip: float) -> torch.Tensor:
+    """clipped_surrogate's gradient in closed form: its derivative w.r.t. each log pi_new(a_t | s_t), (B, N, H).
+    d rho / d log pi = rho; the min takes the unclipped term rho A where rho A <= clip(rho) A, and there the
+    derivative is rho A (where the two are equal rho is inside the clip range or A = 0: autograd's halves of
+    the tie add up to the same); where the clipped term is smaller it is constant in rho: 0."""
+    ratio = (logp_new - logp_old).exp()
+    unclipped, clipped = ratio * advantage, ratio.clamp(1 - clip, 1 + clip) * advantage
+    return torch.where(unclipped <= clipped, unclipped, 0.0) / unclipped[0].numel()
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """Generalised advantage estimation on finite-horizon trajectories (V after the last step = 0).
 

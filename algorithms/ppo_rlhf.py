@@ -14,14 +14,14 @@ import torch
 
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.estimators import leave_one_out_baseline, preference_loss, preference_loss_weights
-from ratebench.algorithms.models import PolicyModel, RewardModel, StackedMLP, sgd_step
-from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, clipped_surrogate, fit_on_dataset,
-                                             fit_on_dataset_fast, gae, next_grid_point, normalise_per_seed,
-                                             offline_steps)
+from ratebench.algorithms.models import PolicyModel, RewardModel, StackedMLP, sgd_step, sgd_update
+from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, clipped_surrogate,
+                                             clipped_surrogate_weights, fit_on_dataset, fit_on_dataset_fast, gae,
+                                             next_grid_point, normalise_per_seed, offline_steps)
 from ratebench.algorithms.targets import PopulationTarget, bt_mle_target, fixed_point, soft_optimal_at
 from ratebench.errors import ConfigError, require
 from ratebench.rng import CounterRng
-from ratebench.sampling import Trajectories, padded_units
+from ratebench.sampling import Trajectories, flat_true_rewards, padded_units, policy_cdf
 
 MODES = ("offline", "online")
 MINIBATCH_STREAM = 102  # CounterRng stream of offline reward-model minibatches (the sampler uses stream 1)
@@ -146,33 +146,58 @@ class PPORLHF(Algorithm):
         state.nu = sgd_step(state.nu, lambda nu: self.rm_loss(nu, pairs), state.rm_lr)
 
     def has_fast_step(self) -> bool:
-        return self.cfg.mode == "offline" and not self.cfg.reward_oracle  # the reward-model refit; PPO stays autograd
+        return True  # every mode: the rollouts, the reward-model steps and the PPO iterations in closed form
 
     def fast_step(self, state, sampler):
-        """reference_step with the offline reward-model refit's SGD steps in closed form (_fast_rm_fit)."""
-        self._offline_step(state, sampler, fit=self._fast_rm_fit)
+        """reference_step with every gradient in closed form on flat tables: the PPO iterations
+        (_fast_ppo_iteration), the online reward-model step (its pairs and the PPO rollout drawn as one stage:
+        both come from the same policy before either update) and the offline refit (_fast_rm_fit)."""
+        cfg = self.cfg
+        if cfg.reward_oracle:
+            self._fast_ppo_iteration(state, sampler, flat_true_rewards(self.problem), cfg.rollouts)
+        elif cfg.mode == "online":
+            logp, acts = self.policy.table(state.theta)
+            draws = sampler.flat_draws(policy_cdf(logp), (("pairs", 0, cfg.batch_pairs),
+                                                          ("trajectories", 0, cfg.rollouts)))
+            pairs, rollout = draws.parts()
+            state.rm_lr = cfg.rm_lr / (1 + state.k / cfg.k0) ** cfg.rm_lr_exponent
+            state.nu = sgd_update(state.nu, self._bt_grad(state.nu, pairs.both, pairs.label), state.rm_lr)
+            self._fast_ppo_iteration(state, sampler, self._flat_rm_rewards(state), cfg.rollouts,
+                                     drawn=(rollout, logp, acts))
+        else:
+            self._offline_step(state, sampler, fast=True)
         state.k += 1
         return state
 
+    def _bt_grad(self, nu, members, label):
+        """Gradient w.r.t. nu of rm_loss on the pairs whose 2b members are `members` (FlatTrajectories, first
+        members then second): the BT loss's weight per pair on R(tau) - R(tau') (preference_loss_weights), one
+        backward through the reward network."""
+        b = label.shape[1]
+        units, acts = self.reward.units(nu)
+        rewards = padded_units(units)
+        ret = members.returns(rewards)  # (B, 2b)
+        weight = preference_loss_weights(ret[:, :b] - ret[:, b:], label)
+        grad = torch.zeros_like(rewards)
+        members.add_return_grad(grad, torch.cat([weight, -weight], 1))
+        return self.reward.backward(nu, acts, grad[:, :-1])
+
+    def _flat_rm_rewards(self, state) -> torch.Tensor:
+        """The reward model's rewards as padded unit rewards (B, n_units + 1): _rm_tables on flat indices."""
+        return padded_units(self.reward.unit_rewards(state.nu))
+
     def _fast_rm_fit(self, nu, data, steps: int, rng):
-        """fit_on_dataset(nu, rm_loss, ...) with each SGD step's gradient in closed form: the BT loss's weight per
-        pair on R(tau) - R(tau') (preference_loss_weights), one backward through the reward network."""
-        cfg, b = self.cfg, self.cfg.batch_pairs
-
+        """fit_on_dataset(nu, rm_loss, ...) with each SGD step's gradient in closed form (_bt_grad)."""
         def grad_of_minibatch(params, members, label, rows):
-            units, acts = self.reward.units(params)
-            rewards = padded_units(units)
-            ret = members.returns(rewards)  # (B, 2b)
-            weight = preference_loss_weights(ret[:, :b] - ret[:, b:], label)
-            grad = torch.zeros_like(rewards)
-            members.add_return_grad(grad, torch.cat([weight, -weight], 1))
-            return self.reward.backward(params, acts, grad[:, :-1])
+            return self._bt_grad(params, members, label)
 
-        return fit_on_dataset_fast(nu, grad_of_minibatch, data, self.problem.flat(), b, steps, cfg.rm_lr, rng)
+        return fit_on_dataset_fast(nu, grad_of_minibatch, data, self.problem.flat(), self.cfg.batch_pairs, steps,
+                                   self.cfg.rm_lr, rng)
 
-    def _offline_step(self, state, sampler, fit=None):
+    def _offline_step(self, state, sampler, fast=False):
         """Grow the total samples to the next grid point T: the labelled pi_ref prefix to pair_fraction T / 2
-        pairs (reward model refit to convergence on it), the rest of the step's samples on PPO rollouts."""
+        pairs (reward model refit to convergence on it), the rest of the step's samples on PPO rollouts.
+        fast: the refit and the PPO iterations in closed form (_fast_rm_fit, _fast_ppo_iteration)."""
         cfg = self.cfg
         minimum = 2 * int(-(-cfg.first_pairs // cfg.pair_fraction))  # smallest T whose prefix holds first_pairs
         total = next_grid_point(sampler.samples, cfg.prefixes_per_decade, minimum)
@@ -180,17 +205,18 @@ class PPORLHF(Algorithm):
         if target > state.data.size:
             state.data.extend(sampler.pairs(self.ref, target - state.data.size))
             steps = offline_steps(state.data.size, cfg.batch_pairs, cfg.epochs, cfg.min_steps)
-            if fit is None:
+            if fast:
+                state.nu = self._fast_rm_fit(state.nu, state.data, steps, state.rng)
+            else:
                 state.nu = fit_on_dataset(state.nu, self.rm_loss, state.data, cfg.batch_pairs, steps, cfg.rm_lr,
                                           state.rng)
-            else:
-                state.nu = fit(state.nu, state.data, steps, state.rng)
             state.rm_lr = cfg.rm_lr
-        rewards = self._rm_tables(state)
+        rewards = self._flat_rm_rewards(state) if fast else self._rm_tables(state)
+        iteration = self._fast_ppo_iteration if fast else self.ppo_iteration
         budget = total - sampler.samples  # rollouts left for this step
         n_iter = max(1, budget // cfg.rollouts) if budget >= 2 else 0
         for i in range(n_iter):  # split the budget into n_iter near-equal batches (each >= 2)
-            self.ppo_iteration(state, sampler, rewards, budget // n_iter + (i < budget % n_iter))
+            iteration(state, sampler, rewards, budget // n_iter + (i < budget % n_iter))
 
     # --- PPO ---------------------------------------------------------------------------------------
     def critic_tables(self, critic) -> list[torch.Tensor]:
@@ -234,6 +260,61 @@ class PPORLHF(Algorithm):
                         0.5 * (_state_values(self.critic_tables(critic), mb) - returns[:, idx]) ** 2).flatten(1).mean(1),
                         critic_lr)
         state.ppo_iters += 1
+
+    def _fast_ppo_iteration(self, state, sampler, unit_rewards, n, drawn=None):
+        """ppo_iteration on flat tables, each SGD step's gradient in closed form: the clipped surrogate's weight on
+        log pi(a_t | s_t) at every step (clipped_surrogate_weights), the critic's squared error's on V(s_t), one
+        backward through each network. unit_rewards: padded unit rewards (B or 1, n_units + 1); drawn: (rollout,
+        log-prob table, activations) when the caller drew the rollout from the current policy already."""
+        cfg, A, B = self.cfg, self.problem.n_actions, state.theta[0].shape[0]
+        if drawn is None:
+            logp, acts = self.policy.table(state.theta)
+            traj = sampler.flat_draws(policy_cdf(logp), (("trajectories", 0, n),)).every
+        else:
+            traj, logp, acts = drawn
+        lp_old = traj.step_log_probs(logp.view(B, -1))  # (B, N, H)
+        step_reward = traj.step_rewards(unit_rewards) - self.beta * (lp_old - traj.step_log_probs(self.problem.flat().ref_logp))
+        if self.problem.horizon > 1:
+            rows = traj.step_states(A)  # (B, N, H): where V(h, s_h) sits in the critic's (B, S) table
+            values = self._critic_values(state.critic)[0].gather(1, rows.flatten(1)).view(rows.shape)
+            advantage = gae(step_reward, values, cfg.gamma, cfg.gae_lambda)
+            returns = advantage + values
+        else:
+            advantage = (step_reward[..., 0] - leave_one_out_baseline(step_reward[..., 0]))[..., None]
+            returns = None
+        if cfg.normalise_advantages:
+            advantage = normalise_per_seed(advantage)
+        state.policy_lr = cfg.policy_lr / (1 + state.ppo_iters / cfg.k0) ** cfg.lr_exponent
+        critic_lr = cfg.critic_lr / (1 + state.ppo_iters / cfg.k0) ** cfg.lr_exponent
+        bounds = [(int(p[0]), int(p[-1]) + 1) for p in torch.arange(n).tensor_split(min(cfg.minibatches, n))]
+        first = True  # the first SGD step's forward is the rollout's (same theta)
+        for _ in range(cfg.ppo_epochs):
+            for start, stop in bounds:
+                if not first:
+                    logp, acts = self.policy.table(state.theta)
+                first, mb = False, traj.slice(start, stop)
+                flat = logp.view(B, -1)
+                # theta <- theta + lr grad E[min(rho A, clip(rho) A)]: weight per (trajectory, step) on log pi
+                weight = clipped_surrogate_weights(mb.step_log_probs(flat), lp_old[:, start:stop],
+                                                   advantage[:, start:stop], cfg.clip)
+                grad = torch.zeros_like(flat)
+                mb.add_log_prob_grad(grad, weight)
+                state.theta = sgd_update(state.theta, self.policy.backward(state.theta, acts, logp, grad),
+                                         -state.policy_lr)
+                if returns is not None:  # critic <- critic - lr grad mean 0.5 (V(s_t) - return_t)^2
+                    table, critic_acts = self._critic_values(state.critic)
+                    mb_rows = rows[:, start:stop]
+                    err = table.gather(1, mb_rows.flatten(1)).view(mb_rows.shape) - returns[:, start:stop]
+                    grad_v = torch.zeros_like(table)
+                    grad_v.scatter_add_(1, mb_rows.flatten(1), (err / err[0].numel()).flatten(1))
+                    state.critic = sgd_update(state.critic, self.critic.backward(state.critic, critic_acts,
+                                                                                 grad_v[..., None]), critic_lr)
+        state.ppo_iters += 1
+
+    def _critic_values(self, critic):
+        """The fast path's critic forward: (V of every stacked state (B, S), activations for its backward)."""
+        acts = self.critic.activations(critic, self.policy.features)
+        return acts[-1][..., 0], acts
 
     # --- what the harness reads ---------------------------------------------------------------------
     def policy_log_probs(self, state):

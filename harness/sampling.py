@@ -67,9 +67,11 @@ def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _scatter(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
-    """table[b, index[b, i, h]] += weights[b, i] for every step h, in place. table (B, n)."""
+    """table[b, index[b, i, h]] += weights[b, i] for every step h (weights (B, N)), or += weights[b, i, h]
+    (weights (B, N, H): one weight per step), in place. table (B, n)."""
     B = index.shape[0]
-    table.scatter_add_(1, index.reshape(B, -1), weights[..., None].expand(index.shape).reshape(B, -1))
+    per_step = weights if weights.dim() == index.dim() else weights[..., None].expand(index.shape)
+    table.scatter_add_(1, index.reshape(B, -1), per_step.reshape(B, -1))
 
 
 @dataclass
@@ -84,11 +86,27 @@ class FlatTrajectories:
 
     def returns(self, unit_rewards: torch.Tensor) -> torch.Tensor:
         """R(tau) = sum_t r(unit_t): (B, N)."""
-        return _take(unit_rewards, self.unit).sum(-1)
+        return self.step_rewards(unit_rewards).sum(-1)
 
     def log_prob(self, flat_logps: torch.Tensor) -> torch.Tensor:
         """sum_t log pi(a_t | s_t): (B, N)."""
-        return _take(flat_logps, self.index).sum(-1)
+        return self.step_log_probs(flat_logps).sum(-1)
+
+    def step_rewards(self, unit_rewards: torch.Tensor) -> torch.Tensor:
+        """r(unit_t) at every step (Trajectories.per_step of reward tables): (B, N, H)."""
+        return _take(unit_rewards, self.unit)
+
+    def step_log_probs(self, flat_logps: torch.Tensor) -> torch.Tensor:
+        """log pi(a_t | s_t) at every step (Trajectories.per_step of log-prob tables): (B, N, H)."""
+        return _take(flat_logps, self.index)
+
+    def step_states(self, n_actions: int) -> torch.Tensor:
+        """The row of (h, s_h) in the stacked (S, A) table at every step, for per-state tables (B, S): (B, N, H)."""
+        return self.index.div(n_actions, rounding_mode="floor")
+
+    def slice(self, start: int, stop: int) -> FlatTrajectories:
+        """Trajectories start ... stop - 1 of every seed (views)."""
+        return FlatTrajectories(self.index[:, start:stop], self.unit[:, start:stop])
 
     def take(self, rows: torch.Tensor) -> FlatTrajectories:
         """The trajectories at per-seed positions rows (B, b): (B, b, H)."""
@@ -98,7 +116,8 @@ class FlatTrajectories:
         return FlatTrajectories(pick(self.index), pick(self.unit))
 
     def add_log_prob_grad(self, grad: torch.Tensor, weights: torch.Tensor) -> None:
-        """grad += d/d(flat log-prob table) of sum_i weights_i log pi(tau_i), in place: (B, S * A)."""
+        """grad += d/d(flat log-prob table) of sum_i weights_i log pi(tau_i), in place: (B, S * A); weights (B, N),
+        or (B, N, H) for sum_(i, t) weights_it log pi(a_t | s_t) (one weight per step)."""
         _scatter(grad, self.index, weights)
 
     def add_return_grad(self, grad: torch.Tensor, weights: torch.Tensor) -> None:
@@ -135,6 +154,15 @@ def policy_cdf(logp_table: torch.Tensor) -> torch.Tensor:
 def padded_units(unit_rewards: torch.Tensor) -> torch.Tensor:
     """(B, n_units) -> (B, n_units + 1) with the zero no-reward slot (as step_tables_from_units)."""
     return torch.cat([unit_rewards, unit_rewards.new_zeros(unit_rewards.shape[0], 1)], 1)
+
+
+def flat_true_rewards(problem: TabularProblem) -> torch.Tensor:
+    """The true reward as padded unit rewards (what the labels are drawn from; PPO-RLHF's reward oracle):
+    (n_units + 1,), an InstanceBatch's (B, n_units + 1). Built once per problem."""
+    if "flat_true" not in problem.derived:
+        true = problem.true_unit_reward
+        problem.derived["flat_true"] = padded_units(true) if true.dim() == 2 else padded_units(true[None])[0]
+    return problem.derived["flat_true"]
 
 
 class _DrawPlan:
@@ -193,7 +221,7 @@ class FlatDraws:
     def parts(self) -> list:
         out, lab = [], 0
         for (kind, t, n), size in zip(self.plan.parts, self.plan.sizes):
-            traj = FlatTrajectories(self.every.index[:, t:t + size], self.every.unit[:, t:t + size])
+            traj = self.every.slice(t, t + size)
             if kind == "pairs":
                 traj = FlatPairs(traj, self.label[:, lab:lab + n])
                 lab += n
@@ -304,18 +332,12 @@ class CountingSampler:
         every = FlatTrajectories(index, plan.unit_of[index])
         label = None
         if plan.n_pairs:  # the Bradley-Terry oracle on the true reward, every pair of the stage at once
-            true = every.returns(self._flat_true_rewards())
+            true = every.returns(flat_true_rewards(self.problem))
             p = preference_prob(self.problem, true[:, plan.first] - true[:, plan.second])
             label = (drawn[:, plan.label_columns] < p).to(torch.float64)
         self._counters.samples += plan.samples
         self._counters.queries += plan.n_pairs
         return FlatDraws(every, plan, label)
-
-    def _flat_true_rewards(self) -> torch.Tensor:
-        if "flat_true" not in self.problem.derived:  # (n_units + 1,), an InstanceBatch's (B, n_units + 1)
-            true = self.problem.true_unit_reward
-            self.problem.derived["flat_true"] = padded_units(true) if true.dim() == 2 else padded_units(true[None])[0]
-        return self.problem.derived["flat_true"]
 
     def state_dict(self) -> dict:
         return self._rng.state_dict()

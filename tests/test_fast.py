@@ -61,6 +61,14 @@ CASES = {  # id: (overrides, steps)
     "dpo_iterative-mdp": (["algorithm=dpo", "env=mdp", "algorithm.mode=iterative", *REFIT], 6),
     "ppo_rlhf-bandit": (["algorithm=ppo_rlhf", "env=bandit", *PPO_REFIT], 6),
     "ppo_rlhf-mdp": (["algorithm=ppo_rlhf", "env=mdp", *PPO_REFIT, "model.reward.kind=linear"], 5),
+    "ppo_rlhf-token-minibatches": (["algorithm=ppo_rlhf", "env=token", *PPO_REFIT, "algorithm.minibatches=3"], 5),
+    # online: the reward-model step and one PPO iteration per step; H > 1 trains the critic (GAE)
+    "ppo_rlhf_online-bandit": (["algorithm=ppo_rlhf", "env=bandit", "algorithm.mode=online", "algorithm.batch_pairs=4",
+                                "algorithm.rollouts=4"], 60),
+    "ppo_rlhf_online-mdp": (["algorithm=ppo_rlhf", "env=mdp", "algorithm.mode=online", "algorithm.batch_pairs=4",
+                             "algorithm.rollouts=6", "algorithm.minibatches=2"], 30),
+    "ppo_rlhf_oracle-token": (["algorithm=ppo_rlhf", "env=token", "algorithm.reward_oracle=true",
+                               "algorithm.rollouts=4", "algorithm.normalise_advantages=false"], 30),
 }
 REFITS = {case for case, (overrides, _) in CASES.items()  # draw the dataset by pairs(): no flat draw plans
           if REFIT[0] in overrides or PPO_REFIT[0] in overrides}
@@ -101,10 +109,12 @@ def test_fast_equals_reference_through_a_checkpoint(compose_config, case, monkey
     import ratebench.algorithms.dpo as dpo_module
     import ratebench.algorithms.ppo_rlhf as ppo_module
 
-    refits = []  # the reference's refit (fit_on_dataset) calls: a fast step must make none
-    reference_fit = dpo_module.fit_on_dataset
+    refits = []  # the reference's refit (fit_on_dataset) and PPO iteration calls: a fast step must make none
+    reference_fit, reference_ppo = dpo_module.fit_on_dataset, ppo_module.PPORLHF.ppo_iteration
     for module in (dpo_module, ppo_module):
         monkeypatch.setattr(module, "fit_on_dataset", lambda *a, **k: refits.append(1) or reference_fit(*a, **k))
+    monkeypatch.setattr(ppo_module.PPORLHF, "ppo_iteration",
+                        lambda self, *a, **k: refits.append(1) or reference_ppo(self, *a, **k))
     ref, ref_sampler, ref_counters, seeds = build(compose_config, overrides, "reference")
     fast, sampler, counters, _ = build(compose_config, overrides, "fast")
     assert ref.has_fast_step()
@@ -124,9 +134,8 @@ def test_fast_equals_reference_through_a_checkpoint(compose_config, case, monkey
         state = ref.step(state, ref_sampler)
         before = len(refits)
         one = fast.step(start, sampler)
-        if case in REFITS:  # its new pairs come from pairs() as in the reference; its refit must be the fast one
-            assert len(refits) == before, f"{case}: the fast step ran the reference refit"
-        else:
+        assert len(refits) == before, f"{case}: the fast step ran the reference refit or PPO iteration"
+        if case not in REFITS or case.startswith("ppo_rlhf"):  # offline PPO-RLHF: its rollouts are flat draws
             assert sampler._plans and not ref_sampler._plans, f"{case}: the fast step did not take the fast path"
         want = snapshot(ref, state, ref_sampler, ref_counters)
         compare(snapshot(fast, one, sampler, counters), want, ATOL, f"{case} one step from step {k - 1}")
