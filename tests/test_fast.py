@@ -167,3 +167,28 @@ def test_exact_oracle_has_no_fast_step_and_runs_the_reference(compose_config):
     assert not algo.has_fast_step()
     state = algo.step(algo.init(seeds), sampler)
     assert state.k == 1 and sampler.samples == 0
+
+
+NAN_CASES = ["bilevel-bandit", "bilevel-token", "reward_mle-mdp", "dpo_online-bandit", "dpo_offline-bandit",
+             "ppo_rlhf-mdp", "ppo_rlhf_online-mdp", "ppo_rlhf_oracle-token"]
+
+
+@pytest.mark.parametrize("case", NAN_CASES)
+def test_a_nan_seed_leaves_the_others_bit_for_bit(compose_config, case):
+    """NaN -> `diverged` per seed needs a fast step that never mixes seeds: with every parameter tensor of the
+    middle seed NaN, the other seeds' fast step is the one they take without it, bit for bit."""
+    overrides, _ = CASES[case]
+    results = []
+    for poison in (False, True):
+        algo, sampler, _, _ = build(compose_config, [*overrides, "seeds=[3,0,5]"], "fast")
+        state = algo.init([3, 0, 5])
+        state = algo.step(state, sampler)
+        if poison:
+            for t in algo.tensors(state).values():
+                t[1] = float("nan")
+        state = algo.step(state, sampler)
+        results.append(algo.tensors(state))
+    clean, poisoned = results
+    for key, t in clean.items():
+        assert torch.equal(poisoned[key][[0, 2]], t[[0, 2]]), f"{case} {key}: a NaN seed changed another seed"
+        assert poisoned[key][1].isnan().any() or key.startswith(("critic", "nu")), f"{case} {key}: the NaN vanished"

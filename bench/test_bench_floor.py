@@ -1,0 +1,92 @@
+"""How far an eager-mode fast path can go (issue 12's >= 10x / >= 5x targets): the part of a bilevel step that no
+implementation of the same arithmetic can skip, timed in the same run as the two implementations.
+
+Every step runs each network forward once and backward once at least: the policy on its whole (S, A) table for z
+and y (sampling needs pi at the visited states, the log-softmax's gradient touches every action of a state) and
+the reward network on its unit table (the z and y steps read its rewards, the nu step needs its backward). Both
+impls already make exactly these passes once (the fast path's policy forward is reused by the next step). So
+
+    ceiling = reference step time / time of these passes alone
+
+bounds the steps/s ratio of any implementation that computes them with torch's eager kernels, whatever it does
+with the rest of the step (sampling, RNG, weights, scatters: all of it free). A ceiling under the issue's target
+says the target needs fused kernels (a compiler, or hand-written C++), not fewer Python-level ops.
+
+Run serially:  OMP_NUM_THREADS=1 .venv/bin/pytest bench/test_bench_floor.py -p no:xdist --benchmark-enable -s -q
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+from conftest import record_ratio
+from test_bench_fast import CONFIGS, _CountOps, build
+
+
+BILEVEL = [c for c in CONFIGS if c.startswith("bilevel-")]
+
+
+def network_passes(algo, state):
+    """One forward and one backward of the policy (z and y stacked) and of the reward network, as the fast step
+    makes them, on gradients of the right shapes (their values do not change the cost)."""
+    zy = algo._stacked_policies(state)[0]  # the step's own stacked z and y (cached by the last step: no copy)
+    logp, acts = algo.policy.table(zy)
+    algo.policy.backward(zy, acts, logp, torch.ones_like(logp))
+    units, reward_acts = algo.reward.units(state.nu)
+    algo.reward.backward(state.nu, reward_acts, torch.ones_like(units))
+
+
+def trivial_op_seconds() -> float:
+    """Dispatcher + Python cost of one eager op on a tiny tensor (what an op costs before any arithmetic)."""
+    x = torch.zeros(16, dtype=torch.float64)
+    n, tic = 20_000, time.process_time()
+    for _ in range(n):
+        x.add(1.0)
+    return (time.process_time() - tic) / n
+
+
+@pytest.mark.parametrize("config", BILEVEL)
+def test_eager_ceiling_of_the_bilevel_step(benchmark, compose_config, config):
+    overrides, target, _ = CONFIGS[config]
+    runs = {}
+    for impl in ("reference", "fast"):
+        algo, sampler, v = build(compose_config, overrides, impl)
+        state = algo.init(v.seeds)
+        for _ in range(4):
+            state = algo.step(state, sampler)
+        runs[impl] = [algo, sampler, state]
+    work = {"reference": lambda r=runs["reference"]: r.__setitem__(2, r[0].step(r[2], r[1])),
+            "fast": lambda r=runs["fast"]: r.__setitem__(2, r[0].step(r[2], r[1])),
+            "passes": lambda r=runs["fast"]: network_passes(r[0], r[2])}
+    tic = time.process_time()
+    work["reference"]()
+    per_round = max(3, min(200, int(0.3 / max(time.process_time() - tic, 1e-6))))
+    times = {name: [] for name in work}
+    for _ in range(7):  # interleaved rounds: all three see the same load
+        for name, f in work.items():
+            tic = time.process_time()
+            for _ in range(per_round):
+                f()
+            times[name].append((time.process_time() - tic) / per_round)
+    t = {name: statistics.median(x) for name, x in times.items()}
+    benchmark.pedantic(work["passes"], rounds=3, iterations=1)
+    op = trivial_op_seconds()
+    ops = {}
+    for name in ("fast", "passes"):
+        with _CountOps() as counter:
+            work[name]()
+        ops[name] = counter.n
+    rest = ops["fast"] - ops["passes"]  # the fast step's other dispatched ops: sampling, RNG, weights, scatters
+    ceiling = record_ratio(
+        benchmark, f"eager_ceiling[{config}]", t["reference"] / t["passes"],
+        f"reference {t['reference'] * 1e3:.2f} ms/step, fast {t['fast'] * 1e3:.2f}, the network passes alone "
+        f"{t['passes'] * 1e3:.2f} ms ({t['passes'] / t['fast']:.0%} of the fast step); measured fast / reference "
+        f"{t['reference'] / t['fast']:.2f}x" + (f"; issue target {target:g}x" if target else ""))
+    record_ratio(benchmark, f"eager_ceiling_at_this_op_count[{config}]",
+                 t["reference"] / (t["passes"] + rest * op),
+                 f"the passes plus the fast step's {rest} other dispatched ops at {op * 1e6:.1f} us each (one trivial "
+                 f"eager op: dispatch and Python, no arithmetic)")
+    assert t["passes"] < t["fast"]  # the passes are part of the fast step: a ceiling above what is measured
+    assert ceiling > t["reference"] / t["fast"]
