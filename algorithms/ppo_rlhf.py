@@ -224,6 +224,30 @@ class PPORLHF(Algorithm):
         values = self.critic(critic, self.policy.features).squeeze(-1)  # (B, n_states_total)
         return list(values.split(self.policy.splits, dim=1))
 
+    def advantages(self, step_reward, values):
+        """(advantage, the critic's targets or None) from per-step rewards (B, N, H): GAE on the critic's values
+        where H > 1, the reward minus its leave-one-out mean where H = 1 (values None); normalised per seed."""
+        cfg = self.cfg
+        if values is not None:
+            advantage = gae(step_reward, values, cfg.gamma, cfg.gae_lambda)
+            returns = advantage + values
+        else:
+            advantage = (step_reward[..., 0] - leave_one_out_baseline(step_reward[..., 0]))[..., None]
+            returns = None
+        if cfg.normalise_advantages:
+            advantage = normalise_per_seed(advantage)
+        return advantage, returns
+
+    def set_step_sizes(self, state) -> float:
+        """This PPO iteration's policy step (set on the state) and critic step (returned), both decayed over iterations."""
+        cfg = self.cfg
+        state.policy_lr = cfg.policy_lr / (1 + state.ppo_iters / cfg.k0) ** cfg.lr_exponent
+        return cfg.critic_lr / (1 + state.ppo_iters / cfg.k0) ** cfg.lr_exponent
+
+    def minibatch_parts(self, n: int) -> list[torch.Tensor]:
+        """Each epoch's minibatches: the rollout's positions 0 ... n - 1 in contiguous parts."""
+        return list(torch.arange(n).tensor_split(min(self.cfg.minibatches, n)))
+
     def ppo_iteration(self, state, sampler, rewards, n):
         """Roll out n trajectories from the current policy, then ppo_epochs of clipped-surrogate SGD.
 
@@ -236,18 +260,10 @@ class PPORLHF(Algorithm):
         with torch.no_grad():
             lp_old = traj.per_step(logps_old)  # (B, N, H)
             step_reward = traj.per_step(rewards) - self.beta * (lp_old - traj.per_step(self.ref))
-            if self.problem.horizon > 1:
-                values = _state_values(self.critic_tables(state.critic), traj)
-                advantage = gae(step_reward, values, cfg.gamma, cfg.gae_lambda)
-                returns = advantage + values
-            else:
-                advantage = (step_reward[..., 0] - leave_one_out_baseline(step_reward[..., 0]))[..., None]
-                returns = None
-            if cfg.normalise_advantages:
-                advantage = normalise_per_seed(advantage)
-        state.policy_lr = cfg.policy_lr / (1 + state.ppo_iters / cfg.k0) ** cfg.lr_exponent
-        critic_lr = cfg.critic_lr / (1 + state.ppo_iters / cfg.k0) ** cfg.lr_exponent
-        parts = torch.arange(n).tensor_split(min(cfg.minibatches, n))
+            values = _state_values(self.critic_tables(state.critic), traj) if self.problem.horizon > 1 else None
+            advantage, returns = self.advantages(step_reward, values)
+        critic_lr = self.set_step_sizes(state)
+        parts = self.minibatch_parts(n)
         for _ in range(cfg.ppo_epochs):
             for idx in parts:
                 mb = Trajectories(traj.states[:, idx], traj.actions[:, idx])
@@ -274,19 +290,13 @@ class PPORLHF(Algorithm):
             traj, logp, acts = drawn
         lp_old = traj.step_log_probs(logp.view(B, -1))  # (B, N, H)
         step_reward = traj.step_rewards(unit_rewards) - self.beta * (lp_old - traj.step_log_probs(self.problem.flat().ref_logp))
+        values = None
         if self.problem.horizon > 1:
             rows = traj.step_states(A)  # (B, N, H): where V(h, s_h) sits in the critic's (B, S) table
             values = self._critic_values(state.critic)[0].gather(1, rows.flatten(1)).view(rows.shape)
-            advantage = gae(step_reward, values, cfg.gamma, cfg.gae_lambda)
-            returns = advantage + values
-        else:
-            advantage = (step_reward[..., 0] - leave_one_out_baseline(step_reward[..., 0]))[..., None]
-            returns = None
-        if cfg.normalise_advantages:
-            advantage = normalise_per_seed(advantage)
-        state.policy_lr = cfg.policy_lr / (1 + state.ppo_iters / cfg.k0) ** cfg.lr_exponent
-        critic_lr = cfg.critic_lr / (1 + state.ppo_iters / cfg.k0) ** cfg.lr_exponent
-        bounds = [(int(p[0]), int(p[-1]) + 1) for p in torch.arange(n).tensor_split(min(cfg.minibatches, n))]
+        advantage, returns = self.advantages(step_reward, values)
+        critic_lr = self.set_step_sizes(state)
+        bounds = [(int(p[0]), int(p[-1]) + 1) for p in self.minibatch_parts(n)]
         first = True  # the first SGD step's forward is the rollout's (same theta)
         for _ in range(cfg.ppo_epochs):
             for start, stop in bounds:
