@@ -142,8 +142,13 @@ class PPORLHF(Algorithm):
         with torch.no_grad():
             logps = self.policy.log_probs(state.theta)
         pairs = sampler.pairs(logps, cfg.batch_pairs)
-        state.rm_lr = cfg.rm_lr / (1 + state.k / cfg.k0) ** cfg.rm_lr_exponent
+        self.set_online_rm_step(state)
         state.nu = sgd_step(state.nu, lambda nu: self.rm_loss(nu, pairs), state.rm_lr)
+
+    def set_online_rm_step(self, state) -> None:
+        """The online reward-model step of outer step k: rm_lr / (1 + k/k0)^rm_lr_exponent."""
+        cfg = self.cfg
+        state.rm_lr = cfg.rm_lr / (1 + state.k / cfg.k0) ** cfg.rm_lr_exponent
 
     def has_fast_step(self) -> bool:
         return True  # every mode: the rollouts, the reward-model steps and the PPO iterations in closed form
@@ -160,7 +165,7 @@ class PPORLHF(Algorithm):
             draws = sampler.flat_draws(policy_cdf(logp), (("pairs", 0, cfg.batch_pairs),
                                                           ("trajectories", 0, cfg.rollouts)))
             pairs, rollout = draws.parts()
-            state.rm_lr = cfg.rm_lr / (1 + state.k / cfg.k0) ** cfg.rm_lr_exponent
+            self.set_online_rm_step(state)
             state.nu = sgd_update(state.nu, self._bt_grad(state.nu, pairs.both, pairs.label), state.rm_lr)
             self._fast_ppo_iteration(state, sampler, self._flat_rm_rewards(state), cfg.rollouts,
                                      drawn=(rollout, logp, acts))
@@ -221,8 +226,7 @@ class PPORLHF(Algorithm):
     # --- PPO ---------------------------------------------------------------------------------------
     def critic_tables(self, critic) -> list[torch.Tensor]:
         """V(h, s) per step [(B, n_h)]."""
-        values = self.critic(critic, self.policy.features).squeeze(-1)  # (B, n_states_total)
-        return list(values.split(self.policy.splits, dim=1))
+        return list(self._critic_values(critic)[0].split(self.policy.splits, dim=1))
 
     def advantages(self, step_reward, values):
         """(advantage, the critic's targets or None) from per-step rewards (B, N, H): GAE on the critic's values
@@ -292,8 +296,7 @@ class PPORLHF(Algorithm):
         step_reward = traj.step_rewards(unit_rewards) - self.beta * (lp_old - traj.step_log_probs(self.problem.flat().ref_logp))
         values = None
         if self.problem.horizon > 1:
-            rows = traj.step_states(A)  # (B, N, H): where V(h, s_h) sits in the critic's (B, S) table
-            values = self._critic_values(state.critic)[0].gather(1, rows.flatten(1)).view(rows.shape)
+            values = traj.step_state_values(self._critic_values(state.critic)[0], A)  # V(h, s_h): (B, N, H)
         advantage, returns = self.advantages(step_reward, values)
         critic_lr = self.set_step_sizes(state)
         bounds = [(int(p[0]), int(p[-1]) + 1) for p in self.minibatch_parts(n)]
@@ -313,10 +316,9 @@ class PPORLHF(Algorithm):
                                          -state.policy_lr)
                 if returns is not None:  # critic <- critic - lr grad mean 0.5 (V(s_t) - return_t)^2
                     table, critic_acts = self._critic_values(state.critic)
-                    mb_rows = rows[:, start:stop]
-                    err = table.gather(1, mb_rows.flatten(1)).view(mb_rows.shape) - returns[:, start:stop]
+                    err = mb.step_state_values(table, A) - returns[:, start:stop]
                     grad_v = torch.zeros_like(table)
-                    grad_v.scatter_add_(1, mb_rows.flatten(1), (err / err[0].numel()).flatten(1))
+                    mb.add_step_state_grad(grad_v, err / err[0].numel(), A)
                     state.critic = sgd_update(state.critic, self.critic.backward(state.critic, critic_acts,
                                                                                  grad_v[..., None]), critic_lr)
         state.ppo_iters += 1

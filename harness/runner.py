@@ -359,7 +359,8 @@ class _Job:
                                                          or self.counters.step < self.step_budget)
 
     def _part_state(self, i: int):
-        """Part i's rows of the state (views), what its evaluator scores; a single job's state as it is."""
+        """Part i's rows of the state (copies: Algorithm.select_rows), what its evaluator scores; a single job's state
+        as it is."""
         return self.state if len(self.parts) == 1 else self.algo.select_rows(self.state, self.part_rows[i])
 
     def _record(self) -> None:

@@ -104,6 +104,14 @@ class FlatTrajectories:
         """The row of (h, s_h) in the stacked (S, A) table at every step, for per-state tables (B, S): (B, N, H)."""
         return self.index.div(n_actions, rounding_mode="floor")
 
+    def step_state_values(self, state_table: torch.Tensor, n_actions: int) -> torch.Tensor:
+        """V(h, s_h) at every step from a per-state table (B, S) of the stacked states (a critic's): (B, N, H)."""
+        return _take(state_table, self.step_states(n_actions))
+
+    def add_step_state_grad(self, grad: torch.Tensor, weights: torch.Tensor, n_actions: int) -> None:
+        """grad += d/d(per-state table (B, S)) of sum_(i, t) weights_it V(h, s_h), in place; weights (B, N, H)."""
+        _scatter(grad, self.step_states(n_actions), weights)
+
     def slice(self, start: int, stop: int) -> FlatTrajectories:
         """Trajectories start ... stop - 1 of every seed (views)."""
         return FlatTrajectories(self.index[:, start:stop], self.unit[:, start:stop])
