@@ -89,10 +89,17 @@ class StackedMLP:
             if layer < len(params) // 2 - 1:  # through the activation: relu' = [h > 0], tanh' = 1 - h^2
                 h = acts[layer + 1]
                 g = torch.ops.aten.threshold_backward(g, h, 0) if self.act is torch.relu else g * (1 - h * h)
-            grads[2 * layer] = torch.bmm(acts[layer].transpose(1, 2), g)
+            # dW = h^T g. Above the input it is computed as (g^T h)^T, the operand order torch's CPU bmm
+            # runs 1.2x (policy) to 4x (a reward network's one output) faster at 256 seeds; for the
+            # input layer (x broadcast over the networks) the plain order is the faster one
+            inp = acts[layer]
+            grads[2 * layer] = torch.bmm(inp.transpose(1, 2), g) if layer == 0 else torch.bmm(g.transpose(1, 2), inp).transpose(1, 2)
             grads[2 * layer + 1] = g.sum(1)
             if layer:
-                g = torch.bmm(g, params[2 * layer].transpose(1, 2))
+                weight = params[2 * layer]
+                # dh = g W^T; with one output (a reward network) that is an outer product: a broadcast
+                # multiply, not B matrix products of inner size 1 (10x faster at 256 seeds)
+                g = g * weight.transpose(1, 2) if weight.shape[-1] == 1 else torch.bmm(g, weight.transpose(1, 2))
         return grads
 
 

@@ -192,3 +192,24 @@ def test_a_nan_seed_leaves_the_others_bit_for_bit(compose_config, case):
     for key, t in clean.items():
         assert torch.equal(poisoned[key][[0, 2]], t[[0, 2]]), f"{case} {key}: a NaN seed changed another seed"
         assert poisoned[key][1].isnan().any(), f"{case} {key}: the NaN vanished"
+
+
+@pytest.mark.parametrize("sizes", [[4, 6, 1], [4, 6, 3], [5, 6, 7, 1], [5, 6, 7, 2]], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("shared_input", [True, False], ids=["shared-x", "per-network-x"])
+def test_stacked_mlp_backward_is_autograds_gradient(sizes, activation, shared_input):
+    """The fast path's closed-form network backward (operand orders picked for speed, the one-output
+    layer as a broadcast product) against torch.autograd on the same forward, for every layer shape
+    it special-cases: one output or several, one hidden layer or two, x shared or per network."""
+    from ratebench.algorithms.models import StackedMLP
+
+    net, gen = StackedMLP(sizes, activation), torch.Generator().manual_seed(11)
+    params = [p + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in net.init(list(range(5)), salt=3)]
+    x = torch.randn(*(() if shared_input else (5,)), 9, sizes[0], generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(5, 9, sizes[-1], generator=gen, dtype=torch.float64)
+    closed_form = net.backward(params, net.activations(params, x), grad_out)
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    autograd = torch.autograd.grad((net(leaves, x) * grad_out).sum(), leaves)
+    for got, want in zip(closed_form, autograd):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
