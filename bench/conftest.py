@@ -1,6 +1,8 @@
 """Shared set-up of the benchmarks: one torch thread, a private F-hat* cache, no progress lines,
 config composition, and a table of every ratio printed at the end of the session.
 
+Both implementations run under the malloc setting of a `ratebench run` job (ratebench.allocator).
+
 Run serially (never under xdist):  OMP_NUM_THREADS=1 .venv/bin/pytest bench/ -p no:xdist --benchmark-enable -s
 """
 from __future__ import annotations
@@ -10,7 +12,10 @@ import os
 import pytest
 import torch
 
+from ratebench.allocator import retain_freed_memory
+
 torch.set_num_threads(1)
+ALLOCATOR = retain_freed_memory()  # what every `ratebench run` job sets (harness/allocator.py): measure that
 RATIOS: dict[str, tuple[float, str]] = {}  # name -> (value, what it is / target)
 
 
@@ -42,5 +47,6 @@ def pytest_terminal_summary(terminalreporter):
     if not RATIOS:
         return
     terminalreporter.section("ratebench ratios (measured in this run)")
+    terminalreporter.write_line(f"allocator: {ALLOCATOR}")
     for name, (value, note) in RATIOS.items():
         terminalreporter.write_line(f"{name:<48} {value:>10.3g}   {note}")

@@ -16,6 +16,7 @@ import torch
 import ratebench
 import ratebench.algorithms
 from ratebench import checkpoint, envs
+from ratebench.allocator import retain_freed_memory
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import plain, validate
 from ratebench.envs.tabular import InstanceBatch
@@ -171,6 +172,7 @@ def run_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[dict
         print(f"skipping {out_dir}: completed", flush=True)
         return done, True
     torch.set_num_threads(int(cfg.threads))
+    retain_freed_memory()  # a step's tensors reuse pages instead of faulting in new ones (allocator.py)
     if out_dir.is_dir():  # what a killed atomic write left (no other process writes this run's files)
         remove_stale_temporaries(out_dir, RESULT_FILES)
     with StopRequests() as stops:
@@ -226,6 +228,7 @@ def run_instances_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> 
         print(f"skipping {out_dir}: every instance completed", flush=True)
         return [(d, record) for (d, *_), record in zip(parts, done)], True
     torch.set_num_threads(int(cfg.threads))
+    retain_freed_memory()  # a step's tensors reuse pages instead of faulting in new ones (allocator.py)
     for d in [out_dir] + [d for d, *_ in parts]:
         if d.is_dir():
             remove_stale_temporaries(d, RESULT_FILES)
