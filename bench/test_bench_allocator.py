@@ -53,7 +53,9 @@ def one_arm(arm: str, impl: str, overrides: list[str]) -> tuple[float, float]:
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_retained_memory_vs_glibc_defaults(benchmark, config):
-    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+    from ratebench.allocator import thresholds_set_in_environment
+
+    if thresholds_set_in_environment():
         pytest.skip("a malloc setting in the environment would apply to both arms")
     runs = {(arm, impl): [] for arm in ("defaults", "retained") for impl in ("reference", "fast")}
     for _ in range(3):

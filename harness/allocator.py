@@ -26,14 +26,20 @@ _OWN_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _done: list[str] = []
 
 
+def thresholds_set_in_environment() -> bool:
+    """True when the environment sets glibc's mmap or trim threshold itself (then the user's setting wins)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return (any(name in os.environ for name in _OWN_SETTINGS)
+            or any(f"glibc.malloc.{t}_threshold" in tunables for t in ("mmap", "trim")))
+
+
 def retain_freed_memory() -> str:
     """Set glibc's mmap and trim thresholds for this process (once); returns what was done, in words."""
     if _done:
         return _done[0]
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         outcome = "not glibc: allocator left as it is"
-    elif (any(name in os.environ for name in _OWN_SETTINGS)
-          or any(f"glibc.malloc.{t}_threshold" in os.environ.get("GLIBC_TUNABLES", "") for t in ("mmap", "trim"))):
+    elif thresholds_set_in_environment():
         outcome = "malloc thresholds set in the environment: allocator left to them"
     else:
         libc = ctypes.CDLL(None)
