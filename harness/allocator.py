@@ -4,7 +4,7 @@ A step allocates and frees the same few-MB tensors over and over (at 256 seeds t
 activations are 3 MB). glibc's malloc returns the top of its heap to the OS whenever more than its trim
 threshold is free there, and serves large blocks with fresh mmaps; either way the next step's tensors
 land on new pages, and each page costs a minor fault (zero-fill) on first touch. On the project VM that
-was ~700 faults per fast step and ~3,200 per reference step at 256 seeds; without them a step is 1.0-1.35x
+was 530-710 faults per fast step and 3,200-3,750 per reference step at 256 seeds; without them a step is 1.0-1.35x
 (fast) and 1.2-1.4x (reference) quicker (bench/RESULTS.md, "Memory"). Raising the two thresholds makes malloc reuse the pages.
 
 Only glibc is touched (elsewhere this is a no-op), and only when the user has not set either threshold
