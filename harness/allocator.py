@@ -16,6 +16,7 @@ bilevel run's steps, of which torch itself is most.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -23,7 +24,6 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glib
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest accepted value on 64-bit: blocks below it come from the heap
 TRIM_THRESHOLD = 2**30  # free memory at the heap top kept before any is returned to the OS
 _OWN_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-_done: list[str] = []
 
 
 def thresholds_set_in_environment() -> bool:
@@ -33,18 +33,13 @@ def thresholds_set_in_environment() -> bool:
             or any(f"glibc.malloc.{t}_threshold" in tunables for t in ("mmap", "trim")))
 
 
+@functools.cache  # once per process: later calls return the first call's outcome
 def retain_freed_memory() -> str:
-    """Set glibc's mmap and trim thresholds for this process (once); returns what was done, in words."""
-    if _done:
-        return _done[0]
+    """Set glibc's mmap and trim thresholds for this process; returns what was done, in words."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        outcome = "not glibc: allocator left as it is"
-    elif thresholds_set_in_environment():
-        outcome = "malloc thresholds set in the environment: allocator left to them"
-    else:
-        libc = ctypes.CDLL(None)
-        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-        outcome = ("glibc: mmap threshold 32 MiB, trim threshold 1 GiB" if ok
-                   else "glibc refused mallopt: allocator left as it is")
-    _done.append(outcome)
-    return outcome
+        return "not glibc: allocator left as it is"
+    if thresholds_set_in_environment():
+        return "malloc thresholds set in the environment: allocator left to them"
+    libc = ctypes.CDLL(None)
+    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return "glibc: mmap threshold 32 MiB, trim threshold 1 GiB" if ok else "glibc refused mallopt: allocator left as it is"
