@@ -96,6 +96,7 @@ class BilevelState:
 class Bilevel(Algorithm):
     name = "bilevel"
     Config = BilevelConfig
+    reward_pass = "auto"  # fast_step's MLP reward: "auto" (reward_on_visited_units' rule), "table" or "visited" (tests, benchmarks)
 
     def __init__(self, cfg, model_cfg, problem):
         super().__init__(cfg, model_cfg, problem)
@@ -181,13 +182,17 @@ class Bilevel(Algorithm):
         (tests/test_fast.py)."""
         n_traj, n_pairs, inner = self.set_schedule(state)
         sampler.prefetch((inner + 1) * sampler.draws(trajectories=2 * n_traj, pairs=n_pairs))
-        units, reward_acts = self.reward.units(state.nu)
-        rewards = padded_units(units)  # (B, n_units + 1); nu moves last, so fixed for the z and y steps
-        B, beta = units.shape[0], self.problem.beta
+        on_visited = self.reward_on_visited_units(inner, n_traj, n_pairs)
+        if not on_visited:  # r_nu on every unit, once: nu moves last, so it is fixed for the z and y steps
+            units, reward_acts = self.reward.units(state.nu)
+            rewards = padded_units(units)  # (B, n_units + 1)
+        B, beta = state.nu[0].shape[0], self.problem.beta
         zy, logp, acts = self._stacked_policies(state)  # policy 0 = z, policy 1 = y of each seed; (2B, S, A)
         lr = torch.tensor([[-state.alpha_z], [state.alpha]], dtype=logp.dtype)  # z ascends J, y descends
         for _ in range(inner):
             draws = sampler.flat_draws(policy_cdf(logp).view(B, -1, logp.shape[-1]), inner_draws(n_traj, n_pairs))
+            if on_visited:  # r_nu only where this stage's trajectories go (nu is the same, so are the values)
+                rewards = self.reward.visited_units(state.nu, draws.every.unit)[0]
             pairs_y = draws.parts()[1]  # parts: z's trajectories, y's pairs, y's trajectories
             flat = logp.view(B, -1)
             ret_z, _, ret_y = draws.split(kl_regularised_return(draws.every, rewards, flat, draws.plan.ref_logp, beta))
@@ -203,14 +208,30 @@ class Bilevel(Algorithm):
         self._policy_cache = (state.z, state.y, zy, logp, acts, [p._version for p in zy])
         # nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ], fresh samples
         draws = sampler.flat_draws(policy_cdf(logp).view(B, -1, logp.shape[-1]), outer_draws(n_traj, n_pairs))
+        if on_visited:
+            rewards, reward_acts = self.reward.visited_units(state.nu, draws.every.unit)
         pairs_y = draws.parts()[0]  # parts: y's pairs, z's trajectories, y's trajectories
         upper = preference_loss_weights(pairs_y.margin(rewards), pairs_y.label)
         value = upper.new_full((B, n_traj), state.lam / n_traj)  # reward_return_surrogate: 1 / N per trajectory
-        grad = torch.zeros_like(rewards)
-        draws.every.add_return_grad(grad, torch.cat([upper, -upper, value, -value], 1))
-        state.nu = sgd_update(state.nu, self.reward.backward(state.nu, reward_acts, grad[:, :-1]), state.xi)
+        weights = torch.cat([upper, -upper, value, -value], 1)  # per trajectory of the stage
+        if on_visited:  # each visited unit's gradient at one of its steps
+            grad = draws.every.return_grad_at_first_visits(weights, rewards.shape[1] - 1)
+        else:
+            grad = torch.zeros_like(rewards)
+            draws.every.add_return_grad(grad, weights)
+            grad = grad[:, :-1]
+        state.nu = sgd_update(state.nu, self.reward.backward(state.nu, reward_acts, grad), state.xi)
         state.k += 1
         return state
+
+    def reward_on_visited_units(self, inner: int, n_traj: int, n_pairs: int) -> bool:
+        """Whether fast_step runs an MLP reward on the units its stages visit instead of on the whole table:
+        when the steps of the inner + 1 stages ((2N + 2M) H each) are fewer than the units, as at N = M = 2.
+        The arithmetic per seed shrinks with the visits; the op count grows by a gather and a scatter per stage."""
+        if self.reward.net is None or self.reward_pass != "auto":
+            return self.reward.net is not None and self.reward_pass == "visited"
+        steps = (inner + 1) * (2 * n_traj + 2 * n_pairs) * self.problem.horizon
+        return steps < self.problem.unit_features.shape[-2]
 
     def _stacked_policies(self, state):
         """(z and y stacked, their log-prob table, activations). The last step's nu-step forward is this

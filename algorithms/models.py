@@ -11,6 +11,7 @@ import torch
 
 from ratebench.envs.tabular import DTYPE, TabularProblem
 from ratebench.errors import ConfigError
+from ratebench.sampling import rows_of
 
 Params = list[torch.Tensor]
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
@@ -195,8 +196,24 @@ class RewardModel:
         acts = self.net.activations(params, self.problem.unit_features)
         return acts[-1].squeeze(-1), acts
 
+    def visited_units(self, params: Params, unit: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The fast path's forward on the units some trajectories visit, not on the whole table (an MLP
+        reward): unit (B, N, H), the trajectories' padded-unit indices (n_units = pays nothing). Returns
+        (padded unit rewards (B, n_units + 1), right at the visited units and 0 in the no-reward slot,
+        elsewhere 0 but never read by these trajectories; the network's activations, one row per step,
+        for `backward` with FlatTrajectories.return_grad_at_first_visits)."""
+        features = self.problem.unit_features
+        n_units, B = features.shape[-2], unit.shape[0]
+        flat = unit.reshape(B, -1)
+        acts = self.net.activations(params, rows_of(features, flat.clamp_max(n_units - 1)))  # x: (B, N * H, d)
+        table = acts[-1].new_zeros(B, n_units + 1)
+        table.scatter_(1, flat, acts[-1].squeeze(-1))  # a unit visited twice gets its one value twice
+        table[:, -1] = 0  # the no-reward steps evaluated the last unit's features: their slot pays nothing
+        return table, acts
+
     def backward(self, params: Params, acts: list[torch.Tensor] | None, grad_units: torch.Tensor) -> Params:
-        """Gradient w.r.t. params of sum(grad_units * unit_rewards), grad_units (B, n_units)."""
+        """Gradient w.r.t. params of sum(grad_units * unit_rewards), grad_units (B, n_units); after
+        `visited_units`, of sum(grad_units * the rewards at the visited steps), grad_units (B, N * H)."""
         if self.net is None:
             features = self.problem.unit_features
             if features.dim() == 3:

@@ -113,6 +113,36 @@ def test_fast_vs_reference_steps_per_second(benchmark, compose_config, config):
     assert ratio >= floor
 
 
+@pytest.mark.parametrize("n_seeds", [16, 256])
+def test_reward_on_visited_units_vs_whole_table(benchmark, compose_config, n_seeds):
+    """The fast bilevel step at N = M = 2 with its MLP reward on the units its stages visit (what it chooses
+    there) against the same step with the reward on the whole unit table, interleaved in one run."""
+    overrides = ["algorithm=bilevel", f"n_seeds={n_seeds}", *SMALL]
+    runs = {}
+    for reward_pass in ("table", "visited"):
+        algo, sampler, v = build(compose_config, overrides, "fast")
+        algo.reward_pass = reward_pass
+        state = algo.init(v.seeds)
+        for _ in range(4):
+            state = algo.step(state, sampler)
+        runs[reward_pass] = [algo, sampler, state]
+    assert runs["visited"][0].reward_on_visited_units(*(runs["visited"][0].set_schedule(state)[i] for i in (2, 0, 1)))
+    per_round = 60 if n_seeds == 16 else 20
+    times = {name: [] for name in runs}
+    for _ in range(7):
+        for name, run in runs.items():
+            tic = time.process_time()
+            for _ in range(per_round):
+                run[2] = run[0].step(run[2], run[1])
+            times[name].append((time.process_time() - tic) / per_round)
+    t = {name: statistics.median(v) for name, v in times.items()}
+    benchmark.pedantic(lambda: None, rounds=1)
+    record_ratio(benchmark, f"reward_on_visited_units_speedup[{n_seeds}-N=M=2]", t["table"] / t["visited"],
+                 f"fast step with the reward on the whole table {t['table'] * 1e3:.2f} ms, on the visited units "
+                 f"{t['visited'] * 1e3:.2f} ms (CPU time)")
+    assert t["visited"] < t["table"]
+
+
 def test_ci_smoke_job_fast_vs_reference(benchmark, compose_config, tmp_path):
     """One smoke_bilevel job (instance 1, 8 seeds, N = 256, M = 64) at a tenth of its budget, whole run_job
     (set-up, steps, evaluations, records): what CI pays per job, fast vs reference."""

@@ -132,6 +132,22 @@ class FlatTrajectories:
         """grad += d/d(padded unit rewards) of sum_i weights_i R(tau_i), in place: (B, n_units + 1)."""
         _scatter(grad, self.unit, weights)
 
+    def return_grad_at_first_visits(self, weights: torch.Tensor, n_units: int) -> torch.Tensor:
+        """add_return_grad's gradient of each unit, read at the step that visits the unit first and 0 at its
+        later visits and at steps that pay nothing: (B, N * H) for weights (B, N). A backward through a reward
+        evaluated at the visited steps (RewardModel.visited_units) then gets each unit's gradient once, summed
+        as the whole-table backward gets it: terms that cancel at a unit (a pair's two members, z's and y's
+        trajectories through it) cancel exactly before the network sees them, not to round-off, which a
+        ReLU at its kink would turn into a jump."""
+        B = weights.shape[0]
+        grad = weights.new_zeros(B, n_units + 1)
+        self.add_return_grad(grad, weights)
+        grad[:, -1] = 0  # the no-reward slot is not a unit of the network
+        flat = self.unit.reshape(B, -1)
+        earlier = torch.ones(flat.shape[1], flat.shape[1], dtype=torch.bool).tril(-1)  # [i, j]: step j comes before i
+        seen = ((flat[:, :, None] == flat[:, None, :]) & earlier).any(-1)  # (B, N * H): unit visited before
+        return grad.gather(1, flat).masked_fill_(seen, 0)
+
 
 @dataclass
 class FlatPairs:
@@ -146,7 +162,7 @@ class FlatPairs:
         return ret[:, :n] - ret[:, n:]
 
 
-def _rows_of(table: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+def rows_of(table: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """table[local] of a shared (n, K) table, or row b's table[b, local[b]] of an InstanceBatch's (B, n, K):
     (B, T, K) for local (B, T)."""
     if table.dim() == 2:
@@ -329,11 +345,11 @@ class CountingSampler:
             index.append(rows * A + a)
             if h < H - 1:
                 local = s * A + a
-                nxt = _rows_of(lay.next_idx[h], local)  # (B, T, K)
+                nxt = rows_of(lay.next_idx[h], local)  # (B, T, K)
                 if nxt.shape[-1] == 1:  # deterministic successor (token task): the draw is made but not needed
                     s = nxt[..., 0]
                 else:
-                    next_cdf = _rows_of(lay.next_cdf[h], local)
+                    next_cdf = rows_of(lay.next_cdf[h], local)
                     k = torch.searchsorted(next_cdf, (u[:, 2 + 2 * h] * next_cdf[..., -1])[..., None])
                     s = nxt.gather(-1, k.clamp_max(nxt.shape[-1] - 1)).squeeze(-1)
         index = index[0][..., None] if H == 1 else torch.stack(index, -1)
