@@ -113,10 +113,12 @@ def test_fast_vs_reference_steps_per_second(benchmark, compose_config, config):
     assert ratio >= floor
 
 
-@pytest.mark.parametrize("n_seeds", [16, 256])
-def test_reward_on_visited_units_vs_whole_table(benchmark, compose_config, n_seeds):
+@pytest.mark.parametrize("n_seeds,floor", [(16, 0.85), (256, 1.1)])
+def test_reward_on_visited_units_vs_whole_table(benchmark, compose_config, n_seeds, floor):
     """The fast bilevel step at N = M = 2 with its MLP reward on the units its stages visit (what it chooses
-    there) against the same step with the reward on the whole unit table, interleaved in one run."""
+    there) against the same step with the reward on the whole unit table, interleaved in one run. At 256 seeds
+    the reward's arithmetic is what it saves (1.25-1.38x measured); at 16 seeds the passes were never the cost
+    and the two are within this machine's noise (0.96-1.07x), so the floor there only catches a slowdown."""
     overrides = ["algorithm=bilevel", f"n_seeds={n_seeds}", *SMALL]
     runs = {}
     for reward_pass in ("table", "visited"):
@@ -140,7 +142,7 @@ def test_reward_on_visited_units_vs_whole_table(benchmark, compose_config, n_see
     record_ratio(benchmark, f"reward_on_visited_units_speedup[{n_seeds}-N=M=2]", t["table"] / t["visited"],
                  f"fast step with the reward on the whole table {t['table'] * 1e3:.2f} ms, on the visited units "
                  f"{t['visited'] * 1e3:.2f} ms (CPU time)")
-    assert t["visited"] < t["table"]
+    assert t["table"] / t["visited"] >= floor
 
 
 def test_ci_smoke_job_fast_vs_reference(benchmark, compose_config, tmp_path):
