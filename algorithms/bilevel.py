@@ -214,8 +214,8 @@ class Bilevel(Algorithm):
         upper = preference_loss_weights(pairs_y.margin(rewards), pairs_y.label)
         value = upper.new_full((B, n_traj), state.lam / n_traj)  # reward_return_surrogate: 1 / N per trajectory
         weights = torch.cat([upper, -upper, value, -value], 1)  # per trajectory of the stage
-        if on_visited:  # each visited unit's gradient at one of its steps
-            grad = draws.every.return_grad_at_first_visits(weights, rewards.shape[1] - 1)
+        if on_visited:  # the gradient at each visited step; the backward sums the steps that share a unit
+            grad = draws.every.return_grad_per_step(weights, rewards.shape[1] - 1)
         else:
             grad = torch.zeros_like(rewards)
             draws.every.add_return_grad(grad, weights)
@@ -228,6 +228,8 @@ class Bilevel(Algorithm):
         """Whether fast_step runs an MLP reward on the units its stages visit instead of on the whole table:
         when the steps of the inner + 1 stages ((2N + 2M) H each) are fewer than the units, as at N = M = 2.
         The arithmetic per seed shrinks with the visits; the op count grows by a gather and a scatter per stage."""
+        if self.reward_pass not in ("auto", "table", "visited"):
+            raise ValueError(f"reward_pass={self.reward_pass!r}; allowed: auto, table, visited")
         if self.reward.net is None or self.reward_pass != "auto":
             return self.reward.net is not None and self.reward_pass == "visited"
         steps = (inner + 1) * (2 * n_traj + 2 * n_pairs) * self.problem.horizon

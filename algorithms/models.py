@@ -201,7 +201,7 @@ class RewardModel:
         reward): unit (B, N, H), the trajectories' padded-unit indices (n_units = pays nothing). Returns
         (padded unit rewards (B, n_units + 1), right at the visited units and 0 in the no-reward slot,
         elsewhere 0 but never read by these trajectories; the network's activations, one row per step,
-        for `backward` with FlatTrajectories.return_grad_at_first_visits)."""
+        for `backward` with FlatTrajectories.return_grad_per_step)."""
         features = self.problem.unit_features
         n_units, B = features.shape[-2], unit.shape[0]
         flat = unit.reshape(B, -1)

@@ -132,21 +132,11 @@ class FlatTrajectories:
         """grad += d/d(padded unit rewards) of sum_i weights_i R(tau_i), in place: (B, n_units + 1)."""
         _scatter(grad, self.unit, weights)
 
-    def return_grad_at_first_visits(self, weights: torch.Tensor, n_units: int) -> torch.Tensor:
-        """add_return_grad's gradient of each unit, read at the step that visits the unit first and 0 at its
-        later visits and at steps that pay nothing: (B, N * H) for weights (B, N). A backward through a reward
-        evaluated at the visited steps (RewardModel.visited_units) then gets each unit's gradient once, summed
-        as the whole-table backward gets it: terms that cancel at a unit (a pair's two members, z's and y's
-        trajectories through it) cancel exactly before the network sees them, not to round-off, which a
-        ReLU at its kink would turn into a jump."""
-        B = weights.shape[0]
-        grad = weights.new_zeros(B, n_units + 1)
-        self.add_return_grad(grad, weights)
-        grad[:, -1] = 0  # the no-reward slot is not a unit of the network
-        flat = self.unit.reshape(B, -1)
-        earlier = torch.ones(flat.shape[1], flat.shape[1], dtype=torch.bool).tril(-1)  # [i, j]: step j comes before i
-        seen = ((flat[:, :, None] == flat[:, None, :]) & earlier).any(-1)  # (B, N * H): unit visited before
-        return grad.gather(1, flat).masked_fill_(seen, 0)
+    def return_grad_per_step(self, weights: torch.Tensor, n_units: int) -> torch.Tensor:
+        """d/d r(unit_t) of sum_i weights_i R(tau_i), one entry per step of every trajectory, 0 where a step pays
+        nothing: (B, N * H) for weights (B, N). add_return_grad before its sum over the steps that share a unit,
+        for a reward evaluated at the visited steps (RewardModel.visited_units), whose backward does that sum."""
+        return (weights[..., None] * (self.unit < n_units)).view(weights.shape[0], -1)
 
 
 @dataclass

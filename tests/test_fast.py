@@ -256,7 +256,7 @@ def test_a_reward_relu_at_its_kink_makes_the_reference_jump(compose_config):
 @pytest.mark.parametrize("env", ["bandit", "token"])
 @pytest.mark.parametrize("instances", [False, True], ids=["one-instance", "instance-batch"])
 def test_reward_on_the_visited_units_is_the_whole_tables(compose_config, env, instances):
-    """RewardModel.visited_units with FlatTrajectories.return_grad_at_first_visits (the fast bilevel step at
+    """RewardModel.visited_units with FlatTrajectories.return_grad_per_step (the fast bilevel step at
     N = M = 2) against autograd through the reward on every unit: the same returns, and the same gradient of
     sum_i w_i R(tau_i), to 1e-12. Trajectories that revisit units and steps that pay nothing (the token task)
     included; a deep ReLU reward with random, not initial, parameters; an instance batch's per-row features."""
@@ -285,7 +285,7 @@ def test_reward_on_the_visited_units_is_the_whole_tables(compose_config, env, in
     torch.testing.assert_close(traj.returns(table), traj.returns(whole.detach()), rtol=0, atol=1e-12)
     assert torch.equal(table[:, -1], torch.zeros(4, dtype=torch.float64))
     want = torch.autograd.grad((weights * traj.returns(whole)).sum(), leaves)
-    got = reward.backward(nu, acts, traj.return_grad_at_first_visits(weights, n_units))
+    got = reward.backward(nu, acts, traj.return_grad_per_step(weights, n_units))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
 
