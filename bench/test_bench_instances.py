@@ -73,24 +73,35 @@ def test_batched_instances_vs_separate_steps(benchmark, compose_config, config):
 
 def test_batched_job_vs_separate_jobs(benchmark, compose_config, tmp_path):
     """Whole jobs (set-up, steps, exact evaluations, records): `instances=[1,2,3,4]` vs the 4 jobs one after the
-    other in this process (what one core does with a sweep; process start-up not counted for either)."""
+    other in this process (what one core does with a sweep; process start-up not counted for either).
+
+    The exact evaluations are per instance and cost the same in both, so the whole-job ratio falls whenever the
+    steps get cheaper in both (1.65x on 2026-12-01, 1.39-1.51x on 2026-12-02, the evaluations then ~60 % of the
+    batched job). What the batch is for is asserted on the steps (run.json's wall_s: the steps' time), at the
+    step benchmark's floor; the whole job must still be clearly faster."""
     common = ["env=bandit", "algorithm=bilevel", "n_seeds=16", "budget.samples=40000", "progress=false", *SMALL]
     for k in INSTANCES:  # F-hat* of every instance cached for both
         run_job(compose_config(common + [f"env.instance_seed={k}", "budget.samples=100"]), tmp_path / f"warm_{k}")
-    walls = {"separate": [], "batched": []}
+    walls, steps = {"separate": [], "batched": []}, {"separate": [], "batched": []}
     for round_ in range(2):
         tic = time.perf_counter()
-        for k in INSTANCES:
-            run_job(compose_config(common + [f"env.instance_seed={k}"]), tmp_path / f"separate_{round_}_{k}")
+        records = [run_job(compose_config(common + [f"env.instance_seed={k}"]), tmp_path / f"separate_{round_}_{k}")
+                   for k in INSTANCES]
         walls["separate"].append(time.perf_counter() - tic)
+        steps["separate"].append(sum(r["wall_s"] for r in records))
         tic = time.perf_counter()
         folders, _ = run_instances_or_skip(compose_config(common + ["instances=[1,2,3,4]"]), tmp_path / f"batch_{round_}")
         walls["batched"].append(time.perf_counter() - tic)
+        steps["batched"].append(folders[0][1]["wall_s"])  # the batch's wall_s: its steps, all instances at once
     benchmark.pedantic(lambda: None, rounds=1)
-    wall = {k: min(x) for k, x in walls.items()}
+    wall, step = {k: min(x) for k, x in walls.items()}, {k: min(x) for k, x in steps.items()}
     record = folders[0][1]
     ratio = record_ratio(benchmark, "instance_batch_job_speedup", wall["separate"] / wall["batched"],
                          f"4 instances x 16 seeds x 4e4 samples, N = M = 2: separate jobs {wall['separate']:.1f} s, "
                          f"one batched job {wall['batched']:.1f} s (its steps {record['wall_s']:.1f} s, "
                          f"evaluations {record['eval_wall_s']:.1f} s)")
-    assert ratio >= 1.5
+    step_ratio = record_ratio(benchmark, "instance_batch_job_steps_speedup", step["separate"] / step["batched"],
+                              f"the same jobs' steps (run.json wall_s): separate {step['separate']:.1f} s, "
+                              f"batched {step['batched']:.1f} s")
+    assert step_ratio >= 2.0
+    assert ratio >= 1.2
