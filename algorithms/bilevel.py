@@ -182,7 +182,7 @@ class Bilevel(Algorithm):
         (tests/test_fast.py)."""
         n_traj, n_pairs, inner = self.set_schedule(state)
         sampler.prefetch((inner + 1) * sampler.draws(trajectories=2 * n_traj, pairs=n_pairs))
-        on_visited = self.reward_on_visited_units(inner, n_traj, n_pairs)
+        on_visited = self.reward_on_visited_units(n_traj, n_pairs, inner)
         if not on_visited:  # r_nu on every unit, once: nu moves last, so it is fixed for the z and y steps
             units, reward_acts = self.reward.units(state.nu)
             rewards = padded_units(units)  # (B, n_units + 1)
@@ -224,9 +224,10 @@ class Bilevel(Algorithm):
         state.k += 1
         return state
 
-    def reward_on_visited_units(self, inner: int, n_traj: int, n_pairs: int) -> bool:
+    def reward_on_visited_units(self, n_traj: int, n_pairs: int, inner: int) -> bool:
         """Whether fast_step runs an MLP reward on the units its stages visit instead of on the whole table:
         when the steps of the inner + 1 stages ((2N + 2M) H each) are fewer than the units, as at N = M = 2.
+        Takes set_schedule's (N, M, inner steps).
         The arithmetic per seed shrinks with the visits; the op count grows by a gather and a scatter per stage."""
         if self.reward_pass not in ("auto", "table", "visited"):
             raise ValueError(f"reward_pass={self.reward_pass!r}; allowed: auto, table, visited")

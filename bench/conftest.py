@@ -34,6 +34,15 @@ def compose_config():
     return compose
 
 
+def interleaved(arms: dict, rounds: int = 7):
+    """(name, arm) for `rounds` rounds over every arm, the order reversed every other round: the arm timed
+    second in a round ran 3-5 % faster here (warm caches and allocator), which would flatter a fixed order."""
+    names = list(arms)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            yield name, arms[name]
+
+
 def record_ratio(benchmark, name: str, value: float, note: str) -> float:
     """Keep a ratio for the end-of-session table and the benchmark JSON (extra_info)."""
     RATIOS[name] = (value, note)

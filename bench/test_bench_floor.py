@@ -25,7 +25,7 @@ import time
 
 import pytest
 import torch
-from conftest import record_ratio
+from conftest import interleaved, record_ratio
 from test_bench_fast import CONFIGS, _CountOps, build
 
 
@@ -45,7 +45,7 @@ def reward_pass(algo, state):
     or (on the visited units) a forward per stage on its (2N + 2M) H steps and a backward on the nu step's, at
     units drawn here (where they are does not change the cost)."""
     n_traj, n_pairs, inner = algo.set_schedule(state)
-    if not algo.reward_on_visited_units(inner, n_traj, n_pairs):
+    if not algo.reward_on_visited_units(n_traj, n_pairs, inner):
         units, reward_acts = algo.reward.units(state.nu)
         algo.reward.backward(state.nu, reward_acts, torch.ones_like(units))
         return
@@ -86,12 +86,11 @@ def test_eager_ceiling_of_the_bilevel_step(benchmark, compose_config, config):
     work["reference"]()
     per_round = max(3, min(200, int(0.3 / max(time.process_time() - tic, 1e-6))))
     times = {name: [] for name in work}
-    for _ in range(7):  # interleaved rounds: all three see the same load
-        for name, f in work.items():
-            tic = time.process_time()
-            for _ in range(per_round):
-                f()
-            times[name].append((time.process_time() - tic) / per_round)
+    for name, f in interleaved(work):  # all of them see the same load
+        tic = time.process_time()
+        for _ in range(per_round):
+            f()
+        times[name].append((time.process_time() - tic) / per_round)
     t = {name: statistics.median(x) for name, x in times.items()}
     t["passes"] = t["policy"] + t["reward"]
     benchmark.pedantic(work["policy"], rounds=3, iterations=1)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import record_ratio
+from conftest import interleaved, record_ratio
 
 from ratebench import envs
 from ratebench.algorithms import ALGORITHMS
@@ -53,16 +53,12 @@ def test_batched_instances_vs_separate_steps(benchmark, compose_config, config):
         run[2] = run[0].step(run[2], run[1])
     per_round = max(3, min(100, int(0.3 / max(time.perf_counter() - probe, 1e-6))))
     times = {"separate": [], "batched": []}
-    for _ in range(7):  # interleaved rounds: both see the same machine load
+    for name, runs in interleaved({"separate": separate, "batched": [batched]}):  # both see the same load
         tic = time.process_time()
         for _ in range(per_round):
-            for run in separate:
+            for run in runs:
                 run[2] = run[0].step(run[2], run[1])
-        times["separate"].append((time.process_time() - tic) / per_round)
-        tic = time.process_time()
-        for _ in range(per_round):
-            batched[2] = batched[0].step(batched[2], batched[1])
-        times["batched"].append((time.process_time() - tic) / per_round)
+        times[name].append((time.process_time() - tic) / per_round)
     t = {k: statistics.median(x) for k, x in times.items()}
     benchmark.pedantic(lambda: batched[0].step(batched[2], batched[1]), rounds=3, iterations=1)
     ratio = record_ratio(benchmark, f"instance_batch_step_speedup[{config}]", t["separate"] / t["batched"],

@@ -303,5 +303,4 @@ def test_reward_on_the_visited_units_is_the_whole_tables(compose_config, env, in
 ])
 def test_which_reward_pass_the_fast_step_takes(compose_config, overrides, env, visited):
     algo, _, _, seeds = build(compose_config, ["algorithm=bilevel", f"env={env}", *overrides], "fast")
-    n_traj, n_pairs, inner = algo.set_schedule(algo.init(seeds))
-    assert algo.reward_on_visited_units(inner, n_traj, n_pairs) == visited
+    assert algo.reward_on_visited_units(*algo.set_schedule(algo.init(seeds))) == visited
