@@ -17,13 +17,15 @@ from ratebench.algorithms.models import Params, RewardModel
 from ratebench.envs.tabular import TabularProblem
 
 
-IMPLS = ("fast", "reference")  # impl=: how a step is computed, never what it computes (docs/fast.md)
+IMPLS = ("fast", "eager", "reference")  # impl=: how a step is computed, never what it computes (docs/fast.md):
+# fast = compiled C where an algorithm has it (bilevel), else eager; eager = torch with closed-form gradients;
+# reference = autograd through the surrogates, as the paper writes the step
 
 
 class Algorithm:
     name: ClassVar[str]
     Config: ClassVar[type]
-    impl: str = "fast"  # set from the run config; "fast" takes fast_step() where has_fast_step()
+    impl: str = "fast"  # set from the run config; "fast" and "eager" take fast_step() where has_fast_step()
 
     def __init__(self, cfg: Any, model_cfg: Any, problem: TabularProblem):
         if hasattr(cfg, "check"):  # range checks also when built directly, not through the CLI
@@ -36,9 +38,13 @@ class Algorithm:
 
     def step(self, state: Any, sampler) -> Any:
         """One outer iteration; returns the new state. The one place where impl chooses the path."""
-        if self.impl == "fast" and self.has_fast_step():
+        if self.impl != "reference" and self.has_fast_step():
             return self.fast_step(state, sampler)
         return self.reference_step(state, sampler)
+
+    def step_path(self) -> str:
+        """What step() runs here: "reference", "eager" (closed-form torch) or "compiled" (C); run.json's provenance."""
+        return "reference" if self.impl == "reference" or not self.has_fast_step() else "eager"
 
     def reference_step(self, state: Any, sampler) -> Any:
         """The step as the paper writes it (autograd through the surrogates): what fast_step must equal."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.algorithms.base import Algorithm
+from ratebench.algorithms.bilevel_kernel import CompiledStep, kernel_applies
 from ratebench.algorithms.estimators import (kl_regularised_return, policy_gradient_weights, preference_loss_weights,
                                              preference_score_weights)
 from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step, sgd_update, stack_seeds, unstack_seeds
@@ -174,13 +175,19 @@ class Bilevel(Algorithm):
 
         state.nu = sgd_step(state.nu, hypergradient_surrogate, state.xi)
 
-    # --- the fast path (impl=fast): the same step, closed-form gradients, one RNG call -------------
+    # --- the fast path: the same step, closed-form gradients, one RNG call -------------
     def fast_step(self, state, sampler):
-        """step() with each surrogate's gradient in closed form (estimators' *_weights) on flat tables:
+        """impl=fast: the compiled step (compiled_step) where it applies. impl=eager, and impl=fast without it:
+        step() with each surrogate's gradient in closed form (estimators' *_weights) on flat tables:
         z and y as one stacked batch of networks (one forward, one backward), a stage's draws as one
         rollout, every uniform of the step drawn at once. Equal to step() to float64 round-off
         (tests/test_fast.py)."""
         n_traj, n_pairs, inner = self.set_schedule(state)
+        if self.impl == "fast" and self.compiled_step() is not None:  # the same step in C (bilevel_step.c)
+            plans = sampler.plan(inner_draws(n_traj, n_pairs)), sampler.plan(outer_draws(n_traj, n_pairs))
+            state = self.compiled_step()(state, sampler, n_traj, n_pairs, inner, *plans)
+            state.k += 1
+            return state
         sampler.prefetch((inner + 1) * sampler.draws(trajectories=2 * n_traj, pairs=n_pairs))
         on_visited = self.reward_on_visited_units(n_traj, n_pairs, inner)
         if not on_visited:  # r_nu on every unit, once: nu moves last, so it is fixed for the z and y steps
@@ -223,6 +230,18 @@ class Bilevel(Algorithm):
         state.nu = sgd_update(state.nu, self.reward.backward(state.nu, reward_acts, grad), state.xi)
         state.k += 1
         return state
+
+    def compiled_step(self) -> CompiledStep | None:
+        """impl=fast's step in C, built on first use; None where it does not apply or cannot be built (no C
+        compiler): then impl=fast takes the eager step below it (impl=eager), which computes the same."""
+        if not hasattr(self, "_compiled"):
+            self._compiled = CompiledStep(self) if kernel_applies(self) else None
+        return self._compiled
+
+    def step_path(self) -> str:
+        if self.impl == "fast" and self.has_fast_step() and self.compiled_step() is not None:
+            return "compiled"
+        return super().step_path()
 
     def reward_on_visited_units(self, n_traj: int, n_pairs: int, inner: int) -> bool:
         """Whether fast_step runs an MLP reward on the units its stages visit instead of on the whole table:

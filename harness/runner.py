@@ -448,6 +448,7 @@ class _Job:
         v, resolved = part.v, part.resolved
         without_seeds = _without_seeds(resolved)
         info = provenance()
+        info["step_path"] = self.algo.step_path()  # impl=fast: compiled where it builds, else eager (docs/fast.md)
         if len(self.parts) > 1:  # how it was computed, not what: wall times are the whole batch's
             info["instance_batch"] = {"instances": [p.v.env.instance_seed for p in self.parts],
                                       "run_hash": self.run_hash}

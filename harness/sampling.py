@@ -317,9 +317,7 @@ class CountingSampler:
         (kind, p, n), in that order, would draw and count, as one rollout of every trajectory.
         cdf: (B or 1, P * S, A) = policy_cdf of P policies' flat tables stacked along the rows, policy p
         at rows p * S ... (p + 1) * S - 1; the indices point into (P * S * A) tables laid out the same way."""
-        plan = self._plans.get(requests)
-        if plan is None:
-            plan = self._plans[requests] = _DrawPlan(self.problem, requests)
+        plan = self.plan(requests)
         lay, B, H = self.problem.flat(), len(self._rng.keys), self.problem.horizon
         drawn = self._rng.uniform(plan.n_uniforms)  # (B, n_uniforms), in the order of `requests`
         u = drawn[:, plan.columns]  # (B, 2H, T): the initial-state draw, then (action, transition) per step
@@ -352,6 +350,29 @@ class CountingSampler:
         self._counters.samples += plan.samples
         self._counters.queries += plan.n_pairs
         return FlatDraws(every, plan, label)
+
+    def plan(self, requests: tuple[tuple[str, int, int], ...]) -> _DrawPlan:
+        """Where each uniform of a flat_draws(cdf, requests) call goes (built once per request list)."""
+        plan = self._plans.get(requests)
+        if plan is None:
+            plan = self._plans[requests] = _DrawPlan(self.problem, requests)
+        return plan
+
+    def reserve(self, plans: list[_DrawPlan]) -> int:
+        """The draws of flat_draws calls with these plans, in this order, made by a compiled step from the uniforms
+        of CounterRng.keys at counters start, start + 1, ...: counts their samples and queries as flat_draws would,
+        moves the stream past their uniforms, and returns start."""
+        start = self._rng.counter
+        for plan in plans:
+            self._rng.counter += plan.n_uniforms
+            self._counters.samples += plan.samples
+            self._counters.queries += plan.n_pairs
+        return start
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Each seed's CounterRng key (B,) int64: draw i of seed b is a hash of (keys[b], i)."""
+        return self._rng.keys
 
     def state_dict(self) -> dict:
         return self._rng.state_dict()

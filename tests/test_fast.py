@@ -1,5 +1,7 @@
-"""impl=fast equals impl=reference (issue 12): the closed-form, one-RNG-call step against the autograd
-step it replaces, in float64, on every environment, through a checkpoint taken mid-run.
+"""impl=fast and impl=eager equal impl=reference (issue 12): the compiled bilevel step (algorithms/bilevel_step.c)
+and the closed-form, one-RNG-call torch step against the autograd step they replace, in float64, on every
+environment, through a checkpoint taken mid-run. Bilevel cases run impl=fast (compiled) unless EAGER names them;
+the other algorithms have no compiled step, so their impl=fast is the eager one.
 
 Two checks per case. (1) The one-step map: from every state of the reference's own run, one fast
 step equals one reference step to 1e-12 (parameters, schedule, counters, RNG position); at the
@@ -54,6 +56,11 @@ CASES = {  # id: (overrides, steps)
     "bilevel-token-reward-on-visited": (["algorithm=bilevel", "env=token", *SMALL_BATCHES], 40),
     "bilevel-bandit-deep-tanh-reward-on-table": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES,
                                                   "model.reward.depth=2", "model.policy.activation=tanh"], 30),
+    # the compiled step at the default batches (N = 16, M = 4: every unit visited), and the eager step's own runs
+    "bilevel-bandit-default-batches": (["algorithm=bilevel", "env=bandit"], 20),
+    "bilevel-bandit-eager": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES], 200),
+    "bilevel-mdp-eager": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES], 40),
+    "bilevel_double-token-eager": (["algorithm=bilevel", "env=token", *DOUBLE], 20),
     "reward_mle-bandit": (["algorithm=reward_mle", "env=bandit"], 200),
     "reward_mle-mdp": (["algorithm=reward_mle", "env=mdp"], 50),
     "reward_mle-token": (["algorithm=reward_mle", "env=token"], 50),
@@ -90,6 +97,12 @@ REWARD_PASS = {"bilevel-bandit-reward-on-table": "table", "bilevel-mdp-reward-on
 # The whole-table pass sums as the reference does and keeps up with it there; that is its rounding, not a property
 # to test, so its run is not compared by value either.
 AT_A_KINK = {"bilevel-bandit-deep-tanh", "bilevel-bandit-deep-tanh-reward-on-table"}
+EAGER = {case for case in CASES if case.endswith("-eager")} | set(REWARD_PASS)  # reward_pass is the eager step's
+COMPILED = {case for case in CASES if case.startswith("bilevel") and case not in EAGER}
+
+
+def impl_of(case: str) -> str:
+    return "eager" if case in EAGER else "fast"
 
 
 def build(compose_config, overrides, impl, reward_pass="auto"):
@@ -137,17 +150,20 @@ def test_fast_equals_reference_through_a_checkpoint(compose_config, case, monkey
                         lambda self, *a, **k: refits.append(1) or reference_ppo(self, *a, **k))
     reward_pass = REWARD_PASS.get(case, "auto")
     ref, ref_sampler, ref_counters, seeds = build(compose_config, overrides, "reference")
-    fast, sampler, counters, _ = build(compose_config, overrides, "fast", reward_pass)
+    impl = impl_of(case)
+    fast, sampler, counters, _ = build(compose_config, overrides, impl, reward_pass)
     assert ref.has_fast_step()
+    # a bilevel case without a C compiler must fail here, not pass on the eager step
+    assert fast.step_path() == ("compiled" if case in COMPILED else "eager"), f"{case}: {fast.step_path()}"
     # the free-running run has an algorithm of its own: one algorithm, one state, as in the harness, so
     # that per-step caches (bilevel's policy forward, reused by the next step) are hit as in a real run
-    free_algo, free_sampler, free_counters, _ = build(compose_config, overrides, "fast", reward_pass)
+    free_algo, free_sampler, free_counters, _ = build(compose_config, overrides, impl, reward_pass)
     state, free = ref.init(seeds), free_algo.init(seeds)
     for k in range(1, n + 1):
         start = copy.deepcopy(state)
         if k == n // 2:  # resume: the state and the sampler through a checkpoint into a fresh algorithm
             saved = through_disk({"algorithm": ref.state_dict(start), "sampler": ref_sampler.state_dict()})
-            fast, sampler, counters, _ = build(compose_config, overrides, "fast", reward_pass)
+            fast, sampler, counters, _ = build(compose_config, overrides, impl, reward_pass)
             start = fast.load_state_dict(fast.init(seeds), saved["algorithm"])
             sampler.load_state_dict(saved["sampler"])
         sampler.load_state_dict(ref_sampler.state_dict())
@@ -194,7 +210,7 @@ def test_exact_oracle_has_no_fast_step_and_runs_the_reference(compose_config):
     assert state.k == 1 and sampler.samples == 0
 
 
-NAN_CASES = ["bilevel-bandit", "bilevel-token", "reward_mle-mdp", "dpo_online-bandit", "dpo_offline-bandit",
+NAN_CASES = ["bilevel-bandit", "bilevel-token", "bilevel-bandit-eager", "reward_mle-mdp", "dpo_online-bandit", "dpo_offline-bandit",
              "ppo_rlhf-mdp", "ppo_rlhf_online-mdp", "ppo_rlhf_oracle-token"]
 
 
@@ -205,7 +221,7 @@ def test_a_nan_seed_leaves_the_others_bit_for_bit(compose_config, case):
     overrides, _ = CASES[case]
     results = []
     for poison in (False, True):
-        algo, sampler, _, _ = build(compose_config, [*overrides, "seeds=[3,0,5]"], "fast")
+        algo, sampler, _, _ = build(compose_config, [*overrides, "seeds=[3,0,5]"], impl_of(case))
         state = algo.init([3, 0, 5])
         state = algo.step(state, sampler)
         if poison:
@@ -304,3 +320,44 @@ def test_reward_on_the_visited_units_is_the_whole_tables(compose_config, env, in
 def test_which_reward_pass_the_fast_step_takes(compose_config, overrides, env, visited):
     algo, _, _, seeds = build(compose_config, ["algorithm=bilevel", f"env={env}", *overrides], "fast")
     assert algo.reward_on_visited_units(*algo.set_schedule(algo.init(seeds))) == visited
+
+
+@pytest.mark.parametrize("algorithm,impl,path", [
+    ("bilevel", "fast", "compiled"), ("bilevel", "eager", "eager"), ("bilevel", "reference", "reference"),
+    ("dpo", "fast", "eager"), ("dpo", "eager", "eager"), ("dpo", "reference", "reference"),
+])
+def test_which_step_each_impl_takes(compose_config, algorithm, impl, path):
+    """impl=fast is the compiled step where an algorithm has one (bilevel) and it builds, else the eager one;
+    run.json's provenance.step_path records which (harness/runner.py)."""
+    algo, sampler, _, seeds = build(compose_config, [f"algorithm={algorithm}", "algorithm.mode=online"]
+                                    if algorithm == "dpo" else [f"algorithm={algorithm}"], impl)
+    assert algo.step_path() == path
+    state = algo.step(algo.init(seeds), sampler)
+    assert sampler.samples > 0 and state is not None
+
+
+def test_without_a_compiler_impl_fast_takes_the_eager_step(compose_config, monkeypatch, tmp_path):
+    """A machine without a C compiler (or with RATEBENCH_KERNELS=0) still runs impl=fast: the build fails with
+    one warning, and the step is the eager one, bit for bit."""
+    from ratebench import kernels
+    import ratebench.algorithms.bilevel as bilevel_module
+
+    monkeypatch.setenv("RATEBENCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that fails every build
+    with pytest.warns(UserWarning, match="could not build bilevel_step.c"):
+        assert kernels.load.__wrapped__("bilevel_step.c") is None
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built is left to load
+    monkeypatch.setenv(kernels.DISABLE, "0")
+    assert kernels.load.__wrapped__("bilevel_step.c") is None
+
+    monkeypatch.setattr(bilevel_module, "kernel_applies", lambda algo: False)
+    results = []
+    for impl in ("fast", "eager"):
+        algo, sampler, _, seeds = build(compose_config, ["algorithm=bilevel", *SMALL_BATCHES], impl)
+        assert algo.step_path() == "eager"
+        state = algo.init(seeds)
+        for _ in range(5):
+            state = algo.step(state, sampler)
+        results.append(algo.tensors(state))
+    for key, t in results[0].items():
+        assert torch.equal(t, results[1][key]), key

@@ -1,0 +1,161 @@
+"""The compiled bilevel step (impl=fast): algorithms/bilevel_step.c, called through ctypes.
+
+The C file is Bilevel.fast_step as loops over seeds; this module only lays the tensors out for it: the
+environment's flat tables once per problem, the sampler's draw plans once per request list, and per step
+contiguous copies of z, y and nu that the C code updates in place (the state's own tensors are never
+written, as in the eager step). Where the draws go, how they are counted and which seed draws what stay
+the sampler's (CountingSampler.plan / reserve / keys): the C code reads them, it does not re-derive them.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ratebench.kernels import load
+from ratebench.sampling import flat_true_rewards
+
+MAX_LAYERS = 15  # bilevel_step.c's fixed-size buffers
+I64, F64 = ctypes.c_int64, ctypes.c_double
+
+
+VOIDS = ctypes.POINTER(ctypes.c_void_p)  # double ** in C: arrays of data_ptr()s, set per step without casts
+
+
+class _Net(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int), ("sizes", ctypes.POINTER(I64)), ("tanh_act", ctypes.c_int),
+                ("W", VOIDS), ("b", VOIDS), ("W_in", VOIDS), ("b_in", VOIDS)]
+
+
+class _Plan(ctypes.Structure):
+    _fields_ = [("T", I64), ("n_uniforms", I64), ("n_pairs", I64), ("columns", ctypes.POINTER(I64)),
+                ("row_base", ctypes.POINTER(I64)), ("label_columns", ctypes.POINTER(I64)),
+                ("first", ctypes.POINTER(I64)), ("second", ctypes.POINTER(I64))]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("B", I64), ("S", I64), ("A", I64), ("H", I64), ("G", I64), ("n_units", I64),
+                ("policy_x", ctypes.POINTER(F64)), ("policy_x_stride", I64),
+                ("ref_logp", ctypes.POINTER(F64)), ("ref_logp_stride", I64),
+                ("init_cdf", ctypes.POINTER(F64)), ("init_cdf_stride", I64),
+                ("next_cdf", ctypes.POINTER(ctypes.POINTER(F64))), ("next_idx", ctypes.POINTER(ctypes.POINTER(I64))),
+                ("next_k", ctypes.POINTER(I64)), ("next_stride", ctypes.POINTER(I64)),
+                ("unit_of", ctypes.POINTER(I64)),
+                ("unit_x", ctypes.POINTER(F64)), ("unit_x_stride", I64),
+                ("true_r", ctypes.POINTER(F64)), ("true_r_stride", I64),
+                ("beta", F64), ("label_noise", F64),
+                ("z", _Net), ("y", _Net), ("nu", _Net),
+                ("n_traj", I64), ("n_pairs", I64), ("inner", I64),
+                ("lam", F64), ("alpha", F64), ("alpha_z", F64), ("xi", F64),
+                ("keys", ctypes.POINTER(I64)), ("counter", I64),
+                ("stage", _Plan), ("nu_stage", _Plan)]
+
+
+def _ptr(t: torch.Tensor, ctype=F64):
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
+
+
+def _table(t: torch.Tensor, dims: int, dtype=torch.float64) -> tuple[torch.Tensor, int]:
+    """A table as C reads it: contiguous, and the stride of its InstanceBatch row axis (0 when shared)."""
+    t = t.to(dtype).contiguous()
+    return t, (t[0].numel() if t.dim() > dims else 0)
+
+
+def kernel_applies(algo) -> bool:
+    """Whether this bilevel configuration can take the compiled step (its C buffers' limits), and it builds."""
+    policy, reward = algo.model_cfg.policy, algo.model_cfg.reward
+    if policy.depth >= MAX_LAYERS or reward.depth >= MAX_LAYERS:
+        return False
+    return load("bilevel_step.c") is not None
+
+
+class CompiledStep:
+    """Built once per Bilevel: the flat tables as C reads them; call() takes one step for every seed."""
+
+    def __init__(self, algo):
+        self.lib = load("bilevel_step.c")
+        self.lib.bilevel_step.argtypes = [ctypes.POINTER(_Step)]
+        problem, lay = algo.problem, algo.problem.flat()
+        self.keep = []  # every tensor whose memory the C struct points into
+
+        def hold(t):
+            self.keep.append(t)
+            return t
+
+        st = self.st = _Step()
+        st.S, st.A, st.H = sum(s.n_states for s in problem.steps), lay.n_actions, problem.horizon
+        st.n_units = problem.unit_features.shape[-2]
+        x, st.policy_x_stride = _table(algo.policy.features, 2)
+        st.policy_x = _ptr(hold(x))
+        ref, st.ref_logp_stride = _table(lay.ref_logp, 1)
+        st.ref_logp = _ptr(hold(ref))
+        init, st.init_cdf_stride = _table(lay.init_cdf, 1)
+        st.init_cdf, st.G = _ptr(hold(init)), init.shape[-1]
+        n_next = max(len(lay.next_cdf), 1)
+        cdfs, idxs = (ctypes.POINTER(F64) * n_next)(), (ctypes.POINTER(I64) * n_next)()
+        ks, strides = (I64 * n_next)(), (I64 * n_next)()
+        for h, (cdf, idx) in enumerate(zip(lay.next_cdf, lay.next_idx)):
+            cdf, strides[h] = _table(cdf, 2)
+            idx, _ = _table(idx, 2, torch.int64)
+            cdfs[h], idxs[h], ks[h] = _ptr(hold(cdf)), _ptr(hold(idx), I64), cdf.shape[-1]
+        st.next_cdf, st.next_idx, st.next_k, st.next_stride = cdfs, idxs, ks, strides
+        self.keep += [cdfs, idxs, ks, strides]
+        st.unit_of = _ptr(hold(lay.unit_of.to(torch.int64).contiguous()), I64)
+        phi, st.unit_x_stride = _table(problem.unit_features, 2)
+        st.unit_x = _ptr(hold(phi))
+        true, st.true_r_stride = _table(flat_true_rewards(problem), 1)
+        st.true_r = _ptr(hold(true))
+        st.beta, st.label_noise = problem.beta, problem.label_noise
+        policy, reward = algo.policy.net, algo.reward.net
+        (st.z, z), (st.y, y) = self._net(policy, policy.sizes, self.keep), self._net(policy, policy.sizes, self.keep)
+        st.nu, nu = self._net(reward, reward.sizes if reward is not None else [problem.unit_features.shape[-1]], self.keep)
+        depth = len(policy.sizes) - 1
+        self.arrays = {"z": (z, depth), "y": (y, depth), "nu": (nu, 0 if reward is None else len(reward.sizes) - 1)}
+        self.plans: dict = {}
+
+    @staticmethod
+    def _net(net, sizes: list[int], keep: list) -> tuple[_Net, list]:
+        """A _Net for these layer sizes (a linear reward, net None, has no layers: W[0] is nu) and its four pointer
+        arrays (W, b, W_in, b_in), which each step fills with its tensors' addresses."""
+        out = _Net()
+        n_layers = 0 if net is None else len(sizes) - 1
+        c_sizes = (I64 * len(sizes))(*sizes)
+        arrays = [(ctypes.c_void_p * max(n_layers, 1))() for _ in range(4)]
+        out.n_layers, out.sizes = n_layers, c_sizes
+        out.W, out.b, out.W_in, out.b_in = (ctypes.cast(a, VOIDS) for a in arrays)
+        out.tanh_act = int(net is not None and net.act is torch.tanh)
+        keep += [c_sizes, *arrays]
+        return out, arrays
+
+    def _plan(self, plan) -> _Plan:
+        if id(plan) not in self.plans:
+            columns = plan.columns.to(torch.int64).contiguous()
+            row_base = torch.stack(plan.row_base).to(torch.int64).contiguous()
+            tensors = [columns, row_base] + [t.to(torch.int64).contiguous()
+                                             for t in (plan.label_columns, plan.first, plan.second)]
+            c = _Plan(columns.shape[1], plan.n_uniforms, plan.n_pairs, *[_ptr(t, I64) for t in tensors])
+            self.plans[id(plan)] = (plan, c, tensors)
+        return self.plans[id(plan)][1]
+
+    def __call__(self, state, sampler, n_traj: int, n_pairs: int, inner: int, stage_plan, nu_plan):
+        """One step from `state` (its schedule already set): new z, y, nu tensors on the state."""
+        st = self.st
+        new = {}
+        for name, (arrays, depth) in self.arrays.items():  # the C code copies each seed's start into these
+            start = new[name + "_in"] = [p.contiguous() for p in getattr(state, name)]  # alive until the call returns
+            out = new[name] = [torch.empty(p.shape, dtype=torch.float64) for p in start]
+            W, b, W_in, b_in = arrays
+            for layer in range(max(depth, 1)):  # a linear reward (depth 0): W[0] is nu
+                W[layer], W_in[layer] = out[2 * layer].data_ptr(), start[2 * layer].data_ptr()
+                if depth:
+                    b[layer], b_in[layer] = out[2 * layer + 1].data_ptr(), start[2 * layer + 1].data_ptr()
+        st.B = new["z"][0].shape[0]
+        st.n_traj, st.n_pairs, st.inner = n_traj, n_pairs, inner
+        st.lam, st.alpha, st.alpha_z, st.xi = state.lam, state.alpha, state.alpha_z, state.xi
+        st.keys = _ptr(sampler.keys, I64)
+        st.stage, st.nu_stage = self._plan(stage_plan), self._plan(nu_plan)
+        st.counter = sampler.reserve([stage_plan] * inner + [nu_plan])
+        if self.lib.bilevel_step(ctypes.byref(st)) != 0:
+            raise RuntimeError("bilevel_step.c refused the sizes it was given (kernel_applies should have)")
+        state.z, state.y, state.nu = new["z"], new["y"], new["nu"]
+        return state

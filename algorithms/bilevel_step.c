@@ -1,0 +1,441 @@
+/* One outer step of the bilevel penalty method (algorithms/bilevel.py), every seed, in one call.
+
+   This is Bilevel.fast_step written as plain C loops over seeds: the same draws from the same
+   counter-based uniforms, the same closed-form gradients, the same SGD updates. At the theorem's
+   batches (N = M = 2) a step's arithmetic is a few thousand multiply-adds per seed, so an eager
+   torch step is ~200 kernel launches of overhead around almost no work; here it is one call.
+   Plain C99 with no torch headers: it builds in well under a second (harness/kernels.py) and reads
+   tensors through raw float64 / int64 pointers that bilevel.py checks and passes.
+
+   Per seed b (seeds never touch each other's memory: NaN -> `diverged` stays per seed):
+     pi_z, pi_y   <- log-softmax(log pi_ref + MLP_theta(features))      policy tables (S, A)
+     repeat `inner` times (a z / y stage):
+       draw N trajectories from pi_z, M labelled pairs and N trajectories from pi_y
+       z <- z + alpha_z g^_theta J(nu, z)                               REINFORCE, leave-one-out baseline
+       y <- y - alpha [ g^_theta f(nu, y) / lam - g^_theta J(nu, y) ]   score function + REINFORCE
+     draw M pairs from pi_y, N trajectories from pi_z and N from pi_y (the nu stage)
+     nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ]
+   Where each uniform goes is the sampler's _DrawPlan (harness/sampling.py), passed in as index tables. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {          /* an MLP stacked over networks: layer l maps sizes[l] -> sizes[l + 1] */
+    int n_layers;         /* 0: a linear reward, nu . phi(u) (W[0] is nu, (nets, sizes[0])) */
+    const int64_t *sizes; /* n_layers + 1 (linear: 1) */
+    int tanh_act;         /* hidden activation: 0 relu, 1 tanh */
+    double **W;           /* per layer: (nets, fan_in, fan_out), row-major: the step's result */
+    double **b;           /* per layer: (nets, fan_out) */
+    const double **W_in, **b_in;  /* the parameters the step starts from (copied to W, b, seed by seed) */
+} Net;
+
+typedef struct {          /* one stage's _DrawPlan: T trajectories, 2H uniform columns each */
+    int64_t T, n_uniforms, n_pairs;
+    const int64_t *columns;  /* (2H, T): initial state, then (action, transition) per step */
+    const int64_t *row_base; /* (H, T): row of (policy p, step h, state 0) in the stacked (2S, A) tables */
+    const int64_t *label_columns, *first, *second; /* (n_pairs) */
+} Plan;
+
+typedef struct {
+    int64_t B, S, A, H, G, n_units;
+    /* environment tables; each *_stride is 0 for a shared table, else the size of an InstanceBatch row */
+    const double *policy_x; int64_t policy_x_stride;  /* (S, d): the policy's state features */
+    const double *ref_logp; int64_t ref_logp_stride;  /* (S * A) */
+    const double *init_cdf; int64_t init_cdf_stride;  /* (G) */
+    const double **next_cdf; const int64_t **next_idx; const int64_t *next_k; const int64_t *next_stride; /* h < H - 1: (n_h * A, K) */
+    const int64_t *unit_of;                           /* (S * A): reward unit of each flat (h, s, a); n_units pays nothing */
+    const double *unit_x; int64_t unit_x_stride;      /* (n_units, d_reward) */
+    const double *true_r; int64_t true_r_stride;      /* (n_units + 1): the true reward, padded */
+    double beta, label_noise;
+    Net z, y, nu;
+    /* the step */
+    int64_t n_traj, n_pairs, inner;
+    double lam, alpha, alpha_z, xi;
+    const int64_t *keys;  /* (B) CounterRng keys */
+    int64_t counter;      /* the RNG counter at the step's first draw */
+    Plan stage, nu_stage;
+} Step;
+
+/* ---- counter-based uniforms: harness/rng.py's CounterRng, draw i of seed b ------------------------ */
+static inline uint64_t mix64(uint64_t x) {  /* splitmix64 finaliser */
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+static void uniforms(uint64_t key, int64_t start, int64_t n, double *restrict u) {  /* draws start .. start + n - 1 */
+    for (int64_t i = 0; i < n; i++) {  /* one loop of integer ops: it vectorises */
+        uint64_t bits = mix64(key ^ mix64((uint64_t)(start + i) * 0x9E3779B97F4A7C15ULL + 1));
+        u[i] = ((double)(int64_t)(bits >> 11) + 0.5) * 0x1p-53;
+    }
+}
+static int64_t search(const double *cdf, int64_t n, double u) {  /* torch.searchsorted(cdf, u * cdf[-1]).clamp_max(n - 1) */
+    double v = u * cdf[n - 1];
+    int64_t i = 0;
+    while (i < n - 1 && cdf[i] < v) i++;
+    return i;
+}
+static double softplus(double x) { return x > 20.0 ? x : log1p(exp(x)); }  /* torch's threshold 20 */
+static double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+/* ---- the networks ---------------------------------------------------------------------------------- */
+static int64_t widest(const Net *net) {
+    int64_t w = 1;
+    for (int l = 0; l <= net->n_layers; l++) if (net->sizes[l] > w) w = net->sizes[l];
+    return w;
+}
+/* out[j] = init[j] (0 without) + sum_k coef[k * cstride] * mat[k * stride + j], j < m: the one product of the
+   networks' passes. m is a constant in each inlined copy (tiles' switch), so the accumulators stay in registers
+   instead of being stored and reloaded at every k, which made the plain loop 3x slower at these sizes. */
+#define TILE 16
+static inline __attribute__((always_inline)) void tile(const int m, double *out, const double *init,
+        const double *restrict coef, int64_t cstride, int64_t n, const double *restrict mat, int64_t stride) {
+    double acc[TILE];
+    for (int j = 0; j < m; j++) acc[j] = init ? init[j] : 0.0;
+    for (int64_t k = 0; k < n; k++) {
+        const double c = coef[k * cstride], *restrict row = mat + k * stride;
+        for (int j = 0; j < m; j++) acc[j] += c * row[j];
+    }
+    for (int j = 0; j < m; j++) out[j] = acc[j];
+}
+#define TILE_CASE(m) case m: tile(m, out + j0, init ? init + j0 : NULL, coef, cstride, n, mat + j0, stride); break;
+static void tiles(int64_t width, double *out, const double *init, const double *coef, int64_t cstride, int64_t n,
+                  const double *mat, int64_t stride) {
+    for (int64_t j0 = 0; j0 < width; j0 += TILE) {
+        switch (width - j0 < TILE ? width - j0 : TILE) {
+            TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7) TILE_CASE(8)
+            TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12) TILE_CASE(13) TILE_CASE(14) TILE_CASE(15) TILE_CASE(16)
+        }
+    }
+}
+
+/* forward of network k on n rows x (n, sizes[0]); acts[l] (n, sizes[l]) for l >= 1, hidden ones after the activation */
+static void mlp_forward(const Net *net, int64_t k, const double *x, int64_t n, double **acts) {
+    const double *in = x;
+    for (int l = 0; l < net->n_layers; l++) {
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+        const double *W = net->W[l] + k * fi * fo, *bias = net->b[l] + k * fo;
+        double *out = acts[l + 1];
+        for (int64_t r = 0; r < n; r++) {
+            double *o = out + r * fo;
+            tiles(fo, o, bias, in + r * fi, 1, fi, W, fo);  /* h_{l+1} = b + h_l W */
+            if (l + 1 < net->n_layers)  /* hidden layer: relu or tanh */
+                for (int64_t j = 0; j < fo; j++) o[j] = net->tanh_act ? tanh(o[j]) : (o[j] > 0 ? o[j] : 0.0);
+        }
+        in = out;
+    }
+}
+static void copy_in(const Net *net, int64_t k) {  /* network k's parameters from W_in, b_in into W, b */
+    if (net->n_layers == 0) { memcpy(net->W[0] + k * net->sizes[0], net->W_in[0] + k * net->sizes[0], sizeof(double) * net->sizes[0]); return; }
+    for (int l = 0; l < net->n_layers; l++) {
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+        memcpy(net->W[l] + k * fi * fo, net->W_in[l] + k * fi * fo, sizeof(double) * fi * fo);
+        memcpy(net->b[l] + k * fo, net->b_in[l] + k * fo, sizeof(double) * fo);
+    }
+}
+static int64_t n_params(const Net *net) {
+    int64_t n = net->n_layers ? 0 : net->sizes[0];
+    for (int l = 0; l < net->n_layers; l++) n += net->sizes[l] * net->sizes[l + 1] + net->sizes[l + 1];
+    return n;
+}
+/* grad += the gradient w.r.t. network k's parameters of sum(g_out * output), g_out (n, sizes[L]), laid out
+   layer by layer as (dW_l, db_l): the closed-form backward of StackedMLP.backward. g and g_prev are
+   (n, widest) scratch, Wt (widest, widest); g_out is read only. */
+static void mlp_backward(const Net *net, int64_t k, const double *x, int64_t n, double *const *acts,
+                         const double *g_out, double *g, double *g_prev, double *Wt, double *grad) {
+    int L = net->n_layers;
+    memcpy(g, g_out, sizeof(double) * n * net->sizes[L]);
+    double *dW = grad;
+    for (int l = 0; l < L - 1; l++) dW += net->sizes[l] * net->sizes[l + 1] + net->sizes[l + 1];
+    for (int l = L - 1; l >= 0; l--) {
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+        const double *in = l == 0 ? x : acts[l];
+        double *db = dW + fi * fo;
+        if (l < L - 1) {  /* through the activation: relu' = [h > 0], tanh' = 1 - h^2 */
+            const double *h = acts[l + 1];
+            for (int64_t e = 0; e < n * fo; e++)
+                g[e] = net->tanh_act ? g[e] * (1 - h[e] * h[e]) : (h[e] > 0 ? g[e] : 0.0);
+        }
+        for (int64_t i = 0; i < fi; i++)  /* dW = h_l^T g: row i of dW sums h_l[r, i] g[r] over the rows */
+            tiles(fo, dW + i * fo, dW + i * fo, in + i, fi, n, g, fo);
+        for (int64_t r = 0; r < n; r++)  /* db = sum over rows of g */
+            for (int64_t j = 0; j < fo; j++) db[j] += g[r * fo + j];
+        if (l > 0) {  /* dh_l = g W^T, through W^T laid out (fo, fi) */
+            const double *W = net->W[l] + k * fi * fo;
+            for (int64_t i = 0; i < fi; i++)
+                for (int64_t j = 0; j < fo; j++) Wt[j * fi + i] = W[i * fo + j];
+            for (int64_t r = 0; r < n; r++) tiles(fi, g_prev + r * fi, NULL, g + r * fo, 1, fo, Wt, fi);
+            double *t = g; g = g_prev; g_prev = t;
+            dW -= net->sizes[l - 1] * fi + fi;
+        }
+    }
+}
+/* p <- p - lr * grad (sgd_update) for network k, grad as mlp_backward lays it out */
+static void sgd_update(const Net *net, int64_t k, const double *grad, double lr) {
+    for (int l = 0; l < net->n_layers; l++) {
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+        double *W = net->W[l] + k * fi * fo, *bias = net->b[l] + k * fo;
+        for (int64_t e = 0; e < fi * fo; e++) W[e] -= lr * grad[e];
+        grad += fi * fo;
+        for (int64_t j = 0; j < fo; j++) bias[j] -= lr * grad[j];
+        grad += fo;
+    }
+}
+
+/* ---- one seed's step ------------------------------------------------------------------------------- */
+typedef struct {  /* per-seed scratch, allocated once per call */
+    double *logp, *prob, *cdf;        /* (2S, A): pi_z's log-prob table, then pi_y's; their exp and cumsum */
+    double **pacts[2];                /* policy activations per network and layer (S, width) */
+    double *r, **racts;               /* reward per unit (n_units + 1) and its activations (n_units, width) */
+    double *rx, **rrows;              /* the nu stage's visited units' inputs and activations, gathered as rows */
+    char *r_done;                     /* which units' rewards are computed (lazily: only visited units) */
+    char *r_seen;                     /* units the nu stage visits */
+    int64_t *index, *unit;            /* (T, H) flat (p, h, s, a) index and reward unit per step */
+    double *ret, *weight;             /* (T) */
+    double *label;                    /* (pairs) */
+    double *u;                        /* a stage's uniforms */
+    double *grad;                     /* (2S, A), later (n_units) */
+    double *g, *g_prev, *Wt, *dW, *gout; /* backward scratch */
+} Work;
+
+static void policy_tables(const Step *st, Work *w, int64_t b) {
+    /* pi_p = log-softmax(log pi_ref + MLP_p(x)) per state row, p = z, y */
+    const double *x = st->policy_x + b * st->policy_x_stride, *ref = st->ref_logp + b * st->ref_logp_stride;
+    int64_t S = st->S, A = st->A;
+    for (int p = 0; p < 2; p++) {
+        const Net *net = p ? &st->y : &st->z;
+        mlp_forward(net, b, x, S, w->pacts[p]);
+        const double *out = w->pacts[p][net->n_layers];
+        double *lp = w->logp + p * S * A, *pi = w->prob + p * S * A, *cdf = w->cdf + p * S * A;
+        for (int64_t s = 0; s < S; s++) {
+            double m = -INFINITY, sum = 0, c = 0;
+            for (int64_t a = 0; a < A; a++) { lp[s * A + a] = ref[s * A + a] + out[s * A + a]; if (lp[s * A + a] > m) m = lp[s * A + a]; }
+            for (int64_t a = 0; a < A; a++) { pi[s * A + a] = exp(lp[s * A + a] - m); sum += pi[s * A + a]; }
+            double lse = log(sum);
+            for (int64_t a = 0; a < A; a++) {
+                lp[s * A + a] = lp[s * A + a] - m - lse;
+                pi[s * A + a] /= sum;              /* pi = exp(log pi), from the exponentials just taken */
+                cdf[s * A + a] = c += pi[s * A + a];  /* what actions are drawn from (policy_cdf) */
+            }
+        }
+    }
+}
+
+static double reward_at(const Step *st, Work *w, int64_t b, int64_t u) {
+    /* r_nu(u), computed on first use: nu is fixed until the nu update, so every stage reads the same values */
+    if (u >= st->n_units) return 0.0;  /* the padded slot: a step that pays nothing */
+    if (!w->r_done[u]) {
+        const Net *net = &st->nu;
+        int64_t d = net->sizes[0];
+        const double *phi = st->unit_x + b * st->unit_x_stride + u * d;
+        if (net->n_layers == 0) {
+            double s = 0;
+            const double *nu = net->W[0] + b * d;
+            for (int64_t i = 0; i < d; i++) s += nu[i] * phi[i];
+            w->r[u] = s;
+        } else {
+            double *acts[16];
+            for (int l = 1; l <= net->n_layers; l++) acts[l] = w->racts[l] + u * net->sizes[l];
+            mlp_forward(net, b, phi, 1, acts);
+            w->r[u] = acts[net->n_layers][0];
+        }
+        w->r_done[u] = 1;
+    }
+    return w->r[u];
+}
+
+static void draw(const Step *st, Work *w, int64_t b, const Plan *plan, int64_t counter) {
+    /* every trajectory of the stage (CountingSampler.flat_draws): index, unit; labels of its pairs */
+    int64_t S = st->S, A = st->A, H = st->H, T = plan->T, SA = S * A;
+    const double *u = w->u;
+    uniforms((uint64_t)st->keys[b], counter, plan->n_uniforms, w->u);  /* the stage's uniforms, in the stream's order */
+    const double *init = st->init_cdf + b * st->init_cdf_stride;
+    for (int64_t t = 0; t < T; t++) {
+        int64_t s = search(init, st->G, u[plan->columns[t]]);
+        for (int64_t h = 0; h < H; h++) {
+            int64_t row = s + plan->row_base[h * T + t];
+            /* a ~ pi(. | s): inverse CDF */
+            int64_t a = search(w->cdf + row * A, A, u[plan->columns[(1 + 2 * h) * T + t]]);
+            int64_t idx = row * A + a;
+            w->index[t * H + h] = idx;
+            w->unit[t * H + h] = st->unit_of[idx % SA];
+            if (h < H - 1) {  /* s' ~ P(. | s, a) */
+                int64_t K = st->next_k[h], local = s * A + a;
+                const int64_t *nxt = st->next_idx[h] + b * st->next_stride[h] + local * K;
+                if (K == 1) s = nxt[0];  /* deterministic successor: the draw is made, not needed */
+                else {
+                    const double *cdf = st->next_cdf[h] + b * st->next_stride[h] + local * K;
+                    s = nxt[search(cdf, K, u[plan->columns[(2 + 2 * h) * T + t]])];
+                }
+            }
+        }
+    }
+    const double *true_r = st->true_r + b * st->true_r_stride;
+    for (int64_t i = 0; i < plan->n_pairs; i++) {  /* Bradley-Terry oracle on the true reward, label noise eta */
+        double r1 = 0, r2 = 0;
+        for (int64_t h = 0; h < H; h++) { r1 += true_r[w->unit[plan->first[i] * H + h]]; r2 += true_r[w->unit[plan->second[i] * H + h]]; }
+        double p = st->label_noise + (1 - 2 * st->label_noise) * sigmoid(r1 - r2);
+        w->label[i] = u[plan->label_columns[i]] < p ? 1.0 : 0.0;
+    }
+}
+
+static double model_return(const Step *st, Work *w, int64_t b, int64_t t) {  /* R_nu(tau) = sum_t r_nu(u_t) */
+    double s = 0;
+    for (int64_t h = 0; h < st->H; h++) s += reward_at(st, w, b, w->unit[t * st->H + h]);
+    return s;
+}
+
+static void leave_one_out_weights(double *v, int64_t n) {
+    /* (v_i - b_i) / n, b_i = mean_{j != i} v_j: policy_gradient_weights, preference_score_weights */
+    double sum = 0;
+    for (int64_t i = 0; i < n; i++) sum += v[i];
+    for (int64_t i = 0; i < n; i++) v[i] = (v[i] - (sum - v[i]) / (n - 1)) / n;
+}
+
+static void z_y_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
+    int64_t N = st->n_traj, M = st->n_pairs, H = st->H, S = st->S, A = st->A, T = st->stage.T;
+    const double *ref = st->ref_logp + b * st->ref_logp_stride;
+    draw(st, w, b, &st->stage, counter);  /* trajectories: z's N, y's M pairs (first, second members), y's N */
+    for (int64_t t = 0; t < T; t++) {  /* G(tau) = R_nu(tau) - beta sum_t log pi/pi_ref (a_t | s_t) */
+        double lp = 0, lr = 0;
+        for (int64_t h = 0; h < H; h++) { int64_t i = w->index[t * H + h]; lp += w->logp[i]; lr += ref[i % (S * A)]; }
+        w->ret[t] = model_return(st, w, b, t) - st->beta * (lp - lr);
+    }
+    double *wz = w->weight, *score = w->weight + N, *wy = w->weight + N + 2 * M;
+    for (int64_t i = 0; i < N; i++) { wz[i] = w->ret[i]; wy[i] = w->ret[N + 2 * M + i]; }
+    leave_one_out_weights(wz, N);  /* z: grad of g^_theta J(nu, z) = (G - b) / N on log pi(tau) */
+    leave_one_out_weights(wy, N);
+    for (int64_t i = 0; i < N; i++) wy[i] = -wy[i];  /* y: minus g^_theta J(nu, y) */
+    for (int64_t i = 0; i < M; i++) {    /* BT loss l = softplus(m) - label m, m = R_nu(tau) - R_nu(tau') */
+        double m = model_return(st, w, b, N + i) - model_return(st, w, b, N + M + i);
+        score[i] = softplus(m) - w->label[i] * m;
+    }
+    leave_one_out_weights(score, M);  /* y: g^_theta f(nu, y) / lam, (l - b) / M / lam on both members */
+    for (int64_t i = 0; i < M; i++) { score[i] /= st->lam; score[M + i] = score[i]; }
+    double *grad = w->grad;  /* d/d(log pi tables) of sum_i weight_i log pi(tau_i), times -alpha_z (z) / alpha (y) */
+    memset(grad, 0, sizeof(double) * 2 * S * A);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++) grad[w->index[t * H + h]] += w->weight[t];
+    for (int64_t e = 0; e < S * A; e++) { grad[e] *= -st->alpha_z; grad[S * A + e] *= st->alpha; }
+    const double *x = st->policy_x + b * st->policy_x_stride;
+    for (int p = 0; p < 2; p++) {  /* through log-softmax: d logits = g - pi sum_a g; then the network */
+        const double *pi = w->prob + p * S * A, *g = grad + p * S * A;
+        for (int64_t s = 0; s < S; s++) {
+            double sum = 0;
+            for (int64_t a = 0; a < A; a++) sum += g[s * A + a];
+            for (int64_t a = 0; a < A; a++) w->gout[s * A + a] = g[s * A + a] - pi[s * A + a] * sum;
+        }
+        const Net *net = p ? &st->y : &st->z;
+        memset(w->dW, 0, sizeof(double) * n_params(net));
+        mlp_backward(net, b, x, S, w->pacts[p], w->gout, w->g, w->g_prev, w->Wt, w->dW);
+        sgd_update(net, b, w->dW, 1.0);  /* the step size is in the gradient already */
+    }
+    policy_tables(st, w, b);
+}
+
+static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
+    int64_t N = st->n_traj, M = st->n_pairs, H = st->H, T = st->nu_stage.T, U = st->n_units;
+    draw(st, w, b, &st->nu_stage, counter);  /* trajectories: y's M pairs (first, second members), z's N, y's N */
+    double *weight = w->weight;
+    for (int64_t i = 0; i < M; i++) {  /* g^_nu f(nu, y): d/d margin of the mean BT loss = (sigmoid(m) - label) / M */
+        double m = model_return(st, w, b, i) - model_return(st, w, b, M + i);
+        weight[i] = (sigmoid(m) - w->label[i]) / M;
+        weight[M + i] = -weight[i];
+    }
+    for (int64_t i = 0; i < N; i++) {  /* lam (g^_nu J(nu, z) - g^_nu J(nu, y)): lam / N per trajectory's R_nu */
+        weight[2 * M + i] = st->lam / N;
+        weight[2 * M + N + i] = -(st->lam / N);
+    }
+    double *gu = w->grad;  /* d/d r_nu(u) of the hypergradient surrogate, per unit */
+    memset(gu, 0, sizeof(double) * U);
+    memset(w->r_seen, 0, U);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++) {
+            int64_t u = w->unit[t * H + h];
+            if (u < U) { gu[u] += weight[t]; w->r_seen[u] = 1; }
+        }
+    const Net *net = &st->nu;
+    int64_t d = net->sizes[0];
+    const double *phi = st->unit_x + b * st->unit_x_stride;
+    if (net->n_layers == 0) {  /* linear: grad nu = sum_u g_u phi(u) */
+        double *nu = net->W[0] + b * d;
+        for (int64_t i = 0; i < d; i++) {
+            double s = 0;
+            for (int64_t u = 0; u < U; u++) s += gu[u] * phi[u * d + i];
+            w->dW[i] = s;
+        }
+        for (int64_t i = 0; i < d; i++) nu[i] -= st->xi * w->dW[i];
+        return;
+    }
+    /* the MLP: one backward over the units the stage visits (the others' gradient is 0), their inputs and
+       activations gathered into rows, then one update */
+    int64_t n = 0, L = net->n_layers;
+    for (int64_t u = 0; u < U; u++) {
+        if (!w->r_seen[u]) continue;
+        reward_at(st, w, b, u);  /* its activations (the z and y trajectories' units may not be computed yet) */
+        memcpy(w->rx + n * d, phi + u * d, sizeof(double) * d);
+        for (int l = 1; l <= L; l++) memcpy(w->rrows[l] + n * net->sizes[l], w->racts[l] + u * net->sizes[l], sizeof(double) * net->sizes[l]);
+        w->gout[n++] = gu[u];
+    }
+    memset(w->dW, 0, sizeof(double) * n_params(net));
+    if (n) mlp_backward(net, b, w->rx, n, w->rrows, w->gout, w->g, w->g_prev, w->Wt, w->dW);
+    sgd_update(net, b, w->dW, st->xi);  /* nu <- nu - xi grad */
+}
+
+/* The step for every seed; returns 0, or 1 when a network has more than 15 layers. */
+int bilevel_step(const Step *st) {
+    int64_t S = st->S, A = st->A, U = st->n_units, H = st->H;
+    int64_t T = st->stage.T > st->nu_stage.T ? st->stage.T : st->nu_stage.T;
+    int64_t P = st->n_pairs > 0 ? st->n_pairs : 1;
+    if (st->z.n_layers > 15 || st->nu.n_layers > 15) return 1;
+    int64_t wp = widest(&st->z), wr = widest(&st->nu);
+    int64_t rows = S > U ? S : U, wide = wp > wr ? wp : wr;
+    Work w;
+    w.logp = malloc(sizeof(double) * 2 * S * A);
+    w.prob = malloc(sizeof(double) * 2 * S * A);
+    w.cdf = malloc(sizeof(double) * 2 * S * A);
+    for (int p = 0; p < 2; p++) {
+        w.pacts[p] = malloc(sizeof(double *) * (st->z.n_layers + 1));
+        for (int l = 1; l <= st->z.n_layers; l++) w.pacts[p][l] = malloc(sizeof(double) * S * st->z.sizes[l]);
+    }
+    w.r = malloc(sizeof(double) * (U + 1));
+    w.racts = malloc(sizeof(double *) * (st->nu.n_layers + 1));
+    w.rrows = malloc(sizeof(double *) * (st->nu.n_layers + 1));
+    for (int l = 1; l <= st->nu.n_layers; l++) {
+        w.racts[l] = malloc(sizeof(double) * U * st->nu.sizes[l]);
+        w.rrows[l] = malloc(sizeof(double) * U * st->nu.sizes[l]);
+    }
+    w.rx = malloc(sizeof(double) * U * st->nu.sizes[0]);
+    w.r_done = malloc(U + 1);
+    w.r_seen = malloc(U + 1);
+    w.index = malloc(sizeof(int64_t) * (T * H > U ? T * H : U));
+    w.unit = malloc(sizeof(int64_t) * T * H);
+    w.ret = malloc(sizeof(double) * T);
+    w.weight = malloc(sizeof(double) * T);
+    w.label = malloc(sizeof(double) * P);
+    w.u = malloc(sizeof(double) * (st->stage.n_uniforms > st->nu_stage.n_uniforms ? st->stage.n_uniforms : st->nu_stage.n_uniforms));
+    w.grad = malloc(sizeof(double) * (2 * S * A > U ? 2 * S * A : U));
+    w.g = malloc(sizeof(double) * rows * wide);
+    w.g_prev = malloc(sizeof(double) * rows * wide);
+    w.Wt = malloc(sizeof(double) * wide * wide);
+    w.gout = malloc(sizeof(double) * rows * (A > 1 ? A : 1));
+    int64_t np = n_params(&st->z) > n_params(&st->nu) ? n_params(&st->z) : n_params(&st->nu);
+    w.dW = malloc(sizeof(double) * np);
+    for (int64_t b = 0; b < st->B; b++) {
+        copy_in(&st->z, b);
+        copy_in(&st->y, b);
+        copy_in(&st->nu, b);
+        memset(w.r_done, 0, U + 1);
+        policy_tables(st, &w, b);
+        int64_t counter = st->counter;
+        for (int64_t k = 0; k < st->inner; k++) { z_y_stage(st, &w, b, counter); counter += st->stage.n_uniforms; }
+        nu_stage(st, &w, b, counter);
+    }
+    free(w.logp); free(w.prob); free(w.cdf);
+    for (int p = 0; p < 2; p++) { for (int l = 1; l <= st->z.n_layers; l++) free(w.pacts[p][l]); free(w.pacts[p]); }
+    free(w.r);
+    for (int l = 1; l <= st->nu.n_layers; l++) { free(w.racts[l]); free(w.rrows[l]); }
+    free(w.racts); free(w.rrows); free(w.rx); free(w.r_done); free(w.r_seen); free(w.index); free(w.unit); free(w.ret);
+    free(w.weight); free(w.label); free(w.u); free(w.grad); free(w.g); free(w.g_prev); free(w.Wt); free(w.gout); free(w.dW);
+    return 0;
+}

@@ -1,0 +1,84 @@
+"""Compiled steps: plain C files of the package, built with the machine's C compiler on first use.
+
+A fast step in plain C (no torch headers) builds in well under a second, where a torch C++ extension took
+52 s and torch.compile 56 s here (docs/fast.md). The shared library is cached under the F-hat* cache folder
+(RATEBENCH_CACHE, else ~/.cache/ratebench) in `kernels/`, keyed by the source, the compiler's version, the
+flags and the CPU, so an edited source or another machine never loads a stale build. Parallel jobs may build
+at once: each writes its own temporary file and renames it into place.
+
+Without a compiler, or when the build fails, `load` warns once and returns None: the caller takes its eager
+torch fast path, which computes the same step (tests/test_fast.py holds both to the reference).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from ratebench.fstar import cache_dir
+
+FLAGS = ["-O3", "-march=native", "-std=c99", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast"]
+# -march=native: this CPU's vector width (the build is keyed by the CPU); -ffp-contract=fast: fused multiply-adds,
+# as torch's own CPU kernels use them (the steps agree with the reference to 1e-12 either way); never -ffast-math:
+# NaN must survive (a diverged seed is found by its NaN) and sums must not be reordered behind our back
+DISABLE = "RATEBENCH_KERNELS"  # =0: never build or load a kernel (every fast step takes its eager path)
+BUILD_SECONDS: dict[str, float] = {}  # source name -> seconds its build took in this process (0: from the cache)
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+@functools.cache
+def load(source_name: str) -> ctypes.CDLL | None:
+    """The shared library built from the package's C file `source_name` (algorithms/), or None (warned once)."""
+    if os.environ.get(DISABLE, "1") == "0":
+        return None
+    import ratebench.algorithms as algorithms
+
+    source = Path(algorithms.__file__).parent / source_name  # package data of ratebench.algorithms (pyproject)
+    cc = _compiler()
+    if cc is None:
+        warnings.warn(f"no C compiler (cc, gcc or $CC): {source_name} not built; the eager fast path runs", stacklevel=2)
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([source.read_text(), version, *FLAGS, platform.machine(), _cpu()]).encode())
+        folder = cache_dir(None) / "kernels"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
+        if not target.exists():
+            tic = time.perf_counter()
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+            done = subprocess.run([cc, *FLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                os.unlink(tmp)
+                raise RuntimeError(done.stderr.strip()[-2000:])
+            os.replace(tmp, target)  # atomic: a parallel build of the same key writes the same bytes
+            BUILD_SECONDS[source_name] = time.perf_counter() - tic
+        else:
+            BUILD_SECONDS[source_name] = 0.0
+        return ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"could not build {source_name} ({exc}); the eager fast path runs", stacklevel=2)
+        return None
