@@ -1,7 +1,7 @@
 /* One outer step of the bilevel penalty method (algorithms/bilevel.py), every seed, in one call.
 
    This is Bilevel.fast_step written as plain C loops over seeds: the same draws from the same
-   counter-based uniforms, the same closed-form gradients, the same SGD updates. At the theorem's
+   counter-based uniforms, the same closed-form gradients, the same SGD updates, into new parameter tensors. At the theorem's
    batches (N = M = 2) a step's arithmetic is a few thousand multiply-adds per seed, so an eager
    torch step is ~200 kernel launches of overhead around almost no work; here it is one call.
    Plain C99 with no torch headers: it builds in well under a second (harness/kernels.py) and reads
@@ -27,7 +27,7 @@ typedef struct {          /* an MLP stacked over networks: layer l maps sizes[l]
     int tanh_act;         /* hidden activation: 0 relu, 1 tanh */
     double **W;           /* per layer: (nets, fan_in, fan_out), row-major: the step's result */
     double **b;           /* per layer: (nets, fan_out) */
-    const double **W_in, **b_in;  /* the parameters the step starts from (copied to W, b, seed by seed) */
+    const double **W_in, **b_in;  /* the parameters the step starts from (read until the first update writes W, b) */
 } Net;
 
 typedef struct {          /* one stage's _DrawPlan: T trajectories, 2H uniform columns each */
@@ -71,8 +71,8 @@ static void uniforms(uint64_t key, int64_t start, int64_t n, double *restrict u)
 }
 static int64_t search(const double *cdf, int64_t n, double u) {  /* torch.searchsorted(cdf, u * cdf[-1]).clamp_max(n - 1) */
     double v = u * cdf[n - 1];
-    int64_t i = 0;
-    while (i < n - 1 && cdf[i] < v) i++;
+    int64_t i = 0;  /* the first entry >= v of a nondecreasing cdf = how many of its first n - 1 are < v (no branches) */
+    for (int64_t j = 0; j < n - 1; j++) i += cdf[j] < v;
     return i;
 }
 static double softplus(double x) { return x > 20.0 ? x : log1p(exp(x)); }  /* torch's threshold 20 */
@@ -101,6 +101,15 @@ static inline __attribute__((always_inline)) void tile(const int m, double *out,
 #define TILE_CASE(m) case m: tile(m, out + j0, init ? init + j0 : NULL, coef, cstride, n, mat + j0, stride); break;
 static void tiles(int64_t width, double *out, const double *init, const double *coef, int64_t cstride, int64_t n,
                   const double *mat, int64_t stride) {
+    if (width == 1) {  /* a dot product (the reward's one output): four partial sums, not one chain of n adds */
+        double acc[4] = {init ? init[0] : 0.0, 0.0, 0.0, 0.0};
+        int64_t k = 0;
+        for (; k + 4 <= n; k += 4)
+            for (int j = 0; j < 4; j++) acc[j] += coef[(k + j) * cstride] * mat[(k + j) * stride];
+        for (; k < n; k++) acc[0] += coef[k * cstride] * mat[k * stride];
+        out[0] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        return;
+    }
     for (int64_t j0 = 0; j0 < width; j0 += TILE) {
         switch (width - j0 < TILE ? width - j0 : TILE) {
             TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7) TILE_CASE(8)
@@ -125,14 +134,6 @@ static void mlp_forward(const Net *net, int64_t k, const double *x, int64_t n, d
         in = out;
     }
 }
-static void copy_in(const Net *net, int64_t k) {  /* network k's parameters from W_in, b_in into W, b */
-    if (net->n_layers == 0) { memcpy(net->W[0] + k * net->sizes[0], net->W_in[0] + k * net->sizes[0], sizeof(double) * net->sizes[0]); return; }
-    for (int l = 0; l < net->n_layers; l++) {
-        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
-        memcpy(net->W[l] + k * fi * fo, net->W_in[l] + k * fi * fo, sizeof(double) * fi * fo);
-        memcpy(net->b[l] + k * fo, net->b_in[l] + k * fo, sizeof(double) * fo);
-    }
-}
 static int64_t n_params(const Net *net) {
     int64_t n = net->n_layers ? 0 : net->sizes[0];
     for (int l = 0; l < net->n_layers; l++) n += net->sizes[l] * net->sizes[l + 1] + net->sizes[l + 1];
@@ -144,7 +145,7 @@ static int64_t n_params(const Net *net) {
 static void mlp_backward(const Net *net, int64_t k, const double *x, int64_t n, double *const *acts,
                          const double *g_out, double *g, double *g_prev, double *Wt, double *grad) {
     int L = net->n_layers;
-    memcpy(g, g_out, sizeof(double) * n * net->sizes[L]);
+    for (int64_t e = 0; e < n * net->sizes[L]; e++) g[e] = g_out[e];
     double *dW = grad;
     for (int l = 0; l < L - 1; l++) dW += net->sizes[l] * net->sizes[l + 1] + net->sizes[l + 1];
     for (int l = L - 1; l >= 0; l--) {
@@ -156,8 +157,13 @@ static void mlp_backward(const Net *net, int64_t k, const double *x, int64_t n, 
             for (int64_t e = 0; e < n * fo; e++)
                 g[e] = net->tanh_act ? g[e] * (1 - h[e] * h[e]) : (h[e] > 0 ? g[e] : 0.0);
         }
-        for (int64_t i = 0; i < fi; i++)  /* dW = h_l^T g: row i of dW sums h_l[r, i] g[r] over the rows */
-            tiles(fo, dW + i * fo, dW + i * fo, in + i, fi, n, g, fo);
+        if (fo >= fi || fo > TILE)  /* dW = h_l^T g: row i of dW sums h_l[r, i] g[r] over the rows */
+            for (int64_t i = 0; i < fi; i++) tiles(fo, dW + i * fo, dW + i * fo, in + i, fi, n, g, fo);
+        else  /* a narrow layer (the policy's actions, the reward's one output): column j of dW, fi wide */
+            for (int64_t j = 0; j < fo; j++) {
+                tiles(fi, Wt, NULL, g + j, fo, n, in, fi);
+                for (int64_t i = 0; i < fi; i++) dW[i * fo + j] += Wt[i];
+            }
         for (int64_t r = 0; r < n; r++)  /* db = sum over rows of g */
             for (int64_t j = 0; j < fo; j++) db[j] += g[r * fo + j];
         if (l > 0) {  /* dh_l = g W^T, through W^T laid out (fo, fi) */
@@ -170,27 +176,30 @@ static void mlp_backward(const Net *net, int64_t k, const double *x, int64_t n, 
         }
     }
 }
-/* p <- p - lr * grad (sgd_update) for network k, grad as mlp_backward lays it out */
-static void sgd_update(const Net *net, int64_t k, const double *grad, double lr) {
-    for (int l = 0; l < net->n_layers; l++) {
-        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
-        double *W = net->W[l] + k * fi * fo, *bias = net->b[l] + k * fo;
-        for (int64_t e = 0; e < fi * fo; e++) W[e] -= lr * grad[e];
+/* p <- p - lr * grad (sgd_update) for network k: `to`'s parameters from `from`'s (the step's start, or `to` itself
+   after a first update), grad as mlp_backward lays it out */
+static void sgd_update(const Net *from, const Net *to, int64_t k, const double *grad, double lr) {
+    for (int l = 0; l < to->n_layers; l++) {
+        int64_t fi = to->sizes[l], fo = to->sizes[l + 1];
+        const double *W0 = from->W[l] + k * fi * fo, *b0 = from->b[l] + k * fo;
+        double *W = to->W[l] + k * fi * fo, *bias = to->b[l] + k * fo;
+        for (int64_t e = 0; e < fi * fo; e++) W[e] = W0[e] - lr * grad[e];
         grad += fi * fo;
-        for (int64_t j = 0; j < fo; j++) bias[j] -= lr * grad[j];
+        for (int64_t j = 0; j < fo; j++) bias[j] = b0[j] - lr * grad[j];
         grad += fo;
     }
 }
 
 /* ---- one seed's step ------------------------------------------------------------------------------- */
 typedef struct {  /* per-seed scratch, allocated once per call */
+    Net z, y, nu;                     /* the parameters this seed's passes read: W_in until a net's first update, then W */
     double *logp, *prob, *cdf;        /* (2S, A): pi_z's log-prob table, then pi_y's; their exp and cumsum */
     double **pacts[2];                /* policy activations per network and layer (S, width) */
     double *r, **racts;               /* reward per unit (n_units + 1) and its activations (n_units, width) */
     double *rx, **rrows;              /* the nu stage's visited units' inputs and activations, gathered as rows */
     char *r_done;                     /* which units' rewards are computed (lazily: only visited units) */
     char *r_seen;                     /* units the nu stage visits */
-    int64_t *index, *unit;            /* (T, H) flat (p, h, s, a) index and reward unit per step */
+    int64_t *index, *local, *unit;    /* (T, H) flat (p, h, s, a) index, (h, s, a) index and reward unit per step */
     double *ret, *weight;             /* (T) */
     double *label;                    /* (pairs) */
     double *u;                        /* a stage's uniforms */
@@ -203,7 +212,7 @@ static void policy_tables(const Step *st, Work *w, int64_t b) {
     const double *x = st->policy_x + b * st->policy_x_stride, *ref = st->ref_logp + b * st->ref_logp_stride;
     int64_t S = st->S, A = st->A;
     for (int p = 0; p < 2; p++) {
-        const Net *net = p ? &st->y : &st->z;
+        const Net *net = p ? &w->y : &w->z;
         mlp_forward(net, b, x, S, w->pacts[p]);
         const double *out = w->pacts[p][net->n_layers];
         double *lp = w->logp + p * S * A, *pi = w->prob + p * S * A, *cdf = w->cdf + p * S * A;
@@ -225,7 +234,7 @@ static double reward_at(const Step *st, Work *w, int64_t b, int64_t u) {
     /* r_nu(u), computed on first use: nu is fixed until the nu update, so every stage reads the same values */
     if (u >= st->n_units) return 0.0;  /* the padded slot: a step that pays nothing */
     if (!w->r_done[u]) {
-        const Net *net = &st->nu;
+        const Net *net = &w->nu;
         int64_t d = net->sizes[0];
         const double *phi = st->unit_x + b * st->unit_x_stride + u * d;
         if (net->n_layers == 0) {
@@ -258,7 +267,8 @@ static void draw(const Step *st, Work *w, int64_t b, const Plan *plan, int64_t c
             int64_t a = search(w->cdf + row * A, A, u[plan->columns[(1 + 2 * h) * T + t]]);
             int64_t idx = row * A + a;
             w->index[t * H + h] = idx;
-            w->unit[t * H + h] = st->unit_of[idx % SA];
+            w->local[t * H + h] = idx < SA ? idx : idx - SA;  /* the flat (h, s, a) of either policy's table */
+            w->unit[t * H + h] = st->unit_of[w->local[t * H + h]];
             if (h < H - 1) {  /* s' ~ P(. | s, a) */
                 int64_t K = st->next_k[h], local = s * A + a;
                 const int64_t *nxt = st->next_idx[h] + b * st->next_stride[h] + local * K;
@@ -298,7 +308,7 @@ static void z_y_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     draw(st, w, b, &st->stage, counter);  /* trajectories: z's N, y's M pairs (first, second members), y's N */
     for (int64_t t = 0; t < T; t++) {  /* G(tau) = R_nu(tau) - beta sum_t log pi/pi_ref (a_t | s_t) */
         double lp = 0, lr = 0;
-        for (int64_t h = 0; h < H; h++) { int64_t i = w->index[t * H + h]; lp += w->logp[i]; lr += ref[i % (S * A)]; }
+        for (int64_t h = 0; h < H; h++) { int64_t i = w->index[t * H + h]; lp += w->logp[i]; lr += ref[w->local[t * H + h]]; }
         w->ret[t] = model_return(st, w, b, t) - st->beta * (lp - lr);
     }
     double *wz = w->weight, *score = w->weight + N, *wy = w->weight + N + 2 * M;
@@ -325,10 +335,12 @@ static void z_y_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
             for (int64_t a = 0; a < A; a++) sum += g[s * A + a];
             for (int64_t a = 0; a < A; a++) w->gout[s * A + a] = g[s * A + a] - pi[s * A + a] * sum;
         }
-        const Net *net = p ? &st->y : &st->z;
+        Net *net = p ? &w->y : &w->z;
+        const Net *to = p ? &st->y : &st->z;
         memset(w->dW, 0, sizeof(double) * n_params(net));
         mlp_backward(net, b, x, S, w->pacts[p], w->gout, w->g, w->g_prev, w->Wt, w->dW);
-        sgd_update(net, b, w->dW, 1.0);  /* the step size is in the gradient already */
+        sgd_update(net, to, b, w->dW, 1.0);  /* the step size is in the gradient already */
+        net->W = to->W, net->b = to->b;  /* from here on the passes read the updated parameters */
     }
     policy_tables(st, w, b);
 }
@@ -354,17 +366,18 @@ static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
             int64_t u = w->unit[t * H + h];
             if (u < U) { gu[u] += weight[t]; w->r_seen[u] = 1; }
         }
-    const Net *net = &st->nu;
+    const Net *net = &w->nu;
     int64_t d = net->sizes[0];
     const double *phi = st->unit_x + b * st->unit_x_stride;
     if (net->n_layers == 0) {  /* linear: grad nu = sum_u g_u phi(u) */
-        double *nu = net->W[0] + b * d;
+        const double *nu0 = net->W[0] + b * d;
+        double *nu = st->nu.W[0] + b * d;
         for (int64_t i = 0; i < d; i++) {
             double s = 0;
             for (int64_t u = 0; u < U; u++) s += gu[u] * phi[u * d + i];
             w->dW[i] = s;
         }
-        for (int64_t i = 0; i < d; i++) nu[i] -= st->xi * w->dW[i];
+        for (int64_t i = 0; i < d; i++) nu[i] = nu0[i] - st->xi * w->dW[i];
         return;
     }
     /* the MLP: one backward over the units the stage visits (the others' gradient is 0), their inputs and
@@ -373,13 +386,16 @@ static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     for (int64_t u = 0; u < U; u++) {
         if (!w->r_seen[u]) continue;
         reward_at(st, w, b, u);  /* its activations (the z and y trajectories' units may not be computed yet) */
-        memcpy(w->rx + n * d, phi + u * d, sizeof(double) * d);
-        for (int l = 1; l <= L; l++) memcpy(w->rrows[l] + n * net->sizes[l], w->racts[l] + u * net->sizes[l], sizeof(double) * net->sizes[l]);
+        for (int64_t i = 0; i < d; i++) w->rx[n * d + i] = phi[u * d + i];  /* a few doubles: no memcpy call */
+        for (int l = 1; l <= L; l++) {
+            int64_t wl = net->sizes[l];
+            for (int64_t i = 0; i < wl; i++) w->rrows[l][n * wl + i] = w->racts[l][u * wl + i];
+        }
         w->gout[n++] = gu[u];
     }
     memset(w->dW, 0, sizeof(double) * n_params(net));
     if (n) mlp_backward(net, b, w->rx, n, w->rrows, w->gout, w->g, w->g_prev, w->Wt, w->dW);
-    sgd_update(net, b, w->dW, st->xi);  /* nu <- nu - xi grad */
+    sgd_update(net, &st->nu, b, w->dW, st->xi);  /* nu <- nu - xi grad */
 }
 
 /* The step for every seed; returns 0, or 1 when a network has more than 15 layers. */
@@ -410,6 +426,7 @@ int bilevel_step(const Step *st) {
     w.r_seen = malloc(U + 1);
     w.index = malloc(sizeof(int64_t) * (T * H > U ? T * H : U));
     w.unit = malloc(sizeof(int64_t) * T * H);
+    w.local = malloc(sizeof(int64_t) * T * H);
     w.ret = malloc(sizeof(double) * T);
     w.weight = malloc(sizeof(double) * T);
     w.label = malloc(sizeof(double) * P);
@@ -422,9 +439,10 @@ int bilevel_step(const Step *st) {
     int64_t np = n_params(&st->z) > n_params(&st->nu) ? n_params(&st->z) : n_params(&st->nu);
     w.dW = malloc(sizeof(double) * np);
     for (int64_t b = 0; b < st->B; b++) {
-        copy_in(&st->z, b);
-        copy_in(&st->y, b);
-        copy_in(&st->nu, b);
+        w.z = st->z, w.y = st->y, w.nu = st->nu;  /* every pass reads the step's start until its net's first update */
+        w.z.W = (double **)st->z.W_in, w.z.b = (double **)st->z.b_in;
+        w.y.W = (double **)st->y.W_in, w.y.b = (double **)st->y.b_in;
+        w.nu.W = (double **)st->nu.W_in, w.nu.b = (double **)st->nu.b_in;
         memset(w.r_done, 0, U + 1);
         policy_tables(st, &w, b);
         int64_t counter = st->counter;
@@ -435,7 +453,7 @@ int bilevel_step(const Step *st) {
     for (int p = 0; p < 2; p++) { for (int l = 1; l <= st->z.n_layers; l++) free(w.pacts[p][l]); free(w.pacts[p]); }
     free(w.r);
     for (int l = 1; l <= st->nu.n_layers; l++) { free(w.racts[l]); free(w.rrows[l]); }
-    free(w.racts); free(w.rrows); free(w.rx); free(w.r_done); free(w.r_seen); free(w.index); free(w.unit); free(w.ret);
+    free(w.racts); free(w.rrows); free(w.rx); free(w.r_done); free(w.r_seen); free(w.index); free(w.unit); free(w.local); free(w.ret);
     free(w.weight); free(w.label); free(w.u); free(w.grad); free(w.g); free(w.g_prev); free(w.Wt); free(w.gout); free(w.dW);
     return 0;
 }
