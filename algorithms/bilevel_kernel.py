@@ -48,7 +48,7 @@ class _Step(ctypes.Structure):
                 ("n_traj", I64), ("n_pairs", I64), ("inner", I64),
                 ("lam", F64), ("alpha", F64), ("alpha_z", F64), ("xi", F64),
                 ("keys", ctypes.POINTER(I64)), ("counter", I64),
-                ("stage", _Plan), ("nu_stage", _Plan)]
+                ("stage", _Plan), ("nu_stage", _Plan), ("tables", ctypes.POINTER(F64)), ("tables_valid", I64)]
 
 
 def _ptr(t: torch.Tensor, ctype=F64):
@@ -112,6 +112,9 @@ class CompiledStep:
         depth = len(policy.sizes) - 1
         self.arrays = {"z": (z, depth), "y": (y, depth), "nu": (nu, 0 if reward is None else len(reward.sizes) - 1)}
         self.plans: dict = {}
+        self.lib.policy_table_size.restype = I64
+        self.lib.policy_table_size.argtypes = [ctypes.POINTER(_Step)]
+        self.tables, self.tables_of = None, None  # the last step's policy tables (B, size), and whose: see _tables_valid
 
     @staticmethod
     def _net(net, sizes: list[int], keep: list) -> tuple[_Net, list]:
@@ -155,7 +158,23 @@ class CompiledStep:
         st.keys = _ptr(sampler.keys, I64)
         st.stage, st.nu_stage = self._plan(stage_plan), self._plan(nu_plan)
         st.counter = sampler.reserve([stage_plan] * inner + [nu_plan])
+        st.tables_valid = int(self._tables_valid(state))
+        if not st.tables_valid:
+            self.tables = torch.empty(st.B, self.lib.policy_table_size(ctypes.byref(st)), dtype=torch.float64)
+        st.tables = _ptr(self.tables)
         if self.lib.bilevel_step(ctypes.byref(st)) != 0:
             raise RuntimeError("bilevel_step.c refused the sizes it was given (kernel_applies should have)")
         state.z, state.y, state.nu = new["z"], new["y"], new["nu"]
+        self.tables_of = (state.z + state.y, [p._version for p in state.z + state.y])
         return state
+
+    def _tables_valid(self, state) -> bool:
+        """Whether the tables the last call left are those of this state's z and y: the very tensors it returned
+        (not replaced by a restore or another impl's step), not written since (the harness zeroes a diverged seed
+        in place, which bumps _version)."""
+        if self.tables_of is None:
+            return False
+        params, versions = self.tables_of
+        current = state.z + state.y
+        return (len(current) == len(params) and all(a is b for a, b in zip(current, params))
+                and [p._version for p in current] == versions)

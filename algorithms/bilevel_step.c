@@ -55,6 +55,11 @@ typedef struct {
     const int64_t *keys;  /* (B) CounterRng keys */
     int64_t counter;      /* the RNG counter at the step's first draw */
     Plan stage, nu_stage;
+    /* per seed, the policy tables the step ends with (log pi, pi, its cumsum for z and y; the networks' activations):
+       policy_table_size(st) doubles each. z and y do not move in the nu stage, so they are the next step's first
+       tables: tables_valid says they belong to the parameters W_in (bilevel_kernel.py checks it), and the step
+       starts from them instead of a forward pass */
+    double *tables; int64_t tables_valid;
 } Step;
 
 /* ---- counter-based uniforms: harness/rng.py's CounterRng, draw i of seed b ------------------------ */
@@ -398,6 +403,12 @@ static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     sgd_update(net, &st->nu, b, w->dW, st->xi);  /* nu <- nu - xi grad */
 }
 
+int64_t policy_table_size(const Step *st) {  /* doubles per seed in Step.tables */
+    int64_t n = 3 * 2 * st->S * st->A;
+    for (int l = 1; l <= st->z.n_layers; l++) n += 2 * st->S * st->z.sizes[l];
+    return n;
+}
+
 /* The step for every seed; returns 0, or 1 when a network has more than 15 layers. */
 int bilevel_step(const Step *st) {
     int64_t S = st->S, A = st->A, U = st->n_units, H = st->H;
@@ -407,13 +418,8 @@ int bilevel_step(const Step *st) {
     int64_t wp = widest(&st->z), wr = widest(&st->nu);
     int64_t rows = S > U ? S : U, wide = wp > wr ? wp : wr;
     Work w;
-    w.logp = malloc(sizeof(double) * 2 * S * A);
-    w.prob = malloc(sizeof(double) * 2 * S * A);
-    w.cdf = malloc(sizeof(double) * 2 * S * A);
-    for (int p = 0; p < 2; p++) {
-        w.pacts[p] = malloc(sizeof(double *) * (st->z.n_layers + 1));
-        for (int l = 1; l <= st->z.n_layers; l++) w.pacts[p][l] = malloc(sizeof(double) * S * st->z.sizes[l]);
-    }
+    int64_t table_size = policy_table_size(st);
+    for (int p = 0; p < 2; p++) w.pacts[p] = malloc(sizeof(double *) * (st->z.n_layers + 1));
     w.r = malloc(sizeof(double) * (U + 1));
     w.racts = malloc(sizeof(double *) * (st->nu.n_layers + 1));
     w.rrows = malloc(sizeof(double *) * (st->nu.n_layers + 1));
@@ -444,13 +450,16 @@ int bilevel_step(const Step *st) {
         w.y.W = (double **)st->y.W_in, w.y.b = (double **)st->y.b_in;
         w.nu.W = (double **)st->nu.W_in, w.nu.b = (double **)st->nu.b_in;
         memset(w.r_done, 0, U + 1);
-        policy_tables(st, &w, b);
+        double *t = st->tables + b * table_size;  /* this seed's tables live in Step.tables */
+        w.logp = t, w.prob = t + 2 * S * A, w.cdf = t + 4 * S * A, t += 6 * S * A;
+        for (int p = 0; p < 2; p++)
+            for (int l = 1; l <= st->z.n_layers; l++) { w.pacts[p][l] = t; t += S * st->z.sizes[l]; }
+        if (!st->tables_valid) policy_tables(st, &w, b);
         int64_t counter = st->counter;
         for (int64_t k = 0; k < st->inner; k++) { z_y_stage(st, &w, b, counter); counter += st->stage.n_uniforms; }
         nu_stage(st, &w, b, counter);
     }
-    free(w.logp); free(w.prob); free(w.cdf);
-    for (int p = 0; p < 2; p++) { for (int l = 1; l <= st->z.n_layers; l++) free(w.pacts[p][l]); free(w.pacts[p]); }
+    for (int p = 0; p < 2; p++) free(w.pacts[p]);
     free(w.r);
     for (int l = 1; l <= st->nu.n_layers; l++) { free(w.racts[l]); free(w.rrows[l]); }
     free(w.racts); free(w.rrows); free(w.rx); free(w.r_done); free(w.r_seen); free(w.index); free(w.unit); free(w.local); free(w.ret);

@@ -361,3 +361,27 @@ def test_without_a_compiler_impl_fast_takes_the_eager_step(compose_config, monke
         results.append(algo.tensors(state))
     for key, t in results[0].items():
         assert torch.equal(t, results[1][key]), key
+
+
+@pytest.mark.parametrize("env", ["bandit", "mdp"])
+def test_the_compiled_step_reuses_its_last_policy_tables_bit_for_bit(compose_config, env):
+    """The compiled step starts from the policy tables its last call ended with when the state's z and y are the
+    tensors it returned (CompiledStep._tables_valid). A run that hits that every step equals, bit for bit, a run
+    whose every step starts from copies (always a fresh forward), and the harness's in-place write to a diverged
+    seed makes it recompute rather than reuse stale tables."""
+    overrides = ["algorithm=bilevel", f"env={env}", *SMALL_BATCHES]
+    reusing, sampler_a, _, seeds = build(compose_config, overrides, "fast")
+    fresh, sampler_b, _, _ = build(compose_config, overrides, "fast")
+    a = b = reusing.init(seeds)
+    hits = 0
+    for k in range(30):
+        if k == 20:  # what the harness does to a diverged seed: an in-place write to z
+            a.z[0][1].zero_()
+            b = copy.deepcopy(a)
+        hits += reusing.compiled_step()._tables_valid(a)
+        a = reusing.step(a, sampler_a)
+        b = fresh.step(copy.deepcopy(b), sampler_b)
+        assert not fresh.compiled_step()._tables_valid(copy.deepcopy(b))
+    assert hits == 28  # every step but the first and the one after the in-place write
+    for key, t in reusing.tensors(a).items():
+        assert torch.equal(t, fresh.tensors(b)[key]), key
