@@ -1,11 +1,11 @@
 /* One outer step of the bilevel penalty method (algorithms/bilevel.py), every seed, in one call.
 
    This is Bilevel.fast_step written as plain C loops over seeds: the same draws from the same
-   counter-based uniforms, the same closed-form gradients, the same SGD updates, into new parameter tensors. At the theorem's
-   batches (N = M = 2) a step's arithmetic is a few thousand multiply-adds per seed, so an eager
-   torch step is ~200 kernel launches of overhead around almost no work; here it is one call.
-   Plain C99 with no torch headers: it builds in well under a second (harness/kernels.py) and reads
-   tensors through raw float64 / int64 pointers that bilevel.py checks and passes.
+   counter-based uniforms, the same closed-form gradients, the same SGD updates, into new parameter
+   tensors. At the theorem's batches (N = M = 2) a step's arithmetic is a few thousand multiply-adds
+   per seed, so an eager torch step is ~200 kernel launches of overhead around almost no work; here it
+   is one call. Plain C99 with no torch headers: it builds in about 2 s (harness/kernels.py) and reads
+   tensors through raw float64 / int64 pointers that bilevel_kernel.py lays out and keeps alive.
 
    Per seed b (seeds never touch each other's memory: NaN -> `diverged` stays per seed):
      pi_z, pi_y   <- log-softmax(log pi_ref + MLP_theta(features))      policy tables (S, A)
@@ -196,7 +196,7 @@ static void sgd_update(const Net *from, const Net *to, int64_t k, const double *
 }
 
 /* ---- one seed's step ------------------------------------------------------------------------------- */
-typedef struct {  /* per-seed scratch, allocated once per call */
+typedef struct {  /* per-seed scratch, allocated once per call (the policy tables: this seed's slice of Step.tables) */
     Net z, y, nu;                     /* the parameters this seed's passes read: W_in until a net's first update, then W */
     double *logp, *prob, *cdf;        /* (2S, A): pi_z's log-prob table, then pi_y's; their exp and cumsum */
     double **pacts[2];                /* policy activations per network and layer (S, width) */
