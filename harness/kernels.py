@@ -34,14 +34,20 @@ BUILD_SECONDS: dict[str, float] = {}  # source name -> seconds its build took in
 
 
 def _cpu() -> str:
+    """The CPU's model and instruction-set flags: a -march=native build must never load on a CPU without its
+    instructions (a home folder shared by a cluster's nodes shares the cache)."""
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("model name", "flags")):
-                    return line
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags") and key not in found:
+                    found[key] = line
+                if len(found) == 2:
+                    break
     except OSError:
         pass
-    return platform.processor()
+    return "".join(found.values()) or platform.processor()
 
 
 def _compiler() -> str | None:

@@ -385,3 +385,19 @@ def test_the_compiled_step_reuses_its_last_policy_tables_bit_for_bit(compose_con
     assert hits == 28  # every step but the first and the one after the in-place write
     for key, t in reusing.tensors(a).items():
         assert torch.equal(t, fresh.tensors(b)[key]), key
+
+
+def test_a_compiled_step_is_cached_per_cpu(monkeypatch, tmp_path):
+    """The build is keyed by the CPU (model and instruction-set flags) as well as the source, compiler and flags: a
+    home folder shared by a cluster's nodes must not hand a -march=native build to a CPU without its instructions.
+    The same CPU loads its build from the cache; another CPU builds its own."""
+    from ratebench import kernels
+
+    monkeypatch.setenv("RATEBENCH_CACHE", str(tmp_path))
+    built = {}
+    for cpu in ("cpu-a", "cpu-a", "cpu-b"):
+        monkeypatch.setattr(kernels, "_cpu", lambda cpu=cpu: cpu)
+        assert kernels.load.__wrapped__("bilevel_step.c") is not None
+        built.setdefault(cpu, []).append(kernels.BUILD_SECONDS["bilevel_step.c"] > 0)
+    assert built == {"cpu-a": [True, False], "cpu-b": [True]}
+    assert len(list((tmp_path / "kernels").glob("*.so"))) == 2
