@@ -23,10 +23,16 @@ from ratebench.sampling import Counters, CountingSampler
 INSTANCES = [1, 2, 3, 4]
 SMALL = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
 CONFIGS = {  # id: (overrides, regression floor asserted here)
-    "bandit-bilevel-16-default": (["env=bandit", "algorithm=bilevel", "n_seeds=16"], 2.0),
-    "bandit-bilevel-16-N=M=2": (["env=bandit", "algorithm=bilevel", "n_seeds=16", *SMALL], 2.0),
-    "mdp-bilevel-16-default": (["env=mdp", "algorithm=bilevel", "n_seeds=16"], 1.5),
+    # impl=eager: a batch amortises the step's ~200 kernel launches over the instances
+    "bandit-bilevel-16-default-eager": (["env=bandit", "algorithm=bilevel", "n_seeds=16", "impl=eager"], 2.0),
+    "bandit-bilevel-16-N=M=2-eager": (["env=bandit", "algorithm=bilevel", "n_seeds=16", *SMALL, "impl=eager"], 2.0),
+    "mdp-bilevel-16-default-eager": (["env=mdp", "algorithm=bilevel", "n_seeds=16", "impl=eager"], 1.5),
     "bandit-dpo_online-16": (["env=bandit", "algorithm=dpo", "algorithm.mode=online", "n_seeds=16"], 1.5),
+    # impl=fast, the compiled bilevel step: its cost is per seed, so a batch saves only the per-call Python around
+    # it (1.19-1.51x measured on 2026-12-02, the MDP lowest): the floor says a batch must still be cheaper
+    "bandit-bilevel-16-default-compiled": (["env=bandit", "algorithm=bilevel", "n_seeds=16"], 1.2),
+    "bandit-bilevel-16-N=M=2-compiled": (["env=bandit", "algorithm=bilevel", "n_seeds=16", *SMALL], 1.2),
+    "mdp-bilevel-16-default-compiled": (["env=mdp", "algorithm=bilevel", "n_seeds=16"], 1.1),
 }
 
 
@@ -48,6 +54,8 @@ def test_batched_instances_vs_separate_steps(benchmark, compose_config, config):
     separate = [_stepper(v, p, v.seeds) for p in problems]
     rows = torch.arange(len(problems)).repeat_interleave(len(v.seeds))
     batched = _stepper(v, InstanceBatch(problems, rows), v.seeds * len(problems))
+    assert batched[0].step_path() == separate[0][0].step_path() == (
+        "compiled" if config.endswith("-compiled") else "eager")
     probe = time.perf_counter()
     for run in separate:
         run[2] = run[0].step(run[2], run[1])
@@ -67,15 +75,25 @@ def test_batched_instances_vs_separate_steps(benchmark, compose_config, config):
     assert ratio >= floor
 
 
-def test_batched_job_vs_separate_jobs(benchmark, compose_config, tmp_path):
+JOB_FLOORS = {  # impl: (floor on the steps' ratio, floor on the whole job's ratio)
+    "eager": (2.0, 1.2),
+    # the compiled steps are ~10 % of a job here (the exact evaluations, per instance, the same in both arms, are
+    # the rest), so the whole job gains little (1.14x measured): it must not be slower; the steps as above
+    "fast": (1.2, 1.0),
+}
+
+
+@pytest.mark.parametrize("impl", list(JOB_FLOORS))
+def test_batched_job_vs_separate_jobs(benchmark, compose_config, tmp_path, impl):
     """Whole jobs (set-up, steps, exact evaluations, records): `instances=[1,2,3,4]` vs the 4 jobs one after the
     other in this process (what one core does with a sweep; process start-up not counted for either).
 
     The exact evaluations are per instance and cost the same in both, so the whole-job ratio falls whenever the
-    steps get cheaper in both (1.65x on 2026-12-01, 1.39-1.51x on 2026-12-02, the evaluations then ~60 % of the
-    batched job). What the batch is for is asserted on the steps (run.json's wall_s: the steps' time), at the
-    step benchmark's floor; the whole job must still be clearly faster."""
-    common = ["env=bandit", "algorithm=bilevel", "n_seeds=16", "budget.samples=40000", "progress=false", *SMALL]
+    steps get cheaper in both (eager: 1.65x on 2026-12-01, 1.39-1.51x on 2026-12-02, the evaluations then ~60 % of
+    the batched job). What the batch is for is asserted on the steps (run.json's wall_s: the steps' time), at the
+    step benchmark's floor for that impl; the whole job must still be faster."""
+    common = ["env=bandit", "algorithm=bilevel", "n_seeds=16", "budget.samples=40000", "progress=false", *SMALL,
+              f"impl={impl}"]
     for k in INSTANCES:  # F-hat* of every instance cached for both
         run_job(compose_config(common + [f"env.instance_seed={k}", "budget.samples=100"]), tmp_path / f"warm_{k}")
     walls, steps = {"separate": [], "batched": []}, {"separate": [], "batched": []}
@@ -92,12 +110,14 @@ def test_batched_job_vs_separate_jobs(benchmark, compose_config, tmp_path):
     benchmark.pedantic(lambda: None, rounds=1)
     wall, step = {k: min(x) for k, x in walls.items()}, {k: min(x) for k, x in steps.items()}
     record = folders[0][1]
-    ratio = record_ratio(benchmark, "instance_batch_job_speedup", wall["separate"] / wall["batched"],
+    assert record["provenance"]["step_path"] == ("compiled" if impl == "fast" else "eager")
+    ratio = record_ratio(benchmark, f"instance_batch_job_speedup[{impl}]", wall["separate"] / wall["batched"],
                          f"4 instances x 16 seeds x 4e4 samples, N = M = 2: separate jobs {wall['separate']:.1f} s, "
                          f"one batched job {wall['batched']:.1f} s (its steps {record['wall_s']:.1f} s, "
                          f"evaluations {record['eval_wall_s']:.1f} s)")
-    step_ratio = record_ratio(benchmark, "instance_batch_job_steps_speedup", step["separate"] / step["batched"],
+    step_ratio = record_ratio(benchmark, f"instance_batch_job_steps_speedup[{impl}]", step["separate"] / step["batched"],
                               f"the same jobs' steps (run.json wall_s): separate {step['separate']:.1f} s, "
                               f"batched {step['batched']:.1f} s")
-    assert step_ratio >= 2.0
-    assert ratio >= 1.2
+    step_floor, job_floor = JOB_FLOORS[impl]
+    assert step_ratio >= step_floor
+    assert ratio >= job_floor
