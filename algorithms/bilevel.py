@@ -244,7 +244,8 @@ class Bilevel(Algorithm):
         return super().step_path()
 
     def reward_on_visited_units(self, n_traj: int, n_pairs: int, inner: int) -> bool:
-        """Whether fast_step runs an MLP reward on the units its stages visit instead of on the whole table:
+        """Whether the eager step (impl=eager, or impl=fast without a compiled step) runs an MLP reward on the
+        units its stages visit instead of on the whole table:
         when the steps of the inner + 1 stages ((2N + 2M) H each) are fewer than the units, as at N = M = 2.
         Takes set_schedule's (N, M, inner steps).
         The arithmetic per seed shrinks with the visits; the op count grows by a gather and a scatter per stage."""

@@ -2,19 +2,21 @@
 
 The C file is Bilevel.fast_step as loops over seeds; this module only lays the tensors out for it: the
 environment's flat tables once per problem, the sampler's draw plans once per request list, and per step
-contiguous copies of z, y and nu that the C code updates in place (the state's own tensors are never
-written, as in the eager step). Where the draws go, how they are counted and which seed draws what stay
-the sampler's (CountingSampler.plan / reserve / keys): the C code reads them, it does not re-derive them.
+new z, y and nu tensors that the C code writes from the state's (which are never written, as in the eager
+step). Where the draws go, how they are counted and which seed draws what stay the sampler's
+(CountingSampler.plan / reserve / keys): the C code reads them, it does not re-derive them.
 """
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import torch
 
 from ratebench.kernels import load
 from ratebench.sampling import flat_true_rewards
 
+SOURCE = Path(__file__).with_name("bilevel_step.c")
 MAX_LAYERS = 15  # bilevel_step.c's fixed-size buffers
 I64, F64 = ctypes.c_int64, ctypes.c_double
 
@@ -66,15 +68,19 @@ def kernel_applies(algo) -> bool:
     policy, reward = algo.model_cfg.policy, algo.model_cfg.reward
     if policy.depth >= MAX_LAYERS or reward.depth >= MAX_LAYERS:
         return False
-    return load("bilevel_step.c") is not None
+    return load(SOURCE) is not None
 
 
 class CompiledStep:
     """Built once per Bilevel: the flat tables as C reads them; call() takes one step for every seed."""
 
     def __init__(self, algo):
-        self.lib = load("bilevel_step.c")
+        self.lib = load(SOURCE)
         self.lib.bilevel_step.argtypes = [ctypes.POINTER(_Step)]
+        self.lib.step_struct_size.restype = I64
+        if self.lib.step_struct_size() != ctypes.sizeof(_Step):  # the two layouts of one struct: fail, never misread
+            raise RuntimeError(f"bilevel_step.c's Step is {self.lib.step_struct_size()} bytes, _Step "
+                               f"{ctypes.sizeof(_Step)}: their fields differ")
         problem, lay = algo.problem, algo.problem.flat()
         self.keep = []  # every tensor whose memory the C struct points into
 
@@ -144,7 +150,7 @@ class CompiledStep:
         """One step from `state` (its schedule already set): new z, y, nu tensors on the state."""
         st = self.st
         new = {}
-        for name, (arrays, depth) in self.arrays.items():  # the C code copies each seed's start into these
+        for name, (arrays, depth) in self.arrays.items():  # the C code reads start and writes out
             start = new[name + "_in"] = [p.contiguous() for p in getattr(state, name)]  # alive until the call returns
             out = new[name] = [torch.empty(p.shape, dtype=torch.float64) for p in start]
             W, b, W_in, b_in = arrays

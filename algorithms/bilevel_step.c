@@ -403,6 +403,8 @@ static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     sgd_update(net, &st->nu, b, w->dW, st->xi);  /* nu <- nu - xi grad */
 }
 
+int64_t step_struct_size(void) { return (int64_t)sizeof(Step); }  /* bilevel_kernel.py checks its _Step against it */
+
 int64_t policy_table_size(const Step *st) {  /* doubles per seed in Step.tables */
     int64_t n = 3 * 2 * st->S * st->A;
     for (int l = 1; l <= st->z.n_layers; l++) n += 2 * st->S * st->z.sizes[l];
@@ -430,7 +432,7 @@ int bilevel_step(const Step *st) {
     w.rx = malloc(sizeof(double) * U * st->nu.sizes[0]);
     w.r_done = malloc(U + 1);
     w.r_seen = malloc(U + 1);
-    w.index = malloc(sizeof(int64_t) * (T * H > U ? T * H : U));
+    w.index = malloc(sizeof(int64_t) * T * H);
     w.unit = malloc(sizeof(int64_t) * T * H);
     w.local = malloc(sizeof(int64_t) * T * H);
     w.ret = malloc(sizeof(double) * T);

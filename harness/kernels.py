@@ -1,6 +1,6 @@
 """Compiled steps: plain C files of the package, built with the machine's C compiler on first use.
 
-A fast step in plain C (no torch headers) builds in well under a second, where a torch C++ extension took
+A fast step in plain C (no torch headers) builds in about 2 s, where a torch C++ extension took
 52 s and torch.compile 56 s here (docs/fast.md). The shared library is cached under the F-hat* cache folder
 (RATEBENCH_CACHE, else ~/.cache/ratebench) in `kernels/`, keyed by the source, the compiler's version, the
 flags and the CPU, so an edited source or another machine never loads a stale build. Parallel jobs may build
@@ -30,7 +30,7 @@ FLAGS = ["-O3", "-march=native", "-std=c99", "-shared", "-fPIC", "-fno-math-errn
 # as torch's own CPU kernels use them (the steps agree with the reference to 1e-12 either way); never -ffast-math:
 # NaN must survive (a diverged seed is found by its NaN) and sums must not be reordered behind our back
 DISABLE = "RATEBENCH_KERNELS"  # =0: never build or load a kernel (every fast step takes its eager path)
-BUILD_SECONDS: dict[str, float] = {}  # source name -> seconds its build took in this process (0: from the cache)
+BUILD_SECONDS: dict[str, float] = {}  # source file name -> seconds its last build took in this process (0: from the cache)
 
 
 def _cpu() -> str:
@@ -55,13 +55,12 @@ def _compiler() -> str | None:
 
 
 @functools.cache
-def load(source_name: str) -> ctypes.CDLL | None:
-    """The shared library built from the package's C file `source_name` (algorithms/), or None (warned once)."""
+def load(source: Path) -> ctypes.CDLL | None:
+    """The shared library built from the C file `source` (package data beside the module that calls it), or None
+    (warned once)."""
     if os.environ.get(DISABLE, "1") == "0":
         return None
-    import ratebench.algorithms as algorithms
-
-    source = Path(algorithms.__file__).parent / source_name  # package data of ratebench.algorithms (pyproject)
+    source_name = source.name
     cc = _compiler()
     if cc is None:
         warnings.warn(f"no C compiler (cc, gcc or $CC): {source_name} not built; the eager fast path runs", stacklevel=2)

@@ -347,8 +347,7 @@ class CountingSampler:
             true = every.returns(flat_true_rewards(self.problem))
             p = preference_prob(self.problem, true[:, plan.first] - true[:, plan.second])
             label = (drawn[:, plan.label_columns] < p).to(torch.float64)
-        self._counters.samples += plan.samples
-        self._counters.queries += plan.n_pairs
+        self._count(plan)
         return FlatDraws(every, plan, label)
 
     def plan(self, requests: tuple[tuple[str, int, int], ...]) -> _DrawPlan:
@@ -365,9 +364,13 @@ class CountingSampler:
         start = self._rng.counter
         for plan in plans:
             self._rng.counter += plan.n_uniforms
-            self._counters.samples += plan.samples
-            self._counters.queries += plan.n_pairs
+            self._count(plan)
         return start
+
+    def _count(self, plan: _DrawPlan) -> None:
+        """What one stage drawn by `plan` counts: its trajectories (both members of a pair) and its labels."""
+        self._counters.samples += plan.samples
+        self._counters.queries += plan.n_pairs
 
     @property
     def keys(self) -> torch.Tensor:

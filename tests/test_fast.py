@@ -340,15 +340,16 @@ def test_without_a_compiler_impl_fast_takes_the_eager_step(compose_config, monke
     """A machine without a C compiler (or with RATEBENCH_KERNELS=0) still runs impl=fast: the build fails with
     one warning, and the step is the eager one, bit for bit."""
     from ratebench import kernels
+    from ratebench.algorithms.bilevel_kernel import SOURCE
     import ratebench.algorithms.bilevel as bilevel_module
 
     monkeypatch.setenv("RATEBENCH_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that fails every build
     with pytest.warns(UserWarning, match="could not build bilevel_step.c"):
-        assert kernels.load.__wrapped__("bilevel_step.c") is None
+        assert kernels.load.__wrapped__(SOURCE) is None
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built is left to load
     monkeypatch.setenv(kernels.DISABLE, "0")
-    assert kernels.load.__wrapped__("bilevel_step.c") is None
+    assert kernels.load.__wrapped__(SOURCE) is None
 
     monkeypatch.setattr(bilevel_module, "kernel_applies", lambda algo: False)
     results = []
@@ -392,12 +393,13 @@ def test_a_compiled_step_is_cached_per_cpu(monkeypatch, tmp_path):
     home folder shared by a cluster's nodes must not hand a -march=native build to a CPU without its instructions.
     The same CPU loads its build from the cache; another CPU builds its own."""
     from ratebench import kernels
+    from ratebench.algorithms.bilevel_kernel import SOURCE
 
     monkeypatch.setenv("RATEBENCH_CACHE", str(tmp_path))
     built = {}
     for cpu in ("cpu-a", "cpu-a", "cpu-b"):
         monkeypatch.setattr(kernels, "_cpu", lambda cpu=cpu: cpu)
-        assert kernels.load.__wrapped__("bilevel_step.c") is not None
+        assert kernels.load.__wrapped__(SOURCE) is not None
         built.setdefault(cpu, []).append(kernels.BUILD_SECONDS["bilevel_step.c"] > 0)
     assert built == {"cpu-a": [True, False], "cpu-b": [True]}
     assert len(list((tmp_path / "kernels").glob("*.so"))) == 2
