@@ -70,6 +70,9 @@ class RateFit:
     n_seeds: int = 0
     n_diverged: int = 0
     n_failed: int = 0
+    n_saturated: int = 0  # seeds whose iterate left the bounded region or whose metrics became non-finite
+    n_stalled: int = 0  # seeds that stopped moving (gradient underflow, parameters unchanged)
+    n_unhealthy: int = 0  # diverged + saturated + stalled: seeds that are not `completed` (failed counted apart)
     n_strata: int = 0
     final_iqm: float = np.nan
     decay: float = np.nan  # −(log-log slope of the IQM curve over the asymptotic points), no floor
@@ -81,6 +84,8 @@ class RateFit:
     p_local_low: float = np.nan
     p_local_high: float = np.nan
     p_trend: float = np.nan  # d p_local / d log10(1/ε): > 0 means the exponent still rises towards small ε
+    asymptotic: bool = True  # the window lies where the curve follows its rate, not a transient (docs/analysis.md)
+    asymptotic_reason: str = ""  # why not, when asymptotic is False
     n_instances: int = 1
     boot_unit: str = "seed"  # what the bootstrap resampled: seed | instance (then seeds within each)
     p_reps: np.ndarray = field(default=None, repr=False)
@@ -89,8 +94,8 @@ class RateFit:
     def row(self) -> dict:
         keys = ["metric", "x_name", "status", "p", "p_low", "p_high", "log10_C", "b", "b_low", "b_high", "c",
                 "c_low", "c_high", "eps_low", "eps_high", "n_levels", "n_seeds", "n_diverged", "n_failed",
-                "n_strata", "final_iqm", "decay", "decay_low", "decay_high", "window_decades", "reach_eps_min",
-                "p_local", "p_local_low", "p_local_high", "p_trend", "n_instances", "boot_unit", "reason"]
+                "n_saturated", "n_stalled", "n_unhealthy", "n_strata", "final_iqm", "decay", "decay_low", "decay_high", "window_decades", "reach_eps_min",
+                "p_local", "p_local_low", "p_local_high", "p_trend", "asymptotic", "asymptotic_reason", "n_instances", "boot_unit", "reason"]
         return {k: getattr(self, k) for k in keys}
 
 
