@@ -14,8 +14,8 @@ import torch
 from ratebench.records import atomic_write_bytes
 
 FILENAME = "checkpoint.pt"
-FORMAT = 3  # bump when the payload layout changes: older checkpoints are then ignored (2: checksum, psi cache;
-#            3: status, rows and psi cache per instance of the job)
+FORMAT = 4  # bump when the payload layout changes: older checkpoints are then ignored (2: checksum, psi cache;
+#            3: status, rows and psi cache per instance of the job; 4: the seed-health memory per instance)
 MAGIC = b"ratebench-checkpoint sha256="  # file = MAGIC + hex digest of the payload + b"\n" + torch.save payload
 
 

@@ -13,6 +13,7 @@ from ratebench.algorithms.models import ModelConfig, NetConfig, check_net
 from ratebench.bounds import check_bounds
 from ratebench.envs import ENVIRONMENTS
 from ratebench.errors import ConfigError
+from ratebench.health import HealthConfig, check_health
 from ratebench.live_log import check_logger
 from ratebench.records import OBJECTIVES
 
@@ -56,6 +57,9 @@ class RunConfig:
     # "Instances as a batch axis"). Each instance writes <run dir>/instance_<k>/, the folder its own job
     # (env.instance_seed=k) would write, with the same run_hash and metrics. null: the one env.instance_seed.
     instances: Optional[List[int]] = None
+    # when a seed stops counting as `completed`: `saturated` (left the region where the exact metrics and the
+    # analysis apply) or `stalled` (stopped moving); docs/metrics.md "Seed health"
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 def register() -> None:
@@ -118,6 +122,7 @@ class Validated:
     seeds: list[int]
     impl: str = "fast"
     instances: list[int] | None = None  # a batched instance family (RunConfig.instances), or None
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 def validate(cfg: DictConfig) -> Validated:
@@ -129,6 +134,7 @@ def validate(cfg: DictConfig) -> Validated:
     if algo_name not in ALGORITHMS:
         raise ConfigError("algorithm", f"unknown algorithm {algo_name!r}; allowed: {sorted(ALGORITHMS)}")
     for node, schema, where in ((cfg, RunConfig, ""), (cfg.budget, BudgetConfig, "budget"), (cfg.model, ModelConfig, "model"),
+                                (cfg.health, HealthConfig, "health"),
                                 (cfg.model.reward, NetConfig, "model.reward"), (cfg.model.policy, NetConfig, "model.policy"),
                                 (cfg.env, ENVIRONMENTS[env_name][0], "env"), (cfg.algorithm, ALGORITHMS[algo_name].Config, "algorithm")):
         check_known_keys(node, schema, where)
@@ -161,11 +167,14 @@ def validate(cfg: DictConfig) -> Validated:
     impl = cfg.get("impl", "fast")
     if impl not in IMPLS:
         raise ConfigError("impl", f"must be one of {list(IMPLS)}, got {impl!r}")
+    health = to_dataclass(cfg.health, HealthConfig, "health")
+    check_health(health)
     instances = check_instances(cfg.get("instances"), ALGORITHMS[algo_name], algorithm)
     n_seeds, seeds_key = (cfg.n_seeds, "n_seeds") if cfg.n_seeds is not None else (len(cfg.seeds), "seeds")
     rows = max(int(n_seeds), 1) * (len(instances) if instances else 1)  # a batched family steps every instance's seeds
     check_bounds(cfg, env, model, rows, seeds_key)  # before the seed list is built
-    return Validated(env=env, algorithm=algorithm, model=model, seeds=resolve_seeds(cfg), impl=impl, instances=instances)
+    return Validated(env=env, algorithm=algorithm, model=model, seeds=resolve_seeds(cfg), impl=impl, instances=instances,
+                     health=health)
 
 
 def check_instances(value, algorithm_class, algorithm) -> list[int] | None:

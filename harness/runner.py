@@ -23,13 +23,14 @@ from ratebench.envs.tabular import InstanceBatch
 from ratebench.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import reference, true_objective
+from ratebench.health import SeedHealth, flat_parameters, observe, zero_rows
 from ratebench.live_log import live_logger
 from ratebench.records import (BASE_COLUMNS, OPERATIONAL_KEYS, atomic_write_json, atomic_write_parquet, code_fingerprint,
                                config_hash, git_commit, metrics_mismatch, remove_stale_temporaries)
 from ratebench.sampling import Counters, CountingSampler
 from ratebench.signals import Interrupted, StopRequests
 
-FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
+FINISHED = ("completed", "diverged", "saturated", "stalled")  # final outcomes: re-running the same config reproduces them
 RESULT_FILES = ("metrics.parquet", "run.json", checkpoint.FILENAME)  # written atomically into a run folder
 
 
@@ -251,6 +252,7 @@ class _Part:
         self.algo.impl = v.impl
         self.evaluator = Evaluator(self.problem, self.reference, self.algo)
         self.status = {s: {"status": "completed"} for s in v.seeds}
+        self.health = SeedHealth(v.health, len(v.seeds))  # saturated / stalled seeds (harness/health.py)
         self.rows: list[pd.DataFrame] = []
         self.live_log = live_logger(cfg.get("logger"), self.out_dir)  # logger=tensorboard: watch a long run
 
@@ -319,7 +321,8 @@ class _Job:
                 "status": [{str(s): dict(st) for s, st in part.status.items()} for part in self.parts],
                 "rows": [rows(part) for part in self.parts], "wall": self.wall, "eval_s": self.eval_s,
                 "next_point": self.next_point, "last_recorded": self.last_recorded,
-                "psi_reference": [part.psi_cache() for part in self.parts], "written_on": written_on}
+                "psi_reference": [part.psi_cache() for part in self.parts],
+                "health": [part.health.state_dict() for part in self.parts], "written_on": written_on}
 
     def _restore(self) -> int | None:
         saved = checkpoint.load(self.out_dir, self.run_hash)
@@ -330,8 +333,10 @@ class _Job:
         for key, value in saved["counters"].items():
             setattr(self.counters, key, int(value))
         self.alive = saved["alive"].clone()
-        for part, status, rows, psi in zip(self.parts, saved["status"], saved["rows"], saved["psi_reference"]):
+        for part, status, rows, psi, health in zip(self.parts, saved["status"], saved["rows"], saved["psi_reference"],
+                                                   saved["health"]):
             part.status = {int(s): dict(st) for s, st in status.items()}
+            part.health.load_state_dict(health)
             part.rows = [checkpoint.columns_to_frame(rows)] if rows else []
             part.restore_psi_cache(psi)
         self.wall, self.eval_s = float(saved["wall"]), float(saved["eval_s"])
@@ -369,8 +374,10 @@ class _Job:
     def _record(self) -> None:
         tic = time.perf_counter()
         counters, schedule, shown = self.counters, self.algo.schedule(self.state), []
+        saturated = torch.zeros_like(self.alive)
         for i, part in enumerate(self.parts):
-            metrics = part.evaluator(self._part_state(i))  # each (n_seeds,): exact, on the part's own instance
+            state = self._part_state(i)
+            metrics = part.evaluator(state)  # each (n_seeds,): exact, on the part's own instance
             alive = self.alive[self.part_rows[i]]
             frame = pd.DataFrame({"seed": self.seeds[self.part_rows[i]][alive].numpy(), "step": counters.step,
                                   "samples": counters.samples, "queries": counters.queries,
@@ -380,12 +387,39 @@ class _Job:
             part.rows.append(frame)
             part.live_log.log(frame)
             shown.append({k: m[alive] for k, m in metrics.items()})
+            saturated[self.part_rows[i]] = self._check_health(part, state, metrics, alive)
+        if saturated.any():  # stopped like a diverged seed: zeroed so the batch stays finite, no further rows
+            self.alive &= ~saturated
+            zero_rows(self.algo.tensors(self.state), saturated)
         self.last_recorded = self._clock()
         while self.next_point < len(self.points) and self.points[self.next_point] <= self._clock():
             self.next_point += 1
         self.eval_s += time.perf_counter() - tic
         self.progress.metrics({k: torch.cat([m[k] for m in shown]) for k in shown[0]})
         self.progress.update(self._clock(), final=not self._budget_left())
+
+    def _check_health(self, part: _Part, state, metrics: dict, alive: torch.Tensor) -> torch.Tensor:
+        """The part's seed-health check at this evaluation point (harness/health.py): records the running seeds
+        found saturated and returns them as a mask over the part's rows."""
+        reasons = part.health.evaluate(metrics, observe(part.algo, part.problem, state),
+                                       flat_parameters(part.algo.tensors(state)), self._clock(), self.counters.step)
+        found = torch.tensor([why is not None for why in reasons]) & alive
+        for j in found.nonzero().flatten().tolist():
+            part.status[self.part_seed(j)] = {"status": "saturated", "step": self.counters.step, "reason": reasons[j]}
+        return found
+
+    def _mark_stalled(self) -> None:
+        """At the end of the run: a seed still running whose parameters have not moved for a decade is stalled."""
+        for i, part in enumerate(self.parts):
+            alive = self.alive[self.part_rows[i]].tolist()
+            for j, why in enumerate(part.health.stalled()):
+                if why is not None and alive[j]:
+                    part.status[self.part_seed(j)] = {"status": "stalled", "step": part.health.stalled_step(j),
+                                                      "reason": why}
+
+    def part_seed(self, j: int) -> int:
+        """The seed of a part's row j."""
+        return int(self.v.seeds[j])
 
     def _row_owner(self, row: int) -> tuple[_Part, int]:
         """(part, seed) of batch row `row`."""
@@ -404,14 +438,15 @@ class _Job:
                 error = exc
                 for row in self.alive.nonzero().flatten().tolist():
                     part, seed = self._row_owner(row)
-                    part.status[seed] = {"status": "failed", "step": counters.step,
-                                         "message": f"{type(exc).__name__}: {exc}"}
+                    message = f"{type(exc).__name__}: {exc}"
+                    part.status[seed] = {"status": "failed", "step": counters.step, "message": message,
+                                         "reason": message.splitlines()[0] if message.strip() else type(exc).__name__}
                 break
             counters.step += 1
             self.wall += time.perf_counter() - tic
-            for row in _mark_diverged(self.algo, self.state, self.alive).tolist():
+            for row, reason in _mark_diverged(self.algo, self.state, self.alive).items():
                 part, seed = self._row_owner(row)
-                part.status[seed] = {"status": "diverged", "step": counters.step}
+                part.status[seed] = {"status": "diverged", "step": counters.step, "reason": reason}
             at_point = self.next_point < len(self.points) and self._clock() >= self.points[self.next_point]
             if at_point and self.alive.any():
                 self._record()
@@ -422,6 +457,8 @@ class _Job:
                 self._stop(self.stops.signum)
         if error is None and self.alive.any() and self.last_recorded != self._clock():
             self._record()
+        if error is None:
+            self._mark_stalled()
         for part in self.parts:
             part.live_log.close()
         records = [self._write_records(part) for part in self.parts]
@@ -468,18 +505,18 @@ class _Job:
         return record
 
 
-def _mark_diverged(algo, state, alive) -> torch.Tensor:
+def _mark_diverged(algo, state, alive) -> dict[int, str]:
     """A seed with a non-finite tensor is diverged at this step; its slices are zeroed so the
     batch stays finite, and it gets no further metric rows. Other seeds continue. Returns the
-    rows that diverged at this step."""
+    rows that diverged at this step, each with the reason (which tensors hold inf or NaN)."""
     tensors = algo.tensors(state)
-    finite = torch.ones_like(alive)
-    for t in tensors.values():
-        finite &= torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(1)
+    bad = {name: ~torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(1) for name, t in tensors.items()}
+    finite = ~torch.stack(list(bad.values())).any(0)
     newly = alive & ~finite
-    if newly.any():
-        alive &= finite
-        with torch.no_grad():
-            for t in tensors.values():
-                t[newly] = 0
-    return newly.nonzero().flatten()
+    if not newly.any():
+        return {}
+    reasons = {row: "non-finite values (inf or NaN) in the parameters " + ", ".join(n for n, b in bad.items() if b[row])
+               for row in newly.nonzero().flatten().tolist()}
+    alive &= finite
+    zero_rows(tensors, newly)
+    return reasons

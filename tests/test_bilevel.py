@@ -182,7 +182,8 @@ def test_nan_in_any_sequence_ends_only_that_seed(compose_config, tmp_path, monke
     monkeypatch.setattr(Bilevel, "step", step_with_nan)
     cfg = compose_config(["algorithm=bilevel", "seeds=[0,1,2]", "budget.samples=3000", "budget.evals_per_decade=2"])
     record = run_job(cfg, tmp_path)
-    assert record["status"]["1"] == {"status": "diverged", "step": 20}
+    assert record["status"]["1"] == {"status": "diverged", "step": 20,
+                                     "reason": f"non-finite values (inf or NaN) in the parameters {sequence}.0"}
     assert record["status"]["0"]["status"] == record["status"]["2"]["status"] == "completed"
     frame = pd.read_parquet(tmp_path / "metrics.parquet")
     assert frame.loc[frame.seed == 1, "step"].max() < 20

@@ -84,7 +84,8 @@ def test_nan_in_one_seed_marks_it_diverged_and_others_continue(compose_config, t
     monkeypatch.setattr(RewardMLE, "step", step_with_nan)
     cfg = compose_config(["seeds=[0,1,2]", "budget.samples=5000"])
     record = run_job(cfg, tmp_path)
-    assert record["status"]["1"] == {"status": "diverged", "step": 50}
+    assert record["status"]["1"] == {"status": "diverged", "step": 50,
+                                     "reason": "non-finite values (inf or NaN) in the parameters nu.0"}
     assert record["status"]["0"]["status"] == record["status"]["2"]["status"] == "completed"
     frame = pd.read_parquet(tmp_path / "metrics.parquet")
     assert frame.loc[frame.seed == 1, "step"].max() < 50
@@ -105,7 +106,8 @@ def test_exception_in_step_records_failure_then_raises(compose_config, tmp_path,
     with pytest.raises(RuntimeError, match="boom"):
         run_job(cfg, tmp_path)
     record = json.loads((tmp_path / "run.json").read_text())
-    assert record["status"]["0"] == {"status": "failed", "step": 10, "message": "RuntimeError: boom"}
+    assert record["status"]["0"] == {"status": "failed", "step": 10, "message": "RuntimeError: boom",
+                                     "reason": "RuntimeError: boom"}
     assert len(pd.read_parquet(tmp_path / "metrics.parquet")) > 0
 
 

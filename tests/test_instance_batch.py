@@ -152,7 +152,8 @@ def test_a_seed_that_diverges_ends_only_in_its_instance(compose_config, tmp_path
     folders, _ = run_instances_or_skip(compose_config(FAMILY + ["instances=[1,2]"]), tmp_path)
     first, second = (record["status"] for _, record in folders)
     assert all(st["status"] == "completed" for st in first.values())
-    assert second["3"] == {"status": "diverged", "step": 20}
+    assert second["3"] == {"status": "diverged", "step": 20,
+                          "reason": "non-finite values (inf or NaN) in the parameters nu.0"}
     assert second["0"]["status"] == second["4"]["status"] == "completed"
     frame = _metrics(tmp_path / "instance_2")
     assert frame.loc[frame.seed == 3, "step"].max() < 20 and frame.loc[frame.seed == 4, "samples"].max() >= 6000
