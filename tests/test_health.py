@@ -1,0 +1,217 @@
+"""Seed health (harness/health.py): a seed that leaves the region where the exact metrics and the analysis apply is
+`saturated`, one that stops moving is `stalled`, never `completed`; the statuses survive checkpoint/resume, are
+decided per instance in a batched family, and no RuntimeWarning reaches the user on the way."""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ratebench.algorithms.bilevel import Bilevel
+from ratebench.health import LOG_TINY, HealthConfig, SeedHealth, relative_change, saturation
+from ratebench.records import objective_value
+from ratebench.runner import FINISHED, run_instances_or_skip, run_job
+
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+# the theorem regime of conf/experiment/rate_bandit_small_batch.yaml (N = M = 2, default schedule, 16 seeds);
+# instances 11-13 are named in no config (conf/ uses 0-4 and 100): held out from everything
+SMALL_BATCH = ["env=bandit", "algorithm=bilevel", "algorithm.batch_traj=2", "algorithm.batch_pairs=2",
+               "budget.samples=1000000000", "n_seeds=16"]
+TINY = ["algorithm=bilevel", "seeds=[0,1,2]", "budget.samples=3000", "budget.evals_per_decade=2"]
+ZERO_STEPS = ["algorithm.c_xi=5e-324", "algorithm.c_alpha=5e-324", "algorithm.c_alpha_z=5e-324"]  # 5e-324 / (k + k0)^a == 0.0
+
+
+def _frame(folder):
+    return pd.read_parquet(folder / "metrics.parquet")
+
+
+def _last(frame):
+    return frame.sort_values(["seed", "step"]).groupby("seed").tail(1).set_index("seed")
+
+
+# --- the pure functions against values worked out by hand --------------------------------------------------------
+def test_the_log_probability_floor_is_where_the_softmax_leaves_the_normal_floats():
+    assert math.exp(LOG_TINY) == pytest.approx(sys.float_info.min, rel=1e-12)
+    assert math.exp(LOG_TINY - 1) < sys.float_info.min  # below it a probability is subnormal, then exactly 0
+    logits = torch.tensor([[0.0, -746.0]], dtype=torch.float64)
+    assert torch.softmax(logits, -1)[0, 1] == 0  # what the floor stands for: the probability is gone
+
+
+def test_saturation_names_each_reason_with_its_numbers():
+    metrics = {"gap": torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64),
+               "reward_err": torch.tensor([1.0, math.nan, 2.0, 3.0, 4.0], dtype=torch.float64),
+               "grad_sq": torch.tensor([1e-3, 1e-3, 0.0, 1e-300, 1e-3], dtype=torch.float64),
+               "psi_gap": torch.full((5,), math.nan, dtype=torch.float64)}  # NaN by design: not watched
+    observed = {"min_log_prob": torch.tensor([-5.0, -5.0, -5.0, -5.0, -800.0], dtype=torch.float64),
+                "min_log_prob_star": torch.tensor([-5.0, -5.0, -9e6, -700.0, -5.0], dtype=torch.float64),
+                "max_abs_reward": torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)}
+    reasons = saturation(metrics, observed, ["gap", "reward_err", "grad_sq"], ["grad_sq"], HealthConfig())
+    assert reasons[0] is None and reasons[3] is None  # 1e-300 is tiny but not 0; -700 is above log(min normal)
+    assert reasons[1] == "not finite with finite parameters: reward_err = nan"
+    assert reasons[2].startswith("grad_sq = 0 exactly") and "-9e+06" in reasons[2]
+    assert reasons[4].startswith("the deployed policy has log-probability -800 <")
+    bounded = saturation(metrics, observed, [], [], HealthConfig(max_abs_reward=0.5))
+    assert all(r.startswith("|r_nu| reaches 1 > health.max_abs_reward = 0.5") for r in (bounded[0], bounded[1], bounded[3]))
+
+
+def test_relative_change_and_the_decade_memory():
+    past = torch.tensor([[1.0, -4.0], [0.0, 0.0], [2.0, 2.0]], dtype=torch.float64)
+    now = torch.tensor([[1.0, -4.0], [0.0, 1e-300], [2.0, 2.5]], dtype=torch.float64)
+    assert relative_change(now, past).tolist() == [0.0, math.inf, 0.25]
+    health = SeedHealth(HealthConfig(), 3)
+    metrics = {"gap": torch.ones(3, dtype=torch.float64)}
+    observed = {k: torch.zeros(3, dtype=torch.float64) for k in ("min_log_prob", "min_log_prob_star", "max_abs_reward")}
+    for clock in (0, 1, 2, 5, 10):  # frozen from clock 1 (step = clock here): a decade is seen at clock 10
+        health.evaluate(metrics, observed, past, clock, clock)
+    assert all(why is not None for why in health.stalled())
+    health.evaluate(metrics, observed, now, 12, 12)  # seed 0 still frozen since 1; 1 and 2 moved
+    assert [s is not None for s in health.stalled()] == [True, False, False]
+    assert health.stalled_step(0) == 1 and "from step 1 to step 12" in health.stalled()[0]
+    assert [s["clock"] for s in health.snapshots] == [1, 10]  # the first point of each decade still needed
+
+
+# --- constructed runs ------------------------------------------------------------------------------------------------
+def test_an_absurd_step_size_saturates_every_seed_and_a_sane_one_none(compose_config, tmp_path):
+    """c_xi = 1e6: the first nu-step throws the reward to ~1e8 beta, pi*_nu underflows: saturated at step 1, the
+    seed's last row; c_xi = 1e170: the exact metrics overflow (NaN) with finite parameters. The default c_xi on
+    the same budget: every seed completed (the check does not flag everything)."""
+    for c_xi, cause in (("1e6", "grad_sq = 0 exactly"), ("1e170", "not finite with finite parameters")):
+        record = run_job(compose_config(TINY + [f"algorithm.c_xi={c_xi}"]), tmp_path / c_xi)
+        frame = _frame(tmp_path / c_xi)
+        for seed, st in record["status"].items():
+            assert st["status"] == "saturated" and st["step"] == 1 and st["reason"].startswith(cause), st
+            assert frame.loc[frame.seed == int(seed), "step"].max() == 1  # stopped: the detection row is the last
+        assert objective_value(frame, record, "policy_gap") == math.inf  # a sweeper never prefers it
+    record = run_job(compose_config(TINY), tmp_path / "sane")
+    assert {st["status"] for st in record["status"].values()} == {"completed"}
+    assert _last(_frame(tmp_path / "sane")).samples.min() >= 3000
+
+
+def test_steps_that_underflow_to_zero_stall_every_seed(compose_config, tmp_path):
+    """Step constants 5e-324: every step size is 0.0, the parameters never change: stalled since the first
+    evaluation point of the first decade (step 1), rows kept to the end. Steps of 1e-200 move the parameters by
+    ~1e-200 of their size: completed at stall_rtol=0 (they changed), stalled at stall_rtol=1e-12."""
+    record = run_job(compose_config(TINY + ZERO_STEPS), tmp_path / "zero")
+    frame = _frame(tmp_path / "zero")
+    last_step = int(frame.step.max())
+    for st in record["status"].values():
+        assert st == {"status": "stalled", "step": 1, "reason": f"parameters unchanged from step 1 to step {last_step} "
+                      "(largest relative change 0 <= health.stall_rtol = 0)"}
+    assert _last(frame).samples.min() >= 3000  # a stalled seed runs to the end and keeps its rows
+    tiny = ["algorithm.c_xi=1e-200", "algorithm.c_alpha=1e-200", "algorithm.c_alpha_z=1e-200"]
+    moving = run_job(compose_config(TINY + tiny), tmp_path / "tiny")
+    assert {st["status"] for st in moving["status"].values()} == {"completed"}
+    slow = run_job(compose_config(TINY + tiny + ["health.stall_rtol=1e-12"]), tmp_path / "rtol")
+    assert {st["status"] for st in slow["status"].values()} == {"stalled"}
+    off = run_job(compose_config(TINY + ZERO_STEPS + ["health.enabled=false"]), tmp_path / "off")
+    assert {st["status"] for st in off["status"].values()} == {"completed"}
+
+
+@pytest.mark.parametrize("case", ["saturated", "stalled"])
+def test_statuses_survive_checkpoint_and_resume(compose_config, tmp_path, monkeypatch, capsys, case):
+    """Killed between two detections (saturated: the theorem regime on held-out instance 11, whose seeds
+    saturate at different steps; stalled: after the first decade's snapshot), resumed: the same statuses and
+    metrics as the uninterrupted run, and a finished run with such seeds is skipped, not recomputed."""
+    overrides = (SMALL_BATCH + ["env.instance_seed=11", "budget.steps=1000"] if case == "saturated"
+                 else TINY + ZERO_STEPS) + ["checkpoint_every_s=0"]
+    kill_at = 300 if case == "saturated" else 20
+    straight = run_job(compose_config(overrides), tmp_path / "straight")
+    steps = sorted(st["step"] for st in straight["status"].values() if st["status"] == case)
+    assert steps and (case == "stalled" or steps[0] < kill_at < steps[-1]), steps
+    original = Bilevel.step
+
+    def killed(self, state, sampler):
+        if state.k == kill_at:
+            raise KeyboardInterrupt
+        return original(self, state, sampler)
+
+    monkeypatch.setattr(Bilevel, "step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(compose_config(overrides), tmp_path / "resumed")
+    monkeypatch.setattr(Bilevel, "step", original)
+    resumed = run_job(compose_config(overrides), tmp_path / "resumed")
+    assert "resuming" in capsys.readouterr().out and resumed["resumed_from_step"] > 0
+    assert resumed["status"] == straight["status"]
+    pd.testing.assert_frame_equal(_frame(tmp_path / "straight").drop(columns="wall_s"),
+                                  _frame(tmp_path / "resumed").drop(columns="wall_s"), check_exact=True)
+    run_job(compose_config(overrides), tmp_path / "resumed")
+    assert "skipping" in capsys.readouterr().out and case in FINISHED
+
+
+def test_the_small_batch_regime_leaves_no_broken_seed_completed(compose_config, tmp_path):
+    """rate_bandit_small_batch's settings on held-out instance 11, 3000 steps. Reference: the same run with
+    health.enabled=false. Every seed whose last reward_err is non-finite or whose last grad_sq is exactly 0 there is
+    not completed here; the check changes nothing else (each seed's rows equal up to its saturation step)."""
+    overrides = SMALL_BATCH + ["env.instance_seed=11", "budget.steps=3000"]
+    checked = run_job(compose_config(overrides), tmp_path / "checked")["status"]
+    unchecked = run_job(compose_config(overrides + ["health.enabled=false"]), tmp_path / "unchecked")["status"]
+    assert {st["status"] for st in unchecked.values()} == {"completed"}
+    ref, got = _frame(tmp_path / "unchecked"), _frame(tmp_path / "checked")
+    last = _last(ref)
+    broken = last.index[~np.isfinite(last.reward_err) | (last.grad_sq == 0)].tolist()
+    assert broken, "the reference run has no broken seed: the test would prove nothing"
+    assert all(checked[str(s)]["status"] != "completed" for s in broken), (broken, checked)
+    saturated = [s for s, st in checked.items() if st["status"] == "saturated"]
+    assert saturated
+    for seed, st in checked.items():
+        end = st["step"] if st["status"] == "saturated" else int(ref.step.max())
+        mine = got[got.seed == int(seed)].drop(columns="wall_s").reset_index(drop=True)
+        theirs = ref[(ref.seed == int(seed)) & (ref.step <= end)].drop(columns="wall_s").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, theirs, check_exact=True)
+    final = _last(got)
+    completed = [int(s) for s, st in checked.items() if st["status"] == "completed"]
+    assert np.isfinite(final.loc[completed, "reward_err"]).all() and (final.loc[completed, "grad_sq"] > 0).all()
+
+
+def test_a_batched_family_decides_health_per_instance(compose_config, tmp_path):
+    """instances=[11,12] as one batch: each instance's statuses are those of its own job (c_xi=1e6 saturates
+    every seed at step 1; with the step constants at 5e-324 every seed stalls)."""
+    for name, extra in (("saturating", ["algorithm.c_xi=1e6"]), ("frozen", ZERO_STEPS)):
+        folders, _ = run_instances_or_skip(compose_config(TINY + extra + ["instances=[11,12]"]), tmp_path / name)
+        for folder, record in folders:
+            k = int(folder.name.split("_")[1])
+            alone = run_job(compose_config(TINY + extra + [f"env.instance_seed={k}"]), tmp_path / f"{name}_{k}")
+            assert record["status"] == alone["status"]
+            assert {st["status"] for st in record["status"].values()} == {"saturated" if name == "saturating" else "stalled"}
+
+
+@pytest.mark.parametrize("override,words", [
+    ("health.stall_rtol=-1", ["health.stall_rtol", "[0, 1)"]),
+    ("health.min_log_prob=1", ["health.min_log_prob", "< 0"]),
+    ("health.max_abs_reward=0", ["health.max_abs_reward", "> 0"]),
+    ("+health.bogus=1", ["health.bogus", "unknown key"]),
+])
+def test_bad_health_settings_are_refused_before_compute(expect_bad_input, override, words):
+    expect_bad_input(["algorithm=bilevel", override], words)
+
+
+def test_objective_counts_a_saturated_or_stalled_seed_as_not_completed():
+    frame = pd.DataFrame({"seed": [0, 1], "samples": [10, 10], "policy_gap": [0.1, 0.2]})
+    for status in ("saturated", "stalled"):
+        record = {"seeds": [0, 1], "status": {"0": {"status": "completed"}, "1": {"status": status}}}
+        assert objective_value(frame, record, "policy_gap") == math.inf
+    record = {"seeds": [0, 1], "status": {"0": {"status": "completed"}, "1": {"status": "completed"}}}
+    assert objective_value(frame, record, "policy_gap") == pytest.approx(0.15)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("instance", [12, 13])
+def test_the_theorem_regime_in_full_reports_every_broken_seed(compose_config, tmp_path, instance):
+    """rate_bandit_small_batch's full settings (220,000 steps, 16 seeds) on a held-out instance: no seed whose last
+    reward_err is non-finite or whose last grad_sq is exactly 0 is completed, and some seed is saturated."""
+    record = run_job(compose_config(SMALL_BATCH + [f"env.instance_seed={instance}", "budget.steps=220000"]), tmp_path)
+    status = record["status"]
+    final = _last(_frame(tmp_path))
+    broken = final.index[~np.isfinite(final.reward_err) | (final.grad_sq == 0)].tolist()
+    assert all(status[str(s)]["status"] != "completed" for s in broken), status
+    assert any(st["status"] == "saturated" for st in status.values())
+    for seed, st in status.items():
+        if st["status"] == "saturated":
+            assert final.loc[int(seed), "step"] == st["step"]
+    counts = pd.Series([st["status"] for st in status.values()]).value_counts().to_dict()
+    print(f"instance {instance}: {counts}")  # the counts reported in docs/metrics.md (pytest -s)
