@@ -109,6 +109,7 @@ RUN_KEYS = (  # (override, what it does): the keys every run accepts (SPEC §6),
     ("budget.steps=N", "also stop after N outer steps; evaluation points log-spaced in steps"),
     ("model.reward.width=W  model.policy.width=W", "network widths (also .depth, .kind, .activation)"),
     ("hydra.run.dir=DIR  |  hydra.sweep.dir=DIR", "output folder of a run / of a sweep (-m)"),
+    ("health.stall_rtol=R  health.min_log_prob=L", "when a seed is `saturated` / `stalled`, not completed: docs/metrics.md"),
     ("objective=policy_gap", "what a job returns to a tuning sweeper (mean final value over seeds): docs/sweeps.md"),
 )
 RUN_EXAMPLES = (

@@ -20,7 +20,7 @@ OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_insta
 
 def objective_value(metrics: pd.DataFrame, record: dict, metric: str) -> float:
     """The mean over seeds of each seed's last value of `metric`: what a tuning trial reports. +inf when a
-    seed did not complete (diverged or failed) or has no finite last value, so a sweeper never prefers a
+    seed is not `completed` (diverged, saturated, stalled or failed) or has no finite last value, so a sweeper never prefers a
     configuration that blows up on some seeds."""
     if any(st.get("status") != "completed" for st in record["status"].values()) or metrics.empty:
         return float("inf")
