@@ -405,7 +405,7 @@ class _Job:
                                        flat_parameters(part.algo.tensors(state)), self._clock(), self.counters.step)
         found = torch.tensor([why is not None for why in reasons]) & alive
         for j in found.nonzero().flatten().tolist():
-            part.status[self.part_seed(j)] = {"status": "saturated", "step": self.counters.step, "reason": reasons[j]}
+            part.status[self._part_seed(j)] = {"status": "saturated", "step": self.counters.step, "reason": reasons[j]}
         return found
 
     def _mark_stalled(self) -> None:
@@ -414,10 +414,10 @@ class _Job:
             alive = self.alive[self.part_rows[i]].tolist()
             for j, why in enumerate(part.health.stalled()):
                 if why is not None and alive[j]:
-                    part.status[self.part_seed(j)] = {"status": "stalled", "step": part.health.stalled_step(j),
+                    part.status[self._part_seed(j)] = {"status": "stalled", "step": part.health.stalled_step(j),
                                                       "reason": why}
 
-    def part_seed(self, j: int) -> int:
+    def _part_seed(self, j: int) -> int:
         """The seed of a part's row j."""
         return int(self.v.seeds[j])
 
@@ -440,7 +440,7 @@ class _Job:
                     part, seed = self._row_owner(row)
                     message = f"{type(exc).__name__}: {exc}"
                     part.status[seed] = {"status": "failed", "step": counters.step, "message": message,
-                                         "reason": message.splitlines()[0] if message.strip() else type(exc).__name__}
+                                         "reason": message.splitlines()[0]}
                 break
             counters.step += 1
             self.wall += time.perf_counter() - tic
@@ -510,12 +510,14 @@ def _mark_diverged(algo, state, alive) -> dict[int, str]:
     batch stays finite, and it gets no further metric rows. Other seeds continue. Returns the
     rows that diverged at this step, each with the reason (which tensors hold inf or NaN)."""
     tensors = algo.tensors(state)
-    bad = {name: ~torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(1) for name, t in tensors.items()}
-    finite = ~torch.stack(list(bad.values())).any(0)
+    finite = torch.ones_like(alive)
+    for t in tensors.values():
+        finite &= torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(1)
     newly = alive & ~finite
     if not newly.any():
         return {}
-    reasons = {row: "non-finite values (inf or NaN) in the parameters " + ", ".join(n for n, b in bad.items() if b[row])
+    reasons = {row: "non-finite values (inf or NaN) in the parameters "
+               + ", ".join(name for name, t in tensors.items() if not bool(torch.isfinite(t[row]).all()))
                for row in newly.nonzero().flatten().tolist()}
     alive &= finite
     zero_rows(tensors, newly)
