@@ -29,6 +29,7 @@ from ratebench.records import (BASE_COLUMNS, OPERATIONAL_KEYS, atomic_write_json
 from ratebench.sampling import Counters, CountingSampler
 from ratebench.signals import Interrupted, StopRequests
 
+SEGMENT_SECONDS = 0.5  # at most about this much compute per segment call: a signal or a checkpoint waits no longer
 FINISHED = ("completed", "diverged")  # final outcomes: re-running the same config reproduces them
 RESULT_FILES = ("metrics.parquet", "run.json", checkpoint.FILENAME)  # written atomically into a run folder
 
@@ -249,6 +250,7 @@ class _Part:
         self.f_true = true_objective(self.problem)
         self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, self.problem)  # steps a single job
         self.algo.impl = v.impl
+        self.algo.step_threads = step_threads(cfg)
         self.evaluator = Evaluator(self.problem, self.reference, self.algo)
         self.status = {s: {"status": "completed"} for s in v.seeds}
         self.rows: list[pd.DataFrame] = []
@@ -286,6 +288,7 @@ class _Job:
             self.problem = InstanceBatch([p.problem for p in parts], torch.arange(len(parts)).repeat_interleave(n))
             self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, self.problem)
             self.algo.impl = v.impl
+            self.algo.step_threads = step_threads(cfg)
         self.part_rows = [slice(i * n, (i + 1) * n) for i in range(len(parts))]
         rows = v.seeds * len(parts)  # a seed's streams do not depend on its instance: as in its own job
         self.counters = Counters()
@@ -399,7 +402,7 @@ class _Job:
         while self._budget_left() and self.alive.any():
             tic = time.perf_counter()
             try:
-                self.state = self.algo.step(self.state, self.sampler)
+                diverged = self._advance()
             except Exception as exc:  # an exception cannot be pinned on one seed: all fail
                 error = exc
                 for row in self.alive.nonzero().flatten().tolist():
@@ -407,11 +410,10 @@ class _Job:
                     part.status[seed] = {"status": "failed", "step": counters.step,
                                          "message": f"{type(exc).__name__}: {exc}"}
                 break
-            counters.step += 1
             self.wall += time.perf_counter() - tic
-            for row in _mark_diverged(self.algo, self.state, self.alive).tolist():
+            for row, step in diverged:
                 part, seed = self._row_owner(row)
-                part.status[seed] = {"status": "diverged", "step": counters.step}
+                part.status[seed] = {"status": "diverged", "step": step}
             at_point = self.next_point < len(self.points) and self._clock() >= self.points[self.next_point]
             if at_point and self.alive.any():
                 self._record()
@@ -432,6 +434,42 @@ class _Job:
             print(f"ratebench: interrupted after {self.out_dir} completed", file=sys.stderr, flush=True)
             raise Interrupted(self.stops.signum)
         return records
+
+    def _advance(self) -> list[tuple[int, int]]:
+        """One step, or a segment of steps in one call where the algorithm runs segments (Algorithm.run_segment):
+        as many as reach the next evaluation point or the budget, capped at about SEGMENT_SECONDS of compute so a
+        signal or a due checkpoint waits no longer. Advances the step counter; returns the (row, step) of each
+        seed that diverged (its parameters went non-finite at the end of that step: zeroed, no more rows)."""
+        per_step = self.algo.segment_samples(self.state)
+        if per_step is None:
+            self.state = self.algo.step(self.state, self.sampler)
+            self.counters.step += 1
+            return [(row, self.counters.step) for row in _mark_diverged(self.algo, self.state, self.alive).tolist()]
+        n, start, tic = self._segment_steps(per_step), self.counters.step, time.perf_counter()
+        self.state, steps, died = self.algo.run_segment(self.state, self.sampler, n, self.alive)
+        self.counters.step += steps
+        self._step_s = (time.perf_counter() - tic) / steps
+        newly = (died > 0) & self.alive
+        self.alive &= ~newly
+        return [(row, start + int(died[row])) for row in newly.nonzero().flatten().tolist()]
+
+    def _segment_steps(self, per_step: int) -> int:
+        """Steps to the next evaluation point, to the budget (samples or steps: the per-step loop's stopping points,
+        since each step draws per_step samples), and about SEGMENT_SECONDS of compute (at most 4x the last
+        segment's length, from one step at first)."""
+        def steps_to(samples: int) -> int:
+            return -(-(samples - self.counters.samples) // per_step)
+
+        n = steps_to(self.budget)
+        if self.step_budget is not None:
+            n = min(n, self.step_budget - self.counters.step)
+        if self.next_point < len(self.points):
+            target = self.points[self.next_point]
+            n = min(n, target - self.counters.step if self.step_budget is not None else steps_to(target))
+        step_s = getattr(self, "_step_s", None)
+        cap = 1 if step_s is None else min(4 * self._last_segment, max(1, int(SEGMENT_SECONDS / max(step_s, 1e-9))))
+        self._last_segment = max(1, min(n, cap))
+        return self._last_segment
 
     def _stop(self, signum: int) -> None:
         """SIGTERM / SIGINT in the loop: checkpoint now (the state is consistent at the end of a step),
@@ -466,6 +504,14 @@ class _Job:
         }
         atomic_write_json(part.out_dir / "run.json", record)  # the completion marker: written last
         return record
+
+
+def step_threads(cfg) -> int:
+    """Threads of a compiled segment: cfg.step_threads, or every core this process may use when it is 0."""
+    n = int(cfg.get("step_threads", 0) or 0)
+    if n:
+        return n
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _mark_diverged(algo, state, alive) -> torch.Tensor:
