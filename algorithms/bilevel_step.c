@@ -94,19 +94,26 @@ static int64_t widest(const Net *net) {
    networks' passes. m is a constant in each inlined copy (tiles' switch), so the accumulators stay in registers
    instead of being stored and reloaded at every k, which made the plain loop 3x slower at these sizes. */
 #define TILE 16
-static inline __attribute__((always_inline)) void tile(const int m, double *out, const double *init,
+static inline __attribute__((always_inline)) void tile(const int m, const int sparse, double *out, const double *init,
         const double *restrict coef, int64_t cstride, int64_t n, const double *restrict mat, int64_t stride) {
     double acc[TILE];
     for (int j = 0; j < m; j++) acc[j] = init ? init[j] : 0.0;
     for (int64_t k = 0; k < n; k++) {
         const double c = coef[k * cstride], *restrict row = mat + k * stride;
+        if (sparse && c == 0.0) continue;  /* a feature that is 0 (the policy's inputs are mostly one-hot) adds 0 */
         for (int j = 0; j < m; j++) acc[j] += c * row[j];
     }
     for (int j = 0; j < m; j++) out[j] = acc[j];
 }
-#define TILE_CASE(m) case m: tile(m, out + j0, init ? init + j0 : NULL, coef, cstride, n, mat + j0, stride); break;
+#define TILE_CASE(m) case m: tile(m, SPARSE, out + j0, init ? init + j0 : NULL, coef, cstride, n, mat + j0, stride); break;
+#define TILE_SWITCH \
+        switch (width - j0 < TILE ? width - j0 : TILE) { \
+            TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7) TILE_CASE(8) \
+            TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12) TILE_CASE(13) TILE_CASE(14) TILE_CASE(15) TILE_CASE(16) \
+        }
+/* sparse: skip the coefficients that are 0 (a network's inputs, when the features are mostly one-hot) */
 static void tiles(int64_t width, double *out, const double *init, const double *coef, int64_t cstride, int64_t n,
-                  const double *mat, int64_t stride) {
+                  const double *mat, int64_t stride, int sparse) {
     if (width == 1) {  /* a dot product (the reward's one output): four partial sums, not one chain of n adds */
         double acc[4] = {init ? init[0] : 0.0, 0.0, 0.0, 0.0};
         int64_t k = 0;
@@ -117,9 +124,14 @@ static void tiles(int64_t width, double *out, const double *init, const double *
         return;
     }
     for (int64_t j0 = 0; j0 < width; j0 += TILE) {
-        switch (width - j0 < TILE ? width - j0 : TILE) {
-            TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7) TILE_CASE(8)
-            TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12) TILE_CASE(13) TILE_CASE(14) TILE_CASE(15) TILE_CASE(16)
+        if (sparse) {
+#define SPARSE 1
+            TILE_SWITCH
+#undef SPARSE
+        } else {
+#define SPARSE 0
+            TILE_SWITCH
+#undef SPARSE
         }
     }
 }
@@ -133,9 +145,11 @@ static void mlp_forward(const Net *net, int64_t k, const double *x, int64_t n, d
         double *out = acts[l + 1];
         for (int64_t r = 0; r < n; r++) {
             double *o = out + r * fo;
-            tiles(fo, o, bias, in + r * fi, 1, fi, W, fo);  /* h_{l+1} = b + h_l W */
-            if (l + 1 < net->n_layers)  /* hidden layer: relu or tanh */
-                for (int64_t j = 0; j < fo; j++) o[j] = net->tanh_act ? tanh(o[j]) : (o[j] > 0 ? o[j] : 0.0);
+            tiles(fo, o, bias, in + r * fi, 1, fi, W, fo, l == 0);  /* h_{l+1} = b + h_l W */
+            if (l + 1 < net->n_layers) {  /* hidden layer: relu or tanh */
+                if (net->tanh_act) for (int64_t j = 0; j < fo; j++) o[j] = tanh(o[j]);
+                else for (int64_t j = 0; j < fo; j++) o[j] = o[j] > 0 ? o[j] : 0.0;
+            }
         }
         in = out;
     }
@@ -160,14 +174,14 @@ static void mlp_backward(const Net *net, int64_t k, const double *x, int64_t n, 
         double *db = dW + fi * fo;
         if (l < L - 1) {  /* through the activation: relu' = [h > 0], tanh' = 1 - h^2 */
             const double *h = acts[l + 1];
-            for (int64_t e = 0; e < n * fo; e++)
-                g[e] = net->tanh_act ? g[e] * (1 - h[e] * h[e]) : (h[e] > 0 ? g[e] : 0.0);
+            if (net->tanh_act) for (int64_t e = 0; e < n * fo; e++) g[e] = g[e] * (1 - h[e] * h[e]);
+            else for (int64_t e = 0; e < n * fo; e++) g[e] = h[e] > 0 ? g[e] : 0.0;
         }
         if (fo >= fi || fo > TILE)  /* dW = h_l^T g: row i of dW sums h_l[r, i] g[r] over the rows */
-            for (int64_t i = 0; i < fi; i++) tiles(fo, dW + i * fo, dW + i * fo, in + i, fi, n, g, fo);
+            for (int64_t i = 0; i < fi; i++) tiles(fo, dW + i * fo, dW + i * fo, in + i, fi, n, g, fo, l == 0);
         else  /* a narrow layer (the policy's actions, the reward's one output): column j of dW, fi wide */
             for (int64_t j = 0; j < fo; j++) {
-                tiles(fi, Wt, NULL, g + j, fo, n, in, fi);
+                tiles(fi, Wt, NULL, g + j, fo, n, in, fi, 0);
                 for (int64_t i = 0; i < fi; i++) dW[i * fo + j] += Wt[i];
             }
         for (int64_t r = 0; r < n; r++)  /* db = sum over rows of g */
@@ -176,7 +190,7 @@ static void mlp_backward(const Net *net, int64_t k, const double *x, int64_t n, 
             const double *W = net->W[l] + k * fi * fo;
             for (int64_t i = 0; i < fi; i++)
                 for (int64_t j = 0; j < fo; j++) Wt[j * fi + i] = W[i * fo + j];
-            for (int64_t r = 0; r < n; r++) tiles(fi, g_prev + r * fi, NULL, g + r * fo, 1, fo, Wt, fi);
+            for (int64_t r = 0; r < n; r++) tiles(fi, g_prev + r * fi, NULL, g + r * fo, 1, fo, Wt, fi, 0);
             double *t = g; g = g_prev; g_prev = t;
             dW -= net->sizes[l - 1] * fi + fi;
         }
