@@ -225,6 +225,7 @@ typedef struct {  /* per-seed scratch, allocated once per call (the policy table
     double *u;                        /* a stage's uniforms */
     double *grad;                     /* (2S, A), later (n_units) */
     double *g, *g_prev, *Wt, *dW, *gout; /* backward scratch */
+    double *px, **prows;              /* a z / y stage's visited states' policy inputs and activations, gathered as rows */
 } Work;
 
 static void policy_tables(const Step *st, Work *w, int64_t b) {
@@ -350,15 +351,24 @@ static void z_y_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     const double *x = st->policy_x + b * st->policy_x_stride;
     for (int p = 0; p < 2; p++) {  /* through log-softmax: d logits = g - pi sum_a g; then the network */
         const double *pi = w->prob + p * S * A, *g = grad + p * S * A;
-        for (int64_t s = 0; s < S; s++) {
-            double sum = 0;
-            for (int64_t a = 0; a < A; a++) sum += g[s * A + a];
-            for (int64_t a = 0; a < A; a++) w->gout[s * A + a] = g[s * A + a] - pi[s * A + a] * sum;
-        }
         Net *net = p ? &w->y : &w->z;
         const Net *to = p ? &st->y : &st->z;
+        int64_t n = 0, d = net->sizes[0];
+        for (int64_t s = 0; s < S; s++) {  /* only the states the stage visited have a gradient: their rows, gathered */
+            double sum = 0;
+            int visited = 0;
+            for (int64_t a = 0; a < A; a++) { sum += g[s * A + a]; visited |= g[s * A + a] != 0.0; }
+            if (!visited) continue;
+            for (int64_t a = 0; a < A; a++) w->gout[n * A + a] = g[s * A + a] - pi[s * A + a] * sum;
+            for (int64_t i = 0; i < d; i++) w->px[n * d + i] = x[s * d + i];
+            for (int l = 1; l < net->n_layers; l++) {
+                int64_t wl = net->sizes[l];
+                for (int64_t i = 0; i < wl; i++) w->prows[l][n * wl + i] = w->pacts[p][l][s * wl + i];
+            }
+            n++;
+        }
         memset(w->dW, 0, sizeof(double) * n_params(net));
-        mlp_backward(net, b, x, S, w->pacts[p], w->gout, w->g, w->g_prev, w->Wt, w->dW);
+        mlp_backward(net, b, w->px, n, w->prows, w->gout, w->g, w->g_prev, w->Wt, w->dW);
         sgd_update(net, to, b, w->dW, 1.0);  /* the step size is in the gradient already */
         net->W = to->W, net->b = to->b;  /* from here on the passes read the updated parameters */
     }
@@ -440,8 +450,11 @@ static int work_alloc(const Step *st, Work *w) {  /* 0, or 1 when out of memory 
     w->pacts[1] = calloc(st->z.n_layers + 1, sizeof(double *));
     w->racts = calloc(st->nu.n_layers + 1, sizeof(double *));
     w->rrows = calloc(st->nu.n_layers + 1, sizeof(double *));
-    if (!w->pacts[0] || !w->pacts[1] || !w->racts || !w->rrows) return 1;
+    w->prows = calloc(st->z.n_layers + 1, sizeof(double *));
+    if (!w->pacts[0] || !w->pacts[1] || !w->racts || !w->rrows || !w->prows) return 1;
     int bad = 0;
+    for (int l = 1; l < st->z.n_layers; l++) bad |= !(w->prows[l] = malloc(sizeof(double) * S * st->z.sizes[l]));
+    bad |= !(w->px = malloc(sizeof(double) * S * st->z.sizes[0]));
     for (int l = 1; l <= st->nu.n_layers; l++) {
         bad |= !(w->racts[l] = malloc(sizeof(double) * U * st->nu.sizes[l]));
         bad |= !(w->rrows[l] = malloc(sizeof(double) * U * st->nu.sizes[l]));
@@ -469,6 +482,8 @@ static void work_free(const Step *st, Work *w) {
     free(w->pacts[0]); free(w->pacts[1]); free(w->r);
     if (w->racts && w->rrows)
         for (int l = 1; l <= st->nu.n_layers; l++) { free(w->racts[l]); free(w->rrows[l]); }
+    if (w->prows) for (int l = 1; l < st->z.n_layers; l++) free(w->prows[l]);
+    free(w->prows); free(w->px);
     free(w->racts); free(w->rrows); free(w->rx); free(w->r_done); free(w->r_seen); free(w->index); free(w->unit);
     free(w->local); free(w->ret); free(w->weight); free(w->label); free(w->u); free(w->grad); free(w->g);
     free(w->g_prev); free(w->Wt); free(w->gout); free(w->dW);

@@ -244,6 +244,7 @@ class _Part:
     status and metric rows of its seeds. A job has one; a batched instance family one per instance."""
 
     def __init__(self, v, resolved, run_hash, out_dir: Path, cfg):
+        tic = time.perf_counter()
         self.v, self.resolved, self.run_hash, self.out_dir = v, resolved, run_hash, Path(out_dir)
         self.problem = envs.make(v.env)
         self.reference = reference(self.problem, plain(v.env), cfg.cache_dir)
@@ -255,6 +256,7 @@ class _Part:
         self.status = {s: {"status": "completed"} for s in v.seeds}
         self.rows: list[pd.DataFrame] = []
         self.live_log = live_logger(cfg.get("logger"), self.out_dir)  # logger=tensorboard: watch a long run
+        self.setup_s = time.perf_counter() - tic  # the environment, F-hat* (cached or solved), the evaluator
 
     def psi_cache(self) -> dict:
         """min psi_lam per solved lam (envs/penalty.py PsiReference): each solve is warm-started from the
@@ -278,6 +280,7 @@ class _Job:
     p * n_seeds ... (p + 1) * n_seeds - 1). Everything that must survive a restart is in `_snapshot()`."""
 
     def __init__(self, cfg, parts: list[_Part], run_hash, out_dir, experiment, stops: StopRequests | None = None):
+        tic = time.perf_counter()
         self.parts, self.run_hash, self.out_dir, self.experiment = parts, run_hash, Path(out_dir), experiment
         self.v = v = parts[0].v
         self.stops = stops or StopRequests()
@@ -305,6 +308,10 @@ class _Job:
         self.wall = self.eval_s = self.checkpoint_s = 0.0
         self.next_point, self.last_recorded = 0, None
         self.resumed_from = self._restore()
+        setup = time.perf_counter() - tic + sum(p.setup_s for p in parts)
+        tic = time.perf_counter()
+        self.algo.segment_samples(self.state)  # builds (or loads) a compiled step now, not inside the first step
+        self.startup = {"imports": _imports_s(), "setup": setup, "kernel": time.perf_counter() - tic}
         self.progress = Progress(f"{v.env.name}/{v.algorithm.name} {self.out_dir.name}", self.step_budget or self.budget,
                                  bool(cfg.progress), start_samples=self._clock(),
                                  unit="steps" if self.step_budget else "samples")
@@ -499,11 +506,43 @@ class _Job:
             "f_true": part.f_true, "j_star": part.evaluator.j_star, "target": None, **part.evaluator.targets,
             "counters": vars(self.counters),
             "wall_s": self.wall, "eval_wall_s": self.eval_s, "checkpoint_wall_s": self.checkpoint_s,
+            "startup_wall_s": self.startup,
             "resumed_from_step": self.resumed_from, "metrics_sha256": metrics_sha256, "metrics_rows": len(metrics),
             "version": ratebench.__version__, "provenance": info,
         }
         atomic_write_json(part.out_dir / "run.json", record)  # the completion marker: written last
         return record
+
+
+def _uptime() -> float | None:
+    """Seconds since boot (Linux), or None."""
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux /proc), or None."""
+    now = _uptime()
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if now is None else max(0.0, now - started)
+
+
+_IMPORTED_AFTER_S = _process_age()  # the interpreter's start and the imports up to this module
+
+
+def _imports_s() -> float | None:
+    """Seconds from the process's start to ratebench.runner imported, for the process's first job only (later jobs
+    of a worker process import nothing): 0.0 for them, None where /proc is missing."""
+    global _IMPORTED_AFTER_S
+    seconds, _IMPORTED_AFTER_S = _IMPORTED_AFTER_S, 0.0
+    return seconds
 
 
 def step_threads(cfg) -> int:

@@ -1,0 +1,99 @@
+"""Segments against the per-step compiled step (issue: runs of 10^7 steps in minutes), side by side in one run, as
+ratios of algorithm steps/s (wall time: a segment uses every core, step_threads = all of them):
+- Bilevel.step with impl=fast, one C call per step (the per-step path, kept as this baseline), against
+  Bilevel.run_segment, the same steps in one call with the seeds split across threads;
+- the README main job (`ratebench run algorithm=bilevel`): the share of its wall time spent in evaluation, and its
+  start-up (imports, F-hat*, the build) as run.json records it.
+
+Run serially:  OMP_NUM_THREADS=1 .venv/bin/pytest bench/test_bench_segments.py -p no:xdist --benchmark-enable -s -q
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+from conftest import interleaved, record_ratio
+
+from ratebench import envs
+from ratebench.algorithms import ALGORITHMS
+from ratebench.config import validate
+from ratebench.runner import run_job, step_threads
+from ratebench.sampling import Counters, CountingSampler
+
+SMALL = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
+CONFIGS = {  # id: (overrides, issue target, regression floor asserted here)
+    "bilevel-16-N=M=2": (["algorithm=bilevel", "n_seeds=16", *SMALL], 8.0, 2.0),
+    "bilevel-64-N=M=2": (["algorithm=bilevel", "n_seeds=64", *SMALL], 4.0, 1.3),
+    # the default batches (the last speed issue's targets): not slower
+    "bilevel-16-default": (["algorithm=bilevel", "n_seeds=16"], 1.0, 1.0),
+    "bilevel-256-default": (["algorithm=bilevel", "n_seeds=256"], 1.0, 1.0),
+    "bilevel-256-N=M=2": (["algorithm=bilevel", "n_seeds=256", *SMALL], 1.0, 1.0),
+}
+
+
+def build(compose_config, overrides):
+    v = validate(compose_config(overrides))
+    problem = envs.make(v.env)
+    algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
+    algo.impl = "fast"
+    algo.step_threads = step_threads(compose_config(overrides))
+    return algo, CountingSampler(problem, v.seeds, Counters()), v
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_segment_vs_per_step_steps_per_second(benchmark, compose_config, config):
+    overrides, target, floor = CONFIGS[config]
+    runs = {}
+    for arm in ("per_step", "segment"):
+        algo, sampler, v = build(compose_config, overrides)
+        state = algo.init(v.seeds)
+        for _ in range(3):
+            state = algo.step(state, sampler)
+        runs[arm] = [algo, sampler, state, torch.ones(len(v.seeds), dtype=torch.bool)]
+    probe = time.perf_counter()
+    runs["per_step"][2] = runs["per_step"][0].step(runs["per_step"][2], runs["per_step"][1])
+    per_round = max(5, min(2000, int(0.4 / max(time.perf_counter() - probe, 1e-6))))
+    times = {arm: [] for arm in runs}
+    for arm, run in interleaved(runs):
+        algo, sampler, state, alive = run
+        tic = time.perf_counter()
+        if arm == "per_step":
+            for _ in range(per_round):
+                state = algo.step(state, sampler)
+        else:
+            state, steps, _ = algo.run_segment(state, sampler, per_round, alive)
+            assert steps == per_round
+        times[arm].append((time.perf_counter() - tic) / per_round)
+        run[2] = state
+    t = {arm: statistics.median(x) for arm, x in times.items()}
+    algo, sampler, state, alive = runs["segment"]
+    benchmark.pedantic(lambda: algo.run_segment(state, sampler, per_round, alive), rounds=2, iterations=1)
+    ratio = t["per_step"] / t["segment"]
+    record_ratio(benchmark, f"segment_speedup[{config}]", ratio,
+                 f"per step {t['per_step'] * 1e6:.0f} us/step, segment {t['segment'] * 1e6:.0f} us/step (wall, "
+                 f"{algo.step_threads} threads, {per_round} steps a round; range over rounds "
+                 f"{min(times['per_step']) / max(times['segment']):.2f}-{max(times['per_step']) / min(times['segment']):.2f}x); "
+                 f"issue target >= {target:g}")
+    assert ratio >= floor
+
+
+def test_readme_main_job_evaluation_share_and_start_up(benchmark, compose_config, tmp_path):
+    """`ratebench run algorithm=bilevel` (README's main job, its defaults), whole run_job twice (the second with the
+    F-hat* cache and the build warm): evaluation's share of the wall time, and run.json's start-up fields."""
+    cfg = compose_config(["algorithm=bilevel", "progress=false"])
+    records, walls = [], []
+    for name in ("cold", "warm"):
+        tic = time.perf_counter()
+        records.append(run_job(cfg, tmp_path / name))
+        walls.append(time.perf_counter() - tic)
+    benchmark.pedantic(lambda: None, rounds=1)
+    record = records[1]
+    share = record["eval_wall_s"] / walls[1]
+    record_ratio(benchmark, "main_job_eval_share", share,
+                 f"evaluation {record['eval_wall_s']:.2f} s of {walls[1]:.2f} s wall (steps {record['wall_s']:.2f} s, "
+                 f"start-up {record['startup_wall_s']}); cold run: {walls[0]:.1f} s wall, start-up "
+                 f"{records[0]['startup_wall_s']}; issue target <= 0.2")
+    assert share <= 0.5
