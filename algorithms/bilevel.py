@@ -119,11 +119,11 @@ class Bilevel(Algorithm):
             state.alpha = cfg.c_alpha / (k + k0) ** cfg.alpha_exponent  # alpha_k = c_alpha / (k + k0)^a
             state.alpha_z = cfg.c_alpha_z / (k + k0) ** cfg.alpha_z_exponent
             state.xi = cfg.c_xi / (k + k0) ** cfg.xi_exponent  # xi_k = c_xi / (k + k0)^b
-            return cfg.batch_traj, cfg.batch_pairs, cfg.inner_steps
-        state.lam, inner, batch = cfg.double_loop_sizes()
-        state.alpha = state.alpha_z = cfg.inner_step
-        state.xi = cfg.outer_step / state.lam
-        return batch, batch, inner
+        else:
+            state.lam = cfg.double_loop_sizes()[0]
+            state.alpha = state.alpha_z = cfg.inner_step
+            state.xi = cfg.outer_step / state.lam
+        return self._sizes()
 
     @staticmethod
     def instance_batch_refusal(cfg) -> str | None:
