@@ -15,7 +15,9 @@
        y <- y - alpha [ g^_theta f(nu, y) / lam - g^_theta J(nu, y) ]   score function + REINFORCE
      draw M pairs from pi_y, N trajectories from pi_z and N from pi_y (the nu stage)
      nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ]
-   Where each uniform goes is the sampler's _DrawPlan (harness/sampling.py), passed in as index tables. */
+   Where each uniform goes is the sampler's _DrawPlan (harness/sampling.py), passed in as index tables.
+   Two entry points run this per-seed step (seed_step): bilevel_step, one step of every seed per call, and
+   bilevel_segment, n steps of every seed per call with the seeds split across threads (what a run uses; at the end). */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
