@@ -235,6 +235,8 @@ class CompiledStep:
             steps = int(died.max())
         sampler.reserve(plans, steps)
         self._keep(state, new)
+        if bool((died > 0).any()):  # a seed zeroed at the segment's last step left the tables of its old parameters
+            self.tables_of = None
         return steps, died
 
     def _tables_valid(self, state) -> bool:

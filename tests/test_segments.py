@@ -101,14 +101,14 @@ def test_segments_are_the_per_step_run_bit_for_bit_through_a_checkpoint(compose_
 
 def test_the_thread_count_changes_no_bit_and_divergence_is_marked_at_its_step(compose_config):
     results = []
-    for threads in (None, 1, 2, 3):  # None: one step per call
-        algo, sampler, counters, seeds = build(compose_config, DIVERGING, "fast")
+    for threads, lengths in ((None, None), (1, [40, 200, 60]), (2, [40, 200, 60]), (3, [40, 200, 60]), (2, [1] * 300)):
+        algo, sampler, counters, seeds = build(compose_config, DIVERGING, "fast")  # None: one step per call
         state, alive = algo.init(seeds), torch.ones(len(seeds), dtype=torch.bool)
         if threads is None:
             state, died = per_step(algo, state, sampler, alive, 300)
-        else:
+        else:  # [1] * 300: every divergence at a segment's last step (the next call must not reuse its old tables)
             algo.step_threads = threads
-            state, died = segments(algo, state, sampler, alive, [40, 200, 60])
+            state, died = segments(algo, state, sampler, alive, lengths)
         results.append((algo, state, died, alive.clone(), dict(vars(counters)), sampler.state_dict()))
     algo0, state0, died0, alive0, counters0, rng0 = results[0]
     assert 2 <= len(died0) < 16, f"the case must diverge on some seeds, not all: {died0}"
