@@ -65,6 +65,21 @@ class Algorithm:
         """reference_step in fewer kernel calls (closed-form gradients, one RNG call), where has_fast_step()."""
         raise NotImplementedError
 
+    def segment_samples(self, state: Any) -> int | None:
+        """Samples every step of a segment draws when this configuration runs segments (run_segment), else None.
+        A segment's steps draw a fixed number each, so the harness knows how many steps reach a sample count."""
+        return None
+
+    def run_segment(self, state: Any, sampler, n_steps: int, alive: torch.Tensor) -> tuple[Any, int, torch.Tensor]:
+        """n_steps steps in one call, where segment_samples() is not None: what n_steps step() calls followed each
+        by the harness's non-finite check (_mark_diverged) compute, bit for bit. alive (B,) bool: the seeds alive at
+        the start (read only). Returns (state, steps run, died (B,) int64: 0, or the step 1..steps at whose end the
+        seed went non-finite and was zeroed). Steps run < n_steps only when every alive seed diverged: the step
+        at which the last one did. `step_threads` threads share the seeds."""
+        raise NotImplementedError
+
+    step_threads: int = 1  # threads of a segment (run_segment); set by the harness from the config
+
     def policy_log_probs(self, state: Any) -> list[torch.Tensor]:
         """The deployed policy as per-step log-prob tables [(B, n_h, A)]."""
         raise NotImplementedError

@@ -119,11 +119,11 @@ class Bilevel(Algorithm):
             state.alpha = cfg.c_alpha / (k + k0) ** cfg.alpha_exponent  # alpha_k = c_alpha / (k + k0)^a
             state.alpha_z = cfg.c_alpha_z / (k + k0) ** cfg.alpha_z_exponent
             state.xi = cfg.c_xi / (k + k0) ** cfg.xi_exponent  # xi_k = c_xi / (k + k0)^b
-            return cfg.batch_traj, cfg.batch_pairs, cfg.inner_steps
-        state.lam, inner, batch = cfg.double_loop_sizes()
-        state.alpha = state.alpha_z = cfg.inner_step
-        state.xi = cfg.outer_step / state.lam
-        return batch, batch, inner
+        else:
+            state.lam = cfg.double_loop_sizes()[0]
+            state.alpha = state.alpha_z = cfg.inner_step
+            state.xi = cfg.outer_step / state.lam
+        return self._sizes()
 
     @staticmethod
     def instance_batch_refusal(cfg) -> str | None:
@@ -230,6 +230,43 @@ class Bilevel(Algorithm):
         state.nu = sgd_update(state.nu, self.reward.backward(state.nu, reward_acts, grad), state.xi)
         state.k += 1
         return state
+
+    # --- segments: every step between two evaluation points in one compiled call -----------------------
+    def segment_samples(self, state) -> int | None:
+        """impl=fast with the compiled step runs segments; each step draws (inner + 1) stages of 2N + 2M samples."""
+        if not (self.impl == "fast" and self.has_fast_step() and self.compiled_step() is not None):
+            return None
+        n_traj, n_pairs, inner = self._sizes()
+        return (inner + 1) * (2 * n_traj + 2 * n_pairs)
+
+    def _sizes(self) -> tuple[int, int, int]:
+        """set_schedule's (N, M, inner steps), which do not depend on k."""
+        cfg = self.cfg
+        if cfg.variant == "single_loop":
+            return cfg.batch_traj, cfg.batch_pairs, cfg.inner_steps
+        _, inner, batch = cfg.double_loop_sizes()
+        return batch, batch, inner
+
+    def run_segment(self, state, sampler, n_steps, alive):
+        """n_steps compiled steps in one call (bilevel_step.c's bilevel_segment): the schedule of each step is
+        set_schedule's, evaluated in C; then the state's k and schedule are those of the last step run."""
+        n_traj, n_pairs, inner = self._sizes()
+        cfg = self.cfg
+        if cfg.variant == "single_loop":
+            schedule = {"lam0": cfg.lam0, "lam_exponent": cfg.lam_exponent, "c_alpha": cfg.c_alpha,
+                        "alpha_exponent": cfg.alpha_exponent, "c_alpha_z": cfg.c_alpha_z,
+                        "alpha_z_exponent": cfg.alpha_z_exponent, "c_xi": cfg.c_xi, "xi_exponent": cfg.xi_exponent,
+                        "k0": cfg.k0}
+        else:
+            self.set_schedule(state)
+            schedule = {"lam": state.lam, "alpha": state.alpha, "alpha_z": state.alpha_z, "xi": state.xi}
+        plans = sampler.plan(inner_draws(n_traj, n_pairs)), sampler.plan(outer_draws(n_traj, n_pairs))
+        steps, died = self.compiled_step().segment(state, sampler, n_steps, alive, schedule, self.step_threads,
+                                                   n_traj, n_pairs, inner, *plans)
+        state.k += steps - 1
+        self.set_schedule(state)  # the last step's lam, alpha, alpha_z, xi (what the records show)
+        state.k += 1
+        return state, steps, died
 
     def compiled_step(self) -> CompiledStep | None:
         """impl=fast's step in C, built on first use; None where it does not apply or cannot be built (no C

@@ -53,6 +53,15 @@ class _Step(ctypes.Structure):
                 ("stage", _Plan), ("nu_stage", _Plan), ("tables", ctypes.POINTER(F64)), ("tables_valid", I64)]
 
 
+class _Segment(ctypes.Structure):
+    _fields_ = [("n_steps", I64), ("k", I64), ("step_uniforms", I64), ("single_loop", I64),
+                *[(name, F64) for name in ("lam0", "lam_exponent", "c_alpha", "alpha_exponent", "c_alpha_z",
+                                           "alpha_z_exponent", "c_xi", "xi_exponent", "k0",
+                                           "lam", "alpha", "alpha_z", "xi")],
+                ("alive", ctypes.POINTER(I64)), ("died", ctypes.POINTER(I64)), ("n_threads", I64),
+                ("schedule", ctypes.POINTER(F64))]
+
+
 def _ptr(t: torch.Tensor, ctype=F64):
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
 
@@ -77,10 +86,13 @@ class CompiledStep:
     def __init__(self, algo):
         self.lib = load(SOURCE)
         self.lib.bilevel_step.argtypes = [ctypes.POINTER(_Step)]
-        self.lib.step_struct_size.restype = I64
-        if self.lib.step_struct_size() != ctypes.sizeof(_Step):  # the two layouts of one struct: fail, never misread
-            raise RuntimeError(f"bilevel_step.c's Step is {self.lib.step_struct_size()} bytes, _Step "
-                               f"{ctypes.sizeof(_Step)}: their fields differ")
+        self.lib.bilevel_segment.argtypes = [ctypes.POINTER(_Step), ctypes.POINTER(_Segment)]
+        for name, struct in (("step_struct_size", _Step), ("segment_struct_size", _Segment)):
+            size = getattr(self.lib, name)
+            size.restype = I64
+            if size() != ctypes.sizeof(struct):  # the two layouts of one struct: fail, never misread
+                raise RuntimeError(f"bilevel_step.c's {name} is {size()} bytes, {struct.__name__} "
+                                   f"{ctypes.sizeof(struct)}: their fields differ")
         problem, lay = algo.problem, algo.problem.flat()
         self.keep = []  # every tensor whose memory the C struct points into
 
@@ -146,33 +158,86 @@ class CompiledStep:
             self.plans[id(plan)] = (plan, c, tensors)
         return self.plans[id(plan)][1]
 
-    def __call__(self, state, sampler, n_traj: int, n_pairs: int, inner: int, stage_plan, nu_plan):
-        """One step from `state` (its schedule already set): new z, y, nu tensors on the state."""
-        st = self.st
+    def _bind(self, state, in_place: bool) -> dict:
+        """Point the struct's networks at the state's parameters: read from them and write new tensors (one step),
+        or read and write copies of them in place (a segment). Returns the tensors by name (alive until the call
+        returns)."""
         new = {}
-        for name, (arrays, depth) in self.arrays.items():  # the C code reads start and writes out
-            start = new[name + "_in"] = [p.contiguous() for p in getattr(state, name)]  # alive until the call returns
-            out = new[name] = [torch.empty(p.shape, dtype=torch.float64) for p in start]
+        for name, (arrays, depth) in self.arrays.items():
+            start = new[name + "_in"] = [p.contiguous() for p in getattr(state, name)]
+            out = new[name] = ([p.clone(memory_format=torch.contiguous_format) for p in start] if in_place
+                               else [torch.empty(p.shape, dtype=torch.float64) for p in start])
+            if in_place:
+                start = out
             W, b, W_in, b_in = arrays
             for layer in range(max(depth, 1)):  # a linear reward (depth 0): W[0] is nu
                 W[layer], W_in[layer] = out[2 * layer].data_ptr(), start[2 * layer].data_ptr()
                 if depth:
                     b[layer], b_in[layer] = out[2 * layer + 1].data_ptr(), start[2 * layer + 1].data_ptr()
+        st = self.st
         st.B = new["z"][0].shape[0]
-        st.n_traj, st.n_pairs, st.inner = n_traj, n_pairs, inner
-        st.lam, st.alpha, st.alpha_z, st.xi = state.lam, state.alpha, state.alpha_z, state.xi
-        st.keys = _ptr(sampler.keys, I64)
-        st.stage, st.nu_stage = self._plan(stage_plan), self._plan(nu_plan)
-        st.counter = sampler.reserve([stage_plan] * inner + [nu_plan])
         st.tables_valid = int(self._tables_valid(state))
         if not st.tables_valid:
             self.tables = torch.empty(st.B, self.lib.policy_table_size(ctypes.byref(st)), dtype=torch.float64)
         st.tables = _ptr(self.tables)
-        if self.lib.bilevel_step(ctypes.byref(st)) != 0:
-            raise RuntimeError("bilevel_step.c refused the sizes it was given (kernel_applies should have)")
+        return new
+
+    def _set_draws(self, sampler, n_traj: int, n_pairs: int, inner: int, stage_plan, nu_plan) -> None:
+        st = self.st
+        st.n_traj, st.n_pairs, st.inner = n_traj, n_pairs, inner
+        st.keys = _ptr(sampler.keys, I64)
+        st.stage, st.nu_stage = self._plan(stage_plan), self._plan(nu_plan)
+
+    def _keep(self, state, new: dict) -> None:
         state.z, state.y, state.nu = new["z"], new["y"], new["nu"]
         self.tables_of = (state.z + state.y, [p._version for p in state.z + state.y])
+
+    def __call__(self, state, sampler, n_traj: int, n_pairs: int, inner: int, stage_plan, nu_plan):
+        """One step from `state` (its schedule already set): new z, y, nu tensors on the state."""
+        st = self.st
+        new = self._bind(state, in_place=False)  # the C code reads start and writes out
+        self._set_draws(sampler, n_traj, n_pairs, inner, stage_plan, nu_plan)
+        st.lam, st.alpha, st.alpha_z, st.xi = state.lam, state.alpha, state.alpha_z, state.xi
+        st.counter = sampler.reserve([stage_plan] * inner + [nu_plan])
+        if self.lib.bilevel_step(ctypes.byref(st)) != 0:
+            raise RuntimeError("bilevel_step.c refused the sizes it was given (kernel_applies should have)")
+        self._keep(state, new)
         return state
+
+    def segment(self, state, sampler, n_steps: int, alive: torch.Tensor, schedule: dict, n_threads: int,
+                n_traj: int, n_pairs: int, inner: int, stage_plan, nu_plan) -> tuple[int, torch.Tensor]:
+        """n_steps steps from `state` in one call, seeds split across n_threads threads (bit for bit the per-step
+        calls whatever n_threads). `schedule`: the single loop's constants (Bilevel.set_schedule's formulas,
+        evaluated in C), or the double loop's constant lam, alpha, alpha_z, xi. A seed alive at the start whose
+        parameters go non-finite is zeroed at that step (the harness's _mark_diverged).
+        Returns (steps run, died (B,): 0 or the step 1..n at whose end the seed diverged). The steps run are
+        n_steps, or fewer when every alive seed diverged: the step at which the last one did, where the per-step
+        loop stops; only those steps' draws are counted. The state's k and schedule are not touched."""
+        st, seg = self.st, _Segment()
+        new = self._bind(state, in_place=True)
+        self._set_draws(sampler, n_traj, n_pairs, inner, stage_plan, nu_plan)
+        plans = [stage_plan] * inner + [nu_plan]
+        seg.n_steps, seg.k, seg.n_threads = n_steps, state.k, n_threads
+        seg.step_uniforms = sum(p.n_uniforms for p in plans)
+        seg.single_loop = int("lam0" in schedule)
+        for name, value in schedule.items():
+            setattr(seg, name, float(value))
+        alive_c = alive.to(torch.int64).contiguous()
+        died = torch.zeros(st.B, dtype=torch.int64)
+        scratch = torch.empty(n_steps, 4, dtype=torch.float64)
+        seg.alive, seg.died, seg.schedule = _ptr(alive_c, I64), _ptr(died, I64), _ptr(scratch)
+        st.counter = sampler.reserve([], 0)
+        code = self.lib.bilevel_segment(ctypes.byref(st), ctypes.byref(seg))
+        if code != 0:
+            raise RuntimeError(f"bilevel_step.c's segment failed (code {code}: 1 sizes, 2 memory, 3 threads)")
+        steps = n_steps
+        if bool(alive.any()) and bool((died[alive] > 0).all()):  # every seed diverged: the loop stops there
+            steps = int(died.max())
+        sampler.reserve(plans, steps)
+        self._keep(state, new)
+        if bool((died > 0).any()):  # a seed zeroed at the segment's last step left the tables of its old parameters
+            self.tables_of = None
+        return steps, died
 
     def _tables_valid(self, state) -> bool:
         """Whether the tables the last call left are those of this state's z and y: the very tensors it returned

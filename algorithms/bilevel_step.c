@@ -15,8 +15,11 @@
        y <- y - alpha [ g^_theta f(nu, y) / lam - g^_theta J(nu, y) ]   score function + REINFORCE
      draw M pairs from pi_y, N trajectories from pi_z and N from pi_y (the nu stage)
      nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ]
-   Where each uniform goes is the sampler's _DrawPlan (harness/sampling.py), passed in as index tables. */
+   Where each uniform goes is the sampler's _DrawPlan (harness/sampling.py), passed in as index tables.
+   Two entry points run this per-seed step (seed_step): bilevel_step, one step of every seed per call, and
+   bilevel_segment, n steps of every seed per call with the seeds split across threads (what a run uses; at the end). */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -93,19 +96,26 @@ static int64_t widest(const Net *net) {
    networks' passes. m is a constant in each inlined copy (tiles' switch), so the accumulators stay in registers
    instead of being stored and reloaded at every k, which made the plain loop 3x slower at these sizes. */
 #define TILE 16
-static inline __attribute__((always_inline)) void tile(const int m, double *out, const double *init,
+static inline __attribute__((always_inline)) void tile(const int m, const int sparse, double *out, const double *init,
         const double *restrict coef, int64_t cstride, int64_t n, const double *restrict mat, int64_t stride) {
     double acc[TILE];
     for (int j = 0; j < m; j++) acc[j] = init ? init[j] : 0.0;
     for (int64_t k = 0; k < n; k++) {
         const double c = coef[k * cstride], *restrict row = mat + k * stride;
+        if (sparse && c == 0.0) continue;  /* a feature that is 0 (the policy's inputs are mostly one-hot) adds 0 */
         for (int j = 0; j < m; j++) acc[j] += c * row[j];
     }
     for (int j = 0; j < m; j++) out[j] = acc[j];
 }
-#define TILE_CASE(m) case m: tile(m, out + j0, init ? init + j0 : NULL, coef, cstride, n, mat + j0, stride); break;
+#define TILE_CASE(m) case m: tile(m, SPARSE, out + j0, init ? init + j0 : NULL, coef, cstride, n, mat + j0, stride); break;
+#define TILE_SWITCH \
+        switch (width - j0 < TILE ? width - j0 : TILE) { \
+            TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7) TILE_CASE(8) \
+            TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12) TILE_CASE(13) TILE_CASE(14) TILE_CASE(15) TILE_CASE(16) \
+        }
+/* sparse: skip the coefficients that are 0 (a network's inputs, when the features are mostly one-hot) */
 static void tiles(int64_t width, double *out, const double *init, const double *coef, int64_t cstride, int64_t n,
-                  const double *mat, int64_t stride) {
+                  const double *mat, int64_t stride, int sparse) {
     if (width == 1) {  /* a dot product (the reward's one output): four partial sums, not one chain of n adds */
         double acc[4] = {init ? init[0] : 0.0, 0.0, 0.0, 0.0};
         int64_t k = 0;
@@ -116,9 +126,14 @@ static void tiles(int64_t width, double *out, const double *init, const double *
         return;
     }
     for (int64_t j0 = 0; j0 < width; j0 += TILE) {
-        switch (width - j0 < TILE ? width - j0 : TILE) {
-            TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7) TILE_CASE(8)
-            TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12) TILE_CASE(13) TILE_CASE(14) TILE_CASE(15) TILE_CASE(16)
+        if (sparse) {
+#define SPARSE 1
+            TILE_SWITCH
+#undef SPARSE
+        } else {
+#define SPARSE 0
+            TILE_SWITCH
+#undef SPARSE
         }
     }
 }
@@ -132,9 +147,11 @@ static void mlp_forward(const Net *net, int64_t k, const double *x, int64_t n, d
         double *out = acts[l + 1];
         for (int64_t r = 0; r < n; r++) {
             double *o = out + r * fo;
-            tiles(fo, o, bias, in + r * fi, 1, fi, W, fo);  /* h_{l+1} = b + h_l W */
-            if (l + 1 < net->n_layers)  /* hidden layer: relu or tanh */
-                for (int64_t j = 0; j < fo; j++) o[j] = net->tanh_act ? tanh(o[j]) : (o[j] > 0 ? o[j] : 0.0);
+            tiles(fo, o, bias, in + r * fi, 1, fi, W, fo, l == 0);  /* h_{l+1} = b + h_l W */
+            if (l + 1 < net->n_layers) {  /* hidden layer: relu or tanh */
+                if (net->tanh_act) for (int64_t j = 0; j < fo; j++) o[j] = tanh(o[j]);
+                else for (int64_t j = 0; j < fo; j++) o[j] = o[j] > 0 ? o[j] : 0.0;
+            }
         }
         in = out;
     }
@@ -159,14 +176,14 @@ static void mlp_backward(const Net *net, int64_t k, const double *x, int64_t n, 
         double *db = dW + fi * fo;
         if (l < L - 1) {  /* through the activation: relu' = [h > 0], tanh' = 1 - h^2 */
             const double *h = acts[l + 1];
-            for (int64_t e = 0; e < n * fo; e++)
-                g[e] = net->tanh_act ? g[e] * (1 - h[e] * h[e]) : (h[e] > 0 ? g[e] : 0.0);
+            if (net->tanh_act) for (int64_t e = 0; e < n * fo; e++) g[e] = g[e] * (1 - h[e] * h[e]);
+            else for (int64_t e = 0; e < n * fo; e++) g[e] = h[e] > 0 ? g[e] : 0.0;
         }
         if (fo >= fi || fo > TILE)  /* dW = h_l^T g: row i of dW sums h_l[r, i] g[r] over the rows */
-            for (int64_t i = 0; i < fi; i++) tiles(fo, dW + i * fo, dW + i * fo, in + i, fi, n, g, fo);
+            for (int64_t i = 0; i < fi; i++) tiles(fo, dW + i * fo, dW + i * fo, in + i, fi, n, g, fo, l == 0);
         else  /* a narrow layer (the policy's actions, the reward's one output): column j of dW, fi wide */
             for (int64_t j = 0; j < fo; j++) {
-                tiles(fi, Wt, NULL, g + j, fo, n, in, fi);
+                tiles(fi, Wt, NULL, g + j, fo, n, in, fi, 0);
                 for (int64_t i = 0; i < fi; i++) dW[i * fo + j] += Wt[i];
             }
         for (int64_t r = 0; r < n; r++)  /* db = sum over rows of g */
@@ -175,7 +192,7 @@ static void mlp_backward(const Net *net, int64_t k, const double *x, int64_t n, 
             const double *W = net->W[l] + k * fi * fo;
             for (int64_t i = 0; i < fi; i++)
                 for (int64_t j = 0; j < fo; j++) Wt[j * fi + i] = W[i * fo + j];
-            for (int64_t r = 0; r < n; r++) tiles(fi, g_prev + r * fi, NULL, g + r * fo, 1, fo, Wt, fi);
+            for (int64_t r = 0; r < n; r++) tiles(fi, g_prev + r * fi, NULL, g + r * fo, 1, fo, Wt, fi, 0);
             double *t = g; g = g_prev; g_prev = t;
             dW -= net->sizes[l - 1] * fi + fi;
         }
@@ -210,6 +227,7 @@ typedef struct {  /* per-seed scratch, allocated once per call (the policy table
     double *u;                        /* a stage's uniforms */
     double *grad;                     /* (2S, A), later (n_units) */
     double *g, *g_prev, *Wt, *dW, *gout; /* backward scratch */
+    double *px, **prows;              /* a z / y stage's visited states' policy inputs and activations, gathered as rows */
 } Work;
 
 static void policy_tables(const Step *st, Work *w, int64_t b) {
@@ -335,15 +353,24 @@ static void z_y_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     const double *x = st->policy_x + b * st->policy_x_stride;
     for (int p = 0; p < 2; p++) {  /* through log-softmax: d logits = g - pi sum_a g; then the network */
         const double *pi = w->prob + p * S * A, *g = grad + p * S * A;
-        for (int64_t s = 0; s < S; s++) {
-            double sum = 0;
-            for (int64_t a = 0; a < A; a++) sum += g[s * A + a];
-            for (int64_t a = 0; a < A; a++) w->gout[s * A + a] = g[s * A + a] - pi[s * A + a] * sum;
-        }
         Net *net = p ? &w->y : &w->z;
         const Net *to = p ? &st->y : &st->z;
+        int64_t n = 0, d = net->sizes[0];
+        for (int64_t s = 0; s < S; s++) {  /* only the states the stage visited have a gradient: their rows, gathered */
+            double sum = 0;
+            int visited = 0;
+            for (int64_t a = 0; a < A; a++) { sum += g[s * A + a]; visited |= g[s * A + a] != 0.0; }
+            if (!visited) continue;
+            for (int64_t a = 0; a < A; a++) w->gout[n * A + a] = g[s * A + a] - pi[s * A + a] * sum;
+            for (int64_t i = 0; i < d; i++) w->px[n * d + i] = x[s * d + i];
+            for (int l = 1; l < net->n_layers; l++) {
+                int64_t wl = net->sizes[l];
+                for (int64_t i = 0; i < wl; i++) w->prows[l][n * wl + i] = w->pacts[p][l][s * wl + i];
+            }
+            n++;
+        }
         memset(w->dW, 0, sizeof(double) * n_params(net));
-        mlp_backward(net, b, x, S, w->pacts[p], w->gout, w->g, w->g_prev, w->Wt, w->dW);
+        mlp_backward(net, b, w->px, n, w->prows, w->gout, w->g, w->g_prev, w->Wt, w->dW);
         sgd_update(net, to, b, w->dW, 1.0);  /* the step size is in the gradient already */
         net->W = to->W, net->b = to->b;  /* from here on the passes read the updated parameters */
     }
@@ -411,60 +438,186 @@ int64_t policy_table_size(const Step *st) {  /* doubles per seed in Step.tables 
     return n;
 }
 
-/* The step for every seed; returns 0, or 1 when a network has more than 15 layers. */
-int bilevel_step(const Step *st) {
+/* ---- a seed's scratch, one per thread ---------------------------------------------------------------- */
+static int work_alloc(const Step *st, Work *w) {  /* 0, or 1 when out of memory */
     int64_t S = st->S, A = st->A, U = st->n_units, H = st->H;
     int64_t T = st->stage.T > st->nu_stage.T ? st->stage.T : st->nu_stage.T;
     int64_t P = st->n_pairs > 0 ? st->n_pairs : 1;
-    if (st->z.n_layers > 15 || st->nu.n_layers > 15) return 1;
     int64_t wp = widest(&st->z), wr = widest(&st->nu);
     int64_t rows = S > U ? S : U, wide = wp > wr ? wp : wr;
-    Work w;
-    int64_t table_size = policy_table_size(st);
-    for (int p = 0; p < 2; p++) w.pacts[p] = malloc(sizeof(double *) * (st->z.n_layers + 1));
-    w.r = malloc(sizeof(double) * (U + 1));
-    w.racts = malloc(sizeof(double *) * (st->nu.n_layers + 1));
-    w.rrows = malloc(sizeof(double *) * (st->nu.n_layers + 1));
-    for (int l = 1; l <= st->nu.n_layers; l++) {
-        w.racts[l] = malloc(sizeof(double) * U * st->nu.sizes[l]);
-        w.rrows[l] = malloc(sizeof(double) * U * st->nu.sizes[l]);
-    }
-    w.rx = malloc(sizeof(double) * U * st->nu.sizes[0]);
-    w.r_done = malloc(U + 1);
-    w.r_seen = malloc(U + 1);
-    w.index = malloc(sizeof(int64_t) * T * H);
-    w.unit = malloc(sizeof(int64_t) * T * H);
-    w.local = malloc(sizeof(int64_t) * T * H);
-    w.ret = malloc(sizeof(double) * T);
-    w.weight = malloc(sizeof(double) * T);
-    w.label = malloc(sizeof(double) * P);
-    w.u = malloc(sizeof(double) * (st->stage.n_uniforms > st->nu_stage.n_uniforms ? st->stage.n_uniforms : st->nu_stage.n_uniforms));
-    w.grad = malloc(sizeof(double) * (2 * S * A > U ? 2 * S * A : U));
-    w.g = malloc(sizeof(double) * rows * wide);
-    w.g_prev = malloc(sizeof(double) * rows * wide);
-    w.Wt = malloc(sizeof(double) * wide * wide);
-    w.gout = malloc(sizeof(double) * rows * (A > 1 ? A : 1));
     int64_t np = n_params(&st->z) > n_params(&st->nu) ? n_params(&st->z) : n_params(&st->nu);
-    w.dW = malloc(sizeof(double) * np);
-    for (int64_t b = 0; b < st->B; b++) {
-        w.z = st->z, w.y = st->y, w.nu = st->nu;  /* every pass reads the step's start until its net's first update */
-        w.z.W = (double **)st->z.W_in, w.z.b = (double **)st->z.b_in;
-        w.y.W = (double **)st->y.W_in, w.y.b = (double **)st->y.b_in;
-        w.nu.W = (double **)st->nu.W_in, w.nu.b = (double **)st->nu.b_in;
-        memset(w.r_done, 0, U + 1);
-        double *t = st->tables + b * table_size;  /* this seed's tables live in Step.tables */
-        w.logp = t, w.prob = t + 2 * S * A, w.cdf = t + 4 * S * A, t += 6 * S * A;
-        for (int p = 0; p < 2; p++)
-            for (int l = 1; l <= st->z.n_layers; l++) { w.pacts[p][l] = t; t += S * st->z.sizes[l]; }
-        if (!st->tables_valid) policy_tables(st, &w, b);
-        int64_t counter = st->counter;
-        for (int64_t k = 0; k < st->inner; k++) { z_y_stage(st, &w, b, counter); counter += st->stage.n_uniforms; }
-        nu_stage(st, &w, b, counter);
+    int64_t nu_max = st->stage.n_uniforms > st->nu_stage.n_uniforms ? st->stage.n_uniforms : st->nu_stage.n_uniforms;
+    memset(w, 0, sizeof(*w));
+    w->pacts[0] = calloc(st->z.n_layers + 1, sizeof(double *));
+    w->pacts[1] = calloc(st->z.n_layers + 1, sizeof(double *));
+    w->racts = calloc(st->nu.n_layers + 1, sizeof(double *));
+    w->rrows = calloc(st->nu.n_layers + 1, sizeof(double *));
+    w->prows = calloc(st->z.n_layers + 1, sizeof(double *));
+    if (!w->pacts[0] || !w->pacts[1] || !w->racts || !w->rrows || !w->prows) return 1;
+    int bad = 0;
+    for (int l = 1; l < st->z.n_layers; l++) bad |= !(w->prows[l] = malloc(sizeof(double) * S * st->z.sizes[l]));
+    bad |= !(w->px = malloc(sizeof(double) * S * st->z.sizes[0]));
+    for (int l = 1; l <= st->nu.n_layers; l++) {
+        bad |= !(w->racts[l] = malloc(sizeof(double) * U * st->nu.sizes[l]));
+        bad |= !(w->rrows[l] = malloc(sizeof(double) * U * st->nu.sizes[l]));
     }
-    for (int p = 0; p < 2; p++) free(w.pacts[p]);
-    free(w.r);
-    for (int l = 1; l <= st->nu.n_layers; l++) { free(w.racts[l]); free(w.rrows[l]); }
-    free(w.racts); free(w.rrows); free(w.rx); free(w.r_done); free(w.r_seen); free(w.index); free(w.unit); free(w.local); free(w.ret);
-    free(w.weight); free(w.label); free(w.u); free(w.grad); free(w.g); free(w.g_prev); free(w.Wt); free(w.gout); free(w.dW);
+    bad |= !(w->r = malloc(sizeof(double) * (U + 1)));
+    bad |= !(w->rx = malloc(sizeof(double) * (U * st->nu.sizes[0] + 1)));
+    bad |= !(w->r_done = malloc(U + 1));
+    bad |= !(w->r_seen = malloc(U + 1));
+    bad |= !(w->index = malloc(sizeof(int64_t) * T * H));
+    bad |= !(w->unit = malloc(sizeof(int64_t) * T * H));
+    bad |= !(w->local = malloc(sizeof(int64_t) * T * H));
+    bad |= !(w->ret = malloc(sizeof(double) * T));
+    bad |= !(w->weight = malloc(sizeof(double) * T));
+    bad |= !(w->label = malloc(sizeof(double) * P));
+    bad |= !(w->u = malloc(sizeof(double) * (nu_max + 1)));
+    bad |= !(w->grad = malloc(sizeof(double) * (2 * S * A > U ? 2 * S * A : U)));
+    bad |= !(w->g = malloc(sizeof(double) * rows * wide));
+    bad |= !(w->g_prev = malloc(sizeof(double) * rows * wide));
+    bad |= !(w->Wt = malloc(sizeof(double) * wide * wide));
+    bad |= !(w->gout = malloc(sizeof(double) * rows * (A > 1 ? A : 1)));
+    bad |= !(w->dW = malloc(sizeof(double) * np));
+    return bad;
+}
+static void work_free(const Step *st, Work *w) {
+    free(w->pacts[0]); free(w->pacts[1]); free(w->r);
+    if (w->racts && w->rrows)
+        for (int l = 1; l <= st->nu.n_layers; l++) { free(w->racts[l]); free(w->rrows[l]); }
+    if (w->prows) for (int l = 1; l < st->z.n_layers; l++) free(w->prows[l]);
+    free(w->prows); free(w->px);
+    free(w->racts); free(w->rrows); free(w->rx); free(w->r_done); free(w->r_seen); free(w->index); free(w->unit);
+    free(w->local); free(w->ret); free(w->weight); free(w->label); free(w->u); free(w->grad); free(w->g);
+    free(w->g_prev); free(w->Wt); free(w->gout); free(w->dW);
+}
+
+/* one step of seed b from the RNG counter `counter`: its tables first (a forward) unless tables_valid */
+static void seed_step(const Step *st, Work *w, int64_t b, int tables_valid, int64_t counter) {
+    int64_t S = st->S, A = st->A;
+    w->z = st->z, w->y = st->y, w->nu = st->nu;  /* every pass reads the step's start until its net's first update */
+    w->z.W = (double **)st->z.W_in, w->z.b = (double **)st->z.b_in;
+    w->y.W = (double **)st->y.W_in, w->y.b = (double **)st->y.b_in;
+    w->nu.W = (double **)st->nu.W_in, w->nu.b = (double **)st->nu.b_in;
+    memset(w->r_done, 0, st->n_units + 1);
+    double *t = st->tables + b * policy_table_size(st);  /* this seed's tables live in Step.tables */
+    w->logp = t, w->prob = t + 2 * S * A, w->cdf = t + 4 * S * A, t += 6 * S * A;
+    for (int p = 0; p < 2; p++)
+        for (int l = 1; l <= st->z.n_layers; l++) { w->pacts[p][l] = t; t += S * st->z.sizes[l]; }
+    if (!tables_valid) policy_tables(st, w, b);
+    for (int64_t k = 0; k < st->inner; k++) { z_y_stage(st, w, b, counter); counter += st->stage.n_uniforms; }
+    nu_stage(st, w, b, counter);
+}
+
+/* The step for every seed; returns 0, 1 when a network has more than 15 layers, 2 when out of memory. */
+int bilevel_step(const Step *st) {
+    if (st->z.n_layers > 15 || st->nu.n_layers > 15) return 1;
+    Work w;
+    int bad = work_alloc(st, &w);
+    if (!bad)
+        for (int64_t b = 0; b < st->B; b++) seed_step(st, &w, b, (int)st->tables_valid, st->counter);
+    work_free(st, &w);
+    return bad ? 2 : 0;
+}
+
+/* ---- a segment: n steps of every seed in one call, seeds split across threads ----------------------------
+   The harness owns the schedule of evaluations: it asks for n steps (to the next evaluation point, the budget,
+   or a time cap). Each seed runs its n steps from its own RNG stream and memory, so the result is the per-step
+   call's, bit for bit, whatever the number of threads. The parameters are updated in place (W_in == W). After each
+   step a seed alive at its start whose parameters hold a non-finite value is marked (died = the step, 1..n, at
+   whose end it happened) and zeroed, as the harness's _mark_diverged does after a step; it keeps stepping, as
+   there. */
+typedef struct {
+    int64_t n_steps;           /* steps to run */
+    int64_t k;                 /* the outer iteration of the first one (state.k) */
+    int64_t step_uniforms;     /* RNG draws per step: inner stages and the nu stage */
+    int64_t single_loop;       /* 1: the schedules below are functions of k; 0: constants lam, alpha, alpha_z, xi */
+    double lam0, lam_exponent, c_alpha, alpha_exponent, c_alpha_z, alpha_z_exponent, c_xi, xi_exponent, k0;
+    double lam, alpha, alpha_z, xi;
+    const int64_t *alive;      /* (B) 1: the seed is alive at the segment's start */
+    int64_t *died;             /* (B) out: 0, or the step at whose end the seed went non-finite */
+    int64_t n_threads;
+    double *schedule;          /* (n_steps, 4) scratch: lam, alpha, alpha_z, xi per step */
+} Segment;
+
+int64_t segment_struct_size(void) { return (int64_t)sizeof(Segment); }
+
+static void set_schedule(const Segment *seg, int64_t i, double *out) {
+    /* Bilevel.set_schedule: lam_k = lam0 (1 + k / k0)^c_lam, alpha_k = c_alpha / (k + k0)^a, xi_k = c_xi / (k + k0)^b */
+    if (!seg->single_loop) { out[0] = seg->lam, out[1] = seg->alpha, out[2] = seg->alpha_z, out[3] = seg->xi; return; }
+    double k = (double)(seg->k + i);
+    out[0] = seg->lam0 * pow(1.0 + k / seg->k0, seg->lam_exponent);
+    out[1] = seg->c_alpha / pow(k + seg->k0, seg->alpha_exponent);
+    out[2] = seg->c_alpha_z / pow(k + seg->k0, seg->alpha_z_exponent);
+    out[3] = seg->c_xi / pow(k + seg->k0, seg->xi_exponent);
+}
+
+static int finite(const Net *net, int64_t b) {  /* every parameter of network b finite (the linear reward: W[0] is nu) */
+    int ok = 1;
+    for (int l = 0; l < (net->n_layers ? net->n_layers : 1); l++) {
+        int64_t fi = net->sizes[l], fo = net->n_layers ? net->sizes[l + 1] : 1;
+        const double *W = net->W[l] + b * fi * fo;
+        for (int64_t e = 0; e < fi * fo; e++) ok &= isfinite(W[e]) != 0;
+        if (net->n_layers) for (int64_t j = 0; j < fo; j++) ok &= isfinite(net->b[l][b * fo + j]) != 0;
+    }
+    return ok;
+}
+static void zero(const Net *net, int64_t b) {
+    for (int l = 0; l < (net->n_layers ? net->n_layers : 1); l++) {
+        int64_t fi = net->sizes[l], fo = net->n_layers ? net->sizes[l + 1] : 1;
+        memset(net->W[l] + b * fi * fo, 0, sizeof(double) * fi * fo);
+        if (net->n_layers) memset(net->b[l] + b * fo, 0, sizeof(double) * fo);
+    }
+}
+
+typedef struct { const Step *st; const Segment *seg; int64_t first, last; int bad; } Job;
+
+static void *run_seeds(void *arg) {
+    Job *job = arg;
+    const Segment *seg = job->seg;
+    Step st = *job->st;  /* this thread's copy: the schedule changes per step */
+    Work w;
+    job->bad = work_alloc(&st, &w);
+    for (int64_t b = job->first; b < job->last && !job->bad; b++) {
+        int valid = (int)st.tables_valid, alive = seg->alive[b] != 0;
+        int64_t counter = st.counter;
+        for (int64_t i = 0; i < seg->n_steps; i++, counter += seg->step_uniforms) {
+            const double *s = seg->schedule + 4 * i;
+            st.lam = s[0], st.alpha = s[1], st.alpha_z = s[2], st.xi = s[3];
+            seed_step(&st, &w, b, valid, counter);
+            valid = 1;  /* z and y do not move in the nu stage: the step's last tables are the next step's first */
+            if (alive) {
+                if (!(finite(&st.z, b) && finite(&st.y, b) && finite(&st.nu, b))) {  /* diverged at this step */
+                    zero(&st.z, b), zero(&st.y, b), zero(&st.nu, b);
+                    seg->died[b] = i + 1, alive = 0, valid = 0;  /* the zeroed parameters' tables: a forward */
+                }
+            }
+        }
+    }
+    work_free(&st, &w);
+    return NULL;
+}
+
+/* n_steps steps of every seed; returns 0, 1 when a network has more than 15 layers, 2 when out of memory,
+   3 when a thread could not start. Step.counter is the RNG counter at the first step's first draw; st->z/y/nu's
+   W_in must equal W (updated in place). */
+int bilevel_segment(const Step *st, Segment *seg) {
+    if (st->z.n_layers > 15 || st->nu.n_layers > 15) return 1;
+    for (int64_t i = 0; i < seg->n_steps; i++) set_schedule(seg, i, seg->schedule + 4 * i);
+    int64_t n = seg->n_threads < 1 ? 1 : seg->n_threads;
+    if (n > st->B) n = st->B > 0 ? st->B : 1;
+    Job jobs[256];
+    pthread_t threads[256];
+    if (n > 256) n = 256;
+    for (int64_t t = 0; t < n; t++)  /* contiguous blocks of seeds: each thread's seeds are its memory */
+        jobs[t] = (Job){st, seg, st->B * t / n, st->B * (t + 1) / n, 0};
+    int64_t started = 0, failed = 0;
+    for (int64_t t = 1; t < n; t++) {
+        if (pthread_create(&threads[t], NULL, run_seeds, &jobs[t]) != 0) { failed = 1; break; }
+        started = t;
+    }
+    if (!failed) run_seeds(&jobs[0]);
+    for (int64_t t = 1; t <= started; t++) pthread_join(threads[t], NULL);
+    if (failed) return 3;
+    for (int64_t t = 0; t < n; t++) if (jobs[t].bad) return 2;
     return 0;
 }

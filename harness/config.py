@@ -36,6 +36,9 @@ class RunConfig:
     seeds: List[int] = field(default_factory=lambda: list(range(8)))  # algorithm seeds, batched in one process
     n_seeds: Optional[int] = None  # shorthand: seeds = 0..n_seeds-1 (overrides `seeds`)
     threads: int = 1  # torch threads per job: 1 keeps two parallel jobs off each other's core
+    # threads of a compiled segment of steps (impl=fast, bilevel: seeds split across them; docs/fast.md); 0 = every
+    # core this process may use. Cannot change a result: each seed owns its RNG stream and memory
+    step_threads: int = 0
     cache_dir: Optional[str] = None  # F-hat* cache; default $RATEBENCH_CACHE or ~/.cache/ratebench
     progress: bool = True  # a live progress line per job (off under CI=true)
     checkpoint_every_s: float = 180.0  # save checkpoint.pt at least this often (0 = at every evaluation point)
@@ -158,6 +161,8 @@ def validate(cfg: DictConfig) -> Validated:
         raise ConfigError("budget.evals_per_decade", f"must be >= 1, got {cfg.budget.evals_per_decade}")
     if cfg.threads < 1:
         raise ConfigError("threads", f"must be >= 1, got {cfg.threads}")
+    if cfg.get("step_threads", 0) < 0:
+        raise ConfigError("step_threads", f"must be >= 0 (0: every core), got {cfg.step_threads}")
     check_logger(str(cfg.get("logger", "none")))
     if not cfg.checkpoint_every_s >= 0:
         raise ConfigError("checkpoint_every_s", f"must be >= 0 seconds, got {cfg.checkpoint_every_s}")

@@ -25,10 +25,11 @@ from pathlib import Path
 
 from ratebench.fstar import cache_dir
 
-FLAGS = ["-O3", "-march=native", "-std=c99", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast"]
+FLAGS = ["-O3", "-march=native", "-std=c99", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast", "-pthread"]
 # -march=native: this CPU's vector width (the build is keyed by the CPU); -ffp-contract=fast: fused multiply-adds,
 # as torch's own CPU kernels use them (the steps agree with the reference to 1e-12 either way); never -ffast-math:
-# NaN must survive (a diverged seed is found by its NaN) and sums must not be reordered behind our back
+# NaN must survive (a diverged seed is found by its NaN) and sums must not be reordered behind our back;
+# -pthread: a segment of steps splits its seeds across threads (bilevel_step.c)
 DISABLE = "RATEBENCH_KERNELS"  # =0: never build or load a kernel (every fast step takes its eager path)
 BUILD_SECONDS: dict[str, float] = {}  # source file name -> seconds its last build took in this process (0: from the cache)
 

@@ -30,6 +30,7 @@ from ratebench.records import (BASE_COLUMNS, OPERATIONAL_KEYS, atomic_write_json
 from ratebench.sampling import Counters, CountingSampler
 from ratebench.signals import Interrupted, StopRequests
 
+SEGMENT_SECONDS = 0.5  # at most about this much compute per segment call: a signal or a checkpoint waits no longer
 FINISHED = ("completed", "diverged", "saturated", "stalled")  # final outcomes: re-running the same config reproduces them
 RESULT_FILES = ("metrics.parquet", "run.json", checkpoint.FILENAME)  # written atomically into a run folder
 
@@ -244,17 +245,20 @@ class _Part:
     status and metric rows of its seeds. A job has one; a batched instance family one per instance."""
 
     def __init__(self, v, resolved, run_hash, out_dir: Path, cfg):
+        tic = time.perf_counter()
         self.v, self.resolved, self.run_hash, self.out_dir = v, resolved, run_hash, Path(out_dir)
         self.problem = envs.make(v.env)
         self.reference = reference(self.problem, plain(v.env), cfg.cache_dir)
         self.f_true = true_objective(self.problem)
         self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, self.problem)  # steps a single job
         self.algo.impl = v.impl
+        self.algo.step_threads = step_threads(cfg)
         self.evaluator = Evaluator(self.problem, self.reference, self.algo)
         self.status = {s: {"status": "completed"} for s in v.seeds}
         self.health = SeedHealth(v.health, len(v.seeds))  # saturated / stalled seeds (harness/health.py)
         self.rows: list[pd.DataFrame] = []
         self.live_log = live_logger(cfg.get("logger"), self.out_dir)  # logger=tensorboard: watch a long run
+        self.setup_s = time.perf_counter() - tic  # the environment, F-hat* (cached or solved), the evaluator
 
     def psi_cache(self) -> dict:
         """min psi_lam per solved lam (envs/penalty.py PsiReference): each solve is warm-started from the
@@ -278,6 +282,7 @@ class _Job:
     p * n_seeds ... (p + 1) * n_seeds - 1). Everything that must survive a restart is in `_snapshot()`."""
 
     def __init__(self, cfg, parts: list[_Part], run_hash, out_dir, experiment, stops: StopRequests | None = None):
+        tic = time.perf_counter()
         self.parts, self.run_hash, self.out_dir, self.experiment = parts, run_hash, Path(out_dir), experiment
         self.v = v = parts[0].v
         self.stops = stops or StopRequests()
@@ -288,6 +293,7 @@ class _Job:
             self.problem = InstanceBatch([p.problem for p in parts], torch.arange(len(parts)).repeat_interleave(n))
             self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, self.problem)
             self.algo.impl = v.impl
+            self.algo.step_threads = step_threads(cfg)
         self.part_rows = [slice(i * n, (i + 1) * n) for i in range(len(parts))]
         rows = v.seeds * len(parts)  # a seed's streams do not depend on its instance: as in its own job
         self.counters = Counters()
@@ -304,6 +310,10 @@ class _Job:
         self.wall = self.eval_s = self.checkpoint_s = 0.0
         self.next_point, self.last_recorded = 0, None
         self.resumed_from = self._restore()
+        setup = time.perf_counter() - tic + sum(p.setup_s for p in parts)
+        tic = time.perf_counter()
+        self.algo.segment_samples(self.state)  # builds (or loads) a compiled step now, not inside the first step
+        self.startup = {"imports": _imports_s(), "setup": setup, "kernel": time.perf_counter() - tic}
         self.progress = Progress(f"{v.env.name}/{v.algorithm.name} {self.out_dir.name}", self.step_budget or self.budget,
                                  bool(cfg.progress), start_samples=self._clock(),
                                  unit="steps" if self.step_budget else "samples")
@@ -433,7 +443,7 @@ class _Job:
         while self._budget_left() and self.alive.any():
             tic = time.perf_counter()
             try:
-                self.state = self.algo.step(self.state, self.sampler)
+                diverged = self._advance()
             except Exception as exc:  # an exception cannot be pinned on one seed: all fail
                 error = exc
                 for row in self.alive.nonzero().flatten().tolist():
@@ -442,11 +452,10 @@ class _Job:
                     part.status[seed] = {"status": "failed", "step": counters.step, "message": message,
                                          "reason": message.splitlines()[0]}
                 break
-            counters.step += 1
             self.wall += time.perf_counter() - tic
-            for row, reason in _mark_diverged(self.algo, self.state, self.alive).items():
+            for row, step, reason in diverged:
                 part, seed = self._row_owner(row)
-                part.status[seed] = {"status": "diverged", "step": counters.step, "reason": reason}
+                part.status[seed] = {"status": "diverged", "step": step, "reason": reason}
             at_point = self.next_point < len(self.points) and self._clock() >= self.points[self.next_point]
             if at_point and self.alive.any():
                 self._record()
@@ -469,6 +478,43 @@ class _Job:
             print(f"ratebench: interrupted after {self.out_dir} completed", file=sys.stderr, flush=True)
             raise Interrupted(self.stops.signum)
         return records
+
+    def _advance(self) -> list[tuple[int, int, str]]:
+        """One step, or a segment of steps in one call where the algorithm runs segments (Algorithm.run_segment):
+        as many as reach the next evaluation point or the budget, capped at about SEGMENT_SECONDS of compute so a
+        signal or a due checkpoint waits no longer. Advances the step counter; returns the (row, step, reason) of each
+        seed that diverged (its parameters went non-finite at the end of that step: zeroed, no more rows)."""
+        per_step = self.algo.segment_samples(self.state)
+        if per_step is None:
+            self.state = self.algo.step(self.state, self.sampler)
+            self.counters.step += 1
+            return [(row, self.counters.step, why) for row, why in _mark_diverged(self.algo, self.state, self.alive).items()]
+        n, start, tic = self._segment_steps(per_step), self.counters.step, time.perf_counter()
+        self.state, steps, died = self.algo.run_segment(self.state, self.sampler, n, self.alive)
+        self.counters.step += steps
+        self._step_s = (time.perf_counter() - tic) / steps
+        newly = (died > 0) & self.alive
+        self.alive &= ~newly
+        return [(row, start + int(died[row]), "non-finite values (inf or NaN) in the parameters after that step "
+                 "(found inside the compiled segment)") for row in newly.nonzero().flatten().tolist()]
+
+    def _segment_steps(self, per_step: int) -> int:
+        """Steps to the next evaluation point, to the budget (samples or steps: the per-step loop's stopping points,
+        since each step draws per_step samples), and about SEGMENT_SECONDS of compute (at most 4x the last
+        segment's length, from one step at first)."""
+        def steps_to(samples: int) -> int:
+            return -(-(samples - self.counters.samples) // per_step)
+
+        n = steps_to(self.budget)
+        if self.step_budget is not None:
+            n = min(n, self.step_budget - self.counters.step)
+        if self.next_point < len(self.points):
+            target = self.points[self.next_point]
+            n = min(n, target - self.counters.step if self.step_budget is not None else steps_to(target))
+        step_s = getattr(self, "_step_s", None)
+        cap = 1 if step_s is None else min(4 * self._last_segment, max(1, int(SEGMENT_SECONDS / max(step_s, 1e-9))))
+        self._last_segment = max(1, min(n, cap))
+        return self._last_segment
 
     def _stop(self, signum: int) -> None:
         """SIGTERM / SIGINT in the loop: checkpoint now (the state is consistent at the end of a step),
@@ -498,11 +544,51 @@ class _Job:
             "f_true": part.f_true, "j_star": part.evaluator.j_star, "target": None, **part.evaluator.targets,
             "counters": vars(self.counters),
             "wall_s": self.wall, "eval_wall_s": self.eval_s, "checkpoint_wall_s": self.checkpoint_s,
+            "startup_wall_s": self.startup,
             "resumed_from_step": self.resumed_from, "metrics_sha256": metrics_sha256, "metrics_rows": len(metrics),
             "version": ratebench.__version__, "provenance": info,
         }
         atomic_write_json(part.out_dir / "run.json", record)  # the completion marker: written last
         return record
+
+
+def _uptime() -> float | None:
+    """Seconds since boot (Linux), or None."""
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux /proc), or None."""
+    now = _uptime()
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if now is None else max(0.0, now - started)
+
+
+_IMPORTED_AFTER_S = _process_age()  # the interpreter's start and the imports up to this module
+
+
+def _imports_s() -> float | None:
+    """Seconds from the process's start to ratebench.runner imported, for the process's first job only (later jobs
+    of a worker process import nothing): 0.0 for them, None where /proc is missing."""
+    global _IMPORTED_AFTER_S
+    seconds, _IMPORTED_AFTER_S = _IMPORTED_AFTER_S, 0.0
+    return seconds
+
+
+def step_threads(cfg) -> int:
+    """Threads of a compiled segment: cfg.step_threads, or every core this process may use when it is 0."""
+    n = int(cfg.get("step_threads", 0) or 0)
+    if n:
+        return n
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _mark_diverged(algo, state, alive) -> dict[int, str]:

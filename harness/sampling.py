@@ -357,20 +357,21 @@ class CountingSampler:
             plan = self._plans[requests] = _DrawPlan(self.problem, requests)
         return plan
 
-    def reserve(self, plans: list[_DrawPlan]) -> int:
-        """The draws of flat_draws calls with these plans, in this order, made by a compiled step from the uniforms
-        of CounterRng.keys at counters start, start + 1, ...: counts their samples and queries as flat_draws would,
-        moves the stream past their uniforms, and returns start."""
+    def reserve(self, plans: list[_DrawPlan], times: int = 1) -> int:
+        """The draws of flat_draws calls with these plans, in this order, repeated `times` times (a segment of
+        compiled steps), made by compiled code from the uniforms of CounterRng.keys at counters start, start + 1,
+        ...: counts their samples and queries as flat_draws would, moves the stream past their uniforms, and
+        returns start."""
         start = self._rng.counter
         for plan in plans:
-            self._rng.counter += plan.n_uniforms
-            self._count(plan)
+            self._rng.counter += times * plan.n_uniforms
+            self._count(plan, times)
         return start
 
-    def _count(self, plan: _DrawPlan) -> None:
-        """What one stage drawn by `plan` counts: its trajectories (both members of a pair) and its labels."""
-        self._counters.samples += plan.samples
-        self._counters.queries += plan.n_pairs
+    def _count(self, plan: _DrawPlan, times: int = 1) -> None:
+        """What `times` stages drawn by `plan` count: their trajectories (both members of a pair) and labels."""
+        self._counters.samples += times * plan.samples
+        self._counters.queries += times * plan.n_pairs
 
     @property
     def keys(self) -> torch.Tensor:

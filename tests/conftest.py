@@ -48,3 +48,25 @@ def expect_bad_input(tmp_path, capsys):
         assert not out.exists()
 
     return _check
+
+
+def at_step(algorithm_class, k: int, hook):
+    """A run_segment for monkeypatching `algorithm_class` that calls hook(state) once, when the state has taken k steps
+    (a segment that crosses k is split there; the harness sees one segment), as a patched step() would after its
+    k-th step: a fault (a NaN, an interrupt) injected into the harness's segment loop (Algorithm.run_segment)."""
+    import torch
+
+    original, done = algorithm_class.run_segment, []
+
+    def run_segment(self, state, sampler, n, alive):
+        if not done and state.k <= k < state.k + n:
+            first, died = 0, torch.zeros(len(alive), dtype=torch.int64)
+            if k > state.k:
+                state, first, died = original(self, state, sampler, k - state.k, alive)
+            done.append(1)
+            hook(state)
+            state, rest, later = original(self, state, sampler, n - first, alive & (died == 0))
+            return state, first + rest, torch.where(died > 0, died, torch.where(later > 0, later + first, later))
+        return original(self, state, sampler, n, alive)
+
+    return run_segment

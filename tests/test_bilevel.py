@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import at_step
 
 from ratebench import envs
 from ratebench.algorithms.bilevel import Bilevel, BilevelConfig
@@ -171,15 +172,10 @@ def test_same_seed_gives_identical_metrics_and_seeds_are_batch_independent(compo
 
 @pytest.mark.parametrize("sequence", ["nu", "y", "z"])
 def test_nan_in_any_sequence_ends_only_that_seed(compose_config, tmp_path, monkeypatch, sequence):
-    original = Bilevel.step
+    def nan_before_step_20(state):  # the step makes the seed non-finite, and the harness marks step 20
+        getattr(state, sequence)[0][1].view(-1)[0] = float("nan")  # seed index 1 only
 
-    def step_with_nan(self, state, sampler):
-        state = original(self, state, sampler)
-        if state.k == 20:
-            getattr(state, sequence)[0][1].view(-1)[0] = float("nan")  # seed index 1 only
-        return state
-
-    monkeypatch.setattr(Bilevel, "step", step_with_nan)
+    monkeypatch.setattr(Bilevel, "run_segment", at_step(Bilevel, 19, nan_before_step_20))  # the harness steps in segments
     cfg = compose_config(["algorithm=bilevel", "seeds=[0,1,2]", "budget.samples=3000", "budget.evals_per_decade=2"])
     record = run_job(cfg, tmp_path)
     assert record["status"]["1"] == {"status": "diverged", "step": 20,

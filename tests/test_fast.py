@@ -4,9 +4,11 @@ environment, through a checkpoint taken mid-run. Bilevel cases run impl=fast (co
 the other algorithms have no compiled step, so their impl=fast is the eager one.
 
 Two checks per case. (1) The one-step map: from every state of the reference's own run, one fast
-step equals one reference step to 1e-12 (parameters, schedule, counters, RNG position); at the
+step equals one reference step to 1e-12 (parameters, schedule, counters, RNG position; a compiled case takes
+the step both ways, one call per step and a segment of one step, Algorithm.run_segment); at the
 midpoint the state first goes through a disk checkpoint into a fresh algorithm (resume). (2) The
-free-running fast run draws exactly the reference's samples (counters, RNG position) and its reward
+free-running fast run (a compiled case: segments of one step, as the harness runs them; tests/test_segments.py
+holds longer segments to it bit for bit) draws exactly the reference's samples (counters, RNG position) and its reward
 nu (what `gap` scores) stays within 1e-12 of the reference's. y and z are compared free-running to
 1e-6 only: at N = M = 2 the method itself amplifies round-off (a 1e-15 perturbation of y in the
 *reference* grows to 1e-8 within 500 steps, in jumps: a ReLU unit crossing its kink), so no
@@ -170,13 +172,23 @@ def test_fast_equals_reference_through_a_checkpoint(compose_config, case, monkey
         vars(counters).update(vars(ref_counters))
         state = ref.step(state, ref_sampler)
         before = len(refits)
+        drawn_from = sampler.state_dict(), dict(vars(counters))
+        seg_start = copy.deepcopy(start) if case in COMPILED else None
         one = fast.step(start, sampler)
         assert len(refits) == before, f"{case}: the fast step ran the reference refit or PPO iteration"
         if case not in REFITS or case.startswith("ppo_rlhf"):  # offline PPO-RLHF: its rollouts are flat draws
             assert sampler._plans and not ref_sampler._plans, f"{case}: the fast step did not take the fast path"
         want = snapshot(ref, state, ref_sampler, ref_counters)
         compare(snapshot(fast, one, sampler, counters), want, ATOL, f"{case} one step from step {k - 1}")
-        free = free_algo.step(free, free_sampler)
+        if case in COMPILED:  # the same step as a segment of one (what the harness runs: Algorithm.run_segment)
+            sampler.load_state_dict(drawn_from[0])
+            vars(counters).update(drawn_from[1])
+            one, steps, died = fast.run_segment(seg_start, sampler, 1, torch.ones(len(seeds), dtype=torch.bool))
+            assert steps == 1 and not died.any()
+            compare(snapshot(fast, one, sampler, counters), want, ATOL, f"{case} one segment step from step {k - 1}")
+            free, _, _ = free_algo.run_segment(free, free_sampler, 1, torch.ones(len(seeds), dtype=torch.bool))
+        else:
+            free = free_algo.step(free, free_sampler)
         got = snapshot(free_algo, free, free_sampler, free_counters)
         if case in AT_A_KINK:  # the same draws; values see AT_A_KINK
             assert got[1:] == want[1:], f"{case} free-running step {k}: draws, counters or schedule differ"

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import at_step
 
 from ratebench import envs
 from ratebench.algorithms import ALGORITHMS
@@ -119,18 +120,16 @@ def test_a_batched_job_writes_the_folders_of_separate_jobs(compose_config, tmp_p
 def test_an_interrupted_batch_resumes_to_the_uninterrupted_folders(compose_config, tmp_path, monkeypatch, capsys):
     cfg = compose_config(FAMILY + ["instances=[1,2]", "checkpoint_every_s=0"])
     run_instances_or_skip(cfg, tmp_path / "straight")
-    original = Bilevel.step
+    original = Bilevel.run_segment
 
-    def killed_at_step_30(self, state, sampler):
-        if state.k == 30:
-            raise KeyboardInterrupt  # not caught by the harness: nothing finalised
-        return original(self, state, sampler)
+    def interrupt(state):
+        raise KeyboardInterrupt  # not caught by the harness: nothing finalised
 
-    monkeypatch.setattr(Bilevel, "step", killed_at_step_30)
+    monkeypatch.setattr(Bilevel, "run_segment", at_step(Bilevel, 30, interrupt))  # the harness steps in segments
     with pytest.raises(KeyboardInterrupt):
         run_instances_or_skip(cfg, tmp_path / "resumed")
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["checkpoint.pt"]
-    monkeypatch.setattr(Bilevel, "step", original)
+    monkeypatch.setattr(Bilevel, "run_segment", original)
     folders, _ = run_instances_or_skip(cfg, tmp_path / "resumed")
     assert "resuming" in capsys.readouterr().out and 0 < folders[0][1]["resumed_from_step"] <= 30
     for k in (1, 2):
@@ -140,15 +139,10 @@ def test_an_interrupted_batch_resumes_to_the_uninterrupted_folders(compose_confi
 
 
 def test_a_seed_that_diverges_ends_only_in_its_instance(compose_config, tmp_path, monkeypatch):
-    original = Bilevel.step
+    def nan_in_one_row(state):  # before step 20: the step makes it non-finite, and the harness marks step 20
+        state.nu[0][4].view(-1)[0] = float("nan")  # row 4 = instance 2 (the second), seed 3
 
-    def nan_in_one_row(self, state, sampler):
-        state = original(self, state, sampler)
-        if state.k == 20:
-            state.nu[0][4].view(-1)[0] = float("nan")  # row 4 = instance 2 (the second), seed 3
-        return state
-
-    monkeypatch.setattr(Bilevel, "step", nan_in_one_row)
+    monkeypatch.setattr(Bilevel, "run_segment", at_step(Bilevel, 19, nan_in_one_row))  # the harness steps in segments
     folders, _ = run_instances_or_skip(compose_config(FAMILY + ["instances=[1,2]"]), tmp_path)
     first, second = (record["status"] for _, record in folders)
     assert all(st["status"] == "completed" for st in first.values())

@@ -15,6 +15,7 @@ CASES = [  # overrides, words the message must contain
     (["hydra/launcher=foo"], ["launcher", "foo", "joblib", "submitit_slurm"]),
     (["checkpoint_every_s=-1"], ["checkpoint_every_s", ">= 0"]),
     (["threads=0"], ["threads", ">= 1"]),
+    (["step_threads=-1"], ["step_threads", ">= 0", "-1"]),
     (["-m", "experiment=tune_compare_dpo", "hydra/launcher=basic"],  # a key the chosen launcher lacks
      ["hydra.launcher.n_jobs", "BasicLauncherConf"]),
     (["objective=polcy_gap"], ["objective", "polcy_gap", "policy_gap", "target_policy_gap_excess"]),

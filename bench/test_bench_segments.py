@@ -1,0 +1,249 @@
+"""Segments against the per-step compiled step (issue: runs of 10^7 steps in minutes), side by side in one run, as
+ratios of algorithm steps/s (wall time: a segment uses every core, step_threads = all of them):
+- Bilevel.step with impl=fast, one C call per step (the per-step path, kept as this baseline), against
+  Bilevel.run_segment, the same steps in one call with the seeds split across threads;
+- the README main job (`ratebench run algorithm=bilevel`): the share of its wall time spent in evaluation, and its
+  start-up (imports, F-hat*, the build) as run.json records it.
+
+Run serially:  OMP_NUM_THREADS=1 .venv/bin/pytest bench/test_bench_segments.py -p no:xdist --benchmark-enable -s -q
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+from conftest import interleaved, record_ratio
+
+from ratebench import envs
+from ratebench.algorithms import ALGORITHMS
+from ratebench.config import validate
+from ratebench.runner import run_job, step_threads
+from ratebench.sampling import Counters, CountingSampler
+
+SMALL = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
+CONFIGS = {  # id: (overrides, issue target, regression floor asserted here)
+    # floors: below what every run on the loaded 2-core machine reached (1.8-2.0x and 1.5-1.6x); the targets are not met
+    "bilevel-16-N=M=2": (["algorithm=bilevel", "n_seeds=16", *SMALL], 8.0, 1.3),
+    "bilevel-64-N=M=2": (["algorithm=bilevel", "n_seeds=64", *SMALL], 4.0, 1.2),
+    # the default batches (the last speed issue's targets): not slower (floor 0.9: this machine's noise)
+    "bilevel-16-default": (["algorithm=bilevel", "n_seeds=16"], 1.0, 0.9),
+    "bilevel-256-default": (["algorithm=bilevel", "n_seeds=256"], 1.0, 0.9),
+    "bilevel-256-N=M=2": (["algorithm=bilevel", "n_seeds=256", *SMALL], 1.0, 0.9),
+}
+
+
+def build(compose_config, overrides):
+    v = validate(compose_config(overrides))
+    problem = envs.make(v.env)
+    algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
+    algo.impl = "fast"
+    algo.step_threads = step_threads(compose_config(overrides))
+    return algo, CountingSampler(problem, v.seeds, Counters()), v
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_segment_vs_per_step_steps_per_second(benchmark, compose_config, config):
+    overrides, target, floor = CONFIGS[config]
+    runs = {}
+    for arm in ("per_step", "segment"):
+        algo, sampler, v = build(compose_config, overrides)
+        state = algo.init(v.seeds)
+        for _ in range(3):
+            state = algo.step(state, sampler)
+        runs[arm] = [algo, sampler, state, torch.ones(len(v.seeds), dtype=torch.bool)]
+    probe = time.perf_counter()
+    runs["per_step"][2] = runs["per_step"][0].step(runs["per_step"][2], runs["per_step"][1])
+    per_round = max(5, min(2000, int(0.4 / max(time.perf_counter() - probe, 1e-6))))
+    times = {arm: [] for arm in runs}
+    for arm, run in interleaved(runs):
+        algo, sampler, state, alive = run
+        tic = time.perf_counter()
+        if arm == "per_step":
+            for _ in range(per_round):
+                state = algo.step(state, sampler)
+        else:
+            state, steps, _ = algo.run_segment(state, sampler, per_round, alive)
+            assert steps == per_round
+        times[arm].append((time.perf_counter() - tic) / per_round)
+        run[2] = state
+    t = {arm: statistics.median(x) for arm, x in times.items()}
+    algo, sampler, state, alive = runs["segment"]
+    benchmark.pedantic(lambda: algo.run_segment(state, sampler, per_round, alive), rounds=2, iterations=1)
+    ratio = t["per_step"] / t["segment"]
+    record_ratio(benchmark, f"segment_speedup[{config}]", ratio,
+                 f"per step {t['per_step'] * 1e6:.0f} us/step, segment {t['segment'] * 1e6:.0f} us/step (wall, "
+                 f"{algo.step_threads} threads, {per_round} steps a round; range over rounds "
+                 f"{min(times['per_step']) / max(times['segment']):.2f}-{max(times['per_step']) / min(times['segment']):.2f}x); "
+                 f"issue target >= {target:g}")
+    assert ratio >= floor
+
+
+def test_segment_cpu_per_seed_step(benchmark, compose_config):
+    """What a seed's step costs in the compiled code itself: process CPU time of 3,000-step segments on one thread,
+    64 seeds, N = M = 2 (the arithmetic that a segment cannot remove, only divide over cores)."""
+    algo, sampler, v = build(compose_config, CONFIGS["bilevel-64-N=M=2"][0])
+    algo.step_threads = 1
+    state, alive = algo.init(v.seeds), torch.ones(len(v.seeds), dtype=torch.bool)
+    state, *_ = algo.run_segment(state, sampler, 10, alive)
+    times = []
+    for _ in range(3):
+        tic = time.process_time()
+        state, *_ = algo.run_segment(state, sampler, 3000, alive)
+        times.append((time.process_time() - tic) / 3000 / len(v.seeds))
+    benchmark.pedantic(lambda: None, rounds=1)
+    record_ratio(benchmark, "segment_cpu_us_per_seed_step[64-N=M=2]", statistics.median(times) * 1e6,
+                 f"CPU us per seed-step, 1 thread (range {min(times) * 1e6:.2f}-{max(times) * 1e6:.2f})")
+
+
+def test_readme_main_job_evaluation_share_and_start_up(benchmark, compose_config, tmp_path):
+    """`ratebench run algorithm=bilevel` (README's main job, its defaults), whole run_job twice (the second with the
+    F-hat* cache and the build warm): evaluation's share of the wall time, and run.json's start-up fields."""
+    cfg = compose_config(["algorithm=bilevel", "progress=false"])
+    records, walls = [], []
+    for name in ("cold", "warm"):
+        tic = time.perf_counter()
+        records.append(run_job(cfg, tmp_path / name))
+        walls.append(time.perf_counter() - tic)
+    benchmark.pedantic(lambda: None, rounds=1)
+    record = records[1]
+    share = record["eval_wall_s"] / walls[1]
+    record_ratio(benchmark, "main_job_eval_share", share,
+                 f"evaluation {record['eval_wall_s']:.2f} s of {walls[1]:.2f} s wall (steps {record['wall_s']:.2f} s, "
+                 f"start-up {record['startup_wall_s']}); cold run: {walls[0]:.1f} s wall, start-up "
+                 f"{records[0]['startup_wall_s']}; issue target <= 0.2")
+    assert set(record["startup_wall_s"]) == {"imports", "setup", "kernel"}
+    if share > 0.2:  # not met: psi_gap's L-BFGS at every evaluation point is most of it (docs/fast.md "Segments")
+        pytest.xfail(f"evaluation is {share:.0%} of the main job's wall time (issue target <= 20 %)")
+
+
+def _numba_arguments(algo, sampler, state, n_steps):
+    """bench/numba_segment.py's `segment` arguments for this bilevel state (one instance, the bandit's H = 1 or any
+    H: successor tables padded to one array), and the parameter arrays it updates in place."""
+    import numpy as np
+
+    from ratebench.algorithms.bilevel import inner_draws, outer_draws
+    from ratebench.sampling import flat_true_rewards
+
+    cfg, problem, lay = algo.cfg, algo.problem, algo.problem.flat()
+    n_traj, n_pairs, inner = algo._sizes()
+    plans = sampler.plan(inner_draws(n_traj, n_pairs)), sampler.plan(outer_draws(n_traj, n_pairs))
+    params = [p.numpy().copy() for p in state.z + state.y + state.nu]
+    sched = np.empty((n_steps, 4))
+    for i in range(n_steps):
+        k = state.k + i
+        sched[i] = [cfg.lam0 * (1 + k / cfg.k0) ** cfg.lam_exponent, cfg.c_alpha / (k + cfg.k0) ** cfg.alpha_exponent,
+                    cfg.c_alpha_z / (k + cfg.k0) ** cfg.alpha_z_exponent, cfg.c_xi / (k + cfg.k0) ** cfg.xi_exponent]
+    H = problem.horizon
+    rows = max([t.shape[0] for t in lay.next_cdf] + [1])
+    K = max([t.shape[1] for t in lay.next_cdf] + [1])
+    next_cdf, next_idx = np.ones((max(H - 1, 1), rows, K)), np.zeros((max(H - 1, 1), rows, K), np.int64)
+    for h, (cdf, idx) in enumerate(zip(lay.next_cdf, lay.next_idx)):
+        next_cdf[h, :cdf.shape[0], :cdf.shape[1]] = cdf.numpy()
+        next_idx[h, :idx.shape[0], :idx.shape[1]] = idx.numpy()
+    next_k = np.array([t.shape[1] for t in lay.next_cdf] + [1], np.int64)
+
+    def plan(p):
+        return (p.columns.numpy().astype(np.int64), np.stack([t.numpy() for t in p.row_base]).astype(np.int64),
+                p.label_columns.numpy().astype(np.int64), p.first.numpy().astype(np.int64),
+                p.second.numpy().astype(np.int64), p.n_uniforms)
+
+    per_step = inner * plans[0].n_uniforms + plans[1].n_uniforms
+    args = (n_steps, state.k, sched, sampler._rng.counter, per_step, sampler.keys.numpy().view(np.uint64), *params,
+            algo.policy.features.numpy().astype(np.float64), lay.ref_logp.numpy(), lay.init_cdf.numpy(), next_cdf,
+            next_idx, next_k, lay.unit_of.numpy().astype(np.int64), problem.unit_features.numpy().astype(np.float64),
+            flat_true_rewards(problem).numpy(), problem.beta, problem.label_noise, n_traj, n_pairs, inner,
+            *plan(plans[0]), *plan(plans[1]))
+    return args, params
+
+
+@pytest.mark.parametrize("n_seeds", [16, 64])
+def test_numba_vs_c_segment(benchmark, compose_config, n_seeds):
+    """The same segment in numba (bench/numba_segment.py, @njit(parallel=True), prange over seeds) and in C
+    (bilevel_step.c), N = M = 2, on 1 thread and on every core: equal to 1e-12 after 20 steps, then steps/s of each,
+    interleaved; and numba's first-call JIT time."""
+    numba = pytest.importorskip("numba")
+    import numpy as np
+    from numba_segment import segment
+
+    overrides = ["algorithm=bilevel", f"n_seeds={n_seeds}", *SMALL]
+    algo, sampler, v = build(compose_config, overrides)
+    state, alive = algo.init(v.seeds), torch.ones(n_seeds, dtype=torch.bool)
+    args, params = _numba_arguments(algo, sampler, state, 20)
+    tic = time.perf_counter()
+    segment(*args)
+    jit_s = time.perf_counter() - tic
+    state, *_ = algo.run_segment(state, sampler, 20, alive)
+    for got, want in zip(params, state.z + state.y + state.nu):
+        np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-12)
+    n, results = 300, {}
+    for threads in (1, step_threads(compose_config(overrides))):
+        numba.set_num_threads(threads)
+        algo.step_threads = threads
+        times = {"c": [], "numba": []}
+        for arm, _ in interleaved({"c": 0, "numba": 0}, rounds=6):
+            if arm == "numba":
+                args, _ = _numba_arguments(algo, sampler, state, n)
+                tic = time.perf_counter()
+                segment(*args)
+            else:
+                tic = time.perf_counter()
+                state, *_ = algo.run_segment(state, sampler, n, alive)
+            times[arm].append((time.perf_counter() - tic) / n)
+        results[threads] = {arm: statistics.median(x) for arm, x in times.items()}
+    benchmark.pedantic(lambda: None, rounds=1)
+    for threads, t in results.items():
+        record_ratio(benchmark, f"numba_over_c_time[{n_seeds}-N=M=2-{threads}-threads]", t["numba"] / t["c"],
+                     f"numba {t['numba'] * 1e6:.0f} us/step, C {t['c'] * 1e6:.0f} us/step (wall); numba's JIT "
+                     f"{jit_s:.1f} s on first call (C build ~2 s, cached)")
+
+
+def test_ten_million_steps_killed_five_times_resume_to_the_same_metrics(benchmark, compose_config, tmp_path):
+    """Item 5 at full size: a 10^7-step bilevel run (1 seed, N = M = 2, checkpoints every 2 s between the evaluation
+    points too) SIGKILLed at five random moments resumes to the metrics of an uninterrupted run; the checkpoint's
+    size and the process's peak memory are recorded (flat in the number of steps: the state, and one metric row per
+    evaluation point)."""
+    import os
+    import random
+    import resource
+    import signal
+    import sys
+
+    import pandas as pd
+
+    cfg = compose_config(["algorithm=bilevel", *SMALL, "seeds=[0]", "budget.steps=10000000", "budget.samples=1000000000",
+                          "progress=false", "checkpoint_every_s=2"])
+    tic = time.perf_counter()
+    straight = run_job(cfg, tmp_path / "straight")
+    straight_s = time.perf_counter() - tic
+    killed, rng, kills, sizes = tmp_path / "killed", random.Random(10 ** 7), 0, []
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                sys.stdout = sys.stderr = open(os.devnull, "w")
+                run_job(cfg, killed)
+                code = 0
+            finally:
+                os._exit(code)
+        time.sleep(rng.uniform(5.0, 0.3 * straight_s))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        kills += os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+        if (killed / "checkpoint.pt").exists():
+            sizes.append((killed / "checkpoint.pt").stat().st_size)
+    record = run_job(cfg, killed)
+    benchmark.pedantic(lambda: None, rounds=1)
+    a = pd.read_parquet(tmp_path / "straight" / "metrics.parquet").drop(columns="wall_s")
+    b = pd.read_parquet(killed / "metrics.parquet").drop(columns="wall_s")
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert record["counters"] == straight["counters"] and straight["counters"]["step"] == 10 ** 7
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    record_ratio(benchmark, "ten_million_steps_wall_s", straight_s,
+                 f"uninterrupted run: {straight_s:.0f} s wall (steps {straight['wall_s']:.0f} s, evaluation "
+                 f"{straight['eval_wall_s']:.0f} s, {len(a)} rows); {kills} SIGKILLs, resumed to the same metrics; "
+                 f"checkpoint sizes {sorted(sizes)} bytes; killed children's peak RSS {peak_mb:.0f} MB")
+    assert kills >= 3

@@ -1,0 +1,210 @@
+"""Segments (Algorithm.run_segment): impl=fast's compiled bilevel step runs every step between two evaluation points
+in one call (bilevel_step.c's bilevel_segment), seeds split across threads. What it must equal, bit for bit: the same
+steps taken one call at a time (Bilevel.step, the per-step compiled path, which tests/test_fast.py holds to the
+reference to 1e-12 at every step), each followed by the harness's non-finite check (_mark_diverged).
+
+- every compiled case of tests/test_fast.py, in segments of random lengths with a checkpoint through disk in the
+  middle of what would have been one segment (resume mid-segment), on 2 threads;
+- the thread count changes no bit (1, 2 and 3 threads on 16 seeds, some of which diverge);
+- a seed that goes non-finite is marked at its step and zeroed, as the per-step loop does, and when every seed has,
+  the segment stops at the step where the last one did, with the per-step loop's counters;
+- the harness: a job run in segments writes the metrics and records of the job run one step per call, on the
+  sample clock and the step clock; a job killed (SIGKILL) at five random moments resumes to the same metrics.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from test_fast import CASES, COMPILED, build, through_disk
+
+from ratebench.runner import _mark_diverged, run_job
+
+SMALL = ["algorithm=bilevel", "algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
+# a depth-2 reward at N = M = 2 diverges on some seeds within a few hundred steps (width 32, the defaults)
+DIVERGING = [*SMALL, "model.reward.depth=2", "model.reward.width=32", "model.policy.width=32", "n_seeds=16"]
+
+
+def per_step(algo, state, sampler, alive, n):
+    """n steps one call at a time, each followed by the harness's check: (state, {row: step it diverged at})."""
+    died = {}
+    for _ in range(n):
+        state = algo.step(state, sampler)
+        for row in _mark_diverged(algo, state, alive):  # {row: reason}
+            died[row] = state.k
+    return state, died
+
+
+def segments(algo, state, sampler, alive, lengths):
+    """Segments of these lengths: (state, {row: step it diverged at}), alive updated as the harness does."""
+    died = {}
+    for n in lengths:
+        k = state.k
+        state, steps, at = algo.run_segment(state, sampler, n, alive)
+        assert steps == n or not alive.any()
+        for row in ((at > 0) & alive).nonzero().flatten().tolist():
+            died[row] = k + int(at[row])
+        alive &= at == 0
+    return state, died
+
+
+def same(a_algo, a, b_algo, b, where):
+    assert a.k == b.k and a_algo.schedule(a) == b_algo.schedule(b), where
+    for key, t in a_algo.tensors(a).items():
+        assert torch.equal(t, b_algo.tensors(b)[key]), f"{where}: {key}"
+
+
+def lengths_to(n: int, rng: random.Random) -> list[int]:
+    out = []
+    while sum(out) < n:
+        out.append(min(rng.choice([1, 1, 2, 3, 7, 20, 64, 150]), n - sum(out)))
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(COMPILED))
+def test_segments_are_the_per_step_run_bit_for_bit_through_a_checkpoint(compose_config, case):
+    overrides, n = CASES[case]
+    one, one_sampler, one_counters, seeds = build(compose_config, overrides, "fast")
+    seg, seg_sampler, seg_counters, _ = build(compose_config, overrides, "fast")
+    seg.step_threads = 2
+    alive_one, alive_seg = torch.ones(len(seeds), dtype=torch.bool), torch.ones(len(seeds), dtype=torch.bool)
+    a, b = one.init(seeds), seg.init(seeds)
+    rng = random.Random(case)
+    half = n // 2 + 3  # inside a segment of the first half's lengths (they cross it)
+    a, died_one = per_step(one, a, one_sampler, alive_one, half)
+    b, died_seg = segments(seg, b, seg_sampler, alive_seg, lengths_to(half, rng))
+    same(one, a, seg, b, f"{case} at step {half}")
+    # resume: state, sampler and counters through a checkpoint into a fresh algorithm, then segments on
+    saved = through_disk({"algorithm": seg.state_dict(b), "sampler": seg_sampler.state_dict()})
+    seg, seg_sampler, seg_counters2, _ = build(compose_config, overrides, "fast")
+    vars(seg_counters2).update(vars(seg_counters))
+    seg.step_threads = 2
+    b = seg.load_state_dict(seg.init(seeds), saved["algorithm"])
+    seg_sampler.load_state_dict(saved["sampler"])
+    a, more_one = per_step(one, a, one_sampler, alive_one, n - half)
+    b, more_seg = segments(seg, b, seg_sampler, alive_seg, lengths_to(n - half, rng))
+    same(one, a, seg, b, f"{case} at step {n}")
+    assert one_sampler.state_dict() == seg_sampler.state_dict()
+    assert vars(one_counters) == vars(seg_counters2)
+    assert {**died_one, **more_one} == {**died_seg, **more_seg}
+    assert torch.equal(alive_one, alive_seg)
+
+
+def test_the_thread_count_changes_no_bit_and_divergence_is_marked_at_its_step(compose_config):
+    results = []
+    for threads, lengths in ((None, None), (1, [40, 200, 60]), (2, [40, 200, 60]), (3, [40, 200, 60]), (2, [1] * 300)):
+        algo, sampler, counters, seeds = build(compose_config, DIVERGING, "fast")  # None: one step per call
+        state, alive = algo.init(seeds), torch.ones(len(seeds), dtype=torch.bool)
+        if threads is None:
+            state, died = per_step(algo, state, sampler, alive, 300)
+        else:  # [1] * 300: every divergence at a segment's last step (the next call must not reuse its old tables)
+            algo.step_threads = threads
+            state, died = segments(algo, state, sampler, alive, lengths)
+        results.append((algo, state, died, alive.clone(), dict(vars(counters)), sampler.state_dict()))
+    algo0, state0, died0, alive0, counters0, rng0 = results[0]
+    assert 2 <= len(died0) < 16, f"the case must diverge on some seeds, not all: {died0}"
+    for algo, state, died, alive, counters, rng in results[1:]:
+        same(algo0, state0, algo, state, "threads")
+        assert died == died0 and torch.equal(alive, alive0) and counters == counters0 and rng == rng0
+        for row in died:  # zeroed at its step, then stepped on as the per-step loop does: finite or not, as there
+            assert not alive[row]
+
+
+def test_when_every_seed_diverges_the_segment_stops_where_the_per_step_loop_does(compose_config):
+    blowing_up = [*DIVERGING, "algorithm.c_xi=3000", "algorithm.c_alpha=300", "n_seeds=4"]
+    results = []
+    for mode in ("per_step", "segment"):
+        algo, sampler, counters, seeds = build(compose_config, blowing_up, "fast")
+        state, alive = algo.init(seeds), torch.ones(len(seeds), dtype=torch.bool)
+        if mode == "per_step":  # the harness's loop: while a seed is alive
+            died = {}
+            while alive.any():
+                state, more = per_step(algo, state, sampler, alive, 1)
+                died.update(more)
+        else:
+            algo.step_threads = 2
+            state, steps, at = algo.run_segment(state, sampler, 500, alive)
+            assert steps < 500
+            died = {row: int(at[row]) for row in range(len(seeds))}
+        results.append((state.k, died, dict(vars(counters)), sampler.state_dict(), algo.schedule(state)))
+    assert results[0] == results[1]
+    assert len(set(results[0][1].values())) > 1, "the seeds must diverge at different steps"
+
+
+def test_a_segment_never_reads_another_seeds_memory(compose_config):
+    """A NaN seed (every parameter) leaves the others' segment bit for bit, and is marked at the first step."""
+    got = []
+    for poison in (False, True):
+        algo, sampler, _, seeds = build(compose_config, [*SMALL, "seeds=[3,0,5]"], "fast")
+        algo.step_threads = 3
+        state = algo.init(seeds)
+        if poison:
+            for t in algo.tensors(state).values():
+                t[1] = float("nan")
+        state, steps, died = algo.run_segment(state, sampler, 50, torch.ones(3, dtype=torch.bool))
+        got.append((algo.tensors(state), died))
+    (clean, died_clean), (poisoned, died_poisoned) = got
+    assert died_clean.tolist() == [0, 0, 0] and died_poisoned.tolist() == [0, 1, 0]
+    for key, t in clean.items():
+        assert torch.equal(poisoned[key][[0, 2]], t[[0, 2]]), key
+
+
+JOB = [*SMALL, "seeds=[0,1,2]", "progress=false", "checkpoint_every_s=0"]
+
+
+@pytest.mark.parametrize("clock", [["budget.samples=8000"], ["budget.steps=600", "algorithm.variant=double_loop",
+                                                               "algorithm.eps=0.08"],
+                                   ["budget.samples=3000", "model.reward.depth=2", "seeds=[0,1,2,3,4,5]"]],
+                         ids=["samples", "steps-double-loop", "diverging"])
+def test_a_job_in_segments_writes_the_per_step_jobs_records(compose_config, tmp_path, monkeypatch, clock):
+    import ratebench.algorithms.bilevel as bilevel_module
+
+    seg = run_job(compose_config([*JOB, *clock]), tmp_path / "segments")
+    monkeypatch.setattr(bilevel_module.Bilevel, "segment_samples", lambda self, state: None)  # one step per call
+    one = run_job(compose_config([*JOB, *clock]), tmp_path / "per_step")
+    a = pd.read_parquet(tmp_path / "segments" / "metrics.parquet").drop(columns="wall_s")
+    b = pd.read_parquet(tmp_path / "per_step" / "metrics.parquet").drop(columns="wall_s")
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert seg["counters"] == one["counters"] and seg["status"] == one["status"]
+    if clock[-1].startswith("seeds"):
+        assert any(s["status"] == "diverged" for s in seg["status"].values()), seg["status"]
+
+
+def test_a_long_job_killed_five_times_resumes_to_the_uninterrupted_metrics(compose_config, tmp_path):
+    """SIGKILL at five random moments (fixed seed) of a job that checkpoints at every evaluation point; each re-run
+    resumes from its last checkpoint. CI-sized (2e5 steps); bench/ runs the long one."""
+    cfg = compose_config([*JOB, "budget.steps=200000", "budget.samples=100000000"])
+    straight = tmp_path / "straight"
+    run_job(cfg, straight)
+    killed, rng, kills = tmp_path / "killed", random.Random(29), 0
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 70
+            try:
+                sys.stdout = sys.stderr = open(os.devnull, "w")
+                run_job(cfg, killed)
+                code = 0
+            finally:
+                os._exit(code)
+        time.sleep(rng.uniform(1.0, 4.0))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        kills += os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+    assert kills >= 3, "the job finished before most kills: make it longer"
+    assert (killed / "checkpoint.pt").exists() or (killed / "run.json").exists()
+    record = run_job(cfg, killed)
+    assert record["resumed_from_step"] is not None or kills == 0
+    a = pd.read_parquet(straight / "metrics.parquet").drop(columns="wall_s")
+    b = pd.read_parquet(killed / "metrics.parquet").drop(columns="wall_s")
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert json.loads((straight / "run.json").read_text())["counters"] == record["counters"]
