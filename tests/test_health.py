@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import at_step
 
 from ratebench.algorithms.bilevel import Bilevel
 from ratebench.health import LOG_TINY, HealthConfig, SeedHealth, relative_change, saturation
@@ -123,17 +124,14 @@ def test_statuses_survive_checkpoint_and_resume(compose_config, tmp_path, monkey
     straight = run_job(compose_config(overrides), tmp_path / "straight")
     steps = sorted(st["step"] for st in straight["status"].values() if st["status"] == case)
     assert steps and (case == "stalled" or steps[0] < kill_at < steps[-1]), steps
-    original = Bilevel.step
+    def interrupt(state):
+        raise KeyboardInterrupt
 
-    def killed(self, state, sampler):
-        if state.k == kill_at:
-            raise KeyboardInterrupt
-        return original(self, state, sampler)
-
-    monkeypatch.setattr(Bilevel, "step", killed)
+    original = Bilevel.run_segment
+    monkeypatch.setattr(Bilevel, "run_segment", at_step(Bilevel, kill_at, interrupt))  # the harness steps in segments
     with pytest.raises(KeyboardInterrupt):
         run_job(compose_config(overrides), tmp_path / "resumed")
-    monkeypatch.setattr(Bilevel, "step", original)
+    monkeypatch.setattr(Bilevel, "run_segment", original)
     resumed = run_job(compose_config(overrides), tmp_path / "resumed")
     assert "resuming" in capsys.readouterr().out and resumed["resumed_from_step"] > 0
     assert resumed["status"] == straight["status"]
