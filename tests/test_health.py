@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from ratebench.algorithms.bilevel import Bilevel
 from ratebench.health import LOG_TINY, HealthConfig, SeedHealth, relative_change, saturation
 from ratebench.records import objective_value
