@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
 from ratebench.errors import ConfigError
 
 LOG_TINY = math.log(sys.float_info.min)  # -708.396...: exp() of anything below is not a normal float64

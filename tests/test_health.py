@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 from conftest import at_step
-
 from ratebench.algorithms.bilevel import Bilevel
 from ratebench.health import LOG_TINY, HealthConfig, SeedHealth, relative_change, saturation
 from ratebench.records import objective_value
