@@ -31,6 +31,8 @@ from ratebench.sampling import Counters, CountingSampler
 from ratebench.signals import Interrupted, StopRequests
 
 SEGMENT_SECONDS = 0.5  # at most about this much compute per segment call: a signal or a checkpoint waits no longer
+SEGMENT_DIVERGED = ("non-finite values (inf or NaN) in the parameters (found inside a compiled segment, "
+                    "which does not record the tensor)")  # the per-step check names the tensors
 FINISHED = ("completed", "diverged", "saturated", "stalled")  # final outcomes: re-running the same config reproduces them
 RESULT_FILES = ("metrics.parquet", "run.json", checkpoint.FILENAME)  # written atomically into a run folder
 
@@ -495,8 +497,7 @@ class _Job:
         self._step_s = (time.perf_counter() - tic) / steps
         newly = (died > 0) & self.alive
         self.alive &= ~newly
-        return [(row, start + int(died[row]), "non-finite values (inf or NaN) in the parameters after that step "
-                 "(found inside the compiled segment)") for row in newly.nonzero().flatten().tolist()]
+        return [(row, start + int(died[row]), SEGMENT_DIVERGED) for row in newly.nonzero().flatten().tolist()]
 
     def _segment_steps(self, per_step: int) -> int:
         """Steps to the next evaluation point, to the budget (samples or steps: the per-step loop's stopping points,
