@@ -133,9 +133,10 @@ def _progress(label: str, message: str, quiet: bool = False) -> None:
         print(f"[audit {label}] {message}", file=sys.stderr, flush=True)
 
 
-def run_points(run_files: list[Path], env_config: dict) -> tuple[list[float], list[float], int]:
-    """(F values, ||grad F||, number of runs) of the logged iterates of the runs on this instance:
-    F = gap + the run's own recorded f_star (so the audit's F* applies), ||grad F|| = sqrt(grad_sq)."""
+def run_points(run_files: list[Path], env_config: dict, reward_bound: float | None = None) -> tuple[list[float], list[float], int]:
+    """(F values, ||grad F||, number of runs) of the logged iterates of the runs on this instance and reward
+    class (model.reward.bound): F = gap + the run's own recorded f_star (so the audit's F* applies),
+    ||grad F|| = sqrt(grad_sq)."""
     from ratebench.analysis.load import RunRecordError, read_metrics, read_record
 
     values, grads, n_runs = [], [], 0
@@ -143,6 +144,8 @@ def run_points(run_files: list[Path], env_config: dict) -> tuple[list[float], li
         try:
             record = read_record(run_json)
             if record["config"].get("env") != env_config or "f_star" not in record:
+                continue
+            if ((record["config"].get("model") or {}).get("reward") or {}).get("bound") != reward_bound:
                 continue
             metrics = read_metrics(run_json.parent / "metrics.parquet")
         except RunRecordError as exc:
@@ -209,7 +212,7 @@ def audit_instance(env, policy_net, c_lam: float, n_starts: int = DEFAULT_STARTS
         p.setdefault("label", "multistart")
     t_landscape = time.perf_counter() - clock
 
-    run_values, run_grads, n_runs = run_points(list(run_files), env_config)
+    run_values, run_grads, n_runs = run_points(list(run_files), env_config, bound)
     values = [p["value"] for p in points] + run_values
     grads = [p["grad_norm"] for p in points] + run_grads
     wgd = landscape.wgd(values, grads, f_star, TAU_GRID)
