@@ -5,7 +5,9 @@ autograd gives every seed its own gradient in one pass.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -23,6 +25,9 @@ class NetConfig:
     width: int = 32  # hidden units per layer (the theorem's m)
     depth: int = 1  # hidden layers: 1 = the two-layer network of the neural-PG analyses
     activation: str = "relu"  # relu (as analysed) or tanh (smooth)
+    # the reward model only: null (unbounded) or R > 0, the output read as R tanh(raw): every unit reward in
+    # (-R, R), the bounded-reward class of the theorem's assumptions (docs/bilevel.md "Bounded rewards")
+    bound: Optional[float] = None
 
 
 @dataclass
@@ -31,7 +36,8 @@ class ModelConfig:
     policy: NetConfig = field(default_factory=NetConfig)  # pi_theta
 
 
-def check_net(cfg, where: str, kinds: tuple[str, ...]) -> None:
+def check_net(cfg, where: str, kinds: tuple[str, ...], may_bound: bool = False) -> None:
+    """Range checks of one network's config; `may_bound`: whether this network may carry `bound`."""
     if cfg.kind not in kinds:
         raise ConfigError(f"{where}.kind", f"must be one of {list(kinds)}, got {cfg.kind!r}")
     if cfg.kind == "mlp":
@@ -41,6 +47,12 @@ def check_net(cfg, where: str, kinds: tuple[str, ...]) -> None:
             raise ConfigError(f"{where}.depth", f"must be >= 1, got {cfg.depth}")
         if cfg.activation not in ACTIVATIONS:
             raise ConfigError(f"{where}.activation", f"must be one of {list(ACTIVATIONS)}, got {cfg.activation!r}")
+    bound = getattr(cfg, "bound", None)
+    if bound is not None:
+        if not may_bound:
+            raise ConfigError(f"{where}.bound", f"only the reward model has a bound; allowed: null, got {bound!r}")
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 0:
+            raise ConfigError(f"{where}.bound", f"must be null (unbounded) or a finite number > 0, got {bound!r}")
 
 
 def _seed_generator(seed: int, salt: int) -> torch.Generator:
@@ -162,14 +174,22 @@ def unstack_seeds(params: Params, k: int) -> list[Params]:
     return [[v[:, i] for v in views] for i in range(k)]
 
 
+def bounded(raw: torch.Tensor, bound: float | None) -> torch.Tensor:
+    """The reward class's output map: raw unchanged (unbounded), or bound * tanh(raw), in (-bound, bound).
+    The one home of the bound's reading (docs/bilevel.md "Bounded rewards")."""
+    return raw if bound is None else bound * torch.tanh(raw)
+
+
 class RewardModel:
-    """r_nu on the env's reward units: linear nu . phi(u), or an MLP on phi(u)."""
+    """r_nu on the env's reward units: linear nu . phi(u), or an MLP on phi(u); with cfg.bound = R the
+    output is R tanh(.) of that (every unit reward in (-R, R))."""
 
     def __init__(self, problem: TabularProblem, cfg: NetConfig):
-        check_net(cfg, "model.reward", ("mlp", "linear"))
+        check_net(cfg, "model.reward", ("mlp", "linear"), may_bound=True)
         self.problem = problem
         d = problem.unit_features.shape[-1]
         self.kind = cfg.kind
+        self.bound = getattr(cfg, "bound", None)
         self.net = None if cfg.kind == "linear" else StackedMLP([d] + [cfg.width] * cfg.depth + [1], cfg.activation)
 
     def init(self, seeds: list[int], salt: int = 2) -> Params:
@@ -179,6 +199,10 @@ class RewardModel:
 
     def unit_rewards(self, params: Params) -> torch.Tensor:
         """(B, n_units)."""
+        return bounded(self._raw(params), self.bound)
+
+    def _raw(self, params: Params) -> torch.Tensor:
+        """The model's output before the bound: (B, n_units)."""
         if self.net is None:
             features = self.problem.unit_features
             if features.dim() == 3:  # an InstanceBatch: each row its own instance's features
@@ -190,11 +214,13 @@ class RewardModel:
         return self.problem.step_tables_from_units(self.unit_rewards(params))
 
     def units(self, params: Params) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """The fast path's forward: (unit rewards (B, n_units), activations for `backward`)."""
+        """The fast path's forward: (unit rewards (B, n_units), activations for `backward`; with a bound and a
+        linear model, [raw output], which the bound's derivative needs)."""
         if self.net is None:
-            return self.unit_rewards(params), None
+            raw = self._raw(params)
+            return bounded(raw, self.bound), (None if self.bound is None else [raw[..., None]])
         acts = self.net.activations(params, self.problem.unit_features)
-        return acts[-1].squeeze(-1), acts
+        return bounded(acts[-1].squeeze(-1), self.bound), acts
 
     def visited_units(self, params: Params, unit: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The fast path's forward on the units some trajectories visit, not on the whole table (an MLP
@@ -207,13 +233,17 @@ class RewardModel:
         flat = unit.reshape(B, -1)
         acts = self.net.activations(params, rows_of(features, flat.clamp_max(n_units - 1)))  # x: (B, N * H, d)
         table = acts[-1].new_zeros(B, n_units + 1)
-        table.scatter_(1, flat, acts[-1].squeeze(-1))  # a unit visited twice gets its one value twice
+        table.scatter_(1, flat, bounded(acts[-1].squeeze(-1), self.bound))  # a unit visited twice gets its one value twice
         table[:, -1] = 0  # the no-reward steps evaluated the last unit's features: their slot pays nothing
         return table, acts
 
     def backward(self, params: Params, acts: list[torch.Tensor] | None, grad_units: torch.Tensor) -> Params:
         """Gradient w.r.t. params of sum(grad_units * unit_rewards), grad_units (B, n_units); after
-        `visited_units`, of sum(grad_units * the rewards at the visited steps), grad_units (B, N * H)."""
+        `visited_units`, of sum(grad_units * the rewards at the visited steps), grad_units (B, N * H).
+        With a bound, through d(R tanh x)/dx = R (1 - tanh^2 x) at the raw outputs kept in acts."""
+        if self.bound is not None:
+            t = torch.tanh(acts[-1].squeeze(-1))
+            grad_units = grad_units * (self.bound * (1 - t * t))
         if self.net is None:
             features = self.problem.unit_features
             if features.dim() == 3:

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from ratebench.envs.exact import bilevel_objective, optimal_value, policy_value, reward_error, soft_optimal
-from ratebench.envs.global_ref import gaussian_starts, objective_rows, policy_rows
+from ratebench.envs.global_ref import (BOX_FACE_SIZE, INTERIOR, MAX_FACE_SIZE, GroupPoints, gaussian_starts,
+                                       group_stationary_points, group_values, landscape_rows, objective_rows,
+                                       policy_rows, sequence_form, to_units)
 from ratebench.envs.lbfgs import minimise_rows
 from ratebench.envs.penalty import minimise_psi
 from ratebench.envs.tabular import TabularProblem
@@ -60,29 +62,31 @@ def describe_points(problem: TabularProblem, units: torch.Tensor) -> dict[str, t
 
 # ---------------------------------------------------------------------------------------------- multistart
 
-def multistart_starts(problem: TabularProblem, n_starts: int, seed: int) -> torch.Tensor:
-    """(n_starts, n_units): the true reward, zero, then Gaussian draws at START_SCALES x std(R*)."""
-    return gaussian_starts(problem, n_starts, seed, START_SCALES)
+def multistart_starts(problem: TabularProblem, n_starts: int, seed: int, bound: float | None = None) -> torch.Tensor:
+    """(n_starts, n_units): the true reward, zero, then Gaussian draws at START_SCALES x std(R*)
+    (optimisation variables: R tanh(x) are the unit rewards with a bound)."""
+    return gaussian_starts(problem, n_starts, seed, START_SCALES, bound)
 
 
 @dataclass
 class Multistart:
     """Every start's end point. Shapes: S starts, n unit rewards."""
 
-    x: torch.Tensor  # (S, n) end points
+    x: torch.Tensor  # (S, n) end points (unit rewards)
     value: torch.Tensor  # (S,) F there
     grad_sup: torch.Tensor  # (S,) sup-norm of grad F there
     converged: torch.Tensor  # (S,) bool: grad_sup <= STATIONARY_TOL
 
 
-def multistart(problem: TabularProblem, n_starts: int = 64, seed: int = 0) -> Multistart:
-    """Row-wise batched L-BFGS of F from multistart_starts, to STATIONARY_TOL. Computed once per
-    (problem, n_starts, seed) and kept in problem.derived (F-hat* and the stationary points share it)."""
-    key = ("multistart", n_starts, seed)
+def multistart(problem: TabularProblem, n_starts: int = 64, seed: int = 0, bound: float | None = None) -> Multistart:
+    """Row-wise batched L-BFGS of F from multistart_starts, to STATIONARY_TOL (in x, units R tanh(x) with a
+    bound). Computed once per (problem, n_starts, seed, bound) and kept in problem.derived."""
+    key = ("multistart", n_starts, seed, bound)
     if key not in problem.derived:
-        res = minimise_rows(objective_rows(problem), multistart_starts(problem, n_starts, seed), STATIONARY_TOL,
-                            max_iter=MAX_ITER)
-        problem.derived[key] = Multistart(res.x, res.value, res.grad_norm, res.grad_norm <= STATIONARY_TOL)
+        res = minimise_rows(objective_rows(problem, bound), multistart_starts(problem, n_starts, seed, bound),
+                            STATIONARY_TOL, max_iter=MAX_ITER)
+        problem.derived[key] = Multistart(to_units(res.x, bound), res.value, res.grad_norm,
+                                          res.grad_norm <= STATIONARY_TOL)
     return problem.derived[key]
 
 
@@ -105,14 +109,16 @@ def cluster(values: torch.Tensor, policies: torch.Tensor, value_tol: float = VAL
     return labels
 
 
-def stationary_points(problem: TabularProblem, n_starts: int, seed: int, f_star: float) -> list[dict]:
+def stationary_points(problem: TabularProblem, n_starts: int, seed: int, f_star: float,
+                      bound: float | None = None) -> list[dict]:
     """Distinct stationary points of F over tabular unit rewards reached by the multistart, lowest F
     first. Each: value, gap = F - f_star, grad_norm, policy_gap (true-reward regret of pi*_nu, same
     beta), reward_err, max_abs_reward, min_policy_prob, kind ("interior", or "asymptotic" when some
     pi*_nu(a|s) < ASYMPTOTIC_PROB: a limit as rewards diverge, where grad F -> 0 without a minimiser),
     share (fraction of all starts ending there), units (the point's unit rewards, a list). Starts
-    that did not converge are left out."""
-    ms = multistart(problem, n_starts, seed)
+    that did not converge are left out. The multistart's list: enumerated_landscape is the complete one
+    where the problem allows it."""
+    ms = multistart(problem, n_starts, seed, bound)
     rows = ms.converged.nonzero().squeeze(1)
     if rows.numel() == 0:
         return []
@@ -189,7 +195,7 @@ def fit_power(lam, bias) -> float:
 
 
 def penalty_bias(problem: TabularProblem, lam_grid, nu_loc: torch.Tensor, c_lam: float,
-                 tol: float = 1e-9) -> dict:
+                 tol: float = 1e-9, bound: float | None = None) -> dict:
     """B(lam) = F(nu_lam) - F(nu_loc), nu_lam the minimiser of psi_lam continued from the local
     minimiser nu_loc (n_units,): lam from the largest down, each solve warm-started at the previous
     one (the first at nu_loc). A continuation that lands below F(nu_loc) has left nu_loc's basin
@@ -204,7 +210,7 @@ def penalty_bias(problem: TabularProblem, lam_grid, nu_loc: torch.Tensor, c_lam:
     order = sorted((float(l) for l in lam_grid), reverse=True)
     solved, start, inside = {}, nu_loc, True
     for lam in order:
-        psi_value, nu_lam = minimise_psi(problem, lam, [start], tol=tol, max_iter=MAX_ITER)
+        psi_value, nu_lam = minimise_psi(problem, lam, [start], tol=tol, max_iter=MAX_ITER, bound=bound)
         f_lam = float(bilevel_objective(problem, problem.step_tables_from_units(nu_lam[None]))[0])
         inside = inside and f_lam > f_loc
         solved[lam] = (f_lam - f_loc, psi_value, f_lam, inside, nu_lam.tolist())
@@ -219,3 +225,142 @@ def penalty_bias(problem: TabularProblem, lam_grid, nu_loc: torch.Tensor, c_lam:
     return {"q_pairs": q_pairs,"lam": lams, "bias": bias, "psi": [solved[l][1] for l in lams], "f_lam": [solved[l][2] for l in lams],
             "in_basin": in_basin, "nu_lam": [solved[l][4] for l in lams], "f_local": f_loc, "q": q, "c_lam": float(c_lam),
             "implied_exponent": 1.0 / (q * c_lam) if q > 0 and c_lam > 0 else math.nan}
+
+
+# ---------------------------------------------------------------------------------------------- enumerated landscape
+
+def class_grad_norm(problem: TabularProblem, units: torch.Tensor, bound: float | None = None) -> torch.Tensor:
+    """||grad F|| in the class's own coordinates, as a limit: Euclidean in unit rewards, with the rewards at
+    +-bound left out (R tanh saturates there: their gradient in the reward network vanishes whatever dF/du). (B,)"""
+    _, grad = objective_and_grad(problem, units)
+    if bound is not None:
+        grad = grad * (units.abs() < bound * (1 - 1e-9))
+    return grad.norm(dim=1)
+
+
+def _group_units(form, rows: GroupPoints, pick: list[int], n_units: int) -> torch.Tensor:
+    """Unit rewards (n_units,) of the combined point made of per-group rows pick[g]."""
+    units = torch.zeros(n_units, dtype=torch.float64)
+    for g, i in enumerate(pick):
+        units[form.unit[g]] = rows.r[i]
+    return units
+
+
+def enumerated_landscape(problem: TabularProblem, n_starts: int, seed: int, f_star: float,
+                         bound: float | None = None, argmin: torch.Tensor | None = None) -> dict | None:
+    """The stationary points of F on a sequence-form problem (bandit; token task of few sequences) by face
+    enumeration, independent of the number of starts: F = sum_g rho(g) F_g, so its stationary points
+    (interior, and the limits on simplex faces / box faces where grad F -> 0) are the products of each
+    group's face points (global_ref.landscape_rows: the rows behind F*). None for other problems.
+
+    Returns {"points": distinguished and multistart-found combined points (lowest F first; each
+    describe_points' keys plus gap, kind, label, starts = multistart end points there, units),
+    "groups": every group's face points ({group, value, face_size, interior, kkt, starts}),
+    "n_per_group", "n_stationary" (their product: stationary points up to reward shifts),
+    "floor", "floor_interior", "floor_kkt" (largest gap over all / interior / KKT points: sums of per-group
+    maxima, exact), "plateau" (F of the deterministic-policy plateau: log 2 on a bandit; unbounded only),
+    "n_unmatched" (multistart end points with a group part the enumeration lacks; added as points)}."""
+    form = sequence_form(problem)
+    limit = MAX_FACE_SIZE if bound is None else BOX_FACE_SIZE
+    if form is None or form.unit.shape[1] > limit:
+        return None
+    G = form.unit.shape[0]
+    rows = group_stationary_points(landscape_rows(problem, form, bound, seed))
+    rho = problem.init_prob
+
+    # the multistart's end points, matched group by group to the face points (how many starts found each)
+    ms = multistart(problem, n_starts, seed, bound)
+    ends = ms.x[ms.converged]
+    found = torch.zeros(rows.value.numel(), dtype=torch.long)
+    extra, combos = [], []
+    if ends.shape[0]:
+        r = ends[:, form.unit]  # (E, G, m)
+        pi = torch.softmax(form.ref_logp + r / problem.beta, -1)
+        values = group_values(form, problem.beta, ends)  # (E, G)
+        for e in range(ends.shape[0]):
+            pick = []
+            for g in range(G):
+                mine = (rows.group == g).nonzero().squeeze(1)
+                close = ((rows.value[mine] - values[e, g]).abs() <= VALUE_TOL) & \
+                        ((rows.pi[mine] - pi[e, g]).abs().amax(-1) <= POLICY_TOL)
+                if close.any():
+                    pick.append(int(mine[close.nonzero()[0, 0]]))
+                else:
+                    pick.append(-1)
+                    extra.append((g, e))
+            combos.append(tuple(pick))
+    if extra:  # face points the enumeration lacks: join the list (their own rows)
+        add = []
+        for g, e in extra:
+            face_size = int((pi[e, g] >= INTERIOR).sum())
+            add.append(GroupPoints(torch.tensor([g]), values[e, g:g + 1], pi[e, g][None], r[e, g][None],
+                                   torch.tensor([face_size]), torch.tensor([face_size == form.unit.shape[1]]),
+                                   torch.tensor([True]), torch.tensor([True])))
+        rows = GroupPoints.cat([rows] + add)
+        found = torch.cat([found, torch.zeros(len(add), dtype=torch.long)])
+        for k, (g, e) in enumerate(extra):
+            pick = list(combos[e])
+            pick[g] = rows.value.numel() - len(add) + k
+            combos[e] = tuple(pick)
+    for pick in combos:
+        for i in pick:
+            found[i] += 1
+
+    def extreme(select, largest: bool) -> list[int] | None:
+        pick = []
+        for g in range(G):
+            mine = ((rows.group == g) & select).nonzero().squeeze(1)
+            if mine.numel() == 0:
+                return None
+            v = rows.value[mine]
+            pick.append(int(mine[v.argmax() if largest else v.argmin()]))
+        return pick
+
+    def value_of(pick) -> float:
+        return float(rows.value[pick] @ rho)
+
+    everything = torch.ones_like(rows.stationary)
+    named = {"global_minimiser": extreme(everything, False), "floor": extreme(everything, True),
+             "floor_interior": extreme(rows.interior, True)}
+    if bound is None:
+        named["plateau"] = extreme(rows.face_size == 1, True)
+    else:
+        named["floor_kkt"] = extreme(rows.kkt, True)
+    merged: dict[tuple, list] = {}  # one combined point per choice of group points: [labels, starts]
+    for label, pick in named.items():
+        if pick is not None:
+            merged.setdefault(tuple(pick), [[], 0])[0].append(label)
+    for c in combos:
+        entry = merged.setdefault(c, [[], 0])
+        entry[1] += 1
+    for entry in merged.values():
+        if entry[1] and not entry[0]:
+            entry[0].append("multistart")
+    picks = list(merged)
+    stacked = torch.stack([_group_units(form, rows, list(c), problem.n_units) for c in picks])
+    info = describe_points(problem, stacked)
+    info["grad_norm"] = class_grad_norm(problem, stacked, bound)
+    points = []
+    for i, c in enumerate(picks):
+        labels, starts = merged[c]
+        point = {k: float(v[i]) for k, v in info.items()}
+        point.update(gap=point["value"] - f_star, label=", ".join(labels), starts=starts, share=starts / n_starts,
+                     units=stacked[i].tolist(), kind=_kind(point, bound))
+        points.append(point)
+    points.sort(key=lambda p: p["value"])
+    per_group = [int((rows.group == g).sum()) for g in range(G)]
+    groups = [{"group": int(rows.group[i]), "value": float(rows.value[i]), "face_size": int(rows.face_size[i]),
+               "interior": bool(rows.interior[i]), "kkt": bool(rows.kkt[i]), "starts": int(found[i])}
+              for i in range(rows.value.numel())]
+    floors = {k: (value_of(named[k]) - f_star if named.get(k) is not None else None)
+              for k in ("floor", "floor_interior", "floor_kkt")}
+    return {"points": points, "groups": groups, "n_per_group": per_group, "n_stationary": math.prod(per_group),
+            **floors, "plateau": value_of(named["plateau"]) if named.get("plateau") is not None else None,
+            "n_unmatched": len(extra), "n_multistart_points": len(set(combos))}
+
+
+def _kind(point: dict, bound: float | None) -> str:
+    """interior, or asymptotic: some pi*_nu(a|s) < ASYMPTOTIC_PROB (unbounded) / some reward at the bound."""
+    if bound is None:
+        return "asymptotic" if point["min_policy_prob"] < ASYMPTOTIC_PROB else "interior"
+    return "asymptotic" if point["max_abs_reward"] >= bound * (1 - 1e-9) else "interior"

@@ -107,16 +107,19 @@ def psi_gradient(problem: TabularProblem, unit_rewards: torch.Tensor, lam: float
 
 
 def minimise_psi(problem: TabularProblem, lam: float, starts: list[torch.Tensor], tol: float = 1e-8,
-                 max_iter: int = 400) -> tuple[float, torch.Tensor]:
-    """min over tabular unit rewards of psi_lam: joint L-BFGS over (nu, theta) of h_lam, since
-    min_nu min_theta h_lam = min_nu psi_lam. Tabular rewards are the richest class on the units,
-    so this lower-bounds psi_lam for every reward model. Returns (value, argmin unit rewards)."""
-    u = torch.stack([s.detach().clone() for s in starts])  # (S, n_units): starts in parallel
-    start_policy, _ = soft_optimal(problem, problem.step_tables_from_units(u))
+                 max_iter: int = 400, bound: float | None = None) -> tuple[float, torch.Tensor]:
+    """min over tabular unit rewards (in [-bound, bound] when set, written bound tanh(x)) of psi_lam:
+    joint L-BFGS over (nu, theta) of h_lam, since min_nu min_theta h_lam = min_nu psi_lam. Tabular
+    rewards are the richest class on the units, so this lower-bounds psi_lam for every reward model
+    of that class. starts: unit rewards. Returns (value, argmin unit rewards)."""
+    from ratebench.envs.global_ref import from_units, to_units
+
+    u = from_units(torch.stack([s.detach().clone() for s in starts]), bound)  # (S, n_units): starts in parallel
+    start_policy, _ = soft_optimal(problem, problem.step_tables_from_units(to_units(u, bound)))
     n_units = u.shape[1]
 
     def per_start(flat):
-        tables = problem.step_tables_from_units(flat[:, :n_units])
+        tables = problem.step_tables_from_units(to_units(flat[:, :n_units], bound))
         return penalised_objective(problem, tables, _log_softmax(_unflatten(flat[:, n_units:], start_policy)), lam)
 
     policy_diag = _inverse_policy_diag(start_policy)
@@ -124,7 +127,7 @@ def minimise_psi(problem: TabularProblem, lam: float, starts: list[torch.Tensor]
                            preconditioner=lambda flat: torch.cat([torch.ones_like(u), policy_diag(flat[:, n_units:])], 1),
                            first_step=FIRST_MOVE)
     best = int(solved.value.argmin())
-    return float(solved.value[best]), solved.x[best, :n_units].clone()
+    return float(solved.value[best]), to_units(solved.x[best, :n_units], bound).clone()
 
 
 METRIC_TOL = 5e-6  # inner gradient sup-norm tolerance of psi_gap; measured on the 928 (seed, evaluation) rows
@@ -136,9 +139,10 @@ class PsiReference:
     """min psi_lam per distinct lam for one problem, computed once (warm-started from the
     nearest lam already solved plus F-hat*'s argmin and the true reward) and cached."""
 
-    def __init__(self, problem: TabularProblem, f_argmin: torch.Tensor | None = None):
+    def __init__(self, problem: TabularProblem, f_argmin: torch.Tensor | None = None, bound: float | None = None):
         self.problem = problem
         self.f_argmin = f_argmin
+        self.bound = bound  # the reward class (model.reward.bound): min psi_lam over rewards in [-bound, bound]
         self.cache: dict[float, tuple[float, torch.Tensor]] = {}
 
     def _starts(self, lam: float) -> list[torch.Tensor]:
@@ -150,13 +154,13 @@ class PsiReference:
         if self.f_argmin is None:  # F_loc's argmin: the basin of the true reward (envs/global_ref.py)
             from ratebench.envs.global_ref import local_reference
 
-            self.f_argmin = local_reference(self.problem)[1]
+            self.f_argmin = local_reference(self.problem, bound=self.bound)[1]
         return [self.problem.true_unit_reward, self.f_argmin]
 
     def min_psi(self, lam: float) -> float:
         lam = float(lam)
         if lam not in self.cache:
-            self.cache[lam] = minimise_psi(self.problem, lam, self._starts(lam), tol=1e-7)
+            self.cache[lam] = minimise_psi(self.problem, lam, self._starts(lam), tol=1e-7, bound=self.bound)
         return self.cache[lam][0]
 
     def gap_and_minimiser(self, rewards: Tables, lam: float) -> tuple[torch.Tensor, Tables]:

@@ -27,20 +27,22 @@ LAM_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # penalties of B(lam); the schedule
 TAU_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # WGD constants at which eps_bias(tau) is reported
 POLICY_DRAWS = 64  # random policy networks of the lower-level check ...
 POLICY_SCALES = (0.5, 1.0, 2.0, 4.0)  # ... their parameters are the network's init times these, in turn
-AUDIT_VERSION = 2  # bump when a premise number's definition changes: old premise_summary entries are not reused
-ALLOWED_KEYS = "env=<name>, env.<field>=..., model.policy.<field>=..., algorithm.c_lam=... (or algorithm.lam_exponent)"
+AUDIT_VERSION = 3  # bump when a premise number's definition changes: old premise_summary entries are not reused
+ALLOWED_KEYS = ("env=<name>, env.<field>=..., model.policy.<field>=..., model.reward.bound=..., "
+                "algorithm.c_lam=... (or algorithm.lam_exponent)")
 
 
 # ---------------------------------------------------------------------------------------------- reference
 
-def reference(problem, env_config: dict, cache: str | None = None) -> dict:
+def reference(problem, env_config: dict, cache: str | None = None, reward_bound: float | None = None) -> dict:
     """The one door to F* and the local reference: dict(f_star, f_star_method, f_star_local,
     local_argmin, argmin), from the same cached GlobalReference the runs' `gap` uses
     (harness/fstar.py → envs/global_ref.py: exact face enumeration on the bandit, a batched
-    multistart elsewhere). f_star_local: L-BFGS of F from the true reward."""
+    multistart elsewhere), over the reward class (reward_bound: rewards in [-R, R]).
+    f_star_local: L-BFGS of F from the true reward."""
     from ratebench.fstar import reference as global_reference
 
-    ref = global_reference(problem, env_config, cache)
+    ref = global_reference(problem, env_config, cache, reward_bound)
     return {"f_star": ref.value, "f_star_method": ref.method, "f_star_local": ref.local_value,
             "local_argmin": ref.local_argmin, "argmin": ref.argmin}
 
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--starts", type=int, default=DEFAULT_STARTS, help=f"multistart size (default {DEFAULT_STARTS})")
     p.add_argument("--runs", help="folder of runs whose logged iterates (gap, grad_sq) join the WGD sample")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--out", default="audit", help="folder of the figure (default audit/)")
+    p.add_argument("--out", default=None, help="folder of the figures (default: <cache folder>/audit, see docs/audit.md)")
     return p
 
 
@@ -85,7 +87,7 @@ def _translate(text: str) -> str:
     if key.lstrip("+~") in ("algorithm.c_lam", "algorithm.lam_exponent"):
         return f"algorithm.lam_exponent={value}"
     bare = key.lstrip("+~")
-    if bare == "env" or bare.startswith("env.") or bare.startswith("model.policy."):
+    if bare == "env" or bare.startswith("env.") or bare.startswith("model.policy.") or bare == "model.reward.bound":
         return text
     raise ConfigError(bare, f"not an audit setting; allowed: {ALLOWED_KEYS}")
 
@@ -100,7 +102,7 @@ def resolve_instances(overrides: list[str]) -> list:
     from ratebench.config import compose, validate
 
     rest, seeds = _instance_seeds(overrides)
-    rest = ["algorithm=bilevel"] + [_translate(t) for t in rest]
+    rest = ["algorithm=bilevel", "impl=reference"] + [_translate(t) for t in rest]  # the audit runs no step
     jobs = [rest] if seeds is None else [rest + [f"env.instance_seed={s}"] for s in seeds]
     out = []
     for job in jobs:
@@ -131,9 +133,10 @@ def _progress(label: str, message: str, quiet: bool = False) -> None:
         print(f"[audit {label}] {message}", file=sys.stderr, flush=True)
 
 
-def run_points(run_files: list[Path], env_config: dict) -> tuple[list[float], list[float], int]:
-    """(F values, ||grad F||, number of runs) of the logged iterates of the runs on this instance:
-    F = gap + the run's own recorded f_star (so the audit's F* applies), ||grad F|| = sqrt(grad_sq)."""
+def run_points(run_files: list[Path], env_config: dict, reward_bound: float | None = None) -> tuple[list[float], list[float], int]:
+    """(F values, ||grad F||, number of runs) of the logged iterates of the runs on this instance and reward
+    class (model.reward.bound): F = gap + the run's own recorded f_star (so the audit's F* applies),
+    ||grad F|| = sqrt(grad_sq)."""
     from ratebench.analysis.load import RunRecordError, read_metrics, read_record
 
     values, grads, n_runs = [], [], 0
@@ -141,6 +144,8 @@ def run_points(run_files: list[Path], env_config: dict) -> tuple[list[float], li
         try:
             record = read_record(run_json)
             if record["config"].get("env") != env_config or "f_star" not in record:
+                continue
+            if ((record["config"].get("model") or {}).get("reward") or {}).get("bound") != reward_bound:
                 continue
             metrics = read_metrics(run_json.parent / "metrics.parquet")
         except RunRecordError as exc:
@@ -172,9 +177,10 @@ def _summary_point(info: dict, row: int) -> dict:
 
 
 def audit_instance(env, policy_net, c_lam: float, n_starts: int = DEFAULT_STARTS, run_files: list[Path] = (),
-                   quiet: bool = False) -> dict:
+                   quiet: bool = False, reward_bound: float | None = None) -> dict:
     """Every audit number of one instance: env a validated env config dataclass, policy_net the
-    policy network's NetConfig (lower-level check), c_lam the schedule's penalty exponent."""
+    policy network's NetConfig (lower-level check), c_lam the schedule's penalty exponent,
+    reward_bound the reward class (model.reward.bound: tabular rewards in [-R, R], or None)."""
     from ratebench import envs
     from ratebench.config import plain
     from ratebench.envs import exact, landscape
@@ -185,19 +191,38 @@ def audit_instance(env, policy_net, c_lam: float, n_starts: int = DEFAULT_STARTS
     clock = time.perf_counter()
     problem = envs.make(env)
     _progress(label, f"multistart of F from {n_starts} starts ({problem.n_units} unit rewards)", quiet)
-    ref = reference(problem, env_config)
+    bound = reward_bound
+    ref = reference(problem, env_config, reward_bound=bound)
     f_star = ref["f_star"]
     true_units = problem.true_unit_reward[None]
     info = landscape.describe_points(problem, torch.stack([true_units[0], ref["local_argmin"], ref["argmin"]]))
-    points = landscape.stationary_points(problem, n_starts, seed, f_star)
+    enumerated = landscape.enumerated_landscape(problem, n_starts, seed, f_star, bound, ref["argmin"])
+    if enumerated is not None:
+        points = enumerated["points"]
+    else:  # no face structure (mdp): the multistart's points and the global reference's argmin
+        points = landscape.stationary_points(problem, n_starts, seed, f_star, bound)
+        glob = landscape.describe_points(problem, ref["argmin"][None])
+        glob["grad_norm"] = landscape.class_grad_norm(problem, ref["argmin"][None], bound)
+        point = {k: float(v[0]) for k, v in glob.items()}
+        points = sorted(points + [{**point, "gap": point["value"] - f_star, "kind": landscape._kind(point, bound),
+                                   "share": 0.0, "label": "f_star_argmin", "units": ref["argmin"].tolist()}],
+                        key=lambda p: p["value"])
+    for p in points:
+        p.setdefault("starts", round(p.get("share", 0.0) * n_starts))
+        p.setdefault("label", "multistart")
     t_landscape = time.perf_counter() - clock
 
-    run_values, run_grads, n_runs = run_points(list(run_files), env_config)
+    run_values, run_grads, n_runs = run_points(list(run_files), env_config, bound)
     values = [p["value"] for p in points] + run_values
     grads = [p["grad_norm"] for p in points] + run_grads
     wgd = landscape.wgd(values, grads, f_star, TAU_GRID)
     interior = [p["gap"] for p in points if p["kind"] == "interior"]
     wgd["floor_interior"] = max(max(interior), 0.0) if interior else 0.0
+    wgd["floor_kkt"] = None
+    if enumerated is not None:  # exact: sums of per-group maxima, whatever the number of starts
+        wgd["floor_enumerated"] = enumerated["floor"]
+        wgd["floor_interior"] = enumerated["floor_interior"]
+        wgd["floor_kkt"] = enumerated["floor_kkt"]
     wgd["n_run_points"] = len(run_values)
 
     _progress(label, f"lower level: {POLICY_DRAWS} random policy networks", quiet)
@@ -206,18 +231,20 @@ def audit_instance(env, policy_net, c_lam: float, n_starts: int = DEFAULT_STARTS
 
     c_lam = float(c_lam)
     _progress(label, f"penalty bias B(lam) at lam = {list(LAM_GRID)} (c_lam = {c_lam:.4g})", quiet)
-    bias = landscape.penalty_bias(problem, LAM_GRID, ref["local_argmin"], c_lam)
+    bias = landscape.penalty_bias(problem, LAM_GRID, ref["local_argmin"], c_lam, bound=bound)
     elapsed = time.perf_counter() - clock
     _progress(label, f"done in {elapsed:.1f} s", quiet)
     return {
-        "env": env_config, "n_starts": n_starts,
+        "env": env_config, "reward_bound": bound, "n_starts": n_starts,
         "f_star": f_star, "f_star_method": ref["f_star_method"], "f_true": float(info["value"][0]),
         "f_star_local": ref["f_star_local"],
         "true_reward": _summary_point(info, 0), "local_minimiser": _summary_point(info, 1),
         "global_minimiser": _summary_point(info, 2),
         "j_star": float(exact.optimal_value(problem, problem.true_step_tables())[0]),
         "stationary_points": points,
-        "n_converged": int(landscape.multistart(problem, n_starts, seed).converged.sum()),
+        "landscape": None if enumerated is None else {k: v for k, v in enumerated.items() if k != "points"},
+        "n_stationary": len(points) if enumerated is None else enumerated["n_stationary"],
+        "n_converged": int(landscape.multistart(problem, n_starts, seed, bound).converged.sum()),
         "wgd": wgd, "lower_level": lower, "penalty_bias": bias,
         "runs": {"n_runs": n_runs, "n_points": len(run_values), "values": run_values, "grad_norms": run_grads},
         "seconds": {"landscape": t_landscape, "total": elapsed},
@@ -225,13 +252,17 @@ def audit_instance(env, policy_net, c_lam: float, n_starts: int = DEFAULT_STARTS
 
 
 def premise_summary(env_config: dict, c_lam: float, directory: str | None = None,
-                    n_starts: int = DEFAULT_STARTS) -> dict:
+                    n_starts: int = DEFAULT_STARTS, reward_bound: float | None = None) -> dict:
     """{"wgd_floor", "implied_exponent", "q"} of one instance, cached on disk keyed by the env config,
-    c_lam and AUDIT_VERSION (like harness/fstar.py): what `check`/`report` print next to a verdict."""
+    c_lam, the reward bound and AUDIT_VERSION (like harness/fstar.py): what `check`/`report` print next
+    to a verdict."""
     from ratebench.fstar import cache_dir
     from ratebench.records import atomic_write_json, config_hash
 
-    key = config_hash({"env": env_config, "c_lam": float(c_lam), "n_starts": n_starts, "audit_version": AUDIT_VERSION})
+    keyed = {"env": env_config, "c_lam": float(c_lam), "n_starts": n_starts, "audit_version": AUDIT_VERSION}
+    if reward_bound is not None:
+        keyed["reward_bound"] = float(reward_bound)
+    key = config_hash(keyed)
     path = cache_dir(directory) / f"premise-{key}.json"
     if path.exists():
         try:
@@ -247,7 +278,7 @@ def premise_summary(env_config: dict, c_lam: float, directory: str | None = None
         raise ConfigError("env", f"unknown environment {env_config.get('name')!r}; allowed: {sorted(ENVIRONMENTS)}")
     env = to_dataclass(env_config, ENVIRONMENTS[env_config["name"]][0], "env")
     ENVIRONMENTS[env.name][1](env)
-    result = audit_instance(env, NetConfig(), c_lam, n_starts, quiet=True)
+    result = audit_instance(env, NetConfig(), c_lam, n_starts, quiet=True, reward_bound=reward_bound)
     summary = {"wgd_floor": result["wgd"]["floor"], "implied_exponent": result["penalty_bias"]["implied_exponent"],
                "q": result["penalty_bias"]["q"]}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,14 +307,23 @@ def format_table(result: dict) -> str:
              f"policy_gap {result['global_minimiser']['policy_gap']:.4g}  max|r| {result['global_minimiser']['max_abs_reward']:.3g}",
              f"F-hat_loc   {result['f_star_local']:.6f}  policy_gap {result['local_minimiser']['policy_gap']:.4g}",
              f"F(nu_true)  {result['f_true']:.6f}  policy_gap {result['true_reward']['policy_gap']:.4g}",
-             "", f"stationary points ({len(result['stationary_points'])} distinct, "
-             f"{result['n_converged']}/{result['n_starts']} starts converged):",
-             f"  {'F':>9} {'gap':>9} {'|grad|':>8} {'policy_gap':>10} {'reward_err':>10} {'share':>6}  kind"]
+             ""]
+    land = result.get("landscape")
+    if land is not None:
+        lines.append(f"stationary points by face enumeration: {result['n_stationary']} (product of per-group counts "
+                     f"{land['n_per_group']}); the multistart's {result['n_converged']}/{result['n_starts']} converged "
+                     f"starts reached {land['n_multistart_points']} of them ({land['n_unmatched']} group parts unmatched)")
+    else:
+        lines.append(f"stationary points ({len(result['stationary_points'])} distinct, "
+                     f"{result['n_converged']}/{result['n_starts']} starts converged):")
+    lines.append(f"  {'F':>9} {'gap':>9} {'|grad|':>8} {'policy_gap':>10} {'reward_err':>10} {'starts':>6}  kind, label")
     for p in result["stationary_points"]:
         lines.append(f"  {p['value']:9.6f} {p['gap']:9.2e} {p['grad_norm']:8.1e} {p['policy_gap']:10.4f} "
-                     f"{p['reward_err']:10.4g} {p['share']:6.3f}  {p['kind']}")
+                     f"{p['reward_err']:10.4g} {p['starts']:6d}  {p['kind']}, {p['label']}")
     w, lo, b = result["wgd"], result["lower_level"], result["penalty_bias"]
-    lines += ["", f"WGD  floor (largest stationary gap) {w['floor']:.4g}; interior points only {w['floor_interior']:.4g}; "
+    kkt = "" if w.get("floor_kkt") is None else f"; KKT points only {w['floor_kkt']:.4g}"
+    lines += ["", f"WGD  floor (largest stationary gap) {w['floor']:.4g}; interior points only "
+              f"{(w['floor_interior'] if w['floor_interior'] is not None else math.nan):.4g}{kkt}; "
               f"{w['n_points']} points ({w['n_run_points']} from runs)",
               "     " + "  ".join(f"eps_bias({t:g})={e:.3g}" for t, e in zip(w["tau"], w["eps_bias"])),
               f"lower level ({lo['n_draws']} random policy networks at nu_true): J*-J in [{lo['gap_min']:.3g}, "
@@ -345,10 +385,21 @@ def write_figure(result: dict, out_dir: Path) -> Path:
     right.legend(fontsize=7)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"audit-{env['name']}-{env['instance_seed']}.png"
+    suffix = "" if result.get("reward_bound") is None else f"-bound{result['reward_bound']:g}"
+    path = out_dir / f"audit-{env['name']}-{env['instance_seed']}{suffix}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def figure_dir(out: str | None) -> Path:
+    """--out, or <cache folder>/audit (the F* cache's folder: $RATEBENCH_CACHE or ~/.cache/ratebench), never the
+    current folder unless asked."""
+    if out is not None:
+        return Path(out)
+    from ratebench.fstar import cache_dir
+
+    return cache_dir(None) / "audit"
 
 
 def main(args: list[str]) -> int:
@@ -359,8 +410,9 @@ def main(args: list[str]) -> int:
     torch.set_num_threads(1)
     results = []
     for v in instances:
-        result = audit_instance(v.env, v.model.policy, v.algorithm.lam_exponent, ns.starts, run_files)
-        result["figure"] = str(write_figure(result, Path(ns.out)))
+        result = audit_instance(v.env, v.model.policy, v.algorithm.lam_exponent, ns.starts, run_files,
+                                reward_bound=v.model.reward.bound)
+        result["figure"] = str(write_figure(result, figure_dir(ns.out)))
         results.append(result)
         if not ns.json:
             print(format_table(result) + f"\nfigure: {result['figure']}\n", flush=True)
@@ -379,7 +431,7 @@ def _parse(args: list[str]):
     try:
         if ns.starts < 2:
             raise ConfigError("--starts", f"must be >= 2 (the true reward and zero come first), got {ns.starts}")
-        out = Path(ns.out).absolute()
+        out = figure_dir(ns.out).absolute()
         probe = out
         while not probe.exists():
             probe = probe.parent

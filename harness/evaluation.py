@@ -19,14 +19,15 @@ class Evaluator:
         (then F_loc = F*). psi_gap's reference search starts at the LOCAL argmin (the basin of the
         true reward), or at f_argmin when given with a bare float."""
         self.problem, self.algorithm = problem, algorithm
+        bound = None  # the reward class of psi_gap's min psi_lam: the reference's (model.reward.bound)
         if isinstance(reference, (int, float)):
             self.f_star = self.f_star_local = float(reference)
             local_argmin = f_argmin
         else:
             self.f_star, self.f_star_local = float(reference.value), float(reference.local_value)
-            local_argmin = reference.local_argmin
+            local_argmin, bound = reference.local_argmin, reference.reward_bound
         if local_argmin is not None:
-            problem.derived.setdefault("psi_reference", penalty.PsiReference(problem, local_argmin))
+            problem.derived.setdefault("psi_reference", penalty.PsiReference(problem, local_argmin, bound))
         self.true_rewards = problem.true_step_tables()
         self.j_star = float(exact.optimal_value(problem, self.true_rewards)[0])
         # the method's own population targets (algorithms/targets.py), scored like a state; a bare F* float

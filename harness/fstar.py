@@ -1,5 +1,6 @@
-"""The global reference F* (and F_loc) per environment instance, computed once by
-envs/global_ref.py and cached on disk keyed by the env config; entries are validated on read."""
+"""The global reference F* (and F_loc) per environment instance and reward class, computed once by
+envs/global_ref.py and cached on disk keyed by the env config and the reward bound (model.reward.bound);
+entries are validated on read."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ratebench.envs.exact import bilevel_objective
-from ratebench.envs.global_ref import GlobalReference, global_reference
+from ratebench.envs.global_ref import GlobalReference, class_start, global_reference, to_units
 from ratebench.records import atomic_write_json, config_hash
 
 EXACT_VERSION = 2  # bump when the exact objective or the reference changes (2: global reference), so old entries are not reused
@@ -25,10 +26,14 @@ def cache_dir(explicit: str | None) -> Path:
     return Path(root)
 
 
-def true_objective(problem) -> float:
-    """F(nu_true): the bilevel objective of the true reward."""
+def true_objective(problem, reward_bound: float | None = None) -> float:
+    """F(nu_true): the bilevel objective of the true reward; with a reward bound, of the class's point where
+    F_loc starts (the true reward clipped into the box, envs/global_ref.py: class_start)."""
     with torch.no_grad():
-        return float(bilevel_objective(problem, problem.true_step_tables())[0])
+        if reward_bound is None:
+            return float(bilevel_objective(problem, problem.true_step_tables())[0])
+        units = to_units(class_start(problem, reward_bound), reward_bound)[None]
+        return float(bilevel_objective(problem, problem.step_tables_from_units(units))[0])
 
 
 def entry_problem(entry: dict, n_units: int, f_true: float) -> str | None:
@@ -52,24 +57,33 @@ def entry_problem(entry: dict, n_units: int, f_true: float) -> str | None:
 def to_entry(ref: GlobalReference, env_config: dict) -> dict:
     return {"f_star": ref.value, "argmin": ref.argmin.tolist(), "method": ref.method, "n_minima": ref.n_minima,
             "f_star_local": ref.local_value, "local_argmin": ref.local_argmin.tolist(),
-            "minima_per_group": list(ref.minima_per_group), "env": env_config}
+            "minima_per_group": list(ref.minima_per_group), "env": env_config, "reward_bound": ref.reward_bound}
 
 
 def from_entry(entry: dict) -> GlobalReference:
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float64)
     return GlobalReference(float(entry["f_star"]), as_tensor(entry["argmin"]), str(entry["method"]),
                            int(entry["n_minima"]), float(entry["f_star_local"]), as_tensor(entry["local_argmin"]),
-                           list(entry.get("minima_per_group", [])))
+                           list(entry.get("minima_per_group", [])), entry.get("reward_bound"))
 
 
-def reference(problem, env_config: dict, directory: str | None = None) -> GlobalReference:
-    """The GlobalReference of this env config, from the cache when a valid entry exists. Jobs that
-    need the same entry at once (a sweep's workers on one instance, parallel test workers) take an
-    exclusive lock on it, so one computes it and the others read its result."""
-    key = config_hash({"env": env_config, "exact_version": EXACT_VERSION})
-    path = cache_dir(directory) / f"fstar-{key}.json"
+def cache_key(env_config: dict, reward_bound: float | None = None) -> str:
+    """The cache entry's key: the env config, EXACT_VERSION and, when set, the reward bound (the class F* is over)."""
+    keyed = {"env": env_config, "exact_version": EXACT_VERSION}
+    if reward_bound is not None:
+        keyed["reward_bound"] = float(reward_bound)
+    return config_hash(keyed)
+
+
+def reference(problem, env_config: dict, directory: str | None = None,
+              reward_bound: float | None = None) -> GlobalReference:
+    """The GlobalReference of this env config over the reward class (reward_bound: None, or R for tabular
+    rewards in [-R, R]), from the cache when a valid entry exists. Jobs that need the same entry at once
+    (a sweep's workers on one instance, parallel test workers) take an exclusive lock on it, so one
+    computes it and the others read its result."""
+    path = cache_dir(directory) / f"fstar-{cache_key(env_config, reward_bound)}.json"
     with _entry_lock(path):
-        return _reference(problem, env_config, path)
+        return _reference(problem, env_config, path, reward_bound)
 
 
 @contextlib.contextmanager
@@ -86,8 +100,8 @@ def _entry_lock(path: Path):
         yield
 
 
-def _reference(problem, env_config: dict, path: Path) -> GlobalReference:
-    f_true = true_objective(problem)
+def _reference(problem, env_config: dict, path: Path, reward_bound: float | None = None) -> GlobalReference:
+    f_true = true_objective(problem, reward_bound)
     if path.exists():
         try:
             entry = json.loads(path.read_text())
@@ -95,10 +109,12 @@ def _reference(problem, env_config: dict, path: Path) -> GlobalReference:
             entry, why = None, f"unreadable ({exc})"
         else:
             why = entry_problem(entry, problem.n_units, f_true) if isinstance(entry, dict) else "not a JSON object"
+            if why is None and entry.get("reward_bound") != reward_bound:
+                why = f"reward_bound {entry.get('reward_bound')!r} != {reward_bound!r}"
         if why is None:
             return from_entry(entry)
         warnings.warn(f"recomputing the global reference: cache entry {path} is invalid: {why}", stacklevel=2)
-    ref = global_reference(problem, seed=env_config.get("instance_seed", 0))
+    ref = global_reference(problem, seed=env_config.get("instance_seed", 0), bound=reward_bound)
     why = entry_problem(to_entry(ref, env_config), problem.n_units, f_true)
     if why is not None:
         raise RuntimeError(f"global reference of {env_config.get('name')}: {why}")
@@ -110,7 +126,8 @@ def _reference(problem, env_config: dict, path: Path) -> GlobalReference:
     return ref
 
 
-def f_star(problem, env_config: dict, directory: str | None = None) -> tuple[float, torch.Tensor]:
+def f_star(problem, env_config: dict, directory: str | None = None,
+           reward_bound: float | None = None) -> tuple[float, torch.Tensor]:
     """(F*, its argmin unit rewards): the global reference's value, for callers that need only that."""
-    ref = reference(problem, env_config, directory)
+    ref = reference(problem, env_config, directory, reward_bound)
     return ref.value, ref.argmin

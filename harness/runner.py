@@ -250,7 +250,7 @@ class _Part:
         tic = time.perf_counter()
         self.v, self.resolved, self.run_hash, self.out_dir = v, resolved, run_hash, Path(out_dir)
         self.problem = envs.make(v.env)
-        self.reference = reference(self.problem, plain(v.env), cfg.cache_dir)
+        self.reference = reference(self.problem, plain(v.env), cfg.cache_dir, v.model.reward.bound)  # F* over the reward class
         self.f_true = true_objective(self.problem)
         self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, self.problem)  # steps a single job
         self.algo.impl = v.impl

@@ -351,3 +351,132 @@ def test_premise_summary_is_cached_on_disk(tmp_path, monkeypatch):
     assert audit.premise_summary(env_config, 1 / 7, directory=str(tmp_path), n_starts=4) == first
     with pytest.raises(RuntimeError):  # a different c_lam is a different entry
         audit.premise_summary(env_config, 0.25, directory=str(tmp_path), n_starts=4)
+
+
+# ---------------------------------------------------------------------------------------------- enumerated landscape
+
+@pytest.fixture(scope="module")
+def enumerated_32(default_bandit):
+    return landscape.enumerated_landscape(default_bandit, 32, 0, DEFAULT_BANDIT_INF)
+
+
+def _labelled(result, label):
+    return [p for p in result["points"] if label in p["label"].split(", ")]
+
+
+def test_plateau_and_global_minimiser_are_in_the_list_at_32_starts(default_bandit, enumerated_32):
+    nb = NumpyBandit(default_bandit)
+    (glob,) = _labelled(enumerated_32, "global_minimiser")
+    (plateau,) = _labelled(enumerated_32, "plateau")
+    assert glob["value"] == pytest.approx(DEFAULT_BANDIT_INF, abs=1e-6)  # the exact infimum, not a start's luck
+    # every pair a tie: BCE = log 2 whatever r (up to the e^-30 weight of the finite stand-in for -inf off the face)
+    assert plateau["value"] == pytest.approx(math.log(2), abs=1e-9)
+    assert glob["starts"] == 0  # no start of 32 found it: the list has it anyway
+    for p in (glob, plateau):  # both are stationary limits, by finite differences of the numpy F
+        assert nb.F(p["units"]) == pytest.approx(p["value"], abs=1e-10)
+        assert np.linalg.norm(nb.grad_fd(p["units"])) < 1e-6
+    assert nb.policy(plateau["units"]).max(1).min() > 1 - 1e-9  # deterministic in every context
+    # the floor is the largest stationary gap: the plateau's here, and every listed point lies at or below it
+    assert enumerated_32["floor"] == pytest.approx(math.log(2) - DEFAULT_BANDIT_INF, abs=1e-9)
+    assert max(p["gap"] for p in enumerated_32["points"]) <= enumerated_32["floor"] + 1e-9  # (stand-in: e^-30)
+    assert enumerated_32["n_unmatched"] == 0  # every start's end point is one of the enumerated face points
+
+
+def test_every_group_face_point_is_stationary_on_its_face(default_bandit, enumerated_32):
+    """Independent: numpy's F_x restricted to the face's support, its gradient by finite differences."""
+    nb = NumpyBandit(default_bandit)
+    rows = global_ref.group_stationary_points(global_ref.landscape_rows(default_bandit, global_ref.sequence_form(default_bandit)))
+    gen = np.random.default_rng(0)
+    for i in gen.choice(rows.value.numel(), 40, replace=False):
+        g, pi, r = int(rows.group[i]), rows.pi[i].numpy(), rows.r[i].numpy()
+        face = np.flatnonzero(pi > 1e-9)
+        units = np.zeros((nb.X, nb.A))
+        units[g] = r
+
+        def F_face(rf):
+            full = units.copy()
+            full[g, face] = rf
+            full[g, np.setdiff1d(np.arange(nb.A), face)] = rf.min() - 60  # off the face: pi -> 0
+            return nb.F(full.ravel()) * nb.X  # context g's own F_g (others contribute a constant)
+
+        rf, h = r[face], 1e-5
+        grad = [(F_face(rf + h * e) - F_face(rf - h * e)) / (2 * h) for e in np.eye(face.size)]
+        assert np.abs(grad).max() < 1e-5, (g, face, grad)
+
+
+def test_floor_and_count_do_not_depend_on_the_number_of_starts(default_bandit, enumerated_32):
+    more = landscape.enumerated_landscape(default_bandit, 256, 0, DEFAULT_BANDIT_INF)
+    assert more["n_stationary"] == enumerated_32["n_stationary"] and more["n_per_group"] == enumerated_32["n_per_group"]
+    for key in ("floor", "floor_interior", "plateau"):
+        assert more[key] == pytest.approx(enumerated_32[key], abs=1e-10)
+    assert more["n_unmatched"] == 0
+    assert more["n_multistart_points"] > enumerated_32["n_multistart_points"]  # more starts find more of them ...
+    assert sum(p["starts"] for p in more["points"] if "multistart" in p["label"] or p["starts"]) <= 256
+    # ... and the old multistart-only floor does depend on them: what the enumeration fixes
+    old = [max(p["gap"] for p in landscape.stationary_points(default_bandit, n, 0, DEFAULT_BANDIT_INF)) for n in (8, 32)]
+    assert old[0] < old[1] - 1e-3 or old[1] < more["floor"] - 1e-9
+
+
+def test_bounded_class_keeps_the_policy_interior_and_lists_kkt_points():
+    """With rewards in [-R, R] pi*/pi_ref stays within e^(+-2R/beta): no deterministic plateau; the tanh
+    reading's saturated ties (all rewards of a context at +R) sit at F = log 2, and are not KKT points."""
+    problem = envs.make(bandit.BanditConfig(n_contexts=3, n_actions=3, instance_seed=2))
+    R, beta = 0.5, problem.beta
+    ref = global_ref.global_reference(problem, bound=R)
+    res = landscape.enumerated_landscape(problem, 32, 0, ref.value, bound=R)
+    ref_min = float(problem.steps[0].ref_logp.exp().min())
+    assert min(p["min_policy_prob"] for p in res["points"]) >= ref_min * math.exp(-2 * R / beta) - 1e-15
+    assert "plateau" not in " ".join(p["label"] for p in res["points"])
+    rows = global_ref.group_stationary_points(global_ref.landscape_rows(problem, global_ref.sequence_form(problem), R, 0))
+    # every reward of the group at the same bound (+R or -R: one policy, pi_ref, so one merged point): all margins 0
+    ties = ((rows.r.abs() - R).abs().amax(-1) < 1e-12) & ((rows.r.amax(-1) - rows.r.amin(-1)) < 1e-12)
+    assert int(ties.sum()) == 3 and torch.allclose(rows.value[ties], torch.full((3,), math.log(2), dtype=torch.float64))
+    assert res["floor"] >= math.log(2) - ref.value - 1e-12  # the tanh reading's floor includes them
+    assert not bool(rows.kkt[ties].any())  # but a projected method would leave them: not KKT
+    assert res["floor_kkt"] < res["floor"]
+    (glob,) = _labelled(res, "global_minimiser")
+    assert glob["value"] == pytest.approx(ref.value, abs=1e-10)
+
+
+def _kkt_floor_two_actions(problem, bound, f_star, n=4001):
+    """Independent floor over the KKT local minima of the box for a 2-action bandit: F_x depends on d = r_0 - r_1
+    in [-2R, 2R] only; its local minima are the interior points where F_x'(d) changes sign from - to + (a central
+    difference on a dense grid, refined by brentq) and the ends whose derivative points out of the interval."""
+    from scipy.optimize import brentq
+
+    nb = NumpyBandit(problem)
+    total = 0.0
+    for x in range(nb.X):
+        def Fx(d):
+            r = np.zeros((nb.X, nb.A))
+            r[x] = [d / 2, -d / 2]
+            pi = np.exp(log_softmax(nb.ref[x] + r[x] / nb.beta))
+            return float(pi @ nb.losses(r)[x] @ pi)
+
+        dF = lambda d, h=1e-6: (Fx(d + h) - Fx(d - h)) / (2 * h)
+        grid = np.linspace(-2 * bound, 2 * bound, n)
+        slope = np.array([dF(d) for d in grid])
+        values = [Fx(brentq(dF, a, b, xtol=1e-13)) for a, b, sa, sb in zip(grid[:-1], grid[1:], slope[:-1], slope[1:])
+                  if sa < 0 < sb]
+        if slope[-1] <= 0:
+            values.append(Fx(2 * bound))
+        if slope[0] >= 0:
+            values.append(Fx(-2 * bound))
+        total += max(values) / nb.X
+    return total - f_star
+
+
+@pytest.mark.parametrize("beta, bound", [(4.0, 1.0), (1.0, 1.0)], ids=["R/beta=0.25", "R/beta=1"])
+def test_kkt_floor_of_a_two_action_bandit_against_the_interval(beta, bound):
+    """Small R/beta: the only KKT point of each context is its minimum (floor_kkt = 0); R/beta = 1: a corner with
+    the wrong order is a constrained local minimum above log 2 (the policy concentrates on the wrongly preferred
+    action, which lowers the weight of the badly scored pairs)."""
+    problem = envs.make(bandit.BanditConfig(n_contexts=3, n_actions=2, beta=beta, reward_scale=2.0, instance_seed=7))
+    ref = global_ref.global_reference(problem, bound=bound)
+    res = landscape.enumerated_landscape(problem, 16, 0, ref.value, bound=bound)
+    expected = _kkt_floor_two_actions(problem, bound, ref.value)
+    assert res["floor_kkt"] == pytest.approx(expected, abs=1e-7)
+    if beta == 4.0:
+        assert expected < 1e-9
+    else:
+        assert expected > 1e-3
