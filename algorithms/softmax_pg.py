@@ -7,8 +7,8 @@ entropy-regularised objective with the reward shifted by beta log pi_ref (beta K
 -beta H(pi) - E_pi[beta log pi_ref]); as beta -> 0 it is their unregularised objective.
 
 Parametrisation: one logit per (h, s, a), pi_theta(.|h, s) = softmax(theta_{h,s}), started at
-theta_0 = log pi_ref + init_scale * N(0, 1) (each seed its own draw: with exact gradients the seeds differ
-only there). Step, gradient ascent with a constant (or decaying) step:
+theta_0 = centre + init_scale * N(0, 1), centre log pi_ref (init_center=ref) or 0 (uniform), each seed its own
+draw: with exact gradients the seeds differ only there. Step, gradient ascent with a constant (or decaying) step:
     theta_{t+1} = theta_t + eta_t * g_t,   eta_t = lr_scale / L * (1 + t)^-lr_exponent,
     oracle=exact:      g_t = grad_theta J(theta_t), autograd through the exact backward evaluation
                        (envs.exact.policy_value), no samples;
@@ -43,7 +43,9 @@ class SoftmaxPGConfig:
     batch_traj: int = 16  # N trajectories per REINFORCE estimate (oracle=stochastic; >= 2 for the baseline)
     lr_scale: float = 1.0  # eta = lr_scale / L; 1 is Mei et al.'s 1/L step, well above ~2 is past stability
     lr_exponent: float = 0.0  # eta_t = eta (1 + t)^-a, a in [0, 1]: 0 = constant step (the exact theorem's)
-    init_scale: float = 0.0  # theta_0 = log pi_ref + init_scale N(0, 1) per seed (0: every seed starts at pi_ref)
+    init_scale: float = 0.0  # theta_0 = centre + init_scale N(0, 1) per seed (0: every seed starts at the centre)
+    init_center: str = "ref"  # ref: centre log pi_ref (start at pi_ref) | uniform: centre 0 (start at the uniform
+    #                           policy, where Mei et al.'s bandit constant c = inf_t pi_t(a*) is at least ~1/A)
 
     def check(self) -> None:
         if self.oracle not in ORACLES:
@@ -56,6 +58,11 @@ class SoftmaxPGConfig:
             raise ConfigError("algorithm.lr_exponent", f"must be in [0, 1] (eta (1 + t)^-a), got {self.lr_exponent}")
         if not (math.isfinite(self.init_scale) and self.init_scale >= 0):
             raise ConfigError("algorithm.init_scale", f"must be a finite number >= 0, got {self.init_scale}")
+        if self.init_center not in INIT_CENTERS:
+            raise ConfigError("algorithm.init_center", f"must be one of {list(INIT_CENTERS)}, got {self.init_center!r}")
+
+
+INIT_CENTERS = ("ref", "uniform")
 
 
 @dataclass
@@ -65,15 +72,15 @@ class SoftmaxPGState:
     lr: float = 0.0
 
 
-def initial_logits(problem, seeds: list[int], scale: float, salt: int) -> list[torch.Tensor]:
-    """log pi_ref + scale * N(0, 1), each seed its own generator (independent of the batch): [(B, n_h, A)].
-    Shared by softmax_pg and npg."""
+def initial_logits(problem, seeds: list[int], scale: float, salt: int, center: str = "ref") -> list[torch.Tensor]:
+    """centre + scale * N(0, 1), centre log pi_ref ("ref") or 0 ("uniform"), each seed its own generator
+    (independent of the batch): [(B, n_h, A)]. Shared by softmax_pg and npg."""
     out = []
     for h, step in enumerate(problem.steps):
         noise = torch.stack([torch.randn(step.ref_logp.shape, dtype=DTYPE,
                                          generator=torch.Generator().manual_seed(104_729 * int(s) + 7_919 * h + salt))
                              for s in seeds])
-        out.append(step.ref_logp[None] + scale * noise)
+        out.append((step.ref_logp[None] if center == "ref" else 0) + scale * noise)
     return out
 
 
@@ -102,7 +109,8 @@ class SoftmaxPG(Algorithm):
         self.eta = cfg.lr_scale / self.L
 
     def init(self, seeds):
-        return SoftmaxPGState(theta=initial_logits(self.problem, seeds, self.cfg.init_scale, salt=31))
+        return SoftmaxPGState(theta=initial_logits(self.problem, seeds, self.cfg.init_scale, salt=31,
+                                                     center=self.cfg.init_center))
 
     def reference_step(self, state, sampler):
         def objective(theta):  # J(theta) per seed (exact), or its REINFORCE surrogate on fresh samples

@@ -126,3 +126,14 @@ def test_bad_options_are_refused_before_any_compute(expect_bad_input):
     expect_bad_input(["algorithm=softmax_pg", "algorithm.lr_scale=0"], ["algorithm.lr_scale", "> 0"])
     expect_bad_input(["algorithm=softmax_pg", "algorithm.lr_exponent=2"], ["algorithm.lr_exponent", "[0, 1]"])
     expect_bad_input(["algorithm=softmax_pg", "algorithm.oracle=exact"], ["budget.steps"])
+    expect_bad_input(["algorithm=softmax_pg", "algorithm.init_center=zero"], ["algorithm.init_center", "uniform"])
+
+
+def test_initial_policy_is_centred_where_asked(compose_config):
+    """init_center=ref starts every seed at pi_ref (init_scale 0), uniform at the uniform policy."""
+    algo, problem, _ = build(compose_config, "bandit", "seeds=[0,1]")
+    torch.testing.assert_close(algo.policy_log_probs(algo.init([0, 1]))[0],
+                               problem.steps[0].ref_logp[None].expand(2, -1, -1))
+    algo, problem, _ = build(compose_config, "bandit", "seeds=[0,1]", "algorithm.init_center=uniform")
+    logp = algo.policy_log_probs(algo.init([0, 1]))[0]
+    torch.testing.assert_close(logp, torch.full_like(logp, -np.log(problem.n_actions)))
