@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ("reward_mle", "bilevel", "dpo", "ppo_rlhf")
+_MODULES = ("reward_mle", "bilevel", "dpo", "ppo_rlhf", "softmax_pg", "npg")
 
 
 def _discover() -> dict:
