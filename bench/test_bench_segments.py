@@ -9,7 +9,6 @@ Run serially:  OMP_NUM_THREADS=1 .venv/bin/pytest bench/test_bench_segments.py -
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 

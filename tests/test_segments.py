@@ -13,14 +13,12 @@ reference to 1e-12 at every step), each followed by the harness's non-finite che
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
