@@ -15,7 +15,6 @@ import time
 import pytest
 import torch
 from conftest import interleaved, record_ratio
-
 from ratebench import envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import validate
@@ -116,87 +115,6 @@ def test_readme_main_job_evaluation_share_and_start_up(benchmark, compose_config
     assert set(record["startup_wall_s"]) == {"imports", "setup", "kernel"}
     if share > 0.2:  # not met: psi_gap's L-BFGS at every evaluation point is most of it (docs/fast.md "Segments")
         pytest.xfail(f"evaluation is {share:.0%} of the main job's wall time (issue target <= 20 %)")
-
-
-def _numba_arguments(algo, sampler, state, n_steps):
-    """bench/numba_segment.py's `segment` arguments for this bilevel state (one instance, the bandit's H = 1 or any
-    H: successor tables padded to one array), and the parameter arrays it updates in place."""
-    import numpy as np
-
-    from ratebench.algorithms.bilevel import inner_draws, outer_draws
-    from ratebench.sampling import flat_true_rewards
-
-    cfg, problem, lay = algo.cfg, algo.problem, algo.problem.flat()
-    n_traj, n_pairs, inner = algo._sizes()
-    plans = sampler.plan(inner_draws(n_traj, n_pairs)), sampler.plan(outer_draws(n_traj, n_pairs))
-    params = [p.numpy().copy() for p in state.z + state.y + state.nu]
-    sched = np.empty((n_steps, 4))
-    for i in range(n_steps):
-        k = state.k + i
-        sched[i] = [cfg.lam0 * (1 + k / cfg.k0) ** cfg.lam_exponent, cfg.c_alpha / (k + cfg.k0) ** cfg.alpha_exponent,
-                    cfg.c_alpha_z / (k + cfg.k0) ** cfg.alpha_z_exponent, cfg.c_xi / (k + cfg.k0) ** cfg.xi_exponent]
-    H = problem.horizon
-    rows = max([t.shape[0] for t in lay.next_cdf] + [1])
-    K = max([t.shape[1] for t in lay.next_cdf] + [1])
-    next_cdf, next_idx = np.ones((max(H - 1, 1), rows, K)), np.zeros((max(H - 1, 1), rows, K), np.int64)
-    for h, (cdf, idx) in enumerate(zip(lay.next_cdf, lay.next_idx)):
-        next_cdf[h, :cdf.shape[0], :cdf.shape[1]] = cdf.numpy()
-        next_idx[h, :idx.shape[0], :idx.shape[1]] = idx.numpy()
-    next_k = np.array([t.shape[1] for t in lay.next_cdf] + [1], np.int64)
-
-    def plan(p):
-        return (p.columns.numpy().astype(np.int64), np.stack([t.numpy() for t in p.row_base]).astype(np.int64),
-                p.label_columns.numpy().astype(np.int64), p.first.numpy().astype(np.int64),
-                p.second.numpy().astype(np.int64), p.n_uniforms)
-
-    per_step = inner * plans[0].n_uniforms + plans[1].n_uniforms
-    args = (n_steps, state.k, sched, sampler._rng.counter, per_step, sampler.keys.numpy().view(np.uint64), *params,
-            algo.policy.features.numpy().astype(np.float64), lay.ref_logp.numpy(), lay.init_cdf.numpy(), next_cdf,
-            next_idx, next_k, lay.unit_of.numpy().astype(np.int64), problem.unit_features.numpy().astype(np.float64),
-            flat_true_rewards(problem).numpy(), problem.beta, problem.label_noise, n_traj, n_pairs, inner,
-            *plan(plans[0]), *plan(plans[1]))
-    return args, params
-
-
-@pytest.mark.parametrize("n_seeds", [16, 64])
-def test_numba_vs_c_segment(benchmark, compose_config, n_seeds):
-    """The same segment in numba (bench/numba_segment.py, @njit(parallel=True), prange over seeds) and in C
-    (bilevel_step.c), N = M = 2, on 1 thread and on every core: equal to 1e-12 after 20 steps, then steps/s of each,
-    interleaved; and numba's first-call JIT time."""
-    numba = pytest.importorskip("numba")
-    import numpy as np
-    from numba_segment import segment
-
-    overrides = ["algorithm=bilevel", f"n_seeds={n_seeds}", *SMALL]
-    algo, sampler, v = build(compose_config, overrides)
-    state, alive = algo.init(v.seeds), torch.ones(n_seeds, dtype=torch.bool)
-    args, params = _numba_arguments(algo, sampler, state, 20)
-    tic = time.perf_counter()
-    segment(*args)
-    jit_s = time.perf_counter() - tic
-    state, *_ = algo.run_segment(state, sampler, 20, alive)
-    for got, want in zip(params, state.z + state.y + state.nu):
-        np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-12)
-    n, results = 300, {}
-    for threads in (1, step_threads(compose_config(overrides))):
-        numba.set_num_threads(threads)
-        algo.step_threads = threads
-        times = {"c": [], "numba": []}
-        for arm, _ in interleaved({"c": 0, "numba": 0}, rounds=6):
-            if arm == "numba":
-                args, _ = _numba_arguments(algo, sampler, state, n)
-                tic = time.perf_counter()
-                segment(*args)
-            else:
-                tic = time.perf_counter()
-                state, *_ = algo.run_segment(state, sampler, n, alive)
-            times[arm].append((time.perf_counter() - tic) / n)
-        results[threads] = {arm: statistics.median(x) for arm, x in times.items()}
-    benchmark.pedantic(lambda: None, rounds=1)
-    for threads, t in results.items():
-        record_ratio(benchmark, f"numba_over_c_time[{n_seeds}-N=M=2-{threads}-threads]", t["numba"] / t["c"],
-                     f"numba {t['numba'] * 1e6:.0f} us/step, C {t['c'] * 1e6:.0f} us/step (wall); numba's JIT "
-                     f"{jit_s:.1f} s on first call (C build ~2 s, cached)")
 
 
 def test_ten_million_steps_killed_five_times_resume_to_the_same_metrics(benchmark, compose_config, tmp_path):
