@@ -16,6 +16,7 @@ from ratebench.analysis.stats import (
 )
 from scipy import stats as sps
 
+DYNAMIC_RANGE = 1e100  # fit_floor leaves out points this far above a row's smallest value (no overflow)
 B_GRID = np.exp(np.linspace(np.log(0.03), np.log(5.0), 101))  # b < 0.03 (p > 33) is a plateau here  # decay exponents searched, log-spaced
 
 
@@ -105,10 +106,18 @@ def fit_floor(x: np.ndarray, curves: np.ndarray, floor_level: float = 0.01):
     refined by a parabola through the best three grid points. The floor is kept only when an
     F-test against c = 0 rejects at `floor_level` (else c = 0): an unsupported floor biases b̂
     upward. The same rule runs in every bootstrap replicate. Rows with fewer than 4 finite
-    positive points give NaN. Returns (b, c, A), each (R,)."""
-    y = np.atleast_2d(curves)
-    ok = np.isfinite(y) & (y > 0)  # (R, P)
-    w = np.where(ok, 1.0 / np.where(ok, y, 1.0), 0.0)  # (R, P) u = 1/y
+    positive points give NaN. The relative least squares is scale-free, so each row is divided
+    by its smallest positive value first; points more than DYNAMIC_RANGE above it (a frozen seed
+    at 1e279 next to ordinary values) are left out of that row's fit rather than overflowing.
+    Returns (b, c, A), each (R,)."""
+    y = np.atleast_2d(np.asarray(curves, dtype=np.float64))
+    pos = np.isfinite(y) & (y > 0)  # (R, P)
+    scale = np.where(pos, y, np.inf).min(1, keepdims=True)  # (R, 1)
+    scale = np.where(np.isfinite(scale), scale, 1.0)
+    with np.errstate(over="ignore", under="ignore"):
+        ys = np.where(pos, y, 1.0) / scale  # ≥ 1 on the positive points; inf beyond the float range
+    ok = pos & (ys < DYNAMIC_RANGE)  # (R, P)
+    w = np.where(ok, 1.0 / np.where(ok, ys, 1.0), 0.0)  # (R, P) u = scale/y in (1/DYNAMIC_RANGE, 1]
     N = x[None, :] ** -B_GRID[:, None]  # (G, P)
     n = ok.sum(1)
     fits = {}
@@ -120,11 +129,14 @@ def fit_floor(x: np.ndarray, curves: np.ndarray, floor_level: float = 0.01):
         sse_b, c, A = _profile_at(w, ok, x, b, floor)
         fits[floor] = (b, c, A, sse_b)
     sse1, sse0 = fits[True][3], fits[False][3]
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         F = (sse0 - sse1) / (sse1 / np.maximum(n - 3, 1))
     keep_floor = F > sps.f.ppf(1 - floor_level, 1, np.maximum(n - 3, 1))
     b, c, A = (np.where(keep_floor, fits[True][i], fits[False][i]) for i in range(3))
-    enough = n >= 4
+    enough = (n >= 4) & np.isfinite(b) & np.isfinite(c) & np.isfinite(A)
+    with np.errstate(over="ignore"):
+        c, A = c * scale[:, 0], A * scale[:, 0]
+    enough &= np.isfinite(c) & np.isfinite(A)
     return np.where(enough, b, np.nan), np.where(enough, c, np.nan), np.where(enough, A, np.nan)
 
 
@@ -144,14 +156,16 @@ def _profile_at(w: np.ndarray, ok: np.ndarray, x: np.ndarray, b: np.ndarray, flo
 
 
 def _sse(n, suu, su, suz, szz, sz, floor: bool):
-    if floor:
-        c, A = _solve_ca(suu, suz, szz, su, sz)
-    else:
-        with np.errstate(invalid="ignore", divide="ignore"):
+    """SSE, c, A from the sufficient sums; a degenerate system (singular, or sums beyond the float
+    range) gives SSE = +inf, so that it is never the chosen exponent."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if floor:
+            c, A = _solve_ca(suu, suz, szz, su, sz)
+        else:
             A = np.clip(sz / szz, 0.0, None)
-        c = np.zeros_like(A)
-    sse = n - 2 * (c * su + A * sz) + c * c * suu + 2 * c * A * suz + A * A * szz
-    return sse, c, A
+            c = np.zeros_like(A)
+        sse = n - 2 * (c * su + A * sz) + c * c * suu + 2 * c * A * suz + A * A * szz
+    return np.where(np.isfinite(sse), sse, np.inf), c, A
 
 
 def _refine(w, ok, x, b, floor: bool, half_width: float = 0.06, n: int = 13) -> np.ndarray:
@@ -184,9 +198,10 @@ def _parabolic_min(grid: np.ndarray, sse: np.ndarray, g: np.ndarray) -> np.ndarr
     rows = np.arange(sse.shape[0])
     y0, y1, y2 = sse[rows, gi - 1], sse[rows, gi], sse[rows, gi + 1]
     h = grid[1] - grid[0]
-    den = y0 - 2 * y1 + y2
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # an infinite SSE: no shift
+        den = y0 - 2 * y1 + y2
         shift = np.where(den > 0, 0.5 * h * (y0 - y2) / den, 0.0)
+    shift = np.where(np.isfinite(shift), shift, 0.0)
     t = grid[gi] + np.clip(shift, -h, h)
     t = np.where((g == 0) | (g == G - 1), grid[g], t)
     return np.exp(t)
@@ -292,8 +307,10 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions(), resample: tuple | 
     every replicate (selection-aware CI); a replicate in which a level of the chosen window is
     unreached (its IQM n_hit is +inf) has p = +inf. resample: (counts (R, S), units, unit name) given
     by the caller instead of resample_counts (compare.py: the same draws for two groups, paired)."""
+    health = curves.health()
     base = {"metric": curves.metric, "x_name": curves.x_name, "n_seeds": curves.n_seeds,
-            "n_diverged": curves.count("diverged"), "n_failed": curves.count("failed"),
+            "n_diverged": health["diverged"], "n_failed": health["failed"], "n_saturated": health["saturated"],
+            "n_stalled": health["stalled"], "n_unhealthy": health["unhealthy"],
             "n_strata": len(np.unique(curves.strata)), "n_instances": max(len(curves.instance_labels), 1)}
     vals, x = curves.values, curves.x
     if curves.n_seeds == 0 or not np.isfinite(vals).any():
@@ -333,7 +350,7 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions(), resample: tuple | 
         fit.reason = _why_no_window(levels, opts) if fit.n_levels == 0 else \
             f"{fit.n_levels} usable ε levels, need ≥ {opts.min_levels}"
         return fit
-    u = np.log10(1.0 / eps_all)  # (E,) log10(1/ε)
+    u = -np.log10(eps_all)  # (E,) log10(1/ε)
     iqm_point = levels["iqm_log10_nhit"].to_numpy()  # (E,)
     p, a = batched_slope(u[window], iqm_point[window][None])
     fit.p, fit.log10_C = float(p[0]), float(a[0])
@@ -414,7 +431,7 @@ def local_profile(eps: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, iq
     (R, E); p = +inf in the `unreached` (R,) replicates, as for p). Then the trend: local p
     regressed on log10(1/ε_center) per replicate, evaluated at eps_eval (the claim's ε_min).
     Returns (DataFrame eps_center, p, p_low, p_high, n_levels; trend dict)."""
-    u = np.log10(1.0 / eps)  # (E,)
+    u = -np.log10(eps)  # (E,) log10(1/ε)
     lo, hi = u[window].min(), u[window].max()
     half = opts.profile_width / 2
     if hi - lo >= opts.profile_width - 1e-9:
@@ -434,7 +451,7 @@ def local_profile(eps: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, iq
         sub_reps.append(pr)
     profile = pd.DataFrame(rows)
     P = np.stack(sub_reps, axis=1)  # (R, J)
-    ue = np.log10(1.0 / eps_eval) if eps_eval and np.isfinite(eps_eval) else lo
+    ue = -np.log10(eps_eval) if eps_eval and np.isfinite(eps_eval) else lo
     if len(centres) >= 2:
         s0, a0 = batched_slope(centres, profile["p"].to_numpy()[None])
         s_r, a_r = batched_slope(centres, np.where(np.isinf(P), np.nan, P))  # NaN sub-windows left out
@@ -457,6 +474,8 @@ def _why_no_window(levels: pd.DataFrame, opts: FitOptions) -> str:
              "rule_claim_range": "outside the claim's ε range"}
     fails = {k: int((~levels[k].astype(bool)).sum()) for k in words}
     parts = [f"{words[k]}: {n} levels" for k, n in sorted(fails.items(), key=lambda kv: -kv[1]) if n]
+    if not len(levels):
+        return "no usable ε level (no positive finite value of the metric)"
     return "no usable ε level (" + "; ".join(parts) + ")"
 
 

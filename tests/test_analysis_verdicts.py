@@ -19,6 +19,8 @@ from ratebench.analysis.load import load
 from ratebench.analysis.stats import bootstrap_counts, hierarchical_counts, percentile_ci, trimmed_mean
 from ratebench.analysis.synthetic import evaluation_grid, synthetic_curves, synthetic_values, write_run
 
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numerical trouble is a status, never a warning
+
 
 def resampled(curves: Curves, row: np.ndarray) -> Curves:
     """The explicit resample of one count row (S,): seeds repeated as often as drawn."""
