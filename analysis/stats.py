@@ -56,6 +56,8 @@ def trimmed_mean(values: np.ndarray, counts: np.ndarray, trim: float = 0.25, chu
     values = np.asarray(values, dtype=np.float64)
     counts = np.asarray(counts, dtype=np.int32)
     R, K = counts.shape[0], values.shape[1]
+    if values.shape[0] == 0:  # no seeds: no data at any column
+        return np.full((R, K), np.nan)
     missing = np.isnan(values)
     order = np.argsort(np.where(missing, np.inf, values), axis=0, kind="stable")  # (S, K), NaNs last
     sorted_vals = np.take_along_axis(values, order, axis=0)  # (S, K)
