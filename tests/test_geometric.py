@@ -78,3 +78,19 @@ def test_power_law_is_not_a_geometric_rate():
     assert "not a geometric rate" in fit.asymptotic_reason
     st = fit.arrays["stability"]
     assert st["bottom"] > 3 * st["top"]
+
+
+@pytest.mark.parametrize("case", ["huge", "zeros", "inf", "all_nan"])
+def test_no_runtime_warning_on_pathological_curves(case):
+    curves = geometric_curves(600.0, 8, np.random.default_rng(7))
+    v = curves.values
+    if case == "huge":
+        v[:3, 20:] = 1e279
+    elif case == "zeros":
+        v[:4, 15:] = 0.0
+    elif case == "inf":
+        v[:2, 25:] = np.inf
+    else:
+        v[:] = np.nan
+    fit = fit_geometric(curves, FitOptions(n_boot=200))  # a RuntimeWarning fails the test (pytestmark)
+    assert fit.status in ("ok", "too_narrow", "too_few_levels", "too_few_seeds", "no_data")
