@@ -46,7 +46,7 @@ class FitOptions:
     profile_step: float = 0.25  # ... with centres this many decades apart
     stable_tol: float = 0.1  # the window's two halves may differ in slope by this fraction of p̂ (stable_window)
     stable_step: float = 0.25  # decades of ε cut off the window's top per step while its exponent is not stable
-    tail_tol: float = 0.25  # asymptotic: p̂·b̂ (window exponent × tail decay) must be within 1 ± tail_tol (95 % CI)
+    tail_tol: float = 0.25  # asymptotic: p̂ × the decay of the last `decades` decades within 1 ± tail_tol (whole 95 % CI)
 
 
 @dataclass
