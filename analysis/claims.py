@@ -239,6 +239,8 @@ def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
         return Verdict(claim, INCONCLUSIVE, f"{fit.status}: {fit.reason}", fit)
     if fit.n_seeds < claim.min_seeds:
         return Verdict(claim, INCONCLUSIVE, f"{fit.n_seeds} seeds fitted, the claim needs ≥ {claim.min_seeds}", fit)
+    if not fit.asymptotic:  # the window's exponent is not shown to be the rate (fit.rate_agrees_with_tail)
+        return Verdict(claim, INCONCLUSIVE, f"not asymptotic: {fit.asymptotic_reason}", fit)
     ci = f"CI [{fit.p_low:.3g}, {fit.p_high:.3g}]"
     band = (p_claim - claim.tolerance, p_claim + claim.tolerance)
     if claim.relation == "upper_bound" and fit.p_low > p_claim:  # steeper than claimed on the covered part

@@ -14,14 +14,19 @@ DEFAULT_GROUP = ("algorithm", "env", "config_hash")
 INSTANCE_COLUMN = "cfg.env.instance_seed"  # the environment instance a seed ran on (envs/common.py)
 
 
+FITTED = ("completed", "diverged", "saturated", "stalled")  # seed statuses whose rows are fitted
+CENSORED = ("diverged", "saturated")  # statuses whose metric is +inf after their status step
+
+
 @dataclass
 class Curves:
     """One group's evidence. x (P,) sorted evaluation points (0 included); values (S, P): the
-    metric of every fitted seed, +inf after a divergence, NaN where the seed has no evaluation;
-    seeds: one row per seed of the group (all statuses); used (S_all,) bool: which seed rows
-    are in `values` (completed + diverged; failed seeds are counted but not fitted); instances
-    (S,): the environment instance (`cfg.env.instance_seed`) of every fitted seed, default one
-    instance (all 0)."""
+    metric of every fitted seed, +inf after a divergence, a saturation or a non-finite value, NaN
+    where the seed has no evaluation; seeds: one row per seed of the group (all statuses); used
+    (S_all,) bool: which seed rows are in `values` (completed, diverged, saturated, stalled; failed
+    seeds are counted but not fitted); instances (S,): the environment instance
+    (`cfg.env.instance_seed`) of every fitted seed, default one instance (all 0); nonfinite (S,)
+    bool: fitted seeds whose recorded metric became non-finite (NaN after a finite value, or ±inf)."""
 
     metric: str
     x_name: str
@@ -31,12 +36,16 @@ class Curves:
     seeds: pd.DataFrame
     used: np.ndarray
     instances: np.ndarray = field(default=None)
+    nonfinite: np.ndarray = field(default=None)
 
     def __post_init__(self):
         if self.instances is None:
             self.instances = seed_instances(self.seeds)[np.asarray(self.used, bool)] if len(self.seeds) \
                 else np.zeros(self.values.shape[0], np.int64)
         self.instances = np.asarray(self.instances)
+        if self.nonfinite is None:
+            self.nonfinite = np.zeros(self.values.shape[0], bool)
+        self.nonfinite = np.asarray(self.nonfinite, bool)
 
     @property
     def n_seeds(self) -> int:
@@ -52,13 +61,26 @@ class Curves:
         keep = self.instances == instance  # (S,)
         rows = seed_instances(self.seeds) == instance  # (S_all,)
         return Curves(self.metric, self.x_name, self.x, self.values[keep], self.strata[keep],
-                      self.seeds[rows].reset_index(drop=True), np.asarray(self.used, bool)[rows], self.instances[keep])
+                      self.seeds[rows].reset_index(drop=True), np.asarray(self.used, bool)[rows], self.instances[keep],
+                      self.nonfinite[keep])
 
     def count(self, status: str) -> int:
-        """Seeds with that status; 'failed' also counts any status other than completed/diverged."""
+        """Seeds with that status; 'failed' also counts any status other than the fitted ones."""
         if status == "failed":
-            return int((~self.seeds["status"].isin(["completed", "diverged"])).sum())
+            return int((~self.seeds["status"].isin(FITTED)).sum())
         return int((self.seeds["status"] == status).sum())
+
+    def health(self) -> dict[str, int]:
+        """Seed-health counts of the group: diverged, saturated (the status, plus a completed or
+        stalled seed whose metric became non-finite), stalled, unhealthy (their sum), failed."""
+        status = self.seeds["status"].to_numpy()[np.asarray(self.used, bool)] if len(self.seeds) \
+            else np.array([], object)
+        extra = int((self.nonfinite & np.isin(status, ("completed", "stalled"))).sum()) if len(status) == \
+            len(self.nonfinite) else 0
+        counts = {"diverged": self.count("diverged"), "saturated": self.count("saturated") + extra,
+                  "stalled": self.count("stalled"), "failed": self.count("failed")}
+        counts["unhealthy"] = counts["diverged"] + counts["saturated"] + counts["stalled"]
+        return counts
 
 
 def seed_instances(seeds: pd.DataFrame) -> np.ndarray:
@@ -86,36 +108,66 @@ def group_keys(by: str | list[str] | tuple[str, ...] | None) -> list[str]:
 
 
 def build_curves(metrics: pd.DataFrame, seeds: pd.DataFrame, metric: str, x_name: str) -> Curves:
-    """The curve matrix of one group: metrics and seeds are the rows of that group only."""
-    used_mask = seeds["status"].isin(["completed", "diverged"]).to_numpy()
+    """The curve matrix of one group: metrics and seeds are the rows of that group only. A seed
+    that diverged or saturated is +inf after its status step (and after its last row); a recorded
+    non-finite value (±inf, or NaN after a finite value of the same seed) makes the seed +inf from
+    there on, and is counted (Curves.nonfinite): it never reaches ε after that."""
+    used_mask = seeds["status"].isin(FITTED).to_numpy()
     fit_seeds = seeds[used_mask]
     key = ["run_dir", "seed"]
-    rows = metrics[metrics["status"].isin(["completed", "diverged"])]
+    rows = metrics[metrics["status"].isin(FITTED)]
     x = np.unique(rows[x_name].to_numpy(dtype=np.float64)) if len(rows) else np.zeros(0)
     index = pd.MultiIndex.from_frame(fit_seeds[key])
-    table = rows.pivot_table(index=key, columns=x_name, values=metric, aggfunc="last", dropna=False)
+    cols = key + ["config_hash", x_name] + (["step"] if "step" in rows.columns and x_name != "step" else [])
+    tidy = rows[cols].copy()
+    tidy["_v"] = pd.to_numeric(rows[metric], errors="coerce").to_numpy(dtype=np.float64) if len(rows) else []
+    tidy = tidy.sort_values(key + [x_name], kind="stable")
+    finite = np.isfinite(tidy["_v"].to_numpy())
+    seen = pd.Series(finite, index=tidy.index).groupby([tidy["run_dir"], tidy["seed"]]).cummax().to_numpy(bool) \
+        if len(tidy) else np.zeros(0, bool)
+    bad = ~finite & (np.isinf(tidy["_v"].to_numpy()) | seen)  # NaN before any finite value: not recorded
+    tidy.loc[bad, "_v"] = np.inf
+    table = tidy.pivot_table(index=key, columns=x_name, values="_v", aggfunc="last", dropna=False)
     table = table.reindex(index=index, columns=x)
     values = table.to_numpy(dtype=np.float64)  # (S, P)
-    values = mark_divergence(values, x, fit_seeds, rows, x_name)
+    first_bad = tidy[bad].groupby(key)[x_name].min().reindex(index).to_numpy(dtype=np.float64)  # (S,) NaN: none
+    values = mark_censored(values, x, fit_seeds, tidy, x_name, first_bad)
     strata = fit_seeds["config_hash"].astype(str).to_numpy()
     return Curves(metric, x_name, x, values, strata, seeds.reset_index(drop=True), used_mask,
-                  seed_instances(fit_seeds))
+                  seed_instances(fit_seeds), np.isfinite(first_bad))
 
 
-def mark_divergence(values: np.ndarray, x: np.ndarray, fit_seeds: pd.DataFrame, rows: pd.DataFrame,
-                    x_name: str) -> np.ndarray:
-    """A diverged seed's metric is +inf at every point of its configuration after its last row:
-    it never stays below any ε, so it is censored, never silently dropped."""
+def mark_censored(values: np.ndarray, x: np.ndarray, fit_seeds: pd.DataFrame, rows: pd.DataFrame,
+                  x_name: str, first_bad: np.ndarray | None = None) -> np.ndarray:
+    """A diverged or saturated seed's metric is +inf at every point of its configuration after its
+    status step (a saturated seed's rows after it are not data) and after its last row; any seed is
+    +inf from its first non-finite value (first_bad (S,), NaN = none) on. It never stays below any
+    ε, so it is censored, never silently dropped. rows: the group's rows (x_name, run_dir, seed,
+    config_hash, and `step` when recorded)."""
     values = values.copy()
     stratum_end = rows.groupby("config_hash")[x_name].max()
-    for i, (status, cfg) in enumerate(zip(fit_seeds["status"], fit_seeds["config_hash"])):
-        if status != "diverged":
+    first_bad = np.full(len(fit_seeds), np.nan) if first_bad is None else first_bad
+    has_step = "step" in rows.columns
+    steps = fit_seeds["status_step"] if "status_step" in fit_seeds.columns else pd.Series([None] * len(fit_seeds))
+    by_seed = rows.groupby(["run_dir", "seed"]) if len(rows) else None
+    for i, (status, cfg, step) in enumerate(zip(fit_seeds["status"], fit_seeds["config_hash"], steps)):
+        end = stratum_end.get(cfg, np.inf)
+        if np.isfinite(first_bad[i]):
+            values[i, (x >= first_bad[i]) & (x <= end)] = np.inf
+        if status not in CENSORED:
             continue
         valid = np.flatnonzero(~np.isnan(values[i]))
         last = x[valid[-1]] if len(valid) else -np.inf
-        after = (x > last) & (x <= stratum_end.get(cfg, -np.inf))
+        after = (x > last) & (x <= end)
         if not len(valid):
-            after = x <= stratum_end.get(cfg, np.inf)
+            after = x <= end
+        if status == "saturated" and has_step and step is not None and pd.notna(step) and by_seed is not None:
+            key = (fit_seeds["run_dir"].iloc[i], fit_seeds["seed"].iloc[i])
+            if key in by_seed.groups:
+                mine = rows.loc[by_seed.groups[key]]
+                later = mine.loc[mine["step"] > float(step), x_name]
+                if len(later):
+                    after |= (x >= later.min()) & (x <= end)
         values[i, after] = np.inf
     return values
 

@@ -16,6 +16,7 @@ from ratebench.analysis.stats import (
 )
 from scipy import stats as sps
 
+DYNAMIC_RANGE = 1e100  # fit_floor leaves out points this far above a row's smallest value (no overflow)
 B_GRID = np.exp(np.linspace(np.log(0.03), np.log(5.0), 101))  # b < 0.03 (p > 33) is a plateau here  # decay exponents searched, log-spaced
 
 
@@ -43,6 +44,9 @@ class FitOptions:
     min_decades: float = 1.0  # a window spanning fewer decades of ε is `too_narrow`: neither a PASS nor a CI-based VIOLATED
     profile_width: float = 0.5  # local exponent profile: sub-windows of this many decades of ε ...
     profile_step: float = 0.25  # ... with centres this many decades apart
+    stable_tol: float = 0.1  # the window's two halves may differ in slope by this fraction of p̂ (stable_window)
+    stable_step: float = 0.25  # decades of ε cut off the window's top per step while its exponent is not stable
+    tail_tol: float = 0.25  # asymptotic: p̂ × the decay of the last `decades` decades within 1 ± tail_tol (whole 95 % CI)
 
 
 @dataclass
@@ -84,6 +88,7 @@ class RateFit:
     p_local_low: float = np.nan
     p_local_high: float = np.nan
     p_trend: float = np.nan  # d p_local / d log10(1/ε): > 0 means the exponent still rises towards small ε
+    budget_to_eps_min: float = np.nan  # x (samples/steps/queries) at which the window would reach the claim's ε_min
     asymptotic: bool = True  # the window lies where the curve follows its rate, not a transient (docs/analysis.md)
     asymptotic_reason: str = ""  # why not, when asymptotic is False
     n_instances: int = 1
@@ -95,7 +100,7 @@ class RateFit:
         keys = ["metric", "x_name", "status", "p", "p_low", "p_high", "log10_C", "b", "b_low", "b_high", "c",
                 "c_low", "c_high", "eps_low", "eps_high", "n_levels", "n_seeds", "n_diverged", "n_failed",
                 "n_saturated", "n_stalled", "n_unhealthy", "n_strata", "final_iqm", "decay", "decay_low", "decay_high", "window_decades", "reach_eps_min",
-                "p_local", "p_local_low", "p_local_high", "p_trend", "asymptotic", "asymptotic_reason", "n_instances", "boot_unit", "reason"]
+                "p_local", "p_local_low", "p_local_high", "p_trend", "budget_to_eps_min", "asymptotic", "asymptotic_reason", "n_instances", "boot_unit", "reason"]
         return {k: getattr(self, k) for k in keys}
 
 
@@ -105,10 +110,18 @@ def fit_floor(x: np.ndarray, curves: np.ndarray, floor_level: float = 0.01):
     refined by a parabola through the best three grid points. The floor is kept only when an
     F-test against c = 0 rejects at `floor_level` (else c = 0): an unsupported floor biases b̂
     upward. The same rule runs in every bootstrap replicate. Rows with fewer than 4 finite
-    positive points give NaN. Returns (b, c, A), each (R,)."""
-    y = np.atleast_2d(curves)
-    ok = np.isfinite(y) & (y > 0)  # (R, P)
-    w = np.where(ok, 1.0 / np.where(ok, y, 1.0), 0.0)  # (R, P) u = 1/y
+    positive points give NaN. The relative least squares is scale-free, so each row is divided
+    by its smallest positive value first; points more than DYNAMIC_RANGE above it (a frozen seed
+    at 1e279 next to ordinary values) are left out of that row's fit rather than overflowing.
+    Returns (b, c, A), each (R,)."""
+    y = np.atleast_2d(np.asarray(curves, dtype=np.float64))
+    pos = np.isfinite(y) & (y > 0)  # (R, P)
+    scale = np.where(pos, y, np.inf).min(1, keepdims=True)  # (R, 1)
+    scale = np.where(np.isfinite(scale), scale, 1.0)
+    with np.errstate(over="ignore", under="ignore"):
+        ys = np.where(pos, y, 1.0) / scale  # ≥ 1 on the positive points; inf beyond the float range
+    ok = pos & (ys < DYNAMIC_RANGE)  # (R, P)
+    w = np.where(ok, 1.0 / np.where(ok, ys, 1.0), 0.0)  # (R, P) u = scale/y in (1/DYNAMIC_RANGE, 1]
     N = x[None, :] ** -B_GRID[:, None]  # (G, P)
     n = ok.sum(1)
     fits = {}
@@ -120,11 +133,14 @@ def fit_floor(x: np.ndarray, curves: np.ndarray, floor_level: float = 0.01):
         sse_b, c, A = _profile_at(w, ok, x, b, floor)
         fits[floor] = (b, c, A, sse_b)
     sse1, sse0 = fits[True][3], fits[False][3]
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         F = (sse0 - sse1) / (sse1 / np.maximum(n - 3, 1))
     keep_floor = F > sps.f.ppf(1 - floor_level, 1, np.maximum(n - 3, 1))
     b, c, A = (np.where(keep_floor, fits[True][i], fits[False][i]) for i in range(3))
-    enough = n >= 4
+    enough = (n >= 4) & np.isfinite(b) & np.isfinite(c) & np.isfinite(A)
+    with np.errstate(over="ignore"):
+        c, A = c * scale[:, 0], A * scale[:, 0]
+    enough &= np.isfinite(c) & np.isfinite(A)
     return np.where(enough, b, np.nan), np.where(enough, c, np.nan), np.where(enough, A, np.nan)
 
 
@@ -144,14 +160,16 @@ def _profile_at(w: np.ndarray, ok: np.ndarray, x: np.ndarray, b: np.ndarray, flo
 
 
 def _sse(n, suu, su, suz, szz, sz, floor: bool):
-    if floor:
-        c, A = _solve_ca(suu, suz, szz, su, sz)
-    else:
-        with np.errstate(invalid="ignore", divide="ignore"):
+    """SSE, c, A from the sufficient sums; a degenerate system (singular, or sums beyond the float
+    range) gives SSE = +inf, so that it is never the chosen exponent."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if floor:
+            c, A = _solve_ca(suu, suz, szz, su, sz)
+        else:
             A = np.clip(sz / szz, 0.0, None)
-        c = np.zeros_like(A)
-    sse = n - 2 * (c * su + A * sz) + c * c * suu + 2 * c * A * suz + A * A * szz
-    return sse, c, A
+            c = np.zeros_like(A)
+        sse = n - 2 * (c * su + A * sz) + c * c * suu + 2 * c * A * suz + A * A * szz
+    return np.where(np.isfinite(sse), sse, np.inf), c, A
 
 
 def _refine(w, ok, x, b, floor: bool, half_width: float = 0.06, n: int = 13) -> np.ndarray:
@@ -184,9 +202,10 @@ def _parabolic_min(grid: np.ndarray, sse: np.ndarray, g: np.ndarray) -> np.ndarr
     rows = np.arange(sse.shape[0])
     y0, y1, y2 = sse[rows, gi - 1], sse[rows, gi], sse[rows, gi + 1]
     h = grid[1] - grid[0]
-    den = y0 - 2 * y1 + y2
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # an infinite SSE: no shift
+        den = y0 - 2 * y1 + y2
         shift = np.where(den > 0, 0.5 * h * (y0 - y2) / den, 0.0)
+    shift = np.where(np.isfinite(shift), shift, 0.0)
     t = grid[gi] + np.clip(shift, -h, h)
     t = np.where((g == 0) | (g == G - 1), grid[g], t)
     return np.exp(t)
@@ -292,8 +311,10 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions(), resample: tuple | 
     every replicate (selection-aware CI); a replicate in which a level of the chosen window is
     unreached (its IQM n_hit is +inf) has p = +inf. resample: (counts (R, S), units, unit name) given
     by the caller instead of resample_counts (compare.py: the same draws for two groups, paired)."""
+    health = curves.health()
     base = {"metric": curves.metric, "x_name": curves.x_name, "n_seeds": curves.n_seeds,
-            "n_diverged": curves.count("diverged"), "n_failed": curves.count("failed"),
+            "n_diverged": health["diverged"], "n_failed": health["failed"], "n_saturated": health["saturated"],
+            "n_stalled": health["stalled"], "n_unhealthy": health["unhealthy"],
             "n_strata": len(np.unique(curves.strata)), "n_instances": max(len(curves.instance_labels), 1)}
     vals, x = curves.values, curves.x
     if curves.n_seeds == 0 or not np.isfinite(vals).any():
@@ -312,6 +333,7 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions(), resample: tuple | 
     fit = RateFit(status="ok", reason="", b=float(b[0]), c=float(c[0]), A=float(A[0]), final_iqm=float(final),
                   boot_unit=unit, **base)
     fit.b_low, fit.b_high = percentile_ci(b_reps, opts.alpha, n_units, estimate=fit.b)
+    fit.arrays["b_reps"] = b_reps
     fit.c_low, fit.c_high = percentile_ci(c_reps, opts.alpha, n_units)
     fit.decay = float(-decay[0])
     fit.decay_low, fit.decay_high = percentile_ci(-decay_reps, opts.alpha, n_units)
@@ -322,33 +344,45 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions(), resample: tuple | 
     if opts.eps_min is not None:
         fit.reach_eps_min = float(np.isfinite(n_hit(x, vals, np.array([opts.eps_min]))).mean())
     window = levels["window"].to_numpy()
+    u = -np.log10(eps_all)  # (E,) log10(1/ε)
+    iqm_point = levels["iqm_log10_nhit"].to_numpy()  # (E,)
+    win_r = iqm_r = None
+    if window.sum() >= opts.min_levels and curves.n_seeds >= 2:
+        win_r, iqm_r = replicate_windows(nh, counts, eps_all, x, c_reps, window, opts)  # (R, E) each
+        keep, stab = stable_window(u, window, iqm_point, iqm_r, win_r, opts, n_units)
+        fit.arrays["stability"] = stab
+        fit.asymptotic, fit.asymptotic_reason = stab["asymptotic"], stab["reason"]
+        fit.arrays["window_reps"] = win_r  # each replicate's window by the rules, before the cut from the top
+        stab["keep"] = keep
+        window, win_r = window & keep, win_r & keep[None, :]
+        levels["rule_stable"] = keep
+        levels["window"] = window
     fit.n_levels = int(window.sum())
     if fit.n_levels:
         fit.eps_low, fit.eps_high = float(eps_all[window].min()), float(eps_all[window].max())
         fit.window_decades = float(np.log10(fit.eps_high / fit.eps_low))
     if curves.n_seeds < opts.min_seeds:
         fit.status, fit.reason = "too_few_seeds", f"{curves.n_seeds} seeds fitted, need ≥ {opts.min_seeds}"
-    if fit.n_levels < opts.min_levels:
+    if fit.n_levels < opts.min_levels or win_r is None:
         fit.status = "too_few_levels"
         fit.reason = _why_no_window(levels, opts) if fit.n_levels == 0 else \
             f"{fit.n_levels} usable ε levels, need ≥ {opts.min_levels}"
         return fit
-    u = np.log10(1.0 / eps_all)  # (E,) log10(1/ε)
-    iqm_point = levels["iqm_log10_nhit"].to_numpy()  # (E,)
     p, a = batched_slope(u[window], iqm_point[window][None])
     fit.p, fit.log10_C = float(p[0]), float(a[0])
-    win_r, iqm_r = replicate_windows(nh, counts, eps_all, x, c_reps, window, opts)  # (R, E) each
+    fit.budget_to_eps_min = budget_to_reach(fit, opts)
     p_reps, _ = batched_slope(u, np.where(win_r, iqm_r, np.nan))
     required = win_r | _coverage_level(eps_all, window, opts)[None, :]  # (R, E)
     unreached = _unreached(iqm_r, required)  # (R,)
     fit.p_reps = np.where(unreached, np.inf, p_reps)
     fit.p_low, fit.p_high = percentile_ci(fit.p_reps, opts.alpha, n_units)
-    fit.arrays["window_reps"] = win_r
     eps_eval = opts.eps_min if opts.eps_min is not None else fit.eps_low
     profile, trend = local_profile(eps_all, window, iqm_point, iqm_r, win_r, unreached, eps_eval, opts, n_units)
     fit.arrays.update(profile=profile, profile_trend=trend)
     fit.p_local, fit.p_local_low, fit.p_local_high = trend["p_at_eval"], trend["p_at_eval_low"], trend["p_at_eval_high"]
     fit.p_trend = trend["slope"]
+    if fit.asymptotic:
+        fit.asymptotic, fit.asymptotic_reason = rate_agrees_with_tail(fit, -decay_reps, opts, n_units)
     if not np.isfinite(fit.p_low):
         fit.status, fit.reason = "too_few_levels", "under half of the bootstrap replicates had 2+ usable ε levels"
     elif fit.status == "ok" and not fit.window_decades >= opts.min_decades * (1 - 1e-9):
@@ -386,6 +420,100 @@ def replicate_windows(nh: np.ndarray, counts: np.ndarray, eps: np.ndarray, x: np
     return window_from_rules(rules, opts), iqm_r
 
 
+def split_slopes(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, iqm_r: np.ndarray,
+                 win_r: np.ndarray) -> dict:
+    """The broken-power-law comparison on one window: the slope of IQM log10 n_hit on u = log10(1/ε)
+    over the window's upper half (large ε, early) and over its lower half (small ε, late; the middle
+    level in both), for the point estimate and every replicate (its own levels inside win_r (R, E)).
+    A replicate in which a lower-half level of its window is unreached has a lower slope of +inf.
+    Returns {'top', 'bottom', 'd' (point), 'd_reps' (R,) = bottom − top, 'u_mid'}."""
+    lo, hi = u[window].min(), u[window].max()
+    mid = 0.5 * (lo + hi)
+    top, bot = window & (u <= mid + 1e-9), window & (u >= mid - 1e-9)  # (E,)
+    pt, _ = batched_slope(u[top], iqm_point[top][None])
+    pb, _ = batched_slope(u[bot], iqm_point[bot][None])
+    pt_r, _ = batched_slope(u[top], np.where(win_r[:, top], iqm_r[:, top], np.nan))
+    pb_r, _ = batched_slope(u[bot], np.where(win_r[:, bot], iqm_r[:, bot], np.nan))
+    pb_r = np.where(((iqm_r[:, bot] == np.inf) & win_r[:, bot]).any(1), np.inf, pb_r)  # (R,)
+    with np.errstate(invalid="ignore"):
+        d_r = pb_r - pt_r  # inf − finite = inf; NaN where a half had < 2 levels (left out of the CI)
+    return {"top": float(pt[0]), "bottom": float(pb[0]), "d": float(pb[0] - pt[0]), "d_reps": d_r, "u_mid": mid}
+
+
+def stable_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, iqm_r: np.ndarray, win_r: np.ndarray,
+                  opts: FitOptions, n_units: int) -> tuple[np.ndarray, dict]:
+    """The window chosen from the tail, where the local exponent has stabilised (docs/analysis.md,
+    "Transient or rate"). Starting from the whole window and cutting `stable_step` decades off its
+    top (largest ε) at a time, the first window is kept on which the slopes of its two halves agree:
+    the 95 % bootstrap CI of (lower-half slope − upper-half slope) reaches into ±stable_tol·p̂. The
+    cut never leaves fewer than `min_decades` decades. When no such window exists the fit is not
+    asymptotic: the window is the tail-most one of min_decades, and the reason names the two slopes.
+    Returns (keep (E,) bool: the levels at or below the chosen top, details dict)."""
+    lo, hi = u[window].min(), u[window].max()
+    span = hi - lo
+    n_cuts = int(np.floor((span - opts.min_decades) / opts.stable_step + 1e-9)) + 1 if span >= opts.min_decades else 1
+    tests = []
+    for k in range(max(n_cuts, 1)):
+        cap = lo + k * opts.stable_step
+        keep = u >= cap - 1e-9  # (E,)
+        w, wr = window & keep, win_r & keep[None, :]
+        split = split_slopes(u, w, iqm_point, iqm_r, wr)
+        p_all, _ = batched_slope(u[w], iqm_point[w][None])
+        tol = opts.stable_tol * abs(float(p_all[0]))
+        d_low, d_high = percentile_ci(split["d_reps"], opts.alpha, n_units)
+        stable = not (d_low > tol or d_high < -tol)  # NaN CI (too few levels): nothing shown either way
+        test = {"eps_top": 10.0 ** -cap, "eps_bottom": 10.0 ** -hi, "top": split["top"], "bottom": split["bottom"],
+                "d": split["d"], "d_low": d_low, "d_high": d_high, "tol": tol, "stable": stable, "cut": k * opts.stable_step}
+        tests.append(test)
+        if stable:
+            break
+    last = tests[-1]
+    details = {"tests": tests, "asymptotic": bool(last["stable"]), "reason": "", "cut": last["cut"]}
+    if not last["stable"]:
+        trend = "rising" if last["d"] > 0 else "falling"
+        details["reason"] = (f"the local exponent is still {trend} on the tail window [{last['eps_bottom']:.3g}, "
+                             f"{last['eps_top']:.3g}]: p {last['top']:.3g} on its upper half vs {last['bottom']:.3g} on "
+                             f"its lower half (difference 95% CI [{last['d_low']:.3g}, {last['d_high']:.3g}], beyond "
+                             f"±{last['tol']:.2g}); a transient, a floor or a change of regime, not yet the rate")
+    return u >= lo + last["cut"] - 1e-9, details
+
+
+def budget_to_reach(fit: RateFit, opts: FitOptions) -> float:
+    """The x (in the fit's unit: samples, steps or queries) a run would need for its window to reach the
+    claim's ε_min, from the fitted line n_hit(ε) = C·ε^-p extrapolated to ε_min, times 10^tail (the window
+    needs n_hit ≤ x_max/10^tail). +inf when ε_min lies under floor_factor × the fitted floor (the curve
+    cannot get there); NaN without a claim ε_min, when the window already reaches it (within one grid
+    step), or without a finite fit."""
+    eps_min = opts.eps_min
+    if eps_min is None or not (np.isfinite(fit.p) and np.isfinite(fit.log10_C) and np.isfinite(fit.eps_low)):
+        return float("nan")
+    if fit.eps_low <= eps_min * 10 ** (1 / opts.per_decade) * (1 + 1e-9):
+        return float("nan")
+    if fit.c > 0 and eps_min < opts.floor_factor * fit.c:
+        return float("inf")
+    log10_n = fit.log10_C + fit.p * -np.log10(eps_min) + opts.tail
+    return float(10.0 ** log10_n) if log10_n < 300 else float("inf")
+
+
+def rate_agrees_with_tail(fit: RateFit, decay_reps: np.ndarray, opts: FitOptions, n_units: int) -> tuple[bool, str]:
+    """Is the window's exponent the rate of the curve's tail? An out-of-sample equivalence check on the
+    bootstrap replicates: the model-free decay of the IQM curve over the last `decades` decades of x
+    (its log-log slope there, not the n_hit window; decay_reps (R,)) must give p̂·decay = 1 within
+    ±tail_tol, the whole 95 % CI. A window still in a transient (a faster or slower early phase), or a
+    tail bending onto a floor, fails it. Replicates with an unreached level (p = +inf) are about
+    coverage and are left out. Returns (asymptotic, reason)."""
+    if not np.isfinite(fit.decay):
+        return True, ""
+    p_r = np.where(np.isfinite(fit.p_reps), fit.p_reps, np.nan)  # (R,)
+    q_low, q_high = percentile_ci(p_r * decay_reps, opts.alpha, n_units)
+    if 1 - opts.tail_tol <= q_low and q_high <= 1 + opts.tail_tol:
+        return True, ""
+    inv = f"1/decay = {1 / fit.decay:.3g}" if fit.decay > 0 else "no decay"
+    return False, (f"the window's exponent is not shown to be the tail's: p̂·decay = {fit.p * fit.decay:.3g} (95% CI "
+                   f"[{q_low:.3g}, {q_high:.3g}], needs to lie in 1 ± {opts.tail_tol:g}), with decay = {fit.decay:.3g} the "
+                   f"log-log slope over the last {opts.decades:g} decades of {fit.x_name} ({inv} vs p̂ {fit.p:.3g})")
+
+
 def _coverage_level(eps: np.ndarray, window: np.ndarray, opts: FitOptions) -> np.ndarray:
     """(E,) the level a claim needs reached: the chosen window's lowest level when it is within one
     grid step of the claim's ε_min (the window covers ε_min); none otherwise or without a claim."""
@@ -414,7 +542,7 @@ def local_profile(eps: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, iq
     (R, E); p = +inf in the `unreached` (R,) replicates, as for p). Then the trend: local p
     regressed on log10(1/ε_center) per replicate, evaluated at eps_eval (the claim's ε_min).
     Returns (DataFrame eps_center, p, p_low, p_high, n_levels; trend dict)."""
-    u = np.log10(1.0 / eps)  # (E,)
+    u = -np.log10(eps)  # (E,) log10(1/ε)
     lo, hi = u[window].min(), u[window].max()
     half = opts.profile_width / 2
     if hi - lo >= opts.profile_width - 1e-9:
@@ -434,7 +562,7 @@ def local_profile(eps: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, iq
         sub_reps.append(pr)
     profile = pd.DataFrame(rows)
     P = np.stack(sub_reps, axis=1)  # (R, J)
-    ue = np.log10(1.0 / eps_eval) if eps_eval and np.isfinite(eps_eval) else lo
+    ue = -np.log10(eps_eval) if eps_eval and np.isfinite(eps_eval) else lo
     if len(centres) >= 2:
         s0, a0 = batched_slope(centres, profile["p"].to_numpy()[None])
         s_r, a_r = batched_slope(centres, np.where(np.isinf(P), np.nan, P))  # NaN sub-windows left out
@@ -443,7 +571,7 @@ def local_profile(eps: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, iq
     else:
         at_r, at0, slope = P[:, 0], float(profile["p"].iloc[0]), np.nan
     at_low, at_high = percentile_ci(at_r, opts.alpha, n_units)
-    trend = {"eps_eval": 10.0 ** -ue, "slope": slope, "p_at_eval": at0, "p_at_eval_low": at_low,
+    trend = {"eps_eval": 10.0 ** -ue, "slope": slope, "p_at_eval": at0, "p_at_eval_low": at_low, "p_at_eval_reps": at_r,
              "p_at_eval_high": at_high}
     return profile, trend
 
@@ -457,6 +585,8 @@ def _why_no_window(levels: pd.DataFrame, opts: FitOptions) -> str:
              "rule_claim_range": "outside the claim's ε range"}
     fails = {k: int((~levels[k].astype(bool)).sum()) for k in words}
     parts = [f"{words[k]}: {n} levels" for k, n in sorted(fails.items(), key=lambda kv: -kv[1]) if n]
+    if not len(levels):
+        return "no usable ε level (no positive finite value of the metric)"
     return "no usable ε level (" + "; ".join(parts) + ")"
 
 

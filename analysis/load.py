@@ -19,7 +19,10 @@ NEW_METRICS = ("gap_local", "lower_gap", "psi_grad_sq", "target_policy_gap_exces
 TARGET_FIELDS = ("policy_gap", "gap", "gap_local", "reward_err", "what", "solved")  # run.json target -> target.<field>
 HARNESS_METRICS = {"gap", "grad_sq", "policy_gap"}  # columns every harness run has written: marks a run record
 RUN_KEYS = ["algorithm", "env", "experiment", "config_hash", "run_hash", "run_dir"]
-SEED_STATUSES = ("completed", "diverged", "failed")
+# a seed's final status in run.json: completed; diverged (non-finite loss, stopped); saturated (its
+# iterate left the bounded region or its metrics became non-finite); stalled (it stopped moving);
+# failed (an exception). Saturated and stalled records carry the step and a reason.
+SEED_STATUSES = ("completed", "diverged", "saturated", "stalled", "failed")
 
 
 class RunRecordError(ValueError):
@@ -113,7 +116,8 @@ def _nan_if_none(value):
 
 
 def seed_rows(record: dict, metrics: pd.DataFrame) -> list[dict]:
-    """One dict per seed of the run: status, the step of divergence/failure, message, rows, last samples."""
+    """One dict per seed of the run: status, the step of divergence/failure/saturation/stall, message (or the
+    status record's reason), rows, last samples."""
     seed_col = metrics["seed"].to_numpy()
     samples = metrics["samples"].to_numpy()
     rows = []
@@ -121,7 +125,7 @@ def seed_rows(record: dict, metrics: pd.DataFrame) -> list[dict]:
         st = record["status"].get(str(seed)) or {"status": "failed", "message": "no status recorded"}
         mine = samples[seed_col == seed]
         rows.append({"seed": int(seed), "status": st.get("status", "failed"), "status_step": st.get("step"),
-                     "message": st.get("message"), "n_points": int(mine.size),
+                     "message": st.get("message") or st.get("reason"), "n_points": int(mine.size),
                      "last_samples": int(mine.max()) if mine.size else 0})
     return rows
 

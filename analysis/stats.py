@@ -6,6 +6,10 @@ import numpy as np
 from scipy import stats as sps
 
 
+BIG = 1e300  # trimmed means count finite values beyond ±BIG as ±BIG (their sums stay finite)
+F32_SPAN = 1e30  # float32 sums hold values within this factor of a column's median magnitude
+
+
 def bootstrap_counts(strata: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """Resample counts (R, S): replicate r draws, within each stratum (configuration), as many
     seeds with replacement as the stratum holds. The resampling unit is the seed."""
@@ -52,14 +56,23 @@ def trimmed_mean(values: np.ndarray, counts: np.ndarray, trim: float = 0.25, chu
     values = np.asarray(values, dtype=np.float64)
     counts = np.asarray(counts, dtype=np.int32)
     R, K = counts.shape[0], values.shape[1]
+    if values.shape[0] == 0:  # no seeds: no data at any column
+        return np.full((R, K), np.nan)
     missing = np.isnan(values)
     order = np.argsort(np.where(missing, np.inf, values), axis=0, kind="stable")  # (S, K), NaNs last
     sorted_vals = np.take_along_axis(values, order, axis=0)  # (S, K)
     valid = ~np.take_along_axis(missing, order, axis=0)  # (S, K)
-    safe = np.where(np.isfinite(sorted_vals), sorted_vals, 0.0)  # (S, K)
-    scale = np.abs(safe).max(axis=0, keepdims=True)  # (1, K) float32 sums on values of order 1
-    scale = np.where(scale > 0, scale, 1.0)
-    safe32 = (safe / scale).astype(np.float32)
+    safe = np.clip(np.where(np.isfinite(sorted_vals), sorted_vals, 0.0), -BIG, BIG)  # (S, K)
+    # float32 sums on values of order 1: each column divided by its median magnitude; a column whose
+    # finite values span more than float32 can hold around it (a frozen seed at 1e279 beside 1e-2)
+    # is summed in float64 instead, so no value is rounded to 0 or to inf
+    mags = np.where(np.isfinite(sorted_vals) & (sorted_vals != 0), np.abs(safe), np.nan)
+    scale = _nanmedian_cols(mags)[None, :]  # (1, K)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    with np.errstate(over="ignore", under="ignore"):
+        rel = np.abs(safe) / scale  # (S, K)
+    wide = ((rel > F32_SPAN) | ((rel < 1 / F32_SPAN) & (safe != 0))).any(0)  # (K,)
+    safe32 = np.where(wide[None, :], 0.0, safe / scale).astype(np.float32)
     pos, neg = sorted_vals == np.inf, sorted_vals == -np.inf  # (S, K)
     # sorted: the -inf values first, then finite ones, then +inf, then NaN. Which resamples keep an
     # infinity in their middle follows from the cumulative counts at the block edges (no (r, S, K) pass)
@@ -88,6 +101,8 @@ def trimmed_mean(values: np.ndarray, counts: np.ndarray, trim: float = 0.25, chu
         np.clip(weight, 0.0, None, out=weight)
         wsum = weight.sum(axis=1, dtype=np.float64)  # (r, K)
         total = np.einsum("rsk,sk->rk", weight, safe32).astype(np.float64) * scale
+        if wide.any():
+            total[:, wide] = np.einsum("rsk,sk->rk", weight[:, :, wide].astype(np.float64), safe[:, wide])
         with np.errstate(invalid="ignore", divide="ignore"):
             block = total / wsum
         if any_inf:
@@ -97,6 +112,15 @@ def trimmed_mean(values: np.ndarray, counts: np.ndarray, trim: float = 0.25, chu
             block = np.where(has_pos & has_neg, np.nan, block)
         out[start:start + chunk] = np.where(n > 0, block, np.nan)
     return out
+
+
+def _nanmedian_cols(values: np.ndarray) -> np.ndarray:
+    """Median of each column's non-NaN values, NaN for an all-NaN column (no RuntimeWarning). (K,)"""
+    n = (~np.isnan(values)).sum(0)  # (K,)
+    srt = np.sort(values, axis=0)  # NaNs last
+    lo = np.take_along_axis(srt, np.maximum((n - 1) // 2, 0)[None, :], axis=0)[0]
+    hi = np.take_along_axis(srt, np.maximum(n // 2, 0)[None, :], axis=0)[0]
+    return np.where(n > 0, 0.5 * lo + 0.5 * hi, np.nan)
 
 
 def _cumsum_axis1(c: np.ndarray) -> np.ndarray:

@@ -12,6 +12,8 @@ from ratebench.analysis.calibration import SCENARIOS, run_scenario
 from ratebench.analysis.fit import FitOptions, fit_rate
 from ratebench.analysis.synthetic import synthetic_curves
 
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numerical trouble is a status, never a warning
+
 # Seeded grid: decay exponents (b = 2/7 is the paper's ε^-7/2 on a gap), seed counts, noise
 # (per-seed level σ_s, per-point σ_p, AR(1) correlation of the point noise ρ); 13 repetitions
 # per cell → 208 fits with 2,000 bootstrap replicates each.

@@ -12,6 +12,8 @@ from ratebench.analysis import commands
 from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
 from ratebench.cli import main as cli_main
 
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numerical trouble is a status, never a warning
+
 X = evaluation_grid(1e5)
 
 

@@ -11,6 +11,8 @@ from ratebench.analysis import commands
 from ratebench.analysis.load import RunRecordError, load, load_runs, load_seed_status
 from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
 
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numerical trouble is a status, never a warning
+
 X = evaluation_grid(1e4)
 
 

@@ -9,6 +9,8 @@ from ratebench.analysis.fit import fit_floor
 from ratebench.analysis.stats import batched_slope, bootstrap_counts, expanded_alpha, trimmed_mean
 from scipy import stats as sps
 
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numerical trouble is a status, never a warning
+
 
 def nhit_by_definition(x, v, eps):
     """First evaluated x after which v stays <= eps (NaN points skipped); inf if never."""

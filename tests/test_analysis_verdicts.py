@@ -12,12 +12,14 @@ import pytest
 import yaml
 from ratebench.analysis import commands
 from ratebench.analysis.calibration import SCENARIOS, scenario_claim
-from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, judge, parse_claim
+from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, claim_options, judge, parse_claim, verdict
 from ratebench.analysis.curves import Curves, build_curves
 from ratebench.analysis.fit import FitOptions, fit_floor, fit_rate, level_table
 from ratebench.analysis.load import load
 from ratebench.analysis.stats import bootstrap_counts, hierarchical_counts, percentile_ci, trimmed_mean
 from ratebench.analysis.synthetic import evaluation_grid, synthetic_curves, synthetic_values, write_run
+
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numerical trouble is a status, never a warning
 
 
 def resampled(curves: Curves, row: np.ndarray) -> Curves:
@@ -140,8 +142,19 @@ def test_profile_rises_under_a_slower_tail_and_blocks_pass():
         reasons[p_claim] = v.reason
     prof = v.fit.arrays["profile"]
     assert prof["p"].iloc[-1] > prof["p"].iloc[0] + 0.3 and v.fit.p_trend > 0
-    assert reasons[2.2].startswith("pre-asymptotic: local exponent rising towards p_claim")
-    assert "disagree beyond their CIs" in reasons[2.5]
+    # the window's exponent is not the tail's (fit.rate_agrees_with_tail): flagged before the rules below
+    assert not v.fit.asymptotic and all(r.startswith("not asymptotic: ") for r in reasons.values()), reasons
+    # and the rules behind it still hold on their own: the same evidence without the tail-anchored window
+    # and the tail check (stable_tol, tail_tol = inf: the window of every rule before them)
+    opts = replace(opts, stable_tol=np.inf, tail_tol=np.inf)
+    for p_claim, why in ((2.2, "pre-asymptotic: local exponent rising towards p_claim"), (2.5, "disagree beyond their CIs")):
+        claim = parse_claim({"id": "t", "source": "s", "algorithm": "a", "experiment": "e", "metric": "gap",
+                             "x": "samples", "exponent": p_claim, "relation": "upper_bound",
+                             "epsilon": {"unit": "gap", "min": 2e-4, "max": 1.0}})
+        fit = fit_rate(curves, claim_options(claim, opts))
+        w = verdict(claim, fit)
+        assert fit.asymptotic and fit.p_high < p_claim
+        assert w.verdict == INCONCLUSIVE and why in w.reason, w.reason
 
 
 # ---------------------------------------------------------------------------------------------- instances

@@ -26,6 +26,8 @@ from ratebench.errors import ConfigError
 from ratebench.runner import run_job
 from ratebench.sampling import Counters, CountingSampler
 
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numerical trouble is a status, never a warning
+
 CLAIMS = Path(commands.__file__).resolve().parent.parent / "conf" / "claims"
 CI_SIZED = ["n_seeds=48", "budget.samples=192000"]  # 16 pairs = 32 samples per step: 6000 steps
 # The CI-sized runs reach reward_err ~ 0.018 (75 % of 48 seeds for a = 2/3), not the shipped claims'
