@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from ratebench.analysis import evidence
 from ratebench.analysis.claims import (INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, find_claim, judge, load_claim,
-                                       verdict)
+                                       n_unhealthy, verdict)
 from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys, has_positive
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
 from ratebench.analysis.labels import group_config, group_labels, natural_order, short_key
@@ -694,10 +694,11 @@ def verdict_row(v: Verdict, note: str = "") -> dict:
            "eps_claim": [c.metric_eps_range[0], c.metric_eps_range[1]], "note": note}
     if f is not None:
         row.update(p=f.p, p_low=f.p_low, p_high=f.p_high, eps_low=f.eps_low, eps_high=f.eps_high,
-                   n_seeds=f.n_seeds, n_diverged=f.n_diverged, n_failed=f.n_failed, b=f.b, c=f.c,
+                   n_seeds=f.n_seeds, n_diverged=f.n_diverged, n_saturated=f.n_saturated, n_stalled=f.n_stalled,
+                   n_unhealthy=n_unhealthy(f), n_failed=f.n_failed, b=f.b, c=f.c,
                    p_local=f.p_local, p_local_high=f.p_local_high, p_trend=f.p_trend)
     else:
-        row.update(n_seeds=0, n_diverged=0, n_failed=0)
+        row.update(n_seeds=0, n_diverged=0, n_saturated=0, n_stalled=0, n_unhealthy=0, n_failed=0)
     row.update(n_instances=max(len(v.per_instance), 1 if f is not None else 0),
                worst_instance=None if v.worst_instance is None else _jsonable({"i": v.worst_instance})["i"])
     return row
@@ -710,7 +711,8 @@ def format_verdicts(rows: list[dict]) -> str:
                    (f" ± {number_text(r['tolerance'])}" if r["relation"] == "equals" else ""),
         "p̂": number_text(r.get("p")), "95% CI": f"[{number_text(r.get('p_low'))}, {number_text(r.get('p_high'))}]",
         "ε window": f"[{number_text(r.get('eps_low'))}, {number_text(r.get('eps_high'))}]",
-        "seeds": r.get("n_seeds", 0), "diverged": r.get("n_diverged", 0), "instances": r.get("n_instances", 0),
+        "seeds": r.get("n_seeds", 0), "diverged": r.get("n_diverged", 0), "saturated": r.get("n_saturated", 0),
+        "stalled": r.get("n_stalled", 0), "instances": r.get("n_instances", 0),
         "worst": "-" if r.get("worst_instance") is None or r.get("n_instances", 0) < 2 else r["worst_instance"],
         "verdict": r["verdict"]} for r in rows])
     lines = [table.to_string(index=False), ""]

@@ -154,6 +154,7 @@ def draw_curves(ax, results, claims) -> None:
         ax.plot(x, iqm, ls=ls, color=colour, marker=mk, markevery=max(len(x) // 8, 1), ms=4, lw=1.6,
                 label=group_label(key))
         ax.plot(x, median, ls=ls, color=colour, lw=0.7, alpha=0.9)
+        draw_unhealthy(ax, curves, colour)
         decays = fit.metric in RATE_METRICS and (fit.A > 0 or fit.c > 0)  # kl_ref grows; A = c = 0: no decay
         if np.isfinite(fit.b) and decays:
             xs = x[fit.arrays["asym"][pos]] if "asym" in fit.arrays else x
@@ -221,9 +222,40 @@ def draw_profile(ax, results, claims) -> None:
     log_ticks(ax.xaxis)
 
 
-def group_entry(key, fit, colour, ls, mk, target: float = np.nan) -> Line2D:
-    """One legend entry per group: its name, seeds, its population target, and what was fitted, in words."""
-    text = f"{group_label(key)}  (n={fit.n_seeds}" + (f", {fit.n_diverged} diverged" if fit.n_diverged else "") + ")"
+UNHEALTHY = ("diverged", "saturated", "stalled")  # seed statuses that are not `completed` nor `failed`
+UNHEALTHY_GID = "unhealthy-seed"  # marks the thin per-seed traces of unhealthy seeds (tests find them by this)
+
+
+def health_counts(curves) -> dict[str, int]:
+    """{status: seeds} of the group's unhealthy seeds (UNHEALTHY), those with at least one."""
+    status = curves.seeds["status"] if len(curves.seeds) else pd.Series([], dtype=object)
+    return {s: int((status == s).sum()) for s in UNHEALTHY if int((status == s).sum())}
+
+
+def health_text(counts: dict[str, int]) -> str:
+    """', 3 diverged, 2 stalled' (empty when every seed is healthy)."""
+    return "".join(f", {n} {s}" for s, n in counts.items())
+
+
+def draw_unhealthy(ax, curves, colour) -> int:
+    """One thin translucent trace per unhealthy seed that has values (its metric as recorded, +inf after a
+    divergence not drawn): a diverged, saturated or stalled seed stays visible, never averaged away."""
+    if not len(curves.seeds) or not curves.n_seeds:
+        return 0
+    status = curves.seeds["status"].to_numpy()[np.asarray(curves.used, bool)]  # (S,) the rows of values
+    rows = np.flatnonzero(np.isin(status, UNHEALTHY))
+    pos = curves.x > 0
+    for i in rows:
+        ax.plot(curves.x[pos], _positive(curves.values[i, pos]), color=colour, lw=0.6, alpha=0.45, ls=":",
+                gid=UNHEALTHY_GID)
+    return len(rows)
+
+
+def group_entry(key, fit, colour, ls, mk, target: float = np.nan, health: dict | None = None) -> Line2D:
+    """One legend entry per group: its name, seeds (and how many are unhealthy), its population target,
+    and what was fitted, in words."""
+    counts = health if health is not None else ({"diverged": fit.n_diverged} if fit.n_diverged else {})
+    text = f"{group_label(key)}  (n={fit.n_seeds}" + health_text(counts) + ")"
     if np.isfinite(target):
         text += f"; target {legend_number(target)}"
     if fit.metric in RATE_METRICS:
@@ -237,12 +269,16 @@ def group_entry(key, fit, colour, ls, mk, target: float = np.nan) -> Line2D:
     return Line2D([], [], color=colour, ls=ls, marker=mk, ms=5, lw=1.6, label=text)
 
 
-def key_entries(rate_panel: bool, claims, any_floor: bool, any_target: bool = False) -> list:
+def key_entries(rate_panel: bool, claims, any_floor: bool, any_target: bool = False,
+                any_unhealthy: bool = False) -> list:
     """The shared key of the drawing conventions, once per figure (not per group)."""
     grey = "0.35"
     entries = [Line2D([], [], color=grey, lw=1.6, marker="o", ms=4, label="IQM over seeds (thick)"),
                Patch(color=grey, alpha=0.25, label="95% bootstrap band of the IQM"),
                Line2D([], [], color=grey, lw=0.7, label="median over seeds (thin)")]
+    if any_unhealthy:
+        entries.append(Line2D([], [], color=grey, lw=0.6, ls=":", alpha=0.6,
+                              label="one unhealthy seed (diverged / saturated / stalled)"))
     if rate_panel:
         entries.append(Line2D([], [], color=grey, lw=4, alpha=0.3, label="fitted c + A·n^-b (asymptotic points)"))
         if any_floor:
@@ -306,9 +342,11 @@ def _one_figure(results, claims, metric, x_name, out_dir: Path, stem: str, title
     for ax in axes[0]:
         ax.grid(True, which="major", color="0.88", lw=0.6)
     targets = [target_level(c, metric) for _, _, c in results]
-    groups = [group_entry(k, f, colour, ls, mk, t) for (k, f, _), (ls, mk, colour), t in zip(results, STYLES, targets)]
+    health = [health_counts(c) for _, _, c in results]
+    groups = [group_entry(k, f, colour, ls, mk, t, h)
+              for (k, f, _), (ls, mk, colour), t, h in zip(results, STYLES, targets, health)]
     any_floor = any(f.c > 0 and np.isfinite(f.b) for _, f, _ in results)
-    keys = key_entries(rate_panel, claims, any_floor, any(t > 0 for t in targets))
+    keys = key_entries(rate_panel, claims, any_floor, any(t > 0 for t in targets), any(health))
     fig.legend(handles=groups, loc="upper left", bbox_to_anchor=(0.0, 0.0), ncol=1, fontsize=8, frameon=False,
                title="groups", title_fontsize=8, alignment="left")
     fig.legend(handles=keys, loc="upper right", bbox_to_anchor=(1.0, 0.0), ncol=2 if len(keys) > 5 else 1,

@@ -49,8 +49,9 @@ def plural(n: int, word: str) -> str:
 
 def summary_line(loaded) -> str:
     seeds = loaded.seeds
+    unhealthy = ", ".join(f"{int((seeds['status'] == s).sum())} {s}" for s in plots.UNHEALTHY)
     return (f"{plural(len(set(seeds['run_dir'])), 'run')}, {plural(len(seeds), 'seed')} "
-            f"({(seeds['status'] == 'diverged').sum()} diverged, {(seeds['status'] == 'failed').sum()} failed).")
+            f"({unhealthy}, {(seeds['status'] == 'failed').sum()} failed).")
 
 
 def provenance_line(command: str | None = None) -> str:
@@ -66,13 +67,24 @@ def provenance_line(command: str | None = None) -> str:
             f"{date}" + (f" · `{command}`" if command else ""))
 
 
+def _step(value) -> str:
+    """A status step as recorded: an integer (a float column holds 40.0 when other seeds have none)."""
+    try:
+        return str(int(value)) if float(value) == int(value) else str(value)
+    except (TypeError, ValueError, OverflowError):
+        return str(value)
+
+
+UNHEALTHY_HEADING = "Unhealthy (diverged, saturated, stalled) and failed seeds"
+
+
 def claim_section(v, curves, note: str, evidence_seeds: pd.DataFrame, fig_png: Path | None) -> dict:
     """Everything the report says about one claim, as plain values."""
     c, f = v.claim, v.fit
     bad = evidence_seeds[evidence_seeds["status"] != "completed"]
     return {
         "claim": c, "verdict": v.verdict, "reason": v.reason, "note": note, "fit": f, "figure": fig_png,
-        "diverged": [f"{r.run_dir} seed {r.seed}: {r.status} at step {r.status_step}"
+        "diverged": [f"{r.run_dir} seed {r.seed}: {r.status} at step {_step(r.status_step)}"
                      + (f" ({r.message})" if isinstance(r.message, str) else "") for r in bad.itertuples()],
         "hashes": sorted(set(evidence_seeds["config_hash"])), "commands": commands_of(evidence_seeds),
         "reproduce": f"ratebench run -m experiment={c.experiment}",
@@ -186,8 +198,8 @@ def _claim_rows(s) -> list[tuple[str, str]]:
                  ("fitting window (ε)", f"[{number_text(f.eps_low)}, {number_text(f.eps_high)}], {f.n_levels} levels"),
                  ("decay exponent b̂ (c + A·n^-b)", f"{number_text(f.b)} [{number_text(f.b_low)}, {number_text(f.b_high)}], floor ĉ = {number_text(f.c)} "
                                                    f"[{number_text(f.c_low)}, {number_text(f.c_high)}]"),
-                 ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_failed} failed, "
-                           f"{f.n_strata} configuration(s)")]
+                 ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_saturated} saturated, "
+                           f"{f.n_stalled} stalled, {f.n_failed} failed, {f.n_strata} configuration(s)")]
     if len(s.get("per_instance", {})) > 1:
         parts = [f"{i}: {number_text(fi.p)} [{number_text(fi.p_low)}, {number_text(fi.p_high)}] {fi.status}"
                  + (" (worst)" if i == s["worst_instance"] else "") for i, fi in s["per_instance"].items()]
@@ -229,7 +241,7 @@ def render_markdown(sections, overview, loaded, base: Path, header: str = "", ta
         if s["sensitivity"] is not None:
             lines += ["", "Window sensitivity (how p̂ moves with the fitting window):", "",
                       markdown_table(s["sensitivity"])]
-        lines += ["", "Diverged / failed seeds:" if s["diverged"] else "Diverged / failed seeds: none", ""]
+        lines += ["", f"{UNHEALTHY_HEADING}:" if s["diverged"] else f"{UNHEALTHY_HEADING}: none", ""]
         lines += [f"- {d}" for d in s["diverged"]]
         lines += ["", f"Config hashes: {', '.join(f'`{h}`' for h in s['hashes'])}", "",
                   f"Reproduce: `{s['reproduce']}`; the commands recorded in the runs:", "", "```"]
@@ -288,7 +300,7 @@ def render_html(sections, overview, loaded, header: str = "", targets: pd.DataFr
         if s["sensitivity"] is not None:
             parts.append("<p>Window sensitivity (how p̂ moves with the fitting window):</p>" +
                          _table(s["sensitivity"].round(4)))
-        parts.append("<p>Diverged / failed seeds: " + ("none</p>" if not s["diverged"] else
+        parts.append(f"<p>{UNHEALTHY_HEADING}: " + ("none</p>" if not s["diverged"] else
                      "</p><ul>" + "".join(f"<li>{e(d)}</li>" for d in s["diverged"]) + "</ul>"))
         parts.append(f"<p>Config hashes: {', '.join(f'<code>{e(h)}</code>' for h in s['hashes'])}</p>")
         parts.append(f"<p>Reproduce: <code>{e(s['reproduce'])}</code>; the commands recorded in the runs:</p>"
