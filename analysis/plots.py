@@ -17,6 +17,8 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
+from ratebench.analysis.runtime import (UNHEALTHY, expected_runtime, runtime_ecdf, runtime_matrix,  # noqa: F401
+                                        shared_targets)
 from ratebench.analysis.stats import bootstrap_counts, trimmed_mean
 from ratebench.analysis.tables import number_text
 
@@ -222,7 +224,6 @@ def draw_profile(ax, results, claims) -> None:
     log_ticks(ax.xaxis)
 
 
-UNHEALTHY = ("diverged", "saturated", "stalled")  # seed statuses that are not `completed` nor `failed`
 UNHEALTHY_GID = "unhealthy-seed"  # marks the thin per-seed traces of unhealthy seeds (tests find them by this)
 
 
@@ -405,3 +406,63 @@ def interval_figure(results, claims, out_dir: Path, stem: str | None = None) -> 
         ax.legend(loc="lower right", fontsize=8, frameon=False)
     fig.tight_layout()
     return _save(fig, Path(out_dir), stem or f"{fit.metric}_vs_{fit.x_name}_p_intervals")
+
+
+def runtime_figure(results, out_dir: Path, stem: str | None = None, eps_range: tuple | None = None,
+                   title: str = "") -> list[Path]:
+    """Fixed-target runtimes that count failures (analysis/runtime.py), one figure per metric: left,
+    ERT(ε) against 1/ε per group (filled markers where every seed reached ε, hollow where some never
+    did: their budget is in the numerator); right, the runtime ECDF per group, the fraction of (seed,
+    ε-target) pairs reached by n, over targets shared by every group (eps_range: a claim's ε range,
+    else from the median start to the smallest value any seed ends at). [] without a rate metric or data."""
+    results = [r for r in results if r[1].status != "no_data"]
+    if not results or results[0][1].metric not in RATE_METRICS:
+        return []
+    metric, x_name = results[0][1].metric, results[0][1].x_name
+    mats = [runtime_matrix(c) for _, _, c in results]
+    lo, hi = eps_range if eps_range else (None, None)
+    targets = shared_targets([v for _, v, _ in mats], [x for x, _, _ in mats], lo=lo, hi=hi)
+    if not targets.size:
+        return []
+    levels = shared_targets([v for _, v, _ in mats], [x for x, _, _ in mats], per_decade=20, lo=lo, hi=hi)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.4, 4.8))
+    handles = []
+    for ((key, fit, curves), (x, values, budget)), (ls, mk, colour) in zip(zip(results, mats), STYLES):
+        ert = expected_runtime(x, values, levels, budget)
+        inv, ok = 1.0 / levels, np.isfinite(ert["ert"])
+        every = ok & (ert["reached"] == ert["n_seeds"])
+        left.plot(inv[ok], ert["ert"][ok], ls=ls, color=colour, lw=1.4)
+        left.plot(inv[every], ert["ert"][every], ls="none", marker=mk, color=colour, ms=4)
+        left.plot(inv[ok & ~every], ert["ert"][ok & ~every], ls="none", marker=mk, mfc="white", mec=colour, ms=4)
+        frac = runtime_ecdf(x, values, targets)
+        pos = x > 0
+        right.step(x[pos], frac[pos], where="post", ls=ls, color=colour, lw=1.6)
+        smallest = ert["reached"][-1]
+        health = health_text(health_counts(curves))
+        handles.append(Line2D([], [], color=colour, ls=ls, marker=mk, ms=5, lw=1.6,
+                              label=f"{group_label(key)}  (n={ert['n_seeds']}{health}; ε = {levels[-1]:.2g} reached "
+                                    f"by {smallest}; {frac[-1]:.0%} of (seed, target) pairs by the end)"))
+    set_log_axes(left, "no ε level reached by any seed:\nno ERT to show")
+    left.set_xlabel(f"1/ε  (ε in {metric} units)")
+    left.set_ylabel(f"ERT(ε): {x_name} spent by all seeds / seeds that reached ε")
+    left.set_title(f"expected running time{title}")
+    right.set_xscale("log")
+    log_ticks(right.xaxis)
+    right.set_ylim(-0.02, 1.02)
+    right.set_xlabel(X_LABELS.get(x_name, x_name))
+    right.set_ylabel("fraction of (seed, ε-target) pairs reached")
+    right.set_title(f"runtime ECDF over {len(targets)} targets ε ∈ [{targets.min():.2g}, {targets.max():.2g}]")
+    for ax in (left, right):
+        ax.grid(True, which="major", color="0.88", lw=0.6)
+    grey = "0.35"
+    keys = [Line2D([], [], color=grey, ls="none", marker="o", ms=5, label="ERT: every seed reached ε"),
+            Line2D([], [], color=grey, ls="none", marker="o", mfc="white", ms=5,
+                   label="ERT: some seeds never did (their budget counted)"),
+            Line2D([], [], color=grey, lw=1.6, drawstyle="steps-post",
+                   label="ECDF: below 1 at the end = pairs never reached")]
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, 0.0), fontsize=8, frameon=False,
+               title="groups", title_fontsize=8, alignment="left")
+    fig.legend(handles=keys, loc="upper right", bbox_to_anchor=(1.0, 0.0), fontsize=8, frameon=False,
+               title="key", title_fontsize=8, alignment="left")
+    fig.tight_layout()
+    return _save(fig, Path(out_dir), stem or f"{metric}_vs_{x_name}_runtime")

@@ -75,6 +75,9 @@ def _step(value) -> str:
         return str(value)
 
 
+RUNTIME_NOTE = ("Fixed-target runtimes over the claim's ε range: ERT(ε) = samples spent by all seeds (each until it "
+                "reached ε, or its whole budget if it never did) / seeds that reached ε, and the runtime ECDF; seeds "
+                "that never reach ε count here instead of vanishing.")
 UNHEALTHY_HEADING = "Unhealthy (diverged, saturated, stalled) and failed seeds"
 
 
@@ -110,14 +113,18 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
         evidence = loaded.seeds[loaded.seeds["algorithm"] == claim.algorithm]
         if curves is not None:
             evidence = curves.seeds
-        png = None
+        png = runtime_png = None
         if curves is not None and v.fit is not None and v.fit.status != "no_data":
             key = {"algorithm": claim.algorithm, "env": claim.env or ",".join(sorted(set(curves.seeds["env"]))),
                    "config_hash": None}
             png = plots.metric_figure([(key, v.fit, curves)], [claim], fig_dir, stem=f"claim_{claim.id}")[0]
+            runtime = plots.runtime_figure([(key, v.fit, curves)], fig_dir, stem=f"claim_{claim.id}_runtime",
+                                           eps_range=claim.metric_eps_range, title=" over the claim's ε range")
+            runtime_png = runtime[0] if runtime else None
             lo, hi = claim.metric_eps_range
             v.fit.arrays["sensitivity"] = window_sensitivity(curves, replace(opts, eps_min=lo, eps_max=hi))
         section = claim_section(v, curves, note, evidence, png)
+        section["runtime_figure"] = runtime_png
         progress(f"[report] claim {claim.id}: {v.verdict}")
         prem = premise(loaded, claim) if premise is not None else None
         section["premise"] = prem["text"] if prem else None
@@ -126,7 +133,7 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
     for metric in [m for m in METRICS if m in loaded.metrics.columns
                    and has_positive(loaded.metrics[m])]:
         results = fit_groups(loaded, metric, "samples", ["algorithm", "env", "config_hash"], opts)
-        paths = plots.metric_figure(results, claims, fig_dir)
+        paths = plots.metric_figure(results, claims, fig_dir) + plots.runtime_figure(results, fig_dir)
         progress(f"[report] {metric}: {plural(len(results), 'group')}, {plural(len(paths) // 2, 'figure')}")
         overview.append((metric, results, [p for p in paths if p.suffix == ".png"]))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,6 +245,8 @@ def render_markdown(sections, overview, loaded, base: Path, header: str = "", ta
         lines += [f"- **{k}**: {v}" for k, v in _claim_rows(s)]
         if s["figure"]:
             lines += ["", f"![{c.id}]({Path(s['figure']).relative_to(base)})"]
+        if s.get("runtime_figure"):
+            lines += ["", RUNTIME_NOTE, "", f"![{c.id} runtimes]({Path(s['runtime_figure']).relative_to(base)})"]
         if s["sensitivity"] is not None:
             lines += ["", "Window sensitivity (how p̂ moves with the fitting window):", "",
                       markdown_table(s["sensitivity"])]
@@ -297,6 +306,8 @@ def render_html(sections, overview, loaded, header: str = "", targets: pd.DataFr
                                                      for k, v in _claim_rows(s)) + "</table>")
         if s["figure"]:
             parts.append(_img(s["figure"]))
+        if s.get("runtime_figure"):
+            parts.append(f"<p>{e(RUNTIME_NOTE)}</p>" + _img(s["runtime_figure"]))
         if s["sensitivity"] is not None:
             parts.append("<p>Window sensitivity (how p̂ moves with the fitting window):</p>" +
                          _table(s["sensitivity"].round(4)))
