@@ -699,9 +699,25 @@ def verdict_row(v: Verdict, note: str = "") -> dict:
                    p_local=f.p_local, p_local_high=f.p_local_high, p_trend=f.p_trend)
     else:
         row.update(n_seeds=0, n_diverged=0, n_saturated=0, n_stalled=0, n_unhealthy=0, n_failed=0)
+    take = what_it_would_take(v)
+    if take:
+        row["what_it_would_take"] = take
     row.update(n_instances=max(len(v.per_instance), 1 if f is not None else 0),
                worst_instance=None if v.worst_instance is None else _jsonable({"i": v.worst_instance})["i"])
     return row
+
+
+def what_it_would_take(v: Verdict) -> dict | None:
+    """For an INCONCLUSIVE verdict with a fit: evidence.what_it_would_take (projected budget, seeds for
+    one more check and its error rate), or None when there is nothing to say."""
+    c, f = v.claim, v.fit
+    if v.verdict != INCONCLUSIVE or f is None:
+        return None
+    x = f.arrays.get("curve_x")
+    budget_now = float(np.max(x)) if x is not None and len(x) else float("nan")
+    take = evidence.what_it_would_take(c.relation, c.metric_exponent, c.tolerance, f, c.metric_eps_range[0],
+                                       budget_now, c.x)
+    return take if take["text"] else None
 
 
 def format_verdicts(rows: list[dict]) -> str:
@@ -720,6 +736,8 @@ def format_verdicts(rows: list[dict]) -> str:
         lines.append(f"{r['claim']}: {r['verdict']} — {r['reason']}" + (f" ({r['note']})" if r["note"] else ""))
         if r.get("premise"):
             lines.append(f"    {r['premise']}")
+        for text in (r.get("what_it_would_take") or {}).get("text", []):
+            lines.append(f"    what it would take — {text}")
     return "\n".join(lines)
 
 

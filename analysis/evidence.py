@@ -156,3 +156,95 @@ def sweep_combinations(params: dict, free) -> tuple[list[list[str]], list[str]]:
         else:
             continuous.append(str(key))
     return [list(c) for c in product(*lists)], continuous
+
+
+# ---------------------------------------------------------------------------------------------- what it would take
+
+def decision_boundaries(relation: str, p_claim: float, tolerance: float = 0.0) -> list[float]:
+    """The exponents a CI must clear to decide a claim: p_claim (upper_bound: PASS below, VIOLATED
+    above), or the band's edges p ± tol (equals: PASS inside, VIOLATED outside)."""
+    return [p_claim] if relation == "upper_bound" else [p_claim - tolerance, p_claim + tolerance]
+
+
+def units_to_decide(p_hat: float, p_low: float, p_high: float, n_units: int, boundaries: list[float],
+                    alpha: float = 0.05, power: float = 0.8) -> dict:
+    """How many independent units (seeds, or instances when the bootstrap resampled instances) one
+    more check would need to decide, sized like a fixed-sample test: the CI's half-width on the side
+    of the nearest boundary b gives the per-unit standard deviation σ₁ = h·√n / z_{1−α/2}; with the
+    exponent where p̂ is now (a plug-in), n* = ⌈(σ₁ (z_{1−α/2} + z_{power}) / |p̂ − b|)²⌉ units give
+    the next check at level α that power of a CI clear of b. Returns {"n_needed", "more", "boundary",
+    "sigma_unit", "power", "alpha"}; n_needed None when the CI gives no spread (an unbounded or
+    degenerate end), +inf when p̂ sits on b."""
+    from scipy.stats import norm
+
+    out = {"n_needed": None, "more": None, "boundary": np.nan, "sigma_unit": np.nan, "power": power, "alpha": alpha}
+    if not (np.isfinite(p_hat) and n_units >= 1 and boundaries):
+        return out
+    b = min(boundaries, key=lambda v: abs(p_hat - v))
+    h = (p_high - p_hat) if b > p_hat else (p_hat - p_low)
+    out["boundary"] = b
+    if not (np.isfinite(h) and h > 0):
+        return out
+    z = norm.ppf(1 - alpha / 2)
+    sigma = h * math.sqrt(n_units) / z
+    out["sigma_unit"] = sigma
+    d = abs(p_hat - b)
+    if d == 0:
+        out["n_needed"], out["more"] = math.inf, math.inf
+        return out
+    n = math.ceil((sigma * (z + norm.ppf(power)) / d) ** 2)
+    out["n_needed"], out["more"] = n, max(n - n_units, 0)
+    return out
+
+
+def sequential_error(looks: int, alpha: float = 0.05) -> float:
+    """The bound on the chance that any of `looks` checks, each at level alpha, gives a wrong
+    decisive verdict (Bonferroni: looks·alpha, at most 1). Stopping as soon as one check decides is
+    a group-sequential test; this is its error rate without any further correction."""
+    return min(1.0, looks * alpha)
+
+
+def what_it_would_take(relation: str, p_claim: float, tolerance: float, fit, eps_min: float, budget_now: float,
+                       x_name: str = "samples", alpha: float = 0.05) -> dict:
+    """For an INCONCLUSIVE verdict: the budget per seed at which the fitted curve reaches ε_min
+    (fit.budget_to_eps_min, shown when finite and beyond the budget run) and, when the CI itself is
+    undecided (it holds a decision boundary), the units one more check would need (units_to_decide)
+    with the error rate of checking twice (this look and the next, sequential_error). Returns
+    {"budget_to_eps_min", "more_units", "unit", "n_needed", "error_two_looks", "text": [lines]}."""
+    out = {"budget_to_eps_min": None, "more_units": None, "unit": None, "n_needed": None, "error_two_looks": None,
+           "text": []}
+    if fit is None:
+        return out
+    budget = getattr(fit, "budget_to_eps_min", float("nan"))
+    if budget is not None and np.isfinite(budget) and budget > 0:
+        out["budget_to_eps_min"] = float(budget)
+        if not budget <= budget_now:
+            out["text"].append(f"budget: the fitted curve reaches ε_min = {eps_min:.3g} after about {budget:.3g} "
+                               f"{x_name} per seed (this evidence ran {budget_now:.3g})")
+    bounds = decision_boundaries(relation, p_claim, tolerance)
+    undecided = np.isfinite(fit.p_low) and any(fit.p_low <= b <= fit.p_high for b in bounds)
+    if not undecided:
+        return out
+    unit = "instances" if getattr(fit, "boot_unit", "seed") == "instance" else "seeds"
+    n_units = int(fit.n_instances if unit == "instances" else fit.n_seeds)
+    plan = units_to_decide(fit.p, fit.p_low, fit.p_high, n_units, bounds, alpha)
+    out["unit"] = unit
+    error = sequential_error(2, alpha)
+    out["error_two_looks"] = error
+    if plan["n_needed"] is None:
+        out["text"].append(f"{unit}: the CI [{fit.p_low:.3g}, {fit.p_high:.3g}] has an unbounded end (levels some "
+                           f"resamples never reach): more budget, not more {unit}, is what it lacks")
+        return out
+    if plan["n_needed"] == math.inf:
+        out["text"].append(f"{unit}: p̂ = {fit.p:.3g} sits on the boundary {plan['boundary']:.3g}: no number of "
+                           f"{unit} decides if that is where the exponent is")
+        return out
+    out["more_units"], out["n_needed"] = int(plan["more"]), int(plan["n_needed"])
+    out["text"].append(
+        f"{unit}: about {plan['more']} more {unit} ({n_units} → {plan['n_needed']}) give one more check an "
+        f"{plan['power']:.0%} chance that its {1 - alpha:.0%} CI clears {plan['boundary']:.3g}, if the exponent is "
+        f"where p̂ = {fit.p:.3g} is now (spread per {unit[:-1]} σ ≈ {plan['sigma_unit']:.2g}, from this CI); "
+        f"stopping at the first decisive of these two checks errs with probability ≤ {error:.0%} "
+        f"(Bonferroni over looks; to keep a whole sequence of K looks at {alpha:.0%}, judge each at {alpha:.0%}/K: "
+        f"analysis.check(..., alpha={alpha}/K))")
+    return out

@@ -85,8 +85,12 @@ def claim_section(v, curves, note: str, evidence_seeds: pd.DataFrame, fig_png: P
     """Everything the report says about one claim, as plain values."""
     c, f = v.claim, v.fit
     bad = evidence_seeds[evidence_seeds["status"] != "completed"]
+    from ratebench.analysis.commands import what_it_would_take
+
+    take = what_it_would_take(v)
     return {
         "claim": c, "verdict": v.verdict, "reason": v.reason, "note": note, "fit": f, "figure": fig_png,
+        "what_it_would_take": take["text"] if take else [],
         "diverged": [f"{r.run_dir} seed {r.seed}: {r.status} at step {_step(r.status_step)}"
                      + (f" ({r.message})" if isinstance(r.message, str) else "") for r in bad.itertuples()],
         "hashes": sorted(set(evidence_seeds["config_hash"])), "commands": commands_of(evidence_seeds),
@@ -220,6 +224,8 @@ def _claim_rows(s) -> list[tuple[str, str]]:
                                                 f"trend {number_text(f.p_trend)} per decade of 1/ε"))
     if s.get("premise"):
         rows.append(("premise (ratebench audit)", s["premise"]))
+    if s.get("what_it_would_take"):
+        rows.append(("what it would take", "; ".join(s["what_it_would_take"])))
     if s["note"]:
         rows.append(("note", s["note"]))
     if c.relation == "upper_bound":
