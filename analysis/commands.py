@@ -62,7 +62,10 @@ def main(command: str, args: list[str], premise=None) -> int:
     ns.argv = list(args)
     try:
         fit_options(ns)  # the options' bounds (--n-boot, ...) before any run is read
-        return handlers[command](ns)
+        # numerical trouble in a fit (curves of 1e300 or 1e-320) ends as NaN / ±inf, which the fit reports as
+        # a status; it never reaches the user as a RuntimeWarning
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            return handlers[command](ns)
     except (BadInput, ConfigError, RunRecordError) as exc:
         print(f"ratebench {command}: error: {exc}", file=sys.stderr)
         return 2

@@ -67,9 +67,10 @@ def log_ticks(axis) -> None:
 
 
 def _positive(y: np.ndarray) -> np.ndarray:
-    """y with non-positive and non-finite entries as NaN: what a log axis can show."""
+    """y with non-positive, subnormal (below the smallest normal float, ~2.2e-308) and non-finite
+    entries as NaN: what a log axis can show (its ticks fail on subnormal limits)."""
     y = np.asarray(y, dtype=np.float64)
-    return np.where(np.isfinite(y) & (y > 0), y, np.nan)
+    return np.where(np.isfinite(y) & (y >= np.finfo(np.float64).tiny), y, np.nan)
 
 
 def set_log_axes(ax, note_if_empty: str) -> None:
@@ -78,7 +79,10 @@ def set_log_axes(ax, note_if_empty: str) -> None:
     ax.set_xscale("log")
     log_ticks(ax.xaxis)
     ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
-    if any((np.isfinite(y) & (y > 0)).any() for y in ys if y.size):
+    xs = [np.asarray(line.get_xdata(), dtype=float) for line in ax.get_lines()]
+    tiny = np.finfo(np.float64).tiny
+    if any((np.isfinite(y) & (y >= tiny) & np.isfinite(x) & (x >= tiny)).any()
+           for x, y in zip(xs, ys) if y.size and x.size == y.size):
         ax.set_yscale("log")
         log_ticks(ax.yaxis)
     else:
@@ -160,7 +164,7 @@ def draw_curves(ax, results, claims) -> None:
         decays = fit.metric in RATE_METRICS and (fit.A > 0 or fit.c > 0)  # kl_ref grows; A = c = 0: no decay
         if np.isfinite(fit.b) and decays:
             xs = x[fit.arrays["asym"][pos]] if "asym" in fit.arrays else x
-            ax.plot(xs, fit.c + fit.A * xs ** -fit.b, color=colour, ls="-", lw=4, alpha=0.3)
+            ax.plot(xs, _positive(fit.c + fit.A * xs ** -fit.b), color=colour, ls="-", lw=4, alpha=0.3)
             if fit.c > 0:
                 ax.plot([x[0], x[-1]], [fit.c, fit.c], color=colour, ls=(0, (4, 3)), lw=1.0)
         level = target_level(curves, fit.metric)
@@ -188,11 +192,11 @@ def draw_nhit(ax, results, claims) -> None:
         inv = 1.0 / levels["eps"].to_numpy()
         n = 10.0 ** levels["iqm_log10_nhit"].to_numpy()
         win = levels["window"].to_numpy() & (fit.status == "ok")
-        ok = np.isfinite(n) & (n > 0)
+        ok = np.isfinite(n) & (n > 0) & np.isfinite(inv)
         ax.plot(inv[ok & ~win], n[ok & ~win], ls="none", marker=mk, mfc="white", mec=colour, ms=4)
         ax.plot(inv[ok & win], n[ok & win], ls="none", marker=mk, color=colour, ms=5)
-        if np.isfinite(fit.p) and win.any():  # a finite p̂ with a non-ok status has no window to draw on
-            xs = inv[win]
+        if np.isfinite(fit.p) and (win & np.isfinite(inv)).any():  # a finite p̂ with a non-ok status has no window
+            xs = inv[win & np.isfinite(inv)]
             ax.plot(xs, 10 ** fit.log10_C * xs ** fit.p, color=colour, ls=ls, lw=1.6)
             if anchor is None:
                 anchor = (xs.min(), 10 ** fit.log10_C * xs.min() ** fit.p, xs.max())
@@ -208,20 +212,25 @@ def draw_nhit(ax, results, claims) -> None:
 def draw_profile(ax, results, claims) -> None:
     """Local exponent p(ε) on half-decade sub-windows (fit.arrays["profile"]) with its 95% CI, and the
     claimed exponent: a p(ε) still rising at the smallest ε means the window is pre-asymptotic."""
+    shown = False
     for (key, fit, _), (ls, mk, colour) in zip(results, STYLES):
         prof = fit.arrays.get("profile")
         if prof is None or not len(prof):
             continue
-        x = 1.0 / prof["eps_center"].to_numpy()
-        lo, hi = prof["p_low"].to_numpy(dtype=float), prof["p_high"].to_numpy(dtype=float)
+        x = _positive(1.0 / prof["eps_center"].to_numpy(dtype=float))  # 1/ε overflows for subnormal ε: not shown
+        keep = np.isfinite(x)
+        x = x[keep]
+        shown = shown or bool(x.size)
+        lo, hi = prof["p_low"].to_numpy(dtype=float)[keep], prof["p_high"].to_numpy(dtype=float)[keep]
         ok = np.isfinite(lo) & np.isfinite(hi)
         ax.fill_between(x, lo, hi, where=ok, color=colour, alpha=0.15, linewidth=0)
-        ax.plot(x, prof["p"].to_numpy(dtype=float), ls=ls, marker=mk, color=colour, ms=4,
+        ax.plot(x, prof["p"].to_numpy(dtype=float)[keep], ls=ls, marker=mk, color=colour, ms=4,
                 label=f"{group_label(key)}: local p(ε)")
     for claim, ls in zip(claims, CLAIM_STYLES):
         ax.axhline(claim.metric_exponent, color="0.0", ls=ls, lw=1.2)
-    ax.set_xscale("log")
-    log_ticks(ax.xaxis)
+    if shown:  # a log axis needs positive data (its ticks fail without any)
+        ax.set_xscale("log")
+        log_ticks(ax.xaxis)
 
 
 UNHEALTHY_GID = "unhealthy-seed"  # marks the thin per-seed traces of unhealthy seeds (tests find them by this)
@@ -429,7 +438,8 @@ def runtime_figure(results, out_dir: Path, stem: str | None = None, eps_range: t
     handles = []
     for ((key, fit, curves), (x, values, budget)), (ls, mk, colour) in zip(zip(results, mats), STYLES):
         ert = expected_runtime(x, values, levels, budget)
-        inv, ok = 1.0 / levels, np.isfinite(ert["ert"])
+        inv = 1.0 / levels
+        ok = np.isfinite(ert["ert"]) & np.isfinite(inv) & (ert["ert"] > 0)
         every = ok & (ert["reached"] == ert["n_seeds"])
         left.plot(inv[ok], ert["ert"][ok], ls=ls, color=colour, lw=1.4)
         left.plot(inv[every], ert["ert"][every], ls="none", marker=mk, color=colour, ms=4)
