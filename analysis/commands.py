@@ -392,7 +392,6 @@ def named_claims(names: list[str]) -> list[Claim]:
     return [load_claim(find_claim(name, CONF_DIR / "claims")) for name in names]
 
 
-INSTANCE_COL, TUNING_COL = "cfg.env.instance_seed", "cfg.tuning_instances"
 MAX_SWEEP_JOBS = 256  # expected configs composed per experiment; a larger discrete sweep frees its swept keys
 
 
@@ -480,25 +479,9 @@ def claim_evidence(loaded: Loaded, claim: Claim, where: str = "the runs",
         else:
             missing = f"no run under {where} matches the config of experiment {claim.experiment}; {rejected}"
         return Loaded(loaded.metrics.iloc[:0], seeds, loaded.skipped), "; ".join(notes), missing
-    instance = seeds[INSTANCE_COL] if INSTANCE_COL in seeds.columns else pd.Series(0, index=seeds.index)
-    instance = pd.to_numeric(instance, errors="coerce").fillna(0).astype(int)
-    tuned = pd.Series([int(i) in expected.tuning for i in instance], index=seeds.index, dtype=bool)
-    if TUNING_COL in seeds.columns:
-        tuned |= pd.Series([int(i) in set(json.loads(t) if isinstance(t, str) else (t or []))
-                            for i, t in zip(instance, seeds[TUNING_COL])], index=seeds.index, dtype=bool)
-    if tuned.any():
-        notes.insert(0, f"runs on tuning instance(s) {sorted(set(map(int, instance[tuned])))} are not evidence")
-        seeds, instance = seeds[~tuned], instance[~tuned]
-    held_out = sorted(set(map(int, instance)))
-    missing = None
-    if isinstance(claim.instances, tuple):
-        absent = sorted(set(claim.instances) - set(held_out))
-        if absent:
-            missing = f"the claim names instances {list(claim.instances)}; no held-out runs of {absent} under {where}"
-        seeds = seeds[instance.isin(claim.instances)]
-    elif len(held_out) < claim.instances:
-        missing = (f"{len(held_out)} held-out instance(s) {held_out} under {where}; the claim needs ≥ {claim.instances}"
-                   + (" (" + notes[0] + ")" if notes else ""))
+    seeds, tuning_note, missing = evidence.held_out(seeds, expected.tuning, claim.instances, where)
+    if tuning_note:
+        notes.insert(0, tuning_note)
     runs = set(seeds["run_dir"])
     return (Loaded(loaded.metrics[loaded.metrics["run_dir"].isin(runs)], seeds, loaded.skipped), "; ".join(notes),
             missing)

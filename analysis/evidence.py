@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from ratebench.analysis.curves import INSTANCE_COLUMN
 from ratebench.analysis.load import flatten_config
 from ratebench.records import OPERATIONAL_KEYS
 
@@ -111,6 +112,37 @@ def match_experiment(seeds: pd.DataFrame, experiment: str, expected: list[dict] 
                 got, want = values.setdefault(k, (set(), expected[best].get(k)))
                 got.add(_text(cfg.get(k)))
     return Match(candidates[candidates["run_dir"].astype(str).isin(keep)], rejected, values)
+
+
+INSTANCE_COL, TUNING_COL = INSTANCE_COLUMN, "cfg.tuning_instances"
+
+
+def held_out(seeds: pd.DataFrame, tuning, instances, where: str = "the runs") -> tuple[pd.DataFrame, str, str | None]:
+    """(seed rows on held-out instances, note, missing). Rows on an instance that the experiment
+    (`tuning`, a set) or the run's own `tuning_instances` names are dropped (the note says which);
+    `instances` is the claim's: a count of distinct held-out instances the evidence must cover, or a
+    tuple of exactly those (rows on others dropped). missing: why the claim cannot be judged, or None."""
+    instance = seeds[INSTANCE_COL] if INSTANCE_COL in seeds.columns else pd.Series(0, index=seeds.index)
+    instance = pd.to_numeric(instance, errors="coerce").fillna(0).astype(int)
+    tuned = instance.isin(set(tuning)).astype(bool)
+    if TUNING_COL in seeds.columns:
+        tuned |= pd.Series([int(i) in set(json.loads(t) if isinstance(t, str) else (t or []))
+                            for i, t in zip(instance, seeds[TUNING_COL])], index=seeds.index, dtype=bool)
+    note = ""
+    if tuned.any():
+        note = f"runs on tuning instance(s) {sorted(set(map(int, instance[tuned])))} are not evidence"
+        seeds, instance = seeds[~tuned], instance[~tuned]
+    found = sorted(set(map(int, instance)))
+    missing = None
+    if isinstance(instances, tuple):
+        absent = sorted(set(instances) - set(found))
+        if absent:
+            missing = f"the claim names instances {list(instances)}; no held-out runs of {absent} under {where}"
+        seeds = seeds[instance.isin(instances)]
+    elif len(found) < instances:
+        missing = (f"{len(found)} held-out instance(s) {found} under {where}; the claim needs ≥ {instances}"
+                   + (f" ({note})" if note else ""))
+    return seeds, note, missing
 
 
 def _text(value) -> str:
