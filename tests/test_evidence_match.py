@@ -16,7 +16,7 @@ from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, writ
 from ratebench.config import compose, validate
 from ratebench.errors import ConfigError
 
-from test_claims import CONTROL
+from test_claims import CONTROL, base_claim
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 X = evaluation_grid(1e5)
@@ -106,7 +106,6 @@ def test_an_untagged_copy_with_the_same_run_hash_still_counts(tmp_path):
 def test_a_tag_that_is_no_shipped_experiment_is_matched_by_tag_with_a_note(tmp_path):
     control_runs(tmp_path, n_runs=1, experiment="hand_made")
     from ratebench.analysis.claims import parse_claim
-    from test_claims import base_claim
 
     claim = parse_claim(base_claim(experiment="hand_made"), "c.yaml")
     chosen, note, missing = commands.claim_evidence(load(tmp_path), claim)
@@ -162,3 +161,28 @@ def test_bad_free_option_is_bad_input(tmp_path, capsys):
     assert commands.main("check", ["control", "--runs", str(tmp_path), "--free", "budget samples"]) == 2
     err = capsys.readouterr().err
     assert "--free" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("claim_name,overrides", [
+    ("smoke_bilevel", ["experiment=smoke_bilevel", "env.instance_seed=1"]),  # interpolated and tuned constants
+    (None, ["experiment=compare_bandit", "algorithm=dpo"]),  # one job of a sweep over a config group
+])
+def test_a_real_run_of_the_experiment_matches_its_composed_config(claim_name, overrides, tmp_path):
+    """What a job writes in run.json is what experiment_configs composes: a real (small) job of the experiment
+    differs in nothing but the budget freed for it."""
+    from ratebench.analysis.claims import parse_claim
+    from ratebench.runner import run_job
+
+    name = overrides[0].split("=")[1]
+    run_job(compose([*overrides, "budget.samples=2000", "n_seeds=2", "progress=false"]), tmp_path / "run",
+            experiment=name)
+    loaded = load(tmp_path)
+    algorithm = loaded.seeds["algorithm"].iloc[0]
+    claim = (load_claim(commands.find_claim(claim_name, commands.CONF_DIR / "claims")) if claim_name else
+             parse_claim({**base_claim(), "id": "c", "algorithm": algorithm, "experiment": name, "metric": "policy_gap",
+                          "epsilon": {"unit": "policy_gap", "min": 0.01, "max": 1.0}}, "c.yaml"))
+    expected = commands.experiment_configs(name)
+    match = evidence.match_experiment(loaded.seeds, name, list(expected.configs), expected.free)
+    assert list(match.rejected.values()) == [["budget.samples"]]  # the one key the job changed, nothing else
+    chosen, note, missing = commands.claim_evidence(loaded, claim, free=("budget.samples",))
+    assert len(chosen.seeds) == 2 and "not evidence" not in note, (note, missing)
