@@ -233,7 +233,8 @@ def draw_profile(ax, results, claims) -> None:
         log_ticks(ax.xaxis)
 
 
-UNHEALTHY_GID = "unhealthy-seed"  # marks the thin per-seed traces of unhealthy seeds (tests find them by this)
+UNHEALTHY_GID = "unhealthy-seed"
+UNHEALTHY_STYLE = (0, (1, 1.2))  # densely dotted: one per unhealthy seed  # marks the thin per-seed traces of unhealthy seeds (tests find them by this)
 
 
 def health_counts(curves) -> dict[str, int]:
@@ -256,7 +257,7 @@ def draw_unhealthy(ax, curves, colour) -> int:
     rows = np.flatnonzero(np.isin(status, UNHEALTHY))
     pos = curves.x > 0
     for i in rows:
-        ax.plot(curves.x[pos], _positive(curves.values[i, pos]), color=colour, lw=0.6, alpha=0.45, ls=":",
+        ax.plot(curves.x[pos], _positive(curves.values[i, pos]), color=colour, lw=1.0, alpha=0.8, ls=UNHEALTHY_STYLE,
                 gid=UNHEALTHY_GID)
     return len(rows)
 
@@ -287,7 +288,7 @@ def key_entries(rate_panel: bool, claims, any_floor: bool, any_target: bool = Fa
                Patch(color=grey, alpha=0.25, label="95% bootstrap band of the IQM"),
                Line2D([], [], color=grey, lw=0.7, label="median over seeds (thin)")]
     if any_unhealthy:
-        entries.append(Line2D([], [], color=grey, lw=0.6, ls=":", alpha=0.6,
+        entries.append(Line2D([], [], color=grey, lw=1.0, ls=UNHEALTHY_STYLE, alpha=0.8,
                               label="one unhealthy seed (diverged / saturated / stalled)"))
     if rate_panel:
         entries.append(Line2D([], [], color=grey, lw=4, alpha=0.3, label="fitted c + A·n^-b (asymptotic points)"))
