@@ -45,6 +45,9 @@ class Claim:
     # held-out environment instances the evidence must cover: a count (at least this many distinct
     # env.instance_seed values outside the experiment's tuning instances) or an explicit tuple
     instances: int | tuple[int, ...] = 1
+    # the largest fraction of unhealthy seeds (diverged, saturated, stalled) the evidence may hold; above
+    # it the claim is INCONCLUSIVE: a rate read off the healthy seeds alone would be survivorship
+    max_unhealthy: float = 0.25
     path: str = ""
     note: str = ""
 
@@ -148,13 +151,18 @@ def parse_claim(data: dict, where: str = "claim") -> Claim:
         instances = tuple(instances)
     elif not (isinstance(instances, int) and not isinstance(instances, bool) and instances >= 1):
         raise ConfigError(field("instances"), f"must be a count >= 1 or a list of env.instance_seed values, got {instances!r}")
+    max_unhealthy = data.get("max_unhealthy", 0.25)
+    if isinstance(max_unhealthy, bool) or not isinstance(max_unhealthy, (int, float)) \
+            or not 0.0 <= float(max_unhealthy) <= 1.0:
+        raise ConfigError(field("max_unhealthy"), f"must be a fraction in [0, 1], got {max_unhealthy!r}")
     env = data.get("env")
     if env is not None and not isinstance(env, str):
         raise ConfigError(field("env"), f"must be an environment name, got {env!r}")
     return Claim(id=data["id"], source=data["source"], algorithm=data["algorithm"], experiment=data["experiment"],
                  metric=data["metric"], x=data["x"], exponent=exponent, relation=data["relation"],
                  tolerance=tolerance, eps_unit=eps["unit"], eps_min=eps_min, eps_max=eps_max, env=env,
-                 min_seeds=min_seeds, instances=instances, path=where, note=str(data.get("note", "")))
+                 min_seeds=min_seeds, instances=instances, max_unhealthy=float(max_unhealthy), path=where,
+                 note=str(data.get("note", "")))
 
 
 def _positive(value, where: str) -> float:
@@ -222,6 +230,9 @@ def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
     compared in the metric's unit."""
     if fit is None:
         return Verdict(claim, INCONCLUSIVE, "no runs of this algorithm in the evidence", None)
+    unhealthy = unhealthy_reason(claim, fit)
+    if unhealthy:
+        return Verdict(claim, INCONCLUSIVE, unhealthy, fit)
     p_claim = claim.metric_exponent
     lo_eps, _ = claim.metric_eps_range
     slowest = 1.0 / (p_claim + claim.tolerance)  # decay exponent the claim implies at the least
@@ -276,6 +287,27 @@ def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
         return Verdict(claim, PASS, f"{ci} inside [{band[0]:.3g}, {band[1]:.3g}]; {cover_text}", fit)
     return Verdict(claim, INCONCLUSIVE, f"{ci} overlaps but is not inside [{band[0]:.3g}, {band[1]:.3g}] "
                                         f"({cover_text})", fit)
+
+
+def n_unhealthy(fit: RateFit) -> int:
+    """Seeds that are not healthy: diverged, saturated or stalled (fit.n_unhealthy, or their sum)."""
+    return int(fit.n_unhealthy or (fit.n_diverged + fit.n_saturated + fit.n_stalled))
+
+
+def unhealthy_reason(claim: Claim, fit: RateFit) -> str:
+    """Why the evidence's seed health cannot carry a verdict ('' when it can): more than
+    claim.max_unhealthy of the fitted seeds are diverged, saturated or stalled."""
+    bad = n_unhealthy(fit)
+    if not bad:
+        return ""
+    share = bad / fit.n_seeds if fit.n_seeds else 1.0
+    if share <= claim.max_unhealthy:
+        return ""
+    parts = [f"{n} {name}" for n, name in ((fit.n_diverged, "diverged"), (fit.n_saturated, "saturated"),
+                                           (fit.n_stalled, "stalled")) if n]
+    return (f"unhealthy seeds: {bad} of {fit.n_seeds} ({share:.0%}: {', '.join(parts) or 'unhealthy'}) exceed the "
+            f"claim's max_unhealthy {claim.max_unhealthy:.0%}; a rate read off the healthy seeds alone would "
+            f"ignore the ones that never converged")
 
 
 def _narrow(fit: RateFit) -> str:

@@ -3,6 +3,7 @@ glue from run folders to tables, verdicts, figures and reports. The statistics l
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -13,12 +14,14 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from ratebench.analysis import evidence
 from ratebench.analysis.claims import (INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, find_claim, judge, load_claim,
-                                       verdict)
+                                       n_unhealthy, verdict)
 from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys, has_positive
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
 from ratebench.analysis.labels import group_config, group_labels, natural_order, short_key
@@ -59,7 +62,10 @@ def main(command: str, args: list[str], premise=None) -> int:
     ns.argv = list(args)
     try:
         fit_options(ns)  # the options' bounds (--n-boot, ...) before any run is read
-        return handlers[command](ns)
+        # numerical trouble in a fit (curves of 1e300 or 1e-320) ends as NaN / ±inf, which the fit reports as
+        # a status; it never reaches the user as a RuntimeWarning
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            return handlers[command](ns)
     except (BadInput, ConfigError, RunRecordError) as exc:
         print(f"ratebench {command}: error: {exc}", file=sys.stderr)
         return 2
@@ -134,6 +140,7 @@ def _check_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-premise", action="store_true",
                    help="do not print the premises (WGD floor, schedule-imposed exponent) of bilevel claims; "
                         "their first computation per instance takes ~10 s (bandit) to minutes (mdp), then cached")
+    _add_free_option(p)
     p.add_argument("--fail-on", choices=("any", "violated"), default="any",
                    help="exit 1 when any claim is not PASS (default, SPEC §8) or only when one is VIOLATED "
                         "(CI smoke checks: INCONCLUSIVE is reported but does not fail)")
@@ -151,7 +158,23 @@ def _report_parser() -> argparse.ArgumentParser:
     _add_fit_options(p)
     p.add_argument("--no-premise", action="store_true",
                    help="leave out the premises (WGD floor, schedule-imposed exponent) of bilevel claims")
+    _add_free_option(p)
     return p
+
+
+def _add_free_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--free", action="append", default=[], metavar="KEY[,KEY]",
+                   help="also count runs of the claim's experiment that differ from its config in these keys "
+                        "(dotted, e.g. budget.samples; repeatable); the verdict's note names them")
+
+
+def free_keys(ns) -> tuple:
+    """--free as a tuple of dotted keys, each checked for its form (letters, digits, '_', '.')."""
+    keys = tuple(k.strip() for v in getattr(ns, "free", []) or [] for k in v.split(",") if k.strip())
+    bad = [k for k in keys if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", k)]
+    if bad:
+        raise BadInput(f"--free: {bad} are not dotted config keys (e.g. budget.samples, algorithm.lr_exponent)")
+    return keys
 
 
 def _compare_parser() -> argparse.ArgumentParser:
@@ -369,57 +392,112 @@ def named_claims(names: list[str]) -> list[Claim]:
     return [load_claim(find_claim(name, CONF_DIR / "claims")) for name in names]
 
 
-INSTANCE_COL, TUNING_COL = "cfg.env.instance_seed", "cfg.tuning_instances"
+MAX_SWEEP_JOBS = 256  # expected configs composed per experiment; a larger discrete sweep frees its swept keys
 
 
-def claim_evidence(loaded: Loaded, claim: Claim, where: str = "the runs") -> tuple[Loaded, str, str | None]:
+@dataclass(frozen=True)
+class ExperimentConfigs:
+    """What `ratebench run -m experiment=<name>` resolves to: one flattened config per job of its sweep
+    (evidence.expected_flat), the keys its runs may vary in (evidence.ALWAYS_FREE, its `free_keys`, keys
+    swept over a continuous range), and its tuning instances. configs None: not a shipped preset."""
+
+    configs: tuple | None
+    free: tuple
+    tuning: frozenset = frozenset()
+
+
+@functools.lru_cache(maxsize=64)
+def experiment_configs(name: str) -> ExperimentConfigs:
+    """The expected resolved configs of experiment `name`, composed by Hydra as `ratebench run -m
+    experiment=<name>` composes each job (the sweep's discrete values expanded, free keys left out).
+    A name that is not a file in conf/experiment/ (runs tagged by hand) has none: ExperimentConfigs(None)."""
+    from omegaconf import OmegaConf
+    from ratebench.config import compose
+
+    if not EXPERIMENT_NAME.fullmatch(name) or name.startswith(".") or not experiment_file(name).exists():
+        return ExperimentConfigs(None, evidence.ALWAYS_FREE)
+    where = f"{experiment_file(name)}"
+    try:
+        with_hydra = compose([f"experiment={name}"], with_hydra=True)
+        base = compose([f"experiment={name}"])
+    except Exception as exc:  # noqa: BLE001 (Hydra raises several types: all mean the preset does not compose)
+        raise BadInput(f"{where}: cannot compose experiment {name!r} ({type(exc).__name__}: {exc})") from None
+    declared = [str(k) if isinstance(k, str) else k for k in (base.get("free_keys") or [])]
+    flat_base = evidence.expected_flat(OmegaConf.to_container(base, resolve=True))
+    unknown = [k for k in declared if not isinstance(k, str)
+               or not any(key == k or key.startswith(k + ".") for key in flat_base)]
+    if unknown:
+        raise BadInput(f"{where}: free_keys: {unknown} name no key of the experiment's config; list dotted keys "
+                       f"such as budget.samples or algorithm.lr_exponent")
+    free = tuple(evidence.ALWAYS_FREE) + tuple(declared)
+    node = OmegaConf.select(with_hydra, "hydra.sweeper.params", default=None)
+    params = {str(k): str(v) for k, v in node.items_ex(resolve=False)} if node is not None else {}
+    combos, continuous = evidence.sweep_combinations(params, free)
+    if len(combos) > MAX_SWEEP_JOBS:
+        continuous += [k for k in params if not evidence.is_free(k, free)]
+        combos = [[]]
+    free += tuple(continuous)
+    configs = [flat_base if not combo else
+               evidence.expected_flat(OmegaConf.to_container(compose([f"experiment={name}", *combo]), resolve=True))
+               for combo in combos]
+    tuning = frozenset(int(i) for c in configs for i in json.loads(c.get("tuning_instances") or "[]"))
+    return ExperimentConfigs(tuple(configs), free, tuning)
+
+
+def claim_evidence(loaded: Loaded, claim: Claim, where: str = "the runs",
+                   free: tuple = ()) -> tuple[Loaded, str, str | None]:
     """(evidence, note, missing). The evidence is the runs of the claim's own experiment (and
-    algorithm, env) on held-out instances. No fallback to other runs of the algorithm: evidence
-    produced for another purpose (another sweep, a tuning screen) is not the claim's evidence.
-    Runs on an instance their config names in `tuning_instances` are dropped (the note says so).
-    `missing` is the reason the claim cannot be judged (no runs, too few or the wrong instances)."""
-    seeds = loaded.seeds[(loaded.seeds["experiment"] == claim.experiment) & (loaded.seeds["algorithm"] == claim.algorithm)]
+    algorithm, env) whose resolved config equals the experiment's up to its free keys (evidence.py;
+    `free`: keys freed for this check only, `check --free`), on held-out instances. No fallback to
+    other runs of the algorithm: evidence produced for another purpose (another sweep, a tuning
+    screen, the experiment with an override) is not the claim's evidence; the runs of the experiment
+    that differ are named once in the note. Runs on an instance that their config or the experiment
+    names in `tuning_instances` are dropped (the note says so). `missing` is the reason the claim
+    cannot be judged (no runs, no matching runs, too few or the wrong instances)."""
+    seeds = loaded.seeds[loaded.seeds["algorithm"] == claim.algorithm]
     if claim.env:
         seeds = seeds[seeds["env"] == claim.env]
-    notes = []
+    expected = experiment_configs(claim.experiment)
+    free_keys = tuple(expected.free) + tuple(free)
+    match = evidence.match_experiment(seeds, claim.experiment, list(expected.configs) if expected.configs else None,
+                                      free_keys)
+    tagged = seeds[seeds["experiment"] == claim.experiment]
+    rejected = evidence.rejected_note(match, seeds, claim.experiment)
+    notes = [rejected] if rejected and not match.seeds.empty else []
+    if free:
+        notes.append(f"keys freed for this check: {', '.join(free)}")
+    if not match.checked:
+        notes.append(f"experiment {claim.experiment!r} is not a file in conf/experiment: its runs are matched by "
+                     f"their experiment tag only, their configs are not compared")
+    seeds = match.seeds
     if seeds.empty:
-        found = sorted({str(e) for e in loaded.seeds["experiment"].dropna()}) if len(loaded.seeds) else []
-        missing = (f"no runs of experiment {claim.experiment!r} ({claim.algorithm}" + (f" on {claim.env}" if claim.env else "")
-                   + f") under {where}" + (f"; experiments found: {', '.join(found)}" if found else ""))
-        return Loaded(loaded.metrics.iloc[:0], seeds, loaded.skipped), "", missing
-    instance = seeds[INSTANCE_COL] if INSTANCE_COL in seeds.columns else pd.Series(0, index=seeds.index)
-    tuned = pd.Series(False, index=seeds.index)
-    if TUNING_COL in seeds.columns:
-        tuned = pd.Series([int(i) in set(json.loads(t) if isinstance(t, str) else (t or []))
-                           for i, t in zip(instance, seeds[TUNING_COL])], index=seeds.index)
-    if tuned.any():
-        notes.append(f"runs on tuning instance(s) {sorted(set(map(int, instance[tuned])))} are not evidence")
-        seeds, instance = seeds[~tuned], instance[~tuned]
-    held_out = sorted(set(map(int, instance)))
-    missing = None
-    if isinstance(claim.instances, tuple):
-        absent = sorted(set(claim.instances) - set(held_out))
-        if absent:
-            missing = f"the claim names instances {list(claim.instances)}; no held-out runs of {absent} under {where}"
-        seeds = seeds[instance.isin(claim.instances)]
-    elif len(held_out) < claim.instances:
-        missing = (f"{len(held_out)} held-out instance(s) {held_out} under {where}; the claim needs ≥ {claim.instances}"
-                   + (" (" + notes[0] + ")" if notes else ""))
+        if tagged.empty:
+            found = sorted({str(e) for e in loaded.seeds["experiment"].dropna()}) if len(loaded.seeds) else []
+            missing = (f"no runs of experiment {claim.experiment!r} ({claim.algorithm}"
+                       + (f" on {claim.env}" if claim.env else "") + f") under {where}"
+                       + (f"; experiments found: {', '.join(found)}" if found else ""))
+        else:
+            missing = f"no run under {where} matches the config of experiment {claim.experiment}; {rejected}"
+        return Loaded(loaded.metrics.iloc[:0], seeds, loaded.skipped), "; ".join(notes), missing
+    seeds, tuning_note, missing = evidence.held_out(seeds, expected.tuning, claim.instances, where)
+    if tuning_note:
+        notes.insert(0, tuning_note)
     runs = set(seeds["run_dir"])
     return (Loaded(loaded.metrics[loaded.metrics["run_dir"].isin(runs)], seeds, loaded.skipped), "; ".join(notes),
             missing)
 
 
-def evaluate_claim(loaded: Loaded, claim: Claim, opts: FitOptions, where: str = "the runs") -> tuple[Verdict, object, str]:
+def evaluate_claim(loaded: Loaded, claim: Claim, opts: FitOptions, where: str = "the runs",
+                   free: tuple = ()) -> tuple[Verdict, object, str]:
     """Pool all configurations of the evidence (bootstrap stratified by config hash) and judge it
     per environment instance (claims.judge). The curves returned are those of the worst instance
     (the ones v.fit was fitted on; all the evidence when it holds one instance)."""
-    evidence, note, missing = claim_evidence(loaded, claim, where)
-    if missing or evidence.seeds.empty:
+    chosen, note, missing = claim_evidence(loaded, claim, where, free)
+    if missing or chosen.seeds.empty:
         return Verdict(claim, INCONCLUSIVE, missing or "no evidence", None), None, note
-    if claim.metric not in evidence.metrics.columns:
+    if claim.metric not in chosen.metrics.columns:
         raise BadInput(f"{claim.path}: metric {claim.metric!r} is not in the run records")
-    curves = build_curves(evidence.metrics, evidence.seeds, claim.metric, claim.x)
+    curves = build_curves(chosen.metrics, chosen.seeds, claim.metric, claim.x)
     warn_identical_curves(curves, f"claim {claim.id}")
     v = judge(claim, curves, opts)
     if len(v.per_instance) > 1:
@@ -427,18 +505,18 @@ def evaluate_claim(loaded: Loaded, claim: Claim, opts: FitOptions, where: str = 
     return v, curves, note
 
 
-def claim_premise(loaded: Loaded, claim: Claim, premise_fn, where: str = "the runs") -> dict | None:
+def claim_premise(loaded: Loaded, claim: Claim, premise_fn, where: str = "the runs", free: tuple = ()) -> dict | None:
     """The claim's premises on the instances of its evidence (bilevel claims only): per instance the
     weak-gradient-domination floor (in `gap` units: the largest gap among stationary points of F, below
     which the assumption guarantees nothing) and the exponent the λ-schedule imposes, 1/(q·c_λ) with
     B(λ) ∝ λ^-q. `holds` is False when the floor lies above the claim's ε_min on a `gap` claim."""
     if premise_fn is None or claim.algorithm != "bilevel":
         return None
-    evidence, _, missing = claim_evidence(loaded, claim, where)
-    if missing or evidence.seeds.empty:
+    chosen, _, missing = claim_evidence(loaded, claim, where, free)
+    if missing or chosen.seeds.empty:
         return None
     per_instance = {}
-    for run_dir in sorted(set(evidence.seeds["run_dir"])):
+    for run_dir in sorted(set(chosen.seeds["run_dir"])):
         config = read_record(Path(run_dir) / "run.json")["config"]
         env, algo = config["env"], config.get("algorithm", {})
         key = int(env.get("instance_seed", 0))
@@ -549,29 +627,32 @@ def check_command(ns) -> int:
     if not claims:
         raise BadInput(f"no claim files given and none in {CONF_DIR / 'claims'}")
     opts = fit_options(ns)
+    free = free_keys(ns)
+    for c in claims:  # the experiments' configs (and their free_keys) before any run or fit
+        experiment_configs(c.experiment)
     if ns.runs:
         loaded = load_dir(ns.runs, ns.strict)
-        verdicts = [_judged(loaded, c, opts, ns.runs, i, len(claims)) for i, c in enumerate(claims, start=1)]
+        verdicts = [_judged(loaded, c, opts, ns.runs, i, len(claims), free) for i, c in enumerate(claims, start=1)]
     else:
         for c in claims:  # every experiment must exist before any of them runs
             check_experiment_name(c)
         by_experiment: dict[str, list[Claim]] = {}
         for c in claims:
             by_experiment.setdefault(c.experiment, []).append(c)
-        evidence = {}
+        runs_of = {}
         for name, group in by_experiment.items():  # each experiment runs (or is reused) once
             folder = ensure_experiment(name, Path(ns.workdir), [c.id for c in group])
-            evidence[name] = (load_dir(folder, ns.strict), str(folder))
-        verdicts = [_judged(evidence[c.experiment][0], c, opts, evidence[c.experiment][1], i, len(claims))
+            runs_of[name] = (load_dir(folder, ns.strict), str(folder))
+        verdicts = [_judged(runs_of[c.experiment][0], c, opts, runs_of[c.experiment][1], i, len(claims), free)
                     for i, c in enumerate(claims, start=1)]
     rows = []
     for claim, (v, _, note) in zip(claims, verdicts):
         row = verdict_row(v, note)
         if ns.premise is not None and claim.algorithm == "bilevel":
-            loaded_c, where = (loaded, ns.runs) if ns.runs else evidence[claim.experiment]
+            loaded_c, where = (loaded, ns.runs) if ns.runs else runs_of[claim.experiment]
             print(f"[{claim.id}] premises on the evidence's instances (ratebench audit; cached after the first time)",
                   file=sys.stderr)
-            prem = claim_premise(loaded_c, claim, ns.premise, where)
+            prem = claim_premise(loaded_c, claim, ns.premise, where, free)
             if prem is not None:
                 row.update(premise=prem["text"], premise_holds=prem["holds"], wgd_floor=prem["wgd_floor"],
                            implied_exponent=prem["implied_exponent"])
@@ -585,9 +666,9 @@ def check_command(ns) -> int:
     return 0 if all(v.verdict == PASS for v, _, _ in verdicts) else 1
 
 
-def _judged(loaded: Loaded, claim: Claim, opts: FitOptions, where: str, i: int, n: int):
+def _judged(loaded: Loaded, claim: Claim, opts: FitOptions, where: str, i: int, n: int, free: tuple = ()):
     """evaluate_claim, then one progress line: `[check 2/5] control_reward_mle: PASS`."""
-    result = evaluate_claim(loaded, claim, opts, where=where)
+    result = evaluate_claim(loaded, claim, opts, where=where, free=free)
     progress(f"[check {i}/{n}] {claim.id}: {result[0].verdict}")
     return result
 
@@ -599,11 +680,30 @@ def verdict_row(v: Verdict, note: str = "") -> dict:
            "eps_claim": [c.metric_eps_range[0], c.metric_eps_range[1]], "note": note}
     if f is not None:
         row.update(p=f.p, p_low=f.p_low, p_high=f.p_high, eps_low=f.eps_low, eps_high=f.eps_high,
-                   n_seeds=f.n_seeds, n_diverged=f.n_diverged, n_failed=f.n_failed, b=f.b, c=f.c,
+                   n_seeds=f.n_seeds, n_diverged=f.n_diverged, n_saturated=f.n_saturated, n_stalled=f.n_stalled,
+                   n_unhealthy=n_unhealthy(f), n_failed=f.n_failed, b=f.b, c=f.c,
                    p_local=f.p_local, p_local_high=f.p_local_high, p_trend=f.p_trend)
+    else:
+        row.update(n_seeds=0, n_diverged=0, n_saturated=0, n_stalled=0, n_unhealthy=0, n_failed=0)
+    take = what_it_would_take(v)
+    if take:
+        row["what_it_would_take"] = take
     row.update(n_instances=max(len(v.per_instance), 1 if f is not None else 0),
                worst_instance=None if v.worst_instance is None else _jsonable({"i": v.worst_instance})["i"])
     return row
+
+
+def what_it_would_take(v: Verdict) -> dict | None:
+    """For an INCONCLUSIVE verdict with a fit: evidence.what_it_would_take (projected budget, seeds for
+    one more check and its error rate), or None when there is nothing to say."""
+    c, f = v.claim, v.fit
+    if v.verdict != INCONCLUSIVE or f is None:
+        return None
+    x = f.arrays.get("curve_x")
+    budget_now = float(np.max(x)) if x is not None and len(x) else float("nan")
+    take = evidence.what_it_would_take(c.relation, c.metric_exponent, c.tolerance, f, c.metric_eps_range[0],
+                                       budget_now, c.x)
+    return take if take["text"] else None
 
 
 def format_verdicts(rows: list[dict]) -> str:
@@ -613,7 +713,8 @@ def format_verdicts(rows: list[dict]) -> str:
                    (f" ± {number_text(r['tolerance'])}" if r["relation"] == "equals" else ""),
         "p̂": number_text(r.get("p")), "95% CI": f"[{number_text(r.get('p_low'))}, {number_text(r.get('p_high'))}]",
         "ε window": f"[{number_text(r.get('eps_low'))}, {number_text(r.get('eps_high'))}]",
-        "seeds": r.get("n_seeds", 0), "diverged": r.get("n_diverged", 0), "instances": r.get("n_instances", 0),
+        "seeds": r.get("n_seeds", 0), "diverged": r.get("n_diverged", 0), "saturated": r.get("n_saturated", 0),
+        "stalled": r.get("n_stalled", 0), "instances": r.get("n_instances", 0),
         "worst": "-" if r.get("worst_instance") is None or r.get("n_instances", 0) < 2 else r["worst_instance"],
         "verdict": r["verdict"]} for r in rows])
     lines = [table.to_string(index=False), ""]
@@ -621,6 +722,8 @@ def format_verdicts(rows: list[dict]) -> str:
         lines.append(f"{r['claim']}: {r['verdict']} — {r['reason']}" + (f" ({r['note']})" if r["note"] else ""))
         if r.get("premise"):
             lines.append(f"    {r['premise']}")
+        for text in (r.get("what_it_would_take") or {}).get("text", []):
+            lines.append(f"    what it would take — {text}")
     return "\n".join(lines)
 
 
@@ -652,7 +755,8 @@ def plot_command(ns) -> int:
     for i, m in enumerate(metrics, start=1):
         started = time.monotonic()
         results = fit_groups(loaded, m, ns.x, by, opts)
-        paths = plots.metric_figure(results, claims, out) + plots.interval_figure(results, claims, out)
+        paths = (plots.metric_figure(results, claims, out) + plots.interval_figure(results, claims, out)
+                 + plots.runtime_figure(results, out))
         for path in paths:
             print(path)
         pngs = [p.name for p in paths if p.suffix == ".png"]
@@ -671,6 +775,7 @@ def report_command(ns) -> int:
     from ratebench.analysis import report
 
     writable_folder(Path(ns.out) if ns.out else Path(ns.dir) / "report", "--out")
+    free = free_keys(ns)
     loaded = load_dir(ns.dir, ns.strict)
     algorithms = set(loaded.seeds["algorithm"])
     if ns.claims:
@@ -681,9 +786,10 @@ def report_command(ns) -> int:
     premise = None
     if ns.premise is not None:
         def premise(loaded_, claim):
-            return claim_premise(loaded_, claim, ns.premise, ns.dir)
+            return claim_premise(loaded_, claim, ns.premise, ns.dir, free)
     command = "ratebench report " + " ".join(shlex.quote(a) for a in getattr(ns, "argv", [ns.dir]))
-    paths = report.write_report(loaded, claims, fit_options(ns), out, evaluate_claim, fit_groups, premise=premise,
+    paths = report.write_report(loaded, claims, fit_options(ns), out,
+                                functools.partial(evaluate_claim, free=free), fit_groups, premise=premise,
                                 command=command)
     for p in paths:
         print(p)

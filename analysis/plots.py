@@ -17,6 +17,8 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
+from ratebench.analysis.runtime import (UNHEALTHY, expected_runtime, runtime_ecdf, runtime_matrix,  # noqa: F401
+                                        shared_targets)
 from ratebench.analysis.stats import bootstrap_counts, trimmed_mean
 from ratebench.analysis.tables import number_text
 
@@ -65,9 +67,10 @@ def log_ticks(axis) -> None:
 
 
 def _positive(y: np.ndarray) -> np.ndarray:
-    """y with non-positive and non-finite entries as NaN: what a log axis can show."""
+    """y with non-positive, subnormal (below the smallest normal float, ~2.2e-308) and non-finite
+    entries as NaN: what a log axis can show (its ticks fail on subnormal limits)."""
     y = np.asarray(y, dtype=np.float64)
-    return np.where(np.isfinite(y) & (y > 0), y, np.nan)
+    return np.where(np.isfinite(y) & (y >= np.finfo(np.float64).tiny), y, np.nan)
 
 
 def set_log_axes(ax, note_if_empty: str) -> None:
@@ -76,7 +79,10 @@ def set_log_axes(ax, note_if_empty: str) -> None:
     ax.set_xscale("log")
     log_ticks(ax.xaxis)
     ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
-    if any((np.isfinite(y) & (y > 0)).any() for y in ys if y.size):
+    xs = [np.asarray(line.get_xdata(), dtype=float) for line in ax.get_lines()]
+    tiny = np.finfo(np.float64).tiny
+    if any((np.isfinite(y) & (y >= tiny) & np.isfinite(x) & (x >= tiny)).any()
+           for x, y in zip(xs, ys) if y.size and x.size == y.size):
         ax.set_yscale("log")
         log_ticks(ax.yaxis)
     else:
@@ -154,10 +160,11 @@ def draw_curves(ax, results, claims) -> None:
         ax.plot(x, iqm, ls=ls, color=colour, marker=mk, markevery=max(len(x) // 8, 1), ms=4, lw=1.6,
                 label=group_label(key))
         ax.plot(x, median, ls=ls, color=colour, lw=0.7, alpha=0.9)
+        draw_unhealthy(ax, curves, colour)
         decays = fit.metric in RATE_METRICS and (fit.A > 0 or fit.c > 0)  # kl_ref grows; A = c = 0: no decay
         if np.isfinite(fit.b) and decays:
             xs = x[fit.arrays["asym"][pos]] if "asym" in fit.arrays else x
-            ax.plot(xs, fit.c + fit.A * xs ** -fit.b, color=colour, ls="-", lw=4, alpha=0.3)
+            ax.plot(xs, _positive(fit.c + fit.A * xs ** -fit.b), color=colour, ls="-", lw=4, alpha=0.3)
             if fit.c > 0:
                 ax.plot([x[0], x[-1]], [fit.c, fit.c], color=colour, ls=(0, (4, 3)), lw=1.0)
         level = target_level(curves, fit.metric)
@@ -185,11 +192,11 @@ def draw_nhit(ax, results, claims) -> None:
         inv = 1.0 / levels["eps"].to_numpy()
         n = 10.0 ** levels["iqm_log10_nhit"].to_numpy()
         win = levels["window"].to_numpy() & (fit.status == "ok")
-        ok = np.isfinite(n) & (n > 0)
+        ok = np.isfinite(n) & (n > 0) & np.isfinite(inv)
         ax.plot(inv[ok & ~win], n[ok & ~win], ls="none", marker=mk, mfc="white", mec=colour, ms=4)
         ax.plot(inv[ok & win], n[ok & win], ls="none", marker=mk, color=colour, ms=5)
-        if np.isfinite(fit.p) and win.any():  # a finite p̂ with a non-ok status has no window to draw on
-            xs = inv[win]
+        if np.isfinite(fit.p) and (win & np.isfinite(inv)).any():  # a finite p̂ with a non-ok status has no window
+            xs = inv[win & np.isfinite(inv)]
             ax.plot(xs, 10 ** fit.log10_C * xs ** fit.p, color=colour, ls=ls, lw=1.6)
             if anchor is None:
                 anchor = (xs.min(), 10 ** fit.log10_C * xs.min() ** fit.p, xs.max())
@@ -205,25 +212,61 @@ def draw_nhit(ax, results, claims) -> None:
 def draw_profile(ax, results, claims) -> None:
     """Local exponent p(ε) on half-decade sub-windows (fit.arrays["profile"]) with its 95% CI, and the
     claimed exponent: a p(ε) still rising at the smallest ε means the window is pre-asymptotic."""
+    shown = False
     for (key, fit, _), (ls, mk, colour) in zip(results, STYLES):
         prof = fit.arrays.get("profile")
         if prof is None or not len(prof):
             continue
-        x = 1.0 / prof["eps_center"].to_numpy()
-        lo, hi = prof["p_low"].to_numpy(dtype=float), prof["p_high"].to_numpy(dtype=float)
+        x = _positive(1.0 / prof["eps_center"].to_numpy(dtype=float))  # 1/ε overflows for subnormal ε: not shown
+        keep = np.isfinite(x)
+        x = x[keep]
+        shown = shown or bool(x.size)
+        lo, hi = prof["p_low"].to_numpy(dtype=float)[keep], prof["p_high"].to_numpy(dtype=float)[keep]
         ok = np.isfinite(lo) & np.isfinite(hi)
         ax.fill_between(x, lo, hi, where=ok, color=colour, alpha=0.15, linewidth=0)
-        ax.plot(x, prof["p"].to_numpy(dtype=float), ls=ls, marker=mk, color=colour, ms=4,
+        ax.plot(x, prof["p"].to_numpy(dtype=float)[keep], ls=ls, marker=mk, color=colour, ms=4,
                 label=f"{group_label(key)}: local p(ε)")
     for claim, ls in zip(claims, CLAIM_STYLES):
         ax.axhline(claim.metric_exponent, color="0.0", ls=ls, lw=1.2)
-    ax.set_xscale("log")
-    log_ticks(ax.xaxis)
+    if shown:  # a log axis needs positive data (its ticks fail without any)
+        ax.set_xscale("log")
+        log_ticks(ax.xaxis)
 
 
-def group_entry(key, fit, colour, ls, mk, target: float = np.nan) -> Line2D:
-    """One legend entry per group: its name, seeds, its population target, and what was fitted, in words."""
-    text = f"{group_label(key)}  (n={fit.n_seeds}" + (f", {fit.n_diverged} diverged" if fit.n_diverged else "") + ")"
+UNHEALTHY_GID = "unhealthy-seed"
+UNHEALTHY_STYLE = (0, (1, 1.2))  # densely dotted: one per unhealthy seed  # marks the thin per-seed traces of unhealthy seeds (tests find them by this)
+
+
+def health_counts(curves) -> dict[str, int]:
+    """{status: seeds} of the group's unhealthy seeds (UNHEALTHY), those with at least one."""
+    status = curves.seeds["status"] if len(curves.seeds) else pd.Series([], dtype=object)
+    return {s: int((status == s).sum()) for s in UNHEALTHY if int((status == s).sum())}
+
+
+def health_text(counts: dict[str, int]) -> str:
+    """', 3 diverged, 2 stalled' (empty when every seed is healthy)."""
+    return "".join(f", {n} {s}" for s, n in counts.items())
+
+
+def draw_unhealthy(ax, curves, colour) -> int:
+    """One thin translucent trace per unhealthy seed that has values (its metric as recorded, +inf after a
+    divergence not drawn): a diverged, saturated or stalled seed stays visible, never averaged away."""
+    if not len(curves.seeds) or not curves.n_seeds:
+        return 0
+    status = curves.seeds["status"].to_numpy()[np.asarray(curves.used, bool)]  # (S,) the rows of values
+    rows = np.flatnonzero(np.isin(status, UNHEALTHY))
+    pos = curves.x > 0
+    for i in rows:
+        ax.plot(curves.x[pos], _positive(curves.values[i, pos]), color=colour, lw=1.0, alpha=0.8, ls=UNHEALTHY_STYLE,
+                gid=UNHEALTHY_GID)
+    return len(rows)
+
+
+def group_entry(key, fit, colour, ls, mk, target: float = np.nan, health: dict | None = None) -> Line2D:
+    """One legend entry per group: its name, seeds (and how many are unhealthy), its population target,
+    and what was fitted, in words."""
+    counts = health if health is not None else ({"diverged": fit.n_diverged} if fit.n_diverged else {})
+    text = f"{group_label(key)}  (n={fit.n_seeds}" + health_text(counts) + ")"
     if np.isfinite(target):
         text += f"; target {legend_number(target)}"
     if fit.metric in RATE_METRICS:
@@ -237,12 +280,16 @@ def group_entry(key, fit, colour, ls, mk, target: float = np.nan) -> Line2D:
     return Line2D([], [], color=colour, ls=ls, marker=mk, ms=5, lw=1.6, label=text)
 
 
-def key_entries(rate_panel: bool, claims, any_floor: bool, any_target: bool = False) -> list:
+def key_entries(rate_panel: bool, claims, any_floor: bool, any_target: bool = False,
+                any_unhealthy: bool = False) -> list:
     """The shared key of the drawing conventions, once per figure (not per group)."""
     grey = "0.35"
     entries = [Line2D([], [], color=grey, lw=1.6, marker="o", ms=4, label="IQM over seeds (thick)"),
                Patch(color=grey, alpha=0.25, label="95% bootstrap band of the IQM"),
                Line2D([], [], color=grey, lw=0.7, label="median over seeds (thin)")]
+    if any_unhealthy:
+        entries.append(Line2D([], [], color=grey, lw=1.0, ls=UNHEALTHY_STYLE, alpha=0.8,
+                              label="one unhealthy seed (diverged / saturated / stalled)"))
     if rate_panel:
         entries.append(Line2D([], [], color=grey, lw=4, alpha=0.3, label="fitted c + A·n^-b (asymptotic points)"))
         if any_floor:
@@ -306,9 +353,11 @@ def _one_figure(results, claims, metric, x_name, out_dir: Path, stem: str, title
     for ax in axes[0]:
         ax.grid(True, which="major", color="0.88", lw=0.6)
     targets = [target_level(c, metric) for _, _, c in results]
-    groups = [group_entry(k, f, colour, ls, mk, t) for (k, f, _), (ls, mk, colour), t in zip(results, STYLES, targets)]
+    health = [health_counts(c) for _, _, c in results]
+    groups = [group_entry(k, f, colour, ls, mk, t, h)
+              for (k, f, _), (ls, mk, colour), t, h in zip(results, STYLES, targets, health)]
     any_floor = any(f.c > 0 and np.isfinite(f.b) for _, f, _ in results)
-    keys = key_entries(rate_panel, claims, any_floor, any(t > 0 for t in targets))
+    keys = key_entries(rate_panel, claims, any_floor, any(t > 0 for t in targets), any(health))
     fig.legend(handles=groups, loc="upper left", bbox_to_anchor=(0.0, 0.0), ncol=1, fontsize=8, frameon=False,
                title="groups", title_fontsize=8, alignment="left")
     fig.legend(handles=keys, loc="upper right", bbox_to_anchor=(1.0, 0.0), ncol=2 if len(keys) > 5 else 1,
@@ -367,3 +416,64 @@ def interval_figure(results, claims, out_dir: Path, stem: str | None = None) -> 
         ax.legend(loc="lower right", fontsize=8, frameon=False)
     fig.tight_layout()
     return _save(fig, Path(out_dir), stem or f"{fit.metric}_vs_{fit.x_name}_p_intervals")
+
+
+def runtime_figure(results, out_dir: Path, stem: str | None = None, eps_range: tuple | None = None,
+                   title: str = "") -> list[Path]:
+    """Fixed-target runtimes that count failures (analysis/runtime.py), one figure per metric: left,
+    ERT(ε) against 1/ε per group (filled markers where every seed reached ε, hollow where some never
+    did: their budget is in the numerator); right, the runtime ECDF per group, the fraction of (seed,
+    ε-target) pairs reached by n, over targets shared by every group (eps_range: a claim's ε range,
+    else from the median start to the smallest value any seed ends at). [] without a rate metric or data."""
+    results = [r for r in results if r[1].status != "no_data"]
+    if not results or results[0][1].metric not in RATE_METRICS:
+        return []
+    metric, x_name = results[0][1].metric, results[0][1].x_name
+    mats = [runtime_matrix(c) for _, _, c in results]
+    lo, hi = eps_range if eps_range else (None, None)
+    targets = shared_targets([v for _, v, _ in mats], [x for x, _, _ in mats], lo=lo, hi=hi)
+    if not targets.size:
+        return []
+    levels = shared_targets([v for _, v, _ in mats], [x for x, _, _ in mats], per_decade=20, lo=lo, hi=hi)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.4, 4.8))
+    handles = []
+    for ((key, fit, curves), (x, values, budget)), (ls, mk, colour) in zip(zip(results, mats), STYLES):
+        ert = expected_runtime(x, values, levels, budget)
+        inv = 1.0 / levels
+        ok = np.isfinite(ert["ert"]) & np.isfinite(inv) & (ert["ert"] > 0)
+        every = ok & (ert["reached"] == ert["n_seeds"])
+        left.plot(inv[ok], ert["ert"][ok], ls=ls, color=colour, lw=1.4)
+        left.plot(inv[every], ert["ert"][every], ls="none", marker=mk, color=colour, ms=4)
+        left.plot(inv[ok & ~every], ert["ert"][ok & ~every], ls="none", marker=mk, mfc="white", mec=colour, ms=4)
+        frac = runtime_ecdf(x, values, targets)
+        pos = x > 0
+        right.step(x[pos], frac[pos], where="post", ls=ls, color=colour, lw=1.6)
+        smallest = ert["reached"][-1]
+        health = health_text(health_counts(curves))
+        handles.append(Line2D([], [], color=colour, ls=ls, marker=mk, ms=5, lw=1.6,
+                              label=f"{group_label(key)}  (n={ert['n_seeds']}{health}; ε = {levels[-1]:.2g} reached "
+                                    f"by {smallest}; {frac[-1]:.0%} of (seed, target) pairs by the end)"))
+    set_log_axes(left, "no ε level reached by any seed:\nno ERT to show")
+    left.set_xlabel(f"1/ε  (ε in {metric} units)")
+    left.set_ylabel(f"ERT(ε): {x_name} spent by all seeds / seeds that reached ε")
+    left.set_title(f"expected running time{title}")
+    right.set_xscale("log")
+    log_ticks(right.xaxis)
+    right.set_ylim(-0.02, 1.02)
+    right.set_xlabel(X_LABELS.get(x_name, x_name))
+    right.set_ylabel("fraction of (seed, ε-target) pairs reached")
+    right.set_title(f"runtime ECDF over {len(targets)} targets ε ∈ [{targets.min():.2g}, {targets.max():.2g}]")
+    for ax in (left, right):
+        ax.grid(True, which="major", color="0.88", lw=0.6)
+    grey = "0.35"
+    keys = [Line2D([], [], color=grey, ls="none", marker="o", ms=5, label="ERT: every seed reached ε"),
+            Line2D([], [], color=grey, ls="none", marker="o", mfc="white", ms=5,
+                   label="ERT: some seeds never did (their budget counted)"),
+            Line2D([], [], color=grey, lw=1.6, drawstyle="steps-post",
+                   label="ECDF: below 1 at the end = pairs never reached")]
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, 0.0), fontsize=8, frameon=False,
+               title="groups", title_fontsize=8, alignment="left")
+    fig.legend(handles=keys, loc="upper right", bbox_to_anchor=(1.0, 0.0), fontsize=8, frameon=False,
+               title="key", title_fontsize=8, alignment="left")
+    fig.tight_layout()
+    return _save(fig, Path(out_dir), stem or f"{metric}_vs_{x_name}_runtime")

@@ -49,8 +49,9 @@ def plural(n: int, word: str) -> str:
 
 def summary_line(loaded) -> str:
     seeds = loaded.seeds
+    unhealthy = ", ".join(f"{int((seeds['status'] == s).sum())} {s}" for s in plots.UNHEALTHY)
     return (f"{plural(len(set(seeds['run_dir'])), 'run')}, {plural(len(seeds), 'seed')} "
-            f"({(seeds['status'] == 'diverged').sum()} diverged, {(seeds['status'] == 'failed').sum()} failed).")
+            f"({unhealthy}, {(seeds['status'] == 'failed').sum()} failed).")
 
 
 def provenance_line(command: str | None = None) -> str:
@@ -66,13 +67,31 @@ def provenance_line(command: str | None = None) -> str:
             f"{date}" + (f" · `{command}`" if command else ""))
 
 
+def _step(value) -> str:
+    """A status step as recorded: an integer (a float column holds 40.0 when other seeds have none)."""
+    try:
+        return str(int(value)) if float(value) == int(value) else str(value)
+    except (TypeError, ValueError, OverflowError):
+        return str(value)
+
+
+RUNTIME_NOTE = ("Fixed-target runtimes over the claim's ε range: ERT(ε) = samples spent by all seeds (each until it "
+                "reached ε, or its whole budget if it never did) / seeds that reached ε, and the runtime ECDF; seeds "
+                "that never reach ε count here instead of vanishing.")
+UNHEALTHY_HEADING = "Unhealthy (diverged, saturated, stalled) and failed seeds"
+
+
 def claim_section(v, curves, note: str, evidence_seeds: pd.DataFrame, fig_png: Path | None) -> dict:
     """Everything the report says about one claim, as plain values."""
     c, f = v.claim, v.fit
     bad = evidence_seeds[evidence_seeds["status"] != "completed"]
+    from ratebench.analysis.commands import what_it_would_take
+
+    take = what_it_would_take(v)
     return {
         "claim": c, "verdict": v.verdict, "reason": v.reason, "note": note, "fit": f, "figure": fig_png,
-        "diverged": [f"{r.run_dir} seed {r.seed}: {r.status} at step {r.status_step}"
+        "what_it_would_take": take["text"] if take else [],
+        "diverged": [f"{r.run_dir} seed {r.seed}: {r.status} at step {_step(r.status_step)}"
                      + (f" ({r.message})" if isinstance(r.message, str) else "") for r in bad.itertuples()],
         "hashes": sorted(set(evidence_seeds["config_hash"])), "commands": commands_of(evidence_seeds),
         "reproduce": f"ratebench run -m experiment={c.experiment}",
@@ -98,14 +117,18 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
         evidence = loaded.seeds[loaded.seeds["algorithm"] == claim.algorithm]
         if curves is not None:
             evidence = curves.seeds
-        png = None
+        png = runtime_png = None
         if curves is not None and v.fit is not None and v.fit.status != "no_data":
             key = {"algorithm": claim.algorithm, "env": claim.env or ",".join(sorted(set(curves.seeds["env"]))),
                    "config_hash": None}
             png = plots.metric_figure([(key, v.fit, curves)], [claim], fig_dir, stem=f"claim_{claim.id}")[0]
+            runtime = plots.runtime_figure([(key, v.fit, curves)], fig_dir, stem=f"claim_{claim.id}_runtime",
+                                           eps_range=claim.metric_eps_range, title=" over the claim's ε range")
+            runtime_png = runtime[0] if runtime else None
             lo, hi = claim.metric_eps_range
             v.fit.arrays["sensitivity"] = window_sensitivity(curves, replace(opts, eps_min=lo, eps_max=hi))
         section = claim_section(v, curves, note, evidence, png)
+        section["runtime_figure"] = runtime_png
         progress(f"[report] claim {claim.id}: {v.verdict}")
         prem = premise(loaded, claim) if premise is not None else None
         section["premise"] = prem["text"] if prem else None
@@ -114,7 +137,7 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
     for metric in [m for m in METRICS if m in loaded.metrics.columns
                    and has_positive(loaded.metrics[m])]:
         results = fit_groups(loaded, metric, "samples", ["algorithm", "env", "config_hash"], opts)
-        paths = plots.metric_figure(results, claims, fig_dir)
+        paths = plots.metric_figure(results, claims, fig_dir) + plots.runtime_figure(results, fig_dir)
         progress(f"[report] {metric}: {plural(len(results), 'group')}, {plural(len(paths) // 2, 'figure')}")
         overview.append((metric, results, [p for p in paths if p.suffix == ".png"]))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,8 +209,8 @@ def _claim_rows(s) -> list[tuple[str, str]]:
                  ("fitting window (ε)", f"[{number_text(f.eps_low)}, {number_text(f.eps_high)}], {f.n_levels} levels"),
                  ("decay exponent b̂ (c + A·n^-b)", f"{number_text(f.b)} [{number_text(f.b_low)}, {number_text(f.b_high)}], floor ĉ = {number_text(f.c)} "
                                                    f"[{number_text(f.c_low)}, {number_text(f.c_high)}]"),
-                 ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_failed} failed, "
-                           f"{f.n_strata} configuration(s)")]
+                 ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_saturated} saturated, "
+                           f"{f.n_stalled} stalled, {f.n_failed} failed, {f.n_strata} configuration(s)")]
     if len(s.get("per_instance", {})) > 1:
         parts = [f"{i}: {number_text(fi.p)} [{number_text(fi.p_low)}, {number_text(fi.p_high)}] {fi.status}"
                  + (" (worst)" if i == s["worst_instance"] else "") for i, fi in s["per_instance"].items()]
@@ -201,6 +224,8 @@ def _claim_rows(s) -> list[tuple[str, str]]:
                                                 f"trend {number_text(f.p_trend)} per decade of 1/ε"))
     if s.get("premise"):
         rows.append(("premise (ratebench audit)", s["premise"]))
+    if s.get("what_it_would_take"):
+        rows.append(("what it would take", "; ".join(s["what_it_would_take"])))
     if s["note"]:
         rows.append(("note", s["note"]))
     if c.relation == "upper_bound":
@@ -226,10 +251,12 @@ def render_markdown(sections, overview, loaded, base: Path, header: str = "", ta
         lines += [f"- **{k}**: {v}" for k, v in _claim_rows(s)]
         if s["figure"]:
             lines += ["", f"![{c.id}]({Path(s['figure']).relative_to(base)})"]
+        if s.get("runtime_figure"):
+            lines += ["", RUNTIME_NOTE, "", f"![{c.id} runtimes]({Path(s['runtime_figure']).relative_to(base)})"]
         if s["sensitivity"] is not None:
             lines += ["", "Window sensitivity (how p̂ moves with the fitting window):", "",
                       markdown_table(s["sensitivity"])]
-        lines += ["", "Diverged / failed seeds:" if s["diverged"] else "Diverged / failed seeds: none", ""]
+        lines += ["", f"{UNHEALTHY_HEADING}:" if s["diverged"] else f"{UNHEALTHY_HEADING}: none", ""]
         lines += [f"- {d}" for d in s["diverged"]]
         lines += ["", f"Config hashes: {', '.join(f'`{h}`' for h in s['hashes'])}", "",
                   f"Reproduce: `{s['reproduce']}`; the commands recorded in the runs:", "", "```"]
@@ -285,10 +312,12 @@ def render_html(sections, overview, loaded, header: str = "", targets: pd.DataFr
                                                      for k, v in _claim_rows(s)) + "</table>")
         if s["figure"]:
             parts.append(_img(s["figure"]))
+        if s.get("runtime_figure"):
+            parts.append(f"<p>{e(RUNTIME_NOTE)}</p>" + _img(s["runtime_figure"]))
         if s["sensitivity"] is not None:
             parts.append("<p>Window sensitivity (how p̂ moves with the fitting window):</p>" +
                          _table(s["sensitivity"].round(4)))
-        parts.append("<p>Diverged / failed seeds: " + ("none</p>" if not s["diverged"] else
+        parts.append(f"<p>{UNHEALTHY_HEADING}: " + ("none</p>" if not s["diverged"] else
                      "</p><ul>" + "".join(f"<li>{e(d)}</li>" for d in s["diverged"]) + "</ul>"))
         parts.append(f"<p>Config hashes: {', '.join(f'<code>{e(h)}</code>' for h in s['hashes'])}</p>")
         parts.append(f"<p>Reproduce: <code>{e(s['reproduce'])}</code>; the commands recorded in the runs:</p>"

@@ -45,6 +45,10 @@ class RunConfig:
     # env.instance_seed values whose results chose this configuration's constants (an experiment file
     # names them); `check` never counts runs on them as evidence for a claim. Cannot change a result.
     tuning_instances: List[int] = field(default_factory=list)
+    # config keys (dotted; a parent frees its subtree) whose value may differ between this experiment's runs
+    # and its file without the runs ceasing to be its evidence for a claim (docs/analysis.md "What counts as
+    # evidence"); seeds, instances and the operational keys are always free. Cannot change a result.
+    free_keys: List[str] = field(default_factory=list)
     overwrite: bool = False  # allow a run folder that holds a finished run of ANOTHER config to be replaced
     logger: str = "none"  # live logging while the run goes: none | tensorboard (<run folder>/tensorboard/, the
     #                       `tensorboard` extra); cannot change a result
@@ -170,6 +174,7 @@ def validate(cfg: DictConfig) -> Validated:
     objective = cfg.get("objective")
     if objective is not None and objective not in OBJECTIVES:
         raise ConfigError("objective", f"must be null or one of {list(OBJECTIVES)}, got {objective!r}")
+    check_free_keys(cfg)
     impl = cfg.get("impl", "fast")
     if impl not in IMPLS:
         raise ConfigError("impl", f"must be one of {list(IMPLS)}, got {impl!r}")
@@ -203,6 +208,15 @@ def check_reward_bound(bound, env, algo_name: str, impl: str) -> None:
     if env.name == "bandit" and env.n_actions > BOX_FACE_SIZE:
         raise ConfigError("model.reward.bound", f"the exact F* over the bounded class enumerates 3^A box faces per "
                                                 f"context: allowed with env.n_actions <= {BOX_FACE_SIZE}, got {env.n_actions}")
+
+
+def check_free_keys(cfg: DictConfig) -> None:
+    """`free_keys`: a list of dotted keys of this config (`algorithm.lr`, `budget`), each naming a key that exists."""
+    missing = object()
+    for key in cfg.get("free_keys") or []:
+        if not isinstance(key, str) or not key or OmegaConf.select(cfg, key, default=missing) is missing:
+            raise ConfigError("free_keys", f"{key!r} is not a key of the run config; list dotted keys such as "
+                                           f"budget.samples or algorithm.lr")
 
 
 def check_instances(value, algorithm_class, algorithm) -> list[int] | None:

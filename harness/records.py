@@ -15,7 +15,7 @@ import pandas as pd
 OBJECTIVES = ("policy_gap", "target_policy_gap_excess", "gap", "gap_local", "reward_err")
 BASE_COLUMNS = ["seed", "step", "samples", "queries"]
 OPERATIONAL_KEYS = ("progress", "checkpoint_every_s", "cache_dir", "tuning_instances", "overwrite",
-                    "logger", "objective", "step_threads")  # cannot change a result: not in the hashes, nor in group labels (impl can: docs/fast.md)
+                    "logger", "objective", "step_threads", "free_keys")  # cannot change a result: not in the hashes, nor in group labels (impl can: docs/fast.md)
 
 
 def objective_value(metrics: pd.DataFrame, record: dict, metric: str) -> float:
