@@ -115,6 +115,9 @@ def fit_floor(x: np.ndarray, curves: np.ndarray, floor_level: float = 0.01):
     at 1e279 next to ordinary values) are left out of that row's fit rather than overflowing.
     Returns (b, c, A), each (R,)."""
     y = np.atleast_2d(np.asarray(curves, dtype=np.float64))
+    if y.shape[1] < 4:  # no points (e.g. a single evaluation point, where the asymptotic window is empty): NaN
+        nan = np.full(y.shape[0], np.nan)
+        return nan, nan.copy(), nan.copy()
     pos = np.isfinite(y) & (y > 0)  # (R, P)
     scale = np.where(pos, y, np.inf).min(1, keepdims=True)  # (R, 1)
     scale = np.where(np.isfinite(scale), scale, 1.0)
