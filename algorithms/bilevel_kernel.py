@@ -45,7 +45,7 @@ class _Step(ctypes.Structure):
                 ("unit_of", ctypes.POINTER(I64)),
                 ("unit_x", ctypes.POINTER(F64)), ("unit_x_stride", I64),
                 ("true_r", ctypes.POINTER(F64)), ("true_r_stride", I64),
-                ("beta", F64), ("label_noise", F64),
+                ("beta", F64), ("label_noise", F64), ("reward_bound", F64),
                 ("z", _Net), ("y", _Net), ("nu", _Net),
                 ("n_traj", I64), ("n_pairs", I64), ("inner", I64),
                 ("lam", F64), ("alpha", F64), ("alpha_z", F64), ("xi", F64),
@@ -124,6 +124,7 @@ class CompiledStep:
         true, st.true_r_stride = _table(flat_true_rewards(problem), 1)
         st.true_r = _ptr(hold(true))
         st.beta, st.label_noise = problem.beta, problem.label_noise
+        st.reward_bound = 0.0 if algo.reward.bound is None else float(algo.reward.bound)  # 0: unbounded
         policy, reward = algo.policy.net, algo.reward.net
         (st.z, z), (st.y, y) = self._net(policy, policy.sizes, self.keep), self._net(policy, policy.sizes, self.keep)
         st.nu, nu = self._net(reward, reward.sizes if reward is not None else [problem.unit_features.shape[-1]], self.keep)

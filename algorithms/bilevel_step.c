@@ -15,6 +15,7 @@
        y <- y - alpha [ g^_theta f(nu, y) / lam - g^_theta J(nu, y) ]   score function + REINFORCE
      draw M pairs from pi_y, N trajectories from pi_z and N from pi_y (the nu stage)
      nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ]
+   r_nu(u) is the reward network's output, or R tanh(output) with a bound R (docs/bilevel.md "Bounded rewards").
    Where each uniform goes is the sampler's _DrawPlan (harness/sampling.py), passed in as index tables.
    Two entry points run this per-seed step (seed_step): bilevel_step, one step of every seed per call, and
    bilevel_segment, n steps of every seed per call with the seeds split across threads (what a run uses; at the end). */
@@ -51,6 +52,7 @@ typedef struct {
     const double *unit_x; int64_t unit_x_stride;      /* (n_units, d_reward) */
     const double *true_r; int64_t true_r_stride;      /* (n_units + 1): the true reward, padded */
     double beta, label_noise;
+    double reward_bound;  /* R > 0: r_nu(u) = R tanh(raw output), in (-R, R); 0: r_nu(u) = raw output (unbounded) */
     Net z, y, nu;
     /* the step */
     int64_t n_traj, n_pairs, inner;
@@ -218,6 +220,7 @@ typedef struct {  /* per-seed scratch, allocated once per call (the policy table
     double *logp, *prob, *cdf;        /* (2S, A): pi_z's log-prob table, then pi_y's; their exp and cumsum */
     double **pacts[2];                /* policy activations per network and layer (S, width) */
     double *r, **racts;               /* reward per unit (n_units + 1) and its activations (n_units, width) */
+    double *rraw;                     /* with a bound: the network's raw output per unit (n_units + 1) */
     double *rx, **rrows;              /* the nu stage's visited units' inputs and activations, gathered as rows */
     char *r_done;                     /* which units' rewards are computed (lazily: only visited units) */
     char *r_seen;                     /* units the nu stage visits */
@@ -270,6 +273,10 @@ static double reward_at(const Step *st, Work *w, int64_t b, int64_t u) {
             for (int l = 1; l <= net->n_layers; l++) acts[l] = w->racts[l] + u * net->sizes[l];
             mlp_forward(net, b, phi, 1, acts);
             w->r[u] = acts[net->n_layers][0];
+        }
+        if (st->reward_bound > 0) {  /* r_nu(u) = R tanh(raw) */
+            w->rraw[u] = w->r[u];
+            w->r[u] = st->reward_bound * tanh(w->r[u]);
         }
         w->r_done[u] = 1;
     }
@@ -398,6 +405,13 @@ static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
             int64_t u = w->unit[t * H + h];
             if (u < U) { gu[u] += weight[t]; w->r_seen[u] = 1; }
         }
+    if (st->reward_bound > 0)  /* through the bound: d r_nu(u) / d raw = R (1 - tanh^2 raw), at the visited units */
+        for (int64_t u = 0; u < U; u++) {
+            if (!w->r_seen[u]) continue;
+            reward_at(st, w, b, u);  /* its raw output (the z and y trajectories' units may not be computed yet) */
+            double t = tanh(w->rraw[u]);
+            gu[u] *= st->reward_bound * (1 - t * t);
+        }
     const Net *net = &w->nu;
     int64_t d = net->sizes[0];
     const double *phi = st->unit_x + b * st->unit_x_stride;
@@ -462,6 +476,7 @@ static int work_alloc(const Step *st, Work *w) {  /* 0, or 1 when out of memory 
         bad |= !(w->rrows[l] = malloc(sizeof(double) * U * st->nu.sizes[l]));
     }
     bad |= !(w->r = malloc(sizeof(double) * (U + 1)));
+    bad |= !(w->rraw = malloc(sizeof(double) * (U + 1)));
     bad |= !(w->rx = malloc(sizeof(double) * (U * st->nu.sizes[0] + 1)));
     bad |= !(w->r_done = malloc(U + 1));
     bad |= !(w->r_seen = malloc(U + 1));
@@ -481,7 +496,7 @@ static int work_alloc(const Step *st, Work *w) {  /* 0, or 1 when out of memory 
     return bad;
 }
 static void work_free(const Step *st, Work *w) {
-    free(w->pacts[0]); free(w->pacts[1]); free(w->r);
+    free(w->pacts[0]); free(w->pacts[1]); free(w->r); free(w->rraw);
     if (w->racts && w->rrows)
         for (int l = 1; l <= st->nu.n_layers; l++) { free(w->racts[l]); free(w->rrows[l]); }
     if (w->prows) for (int l = 1; l < st->z.n_layers; l++) free(w->prows[l]);

@@ -154,7 +154,7 @@ def validate(cfg: DictConfig) -> Validated:
                         policy=to_dataclass(cfg.model.policy, NetConfig, "model.policy"))
     check_net(model.reward, "model.reward", ("mlp", "linear"), may_bound=True)
     check_net(model.policy, "model.policy", ("mlp",))
-    check_reward_bound(model.reward.bound, env, algo_name, cfg.get("impl", "fast"))
+    check_reward_bound(model.reward.bound, env, algo_name)
     if cfg.budget.samples < 1:
         raise ConfigError("budget.samples", f"must be >= 1, got {cfg.budget.samples}")
     if cfg.budget.steps is not None and cfg.budget.steps < 1:
@@ -191,10 +191,10 @@ def validate(cfg: DictConfig) -> Validated:
 BOUNDED_REWARD_ALGORITHMS = ("bilevel", "ppo_rlhf")  # the algorithms whose reward network is model.reward
 
 
-def check_reward_bound(bound, env, algo_name: str, impl: str) -> None:
-    """model.reward.bound (docs/bilevel.md "Bounded rewards"): only where model.reward is trained; not with
-    bilevel's impl=fast, whose compiled step does not apply it (impl=eager computes the same step with it);
-    a bandit's exact F* over the box enumerates 3^A faces per context."""
+def check_reward_bound(bound, env, algo_name: str) -> None:
+    """model.reward.bound (docs/bilevel.md "Bounded rewards"): only where model.reward is trained (every impl
+    applies it, bilevel's compiled step included); a bandit's exact F* over the box enumerates 3^A faces per
+    context."""
     if bound is None:
         return
     from ratebench.envs.global_ref import BOX_FACE_SIZE
@@ -202,9 +202,6 @@ def check_reward_bound(bound, env, algo_name: str, impl: str) -> None:
     if algo_name not in BOUNDED_REWARD_ALGORITHMS:
         raise ConfigError("model.reward.bound", f"{algo_name} trains no model.reward; allowed: null, or a bound "
                                                 f"with algorithm in {list(BOUNDED_REWARD_ALGORITHMS)}")
-    if algo_name == "bilevel" and impl == "fast":
-        raise ConfigError("model.reward.bound", "the compiled bilevel step (impl=fast) does not apply the bound "
-                                                "yet; allowed with impl=eager (the same step in torch) or impl=reference")
     if env.name == "bandit" and env.n_actions > BOX_FACE_SIZE:
         raise ConfigError("model.reward.bound", f"the exact F* over the bounded class enumerates 3^A box faces per "
                                                 f"context: allowed with env.n_actions <= {BOX_FACE_SIZE}, got {env.n_actions}")

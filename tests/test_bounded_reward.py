@@ -149,8 +149,7 @@ def test_the_cache_is_keyed_by_the_bound(tmp_path):
     (["model.reward.bound=0"], ["model.reward.bound", "> 0"]),
     (["model.reward.bound=inf"], ["model.reward.bound", "finite"]),
     (["model.policy.bound=1"], ["model.policy.bound", "only the reward model"]),
-    (["model.reward.bound=1"], ["model.reward.bound", "impl=eager"]),  # bilevel's compiled step lacks it
-    (["model.reward.bound=1", "impl=eager", "env.n_actions=9"], ["model.reward.bound", "env.n_actions <= 8"]),
+    (["model.reward.bound=1", "env.n_actions=9"], ["model.reward.bound", "env.n_actions <= 8"]),
 ])
 def test_bad_bounds_are_refused_naming_the_field(overrides, words, expect_bad_input):
     expect_bad_input(["algorithm=bilevel", *overrides], words)

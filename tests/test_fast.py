@@ -50,6 +50,11 @@ CASES = {  # id: (overrides, steps)
     "bilevel-bandit-deep-tanh": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, "model.reward.depth=2",
                                   "model.policy.activation=tanh"], 30),
     "bilevel-bandit-linear-reward": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, "model.reward.kind=linear"], 30),
+    # the bounded reward r = R tanh(raw) (docs/bilevel.md "Bounded rewards"), MLP and linear
+    "bilevel-bandit-bounded": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, "model.reward.bound=2"], 200),
+    "bilevel-mdp-bounded": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES, "model.reward.bound=2"], 40),
+    "bilevel-mdp-bounded-linear-reward": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES, "model.reward.bound=2",
+                                           "model.reward.kind=linear"], 30),
     # the MLP reward's two fast passes (Bilevel.reward_pass): at N = M = 2 the bandit runs it on the visited
     # units and the MDP and token task on the whole table; here each takes the other one (the token task's
     # steps that pay nothing included)
