@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from ratebench.analysis import evidence
 from ratebench.analysis.curves import METRICS, X_AXES, Curves
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate
 from ratebench.errors import ConfigError
@@ -374,3 +375,16 @@ def _evidence_note(claim: Claim, per: dict, worst, pooled: RateFit, with_window:
         trend = f", trend {f.p_trend:+.2g} per decade of 1/ε" if np.isfinite(f.p_trend) else ""
         parts.append(f"local exponent at ε_min {f.p_local:.3g} [{f.p_local_low:.3g}, {f.p_local_high:.3g}]{trend}")
     return (" | " + "; ".join(parts)) if parts else ""
+
+
+def what_it_would_take(v: Verdict) -> dict | None:
+    """For an INCONCLUSIVE verdict with a fit: evidence.what_it_would_take (projected budget, seeds for
+    one more check and its error rate), or None when there is nothing to say."""
+    c, f = v.claim, v.fit
+    if v.verdict != INCONCLUSIVE or f is None:
+        return None
+    x = f.arrays.get("curve_x")
+    budget_now = float(np.max(x)) if x is not None and len(x) else float("nan")
+    take = evidence.what_it_would_take(c.relation, c.metric_exponent, c.tolerance, f, c.metric_eps_range[0],
+                                       budget_now, c.x)
+    return take if take["text"] else None

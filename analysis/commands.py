@@ -20,8 +20,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from ratebench.analysis import evidence
-from ratebench.analysis.claims import (INCONCLUSIVE, PASS, VIOLATED, Claim, Verdict, find_claim, judge, load_claim,
-                                       n_unhealthy, verdict)
+from ratebench.analysis.claims import (
+    INCONCLUSIVE,
+    PASS,
+    VIOLATED,
+    Claim,
+    Verdict,
+    find_claim,
+    judge,
+    load_claim,
+    n_unhealthy,
+    verdict,
+    what_it_would_take,
+)
 from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys, has_positive
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
 from ratebench.analysis.labels import group_config, group_labels, natural_order, short_key
@@ -693,19 +704,6 @@ def verdict_row(v: Verdict, note: str = "") -> dict:
     row.update(n_instances=max(len(v.per_instance), 1 if f is not None else 0),
                worst_instance=None if v.worst_instance is None else _jsonable({"i": v.worst_instance})["i"])
     return row
-
-
-def what_it_would_take(v: Verdict) -> dict | None:
-    """For an INCONCLUSIVE verdict with a fit: evidence.what_it_would_take (projected budget, seeds for
-    one more check and its error rate), or None when there is nothing to say."""
-    c, f = v.claim, v.fit
-    if v.verdict != INCONCLUSIVE or f is None:
-        return None
-    x = f.arrays.get("curve_x")
-    budget_now = float(np.max(x)) if x is not None and len(x) else float("nan")
-    take = evidence.what_it_would_take(c.relation, c.metric_exponent, c.tolerance, f, c.metric_eps_range[0],
-                                       budget_now, c.x)
-    return take if take["text"] else None
 
 
 def format_verdicts(rows: list[dict]) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from ratebench.analysis import plots
-from ratebench.analysis.claims import UPPER_BOUND_CAVEAT
+from ratebench.analysis.claims import UPPER_BOUND_CAVEAT, what_it_would_take
 from ratebench.analysis.curves import METRICS, has_positive
 from ratebench.analysis.load import RunRecordError, read_record
 from ratebench.analysis.tables import markdown_table, number_text
@@ -85,7 +85,6 @@ def claim_section(v, curves, note: str, evidence_seeds: pd.DataFrame, fig_png: P
     """Everything the report says about one claim, as plain values."""
     c, f = v.claim, v.fit
     bad = evidence_seeds[evidence_seeds["status"] != "completed"]
-    from ratebench.analysis.commands import what_it_would_take
 
     take = what_it_would_take(v)
     return {
