@@ -22,9 +22,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.softmax_pg import initial_logits
+from ratebench.envs.exact import policy_q
 from ratebench.errors import ConfigError
 
 
@@ -52,16 +52,8 @@ class NPGState:
 
 
 def soft_q(problem, rewards: list[torch.Tensor], logps: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Q_h^pi of the KL-regularised value (the Q whose V_0 is envs.exact.policy_value): [(B, n_h, A)]."""
-    beta, qs, values = problem.beta, [None] * problem.horizon, None
-    for h in reversed(range(problem.horizon)):
-        step = problem.steps[h]
-        q = rewards[h]
-        if values is not None:
-            q = q + (values[:, step.next_idx] * step.next_prob).sum(-1)  # E_{s'} V_{h+1}(s')
-        qs[h] = q.expand(logps[h].shape[0], *q.shape[1:])
-        values = (logps[h].exp() * (qs[h] - beta * (logps[h] - step.ref_logp))).sum(-1)
-    return qs
+    """Q_h^pi of the KL-regularised value (envs.exact.policy_q), one table per seed: [(B, n_h, A)]."""
+    return [q.expand(logp.shape[0], *q.shape[1:]) for q, logp in zip(policy_q(problem, rewards, logps)[0], logps)]
 
 
 def npg_update(logp: torch.Tensor, ref_logp: torch.Tensor, q: torch.Tensor, eta: float, beta: float) -> torch.Tensor:

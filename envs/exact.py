@@ -38,16 +38,23 @@ def soft_optimal(problem: TabularProblem, rewards: Tables) -> tuple[Tables, torc
     return logps, values
 
 
-def policy_value(problem: TabularProblem, rewards: Tables, logps: Tables) -> torch.Tensor:
-    """J = E_pi[sum_t r_t - beta log(pi/pi_ref)] by backward evaluation. Returns (B,)."""
-    values = None
+def policy_q(problem: TabularProblem, rewards: Tables, logps: Tables) -> tuple[Tables, torch.Tensor]:
+    """Q_h^pi of the KL-regularised value by backward evaluation: Q_h = r_h + E V_{h+1},
+    V_h = sum_a pi_h (Q_h - beta log(pi_h/pi_ref)). Returns (Q tables [(B, n_h, A)], V_0 of shape (B, G))."""
+    values, qs = None, [None] * problem.horizon
     for h in reversed(range(problem.horizon)):
         step = problem.steps[h]
-        q = rewards[h] - problem.beta * (logps[h] - step.ref_logp)
+        q = rewards[h]
         if values is not None:
             q = q + _expected_next(step, values)
-        values = (logps[h].exp() * q).sum(-1)
-    return values @ problem.init_prob
+        qs[h] = q
+        values = (logps[h].exp() * (q - problem.beta * (logps[h] - step.ref_logp))).sum(-1)
+    return qs, values
+
+
+def policy_value(problem: TabularProblem, rewards: Tables, logps: Tables) -> torch.Tensor:
+    """J = E_pi[sum_t r_t - beta log(pi/pi_ref)] by backward evaluation. Returns (B,)."""
+    return policy_q(problem, rewards, logps)[1] @ problem.init_prob
 
 
 def optimal_value(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
