@@ -173,7 +173,7 @@ class Bilevel(Algorithm):
             rewards = self.reward.step_tables(nu)
             return upper_y(rewards) + state.lam * (value_z(rewards) - value_y(rewards))
 
-        state.nu = sgd_step(state.nu, hypergradient_surrogate, state.xi)
+        state.nu = self.reward.project(sgd_step(state.nu, hypergradient_surrogate, state.xi))  # then onto the box, if any
 
     # --- the fast path: the same step, closed-form gradients, one RNG call -------------
     def fast_step(self, state, sampler):
@@ -227,7 +227,7 @@ class Bilevel(Algorithm):
             grad = torch.zeros_like(rewards)
             draws.every.add_return_grad(grad, weights)
             grad = grad[:, :-1]
-        state.nu = sgd_update(state.nu, self.reward.backward(state.nu, reward_acts, grad), state.xi)
+        state.nu = self.reward.project(sgd_update(state.nu, self.reward.backward(state.nu, reward_acts, grad), state.xi))
         state.k += 1
         return state
 

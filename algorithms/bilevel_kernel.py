@@ -45,7 +45,7 @@ class _Step(ctypes.Structure):
                 ("unit_of", ctypes.POINTER(I64)),
                 ("unit_x", ctypes.POINTER(F64)), ("unit_x_stride", I64),
                 ("true_r", ctypes.POINTER(F64)), ("true_r_stride", I64),
-                ("beta", F64), ("label_noise", F64), ("reward_bound", F64),
+                ("beta", F64), ("label_noise", F64), ("reward_bound", F64), ("reward_box", F64),
                 ("z", _Net), ("y", _Net), ("nu", _Net),
                 ("n_traj", I64), ("n_pairs", I64), ("inner", I64),
                 ("lam", F64), ("alpha", F64), ("alpha_z", F64), ("xi", F64),
@@ -119,15 +119,16 @@ class CompiledStep:
         st.next_cdf, st.next_idx, st.next_k, st.next_stride = cdfs, idxs, ks, strides
         self.keep += [cdfs, idxs, ks, strides]
         st.unit_of = _ptr(hold(lay.unit_of.to(torch.int64).contiguous()), I64)
-        phi, st.unit_x_stride = _table(problem.unit_features, 2)
+        phi, st.unit_x_stride = _table(algo.reward.features, 2)  # phi(u), or the one-hot units of a table
         st.unit_x = _ptr(hold(phi))
         true, st.true_r_stride = _table(flat_true_rewards(problem), 1)
         st.true_r = _ptr(hold(true))
         st.beta, st.label_noise = problem.beta, problem.label_noise
         st.reward_bound = 0.0 if algo.reward.bound is None else float(algo.reward.bound)  # 0: unbounded
+        st.reward_box = 0.0 if algo.reward.box is None else float(algo.reward.box)  # 0: no projection
         policy, reward = algo.policy.net, algo.reward.net
         (st.z, z), (st.y, y) = self._net(policy, policy.sizes, self.keep), self._net(policy, policy.sizes, self.keep)
-        st.nu, nu = self._net(reward, reward.sizes if reward is not None else [problem.unit_features.shape[-1]], self.keep)
+        st.nu, nu = self._net(reward, reward.sizes if reward is not None else [algo.reward.features.shape[-1]], self.keep)
         depth = len(policy.sizes) - 1
         self.arrays = {"z": (z, depth), "y": (y, depth), "nu": (nu, 0 if reward is None else len(reward.sizes) - 1)}
         self.plans: dict = {}

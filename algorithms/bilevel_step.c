@@ -53,6 +53,7 @@ typedef struct {
     const double *true_r; int64_t true_r_stride;      /* (n_units + 1): the true reward, padded */
     double beta, label_noise;
     double reward_bound;  /* R > 0: r_nu(u) = R tanh(raw output), in (-R, R); 0: r_nu(u) = raw output (unbounded) */
+    double reward_box;    /* R > 0: a linear nu (a table) clipped onto [-R, R] after each update (projected SGD); 0: none */
     Net z, y, nu;
     /* the step */
     int64_t n_traj, n_pairs, inner;
@@ -424,6 +425,11 @@ static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
             w->dW[i] = s;
         }
         for (int64_t i = 0; i < d; i++) nu[i] = nu0[i] - st->xi * w->dW[i];
+        if (st->reward_box > 0)  /* then onto the box: nu <- clip(nu, -R, R) (a NaN stays NaN, as in torch.clamp) */
+            for (int64_t i = 0; i < d; i++) {
+                if (nu[i] > st->reward_box) nu[i] = st->reward_box;
+                else if (nu[i] < -st->reward_box) nu[i] = -st->reward_box;
+            }
         return;
     }
     /* the MLP: one backward over the units the stage visits (the others' gradient is 0), their inputs and

@@ -17,17 +17,22 @@ from ratebench.sampling import rows_of
 
 Params = list[torch.Tensor]
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+BOUND_READINGS = ("tanh", "project")
 
 
 @dataclass
 class NetConfig:
-    kind: str = "mlp"  # "mlp"; the reward model may also be "linear" in the env's reward features
+    kind: str = "mlp"  # "mlp"; the reward model may also be "linear" in the env's reward features, or "tabular"
+    #                    (one free value per reward unit: the function-space limit of a wide network)
     width: int = 32  # hidden units per layer (the theorem's m)
     depth: int = 1  # hidden layers: 1 = the two-layer network of the neural-PG analyses
     activation: str = "relu"  # relu (as analysed) or tanh (smooth)
     # the reward model only: null (unbounded) or R > 0, the output read as R tanh(raw): every unit reward in
     # (-R, R), the bounded-reward class of the theorem's assumptions (docs/bilevel.md "Bounded rewards")
     bound: Optional[float] = None
+    # how the bound is kept: "tanh" (the output map above, any kind) or "project" (a tabular reward only: the
+    # table is clipped onto the box [-R, R] after every nu step, projected SGD; docs/bilevel.md "Bounded rewards")
+    bound_reading: str = "tanh"
 
 
 @dataclass
@@ -53,6 +58,13 @@ def check_net(cfg, where: str, kinds: tuple[str, ...], may_bound: bool = False) 
             raise ConfigError(f"{where}.bound", f"only the reward model has a bound; allowed: null, got {bound!r}")
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 0:
             raise ConfigError(f"{where}.bound", f"must be null (unbounded) or a finite number > 0, got {bound!r}")
+    reading = getattr(cfg, "bound_reading", "tanh")
+    if reading not in BOUND_READINGS:
+        raise ConfigError(f"{where}.bound_reading", f"must be one of {list(BOUND_READINGS)}, got {reading!r}")
+    if reading == "project" and (cfg.kind != "tabular" or bound is None):
+        raise ConfigError(f"{where}.bound_reading", f"'project' clips a reward table onto [-bound, bound]: it needs "
+                                                    f"{where}.kind=tabular and a bound, got kind={cfg.kind!r}, "
+                                                    f"bound={bound!r}; allowed otherwise: tanh")
 
 
 def _seed_generator(seed: int, salt: int) -> torch.Generator:
@@ -181,20 +193,30 @@ def bounded(raw: torch.Tensor, bound: float | None) -> torch.Tensor:
 
 
 class RewardModel:
-    """r_nu on the env's reward units: linear nu . phi(u), or an MLP on phi(u); with cfg.bound = R the
-    output is R tanh(.) of that (every unit reward in (-R, R))."""
+    """r_nu on the env's reward units: linear nu . phi(u), an MLP on phi(u), or a table (linear in one-hot
+    unit features: nu is the unit rewards); with cfg.bound = R either the output is R tanh(.) of that (every
+    unit reward in (-R, R)) or, bound_reading "project", the table stays in the box [-R, R] by projection."""
 
     def __init__(self, problem: TabularProblem, cfg: NetConfig):
-        check_net(cfg, "model.reward", ("mlp", "linear"), may_bound=True)
+        check_net(cfg, "model.reward", ("mlp", "linear", "tabular"), may_bound=True)
         self.problem = problem
-        d = problem.unit_features.shape[-1]
         self.kind = cfg.kind
-        self.bound = getattr(cfg, "bound", None)
-        self.net = None if cfg.kind == "linear" else StackedMLP([d] + [cfg.width] * cfg.depth + [1], cfg.activation)
+        self.features = unit_features(problem, cfg.kind)  # phi(u), or the identity for a table
+        d = self.features.shape[-1]
+        bound = getattr(cfg, "bound", None)
+        projected = getattr(cfg, "bound_reading", "tanh") == "project"
+        self.bound = None if projected else bound  # the output map's R (None: the output is the raw value)
+        self.box = bound if projected else None  # the projection's R (None: no projection)
+        self.net = None if cfg.kind in ("linear", "tabular") else StackedMLP([d] + [cfg.width] * cfg.depth + [1],
+                                                                               cfg.activation)
+
+    def project(self, params: Params) -> Params:
+        """The projection of projected SGD onto the box (identity without one): nu <- clip(nu, -R, R)."""
+        return params if self.box is None else [p.clamp(-self.box, self.box) for p in params]
 
     def init(self, seeds: list[int], salt: int = 2) -> Params:
         if self.net is None:
-            return [torch.zeros(len(seeds), self.problem.unit_features.shape[-1], dtype=DTYPE)]
+            return [torch.zeros(len(seeds), self.features.shape[-1], dtype=DTYPE)]
         return self.net.init(seeds, salt)
 
     def unit_rewards(self, params: Params) -> torch.Tensor:
@@ -204,11 +226,11 @@ class RewardModel:
     def _raw(self, params: Params) -> torch.Tensor:
         """The model's output before the bound: (B, n_units)."""
         if self.net is None:
-            features = self.problem.unit_features
+            features = self.features
             if features.dim() == 3:  # an InstanceBatch: each row its own instance's features
                 return torch.bmm(features, params[0][..., None]).squeeze(-1)
             return params[0] @ features.T
-        return self.net(params, self.problem.unit_features).squeeze(-1)
+        return self.net(params, self.features).squeeze(-1)
 
     def step_tables(self, params: Params) -> list[torch.Tensor]:
         return self.problem.step_tables_from_units(self.unit_rewards(params))
@@ -219,7 +241,7 @@ class RewardModel:
         if self.net is None:
             raw = self._raw(params)
             return bounded(raw, self.bound), (None if self.bound is None else [raw[..., None]])
-        acts = self.net.activations(params, self.problem.unit_features)
+        acts = self.net.activations(params, self.features)
         return bounded(acts[-1].squeeze(-1), self.bound), acts
 
     def visited_units(self, params: Params, unit: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -228,7 +250,7 @@ class RewardModel:
         (padded unit rewards (B, n_units + 1), right at the visited units and 0 in the no-reward slot,
         elsewhere 0 but never read by these trajectories; the network's activations, one row per step,
         for `backward` with FlatTrajectories.return_grad_per_step)."""
-        features = self.problem.unit_features
+        features = self.features
         n_units, B = features.shape[-2], unit.shape[0]
         flat = unit.reshape(B, -1)
         acts = self.net.activations(params, rows_of(features, flat.clamp_max(n_units - 1)))  # x: (B, N * H, d)
@@ -245,11 +267,21 @@ class RewardModel:
             t = torch.tanh(acts[-1].squeeze(-1))
             grad_units = grad_units * (self.bound * (1 - t * t))
         if self.net is None:
-            features = self.problem.unit_features
+            features = self.features
             if features.dim() == 3:
                 return [torch.bmm(grad_units[:, None], features).squeeze(1)]
             return [grad_units @ features]
         return self.net.backward(params, acts, grad_units[..., None])
+
+
+def unit_features(problem: TabularProblem, kind: str) -> torch.Tensor:
+    """The reward model's inputs per unit: the env's features phi(u) (n_units, d) (an InstanceBatch: (B, n_units,
+    d)), or for a tabular reward the one-hot units, so that nu . e_u = nu_u is the unit's reward."""
+    features = problem.unit_features
+    if kind != "tabular":
+        return features
+    eye = torch.eye(features.shape[-2], dtype=features.dtype)
+    return eye.expand(features.shape[0], -1, -1).contiguous() if features.dim() == 3 else eye
 
 
 def sgd_step(params: Params, loss_of, lr: float | torch.Tensor) -> Params:

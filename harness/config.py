@@ -152,9 +152,9 @@ def validate(cfg: DictConfig) -> Validated:
         algorithm.check()
     model = ModelConfig(reward=to_dataclass(cfg.model.reward, NetConfig, "model.reward"),
                         policy=to_dataclass(cfg.model.policy, NetConfig, "model.policy"))
-    check_net(model.reward, "model.reward", ("mlp", "linear"), may_bound=True)
+    check_net(model.reward, "model.reward", ("mlp", "linear", "tabular"), may_bound=True)
     check_net(model.policy, "model.policy", ("mlp",))
-    check_reward_bound(model.reward.bound, env, algo_name)
+    check_reward_bound(model.reward.bound, env, algo_name, model.reward.bound_reading)
     if cfg.budget.samples < 1:
         raise ConfigError("budget.samples", f"must be >= 1, got {cfg.budget.samples}")
     if cfg.budget.steps is not None and cfg.budget.steps < 1:
@@ -191,7 +191,10 @@ def validate(cfg: DictConfig) -> Validated:
 BOUNDED_REWARD_ALGORITHMS = ("bilevel", "ppo_rlhf")  # the algorithms whose reward network is model.reward
 
 
-def check_reward_bound(bound, env, algo_name: str) -> None:
+PROJECTED_REWARD_ALGORITHMS = ("bilevel",)  # the algorithms whose nu step projects onto the box (RewardModel.project)
+
+
+def check_reward_bound(bound, env, algo_name: str, reading: str = "tanh") -> None:
     """model.reward.bound (docs/bilevel.md "Bounded rewards"): only where model.reward is trained (every impl
     applies it, bilevel's compiled step included); a bandit's exact F* over the box enumerates 3^A faces per
     context."""
@@ -202,6 +205,9 @@ def check_reward_bound(bound, env, algo_name: str) -> None:
     if algo_name not in BOUNDED_REWARD_ALGORITHMS:
         raise ConfigError("model.reward.bound", f"{algo_name} trains no model.reward; allowed: null, or a bound "
                                                 f"with algorithm in {list(BOUNDED_REWARD_ALGORITHMS)}")
+    if reading == "project" and algo_name not in PROJECTED_REWARD_ALGORITHMS:
+        raise ConfigError("model.reward.bound_reading", f"{algo_name} does not project its reward; allowed: tanh, or "
+                                                        f"project with algorithm in {list(PROJECTED_REWARD_ALGORITHMS)}")
     if env.name == "bandit" and env.n_actions > BOX_FACE_SIZE:
         raise ConfigError("model.reward.bound", f"the exact F* over the bounded class enumerates 3^A box faces per "
                                                 f"context: allowed with env.n_actions <= {BOX_FACE_SIZE}, got {env.n_actions}")

@@ -196,3 +196,59 @@ def test_bounded_eager_step_equals_the_reference_step(compose_config, overrides)
     model, params = ref.reward_model(state)
     units = model.unit_rewards(params)
     assert float(units.abs().max()) < 0.5
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model.reward.bound_reading=clip"], ["model.reward.bound_reading", "tanh", "project"]),
+    (["model.reward.bound=1", "model.reward.bound_reading=project"], ["model.reward.bound_reading", "tabular"]),
+    (["model.reward.kind=tabular", "model.reward.bound_reading=project"], ["model.reward.bound_reading", "bound"]),
+    (["model.reward.kind=table"], ["model.reward.kind", "tabular"]),
+])
+def test_bad_projected_readings_are_refused_naming_the_field(overrides, words, expect_bad_input):
+    expect_bad_input(["algorithm=bilevel", *overrides], words)
+
+
+def test_a_projected_reward_with_an_algorithm_that_does_not_project_is_refused(expect_bad_input):
+    expect_bad_input(["algorithm=ppo_rlhf", "model.reward.kind=tabular", "model.reward.bound=1",
+                      "model.reward.bound_reading=project"], ["model.reward.bound_reading", "ppo_rlhf", "bilevel"])
+
+
+@pytest.mark.parametrize("impl", ["reference", "eager", "fast"])
+def test_the_projected_tabular_reward_is_projected_sgd_on_the_unit_rewards(compose_config, impl):
+    """bound_reading=project: nu is the table of unit rewards, and each nu step is the unprojected step
+    followed by the clip onto [-R, R]. Checked independently of RewardModel.project: from the state before a
+    step, the step taken with the box switched off and then clipped here with numpy equals the projected step;
+    and over the run the clip binds (some unit at exactly +-R), which an unprojected method would not keep."""
+    import copy
+
+    from ratebench.algorithms import ALGORITHMS
+    from ratebench.config import validate
+    from ratebench.sampling import Counters, CountingSampler
+
+    R = 0.05
+    v = validate(compose_config(["seeds=[3,0]", "model.policy.width=4", "algorithm=bilevel", "env=bandit",
+                                 "algorithm.batch_traj=2", "algorithm.batch_pairs=2", "model.reward.kind=tabular",
+                                 f"model.reward.bound={R}", "model.reward.bound_reading=project"]))
+    problem = envs.make(v.env)
+    algo = ALGORITHMS["bilevel"](v.algorithm, v.model, problem)
+    algo.impl = impl
+    free = ALGORITHMS["bilevel"](v.algorithm, v.model, problem)  # the same step without the box
+    free.impl, free.reward.box = impl, None
+    sampler = CountingSampler(problem, v.seeds, Counters())
+    other = CountingSampler(problem, v.seeds, Counters())
+    state = algo.init(v.seeds)
+    assert state.nu[0].shape == (2, problem.unit_features.shape[0])  # one value per unit
+    at_bound = 0
+    for _ in range(60):
+        start = copy.deepcopy(state)
+        other.load_state_dict(sampler.state_dict())
+        state = algo.step(state, sampler)
+        unprojected = free.step(start, other)
+        want = np.clip(unprojected.nu[0].numpy(), -R, R)
+        np.testing.assert_allclose(state.nu[0].numpy(), want, rtol=0, atol=1e-12)
+        units = algo.reward.unit_rewards(state.nu)
+        torch.testing.assert_close(units, state.nu[0], rtol=0, atol=0)  # the table is the reward
+        at_bound += int((state.nu[0].abs() == R).sum())
+        free._policy_cache = None  # the free copy's cache holds its own y, z
+    assert at_bound > 0, "the clip never bound: the test would not see a missing projection"
+    assert float(state.nu[0].abs().max()) <= R

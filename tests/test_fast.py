@@ -40,6 +40,7 @@ SMALL_BATCHES = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
 DOUBLE = ["algorithm.variant=double_loop", "algorithm.eps=0.08"]  # K = 3 inner steps, B = 2
 REFIT = ["algorithm.min_steps=20", "algorithm.first_pairs=8", "algorithm.batch_pairs=4", "algorithm.epochs=2"]
 PPO_REFIT = ["algorithm.min_steps=20", "algorithm.first_pairs=8", "algorithm.batch_pairs=4", "algorithm.epochs=2"]
+PROJECTED = ["model.reward.kind=tabular", "model.reward.bound=0.05", "model.reward.bound_reading=project"]
 CASES = {  # id: (overrides, steps)
     "bilevel-bandit": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES], 1000),
     "bilevel-mdp": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES], 40),
@@ -55,6 +56,11 @@ CASES = {  # id: (overrides, steps)
     "bilevel-mdp-bounded": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES, "model.reward.bound=2"], 40),
     "bilevel-mdp-bounded-linear-reward": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES, "model.reward.bound=2",
                                            "model.reward.kind=linear"], 30),
+    # the tabular reward kept in the box [-R, R] by projection (bound_reading=project); R = 0.05 so that the
+    # clip binds within a few steps (test_bounded_reward.py checks that it does)
+    "bilevel-bandit-tabular-projected": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, *PROJECTED], 300),
+    "bilevel-mdp-tabular-projected": (["algorithm=bilevel", "env=mdp", *SMALL_BATCHES, *PROJECTED], 40),
+    "bilevel-bandit-tabular-projected-eager": (["algorithm=bilevel", "env=bandit", *SMALL_BATCHES, *PROJECTED], 100),
     # the MLP reward's two fast passes (Bilevel.reward_pass): at N = M = 2 the bandit runs it on the visited
     # units and the MDP and token task on the whole table; here each takes the other one (the token task's
     # steps that pay nothing included)
