@@ -531,10 +531,12 @@ def claim_premise(loaded: Loaded, claim: Claim, premise_fn, where: str = "the ru
         config = read_record(Path(run_dir) / "run.json")["config"]
         env, algo = config["env"], config.get("algorithm", {})
         key = int(env.get("instance_seed", 0))
-        bound = ((config.get("model") or {}).get("reward") or {}).get("bound")  # the reward class the runs used
+        reward = (config.get("model") or {}).get("reward") or {}  # the reward class the runs used
+        kwargs = {} if reward.get("bound") is None else {"reward_bound": reward["bound"]}
+        if reward.get("bound_reading") == "project":  # a projected method stops at the box's KKT points
+            kwargs["projected"] = True
         if key not in per_instance:
-            summary = (dict(premise_fn(env, float(algo.get("lam_exponent", 1 / 7)), reward_bound=bound))
-                       if bound is not None else dict(premise_fn(env, float(algo.get("lam_exponent", 1 / 7)))))
+            summary = dict(premise_fn(env, float(algo.get("lam_exponent", 1 / 7)), **kwargs))
             summary["c_lam"] = float(algo.get("lam_exponent", 1 / 7))
             summary["schedule_applies"] = algo.get("variant", "single_loop") == "single_loop"
             per_instance[key] = summary

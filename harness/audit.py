@@ -252,16 +252,22 @@ def audit_instance(env, policy_net, c_lam: float, n_starts: int = DEFAULT_STARTS
 
 
 def premise_summary(env_config: dict, c_lam: float, directory: str | None = None,
-                    n_starts: int = DEFAULT_STARTS, reward_bound: float | None = None) -> dict:
+                    n_starts: int = DEFAULT_STARTS, reward_bound: float | None = None, projected: bool = False) -> dict:
     """{"wgd_floor", "implied_exponent", "q"} of one instance, cached on disk keyed by the env config,
-    c_lam, the reward bound and AUDIT_VERSION (like harness/fstar.py): what `check`/`report` print next
-    to a verdict."""
+    c_lam, the reward bound, the reading and AUDIT_VERSION (like harness/fstar.py): what `check`/`report`
+    print next to a verdict. projected (a method that projects a tabular reward onto the box,
+    model.reward.bound_reading=project): the floor over the box's KKT points, where such a method can stop;
+    otherwise over every stationary point and face limit of the R tanh class."""
     from ratebench.fstar import cache_dir
     from ratebench.records import atomic_write_json, config_hash
 
     keyed = {"env": env_config, "c_lam": float(c_lam), "n_starts": n_starts, "audit_version": AUDIT_VERSION}
     if reward_bound is not None:
         keyed["reward_bound"] = float(reward_bound)
+    if projected:
+        if reward_bound is None:
+            raise ValueError("premise_summary: projected needs a reward_bound (the box)")
+        keyed["projected"] = True
     key = config_hash(keyed)
     path = cache_dir(directory) / f"premise-{key}.json"
     if path.exists():
@@ -279,7 +285,11 @@ def premise_summary(env_config: dict, c_lam: float, directory: str | None = None
     env = to_dataclass(env_config, ENVIRONMENTS[env_config["name"]][0], "env")
     ENVIRONMENTS[env.name][1](env)
     result = audit_instance(env, NetConfig(), c_lam, n_starts, quiet=True, reward_bound=reward_bound)
-    summary = {"wgd_floor": result["wgd"]["floor"], "implied_exponent": result["penalty_bias"]["implied_exponent"],
+    floor = result["wgd"]["floor_kkt"] if projected else result["wgd"]["floor"]
+    if floor is None:  # no face enumeration (the mdp): the KKT points are not listed
+        raise ConfigError("model.reward.bound_reading", f"the premise of a projected reward needs the box's KKT points, "
+                                                        f"enumerated on the bandit only; got env {env.name!r}")
+    summary = {"wgd_floor": floor, "implied_exponent": result["penalty_bias"]["implied_exponent"],
                "q": result["penalty_bias"]["q"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {**summary, "env": env_config, "c_lam": float(c_lam)})

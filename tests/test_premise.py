@@ -74,3 +74,39 @@ def test_the_real_premise_on_the_default_bandit_fails_for_the_papers_gap_claim(b
                                     "--n-boot", "200"], premise=premise_summary) == 0
     assert "PREMISE FAILS" in (out / "report.md").read_text()
     capsys.readouterr()
+
+
+def test_a_projected_runs_premise_is_asked_for_the_kkt_floor(tmp_path, capsys):
+    """Runs of the projected tabular reward (model.reward.bound_reading=project) are judged on the floor over
+    the box's KKT points (where projected SGD can stop), the others on every stationary point: check passes
+    the reading on to the premise function, and premise_summary returns the floor of that reading."""
+    root = tmp_path / "runs"
+    for inst in (1, 2):
+        run_job(compose(["algorithm=bilevel", "n_seeds=4", "budget.samples=2000", f"env.instance_seed={inst}",
+                         "model.reward.kind=tabular", "model.reward.bound=2", "model.reward.bound_reading=project",
+                         "env.n_actions=2", "progress=false"]), root / f"inst{inst}", experiment="premise_test")
+    calls = []
+
+    def fake(env, c_lam, **kwargs):
+        calls.append(kwargs)
+        return {"wgd_floor": 0.0, "implied_exponent": 3.5, "q": 2.0}
+
+    _, row = check_rows(claim_file(tmp_path), root, fake, capsys)
+    assert calls == [{"reward_bound": 2.0, "projected": True}] * 2
+    assert row["premise_holds"] is True
+
+
+def test_premise_summary_takes_the_floor_of_the_reading(tmp_path, monkeypatch):
+    from ratebench import audit
+
+    def fake_audit(env, net, c_lam, n_starts, quiet, reward_bound):
+        return {"wgd": {"floor": 0.7, "floor_kkt": 1e-17}, "penalty_bias": {"implied_exponent": 3.5, "q": 2.0}}
+
+    monkeypatch.setattr(audit, "audit_instance", fake_audit)
+    env = plain(validate(compose(["env.instance_seed=1"])).env)
+    tanh = audit.premise_summary(env, 1 / 7, directory=str(tmp_path), reward_bound=2.0)
+    box = audit.premise_summary(env, 1 / 7, directory=str(tmp_path), reward_bound=2.0, projected=True)
+    assert tanh["wgd_floor"] == 0.7 and box["wgd_floor"] == 1e-17  # and each from its own cache entry:
+    assert audit.premise_summary(env, 1 / 7, directory=str(tmp_path), reward_bound=2.0)["wgd_floor"] == 0.7
+    with pytest.raises(ValueError):
+        audit.premise_summary(env, 1 / 7, directory=str(tmp_path), projected=True)
