@@ -18,8 +18,8 @@ from ratebench.algorithms.estimators import (kl_regularised_return, policy_gradi
 from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step, sgd_update, stack_seeds, unstack_seeds
 from ratebench.algorithms.oracles import ORACLES, make_oracle
 from ratebench.algorithms.targets import minimiser_target
-from ratebench.errors import ConfigError, require
-from ratebench.sampling import padded_units, policy_cdf
+from ratebench.core.errors import ConfigError, require
+from ratebench.envs.sampling import padded_units, policy_cdf
 
 VARIANTS = ("single_loop", "double_loop")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ratebench.kernels import load
-from ratebench.sampling import flat_true_rewards
+from ratebench.core.kernels import load
+from ratebench.envs.sampling import flat_true_rewards
 
 SOURCE = Path(__file__).with_name("bilevel_step.c")
 MAX_LAYERS = 15  # bilevel_step.c's fixed-size buffers

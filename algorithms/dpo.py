@@ -19,9 +19,9 @@ from ratebench.algorithms.targets import TARGET_TOL, PopulationTarget, fixed_poi
 from ratebench.envs.exact import (bradley_terry_nll, bradley_terry_nll_grad, expected_pair_loss, trajectory_returns,
                                    true_pair_probs)
 from ratebench.envs.lbfgs import minimise_rows
-from ratebench.errors import ConfigError, require
-from ratebench.rng import CounterRng
-from ratebench.sampling import PreferencePairs, policy_cdf
+from ratebench.core.errors import ConfigError, require
+from ratebench.core.rng import CounterRng
+from ratebench.envs.sampling import PreferencePairs, policy_cdf
 
 MODES = ("offline", "online", "iterative")
 LOSSES = ("sigmoid", "ipo", "hinge")

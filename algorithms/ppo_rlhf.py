@@ -19,9 +19,9 @@ from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, clip
                                              clipped_surrogate_weights, fit_on_dataset, fit_on_dataset_fast, gae,
                                              next_grid_point, normalise_per_seed, offline_steps)
 from ratebench.algorithms.targets import PopulationTarget, bt_mle_target, fixed_point, soft_optimal_at
-from ratebench.errors import ConfigError, require
-from ratebench.rng import CounterRng
-from ratebench.sampling import Trajectories, flat_true_rewards, padded_units, policy_cdf
+from ratebench.core.errors import ConfigError, require
+from ratebench.core.rng import CounterRng
+from ratebench.envs.sampling import Trajectories, flat_true_rewards, padded_units, policy_cdf
 
 MODES = ("offline", "online")
 MINIBATCH_STREAM = 102  # CounterRng stream of offline reward-model minibatches (the sampler uses stream 1)

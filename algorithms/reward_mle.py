@@ -16,8 +16,8 @@ from ratebench.algorithms.estimators import preference_loss_weights
 from ratebench.algorithms.models import NetConfig, RewardModel, sgd_step, sgd_update
 from ratebench.algorithms.targets import bt_mle_target
 from ratebench.envs.exact import bradley_terry_nll, soft_optimal, trajectory_returns, trajectory_probs
-from ratebench.errors import ConfigError
-from ratebench.sampling import padded_units, policy_cdf
+from ratebench.core.errors import ConfigError
+from ratebench.envs.sampling import padded_units, policy_cdf
 
 
 @dataclass

@@ -12,7 +12,7 @@ import yaml
 from ratebench.analysis import evidence
 from ratebench.analysis.curves import METRICS, X_AXES, Curves
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 RELATIONS = ("upper_bound", "equals")
 CLAIM_ID = re.compile(r"[A-Za-z0-9_.-]+")

@@ -38,11 +38,11 @@ from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensiti
 from ratebench.analysis.labels import group_config, group_labels, natural_order, short_key
 from ratebench.analysis.load import Loaded, RunRecordError, load, read_record
 from ratebench.analysis.tables import latex_table, number_text
-from ratebench.catalog import claim_files, conf_dir
-from ratebench.errors import ConfigError
-from ratebench.records import code_fingerprint, unwritable_reason
+from ratebench.core.catalog import claim_files, conf_dir
+from ratebench.core.errors import ConfigError
+from ratebench.core.records import code_fingerprint, unwritable_reason
 
-CONF_DIR = conf_dir()  # the installed package's conf/ (one home: ratebench.catalog)
+CONF_DIR = conf_dir()  # the installed package's conf/ (one home: ratebench.core.catalog)
 MAX_N_BOOT = 100_000  # bootstrap replicates: 2000 (default) gives stable 95% bounds; 1e8 would exhaust memory
 
 

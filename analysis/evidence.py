@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from ratebench.analysis.curves import INSTANCE_COLUMN
 from ratebench.analysis.load import flatten_config
-from ratebench.records import OPERATIONAL_KEYS
+from ratebench.core.records import OPERATIONAL_KEYS
 
 # keys that never make a run another experiment: algorithm seeds, environment instances (one run per
 # instance, or a batched family), how a step is computed and the operational keys (records.OPERATIONAL_KEYS)

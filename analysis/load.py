@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ratebench.records import metrics_mismatch
+from ratebench.core.records import metrics_mismatch
 
 # metric columns added with the global reference (issue 11) and the population targets (issue 13): older
 # runs lack them, and load as NaN

@@ -59,7 +59,7 @@ def provenance_line(command: str | None = None) -> str:
     import datetime
 
     import ratebench
-    from ratebench.records import git_commit
+    from ratebench.core.records import git_commit
 
     commit = git_commit(with_dirty=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -49,7 +49,7 @@ def synthetic_curves(b: float, n_seeds: int, rng: np.random.Generator, metric: s
 @functools.lru_cache(maxsize=16)
 def _preset(name: str) -> str:
     from omegaconf import OmegaConf
-    from ratebench.catalog import conf_dir
+    from ratebench.core.catalog import conf_dir
     from ratebench.config import compose
 
     if not (conf_dir() / "experiment" / f"{name}.yaml").exists():
@@ -96,7 +96,7 @@ def write_run(folder: Path, x: np.ndarray, values: np.ndarray, seeds: list[int],
     for s in seeds:
         status.setdefault(str(s), {"status": "completed"})
     pd.concat(frames, ignore_index=True).to_parquet(folder / "metrics.parquet", index=False)
-    from ratebench.records import config_hash
+    from ratebench.core.records import config_hash
 
     record = {"algorithm": algorithm, "env": env, "experiment": experiment, "seeds": list(seeds), "status": status,
               "config": {**config, "seeds": list(seeds)}, "config_hash": config_hash(config),

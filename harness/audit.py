@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 
 class BadInput(ValueError):
@@ -257,7 +257,7 @@ def premise_summary(env_config: dict, c_lam: float, directory: str | None = None
     c_lam, the reward bound and AUDIT_VERSION (like harness/fstar.py): what `check`/`report` print next
     to a verdict."""
     from ratebench.fstar import cache_dir
-    from ratebench.records import atomic_write_json, config_hash
+    from ratebench.core.records import atomic_write_json, config_hash
 
     keyed = {"env": env_config, "c_lam": float(c_lam), "n_starts": n_starts, "audit_version": AUDIT_VERSION}
     if reward_bound is not None:

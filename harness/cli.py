@@ -85,7 +85,7 @@ def _main(argv: list[str] | None) -> int:
     if command in COMPLETION_FLAGS:
         return completion_command(argv)
     if command == "list":
-        from ratebench import catalog
+        from ratebench.core import catalog
 
         return catalog.main(rest)
     if command == "run":
@@ -281,7 +281,7 @@ def _prevalidate(overrides: list[str], multirun: bool) -> bool:
     from omegaconf.errors import OmegaConfBaseException
 
     from ratebench.config import validate
-    from ratebench.errors import ConfigError
+    from ratebench.core.errors import ConfigError
 
     try:
         jobs = _expand(overrides)
@@ -317,7 +317,7 @@ def _compose_or_bad(job: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ratebench.errors import ConfigError
+    from ratebench.core.errors import ConfigError
 
     try:
         return _compose(job)
@@ -331,7 +331,7 @@ def _compose(job: list[str]):
     """The job's config with `hydra:`; Hydra's own value checks (ValueError / TypeError, e.g. `env=0` or
     `experiment=[1,1]`: a config group takes names) are bad input, not a traceback."""
     from ratebench.config import compose
-    from ratebench.errors import ConfigError
+    from ratebench.core.errors import ConfigError
 
     try:
         return compose(job, with_hydra=True)
@@ -378,7 +378,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _check_writable(path: str | None, field: str, what: str = "output folder") -> None:
-    from ratebench.records import unwritable_reason
+    from ratebench.core.records import unwritable_reason
 
     why = unwritable_reason(path) if path else None
     if why:

@@ -12,10 +12,10 @@ from ratebench.algorithms.base import IMPLS
 from ratebench.algorithms.models import ModelConfig, NetConfig, check_net
 from ratebench.bounds import check_bounds
 from ratebench.envs import ENVIRONMENTS
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 from ratebench.health import HealthConfig, check_health
 from ratebench.live_log import check_logger
-from ratebench.records import OBJECTIVES
+from ratebench.core.records import OBJECTIVES
 
 
 @dataclass
@@ -73,7 +73,7 @@ def register() -> None:
     if not OmegaConf.has_resolver("rb_job_id"):
         OmegaConf.register_new_resolver("rb_job_id", job_id)  # hydra.sweep.subdir (conf/config.yaml)
     if not OmegaConf.has_resolver("rb_run_help"):
-        from ratebench.catalog import run_help
+        from ratebench.core.catalog import run_help
 
         OmegaConf.register_new_resolver("rb_run_help", run_help)  # hydra.help.template (conf/config.yaml)
     cs = ConfigStore.instance()

@@ -7,7 +7,7 @@ import torch
 
 from ratebench.algorithms.models import per_seed_sq_norm
 from ratebench.envs import exact, penalty
-from ratebench.grid import log_point
+from ratebench.core.grid import log_point
 
 
 NEGATIVE_GAP = -1e-9  # a gap below this means F* was not the infimum of F

@@ -15,7 +15,7 @@ import torch
 
 from ratebench.envs.exact import bilevel_objective
 from ratebench.envs.global_ref import GlobalReference, class_start, global_reference, to_units
-from ratebench.records import atomic_write_json, config_hash
+from ratebench.core.records import atomic_write_json, config_hash
 
 EXACT_VERSION = 2  # bump when the exact objective or the reference changes (2: global reference), so old entries are not reused
 ORDER_SLACK = 1e-9  # f_star <= f_star_local <= F(nu_true) up to this

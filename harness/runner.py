@@ -20,14 +20,14 @@ from ratebench.allocator import retain_freed_memory
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import plain, validate
 from ratebench.envs.tabular import InstanceBatch
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import reference, true_objective
 from ratebench.health import SeedHealth, flat_parameters, observe, zero_rows
 from ratebench.live_log import live_logger
-from ratebench.records import (BASE_COLUMNS, OPERATIONAL_KEYS, atomic_write_json, atomic_write_parquet, code_fingerprint,
+from ratebench.core.records import (BASE_COLUMNS, OPERATIONAL_KEYS, atomic_write_json, atomic_write_parquet, code_fingerprint,
                                config_hash, git_commit, metrics_mismatch, remove_stale_temporaries)
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 from ratebench.signals import Interrupted, StopRequests
 
 SEGMENT_SECONDS = 0.5  # at most about this much compute per segment call: a signal or a checkpoint waits no longer

@@ -16,9 +16,9 @@ from ratebench import envs
 from ratebench.algorithms.bilevel import Bilevel, BilevelConfig
 from ratebench.algorithms.models import ModelConfig, NetConfig
 from ratebench.envs import bandit, exact, penalty
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 from ratebench.runner import SEGMENT_DIVERGED, run_job
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 REPLICATES = 3000
 FAMILY_ALPHA = 1e-3

@@ -171,7 +171,7 @@ def test_bounded_eager_step_equals_the_reference_step(compose_config, overrides)
 
     from ratebench.algorithms import ALGORITHMS
     from ratebench.config import validate
-    from ratebench.sampling import Counters, CountingSampler
+    from ratebench.envs.sampling import Counters, CountingSampler
 
     v = validate(compose_config(["seeds=[3,0]", "model.reward.width=4", "model.policy.width=4",
                                  "model.reward.bound=0.5", "impl=reference", *overrides]))

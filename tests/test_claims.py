@@ -12,7 +12,7 @@ import yaml
 from ratebench.analysis import commands
 from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, load_claim, parse_claim, verdict
 from ratebench.analysis.fit import RateFit
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 CLAIMS = Path(commands.__file__).resolve().parent.parent / "conf" / "claims"
 CONTROL = CLAIMS / "control.yaml"

@@ -163,13 +163,13 @@ def test_a_claim_naming_instances_uses_exactly_those(tmp_path):
 
 @pytest.mark.parametrize("bad", [0, -1, "four", [1, 1], [], True, 2.5])
 def test_bad_instances_field_names_the_field(tmp_path, bad):
-    from ratebench.errors import ConfigError
+    from ratebench.core.errors import ConfigError
     with pytest.raises(ConfigError, match="instances"):
         claim_with(tmp_path, instances=bad)
 
 
 @pytest.mark.parametrize("bad_id", ["../../x", "/abs/path", "a/b", ".hidden", "spa ce", "x;rm"])
 def test_claim_ids_that_could_name_a_path_are_refused(tmp_path, bad_id):
-    from ratebench.errors import ConfigError
+    from ratebench.core.errors import ConfigError
     with pytest.raises(ConfigError, match="id"):
         claim_with(tmp_path, id=bad_id)

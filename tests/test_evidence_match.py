@@ -14,7 +14,7 @@ from ratebench.analysis.fit import FitOptions
 from ratebench.analysis.load import load
 from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
 from ratebench.config import compose, validate
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 from test_claims import CONTROL, base_claim
 

@@ -29,10 +29,10 @@ import torch
 from ratebench import envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import validate
-from ratebench.errors import ConfigError
-from ratebench.rng import CounterRng
+from ratebench.core.errors import ConfigError
+from ratebench.core.rng import CounterRng
 from ratebench.runner import resolve
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 ATOL = 1e-12  # float64: the two paths sum the same terms in a different order
 TINY = ["seeds=[3,0]", "model.reward.width=4", "model.policy.width=4"]
@@ -298,7 +298,7 @@ def test_reward_on_the_visited_units_is_the_whole_tables(compose_config, env, in
     sum_i w_i R(tau_i), to 1e-12. Trajectories that revisit units and steps that pay nothing (the token task)
     included; a deep ReLU reward with random, not initial, parameters; an instance batch's per-row features."""
     from ratebench.envs.tabular import InstanceBatch
-    from ratebench.sampling import FlatTrajectories, padded_units
+    from ratebench.envs.sampling import FlatTrajectories, padded_units
 
     v = validate(compose_config(["algorithm=bilevel", f"env={env}", "model.reward.depth=2", "model.reward.width=6"]))
     if instances:
@@ -356,7 +356,7 @@ def test_which_step_each_impl_takes(compose_config, algorithm, impl, path):
 def test_without_a_compiler_impl_fast_takes_the_eager_step(compose_config, monkeypatch, tmp_path):
     """A machine without a C compiler (or with RATEBENCH_KERNELS=0) still runs impl=fast: the build fails with
     one warning, and the step is the eager one, bit for bit."""
-    from ratebench import kernels
+    from ratebench.core import kernels
     from ratebench.algorithms.bilevel_kernel import SOURCE
     import ratebench.algorithms.bilevel as bilevel_module
 
@@ -409,7 +409,7 @@ def test_a_compiled_step_is_cached_per_cpu(monkeypatch, tmp_path):
     """The build is keyed by the CPU (model and instruction-set flags) as well as the source, compiler and flags: a
     home folder shared by a cluster's nodes must not hand a -march=native build to a CPU without its instructions.
     The same CPU loads its build from the cache; another CPU builds its own."""
-    from ratebench import kernels
+    from ratebench.core import kernels
     from ratebench.algorithms.bilevel_kernel import SOURCE
 
     monkeypatch.setenv("RATEBENCH_CACHE", str(tmp_path))

@@ -15,7 +15,7 @@ from scipy.optimize import minimize
 
 from ratebench import envs
 from ratebench.envs import bandit, exact, global_ref, mdp, penalty, token
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 from ratebench.evaluation import Evaluator
 from ratebench.fstar import reference
 
