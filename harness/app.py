@@ -51,7 +51,7 @@ def hydra_entry(cfg) -> float:
     and the launcher goes on with the other jobs; a signal stops the sweep."""
     from hydra.types import RunMode
 
-    from ratebench.cli import internal_error
+    from ratebench.exits import internal_error
     from ratebench.core.errors import ConfigError
     from ratebench.signals import Interrupted, ParentWatch
 

@@ -20,7 +20,7 @@ from ratebench.core.errors import ConfigError
 
 
 class BadInput(ValueError):
-    """A composition error already worded by ratebench.cli._describe (it names the field)."""
+    """A composition error already worded by ratebench.config.describe_error (it names the field)."""
 
 DEFAULT_STARTS = 64  # multistart size of the landscape (and of F-hat* until global_reference is wired)
 LAM_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # penalties of B(lam); the schedule's lam_k = (1 + k/k0)^(1/7) is ~4 at k = 10^6
@@ -98,8 +98,7 @@ def resolve_instances(overrides: list[str]) -> list:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ratebench.cli import _describe
-    from ratebench.config import compose, validate
+    from ratebench.config import compose, describe_error, validate
 
     rest, seeds = _instance_seeds(overrides)
     rest = ["algorithm=bilevel", "impl=reference"] + [_translate(t) for t in rest]  # the audit runs no step
@@ -109,7 +108,7 @@ def resolve_instances(overrides: list[str]) -> list:
         try:
             out.append(validate(compose(job)))
         except (HydraException, OmegaConfBaseException) as exc:
-            raise BadInput(_describe(exc)) from None
+            raise BadInput(describe_error(exc)) from None
     return out
 
 
@@ -256,7 +255,7 @@ def premise_summary(env_config: dict, c_lam: float, directory: str | None = None
     """{"wgd_floor", "implied_exponent", "q"} of one instance, cached on disk keyed by the env config,
     c_lam, the reward bound and AUDIT_VERSION (like harness/fstar.py): what `check`/`report` print next
     to a verdict."""
-    from ratebench.fstar import cache_dir
+    from ratebench.core.cache import cache_dir
     from ratebench.core.records import atomic_write_json, config_hash
 
     keyed = {"env": env_config, "c_lam": float(c_lam), "n_starts": n_starts, "audit_version": AUDIT_VERSION}
@@ -397,7 +396,7 @@ def figure_dir(out: str | None) -> Path:
     current folder unless asked."""
     if out is not None:
         return Path(out)
-    from ratebench.fstar import cache_dir
+    from ratebench.core.cache import cache_dir
 
     return cache_dir(None) / "audit"
 

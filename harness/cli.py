@@ -40,6 +40,7 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The exit status of a command (see USAGE); nothing but check's verdicts returns 1, and no
     exception leaves as a bare traceback."""
+    from ratebench.exits import internal_error
     from ratebench.signals import Interrupted
 
     try:
@@ -51,24 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001  (our bug, not the user's input)
         return internal_error(exc)
-
-
-def internal_error(exc: BaseException) -> int:
-    """Exit status 3: one line on stderr naming the error and the file that holds its traceback."""
-    import tempfile
-    import time
-    import traceback
-
-    text = "".join(traceback.format_exception(exc))
-    try:
-        fd, where = tempfile.mkstemp(prefix=f"ratebench-error-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"ratebench {' '.join(sys.argv[1:])}\n{text}")
-    except OSError as err:
-        where = f"nowhere (the temporary folder refused it: {err.strerror or err})"
-    first = (str(exc).strip().splitlines() or [""])[0]
-    print(f"ratebench: internal error: {type(exc).__name__}: {first}; traceback written to {where}", file=sys.stderr)
-    return 3
 
 
 def _main(argv: list[str] | None) -> int:
@@ -280,7 +263,7 @@ def _prevalidate(overrides: list[str], multirun: bool) -> bool:
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from ratebench.config import validate
+    from ratebench.config import describe_error, validate
     from ratebench.core.errors import ConfigError
 
     try:
@@ -306,7 +289,7 @@ def _prevalidate(overrides: list[str], multirun: bool) -> bool:
         except ConfigError as exc:
             raise _BadInput(str(exc)) from None
         except (HydraException, OmegaConfBaseException) as exc:
-            raise _BadInput(_describe(exc)) from None
+            raise _BadInput(describe_error(exc)) from None
         _check_writable(out, f"hydra.{dir_key}")
         _check_cache(cfg.get("cache_dir"))
     return multirun
@@ -317,6 +300,7 @@ def _compose_or_bad(job: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from ratebench.config import describe_error
     from ratebench.core.errors import ConfigError
 
     try:
@@ -324,7 +308,7 @@ def _compose_or_bad(job: list[str]):
     except ConfigError as exc:
         raise _BadInput(str(exc)) from None
     except (HydraException, OmegaConfBaseException) as exc:
-        raise _BadInput(_describe(exc)) from None
+        raise _BadInput(describe_error(exc)) from None
 
 
 def _compose(job: list[str]):
@@ -345,7 +329,7 @@ def _compose(job: list[str]):
 def _check_cache(explicit: str | None) -> None:
     """The F* cache (cache_dir, else $RATEBENCH_CACHE, else ~/.cache/ratebench) must be a readable,
     writable folder or creatable: found now, not after Hydra has made the output folder."""
-    from ratebench.fstar import cache_dir
+    from ratebench.core.cache import cache_dir
 
     where = "cache_dir" if explicit else "RATEBENCH_CACHE" if os.environ.get("RATEBENCH_CACHE") else "cache_dir"
     folder = cache_dir(explicit).absolute()
@@ -356,25 +340,6 @@ def _check_cache(explicit: str | None) -> None:
             raise _BadInput(f"{where}: the F* cache folder {str(folder)!r} is not readable and writable")
         return
     _check_writable(str(folder), where, "the F* cache folder")
-
-
-def _describe(exc: BaseException) -> str:
-    """One readable line from a Hydra/OmegaConf composition error, naming the field."""
-    text = str(exc).strip()
-    if "Could not find" in text and "Available options" in text:
-        head = text.split("Could not find", 1)[1].split("\n", 1)[0].strip().strip("'")
-        group, _, value = head.rpartition("/")
-        options = []
-        for line in text.split("Available options", 1)[1].splitlines()[1:]:
-            if not line.startswith(("\t", " ")) or not line.strip():
-                break
-            options.append(line.strip())
-        options = [o for o in options if not o.endswith("_schema")]
-        return f"{group}: unknown value {value!r}; allowed: {', '.join(options)}"
-    cause = exc.__cause__ or exc.__context__ or exc  # Hydra re-raises some OmegaConf errors without `from`
-    key = getattr(cause, "full_key", None)
-    msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
-    return f"{key}: {msg}" if key else f"{text.splitlines()[0]}: {msg}" if cause is not exc else text.splitlines()[0]
 
 
 def _check_writable(path: str | None, field: str, what: str = "output folder") -> None:
