@@ -105,7 +105,7 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
     """Compute every claim's verdict on the runs in `loaded` and write report.html + report.md.
     premise(loaded, claim) -> dict with "text" (or None): the claim's premises on its instances.
     command: the command line shown in the report's header. One progress line per claim and figure."""
-    from ratebench.analysis.commands import progress
+    from ratebench.analysis.tables import progress
     from ratebench.analysis.fit import window_sensitivity
 
     out_dir = Path(out_dir)
@@ -188,7 +188,8 @@ TARGET_NOTE = ("target = what the method converges to with infinite data from it
 
 def _fit_table(results) -> pd.DataFrame:
     """The fit table of `ratebench fit` (groups named by what differs), one home for its columns."""
-    from ratebench.analysis.commands import fit_display, fit_rows
+    from ratebench.analysis.groups import fit_rows
+    from ratebench.analysis.tables import fit_display
 
     if not results:
         return pd.DataFrame()

@@ -250,6 +250,15 @@ def audit_instance(env, policy_net, c_lam: float, n_starts: int = DEFAULT_STARTS
     }
 
 
+def premise_inputs(algorithm: str, algorithm_config: dict) -> dict | None:
+    """The algorithm's own premise inputs for a run's algorithm config (Algorithm.premise_inputs:
+    {"c_lam", "schedule_applies"}), or None for an algorithm without premises or not installed."""
+    from ratebench.algorithms import ALGORITHMS
+
+    cls = ALGORITHMS.get(algorithm)
+    return None if cls is None else cls.premise_inputs(dict(algorithm_config or {}))
+
+
 def premise_summary(env_config: dict, c_lam: float, directory: str | None = None,
                     n_starts: int = DEFAULT_STARTS, reward_bound: float | None = None) -> dict:
     """{"wgd_floor", "implied_exponent", "q"} of one instance, cached on disk keyed by the env config,
