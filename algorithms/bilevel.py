@@ -97,7 +97,15 @@ class BilevelState:
 class Bilevel(Algorithm):
     name = "bilevel"
     Config = BilevelConfig
-    reward_pass = "auto"  # fast_step's MLP reward: "auto" (reward_on_visited_units' rule), "table" or "visited" (tests, benchmarks)
+    reward_pass = "auto"  # eager_step's MLP reward: "auto" (reward_on_visited_units' rule), "table" or "visited" (tests, benchmarks)
+
+    @classmethod
+    def premise_inputs(cls, cfg: dict) -> dict:
+        """c_lam (lam_k grows as k^c_lam, which imposes the asymptotic exponent 1/(q·c_lam)) and whether the
+        single-loop schedule runs, from a recorded config; the defaults are BilevelConfig's."""
+        default = cls.Config()
+        return {"c_lam": float(cfg.get("lam_exponent", default.lam_exponent)),
+                "schedule_applies": cfg.get("variant", default.variant) == "single_loop"}
 
     def __init__(self, cfg, model_cfg, problem):
         super().__init__(cfg, model_cfg, problem)
@@ -131,7 +139,7 @@ class Bilevel(Algorithm):
             return "algorithm.oracle=exact enumerates its instance's trajectories at every step: it cannot batch instances"
         return None
 
-    def has_fast_step(self) -> bool:
+    def has_eager_step(self) -> bool:
         return self.cfg.oracle == "stochastic"  # the exact oracle draws nothing: its step stays the reference
 
     def reference_step(self, state, sampler):
@@ -176,18 +184,20 @@ class Bilevel(Algorithm):
         state.nu = sgd_step(state.nu, hypergradient_surrogate, state.xi)
 
     # --- the fast path: the same step, closed-form gradients, one RNG call -------------
-    def fast_step(self, state, sampler):
-        """impl=fast: the compiled step (compiled_step) where it applies. impl=eager, and impl=fast without it:
-        step() with each surrogate's gradient in closed form (estimators' *_weights) on flat tables:
-        z and y as one stacked batch of networks (one forward, one backward), a stage's draws as one
-        rollout, every uniform of the step drawn at once. Equal to step() to float64 round-off
-        (tests/test_fast.py)."""
+    def kernel_step(self, state, sampler):
+        """impl=fast: eager_step in C (bilevel_step.c, built by compiled_step()), where it applies."""
         n_traj, n_pairs, inner = self.set_schedule(state)
-        if self.impl == "fast" and self.compiled_step() is not None:  # the same step in C (bilevel_step.c)
-            plans = sampler.plan(inner_draws(n_traj, n_pairs)), sampler.plan(outer_draws(n_traj, n_pairs))
-            state = self.compiled_step()(state, sampler, n_traj, n_pairs, inner, *plans)
-            state.k += 1
-            return state
+        plans = sampler.plan(inner_draws(n_traj, n_pairs)), sampler.plan(outer_draws(n_traj, n_pairs))
+        state = self.compiled_step()(state, sampler, n_traj, n_pairs, inner, *plans)
+        state.k += 1
+        return state
+
+    def eager_step(self, state, sampler):
+        """impl=eager, and impl=fast without a compiled step: reference_step with each surrogate's gradient in
+        closed form (estimators' *_weights) on flat tables: z and y as one stacked batch of networks (one
+        forward, one backward), a stage's draws as one rollout, every uniform of the step drawn at once.
+        Equal to reference_step to float64 round-off (tests/test_fast.py)."""
+        n_traj, n_pairs, inner = self.set_schedule(state)
         sampler.prefetch((inner + 1) * sampler.draws(trajectories=2 * n_traj, pairs=n_pairs))
         on_visited = self.reward_on_visited_units(n_traj, n_pairs, inner)
         if not on_visited:  # r_nu on every unit, once: nu moves last, so it is fixed for the z and y steps
@@ -234,7 +244,7 @@ class Bilevel(Algorithm):
     # --- segments: every step between two evaluation points in one compiled call -----------------------
     def segment_samples(self, state) -> int | None:
         """impl=fast with the compiled step runs segments; each step draws (inner + 1) stages of 2N + 2M samples."""
-        if not (self.impl == "fast" and self.has_fast_step() and self.compiled_step() is not None):
+        if self.step_path() != "compiled":
             return None
         n_traj, n_pairs, inner = self._sizes()
         return (inner + 1) * (2 * n_traj + 2 * n_pairs)
@@ -275,10 +285,8 @@ class Bilevel(Algorithm):
             self._compiled = CompiledStep(self) if kernel_applies(self) else None
         return self._compiled
 
-    def step_path(self) -> str:
-        if self.impl == "fast" and self.has_fast_step() and self.compiled_step() is not None:
-            return "compiled"
-        return super().step_path()
+    def has_kernel_step(self) -> bool:
+        return self.compiled_step() is not None
 
     def reward_on_visited_units(self, n_traj: int, n_pairs: int, inner: int) -> bool:
         """Whether the eager step (impl=eager, or impl=fast without a compiled step) runs an MLP reward on the

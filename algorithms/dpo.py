@@ -133,10 +133,10 @@ class DPO(Algorithm):
     def reference_step(self, state, sampler):
         return self._online_step(state, sampler) if self.cfg.mode == "online" else self._offline_step(state, sampler)
 
-    def has_fast_step(self) -> bool:
+    def has_eager_step(self) -> bool:
         return True  # online: the one SGD step; offline / iterative: every SGD step of the refit
 
-    def fast_step(self, state, sampler):
+    def eager_step(self, state, sampler):
         """_online_step with the DPO loss's gradient in closed form (dpo_loss_grad) on flat tables; one
         forward serves the sampling and the gradient (the reference's two forwards compute the same).
         Offline / iterative: _offline_step with the refit's SGD steps computed the same way (_fast_fit)."""

@@ -150,10 +150,10 @@ class PPORLHF(Algorithm):
         cfg = self.cfg
         state.rm_lr = cfg.rm_lr / (1 + state.k / cfg.k0) ** cfg.rm_lr_exponent
 
-    def has_fast_step(self) -> bool:
+    def has_eager_step(self) -> bool:
         return True  # every mode: the rollouts, the reward-model steps and the PPO iterations in closed form
 
-    def fast_step(self, state, sampler):
+    def eager_step(self, state, sampler):
         """reference_step with every gradient in closed form on flat tables: the PPO iterations
         (_fast_ppo_iteration), the online reward-model step (its pairs and the PPO rollout drawn as one stage:
         both come from the same policy before either update) and the offline refit (_fast_rm_fit)."""

@@ -84,10 +84,10 @@ class RewardMLE(Algorithm):
         state.t += 1
         return state
 
-    def has_fast_step(self) -> bool:
+    def has_eager_step(self) -> bool:
         return True
 
-    def fast_step(self, state, sampler):
+    def eager_step(self, state, sampler):
         """reference_step() with the BT loss's gradient in closed form (preference_loss_weights) on flat tables."""
         draws = sampler.flat_draws(self._ref_cdf, (("pairs", 0, self.cfg.batch_pairs),))
         (pairs,) = draws.parts()

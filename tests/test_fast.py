@@ -159,7 +159,7 @@ def test_fast_equals_reference_through_a_checkpoint(compose_config, case, monkey
     ref, ref_sampler, ref_counters, seeds = build(compose_config, overrides, "reference")
     impl = impl_of(case)
     fast, sampler, counters, _ = build(compose_config, overrides, impl, reward_pass)
-    assert ref.has_fast_step()
+    assert ref.has_eager_step()
     # a bilevel case without a C compiler must fail here, not pass on the eager step
     assert fast.step_path() == ("compiled" if case in COMPILED else "eager"), f"{case}: {fast.step_path()}"
     # the free-running run has an algorithm of its own: one algorithm, one state, as in the harness, so
@@ -222,7 +222,7 @@ def test_impl_is_in_the_hash_and_validated(compose_config):
 def test_exact_oracle_has_no_fast_step_and_runs_the_reference(compose_config):
     algo, sampler, _, seeds = build(compose_config, ["algorithm=bilevel", "algorithm.oracle=exact",
                                                          "budget.steps=10"], "fast")
-    assert not algo.has_fast_step()
+    assert not algo.has_eager_step()
     state = algo.step(algo.init(seeds), sampler)
     assert state.k == 1 and sampler.samples == 0
 
