@@ -1,4 +1,4 @@
-"""bilevel: the first-order penalty method for bilevel RLHF (SPEC §3), plain SGD, neural r_nu and pi.
+"""bilevel: the first-order penalty method for bilevel RLHF (docs/bilevel.md), plain SGD, neural r_nu and pi.
 
 Three sequences: z tracks theta*(nu) (argmax J), y tracks argmin f + lam g (g = -J), and the reward
 nu descends the penalty hypergradient; single_loop (F2SA style) or double_loop (Kwon et al. 2024).
@@ -34,7 +34,7 @@ class BilevelConfig:
     batch_traj: int = 16  # N trajectories per REINFORCE / value-gradient estimate (>= 2: leave-one-out baseline)
     batch_pairs: int = 4  # M labelled pairs per BT-loss / score-function estimate
     inner_steps: int = 1  # single_loop: z and y steps per nu step (F2SA: 1; benchopt's F2SA: 10)
-    oracle: str = "stochastic"  # stochastic (SPEC §3 estimators, counted samples) | exact (population gradients
+    oracle: str = "stochastic"  # stochastic (estimators of docs/bilevel.md, counted) | exact (population gradients
     #                             by enumeration, no samples: the schedule's deterministic rate; needs budget.steps)
     # --- single_loop schedules: alpha_k = c_alpha / (k + k0)^a, xi_k = c_xi / (k + k0)^b, ---------
     #     lam_k = lam0 (1 + k / k0)^c_lam
@@ -171,7 +171,7 @@ class Bilevel(Algorithm):
 
     def _nu_step(self, state, sampler, n_traj, n_pairs):
         """nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ], fresh samples
-        from the updated y and z (grad_nu g = -grad_nu J, so this is the SPEC §2 hypergradient)."""
+        from the updated y and z (grad_nu g = -grad_nu J, so this is the penalty hypergradient of docs/bilevel.md)."""
         with torch.no_grad():
             logp_y, logp_z = self.policy.log_probs(state.y), self.policy.log_probs(state.z)
         upper_y = self.oracle.upper_nu(sampler, logp_y, n_pairs)  # grad: g^_nu f(nu, y), M pairs from pi_y
@@ -315,7 +315,7 @@ class Bilevel(Algorithm):
 
     # --- what the harness reads --------------------------------------------------------------
     def policy_log_probs(self, state):
-        return self.policy.log_probs(state.z)  # the deployed policy is z (SPEC §3)
+        return self.policy.log_probs(state.z)  # the deployed policy is z (docs/bilevel.md)
 
     def reward_model(self, state):
         return self.reward, state.nu

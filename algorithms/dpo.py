@@ -2,7 +2,7 @@
 pi_ref dataset, online (fresh pairs from the current policy every step) or iterative (on-policy rounds). Plain SGD.
 
 The deployed policy is pi_theta; its implicit reward beta log pi_theta / pi_ref is the reward estimate
-the harness scores with `gap` (SPEC §5). See docs/baselines.md for defaults, sources and deviations.
+the harness scores with `gap` (docs/metrics.md). See docs/baselines.md for defaults, sources and deviations.
 """
 from __future__ import annotations
 

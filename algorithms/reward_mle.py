@@ -1,6 +1,6 @@
 """reward_mle: SGD on the Bradley-Terry log-likelihood of a linear reward, pairs from pi_ref.
 
-The controls of SPEC §7: with a realisable linear reward, a fixed sampling policy and step
+The controls of docs/analysis.md: with a realisable linear reward, a fixed sampling policy and step
 c / (t + t0)^a, E[reward_err] decays like t^-a (Moulines & Bach 2011; a = 1 needs c mu > 1/2),
 so its sample-complexity exponent is exactly 1/a: 1 for the default a = 1, 4/3, 3/2 for a = 3/4, 2/3.
 Deployed policy: pi*_nu, the exact soft-optimal policy of the current reward estimate.

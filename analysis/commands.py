@@ -116,7 +116,7 @@ def _plot_parser() -> argparse.ArgumentParser:
 
 
 def _check_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ratebench check", description="Verdict per claim (SPEC §7): exit 0 when "
+    p = argparse.ArgumentParser(prog="ratebench check", description="Verdict per claim: exit 0 when "
                                 "every claim passes, 1 when one is VIOLATED or INCONCLUSIVE, 2 on bad input. "
                                 "Without --runs, each claim's experiment is run (or reused) under --workdir.")
     p.add_argument("claims", nargs="*", help="claim names (`control`, as `ratebench list claims` shows them), claim ids, "
@@ -129,7 +129,7 @@ def _check_parser() -> argparse.ArgumentParser:
                         "their first computation per instance takes ~10 s (bandit) to minutes (mdp), then cached")
     _add_free_option(p)
     p.add_argument("--fail-on", choices=("any", "violated"), default="any",
-                   help="exit 1 when any claim is not PASS (default, SPEC §8) or only when one is VIOLATED "
+                   help="exit 1 when any claim is not PASS (default) or only when one is VIOLATED "
                         "(CI smoke checks: INCONCLUSIVE is reported but does not fail)")
     _add_fit_options(p)
     return p

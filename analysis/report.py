@@ -159,7 +159,7 @@ def _final_with_band(curves) -> str:
 
 
 def target_table(overview) -> pd.DataFrame:
-    """Each group against its own population target (issue 13): the target's policy_gap and what it is,
+    """Each group against its own population target (algorithms/targets.py): the target's policy_gap and what it is,
     the final policy_gap and target_policy_gap_excess (IQM [95% band]), and the rate of approach to the
     target: the decay exponent b̂ of the excess (c + A·n^-b) and p̂ of its n_hit(ε), with CIs. Empty when
     no run records a target. Slow and biased separate here: a large target policy_gap is bias, a large

@@ -20,7 +20,7 @@ from ratebench.core.records import OBJECTIVES, OPERATIONAL_KEYS, code_fingerprin
 
 @dataclass
 class BudgetConfig:
-    samples: int = 20_000  # stop when the sample counter reaches this (SPEC §6)
+    samples: int = 20_000  # stop when the sample counter reaches this (README.md)
     steps: Optional[int] = None  # also stop after this many outer steps; when set, the evaluation points are
     #                             log-spaced in steps (fit with --x step). Needed by runs that draw no samples
     #                             (algorithm.oracle=exact)
@@ -54,7 +54,7 @@ class RunConfig:
     #                       `tensorboard` extra); cannot change a result
     # how a step is computed: fast (closed-form gradients, one RNG call per step; equal to reference to
     # float64 round-off per step, tests/test_fast.py) or reference (the autograd path that reads like
-    # SPEC §3). In the hashes: at tiny batches the method amplifies round-off, so a seed's long run
+    # docs/bilevel.md). In the hashes: at tiny batches the method amplifies round-off, so a seed's long run
     # differs between the two (docs/fast.md). Algorithms without a fast path run the reference.
     impl: str = "fast"
     # what a job returns to Hydra's sweeper (the Optuna sweeper minimises it: docs/sweeps.md "Tuning"): null
