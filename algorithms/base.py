@@ -22,10 +22,13 @@ IMPLS = ("fast", "eager", "reference")  # impl=: how a step is computed, never w
 # reference = autograd through the surrogates, as the paper writes the step
 
 
+STEP_METHODS = {"reference": "reference_step", "eager": "eager_step", "compiled": "kernel_step"}  # step_path -> method
+
+
 class Algorithm:
     name: ClassVar[str]
     Config: ClassVar[type]
-    impl: str = "fast"  # set from the run config; "fast" and "eager" take fast_step() where has_fast_step()
+    impl: str = "fast"  # set from the run config; step_path() says which step it selects
 
     def __init__(self, cfg: Any, model_cfg: Any, problem: TabularProblem):
         if hasattr(cfg, "check"):  # range checks also when built directly, not through the CLI
@@ -37,18 +40,27 @@ class Algorithm:
         raise NotImplementedError
 
     def step(self, state: Any, sampler) -> Any:
-        """One outer iteration; returns the new state. The one place where impl chooses the path."""
-        if self.impl != "reference" and self.has_fast_step():
-            return self.fast_step(state, sampler)
-        return self.reference_step(state, sampler)
+        """One outer iteration; returns the new state: the method step_path() names (STEP_METHODS)."""
+        return getattr(self, STEP_METHODS[self.step_path()])(state, sampler)
 
     def step_path(self) -> str:
-        """What step() runs here: "reference", "eager" (closed-form torch) or "compiled" (C); run.json's provenance."""
-        return "reference" if self.impl == "reference" or not self.has_fast_step() else "eager"
+        """The one place impl chooses the step (run.json's provenance records it): "compiled" (kernel_step, C)
+        under impl=fast where has_kernel_step(); "eager" (eager_step, closed-form torch) under impl=fast or
+        eager where has_eager_step(); else "reference" (reference_step, autograd)."""
+        if self.impl == "reference" or not self.has_eager_step():
+            return "reference"
+        return "compiled" if self.impl == "fast" and self.has_kernel_step() else "eager"
 
     def reference_step(self, state: Any, sampler) -> Any:
-        """The step as the paper writes it (autograd through the surrogates): what fast_step must equal."""
+        """The step as the paper writes it (autograd through the surrogates): what the other steps must equal."""
         raise NotImplementedError
+
+    @classmethod
+    def premise_inputs(cls, cfg: dict) -> dict | None:
+        """What `check` audits this algorithm's premises with, from its config as a run records it ({}: the
+        defaults): {"c_lam": the penalty schedule's growth exponent, "schedule_applies": whether that schedule
+        runs}; None when the algorithm states no premise to audit."""
+        return None
 
     @staticmethod
     def instance_batch_refusal(cfg: Any) -> str | None:
@@ -57,12 +69,20 @@ class Algorithm:
         computes on its own instance's tables what a separate job would (tests/test_instance_batch.py)."""
         return None
 
-    def has_fast_step(self) -> bool:
-        """True if this configuration has a fast path (equal to the reference step to round-off)."""
+    def has_eager_step(self) -> bool:
+        """True if this configuration has an eager step (equal to the reference step to round-off)."""
         return False
 
-    def fast_step(self, state: Any, sampler) -> Any:
-        """reference_step in fewer kernel calls (closed-form gradients, one RNG call), where has_fast_step()."""
+    def eager_step(self, state: Any, sampler) -> Any:
+        """reference_step in fewer kernel calls (closed-form gradients, one RNG call), where has_eager_step()."""
+        raise NotImplementedError
+
+    def has_kernel_step(self) -> bool:
+        """True if this configuration has a compiled step (C, built on first use) equal to the eager step."""
+        return False
+
+    def kernel_step(self, state: Any, sampler) -> Any:
+        """eager_step compiled, where has_kernel_step()."""
         raise NotImplementedError
 
     def segment_samples(self, state: Any) -> int | None:

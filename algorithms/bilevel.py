@@ -1,4 +1,4 @@
-"""bilevel: the first-order penalty method for bilevel RLHF (SPEC §3), plain SGD, neural r_nu and pi.
+"""bilevel: the first-order penalty method for bilevel RLHF (docs/bilevel.md), plain SGD, neural r_nu and pi.
 
 Three sequences: z tracks theta*(nu) (argmax J), y tracks argmin f + lam g (g = -J), and the reward
 nu descends the penalty hypergradient; single_loop (F2SA style) or double_loop (Kwon et al. 2024).
@@ -18,8 +18,8 @@ from ratebench.algorithms.estimators import (kl_regularised_return, policy_gradi
 from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step, sgd_update, stack_seeds, unstack_seeds
 from ratebench.algorithms.oracles import ORACLES, make_oracle
 from ratebench.algorithms.targets import minimiser_target
-from ratebench.errors import ConfigError, require
-from ratebench.sampling import padded_units, policy_cdf
+from ratebench.core.errors import ConfigError, require
+from ratebench.envs.sampling import padded_units, policy_cdf
 
 VARIANTS = ("single_loop", "double_loop")
 
@@ -34,7 +34,7 @@ class BilevelConfig:
     batch_traj: int = 16  # N trajectories per REINFORCE / value-gradient estimate (>= 2: leave-one-out baseline)
     batch_pairs: int = 4  # M labelled pairs per BT-loss / score-function estimate
     inner_steps: int = 1  # single_loop: z and y steps per nu step (F2SA: 1; benchopt's F2SA: 10)
-    oracle: str = "stochastic"  # stochastic (SPEC §3 estimators, counted samples) | exact (population gradients
+    oracle: str = "stochastic"  # stochastic (estimators of docs/bilevel.md, counted) | exact (population gradients
     #                             by enumeration, no samples: the schedule's deterministic rate; needs budget.steps)
     # --- single_loop schedules: alpha_k = c_alpha / (k + k0)^a, xi_k = c_xi / (k + k0)^b, ---------
     #     lam_k = lam0 (1 + k / k0)^c_lam
@@ -97,7 +97,15 @@ class BilevelState:
 class Bilevel(Algorithm):
     name = "bilevel"
     Config = BilevelConfig
-    reward_pass = "auto"  # fast_step's MLP reward: "auto" (reward_on_visited_units' rule), "table" or "visited" (tests, benchmarks)
+    reward_pass = "auto"  # eager_step's MLP reward: "auto" (reward_on_visited_units' rule), "table" or "visited" (tests, benchmarks)
+
+    @classmethod
+    def premise_inputs(cls, cfg: dict) -> dict:
+        """c_lam (lam_k grows as k^c_lam, which imposes the asymptotic exponent 1/(q·c_lam)) and whether the
+        single-loop schedule runs, from a recorded config; the defaults are BilevelConfig's."""
+        default = cls.Config()
+        return {"c_lam": float(cfg.get("lam_exponent", default.lam_exponent)),
+                "schedule_applies": cfg.get("variant", default.variant) == "single_loop"}
 
     def __init__(self, cfg, model_cfg, problem):
         super().__init__(cfg, model_cfg, problem)
@@ -131,7 +139,7 @@ class Bilevel(Algorithm):
             return "algorithm.oracle=exact enumerates its instance's trajectories at every step: it cannot batch instances"
         return None
 
-    def has_fast_step(self) -> bool:
+    def has_eager_step(self) -> bool:
         return self.cfg.oracle == "stochastic"  # the exact oracle draws nothing: its step stays the reference
 
     def reference_step(self, state, sampler):
@@ -163,7 +171,7 @@ class Bilevel(Algorithm):
 
     def _nu_step(self, state, sampler, n_traj, n_pairs):
         """nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ], fresh samples
-        from the updated y and z (grad_nu g = -grad_nu J, so this is the SPEC §2 hypergradient)."""
+        from the updated y and z (grad_nu g = -grad_nu J, so this is the penalty hypergradient of docs/bilevel.md)."""
         with torch.no_grad():
             logp_y, logp_z = self.policy.log_probs(state.y), self.policy.log_probs(state.z)
         upper_y = self.oracle.upper_nu(sampler, logp_y, n_pairs)  # grad: g^_nu f(nu, y), M pairs from pi_y
@@ -176,18 +184,20 @@ class Bilevel(Algorithm):
         state.nu = self.reward.project(sgd_step(state.nu, hypergradient_surrogate, state.xi))  # then onto the box, if any
 
     # --- the fast path: the same step, closed-form gradients, one RNG call -------------
-    def fast_step(self, state, sampler):
-        """impl=fast: the compiled step (compiled_step) where it applies. impl=eager, and impl=fast without it:
-        step() with each surrogate's gradient in closed form (estimators' *_weights) on flat tables:
-        z and y as one stacked batch of networks (one forward, one backward), a stage's draws as one
-        rollout, every uniform of the step drawn at once. Equal to step() to float64 round-off
-        (tests/test_fast.py)."""
+    def kernel_step(self, state, sampler):
+        """impl=fast: eager_step in C (bilevel_step.c, built by compiled_step()), where it applies."""
         n_traj, n_pairs, inner = self.set_schedule(state)
-        if self.impl == "fast" and self.compiled_step() is not None:  # the same step in C (bilevel_step.c)
-            plans = sampler.plan(inner_draws(n_traj, n_pairs)), sampler.plan(outer_draws(n_traj, n_pairs))
-            state = self.compiled_step()(state, sampler, n_traj, n_pairs, inner, *plans)
-            state.k += 1
-            return state
+        plans = sampler.plan(inner_draws(n_traj, n_pairs)), sampler.plan(outer_draws(n_traj, n_pairs))
+        state = self.compiled_step()(state, sampler, n_traj, n_pairs, inner, *plans)
+        state.k += 1
+        return state
+
+    def eager_step(self, state, sampler):
+        """impl=eager, and impl=fast without a compiled step: reference_step with each surrogate's gradient in
+        closed form (estimators' *_weights) on flat tables: z and y as one stacked batch of networks (one
+        forward, one backward), a stage's draws as one rollout, every uniform of the step drawn at once.
+        Equal to reference_step to float64 round-off (tests/test_fast.py)."""
+        n_traj, n_pairs, inner = self.set_schedule(state)
         sampler.prefetch((inner + 1) * sampler.draws(trajectories=2 * n_traj, pairs=n_pairs))
         on_visited = self.reward_on_visited_units(n_traj, n_pairs, inner)
         if not on_visited:  # r_nu on every unit, once: nu moves last, so it is fixed for the z and y steps
@@ -234,7 +244,7 @@ class Bilevel(Algorithm):
     # --- segments: every step between two evaluation points in one compiled call -----------------------
     def segment_samples(self, state) -> int | None:
         """impl=fast with the compiled step runs segments; each step draws (inner + 1) stages of 2N + 2M samples."""
-        if not (self.impl == "fast" and self.has_fast_step() and self.compiled_step() is not None):
+        if self.step_path() != "compiled":
             return None
         n_traj, n_pairs, inner = self._sizes()
         return (inner + 1) * (2 * n_traj + 2 * n_pairs)
@@ -275,10 +285,8 @@ class Bilevel(Algorithm):
             self._compiled = CompiledStep(self) if kernel_applies(self) else None
         return self._compiled
 
-    def step_path(self) -> str:
-        if self.impl == "fast" and self.has_fast_step() and self.compiled_step() is not None:
-            return "compiled"
-        return super().step_path()
+    def has_kernel_step(self) -> bool:
+        return self.compiled_step() is not None
 
     def reward_on_visited_units(self, n_traj: int, n_pairs: int, inner: int) -> bool:
         """Whether the eager step (impl=eager, or impl=fast without a compiled step) runs an MLP reward on the
@@ -307,7 +315,7 @@ class Bilevel(Algorithm):
 
     # --- what the harness reads --------------------------------------------------------------
     def policy_log_probs(self, state):
-        return self.policy.log_probs(state.z)  # the deployed policy is z (SPEC §3)
+        return self.policy.log_probs(state.z)  # the deployed policy is z (docs/bilevel.md)
 
     def reward_model(self, state):
         return self.reward, state.nu

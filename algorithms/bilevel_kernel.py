@@ -1,6 +1,6 @@
 """The compiled bilevel step (impl=fast): algorithms/bilevel_step.c, called through ctypes.
 
-The C file is Bilevel.fast_step as loops over seeds; this module only lays the tensors out for it: the
+The C file is Bilevel.eager_step as loops over seeds; this module only lays the tensors out for it: the
 environment's flat tables once per problem, the sampler's draw plans once per request list, and per step
 new z, y and nu tensors that the C code writes from the state's (which are never written, as in the eager
 step). Where the draws go, how they are counted and which seed draws what stay the sampler's
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ratebench.kernels import load
-from ratebench.sampling import flat_true_rewards
+from ratebench.core.kernels import load
+from ratebench.envs.sampling import flat_true_rewards
 
 SOURCE = Path(__file__).with_name("bilevel_step.c")
 MAX_LAYERS = 15  # bilevel_step.c's fixed-size buffers

@@ -2,7 +2,7 @@
 pi_ref dataset, online (fresh pairs from the current policy every step) or iterative (on-policy rounds). Plain SGD.
 
 The deployed policy is pi_theta; its implicit reward beta log pi_theta / pi_ref is the reward estimate
-the harness scores with `gap` (SPEC §5). See docs/baselines.md for defaults, sources and deviations.
+the harness scores with `gap` (docs/metrics.md). See docs/baselines.md for defaults, sources and deviations.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from ratebench.algorithms.targets import TARGET_TOL, PopulationTarget, fixed_poi
 from ratebench.envs.exact import (bradley_terry_nll, bradley_terry_nll_grad, expected_pair_loss, trajectory_returns,
                                    true_pair_probs)
 from ratebench.envs.lbfgs import minimise_rows
-from ratebench.errors import ConfigError, require
-from ratebench.rng import CounterRng
-from ratebench.sampling import PreferencePairs, policy_cdf
+from ratebench.core.errors import ConfigError, require
+from ratebench.core.rng import CounterRng
+from ratebench.envs.sampling import PreferencePairs, policy_cdf
 
 MODES = ("offline", "online", "iterative")
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -133,10 +133,10 @@ class DPO(Algorithm):
     def reference_step(self, state, sampler):
         return self._online_step(state, sampler) if self.cfg.mode == "online" else self._offline_step(state, sampler)
 
-    def has_fast_step(self) -> bool:
+    def has_eager_step(self) -> bool:
         return True  # online: the one SGD step; offline / iterative: every SGD step of the refit
 
-    def fast_step(self, state, sampler):
+    def eager_step(self, state, sampler):
         """_online_step with the DPO loss's gradient in closed form (dpo_loss_grad) on flat tables; one
         forward serves the sampling and the gradient (the reference's two forwards compute the same).
         Offline / iterative: _offline_step with the refit's SGD steps computed the same way (_fast_fit)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ratebench.envs.exact import bradley_terry_nll, bradley_terry_nll_grad
-from ratebench.sampling import PreferencePairs, Trajectories
+from ratebench.envs.sampling import PreferencePairs, Trajectories
 
 
 def leave_one_out_baseline(values: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from ratebench.envs.tabular import DTYPE, TabularProblem
-from ratebench.errors import ConfigError
-from ratebench.sampling import rows_of
+from ratebench.core.errors import ConfigError
+from ratebench.envs.sampling import rows_of
 
 Params = list[torch.Tensor]
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}

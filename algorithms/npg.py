@@ -25,7 +25,7 @@ import torch
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.softmax_pg import initial_logits
 from ratebench.envs.exact import policy_q
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Gradient oracles of the bilevel method: the four estimates of SPEC §3 as per-seed surrogates.
+"""Gradient oracles of the bilevel method: the four estimates of docs/bilevel.md as per-seed surrogates.
 
 `stochastic` (the analysed method) draws fresh samples through the counting sampler and uses the
 shared estimators; `exact` returns the population value by enumeration (envs/exact.py) and draws

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.algorithms.models import Params, sgd_step, sgd_update
-from ratebench.errors import ConfigError
-from ratebench.grid import log_point
-from ratebench.rng import CounterRng
-from ratebench.sampling import FlatTrajectories, PreferencePairs, Trajectories
+from ratebench.core.errors import ConfigError
+from ratebench.core.grid import log_point
+from ratebench.core.rng import CounterRng
+from ratebench.envs.sampling import FlatTrajectories, PreferencePairs, Trajectories
 
 # --- PPO --------------------------------------------------------------------------------------
 

@@ -19,9 +19,9 @@ from ratebench.algorithms.policy_opt import (PairDataset, check_batch_fits, clip
                                              clipped_surrogate_weights, fit_on_dataset, fit_on_dataset_fast, gae,
                                              next_grid_point, normalise_per_seed, offline_steps)
 from ratebench.algorithms.targets import PopulationTarget, bt_mle_target, fixed_point, soft_optimal_at
-from ratebench.errors import ConfigError, require
-from ratebench.rng import CounterRng
-from ratebench.sampling import Trajectories, flat_true_rewards, padded_units, policy_cdf
+from ratebench.core.errors import ConfigError, require
+from ratebench.core.rng import CounterRng
+from ratebench.envs.sampling import Trajectories, flat_true_rewards, padded_units, policy_cdf
 
 MODES = ("offline", "online")
 MINIBATCH_STREAM = 102  # CounterRng stream of offline reward-model minibatches (the sampler uses stream 1)
@@ -150,10 +150,10 @@ class PPORLHF(Algorithm):
         cfg = self.cfg
         state.rm_lr = cfg.rm_lr / (1 + state.k / cfg.k0) ** cfg.rm_lr_exponent
 
-    def has_fast_step(self) -> bool:
+    def has_eager_step(self) -> bool:
         return True  # every mode: the rollouts, the reward-model steps and the PPO iterations in closed form
 
-    def fast_step(self, state, sampler):
+    def eager_step(self, state, sampler):
         """reference_step with every gradient in closed form on flat tables: the PPO iterations
         (_fast_ppo_iteration), the online reward-model step (its pairs and the PPO rollout drawn as one stage:
         both come from the same policy before either update) and the offline refit (_fast_rm_fit)."""

@@ -1,6 +1,6 @@
 """reward_mle: SGD on the Bradley-Terry log-likelihood of a linear reward, pairs from pi_ref.
 
-The controls of SPEC §7: with a realisable linear reward, a fixed sampling policy and step
+The controls of docs/analysis.md: with a realisable linear reward, a fixed sampling policy and step
 c / (t + t0)^a, E[reward_err] decays like t^-a (Moulines & Bach 2011; a = 1 needs c mu > 1/2),
 so its sample-complexity exponent is exactly 1/a: 1 for the default a = 1, 4/3, 3/2 for a = 3/4, 2/3.
 Deployed policy: pi*_nu, the exact soft-optimal policy of the current reward estimate.
@@ -16,8 +16,8 @@ from ratebench.algorithms.estimators import preference_loss_weights
 from ratebench.algorithms.models import NetConfig, RewardModel, sgd_step, sgd_update
 from ratebench.algorithms.targets import bt_mle_target
 from ratebench.envs.exact import bradley_terry_nll, soft_optimal, trajectory_returns, trajectory_probs
-from ratebench.errors import ConfigError
-from ratebench.sampling import padded_units, policy_cdf
+from ratebench.core.errors import ConfigError
+from ratebench.envs.sampling import padded_units, policy_cdf
 
 
 @dataclass
@@ -84,10 +84,10 @@ class RewardMLE(Algorithm):
         state.t += 1
         return state
 
-    def has_fast_step(self) -> bool:
+    def has_eager_step(self) -> bool:
         return True
 
-    def fast_step(self, state, sampler):
+    def eager_step(self, state, sampler):
         """reference_step() with the BT loss's gradient in closed form (preference_loss_weights) on flat tables."""
         draws = sampler.flat_draws(self._ref_cdf, (("pairs", 0, self.cfg.batch_pairs),))
         (pairs,) = draws.parts()

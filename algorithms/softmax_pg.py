@@ -32,7 +32,7 @@ from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.models import sgd_step
 from ratebench.algorithms.oracles import ORACLES, make_oracle
 from ratebench.envs.tabular import DTYPE
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 
 @dataclass

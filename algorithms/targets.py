@@ -1,4 +1,4 @@
-"""Population targets (issue 13): what a method converges to with infinite data from its own sampling
+"""Population targets: what a method converges to with infinite data from its own sampling
 scheme, computed exactly on the enumerated problem. A run's `policy_gap` then splits into the target's
 policy_gap (the method's bias) and `target_policy_gap_excess` (how far it still is from its own target).
 

@@ -6,7 +6,10 @@
     verdicts = analysis.check(["control"], runs="runs/control")         # [Verdict]
     diff = analysis.compare("runs/a", "runs/b", metric="gap")           # DataFrame, p̂_a − p̂_b, paired CI
 
-The modules hold the pieces (load, curves, stats, fit, claims, paired, labels, plots, report, commands)."""
+The modules hold the pieces (load, curves, stats, fit, groups, evidence, judgement, claims, paired, labels,
+plots, report; inputs: the bad-input checks shared with the CLI, commands.py). These functions and the CLI
+stand above the harness: `check` takes what a claim's experiment resolves to, and runs it, from
+ratebench.experiments; every other module of the analysis imports only ratebench.core."""
 from __future__ import annotations
 
 # The submodules `load` and `fit` share their names with API functions below: import them first, so
@@ -42,34 +45,35 @@ def _as_loaded(runs, strict: bool = False):
 
 
 def _options(**options):
-    """FitOptions from keywords, with the CLI's bounds (commands.BadInput naming the option)."""
+    """FitOptions from keywords, with the CLI's bounds (inputs.BadInput naming the option)."""
     import dataclasses
 
-    from ratebench.analysis import commands
     from ratebench.analysis.fit import FitOptions
+    from ratebench.analysis.inputs import BadInput, check_fit_options
 
     allowed = [f.name for f in dataclasses.fields(FitOptions)]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise commands.BadInput(f"unknown fit option(s) {unknown}; allowed: {allowed}")
-    return commands.check_fit_options(FitOptions(**options))
+        raise BadInput(f"unknown fit option(s) {unknown}; allowed: {allowed}")
+    return check_fit_options(FitOptions(**options))
 
 
 def fit(runs, metric: str = "gap", x: str = "samples", by="algorithm,env,config_hash", **options):
     """The table of `ratebench fit` as a DataFrame, one row per group: `label` (named by what differs
     between the groups), the grouping columns, p, p_low, p_high, b, c, the ε window, seeds, status, ...
     runs: a folder, load(...) or its .metrics frame; by: columns (`cfg.env.beta`, ...); options: any
-    FitOptions field (n_boot=500, reach=0.9, ...). Bad input raises commands.BadInput (one line)."""
+    FitOptions field (n_boot=500, reach=0.9, ...). Bad input raises inputs.BadInput (one line)."""
     import pandas as pd
-    from ratebench.analysis import commands
     from ratebench.analysis.curves import group_keys
+    from ratebench.analysis.groups import fit_groups, fit_rows
+    from ratebench.analysis.inputs import check_by, check_metric
 
     loaded = _as_loaded(runs)
-    commands.check_metric(loaded, metric, x)
+    check_metric(loaded, metric, x)
     keys = group_keys(by)
-    commands.check_by(loaded, keys)
-    results = commands.fit_groups(loaded, metric, x, keys, _options(**options))
-    return pd.DataFrame(commands.fit_rows(results, metric, x))
+    check_by(loaded, keys)
+    results = fit_groups(loaded, metric, x, keys, _options(**options))
+    return pd.DataFrame(fit_rows(results, metric, x))
 
 
 def check(claims, runs=None, workdir: str = "ratebench-runs", **options) -> list:
@@ -78,22 +82,22 @@ def check(claims, runs=None, workdir: str = "ratebench-runs", **options) -> list
     holding the evidence; None runs (or reuses, under workdir) each claim's experiment as the CLI does."""
     from pathlib import Path
 
-    from ratebench.analysis import commands
-    from ratebench.analysis.claims import Claim, load_claim
+    from ratebench.analysis.claims import Claim, find_claim, load_claim
+    from ratebench.analysis.inputs import CONF_DIR
+    from ratebench.experiments import check_experiment_name, ensure_experiment, evaluate_claim
 
     items = [claims] if isinstance(claims, (str, Path, Claim)) else list(claims)
-    parsed = [c if isinstance(c, Claim) else load_claim(commands.find_claim(str(c), commands.CONF_DIR / "claims"))
-              for c in items]
+    parsed = [c if isinstance(c, Claim) else load_claim(find_claim(str(c), CONF_DIR / "claims")) for c in items]
     opts = _options(**options)
     given = None if runs is None else _as_loaded(runs)  # the evidence, loaded once for every claim
     by_experiment = {}  # else each experiment runs (or is reused) and is loaded once, as in `ratebench check`
     verdicts = []
     for claim in parsed:
         if given is None and claim.experiment not in by_experiment:
-            commands.check_experiment_name(claim)
-            by_experiment[claim.experiment] = load(commands.ensure_experiment(claim.experiment, Path(workdir), [claim.id]))
+            check_experiment_name(claim)
+            by_experiment[claim.experiment] = load(ensure_experiment(claim.experiment, Path(workdir), [claim.id]))
         loaded = given if given is not None else by_experiment[claim.experiment]
-        verdicts.append(commands.evaluate_claim(loaded, claim, opts)[0])
+        verdicts.append(evaluate_claim(loaded, claim, opts)[0])
     return verdicts
 
 
@@ -102,22 +106,23 @@ def compare(a, b=None, metric: str = "gap", x: str = "samples", by="algorithm", 
     DataFrame with one row per pair: a, b, p_a, p_b, diff, diff_low, diff_high, n_shared, boot_unit, ...
     compare(a, b): all runs of a against all runs of b (folders, load(...) or frames); compare(a, by=...):
     every pair of groups of a, as `ratebench compare`."""
-    from ratebench.analysis import commands
     from ratebench.analysis.curves import build_curves, group_keys
+    from ratebench.analysis.groups import group_curves
+    from ratebench.analysis.inputs import check_by, check_metric
     from ratebench.analysis.paired import difference_table
 
     opts = _options(**options)
     if b is None:
         loaded = _as_loaded(a)
-        commands.check_metric(loaded, metric, x)
+        check_metric(loaded, metric, x)
         keys = group_keys(by)
-        commands.check_by(loaded, keys)
-        groups = [(k["label"], c) for k, c in commands.group_curves(loaded, metric, x, keys)]
+        check_by(loaded, keys)
+        groups = [(k["label"], c) for k, c in group_curves(loaded, metric, x, keys)]
     else:
         groups = []
         for name, runs in (("a", a), ("b", b)):
             loaded = _as_loaded(runs)
-            commands.check_metric(loaded, metric, x)
+            check_metric(loaded, metric, x)
             groups.append((str(runs) if isinstance(runs, (str, bytes)) or hasattr(runs, "__fspath__") else name,
                            build_curves(loaded.metrics, loaded.seeds, metric, x)))
     return difference_table(groups, opts)

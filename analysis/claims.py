@@ -1,4 +1,4 @@
-"""Claims (SPEC §7): a YAML record of a published rate, validated field by field, and the verdict
+"""Claims (docs/analysis.md): a YAML record of a published rate, validated field by field, and the verdict
 rule that turns a rate fit into PASS / VIOLATED / INCONCLUSIVE."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 from ratebench.analysis import evidence
 from ratebench.analysis.curves import METRICS, X_AXES, Curves
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 RELATIONS = ("upper_bound", "equals")
 CLAIM_ID = re.compile(r"[A-Za-z0-9_.-]+")
@@ -219,8 +219,8 @@ def _pb_disagree(fit: RateFit) -> bool:
 
 
 def verdict(claim: Claim, fit: RateFit | None) -> Verdict:
-    """SPEC §7 at 95 %, on one fit (one instance; judge() combines instances). upper_bound: PASS
-    only if the window reaches ε_min and spans ≥ min_decades (coverage), the local exponent's
+    """The verdict rule (docs/analysis.md) at 95 %, on one fit (one instance; judge() combines
+    instances). upper_bound: PASS only if the window reaches ε_min and spans ≥ min_decades (coverage), the local exponent's
     trend at ε_min stays below p_claim, p̂ and 1/b̂ do not disagree with 1/b̂ above p_claim, and
     the CI's upper end ≤ p_claim; VIOLATED if its lower end > p_claim (on a window of at least
     min_decades, as for equals), the metric stalls above

@@ -1,67 +1,40 @@
-"""`ratebench fit | plot | check | report`: argument parsing, bad-input checks (exit 2) and the
-glue from run folders to tables, verdicts, figures and reports. The statistics live in fit.py."""
+"""`ratebench fit | plot | check | report | compare`: argument parsing and printing. What they
+compute comes from the analysis's functions (groups.py, judgement.py, plots.py, report.py), their
+bad-input checks from inputs.py, and a claim's experiment (its configs, its runs) from the harness
+(ratebench.experiments)."""
 from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
-import os
 import re
 import shlex
-import subprocess
 import sys
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ratebench.analysis import evidence
-from ratebench.analysis.claims import (
-    INCONCLUSIVE,
-    PASS,
-    VIOLATED,
-    Claim,
-    Verdict,
-    find_claim,
-    judge,
-    load_claim,
-    n_unhealthy,
-    verdict,
-    what_it_would_take,
-)
-from ratebench.analysis.curves import METRICS, X_AXES, build_curves, group_keys, has_positive
-from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
-from ratebench.analysis.labels import group_config, group_labels, natural_order, short_key
-from ratebench.analysis.load import Loaded, RunRecordError, load, read_record
-from ratebench.analysis.tables import latex_table, number_text
-from ratebench.catalog import claim_files, conf_dir
-from ratebench.errors import ConfigError
-from ratebench.records import code_fingerprint, unwritable_reason
+from ratebench.analysis.claims import PASS, VIOLATED, Claim, Verdict, load_claim, n_unhealthy, what_it_would_take
+from ratebench.analysis.curves import METRICS, X_AXES, group_keys, has_positive
+from ratebench.analysis.fit import FitOptions
+from ratebench.analysis.groups import fit_groups, fit_rows, group_curves
+from ratebench.analysis.inputs import (CONF_DIR, BadInput, check_by, check_fit_options, check_metric, default_claims,
+                                       load_dir, named_claims)
+from ratebench.analysis.judgement import claim_premise, has_premise
+from ratebench.analysis.load import Loaded, RunRecordError
+from ratebench.analysis.tables import fit_display, fit_heading, latex_table, number_text, progress
+from ratebench.core.errors import ConfigError
+from ratebench.core.records import unwritable_reason
+from ratebench.experiments import (RunFailed, check_experiment_name, ensure_experiment, evaluate_claim,
+                                   experiment_configs)
 
-CONF_DIR = conf_dir()  # the installed package's conf/ (one home: ratebench.catalog)
-MAX_N_BOOT = 100_000  # bootstrap replicates: 2000 (default) gives stable 95% bounds; 1e8 would exhaust memory
-
-
-class BadInput(Exception):
-    """One message for stderr; the command exits 2."""
-
-
-class RunFailed(Exception):
-    """A `ratebench run` that check started exited with `code` (never 1: runs do not return verdicts)."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def main(command: str, args: list[str], premise=None) -> int:
+def main(command: str, args: list[str], premise=None, premise_inputs=None) -> int:
     """premise: optional callable (env config dict, c_lam) -> {"wgd_floor", "implied_exponent", "q"}
     (the CLI passes ratebench.audit.premise_summary): check and report print the claim's premises on
-    the evidence's instances. Analysis computes no landscape itself; it is handed the function."""
+    the evidence's instances. premise_inputs(algorithm, algorithm config) -> {"c_lam",
+    "schedule_applies"} or None (default ratebench.audit.premise_inputs: the algorithm class's own)."""
     handlers = {"fit": fit_command, "plot": plot_command, "check": check_command, "report": report_command,
                 "compare": compare_command}
     parser = PARSERS[command]()
@@ -70,6 +43,9 @@ def main(command: str, args: list[str], premise=None) -> int:
     except SystemExit as exc:  # --help → 0, argparse errors → 2
         return int(exc.code or 0)
     ns.premise = None if getattr(ns, "no_premise", True) else premise
+    if ns.premise is not None and premise_inputs is None:
+        from ratebench.audit import premise_inputs
+    ns.premise_inputs = premise_inputs
     ns.argv = list(args)
     try:
         fit_options(ns)  # the options' bounds (--n-boot, ...) before any run is read
@@ -140,7 +116,7 @@ def _plot_parser() -> argparse.ArgumentParser:
 
 
 def _check_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ratebench check", description="Verdict per claim (SPEC §7): exit 0 when "
+    p = argparse.ArgumentParser(prog="ratebench check", description="Verdict per claim: exit 0 when "
                                 "every claim passes, 1 when one is VIOLATED or INCONCLUSIVE, 2 on bad input. "
                                 "Without --runs, each claim's experiment is run (or reused) under --workdir.")
     p.add_argument("claims", nargs="*", help="claim names (`control`, as `ratebench list claims` shows them), claim ids, "
@@ -153,7 +129,7 @@ def _check_parser() -> argparse.ArgumentParser:
                         "their first computation per instance takes ~10 s (bandit) to minutes (mdp), then cached")
     _add_free_option(p)
     p.add_argument("--fail-on", choices=("any", "violated"), default="any",
-                   help="exit 1 when any claim is not PASS (default, SPEC §8) or only when one is VIOLATED "
+                   help="exit 1 when any claim is not PASS (default) or only when one is VIOLATED "
                         "(CI smoke checks: INCONCLUSIVE is reported but does not fail)")
     _add_fit_options(p)
     return p
@@ -212,109 +188,6 @@ def fit_options(ns, **extra) -> FitOptions:
                                         min_decades=ns.min_decades, **extra))
 
 
-def check_fit_options(opts: FitOptions) -> FitOptions:
-    """The bounds of the fit options, for the CLI's flags and the Python API's keywords alike."""
-    if not 100 <= opts.n_boot <= MAX_N_BOOT:
-        raise BadInput(f"--n-boot must be in [100, {MAX_N_BOOT}] (memory and time grow with replicates x seeds x "
-                       f"ε levels per group), got {opts.n_boot}")
-    if opts.seed < 0:
-        raise BadInput(f"--boot-seed must be >= 0, got {opts.seed}")
-    if not 0.5 <= opts.reach <= 1:
-        raise BadInput(f"--reach must be in [0.5, 1], got {opts.reach}")
-    for name in ("decades", "tail", "floor_factor", "nhit_decades", "min_decades"):
-        if not getattr(opts, name) >= 0:
-            raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(opts, name)}")
-    return opts
-
-
-# ---------------------------------------------------------------------------------------------- analysis glue
-
-def load_dir(path, strict: bool) -> Loaded:
-    """Every run under path; bad input (missing folder, no runs) → BadInput."""
-    root = Path(path)
-    if not root.exists():
-        raise BadInput(f"{root}: no such folder")
-    if not root.is_dir():
-        raise BadInput(f"{root}: not a folder")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded = load(root, strict=strict)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    if loaded.seeds.empty:
-        skipped = f" ({len(loaded.skipped)} unreadable)" if loaded.skipped else ""
-        raise BadInput(f"{root}: no runs found (no readable run.json below it{skipped}); "
-                       "make some with `ratebench run ... hydra.run.dir=...`")
-    return loaded
-
-
-def check_metric(loaded: Loaded, metric: str, x_name: str) -> None:
-    available = [m for m in METRICS if m in loaded.metrics.columns]
-    if metric not in available:
-        raise BadInput(f"--metric: unknown metric {metric!r}; allowed: {', '.join(available)}")
-    if x_name not in loaded.metrics.columns:
-        raise BadInput(f"--x: column {x_name!r} is not in the run records; allowed: "
-                       f"{', '.join(x for x in X_AXES if x in loaded.metrics.columns)}")
-
-
-def check_by(loaded: Loaded, by: list[str]) -> None:
-    bad = [k for k in by if k not in loaded.seeds.columns]
-    if bad:
-        allowed = ["algorithm", "env", "experiment", "config_hash"] + [c for c in loaded.seeds.columns
-                                                                         if c.startswith("cfg.")]
-        raise BadInput(f"--by: unknown column(s) {bad}; allowed: {', '.join(allowed)}")
-
-
-def group_curves(loaded: Loaded, metric: str, x_name: str, by: list[str]) -> list[tuple[dict, object]]:
-    """(group key dict, curves) for every group of runs, each key with its `label` (named by what
-    differs between the groups, analysis/labels.py), in the natural order of the labels."""
-    out, configs = [], []
-    seeds = loaded.seeds.copy()
-    metrics = loaded.metrics
-    for key, seed_rows in seeds.groupby(by, dropna=False, sort=True):
-        configs.append(group_config(seed_rows))
-        key = dict(zip(by, key if isinstance(key, tuple) else (key,)))
-        runs = set(seed_rows["run_dir"])
-        rows = metrics[metrics["run_dir"].isin(runs)]
-        curves = build_curves(rows, seed_rows, metric, x_name)
-        if len(runs) > 1:
-            warn_identical_curves(curves, f"group {key}")
-        key["config_hashes"] = sorted(set(seed_rows["config_hash"]))
-        for col in ("algorithm", "env"):  # pooled over them: name what was pooled
-            key.setdefault(col, ",".join(sorted(set(map(str, seed_rows[col])))))
-        out.append((key, curves))
-    hashes = [k.get("config_hash") or ",".join(k["config_hashes"]) for k, _ in out]
-    for (key, _), label in zip(out, group_labels(configs, hashes)):
-        key["label"] = label
-    return sorted(out, key=lambda r: natural_order(r[0]["label"]))
-
-
-def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: FitOptions,
-               sensitivity: bool = False) -> list[tuple[dict, RateFit, object]]:
-    """(group key dict, fit, curves) for every group of runs (group_curves)."""
-    out = []
-    for key, curves in group_curves(loaded, metric, x_name, by):
-        fit = fit_rate(curves, opts)
-        if sensitivity and fit.status != "no_data":
-            fit.arrays["sensitivity"] = window_sensitivity(curves, opts)
-        out.append((key, fit, curves))
-    return out
-
-
-def fit_rows(results, metric: str, x_name: str) -> list[dict]:
-    rows = []
-    skip = ("algorithm", "env", "config_hash", "config_hashes", "label")
-    for key, fit, _ in results:
-        row = {"label": key.get("label"), "algorithm": key.get("algorithm"), "env": key.get("env"),
-               "config_hash": key.get("config_hash"), **{k: v for k, v in key.items() if k not in skip},
-               "config_hashes": key["config_hashes"], "metric": metric, "x": x_name}
-        r = fit.row()
-        r.pop("metric"), r.pop("x_name")
-        row.update(r)
-        rows.append(row)
-    return rows
-
-
 def fit_command(ns) -> int:
     loaded = load_dir(ns.dir, ns.strict)
     check_metric(loaded, ns.metric, ns.x)
@@ -353,24 +226,6 @@ def _jsonable(row: dict) -> dict:
     return out
 
 
-def fit_display(rows: list[dict]) -> pd.DataFrame:
-    """The fit table as shown: one row per group, named by what differs between the groups
-    (`group`), then the --by columns beyond algorithm/env/config_hash (`env.beta`), then the fit."""
-    extra = [k for k in rows[0] if k.startswith("cfg.")] if rows else []
-    return pd.DataFrame([{
-        "group": r["label"], **{short_key(k): r[k] for k in extra},
-        "p̂": number_text(r["p"]), "95% CI": f"[{number_text(r['p_low'])}, {number_text(r['p_high'])}]", "b̂": number_text(r["b"]),
-        "b CI": f"[{number_text(r['b_low'])}, {number_text(r['b_high'])}]", "floor ĉ": number_text(r["c"]),
-        "ε window": f"[{number_text(r['eps_low'])}, {number_text(r['eps_high'])}]", "levels": r["n_levels"],
-        "seeds": r["n_seeds"], "diverged": r["n_diverged"], "failed": r["n_failed"],
-        "status": r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"} for r in rows])
-
-
-def fit_heading(rows: list[dict]) -> str:
-    metric, x = rows[0]["metric"], rows[0]["x"]
-    return f"metric {metric} vs {x}: p = exponent of n_hit(ε) ~ ε^-p; b = decay exponent of {metric} ≈ c + A·{x}^-b"
-
-
 FIT_FORMATS = ("table", "json", "csv", "latex")
 
 
@@ -392,250 +247,6 @@ def format_fit_table(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- check
-
-def default_claims() -> list[Path]:
-    return claim_files()
-
-
-def named_claims(names: list[str]) -> list[Claim]:
-    """Claims from names, ids or paths (claims.find_claim), all parsed before any compute: for check,
-    plot and report alike."""
-    return [load_claim(find_claim(name, CONF_DIR / "claims")) for name in names]
-
-
-MAX_SWEEP_JOBS = 256  # expected configs composed per experiment; a larger discrete sweep frees its swept keys
-
-
-@dataclass(frozen=True)
-class ExperimentConfigs:
-    """What `ratebench run -m experiment=<name>` resolves to: one flattened config per job of its sweep
-    (evidence.expected_flat), the keys its runs may vary in (evidence.ALWAYS_FREE, its `free_keys`, keys
-    swept over a continuous range), and its tuning instances. configs None: not a shipped preset."""
-
-    configs: tuple | None
-    free: tuple
-    tuning: frozenset = frozenset()
-
-
-@functools.lru_cache(maxsize=64)
-def experiment_configs(name: str) -> ExperimentConfigs:
-    """The expected resolved configs of experiment `name`, composed by Hydra as `ratebench run -m
-    experiment=<name>` composes each job (the sweep's discrete values expanded, free keys left out).
-    A name that is not a file in conf/experiment/ (runs tagged by hand) has none: ExperimentConfigs(None)."""
-    from omegaconf import OmegaConf
-    from ratebench.config import compose
-
-    if not EXPERIMENT_NAME.fullmatch(name) or name.startswith(".") or not experiment_file(name).exists():
-        return ExperimentConfigs(None, evidence.ALWAYS_FREE)
-    where = f"{experiment_file(name)}"
-    try:
-        with_hydra = compose([f"experiment={name}"], with_hydra=True)
-        base = compose([f"experiment={name}"])
-    except Exception as exc:  # noqa: BLE001 (Hydra raises several types: all mean the preset does not compose)
-        raise BadInput(f"{where}: cannot compose experiment {name!r} ({type(exc).__name__}: {exc})") from None
-    declared = [str(k) if isinstance(k, str) else k for k in (base.get("free_keys") or [])]
-    flat_base = evidence.expected_flat(OmegaConf.to_container(base, resolve=True))
-    unknown = [k for k in declared if not isinstance(k, str)
-               or not any(key == k or key.startswith(k + ".") for key in flat_base)]
-    if unknown:
-        raise BadInput(f"{where}: free_keys: {unknown} name no key of the experiment's config; list dotted keys "
-                       f"such as budget.samples or algorithm.lr_exponent")
-    free = tuple(evidence.ALWAYS_FREE) + tuple(declared)
-    node = OmegaConf.select(with_hydra, "hydra.sweeper.params", default=None)
-    params = {str(k): str(v) for k, v in node.items_ex(resolve=False)} if node is not None else {}
-    combos, continuous = evidence.sweep_combinations(params, free)
-    if len(combos) > MAX_SWEEP_JOBS:
-        continuous += [k for k in params if not evidence.is_free(k, free)]
-        combos = [[]]
-    free += tuple(continuous)
-    configs = [flat_base if not combo else
-               evidence.expected_flat(OmegaConf.to_container(compose([f"experiment={name}", *combo]), resolve=True))
-               for combo in combos]
-    tuning = frozenset(int(i) for c in configs for i in json.loads(c.get("tuning_instances") or "[]"))
-    return ExperimentConfigs(tuple(configs), free, tuning)
-
-
-def claim_evidence(loaded: Loaded, claim: Claim, where: str = "the runs",
-                   free: tuple = ()) -> tuple[Loaded, str, str | None]:
-    """(evidence, note, missing). The evidence is the runs of the claim's own experiment (and
-    algorithm, env) whose resolved config equals the experiment's up to its free keys (evidence.py;
-    `free`: keys freed for this check only, `check --free`), on held-out instances. No fallback to
-    other runs of the algorithm: evidence produced for another purpose (another sweep, a tuning
-    screen, the experiment with an override) is not the claim's evidence; the runs of the experiment
-    that differ are named once in the note. Runs on an instance that their config or the experiment
-    names in `tuning_instances` are dropped (the note says so). `missing` is the reason the claim
-    cannot be judged (no runs, no matching runs, too few or the wrong instances)."""
-    seeds = loaded.seeds[loaded.seeds["algorithm"] == claim.algorithm]
-    if claim.env:
-        seeds = seeds[seeds["env"] == claim.env]
-    expected = experiment_configs(claim.experiment)
-    free_keys = tuple(expected.free) + tuple(free)
-    match = evidence.match_experiment(seeds, claim.experiment, list(expected.configs) if expected.configs else None,
-                                      free_keys)
-    tagged = seeds[seeds["experiment"] == claim.experiment]
-    rejected = evidence.rejected_note(match, seeds, claim.experiment)
-    notes = [rejected] if rejected and not match.seeds.empty else []
-    if free:
-        notes.append(f"keys freed for this check: {', '.join(free)}")
-    if not match.checked:
-        notes.append(f"experiment {claim.experiment!r} is not a file in conf/experiment: its runs are matched by "
-                     f"their experiment tag only, their configs are not compared")
-    seeds = match.seeds
-    if seeds.empty:
-        if tagged.empty:
-            found = sorted({str(e) for e in loaded.seeds["experiment"].dropna()}) if len(loaded.seeds) else []
-            missing = (f"no runs of experiment {claim.experiment!r} ({claim.algorithm}"
-                       + (f" on {claim.env}" if claim.env else "") + f") under {where}"
-                       + (f"; experiments found: {', '.join(found)}" if found else ""))
-        else:
-            missing = f"no run under {where} matches the config of experiment {claim.experiment}; {rejected}"
-        return Loaded(loaded.metrics.iloc[:0], seeds, loaded.skipped), "; ".join(notes), missing
-    seeds, tuning_note, missing = evidence.held_out(seeds, expected.tuning, claim.instances, where)
-    if tuning_note:
-        notes.insert(0, tuning_note)
-    runs = set(seeds["run_dir"])
-    return (Loaded(loaded.metrics[loaded.metrics["run_dir"].isin(runs)], seeds, loaded.skipped), "; ".join(notes),
-            missing)
-
-
-def evaluate_claim(loaded: Loaded, claim: Claim, opts: FitOptions, where: str = "the runs",
-                   free: tuple = ()) -> tuple[Verdict, object, str]:
-    """Pool all configurations of the evidence (bootstrap stratified by config hash) and judge it
-    per environment instance (claims.judge). The curves returned are those of the worst instance
-    (the ones v.fit was fitted on; all the evidence when it holds one instance)."""
-    chosen, note, missing = claim_evidence(loaded, claim, where, free)
-    if missing or chosen.seeds.empty:
-        return Verdict(claim, INCONCLUSIVE, missing or "no evidence", None), None, note
-    if claim.metric not in chosen.metrics.columns:
-        raise BadInput(f"{claim.path}: metric {claim.metric!r} is not in the run records")
-    curves = build_curves(chosen.metrics, chosen.seeds, claim.metric, claim.x)
-    warn_identical_curves(curves, f"claim {claim.id}")
-    v = judge(claim, curves, opts)
-    if len(v.per_instance) > 1:
-        curves = curves.subset(v.worst_instance)
-    return v, curves, note
-
-
-def claim_premise(loaded: Loaded, claim: Claim, premise_fn, where: str = "the runs", free: tuple = ()) -> dict | None:
-    """The claim's premises on the instances of its evidence (bilevel claims only): per instance the
-    weak-gradient-domination floor (in `gap` units: the largest gap among stationary points of F, below
-    which the assumption guarantees nothing) and the exponent the λ-schedule imposes, 1/(q·c_λ) with
-    B(λ) ∝ λ^-q. `holds` is False when the floor lies above the claim's ε_min on a `gap` claim."""
-    if premise_fn is None or claim.algorithm != "bilevel":
-        return None
-    chosen, _, missing = claim_evidence(loaded, claim, where, free)
-    if missing or chosen.seeds.empty:
-        return None
-    per_instance = {}
-    for run_dir in sorted(set(chosen.seeds["run_dir"])):
-        config = read_record(Path(run_dir) / "run.json")["config"]
-        env, algo = config["env"], config.get("algorithm", {})
-        key = int(env.get("instance_seed", 0))
-        reward = (config.get("model") or {}).get("reward") or {}  # the reward class the runs used
-        kwargs = {} if reward.get("bound") is None else {"reward_bound": reward["bound"]}
-        if reward.get("bound_reading") == "project":  # a projected method stops at the box's KKT points
-            kwargs["projected"] = True
-        if key not in per_instance:
-            summary = dict(premise_fn(env, float(algo.get("lam_exponent", 1 / 7)), **kwargs))
-            summary["c_lam"] = float(algo.get("lam_exponent", 1 / 7))
-            summary["schedule_applies"] = algo.get("variant", "single_loop") == "single_loop"
-            per_instance[key] = summary
-    floors = [p["wgd_floor"] for p in per_instance.values()]
-    exps = [p["implied_exponent"] for p in per_instance.values() if p["schedule_applies"]]
-    lo_eps = claim.metric_eps_range[0]
-    holds = not (claim.metric == "gap" and max(floors) > lo_eps)
-    text = (f"premise on instance(s) {sorted(per_instance)}: weak gradient domination floor "
-            f"{_span(floors)} in gap units — the assumption guarantees nothing below that gap here"
-            + (f"; the claim's ε_min is {lo_eps:.3g}: PREMISE FAILS" if not holds else
-               "" if claim.metric == "gap" else f" (this claim reads {claim.metric})"))
-    if exps:
-        text += (f"; the λ-schedule imposes the asymptotic exponent 1/(q·c_λ) = {_span(exps)} "
-                 f"(q = {_span([p['q'] for p in per_instance.values()])}, c_λ = "
-                 f"{_span([p['c_lam'] for p in per_instance.values()])}) by construction, whatever the algorithm does")
-    return {"text": text, "holds": holds, "per_instance": per_instance, "wgd_floor": max(floors),
-            "implied_exponent": exps}
-
-
-def _span(values: list[float]) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:.3g}" if abs(hi - lo) <= 1e-3 * max(abs(hi), 1e-12) else f"{lo:.3g}–{hi:.3g}"
-
-
-def identical_curves(curves) -> list[tuple[int, str, str]]:
-    """(seed, run_dir, run_dir) for every pair of fitted rows from different runs that share a seed
-    and have the same curve to the last bit: pooled configurations whose knob did not change the
-    result (or a copy with another run_hash). Pooling them counts one seed's evidence twice."""
-    fitted = curves.seeds[curves.used].reset_index(drop=True)
-    first: dict[tuple, str] = {}
-    pairs = []
-    for i, (seed, run_dir) in enumerate(zip(fitted["seed"], fitted["run_dir"])):
-        if not np.isfinite(curves.values[i]).any():  # no data (e.g. grad_sq of DPO): nothing is duplicated
-            continue
-        key = (int(seed), np.nan_to_num(curves.values[i], nan=-1.0, posinf=-2.0).tobytes())
-        if key in first and first[key] != run_dir:
-            pairs.append((int(seed), first[key], str(run_dir)))
-        first.setdefault(key, str(run_dir))
-    return pairs
-
-
-def warn_identical_curves(curves, what: str) -> None:
-    pairs = identical_curves(curves)
-    if pairs:
-        shown = "; ".join(f"seed {s}: {a} = {b}" for s, a, b in pairs[:3]) + (" ..." if len(pairs) > 3 else "")
-        warnings.warn(f"{what}: {len(pairs)} seed curves are identical across pooled runs (the same seed gave the "
-                      f"same result in different configurations, so the pooled CI counts it more than once): {shown}",
-                      stacklevel=2)
-
-
-EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-def experiment_dir(workdir: Path, experiment: str) -> Path:
-    """One folder per experiment: claims that share an experiment share its runs."""
-    return Path(workdir) / experiment
-
-
-def experiment_file(name: str) -> Path:
-    return CONF_DIR / "experiment" / f"{name}.yaml"
-
-
-def check_experiment_name(claim: Claim) -> None:
-    """The experiment must be a shipped preset named without path parts (it names a folder)."""
-    source = experiment_file(claim.experiment)
-    known = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-    if not EXPERIMENT_NAME.fullmatch(claim.experiment) or claim.experiment.startswith(".") or not source.exists():
-        raise BadInput(f"{claim.path}: experiment: no experiment {claim.experiment!r} in conf/experiment; "
-                       f"allowed: {', '.join(known)}")
-
-
-def experiment_digest(name: str) -> str:
-    """What a finished sweep's marker records: the experiment file and the result-producing code.
-    Either changing means the runs must be re-made (the sweep itself skips jobs that are still valid)."""
-    return hashlib.sha256(experiment_file(name).read_bytes() + code_fingerprint().encode()).hexdigest()[:16]
-
-
-def ensure_experiment(experiment: str, workdir: Path, claim_ids: list[str]) -> Path:
-    """Run `ratebench run -m experiment=<name>` into workdir/<name> unless a finished sweep of the
-    same experiment file and code is there (marker .complete holds their hash)."""
-    out = experiment_dir(workdir, experiment)
-    digest = experiment_digest(experiment)
-    marker = out / ".complete"
-    label = ",".join(claim_ids)
-    if marker.exists() and marker.read_text().strip() == digest:
-        print(f"[{label}] reusing finished runs of experiment {experiment} in {out}", file=sys.stderr)
-        return out
-    cmd = [sys.executable, "-c", "import sys; from ratebench.cli import main; sys.exit(main())",
-           "run", "-m", f"experiment={experiment}", f"hydra.sweep.dir={out}"]
-    print(f"[{label}] running: ratebench run -m experiment={experiment} hydra.sweep.dir={out}", file=sys.stderr)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    result = subprocess.run(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr, check=False)
-    if result.returncode != 0:  # the run's own status: 2 bad input, 3 internal error, 130/143 a signal
-        raise RunFailed(result.returncode, f"[{label}] `ratebench run -m experiment={experiment}` exited "
-                                           f"{result.returncode}")
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(digest + "\n")
-    return out
-
 
 def check_command(ns) -> int:
     claims = named_claims(ns.claims) or [load_claim(p) for p in default_claims()]  # all parsed before any compute
@@ -663,11 +274,12 @@ def check_command(ns) -> int:
     rows = []
     for claim, (v, _, note) in zip(claims, verdicts):
         row = verdict_row(v, note)
-        if ns.premise is not None and claim.algorithm == "bilevel":
+        if ns.premise is not None and has_premise(claim, ns.premise_inputs):
             loaded_c, where = (loaded, ns.runs) if ns.runs else runs_of[claim.experiment]
             print(f"[{claim.id}] premises on the evidence's instances (ratebench audit; cached after the first time)",
                   file=sys.stderr)
-            prem = claim_premise(loaded_c, claim, ns.premise, where, free)
+            prem = claim_premise(loaded_c, claim, ns.premise, ns.premise_inputs, experiment_configs(claim.experiment),
+                                 where, free)
             if prem is not None:
                 row.update(premise=prem["text"], premise_holds=prem["holds"], wgd_floor=prem["wgd_floor"],
                            implied_exponent=prem["implied_exponent"])
@@ -767,12 +379,6 @@ def plot_command(ns) -> int:
     return 0
 
 
-def progress(message: str) -> None:
-    """One progress line on stderr (a figure, a claim); quiet under CI=true."""
-    if os.environ.get("CI", "").lower() not in ("true", "1"):
-        print(message, file=sys.stderr, flush=True)
-
-
 def report_command(ns) -> int:
     from ratebench.analysis import report
 
@@ -788,10 +394,12 @@ def report_command(ns) -> int:
     premise = None
     if ns.premise is not None:
         def premise(loaded_, claim):
-            return claim_premise(loaded_, claim, ns.premise, ns.dir, free)
+            return claim_premise(loaded_, claim, ns.premise, ns.premise_inputs, experiment_configs(claim.experiment),
+                                 ns.dir, free)
+
     command = "ratebench report " + " ".join(shlex.quote(a) for a in getattr(ns, "argv", [ns.dir]))
-    paths = report.write_report(loaded, claims, fit_options(ns), out,
-                                functools.partial(evaluate_claim, free=free), fit_groups, premise=premise,
+    paths = report.write_report(loaded, claims, fit_options(ns), out, functools.partial(evaluate_claim, free=free),
+                                fit_groups, premise=premise,
                                 command=command)
     for p in paths:
         print(p)

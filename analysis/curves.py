@@ -1,5 +1,5 @@
 """Per-group curve matrices (seeds × evaluation points) from the tidy run table, the shared
-log-spaced ε grid, and the inversion of curves into n_hit(ε) (SPEC §7)."""
+log-spaced ε grid, and the inversion of curves into n_hit(ε) (docs/analysis.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

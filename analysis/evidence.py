@@ -1,7 +1,8 @@
 """Which runs are a claim's evidence (pure functions over the seed table): runs of the claim's
 experiment whose resolved config equals the experiment's, up to the keys that may vary (seeds,
 instances, operational keys, the experiment's `free_keys`); the rest are named once with the keys
-they differ in. The experiment's expected configs come from Hydra (commands.experiment_configs)."""
+they differ in. The experiment's expected configs (ExperimentConfigs) are composed by Hydra in the harness
+(ratebench.experiments.experiment_configs) and handed in."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 from ratebench.analysis.curves import INSTANCE_COLUMN
 from ratebench.analysis.load import flatten_config
-from ratebench.records import OPERATIONAL_KEYS
+from ratebench.core.records import OPERATIONAL_KEYS
 
 # keys that never make a run another experiment: algorithm seeds, environment instances (one run per
 # instance, or a batched family), how a step is computed and the operational keys (records.OPERATIONAL_KEYS)
@@ -280,3 +281,14 @@ def what_it_would_take(relation: str, p_claim: float, tolerance: float, fit, eps
         f"(Bonferroni over looks; to keep a whole sequence of K looks at {alpha:.0%}, judge each at {alpha:.0%}/K: "
         f"analysis.check(..., alpha={alpha}/K))")
     return out
+
+
+@dataclass(frozen=True)
+class ExperimentConfigs:
+    """What `ratebench run -m experiment=<name>` resolves to: one flattened config per job of its sweep
+    (evidence.expected_flat), the keys its runs may vary in (evidence.ALWAYS_FREE, its `free_keys`, keys
+    swept over a continuous range), and its tuning instances. configs None: not a shipped preset."""
+
+    configs: tuple | None
+    free: tuple
+    tuning: frozenset = frozenset()

@@ -1,4 +1,4 @@
-"""Rate fitting (SPEC §7): the sample-complexity exponent p (log n_hit vs log 1/ε) and the decay
+"""Rate fitting (docs/analysis.md): the sample-complexity exponent p (log n_hit vs log 1/ε) and the decay
 exponent b with an error floor (metric ≈ c + A·n^-b), seed-bootstrap CIs, window choice and sensitivity."""
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from ratebench.records import OPERATIONAL_KEYS
+from ratebench.core.records import OPERATIONAL_KEYS
 
 SCOPED = ("algorithm", "env")  # a knob of algorithm X (env X) is compared only among groups of the same X
 MIXED = object()  # a key that takes several values inside one pooled group: it does not name the group

@@ -1,5 +1,5 @@
 """Run records → one tidy table: every run.json under a folder, its metrics.parquet, the seed
-statuses and the flattened resolved config (SPEC §6). Broken records are warned about and skipped."""
+statuses and the flattened resolved config (README.md). Broken records are warned about and skipped."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ratebench.records import metrics_mismatch
+from ratebench.core.records import metrics_mismatch
 
-# metric columns added with the global reference (issue 11) and the population targets (issue 13): older
-# runs lack them, and load as NaN
+# metric columns of the global reference and the population targets that runs written before them lack:
+# they load as NaN
 NEW_METRICS = ("gap_local", "lower_gap", "psi_grad_sq", "target_policy_gap_excess")
 TARGET_FIELDS = ("policy_gap", "gap", "gap_local", "reward_err", "what", "solved")  # run.json target -> target.<field>
 HARNESS_METRICS = {"gap", "grad_sq", "policy_gap"}  # columns every harness run has written: marks a run record

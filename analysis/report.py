@@ -59,7 +59,7 @@ def provenance_line(command: str | None = None) -> str:
     import datetime
 
     import ratebench
-    from ratebench.records import git_commit
+    from ratebench.core.records import git_commit
 
     commit = git_commit(with_dirty=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -105,7 +105,7 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
     """Compute every claim's verdict on the runs in `loaded` and write report.html + report.md.
     premise(loaded, claim) -> dict with "text" (or None): the claim's premises on its instances.
     command: the command line shown in the report's header. One progress line per claim and figure."""
-    from ratebench.analysis.commands import progress
+    from ratebench.analysis.tables import progress
     from ratebench.analysis.fit import window_sensitivity
 
     out_dir = Path(out_dir)
@@ -159,7 +159,7 @@ def _final_with_band(curves) -> str:
 
 
 def target_table(overview) -> pd.DataFrame:
-    """Each group against its own population target (issue 13): the target's policy_gap and what it is,
+    """Each group against its own population target (algorithms/targets.py): the target's policy_gap and what it is,
     the final policy_gap and target_policy_gap_excess (IQM [95% band]), and the rate of approach to the
     target: the decay exponent b̂ of the excess (c + A·n^-b) and p̂ of its n_hit(ε), with CIs. Empty when
     no run records a target. Slow and biased separate here: a large target policy_gap is bias, a large
@@ -188,7 +188,8 @@ TARGET_NOTE = ("target = what the method converges to with infinite data from it
 
 def _fit_table(results) -> pd.DataFrame:
     """The fit table of `ratebench fit` (groups named by what differs), one home for its columns."""
-    from ratebench.analysis.commands import fit_display, fit_rows
+    from ratebench.analysis.groups import fit_rows
+    from ratebench.analysis.tables import fit_display
 
     if not results:
         return pd.DataFrame()

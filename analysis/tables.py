@@ -1,10 +1,15 @@
-"""Tables as text for other tools: Markdown pipe tables (report.md) and LaTeX tabulars (`fit --format
-latex`), from a DataFrame of display strings. No optional dependency (tabulate, jinja2)."""
+"""Text for people and other tools: the fit table as shown (fit_display), Markdown pipe tables
+(report.md) and LaTeX tabulars (`fit --format latex`) from a DataFrame of display strings, and the
+progress lines of plot, check and report. No optional dependency (tabulate, jinja2)."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pandas as pd
+
+from ratebench.analysis.labels import short_key
 
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
@@ -58,3 +63,27 @@ def latex_table(frame: pd.DataFrame, caption: str = "") -> str:
     lines += [" & ".join(latex_escape(cell_text(c)) for c in r) + r" \\" for r in frame.itertuples(index=False)]
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines)
+
+
+def fit_display(rows: list[dict]) -> pd.DataFrame:
+    """The fit table as shown: one row per group, named by what differs between the groups
+    (`group`), then the --by columns beyond algorithm/env/config_hash (`env.beta`), then the fit."""
+    extra = [k for k in rows[0] if k.startswith("cfg.")] if rows else []
+    return pd.DataFrame([{
+        "group": r["label"], **{short_key(k): r[k] for k in extra},
+        "p̂": number_text(r["p"]), "95% CI": f"[{number_text(r['p_low'])}, {number_text(r['p_high'])}]", "b̂": number_text(r["b"]),
+        "b CI": f"[{number_text(r['b_low'])}, {number_text(r['b_high'])}]", "floor ĉ": number_text(r["c"]),
+        "ε window": f"[{number_text(r['eps_low'])}, {number_text(r['eps_high'])}]", "levels": r["n_levels"],
+        "seeds": r["n_seeds"], "diverged": r["n_diverged"], "failed": r["n_failed"],
+        "status": r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"} for r in rows])
+
+
+def fit_heading(rows: list[dict]) -> str:
+    metric, x = rows[0]["metric"], rows[0]["x"]
+    return f"metric {metric} vs {x}: p = exponent of n_hit(ε) ~ ε^-p; b = decay exponent of {metric} ≈ c + A·{x}^-b"
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (a figure, a claim); quiet under CI=true."""
+    if os.environ.get("CI", "").lower() not in ("true", "1"):
+        print(message, file=sys.stderr, flush=True)

@@ -26,7 +26,7 @@ if sys.argv[1] == "retained":
 from ratebench import envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import compose, validate
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 v = validate(compose(sys.argv[3:]))
 problem = envs.make(v.env)
 algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)

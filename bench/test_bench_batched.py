@@ -22,7 +22,7 @@ from ratebench.evaluation import Evaluator
 from ratebench.fstar import f_star
 from ratebench.config import plain
 from ratebench.runner import run_job
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 B = 32
 TARGET_BATCHED = 15.0  # per-seed throughput, batched / loop, at 32 seeds (acceptance floor)

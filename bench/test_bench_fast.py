@@ -18,7 +18,7 @@ from ratebench import envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import validate
 from ratebench.runner import run_job
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 SMALL = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]  # the theorem's regime: N = M = 2
 CONFIGS = {  # id: (overrides, issue target for reference / fast, regression floor asserted here)
@@ -250,7 +250,7 @@ def test_compiled_step_build_seconds(benchmark, monkeypatch, tmp_path):
     """impl=fast's one-off cost for the bilevel step: building bilevel_step.c with the machine's C compiler into an
     empty cache (issue 12: warm-up <= 30 s per configuration), then loading it from the cache, as every later job
     on this machine does. One build serves every configuration: sizes are arguments, not compiled in."""
-    from ratebench import kernels
+    from ratebench.core import kernels
     from ratebench.algorithms.bilevel_kernel import SOURCE
 
     monkeypatch.setenv("RATEBENCH_CACHE", str(tmp_path))

@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 from ratebench.analysis import commands
-from ratebench.analysis.synthetic import synthetic_values, write_run
+from ratebench.analysis.synthetic import synthetic_values
+from ratebench.synthetic_runs import write_run
 
 N_RUNS, SEEDS_PER_RUN, N_POINTS, N_CONFIGS = 1000, 4, 50, 50
 LIMIT_S = 30.0

@@ -18,7 +18,7 @@ from ratebench.algorithms import ALGORITHMS
 from ratebench.config import validate
 from ratebench.envs.tabular import InstanceBatch
 from ratebench.runner import run_instances_or_skip, run_job
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 INSTANCES = [1, 2, 3, 4]
 SMALL = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]

@@ -19,7 +19,7 @@ from ratebench import envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import validate
 from ratebench.runner import run_job, step_threads
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 SMALL = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
 CONFIGS = {  # id: (overrides, issue target, regression floor asserted here)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ratebench.envs import bandit, mdp, token
 from ratebench.envs.tabular import TabularProblem
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 ENVIRONMENTS = {  # name -> (config dataclass, check, build)
     "bandit": (bandit.BanditConfig, bandit.check, bandit.build),

@@ -8,7 +8,7 @@ import torch
 from ratebench.envs.common import CommonEnvConfig, check_common, check_pairs, generator, one_hot, reference_logp, teacher_reward
 from ratebench.envs.global_ref import MAX_FACE_SIZE
 from ratebench.envs.tabular import DTYPE, Step, TabularProblem
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 
 @dataclass

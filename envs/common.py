@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 from ratebench.envs.tabular import DTYPE
 
 TEACHERS = ("linear", "neural")

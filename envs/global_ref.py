@@ -33,7 +33,7 @@ import torch
 from ratebench.envs.exact import true_pair_probs, bilevel_objective, bradley_terry_nll, soft_optimal
 from ratebench.envs.lbfgs import minimise_rows
 from ratebench.envs.tabular import DTYPE, TabularProblem, gather_shared
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 MAX_FACE_SIZE = 12  # trajectories per group whose 2^m - 1 faces are enumerated (4095 faces)
 BOX_FACE_SIZE = 8  # bounded class: trajectories per group whose 3^m box faces are enumerated (6561 faces)

@@ -1,8 +1,8 @@
-"""Exact penalty reformulation of the bilevel problem (SPEC §2) on a TabularProblem.
+"""Exact penalty reformulation of the bilevel problem (docs/bilevel.md) on a TabularProblem.
 
 psi_lam(nu) = min_theta f(nu, theta) + lam (g(nu, theta) - g*(nu)), g = -J; its minimisers y*
 (numerical, L-BFGS on tabular logits) and z* = pi*_nu (closed form), the first-order
-hypergradient of SPEC §2, and min over nu of psi_lam. Tables in, tables out, like exact.py.
+hypergradient of docs/bilevel.md, and min over nu of psi_lam. Tables in, tables out, like exact.py.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def psi(problem: TabularProblem, rewards: Tables, lam: float, y: Tables | None =
 
 
 def hypergradient_surrogate(problem: TabularProblem, rewards: Tables, y: Tables, z: Tables, lam: float) -> torch.Tensor:
-    """Scalar per seed whose nu-gradient (through `rewards`) is the SPEC §2 formula
+    """Scalar per seed whose nu-gradient (through `rewards`) is the docs/bilevel.md formula
     grad psi_lam = grad_nu f(nu, y) + lam (grad_nu g(nu, y) - grad_nu g(nu, z)), y, z held fixed,
     grad_nu g(nu, theta) = -E_{tau ~ pi_theta}[grad_nu R_nu(tau)]. (B,)"""
     y, z = [t.detach() for t in y], [t.detach() for t in z]
@@ -98,7 +98,7 @@ def hypergradient_surrogate(problem: TabularProblem, rewards: Tables, y: Tables,
 
 
 def psi_gradient(problem: TabularProblem, unit_rewards: torch.Tensor, lam: float) -> torch.Tensor:
-    """grad psi_lam in tabular unit rewards (B, n_units) via the SPEC §2 formula with exact y*, z*."""
+    """grad psi_lam in tabular unit rewards (B, n_units) via the docs/bilevel.md formula with exact y*, z*."""
     u = unit_rewards.detach().clone().requires_grad_(True)
     rewards = problem.step_tables_from_units(u)
     y = penalty_minimiser(problem, rewards, lam)
@@ -186,7 +186,7 @@ def grid_lambda(lam: float) -> float:
 
 
 def psi_gap_and_minimiser(problem: TabularProblem, rewards: Tables, lam: float | None):
-    """psi_gap of SPEC §5 for reward tables [(B, n_h, A)] with what it solved on the way:
+    """psi_gap of docs/metrics.md for reward tables [(B, n_h, A)] with what it solved on the way:
     (gap (B,), y*_l tables [(B, n_h, A)] or None, l = grid_lambda(lam) or None). psi_l(nu) - min psi_l
     is taken at l = grid_lambda(lam), so that min psi_l (a joint L-BFGS, ~1 s on the bandit) is
     solved once per grid value, not at every evaluation. NaN gap and no y when lam is None."""
@@ -202,6 +202,6 @@ def psi_gap_and_minimiser(problem: TabularProblem, rewards: Tables, lam: float |
 
 
 def psi_gap(problem: TabularProblem, rewards: Tables, lam: float | None) -> torch.Tensor:
-    """psi_gap metric of SPEC §5: psi_l(nu) - min psi_l at l = grid_lambda(lam). (B,); NaN when lam
+    """psi_gap metric of docs/metrics.md: psi_l(nu) - min psi_l at l = grid_lambda(lam). (B,); NaN when lam
     is None (no penalty). Not clamped: a negative value would show that min psi_l was not global."""
     return psi_gap_and_minimiser(problem, rewards, lam)[0]

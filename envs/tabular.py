@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 DTYPE = torch.float64
 

@@ -3,15 +3,15 @@
 A step allocates and frees the same few-MB tensors over and over (at 256 seeds the reward network's
 activations are 3 MB). glibc's malloc returns the top of its heap to the OS whenever more than its trim
 threshold is free there, and serves large blocks with fresh mmaps; either way the next step's tensors
-land on new pages, and each page costs a minor fault (zero-fill) on first touch. On the project VM that
-was 530-710 faults per fast step and 3,200-3,750 per reference step at 256 seeds; without them a step is 1.0-1.35x
-(fast) and 1.2-1.4x (reference) quicker (bench/RESULTS.md, "Memory"). Raising the two thresholds makes malloc reuse the pages.
+land on new pages, and each page costs a minor fault (zero-fill) on first touch: hundreds per eager step and
+thousands per reference step at 256 seeds, whose cost bench/RESULTS.md ("Memory") measures. Raising the two
+thresholds makes malloc reuse the pages.
 
 Only glibc is touched (elsewhere this is a no-op), and only when the user has not set either threshold
 through glibc's own environment: MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or a glibc.malloc.*_threshold
 entry of GLIBC_TUNABLES wins (that is the opt-out). The cost: memory freed below the process's peak is kept for reuse
-rather than returned, so the resident size stays at the peak: 346 MB instead of 341 MB after a 256-seed
-bilevel run's steps, of which torch itself is most.
+rather than returned, so the resident size stays at the peak of the steps (a few MB above what it
+would be; torch itself is most of it).
 """
 from __future__ import annotations
 

@@ -51,8 +51,8 @@ def hydra_entry(cfg) -> float:
     and the launcher goes on with the other jobs; a signal stops the sweep."""
     from hydra.types import RunMode
 
-    from ratebench.cli import internal_error
-    from ratebench.errors import ConfigError
+    from ratebench.exits import internal_error
+    from ratebench.core.errors import ConfigError
     from ratebench.signals import Interrupted, ParentWatch
 
     hc = HydraConfig.get()
@@ -77,7 +77,7 @@ def hydra_entry(cfg) -> float:
 def _job(cfg, hc) -> float:
     """Run (or skip) the job; returns its `objective` for a sweeper (0.0 without one). A batched instance
     family (`instances=[...]`) writes one folder per instance; its objective is the mean over them."""
-    from ratebench.records import objective_value
+    from ratebench.core.records import objective_value
     from ratebench.runner import run_instances_or_skip, run_or_skip
 
     out_dir, experiment = Path(hc.runtime.output_dir), hc.runtime.choices.get("experiment")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 
 class BadInput(ValueError):
-    """A composition error already worded by ratebench.cli._describe (it names the field)."""
+    """A composition error already worded by ratebench.config.describe_error (it names the field)."""
 
 DEFAULT_STARTS = 64  # multistart size of the landscape (and of F-hat* until global_reference is wired)
 LAM_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # penalties of B(lam); the schedule's lam_k = (1 + k/k0)^(1/7) is ~4 at k = 10^6
@@ -98,8 +98,7 @@ def resolve_instances(overrides: list[str]) -> list:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ratebench.cli import _describe
-    from ratebench.config import compose, validate
+    from ratebench.config import compose, describe_error, validate
 
     rest, seeds = _instance_seeds(overrides)
     rest = ["algorithm=bilevel", "impl=reference"] + [_translate(t) for t in rest]  # the audit runs no step
@@ -109,7 +108,7 @@ def resolve_instances(overrides: list[str]) -> list:
         try:
             out.append(validate(compose(job)))
         except (HydraException, OmegaConfBaseException) as exc:
-            raise BadInput(_describe(exc)) from None
+            raise BadInput(describe_error(exc)) from None
     return out
 
 
@@ -251,6 +250,15 @@ def audit_instance(env, policy_net, c_lam: float, n_starts: int = DEFAULT_STARTS
     }
 
 
+def premise_inputs(algorithm: str, algorithm_config: dict) -> dict | None:
+    """The algorithm's own premise inputs for a run's algorithm config (Algorithm.premise_inputs:
+    {"c_lam", "schedule_applies"}), or None for an algorithm without premises or not installed."""
+    from ratebench.algorithms import ALGORITHMS
+
+    cls = ALGORITHMS.get(algorithm)
+    return None if cls is None else cls.premise_inputs(dict(algorithm_config or {}))
+
+
 def premise_summary(env_config: dict, c_lam: float, directory: str | None = None,
                     n_starts: int = DEFAULT_STARTS, reward_bound: float | None = None, projected: bool = False) -> dict:
     """{"wgd_floor", "implied_exponent", "q"} of one instance, cached on disk keyed by the env config,
@@ -258,8 +266,8 @@ def premise_summary(env_config: dict, c_lam: float, directory: str | None = None
     print next to a verdict. projected (a method that projects a tabular reward onto the box,
     model.reward.bound_reading=project): the floor over the box's KKT points, where such a method can stop;
     otherwise over every stationary point and face limit of the R tanh class."""
-    from ratebench.fstar import cache_dir
-    from ratebench.records import atomic_write_json, config_hash
+    from ratebench.core.cache import cache_dir
+    from ratebench.core.records import atomic_write_json, config_hash
 
     keyed = {"env": env_config, "c_lam": float(c_lam), "n_starts": n_starts, "audit_version": AUDIT_VERSION}
     if reward_bound is not None:
@@ -407,7 +415,7 @@ def figure_dir(out: str | None) -> Path:
     current folder unless asked."""
     if out is not None:
         return Path(out)
-    from ratebench.fstar import cache_dir
+    from ratebench.core.cache import cache_dir
 
     return cache_dir(None) / "audit"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 MAX_EVAL_POINTS = 10_000  # each is an exact evaluation of every seed (ms to s): more would not finish
 MEMORY_ENV = "RATEBENCH_MEMORY_LIMIT"  # bytes (or e.g. 4G): overrides the available memory, e.g. in tests

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ratebench.records import atomic_write_bytes
+from ratebench.core.records import atomic_write_bytes
 
 FILENAME = "checkpoint.pt"
 FORMAT = 4  # bump when the payload layout changes: older checkpoints are then ignored (2: checksum, psi cache;

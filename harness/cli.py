@@ -40,6 +40,7 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The exit status of a command (see USAGE); nothing but check's verdicts returns 1, and no
     exception leaves as a bare traceback."""
+    from ratebench.exits import internal_error
     from ratebench.signals import Interrupted
 
     try:
@@ -51,24 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001  (our bug, not the user's input)
         return internal_error(exc)
-
-
-def internal_error(exc: BaseException) -> int:
-    """Exit status 3: one line on stderr naming the error and the file that holds its traceback."""
-    import tempfile
-    import time
-    import traceback
-
-    text = "".join(traceback.format_exception(exc))
-    try:
-        fd, where = tempfile.mkstemp(prefix=f"ratebench-error-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"ratebench {' '.join(sys.argv[1:])}\n{text}")
-    except OSError as err:
-        where = f"nowhere (the temporary folder refused it: {err.strerror or err})"
-    first = (str(exc).strip().splitlines() or [""])[0]
-    print(f"ratebench: internal error: {type(exc).__name__}: {first}; traceback written to {where}", file=sys.stderr)
-    return 3
 
 
 def _main(argv: list[str] | None) -> int:
@@ -85,7 +68,7 @@ def _main(argv: list[str] | None) -> int:
     if command in COMPLETION_FLAGS:
         return completion_command(argv)
     if command == "list":
-        from ratebench import catalog
+        from ratebench.core import catalog
 
         return catalog.main(rest)
     if command == "run":
@@ -280,8 +263,8 @@ def _prevalidate(overrides: list[str], multirun: bool) -> bool:
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from ratebench.config import validate
-    from ratebench.errors import ConfigError
+    from ratebench.config import describe_error, validate
+    from ratebench.core.errors import ConfigError
 
     try:
         jobs = _expand(overrides)
@@ -306,7 +289,7 @@ def _prevalidate(overrides: list[str], multirun: bool) -> bool:
         except ConfigError as exc:
             raise _BadInput(str(exc)) from None
         except (HydraException, OmegaConfBaseException) as exc:
-            raise _BadInput(_describe(exc)) from None
+            raise _BadInput(describe_error(exc)) from None
         _check_writable(out, f"hydra.{dir_key}")
         _check_cache(cfg.get("cache_dir"))
     return multirun
@@ -317,21 +300,22 @@ def _compose_or_bad(job: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ratebench.errors import ConfigError
+    from ratebench.config import describe_error
+    from ratebench.core.errors import ConfigError
 
     try:
         return _compose(job)
     except ConfigError as exc:
         raise _BadInput(str(exc)) from None
     except (HydraException, OmegaConfBaseException) as exc:
-        raise _BadInput(_describe(exc)) from None
+        raise _BadInput(describe_error(exc)) from None
 
 
 def _compose(job: list[str]):
     """The job's config with `hydra:`; Hydra's own value checks (ValueError / TypeError, e.g. `env=0` or
     `experiment=[1,1]`: a config group takes names) are bad input, not a traceback."""
     from ratebench.config import compose
-    from ratebench.errors import ConfigError
+    from ratebench.core.errors import ConfigError
 
     try:
         return compose(job, with_hydra=True)
@@ -345,7 +329,7 @@ def _compose(job: list[str]):
 def _check_cache(explicit: str | None) -> None:
     """The F* cache (cache_dir, else $RATEBENCH_CACHE, else ~/.cache/ratebench) must be a readable,
     writable folder or creatable: found now, not after Hydra has made the output folder."""
-    from ratebench.fstar import cache_dir
+    from ratebench.core.cache import cache_dir
 
     where = "cache_dir" if explicit else "RATEBENCH_CACHE" if os.environ.get("RATEBENCH_CACHE") else "cache_dir"
     folder = cache_dir(explicit).absolute()
@@ -358,27 +342,8 @@ def _check_cache(explicit: str | None) -> None:
     _check_writable(str(folder), where, "the F* cache folder")
 
 
-def _describe(exc: BaseException) -> str:
-    """One readable line from a Hydra/OmegaConf composition error, naming the field."""
-    text = str(exc).strip()
-    if "Could not find" in text and "Available options" in text:
-        head = text.split("Could not find", 1)[1].split("\n", 1)[0].strip().strip("'")
-        group, _, value = head.rpartition("/")
-        options = []
-        for line in text.split("Available options", 1)[1].splitlines()[1:]:
-            if not line.startswith(("\t", " ")) or not line.strip():
-                break
-            options.append(line.strip())
-        options = [o for o in options if not o.endswith("_schema")]
-        return f"{group}: unknown value {value!r}; allowed: {', '.join(options)}"
-    cause = exc.__cause__ or exc.__context__ or exc  # Hydra re-raises some OmegaConf errors without `from`
-    key = getattr(cause, "full_key", None)
-    msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
-    return f"{key}: {msg}" if key else f"{text.splitlines()[0]}: {msg}" if cause is not exc else text.splitlines()[0]
-
-
 def _check_writable(path: str | None, field: str, what: str = "output folder") -> None:
-    from ratebench.records import unwritable_reason
+    from ratebench.core.records import unwritable_reason
 
     why = unwritable_reason(path) if path else None
     if why:

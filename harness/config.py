@@ -12,15 +12,15 @@ from ratebench.algorithms.base import IMPLS
 from ratebench.algorithms.models import ModelConfig, NetConfig, check_net
 from ratebench.bounds import check_bounds
 from ratebench.envs import ENVIRONMENTS
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 from ratebench.health import HealthConfig, check_health
 from ratebench.live_log import check_logger
-from ratebench.records import OBJECTIVES
+from ratebench.core.records import OBJECTIVES, OPERATIONAL_KEYS, code_fingerprint, config_hash
 
 
 @dataclass
 class BudgetConfig:
-    samples: int = 20_000  # stop when the sample counter reaches this (SPEC §6)
+    samples: int = 20_000  # stop when the sample counter reaches this (README.md)
     steps: Optional[int] = None  # also stop after this many outer steps; when set, the evaluation points are
     #                             log-spaced in steps (fit with --x step). Needed by runs that draw no samples
     #                             (algorithm.oracle=exact)
@@ -54,7 +54,7 @@ class RunConfig:
     #                       `tensorboard` extra); cannot change a result
     # how a step is computed: fast (closed-form gradients, one RNG call per step; equal to reference to
     # float64 round-off per step, tests/test_fast.py) or reference (the autograd path that reads like
-    # SPEC §3). In the hashes: at tiny batches the method amplifies round-off, so a seed's long run
+    # docs/bilevel.md). In the hashes: at tiny batches the method amplifies round-off, so a seed's long run
     # differs between the two (docs/fast.md). Algorithms without a fast path run the reference.
     impl: str = "fast"
     # what a job returns to Hydra's sweeper (the Optuna sweeper minimises it: docs/sweeps.md "Tuning"): null
@@ -73,7 +73,7 @@ def register() -> None:
     if not OmegaConf.has_resolver("rb_job_id"):
         OmegaConf.register_new_resolver("rb_job_id", job_id)  # hydra.sweep.subdir (conf/config.yaml)
     if not OmegaConf.has_resolver("rb_run_help"):
-        from ratebench.catalog import run_help
+        from ratebench.core.catalog import run_help
 
         OmegaConf.register_new_resolver("rb_run_help", run_help)  # hydra.help.template (conf/config.yaml)
     cs = ConfigStore.instance()
@@ -282,6 +282,21 @@ def job_overrides(task: list[str], shared: set[str]) -> str:
     return ",".join(sorted(ov.input_line for ov in parsed if ov.key_or_group not in shared))
 
 
+def resolve(cfg, code: str) -> tuple:
+    """(validated config, resolved config dict, run_hash): the job's identity, a hash of the
+    resolved config (seeds as a list, without the keys that cannot change a result) and of
+    `code`, the fingerprint of the code that computes it (records.code_fingerprint)."""
+    v = validate(cfg)
+    resolved = plain(cfg)
+    resolved["seeds"] = v.seeds
+    resolved.pop("n_seeds", None)
+    return v, resolved, config_hash({**identity(resolved), "code": code})
+
+
+def identity(resolved: dict) -> dict:
+    return {k: val for k, val in resolved.items() if k not in OPERATIONAL_KEYS}
+
+
 def job_id(*, _root_: DictConfig) -> str:
     """A sweep job's folder (job_name), keyed by its resolved config (the run_hash of run.json), not
     by its position in the sweep, so a re-run finds its own folder; named by the job's swept values."""
@@ -290,12 +305,29 @@ def job_id(*, _root_: DictConfig) -> str:
 
     from omegaconf import open_dict, read_write
 
-    from ratebench.runner import resolve
-
     task = OmegaConf.select(_root_, "hydra.overrides.task", default=None) or []
     shared = set(filter(None, os.environ.get("RATEBENCH_SHARED_OVERRIDES", "").split(",")))
     job = copy.deepcopy(_root_)
     with read_write(job), open_dict(job):
         job.pop("hydra", None)
-    v, _, run_hash = resolve(job)
+    v, _, run_hash = resolve(job, code_fingerprint())
     return job_name(job_overrides(task, shared), v.env.name, v.algorithm.name, run_hash)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One readable line from a Hydra/OmegaConf composition error, naming the field."""
+    text = str(exc).strip()
+    if "Could not find" in text and "Available options" in text:
+        head = text.split("Could not find", 1)[1].split("\n", 1)[0].strip().strip("'")
+        group, _, value = head.rpartition("/")
+        options = []
+        for line in text.split("Available options", 1)[1].splitlines()[1:]:
+            if not line.startswith(("\t", " ")) or not line.strip():
+                break
+            options.append(line.strip())
+        options = [o for o in options if not o.endswith("_schema")]
+        return f"{group}: unknown value {value!r}; allowed: {', '.join(options)}"
+    cause = exc.__cause__ or exc.__context__ or exc  # Hydra re-raises some OmegaConf errors without `from`
+    key = getattr(cause, "full_key", None)
+    msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+    return f"{key}: {msg}" if key else f"{text.splitlines()[0]}: {msg}" if cause is not exc else text.splitlines()[0]

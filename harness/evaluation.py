@@ -1,4 +1,4 @@
-"""Exact metrics of an algorithm's state (SPEC §5). Consumes no samples, touches no counters."""
+"""Exact metrics of an algorithm's state (docs/metrics.md). Consumes no samples, touches no counters."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import torch
 
 from ratebench.algorithms.models import per_seed_sq_norm
 from ratebench.envs import exact, penalty
-from ratebench.grid import log_point
+from ratebench.core.grid import log_point
 
 
 NEGATIVE_GAP = -1e-9  # a gap below this means F* was not the infimum of F
@@ -108,7 +108,7 @@ class Evaluator:
         }
 
     def psi_grad_sq(self, estimate, y, lam: float) -> torch.Tensor:
-        """||grad psi_lam(nu_t)||^2 in the reward network's parameters (B,), through the SPEC §2
+        """||grad psi_lam(nu_t)||^2 in the reward network's parameters (B,), through the docs/bilevel.md
         formula (penalty.hypergradient_surrogate) with the y* that psi_gap solved and z* = pi*_nu."""
         model, params = estimate
         nu = [p.detach().clone().requires_grad_(True) for p in params]

@@ -7,7 +7,6 @@ import contextlib
 import fcntl
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -15,15 +14,11 @@ import torch
 
 from ratebench.envs.exact import bilevel_objective
 from ratebench.envs.global_ref import GlobalReference, class_start, global_reference, to_units
-from ratebench.records import atomic_write_json, config_hash
+from ratebench.core.cache import cache_dir
+from ratebench.core.records import atomic_write_json, config_hash
 
 EXACT_VERSION = 2  # bump when the exact objective or the reference changes (2: global reference), so old entries are not reused
 ORDER_SLACK = 1e-9  # f_star <= f_star_local <= F(nu_true) up to this
-
-
-def cache_dir(explicit: str | None) -> Path:
-    root = explicit or os.environ.get("RATEBENCH_CACHE") or Path.home() / ".cache" / "ratebench"
-    return Path(root)
 
 
 def true_objective(problem, reward_bound: float | None = None) -> float:

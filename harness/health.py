@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 LOG_TINY = math.log(sys.float_info.min)  # -708.396...: exp() of anything below is not a normal float64
 ZERO_IS_UNDERFLOW = ("grad_sq", "psi_grad_sq")  # exact squared gradient norms: exactly 0 only by underflow

@@ -13,7 +13,7 @@ NOT_LOGGED = ("seed", "step", "samples", "queries")
 
 def check_logger(name: str) -> None:
     """Refuse an unknown logger or a missing extra before any compute (ConfigError names the field)."""
-    from ratebench.errors import ConfigError
+    from ratebench.core.errors import ConfigError
 
     if name not in LOGGERS:
         raise ConfigError("logger", f"unknown logger {name!r}; allowed: {', '.join(LOGGERS)}")

@@ -18,16 +18,17 @@ import ratebench.algorithms
 from ratebench import checkpoint, envs
 from ratebench.allocator import retain_freed_memory
 from ratebench.algorithms import ALGORITHMS
-from ratebench.config import plain, validate
+from ratebench import config
+from ratebench.config import identity, plain, validate
 from ratebench.envs.tabular import InstanceBatch
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import reference, true_objective
 from ratebench.health import SeedHealth, flat_parameters, observe, zero_rows
 from ratebench.live_log import live_logger
-from ratebench.records import (BASE_COLUMNS, OPERATIONAL_KEYS, atomic_write_json, atomic_write_parquet, code_fingerprint,
+from ratebench.core.records import (BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint,
                                config_hash, git_commit, metrics_mismatch, remove_stale_temporaries)
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 from ratebench.signals import Interrupted, StopRequests
 
 SEGMENT_SECONDS = 0.5  # at most about this much compute per segment call: a signal or a checkpoint waits no longer
@@ -89,18 +90,8 @@ class Progress:
 
 
 def resolve(cfg) -> tuple:
-    """(validated config, resolved config dict, run_hash): the job's identity, a hash of the
-    resolved config (seeds as a list, without the keys that cannot change a result) and of
-    the code that computes it."""
-    v = validate(cfg)
-    resolved = plain(cfg)
-    resolved["seeds"] = v.seeds
-    resolved.pop("n_seeds", None)
-    return v, resolved, config_hash({**identity(resolved), "code": code_fingerprint()})
-
-
-def identity(resolved: dict) -> dict:
-    return {k: val for k, val in resolved.items() if k not in OPERATIONAL_KEYS}
+    """(validated config, resolved config dict, run_hash) of the job, under the code that runs it."""
+    return config.resolve(cfg, code_fingerprint())
 
 
 def other_finished_run(out_dir: Path, resolved: dict) -> str | None:

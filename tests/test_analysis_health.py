@@ -13,7 +13,8 @@ from ratebench.analysis.curves import Curves, build_curves, n_hit
 from ratebench.analysis.fit import FitOptions, fit_floor, fit_rate
 from ratebench.analysis.load import SEED_STATUSES, load
 from ratebench.analysis.stats import iqm, trimmed_mean
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from ratebench.analysis import commands
 from ratebench.analysis.load import RunRecordError, load, load_runs, load_seed_status
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numerical trouble is a status, never a warning
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ratebench.analysis import commands
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 X = evaluation_grid(1e5)

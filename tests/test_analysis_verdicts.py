@@ -17,7 +17,8 @@ from ratebench.analysis.curves import Curves, build_curves
 from ratebench.analysis.fit import FitOptions, fit_floor, fit_rate, level_table
 from ratebench.analysis.load import load
 from ratebench.analysis.stats import bootstrap_counts, hierarchical_counts, percentile_ci, trimmed_mean
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_curves, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_curves, synthetic_values
+from ratebench.synthetic_runs import write_run
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numerical trouble is a status, never a warning
 

@@ -12,7 +12,7 @@ from ratebench import envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import validate
 from ratebench.runner import run_job
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 BATCH = [5, 0]  # unsorted, not starting at 0: a seed's stream must not depend on its position
 MAX_STEPS = 1000  # the horizon; algorithms whose outer step is a whole refit stop at TIME_CAP_S

@@ -16,9 +16,9 @@ from ratebench import envs
 from ratebench.algorithms.bilevel import Bilevel, BilevelConfig
 from ratebench.algorithms.models import ModelConfig, NetConfig
 from ratebench.envs import bandit, exact, penalty
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 from ratebench.runner import SEGMENT_DIVERGED, run_job
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 REPLICATES = 3000
 FAMILY_ALPHA = 1e-3
@@ -63,7 +63,7 @@ def exact_grad(function, params) -> torch.Tensor:
 
 def test_nu_step_descends_the_exact_penalty_hypergradient():
     """E[nu_new - nu] = -xi [grad_nu f(nu, y) + lam (grad_nu g(nu, y) - grad_nu g(nu, z))] with y, z the
-    networks' current policies (g = -J): the SPEC §2 formula, whose sign test_penalty checks
+    networks' current policies (g = -J): the docs/bilevel.md formula, whose sign test_penalty checks
     against finite differences of the exact psi_lam."""
     algo, lam = small_algorithm(batch_traj=4, batch_pairs=4), 5.0
     state, single = replicated_state(algo, lam)

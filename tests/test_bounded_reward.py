@@ -171,7 +171,7 @@ def test_bounded_eager_step_equals_the_reference_step(compose_config, overrides)
 
     from ratebench.algorithms import ALGORITHMS
     from ratebench.config import validate
-    from ratebench.sampling import Counters, CountingSampler
+    from ratebench.envs.sampling import Counters, CountingSampler
 
     v = validate(compose_config(["seeds=[3,0]", "model.reward.width=4", "model.policy.width=4",
                                  "model.reward.bound=0.5", "impl=reference", *overrides]))
@@ -223,7 +223,7 @@ def test_the_projected_tabular_reward_is_projected_sgd_on_the_unit_rewards(compo
 
     from ratebench.algorithms import ALGORITHMS
     from ratebench.config import validate
-    from ratebench.sampling import Counters, CountingSampler
+    from ratebench.envs.sampling import Counters, CountingSampler
 
     R = 0.05
     v = validate(compose_config(["seeds=[3,0]", "model.policy.width=4", "algorithm=bilevel", "env=bandit",

@@ -1,4 +1,4 @@
-"""Claims: file validation (bad fields exit 2 naming the field), the verdict rules of SPEC §7, and
+"""Claims: file validation (bad fields exit 2 naming the field), the verdict rules of docs/analysis.md, and
 the control end to end: `ratebench check conf/claims/control.yaml` passes for exponent 1 and a
 deliberately wrong upper bound of 0.5 is VIOLATED on the same runs, and so is the a = 2/3 known-rate claim."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import yaml
 from ratebench.analysis import commands
 from ratebench.analysis.claims import INCONCLUSIVE, PASS, VIOLATED, load_claim, parse_claim, verdict
 from ratebench.analysis.fit import RateFit
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 CLAIMS = Path(commands.__file__).resolve().parent.parent / "conf" / "claims"
 CONTROL = CLAIMS / "control.yaml"

@@ -11,7 +11,8 @@ import ratebench.conf
 import yaml
 from ratebench.algorithms import ALGORITHMS
 from ratebench.analysis.claims import find_claim
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
 from ratebench.cli import main
 from ratebench.envs import ENVIRONMENTS
 
@@ -80,7 +81,8 @@ def test_plot_and_report_take_claim_names_like_check(tmp_path, monkeypatch):
     import numpy as np
 
     from ratebench.analysis import commands
-    from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+    from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+    from ratebench.synthetic_runs import write_run
 
     x = evaluation_grid(1e4)
     write_run(tmp_path / "runs" / "r", x, synthetic_values(x, 1.0, 4, np.random.default_rng(0)), list(range(4)),

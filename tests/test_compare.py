@@ -9,7 +9,8 @@ import pandas as pd
 from ratebench.analysis import commands
 from ratebench.analysis.fit import FitOptions
 from ratebench.analysis.paired import exponent_difference
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_curves, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_curves, synthetic_values
+from ratebench.synthetic_runs import write_run
 
 OPTS = FitOptions(n_boot=500)
 

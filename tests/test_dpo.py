@@ -12,7 +12,7 @@ from ratebench.algorithms.dpo import DPO, DPOConfig, dpo_loss
 from ratebench.algorithms.models import ModelConfig
 from ratebench.envs.bandit import BanditConfig
 from ratebench.envs.exact import policy_value, soft_optimal, trajectory_probs, trajectory_returns
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 from independent_solvers import torch_lbfgs
 

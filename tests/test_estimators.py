@@ -11,7 +11,7 @@ from ratebench import envs
 from ratebench.algorithms import estimators
 from ratebench.algorithms.models import NetConfig, PolicyModel, RewardModel
 from ratebench.envs import bandit, exact, mdp
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 SMALL = {
     "bandit": bandit.BanditConfig(n_contexts=3, n_actions=4, feature_dim=3),

@@ -11,11 +11,13 @@ import warnings
 import numpy as np
 import pytest
 import yaml
+from ratebench import experiments
 from ratebench.analysis import commands
 from ratebench.analysis.claims import INCONCLUSIVE, load_claim
 from ratebench.analysis.fit import FitOptions
 from ratebench.analysis.load import load
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
 
 from test_claims import CONTROL, base_claim
 
@@ -33,14 +35,14 @@ def control_runs(root, n_runs=2, seeds=6, b=1.0, experiment="control_bandit", rn
 
 def test_a_copied_run_folder_is_counted_once_with_one_warning(tmp_path):
     control_runs(tmp_path / "a")
-    single = commands.evaluate_claim(load(tmp_path / "a"), load_claim(CONTROL), FitOptions(n_boot=500))[0].fit
+    single = experiments.evaluate_claim(load(tmp_path / "a"), load_claim(CONTROL), FitOptions(n_boot=500))[0].fit
     shutil.copytree(tmp_path / "a" / "job0", tmp_path / "a" / "copy_of_job0")
     with pytest.warns(UserWarning, match="duplicate runs") as caught:
         loaded = load(tmp_path / "a")
     assert sum("duplicate runs" in str(w.message) for w in caught) == 1
     assert "copy_of_job0" in str(caught[0].message) and "job0" in str(caught[0].message)
     assert len(loaded.seeds) == 12  # 2 runs x 6 seeds, not 18
-    doubled = commands.evaluate_claim(loaded, load_claim(CONTROL), FitOptions(n_boot=500))[0].fit
+    doubled = experiments.evaluate_claim(loaded, load_claim(CONTROL), FitOptions(n_boot=500))[0].fit
     assert doubled.n_seeds == single.n_seeds == 12 and single.status == "ok"
     assert (doubled.p, doubled.p_low, doubled.p_high) == pytest.approx((single.p, single.p_low, single.p_high))
 
@@ -53,19 +55,19 @@ def test_identical_curves_across_pooled_configurations_are_flagged(tmp_path):
     loaded = load(tmp_path)
     assert loaded.seeds["config_hash"].nunique() == 2
     with pytest.warns(UserWarning, match="identical across pooled runs"):
-        commands.evaluate_claim(loaded, load_claim(CONTROL), FitOptions(n_boot=200))
+        experiments.evaluate_claim(loaded, load_claim(CONTROL), FitOptions(n_boot=200))
     # different seeds' curves (another draw): no warning
     other = tmp_path / "other"
     control_runs(other / "k1", n_runs=1, rng_seed=5, config_extra={"impl": "fast"})
     control_runs(other / "k2", n_runs=1, rng_seed=6, config_extra={"impl": "eager"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        commands.evaluate_claim(load(other), load_claim(CONTROL), FitOptions(n_boot=200))
+        experiments.evaluate_claim(load(other), load_claim(CONTROL), FitOptions(n_boot=200))
 
 
 def test_a_claim_is_judged_only_on_runs_of_its_experiment(tmp_path, capsys):
     control_runs(tmp_path, experiment="some_tuning_screen")
-    verdict, _, _ = commands.evaluate_claim(load(tmp_path), load_claim(CONTROL), FitOptions(n_boot=200), where="DIR")
+    verdict, _, _ = experiments.evaluate_claim(load(tmp_path), load_claim(CONTROL), FitOptions(n_boot=200), where="DIR")
     assert verdict.verdict == INCONCLUSIVE and verdict.fit is None
     assert "no runs of experiment 'control_bandit'" in verdict.reason and "under DIR" in verdict.reason
     assert "some_tuning_screen" in verdict.reason  # says what it found instead
@@ -87,7 +89,7 @@ def fake_sweeps(monkeypatch):
         control_runs(Path(out), experiment=exp)
         return type("Done", (), {"returncode": 0})()
 
-    monkeypatch.setattr(commands.subprocess, "run", fake_run)
+    monkeypatch.setattr(experiments.subprocess, "run", fake_run)
     return calls
 
 
@@ -109,7 +111,7 @@ def test_finished_sweep_is_reused_only_by_the_same_code(tmp_path, fake_sweeps, m
     commands.main("check", [str(CONTROL), "--workdir", work, "--n-boot", "200"])
     assert fake_sweeps == ["control_bandit"]  # second check reused the marker
     assert "reusing finished runs" in capsys.readouterr().err
-    monkeypatch.setattr(commands, "code_fingerprint", lambda: "changed-code")
+    monkeypatch.setattr(experiments, "code_fingerprint", lambda: "changed-code")
     commands.main("check", [str(CONTROL), "--workdir", work, "--n-boot", "200"])
     assert fake_sweeps == ["control_bandit", "control_bandit"]  # the marker no longer matches: the sweep re-runs
     capsys.readouterr()
@@ -144,10 +146,10 @@ def claim_with(tmp_path, **change):
 def test_runs_on_tuning_instances_are_not_evidence(tmp_path):
     instance_runs(tmp_path, [0, 1], tuning=[0])
     loaded = load(tmp_path)
-    evidence, note, missing = commands.claim_evidence(loaded, claim_with(tmp_path, instances=1))
+    evidence, note, missing = experiments.claim_evidence(loaded, claim_with(tmp_path, instances=1))
     assert missing is None and set(evidence.seeds["cfg.env.instance_seed"]) == {1}
     assert "tuning instance(s) [0]" in note
-    verdict, _, _ = commands.evaluate_claim(loaded, claim_with(tmp_path, instances=2), FitOptions(n_boot=200))
+    verdict, _, _ = experiments.evaluate_claim(loaded, claim_with(tmp_path, instances=2), FitOptions(n_boot=200))
     assert verdict.verdict == INCONCLUSIVE and "1 held-out instance(s) [1]" in verdict.reason
     assert "needs ≥ 2" in verdict.reason
 
@@ -155,21 +157,21 @@ def test_runs_on_tuning_instances_are_not_evidence(tmp_path):
 def test_a_claim_naming_instances_uses_exactly_those(tmp_path):
     instance_runs(tmp_path, [1, 2, 3])
     loaded = load(tmp_path)
-    evidence, _, missing = commands.claim_evidence(loaded, claim_with(tmp_path, instances=[1, 3]))
+    evidence, _, missing = experiments.claim_evidence(loaded, claim_with(tmp_path, instances=[1, 3]))
     assert missing is None and set(evidence.seeds["cfg.env.instance_seed"]) == {1, 3} and len(evidence.seeds) == 12
-    _, _, missing = commands.claim_evidence(loaded, claim_with(tmp_path, instances=[1, 4]))
+    _, _, missing = experiments.claim_evidence(loaded, claim_with(tmp_path, instances=[1, 4]))
     assert "no held-out runs of [4]" in missing
 
 
 @pytest.mark.parametrize("bad", [0, -1, "four", [1, 1], [], True, 2.5])
 def test_bad_instances_field_names_the_field(tmp_path, bad):
-    from ratebench.errors import ConfigError
+    from ratebench.core.errors import ConfigError
     with pytest.raises(ConfigError, match="instances"):
         claim_with(tmp_path, instances=bad)
 
 
 @pytest.mark.parametrize("bad_id", ["../../x", "/abs/path", "a/b", ".hidden", "spa ce", "x;rm"])
 def test_claim_ids_that_could_name_a_path_are_refused(tmp_path, bad_id):
-    from ratebench.errors import ConfigError
+    from ratebench.core.errors import ConfigError
     with pytest.raises(ConfigError, match="id"):
         claim_with(tmp_path, id=bad_id)

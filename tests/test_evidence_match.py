@@ -8,13 +8,16 @@ import shutil
 
 import numpy as np
 import pytest
+from ratebench import experiments
 from ratebench.analysis import commands, evidence
-from ratebench.analysis.claims import INCONCLUSIVE, load_claim
+from ratebench.analysis.claims import INCONCLUSIVE, find_claim, load_claim
+from ratebench.analysis.inputs import CONF_DIR
 from ratebench.analysis.fit import FitOptions
 from ratebench.analysis.load import load
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
 from ratebench.config import compose, validate
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 from test_claims import CONTROL, base_claim
 
@@ -67,18 +70,18 @@ def test_matching_runs_are_pooled_and_the_others_listed_once(tmp_path):
     control_runs(tmp_path / "a", n_runs=2)  # the experiment as its file says: 12 seeds
     control_runs(tmp_path / "b", n_runs=2, rng_seed=1, config={"algorithm": {"lr_exponent": 0.75}})
     loaded = load(tmp_path)
-    chosen, note, missing = commands.claim_evidence(loaded, load_claim(CONTROL))
+    chosen, note, missing = experiments.claim_evidence(loaded, load_claim(CONTROL))
     assert missing is None and len(chosen.seeds) == 12
     assert set(chosen.seeds["run_dir"].map(lambda d: d.split("/")[-2])) == {"a"}
     assert note.count("not evidence") == 1 and "2 run(s) (12 seeds)" in note and "algorithm.lr_exponent" in note
-    verdict, curves, _ = commands.evaluate_claim(loaded, load_claim(CONTROL), FitOptions(n_boot=200))
+    verdict, curves, _ = experiments.evaluate_claim(loaded, load_claim(CONTROL), FitOptions(n_boot=200))
     assert verdict.fit.n_seeds == 12 == curves.n_seeds
 
 
 def test_free_seeds_instances_and_operational_keys_keep_a_run_evidence(tmp_path):
     control_runs(tmp_path, n_runs=1, config={"env": {"instance_seed": 3}, "impl": "eager", "progress": False,
                                              "checkpoint_every_s": 0.0, "threads": 2})
-    chosen, note, missing = commands.claim_evidence(load(tmp_path), load_claim(CONTROL))
+    chosen, note, missing = experiments.claim_evidence(load(tmp_path), load_claim(CONTROL))
     assert missing is None and len(chosen.seeds) == 6 and note == ""
 
 
@@ -94,12 +97,12 @@ def test_an_untagged_copy_with_the_same_run_hash_still_counts(tmp_path):
     with pytest.warns(UserWarning, match="duplicate runs"):
         loaded = load(tmp_path)
     assert len(loaded.seeds) == 6 and loaded.seeds["experiment"].isna().all()  # the untagged copy was kept
-    chosen, _, missing = commands.claim_evidence(loaded, load_claim(CONTROL))
+    chosen, _, missing = experiments.claim_evidence(loaded, load_claim(CONTROL))
     assert missing is None and len(chosen.seeds) == 6
     # an untagged run that differs is not the experiment's: not evidence, and not listed either
     control_runs(tmp_path / "c_other", n_runs=1, experiment=None, rng_seed=3,
                  config={"algorithm": {"name": "reward_mle"}, "env": {"name": "bandit"}})
-    chosen, note, _ = commands.claim_evidence(load(tmp_path / "c_other"), load_claim(CONTROL))
+    chosen, note, _ = experiments.claim_evidence(load(tmp_path / "c_other"), load_claim(CONTROL))
     assert chosen.seeds.empty and note == ""
 
 
@@ -108,7 +111,7 @@ def test_a_tag_that_is_no_shipped_experiment_is_matched_by_tag_with_a_note(tmp_p
     from ratebench.analysis.claims import parse_claim
 
     claim = parse_claim(base_claim(experiment="hand_made"), "c.yaml")
-    chosen, note, missing = commands.claim_evidence(load(tmp_path), claim)
+    chosen, note, missing = experiments.claim_evidence(load(tmp_path), claim)
     assert missing is None and len(chosen.seeds) == 6 and "matched by their experiment tag only" in note
 
 
@@ -139,14 +142,14 @@ def test_sweep_combinations_expand_discrete_sweeps_and_free_continuous_ones():
 
 
 def test_experiment_configs_follow_the_experiment_files_sweep():
-    compare = commands.experiment_configs("compare_bandit")
+    compare = experiments.experiment_configs("compare_bandit")
     assert sorted(c["algorithm.name"] for c in compare.configs) == ["bilevel", "dpo", "ppo_rlhf"]
     assert all(c["budget.samples"] == 100000 for c in compare.configs)
-    rate = commands.experiment_configs("rate_bandit")
+    rate = experiments.experiment_configs("rate_bandit")
     assert len(rate.configs) == 1 and rate.tuning == {0}  # instances are free, not expanded
-    sens = commands.experiment_configs("sensitivity_bandit")
+    sens = experiments.experiment_configs("sensitivity_bandit")
     assert len({(c["algorithm.xi_exponent"], c["algorithm.lam_exponent"]) for c in sens.configs}) == 9
-    assert commands.experiment_configs("no_such_preset").configs is None
+    assert experiments.experiment_configs("no_such_preset").configs is None
 
 
 def test_free_keys_must_name_keys_of_the_config():
@@ -178,11 +181,11 @@ def test_a_real_run_of_the_experiment_matches_its_composed_config(claim_name, ov
             experiment=name)
     loaded = load(tmp_path)
     algorithm = loaded.seeds["algorithm"].iloc[0]
-    claim = (load_claim(commands.find_claim(claim_name, commands.CONF_DIR / "claims")) if claim_name else
+    claim = (load_claim(find_claim(claim_name, CONF_DIR / "claims")) if claim_name else
              parse_claim({**base_claim(), "id": "c", "algorithm": algorithm, "experiment": name, "metric": "policy_gap",
                           "epsilon": {"unit": "policy_gap", "min": 0.01, "max": 1.0}}, "c.yaml"))
-    expected = commands.experiment_configs(name)
+    expected = experiments.experiment_configs(name)
     match = evidence.match_experiment(loaded.seeds, name, list(expected.configs), expected.free)
     assert list(match.rejected.values()) == [["budget.samples"]]  # the one key the job changed, nothing else
-    chosen, note, missing = commands.claim_evidence(loaded, claim, free=("budget.samples",))
+    chosen, note, missing = experiments.claim_evidence(loaded, claim, free=("budget.samples",))
     assert len(chosen.seeds) == 2 and "not evidence" not in note, (note, missing)

@@ -10,7 +10,7 @@ import torch
 from ratebench import envs
 from ratebench.algorithms.models import NetConfig, RewardModel
 from ratebench.envs import bandit, exact, global_ref, mdp, token
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 from independent_solvers import torch_lbfgs
 

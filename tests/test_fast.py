@@ -29,10 +29,10 @@ import torch
 from ratebench import envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import validate
-from ratebench.errors import ConfigError
-from ratebench.rng import CounterRng
+from ratebench.core.errors import ConfigError
+from ratebench.core.rng import CounterRng
 from ratebench.runner import resolve
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 ATOL = 1e-12  # float64: the two paths sum the same terms in a different order
 TINY = ["seeds=[3,0]", "model.reward.width=4", "model.policy.width=4"]
@@ -165,7 +165,7 @@ def test_fast_equals_reference_through_a_checkpoint(compose_config, case, monkey
     ref, ref_sampler, ref_counters, seeds = build(compose_config, overrides, "reference")
     impl = impl_of(case)
     fast, sampler, counters, _ = build(compose_config, overrides, impl, reward_pass)
-    assert ref.has_fast_step()
+    assert ref.has_eager_step()
     # a bilevel case without a C compiler must fail here, not pass on the eager step
     assert fast.step_path() == ("compiled" if case in COMPILED else "eager"), f"{case}: {fast.step_path()}"
     # the free-running run has an algorithm of its own: one algorithm, one state, as in the harness, so
@@ -228,7 +228,7 @@ def test_impl_is_in_the_hash_and_validated(compose_config):
 def test_exact_oracle_has_no_fast_step_and_runs_the_reference(compose_config):
     algo, sampler, _, seeds = build(compose_config, ["algorithm=bilevel", "algorithm.oracle=exact",
                                                          "budget.steps=10"], "fast")
-    assert not algo.has_fast_step()
+    assert not algo.has_eager_step()
     state = algo.step(algo.init(seeds), sampler)
     assert state.k == 1 and sampler.samples == 0
 
@@ -304,7 +304,7 @@ def test_reward_on_the_visited_units_is_the_whole_tables(compose_config, env, in
     sum_i w_i R(tau_i), to 1e-12. Trajectories that revisit units and steps that pay nothing (the token task)
     included; a deep ReLU reward with random, not initial, parameters; an instance batch's per-row features."""
     from ratebench.envs.tabular import InstanceBatch
-    from ratebench.sampling import FlatTrajectories, padded_units
+    from ratebench.envs.sampling import FlatTrajectories, padded_units
 
     v = validate(compose_config(["algorithm=bilevel", f"env={env}", "model.reward.depth=2", "model.reward.width=6"]))
     if instances:
@@ -362,7 +362,7 @@ def test_which_step_each_impl_takes(compose_config, algorithm, impl, path):
 def test_without_a_compiler_impl_fast_takes_the_eager_step(compose_config, monkeypatch, tmp_path):
     """A machine without a C compiler (or with RATEBENCH_KERNELS=0) still runs impl=fast: the build fails with
     one warning, and the step is the eager one, bit for bit."""
-    from ratebench import kernels
+    from ratebench.core import kernels
     from ratebench.algorithms.bilevel_kernel import SOURCE
     import ratebench.algorithms.bilevel as bilevel_module
 
@@ -415,7 +415,7 @@ def test_a_compiled_step_is_cached_per_cpu(monkeypatch, tmp_path):
     """The build is keyed by the CPU (model and instruction-set flags) as well as the source, compiler and flags: a
     home folder shared by a cluster's nodes must not hand a -march=native build to a CPU without its instructions.
     The same CPU loads its build from the cache; another CPU builds its own."""
-    from ratebench import kernels
+    from ratebench.core import kernels
     from ratebench.algorithms.bilevel_kernel import SOURCE
 
     monkeypatch.setenv("RATEBENCH_CACHE", str(tmp_path))

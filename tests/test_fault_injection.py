@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ratebench import records
-from ratebench.records import FAULT_ENV, FAULT_EXIT, WRITE_POINTS
+from ratebench.core import records
+from ratebench.core.records import FAULT_ENV, FAULT_EXIT, WRITE_POINTS
 from ratebench.runner import run_job
 
 FAST = ["algorithm=reward_mle", "seeds=[0,1]", "budget.samples=300", "checkpoint_every_s=0"]

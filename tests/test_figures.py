@@ -13,7 +13,8 @@ from ratebench.analysis import commands, plots
 from ratebench.analysis.claims import parse_claim
 from ratebench.analysis.fit import FitOptions
 from ratebench.analysis.load import load
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
 
 N_GROUPS = 8  # one more than an axis shows
 

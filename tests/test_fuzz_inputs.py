@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings, strategies 
 
 from ratebench.analysis.claims import REQUIRED, load_claim
 from ratebench.cli import _BadInput, _prevalidate, main
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 
 KEYS = ["env", "algorithm", "env.beta", "env.n_actions", "env.n_contexts", "env.label_noise", "env.instance_seed",
         "env.max_pairs", "env.teacher", "budget.samples", "budget.steps", "budget.evals_per_decade", "n_seeds",

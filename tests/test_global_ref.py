@@ -15,7 +15,7 @@ from scipy.optimize import minimize
 
 from ratebench import envs
 from ratebench.envs import bandit, exact, global_ref, mdp, penalty, token
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 from ratebench.evaluation import Evaluator
 from ratebench.fstar import reference
 
@@ -304,7 +304,8 @@ def test_runs_without_the_new_columns_load_as_nan_with_one_note(tmp_path, capsys
 
     from ratebench.analysis import commands
     from ratebench.analysis.load import load
-    from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+    from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+    from ratebench.synthetic_runs import write_run
 
     x = evaluation_grid(1e4)
     rng = np.random.default_rng(0)

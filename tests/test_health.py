@@ -13,7 +13,7 @@ import torch
 from conftest import at_step
 from ratebench.algorithms.bilevel import Bilevel
 from ratebench.health import LOG_TINY, HealthConfig, SeedHealth, relative_change, saturation
-from ratebench.records import objective_value
+from ratebench.core.records import objective_value
 from ratebench.runner import FINISHED, run_instances_or_skip, run_job
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")

@@ -16,7 +16,7 @@ from ratebench.algorithms.bilevel import Bilevel
 from ratebench.config import validate
 from ratebench.envs.tabular import InstanceBatch
 from ratebench.runner import SEGMENT_DIVERGED, run_instances_or_skip, run_job
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 INSTANCES, SEEDS = [1, 2, 3], [0, 5]
 

@@ -22,9 +22,9 @@ from ratebench.analysis import commands
 from ratebench.analysis.claims import PASS, VIOLATED
 from ratebench.envs import bandit
 from ratebench.envs.exact import bradley_terry_nll
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 from ratebench.runner import run_job
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # numerical trouble is a status, never a warning
 

@@ -12,7 +12,7 @@ from ratebench import envs
 from ratebench.algorithms.npg import NPG, soft_q
 from ratebench.config import validate
 from ratebench.envs import exact
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 TINY = {"bandit": ["env=bandit", "env.n_contexts=2", "env.n_actions=3", "env.beta=0.5"],
         "mdp": ["env=mdp", "env.n_states=2", "env.n_actions=3", "env.horizon=3", "env.beta=0.5"]}

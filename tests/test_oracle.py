@@ -18,9 +18,9 @@ from ratebench.algorithms.estimators import (policy_gradient_surrogate, preferen
 from ratebench.algorithms.models import ModelConfig, NetConfig, sgd_step
 from ratebench.algorithms.oracles import ExactOracle, StochasticOracle
 from ratebench.envs import bandit, mdp
-from ratebench.errors import ConfigError
+from ratebench.core.errors import ConfigError
 from ratebench.runner import run_job
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 SMALL = {
     "bandit": bandit.BanditConfig(n_contexts=3, n_actions=4, feature_dim=3),

@@ -1,4 +1,4 @@
-"""The exact penalty quantities: psi_lam, its minimisers, the first-order hypergradient of SPEC §2
+"""The exact penalty quantities: psi_lam, its minimisers, the first-order hypergradient of docs/bilevel.md
 against finite differences of the exact psi_lam, its convergence to grad F, and min psi_lam."""
 from __future__ import annotations
 

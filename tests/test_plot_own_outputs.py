@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from ratebench.analysis import commands, plots
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
 from ratebench.cli import main as cli_main
 
 

@@ -16,7 +16,7 @@ from ratebench.algorithms.ppo_rlhf import PPORLHF, PPORLHFConfig
 from ratebench.envs.mdp import MDPConfig
 from ratebench.evaluation import Evaluator
 from ratebench.runner import run_job
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 D = torch.float64
 

@@ -15,7 +15,7 @@ from ratebench.algorithms import ALGORITHMS
 from ratebench.algorithms.reward_mle import RewardMLE
 from ratebench.config import validate
 from ratebench.runner import run_job
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 SEEDS = [4, 1]
 
@@ -115,7 +115,7 @@ def test_finished_job_is_skipped_and_its_files_untouched(compose_config, tmp_pat
 def test_other_config_in_the_folder_is_not_skipped_nor_resumed(compose_config, tmp_path):
     """Another config in a folder holding a finished run is refused (issue 14, item 3: it used to
     replace the run silently); with overwrite=true it is computed afresh, neither skipped nor resumed."""
-    from ratebench.errors import ConfigError
+    from ratebench.core.errors import ConfigError
 
     first = run(compose_config, tmp_path)
     with pytest.raises(ConfigError, match=first["run_hash"]):

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 from ratebench.analysis import commands, runtime
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 

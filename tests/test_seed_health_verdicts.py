@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from ratebench.analysis import commands, plots
 from ratebench.analysis.claims import INCONCLUSIVE, PASS, parse_claim, verdict
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
-from ratebench.errors import ConfigError
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
+from ratebench.core.errors import ConfigError
 
 from test_claims import base_claim, fake_fit
 

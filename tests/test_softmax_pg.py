@@ -10,7 +10,7 @@ import torch
 from ratebench import envs
 from ratebench.algorithms.softmax_pg import SoftmaxPG, smoothness
 from ratebench.config import validate
-from ratebench.sampling import Counters, CountingSampler
+from ratebench.envs.sampling import Counters, CountingSampler
 
 TINY = {"bandit": ["env=bandit", "env.n_contexts=2", "env.n_actions=3", "env.beta=0.3"],
         "mdp": ["env=mdp", "env.n_states=2", "env.n_actions=2", "env.horizon=3", "env.beta=0.3"]}

@@ -278,10 +278,11 @@ def test_check_passes_on_the_status_of_a_failed_experiment_run(tmp_path, monkeyp
     143) there is that status, not "bad input" (2), and never 1 (a verdict)."""
     import subprocess
 
+    from ratebench import experiments
     from ratebench.analysis import commands
 
     for status in (3, 130, 143):
-        monkeypatch.setattr(commands.subprocess, "run", lambda cmd, status=status, **kw: subprocess.CompletedProcess(cmd, status))
+        monkeypatch.setattr(experiments.subprocess, "run", lambda cmd, status=status, **kw: subprocess.CompletedProcess(cmd, status))
         code = commands.main("check", ["control", "--workdir", str(tmp_path / str(status)), "--no-premise"])
         assert code == status, capsys.readouterr().err
         assert not (tmp_path / str(status) / "control_bandit" / ".complete").exists()

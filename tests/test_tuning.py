@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ratebench.cli import main
-from ratebench.records import objective_value
+from ratebench.core.records import objective_value
 
 
 def _record(status: dict) -> dict:

@@ -98,7 +98,8 @@ def test_what_it_would_take_text():
 
 
 def test_check_prints_what_it_would_take_for_an_inconclusive_claim(tmp_path, capsys):
-    from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+    from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+    from ratebench.synthetic_runs import write_run
 
     x = evaluation_grid(1e5)
     write_run(tmp_path / "run", x, synthetic_values(x, 1.0, 8, np.random.default_rng(0), A=10.0, seed_noise=0.8),

@@ -23,7 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ratebench.fstar import cache_dir
+from ratebench.core.cache import cache_dir
 
 FLAGS = ["-O3", "-march=native", "-std=c99", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast", "-pthread"]
 # -march=native: this CPU's vector width (the build is keyed by the CPU); -ffp-contract=fast: fused multiply-adds,

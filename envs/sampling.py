@@ -11,7 +11,7 @@ import torch
 
 from ratebench.envs.exact import preference_prob
 from ratebench.envs.tabular import TabularProblem, gather_per_step
-from ratebench.rng import CounterRng, categorical
+from ratebench.core.rng import CounterRng, categorical
 
 
 @dataclass

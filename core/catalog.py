@@ -100,7 +100,7 @@ def main(args: list[str]) -> int:
     return 0
 
 
-RUN_KEYS = (  # (override, what it does): the keys every run accepts (SPEC §6), shown by `ratebench run --help`
+RUN_KEYS = (  # (override, what it does): the keys every run accepts (README), shown by `ratebench run --help`
     ("seeds=[0,1,2]  |  n_seeds=N", "algorithm seeds, advanced together in one process as a batch"),
     ("env.instance_seed=K", "draws the environment instance (features, teacher, pi_ref), apart from the seeds"),
     ("instances=[1,2,3,4]", "those env.instance_seed values as ONE batched job: <run dir>/instance_<k>/ each"),

@@ -1,4 +1,4 @@
-"""Run records (SPEC §6), written atomically: temporary name in the same folder, then rename."""
+"""Run records (README.md), written atomically: temporary name in the same folder, then rename."""
 from __future__ import annotations
 
 import hashlib
@@ -170,11 +170,11 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-RESULT_PACKAGES = ("ratebench", "ratebench.envs", "ratebench.algorithms")  # code that computes results
+RESULT_PACKAGES = ("ratebench", "ratebench.core", "ratebench.envs", "ratebench.algorithms")  # code that computes results
 
 
 def code_fingerprint() -> str:
-    """Hash of the source files that produce results (harness, envs, algorithms; not analysis):
+    """Hash of the source files that produce results (harness, core, envs, algorithms; not analysis):
     a finished job — or a finished experiment sweep reused by `check` — is only reused by the code
     that computed it, never after a change. Found without importing those packages."""
     import importlib.util

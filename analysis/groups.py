@@ -1,0 +1,90 @@
+"""Runs grouped for a table or a figure (by algorithm, env, configuration or any cfg.* column), each
+group's curves and its rate fit (fit.py), and the rows of `ratebench fit` / analysis.fit."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from ratebench.analysis.curves import build_curves
+from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
+from ratebench.analysis.labels import group_config, group_labels, natural_order
+from ratebench.analysis.load import Loaded
+
+
+def group_curves(loaded: Loaded, metric: str, x_name: str, by: list[str]) -> list[tuple[dict, object]]:
+    """(group key dict, curves) for every group of runs, each key with its `label` (named by what
+    differs between the groups, analysis/labels.py), in the natural order of the labels."""
+    out, configs = [], []
+    seeds = loaded.seeds.copy()
+    metrics = loaded.metrics
+    for key, seed_rows in seeds.groupby(by, dropna=False, sort=True):
+        configs.append(group_config(seed_rows))
+        key = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        runs = set(seed_rows["run_dir"])
+        rows = metrics[metrics["run_dir"].isin(runs)]
+        curves = build_curves(rows, seed_rows, metric, x_name)
+        if len(runs) > 1:
+            warn_identical_curves(curves, f"group {key}")
+        key["config_hashes"] = sorted(set(seed_rows["config_hash"]))
+        for col in ("algorithm", "env"):  # pooled over them: name what was pooled
+            key.setdefault(col, ",".join(sorted(set(map(str, seed_rows[col])))))
+        out.append((key, curves))
+    hashes = [k.get("config_hash") or ",".join(k["config_hashes"]) for k, _ in out]
+    for (key, _), label in zip(out, group_labels(configs, hashes)):
+        key["label"] = label
+    return sorted(out, key=lambda r: natural_order(r[0]["label"]))
+
+
+def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: FitOptions,
+               sensitivity: bool = False) -> list[tuple[dict, RateFit, object]]:
+    """(group key dict, fit, curves) for every group of runs (group_curves)."""
+    out = []
+    for key, curves in group_curves(loaded, metric, x_name, by):
+        fit = fit_rate(curves, opts)
+        if sensitivity and fit.status != "no_data":
+            fit.arrays["sensitivity"] = window_sensitivity(curves, opts)
+        out.append((key, fit, curves))
+    return out
+
+
+def fit_rows(results, metric: str, x_name: str) -> list[dict]:
+    rows = []
+    skip = ("algorithm", "env", "config_hash", "config_hashes", "label")
+    for key, fit, _ in results:
+        row = {"label": key.get("label"), "algorithm": key.get("algorithm"), "env": key.get("env"),
+               "config_hash": key.get("config_hash"), **{k: v for k, v in key.items() if k not in skip},
+               "config_hashes": key["config_hashes"], "metric": metric, "x": x_name}
+        r = fit.row()
+        r.pop("metric"), r.pop("x_name")
+        row.update(r)
+        rows.append(row)
+    return rows
+
+
+def identical_curves(curves) -> list[tuple[int, str, str]]:
+    """(seed, run_dir, run_dir) for every pair of fitted rows from different runs that share a seed
+    and have the same curve to the last bit: pooled configurations whose knob did not change the
+    result (or a copy with another run_hash). Pooling them counts one seed's evidence twice."""
+    fitted = curves.seeds[curves.used].reset_index(drop=True)
+    first: dict[tuple, str] = {}
+    pairs = []
+    for i, (seed, run_dir) in enumerate(zip(fitted["seed"], fitted["run_dir"])):
+        if not np.isfinite(curves.values[i]).any():  # no data (e.g. grad_sq of DPO): nothing is duplicated
+            continue
+        key = (int(seed), np.nan_to_num(curves.values[i], nan=-1.0, posinf=-2.0).tobytes())
+        if key in first and first[key] != run_dir:
+            pairs.append((int(seed), first[key], str(run_dir)))
+        first.setdefault(key, str(run_dir))
+    return pairs
+
+
+def warn_identical_curves(curves, what: str) -> None:
+    pairs = identical_curves(curves)
+    if pairs:
+        shown = "; ".join(f"seed {s}: {a} = {b}" for s, a, b in pairs[:3]) + (" ..." if len(pairs) > 3 else "")
+        warnings.warn(f"{what}: {len(pairs)} seed curves are identical across pooled runs (the same seed gave the "
+                      f"same result in different configurations, so the pooled CI counts it more than once): {shown}",
+                      stacklevel=2)
+
+
