@@ -763,8 +763,7 @@ def plot_command(ns) -> int:
     for i, m in enumerate(metrics, start=1):
         started = time.monotonic()
         results = fit_groups(loaded, m, ns.x, by, opts)
-        paths = (plots.metric_figure(results, claims, out) + plots.interval_figure(results, claims, out)
-                 + plots.runtime_figure(results, out))
+        paths = plots.figures(results, claims, out)
         for path in paths:
             print(path)
         pngs = [p.name for p in paths if p.suffix == ".png"]

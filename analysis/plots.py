@@ -328,6 +328,13 @@ def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> li
     return paths
 
 
+def figures(results, claims, out_dir: Path) -> list[Path]:
+    """Every figure of one metric (what `ratebench plot` writes per metric): the curves and n_hit panels
+    (metric_figure), the interval plot of p̂ (interval_figure) and the fixed-target runtimes (runtime_figure)."""
+    return (metric_figure(results, claims, out_dir) + interval_figure(results, claims, out_dir)
+            + runtime_figure(results, out_dir))
+
+
 def _one_figure(results, claims, metric, x_name, out_dir: Path, stem: str, title: str) -> list[Path]:
     rate_panel = metric in RATE_METRICS
     profile_panel = rate_panel and any(len(f.arrays.get("profile", ())) for _, f, _ in results)
