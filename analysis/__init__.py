@@ -107,7 +107,8 @@ def plot(runs, metric=None, x: str = "samples", by="algorithm,env,config_hash", 
 
 
 def check(claims, runs=None, workdir: str = "ratebench-runs", **options) -> list:
-    """A Verdict per claim (`.verdict` PASS / VIOLATED / INCONCLUSIVE, `.reason`, `.fit`, `.per_instance`).
+    """A Verdict per claim (`.verdict` PASS / VIOLATED / INCONCLUSIVE, `.reason`; `.p`, `.ci`, `.window`, `.n_seeds`,
+    `.n_instances`, ... read from `.fit`, the deciding fit; `.per_instance`: a fit per instance).
     claims: names (`control`), ids, paths or Claim objects (one or a list). runs: a folder or load(...)
     holding the evidence; None runs (or reuses, under workdir) each claim's experiment as the CLI does."""
     from pathlib import Path
