@@ -724,13 +724,17 @@ def format_verdicts(rows: list[dict], where: str | None = None) -> str:
         "worst": "-" if r.get("worst_instance") is None or r.get("n_instances", 0) < 2 else r["worst_instance"],
         "verdict": r["verdict"]} for r in rows])
     lines = [table.to_string(index=False), ""] if rows else []
+
+    def said(r: dict) -> str:
+        return f"{r['claim']}: {r['verdict']} — {r['reason']}" + (f" ({r['note']})" if r["note"] else "")
+
     for r in rows:
-        lines.append(f"{r['claim']}: {r['verdict']} — {r['reason']}" + (f" ({r['note']})" if r["note"] else ""))
+        lines.append(said(r))
         if r.get("premise"):
             lines.append(f"    {r['premise']}")
         for text in (r.get("what_it_would_take") or {}).get("text", []):
             lines.append(f"    what it would take — {text}")
-    lines += [f"{r['claim']}: {r['verdict']} — {r['reason']}" + (f" ({r['note']})" if r["note"] else "") for r in other]
+    lines += [said(r) for r in other]
     lines += [verdict_lines.no_evidence_line(absent, where)] if absent else []
     return "\n".join(lines)
 
