@@ -5,6 +5,7 @@
     table = analysis.fit(runs, metric="reward_err", by="cfg.env.beta")   # DataFrame, one row per group
     verdicts = analysis.check(["control"], runs="runs/control")         # [Verdict]
     diff = analysis.compare("runs/a", "runs/b", metric="gap")           # DataFrame, p̂_a − p̂_b, paired CI
+    paths = analysis.plot(runs, metric="reward_err", by="cfg.env.beta")  # the figures of `ratebench plot`
 
 The modules hold the pieces (load, curves, stats, fit, groups, evidence, judgement, claims, paired, labels,
 plots, report; inputs: the bad-input checks shared with the CLI, commands.py). These functions and the CLI
@@ -17,7 +18,7 @@ from __future__ import annotations
 from ratebench.analysis import fit as _fit_module  # noqa: F401
 from ratebench.analysis import load as _load_module
 
-__all__ = ["check", "compare", "fit", "load"]
+__all__ = ["check", "compare", "fit", "load", "plot"]
 
 
 def load(path, strict: bool = False):
@@ -76,8 +77,42 @@ def fit(runs, metric: str = "gap", x: str = "samples", by="algorithm,env,config_
     return pd.DataFrame(fit_rows(results, metric, x))
 
 
+def plot(runs, metric=None, x: str = "samples", by="algorithm,env,config_hash", out=None, claims=None,
+         **options) -> list:
+    """The figures of `ratebench plot` (PNG and PDF paths, in the order written): per metric the curves with
+    the fit and n_hit(ε) panels, the interval plot of p̂ and the fixed-target runtimes (analysis/plots.py).
+    runs: a folder, load(...) or its .metrics frame; metric: a name or a list (None: every metric with positive
+    values); by: grouping columns as for fit; out: the folder (None: <runs>/figures for a folder, else
+    ./figures); claims: names, ids, paths or Claim objects whose slopes are drawn on figures of their own
+    algorithm and metric (None: every shipped claim, as the command; [] none); options: any FitOptions field."""
+    from pathlib import Path
+
+    from ratebench.analysis import commands, plots
+    from ratebench.analysis.claims import Claim, load_claim
+    from ratebench.analysis.curves import METRICS, group_keys, has_positive
+
+    loaded = _as_loaded(runs)
+    metrics = ([metric] if isinstance(metric, str) else list(metric)) if metric is not None else [
+        m for m in METRICS if m in loaded.metrics.columns and has_positive(loaded.metrics[m])]
+    for m in metrics:
+        commands.check_metric(loaded, m, x)
+    keys = group_keys(by)
+    commands.check_by(loaded, keys)
+    opts = _options(**options)
+    if claims is None:
+        shown = [load_claim(p) for p in commands.default_claims()]
+    else:
+        items = [claims] if isinstance(claims, (str, Path, Claim)) else list(claims)
+        shown = [c if isinstance(c, Claim) else commands.named_claims([str(c)])[0] for c in items]
+    folder = Path(out) if out is not None else (Path(runs) / "figures" if isinstance(runs, (str, Path)) else Path("figures"))
+    commands.writable_folder(folder, "out")
+    folder.mkdir(parents=True, exist_ok=True)
+    return [path for m in metrics for path in plots.figures(commands.fit_groups(loaded, m, x, keys, opts), shown, folder)]
+
+
 def check(claims, runs=None, workdir: str = "ratebench-runs", **options) -> list:
-    """A Verdict per claim (`.verdict` PASS / VIOLATED / INCONCLUSIVE, `.reason`, `.fit`, `.per_instance`).
+    """A Verdict per claim (`.verdict` PASS / VIOLATED / INCONCLUSIVE, `.reason`; `.p`, `.ci`, `.window`, `.n_seeds`,
+    `.n_instances`, ... read from `.fit`, the deciding fit; `.per_instance`: a fit per instance).
     claims: names (`control`), ids, paths or Claim objects (one or a list). runs: a folder or load(...)
     holding the evidence; None runs (or reuses, under workdir) each claim's experiment as the CLI does."""
     from pathlib import Path

@@ -191,6 +191,28 @@ class Verdict:
     pooled: RateFit | None = None
     worst_instance: object = None
 
+    # The numbers the verdict was decided on, read from `fit` (NaN / 0 when there was no evidence), so that
+    # `verdict.p` reads as `ratebench check` prints it: p̂ and its 95% CI, the ε window, seeds and instances.
+    def _of(self, name: str, empty=float("nan")):
+        return empty if self.fit is None else getattr(self.fit, name)
+
+    p = property(lambda self: self._of("p"), doc="p̂: n_hit(ε) ∝ ε^-p on the deciding fit")
+    p_low = property(lambda self: self._of("p_low"), doc="lower end of p̂'s bootstrap 95% CI")
+    p_high = property(lambda self: self._of("p_high"), doc="upper end of p̂'s bootstrap 95% CI")
+    ci = property(lambda self: (self.p_low, self.p_high), doc="(p_low, p_high)")
+    eps_low = property(lambda self: self._of("eps_low"), doc="smallest ε of the fitting window")
+    eps_high = property(lambda self: self._of("eps_high"), doc="largest ε of the fitting window")
+    window = property(lambda self: (self.eps_low, self.eps_high), doc="the fitting window (eps_low, eps_high)")
+    p_local = property(lambda self: self._of("p_local"), doc="local exponent at ε_min (or the window's bottom)")
+    status = property(lambda self: self._of("status", "no_data"), doc="the fit's status (ok, too_narrow, ...)")
+    n_seeds = property(lambda self: self._of("n_seeds", 0), doc="seeds in the deciding fit")
+    n_diverged = property(lambda self: self._of("n_diverged", 0), doc="diverged seeds among them")
+    n_unhealthy = property(lambda self: 0 if self.fit is None else n_unhealthy(self.fit),
+                           doc="diverged, saturated or stalled seeds among them")
+    n_instances = property(lambda self: max(len(self.per_instance), 0 if self.fit is None else 1),
+                           doc="environment instances of the evidence")
+    has_evidence = property(lambda self: self.fit is not None, doc="False: no runs to judge (INCONCLUSIVE)")
+
 
 GRID_STEP = 10 ** (1 / FitOptions().per_decade)  # a window "reaches" ε_min when its lowest level is within one step
 COVER_REACH = FitOptions().reach  # ... and this fraction of the seeds stay ≤ ε_min at the end

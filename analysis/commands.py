@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from ratebench.analysis import verdict_lines
 from ratebench.analysis.claims import PASS, VIOLATED, Claim, Verdict, load_claim, n_unhealthy, what_it_would_take
 from ratebench.analysis.curves import METRICS, X_AXES, group_keys, has_positive
 from ratebench.analysis.fit import FitOptions
@@ -274,7 +275,7 @@ def check_command(ns) -> int:
     rows = []
     for claim, (v, _, note) in zip(claims, verdicts):
         row = verdict_row(v, note)
-        if ns.premise is not None and has_premise(claim, ns.premise_inputs):
+        if ns.premise is not None and has_premise(claim, ns.premise_inputs) and v.fit is not None:  # no evidence: no premise
             loaded_c, where = (loaded, ns.runs) if ns.runs else runs_of[claim.experiment]
             print(f"[{claim.id}] premises on the evidence's instances (ratebench audit; cached after the first time)",
                   file=sys.stderr)
@@ -287,7 +288,7 @@ def check_command(ns) -> int:
     if ns.json:
         print(json.dumps([_jsonable(r) for r in rows], indent=2))
     else:
-        print(format_verdicts(rows))
+        print(format_verdicts(rows, ns.runs))
     if ns.fail_on == "violated":
         return 1 if any(v.verdict == VIOLATED for v, _, _ in verdicts) else 0
     return 0 if all(v.verdict == PASS for v, _, _ in verdicts) else 1
@@ -296,7 +297,8 @@ def check_command(ns) -> int:
 def _judged(loaded: Loaded, claim: Claim, opts: FitOptions, where: str, i: int, n: int, free: tuple = ()):
     """evaluate_claim, then one progress line: `[check 2/5] control_reward_mle: PASS`."""
     result = evaluate_claim(loaded, claim, opts, where=where, free=free)
-    progress(f"[check {i}/{n}] {claim.id}: {result[0].verdict}")
+    if result[0].fit is not None:  # a claim without evidence is said once, in the summary line (verdict_lines)
+        progress(f"[check {i}/{n}] {claim.id}: {result[0].verdict}")
     return result
 
 
@@ -304,7 +306,8 @@ def verdict_row(v: Verdict, note: str = "") -> dict:
     c, f = v.claim, v.fit
     row = {"claim": c.id, "algorithm": c.algorithm, "metric": c.metric, "x": c.x, "relation": c.relation,
            "claimed_p": c.metric_exponent, "tolerance": c.tolerance, "verdict": v.verdict, "reason": v.reason,
-           "eps_claim": [c.metric_eps_range[0], c.metric_eps_range[1]], "note": note}
+           "eps_claim": [c.metric_eps_range[0], c.metric_eps_range[1]], "note": note, "experiment": c.experiment,
+           "evidence": f is not None}
     if f is not None:
         row.update(p=f.p, p_low=f.p_low, p_high=f.p_high, eps_low=f.eps_low, eps_high=f.eps_high,
                    n_seeds=f.n_seeds, n_diverged=f.n_diverged, n_saturated=f.n_saturated, n_stalled=f.n_stalled,
@@ -320,7 +323,11 @@ def verdict_row(v: Verdict, note: str = "") -> dict:
     return row
 
 
-def format_verdicts(rows: list[dict]) -> str:
+def format_verdicts(rows: list[dict], where: str | None = None) -> str:
+    """The verdict table and a line per judged claim; claims without evidence get no table row (verdict_lines)."""
+    all_rows, (rows, absent, other) = rows, verdict_lines.split_rows(rows)
+    if len(absent) == 1:  # one claim: its own reason says it in one line
+        absent, other = [], [r for r in all_rows if r in absent or r in other]
     table = pd.DataFrame([{
         "claim": r["claim"], "metric": r["metric"],
         "claimed": ("≤ " if r["relation"] == "upper_bound" else "= ") + number_text(r["claimed_p"]) +
@@ -331,13 +338,19 @@ def format_verdicts(rows: list[dict]) -> str:
         "stalled": r.get("n_stalled", 0), "instances": r.get("n_instances", 0),
         "worst": "-" if r.get("worst_instance") is None or r.get("n_instances", 0) < 2 else r["worst_instance"],
         "verdict": r["verdict"]} for r in rows])
-    lines = [table.to_string(index=False), ""]
+    lines = [table.to_string(index=False), ""] if rows else []
+
+    def said(r: dict) -> str:
+        return f"{r['claim']}: {r['verdict']} — {r['reason']}" + (f" ({r['note']})" if r["note"] else "")
+
     for r in rows:
-        lines.append(f"{r['claim']}: {r['verdict']} — {r['reason']}" + (f" ({r['note']})" if r["note"] else ""))
+        lines.append(said(r))
         if r.get("premise"):
             lines.append(f"    {r['premise']}")
         for text in (r.get("what_it_would_take") or {}).get("text", []):
             lines.append(f"    what it would take — {text}")
+    lines += [said(r) for r in other]
+    lines += [verdict_lines.no_evidence_line(absent, where)] if absent else []
     return "\n".join(lines)
 
 
@@ -369,8 +382,7 @@ def plot_command(ns) -> int:
     for i, m in enumerate(metrics, start=1):
         started = time.monotonic()
         results = fit_groups(loaded, m, ns.x, by, opts)
-        paths = (plots.metric_figure(results, claims, out) + plots.interval_figure(results, claims, out)
-                 + plots.runtime_figure(results, out))
+        paths = plots.figures(results, claims, out)
         for path in paths:
             print(path)
         pngs = [p.name for p in paths if p.suffix == ".png"]

@@ -328,6 +328,13 @@ def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> li
     return paths
 
 
+def figures(results, claims, out_dir: Path) -> list[Path]:
+    """Every figure of one metric (what `ratebench plot` writes per metric): the curves and n_hit panels
+    (metric_figure), the interval plot of p̂ (interval_figure) and the fixed-target runtimes (runtime_figure)."""
+    return (metric_figure(results, claims, out_dir) + interval_figure(results, claims, out_dir)
+            + runtime_figure(results, out_dir))
+
+
 def _one_figure(results, claims, metric, x_name, out_dir: Path, stem: str, title: str) -> list[Path]:
     rate_panel = metric in RATE_METRICS
     profile_panel = rate_panel and any(len(f.arrays.get("profile", ())) for _, f, _ in results)
@@ -358,12 +365,30 @@ def _one_figure(results, claims, metric, x_name, out_dir: Path, stem: str, title
               for (k, f, _), (ls, mk, colour), t, h in zip(results, STYLES, targets, health)]
     any_floor = any(f.c > 0 and np.isfinite(f.b) for _, f, _ in results)
     keys = key_entries(rate_panel, claims, any_floor, any(t > 0 for t in targets), any(health))
-    fig.legend(handles=groups, loc="upper left", bbox_to_anchor=(0.0, 0.0), ncol=1, fontsize=8, frameon=False,
-               title="groups", title_fontsize=8, alignment="left")
-    fig.legend(handles=keys, loc="upper right", bbox_to_anchor=(1.0, 0.0), ncol=2 if len(keys) > 5 else 1,
-               fontsize=8, frameon=False, title="key", title_fontsize=8, alignment="left")
     fig.tight_layout()
+    legends_below(fig, groups, keys, key_columns=2 if len(keys) > 5 else 1)
     return _save(fig, out_dir, stem)
+
+
+def legends_below(fig, groups: list, keys: list, key_columns: int = 1) -> tuple:
+    """The groups' legend below the panels at the left and the key of the conventions at the right; when
+    the two would overlap (long group names), the key goes below the groups' legend instead. Call after
+    tight_layout (which leaves figure legends out); the saved figure grows to hold both (bbox_inches)."""
+    style = {"fontsize": 8, "frameon": False, "title_fontsize": 8, "alignment": "left"}
+    first = fig.legend(handles=groups, loc="upper left", bbox_to_anchor=(0.0, 0.0), ncol=1, title="groups", **style)
+    second = fig.legend(handles=keys, loc="upper right", bbox_to_anchor=(1.0, 0.0), ncol=key_columns, title="key",
+                        **style)
+    renderer = fig.canvas.get_renderer()
+    to_figure = fig.transFigure.inverted()
+    left, right = (legend.get_window_extent(renderer).transformed(to_figure) for legend in (first, second))
+    if left.x1 + LEGEND_GAP > right.x0:  # side by side they would overlap: stack them
+        second.remove()
+        second = fig.legend(handles=keys, loc="upper left", bbox_to_anchor=(0.0, left.y0 - LEGEND_GAP),
+                            ncol=key_columns, title="key", **style)
+    return first, second
+
+
+LEGEND_GAP = 0.01  # figure fraction between the two legends
 
 
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
@@ -471,9 +496,6 @@ def runtime_figure(results, out_dir: Path, stem: str | None = None, eps_range: t
                    label="ERT: some seeds never did (their budget counted)"),
             Line2D([], [], color=grey, lw=1.6, drawstyle="steps-post",
                    label="ECDF: below 1 at the end = pairs never reached")]
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, 0.0), fontsize=8, frameon=False,
-               title="groups", title_fontsize=8, alignment="left")
-    fig.legend(handles=keys, loc="upper right", bbox_to_anchor=(1.0, 0.0), fontsize=8, frameon=False,
-               title="key", title_fontsize=8, alignment="left")
     fig.tight_layout()
+    legends_below(fig, handles, keys)
     return _save(fig, Path(out_dir), stem or f"{metric}_vs_{x_name}_runtime")

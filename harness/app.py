@@ -2,7 +2,6 @@
 (sweeps: <sweep dir>/<env>-<algorithm>-<run_hash>, so re-running a sweep skips or resumes jobs)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -53,10 +52,11 @@ def hydra_entry(cfg) -> float:
 
     from ratebench.exits import internal_error
     from ratebench.core.errors import ConfigError
+    from ratebench.progress import job_log, say
     from ratebench.signals import Interrupted, ParentWatch
 
     hc = HydraConfig.get()
-    with ParentWatch() as watch:  # a sweep worker stops (checkpointed) when its launcher dies
+    with ParentWatch() as watch, job_log() as log:  # a sweep worker stops (checkpointed) when its launcher dies
         try:
             return _job(cfg, hc)
         except Interrupted as exc:
@@ -64,10 +64,11 @@ def hydra_entry(cfg) -> float:
             watch.exit_if_orphaned(exc.code)
             raise SystemExit(exc.code) from None
         except ConfigError as exc:
-            print(f"ratebench: error: {exc}", file=sys.stderr)
+            say(f"ratebench: error: {exc}", error=True)
             code = 2
         except Exception as exc:  # noqa: BLE001  (anything else is our bug: exit 3 with the traceback saved)
             code = internal_error(exc)
+            log.exception("internal error (exit 3)")  # the job's log file gets the traceback too
     report_outcome(hc.runtime.output_dir, "failed", code)
     if hc.mode == RunMode.MULTIRUN:
         return float("nan")
@@ -77,6 +78,7 @@ def hydra_entry(cfg) -> float:
 def _job(cfg, hc) -> float:
     """Run (or skip) the job; returns its `objective` for a sweeper (0.0 without one). A batched instance
     family (`instances=[...]`) writes one folder per instance; its objective is the mean over them."""
+    from ratebench.progress import say
     from ratebench.core.records import objective_value
     from ratebench.runner import run_instances_or_skip, run_or_skip
 
@@ -92,7 +94,7 @@ def _job(cfg, hc) -> float:
     if not skipped:
         resumed = record.get("resumed_from_step")
         for folder, rec in folders:
-            print(f"ratebench: wrote {folder}/metrics.parquet and run.json "
+            say(f"ratebench: wrote {folder}/metrics.parquet and run.json "
                   f"({rec['counters']['samples']:,d} samples, {len(rec['seeds'])} seeds"
                   f"{f', resumed from step {resumed}' if resumed is not None else ''})")
     if cfg.get("objective") is None:
@@ -100,5 +102,5 @@ def _job(cfg, hc) -> float:
     values = [objective_value(pd.read_parquet(folder / "metrics.parquet"), rec, cfg.objective) for folder, rec in folders]
     value = sum(values) / len(values)
     over = "seeds" if len(values) == 1 else f"seeds, then over {len(values)} instances"
-    print(f"ratebench: objective {cfg.objective} (mean final over {over}) = {value:.6g}")
+    say(f"ratebench: objective {cfg.objective} (mean final over {over}) = {value:.6g}")
     return value

@@ -271,7 +271,8 @@ def _prevalidate(overrides: list[str], multirun: bool) -> bool:
     except HydraException as exc:
         raise _BadInput(f"cannot parse overrides: {str(exc).strip().splitlines()[0]}") from None
     first = _compose_or_bad(jobs[0])
-    multirun = multirun or str(OmegaConf.select(first, "hydra.mode")).endswith("MULTIRUN")
+    preset = str(OmegaConf.select(first, "hydra.mode")).endswith("MULTIRUN")
+    multirun = multirun or preset
     if not multirun and len(jobs) > 1:
         raise _BadInput("a sweep (comma list, range, glob) needs -m: ratebench run -m " + " ".join(overrides))
     dir_key = "sweep.dir" if multirun else "run.dir"
@@ -292,6 +293,11 @@ def _prevalidate(overrides: list[str], multirun: bool) -> bool:
             raise _BadInput(describe_error(exc)) from None
         _check_writable(out, f"hydra.{dir_key}")
         _check_cache(cfg.get("cache_dir"))
+    given = {o.lstrip("+").split("=", 1)[0] for o in overrides}
+    if multirun and "hydra.run.dir" in given and "hydra.sweep.dir" not in given:  # a sweep ignores hydra.run.dir
+        why = "its experiment sets hydra.mode: MULTIRUN" if preset else "-m"
+        raise _BadInput(f"hydra.run.dir: this is a sweep ({why}), whose jobs go one folder each under hydra.sweep.dir "
+                        "(default multirun/): give hydra.sweep.dir=DIR instead")
     return multirun
 
 

@@ -26,6 +26,7 @@ from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import reference, true_objective
 from ratebench.health import SeedHealth, flat_parameters, observe, zero_rows
 from ratebench.live_log import live_logger
+from ratebench.progress import Progress, Timing, say
 from ratebench.core.records import (BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint,
                                config_hash, git_commit, metrics_mismatch, remove_stale_temporaries)
 from ratebench.envs.sampling import Counters, CountingSampler
@@ -43,50 +44,6 @@ def provenance() -> dict:
             "torch": torch.__version__, "platform": platform.platform(), "argv": sys.argv}
     info["git_commit"] = git_commit()
     return info
-
-
-class Progress:
-    """A live line per job: samples done, rate, ETA, current medians. On a terminal the line is
-    rewritten in place (at most every `interval_s`); otherwise one line per decade of samples or
-    per `log_interval_s`. Quiet under CI=true."""
-
-    def __init__(self, label: str, budget: int, enabled: bool, start_samples: int = 0,
-                 interval_s: float = 0.5, log_interval_s: float = 30.0, unit: str = "samples"):
-        self.label, self.budget, self.unit = label, budget, unit
-        self.enabled = enabled and os.environ.get("CI", "").lower() not in ("1", "true")
-        self.live = self.enabled and sys.stdout.isatty()
-        self.interval_s = interval_s if self.live else log_interval_s
-        self.start, self.start_samples = time.perf_counter(), start_samples
-        self.last_print, self.next_decade = -float("inf"), 10
-        while self.next_decade <= start_samples:
-            self.next_decade *= 10
-        self.medians = ""
-
-    def metrics(self, metrics: dict) -> None:
-        """Remember the current per-seed metrics (B,) for the line."""
-        if self.enabled:
-            self.medians = " ".join(f"{k}={float(v.nanmedian()):.3g}" for k, v in metrics.items()
-                                    if k in ("gap", "policy_gap", "reward_err") and len(v))
-
-    def update(self, samples: int, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        decade = samples >= self.next_decade
-        if not (final or decade or now - self.last_print >= self.interval_s):
-            return
-        while self.next_decade <= samples:
-            self.next_decade *= 10
-        self.last_print = now
-        elapsed = now - self.start
-        rate = (samples - self.start_samples) / elapsed if elapsed > 0 else 0.0
-        eta = f"{(self.budget - samples) / rate:6.0f}s" if rate > 0 and not final else "     -"
-        line = (f"[{self.label}] {self.unit} {samples:>10,d}/{self.budget:,d} ({100 * samples / self.budget:5.1f}%)  "
-                f"{rate:>9,.0f}/s  ETA {eta}  median {self.medians}")
-        if self.live:
-            print("\r" + line + ("\n" if final else ""), end="", flush=True)
-        else:
-            print(line, flush=True)
 
 
 def resolve(cfg) -> tuple:
@@ -164,7 +121,7 @@ def run_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> tuple[dict
     done = finished_record(out_dir, run_hash)
     if done is not None:
         checkpoint.remove(out_dir)  # left only by a kill between run.json's rename and its removal
-        print(f"skipping {out_dir}: completed", flush=True)
+        say(f"skipping {out_dir}: completed")
         return done, True
     torch.set_num_threads(int(cfg.threads))
     retain_freed_memory()  # a step's tensors reuse pages instead of faulting in new ones (allocator.py)
@@ -220,7 +177,7 @@ def run_instances_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> 
     done = [finished_record(d, run_hash) for d, _, _, run_hash in parts]
     if all(record is not None for record in done):
         checkpoint.remove(out_dir)
-        print(f"skipping {out_dir}: every instance completed", flush=True)
+        say(f"skipping {out_dir}: every instance completed")
         return [(d, record) for (d, *_), record in zip(parts, done)], True
     torch.set_num_threads(int(cfg.threads))
     retain_freed_memory()  # a step's tensors reuse pages instead of faulting in new ones (allocator.py)
@@ -344,8 +301,8 @@ class _Job:
             part.restore_psi_cache(psi)
         self.wall, self.eval_s = float(saved["wall"]), float(saved["eval_s"])
         self.next_point, self.last_recorded = int(saved["next_point"]), saved["last_recorded"]
-        print(f"resuming {self.out_dir} from step {self.counters.step} ({self.counters.samples:,d} samples; "
-              f"checkpoint written on {saved.get('written_on', 'schedule')})", flush=True)
+        say(f"resuming {self.out_dir} from step {self.counters.step} ({self.counters.samples:,d} samples; "
+              f"checkpoint written on {saved.get('written_on', 'schedule')})")
         return self.counters.step
 
     def _maybe_checkpoint(self, at_evaluation: bool) -> None:
@@ -363,6 +320,10 @@ class _Job:
     def _clock(self) -> int:
         """Where the run is on its evaluation schedule: the sample counter, or the step counter."""
         return getattr(self.counters, self.clock_name)
+
+    def _timing(self) -> Timing:
+        """Steps, algorithm and evaluation seconds so far and evaluation points ahead: what the ETA reads."""
+        return Timing(self.counters.step, self.wall, self.eval_s, len(self.points) - self.next_point)
 
     def _budget_left(self) -> bool:
         """Neither budget.samples nor budget.steps (if set) is reached."""
@@ -399,7 +360,7 @@ class _Job:
             self.next_point += 1
         self.eval_s += time.perf_counter() - tic
         self.progress.metrics({k: torch.cat([m[k] for m in shown]) for k in shown[0]})
-        self.progress.update(self._clock(), final=not self._budget_left())
+        self.progress.update(self._clock(), final=not self._budget_left(), timing=self._timing())
 
     def _check_health(self, part: _Part, state, metrics: dict, alive: torch.Tensor) -> torch.Tensor:
         """The part's seed-health check at this evaluation point (harness/health.py): records the running seeds
@@ -453,7 +414,7 @@ class _Job:
             if at_point and self.alive.any():
                 self._record()
             else:
-                self.progress.update(self._clock())
+                self.progress.update(self._clock(), timing=self._timing())
             self._maybe_checkpoint(at_evaluation=at_point)
             if self.stops.signum is not None:
                 self._stop(self.stops.signum)
@@ -468,7 +429,7 @@ class _Job:
         if error is not None:
             raise error
         if self.stops.signum is not None:  # arrived while the records were written: the job is complete
-            print(f"ratebench: interrupted after {self.out_dir} completed", file=sys.stderr, flush=True)
+            say(f"ratebench: interrupted after {self.out_dir} completed", error=True)
             raise Interrupted(self.stops.signum)
         return records
 
@@ -512,8 +473,7 @@ class _Job:
         """SIGTERM / SIGINT in the loop: checkpoint now (the state is consistent at the end of a step),
         one line, and Interrupted (exit 128 + signum)."""
         checkpoint.save(self.out_dir, self._snapshot(written_on=signal.Signals(signum).name))
-        print(f"ratebench: interrupted at step {self.counters.step}; re-run to resume ({self.out_dir})",
-              file=sys.stderr, flush=True)
+        say(f"ratebench: interrupted at step {self.counters.step}; re-run to resume ({self.out_dir})", error=True)
         raise Interrupted(signum)
 
     def _write_records(self, part: _Part) -> dict:

@@ -94,3 +94,33 @@ def test_interval_plot_shows_every_group_with_its_ci(groups, tmp_path):
 
 def test_tick_labels_are_plain_powers_of_ten():
     assert plots.power_of_ten(1e-3) == "10⁻³" and plots.power_of_ten(100.0) == "10²" and plots.power_of_ten(3.0) == ""
+
+
+def _boxes(fig):
+    renderer = fig.canvas.get_renderer()
+    return [item.get_window_extent(renderer) for item in (*fig.legends, *fig.axes)]
+
+
+@pytest.mark.parametrize("draw", ["metric", "runtime"])
+def test_legends_never_overlap_each_other_or_the_panels(groups, monkeypatch, draw):
+    """The groups' legend and the key sit below the panels; long group names push the key below the groups'
+    legend instead of under its text (the main job's figure had them overlapping)."""
+    _, results = groups
+    saved = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, stem: saved.append(fig) or [])
+    long_names = [({**key, "label": f"{key['label']} " + "with a long configuration name " * 8}, fit, curves)
+                  for key, fit, curves in results[:2]]
+    for chosen in (results[:2], long_names):
+        if draw == "metric":
+            plots.metric_figure(chosen, [claim("bilevel")], "unused")
+        else:
+            plots.runtime_figure(chosen, "unused")
+    short, long = saved
+    for fig in saved:
+        (groups_box, key_box, *panels) = _boxes(fig)
+        assert not groups_box.overlaps(key_box), (groups_box, key_box)
+        assert all(box.y1 <= min(p.y0 for p in panels) for box in (groups_box, key_box))
+    (groups_box, key_box, *_) = _boxes(short)
+    assert np.isclose(groups_box.y1, key_box.y1) and groups_box.x1 < key_box.x0  # side by side when they fit
+    (groups_box, key_box, *_) = _boxes(long)
+    assert key_box.y1 <= groups_box.y0 and groups_box.x1 > _boxes(short)[1].x0  # stacked: they would have overlapped

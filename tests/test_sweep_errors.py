@@ -32,3 +32,25 @@ def test_bad_sweep_input_exits_2_naming_the_field(overrides, words, tmp_path, ca
     for word in words:
         assert word in err, f"{word!r} not in {err!r}"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides,why", [(["experiment=smoke_bilevel"], "hydra.mode: MULTIRUN"),
+                                           (["-m", "env.beta=0.5,1.0", "budget.samples=200"], "-m")])
+def test_a_sweep_given_only_hydra_run_dir_is_refused_naming_hydra_sweep_dir(overrides, why, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A sweep writes under hydra.sweep.dir (default multirun/) and Hydra ignores hydra.run.dir: a sweep given only
+    hydra.run.dir would have written where the user did not look. Refused before any job starts."""
+    import ratebench.app
+
+    monkeypatch.chdir(tmp_path)
+    started = []
+    monkeypatch.setattr(ratebench.app, "hydra_entry", lambda: started.append(True))
+    out = tmp_path / "mine"
+    code = main(["run", *overrides, f"hydra.run.dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2 and not started, err
+    assert err.startswith("ratebench: error: hydra.run.dir:") and len(err.strip().splitlines()) == 1, err
+    assert why in err and "hydra.sweep.dir=DIR" in err
+    assert not out.exists() and not (tmp_path / "multirun").exists()
+    # with hydra.sweep.dir the sweep goes where it is told: it starts
+    assert main(["run", *overrides, f"hydra.run.dir={out}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]) == 0 and started
