@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 from ratebench import analysis
 from ratebench.analysis import commands
+from ratebench import experiments
 from ratebench.analysis.claims import load_claim
+from ratebench.analysis.inputs import CONF_DIR, BadInput
 from ratebench.analysis.fit import FitOptions
 from ratebench.analysis.load import load
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
 
 X = evaluation_grid(1e5)
-CONTROL = commands.CONF_DIR / "claims" / "control.yaml"
+CONTROL = CONF_DIR / "claims" / "control.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def runs(tmp_path_factory):
 
 def test_verdict_numbers_are_those_of_its_deciding_fit(runs):
     (v,) = analysis.check("control", runs=runs, n_boot=300)
-    ref, _, _ = commands.evaluate_claim(load(runs), load_claim(CONTROL), FitOptions(n_boot=300))
+    ref, _, _ = experiments.evaluate_claim(load(runs), load_claim(CONTROL), FitOptions(n_boot=300))
     assert ref.fit is not None and len(ref.per_instance) == 2
     worst = ref.per_instance[ref.worst_instance]
     assert (v.verdict, v.reason) == (ref.verdict, ref.reason)
@@ -73,14 +76,14 @@ def test_plot_writes_the_figures_of_the_plot_command(runs, tmp_path):
 
 
 def test_plot_refuses_bad_input_like_the_command(runs, tmp_path):
-    with pytest.raises(commands.BadInput, match="--metric: unknown metric 'nope'"):
+    with pytest.raises(BadInput, match="--metric: unknown metric 'nope'"):
         analysis.plot(runs, metric="nope", out=tmp_path / "f")
-    with pytest.raises(commands.BadInput, match="--by: unknown column"):
+    with pytest.raises(BadInput, match="--by: unknown column"):
         analysis.plot(runs, metric="reward_err", by="cfg.env.nope", out=tmp_path / "f")
-    with pytest.raises(commands.BadInput, match="--n-boot must be in"):
+    with pytest.raises(BadInput, match="--n-boot must be in"):
         analysis.plot(runs, metric="reward_err", out=tmp_path / "f", n_boot=5)
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(commands.BadInput, match="out: cannot write the output folder"):
+    with pytest.raises(BadInput, match="out: cannot write the output folder"):
         analysis.plot(runs, metric="reward_err", out=blocker / "figures")
     assert not (tmp_path / "f").exists()  # nothing written before the refusal

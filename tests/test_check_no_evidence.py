@@ -7,10 +7,13 @@ import json
 
 import numpy as np
 from ratebench.analysis import commands
-from ratebench.analysis.claims import load_claim
+from ratebench import experiments
+from ratebench.analysis.claims import find_claim, load_claim
+from ratebench.analysis.inputs import CONF_DIR
 from ratebench.analysis.fit import FitOptions
 from ratebench.analysis.load import load
-from ratebench.analysis.synthetic import evaluation_grid, synthetic_values, write_run
+from ratebench.analysis.synthetic import evaluation_grid, synthetic_values
+from ratebench.synthetic_runs import write_run
 
 X = evaluation_grid(1e5)
 NO_EVIDENCE = ("control_a075", "control_a067", "smoke_bilevel")  # claims whose experiments have no runs below
@@ -35,7 +38,7 @@ def test_claims_without_evidence_share_one_line_and_the_judged_claim_is_unchange
     code = commands.main("check", args, premise=no_premise)
     out = capsys.readouterr()
     lines = out.out.strip().splitlines()
-    ids = {name: load_claim(commands.find_claim(name, commands.CONF_DIR / "claims")).id for name in NO_EVIDENCE}
+    ids = {name: load_claim(find_claim(name, CONF_DIR / "claims")).id for name in NO_EVIDENCE}
     summary = [line for line in lines if line.startswith("no evidence under")]
     assert len(summary) == 1 and f"for {len(NO_EVIDENCE)} claims" in summary[0]
     assert all(ids[n] in summary[0] for n in NO_EVIDENCE)
@@ -43,7 +46,7 @@ def test_claims_without_evidence_share_one_line_and_the_judged_claim_is_unchange
     others = [line for line in lines if line not in summary] + out.err.splitlines()
     assert not [line for line in others for n in NO_EVIDENCE if ids[n] in line]
     # the judged claim: the table holds its row alone, and its verdict is the one evaluate_claim gives
-    alone, _, _ = commands.evaluate_claim(load(runs), load_claim(commands.find_claim("control", commands.CONF_DIR / "claims")),
+    alone, _, _ = experiments.evaluate_claim(load(runs), load_claim(find_claim("control", CONF_DIR / "claims")),
                                           FitOptions(n_boot=200), where=str(runs))
     assert alone.fit is not None
     verdict_lines = [line for line in lines if line.startswith("control_reward_mle:")]
