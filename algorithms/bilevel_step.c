@@ -140,6 +140,24 @@ static void tiles(int64_t width, double *out, const double *init, const double *
     }
 }
 
+/* tile for four rows at once: out[r][j] = init[j] + sum_k coef[r][k] mat[k][j], each (r, j) summed in tile's order.
+   Four independent chains of multiply-adds instead of one: a row's m accumulators alone wait on the multiply-add's
+   latency at every k (the policy's output layer, 6 wide, was most of the policy tables' time). */
+static inline __attribute__((always_inline)) void tile4(const int m, double *out, int64_t ostride, const double *init,
+        const double *restrict coef, int64_t cstride, int64_t n, const double *restrict mat, int64_t stride) {
+    double a0[TILE], a1[TILE], a2[TILE], a3[TILE];
+    for (int j = 0; j < m; j++) a0[j] = a1[j] = a2[j] = a3[j] = init[j];
+    for (int64_t k = 0; k < n; k++) {
+        const double c0 = coef[k], c1 = coef[cstride + k], c2 = coef[2 * cstride + k], c3 = coef[3 * cstride + k];
+        const double *restrict row = mat + k * stride;
+        for (int j = 0; j < m; j++) { a0[j] += c0 * row[j]; a1[j] += c1 * row[j]; a2[j] += c2 * row[j]; a3[j] += c3 * row[j]; }
+    }
+    for (int j = 0; j < m; j++) {
+        out[j] = a0[j], out[ostride + j] = a1[j], out[2 * ostride + j] = a2[j], out[3 * ostride + j] = a3[j];
+    }
+}
+#define TILE4_CASE(m) case m: tile4(m, out + r * fo, fo, bias, in + r * fi, fi, fi, W, fo); break;
+
 /* forward of network k on n rows x (n, sizes[0]); acts[l] (n, sizes[l]) for l >= 1, hidden ones after the activation */
 static void mlp_forward(const Net *net, int64_t k, const double *x, int64_t n, double **acts) {
     const double *in = x;
@@ -147,9 +165,18 @@ static void mlp_forward(const Net *net, int64_t k, const double *x, int64_t n, d
         int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
         const double *W = net->W[l] + k * fi * fo, *bias = net->b[l] + k * fo;
         double *out = acts[l + 1];
+        /* a dense layer no wider than a tile takes its rows four at a time (not the sparse input layer; not a
+           one-output layer, whose dot product tiles sums in its own order) */
+        int64_t four = l > 0 && fo > 1 && fo <= TILE ? n - n % 4 : 0;
+        for (int64_t r = 0; r < four; r += 4)
+            switch (fo) {  /* h_{l+1} = b + h_l W, rows r .. r + 3 */
+                TILE4_CASE(2) TILE4_CASE(3) TILE4_CASE(4) TILE4_CASE(5) TILE4_CASE(6) TILE4_CASE(7) TILE4_CASE(8)
+                TILE4_CASE(9) TILE4_CASE(10) TILE4_CASE(11) TILE4_CASE(12) TILE4_CASE(13) TILE4_CASE(14)
+                TILE4_CASE(15) TILE4_CASE(16)
+            }
         for (int64_t r = 0; r < n; r++) {
             double *o = out + r * fo;
-            tiles(fo, o, bias, in + r * fi, 1, fi, W, fo, l == 0);  /* h_{l+1} = b + h_l W */
+            if (r >= four) tiles(fo, o, bias, in + r * fi, 1, fi, W, fo, l == 0);  /* h_{l+1} = b + h_l W */
             if (l + 1 < net->n_layers) {  /* hidden layer: relu or tanh */
                 if (net->tanh_act) for (int64_t j = 0; j < fo; j++) o[j] = tanh(o[j]);
                 else for (int64_t j = 0; j < fo; j++) o[j] = o[j] > 0 ? o[j] : 0.0;
@@ -245,7 +272,11 @@ static void policy_tables(const Step *st, Work *w, int64_t b) {
         for (int64_t s = 0; s < S; s++) {
             double m = -INFINITY, sum = 0, c = 0;
             for (int64_t a = 0; a < A; a++) { lp[s * A + a] = ref[s * A + a] + out[s * A + a]; if (lp[s * A + a] > m) m = lp[s * A + a]; }
-            for (int64_t a = 0; a < A; a++) { pi[s * A + a] = exp(lp[s * A + a] - m); sum += pi[s * A + a]; }
+            for (int64_t a = 0; a < A; a++) {  /* exp of < -746 is 0 in double: skip libm's slow underflow path */
+                double d = lp[s * A + a] - m;
+                pi[s * A + a] = d < -746.0 ? 0.0 : exp(d);
+                sum += pi[s * A + a];
+            }
             double lse = log(sum);
             for (int64_t a = 0; a < A; a++) {
                 lp[s * A + a] = lp[s * A + a] - m - lse;
@@ -566,15 +597,25 @@ static void set_schedule(const Segment *seg, int64_t i, double *out) {
     out[3] = seg->c_xi / pow(k + seg->k0, seg->xi_exponent);
 }
 
+static uint64_t non_finite(const double *x, int64_t n) {  /* nonzero iff some x[e] is inf or NaN: its exponent bits
+    all ones. Integer ops with an OR reduction, so the loop vectorises (isfinite per element did not: 14 % of a step) */
+    const uint64_t exponent = 0x7FF0000000000000ULL;
+    uint64_t bad = 0;
+    for (int64_t e = 0; e < n; e++) {
+        uint64_t bits;
+        memcpy(&bits, x + e, sizeof bits);
+        bad |= (bits & exponent) == exponent;
+    }
+    return bad;
+}
 static int finite(const Net *net, int64_t b) {  /* every parameter of network b finite (the linear reward: W[0] is nu) */
-    int ok = 1;
+    uint64_t bad = 0;
     for (int l = 0; l < (net->n_layers ? net->n_layers : 1); l++) {
         int64_t fi = net->sizes[l], fo = net->n_layers ? net->sizes[l + 1] : 1;
-        const double *W = net->W[l] + b * fi * fo;
-        for (int64_t e = 0; e < fi * fo; e++) ok &= isfinite(W[e]) != 0;
-        if (net->n_layers) for (int64_t j = 0; j < fo; j++) ok &= isfinite(net->b[l][b * fo + j]) != 0;
+        bad |= non_finite(net->W[l] + b * fi * fo, fi * fo);
+        if (net->n_layers) bad |= non_finite(net->b[l] + b * fo, fo);
     }
-    return ok;
+    return !bad;
 }
 static void zero(const Net *net, int64_t b) {
     for (int l = 0; l < (net->n_layers ? net->n_layers : 1); l++) {
