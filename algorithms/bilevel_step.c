@@ -247,7 +247,7 @@ typedef struct {  /* per-seed scratch, allocated once per call (the policy table
     double *logp, *prob, *cdf;        /* (2S, A): pi_z's log-prob table, then pi_y's; their exp and cumsum */
     double **pacts[2];                /* policy activations per network and layer (S, width) */
     double *r, **racts;               /* reward per unit (n_units + 1) and its activations (n_units, width) */
-    double *rraw;                     /* with a bound: the network's raw output per unit (n_units + 1) */
+    double *rtanh;                    /* with a bound: tanh of the network's raw output per unit (n_units + 1) */
     double *rx, **rrows;              /* the nu stage's visited units' inputs and activations, gathered as rows */
     char *r_done;                     /* which units' rewards are computed (lazily: only visited units) */
     char *r_seen;                     /* units the nu stage visits */
@@ -306,8 +306,8 @@ static double reward_at(const Step *st, Work *w, int64_t b, int64_t u) {
             w->r[u] = acts[net->n_layers][0];
         }
         if (st->reward_bound > 0) {  /* r_nu(u) = R tanh(raw) */
-            w->rraw[u] = w->r[u];
-            w->r[u] = st->reward_bound * tanh(w->r[u]);
+            w->rtanh[u] = tanh(w->r[u]);  /* kept for the nu stage's backward */
+            w->r[u] = st->reward_bound * w->rtanh[u];
         }
         w->r_done[u] = 1;
     }
@@ -439,8 +439,8 @@ static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     if (st->reward_bound > 0)  /* through the bound: d r_nu(u) / d raw = R (1 - tanh^2 raw), at the visited units */
         for (int64_t u = 0; u < U; u++) {
             if (!w->r_seen[u]) continue;
-            reward_at(st, w, b, u);  /* its raw output (the z and y trajectories' units may not be computed yet) */
-            double t = tanh(w->rraw[u]);
+            reward_at(st, w, b, u);  /* its tanh (the z and y trajectories' units may not be computed yet) */
+            double t = w->rtanh[u];
             gu[u] *= st->reward_bound * (1 - t * t);
         }
     const Net *net = &w->nu;
@@ -507,7 +507,7 @@ static int work_alloc(const Step *st, Work *w) {  /* 0, or 1 when out of memory 
         bad |= !(w->rrows[l] = malloc(sizeof(double) * U * st->nu.sizes[l]));
     }
     bad |= !(w->r = malloc(sizeof(double) * (U + 1)));
-    bad |= !(w->rraw = malloc(sizeof(double) * (U + 1)));
+    bad |= !(w->rtanh = malloc(sizeof(double) * (U + 1)));
     bad |= !(w->rx = malloc(sizeof(double) * (U * st->nu.sizes[0] + 1)));
     bad |= !(w->r_done = malloc(U + 1));
     bad |= !(w->r_seen = malloc(U + 1));
@@ -527,7 +527,7 @@ static int work_alloc(const Step *st, Work *w) {  /* 0, or 1 when out of memory 
     return bad;
 }
 static void work_free(const Step *st, Work *w) {
-    free(w->pacts[0]); free(w->pacts[1]); free(w->r); free(w->rraw);
+    free(w->pacts[0]); free(w->pacts[1]); free(w->r); free(w->rtanh);
     if (w->racts && w->rrows)
         for (int l = 1; l <= st->nu.n_layers; l++) { free(w->racts[l]); free(w->rrows[l]); }
     if (w->prows) for (int l = 1; l < st->z.n_layers; l++) free(w->prows[l]);
