@@ -117,6 +117,33 @@ def test_readme_main_job_evaluation_share_and_start_up(benchmark, compose_config
         pytest.xfail(f"evaluation is {share:.0%} of the main job's wall time (issue target <= 20 %)")
 
 
+# The theorem regime (docs/findings.md `theorem_bandit`): bandit, 4 actions, beta = 4, reward scale 3, the bounded
+# reward class R = 2, N = M = 2, 16 seeds, log-spaced evaluation points. Steps: RATEBENCH_THEOREM_STEPS (default 10^6;
+# the experiment runs 10^7, where the steps grow 10x and the evaluation points by about a sixth).
+THEOREM = ["algorithm=bilevel", "env=bandit", "env.n_actions=4", "env.beta=4", "env.reward_scale=3",
+           "model.reward.bound=2", *SMALL, "n_seeds=16", "budget.samples=1000000000", "progress=false"]
+
+
+def test_theorem_regime_evaluation_share(benchmark, compose_config, tmp_path):
+    """Evaluation's share of the wall time of a theorem-regime job (target <= 20 %), with its steps' time and the
+    process CPU time per seed-step (what the job's wall time scales with: steps x seeds x that / cores)."""
+    import os
+
+    steps = int(os.environ.get("RATEBENCH_THEOREM_STEPS", "1000000"))
+    cfg = compose_config([*THEOREM, f"budget.steps={steps}"])
+    cpu, tic = time.process_time(), time.perf_counter()
+    record = run_job(cfg, tmp_path / "theorem")
+    wall, cpu = time.perf_counter() - tic, time.process_time() - cpu
+    benchmark.pedantic(lambda: None, rounds=1)
+    share = record["eval_wall_s"] / wall
+    seed_steps = steps * 16
+    record_ratio(benchmark, f"theorem_regime_eval_share[{steps}]", share,
+                 f"evaluation {record['eval_wall_s']:.1f} s of {wall:.1f} s wall (steps {record['wall_s']:.1f} s, "
+                 f"{step_threads(cfg)} threads; process CPU {cpu:.0f} s = {cpu / seed_steps * 1e6:.2f} us per "
+                 f"seed-step, evaluation included); issue target <= 0.2")
+    assert share <= 0.2
+
+
 def test_ten_million_steps_killed_five_times_resume_to_the_same_metrics(benchmark, compose_config, tmp_path):
     """Item 5 at full size: a 10^7-step bilevel run (1 seed, N = M = 2, checkpoints every 2 s between the evaluation
     points too) SIGKILLed at five random moments resumes to the metrics of an uninterrupted run; the checkpoint's

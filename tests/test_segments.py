@@ -156,6 +156,27 @@ def test_a_segment_never_reads_another_seeds_memory(compose_config):
         assert torch.equal(poisoned[key][[0, 2]], t[[0, 2]]), key
 
 
+def test_one_infinite_parameter_marks_its_seed_as_nan_does(compose_config):
+    """The segment's non-finite check (exponent bits) finds +inf and -inf in a single entry, as torch.isfinite does
+    in the per-step loop, and leaves a clean seed alone."""
+    got = []
+    for mode in ("per_step", "segment"):
+        algo, sampler, _, seeds = build(compose_config, [*SMALL, "seeds=[3,0,5,7]"], "fast")
+        state, alive = algo.init(seeds), torch.ones(4, dtype=torch.bool)
+        tensors = list(algo.tensors(state).values())
+        tensors[0].view(4, -1)[0, 0] = float("inf")  # seed row 0: one weight of the first network
+        tensors[-1].view(4, -1)[1, -1] = float("-inf")  # row 1: the last entry of the last tensor
+        tensors[len(tensors) // 2].view(4, -1)[3, 1] = float("nan")  # row 3
+        if mode == "per_step":
+            state, died = per_step(algo, state, sampler, alive, 5)
+            got.append(died)
+        else:
+            algo.step_threads = 2
+            state, steps, at = algo.run_segment(state, sampler, 5, alive)
+            got.append({row: int(at[row]) for row in range(4) if at[row] > 0})
+    assert got[0] == got[1] == {0: 1, 1: 1, 3: 1}
+
+
 JOB = [*SMALL, "seeds=[0,1,2]", "progress=false", "checkpoint_every_s=0"]
 
 
