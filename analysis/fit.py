@@ -723,6 +723,8 @@ def window_sensitivity(curves: Curves, opts: FitOptions = FitOptions(), n_boot: 
     variants += [(f"floor_factor={f}", {"floor_factor": f}) for f in (3.0, 5.0, 20.0) if f != opts.floor_factor]
     variants += [(f"tail={t}", {"tail": t}) for t in (0.0, 1.0) if t != opts.tail]
     variants += [("drop top 2", {"drop_top": 2}), ("drop bottom 2", {"drop_bottom": 2})]
+    if curves.noise is not None:  # the algorithm logged its noise term: the window without that rule
+        variants += [("noise_bias=inf", {"noise_bias": np.inf})]
     rows = []
     for name, change in variants:
         f = fit_rate(curves, replace(opts, n_boot=n_boot, **change))
