@@ -482,8 +482,8 @@ def excess_bias(u: np.ndarray, w: np.ndarray, iqm_point: np.ndarray, excess: dic
     precisely than the seeds' noisy curve. The window's exponent under the model is 1/b_win, b_win the
     log-log slope of M between the IQM n_hit of the window's top and bottom levels; the exponent the
     curve is heading to is that of N, where the excess has vanished: 1/b_end, b_end N's log-log slope over
-    the run's last `tail` decades of x. Their difference is what the excess does to p̂; with no excess
-    (κ = 0) it is only N's own bending over the window."""
+    the run's last `tail` decades of x. Their difference is what the excess, and N's own bending over the
+    window, do to p̂."""
     p, _ = batched_slope(u[w], iqm_point[w][None])
     p = float(p[0])
     ok = (x > 0) & np.isfinite(noise_mean) & (noise_mean > 0)
@@ -506,11 +506,11 @@ def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, exces
                  noise_mean: np.ndarray, opts: FitOptions, metric: str) -> tuple[np.ndarray, dict]:
     """The window cut from the top until the metric's excess over the algorithm's noise term no longer
     biases p̂ by more than noise_bias·p̂ (excess_bias; `stable_step` decades of ε per cut, never below
-    `min_decades`). Not asymptotic when (1) the mean metric over the run's last `tail` decades of x is
-    outside [1/noise_level_tol, noise_level_tol] times its noise term (the run is not where the term
-    describes it),
-    or (2) the tail-most window of min_decades is still biased beyond the tolerance. Returns (keep (E,)
-    bool, details: rho, kappa, q, cut, bias, asymptotic, reason)."""
+    `min_decades`); no cut when the F-test showed no excess (κ = 0). Not asymptotic when (1) the mean
+    metric over the run's last `tail` decades of x is outside [1/noise_level_tol, noise_level_tol] times
+    its noise term (the run is not where the term describes it), or (2) the tail-most window of
+    min_decades is still biased beyond the tolerance. Returns (keep (E,) bool, details: rho, kappa, q, F,
+    level, cut, bias, p, asymptotic, reason)."""
     lo, hi = u[window].min(), u[window].max()
     rho, level = excess["rho"], excess.get("level", np.nan)
     details = {**excess, "cut": 0.0, "bias": np.nan, "asymptotic": True, "reason": ""}
