@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.estimators import preference_loss_weights
 from ratebench.algorithms.models import NetConfig, RewardModel, sgd_step, sgd_update
 from ratebench.algorithms.targets import bt_mle_target
-from ratebench.envs.exact import bradley_terry_nll, soft_optimal, trajectory_returns, trajectory_probs
+from ratebench.envs.exact import bradley_terry_nll, soft_optimal, trajectory_probs, trajectory_returns
 from ratebench.errors import ConfigError
 from ratebench.sampling import padded_units, policy_cdf
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 
 import pytest
-
 from ratebench.analysis.curves import build_curves
 from ratebench.analysis.load import load
 from ratebench.runner import run_job
