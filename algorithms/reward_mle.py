@@ -142,8 +142,8 @@ class NoiseTerm:
     e_{t+1} = (I - gamma_t H) e_t + gamma_t xi_t with E[xi xi^T] = H / batch_pairs (the BT model is
     well specified, so the gradient noise covariance at the truth is the Fisher H), reward_err = e^T M e.
     In H's eigenbasis the covariance stays diagonal: p_i <- (1 - gamma lambda_i)^2 p_i + gamma^2 lambda_i / B,
-    and the noise term is sum_i M_ii p_i. Exact for that recursion; advanced incrementally, so a run pays
-    O(t d) for it in all."""
+    and the noise term is sum_i M_ii p_i. Exact for that recursion; advanced in fixed chunks of steps, so a
+    run pays O(t d) for it plus O(CHUNK d) per evaluation."""
 
     def __init__(self, fisher: torch.Tensor, err_form: torch.Tensor, batch_pairs: int, gamma):
         lam, vec = np.linalg.eigh(fisher.double().numpy())
@@ -153,18 +153,28 @@ class NoiseTerm:
         self.batch_pairs, self.gamma = batch_pairs, gamma
         self.t, self.p = 0, np.zeros_like(self.lam)
 
+    CHUNK = 65536  # steps advanced at once; the state is kept at multiples of it only
+
     def at(self, t: int) -> float:
+        """E[reward_err] after t steps. A pure function of t, bit for bit, whatever was asked before (a resumed
+        or segmented run logs the same values): the state is advanced and kept at multiples of CHUNK only,
+        and the partial chunk up to t is recomputed from there."""
         if t < self.t:  # a resumed or restarted run: recompute from the start
             self.t, self.p = 0, np.zeros_like(self.lam)
-        while self.t < t:
-            steps = np.arange(self.t, min(t, self.t + 65536))
-            g = self.gamma(steps.astype(np.float64))[:, None]  # (n, 1)
-            decay = (1 - g * self.lam) ** 2  # (n, d)
-            after = np.cumprod(decay[::-1], axis=0)[::-1]  # prod over steps s..end
-            tail = np.vstack([after[1:], np.ones((1, len(self.lam)))])  # prod over steps s+1..end
-            self.p = after[0] * self.p + (g**2 * self.lam / self.batch_pairs * tail).sum(0)
-            self.t = int(steps[-1]) + 1
-        return float(self.m @ self.p)
+        while self.t + self.CHUNK <= t:
+            self.p = self._advance(self.p, self.t, self.t + self.CHUNK)
+            self.t += self.CHUNK
+        return float(self.m @ self._advance(self.p, self.t, t))
+
+    def _advance(self, p: np.ndarray, start: int, end: int) -> np.ndarray:
+        """The diagonal covariance after steps start..end-1 from p at step start."""
+        if end <= start:
+            return p
+        g = self.gamma(np.arange(start, end, dtype=np.float64))[:, None]  # (n, 1)
+        decay = (1 - g * self.lam) ** 2  # (n, d)
+        after = np.cumprod(decay[::-1], axis=0)[::-1]  # prod over steps s..end-1
+        tail = np.vstack([after[1:], np.ones((1, len(self.lam)))])  # prod over steps s+1..end-1
+        return after[0] * p + (g**2 * self.lam / self.batch_pairs * tail).sum(0)
 
 
 def _bt_forms(problem) -> tuple[torch.Tensor, torch.Tensor]:
