@@ -4,13 +4,18 @@ The controls of docs/analysis.md: with a realisable linear reward, a fixed sampl
 c / (t + t0)^a, E[reward_err] decays like t^-a (Moulines & Bach 2011; a = 1 needs c mu > 1/2),
 so its sample-complexity exponent is exactly 1/a: 1 for the default a = 1, 4/3, 3/2 for a = 3/4, 2/3.
 Deployed policy: pi*_nu, the exact soft-optimal policy of the current reward estimate.
+
+Diagnostic `reward_err_noise` (logged with the step size, label_noise = 0 only): E[reward_err] of the
+linearised SGD around the truth started at the truth, i.e. the noise term the t^-a rate is the rate of,
+exact for this recursion (docs/analysis.md, "The algorithm's noise term"). A run whose reward_err is still
+well above it is not yet in the regime where the rate holds.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.estimators import preference_loss_weights
 from ratebench.algorithms.models import NetConfig, RewardModel, sgd_step, sgd_update
@@ -62,9 +67,12 @@ class RewardMLE(Algorithm):
     def __init__(self, cfg, model_cfg, problem):
         super().__init__(cfg, model_cfg, problem)
         self.model = RewardModel(problem, NetConfig(kind="linear"))
-        mu, lam_max = _fisher_spectrum(problem)
+        fisher, err_form = _bt_forms(problem)
+        mu, lam_max = _spectrum(fisher)
         self.c = cfg.lr_scale / mu
         self.t0 = stable_offset(cfg.t0, self.c * lam_max, cfg.lr_exponent)
+        self.noise = NoiseTerm(fisher, err_form, cfg.batch_pairs, lambda t: step_size(self.c, self.t0, cfg.lr_exponent, t)) \
+            if problem.label_noise == 0 else None
         lay = problem.flat()
         self._ref_cdf = policy_cdf(lay.ref_logp.view(1, -1, lay.n_actions))  # the fast path's pi_ref (1, S, A)
 
@@ -107,7 +115,9 @@ class RewardMLE(Algorithm):
         return self.model, state.nu
 
     def schedule(self, state):
-        return {"lr": state.lr}
+        if self.noise is None:
+            return {"lr": state.lr}
+        return {"lr": state.lr, "reward_err_noise": self.noise.at(state.t)}
 
     def population_targets(self, reference):
         """pi* of the population BT-MLE reward on pi_ref pairs: pi* of nu_true when the oracle is the BT
@@ -127,17 +137,64 @@ def step_size(c: float, t0: float, a: float, t: int) -> float:
     return c / (t + t0) if a == 1 else c / (t + t0) ** a
 
 
-def _fisher_spectrum(problem) -> tuple[float, float]:
-    """Smallest non-zero and largest eigenvalue of E_ref[sigma'(dR*) dPhi dPhi^T], the BT
-    Fisher information of the linear reward at the truth (exact, by enumeration)."""
+class NoiseTerm:
+    """E[reward_err] after t steps of the SGD linearised at the truth and started there:
+    e_{t+1} = (I - gamma_t H) e_t + gamma_t xi_t with E[xi xi^T] = H / batch_pairs (the BT model is
+    well specified, so the gradient noise covariance at the truth is the Fisher H), reward_err = e^T M e.
+    In H's eigenbasis the covariance stays diagonal: p_i <- (1 - gamma lambda_i)^2 p_i + gamma^2 lambda_i / B,
+    and the noise term is sum_i M_ii p_i. Exact for that recursion; advanced in fixed chunks of steps, so a
+    run pays O(t d) for it plus O(CHUNK d) per evaluation."""
+
+    def __init__(self, fisher: torch.Tensor, err_form: torch.Tensor, batch_pairs: int, gamma):
+        lam, vec = np.linalg.eigh(fisher.double().numpy())
+        keep = lam > 1e-9 * lam.max()  # reward_err and the gradient both vanish off H's range
+        self.lam, vec = lam[keep], vec[:, keep]
+        self.m = np.einsum("ai,ab,bi->i", vec, err_form.double().numpy(), vec)
+        self.batch_pairs, self.gamma = batch_pairs, gamma
+        self.t, self.p = 0, np.zeros_like(self.lam)
+
+    CHUNK = 65536  # steps advanced at once; the state is kept at multiples of it only
+
+    def at(self, t: int) -> float:
+        """E[reward_err] after t steps. A pure function of t, bit for bit, whatever was asked before (a resumed
+        or segmented run logs the same values): the state is advanced and kept at multiples of CHUNK only,
+        and the partial chunk up to t is recomputed from there."""
+        if t < self.t:  # a resumed or restarted run: recompute from the start
+            self.t, self.p = 0, np.zeros_like(self.lam)
+        while self.t + self.CHUNK <= t:
+            self.p = self._advance(self.p, self.t, self.t + self.CHUNK)
+            self.t += self.CHUNK
+        return float(self.m @ self._advance(self.p, self.t, t))
+
+    def _advance(self, p: np.ndarray, start: int, end: int) -> np.ndarray:
+        """The diagonal covariance after steps start..end-1 from p at step start."""
+        if end <= start:
+            return p
+        g = self.gamma(np.arange(start, end, dtype=np.float64))[:, None]  # (n, 1)
+        decay = (1 - g * self.lam) ** 2  # (n, d)
+        after = np.cumprod(decay[::-1], axis=0)[::-1]  # prod over steps s..end-1
+        tail = np.vstack([after[1:], np.ones((1, len(self.lam)))])  # prod over steps s+1..end-1
+        return after[0] * p + (g**2 * self.lam / self.batch_pairs * tail).sum(0)
+
+
+def _bt_forms(problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, M): the BT Fisher information of the linear reward at the truth, E_ref[sigma'(dR*) dPhi dPhi^T],
+    and reward_err's quadratic form E_ref[dPhi dPhi^T] (reward_err(nu) = (nu - nu*)^T M (nu - nu*)),
+    exact by enumeration over pi_ref pairs."""
     feats = problem.unit_features.T  # (d, n_units): each feature dimension as a unit reward
     phi = trajectory_returns(problem, problem.step_tables_from_units(feats))  # (d, G, m)
     true = trajectory_returns(problem, problem.true_step_tables())[0]  # (G, m)
     q = trajectory_probs(problem, problem.ref_log_probs())[0]  # (G, m)
     dphi = phi[:, :, :, None] - phi[:, :, None, :]  # (d, G, m, m)
     s = torch.sigmoid(true[:, :, None] - true[:, None, :])
-    w = problem.init_prob[:, None, None] * q[:, :, None] * q[:, None, :] * s * (1 - s)
-    fisher = torch.einsum("gij,agij,bgij->ab", w, dphi, dphi)
+    w = problem.init_prob[:, None, None] * q[:, :, None] * q[:, None, :]
+    fisher = torch.einsum("gij,agij,bgij->ab", w * s * (1 - s), dphi, dphi)
+    form = torch.einsum("gij,agij,bgij->ab", w, dphi, dphi)
+    return fisher, form
+
+
+def _spectrum(fisher: torch.Tensor) -> tuple[float, float]:
+    """Smallest non-zero and largest eigenvalue of the Fisher information."""
     eig = torch.linalg.eigvalsh(fisher)
     positive = eig[eig > 1e-9 * eig.max()]
     return float(positive.min()), float(eig.max())

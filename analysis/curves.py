@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from ratebench.analysis.noise_term import noise_column
 
 METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "psi_grad_sq", "policy_gap", "target_policy_gap_excess", "psi_gap",
            "reward_err", "kl_ref")
@@ -26,7 +27,8 @@ class Curves:
     (S_all,) bool: which seed rows are in `values` (completed, diverged, saturated, stalled; failed
     seeds are counted but not fitted); instances (S,): the environment instance
     (`cfg.env.instance_seed`) of every fitted seed, default one instance (all 0); nonfinite (S,)
-    bool: fitted seeds whose recorded metric became non-finite (NaN after a finite value, or ±inf)."""
+    bool: fitted seeds whose recorded metric became non-finite (NaN after a finite value, or ±inf);
+    noise (S, P) or None: the algorithm's predicted noise term of the metric (analysis/noise_term.py)."""
 
     metric: str
     x_name: str
@@ -37,6 +39,7 @@ class Curves:
     used: np.ndarray
     instances: np.ndarray = field(default=None)
     nonfinite: np.ndarray = field(default=None)
+    noise: np.ndarray | None = field(default=None)
 
     def __post_init__(self):
         if self.instances is None:
@@ -62,7 +65,7 @@ class Curves:
         rows = seed_instances(self.seeds) == instance  # (S_all,)
         return Curves(self.metric, self.x_name, self.x, self.values[keep], self.strata[keep],
                       self.seeds[rows].reset_index(drop=True), np.asarray(self.used, bool)[rows], self.instances[keep],
-                      self.nonfinite[keep])
+                      self.nonfinite[keep], None if self.noise is None else self.noise[keep])
 
     def count(self, status: str) -> int:
         """Seeds with that status; 'failed' also counts any status other than the fitted ones."""
@@ -133,8 +136,13 @@ def build_curves(metrics: pd.DataFrame, seeds: pd.DataFrame, metric: str, x_name
     first_bad = tidy[bad].groupby(key)[x_name].min().reindex(index).to_numpy(dtype=np.float64)  # (S,) NaN: none
     values = mark_censored(values, x, fit_seeds, tidy, x_name, first_bad)
     strata = fit_seeds["config_hash"].astype(str).to_numpy()
+    noise = None
+    if noise_column(metric) in rows.columns:  # the algorithm's noise term of this metric, as recorded (not censored)
+        tidy["_n"] = pd.to_numeric(rows.loc[tidy.index, noise_column(metric)], errors="coerce").to_numpy(np.float64)
+        noise = tidy.pivot_table(index=key, columns=x_name, values="_n", aggfunc="last", dropna=False)
+        noise = noise.reindex(index=index, columns=x).to_numpy(dtype=np.float64)
     return Curves(metric, x_name, x, values, strata, seeds.reset_index(drop=True), used_mask,
-                  seed_instances(fit_seeds), np.isfinite(first_bad))
+                  seed_instances(fit_seeds), np.isfinite(first_bad), noise)
 
 
 def mark_censored(values: np.ndarray, x: np.ndarray, fit_seeds: pd.DataFrame, rows: pd.DataFrame,

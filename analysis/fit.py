@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 from ratebench.analysis.curves import Curves, eps_grid, n_hit
+from ratebench.analysis.noise_term import end_level, ratio_curve
 from ratebench.analysis.stats import (
     batched_slope,
     bootstrap_counts,
@@ -47,6 +48,11 @@ class FitOptions:
     stable_tol: float = 0.1  # the window's two halves may differ in slope by this fraction of p̂ (stable_window)
     stable_step: float = 0.25  # decades of ε cut off the window's top per step while its exponent is not stable
     tail_tol: float = 0.25  # asymptotic: p̂ × the decay of the last `decades` decades within 1 ± tail_tol (whole 95 % CI)
+    noise_bias: float = 0.075  # window: the bias of p̂ that the metric's excess over the algorithm's noise term (when
+    #                          logged) predicts is at most noise_bias · p̂ (noise_window); inf: no such cut
+    noise_level_tol: float = 2.0  # asymptotic: the mean metric / noise term over the last `tail` decades in [1/this, this]
+    noise_excess_level: float = 0.01  # the excess over the noise term is modelled only when an F-test against a
+    #                                   constant ratio rejects at this level (excess_model)
 
 
 @dataclass
@@ -350,11 +356,21 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions(), resample: tuple | 
     u = -np.log10(eps_all)  # (E,) log10(1/ε)
     iqm_point = levels["iqm_log10_nhit"].to_numpy()  # (E,)
     win_r = iqm_r = None
+    excess = excess_model(x, ratio_curve(vals, curves.noise), opts)
+    if excess is not None:
+        excess["level"] = end_level(x, vals, curves.noise, opts.tail)
     if window.sum() >= opts.min_levels and curves.n_seeds >= 2:
         win_r, iqm_r = replicate_windows(nh, counts, eps_all, x, c_reps, window, opts)  # (R, E) each
+        if excess is not None:
+            keep, noise = noise_window(u, window, iqm_point, excess, x, noise_mean(curves.noise), opts, curves.metric)
+            fit.arrays["noise"] = noise
+            window, win_r = window & keep, win_r & keep[None, :]
+            levels["rule_noise"] = keep
+            fit.asymptotic, fit.asymptotic_reason = noise["asymptotic"], noise["reason"]
         keep, stab = stable_window(u, window, iqm_point, iqm_r, win_r, opts, n_units)
         fit.arrays["stability"] = stab
-        fit.asymptotic, fit.asymptotic_reason = stab["asymptotic"], stab["reason"]
+        if fit.asymptotic:
+            fit.asymptotic, fit.asymptotic_reason = stab["asymptotic"], stab["reason"]
         fit.arrays["window_reps"] = win_r  # each replicate's window by the rules, before the cut from the top
         stab["keep"] = keep
         window, win_r = window & keep, win_r & keep[None, :]
@@ -421,6 +437,111 @@ def replicate_windows(nh: np.ndarray, counts: np.ndarray, eps: np.ndarray, x: np
         iqm_r[:, needed] = trimmed_mean(log_n[:, needed], counts)
     rules = window_rules(eps, reached, at_once, iqm_r, c_reps, lx, opts)
     return window_from_rules(rules, opts), iqm_r
+
+
+def noise_mean(noise: np.ndarray) -> np.ndarray:
+    """(P,) the noise term averaged over the seeds (one instance: every seed's is the same)."""
+    finite = np.isfinite(noise)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(finite.any(0), np.where(finite, noise, 0.0).sum(0) / np.maximum(finite.sum(0), 1), np.nan)
+
+
+def excess_model(x: np.ndarray, ratio: np.ndarray | None, opts: FitOptions) -> dict | None:
+    """The curve against the algorithm's noise term (analysis/noise_term.py): metric / noise term
+    (ratio (P,), noise_term.ratio_curve) fitted as ρ + κ·x^-q by fit_floor with the floor always kept,
+    from the ratio's largest value on (before it the start's bias term rules; a model of the whole
+    decay of the excess, so no single noisy point decides). ρ is the level the curve settles at, κ·x^-q
+    the excess that vanishes. None without a noise term or with noise_bias = inf; {'rho': +inf} when
+    the ratio is +inf at the last point (a censored seed); NaN parameters with < 4 usable points."""
+    if ratio is None or not np.isfinite(opts.noise_bias):
+        return None
+    if np.isinf(ratio[-1]):
+        return {"rho": np.inf, "kappa": np.nan, "q": np.nan}
+    pos = (x > 0) & np.isfinite(ratio) & (ratio > 0)
+    if pos.any():
+        pos &= np.arange(len(x)) >= np.argmax(np.where(pos, ratio, -np.inf))
+    if pos.sum() < 4:
+        return {"rho": np.nan, "kappa": np.nan, "q": np.nan}
+    xs, ys = x[pos], ratio[pos]
+    q, rho, kappa = (float(v[0]) for v in fit_floor(xs, ys[None], floor_level=1.0))
+    flat = float(np.sum(1 / ys) / np.sum(1 / ys**2))  # κ = 0: relative least squares of a constant
+    sse_flat = float(np.sum((1 - flat / ys) ** 2))
+    sse = float(np.sum((1 - (rho + kappa * xs**-q) / ys) ** 2)) if np.isfinite(rho + kappa + q) else np.inf
+    n = len(ys)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        F = (sse_flat - sse) / 2 / (sse / max(n - 3, 1))
+    if not F > sps.f.ppf(1 - opts.noise_excess_level, 2, max(n - 3, 1)):  # no excess shown: the level alone
+        return {"rho": flat, "kappa": 0.0, "q": np.nan, "F": F}
+    return {"rho": rho, "kappa": kappa, "q": q, "F": F}
+
+
+def excess_bias(u: np.ndarray, w: np.ndarray, iqm_point: np.ndarray, excess: dict, x: np.ndarray,
+                noise_mean: np.ndarray, opts: FitOptions) -> tuple[float, float]:
+    """(p̂, the bias of p̂ the excess predicts) on window w (E,) bool. The model of the curve is
+    M(x) = N(x)·(ρ + κ·x^-q), N the algorithm's noise term (noise_mean (P,)): its shape is known far more
+    precisely than the seeds' noisy curve. The window's exponent under the model is 1/b_win, b_win the
+    log-log slope of M between the IQM n_hit of the window's top and bottom levels; the exponent the
+    curve is heading to is that of N, where the excess has vanished: 1/b_end, b_end N's log-log slope over
+    the run's last `tail` decades of x. Their difference is what the excess, and N's own bending over the
+    window, do to p̂."""
+    p, _ = batched_slope(u[w], iqm_point[w][None])
+    p = float(p[0])
+    ok = (x > 0) & np.isfinite(noise_mean) & (noise_mean > 0)
+    if ok.sum() < 2:
+        return p, np.nan
+    lx, ln_n = np.log(x[ok]), np.log(noise_mean[ok])
+    ln_m = ln_n + np.log(excess["rho"] + excess["kappa"] * x[ok] ** -excess["q"])
+    l_top, l_bot = iqm_point[w].min() * np.log(10), iqm_point[w].max() * np.log(10)
+    if not l_bot > l_top + 1e-9:
+        return p, np.nan
+    b_win = -(np.interp(l_bot, lx, ln_m) - np.interp(l_top, lx, ln_m)) / (l_bot - l_top)
+    end = lx >= lx.max() - opts.tail * np.log(10) - 1e-9
+    b_end = -batched_slope(lx[end], ln_n[end][None])[0][0] if end.sum() >= 2 else np.nan
+    if not (b_win > 0 and b_end > 0):
+        return p, np.inf if np.isfinite(b_end) else np.nan
+    return p, float(1 / b_end - 1 / b_win)
+
+
+def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, excess: dict, x: np.ndarray,
+                 noise_mean: np.ndarray, opts: FitOptions, metric: str) -> tuple[np.ndarray, dict]:
+    """The window cut from the top until the metric's excess over the algorithm's noise term no longer
+    biases p̂ by more than noise_bias·p̂ (excess_bias; `stable_step` decades of ε per cut, never below
+    `min_decades`); no cut when the F-test showed no excess (κ = 0). Not asymptotic when (1) the mean
+    metric over the run's last `tail` decades of x is outside [1/noise_level_tol, noise_level_tol] times
+    its noise term (the run is not where the term describes it), or (2) the tail-most window of
+    min_decades is still biased beyond the tolerance. Returns (keep (E,) bool, details: rho, kappa, q, F,
+    level, cut, bias, p, asymptotic, reason)."""
+    lo, hi = u[window].min(), u[window].max()
+    rho, level = excess["rho"], excess.get("level", np.nan)
+    details = {**excess, "cut": 0.0, "bias": np.nan, "asymptotic": True, "reason": ""}
+    keep_all = np.ones(len(u), bool)
+    if level == np.inf or np.isfinite(level) and not 1 / opts.noise_level_tol <= level <= opts.noise_level_tol:
+        details.update(asymptotic=False, reason=(
+            f"not in the noise regime: at the end of the run the mean {metric} is {level:.3g}× the algorithm's noise "
+            f"term ({metric}_noise), outside [1/{opts.noise_level_tol:g}, {opts.noise_level_tol:g}]: the run is not "
+            f"where the term, and the rate that comes with it, describe it"))
+        return keep_all, details
+    if not (np.isfinite(rho) and rho > 0 and excess["kappa"] > 0 and np.isfinite(excess["q"])):
+        return keep_all, details
+    span = hi - lo
+    n_cuts = int(np.floor((span - opts.min_decades) / opts.stable_step + 1e-9)) + 1 if span >= opts.min_decades else 1
+    for k in range(max(n_cuts, 1)):
+        keep = u >= lo + k * opts.stable_step - 1e-9
+        w = window & keep
+        if w.sum() < 2:
+            break
+        p, bias = excess_bias(u, w, iqm_point, excess, x, noise_mean, opts)
+        details.update(cut=k * opts.stable_step, bias=bias, p=p)
+        if not abs(bias) > opts.noise_bias * abs(p):  # NaN (no stretch after the window): nothing to judge
+            return keep, details
+    top = 10.0 ** -(lo + details["cut"])
+    details.update(asymptotic=False, reason=(
+        f"not in the noise regime: above ε = {10.0 ** -hi * 10 ** opts.min_decades:.3g} {metric} is still "
+        f"{1 + excess['kappa'] / rho * 10 ** (iqm_point[window & (u >= lo + details['cut'] - 1e-9)].min() * -excess['q']):.3g}× "
+        f"the level it settles at against the algorithm's noise term ({metric}_noise); on the tail window "
+        f"[{10.0 ** -hi:.3g}, {top:.3g}] that excess alone moves p̂ = {details['p']:.3g} by {details['bias']:+.2g} "
+        f"(more than {opts.noise_bias:g}·p̂): a transient, not yet the rate"))
+    return keep, details
 
 
 def split_slopes(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, iqm_r: np.ndarray,
@@ -602,6 +723,8 @@ def window_sensitivity(curves: Curves, opts: FitOptions = FitOptions(), n_boot: 
     variants += [(f"floor_factor={f}", {"floor_factor": f}) for f in (3.0, 5.0, 20.0) if f != opts.floor_factor]
     variants += [(f"tail={t}", {"tail": t}) for t in (0.0, 1.0) if t != opts.tail]
     variants += [("drop top 2", {"drop_top": 2}), ("drop bottom 2", {"drop_bottom": 2})]
+    if curves.noise is not None:  # the algorithm logged its noise term: the window without that rule
+        variants += [("noise_bias=inf", {"noise_bias": np.inf})]
     rows = []
     for name, change in variants:
         f = fit_rate(curves, replace(opts, n_boot=n_boot, **change))

@@ -22,7 +22,8 @@ def restrict(curves: Curves, keep: np.ndarray) -> Curves:
     """The fitted rows `keep` (S,) bool of curves, as Curves of their own (failed seeds left out)."""
     fitted = curves.seeds[np.asarray(curves.used, bool)].reset_index(drop=True)[keep].reset_index(drop=True)
     return Curves(curves.metric, curves.x_name, curves.x, curves.values[keep], curves.strata[keep], fitted,
-                  np.ones(int(keep.sum()), bool), curves.instances[keep])
+                  np.ones(int(keep.sum()), bool), curves.instances[keep],
+                  noise=None if curves.noise is None else curves.noise[keep])
 
 
 def paired_counts(units: list[tuple[int, int]], n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, int, str]:

@@ -1,6 +1,7 @@
 """Real-run coverage of the rate fit (docs/analysis.md, "Coverage on real runs"): reward_mle with step
 c/(t+t0)^a has reward_err ~ t^-a (Moulines & Bach 2011), p = 1/a. On an instance that tuned nothing
-(instance 12; the mechanism's constants were chosen on instances 0 and 11), 16 seeds, 4·10^5 samples:
+(instance 12; the mechanism's constants, noise_bias included, were chosen on instances 0 and 11), 16 seeds,
+4·10^5 samples:
 a fit must cover 1/a (|p̂ − 1/a| ≤ 0.25) or say it is not asymptotic, and the a = 1 fit must not be
 flagged. The full grid (six a, two budgets, three instances) is bench/coverage_reward_mle.py."""
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import importlib
 
 import pytest
-
 from ratebench.analysis.curves import build_curves
 from ratebench.analysis.load import load
 from ratebench.runner import run_job
@@ -30,11 +30,9 @@ def run_reward_mle(tmp_path_factory, a: float, budget: int = 400000, instance: i
     return fit_mod.fit_rate(build_curves(loaded.metrics, loaded.seeds, "reward_err", "samples"), fit_mod.FitOptions())
 
 
-@pytest.mark.xfail(strict=True, reason="a known failure, measured: p̂ 1.41 [1.31, 1.50] vs 1/a = 1.667, asymptotic "
-                   "(docs/analysis.md, 'Coverage on real runs': at the default steps the curve is a clean power law "
-                   "of the wrong exponent over these budgets, and no test on it can tell); strict: it fails the "
-                   "suite once the fit covers or flags it")
 def test_a06_at_4e5_samples_is_covered_or_flagged(tmp_path_factory):
+    """Measured: p̂ 1.46 [1.22, 1.68], window cut to [0.063, 0.63] by the noise-term rule and flagged (the
+    excess over reward_mle's noise term still moves p̂ by +0.19 on the tail-most decade)."""
     fit = run_reward_mle(tmp_path_factory, 0.6)
     covered = fit.p_low <= 1 / 0.6 <= fit.p_high and abs(fit.p - 1 / 0.6) <= 0.25
     assert covered or not fit.asymptotic, (fit.p, fit.p_low, fit.p_high, fit.asymptotic_reason)
