@@ -117,8 +117,6 @@ def ensure_experiment(experiment: str, workdir: Path, claim_ids: list[str]) -> P
     return out
 
 
-
-
 def claim_evidence(loaded, claim: Claim, where: str = "the runs", free: tuple = ()):
     """judgement.claim_evidence against what the claim's experiment resolves to now."""
     return judgement.claim_evidence(loaded, claim, experiment_configs(claim.experiment), where, free)
