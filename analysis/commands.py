@@ -400,7 +400,9 @@ def default_claims() -> list[Path]:
 def named_claims(names: list[str]) -> list[Claim]:
     """Claims from names, ids or paths (claims.find_claim), all parsed before any compute: for check,
     plot and report alike."""
-    return [load_claim(find_claim(name, CONF_DIR / "claims")) for name in names]
+    from ratebench.experiments import claims_by_name
+
+    return claims_by_name(names)
 
 
 MAX_SWEEP_JOBS = 256  # expected configs composed per experiment; a larger discrete sweep frees its swept keys
@@ -594,22 +596,32 @@ def experiment_dir(workdir: Path, experiment: str) -> Path:
 
 
 def experiment_file(name: str) -> Path:
-    return CONF_DIR / "experiment" / f"{name}.yaml"
+    """experiment/<name>.yaml in the conf folder that has it (ratebench's, a plug-in's, a claim file's own);
+    a path that does not exist when none has it."""
+    from ratebench.registry import find_file
+
+    return find_file("experiment", name) or CONF_DIR / "experiment" / f"{name}.yaml"
 
 
 def check_experiment_name(claim: Claim) -> None:
     """The experiment must be a shipped preset named without path parts (it names a folder)."""
+    from ratebench.registry import conf_folders, files
+
     source = experiment_file(claim.experiment)
-    known = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    known = sorted({p.stem for p in files("experiment")})
     if not EXPERIMENT_NAME.fullmatch(claim.experiment) or claim.experiment.startswith(".") or not source.exists():
-        raise BadInput(f"{claim.path}: experiment: no experiment {claim.experiment!r} in conf/experiment; "
+        folders = ", ".join(str(f / "experiment") for f in conf_folders())
+        raise BadInput(f"{claim.path}: experiment: no experiment {claim.experiment!r} in {folders}; "
                        f"allowed: {', '.join(known)}")
 
 
 def experiment_digest(name: str) -> str:
     """What a finished sweep's marker records: the experiment file and the result-producing code.
     Either changing means the runs must be re-made (the sweep itself skips jobs that are still valid)."""
-    return hashlib.sha256(experiment_file(name).read_bytes() + code_fingerprint().encode()).hexdigest()[:16]
+    from ratebench.code_identity import installed_plugins_hash
+
+    plugins = installed_plugins_hash().encode()  # empty without plug-ins: the digest of ratebench alone
+    return hashlib.sha256(experiment_file(name).read_bytes() + code_fingerprint().encode() + plugins).hexdigest()[:16]
 
 
 def ensure_experiment(experiment: str, workdir: Path, claim_ids: list[str]) -> Path:
@@ -661,6 +673,10 @@ def check_command(ns) -> int:
     rows = []
     for claim, (v, _, note) in zip(claims, verdicts):
         row = verdict_row(v, note)
+        from ratebench.analysis.code_versions import evidence_code
+
+        loaded_c, where = (loaded, ns.runs) if ns.runs else runs_of[claim.experiment]
+        row["code"] = evidence_code(claim_evidence(loaded_c, claim, where, free)[0].seeds)  # what computed it
         if ns.premise is not None and claim.algorithm == "bilevel":
             loaded_c, where = (loaded, ns.runs) if ns.runs else runs_of[claim.experiment]
             print(f"[{claim.id}] premises on the evidence's instances (ratebench audit; cached after the first time)",
@@ -722,6 +738,8 @@ def format_verdicts(rows: list[dict]) -> str:
         lines.append(f"{r['claim']}: {r['verdict']} — {r['reason']}" + (f" ({r['note']})" if r["note"] else ""))
         if r.get("premise"):
             lines.append(f"    {r['premise']}")
+        for text in r.get("code") or []:
+            lines.append(f"    code: {text}")
         for text in (r.get("what_it_would_take") or {}).get("text", []):
             lines.append(f"    what it would take — {text}")
     return "\n".join(lines)

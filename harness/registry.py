@@ -184,3 +184,10 @@ def find_file(subfolder: str, name: str) -> Path | None:
         raise PluginError(subfolder, f"{name!r} is defined in {len(hits)} conf folders ({', '.join(map(str, hits))}); "
                                      f"rename one")
     return hits[0] if hits else None
+
+
+def claim_conf_folder(claim_path: Path) -> Path:
+    """The conf folder a claim file given by path belongs to: the parent of its `claims/` folder (where its
+    `experiment/` folder is), else its own folder."""
+    folder = Path(claim_path).absolute().parent
+    return folder.parent if folder.name == "claims" else folder

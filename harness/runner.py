@@ -96,7 +96,10 @@ def resolve(cfg) -> tuple:
     resolved = plain(cfg)
     resolved["seeds"] = v.seeds
     resolved.pop("n_seeds", None)
-    return v, resolved, config_hash({**identity(resolved), "code": code_fingerprint()})
+    from ratebench.code_identity import plugin_sources
+
+    plugins = plugin_sources(v.algorithm.name, v.env.name)  # a plug-in's source: a change re-runs (code_identity.py)
+    return v, resolved, config_hash({**identity(resolved), "code": code_fingerprint(), **({"plugins": plugins} if plugins else {})})
 
 
 def identity(resolved: dict) -> dict:
@@ -532,6 +535,9 @@ class _Job:
         v, resolved = part.v, part.resolved
         without_seeds = _without_seeds(resolved)
         info = provenance()
+        from ratebench.code_identity import run_code
+
+        info["code"] = run_code(v.algorithm.name, v.env.name)  # ratebench's version/commit, the plug-ins' sources
         info["step_path"] = self.algo.step_path()  # impl=fast: compiled where it builds, else eager (docs/fast.md)
         if len(self.parts) > 1:  # how it was computed, not what: wall times are the whole batch's
             info["instance_batch"] = {"instances": [p.v.env.instance_seed for p in self.parts],
