@@ -18,7 +18,8 @@ USAGE = """usage: ratebench <command> [args]
   compare DIR --metric M --by algorithm
                            difference of exponents between groups, paired bootstrap CI
   list [algorithms|envs|experiments|claims]
-                           what ships, one line each
+                           what ships (and the installed plug-ins), one line each
+  init DIR                 a new repository: an algorithm plug-in, an experiment, a claim, a test, a CI workflow
   --version                the installed version
 
 Run `ratebench run --help` for the run keys and examples, `ratebench run --cfg job` to see the config.
@@ -88,6 +89,10 @@ def _main(argv: list[str] | None) -> int:
         from ratebench import catalog
 
         return catalog.main(rest)
+    if command == "init":
+        from ratebench import scaffold
+
+        return scaffold.main(rest)
     if command == "run":
         code = run_command(rest)
     elif command in ("fit", "plot", "check", "report", "compare"):
@@ -104,7 +109,7 @@ def _main(argv: list[str] | None) -> int:
         code = audit.main(rest)
     else:
         return _fail(f"unknown command {command!r}; allowed: run, fit, plot, check, report, audit, compare, list, "
-                     "--version")
+                     "init, --version")
     return code
 
 
@@ -122,7 +127,7 @@ def _split(args: list[str]) -> tuple[list[str], list[str], bool]:
 
 
 COMPLETION_FLAGS = ("-sc", "--shell-completion")
-COMMANDS = ("run", "fit", "plot", "check", "report", "audit", "compare", "list", "--version")
+COMMANDS = ("run", "fit", "plot", "check", "report", "audit", "compare", "list", "init", "--version")
 
 
 def completion_command(args: list[str]) -> int:
