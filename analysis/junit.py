@@ -29,7 +29,8 @@ def junit_xml(rows: list[dict]) -> str:
 def _details(r: dict) -> str:
     lines = [f"{r['claim']}: {r['verdict']} — {r['reason']}"]
     if r.get("p") is not None:
-        lines.append(f"p̂ {r['p']:.4g}, 95% CI [{r.get('p_low', float('nan')):.4g}, {r.get('p_high', float('nan')):.4g}], "
+        low, high = (r.get(k) if r.get(k) is not None else float("nan") for k in ("p_low", "p_high"))
+        lines.append(f"p̂ {r['p']:.4g}, 95% CI [{low:.4g}, {high:.4g}], "
                      f"claimed {'≤' if r.get('relation') == 'upper_bound' else '='} {r.get('claimed_p')}")
     if r.get("note"):
         lines.append(f"note: {r['note']}")

@@ -144,7 +144,8 @@ def conf_folders() -> list[Path]:
     for plugin in plugins("claims"):
         spec = importlib.util.find_spec(plugin.module)
         if spec is None:
-            raise PluginError(f"plug-in {GROUPS['claims']}:{plugin.name}", f"{plugin.where}: no module {plugin.module!r}")
+            raise PluginError(f"plug-in {GROUPS['claims']}:{plugin.name}",
+                              f"{plugin.where}: no module {plugin.module!r}")
         where = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
         folders.append(Path(where[0]))
     for text in os.environ.get(CONF_PATH_ENV, "").split(os.pathsep):
@@ -179,7 +180,7 @@ def files(subfolder: str) -> list[Path]:
 def find_file(subfolder: str, name: str) -> Path | None:
     """<conf folder>/<subfolder>/<name>.yaml in the one folder that has it, None in none; a name two folders
     define is a PluginError (which would Hydra read?)."""
-    hits = [folder / subfolder / f"{name}.yaml" for folder in conf_folders() if (folder / subfolder / f"{name}.yaml").is_file()]
+    hits = [path for path in (folder / subfolder / f"{name}.yaml" for folder in conf_folders()) if path.is_file()]
     if len(hits) > 1:
         raise PluginError(subfolder, f"{name!r} is defined in {len(hits)} conf folders ({', '.join(map(str, hits))}); "
                                      f"rename one")

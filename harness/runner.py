@@ -99,7 +99,8 @@ def resolve(cfg) -> tuple:
     from ratebench.code_identity import plugin_sources
 
     plugins = plugin_sources(v.algorithm.name, v.env.name)  # a plug-in's source: a change re-runs (code_identity.py)
-    return v, resolved, config_hash({**identity(resolved), "code": code_fingerprint(), **({"plugins": plugins} if plugins else {})})
+    code = {"code": code_fingerprint(), **({"plugins": plugins} if plugins else {})}
+    return v, resolved, config_hash({**identity(resolved), **code})
 
 
 def identity(resolved: dict) -> dict:

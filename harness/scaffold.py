@@ -45,7 +45,7 @@ packages = ["{pkg}", "{pkg}.conf"]
 "{pkg}.conf" = ["*.yaml", "**/*.yaml"]
 '''
 
-ALGORITHM = '''"""{algo}: softmax policy gradient ascent with exact gradients, deploying the running average of its iterates.
+ALGORITHM = '''"""{algo}: softmax policy gradient ascent with exact gradients, deploying the mean of its iterates.
 
     J(theta) = E_pi_theta[ sum_h r_h - beta log pi_theta / pi_ref ],   theta_{{t+1}} = theta_t + lr grad J(theta_t),
     deployed: softmax(mean(theta_1 .. theta_t))
@@ -98,9 +98,11 @@ class PolicyGradient(Algorithm):
         self.true = problem.true_step_tables()  # the true reward: this example draws no samples
 
     def init(self, seeds):
-        theta = [step.ref_logp[None] + self.cfg.init_scale * torch.stack([
-                     torch.randn(step.ref_logp.shape, dtype=DTYPE, generator=torch.Generator().manual_seed(1000 * s + h))
-                     for s in seeds])
+        def noise(shape, seed, h):  # each seed its own draw, whatever the batch
+            return torch.randn(shape, dtype=DTYPE, generator=torch.Generator().manual_seed(1000 * seed + h))
+
+        theta = [step.ref_logp[None] + self.cfg.init_scale * torch.stack([noise(step.ref_logp.shape, s, h)
+                                                                           for s in seeds])
                  for h, step in enumerate(self.problem.steps)]
         return PolicyGradientState(theta=theta, average=[t.clone() for t in theta])
 
@@ -131,7 +133,8 @@ name: {algo}
 
 EXPERIMENT = '''# @package _global_
 # {algo} on the bandit: 2 held-out instances (instance_seed 1, 2) x 4 seeds, 20000 exact-gradient steps each, one
-# job per instance on the joblib launcher. Instance 0 chose lr, the budget and the claim's eps range (tuning_instances).
+# job per instance on the joblib launcher. Instance 0 chose lr, the budget and the claim's eps range
+# (tuning_instances: never evidence).
 #   ratebench run -m experiment={algo}_bandit hydra.sweep.dir=ratebench-runs/{algo}_bandit
 defaults:
   - override /env: bandit
@@ -171,7 +174,7 @@ min_seeds: 4
 instances: 2           # held-out instances 1-2 (0 tuned: conf/experiment/{algo}_bandit.yaml)
 '''
 
-TEST = '''"""{algo}'s iterates converge to the closed-form optimum of the KL-regularised bandit, pi* ∝ pi_ref exp(r / beta)."""
+TEST = '''"""{algo}'s iterates reach the closed-form optimum of the KL-regularised bandit, pi* ∝ pi_ref exp(r / beta)."""
 import torch
 
 from {pkg}.algorithm import PolicyGradient
@@ -305,8 +308,8 @@ def main(args: list[str]) -> int:
         pkg = rest[i + 1]
         del rest[i:i + 2]
         if not re.fullmatch(r"[a-z_][a-z0-9_]*", pkg):
-            print(f"ratebench init: error: --name: {pkg!r} is not a Python package name (lower case letters, digits, _)",
-                  file=sys.stderr)
+            print(f"ratebench init: error: --name: {pkg!r} is not a Python package name (lower case letters, "
+                  f"digits, _)", file=sys.stderr)
             return 2
     if len(rest) != 1 or rest[0].startswith("-"):
         print(f"ratebench init: error: expected one folder, got {rest}\n{USAGE}", file=sys.stderr)
