@@ -79,11 +79,11 @@ def check(claims, runs=None, workdir: str = "ratebench-runs", **options) -> list
     from pathlib import Path
 
     from ratebench.analysis import commands
-    from ratebench.analysis.claims import Claim, load_claim
+    from ratebench.analysis.claims import Claim
 
     items = [claims] if isinstance(claims, (str, Path, Claim)) else list(claims)
-    parsed = [c if isinstance(c, Claim) else load_claim(commands.find_claim(str(c), commands.CONF_DIR / "claims"))
-              for c in items]
+    named = commands.named_claims([str(c) for c in items if not isinstance(c, Claim)])  # shipped, plug-in or by path
+    parsed = [c if isinstance(c, Claim) else named.pop(0) for c in items]
     opts = _options(**options)
     given = None if runs is None else _as_loaded(runs)  # the evidence, loaded once for every claim
     by_experiment = {}  # else each experiment runs (or is reused) and is loaded once, as in `ratebench check`

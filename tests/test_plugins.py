@@ -83,6 +83,45 @@ def test_one_name_declared_by_two_distributions_is_refused(site):
         registry.plugins("envs")
 
 
+WIDE_ENV = """
+from dataclasses import dataclass
+
+from ratebench.envs import bandit
+from ratebench.envs.spec import EnvSpec
+
+
+@dataclass
+class WideConfig(bandit.BanditConfig):
+    name: str = "wide"
+    n_contexts: int = 3
+    n_actions: int = 3
+
+
+SPEC = EnvSpec(WideConfig, bandit.check, bandit.build, bandit.sizes)
+"""
+
+
+def test_an_environment_plugin_without_a_preset_runs_and_its_sizes_bound_memory(tmp_path, site):
+    """An env declared only by its entry point (no env/wide.yaml anywhere) is selectable as env=wide, validated by
+    its own check and sized by its own sizes() (the memory estimate refuses it by name of its knob)."""
+    fake_distribution(site, "widepkg", """
+        [ratebench.envs]
+        wide = wide_env:SPEC
+    """, {"wide_env.py": WIDE_ENV})
+    env = _env(PYTHONPATH=str(site))
+    run = _run(["run", "env=wide", "n_seeds=2", "budget.samples=200", f"hydra.run.dir={tmp_path / 'wide'}"], env, tmp_path)
+    assert run.returncode == 0, run.stderr
+    record = json.loads((tmp_path / "wide" / "run.json").read_text())
+    assert (record["env"], record["config"]["env"]["n_actions"]) == ("wide", 3)
+    [plugin] = record["provenance"]["code"]["plugins"]
+    assert (plugin["kind"], plugin["name"], plugin["distribution"]) == ("envs", "wide", "widepkg")
+    bad = _run(["run", "env=wide", "env.n_actions=1", f"hydra.run.dir={tmp_path / 'bad'}"], env, tmp_path)
+    assert bad.returncode == 2 and "env.n_actions: must be >= 2" in bad.stderr and not (tmp_path / "bad").exists()
+    huge = _run(["run", "env=wide", "n_seeds=4096", "env.n_contexts=4096", "env.max_pairs=1000000000",
+                 f"hydra.run.dir={tmp_path / 'huge'}"], dict(env, RATEBENCH_MEMORY_LIMIT="1G"), tmp_path)
+    assert huge.returncode == 2 and "estimated peak memory" in huge.stderr, huge.stderr
+
+
 def test_source_hash_follows_every_source_file_of_the_package(site):
     (site / "hashed" / "sub").mkdir(parents=True)
     (site / "hashed" / "__init__.py").write_text("")
