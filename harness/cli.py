@@ -41,12 +41,15 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The exit status of a command (see USAGE); nothing but check's verdicts returns 1, and no
     exception leaves as a bare traceback."""
+    from ratebench.errors import ConfigError
     from ratebench.signals import Interrupted
 
     try:
         return _main(argv)
     except Interrupted as exc:
         return exc.code
+    except ConfigError as exc:  # bad input found outside a command's own checks (e.g. a plug-in that fails to load)
+        return _fail(str(exc))
     except KeyboardInterrupt:
         print("ratebench: interrupted", file=sys.stderr)
         return 130

@@ -17,9 +17,11 @@ never drops an algorithm silently. This module imports nothing of ratebench but 
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +67,12 @@ class Plugin:
 def plugins(kind: str) -> list[Plugin]:
     """The declared entry points of a kind (GROUPS): ratebench's own first, then the others by name. The same
     (name, value) declared twice (one distribution found twice on sys.path) counts once; two different
-    values under one name are a PluginError naming both."""
+    values under one name are a PluginError naming both. Read once per sys.path (the metadata scan takes ms)."""
+    return list(_plugins(kind, tuple(sys.path)))
+
+
+@functools.lru_cache(maxsize=16)
+def _plugins(kind: str, path: tuple) -> tuple[Plugin, ...]:
     group = GROUPS[kind]
     found: dict[str, Plugin] = {}
     for ep in importlib.metadata.entry_points(group=group):
@@ -80,7 +87,7 @@ def plugins(kind: str) -> list[Plugin]:
         raise PluginError(f"plug-in {group}", f"ratebench's installed metadata declares no {group} entry points "
                                               f"(an install older than its pyproject.toml): reinstall it, e.g. "
                                               f"pip install -e <ratebench checkout>")
-    return sorted(found.values(), key=lambda p: (not p.builtin, p.name))
+    return tuple(sorted(found.values(), key=lambda p: (not p.builtin, p.name)))
 
 
 def load(plugin: Plugin) -> Any:
@@ -140,14 +147,7 @@ def conf_folders() -> list[Path]:
     """The conf folders whose claims/ and experiment/ (and algorithm/, env/ presets) ratebench reads, in
     the order Hydra searches them: ratebench's own conf/, the `ratebench.claims` plug-ins, then the
     folders of $RATEBENCH_CONF_PATH (set by `check` for a claim file given by path, inherited by its run)."""
-    folders = []
-    for plugin in plugins("claims"):
-        spec = importlib.util.find_spec(plugin.module)
-        if spec is None:
-            raise PluginError(f"plug-in {GROUPS['claims']}:{plugin.name}",
-                              f"{plugin.where}: no module {plugin.module!r}")
-        where = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
-        folders.append(Path(where[0]))
+    folders = list(_plugin_folders(tuple(sys.path)))
     for text in os.environ.get(CONF_PATH_ENV, "").split(os.pathsep):
         if text.strip():
             folders.append(Path(text.strip()).absolute())
@@ -156,6 +156,19 @@ def conf_folders() -> list[Path]:
         if folder.resolve() not in [f.resolve() for f in unique]:
             unique.append(folder)
     return unique
+
+
+@functools.lru_cache(maxsize=16)
+def _plugin_folders(path: tuple) -> tuple[Path, ...]:
+    folders = []
+    for plugin in plugins("claims"):
+        spec = importlib.util.find_spec(plugin.module)
+        if spec is None:
+            raise PluginError(f"plug-in {GROUPS['claims']}:{plugin.name}",
+                              f"{plugin.where}: no module {plugin.module!r}")
+        where = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
+        folders.append(Path(where[0]))
+    return tuple(folders)
 
 
 def add_conf_folder(folder: Path) -> None:

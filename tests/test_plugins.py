@@ -61,6 +61,9 @@ def test_a_plugin_that_fails_to_import_stops_with_its_name(site):
     fresh = registry.Registry("algorithms", _refusal)
     with pytest.raises(registry.PluginError, match=r"typo.*broken.*ModuleNotFoundError.*no_such_module_here"):
         list(fresh)
+    run = _run(["run", "--cfg", "job"], _env(PYTHONPATH=str(site)), site)  # the CLI: bad input, one line, exit 2
+    assert run.returncode == 2 and "typo = 'broken_algo:Typo' of broken failed to load" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_an_entry_point_whose_name_differs_from_the_class_is_refused(site):
