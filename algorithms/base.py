@@ -26,14 +26,26 @@ STEP_METHODS = {"reference": "reference_step", "eager": "eager_step", "compiled"
 
 
 class Algorithm:
-    name: ClassVar[str]
+    name: ClassVar[str]  # the name it is registered under (its entry point's name; Config's `name` default)
     Config: ClassVar[type]
+    # the knobs (fields of Config) that size one step's sample batches per estimate: the harness's memory
+    # estimate before any allocation (harness/bounds.py) reads their values through step_batches()
+    step_batch_knobs: ClassVar[tuple[str, ...]] = ()
+    # True when model.reward is the reward network this algorithm trains: model.reward.bound applies to it
+    trains_model_reward: ClassVar[bool] = False
+    # True when its nu step projects a tabular model.reward onto the box (model.reward.bound_reading=project)
+    projects_model_reward: ClassVar[bool] = False
     impl: str = "fast"  # set from the run config; step_path() says which step it selects
 
     def __init__(self, cfg: Any, model_cfg: Any, problem: TabularProblem):
         if hasattr(cfg, "check"):  # range checks also when built directly, not through the CLI
             cfg.check()
         self.cfg, self.model_cfg, self.problem = cfg, model_cfg, problem
+
+    @classmethod
+    def step_batches(cls, cfg: Any) -> dict[str, int]:
+        """{knob: value} of the knobs that size a step's sample batches (step_batch_knobs), from the config alone."""
+        return {k: int(getattr(cfg, k, 0) or 0) for k in cls.step_batch_knobs}
 
     def init(self, seeds: list[int]) -> Any:
         """Initial state for a batch of seeds (parameters stacked on a leading seed axis)."""

@@ -96,6 +96,9 @@ class BilevelState:
 
 class Bilevel(Algorithm):
     name = "bilevel"
+    step_batch_knobs = ("batch_traj", "batch_pairs")  # the memory estimate (harness/bounds.py)
+    trains_model_reward = True  # model.reward is its reward network (model.reward.bound applies)
+    projects_model_reward = True  # its nu step clips a tabular reward onto the box (RewardModel.project)
     Config = BilevelConfig
     reward_pass = "auto"  # eager_step's MLP reward: "auto" (reward_on_visited_units' rule), "table" or "visited" (tests, benchmarks)
 

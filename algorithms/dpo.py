@@ -112,6 +112,7 @@ class DPOState:
 
 class DPO(Algorithm):
     name = "dpo"
+    step_batch_knobs = ("batch_pairs",)  # the memory estimate (harness/bounds.py)
     Config = DPOConfig
 
     def __init__(self, cfg, model_cfg, problem):

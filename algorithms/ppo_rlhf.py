@@ -98,6 +98,8 @@ class PPORLHFState:
 
 class PPORLHF(Algorithm):
     name = "ppo_rlhf"
+    step_batch_knobs = ("batch_pairs",)  # the memory estimate (harness/bounds.py)
+    trains_model_reward = True  # model.reward is its reward network (model.reward.bound applies)
     Config = PPORLHFConfig
 
     def __init__(self, cfg, model_cfg, problem):

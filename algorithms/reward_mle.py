@@ -57,6 +57,7 @@ class RewardMLEState:
 
 class RewardMLE(Algorithm):
     name = "reward_mle"
+    step_batch_knobs = ("batch_pairs",)  # the memory estimate (harness/bounds.py)
     Config = RewardMLEConfig
 
     @staticmethod

@@ -95,6 +95,7 @@ def smoothness(problem) -> float:
 
 class SoftmaxPG(Algorithm):
     name = "softmax_pg"
+    step_batch_knobs = ("batch_traj",)  # the memory estimate (harness/bounds.py)
     Config = SoftmaxPGConfig
 
     @staticmethod

@@ -117,12 +117,12 @@ def check(claims, runs=None, workdir: str = "ratebench-runs", **options) -> list
     holding the evidence; None runs (or reuses, under workdir) each claim's experiment as the CLI does."""
     from pathlib import Path
 
-    from ratebench.analysis.claims import Claim, find_claim, load_claim
-    from ratebench.analysis.inputs import CONF_DIR
-    from ratebench.experiments import check_experiment_name, ensure_experiment, evaluate_claim
+    from ratebench.analysis.claims import Claim
+    from ratebench.experiments import check_experiment_name, claims_by_name, ensure_experiment, evaluate_claim
 
     items = [claims] if isinstance(claims, (str, Path, Claim)) else list(claims)
-    parsed = [c if isinstance(c, Claim) else load_claim(find_claim(str(c), CONF_DIR / "claims")) for c in items]
+    named = claims_by_name([str(c) for c in items if not isinstance(c, Claim)])  # shipped, plug-in or by path
+    parsed = [c if isinstance(c, Claim) else named.pop(0) for c in items]
     opts = _options(**options)
     given = None if runs is None else _as_loaded(runs)  # the evidence, loaded once for every claim
     by_experiment = {}  # else each experiment runs (or is reused) and is loaded once, as in `ratebench check`

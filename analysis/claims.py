@@ -72,10 +72,11 @@ class Claim:
         return -1.0 / self.metric_exponent
 
 
-def find_claim(name: str, claims_dir: Path) -> Path:
+def find_claim(name: str, claims_dir) -> Path:
     """A claim named by its file stem (`control`) or its id (`control_reward_mle`) among the claim
-    files in claims_dir (the installed package's conf/claims), else `name` itself as a path."""
-    files = sorted(Path(claims_dir).glob("*.yaml"))
+    files in claims_dir (a folder, or a list of them: the conf folders' claims/), else `name` itself as a path."""
+    folders = [claims_dir] if isinstance(claims_dir, (str, Path)) else list(claims_dir)
+    files = [p for folder in folders for p in sorted(Path(folder).glob("*.yaml"))]
     for p in files:
         if p.stem == name:
             return p

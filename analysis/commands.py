@@ -132,6 +132,8 @@ def _check_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on", choices=("any", "violated"), default="any",
                    help="exit 1 when any claim is not PASS (default) or only when one is VIOLATED "
                         "(CI smoke checks: INCONCLUSIVE is reported but does not fail)")
+    p.add_argument("--junit", metavar="FILE", help="also write the verdicts as a JUnit XML report to FILE: one testcase "
+                   "per claim, VIOLATED a failure, INCONCLUSIVE skipped, each with its reason (docs/ci.md)")
     _add_fit_options(p)
     return p
 
@@ -255,6 +257,8 @@ def check_command(ns) -> int:
         raise BadInput(f"no claim files given and none in {CONF_DIR / 'claims'}")
     opts = fit_options(ns)
     free = free_keys(ns)
+    if ns.junit:
+        writable_folder(Path(ns.junit).absolute().parent, "--junit")
     for c in claims:  # the experiments' configs (and their free_keys) before any run or fit
         experiment_configs(c.experiment)
     if ns.runs:
@@ -289,6 +293,10 @@ def check_command(ns) -> int:
         print(json.dumps([_jsonable(r) for r in rows], indent=2))
     else:
         print(format_verdicts(rows, ns.runs))
+    if ns.junit:
+        from ratebench.analysis.junit import junit_xml
+
+        Path(ns.junit).write_text(junit_xml([_jsonable(r) for r in rows]))
     if ns.fail_on == "violated":
         return 1 if any(v.verdict == VIOLATED for v, _, _ in verdicts) else 0
     return 0 if all(v.verdict == PASS for v, _, _ in verdicts) else 1
@@ -347,6 +355,8 @@ def format_verdicts(rows: list[dict], where: str | None = None) -> str:
         lines.append(said(r))
         if r.get("premise"):
             lines.append(f"    {r['premise']}")
+        for text in r.get("code") or []:
+            lines.append(f"    code: {text}")
         for text in (r.get("what_it_would_take") or {}).get("text", []):
             lines.append(f"    what it would take — {text}")
     lines += [said(r) for r in other]

@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -181,12 +182,16 @@ def load(root, strict: bool = False) -> Loaded:
 def deduplicate(loaded: Loaded) -> Loaded:
     """Keep one copy of each (run_hash, seed): a run folder copied next to another (or the same sweep
     found twice under a parent folder) is the same evidence, and counting it twice would shrink every
-    CI. The first folder in path order is kept; one warning names the copies."""
+    CI. The copy tagged with an experiment is kept (a claim finds its evidence by that tag), else the first
+    folder in path order; one warning names the copies."""
     seeds = loaded.seeds
     if seeds.empty or "run_hash" not in seeds.columns:
         return loaded
     keyed = seeds[seeds["run_hash"].notna()]
-    dup = keyed.duplicated(subset=["run_hash", "seed"], keep="first")
+    untagged = keyed["experiment"].isna().to_numpy() if "experiment" in keyed.columns else np.zeros(len(keyed), bool)
+    order = np.argsort(untagged, kind="stable")  # tagged copies first, path order within each
+    dup = pd.Series(keyed.iloc[order].duplicated(subset=["run_hash", "seed"], keep="first").to_numpy(),
+                    index=keyed.index[order]).reindex(keyed.index)
     if not dup.any():
         return loaded
     dropped = keyed[dup]
@@ -195,7 +200,7 @@ def deduplicate(loaded: Loaded) -> Loaded:
         copies[run_hash] = sorted(set(rows["run_dir"]))
     text = "; ".join(f"run_hash {h}: {', '.join(dirs)}" for h, dirs in copies.items())
     warnings.warn(f"duplicate runs: {int(dup.sum())} (run, seed) rows are copies of runs already loaded and are "
-                  f"counted once (kept the first folder of each): {text}", stacklevel=2)
+                  f"counted once (kept the one tagged with an experiment, else the first folder): {text}", stacklevel=2)
     drop_keys = pd.MultiIndex.from_arrays([dropped["run_dir"], dropped["seed"]])
     metrics = loaded.metrics
     keep_seed = ~pd.MultiIndex.from_arrays([seeds["run_dir"], seeds["seed"]]).isin(drop_keys)

@@ -1,6 +1,6 @@
-"""`ratebench list [algorithms|envs|experiments|claims]`: what ships with the package, one line each,
-read from the installed conf/ (preset comments, environment docstrings, claim `source`), no imports
-of torch."""
+"""`ratebench list [algorithms|envs|experiments|claims]`: what ships with the package and its plug-ins, one
+line each, read from the conf folders (core/registry.py: preset comments, environment docstrings, claim
+`source`), no imports of torch."""
 from __future__ import annotations
 
 import ast
@@ -48,24 +48,28 @@ def _docstring_line(module: str) -> str:
 
 
 def claim_files() -> list[Path]:
-    """The shipped claim files: what `check` reads by default and `list claims` shows."""
-    return sorted((conf_dir() / "claims").glob("*.yaml"))
+    """The claim files of every conf folder (the shipped ones, then the plug-ins'): what `check` reads by
+    default and `list claims` shows."""
+    from ratebench.core.registry import files
+
+    return files("claims")
 
 
 def entries(kind: str) -> list[tuple[str, str]]:
     """(name, one-line description) of every shipped item of a kind (KINDS)."""
-    conf = conf_dir()
+    from ratebench.core.registry import files
+
     if kind == "algorithms":
         out = []
-        for p in sorted((conf / "algorithm").glob("*.yaml")):
+        for p in files("algorithm"):
             name = (yaml.safe_load(p.read_text()) or {}).get("name", p.stem)
             text = _comment_line(p) or _docstring_line(f"ratebench.algorithms.{name}")
             out.append((p.stem, text))
         return out
     if kind == "envs":
-        return [(p.stem, _docstring_line(f"ratebench.envs.{p.stem}")) for p in sorted((conf / "env").glob("*.yaml"))]
+        return [(p.stem, _comment_line(p) or _docstring_line(f"ratebench.envs.{p.stem}")) for p in files("env")]
     if kind == "experiments":
-        return [(p.stem, _comment_line(p)) for p in sorted((conf / "experiment").glob("*.yaml"))]
+        return [(p.stem, _comment_line(p)) for p in files("experiment")]
     if kind == "claims":
         out = []
         for p in claim_files():

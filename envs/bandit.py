@@ -7,6 +7,7 @@ import torch
 
 from ratebench.envs.common import CommonEnvConfig, check_common, check_pairs, generator, one_hot, reference_logp, teacher_reward
 from ratebench.envs.global_ref import MAX_FACE_SIZE
+from ratebench.envs.spec import EnvSpec
 from ratebench.envs.tabular import DTYPE, Step, TabularProblem
 from ratebench.core.errors import ConfigError
 
@@ -50,6 +51,9 @@ def build(cfg: BanditConfig) -> TabularProblem:
     problem = TabularProblem(
         name="bandit", steps=[step], init_prob=torch.full((X,), 1.0 / X, dtype=DTYPE),
         unit_features=features, true_unit_reward=true_reward, beta=cfg.beta,
-        label_noise=cfg.label_noise, max_pairs=cfg.max_pairs,
+        label_noise=cfg.label_noise, max_pairs=cfg.max_pairs, exact_reference=True,
     )
     return problem
+
+
+SPEC = EnvSpec(BanditConfig, check, build, sizes)  # the environment contract (envs/spec.py)

@@ -403,18 +403,18 @@ def policy_rows(problem: TabularProblem, x: torch.Tensor) -> torch.Tensor:
 
 # --- the reference ----------------------------------------------------------------------------
 def check_reference(problem: TabularProblem, bound: float | None = None) -> SequenceForm | None:
-    """The bandit's reference is exact or refused: more than MAX_FACE_SIZE actions (BOX_FACE_SIZE with a
-    reward bound) is a ConfigError."""
-    if problem.name == "bandit" and problem.n_actions > MAX_FACE_SIZE:
+    """The reference of a problem with `exact_reference` (the bandit) is exact or refused: more than
+    MAX_FACE_SIZE actions (BOX_FACE_SIZE with a reward bound) is a ConfigError."""
+    if problem.exact_reference and problem.n_actions > MAX_FACE_SIZE:
         raise ConfigError("env.n_actions", f"the exact global reference enumerates 2^A - 1 faces per context; "
                           f"allowed: at most {MAX_FACE_SIZE} actions, got {problem.n_actions}")
-    if problem.name == "bandit" and bound is not None and problem.n_actions > BOX_FACE_SIZE:
+    if problem.exact_reference and bound is not None and problem.n_actions > BOX_FACE_SIZE:
         raise ConfigError("model.reward.bound", f"with a reward bound the exact global reference enumerates 3^A box "
                           f"faces per context; allowed: at most {BOX_FACE_SIZE} actions (or bound null), got "
                           f"env.n_actions={problem.n_actions}")
     form = sequence_form(problem)
-    if problem.name == "bandit" and form is None:
-        raise ConfigError("env", "the bandit's exact global reference needs one paying unit per action")
+    if problem.exact_reference and form is None:
+        raise ConfigError("env", f"the {problem.name}'s exact global reference needs one paying unit per action")
     return form
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.envs.common import CommonEnvConfig, check_common, check_pairs, generator, one_hot, reference_logp, teacher_reward
+from ratebench.envs.spec import EnvSpec
 from ratebench.envs.tabular import DTYPE, Step, TabularProblem
 from ratebench.core.errors import ConfigError
 
@@ -89,3 +90,6 @@ def _gamma(alpha: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         todo = todo & ~ok
     u = torch.rand(a.shape, generator=gen, dtype=DTYPE)
     return torch.where(boost, out * u ** (1 / alpha), out)
+
+
+SPEC = EnvSpec(MDPConfig, check, build, sizes)  # the environment contract (envs/spec.py)

@@ -57,6 +57,9 @@ class TabularProblem:
     beta: float
     label_noise: float = 0.0
     max_pairs: int = 1_000_000
+    # the global reference F* must be exact (every face of the reward enumerated, envs/global_ref.py) or the
+    # run is refused, never a multistart estimate: set by an environment whose size checks guarantee it (bandit)
+    exact_reference: bool = False
     _table: TrajectoryTable | None = field(default=None, repr=False)
     # exact quantities derived once per problem (oracle pair probabilities, min psi_lam references)
     derived: dict = field(default_factory=dict, repr=False)
@@ -202,7 +205,8 @@ class InstanceBatch(TabularProblem):
         super().__init__(name=first.name, steps=steps, init_prob=per_row([p.init_prob for p in instances]),
                          unit_features=per_row([p.unit_features for p in instances]),
                          true_unit_reward=per_row([p.true_unit_reward for p in instances]),
-                         beta=first.beta, label_noise=first.label_noise, max_pairs=first.max_pairs)
+                         beta=first.beta, label_noise=first.label_noise, max_pairs=first.max_pairs,
+                         exact_reference=first.exact_reference)
 
     def trajectory_table(self) -> TrajectoryTable:
         raise TypeError("an instance batch is not enumerated: evaluate each instance on its own problem")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.envs.common import CommonEnvConfig, check_common, check_pairs, one_hot, reference_logp, teacher_reward
+from ratebench.envs.spec import EnvSpec
 from ratebench.envs.tabular import DTYPE, Step, TabularProblem
 from ratebench.core.errors import ConfigError
 
@@ -86,3 +87,6 @@ def _tilted(cfg, ref_logp: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
     centred = reward - reward.mean(-1, keepdim=True)
     logits = ref_logp - cfg.ref_misalignment * centred / centred.std().clamp_min(1e-12)
     return torch.log_softmax(logits, -1)
+
+
+SPEC = EnvSpec(TokenConfig, check, build, sizes)  # the environment contract (envs/spec.py)

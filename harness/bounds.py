@@ -14,7 +14,8 @@ FLOAT = 8  # float64 / int64
 NET_COPIES = 8  # per activation of a network evaluated on every unit: forward, backward, exact-evaluation copies
 PAIR_COPIES = 4  # per (seed, trajectory pair) of exact evaluation: reward difference, probability, BCE, gradient
 ROW_BYTES = 30 * FLOAT * 3  # per metric row (~30 columns) held as rows, a concatenated frame and a checkpoint copy
-STEP_SAMPLES = 4  # samples of one step per (batch_traj + batch_pairs) and time step: the bilevel step's four estimates
+STEP_SAMPLES = 4  # samples of one step per unit of its batch knobs (Algorithm.step_batches) and time step: the
+#                  bilevel step's four estimates, an upper bound for the others
 SAMPLE_COPIES = 16  # per sample of a step: uniforms, indices, log-probs, returns, weights, their gathers
 #                     (64 seeds at N = 4,096, M = 1,024 on the bandit: estimated 168 MB, measured 184 MB)
 
@@ -54,9 +55,10 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def check_bounds(cfg, env, model, n_seeds: int, seeds_key: str) -> None:
+def check_bounds(cfg, env, model, n_seeds: int, seeds_key: str, algorithm_class=None) -> None:
     """Refuse (ConfigError naming the knob, the estimate and the limit) a run whose evaluation grid or
-    estimated peak memory is out of bounds. Called before the seed list is even materialised."""
+    estimated peak memory is out of bounds. Called before the seed list is even materialised. The step
+    batches are the algorithm class's (Algorithm.step_batches; none without a class), the sizes the env's."""
     clock_budget = cfg.budget.steps if cfg.budget.steps is not None else cfg.budget.samples
     points = evaluation_point_count(int(clock_budget), int(cfg.budget.evals_per_decade))
     if points > MAX_EVAL_POINTS:
@@ -66,7 +68,7 @@ def check_bounds(cfg, env, model, n_seeds: int, seeds_key: str) -> None:
     from ratebench.envs import sizes
 
     units, pairs, horizon = sizes(env)
-    batch_knobs = {k: int(getattr(cfg.algorithm, k, 0) or 0) for k in ("batch_traj", "batch_pairs")}
+    batch_knobs = algorithm_class.step_batches(cfg.algorithm) if algorithm_class is not None else {}
     samples = STEP_SAMPLES * sum(batch_knobs.values()) * horizon
     widths = {"model.reward.width": model.reward.width, "model.policy.width": model.policy.width}
     mlps = [net for net in (model.reward, model.policy) if net.kind == "mlp"]  # a linear reward has no width
@@ -81,7 +83,7 @@ def check_bounds(cfg, env, model, n_seeds: int, seeds_key: str) -> None:
     knob = seeds_key
     if dominant == "networks" and max(widths.values()) > n_seeds:
         knob = max(widths, key=widths.get)
-    if dominant == "step batches" and max(batch_knobs.values()) > n_seeds:
+    if dominant == "step batches" and max(batch_knobs.values(), default=0) > n_seeds:
         knob = "algorithm." + max(batch_knobs, key=batch_knobs.get)
     detail = {"networks": f"seeds x units x width = {n_seeds:,} x {units:,} x {max(widths.values()):,}",
               "pair tables": f"seeds x trajectory pairs = {n_seeds:,} x {pairs:,}",

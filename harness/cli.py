@@ -18,7 +18,8 @@ USAGE = """usage: ratebench <command> [args]
   compare DIR --metric M --by algorithm
                            difference of exponents between groups, paired bootstrap CI
   list [algorithms|envs|experiments|claims]
-                           what ships, one line each
+                           what ships (and the installed plug-ins), one line each
+  init DIR                 a new repository: an algorithm plug-in, an experiment, a claim, a test, a CI workflow
   --version                the installed version
 
 Run `ratebench run --help` for the run keys and examples, `ratebench run --cfg job` to see the config.
@@ -41,12 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     """The exit status of a command (see USAGE); nothing but check's verdicts returns 1, and no
     exception leaves as a bare traceback."""
     from ratebench.exits import internal_error
+    from ratebench.core.errors import ConfigError
     from ratebench.signals import Interrupted
 
     try:
         return _main(argv)
     except Interrupted as exc:
         return exc.code
+    except ConfigError as exc:  # bad input found outside a command's own checks (e.g. a plug-in that fails to load)
+        return _fail(str(exc))
     except KeyboardInterrupt:
         print("ratebench: interrupted", file=sys.stderr)
         return 130
@@ -71,6 +75,10 @@ def _main(argv: list[str] | None) -> int:
         from ratebench.core import catalog
 
         return catalog.main(rest)
+    if command == "init":
+        from ratebench import scaffold
+
+        return scaffold.main(rest)
     if command == "run":
         code = run_command(rest)
     elif command in ("fit", "plot", "check", "report", "compare"):
@@ -87,7 +95,7 @@ def _main(argv: list[str] | None) -> int:
         code = audit.main(rest)
     else:
         return _fail(f"unknown command {command!r}; allowed: run, fit, plot, check, report, audit, compare, list, "
-                     "--version")
+                     "init, --version")
     return code
 
 
@@ -105,7 +113,7 @@ def _split(args: list[str]) -> tuple[list[str], list[str], bool]:
 
 
 COMPLETION_FLAGS = ("-sc", "--shell-completion")
-COMMANDS = ("run", "fit", "plot", "check", "report", "audit", "compare", "list", "--version")
+COMMANDS = ("run", "fit", "plot", "check", "report", "audit", "compare", "list", "init", "--version")
 
 
 def completion_command(args: list[str]) -> int:

@@ -79,10 +79,13 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
-    for name, (env_cfg, _, _) in ENVIRONMENTS.items():
-        cs.store(group="env", name=f"{name}_schema", node=env_cfg)
+    for name, spec in ENVIRONMENTS.items():
+        cs.store(group="env", name=f"{name}_schema", node=spec.Config)
     for name, algo in ALGORITHMS.items():
         cs.store(group="algorithm", name=f"{name}_schema", node=algo.Config)
+    from ratebench.plugin_config import register_presets
+
+    register_presets(cs)  # a plug-in without a preset file is selectable by its name (env=<name>, algorithm=<name>)
 
 
 def compose(overrides=(), with_hydra: bool = False) -> DictConfig:
@@ -183,15 +186,9 @@ def validate(cfg: DictConfig) -> Validated:
     instances = check_instances(cfg.get("instances"), ALGORITHMS[algo_name], algorithm)
     n_seeds, seeds_key = (cfg.n_seeds, "n_seeds") if cfg.n_seeds is not None else (len(cfg.seeds), "seeds")
     rows = max(int(n_seeds), 1) * (len(instances) if instances else 1)  # a batched family steps every instance's seeds
-    check_bounds(cfg, env, model, rows, seeds_key)  # before the seed list is built
+    check_bounds(cfg, env, model, rows, seeds_key, ALGORITHMS[algo_name])  # before the seed list is built
     return Validated(env=env, algorithm=algorithm, model=model, seeds=resolve_seeds(cfg), impl=impl, instances=instances,
                      health=health)
-
-
-BOUNDED_REWARD_ALGORITHMS = ("bilevel", "ppo_rlhf")  # the algorithms whose reward network is model.reward
-
-
-PROJECTED_REWARD_ALGORITHMS = ("bilevel",)  # the algorithms whose nu step projects onto the box (RewardModel.project)
 
 
 def check_reward_bound(bound, env, algo_name: str, reading: str = "tanh") -> None:
@@ -202,12 +199,14 @@ def check_reward_bound(bound, env, algo_name: str, reading: str = "tanh") -> Non
         return
     from ratebench.envs.global_ref import BOX_FACE_SIZE
 
-    if algo_name not in BOUNDED_REWARD_ALGORITHMS:
+    if not ALGORITHMS[algo_name].trains_model_reward:
+        bounded = sorted(name for name, cls in ALGORITHMS.items() if cls.trains_model_reward)
         raise ConfigError("model.reward.bound", f"{algo_name} trains no model.reward; allowed: null, or a bound "
-                                                f"with algorithm in {list(BOUNDED_REWARD_ALGORITHMS)}")
-    if reading == "project" and algo_name not in PROJECTED_REWARD_ALGORITHMS:
+                                                f"with algorithm in {bounded}")
+    if reading == "project" and not ALGORITHMS[algo_name].projects_model_reward:
+        projected = sorted(name for name, cls in ALGORITHMS.items() if cls.projects_model_reward)
         raise ConfigError("model.reward.bound_reading", f"{algo_name} does not project its reward; allowed: tanh, or "
-                                                        f"project with algorithm in {list(PROJECTED_REWARD_ALGORITHMS)}")
+                                                        f"project with algorithm in {projected}")
     if env.name == "bandit" and env.n_actions > BOX_FACE_SIZE:
         raise ConfigError("model.reward.bound", f"the exact F* over the bounded class enumerates 3^A box faces per "
                                                 f"context: allowed with env.n_actions <= {BOX_FACE_SIZE}, got {env.n_actions}")
@@ -282,15 +281,16 @@ def job_overrides(task: list[str], shared: set[str]) -> str:
     return ",".join(sorted(ov.input_line for ov in parsed if ov.key_or_group not in shared))
 
 
-def resolve(cfg, code: str) -> tuple:
+def resolve(cfg, code, validated=None) -> tuple:
     """(validated config, resolved config dict, run_hash): the job's identity, a hash of the
     resolved config (seeds as a list, without the keys that cannot change a result) and of
-    `code`, the fingerprint of the code that computes it (records.code_fingerprint)."""
-    v = validate(cfg)
+    `code`, what identifies the code that computes it: the fingerprint (records.code_fingerprint), or a
+    dict {"code": fingerprint, "plugins": {...}} (runner.resolve). validated: validate(cfg), if done."""
+    v = validated if validated is not None else validate(cfg)
     resolved = plain(cfg)
     resolved["seeds"] = v.seeds
     resolved.pop("n_seeds", None)
-    return v, resolved, config_hash({**identity(resolved), "code": code})
+    return v, resolved, config_hash({**identity(resolved), **(code if isinstance(code, dict) else {"code": code})})
 
 
 def identity(resolved: dict) -> dict:

@@ -16,7 +16,9 @@ from ratebench.analysis import evidence, judgement
 from ratebench.analysis.claims import Claim
 from ratebench.analysis.evidence import ExperimentConfigs
 from ratebench.analysis.inputs import CONF_DIR, BadInput
+from ratebench.analysis.claims import find_claim, load_claim
 from ratebench.core.records import code_fingerprint
+from ratebench.core.registry import add_conf_folder, claim_conf_folder, conf_folders, files, find_file
 
 MAX_SWEEP_JOBS = 256  # expected configs composed per experiment; a larger discrete sweep frees its swept keys
 
@@ -68,22 +70,28 @@ def experiment_dir(workdir: Path, experiment: str) -> Path:
 
 
 def experiment_file(name: str) -> Path:
-    return CONF_DIR / "experiment" / f"{name}.yaml"
+    """experiment/<name>.yaml in the conf folder that has it (ratebench's, a plug-in's, a claim file's own);
+    a path that does not exist when none has it."""
+    return find_file("experiment", name) or CONF_DIR / "experiment" / f"{name}.yaml"
 
 
 def check_experiment_name(claim: Claim) -> None:
     """The experiment must be a shipped preset named without path parts (it names a folder)."""
     source = experiment_file(claim.experiment)
-    known = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    known = sorted({p.stem for p in files("experiment")})
     if not EXPERIMENT_NAME.fullmatch(claim.experiment) or claim.experiment.startswith(".") or not source.exists():
-        raise BadInput(f"{claim.path}: experiment: no experiment {claim.experiment!r} in conf/experiment; "
+        folders = ", ".join(str(f / "experiment") for f in conf_folders())
+        raise BadInput(f"{claim.path}: experiment: no experiment {claim.experiment!r} in {folders}; "
                        f"allowed: {', '.join(known)}")
 
 
 def experiment_digest(name: str) -> str:
     """What a finished sweep's marker records: the experiment file and the result-producing code.
     Either changing means the runs must be re-made (the sweep itself skips jobs that are still valid)."""
-    return hashlib.sha256(experiment_file(name).read_bytes() + code_fingerprint().encode()).hexdigest()[:16]
+    from ratebench.code_identity import installed_plugins_hash
+
+    plugins = installed_plugins_hash().encode()  # empty without plug-ins: the digest of ratebench alone
+    return hashlib.sha256(experiment_file(name).read_bytes() + code_fingerprint().encode() + plugins).hexdigest()[:16]
 
 
 class RunFailed(Exception):
@@ -125,3 +133,21 @@ def claim_evidence(loaded, claim: Claim, where: str = "the runs", free: tuple = 
 def evaluate_claim(loaded, claim: Claim, opts, where: str = "the runs", free: tuple = ()):
     """judgement.evaluate_claim against what the claim's experiment resolves to now: (verdict, curves, note)."""
     return judgement.evaluate_claim(loaded, claim, opts, experiment_configs(claim.experiment), where, free)
+
+
+def claim_folders() -> list[Path]:
+    """Every conf folder's claims/, in search order."""
+    return [folder / "claims" for folder in conf_folders()]
+
+
+def claims_by_name(names: list[str]) -> list[Claim]:
+    """Claims from names, ids or paths, all parsed before any compute. A claim file given by path adds its
+    conf folder (claim_conf_folder) to the search path of this process and of the runs it starts, so its
+    experiment is found and run like a shipped one."""
+    claims = []
+    for name in names:
+        path = find_claim(name, claim_folders())
+        if path.is_file() and path.absolute().parent not in [f.absolute() for f in claim_folders()]:
+            add_conf_folder(claim_conf_folder(path))
+        claims.append(load_claim(path))
+    return claims

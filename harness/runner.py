@@ -47,8 +47,13 @@ def provenance() -> dict:
 
 
 def resolve(cfg) -> tuple:
-    """(validated config, resolved config dict, run_hash) of the job, under the code that runs it."""
-    return config.resolve(cfg, code_fingerprint())
+    """(validated config, resolved config dict, run_hash) of the job, under the code that runs it: ratebench's
+    fingerprint and the sources of the plug-ins it uses (a changed plug-in re-runs: code_identity.py)."""
+    from ratebench.code_identity import plugin_sources
+
+    v = validate(cfg)
+    plugins = plugin_sources(v.algorithm.name, v.env.name)
+    return config.resolve(cfg, {"code": code_fingerprint(), **({"plugins": plugins} if plugins else {})}, v)
 
 
 def other_finished_run(out_dir: Path, resolved: dict) -> str | None:
@@ -483,6 +488,9 @@ class _Job:
         v, resolved = part.v, part.resolved
         without_seeds = _without_seeds(resolved)
         info = provenance()
+        from ratebench.code_identity import run_code
+
+        info["code"] = run_code(v.algorithm.name, v.env.name)  # ratebench's version/commit, the plug-ins' sources
         info["step_path"] = self.algo.step_path()  # impl=fast: compiled where it builds, else eager (docs/fast.md)
         if len(self.parts) > 1:  # how it was computed, not what: wall times are the whole batch's
             info["instance_batch"] = {"instances": [p.v.env.instance_seed for p in self.parts],

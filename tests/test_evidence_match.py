@@ -86,8 +86,9 @@ def test_free_seeds_instances_and_operational_keys_keep_a_run_evidence(tmp_path)
 
 
 def test_an_untagged_copy_with_the_same_run_hash_still_counts(tmp_path):
-    """The duplicate check keeps the first folder of a run_hash in path order; a copy recording no experiment
-    (a plain `ratebench run` spelling the experiment out) found first must not lose the evidence."""
+    """The duplicate check keeps the copy of a run_hash that is tagged with an experiment, even when a copy recording
+    no experiment (a plain `ratebench run` spelling the experiment out) comes first in path order; the evidence
+    is not lost either way."""
     control_runs(tmp_path / "b_tagged", n_runs=1)
     shutil.copytree(tmp_path / "b_tagged", tmp_path / "a_plain")
     for p in (tmp_path / "a_plain").rglob("run.json"):
@@ -96,7 +97,8 @@ def test_an_untagged_copy_with_the_same_run_hash_still_counts(tmp_path):
         p.write_text(json.dumps(record))
     with pytest.warns(UserWarning, match="duplicate runs"):
         loaded = load(tmp_path)
-    assert len(loaded.seeds) == 6 and loaded.seeds["experiment"].isna().all()  # the untagged copy was kept
+    assert len(loaded.seeds) == 6 and (loaded.seeds["experiment"] == "control_bandit").all()  # the tagged copy
+    assert not loaded.seeds["run_dir"].str.contains("a_plain").any()
     chosen, _, missing = experiments.claim_evidence(loaded, load_claim(CONTROL))
     assert missing is None and len(chosen.seeds) == 6
     # an untagged run that differs is not the experiment's: not evidence, and not listed either
