@@ -118,10 +118,11 @@ def check(claims, runs=None, workdir: str = "ratebench-runs", **options) -> list
     from pathlib import Path
 
     from ratebench.analysis.claims import Claim
-    from ratebench.experiments import check_experiment_name, claims_by_name, ensure_experiment, evaluate_claim
+    from ratebench.analysis.inputs import named_claims
+    from ratebench.experiments import check_experiment_name, ensure_experiment, evaluate_claim
 
     items = [claims] if isinstance(claims, (str, Path, Claim)) else list(claims)
-    named = claims_by_name([str(c) for c in items if not isinstance(c, Claim)])  # shipped, plug-in or by path
+    named = named_claims([str(c) for c in items if not isinstance(c, Claim)])  # shipped, plug-in or by path
     parsed = [c if isinstance(c, Claim) else named.pop(0) for c in items]
     opts = _options(**options)
     given = None if runs is None else _as_loaded(runs)  # the evidence, loaded once for every claim

@@ -28,7 +28,8 @@ from ratebench.analysis.load import Loaded, RunRecordError
 from ratebench.analysis.tables import fit_display, fit_heading, latex_table, number_text, progress
 from ratebench.core.errors import ConfigError
 from ratebench.core.records import unwritable_reason
-from ratebench.experiments import (RunFailed, check_experiment_name, ensure_experiment, evaluate_claim,
+from ratebench.analysis.code_versions import evidence_code
+from ratebench.experiments import (RunFailed, check_experiment_name, claim_evidence, ensure_experiment, evaluate_claim,
                                    experiment_configs)
 
 def main(command: str, args: list[str], premise=None, premise_inputs=None) -> int:
@@ -279,6 +280,9 @@ def check_command(ns) -> int:
     rows = []
     for claim, (v, _, note) in zip(claims, verdicts):
         row = verdict_row(v, note)
+        if v.fit is not None:  # the code that computed the evidence (run.json provenance.code)
+            loaded_c, where = (loaded, ns.runs) if ns.runs else runs_of[claim.experiment]
+            row["code"] = evidence_code(claim_evidence(loaded_c, claim, where, free)[0].seeds)
         if ns.premise is not None and has_premise(claim, ns.premise_inputs) and v.fit is not None:  # no evidence: no premise
             loaded_c, where = (loaded, ns.runs) if ns.runs else runs_of[claim.experiment]
             print(f"[{claim.id}] premises on the evidence's instances (ratebench audit; cached after the first time)",

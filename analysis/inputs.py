@@ -12,6 +12,7 @@ from ratebench.analysis.curves import METRICS, X_AXES
 from ratebench.analysis.fit import FitOptions
 from ratebench.analysis.load import Loaded, load
 from ratebench.core.catalog import claim_files, conf_dir
+from ratebench.core.registry import add_conf_folder, claim_conf_folder, conf_folders
 
 CONF_DIR = conf_dir()  # the installed package's conf/ (one home: ratebench.core.catalog)
 MAX_N_BOOT = 100_000  # bootstrap replicates: 2000 (default) gives stable 95% bounds; 1e8 would exhaust memory
@@ -76,9 +77,22 @@ def default_claims() -> list[Path]:
     return claim_files()
 
 
+def claim_folders() -> list[Path]:
+    """Every conf folder's claims/ (ratebench's, the plug-ins', a claim file's own), in search order."""
+    return [folder / "claims" for folder in conf_folders()]
+
+
 def named_claims(names: list[str]) -> list[Claim]:
-    """Claims from names, ids or paths (claims.find_claim), all parsed before any compute: for check,
-    plot and report alike."""
-    return [load_claim(find_claim(name, CONF_DIR / "claims")) for name in names]
+    """Claims from names, ids or paths (claims.find_claim over every conf folder), all parsed before any
+    compute: for check, plot and report alike. A claim file given by path adds its conf folder
+    (claim_conf_folder) to the search path of this process and of the runs it starts, so its experiment
+    is found and run like a shipped one."""
+    claims = []
+    for name in names:
+        path = find_claim(name, claim_folders())
+        if path.is_file() and path.absolute().parent not in [f.absolute() for f in claim_folders()]:
+            add_conf_folder(claim_conf_folder(path))
+        claims.append(load_claim(path))
+    return claims
 
 

@@ -16,9 +16,8 @@ from ratebench.analysis import evidence, judgement
 from ratebench.analysis.claims import Claim
 from ratebench.analysis.evidence import ExperimentConfigs
 from ratebench.analysis.inputs import CONF_DIR, BadInput
-from ratebench.analysis.claims import find_claim, load_claim
 from ratebench.core.records import code_fingerprint
-from ratebench.core.registry import add_conf_folder, claim_conf_folder, conf_folders, files, find_file
+from ratebench.core.registry import conf_folders, files, find_file
 
 MAX_SWEEP_JOBS = 256  # expected configs composed per experiment; a larger discrete sweep frees its swept keys
 
@@ -134,20 +133,3 @@ def evaluate_claim(loaded, claim: Claim, opts, where: str = "the runs", free: tu
     """judgement.evaluate_claim against what the claim's experiment resolves to now: (verdict, curves, note)."""
     return judgement.evaluate_claim(loaded, claim, opts, experiment_configs(claim.experiment), where, free)
 
-
-def claim_folders() -> list[Path]:
-    """Every conf folder's claims/, in search order."""
-    return [folder / "claims" for folder in conf_folders()]
-
-
-def claims_by_name(names: list[str]) -> list[Claim]:
-    """Claims from names, ids or paths, all parsed before any compute. A claim file given by path adds its
-    conf folder (claim_conf_folder) to the search path of this process and of the runs it starts, so its
-    experiment is found and run like a shipped one."""
-    claims = []
-    for name in names:
-        path = find_claim(name, claim_folders())
-        if path.is_file() and path.absolute().parent not in [f.absolute() for f in claim_folders()]:
-            add_conf_folder(claim_conf_folder(path))
-        claims.append(load_claim(path))
-    return claims

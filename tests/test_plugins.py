@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ratebench import registry
+from ratebench.core import registry
 from ratebench.analysis.junit import junit_xml
 from ratebench.analysis.load import Loaded, deduplicate
 from ratebench.code_identity import source_hash
