@@ -17,7 +17,8 @@ from ratebench.analysis.curves import Curves, build_curves
 from ratebench.analysis.fit import FitOptions, excess_bias, excess_model, fit_rate
 from ratebench.analysis.load import load
 from ratebench.analysis.noise_term import ratio_curve
-from ratebench.analysis.synthetic import evaluation_grid, write_run
+from ratebench.analysis.synthetic import evaluation_grid
+from ratebench.synthetic_runs import write_run
 from ratebench.envs import bandit
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
