@@ -18,8 +18,9 @@ from conftest import interleaved, record_ratio
 from ratebench import envs
 from ratebench.algorithms import ALGORITHMS
 from ratebench.config import validate
-from ratebench.runner import run_job, step_threads
 from ratebench.envs.sampling import Counters, CountingSampler
+from ratebench.kill_drill import run_and_kill
+from ratebench.runner import run_job, step_threads
 
 SMALL = ["algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
 CONFIGS = {  # id: (overrides, issue target, regression floor asserted here)
@@ -149,11 +150,8 @@ def test_ten_million_steps_killed_five_times_resume_to_the_same_metrics(benchmar
     points too) SIGKILLed at five random moments resumes to the metrics of an uninterrupted run; the checkpoint's
     size and the process's peak memory are recorded (flat in the number of steps: the state, and one metric row per
     evaluation point)."""
-    import os
     import random
     import resource
-    import signal
-    import sys
 
     import pandas as pd
 
@@ -164,19 +162,7 @@ def test_ten_million_steps_killed_five_times_resume_to_the_same_metrics(benchmar
     straight_s = time.perf_counter() - tic
     killed, rng, kills, sizes = tmp_path / "killed", random.Random(10 ** 7), 0, []
     for _ in range(5):
-        pid = os.fork()
-        if pid == 0:
-            code = 70
-            try:
-                sys.stdout = sys.stderr = open(os.devnull, "w")
-                run_job(cfg, killed)
-                code = 0
-            finally:
-                os._exit(code)
-        time.sleep(rng.uniform(5.0, 0.3 * straight_s))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        kills += os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+        kills += run_and_kill(cfg, killed, rng.uniform(5.0, 0.3 * straight_s))
         if (killed / "checkpoint.pt").exists():
             sizes.append((killed / "checkpoint.pt").stat().st_size)
     record = run_job(cfg, killed)

@@ -14,18 +14,15 @@ reference to 1e-12 at every step), each followed by the harness's non-finite che
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import sys
 import time
 
 import pandas as pd
 import pytest
 import torch
-from test_fast import CASES, COMPILED, build, through_disk
-
+from ratebench.kill_drill import run_and_kill
 from ratebench.runner import _mark_diverged, run_job
+from test_fast import CASES, COMPILED, build, through_disk
 
 SMALL = ["algorithm=bilevel", "algorithm.batch_traj=2", "algorithm.batch_pairs=2"]
 # a depth-2 reward at N = M = 2 diverges on some seeds within a few hundred steps (width 32, the defaults)
@@ -212,19 +209,8 @@ def test_a_long_job_killed_five_times_resumes_to_the_uninterrupted_metrics(compo
     whole = time.perf_counter() - tic  # kills land at fractions of this, so a faster or busier machine kills as often
     killed, rng, kills = tmp_path / "killed", random.Random(29), 0
     for _ in range(5):
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            code = 70
-            try:
-                sys.stdout = sys.stderr = open(os.devnull, "w")
-                run_job(cfg, killed)
-                code = 0
-            finally:
-                os._exit(code)
-        time.sleep(rng.uniform(0.05, 0.15) * whole)  # five kills stop the job before 75 % of its work is done
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        kills += os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+        # five kills stop the job before 75 % of its work is done
+        kills += run_and_kill(cfg, killed, rng.uniform(0.05, 0.15) * whole)
     assert kills >= 3, "the job finished before most kills: make it longer"
     assert (killed / "checkpoint.pt").exists() or (killed / "run.json").exists()
     record = run_job(cfg, killed)
