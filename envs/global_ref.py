@@ -48,7 +48,9 @@ OFF_SUPPORT = 30.0  # finite stand-in for -inf: off-face rewards sit 30 beta bel
 INTERIOR = 1e-6  # a face row whose smallest pi on S is below this drifted to a smaller face
 SOLVER_TOL = 1e-10  # gradient sup-norm at which a row stops
 FACE_ITER = 300  # face rows: the face minima settle in < 100 iterations; the rest is rows drifting to a smaller face
-BOX_STARTS = 3  # box face rows: true reward (clipped), zero, one Gaussian draw
+BOX_STARTS = 3  # box face rows: true reward (clipped), zero, one Gaussian draw ...
+BOX_GRID = (-0.75, -0.25, 0.25, 0.75)  # ... and every point of this grid (x R) over the face's free rewards: a face
+# with several local minima has each found whatever the seed or the audit's number of starts (4^k starts, k <= m free)
 BOX_ITER = 100  # box face rows: R tanh(z) rows drifting to the bound never meet the tolerance; stop them here
 SAME_VALUE = 1e-8  # two end points are one minimum if their values and policies agree this closely
 SAME_POLICY = 1e-4
@@ -253,14 +255,17 @@ def box_patterns(m: int, free: int) -> torch.Tensor:
 def solve_box_faces(problem: TabularProblem, form: SequenceForm, patterns: torch.Tensor, bound: float,
                     gen: torch.Generator, starts: int = BOX_STARTS) -> GroupPoints:
     """Minimise F_g on every (group, box face) for patterns (C, m) with the same number k of free rewards,
-    the free ones written R tanh(z): `starts` starts each (one evaluation when k = 0)."""
+    the free ones written R tanh(z): `starts` starts each plus the BOX_GRID points (one evaluation when k = 0)."""
     G, m = form.unit.shape
     C = patterns.shape[0]
     group, pattern = torch.arange(G).repeat_interleave(C), patterns.repeat(G, 1)
     k = int((patterns[0] == 0).sum())
     if k:
         idx = (pattern == 0).nonzero()[:, 1].reshape(-1, k)  # (G * C, k) free rewards of each row
-        x0 = _starts(problem, form, group, idx, gen, starts, bound)
+        grid = torch.cartesian_prod(*[torch.tensor(BOX_GRID, dtype=DTYPE)] * k).reshape(-1, k) * bound
+        x0 = torch.cat([_starts(problem, form, group, idx, gen, starts, bound),
+                        from_units(grid.repeat_interleave(G * C, 0), bound)])
+        starts += grid.shape[0]
         group, pattern, idx = group.repeat(starts), pattern.repeat(starts, 1), idx.repeat(starts, 1)
     base = pattern.to(DTYPE) * bound
     full = group_objective(form, problem.beta, group)

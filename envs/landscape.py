@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from ratebench.envs.exact import bilevel_objective, optimal_value, policy_value, reward_error, soft_optimal
-from ratebench.envs.global_ref import (BOX_FACE_SIZE, INTERIOR, MAX_FACE_SIZE, GroupPoints, gaussian_starts,
-                                       group_stationary_points, group_values, landscape_rows, objective_rows,
-                                       policy_rows, sequence_form, to_units)
+from ratebench.envs.global_ref import (BOX_FACE_SIZE, FACE_STATIONARY, INTERIOR, KKT_TOL, MAX_FACE_SIZE, GroupPoints,
+                                       gaussian_starts, group_objective, group_stationary_points, group_values,
+                                       landscape_rows, objective_rows, policy_rows, sequence_form, to_units)
 from ratebench.envs.lbfgs import minimise_rows
 from ratebench.envs.penalty import minimise_psi
 from ratebench.envs.tabular import TabularProblem
@@ -238,6 +238,22 @@ def class_grad_norm(problem: TabularProblem, units: torch.Tensor, bound: float |
     return grad.norm(dim=1)
 
 
+def box_kkt(form, beta: float, g: int, r: torch.Tensor, bound: float | None) -> torch.Tensor:
+    """Whether group g's rewards r (m,) are a KKT point of F_g over the box [-R, R]^m: every reward off the
+    bound stationary, every reward at the bound with its partial pointing out of the box (to KKT_TOL). A
+    multistart end point of the R tanh class can be stationary in tanh's variable only because tanh saturates
+    while dF/du points inwards: such a point is where the R tanh class stalls, not where projected SGD stops.
+    Always true without a bound (no box)."""
+    if bound is None:
+        return torch.tensor(True)
+    with torch.enable_grad():
+        rr = r.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(group_objective(form, beta, torch.tensor([g]))(rr[None]).sum(), rr)
+    at_top, at_bottom = r >= bound * (1 - 1e-9), r <= -bound * (1 - 1e-9)
+    free = ~(at_top | at_bottom)
+    return ~(((grad.abs() > FACE_STATIONARY) & free) | (at_top & (grad > KKT_TOL)) | (at_bottom & (grad < -KKT_TOL))).any()
+
+
 def _group_units(form, rows: GroupPoints, pick: list[int], n_units: int) -> torch.Tensor:
     """Unit rewards (n_units,) of the combined point made of per-group rows pick[g]."""
     units = torch.zeros(n_units, dtype=torch.float64)
@@ -295,7 +311,7 @@ def enumerated_landscape(problem: TabularProblem, n_starts: int, seed: int, f_st
             face_size = int((pi[e, g] >= INTERIOR).sum())
             add.append(GroupPoints(torch.tensor([g]), values[e, g:g + 1], pi[e, g][None], r[e, g][None],
                                    torch.tensor([face_size]), torch.tensor([face_size == form.unit.shape[1]]),
-                                   torch.tensor([True]), torch.tensor([True])))
+                                   box_kkt(form, problem.beta, g, r[e, g], bound)[None], torch.tensor([True])))
         rows = GroupPoints.cat([rows] + add)
         found = torch.cat([found, torch.zeros(len(add), dtype=torch.long)])
         for k, (g, e) in enumerate(extra):

@@ -27,7 +27,7 @@ LAM_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # penalties of B(lam); the schedule
 TAU_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # WGD constants at which eps_bias(tau) is reported
 POLICY_DRAWS = 64  # random policy networks of the lower-level check ...
 POLICY_SCALES = (0.5, 1.0, 2.0, 4.0)  # ... their parameters are the network's init times these, in turn
-AUDIT_VERSION = 3  # bump when a premise number's definition changes: old premise_summary entries are not reused
+AUDIT_VERSION = 4  # bump when a premise number's definition changes: old premise_summary entries are not reused
 ALLOWED_KEYS = ("env=<name>, env.<field>=..., model.policy.<field>=..., model.reward.bound=..., "
                 "algorithm.c_lam=... (or algorithm.lam_exponent)")
 
