@@ -662,7 +662,9 @@ static void zero(const Net *net, int64_t b) {
    the per-step call, which runs the per-seed code). The backward runs over every state, a lane adding only the rows of
    the states its stage visited (`visited`): the per-seed code's gathered rows, in the same order. The draws, returns,
    weights and the reward network stay per seed (their rows differ from seed to seed). exp, log and tanh stay libm's,
-   one lane at a time. Lane-major arrays: element e of lane v at [e * VL + v]. */
+   one lane at a time. z and y live on the lanes for the whole call: block_begin reads the seeds' parameters (and
+   tables), block_end writes them back; in between the finiteness check reads the lanes. Lane-major arrays: element e
+   of lane v at [e * VL + v]. */
 #define VL 8  /* one AVX-512 vector of doubles (two AVX2 ones) */
 typedef double vd __attribute__((vector_size(VL * sizeof(double)), aligned(sizeof(double))));
 typedef int64_t vm __attribute__((vector_size(VL * sizeof(int64_t)), aligned(sizeof(int64_t))));
