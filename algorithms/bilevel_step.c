@@ -17,13 +17,19 @@
      nu <- nu - xi [ g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) ]
    r_nu(u) is the reward network's output, or R tanh(output) with a bound R (docs/bilevel.md "Bounded rewards").
    Where each uniform goes is the sampler's _DrawPlan (harness/sampling.py), passed in as index tables.
-   Two entry points run this per-seed step (seed_step): bilevel_step, one step of every seed per call, and
-   bilevel_segment, n steps of every seed per call with the seeds split across threads (what a run uses; at the end). */
+   Two entry points: bilevel_step, one step of every seed per call, runs this per-seed step (seed_step); and
+   bilevel_segment, n steps of every seed per call with the seeds split across threads (what a run uses; at the end),
+   runs the same step on blocks of 8 seeds, the policy networks' passes with the seeds as the lanes of one vector
+   ("a block of seeds as vector lanes"), bit for bit the per-seed code's numbers. Products are fused multiply-adds
+   only where the source says fma() (core/kernels.py builds with -ffp-contract=off), so both agree on any compiler. */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 typedef struct {          /* an MLP stacked over networks: layer l maps sizes[l] -> sizes[l + 1] */
     int n_layers;         /* 0: a linear reward, nu . phi(u) (W[0] is nu, (nets, sizes[0])) */
@@ -106,7 +112,7 @@ static inline __attribute__((always_inline)) void tile(const int m, const int sp
     for (int64_t k = 0; k < n; k++) {
         const double c = coef[k * cstride], *restrict row = mat + k * stride;
         if (sparse && c == 0.0) continue;  /* a feature that is 0 (the policy's inputs are mostly one-hot) adds 0 */
-        for (int j = 0; j < m; j++) acc[j] += c * row[j];
+        for (int j = 0; j < m; j++) acc[j] = fma(c, row[j], acc[j]);
     }
     for (int j = 0; j < m; j++) out[j] = acc[j];
 }
@@ -123,8 +129,8 @@ static void tiles(int64_t width, double *out, const double *init, const double *
         double acc[4] = {init ? init[0] : 0.0, 0.0, 0.0, 0.0};
         int64_t k = 0;
         for (; k + 4 <= n; k += 4)
-            for (int j = 0; j < 4; j++) acc[j] += coef[(k + j) * cstride] * mat[(k + j) * stride];
-        for (; k < n; k++) acc[0] += coef[k * cstride] * mat[k * stride];
+            for (int j = 0; j < 4; j++) acc[j] = fma(coef[(k + j) * cstride], mat[(k + j) * stride], acc[j]);
+        for (; k < n; k++) acc[0] = fma(coef[k * cstride], mat[k * stride], acc[0]);
         out[0] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
         return;
     }
@@ -151,7 +157,10 @@ static inline __attribute__((always_inline)) void tile4(const int m, double *out
     for (int64_t k = 0; k < n; k++) {
         const double c0 = coef[k], c1 = coef[cstride + k], c2 = coef[2 * cstride + k], c3 = coef[3 * cstride + k];
         const double *restrict row = mat + k * stride;
-        for (int j = 0; j < m; j++) { a0[j] += c0 * row[j]; a1[j] += c1 * row[j]; a2[j] += c2 * row[j]; a3[j] += c3 * row[j]; }
+        for (int j = 0; j < m; j++) {
+            a0[j] = fma(c0, row[j], a0[j]), a1[j] = fma(c1, row[j], a1[j]);
+            a2[j] = fma(c2, row[j], a2[j]), a3[j] = fma(c3, row[j], a3[j]);
+        }
     }
     for (int j = 0; j < m; j++) {
         out[j] = a0[j], out[ostride + j] = a1[j], out[2 * ostride + j] = a2[j], out[3 * ostride + j] = a3[j];
@@ -364,7 +373,8 @@ static void leave_one_out_weights(double *v, int64_t n) {
     for (int64_t i = 0; i < n; i++) v[i] = (v[i] - (sum - v[i]) / (n - 1)) / n;
 }
 
-static void z_y_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
+/* a z / y stage up to its gradient on the log-pi tables: w->grad (2S, A), z's then y's */
+static void z_y_weights(const Step *st, Work *w, int64_t b, int64_t counter) {
     int64_t N = st->n_traj, M = st->n_pairs, H = st->H, S = st->S, A = st->A, T = st->stage.T;
     const double *ref = st->ref_logp + b * st->ref_logp_stride;
     draw(st, w, b, &st->stage, counter);  /* trajectories: z's N, y's M pairs (first, second members), y's N */
@@ -389,6 +399,12 @@ static void z_y_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < H; h++) grad[w->index[t * H + h]] += w->weight[t];
     for (int64_t e = 0; e < S * A; e++) { grad[e] *= -st->alpha_z; grad[S * A + e] *= st->alpha; }
+}
+
+static void z_y_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
+    int64_t S = st->S, A = st->A;
+    z_y_weights(st, w, b, counter);
+    const double *grad = w->grad;
     const double *x = st->policy_x + b * st->policy_x_stride;
     for (int p = 0; p < 2; p++) {  /* through log-softmax: d logits = g - pi sum_a g; then the network */
         const double *pi = w->prob + p * S * A, *g = grad + p * S * A;
@@ -543,8 +559,8 @@ static void work_free(const Step *st, Work *w) {
     free(w->g_prev); free(w->Wt); free(w->gout); free(w->dW);
 }
 
-/* one step of seed b from the RNG counter `counter`: its tables first (a forward) unless tables_valid */
-static void seed_step(const Step *st, Work *w, int64_t b, int tables_valid, int64_t counter) {
+/* seed b's scratch at a step's start: the parameters its passes read, its reward cache, its slice of Step.tables */
+static void seed_begin(const Step *st, Work *w, int64_t b) {
     int64_t S = st->S, A = st->A;
     w->z = st->z, w->y = st->y, w->nu = st->nu;  /* every pass reads the step's start until its net's first update */
     w->z.W = (double **)st->z.W_in, w->z.b = (double **)st->z.b_in;
@@ -555,6 +571,11 @@ static void seed_step(const Step *st, Work *w, int64_t b, int tables_valid, int6
     w->logp = t, w->prob = t + 2 * S * A, w->cdf = t + 4 * S * A, t += 6 * S * A;
     for (int p = 0; p < 2; p++)
         for (int l = 1; l <= st->z.n_layers; l++) { w->pacts[p][l] = t; t += S * st->z.sizes[l]; }
+}
+
+/* one step of seed b from the RNG counter `counter`: its tables first (a forward) unless tables_valid */
+static void seed_step(const Step *st, Work *w, int64_t b, int tables_valid, int64_t counter) {
+    seed_begin(st, w, b);
     if (!tables_valid) policy_tables(st, w, b);
     for (int64_t k = 0; k < st->inner; k++) { z_y_stage(st, w, b, counter); counter += st->stage.n_uniforms; }
     nu_stage(st, w, b, counter);
@@ -631,12 +652,407 @@ static void zero(const Net *net, int64_t b) {
     }
 }
 
+
+/* ---- a block of seeds as vector lanes: a segment's policy passes --------------------------------------------------
+   At the theorem's sizes a policy pass is 8 states through 8 -> 32 -> 6: per seed, too narrow for the vector units
+   (about 0.6 multiply-adds per cycle). A segment steps VL seeds together and runs the two policy networks' forward (the
+   tables), backward and update with the seeds as the lanes of one vector: each product below is one fused multiply-add
+   on VL seeds, and each lane sums the per-seed code's terms in its order (mlp_forward's tile / tile4, mlp_backward,
+   sgd_update), so every seed's numbers are the per-seed code's bit for bit (tests/test_segments.py holds a segment to
+   the per-step call, which runs the per-seed code). The backward runs over every state, a lane adding only the rows of
+   the states its stage visited (`visited`): the per-seed code's gathered rows, in the same order. The draws, returns,
+   weights and the reward network stay per seed (their rows differ from seed to seed). exp, log and tanh stay libm's,
+   one lane at a time. z and y live on the lanes for the whole call: block_begin reads the seeds' parameters (and
+   tables), block_end writes them back; in between the finiteness check reads the lanes. Lane-major arrays: element e
+   of lane v at [e * VL + v]. */
+#define VL 8  /* one AVX-512 vector of doubles (two AVX2 ones) */
+typedef double vd __attribute__((vector_size(VL * sizeof(double)), aligned(sizeof(double))));
+typedef int64_t vm __attribute__((vector_size(VL * sizeof(int64_t)), aligned(sizeof(int64_t))));
+#define LANES(p, e) (*(vd *)((p) + (e) * VL))  /* element e of a lane-major array, every lane */
+#define LANE_BITS(p, e) (*(const vm *)((const int64_t *)(p) + (e) * VL))  /* the same, as integers */
+static inline vd sel(vm m, vd a, vd b) { return (vd)(((vm)a & m) | ((vm)b & ~m)); }  /* per lane: m ? a : b */
+static inline vd vfma(vd a, vd b, vd c) {  /* fma(a, b, c) per lane: one vector fused multiply-add */
+#ifdef __AVX512F__
+    return (vd)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#else
+    vd r;
+    for (int v = 0; v < VL; v++) r[v] = fma(a[v], b[v], c[v]);
+    return r;
+#endif
+}
+static inline vd vfma_where(vm m, vd a, vd b, vd c) {  /* per lane: m ? fma(a, b, c) : c */
+#ifdef __AVX512F__
+    return (vd)_mm512_mask3_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c, _mm512_test_epi64_mask((__m512i)m, (__m512i)m));
+#else
+    return sel(m, vfma(a, b, c), c);
+#endif
+}
+
+typedef struct {
+    int64_t n, seed[VL];          /* lanes in use and their seeds (unused lanes repeat seed[0]; nothing of theirs is written) */
+    Work w[VL];                   /* each lane's per-seed scratch: draws, returns, weights, the reward network */
+    double *W[2][16], *b[2][16];  /* z and y, lane-major: W (fan_in, fan_out), b (fan_out) */
+    double *h[2][17];             /* activations (S, width) per layer; h[p][0] the inputs x (S, d), z's and y's */
+    double *ref;                  /* (S, A) log pi_ref */
+    double *pi, *gt;              /* (2S, A) pi_z then pi_y; the stage's d/d log pi tables (z_y_weights' grad) */
+    double *g, *g_prev, *dW;      /* backward scratch: (S, widest) twice, the gradient as mlp_backward lays it out */
+    double *tmp;                  /* (2A): a state's log pi before normalising and its exponentials */
+    vm *visited;                  /* (S) per lane: the stage visited the state */
+    char *any, *xnz;              /* (S) some lane visited the state; (S, d) some lane's input is not 0 */
+} Block;
+
+static int lanes_apply(const Step *st) {  /* the lane passes mirror the per-seed code's products of width >= 2 */
+    if (st->z.n_layers < 1) return 0;
+    for (int l = 0; l <= st->z.n_layers; l++) if (st->z.sizes[l] < 2) return 0;  /* width 1: tiles' dot product order */
+    return 1;
+}
+
+static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memory */
+    const Net *net = &st->z;
+    int64_t S = st->S, A = st->A, L = net->n_layers, wide = widest(net);
+    memset(k, 0, sizeof(*k));
+    int bad = 0;
+    for (int v = 0; v < VL; v++) bad |= work_alloc(st, &k->w[v]);
+    for (int p = 0; p < 2; p++)
+        for (int l = 0; l < L; l++) {
+            bad |= !(k->W[p][l] = calloc(net->sizes[l] * net->sizes[l + 1] * VL, sizeof(double)));
+            bad |= !(k->b[p][l] = calloc(net->sizes[l + 1] * VL, sizeof(double)));
+            bad |= !(k->h[p][l + 1] = calloc(S * net->sizes[l + 1] * VL, sizeof(double)));
+        }
+    bad |= !(k->h[0][0] = k->h[1][0] = calloc(S * net->sizes[0] * VL, sizeof(double)));
+    bad |= !(k->ref = calloc(S * A * VL, sizeof(double)));
+    bad |= !(k->pi = calloc(2 * S * A * VL, sizeof(double)));
+    bad |= !(k->gt = calloc(2 * S * A * VL, sizeof(double)));
+    bad |= !(k->g = calloc(S * wide * VL, sizeof(double)));
+    bad |= !(k->g_prev = calloc(S * wide * VL, sizeof(double)));
+    bad |= !(k->dW = calloc(n_params(net) * VL, sizeof(double)));
+    bad |= !(k->visited = calloc(S, sizeof(vm)));
+    bad |= !(k->any = calloc(S, 1));
+    bad |= !(k->xnz = calloc(S * net->sizes[0], 1));
+    bad |= !(k->tmp = calloc(2 * A * VL, sizeof(double)));
+    return bad;
+}
+static void block_free(const Step *st, Block *k) {
+    for (int v = 0; v < VL; v++) work_free(st, &k->w[v]);
+    for (int p = 0; p < 2; p++)
+        for (int l = 0; l < st->z.n_layers; l++) { free(k->W[p][l]); free(k->b[p][l]); free(k->h[p][l + 1]); }
+    free(k->h[0][0]); free(k->ref); free(k->pi); free(k->gt); free(k->g); free(k->g_prev); free(k->dW); free(k->visited); free(k->tmp); free(k->any); free(k->xnz);
+}
+
+/* lanes v0 .. v1 - 1 of network p (z, y) from their seeds' parameters */
+static void block_load(const Step *st, Block *k, int p, int64_t v0, int64_t v1) {
+    const Net *net = p ? &st->y : &st->z;
+    for (int l = 0; l < net->n_layers; l++) {
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+        for (int64_t v = v0; v < v1; v++) {
+            const double *W = net->W[l] + k->seed[v] * fi * fo, *b = net->b[l] + k->seed[v] * fo;
+            for (int64_t e = 0; e < fi * fo; e++) k->W[p][l][e * VL + v] = W[e];
+            for (int64_t j = 0; j < fo; j++) k->b[p][l][j * VL + v] = b[j];
+        }
+    }
+}
+
+/* out[r][j] = init[j] (0 without) + sum_k coef[r][k] mat[k * ks + j * js], rows r < R, j < m, every lane: tile's and
+   tile4's order (k ascending, one fused multiply-add each). nz (one row): the input layer, whose coefficients are mostly
+   0 (one-hot features); k is skipped where no lane's coef[k] is nonzero (nz[k] == 0), and a lane whose coef[k] is 0
+   skips it, as tile does. Rows at coef + r * cs and out + r * os; arrays lane-major. */
+static inline __attribute__((always_inline)) void lane_tile(const int m, const int R, double *out, int64_t os,
+        const double *init, const double *coef, int64_t cs, const char *nz, int64_t n, const double *mat, int64_t ks,
+        int64_t js) {
+    vd acc[2][8];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < m; j++) acc[r][j] = init ? LANES(init, j) : (vd){0};
+    for (int64_t k = 0; k < n; k++) {
+        const double *row = mat + k * ks * VL;
+        if (nz) {
+            if (!nz[k]) continue;
+            const vd c = LANES(coef, k);
+            const vm use = c != 0.0;
+            for (int j = 0; j < m; j++) acc[0][j] = vfma_where(use, c, LANES(row, j * js), acc[0][j]);
+        } else
+            for (int r = 0; r < R; r++) {
+                const vd c = LANES(coef, r * cs + k);
+                for (int j = 0; j < m; j++) acc[r][j] = vfma(c, LANES(row, j * js), acc[r][j]);
+            }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < m; j++) LANES(out, r * os + j) = acc[r][j];
+}
+#define LANE_CASE(m) case m: lane_tile(m, ROWS, out + (r * os + j0) * VL, os, init ? init + j0 * VL : NULL, \
+                                       coef + r * cs * VL, cs, nz ? nz + r * cs : NULL, n, mat + j0 * js * VL, ks, js); break;
+#define LANE_SWITCH switch (width - j0 < 8 ? width - j0 : 8) { LANE_CASE(1) LANE_CASE(2) LANE_CASE(3) LANE_CASE(4) \
+                                                               LANE_CASE(5) LANE_CASE(6) LANE_CASE(7) LANE_CASE(8) }
+/* lane_tile over `rows` rows, two at a time (two rows' independent chains), width outputs eight at a time */
+static void lane_tiles(int64_t rows, int64_t width, double *out, int64_t os, const double *init, const double *coef,
+                       int64_t cs, const char *nz, int64_t n, const double *mat, int64_t ks, int64_t js) {
+    int64_t r = 0;
+    if (!nz)
+        for (; r + 2 <= rows; r += 2)
+            for (int64_t j0 = 0; j0 < width; j0 += 8) {
+#define ROWS 2
+                LANE_SWITCH
+#undef ROWS
+            }
+    for (; r < rows; r++)
+        for (int64_t j0 = 0; j0 < width; j0 += 8) {
+#define ROWS 1
+            LANE_SWITCH
+#undef ROWS
+        }
+}
+
+/* out[j] = sum over the rows r < n that a lane keeps (keep[r]; with nz, also coef[r] != 0) of coef[r] mat[r][j], j < m,
+   r ascending from 0 (coef NULL: 1): mlp_backward's sums over its gathered rows (tiles), in their order. A row no lane
+   keeps (any[r] == 0, or nz[r] == 0) is skipped. */
+static inline __attribute__((always_inline)) void lane_row_tile(const int m, double *out, const double *coef, int64_t cs,
+        const char *nz, const vm *keep, const char *any, int64_t n, const double *mat, int64_t ms) {
+    vd acc[8];
+    for (int j = 0; j < m; j++) acc[j] = (vd){0};
+    for (int64_t r = 0; r < n; r++) {
+        if (!any[r] || (nz && !nz[r * cs])) continue;  /* a state no lane's stage visited */
+        const vd c = coef ? LANES(coef, r * cs) : (vd){0} + 1.0;
+        vm use = keep[r];
+        if (nz) use &= c != 0.0;
+        for (int j = 0; j < m; j++) acc[j] = vfma_where(use, c, LANES(mat, r * ms + j), acc[j]);
+    }
+    for (int j = 0; j < m; j++) LANES(out, j) = acc[j];
+}
+#define ROW_CASE(m) case m: lane_row_tile(m, out + j0 * VL, coef, cs, nz, keep, any, n, mat + j0 * VL, ms); break;
+static void lane_rows(int64_t width, double *out, const double *coef, int64_t cs, const char *nz, const vm *keep,
+                      const char *any, int64_t n, const double *mat, int64_t ms) {
+    for (int64_t j0 = 0; j0 < width; j0 += 8)
+        switch (width - j0 < 8 ? width - j0 : 8) {
+            ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8)
+        }
+}
+
+/* pi_p = log-softmax(log pi_ref + MLP_p(x)) per state row, p = z, y, every lane (policy_tables); each lane's tables are
+   also written to its seed's slice of Step.tables (the draws and returns read them there) */
+static void block_tables(const Step *st, Block *k) {
+    const Net *net = &st->z;
+    int64_t S = st->S, A = st->A, L = net->n_layers;
+    for (int p = 0; p < 2; p++) {
+        for (int l = 0; l < L; l++) {  /* h_{l+1} = act(b + h_l W) on every state; the input layer skips 0 features */
+            int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+            const double *in = k->h[p][l];
+            double *out = k->h[p][l + 1];
+            lane_tiles(S, fo, out, fo, k->b[p][l], in, fi, l == 0 ? k->xnz : NULL, fi, k->W[p][l], fo, 1);
+            if (l + 1 < L) {  /* hidden layer: relu or tanh */
+                if (net->tanh_act)
+                    for (int64_t e = 0; e < S * fo * VL; e++) out[e] = tanh(out[e]);
+                else
+                    for (int64_t e = 0; e < S * fo; e++) { vd o = LANES(out, e); LANES(out, e) = sel(o > 0.0, o, (vd){0}); }
+            }
+        }
+        const double *out = k->h[p][L];
+        double *pi = k->pi + p * S * A * VL;
+        for (int64_t s = 0; s < S; s++) {
+            vd m = (vd){0} - INFINITY, sum = {0}, c = {0}, lse;
+            double *lp = k->tmp, *ex = k->tmp + A * VL;
+            for (int64_t a = 0; a < A; a++) {
+                vd x = LANES(k->ref, s * A + a) + LANES(out, s * A + a);
+                LANES(lp, a) = x;
+                m = sel(x > m, x, m);
+            }
+            for (int64_t a = 0; a < A; a++) {  /* exp of < -746 is 0 in double: skip libm's slow underflow path */
+                vd d = LANES(lp, a) - m, e;
+                for (int v = 0; v < VL; v++) e[v] = d[v] < -746.0 ? 0.0 : exp(d[v]);
+                LANES(ex, a) = e;
+                sum += e;
+            }
+            for (int v = 0; v < VL; v++) lse[v] = log(sum[v]);
+            for (int64_t a = 0; a < A; a++) {
+                vd lpa = LANES(lp, a) - m - lse, pa = LANES(ex, a) / sum;  /* pi = exp(log pi), from the exponentials */
+                c += pa;  /* what actions are drawn from (policy_cdf) */
+                LANES(pi, s * A + a) = pa;
+                for (int64_t v = 0; v < k->n; v++) {
+                    Work *w = &k->w[v];
+                    w->logp[p * S * A + s * A + a] = lpa[v];
+                    w->prob[p * S * A + s * A + a] = pa[v];
+                    w->cdf[p * S * A + s * A + a] = c[v];
+                }
+            }
+        }
+    }
+}
+
+/* the z / y stage's update of network p, every lane: mlp_backward of the visited states' rows, then sgd_update with
+   step 1 (the step sizes are in k->gt already); the seeds' parameters and the lanes' copies both updated */
+static void block_update(const Step *st, Block *k, int p) {
+    const Net *net = p ? &st->y : &st->z;
+    int64_t S = st->S, A = st->A, L = net->n_layers;
+    const double *gt = k->gt + p * S * A * VL, *pi = k->pi + p * S * A * VL;
+    double *g = k->g, *g_prev = k->g_prev;
+    for (int64_t s = 0; s < S; s++) {  /* through log-softmax: d logits = g - pi sum_a g, at the visited states */
+        vd sum = {0};
+        vm seen = {0};
+        for (int64_t a = 0; a < A; a++) { vd ga = LANES(gt, s * A + a); sum += ga; seen |= ga != 0.0; }
+        k->visited[s] = seen;
+        k->any[s] = 0;
+        for (int v = 0; v < VL; v++) k->any[s] |= seen[v] != 0;
+        for (int64_t a = 0; a < A; a++)
+            LANES(g, s * A + a) = sel(seen, LANES(gt, s * A + a) - LANES(pi, s * A + a) * sum, (vd){0});
+    }
+    memset(k->dW, 0, sizeof(double) * n_params(net) * VL);
+    double *dW = k->dW;
+    for (int l = 0; l < L - 1; l++) dW += (net->sizes[l] * net->sizes[l + 1] + net->sizes[l + 1]) * VL;
+    for (int l = L - 1; l >= 0; l--) {
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+        const double *in = k->h[p][l];
+        double *db = dW + fi * fo * VL;
+        if (l < L - 1) {  /* through the activation: relu' = [h > 0], tanh' = 1 - h^2 */
+            const double *h = k->h[p][l + 1];
+            for (int64_t e = 0; e < S * fo; e++) {
+                vd he = LANES(h, e), ge = LANES(g, e);
+                LANES(g, e) = net->tanh_act ? ge * (1 - he * he) : sel(he > 0.0, ge, (vd){0});
+            }
+        }
+        /* dW = h_l^T g over the visited rows, r ascending (the input layer skips its 0 features, as tiles does there) */
+        int skip = l == 0 && (fo >= fi || fo > TILE);
+        for (int64_t i = 0; i < fi; i++)
+            lane_rows(fo, dW + i * fo * VL, in + i * VL, fi, skip ? k->xnz + i : NULL, k->visited, k->any, S, g, fo);
+        lane_rows(fo, db, NULL, 0, NULL, k->visited, k->any, S, g, fo);  /* db = sum over the visited rows of g */
+        if (l > 0) {  /* dh_l = g W^T: row r's fi outputs sum g[r][j] W[i][j] over j */
+            lane_tiles(S, fi, g_prev, fi, NULL, g, fo, NULL, fo, k->W[p][l], 1, fo);
+            double *t = g; g = g_prev; g_prev = t;
+            dW -= (net->sizes[l - 1] * fi + fi) * VL;
+        }
+    }
+    const double *grad = k->dW;  /* p <- p - grad (sgd_update, step 1), on the lanes (block_end writes the seeds') */
+    for (int l = 0; l < L; l++) {
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+        const double lr = 1.0;
+        for (int64_t e = 0; e < fi * fo; e++) LANES(k->W[p][l], e) = LANES(k->W[p][l], e) - lr * LANES(grad, e);
+        grad += fi * fo * VL;
+        for (int64_t j = 0; j < fo; j++) LANES(k->b[p][l], j) = LANES(k->b[p][l], j) - lr * LANES(grad, j);
+        grad += fo * VL;
+    }
+}
+
+/* per lane: some parameter of z or y is inf or NaN (finite's exponent-bits test); zero_lane: lane v's z and y := 0 */
+static vm block_non_finite(const Step *st, const Block *k) {
+    const vm exponent = (vm){0} + 0x7FF0000000000000LL;
+    vm bad = {0};
+    for (int p = 0; p < 2; p++)
+        for (int l = 0; l < st->z.n_layers; l++) {
+            int64_t fi = st->z.sizes[l], fo = st->z.sizes[l + 1];
+            for (int64_t e = 0; e < fi * fo; e++) bad |= (LANE_BITS(k->W[p][l], e) & exponent) == exponent;
+            for (int64_t j = 0; j < fo; j++) bad |= (LANE_BITS(k->b[p][l], j) & exponent) == exponent;
+        }
+    return bad;
+}
+static void zero_lane(const Step *st, Block *k, int64_t v) {
+    for (int p = 0; p < 2; p++)
+        for (int l = 0; l < st->z.n_layers; l++) {
+            int64_t fi = st->z.sizes[l], fo = st->z.sizes[l + 1];
+            for (int64_t e = 0; e < fi * fo; e++) k->W[p][l][e * VL + v] = 0.0;
+            for (int64_t j = 0; j < fo; j++) k->b[p][l][j * VL + v] = 0.0;
+        }
+}
+
+/* seeds first .. first + n - 1 (n <= VL) into the block's lanes: their inputs and log pi_ref, their parameters, and their
+   tables when `valid` (the last call's, as the per-seed code starts from them) */
+static void block_begin(const Step *st, Block *k, int64_t first, int64_t n, int valid) {
+    const Net *net = &st->z;
+    int64_t S = st->S, A = st->A, d = net->sizes[0], L = net->n_layers;
+    k->n = n;
+    for (int64_t v = 0; v < VL; v++) k->seed[v] = first + (v < n ? v : 0);
+    for (int64_t v = 0; v < VL; v++) {
+        const double *x = st->policy_x + k->seed[v] * st->policy_x_stride, *ref = st->ref_logp + k->seed[v] * st->ref_logp_stride;
+        for (int64_t e = 0; e < S * d; e++) k->h[0][0][e * VL + v] = x[e];
+        for (int64_t e = 0; e < S * A; e++) k->ref[e * VL + v] = ref[e];
+    }
+    for (int64_t e = 0; e < S * d; e++) {
+        k->xnz[e] = 0;
+        for (int64_t v = 0; v < VL; v++) k->xnz[e] |= k->h[0][0][e * VL + v] != 0.0;
+    }
+    block_load(st, k, 0, 0, VL), block_load(st, k, 1, 0, VL);
+    if (!valid) return;
+    for (int64_t v = 0; v < VL; v++) {
+        const double *t = st->tables + k->seed[v] * policy_table_size(st);
+        for (int64_t e = 0; e < 2 * S * A; e++) k->pi[e * VL + v] = t[2 * S * A + e];
+        t += 6 * S * A;
+        for (int p = 0; p < 2; p++)
+            for (int l = 1; l <= L; l++) {
+                for (int64_t e = 0; e < S * net->sizes[l]; e++) k->h[p][l][e * VL + v] = t[e];
+                t += S * net->sizes[l];
+            }
+    }
+}
+/* the lanes' z and y into their seeds' parameters, their activations into their Step.tables (the log pi, pi and cdf
+   tables are written as computed) */
+static void block_end(const Step *st, Block *k) {
+    const Net *net = &st->z;
+    int64_t S = st->S, A = st->A, L = net->n_layers;
+    for (int p = 0; p < 2; p++) {
+        const Net *to = p ? &st->y : &st->z;
+        for (int l = 0; l < L; l++) {
+            int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+            for (int64_t v = 0; v < k->n; v++) {
+                double *W = to->W[l] + k->seed[v] * fi * fo, *b = to->b[l] + k->seed[v] * fo;
+                for (int64_t e = 0; e < fi * fo; e++) W[e] = k->W[p][l][e * VL + v];
+                for (int64_t j = 0; j < fo; j++) b[j] = k->b[p][l][j * VL + v];
+            }
+        }
+    }
+    for (int64_t v = 0; v < k->n; v++) {
+        double *t = st->tables + k->seed[v] * policy_table_size(st) + 6 * S * A;
+        for (int p = 0; p < 2; p++)
+            for (int l = 1; l <= L; l++) {
+                for (int64_t e = 0; e < S * net->sizes[l]; e++) t[e] = k->h[p][l][e * VL + v];
+                t += S * net->sizes[l];
+            }
+    }
+}
+
 typedef struct { const Step *st; const Segment *seg; int64_t first, last; int bad; } Job;
+
+/* the thread's seeds VL at a time (Block): the same steps as below, the policy networks' passes on the lanes */
+static void run_blocks(Job *job, Step *st) {
+    const Segment *seg = job->seg;
+    Block *k = malloc(sizeof(Block));
+    job->bad = !k || block_alloc(st, k);
+    for (int64_t first = job->first; first < job->last && !job->bad; first += VL) {
+        int64_t n = job->last - first < VL ? job->last - first : VL, counter = st->counter;
+        int valid = (int)st->tables_valid, alive[VL];
+        block_begin(st, k, first, n, valid);
+        for (int64_t v = 0; v < n; v++) alive[v] = seg->alive[first + v] != 0;
+        for (int64_t i = 0; i < seg->n_steps; i++, counter += seg->step_uniforms) {
+            const double *s = seg->schedule + 4 * i;
+            st->lam = s[0], st->alpha = s[1], st->alpha_z = s[2], st->xi = s[3];
+            for (int64_t v = 0; v < n; v++) seed_begin(st, &k->w[v], k->seed[v]);
+            if (!valid) block_tables(st, k);
+            int64_t c = counter;
+            for (int64_t stage = 0; stage < st->inner; stage++, c += st->stage.n_uniforms) {  /* z_y_stage, every lane */
+                for (int64_t v = 0; v < n; v++) {
+                    z_y_weights(st, &k->w[v], k->seed[v], c);
+                    for (int64_t e = 0; e < 2 * st->S * st->A; e++) k->gt[e * VL + v] = k->w[v].grad[e];
+                }
+                block_update(st, k, 0), block_update(st, k, 1);
+                block_tables(st, k);
+            }
+            for (int64_t v = 0; v < n; v++) nu_stage(st, &k->w[v], k->seed[v], c);
+            valid = 1;  /* z and y do not move in the nu stage: the step's last tables are the next step's first */
+            vm bad = block_non_finite(st, k);
+            for (int64_t v = 0; v < n; v++) {
+                int64_t b = k->seed[v];
+                if (alive[v] && (bad[v] || !finite(&st->nu, b))) {  /* diverged at this step */
+                    zero_lane(st, k, v), zero(&st->nu, b);
+                    seg->died[b] = i + 1, alive[v] = 0, valid = 0;  /* the zeroed parameters' tables: a forward */
+                }
+            }
+        }
+        block_end(st, k);
+    }
+    if (k) block_free(st, k);
+    free(k);
+}
 
 static void *run_seeds(void *arg) {
     Job *job = arg;
     const Segment *seg = job->seg;
     Step st = *job->st;  /* this thread's copy: the schedule changes per step */
+    if (lanes_apply(&st)) { run_blocks(job, &st); return NULL; }
     Work w;
     job->bad = work_alloc(&st, &w);
     for (int64_t b = job->first; b < job->last && !job->bad; b++) {

@@ -25,11 +25,12 @@ from pathlib import Path
 
 from ratebench.core.cache import cache_dir
 
-FLAGS = ["-O3", "-march=native", "-std=c99", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast", "-pthread"]
-# -march=native: this CPU's vector width (the build is keyed by the CPU); -ffp-contract=fast: fused multiply-adds,
-# as torch's own CPU kernels use them (the steps agree with the reference to 1e-12 either way); never -ffast-math:
-# NaN must survive (a diverged seed is found by its NaN) and sums must not be reordered behind our back;
-# -pthread: a segment of steps splits its seeds across threads (bilevel_step.c)
+FLAGS = ["-O3", "-march=native", "-std=c99", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-pthread"]
+# -march=native: this CPU's vector width (the build is keyed by the CPU); -ffp-contract=off: a product is fused into
+# a multiply-add only where the C source says fma(), never at the compiler's choice (which differs between inlined
+# copies of one loop), so two loops written to sum the same terms in the same order give the same bits on any compiler
+# (bilevel_step.c's per-seed and vector-lane passes); never -ffast-math: NaN must survive (a diverged seed is found by
+# its NaN) and sums must not be reordered behind our back; -pthread: a segment of steps splits its seeds across threads
 DISABLE = "RATEBENCH_KERNELS"  # =0: never build or load a kernel (every fast step takes its eager path)
 BUILD_SECONDS: dict[str, float] = {}  # source file name -> seconds its last build took in this process (0: from the cache)
 

@@ -153,6 +153,64 @@ def test_a_segment_never_reads_another_seeds_memory(compose_config):
         assert torch.equal(poisoned[key][[0, 2]], t[[0, 2]]), key
 
 
+def test_a_nan_seed_leaves_the_other_lanes_of_its_block_bit_for_bit(compose_config):
+    """On one thread a segment steps its seeds VL = 8 at a time as the lanes of one vector (bilevel_step.c "a block of
+    seeds as vector lanes"): a NaN seed sharing a block with seven others (and a second, partial block) leaves
+    theirs bit for bit, is marked at the first step, and the clean run is the per-step run."""
+    seeds = "seeds=[3,0,5,7,11,13,17,19,23,29]"
+    got = []
+    for poison in (False, True):
+        algo, sampler, _, seed_list = build(compose_config, [*SMALL, seeds], "fast")
+        algo.step_threads = 1
+        state = algo.init(seed_list)
+        if poison:
+            for t in algo.tensors(state).values():
+                t[2] = float("nan")
+        state, steps, died = algo.run_segment(state, sampler, 60, torch.ones(10, dtype=torch.bool))
+        got.append((algo, algo.tensors(state), died))
+    (algo, clean, died_clean), (_, poisoned, died_poisoned) = got
+    assert died_clean.tolist() == [0] * 10 and died_poisoned.tolist() == [0, 0, 1] + [0] * 7
+    others = [row for row in range(10) if row != 2]
+    for key, t in clean.items():
+        assert torch.equal(poisoned[key][others], t[others]), key
+    one, sampler, _, seeds_ = build(compose_config, [*SMALL, seeds], "fast")
+    state, _ = per_step(one, one.init(seeds_), sampler, torch.ones(10, dtype=torch.bool), 60)
+    for key, t in one.tensors(state).items():
+        assert torch.equal(t, clean[key]), key
+
+
+def test_an_instance_batch_in_lanes_is_the_per_step_run_bit_for_bit(compose_config):
+    """Rows of an instance batch differ in their log pi_ref, teacher and transitions: in a block of lanes each lane
+    reads its own row's tables (9 rows: a block of 8 and a partial one, 1 thread). A block that read its first lane's
+    log pi_ref for every lane fails here."""
+    from ratebench import envs
+    from ratebench.algorithms import ALGORITHMS
+    from ratebench.config import validate
+    from ratebench.envs.sampling import Counters, CountingSampler
+    from ratebench.envs.tabular import InstanceBatch
+
+    runs = []
+    for mode in ("per_step", "segment"):
+        problems = [envs.make(validate(compose_config(["env=mdp", f"env.instance_seed={k}"])).env) for k in (1, 2, 3)]
+        v = validate(compose_config(["env=mdp", *SMALL]))
+        seeds = [0, 5, 9] * 3
+        problem = InstanceBatch(problems, torch.arange(3).repeat_interleave(3))
+        algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, problem)
+        algo.impl, algo.step_threads = "fast", 1
+        sampler = CountingSampler(problem, seeds, Counters())
+        state, alive = algo.init(seeds), torch.ones(9, dtype=torch.bool)
+        if mode == "per_step":
+            state, died = per_step(algo, state, sampler, alive, 40)
+        else:
+            state, died = segments(algo, state, sampler, alive, [7, 1, 32])
+        runs.append((algo, state, died, sampler.state_dict()))
+    (a_algo, a, a_died, a_rng), (b_algo, b, b_died, b_rng) = runs
+    same(a_algo, a, b_algo, b, "instance batch")
+    assert a_died == b_died and a_rng == b_rng
+    rows = a_algo.tensors(a)["z.0"]
+    assert not torch.equal(rows[0], rows[3]), "the instances must differ"
+
+
 def test_one_infinite_parameter_marks_its_seed_as_nan_does(compose_config):
     """The segment's non-finite check (exponent bits) finds +inf and -inf in a single entry, as torch.isfinite does
     in the per-step loop, and leaves a clean seed alone."""
