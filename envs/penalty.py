@@ -244,7 +244,7 @@ def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: floa
     x0, solved = _flatten(start), []
     for lo in range(0, x0.shape[0], per_seed):
         part = slice(lo, lo + per_seed)
-        x, converged = newton_rows(_Inner(problem, [r[part] for r in rewards], lam), x0[part], tol)
+        x, converged = newton_rows(_Inner(problem, [r[part] for r in rewards], lam), x0[part], tol, NEWTON_MAX_ITER)
         if not bool(converged.all()):
             rows = (~converged).nonzero().flatten() + lo
             fallback = penalty_minimiser(problem, [r[rows] for r in rewards], lam, tol=METRIC_TOL)
