@@ -11,7 +11,6 @@ import statistics
 import time
 
 import pytest
-import torch
 from conftest import interleaved, record_ratio
 from ratebench.envs import penalty
 from ratebench.runner import run_job
