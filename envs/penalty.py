@@ -191,14 +191,16 @@ def newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_it
     gradient is <= METRIC_TOL (the precision floor of f). Returns (x, converged (B,))."""
     x = x0.detach().clone()
     f, g, H = inner.value_grad_hessian(x)
-    active = torch.ones(x.shape[0], dtype=torch.bool)
+    active = torch.isfinite(f) & torch.isfinite(g).all(-1)  # a non-finite seed is left to the caller, unconverged
     converged = torch.zeros_like(active)
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
     for _ in range(max_iter):
         done = active & (g.abs().amax(-1) <= tol)
         converged |= done
         active &= ~done
         if not bool(active.any()):
             break
+        H = torch.where(active[:, None, None], H, eye)  # stopped seeds' Hessians are not factorised
         d = torch.where(active[:, None], _newton_direction(g, H, inner.d.same, max_move), 0.0)
         slope = (g * d).sum(-1)
         slack = ROUNDING * (1.0 + f.abs())
