@@ -231,8 +231,10 @@ def newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_it
 
 
 def newton_applies(problem: TabularProblem) -> bool:
-    """Whether penalty_minimiser_newton solves this problem's inner problem (dense (n, n) Hessians per seed)."""
-    return sum(step.n_states for step in problem.steps) * problem.n_actions <= NEWTON_MAX_VARS
+    """Whether penalty_minimiser_newton solves this problem's inner problem: n <= NEWTON_MAX_VARS logits (dense
+    (n, n) Hessians per seed) and a (T, n) trajectory/logit table of at most PAIR_CHUNK elements per seed."""
+    n = sum(step.n_states for step in problem.steps) * problem.n_actions
+    return n <= NEWTON_MAX_VARS and problem.n_groups * problem.trajectories_per_group() * n <= PAIR_CHUNK
 
 
 def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: float, tol: float = NEWTON_TOL) -> Tables:
