@@ -177,10 +177,11 @@ def _newton_direction(g: torch.Tensor, H: torch.Tensor, gauge: torch.Tensor, max
     chol, info = torch.linalg.cholesky_ex(M)
     d = -torch.cholesky_solve(g[..., None], chol)[..., 0]
     indefinite = info != 0
-    if bool(indefinite.any()):
-        ev, V = torch.linalg.eigh(M[indefinite])
+    if bool(indefinite.any()):  # on the whole batch, so a seed's bits never depend on how many others are indefinite
+        ev, V = torch.linalg.eigh(torch.where(indefinite[:, None, None], M, torch.eye(M.shape[-1], dtype=M.dtype)))
         inv = 1.0 / ev.abs().clamp_min(1e-8 * ev.abs().amax(-1, keepdim=True).clamp_min(1.0))
-        d[indefinite] = -(V @ (inv[..., None] * (V.transpose(-1, -2) @ g[indefinite][..., None])))[..., 0]
+        modified = -(V @ (inv[..., None] * (V.transpose(-1, -2) @ g[..., None])))[..., 0]
+        d = torch.where(indefinite[:, None], modified, d)
     return d * (max_move / d.abs().amax(-1).clamp_min(max_move))[:, None]
 
 
@@ -239,8 +240,9 @@ def newton_applies(problem: TabularProblem) -> bool:
 
 def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: float, tol: float = NEWTON_TOL) -> Tables:
     """penalty_minimiser's y*_lam(nu) from the same start z* = pi*_nu, by Newton's method on every seed at once
-    (newton_rows) to a logit-gradient sup-norm of `tol`. A seed Newton leaves unconverged after NEWTON_MAX_ITER
-    iterations is solved by penalty_minimiser (L-BFGS, METRIC_TOL) instead. Log-prob tables [(B, n_h, A)], detached."""
+    (newton_rows) to a logit-gradient sup-norm of `tol`. A seed Newton leaves unconverged (after NEWTON_MAX_ITER
+    iterations, or non-finite) gets penalty_minimiser's solution (L-BFGS, METRIC_TOL, on the whole seed chunk).
+    Log-prob tables [(B, n_h, A)], detached."""
     rewards = [r.detach() for r in rewards]
     start, _ = soft_optimal(problem, rewards)
     d = _design(problem)
@@ -249,10 +251,10 @@ def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: floa
     for lo in range(0, x0.shape[0], per_seed):
         part = slice(lo, lo + per_seed)
         x, converged = newton_rows(_Inner(problem, [r[part] for r in rewards], lam), x0[part], tol, NEWTON_MAX_ITER)
-        if not bool(converged.all()):
-            rows = (~converged).nonzero().flatten() + lo
-            fallback = penalty_minimiser(problem, [r[rows] for r in rewards], lam, tol=METRIC_TOL)
-            x[rows - lo] = _flatten(fallback)
+        if not bool(converged.all()):  # the L-BFGS on the whole chunk, as before Newton: its rows' bits then do
+            #                             not depend on which other seeds fell back (einsum's paths depend on the batch)
+            fallback = _flatten(penalty_minimiser(problem, [r[part] for r in rewards], lam, tol=METRIC_TOL))
+            x = torch.where(converged[:, None], x, fallback)
         solved.append(x)
     return _log_softmax(_unflatten(torch.cat(solved), start))
 
