@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from ratebench.envs.exact import (expected_pair_loss, optimal_value, pair_losses,
-                                  policy_value, seed_chunks, soft_optimal, upper_loss)
-from ratebench.envs.lbfgs import minimise_rows
+from ratebench.envs.exact import (PAIR_CHUNK, expected_pair_loss, optimal_value, pair_losses, policy_value,
+                                  seed_chunks, soft_optimal, trajectory_returns, upper_loss)
+from ratebench.envs.lbfgs import ARMIJO, ROUNDING, minimise_rows
 from ratebench.envs.tabular import TabularProblem
 
 Tables = list[torch.Tensor]
@@ -78,6 +78,184 @@ def penalty_minimiser(problem: TabularProblem, rewards: Tables, lam: float, tol:
 
         solved.append(minimise_rows(per_seed, _flatten(part_start), tol, max_iter=max_iter,
                                     preconditioner=_inverse_policy_diag(part_start), first_step=FIRST_MOVE).x)
+    return _log_softmax(_unflatten(torch.cat(solved), start))
+
+
+# The same minimiser by Newton's method, batched over seeds (what psi_gap uses). In trajectory space the inner
+# objective of one seed is, per initial state g with weight rho_g,
+#   phi_g(P) = P^T L P - lam P.R + lam beta P.q,   q(tau) = sum_t log(pi / pi_ref)(s_t, a_t),
+# with P(tau) = prod_t pi(a_t | s_t) * transitions, and d log P(tau) / d x_k = E[tau, k] - S[tau, k] pi_k for the
+# logit x_k of (h, s, a) (E: visits of (h, s, a), S: visits of its state (h, s)). With u = d phi / d P and
+# D = E - S pi, the gradient in logits is D^T (rho P u) and the Hessian
+#   sum_g rho_g (P D)^T (L + L^T) (P D) + D^T diag(rho P (u + lam beta)) D - blockdiag_s w_s (diag pi_s - pi_s pi_s^T),
+# w_s = sum_tau rho P u S[tau, s]: every term a few batched products, so a Newton step costs about what one
+# L-BFGS objective call did and converges quadratically.
+NEWTON_MAX_VARS = 512  # logits per seed up to which the inner solve is Newton's (dense Hessians); above, L-BFGS
+NEWTON_TOL = 1e-9  # logit-gradient sup-norm at which Newton stops: below METRIC_TOL, so it is the more exact solve
+NEWTON_MAX_MOVE = 1.0  # sup-norm cap of one Newton move in logits: keeps a step from z* in z*'s basin
+NEWTON_MAX_ITER = 100
+
+
+class _Design:
+    """The trajectory/logit incidence of a problem, built once, over the T = G m trajectories (g-major):
+    E (n, T) visits of (h, s, a), S (T, n) visits of the state of logit k, the same-state mask (n, n), rho_g and
+    log transition probabilities per trajectory (T,), sum_t log pi_ref (T,)."""
+
+    def __init__(self, problem: TabularProblem):
+        table, A = problem.trajectory_table(), problem.n_actions
+        offsets, rows = [], 0
+        for step in problem.steps:
+            offsets.append(rows)
+            rows += step.n_states
+        n = rows * A
+        G, m, _ = table.states.shape
+        E = torch.zeros(G * m, n, dtype=torch.float64)
+        S = torch.zeros(G * m, n, dtype=torch.float64)
+        actions = torch.arange(A)
+        for h in range(problem.horizon):
+            state_row = (offsets[h] + table.states[..., h]).reshape(-1, 1)  # (T, 1)
+            E.scatter_add_(1, state_row * A + table.actions[..., h].reshape(-1, 1), torch.ones(G * m, 1, dtype=E.dtype))
+            S.scatter_add_(1, state_row * A + actions, torch.ones(G * m, A, dtype=S.dtype))
+        state_of = torch.arange(n) // A
+        self.E, self.S = E.T.contiguous(), S
+        self.same = (state_of[:, None] == state_of[None, :]).to(torch.float64)
+        self.log_trans = table.log_trans.reshape(-1)
+        self.rho = problem.init_prob.repeat_interleave(m)
+        self.ref = torch.cat([step.ref_logp.reshape(-1) for step in problem.steps]) @ self.E
+        self.G, self.m, self.n, self.A = G, m, n, A
+
+
+def _design(problem: TabularProblem) -> _Design:
+    if "penalty_design" not in problem.derived:
+        problem.derived["penalty_design"] = _Design(problem)
+    return problem.derived["penalty_design"]
+
+
+class _Inner:
+    """The inner objective of penalty_minimiser for a batch of seeds, with its closed-form gradient and Hessian in
+    the flat logits x (B, n) (_flatten's order). Values equal per_seed's in penalty_minimiser."""
+
+    def __init__(self, problem: TabularProblem, rewards: Tables, lam: float):
+        self.d, self.lam, self.lam_beta = _design(problem), lam, lam * problem.beta
+        losses = pair_losses(problem, rewards)  # (B, G, m, m)
+        self.Lsym = losses + losses.transpose(-1, -2)
+        self.Lrho = self.Lsym * problem.init_prob[:, None, None]
+        self.lin = -lam * trajectory_returns(problem, rewards).flatten(1) - self.lam_beta * self.d.ref  # (B, T)
+
+    def _parts(self, x: torch.Tensor):
+        d = self.d
+        lp = torch.log_softmax(x.reshape(x.shape[0], -1, d.A), -1).reshape(x.shape)
+        lpE = lp @ d.E  # sum_t log pi(a_t | s_t): (B, T)
+        P = (lpE + d.log_trans).exp()
+        LP = (self.Lsym @ P.reshape(-1, d.G, d.m, 1)).reshape(P.shape)
+        u = LP + self.lin + self.lam_beta * lpE  # d phi / d P, without its constant lam beta
+        value = ((u - 0.5 * LP) * P) @ d.rho
+        return lp, P, u, value
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        return self._parts(x)[-1]
+
+    def value_grad_hessian(self, x: torch.Tensor):
+        d = self.d
+        lp, P, u, value = self._parts(x)
+        pi = lp.exp()
+        rPu = d.rho * P * u
+        grad = rPu @ d.E.T - (rPu @ d.S) * pi
+        D = d.E.T - d.S * pi[:, None, :]  # d log P(tau) / d x: (B, T, n)
+        PD = P[..., None] * D
+        LPD = (self.Lrho @ PD.reshape(-1, d.G, d.m, d.n)).reshape(PD.shape)
+        hess = D.transpose(1, 2) @ (P[..., None] * LPD + (d.rho * P * (u + 2 * self.lam_beta))[..., None] * D)
+        w = (rPu + self.lam_beta * d.rho * P) @ d.S * pi  # w_s pi_k, u with its constant
+        hess = hess - torch.diag_embed(w) + w[:, :, None] * pi[:, None, :] * d.same
+        return value, grad, hess
+
+
+def _newton_direction(g: torch.Tensor, H: torch.Tensor, gauge: torch.Tensor, max_move: float) -> torch.Tensor:
+    """-H^-1 g with H + gauge (the softmax's shifts, on which H is 0 and g has no component) made definite by
+    |eigenvalues| where Cholesky fails, capped at max_move in sup-norm."""
+    M = H + gauge
+    chol, info = torch.linalg.cholesky_ex(M)
+    d = -torch.cholesky_solve(g[..., None], chol)[..., 0]
+    indefinite = info != 0
+    if bool(indefinite.any()):  # on the whole batch, so a seed's bits never depend on how many others are indefinite
+        ev, V = torch.linalg.eigh(torch.where(indefinite[:, None, None], M, torch.eye(M.shape[-1], dtype=M.dtype)))
+        inv = 1.0 / ev.abs().clamp_min(1e-8 * ev.abs().amax(-1, keepdim=True).clamp_min(1.0))
+        modified = -(V @ (inv[..., None] * (V.transpose(-1, -2) @ g[..., None])))[..., 0]
+        d = torch.where(indefinite[:, None], modified, d)
+    return d * (max_move / d.abs().amax(-1).clamp_min(max_move))[:, None]
+
+
+def newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_iter: int = NEWTON_MAX_ITER,
+                max_move: float = NEWTON_MAX_MOVE):
+    """Minimise inner.value row by row from x0 (B, n) by Newton's method (_newton_direction) with Armijo
+    backtracking per row. A row stops when its gradient sup-norm is <= tol, or when no step decreases f and its
+    gradient is <= METRIC_TOL (the precision floor of f). Returns (x, converged (B,))."""
+    x = x0.detach().clone()
+    f, g, H = inner.value_grad_hessian(x)
+    active = torch.isfinite(f) & torch.isfinite(g).all(-1)  # a non-finite seed is left to the caller, unconverged
+    converged = torch.zeros_like(active)
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    for _ in range(max_iter):
+        done = active & (g.abs().amax(-1) <= tol)
+        converged |= done
+        active &= ~done
+        if not bool(active.any()):
+            break
+        H = torch.where(active[:, None, None], H, eye)  # stopped seeds' Hessians are not factorised
+        d = torch.where(active[:, None], _newton_direction(g, H, inner.d.same, max_move), 0.0)
+        slope = (g * d).sum(-1)
+        slack = ROUNDING * (1.0 + f.abs())
+        f1, g1, H1 = inner.value_grad_hessian(x + d)  # the full step, which Newton takes almost always
+        ok = active & (f1 <= f + ARMIJO * slope + slack) & torch.isfinite(f1)
+        searching = active & ~ok
+        x_new = torch.where(ok[:, None], x + d, x)
+        if bool(searching.any()):  # backtrack on the value alone, then one gradient and Hessian
+            step = torch.full_like(f, 0.5)
+            for _ in range(60):
+                trial = x + step[:, None] * d
+                f_trial = inner.value(trial)
+                found = searching & (f_trial <= f + ARMIJO * step * slope + slack) & torch.isfinite(f_trial)
+                x_new = torch.where(found[:, None], trial, x_new)
+                searching &= ~found
+                if not bool(searching.any()):
+                    break
+                step = torch.where(searching, 0.5 * step, step)
+            stalled = searching
+            converged |= stalled & (g.abs().amax(-1) <= METRIC_TOL)
+            active &= ~stalled
+            x = x_new
+            f, g, H = inner.value_grad_hessian(x)
+        else:
+            x, f, g, H = x_new, f1, g1, H1
+    return x, converged
+
+
+
+def newton_applies(problem: TabularProblem) -> bool:
+    """Whether penalty_minimiser_newton solves this problem's inner problem: n <= NEWTON_MAX_VARS logits (dense
+    (n, n) Hessians per seed) and a (T, n) trajectory/logit table of at most PAIR_CHUNK elements per seed."""
+    n = sum(step.n_states for step in problem.steps) * problem.n_actions
+    return n <= NEWTON_MAX_VARS and problem.n_groups * problem.trajectories_per_group() * n <= PAIR_CHUNK
+
+
+def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: float, tol: float = NEWTON_TOL) -> Tables:
+    """penalty_minimiser's y*_lam(nu) from the same start z* = pi*_nu, by Newton's method on every seed at once
+    (newton_rows) to a logit-gradient sup-norm of `tol`. A seed Newton leaves unconverged (after NEWTON_MAX_ITER
+    iterations, or non-finite) gets penalty_minimiser's solution (L-BFGS, METRIC_TOL, on the whole seed chunk).
+    Log-prob tables [(B, n_h, A)], detached."""
+    rewards = [r.detach() for r in rewards]
+    start, _ = soft_optimal(problem, rewards)
+    d = _design(problem)
+    per_seed = max(1, PAIR_CHUNK // (d.G * d.m * max(d.m, d.n)))
+    x0, solved = _flatten(start), []
+    for lo in range(0, x0.shape[0], per_seed):
+        part = slice(lo, lo + per_seed)
+        x, converged = newton_rows(_Inner(problem, [r[part] for r in rewards], lam), x0[part], tol, NEWTON_MAX_ITER)
+        if not bool(converged.all()):  # the L-BFGS on the whole chunk, as before Newton: its rows' bits then do
+            #                             not depend on which other seeds fell back (einsum's paths depend on the batch)
+            fallback = _flatten(penalty_minimiser(problem, [r[part] for r in rewards], lam, tol=METRIC_TOL))
+            x = torch.where(converged[:, None], x, fallback)
+        solved.append(x)
     return _log_softmax(_unflatten(torch.cat(solved), start))
 
 
@@ -167,7 +345,10 @@ class PsiReference:
         """(psi_lam(nu) - min psi_lam per seed (B,), the inner minimiser y*_lam(nu) it solved)."""
         # Always start at z* = pi*_nu: the inner problem is nonconvex, and a warm start from the
         # previous evaluation's y* was measured to land in a worse local minimum (0.2% of rows).
-        y = penalty_minimiser(self.problem, rewards, lam, tol=METRIC_TOL)
+        if newton_applies(self.problem):
+            y = penalty_minimiser_newton(self.problem, rewards, lam)
+        else:
+            y = penalty_minimiser(self.problem, rewards, lam, tol=METRIC_TOL)
         return psi(self.problem, rewards, lam, y=y) - self.min_psi(lam), y
 
     def gap(self, rewards: Tables, lam: float) -> torch.Tensor:
