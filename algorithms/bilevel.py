@@ -2,7 +2,8 @@
 
 Three sequences: z tracks theta*(nu) (argmax J), y tracks argmin f + lam g (g = -J), and the reward
 nu descends the penalty hypergradient; single_loop (F2SA style) or double_loop (Kwon et al. 2024).
-The four gradient estimates come from algorithms/oracles.py: stochastic (default) or exact (oracle=exact).
+The four gradient estimates come from algorithms/oracles.py: stochastic (default), exact (oracle=exact), or
+exact in one level only (oracle=exact_lower: noise in the upper level only; oracle=exact_upper).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ratebench.algorithms.bilevel_kernel import CompiledStep, kernel_applies
 from ratebench.algorithms.estimators import (kl_regularised_return, policy_gradient_weights, preference_loss_weights,
                                              preference_score_weights)
 from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step, sgd_update, stack_seeds, unstack_seeds
-from ratebench.algorithms.oracles import ORACLES, make_oracle
+from ratebench.algorithms.oracles import BILEVEL_ORACLES, make_oracle
 from ratebench.algorithms.targets import minimiser_target
 from ratebench.core.errors import ConfigError, require
 from ratebench.envs.sampling import padded_units, policy_cdf
@@ -36,6 +37,8 @@ class BilevelConfig:
     inner_steps: int = 1  # single_loop: z and y steps per nu step (F2SA: 1; benchopt's F2SA: 10)
     oracle: str = "stochastic"  # stochastic (estimators of docs/bilevel.md, counted) | exact (population gradients
     #                             by enumeration, no samples: the schedule's deterministic rate; needs budget.steps)
+    #                             | exact_lower (J's gradients exact, f's sampled: F2SA's "noise in the upper level
+    #                             only") | exact_upper (f's exact, J's sampled)
     # --- single_loop schedules: alpha_k = c_alpha / (k + k0)^a, xi_k = c_xi / (k + k0)^b, ---------
     #     lam_k = lam0 (1 + k / k0)^c_lam
     c_alpha: float = 3.0  # y step constant (tuned on the bandit, docs/bilevel.md)
@@ -58,8 +61,8 @@ class BilevelConfig:
     def check(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError("algorithm.variant", f"must be one of {list(VARIANTS)}, got {self.variant!r}")
-        if self.oracle not in ORACLES:
-            raise ConfigError("algorithm.oracle", f"must be one of {list(ORACLES)}, got {self.oracle!r}")
+        if self.oracle not in BILEVEL_ORACLES:
+            raise ConfigError("algorithm.oracle", f"must be one of {list(BILEVEL_ORACLES)}, got {self.oracle!r}")
         require(self, "algorithm", ("batch_traj", "batch_pairs"), lambda v: v >= 2, "must be >= 2 (leave-one-out baseline)")
         require(self, "algorithm", ("inner_steps",), lambda v: v >= 1, "must be >= 1")
         positive = ("c_alpha", "c_alpha_z", "c_xi", "lam0", "k0", "eps", "lam_scale", "inner_scale", "batch_scale",
@@ -138,12 +141,15 @@ class Bilevel(Algorithm):
 
     @staticmethod
     def instance_batch_refusal(cfg) -> str | None:
-        if cfg.oracle == "exact":
-            return "algorithm.oracle=exact enumerates its instance's trajectories at every step: it cannot batch instances"
+        if cfg.oracle != "stochastic":
+            return (f"algorithm.oracle={cfg.oracle} enumerates its instance's trajectories at every step: "
+                    "it cannot batch instances")
         return None
 
     def has_eager_step(self) -> bool:
-        return self.cfg.oracle == "stochastic"  # the exact oracle draws nothing: its step stays the reference
+        # the eager and compiled steps are the stochastic oracle's in closed form; every oracle with an exact
+        # part (exact, exact_lower, exact_upper) takes the reference step (so never the compiled segments)
+        return self.cfg.oracle == "stochastic"
 
     def reference_step(self, state, sampler):
         n_traj, n_pairs, inner = self.set_schedule(state)

@@ -3,6 +3,13 @@
 `stochastic` (the analysed method) draws fresh samples through the counting sampler and uses the
 shared estimators; `exact` returns the population value by enumeration (envs/exact.py) and draws
 nothing, so a run isolates the schedule's deterministic rate from the sampling noise.
+
+The bilevel method's noise switches mix the two per level, as F2SA's noise model does (Kwon et al.
+2023: sigma_f is the noise of the upper-level objective's gradients, sigma_g of the lower level's):
+the lower level is g = -J, so its estimates are value_theta and value_nu (both gradients of J); the
+upper level is f, the preference loss, with upper_theta and upper_nu. `exact_lower` (sigma_g = 0: noise
+in the upper level only) takes the lower level's two from the exact oracle and the upper level's from
+the stochastic one; `exact_upper` (sigma_f = 0) the other way round.
 """
 from __future__ import annotations
 
@@ -17,7 +24,11 @@ from ratebench.envs import exact
 Tables = list[torch.Tensor]
 OfRewards = Callable[[Tables], torch.Tensor]  # reward tables [(B, n_h, A)] -> (B,), differentiable in them
 
-ORACLES = ("stochastic", "exact")
+ORACLES = ("stochastic", "exact")  # every algorithm with an `oracle` knob
+NOISE_SWITCHES = ("exact_lower", "exact_upper")  # the bilevel method's per-level mixtures
+BILEVEL_ORACLES = ORACLES + NOISE_SWITCHES
+LOWER_LEVEL = ("value_theta", "value_nu")  # gradients of g = -J (the KL-regularised return)
+UPPER_LEVEL = ("upper_theta", "upper_nu")  # gradients of f (the Bradley-Terry preference loss)
 
 
 class StochasticOracle:
@@ -72,5 +83,29 @@ class ExactOracle:
         return lambda rewards: exact.policy_value(self.problem, rewards, fixed)
 
 
+class MixedOracle:
+    """One level's two estimates exact, the other level's two stochastic (counted); the stochastic ones draw
+    exactly what StochasticOracle draws, in the same order, so an exact part only removes its draws."""
+
+    def __init__(self, problem, exact_level: str):
+        exact, stochastic = ExactOracle(problem), StochasticOracle(problem)
+        self.lower, self.upper = (exact, stochastic) if exact_level == "lower" else (stochastic, exact)
+
+    def value_theta(self, sampler, rewards: Tables, logps: Tables, n_traj: int) -> torch.Tensor:
+        return self.lower.value_theta(sampler, rewards, logps, n_traj)  # lower level: grad_theta g = -grad_theta J
+
+    def value_nu(self, sampler, logps: Tables, n_traj: int) -> OfRewards:
+        return self.lower.value_nu(sampler, logps, n_traj)  # lower level: grad_nu g = -grad_nu J
+
+    def upper_theta(self, sampler, rewards: Tables, logps: Tables, n_pairs: int) -> torch.Tensor:
+        return self.upper.upper_theta(sampler, rewards, logps, n_pairs)  # upper level: grad_theta f
+
+    def upper_nu(self, sampler, logps: Tables, n_pairs: int) -> OfRewards:
+        return self.upper.upper_nu(sampler, logps, n_pairs)  # upper level: grad_nu f
+
+
 def make_oracle(name: str, problem):
+    """An oracle of BILEVEL_ORACLES (callers validate the name against the values they accept)."""
+    if name in NOISE_SWITCHES:
+        return MixedOracle(problem, exact_level=name.removeprefix("exact_"))
     return {"stochastic": StochasticOracle, "exact": ExactOracle}[name](problem)
