@@ -232,14 +232,18 @@ def _claim_rows(s) -> list[tuple[str, str]]:
                                                    f"[{number_text(f.c_low)}, {number_text(f.c_high)}]"),
                  ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_saturated} saturated, "
                            f"{f.n_stalled} stalled, {f.n_failed} failed, {f.n_strata} configuration(s)")]
-    if len(s.get("per_instance", {})) > 1:
-        parts = [f"{i}: {number_text(fi.p)} [{number_text(fi.p_low)}, {number_text(fi.p_high)}] {fi.status}"
-                 + (" (worst)" if i == s["worst_instance"] else "") for i, fi in s["per_instance"].items()]
-        rows.append(("p̂ per instance (judged on the worst)", "; ".join(parts)))
+    name, key, digits = ("ρ̂", "rho", 6) if c.form == "geometric" else ("p̂", "p", 3)
+    if len(s.get("per_instance", {})) > 1 and c.form != "difference":
+        def est(fit):
+            return (f"{number_text(getattr(fit, key), digits)} [{number_text(getattr(fit, key + '_low'), digits)}, "
+                    f"{number_text(getattr(fit, key + '_high'), digits)}]")
+
+        parts = [f"{i}: {est(fi)} {fi.status}" + (" (worst)" if i == s["worst_instance"] else "")
+                 for i, fi in s["per_instance"].items()]
+        rows.append((f"{name} per instance (judged on the worst)", "; ".join(parts)))
         pooled = s.get("pooled")
         if pooled is not None:
-            rows.append(("pooled over instances (hierarchical bootstrap)",
-                         f"{number_text(pooled.p)} [{number_text(pooled.p_low)}, {number_text(pooled.p_high)}]"))
+            rows.append(("pooled over instances (hierarchical bootstrap)", est(pooled)))
     if f is not None and np.isfinite(getattr(f, "p_local", np.nan)):
         rows.append(("local exponent at ε_min", f"{number_text(f.p_local)} [{number_text(f.p_local_low)}, {number_text(f.p_local_high)}], "
                                                 f"trend {number_text(f.p_trend)} per decade of 1/ε"))

@@ -313,3 +313,35 @@ def test_identical_seeds_count_once_in_check(tmp_path, capsys):
     code, row = check(tmp_path, capsys, write_claim(tmp_path, "four", {**data, "instances": 4}), tmp_path / "runs")
     assert row["verdict"] == "PASS", row["reason"]
     assert row["n_seeds"] == 1 and row["n_instances"] == 4 and "deterministic" in row["reason"]
+
+
+def test_report_and_list_show_every_form(tmp_path, capsys):
+    """`ratebench report` on runs judged by a claim of each non-polynomial form: each claim's section
+    names its form's claimed value and estimate (ρ̂, p̂_A − p̂_B, the per-value p̂), no figure is drawn from
+    a slope the form does not state, and the verdicts are those check gives."""
+    rng = np.random.default_rng(4)
+    runs = tmp_path / "runs"
+    pair_runs(runs, rng, "syn_a", 1.0, 10.0, instances=(1, 2))
+    pair_runs(runs, rng, "syn_b", 0.5, 1.0, instances=(1, 2))
+    diff = write_claim(tmp_path, "diff", {**DIFF, "difference": -1.0, "instances": 2})
+    geo = write_claim(tmp_path, "geo", {**GEO, "experiment": "syn_a", "rho": 0.5, "relation": "upper_bound",
+                                        "epsilon": {"unit": "gap", "min": 3e-3, "max": 0.1}})
+    assert commands.main("report", [str(runs), "--claims", str(diff), str(geo), "--n-boot", "300",
+                                    "--out", str(tmp_path / "rep")]) == 0
+    capsys.readouterr()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| diff | gap | p_A − p_B = -1 ± 0.3 | p̂_A − p̂_B " in md and "| geo | gap | ρ ≤ 0.5 | ρ̂ " in md
+    assert "**claimed (difference, metric units)**: p_A − p_B = -1 ± 0.3" in md
+    assert "## Claim `geo`: VIOLATED" in md  # a 1/n curve is not geometric
+    assert "## Claim `diff`: PASS" in md
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "ρ ≤ 0.5" in html and "p̂_A − p̂_B" in html
+
+
+def test_list_claims_shows_each_claims_form(capsys):
+    from ratebench.core.catalog import format_entries
+
+    text = format_entries(["claims"])
+    assert "[id npg_entropy_linear, geometric] Cen, Cheng" in text
+    assert "[id softmax_pg_geometric, geometric] negative control" in text
+    assert "[id control_reward_mle, polynomial]" in text
