@@ -7,15 +7,25 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from ratebench.analysis.claims import (INCONCLUSIVE, PASS, RANK, VIOLATED, Claim, Verdict, claim_options, coverage,
-                                       judge, unhealthy_reason)
+import pandas as pd
+from ratebench.analysis.claims import (
+    INCONCLUSIVE,
+    PASS,
+    RANK,
+    VIOLATED,
+    Claim,
+    Verdict,
+    claim_options,
+    coverage,
+    judge,
+    unhealthy_reason,
+)
 from ratebench.analysis.curves import Curves
 from ratebench.analysis.expression import ExpressionError, predict
 from ratebench.analysis.fit import FitOptions
 from ratebench.analysis.geometric import GeometricFit, fit_geometric
 from ratebench.analysis.groups import distinct_curves
 from ratebench.analysis.paired import exponent_difference, restrict
-
 
 # ---------------------------------------------------------------------------------------------- geometric
 
@@ -178,8 +188,6 @@ def parameter_values(claim: Claim, curves: Curves) -> np.ndarray:
     fitted = curves.seeds[np.asarray(curves.used, bool)]
     if col not in fitted.columns:
         return np.full(curves.n_seeds, np.nan)
-    import pandas as pd
-
     return pd.to_numeric(fitted[col], errors="coerce").to_numpy(np.float64)
 
 

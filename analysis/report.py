@@ -219,12 +219,12 @@ def _claim_rows(s) -> list[tuple[str, str]]:
             (f"claimed ({c.form}, metric units)", c.claimed_text), ("verdict", s["verdict"]), ("why", s["reason"])]
     est = s.get("estimate")
     if est and c.form != "polynomial":
-        rows.append((f"{est['name']} and 95% CI", f"{number_text(est['value'], 6)} [{number_text(est['low'], 6)}, "
-                                                  f"{number_text(est['high'], 6)}]"))
+        shown = f"{number_text(est['value'], 6)} [{number_text(est['low'], 6)}, {number_text(est['high'], 6)}]"
+        rows.append((f"{est['name']} and 95% CI", shown))
     if f is not None and c.form in ("geometric", "difference"):
         rows += [("fitting window (ε)", f"[{number_text(f.eps_low)}, {number_text(f.eps_high)}], {f.n_levels} levels"),
-                 ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_saturated} saturated, "
-                           f"{f.n_stalled} stalled, {f.n_failed} failed")]
+                 ("seeds", (f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_saturated} saturated, "
+                            f"{f.n_stalled} stalled, {f.n_failed} failed"))]
     elif f is not None:
         rows += [("p̂ and 95% CI", f"{number_text(f.p)} [{number_text(f.p_low)}, {number_text(f.p_high)}]"),
                  ("fitting window (ε)", f"[{number_text(f.eps_low)}, {number_text(f.eps_high)}], {f.n_levels} levels"),
