@@ -371,7 +371,7 @@ def verdict_row(v: Verdict, note: str = "") -> dict:
     take = what_it_would_take(v)
     if take:
         row["what_it_would_take"] = take
-    row.update(n_instances=max(len(v.per_instance), 1 if f is not None else 0),
+    row.update(n_instances=max(len(v.per_instance), int(getattr(f, "n_instances", 1) or 1) if f is not None else 0),
                worst_instance=None if v.worst_instance is None else _jsonable({"i": v.worst_instance})["i"])
     return row
 

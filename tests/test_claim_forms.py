@@ -232,7 +232,7 @@ def test_difference_claim(tmp_path, capsys, claimed, relation, want):
     assert row["verdict"] == want, row["reason"]
     assert code == (0 if want == "PASS" else 1)
     assert row["estimate"]["low"] <= -1.0 <= row["estimate"]["high"]  # the truth inside the paired CI
-    assert row["n_shared"] == 32 and "over 4 instances" in row["reason"]
+    assert row["n_shared"] == 32 and "over 4 instances" in row["reason"] and row["n_instances"] == 4
 
 
 def test_difference_claim_without_baseline_runs_is_inconclusive(tmp_path, capsys):
