@@ -112,11 +112,13 @@ def plot(runs, metric=None, x: str = "samples", by="algorithm,env,config_hash", 
 
 def check(claims, runs=None, workdir: str = "ratebench-runs", **options) -> list:
     """A Verdict per claim (`.verdict` PASS / VIOLATED / INCONCLUSIVE, `.reason`; `.p`, `.ci`, `.window`, `.n_seeds`,
-    `.n_instances`, ... read from `.fit`, the deciding fit; `.per_instance`: a fit per instance).
+    `.n_instances`, ... read from `.fit`, the deciding fit; `.per_instance`: a fit per instance; `.detail`: the
+    form's estimate (ρ̂, p̂_A − p̂_B) and an exponent_curve's per-value results, docs/claim-meaning.md).
     claims: names (`control`), ids, paths or Claim objects (one or a list). runs: a folder or load(...)
     holding the evidence; None runs (or reuses, under workdir) each claim's experiment as the CLI does."""
     from pathlib import Path
 
+    from ratebench.analysis import commands
     from ratebench.analysis.claims import Claim
     from ratebench.analysis.inputs import named_claims
     from ratebench.experiments import check_experiment_name, ensure_experiment, evaluate_claim
@@ -129,10 +131,12 @@ def check(claims, runs=None, workdir: str = "ratebench-runs", **options) -> list
     by_experiment = {}  # else each experiment runs (or is reused) and is loaded once, as in `ratebench check`
     verdicts = []
     for claim in parsed:
-        if given is None and claim.experiment not in by_experiment:
+        if given is None:
             check_experiment_name(claim)
-            by_experiment[claim.experiment] = load(ensure_experiment(claim.experiment, Path(workdir), [claim.id]))
-        loaded = given if given is not None else by_experiment[claim.experiment]
+            for name in claim.experiments:  # a difference claim's two experiments
+                if name not in by_experiment:
+                    by_experiment[name] = load(ensure_experiment(name, Path(workdir), [claim.id]))
+        loaded = given if given is not None else commands.merged_runs([by_experiment[n] for n in claim.experiments])
         verdicts.append(evaluate_claim(loaded, claim, opts)[0])
     return verdicts
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import yaml
 from ratebench.analysis import evidence
 from ratebench.analysis.curves import METRICS, X_AXES, Curves
@@ -19,6 +20,17 @@ CLAIM_ID = re.compile(r"[A-Za-z0-9_.-]+")
 # ε may be stated in the metric's own unit or, for grad_sq, in gradient-norm units (ε_norm² = ε_sq).
 UNIT_POWER = {("grad_sq", "grad_norm"): 2.0}
 REQUIRED = ("id", "source", "algorithm", "experiment", "metric", "x", "exponent", "relation", "epsilon")
+# claim forms (docs/claim-meaning.md "Claim forms"): the fields each adds to the common ones, its relations
+COMMON = ("id", "source", "algorithm", "experiment", "metric", "x", "epsilon")
+FORMS = ("polynomial", "geometric", "difference", "exponent_curve")
+FORM_FIELDS = {"polynomial": ("exponent", "relation"), "geometric": ("rho", "relation"),
+               "difference": ("baseline_experiment", "difference", "relation"),
+               "exponent_curve": ("parameter", "predicted", "tolerance")}
+FORM_RELATIONS = {"polynomial": RELATIONS, "geometric": RELATIONS,
+                  "difference": ("equals", "upper_bound", "lower_bound"), "exponent_curve": ("equals",)}
+OWN_FIELDS = {"exponent": "polynomial", "rho": "geometric", "baseline_experiment": "difference",
+              "difference": "difference", "parameter": "exponent_curve", "predicted": "exponent_curve"}
+DOTTED_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 PASS, VIOLATED, INCONCLUSIVE = "PASS", "VIOLATED", "INCONCLUSIVE"
 UPPER_BOUND_CAVEAT = ("A faster empirical rate (smaller p̂) is consistent with an upper bound on the sample "
                       "complexity; it is evidence on these problems, never a proof of the bound.")
@@ -51,6 +63,34 @@ class Claim:
     max_unhealthy: float = 0.25
     path: str = ""
     note: str = ""
+    # the claim's form (docs/claim-meaning.md): polynomial (exponent above), geometric (metric ≤ C·rho^x),
+    # difference (p_A − p_B of experiment and baseline_experiment), exponent_curve (p̂ against predicted(v))
+    form: str = "polynomial"
+    rho: float = float("nan")
+    baseline_experiment: str | None = None
+    difference: float = float("nan")
+    parameter: str | None = None
+    predicted: str | None = None
+
+    @property
+    def experiments(self) -> tuple[str, ...]:
+        """The experiments whose runs are this claim's evidence (two for a difference claim)."""
+        return (self.experiment,) if self.baseline_experiment is None else (self.experiment, self.baseline_experiment)
+
+    @property
+    def claimed_text(self) -> str:
+        """The claim as one short phrase in metric units: '= 1 ± 0.2', 'ρ ≤ 0.81', 'p_A − p_B = 1 ± 0.3',
+        'p(v) = 1/v ± 0.2'."""
+        rel = {"upper_bound": "≤ ", "lower_bound": "≥ ", "equals": "= "}[self.relation]
+        tol = f" ± {self.tolerance:g}" if self.relation == "equals" else ""
+        if self.form == "geometric":
+            return f"ρ {rel}{self.rho:g}{tol}"
+        if self.form == "difference":
+            return f"p_A − p_B {rel}{self.difference / self.unit_power:g}{tol}"
+        if self.form == "exponent_curve":
+            scale = "" if self.unit_power == 1 else f" / {self.unit_power:g}"
+            return f"p({self.parameter}) = {self.predicted}{scale}{tol}"
+        return f"{rel}{self.metric_exponent:g}{tol}"
 
     @property
     def unit_power(self) -> float:
@@ -111,9 +151,19 @@ def parse_claim(data: dict, where: str = "claim") -> Claim:
     def field(name):
         return f"{where}: {name}"
 
-    for name in REQUIRED:
+    form = data.get("form", "polynomial")
+    if form is None:
+        form = "polynomial"
+    if form not in FORMS:
+        raise ConfigError(field("form"), f"unknown form {form!r}; allowed: {', '.join(FORMS)}")
+    required = COMMON + FORM_FIELDS[form]
+    for name in required:
         if name not in data or data[name] is None:
-            raise ConfigError(field(name), f"missing; a claim needs {', '.join(REQUIRED)}")
+            raise ConfigError(field(name), f"missing; a {form} claim needs {', '.join(required)}")
+    for name, owner in OWN_FIELDS.items():
+        if name in data and owner != form:
+            raise ConfigError(field(name), f"not a field of a {form} claim (it belongs to form: {owner}); "
+                                           f"a {form} claim states {', '.join(FORM_FIELDS[form])}")
     for name in ("id", "source", "algorithm", "experiment"):
         if not isinstance(data[name], str) or not data[name].strip():
             raise ConfigError(field(name), f"must be a non-empty string, got {data[name]!r}")
@@ -124,18 +174,27 @@ def parse_claim(data: dict, where: str = "claim") -> Claim:
         raise ConfigError(field("metric"), f"unknown metric {data['metric']!r}; allowed: {', '.join(METRICS)}")
     if data["x"] not in X_AXES:
         raise ConfigError(field("x"), f"unknown x {data['x']!r}; allowed: {', '.join(X_AXES)}")
-    exponent = _positive(data["exponent"], field("exponent"))
-    if data["relation"] not in RELATIONS:
-        raise ConfigError(field("relation"), f"unknown relation {data['relation']!r}; allowed: {', '.join(RELATIONS)}")
+    extra = _form_fields(form, data, field)
+    relation = data.get("relation", "equals")
+    if relation not in FORM_RELATIONS[form]:
+        raise ConfigError(field("relation"), f"unknown relation {relation!r} for a {form} claim; allowed: "
+                                             f"{', '.join(FORM_RELATIONS[form])}")
     tolerance = 0.0
-    if data["relation"] == "equals":
+    if relation == "equals":
         if data.get("tolerance") is None:
-            raise ConfigError(field("tolerance"), "required when relation is equals (p must lie within exponent ± tolerance)")
+            what = {"polynomial": "p must lie within exponent ± tolerance", "geometric": "ρ within rho ± tolerance",
+                    "difference": "p_A − p_B within difference ± tolerance",
+                    "exponent_curve": "p̂ within predicted(v) ± tolerance"}[form]
+            raise ConfigError(field("tolerance"), f"required when relation is equals ({what})")
         tolerance = _positive(data["tolerance"], field("tolerance"))
+    elif form != "polynomial" and data.get("tolerance") is not None:
+        raise ConfigError(field("tolerance"), f"only with relation: equals (this claim's relation is {relation})")
     eps = data["epsilon"]
     if not isinstance(eps, dict):
         raise ConfigError(field("epsilon"), "must be a mapping with unit, min, max")
     units = [data["metric"]] + [u for (m, u) in UNIT_POWER if m == data["metric"]]
+    if form == "geometric":
+        units = [data["metric"]]  # ρ is per unit of x: a change of ε's unit would square it, not rescale it
     if eps.get("unit") not in units:
         raise ConfigError(field("epsilon.unit"), f"must state the unit of ε, got {eps.get('unit')!r}; "
                                                  f"allowed for metric {data['metric']}: {', '.join(units)}")
@@ -144,7 +203,7 @@ def parse_claim(data: dict, where: str = "claim") -> Claim:
     if not eps_min < eps_max:
         raise ConfigError(field("epsilon"), f"min must be < max, got min={eps_min}, max={eps_max}")
     min_seeds = data.get("min_seeds", 4)
-    if not isinstance(min_seeds, int) or min_seeds < 2:
+    if isinstance(min_seeds, bool) or not isinstance(min_seeds, int) or min_seeds < 2:
         raise ConfigError(field("min_seeds"), f"must be an integer >= 2, got {min_seeds!r}")
     instances = data.get("instances", 1)
     if isinstance(instances, list) and instances and all(isinstance(i, int) and not isinstance(i, bool) for i in instances):
@@ -161,10 +220,48 @@ def parse_claim(data: dict, where: str = "claim") -> Claim:
     if env is not None and not isinstance(env, str):
         raise ConfigError(field("env"), f"must be an environment name, got {env!r}")
     return Claim(id=data["id"], source=data["source"], algorithm=data["algorithm"], experiment=data["experiment"],
-                 metric=data["metric"], x=data["x"], exponent=exponent, relation=data["relation"],
+                 metric=data["metric"], x=data["x"], exponent=extra.pop("exponent", float("nan")), relation=relation,
                  tolerance=tolerance, eps_unit=eps["unit"], eps_min=eps_min, eps_max=eps_max, env=env,
                  min_seeds=min_seeds, instances=instances, max_unhealthy=float(max_unhealthy), path=where,
-                 note=str(data.get("note", "")))
+                 note=str(data.get("note", "")), form=form, **extra)
+
+
+def _form_fields(form: str, data: dict, field) -> dict:
+    """The checked values of a form's own fields (FORM_FIELDS), as Claim keyword arguments."""
+    if form == "polynomial":
+        return {"exponent": _positive(data["exponent"], field("exponent"))}
+    if form == "geometric":
+        rho = _positive(data["rho"], field("rho"))
+        if not rho < 1:
+            raise ConfigError(field("rho"), f"must be a contraction factor in (0, 1) per unit of x, got {data['rho']!r}")
+        return {"rho": rho}
+    if form == "difference":
+        base = data["baseline_experiment"]
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(field("baseline_experiment"), f"must be a non-empty experiment name, got {base!r}")
+        if base == data["experiment"]:
+            raise ConfigError(field("baseline_experiment"), f"must name another experiment than `experiment` "
+                                                            f"({base!r}): the claim compares two")
+        diff = data["difference"]
+        if isinstance(diff, bool) or not isinstance(diff, (int, float)):
+            try:
+                diff = float(diff)
+            except (TypeError, ValueError):
+                raise ConfigError(field("difference"), f"must be a number (the claimed p_A − p_B), got {diff!r}") from None
+        if not math.isfinite(diff):
+            raise ConfigError(field("difference"), f"must be a finite number (the claimed p_A − p_B), got {diff!r}")
+        return {"baseline_experiment": base, "difference": float(diff)}
+    param, predicted = data["parameter"], data["predicted"]
+    if not isinstance(param, str) or not DOTTED_KEY.fullmatch(param):
+        raise ConfigError(field("parameter"), f"must be a dotted config key the experiment sweeps (e.g. "
+                                              f"algorithm.lr_exponent), got {param!r}")
+    from ratebench.analysis.expression import ExpressionError, parse_expression
+
+    try:
+        parse_expression(predicted)
+    except ExpressionError as exc:
+        raise ConfigError(field("predicted"), str(exc)) from None
+    return {"parameter": param, "predicted": str(predicted)}
 
 
 def _positive(value, where: str) -> float:
@@ -191,11 +288,14 @@ class Verdict:
     per_instance: dict = field(default_factory=dict)
     pooled: RateFit | None = None
     worst_instance: object = None
+    # form-specific results (docs/claim-meaning.md): estimate {name, value, low, high} for every form but
+    # polynomial, per-value rows of an exponent_curve, the two fits of a difference, copies counted once
+    detail: dict = field(default_factory=dict)
 
     # The numbers the verdict was decided on, read from `fit` (NaN / 0 when there was no evidence), so that
     # `verdict.p` reads as `ratebench check` prints it: p̂ and its 95% CI, the ε window, seeds and instances.
     def _of(self, name: str, empty=float("nan")):
-        return empty if self.fit is None else getattr(self.fit, name)
+        return empty if self.fit is None else getattr(self.fit, name, empty)
 
     p = property(lambda self: self._of("p"), doc="p̂: n_hit(ε) ∝ ε^-p on the deciding fit")
     p_low = property(lambda self: self._of("p_low"), doc="lower end of p̂'s bootstrap 95% CI")
@@ -353,33 +453,86 @@ def claim_options(claim: Claim, opts: FitOptions) -> FitOptions:
     return replace(opts, eps_min=lo, eps_max=hi, min_seeds=claim.min_seeds)
 
 
-def judge(claim: Claim, curves: Curves, opts: FitOptions | None = None) -> Verdict:
+def judge(claim: Claim, curves: Curves, opts: FitOptions | None = None, fitter=fit_rate, rule=None,
+          score=None, note=None) -> Verdict:
     """The claim on every environment instance of the evidence: one fit per instance (seed
     bootstrap within it) and the pooled fit (hierarchical bootstrap: instances, then seeds). A
     bound must hold on each instance: PASS only if every instance passes, VIOLATED if any is
     violated, else INCONCLUSIVE; the verdict, its fit and its reason are those of the worst
     instance (the first VIOLATED, else INCONCLUSIVE, else the largest CI upper end). The reason
-    line also names the covered ε range, the worst instance and the local-exponent trend."""
+    line also names the covered ε range, the worst instance and the local-exponent trend.
+    Seeds of one run with bit-identical curves count once (groups.distinct_curves). When every run's
+    seeds are one curve (a deterministic method from one start), the instances are the only
+    replication: each instance is judged on its one curve (a point estimate, zero-width CI) and the
+    claim's min_seeds is checked against the number of distinct curves over all instances.
+    fitter, rule, score, note: the form's fit (fit_rate), verdict rule (verdict), the number that ranks
+    passing instances (fit.p_high) and the reason's evidence note (_evidence_note)."""
+    from ratebench.analysis.groups import distinct_curves
+
+    rule, score, note = rule or verdict, score or (lambda f: f.p_high), note or _evidence_note
     opts = claim_options(claim, opts or FitOptions())
+    curves, copies = distinct_curves(curves)
     labels = list(curves.instance_labels)
+    counts = {lab: int((curves.instances == lab).sum()) for lab in labels}
+    deterministic = bool(copies) and all(n == 1 for n in counts.values())
+    copy_note = _copies_note(copies, deterministic)
+    if deterministic:
+        if len(labels) < claim.min_seeds:
+            fit = fit_single(fitter, curves.subset(labels[0]) if len(labels) == 1 else curves, replace(opts, min_seeds=1))
+            return Verdict(claim, INCONCLUSIVE, f"{len(labels)} distinct curve(s) over {len(labels)} instance(s), the "
+                                                f"claim needs ≥ {claim.min_seeds}{copy_note}", fit,
+                           detail={"copies": copies, "deterministic": True})
+        claim_i, opts = replace(claim, min_seeds=1), replace(opts, min_seeds=1)
+    else:
+        claim_i = claim
     if len(labels) <= 1:
-        fit = fit_rate(curves, opts)
+        fit = fit_single(fitter, curves, opts)
         per = {labels[0] if labels else 0: fit}
         pooled = fit
     else:
-        per = {lab: fit_rate(curves.subset(lab), opts) for lab in labels}
-        pooled = fit_rate(curves, opts)
-    verdicts = {lab: verdict(claim, f) for lab, f in per.items()}
+        per = {lab: fit_single(fitter, curves.subset(lab), opts) for lab in labels}
+        pooled = fitter(curves, opts)
+    verdicts = {lab: rule(claim_i, f) for lab, f in per.items()}
 
     def badness(lab):
-        f = per[lab]
-        return RANK[verdicts[lab].verdict], -(f.p_high if np.isfinite(f.p_high) else np.inf)
+        value = score(per[lab])
+        return RANK[verdicts[lab].verdict], -(value if np.isfinite(value) else np.inf)
 
     worst = min(verdicts, key=badness)
     v = verdicts[worst]
-    note = _evidence_note(claim, per, worst, pooled, with_window="window covers [" not in v.reason)
-    return Verdict(claim, v.verdict, v.reason + note, v.fit,
-                   per_instance=per, pooled=pooled, worst_instance=worst)
+    text = note(claim, per, worst, pooled, with_window="window covers [" not in v.reason)
+    return Verdict(claim, v.verdict, v.reason + text + copy_note, v.fit, per_instance=per, pooled=pooled,
+                   worst_instance=worst, detail={**v.detail, "copies": copies, "deterministic": deterministic})
+
+
+def fit_single(fitter, curves: Curves, opts: FitOptions):
+    """fitter(curves, opts), also for a group of one curve (which the bootstrap fits cannot resample:
+    it is fitted as two copies, its CI zero-width, and reported as the one seed it is)."""
+    if curves.n_seeds != 1:
+        return fitter(curves, opts)
+    used = np.asarray(curves.used, bool)
+    one = curves.seeds[used]
+    doubled = Curves(curves.metric, curves.x_name, curves.x, np.repeat(curves.values, 2, axis=0),
+                     np.repeat(curves.strata, 2), pd.concat([one, one], ignore_index=True), np.ones(2, bool),
+                     np.repeat(curves.instances, 2), np.repeat(curves.nonfinite, 2),
+                     None if curves.noise is None else np.repeat(curves.noise, 2, axis=0))
+    fit = fitter(doubled, opts)
+    health = curves.health()
+    fit.n_seeds = 1
+    fit.n_diverged, fit.n_failed, fit.n_saturated = health["diverged"], health["failed"], health["saturated"]
+    fit.n_stalled, fit.n_unhealthy = health["stalled"], health["unhealthy"]
+    return fit
+
+
+def _copies_note(copies: dict, deterministic: bool) -> str:
+    """' | the 4 seeds of each run gave one curve: counted once ...' (empty without copies)."""
+    if not copies:
+        return ""
+    parts = ", ".join(f"{k}: {a} → {b}" for k, (a, b) in copies.items())
+    if deterministic:
+        return (f" | deterministic: the seeds of each run gave one curve, counted once (seeds → distinct curves per "
+                f"instance {parts}); the instances are the replication")
+    return f" | seeds with bit-identical curves in one run counted once (per instance {parts})"
 
 
 def _evidence_note(claim: Claim, per: dict, worst, pooled: RateFit, with_window: bool = True) -> str:
@@ -404,7 +557,7 @@ def what_it_would_take(v: Verdict) -> dict | None:
     """For an INCONCLUSIVE verdict with a fit: evidence.what_it_would_take (projected budget, seeds for
     one more check and its error rate), or None when there is nothing to say."""
     c, f = v.claim, v.fit
-    if v.verdict != INCONCLUSIVE or f is None:
+    if v.verdict != INCONCLUSIVE or f is None or c.form != "polynomial":
         return None
     x = f.arrays.get("curve_x")
     budget_now = float(np.max(x)) if x is not None and len(x) else float("nan")

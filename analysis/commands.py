@@ -261,30 +261,36 @@ def check_command(ns) -> int:
     if ns.junit:
         writable_folder(Path(ns.junit).absolute().parent, "--junit")
     for c in claims:  # the experiments' configs (and their free_keys) before any run or fit
-        experiment_configs(c.experiment)
+        for name in c.experiments:
+            experiment_configs(name)
     if ns.runs:
         loaded = load_dir(ns.runs, ns.strict)
-        verdicts = [_judged(loaded, c, opts, ns.runs, i, len(claims), free) for i, c in enumerate(claims, start=1)]
+        verdicts = [_judged(loaded, ns.runs, c, opts, i, len(claims), free) for i, c in enumerate(claims, start=1)]
     else:
         for c in claims:  # every experiment must exist before any of them runs
             check_experiment_name(c)
         by_experiment: dict[str, list[Claim]] = {}
         for c in claims:
-            by_experiment.setdefault(c.experiment, []).append(c)
+            for name in c.experiments:
+                by_experiment.setdefault(name, []).append(c)
         runs_of = {}
         for name, group in by_experiment.items():  # each experiment runs (or is reused) once
             folder = ensure_experiment(name, Path(ns.workdir), [c.id for c in group])
             runs_of[name] = (load_dir(folder, ns.strict), str(folder))
-        verdicts = [_judged(runs_of[c.experiment][0], c, opts, runs_of[c.experiment][1], i, len(claims), free)
+        for c in claims:  # a difference claim reads the runs of both its experiments
+            if len(c.experiments) > 1:
+                parts = [runs_of[name] for name in c.experiments]
+                runs_of[c.experiments] = (merged_runs([ld for ld, _ in parts]), " and ".join(w for _, w in parts))
+        verdicts = [_judged(*runs_of[_runs_key(c)], c, opts, i, len(claims), free)
                     for i, c in enumerate(claims, start=1)]
     rows = []
     for claim, (v, _, note) in zip(claims, verdicts):
         row = verdict_row(v, note)
         if v.fit is not None:  # the code that computed the evidence (run.json provenance.code)
-            loaded_c, where = (loaded, ns.runs) if ns.runs else runs_of[claim.experiment]
+            loaded_c, where = (loaded, ns.runs) if ns.runs else runs_of[_runs_key(claim)]
             row["code"] = evidence_code(claim_evidence(loaded_c, claim, where, free)[0].seeds)
         if ns.premise is not None and has_premise(claim, ns.premise_inputs) and v.fit is not None:  # no evidence: no premise
-            loaded_c, where = (loaded, ns.runs) if ns.runs else runs_of[claim.experiment]
+            loaded_c, where = (loaded, ns.runs) if ns.runs else runs_of[_runs_key(claim)]
             print(f"[{claim.id}] premises on the evidence's instances (ratebench audit; cached after the first time)",
                   file=sys.stderr)
             prem = claim_premise(loaded_c, claim, ns.premise, ns.premise_inputs, experiment_configs(claim.experiment),
@@ -306,7 +312,18 @@ def check_command(ns) -> int:
     return 0 if all(v.verdict == PASS for v, _, _ in verdicts) else 1
 
 
-def _judged(loaded: Loaded, claim: Claim, opts: FitOptions, where: str, i: int, n: int, free: tuple = ()):
+def _runs_key(claim: Claim):
+    """The key of check's loaded runs for a claim: its experiment, or both of a difference claim's."""
+    return claim.experiments if len(claim.experiments) > 1 else claim.experiment
+
+
+def merged_runs(parts: list[Loaded]) -> Loaded:
+    """The runs of several experiment folders as one Loaded (a difference claim's two experiments)."""
+    return Loaded(pd.concat([p.metrics for p in parts], ignore_index=True),
+                  pd.concat([p.seeds for p in parts], ignore_index=True), [s for p in parts for s in p.skipped])
+
+
+def _judged(loaded: Loaded, where: str, claim: Claim, opts: FitOptions, i: int, n: int, free: tuple = ()):
     """evaluate_claim, then one progress line: `[check 2/5] control_reward_mle: PASS`."""
     result = evaluate_claim(loaded, claim, opts, where=where, free=free)
     if result[0].fit is not None:  # a claim without evidence is said once, in the summary line (verdict_lines)
@@ -314,25 +331,60 @@ def _judged(loaded: Loaded, claim: Claim, opts: FitOptions, where: str, i: int, 
     return result
 
 
+FORM_ROW_KEYS = {"geometric": ("rho", "rho_low", "rho_high", "per_decade", "per_decade_low", "per_decade_high")}
+
+
 def verdict_row(v: Verdict, note: str = "") -> dict:
+    """One claim's verdict as plain values (check --json): every form has form, claimed (text), estimate
+    {name, value, low, high} and the seed counts; a polynomial claim also claimed_p, p, p_low, p_high and
+    the fit's b, c, local exponent; a geometric one rho, rho_low, rho_high (and per_decade); a difference
+    p_a, p_b and baseline_experiment; an exponent_curve per_value (value, predicted, verdict, p̂ and CI)."""
     c, f = v.claim, v.fit
-    row = {"claim": c.id, "algorithm": c.algorithm, "metric": c.metric, "x": c.x, "relation": c.relation,
-           "claimed_p": c.metric_exponent, "tolerance": c.tolerance, "verdict": v.verdict, "reason": v.reason,
-           "eps_claim": [c.metric_eps_range[0], c.metric_eps_range[1]], "note": note, "experiment": c.experiment,
-           "evidence": f is not None}
+    row = {"claim": c.id, "algorithm": c.algorithm, "form": c.form, "metric": c.metric, "x": c.x,
+           "relation": c.relation, "claimed": c.claimed_text, "claimed_p": c.metric_exponent, "tolerance": c.tolerance,
+           "verdict": v.verdict, "reason": v.reason, "eps_claim": [c.metric_eps_range[0], c.metric_eps_range[1]],
+           "note": note, "experiment": c.experiment, "evidence": f is not None}
     if f is not None:
-        row.update(p=f.p, p_low=f.p_low, p_high=f.p_high, eps_low=f.eps_low, eps_high=f.eps_high,
-                   n_seeds=f.n_seeds, n_diverged=f.n_diverged, n_saturated=f.n_saturated, n_stalled=f.n_stalled,
-                   n_unhealthy=n_unhealthy(f), n_failed=f.n_failed, b=f.b, c=f.c,
-                   p_local=f.p_local, p_local_high=f.p_local_high, p_trend=f.p_trend)
+        row.update(eps_low=f.eps_low, eps_high=f.eps_high, n_seeds=f.n_seeds, n_diverged=f.n_diverged,
+                   n_saturated=f.n_saturated, n_stalled=f.n_stalled, n_unhealthy=n_unhealthy(f), n_failed=f.n_failed)
+        if c.form in ("polynomial", "exponent_curve"):
+            row.update(p=f.p, p_low=f.p_low, p_high=f.p_high, b=f.b, c=f.c, p_local=f.p_local,
+                       p_local_high=f.p_local_high, p_trend=f.p_trend)
+        row.update({k: getattr(f, k) for k in FORM_ROW_KEYS.get(c.form, ())})
     else:
         row.update(n_seeds=0, n_diverged=0, n_saturated=0, n_stalled=0, n_unhealthy=0, n_failed=0)
+    est = v.detail.get("estimate")
+    if est is None and f is not None and c.form == "polynomial":
+        est = {"name": "p̂", "value": f.p, "low": f.p_low, "high": f.p_high}
+    if est is not None:
+        row["estimate"] = _jsonable(est)
+    if c.form == "geometric":
+        row["claimed_rho"] = c.rho
+    if c.form == "difference":
+        fa, fb = v.detail.get("fit_a"), v.detail.get("fit_b")
+        row.update(baseline_experiment=c.baseline_experiment, claimed_difference=c.difference / c.unit_power,
+                   p_a=getattr(fa, "p", None), p_b=getattr(fb, "p", None), n_shared=v.detail.get("n_shared", 0))
+    if c.form == "exponent_curve":
+        row.update(parameter=c.parameter, predicted=c.predicted,
+                   per_value=[_jsonable({k: r.get(k) for k in ("value", "predicted", "verdict", "p", "p_low", "p_high",
+                                                               "n_seeds")}) for r in v.detail.get("per_value", [])])
     take = what_it_would_take(v)
     if take:
         row["what_it_would_take"] = take
-    row.update(n_instances=max(len(v.per_instance), 1 if f is not None else 0),
+    row.update(n_instances=max(len(v.per_instance), int(getattr(f, "n_instances", 1) or 1) if f is not None else 0),
                worst_instance=None if v.worst_instance is None else _jsonable({"i": v.worst_instance})["i"])
     return row
+
+
+def _estimate_text(est: dict | None, part: str = "value") -> str:
+    """'p̂ 0.95', 'ρ̂ 0.809996', ... (part value) or '[low, high]' (part ci): the number a verdict was decided
+    on, named (ρ̂ to 6 figures: a contraction factor near 1 is told apart in its later digits)."""
+    if not est:
+        return "-" if part == "value" else "[-, -]"
+    digits = 6 if est.get("name") == "ρ̂" else 3
+    if part == "ci":
+        return f"[{number_text(est.get('low'), digits)}, {number_text(est.get('high'), digits)}]"
+    return f"{est['name']} {number_text(est.get('value'), digits)}"
 
 
 def format_verdicts(rows: list[dict], where: str | None = None) -> str:
@@ -341,10 +393,9 @@ def format_verdicts(rows: list[dict], where: str | None = None) -> str:
     if len(absent) == 1:  # one claim: its own reason says it in one line
         absent, other = [], [r for r in all_rows if r in absent or r in other]
     table = pd.DataFrame([{
-        "claim": r["claim"], "metric": r["metric"],
-        "claimed": ("≤ " if r["relation"] == "upper_bound" else "= ") + number_text(r["claimed_p"]) +
-                   (f" ± {number_text(r['tolerance'])}" if r["relation"] == "equals" else ""),
-        "p̂": number_text(r.get("p")), "95% CI": f"[{number_text(r.get('p_low'))}, {number_text(r.get('p_high'))}]",
+        "claim": r["claim"], "form": r.get("form", "polynomial"), "metric": r["metric"], "claimed": r["claimed"],
+        "estimate": _estimate_text(r.get("estimate")),
+        "95% CI": _estimate_text(r.get("estimate"), "ci"),
         "ε window": f"[{number_text(r.get('eps_low'))}, {number_text(r.get('eps_high'))}]",
         "seeds": r.get("n_seeds", 0), "diverged": r.get("n_diverged", 0), "saturated": r.get("n_saturated", 0),
         "stalled": r.get("n_stalled", 0), "instances": r.get("n_instances", 0),
@@ -361,6 +412,11 @@ def format_verdicts(rows: list[dict], where: str | None = None) -> str:
             lines.append(f"    {r['premise']}")
         for text in r.get("code") or []:
             lines.append(f"    code: {text}")
+        for pv in r.get("per_value") or []:
+            lines.append(f"    {r.get('parameter')} = {number_text(pv.get('value'))}: {pv.get('verdict')}, p̂ "
+                         f"{number_text(pv.get('p'))} [{number_text(pv.get('p_low'))}, {number_text(pv.get('p_high'))}] "
+                         f"vs predicted {number_text(pv.get('predicted'))} ± {number_text(r.get('tolerance'))} "
+                         f"({pv.get('n_seeds')} seeds)")
         for text in (r.get("what_it_would_take") or {}).get("text", []):
             lines.append(f"    what it would take — {text}")
     lines += [said(r) for r in other]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from ratebench.analysis.curves import Curves
+from ratebench.analysis.curves import Curves, n_hit
 from ratebench.analysis.fit import (
     FitOptions,
     asymptotic_points,
@@ -44,12 +44,19 @@ class GeometricFit:
     asymptotic: bool = True
     asymptotic_reason: str = ""
     boot_unit: str = "seed"
+    reach_eps_min: float = np.nan  # fraction of seeds that stay ≤ opts.eps_min at the end (a claim's ε_min)
+    n_instances: int = 1
+    n_diverged: int = 0  # seed health (Curves.health), as in RateFit
+    n_failed: int = 0
+    n_saturated: int = 0
+    n_stalled: int = 0
+    n_unhealthy: int = 0
     arrays: dict = field(default_factory=dict, repr=False)
 
     def row(self) -> dict:
         keys = ["metric", "x_name", "status", "rho", "rho_low", "rho_high", "per_decade", "per_decade_low",
                 "per_decade_high", "eps_low", "eps_high", "n_levels", "n_seeds", "window_decades", "asymptotic",
-                "asymptotic_reason", "boot_unit", "reason"]
+                "asymptotic_reason", "boot_unit", "reason", "n_diverged", "n_saturated", "n_stalled", "n_failed"]
         return {k: getattr(self, k) for k in keys}
 
 
@@ -91,7 +98,11 @@ def fit_geometric(curves: Curves, opts: FitOptions = FitOptions()) -> GeometricF
     estimate; n_hit is interpolated inside its evaluation interval (crossing_points); a
     replicate in which a window level is unreached (its IQM n_hit is +inf) has k = +inf, ρ = 1. Stability: the slope of n_hit on log10(1/ε) over the window's two halves, as in
     fit.stable_window (no cut: a geometric rate shows on any part of the window)."""
-    base = dict(metric=curves.metric, x_name=curves.x_name, n_seeds=curves.n_seeds)
+    health = curves.health()
+    base = dict(metric=curves.metric, x_name=curves.x_name, n_seeds=curves.n_seeds,
+                n_instances=max(len(curves.instance_labels), 1), n_diverged=health["diverged"],
+                n_failed=health["failed"], n_saturated=health["saturated"], n_stalled=health["stalled"],
+                n_unhealthy=health["unhealthy"])
     vals, x = curves.values, curves.x
     if curves.n_seeds == 0 or not np.isfinite(vals).any():
         return GeometricFit(status="no_data", reason=f"no finite values of {curves.metric}", **base)
@@ -104,7 +115,9 @@ def fit_geometric(curves: Curves, opts: FitOptions = FitOptions()) -> GeometricF
     window = levels["window"].to_numpy()
     eps = levels["eps"].to_numpy()
     fit = GeometricFit(status="ok", reason="", n_levels=int(window.sum()), boot_unit=unit, **base)
-    fit.arrays["levels"] = levels
+    fit.arrays.update(levels=levels, curve_x=x)
+    if opts.eps_min is not None:
+        fit.reach_eps_min = float(np.isfinite(n_hit(x, vals, np.array([opts.eps_min]))).mean())
     if fit.n_levels:
         fit.eps_low, fit.eps_high = float(eps[window].min()), float(eps[window].max())
         fit.window_decades = float(np.log10(fit.eps_high / fit.eps_low))

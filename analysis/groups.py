@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from ratebench.analysis.curves import build_curves
+from ratebench.analysis.curves import Curves, build_curves
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate, window_sensitivity
 from ratebench.analysis.labels import group_config, group_labels, natural_order
 from ratebench.analysis.load import Loaded
@@ -77,6 +77,36 @@ def identical_curves(curves) -> list[tuple[int, str, str]]:
             pairs.append((int(seed), first[key], str(run_dir)))
         first.setdefault(key, str(run_dir))
     return pairs
+
+
+def distinct_curves(curves: Curves) -> tuple[Curves, dict]:
+    """The curves with the seeds of one run (same run_dir and instance) that gave bit-identical curves
+    counted once (the first kept): a deterministic method started at one point gives one curve however
+    many seeds it is run with, and a seed bootstrap over copies would count one observation as many.
+    Failed seeds and curves without any finite value are kept as they are. Returns (curves, {instance:
+    (seeds before, distinct seeds)} for the instances that had copies; {} when nothing was dropped)."""
+    used = np.asarray(curves.used, bool)
+    fitted = curves.seeds[used].reset_index(drop=True)
+    keep = np.ones(curves.n_seeds, bool)
+    seen = set()
+    for i, run_dir in enumerate(fitted["run_dir"].astype(str)):
+        if not np.isfinite(curves.values[i]).any():
+            continue
+        key = (run_dir, int(curves.instances[i]), np.nan_to_num(curves.values[i], nan=-1.0, posinf=-2.0).tobytes())
+        keep[i] = key not in seen
+        seen.add(key)
+    if keep.all():
+        return curves, {}
+    rows = np.ones(len(curves.seeds), bool)
+    rows[np.flatnonzero(used)[~keep]] = False
+    out = Curves(curves.metric, curves.x_name, curves.x, curves.values[keep], curves.strata[keep],
+                 curves.seeds[rows].reset_index(drop=True), used[rows], curves.instances[keep],
+                 curves.nonfinite[keep], None if curves.noise is None else curves.noise[keep])
+    info = {}
+    for inst in np.unique(curves.instances[~keep]):
+        inst_key = inst.item() if hasattr(inst, "item") else inst
+        info[inst_key] = (int((curves.instances == inst).sum()), int((out.instances == inst).sum()))
+    return out, info
 
 
 def warn_identical_curves(curves, what: str) -> None:

@@ -4,6 +4,7 @@ ratebench.experiments). The premises' numbers come from functions the caller han
 (ratebench.audit.premise_summary) and the algorithm's own premise inputs (Algorithm.premise_inputs)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ratebench.analysis import evidence
@@ -11,7 +12,7 @@ from ratebench.analysis.claims import INCONCLUSIVE, Claim, Verdict, judge
 from ratebench.analysis.curves import build_curves
 from ratebench.analysis.evidence import ExperimentConfigs
 from ratebench.analysis.fit import FitOptions
-from ratebench.analysis.groups import warn_identical_curves
+from ratebench.analysis.groups import distinct_curves, warn_identical_curves
 from ratebench.analysis.inputs import BadInput
 from ratebench.analysis.load import Loaded, read_record
 
@@ -30,7 +31,7 @@ def claim_evidence(loaded: Loaded, claim: Claim, expected: ExperimentConfigs, wh
     seeds = loaded.seeds[loaded.seeds["algorithm"] == claim.algorithm]
     if claim.env:
         seeds = seeds[seeds["env"] == claim.env]
-    free_keys = tuple(expected.free) + tuple(free)
+    free_keys = tuple(expected.free) + tuple(free) + ((claim.parameter,) if claim.parameter else ())
     match = evidence.match_experiment(seeds, claim.experiment, list(expected.configs) if expected.configs else None,
                                       free_keys)
     tagged = seeds[seeds["experiment"] == claim.experiment]
@@ -60,10 +61,17 @@ def claim_evidence(loaded: Loaded, claim: Claim, expected: ExperimentConfigs, wh
 
 
 def evaluate_claim(loaded: Loaded, claim: Claim, opts: FitOptions, expected: ExperimentConfigs,
-                   where: str = "the runs", free: tuple = ()) -> tuple[Verdict, object, str]:
-    """Pool all configurations of the evidence (bootstrap stratified by config hash) and judge it
-    per environment instance (claims.judge). The curves returned are those of the worst instance
-    (the ones v.fit was fitted on; all the evidence when it holds one instance)."""
+                   where: str = "the runs", free: tuple = (), baseline: ExperimentConfigs | None = None
+                   ) -> tuple[Verdict, object, str]:
+    """Pool all configurations of the evidence (bootstrap stratified by config hash) and judge it by
+    the claim's form (docs/claim-meaning.md): polynomial per environment instance (claims.judge),
+    geometric likewise on ρ̂ (claim_forms.judge_geometric), exponent_curve per value of its parameter
+    (claim_forms.judge_exponent_curve), difference on the paired runs of its two experiments
+    (claim_forms.judge_difference; `baseline`: what baseline_experiment resolves to). The curves returned
+    are those of the worst instance (the ones v.fit was fitted on; all the evidence when it holds one
+    instance; the experiment's own for a difference)."""
+    from ratebench.analysis import claim_forms
+
     chosen, note, missing = claim_evidence(loaded, claim, expected, where, free)
     if missing or chosen.seeds.empty:
         return Verdict(claim, INCONCLUSIVE, missing or "no evidence", None), None, note
@@ -71,7 +79,22 @@ def evaluate_claim(loaded: Loaded, claim: Claim, opts: FitOptions, expected: Exp
         raise BadInput(f"{claim.path}: metric {claim.metric!r} is not in the run records")
     curves = build_curves(chosen.metrics, chosen.seeds, claim.metric, claim.x)
     warn_identical_curves(curves, f"claim {claim.id}")
-    v = judge(claim, curves, opts)
+    if claim.form == "difference":
+        base_claim = replace(claim, experiment=claim.baseline_experiment, baseline_experiment=None)
+        base_chosen, base_note, base_missing = claim_evidence(loaded, base_claim, baseline or ExperimentConfigs(None, ()),
+                                                              where, free)
+        note = "; ".join(n for n in (note, base_note and f"baseline: {base_note}") if n)
+        if base_missing or base_chosen.seeds.empty:
+            return (Verdict(claim, INCONCLUSIVE, f"baseline_experiment: {base_missing or 'no evidence'}", None),
+                    None, note)
+        if claim.metric not in base_chosen.metrics.columns:
+            raise BadInput(f"{claim.path}: metric {claim.metric!r} is not in the baseline's run records")
+        base = build_curves(base_chosen.metrics, base_chosen.seeds, claim.metric, claim.x)
+        return claim_forms.judge_difference(claim, curves, base, opts), curves, note
+    if claim.form == "exponent_curve":
+        return claim_forms.judge_exponent_curve(claim, curves, opts), curves, note
+    v = claim_forms.judge_geometric(claim, curves, opts) if claim.form == "geometric" else judge(claim, curves, opts)
+    curves, _ = distinct_curves(curves)
     if len(v.per_instance) > 1:
         curves = curves.subset(v.worst_instance)
     return v, curves, note

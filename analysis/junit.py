@@ -28,10 +28,15 @@ def junit_xml(rows: list[dict]) -> str:
 
 def _details(r: dict) -> str:
     lines = [f"{r['claim']}: {r['verdict']} — {r['reason']}"]
-    if r.get("p") is not None:
-        low, high = (r.get(k) if r.get(k) is not None else float("nan") for k in ("p_low", "p_high"))
-        lines.append(f"p̂ {r['p']:.4g}, 95% CI [{low:.4g}, {high:.4g}], "
-                     f"claimed {'≤' if r.get('relation') == 'upper_bound' else '='} {r.get('claimed_p')}")
+    est = r.get("estimate") or {}
+    if est.get("value") is not None:
+        low, high = (est.get(k) if est.get(k) is not None else float("nan") for k in ("low", "high"))
+        digits = 6 if est.get("name") == "ρ̂" else 4
+        lines.append(f"{est['name']} {est['value']:.{digits}g}, 95% CI [{low:.{digits}g}, {high:.{digits}g}], "
+                     f"claimed {r.get('claimed')} ({r.get('form', 'polynomial')})")
+    for pv in r.get("per_value") or []:
+        lines.append(f"{r.get('parameter')} = {pv.get('value')}: {pv.get('verdict')}, p̂ {pv.get('p')} "
+                     f"[{pv.get('p_low')}, {pv.get('p_high')}] vs predicted {pv.get('predicted')}")
     if r.get("note"):
         lines.append(f"note: {r['note']}")
     lines += [f"code: {c}" for c in r.get("code") or []]

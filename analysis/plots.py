@@ -119,7 +119,8 @@ def claims_for(results, claims) -> list:
         return []
     fit = results[0][1]
     algorithms = {a for k, _, _ in results for a in str(k.get("algorithm", "")).split(",")}
-    return [c for c in claims if c.metric == fit.metric and c.x == fit.x_name and c.algorithm in algorithms]
+    return [c for c in claims if c.metric == fit.metric and c.x == fit.x_name and c.algorithm in algorithms
+            and getattr(c, "form", "polynomial") == "polynomial"]  # a slope to draw: the polynomial form's
 
 
 def _anchor(x: np.ndarray, y: np.ndarray):

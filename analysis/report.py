@@ -97,6 +97,8 @@ def claim_section(v, curves, note: str, evidence_seeds: pd.DataFrame, fig_png: P
         "sensitivity": f.arrays.get("sensitivity") if f is not None else None,
         "per_instance": dict(getattr(v, "per_instance", {}) or {}), "pooled": getattr(v, "pooled", None),
         "worst_instance": getattr(v, "worst_instance", None),
+        "estimate": v.detail.get("estimate") or (None if f is None or c.form != "polynomial" else
+                                                 {"name": "p̂", "value": f.p, "low": f.p_low, "high": f.p_high}),
     }
 
 
@@ -117,7 +119,7 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
         if curves is not None:
             evidence = curves.seeds
         png = runtime_png = None
-        if curves is not None and v.fit is not None and v.fit.status != "no_data":
+        if curves is not None and v.fit is not None and v.fit.status != "no_data" and claim.form == "polynomial":
             key = {"algorithm": claim.algorithm, "env": claim.env or ",".join(sorted(set(curves.seeds["env"]))),
                    "config_hash": None}
             png = plots.metric_figure([(key, v.fit, curves)], [claim], fig_dir, stem=f"claim_{claim.id}")[0]
@@ -196,29 +198,52 @@ def _fit_table(results) -> pd.DataFrame:
     return fit_display(fit_rows(results, results[0][1].metric, results[0][1].x_name))
 
 
+def _estimate(s) -> tuple[str, str, str]:
+    """(estimate, low, high) as text for a verdict table: p̂ of a polynomial claim, the form's estimate
+    (ρ̂, p̂_A − p̂_B, the deciding value's p̂) of the others, '-' without one."""
+    est = s.get("estimate")
+    if not est:
+        return "-", "-", "-"
+    digits = 6 if est["name"] == "ρ̂" else 3
+    shown = number_text(est["value"], digits)
+    return (shown if s["claim"].form == "polynomial" else f"{est['name']} {shown}", number_text(est["low"], digits),
+            number_text(est["high"], digits))
+
+
 def _claim_rows(s) -> list[tuple[str, str]]:
     c, f = s["claim"], s["fit"]
-    rel = (f"≤ {c.metric_exponent:g}" if c.relation == "upper_bound"
-           else f"= {c.metric_exponent:g} ± {c.tolerance:g}")
-    rows = [("source", c.source), ("claim file", c.path), ("algorithm / experiment", f"{c.algorithm} / {c.experiment}"),
+    experiments = " vs ".join(c.experiments)
+    rows = [("source", c.source), ("claim file", c.path), ("algorithm / experiment", f"{c.algorithm} / {experiments}"),
             ("metric vs x", f"{c.metric} vs {c.x}; ε stated in {c.eps_unit} units, range "
                             f"[{c.eps_min:g}, {c.eps_max:g}]"),
-            ("claimed exponent (metric units)", rel), ("verdict", s["verdict"]), ("why", s["reason"])]
-    if f is not None:
+            (f"claimed ({c.form}, metric units)", c.claimed_text), ("verdict", s["verdict"]), ("why", s["reason"])]
+    est = s.get("estimate")
+    if est and c.form != "polynomial":
+        shown = f"{number_text(est['value'], 6)} [{number_text(est['low'], 6)}, {number_text(est['high'], 6)}]"
+        rows.append((f"{est['name']} and 95% CI", shown))
+    if f is not None and c.form in ("geometric", "difference"):
+        rows += [("fitting window (ε)", f"[{number_text(f.eps_low)}, {number_text(f.eps_high)}], {f.n_levels} levels"),
+                 ("seeds", (f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_saturated} saturated, "
+                            f"{f.n_stalled} stalled, {f.n_failed} failed"))]
+    elif f is not None:
         rows += [("p̂ and 95% CI", f"{number_text(f.p)} [{number_text(f.p_low)}, {number_text(f.p_high)}]"),
                  ("fitting window (ε)", f"[{number_text(f.eps_low)}, {number_text(f.eps_high)}], {f.n_levels} levels"),
                  ("decay exponent b̂ (c + A·n^-b)", f"{number_text(f.b)} [{number_text(f.b_low)}, {number_text(f.b_high)}], floor ĉ = {number_text(f.c)} "
                                                    f"[{number_text(f.c_low)}, {number_text(f.c_high)}]"),
                  ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_saturated} saturated, "
                            f"{f.n_stalled} stalled, {f.n_failed} failed, {f.n_strata} configuration(s)")]
-    if len(s.get("per_instance", {})) > 1:
-        parts = [f"{i}: {number_text(fi.p)} [{number_text(fi.p_low)}, {number_text(fi.p_high)}] {fi.status}"
-                 + (" (worst)" if i == s["worst_instance"] else "") for i, fi in s["per_instance"].items()]
-        rows.append(("p̂ per instance (judged on the worst)", "; ".join(parts)))
+    name, key, digits = ("ρ̂", "rho", 6) if c.form == "geometric" else ("p̂", "p", 3)
+    if len(s.get("per_instance", {})) > 1 and c.form != "difference":
+        def est(fit):
+            return (f"{number_text(getattr(fit, key), digits)} [{number_text(getattr(fit, key + '_low'), digits)}, "
+                    f"{number_text(getattr(fit, key + '_high'), digits)}]")
+
+        parts = [f"{i}: {est(fi)} {fi.status}" + (" (worst)" if i == s["worst_instance"] else "")
+                 for i, fi in s["per_instance"].items()]
+        rows.append((f"{name} per instance (judged on the worst)", "; ".join(parts)))
         pooled = s.get("pooled")
         if pooled is not None:
-            rows.append(("pooled over instances (hierarchical bootstrap)",
-                         f"{number_text(pooled.p)} [{number_text(pooled.p_low)}, {number_text(pooled.p_high)}]"))
+            rows.append(("pooled over instances (hierarchical bootstrap)", est(pooled)))
     if f is not None and np.isfinite(getattr(f, "p_local", np.nan)):
         rows.append(("local exponent at ε_min", f"{number_text(f.p_local)} [{number_text(f.p_local_low)}, {number_text(f.p_local_high)}], "
                                                 f"trend {number_text(f.p_trend)} per decade of 1/ε"))
@@ -240,9 +265,8 @@ def render_markdown(sections, overview, loaded, base: Path, header: str = "", ta
     lines += ["## Verdicts", "", "| claim | metric | claimed | p̂ | 95% CI | ε window | verdict |", "|---|---|---|---|---|---|---|"]
     for s in sections:
         c, f = s["claim"], s["fit"]
-        claimed = ("≤ " if c.relation == "upper_bound" else "= ") + f"{c.metric_exponent:g}"
-        lines.append(f"| {c.id} | {c.metric} | {claimed} | {number_text(f.p) if f else '-'} | "
-                     f"[{number_text(f.p_low) if f else '-'}, {number_text(f.p_high) if f else '-'}] | "
+        claimed, (est, low, high) = c.claimed_text, _estimate(s)
+        lines.append(f"| {c.id} | {c.metric} | {claimed} | {est} | [{low}, {high}] | "
                      f"[{number_text(f.eps_low) if f else '-'}, {number_text(f.eps_high) if f else '-'}] | **{s['verdict']}** |")
     lines += ["", UPPER_BOUND_CAVEAT, ""]
     for s in sections:
@@ -299,9 +323,9 @@ def render_html(sections, overview, loaded, header: str = "", targets: pd.DataFr
                  "<th>95% CI</th><th>ε window</th><th>verdict</th></tr>")
     for s in sections:
         c, f = s["claim"], s["fit"]
-        claimed = ("≤ " if c.relation == "upper_bound" else "= ") + f"{c.metric_exponent:g}"
-        parts.append(f"<tr><td>{e(c.id)}</td><td>{c.metric}</td><td>{claimed}</td><td>{number_text(f.p) if f else '-'}</td>"
-                     f"<td>[{number_text(f.p_low) if f else '-'}, {number_text(f.p_high) if f else '-'}]</td>"
+        claimed, (est, low, high) = c.claimed_text, _estimate(s)
+        parts.append(f"<tr><td>{e(c.id)}</td><td>{c.metric}</td><td>{e(claimed)}</td><td>{e(est)}</td>"
+                     f"<td>[{low}, {high}]</td>"
                      f"<td>[{number_text(f.eps_low) if f else '-'}, {number_text(f.eps_high) if f else '-'}]</td>"
                      f"<td class='{s['verdict']}'>{s['verdict']}</td></tr>")
     parts.append(f"</table><p>{e(UPPER_BOUND_CAVEAT)}</p>")

@@ -74,7 +74,8 @@ def entries(kind: str) -> list[tuple[str, str]]:
         out = []
         for p in claim_files():
             data = yaml.safe_load(p.read_text()) or {}
-            out.append((p.stem, one_line(f"[id {data.get('id', '?')}] {data.get('source', '')}", 110)))
+            form = data.get("form") or "polynomial"
+            out.append((p.stem, one_line(f"[id {data.get('id', '?')}, {form}] {data.get('source', '')}", 120)))
         return out
     raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
 

@@ -76,12 +76,14 @@ def experiment_file(name: str) -> Path:
 
 def check_experiment_name(claim: Claim) -> None:
     """The experiment must be a shipped preset named without path parts (it names a folder)."""
-    source = experiment_file(claim.experiment)
     known = sorted({p.stem for p in files("experiment")})
-    if not EXPERIMENT_NAME.fullmatch(claim.experiment) or claim.experiment.startswith(".") or not source.exists():
-        folders = ", ".join(str(f / "experiment") for f in conf_folders())
-        raise BadInput(f"{claim.path}: experiment: no experiment {claim.experiment!r} in {folders}; "
-                       f"allowed: {', '.join(known)}")
+    for key, name in (("experiment", claim.experiment), ("baseline_experiment", claim.baseline_experiment)):
+        if name is None:
+            continue
+        if not EXPERIMENT_NAME.fullmatch(name) or name.startswith(".") or not experiment_file(name).exists():
+            folders = ", ".join(str(f / "experiment") for f in conf_folders())
+            raise BadInput(f"{claim.path}: {key}: no experiment {name!r} in {folders}; "
+                           f"allowed: {', '.join(known)}")
 
 
 def experiment_digest(name: str) -> str:
@@ -130,6 +132,8 @@ def claim_evidence(loaded, claim: Claim, where: str = "the runs", free: tuple = 
 
 
 def evaluate_claim(loaded, claim: Claim, opts, where: str = "the runs", free: tuple = ()):
-    """judgement.evaluate_claim against what the claim's experiment resolves to now: (verdict, curves, note)."""
-    return judgement.evaluate_claim(loaded, claim, opts, experiment_configs(claim.experiment), where, free)
+    """judgement.evaluate_claim against what the claim's experiment (and a difference claim's
+    baseline_experiment) resolves to now: (verdict, curves, note)."""
+    baseline = experiment_configs(claim.baseline_experiment) if claim.baseline_experiment else None
+    return judgement.evaluate_claim(loaded, claim, opts, experiment_configs(claim.experiment), where, free, baseline)
 

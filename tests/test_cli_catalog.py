@@ -35,7 +35,7 @@ def test_list_names_every_shipped_algorithm_env_experiment_and_claim(capsys):
             assert len(line.split(None, 1)) == 2, f"no description: {line!r}"
     assert main(["list", "claims"]) == 0
     claims = capsys.readouterr().out
-    assert "[id control_reward_mle] Known-rate control" in claims and "algorithms" not in claims
+    assert "[id control_reward_mle, polynomial] Known-rate control" in claims and "algorithms" not in claims
     assert main(["list", "nonsense"]) == 2 and "allowed: algorithms, envs" in capsys.readouterr().err
 
 
