@@ -89,7 +89,8 @@ class OfflineRLHF(Algorithm):
 
     @staticmethod
     def instance_batch_refusal(cfg) -> str | None:
-        return "offline_rlhf keeps its data set as counts over one instance's enumerated pairs: it cannot batch instances"
+        return ("offline_rlhf keeps its data set as counts over one instance's enumerated pairs: "
+                "it cannot batch instances")
 
     def __init__(self, cfg, model_cfg, problem):
         super().__init__(cfg, model_cfg, problem)
@@ -98,7 +99,8 @@ class OfflineRLHF(Algorithm):
         self.G, self.m = table.states.shape[:2]
         traj_phi = trajectory_returns(problem, problem.step_tables_from_units(self.phi.T.contiguous()))  # (d, G, m)
         # dphi of every enumerated pair p = g m^2 + i m + j: Phi(tau_gi) - Phi(tau_gj)  (P, d)
-        self.dphi = (traj_phi[:, :, :, None] - traj_phi[:, :, None, :]).permute(1, 2, 3, 0).reshape(-1, self.phi.shape[1])
+        pair_phi = traj_phi[:, :, :, None] - traj_phi[:, :, None, :]  # (d, G, m, m)
+        self.dphi = pair_phi.permute(1, 2, 3, 0).reshape(-1, self.phi.shape[1])
         self.behaviour = behaviour_log_probs(problem, cfg.behaviour)  # mu [(1, n_h, A)]
         self.centred = self._centred_features()  # (n_units, d): phi(u) - v(u)
         self._keys, self._order, self._radix = _trajectory_keys(problem, table)
@@ -111,12 +113,14 @@ class OfflineRLHF(Algorithm):
             mu = logp[0].exp()  # (n_h, A)
             paid = step.unit_idx < self.problem.n_units
             centre = torch.einsum("sa,sad->sd", mu * paid, phi[step.unit_idx.clamp(max=self.problem.n_units - 1)])
-            out[step.unit_idx[paid]] = phi[step.unit_idx[paid]] - centre[:, None, :].expand(-1, step.unit_idx.shape[1], -1)[paid]
+            per_action = centre[:, None, :].expand(-1, step.unit_idx.shape[1], -1)  # (n_h, A, d)
+            out[step.unit_idx[paid]] = phi[step.unit_idx[paid]] - per_action[paid]
         return out
 
     def init(self, seeds):
         B, P, d = len(seeds), self.dphi.shape[0], self.dphi.shape[1]
-        return OfflineRLHFState(theta=torch.zeros(B, d, dtype=DTYPE), penalty=torch.zeros(B, self.problem.n_units, dtype=DTYPE),
+        return OfflineRLHFState(theta=torch.zeros(B, d, dtype=DTYPE),
+                                penalty=torch.zeros(B, self.problem.n_units, dtype=DTYPE),
                                 count=torch.zeros(B, P, dtype=DTYPE), wins=torch.zeros(B, P, dtype=DTYPE))
 
     def reference_step(self, state, sampler):
@@ -125,7 +129,8 @@ class OfflineRLHF(Algorithm):
         state.count.scatter_add_(1, index, torch.ones_like(pairs.label))
         state.wins.scatter_add_(1, index, pairs.label)
         state.theta = self.fit(state.count, state.wins, state.theta)
-        state.penalty = self.lcb_penalty(state.count) if self.cfg.pessimism == "lcb" else torch.zeros_like(state.penalty)
+        if self.cfg.pessimism == "lcb":
+            state.penalty = self.lcb_penalty(state.count)
         state.t += 1
         return state
 
@@ -227,8 +232,8 @@ def _trajectory_keys(problem, table) -> tuple[torch.Tensor, torch.Tensor, int]:
     and both have the same rewards and features, so the pair's likelihood term is the same."""
     radix = max(step.n_states for step in problem.steps) * problem.n_actions
     if problem.horizon * math.log2(radix) > 62:
-        raise ConfigError("env", f"offline_rlhf indexes trajectories by a {problem.horizon}-digit number in base {radix}, "
-                          "which does not fit 63 bits: make the environment smaller")
+        raise ConfigError("env", f"offline_rlhf indexes trajectories by a {problem.horizon}-digit number in base "
+                          f"{radix}, which does not fit 63 bits: make the environment smaller")
     keys = _keys_of(table.states, table.actions, problem.n_actions, radix).reshape(-1)
     keys, order = torch.sort(keys, stable=True)
     return keys, order, radix

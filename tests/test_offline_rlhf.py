@@ -57,7 +57,8 @@ def raw_pairs(problem, seeds, features, steps=STEPS):
 
 
 def scipy_mle(dphi: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
-    """argmin sum_i [log(1 + e^{m_i}) - y_i m_i] + ridge/2 |theta|^2, m_i = dphi_i . theta, by scipy (a trust region, then the gradient's root)."""
+    """argmin sum_i [log(1 + e^{m_i}) - y_i m_i] + ridge/2 |theta|^2, m_i = dphi_i . theta, by scipy (a trust
+    region, then the gradient's root)."""
     def f(theta):
         m = dphi @ theta
         return np.sum(np.logaddexp(0, m) - y * m) + 0.5 * ridge * theta @ theta
