@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from ratebench.analysis.noise_term import noise_column
 
-METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "psi_grad_sq", "policy_gap", "target_policy_gap_excess", "psi_gap",
-           "reward_err", "kl_ref")
+METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "psi_grad_sq", "policy_gap", "value_gap", "target_policy_gap_excess",
+           "psi_gap", "reward_err", "kl_ref")
 X_AXES = ("samples", "queries", "step")
 DEFAULT_GROUP = ("algorithm", "env", "config_hash")
 INSTANCE_COLUMN = "cfg.env.instance_seed"  # the environment instance a seed ran on (envs/common.py)

@@ -57,6 +57,24 @@ def policy_value(problem: TabularProblem, rewards: Tables, logps: Tables) -> tor
     return policy_q(problem, rewards, logps)[1] @ problem.init_prob
 
 
+def expected_return(problem: TabularProblem, rewards: Tables, logps: Tables) -> torch.Tensor:
+    """E_pi[sum_t r_t], the unregularised value (no KL term), by backward evaluation. Returns (B,)."""
+    values = None
+    for h in reversed(range(problem.horizon)):
+        q = rewards[h] if values is None else rewards[h] + _expected_next(problem.steps[h], values)
+        values = (logps[h].exp() * q).sum(-1)
+    return values @ problem.init_prob
+
+
+def max_return(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
+    """max_pi E_pi[sum_t r_t], the unregularised optimum, by (hard) backward induction. Returns (B,)."""
+    values = None
+    for h in reversed(range(problem.horizon)):
+        q = rewards[h] if values is None else rewards[h] + _expected_next(problem.steps[h], values)
+        values = q.amax(-1)
+    return values @ problem.init_prob
+
+
 def optimal_value(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
     """J*(r) = max_pi J = sum_g rho(g) V*_0(g). Returns (B,)."""
     return soft_optimal(problem, rewards)[1] @ problem.init_prob

@@ -30,6 +30,7 @@ class Evaluator:
             problem.derived.setdefault("psi_reference", penalty.PsiReference(problem, local_argmin, bound))
         self.true_rewards = problem.true_step_tables()
         self.j_star = float(exact.optimal_value(problem, self.true_rewards)[0])
+        self.max_return = float(exact.max_return(problem, self.true_rewards)[0])  # value_gap's reference (no KL)
         # the method's own population targets (algorithms/targets.py), scored like a state; a bare F* float
         # carries no argmin to build the bilevel's from
         found = {} if isinstance(reference, (int, float)) else algorithm.population_targets(reference)
@@ -68,6 +69,7 @@ class Evaluator:
         with torch.no_grad():
             logps = [lp.detach() for lp in algo.policy_log_probs(state)]
             policy_gap = self.policy_gap(logps)
+            value_gap = self.max_return - exact.expected_return(problem, self.true_rewards, logps)
             kl_ref = exact.kl_to_ref(problem, logps)
         estimate = algo.reward_model(state)
         lam = algo.schedule(state).get("lam")
@@ -101,6 +103,7 @@ class Evaluator:
             "grad_sq": grad_sq,
             "psi_grad_sq": psi_grad_sq,
             "policy_gap": policy_gap,
+            "value_gap": value_gap,
             "target_policy_gap_excess": policy_gap - self.target_policy_gap,  # slow (> 0) vs biased (the target's)
             "psi_gap": psi_gap,
             "reward_err": reward_err,

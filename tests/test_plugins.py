@@ -46,7 +46,7 @@ def test_builtins_are_found_through_ratebench_own_entry_points():
     from ratebench.envs import ENVIRONMENTS
 
     assert {p.name for p in registry.plugins("algorithms") if p.builtin} == set(ALGORITHMS) == {
-        "bilevel", "dpo", "npg", "ppo_rlhf", "reward_mle", "softmax_pg"}
+        "bilevel", "dpo", "npg", "offline_rlhf", "ppo_rlhf", "reward_mle", "softmax_pg"}
     assert set(ENVIRONMENTS) == {"bandit", "mdp", "token"}
     assert all(ALGORITHMS.plugin(n).distribution == "ratebench" for n in ALGORITHMS)
 
