@@ -7,13 +7,13 @@ import ast
 import math
 import operator
 
-FUNCTIONS = {"min": min, "max": max, "log": math.log, "exp": math.exp, "sqrt": math.sqrt}
-ONE_ARG = ("log", "exp", "sqrt")
+FUNCTIONS = {"min": min, "max": max, "log": math.log, "log10": math.log10, "exp": math.exp, "sqrt": math.sqrt}
+ONE_ARG = ("log", "log10", "exp", "sqrt")
 BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
           ast.Pow: operator.pow}
 UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 MAX_LENGTH = 200
-ALLOWED = "numbers, v, + - * / ** ( ), min, max, log, exp, sqrt"
+ALLOWED = "numbers, v, + - * / ** ( ), min, max, log, log10, exp, sqrt"
 
 
 class ExpressionError(ValueError):
