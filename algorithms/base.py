@@ -35,6 +35,9 @@ class Algorithm:
     trains_model_reward: ClassVar[bool] = False
     # True when its nu step projects a tabular model.reward onto the box (model.reward.bound_reading=project)
     projects_model_reward: ClassVar[bool] = False
+    # True when the method is handed the true reward (no estimate): its reward tables are the truth, so the
+    # saturation check of pi*_nu (an estimate's soft-optimal policy underflowing) does not apply to it
+    uses_true_reward: ClassVar[bool] = False
     impl: str = "fast"  # set from the run config; step_path() says which step it selects
 
     def __init__(self, cfg: Any, model_cfg: Any, problem: TabularProblem):

@@ -63,6 +63,7 @@ def npg_update(logp: torch.Tensor, ref_logp: torch.Tensor, q: torch.Tensor, eta:
 
 class NPG(Algorithm):
     name = "npg"
+    uses_true_reward = True  # its reward is the truth: pi* of it may be nearly deterministic, by design
     Config = NPGConfig
 
     @staticmethod

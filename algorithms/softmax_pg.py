@@ -95,6 +95,7 @@ def smoothness(problem) -> float:
 
 class SoftmaxPG(Algorithm):
     name = "softmax_pg"
+    uses_true_reward = True  # its reward is the truth: pi* of it may be nearly deterministic, by design
     step_batch_knobs = ("batch_traj",)  # the memory estimate (harness/bounds.py)
     Config = SoftmaxPGConfig
 

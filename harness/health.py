@@ -58,14 +58,15 @@ def min_log_prob(tables: list[torch.Tensor]) -> torch.Tensor:
 def observe(algo, problem, state) -> dict[str, torch.Tensor]:
     """What the saturation check reads of a state besides its metrics, each (B,): the deployed policy's smallest
     log-probability, that of pi*_nu (the exact soft-optimal policy of the reward estimate) and the largest |r_nu|
-    (NaN without a reward estimate)."""
+    (NaN without a reward estimate, and for a method handed the true reward: its pi* is the target, and at a
+    small beta it is nearly deterministic by design)."""
     from ratebench.envs.exact import soft_optimal
 
     with torch.no_grad():
         deployed = min_log_prob(algo.policy_log_probs(state))
         estimate = algo.reward_model(state)
         rewards = estimate[0].step_tables(estimate[1]) if estimate is not None else algo.implicit_rewards(state)
-        if rewards is None:
+        if rewards is None or algo.uses_true_reward:  # no estimate whose pi* could underflow
             nan = torch.full_like(deployed, math.nan)
             return {"min_log_prob": deployed, "min_log_prob_star": nan, "max_abs_reward": nan}
         rewards = [r.detach() for r in rewards]

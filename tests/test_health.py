@@ -212,3 +212,22 @@ def test_the_theorem_regime_in_full_reports_every_broken_seed(compose_config, tm
             assert final.loc[int(seed), "step"] == st["step"]
     counts = pd.Series([st["status"] for st in status.values()]).value_counts().to_dict()
     print(f"instance {instance}: {counts}")  # the counts reported in docs/metrics.md (pytest -s)
+
+
+def test_a_method_handed_the_true_reward_is_not_saturated_by_its_target(compose_config, tmp_path):
+    """softmax_pg_exact's setting (beta = 0.001): pi* of the TRUE reward has log-probabilities near -4000, far below
+    health.min_log_prob, by design; a method optimising the truth has no reward estimate whose pi* could
+    underflow, so its seeds are judged on their own policy and metrics only and complete (before, every seed was
+    `saturated` at step 0 by its target)."""
+    from ratebench import envs
+    from ratebench.config import compose
+    from ratebench.envs import bandit
+    from ratebench.envs.exact import soft_optimal
+
+    problem = envs.make(bandit.BanditConfig(beta=0.001, instance_seed=7))
+    assert float(soft_optimal(problem, problem.true_step_tables())[0][0].min()) < LOG_TINY  # the case is real
+    cfg = compose_config(["algorithm=softmax_pg", "algorithm.oracle=exact", "algorithm.init_center=uniform",
+                          "env.beta=0.001", "env.instance_seed=7", "seeds=[0,1]", "budget.steps=30",
+                          "budget.evals_per_decade=4"])
+    record = run_job(cfg, tmp_path / "softmax_pg")
+    assert {st["status"] for st in record["status"].values()} == {"completed"}, record["status"]
