@@ -62,8 +62,9 @@ def test_reward_mle_noise_term_is_the_linearised_covariance_recursion(a):
         P = step @ P @ step.T + g**2 * H / 4
     for t in (1, 10, 3000, 300, 0):
         assert algo.noise.at(t) == pytest.approx(want[t], rel=1e-9, abs=1e-300)
-    assert algo.schedule(dataclasses.replace(algo.init(torch.arange(2)), t=300))["reward_err_noise"] == \
+    assert algo.predicted_metrics(dataclasses.replace(algo.init(torch.arange(2)), t=300))["reward_err_noise"] == \
         pytest.approx(want[300], rel=1e-9)
+    assert "reward_err_noise" not in algo.schedule(algo.init(torch.arange(2)))  # one home: the evaluation hook
 
 
 def test_noise_term_is_a_pure_function_of_the_step():
@@ -85,7 +86,24 @@ def test_no_noise_term_under_label_noise():
     """With flipped labels the BT model is misspecified (the gradient noise at the optimum is not H): no column."""
     problem = envs.make(bandit.BanditConfig(n_contexts=3, n_actions=4, feature_dim=3, label_noise=0.1))
     algo = RewardMLE(RewardMLEConfig(), ModelConfig(), problem)
-    assert "reward_err_noise" not in algo.schedule(algo.init(torch.arange(2)))
+    assert algo.predicted_metrics(algo.init(torch.arange(2))) == {}
+
+
+def test_a_run_records_the_noise_term_at_every_evaluation_point(tmp_path):
+    """The harness calls the evaluation hook (Algorithm.predicted_metrics) at every evaluation point: the run's
+    reward_err_noise column is, bit for bit and for every seed, NoiseTerm.at(step) of an independently built
+    algorithm, the value the algorithm logged through its schedule before the hook existed."""
+    from ratebench.config import compose
+    from ratebench.runner import run_job
+
+    run_job(compose(["env=bandit", "algorithm=reward_mle", "algorithm.lr_exponent=0.6", "n_seeds=3",
+                     "budget.samples=3000", "progress=false"]), tmp_path / "run")
+    rows = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    problem = envs.make(bandit.BanditConfig())
+    noise = RewardMLE(RewardMLEConfig(lr_exponent=0.6), ModelConfig(), problem).noise
+    want = rows["step"].map(lambda t: noise.at(int(t))).to_numpy()
+    assert len(rows) > 3 * 20 and rows["step"].max() > 300
+    assert np.array_equal(rows["reward_err_noise"].to_numpy(), want)
 
 
 def test_ratio_curve_is_the_iqm_of_the_seeds_ratios():
