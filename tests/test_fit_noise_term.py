@@ -134,7 +134,7 @@ def test_excess_model_recovers_a_decaying_excess_and_its_bias():
     assert excess_bias(u, w, iqm, flat, x, noise, FitOptions())[1] == pytest.approx(0.0, abs=1e-9)
     m = lambda t: np.log(30.0 * t**-0.6 * (0.8 + 6.0 * t**-0.4))
     b_win = -(m(10 ** iqm.max()) - m(10 ** iqm.min())) / np.log(10 ** (iqm.max() - iqm.min()))
-    p, bias = excess_bias(u, w, iqm, {"rho": 0.8, "kappa": 6.0, "q": 0.4}, x, noise, FitOptions())
+    p, bias, _ = excess_bias(u, w, iqm, {"rho": 0.8, "kappa": 6.0, "q": 0.4}, x, noise, FitOptions())
     assert p == pytest.approx(1 / 0.6) and bias == pytest.approx(1 / 0.6 - 1 / b_win, rel=1e-3)  # log-log interpolation
 
 
