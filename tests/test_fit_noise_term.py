@@ -203,3 +203,52 @@ def test_build_curves_reads_the_noise_column_of_a_run_record(tmp_path):
     run = load(tmp_path)
     curves = build_curves(run.metrics, run.seeds, "reward_err", "samples")
     assert curves.noise == pytest.approx(np.array([[1.0, 2.0, 11.0], [1.0, 2.0, 11.0]]))
+
+
+def offset_curves(rng, n0=2000.0, budget=4e5, n_seeds=16, with_noise=True):
+    """The a = 1 failure on instance 16, synthetic: the metric is its noise term N = 30·(n + n0)^-1 (the offset of
+    c/(t + t0)) times mean-one seed and point noise, no excess. N's local exponent is (n + n0)/n: 1 only for
+    n ≫ n0, while the n_hit window starts near the first evaluations."""
+    x = evaluation_grid(budget)
+    noise = 30.0 / (x + n0)
+    factor = rng.gamma(8.0, 1 / 8.0, (n_seeds, 1)) * rng.gamma(8.0, 1 / 8.0, (n_seeds, len(x)))
+    seeds = pd.DataFrame({"seed": np.arange(n_seeds), "status": "completed", "config_hash": "h", "run_dir": "r"})
+    return Curves("reward_err", "samples", x, noise[None] * factor, np.array(["h"] * n_seeds), seeds,
+                  np.ones(n_seeds, bool), noise=np.broadcast_to(noise, (n_seeds, len(x))).copy() if with_noise else None)
+
+
+def test_a_noise_term_that_still_bends_is_judged_without_an_excess():
+    """10 fits (fixed seed) of a metric equal to its bending noise term: the excess F-test shows no excess
+    (κ = 0) in most, and still every fit covers p = 1 or is flagged; without the column (the window as the
+    curve's rules leave it, which is what a κ = 0 fit got before the bending was judged) at least 5 of 10 are
+    confidently wrong (measured: κ = 0 in 9, 10 / 10 covered, 2 of them flagged; 7 / 10 wrong without)."""
+    rng = np.random.default_rng(6)
+    wrong_without = flat = 0
+    for _ in range(10):
+        state = rng.bit_generator.state
+        bare = fit_rate(offset_curves(rng, with_noise=False), FitOptions(n_boot=500))
+        wrong_without += not (bare.p_low <= 1.0 <= bare.p_high and abs(bare.p - 1) <= 0.25) and bare.asymptotic
+        rng.bit_generator.state = state
+        fit = fit_rate(offset_curves(rng), FitOptions(n_boot=500))
+        flat += fit.arrays["noise"]["kappa"] == 0
+        covered = fit.p_low <= 1.0 <= fit.p_high and abs(fit.p - 1.0) <= 0.25
+        assert covered or not fit.asymptotic, (fit.p, fit.p_low, fit.p_high, fit.eps_high, fit.arrays["noise"])
+    assert flat >= 8 and wrong_without >= 5, (flat, wrong_without)
+
+
+def test_the_ci_is_widened_by_the_predicted_bias():
+    """The reported CI is the union of the bootstrap percentile CI (recomputed here from the replicates) and the
+    same CI shifted by the bias predicted on the final window; the shift is that bias, recomputed by excess_bias."""
+    from ratebench.analysis.fit import noise_mean
+    from ratebench.analysis.stats import percentile_ci
+
+    curves = wrong_exponent_curves(np.random.default_rng(7), excess=1.0)
+    opts = FitOptions(n_boot=500)
+    fit = fit_rate(curves, opts)
+    shift = fit.arrays["noise"]["ci_shift"]
+    levels = fit.arrays["levels"]
+    window = levels["window"].to_numpy()
+    u, iqm = -np.log10(levels["eps"].to_numpy()), levels["iqm_log10_nhit"].to_numpy()
+    assert shift == excess_bias(u, window, iqm, fit.arrays["noise"], curves.x, noise_mean(curves.noise), opts)[1]
+    low, high = percentile_ci(fit.p_reps, opts.alpha, curves.n_seeds)
+    assert shift != 0 and (fit.p_low, fit.p_high) == (low + min(shift, 0.0), high + max(shift, 0.0))
