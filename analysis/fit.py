@@ -488,9 +488,9 @@ def excess_bias(u: np.ndarray, w: np.ndarray, iqm_point: np.ndarray, excess: dic
     has two sources: N's own bending over the window (1/b_end − 1/b_N, b_N N's slope between the same two
     points; the next-order terms of the recursion, such as the offset of c/(t + t0)^a) and the excess
     (1/b_N − 1/b_win). They have opposite signs on the runs (N bends up early, the excess steepens the curve)
-    and their sum can be small while each is large; a window where both are large is not asymptotic however
-    well a fitted model balances them, so the bound is the sum of their sizes. κ = 0 (no excess shown):
-    M = ρ·N, the excess term is zero and N's bending is still judged."""
+    and their sum can be small while each is large; the sum of their sizes is returned as a diagnostic
+    (noise_window judges the signed bias: judging the sum fails the a = 1 control, docs/analysis.md). κ = 0
+    (no excess shown): M = ρ·N, the excess term is zero and N's bending is still judged."""
     p, _ = batched_slope(u[w], iqm_point[w][None])
     p = float(p[0])
     ok = (x > 0) & np.isfinite(noise_mean) & (noise_mean > 0)
@@ -514,13 +514,13 @@ def excess_bias(u: np.ndarray, w: np.ndarray, iqm_point: np.ndarray, excess: dic
 
 def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, excess: dict, x: np.ndarray,
                  noise_mean: np.ndarray, opts: FitOptions, metric: str) -> tuple[np.ndarray, dict]:
-    """The window cut from the top until the metric's excess over the algorithm's noise term no longer
-    biases p̂ by more than noise_bias·p̂ (excess_bias; `stable_step` decades of ε per cut, never below
-    `min_decades`); no cut when the F-test showed no excess (κ = 0). Not asymptotic when (1) the mean
-    metric over the run's last `tail` decades of x is outside [1/noise_level_tol, noise_level_tol] times
-    its noise term (the run is not where the term describes it), or (2) the tail-most window of
-    min_decades is still biased beyond the tolerance. Returns (keep (E,) bool, details: rho, kappa, q, F,
-    level, cut, bias, p, asymptotic, reason)."""
+    """The window cut from the top until the metric's excess over the algorithm's noise term, and the term's own
+    bending, no longer bias p̂ by more than noise_bias·p̂ (excess_bias; `stable_step` decades of ε per cut, never
+    below `min_decades`); with κ = 0 (the F-test showed no excess) the bending is judged alone. Not asymptotic
+    when (1) the mean metric over the run's last `tail` decades of x is outside [1/noise_level_tol,
+    noise_level_tol] times its noise term (the run is not where the term describes it), or (2) the tail-most
+    window of min_decades is still biased beyond the tolerance. Returns (keep (E,) bool, details: rho, kappa,
+    q, F, level, cut, bias, bound, p, asymptotic, reason)."""
     lo, hi = u[window].min(), u[window].max()
     rho, level = excess["rho"], excess.get("level", np.nan)
     details = {**excess, "cut": 0.0, "bias": np.nan, "asymptotic": True, "reason": ""}
@@ -545,6 +545,13 @@ def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, exces
         if not abs(bias) > opts.noise_bias * abs(p):  # NaN (no stretch after the window): nothing to judge
             return keep, details
     top = 10.0 ** -(lo + details["cut"])
+    if excess["kappa"] == 0:
+        details.update(asymptotic=False, reason=(
+            f"not in the noise regime: the algorithm's noise term ({metric}_noise) still bends on the tail window "
+            f"[{10.0 ** -hi:.3g}, {top:.3g}] (no excess of {metric} over it is shown): its next-order terms alone "
+            f"move p̂ = {details['p']:.3g} by {details['bias']:+.2g} (more than {opts.noise_bias:g}·p̂): a transient, "
+            f"not yet the rate"))
+        return keep, details
     details.update(asymptotic=False, reason=(
         f"not in the noise regime: above ε = {10.0 ** -hi * 10 ** opts.min_decades:.3g} {metric} is still "
         f"{1 + excess['kappa'] / rho * 10 ** (iqm_point[window & (u >= lo + details['cut'] - 1e-9)].min() * -excess['q']):.3g}× "

@@ -231,6 +231,8 @@ def test_a_noise_term_that_still_bends_is_judged_without_an_excess():
         rng.bit_generator.state = state
         fit = fit_rate(offset_curves(rng), FitOptions(n_boot=500))
         flat += fit.arrays["noise"]["kappa"] == 0
+        if fit.arrays["noise"]["kappa"] == 0 and not fit.arrays["noise"]["asymptotic"]:
+            assert "still bends" in fit.arrays["noise"]["reason"], fit.arrays["noise"]["reason"]
         covered = fit.p_low <= 1.0 <= fit.p_high and abs(fit.p - 1.0) <= 0.25
         assert covered or not fit.asymptotic, (fit.p, fit.p_low, fit.p_high, fit.eps_high, fit.arrays["noise"])
     assert flat >= 8 and wrong_without >= 5, (flat, wrong_without)
