@@ -131,6 +131,12 @@ class Algorithm:
         """Step sizes / penalty actually used at the last step, for the records."""
         return {}
 
+    def predicted_metrics(self, state: Any) -> dict[str, float]:
+        """{column: value}: what the algorithm can compute exactly about a metric at this state from its schedule
+        alone, such as `<metric>_noise`, the noise term the metric's rate is the rate of (analysis/noise_term.py).
+        The harness calls it at evaluation points and records each value beside the metrics; {} = none."""
+        return {}
+
     def population_targets(self, reference) -> dict:
         """{"target": PopulationTarget, ...}: what this configuration converges to with infinite data
         from its own sampling scheme (algorithms/targets.py), given the problem's GlobalReference.

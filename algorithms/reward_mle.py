@@ -5,9 +5,9 @@ c / (t + t0)^a, E[reward_err] decays like t^-a (Moulines & Bach 2011; a = 1 need
 so its sample-complexity exponent is exactly 1/a: 1 for the default a = 1, 4/3, 3/2 for a = 3/4, 2/3.
 Deployed policy: pi*_nu, the exact soft-optimal policy of the current reward estimate.
 
-Diagnostic `reward_err_noise` (logged with the step size, label_noise = 0 only): E[reward_err] of the
-linearised SGD around the truth started at the truth, i.e. the noise term the t^-a rate is the rate of,
-exact for this recursion (docs/analysis.md, "The algorithm's noise term"). A run whose reward_err is still
+Diagnostic `reward_err_noise` (`predicted_metrics`, recorded by the harness at evaluation points; label_noise = 0
+only): E[reward_err] of the linearised SGD around the truth started at the truth, i.e. the noise term the t^-a
+rate is the rate of, exact for this recursion (docs/analysis.md, "The algorithm's noise term"). A run whose reward_err is still
 well above it is not yet in the regime where the rate holds.
 """
 from __future__ import annotations
@@ -116,9 +116,11 @@ class RewardMLE(Algorithm):
         return self.model, state.nu
 
     def schedule(self, state):
-        if self.noise is None:
-            return {"lr": state.lr}
-        return {"lr": state.lr, "reward_err_noise": self.noise.at(state.t)}
+        return {"lr": state.lr}
+
+    def predicted_metrics(self, state):
+        """reward_err_noise: E[reward_err] of the SGD linearised at the truth after state.t steps (NoiseTerm)."""
+        return {} if self.noise is None else {"reward_err_noise": self.noise.at(state.t)}
 
     def population_targets(self, reference):
         """pi* of the population BT-MLE reward on pi_ref pairs: pi* of nu_true when the oracle is the BT

@@ -395,6 +395,8 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions(), resample: tuple | 
     unreached = _unreached(iqm_r, required)  # (R,)
     fit.p_reps = np.where(unreached, np.inf, p_reps)
     fit.p_low, fit.p_high = percentile_ci(fit.p_reps, opts.alpha, n_units)
+    if "noise" in fit.arrays:  # the CI of the rate, not of the window's exponent: widened by the predicted bias
+        fit.p_low, fit.p_high = bias_aware_ci(fit, u, window, iqm_point, excess, x, noise_mean(curves.noise), opts)
     eps_eval = opts.eps_min if opts.eps_min is not None else fit.eps_low
     profile, trend = local_profile(eps_all, window, iqm_point, iqm_r, win_r, unreached, eps_eval, opts, n_units)
     fit.arrays.update(profile=profile, profile_trend=trend)
@@ -476,41 +478,49 @@ def excess_model(x: np.ndarray, ratio: np.ndarray | None, opts: FitOptions) -> d
 
 
 def excess_bias(u: np.ndarray, w: np.ndarray, iqm_point: np.ndarray, excess: dict, x: np.ndarray,
-                noise_mean: np.ndarray, opts: FitOptions) -> tuple[float, float]:
-    """(p̂, the bias of p̂ the excess predicts) on window w (E,) bool. The model of the curve is
-    M(x) = N(x)·(ρ + κ·x^-q), N the algorithm's noise term (noise_mean (P,)): its shape is known far more
-    precisely than the seeds' noisy curve. The window's exponent under the model is 1/b_win, b_win the
-    log-log slope of M between the IQM n_hit of the window's top and bottom levels; the exponent the
-    curve is heading to is that of N, where the excess has vanished: 1/b_end, b_end N's log-log slope over
-    the run's last `tail` decades of x. Their difference is what the excess, and N's own bending over the
-    window, do to p̂."""
+                noise_mean: np.ndarray, opts: FitOptions) -> tuple[float, float, float]:
+    """(p̂, the bias of p̂ the model predicts, a bound on |bias| that does not let its two sources cancel) on
+    window w (E,) bool. The model of the curve is M(x) = N(x)·(ρ + κ·x^-q), N the algorithm's noise term
+    (noise_mean (P,)): its shape is known far more precisely than the seeds' noisy curve. The window's
+    exponent under the model is 1/b_win, b_win the log-log slope of M between the IQM n_hit of the window's
+    top and bottom levels; the exponent the curve is heading to is that of N, where the excess has vanished:
+    1/b_end, b_end N's log-log slope over the run's last `tail` decades of x. Their difference, the bias,
+    has two sources: N's own bending over the window (1/b_end − 1/b_N, b_N N's slope between the same two
+    points; the next-order terms of the recursion, such as the offset of c/(t + t0)^a) and the excess
+    (1/b_N − 1/b_win). They have opposite signs on the runs (N bends up early, the excess steepens the curve)
+    and their sum can be small while each is large; the sum of their sizes is returned as a diagnostic
+    (noise_window judges the signed bias: judging the sum fails the a = 1 control, docs/analysis.md). κ = 0
+    (no excess shown): M = ρ·N, the excess term is zero and N's bending is still judged."""
     p, _ = batched_slope(u[w], iqm_point[w][None])
     p = float(p[0])
     ok = (x > 0) & np.isfinite(noise_mean) & (noise_mean > 0)
     if ok.sum() < 2:
-        return p, np.nan
+        return p, np.nan, np.nan
     lx, ln_n = np.log(x[ok]), np.log(noise_mean[ok])
-    ln_m = ln_n + np.log(excess["rho"] + excess["kappa"] * x[ok] ** -excess["q"])
+    excess_x = excess["kappa"] * x[ok] ** -excess["q"] if excess["kappa"] > 0 else 0.0  # κ = 0: M = ρ·N
+    ln_m = ln_n + np.log(excess["rho"] + excess_x)
     l_top, l_bot = iqm_point[w].min() * np.log(10), iqm_point[w].max() * np.log(10)
     if not l_bot > l_top + 1e-9:
-        return p, np.nan
+        return p, np.nan, np.nan
     b_win = -(np.interp(l_bot, lx, ln_m) - np.interp(l_top, lx, ln_m)) / (l_bot - l_top)
+    b_n = -(np.interp(l_bot, lx, ln_n) - np.interp(l_top, lx, ln_n)) / (l_bot - l_top)
     end = lx >= lx.max() - opts.tail * np.log(10) - 1e-9
     b_end = -batched_slope(lx[end], ln_n[end][None])[0][0] if end.sum() >= 2 else np.nan
-    if not (b_win > 0 and b_end > 0):
-        return p, np.inf if np.isfinite(b_end) else np.nan
-    return p, float(1 / b_end - 1 / b_win)
+    if not (b_win > 0 and b_end > 0 and b_n > 0):
+        return (p, np.inf, np.inf) if np.isfinite(b_end) else (p, np.nan, np.nan)
+    bending, from_excess = 1 / b_end - 1 / b_n, 1 / b_n - 1 / b_win
+    return p, float(bending + from_excess), float(abs(bending) + abs(from_excess))
 
 
 def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, excess: dict, x: np.ndarray,
                  noise_mean: np.ndarray, opts: FitOptions, metric: str) -> tuple[np.ndarray, dict]:
-    """The window cut from the top until the metric's excess over the algorithm's noise term no longer
-    biases p̂ by more than noise_bias·p̂ (excess_bias; `stable_step` decades of ε per cut, never below
-    `min_decades`); no cut when the F-test showed no excess (κ = 0). Not asymptotic when (1) the mean
-    metric over the run's last `tail` decades of x is outside [1/noise_level_tol, noise_level_tol] times
-    its noise term (the run is not where the term describes it), or (2) the tail-most window of
-    min_decades is still biased beyond the tolerance. Returns (keep (E,) bool, details: rho, kappa, q, F,
-    level, cut, bias, p, asymptotic, reason)."""
+    """The window cut from the top until the metric's excess over the algorithm's noise term, and the term's own
+    bending, no longer bias p̂ by more than noise_bias·p̂ (excess_bias; `stable_step` decades of ε per cut, never
+    below `min_decades`); with κ = 0 (the F-test showed no excess) the bending is judged alone. Not asymptotic
+    when (1) the mean metric over the run's last `tail` decades of x is outside [1/noise_level_tol,
+    noise_level_tol] times its noise term (the run is not where the term describes it), or (2) the tail-most
+    window of min_decades is still biased beyond the tolerance. Returns (keep (E,) bool, details: rho, kappa,
+    q, F, level, cut, bias, bound, p, asymptotic, reason)."""
     lo, hi = u[window].min(), u[window].max()
     rho, level = excess["rho"], excess.get("level", np.nan)
     details = {**excess, "cut": 0.0, "bias": np.nan, "asymptotic": True, "reason": ""}
@@ -521,7 +531,7 @@ def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, exces
             f"term ({metric}_noise), outside [1/{opts.noise_level_tol:g}, {opts.noise_level_tol:g}]: the run is not "
             f"where the term, and the rate that comes with it, describe it"))
         return keep_all, details
-    if not (np.isfinite(rho) and rho > 0 and excess["kappa"] > 0 and np.isfinite(excess["q"])):
+    if not (np.isfinite(rho) and rho > 0 and (excess["kappa"] == 0 or excess["kappa"] > 0 and np.isfinite(excess["q"]))):
         return keep_all, details
     span = hi - lo
     n_cuts = int(np.floor((span - opts.min_decades) / opts.stable_step + 1e-9)) + 1 if span >= opts.min_decades else 1
@@ -530,11 +540,18 @@ def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, exces
         w = window & keep
         if w.sum() < 2:
             break
-        p, bias = excess_bias(u, w, iqm_point, excess, x, noise_mean, opts)
-        details.update(cut=k * opts.stable_step, bias=bias, p=p)
+        p, bias, bound = excess_bias(u, w, iqm_point, excess, x, noise_mean, opts)
+        details.update(cut=k * opts.stable_step, bias=bias, bound=bound, p=p)
         if not abs(bias) > opts.noise_bias * abs(p):  # NaN (no stretch after the window): nothing to judge
             return keep, details
     top = 10.0 ** -(lo + details["cut"])
+    if excess["kappa"] == 0:
+        details.update(asymptotic=False, reason=(
+            f"not in the noise regime: the algorithm's noise term ({metric}_noise) still bends on the tail window "
+            f"[{10.0 ** -hi:.3g}, {top:.3g}] (no excess of {metric} over it is shown): its next-order terms alone "
+            f"move p̂ = {details['p']:.3g} by {details['bias']:+.2g} (more than {opts.noise_bias:g}·p̂): a transient, "
+            f"not yet the rate"))
+        return keep, details
     details.update(asymptotic=False, reason=(
         f"not in the noise regime: above ε = {10.0 ** -hi * 10 ** opts.min_decades:.3g} {metric} is still "
         f"{1 + excess['kappa'] / rho * 10 ** (iqm_point[window & (u >= lo + details['cut'] - 1e-9)].min() * -excess['q']):.3g}× "
@@ -542,6 +559,25 @@ def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, exces
         f"[{10.0 ** -hi:.3g}, {top:.3g}] that excess alone moves p̂ = {details['p']:.3g} by {details['bias']:+.2g} "
         f"(more than {opts.noise_bias:g}·p̂): a transient, not yet the rate"))
     return keep, details
+
+
+def bias_aware_ci(fit: RateFit, u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, excess: dict,
+                  x: np.ndarray, noise_mean: np.ndarray, opts: FitOptions) -> tuple[float, float]:
+    """(p_low, p_high) of the rate the window's exponent is heading to: the bootstrap CI [fit.p_low, fit.p_high]
+    covers the exponent of the chosen window; under the noise-term model that exponent differs from the rate by
+    the predicted bias (excess_bias on the final window, ≤ noise_bias·p̂ on an asymptotic fit). The interval is
+    the union of the CI and the CI shifted by that bias (a bias-aware interval: right whether the model's bias
+    is right or absent); p̂ itself is not corrected. The shift is recorded as fit.arrays["noise"]["ci_shift"].
+    Without a finite bias (no model, no stretch after the window) the CI is left as it is."""
+    low, high = fit.p_low, fit.p_high
+    rho = excess.get("rho", np.nan)
+    if window.sum() < 2 or not (np.isfinite(rho) and rho > 0 and np.isfinite(excess.get("kappa", np.nan))):
+        return low, high
+    _, bias, _ = excess_bias(u, window, iqm_point, excess, x, noise_mean, opts)
+    if not np.isfinite(bias):
+        return low, high
+    fit.arrays["noise"]["ci_shift"] = bias
+    return low + min(bias, 0.0), high + max(bias, 0.0)
 
 
 def split_slopes(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, iqm_r: np.ndarray,

@@ -96,6 +96,7 @@ class Evaluator:
             psi_grad_sq = self.psi_grad_sq(estimate, y, lam_grid)
         with torch.no_grad():
             reward_err = exact.reward_error(problem, rewards)
+        predicted = {k: torch.full_like(reward_err, v) for k, v in algo.predicted_metrics(state).items()}
         return {
             "gap": self.gap(objective),
             "gap_local": objective - self.f_star_local,
@@ -108,6 +109,7 @@ class Evaluator:
             "psi_gap": psi_gap,
             "reward_err": reward_err,
             "kl_ref": kl_ref,
+            **predicted,  # the algorithm's exact predictions (Algorithm.predicted_metrics), e.g. reward_err_noise
         }
 
     def psi_grad_sq(self, estimate, y, lam: float) -> torch.Tensor:

@@ -233,6 +233,9 @@ class FixedState:
     def population_targets(self, reference):
         return {}  # a fixed state converges to nothing
 
+    def predicted_metrics(self, state):
+        return {}  # nor predicts any term of a metric
+
 
 @pytest.fixture(scope="module")
 def small():
