@@ -10,8 +10,10 @@ Parametrisation: one logit per (h, s, a), pi_theta(.|h, s) = softmax(theta_{h,s}
 theta_0 = centre + init_scale * N(0, 1), centre log pi_ref (init_center=ref) or 0 (uniform), each seed its own
 draw: with exact gradients the seeds differ only there. Step, gradient ascent with a constant (or decaying) step:
     theta_{t+1} = theta_t + eta_t * g_t,   eta_t = lr_scale / L * (1 + t)^-lr_exponent,
-    oracle=exact:      g_t = grad_theta J(theta_t), autograd through the exact backward evaluation
-                       (envs.exact.policy_value), no samples;
+    oracle=exact:      g_t = grad_theta J(theta_t), no samples: impl=reference by autograd through the exact
+                       backward evaluation (envs.exact.policy_value); impl=fast/eager in closed form
+                       (exact_gradient: the policy gradient theorem for softmax logits), equal to round-off, and
+                       under impl=fast in segments of steps between evaluation points (run_segment);
     oracle=stochastic: g_t = REINFORCE on batch_traj trajectories from pi_theta_t drawn through the sampler
                        (estimators.policy_gradient_surrogate: the regularised return G(tau) with a
                        leave-one-out baseline), counted.
@@ -29,8 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from ratebench.algorithms.base import Algorithm
-from ratebench.algorithms.models import sgd_step
+from ratebench.algorithms.models import sgd_step, sgd_update
 from ratebench.algorithms.oracles import ORACLES, make_oracle
+from ratebench.envs import exact
 from ratebench.envs.tabular import DTYPE
 from ratebench.core.errors import ConfigError
 
@@ -123,6 +126,70 @@ class SoftmaxPG(Algorithm):
         state.theta = sgd_step(state.theta, objective, -state.lr)  # a negative step ascends
         state.t += 1
         return state
+
+    # --- oracle=exact: the same step with the gradient in closed form, and segments of it ----------------------
+    def has_eager_step(self) -> bool:
+        return self.cfg.oracle == "exact"
+
+    def exact_gradient(self, theta):
+        """grad_theta J in closed form (the policy gradient theorem for softmax logits, Mei et al. 2020 Lemma 10
+        with the KL term): dJ/dtheta_h(s, a) = d_h(s) pi_h(a|s) (w_h(s, a) - V_h(s)), w_h = Q_h - beta log
+        pi_h/pi_ref, V_h(s) = pi_h(.|s) . w_h(s, .), Q_h = r_h + E V_{h+1} (envs.exact.policy_q) and d_h the law
+        of s_h under pi (a forward pass from the initial law). [(B, n_h, A)]"""
+        problem, beta = self.problem, self.problem.beta
+        if problem.horizon == 1:  # a bandit: Q_0 = r, d_0 = rho (fewer kernel calls; the same formula)
+            if not hasattr(self, "_bandit"):
+                self._bandit = (self.true[0] + beta * problem.steps[0].ref_logp, problem.init_prob[:, None])
+            u, rho = self._bandit
+            logp = torch.log_softmax(theta[0], -1)
+            pi = logp.exp()
+            w = u - beta * logp
+            return [rho * pi * (w - (pi * w).sum(-1, keepdim=True))]
+        logps = [torch.log_softmax(t, -1) for t in theta]
+        qs, _ = exact.policy_q(problem, self.true, logps)
+        d = problem.init_prob.expand(theta[0].shape[0], -1)  # (B, n_0)
+        grads = []
+        for h, step in enumerate(problem.steps):
+            pi = logps[h].exp()
+            w = qs[h] - beta * (logps[h] - step.ref_logp)
+            pd = pi * d[..., None]  # (B, n_h, A): the law of (s_h, a_h)
+            grads.append(pd * (w - (pi * w).sum(-1, keepdim=True)))
+            if h + 1 < problem.horizon:
+                flow = (pd[..., None] * step.next_prob).reshape(pd.shape[0], -1)
+                d = torch.zeros(pd.shape[0], problem.steps[h + 1].ref_logp.shape[0], dtype=DTYPE).index_add_(
+                    1, step.next_idx.reshape(-1), flow)
+        return grads
+
+    def eager_step(self, state, sampler):
+        """reference_step (oracle=exact) with exact_gradient in place of autograd: equal to round-off."""
+        state.lr = self.eta * (1 + state.t) ** -self.cfg.lr_exponent
+        state.theta = sgd_update(state.theta, self.exact_gradient(state.theta), -state.lr)
+        state.t += 1
+        return state
+
+    def segment_samples(self, state):
+        """oracle=exact under impl=fast runs segments: its steps draw nothing (0 samples each)."""
+        return 0 if self.has_eager_step() and self.impl == "fast" else None
+
+    def run_segment(self, state, sampler, n_steps, alive):
+        """n_steps eager steps in one call, each followed by the harness's non-finite check (a seed whose logits go
+        inf or NaN is zeroed and marked at that step), as the per-step loop computes them, bit for bit."""
+        alive = alive.clone()
+        died = torch.zeros(alive.shape[0], dtype=torch.int64)
+        for i in range(1, n_steps + 1):
+            state = self.eager_step(state, sampler)
+            if all(bool(torch.isfinite(t).all()) for t in state.theta):
+                continue
+            finite = torch.stack([torch.isfinite(t.reshape(t.shape[0], -1)).all(1) for t in state.theta]).all(0)
+            newly = alive & ~finite
+            if newly.any():
+                died[newly] = i
+                alive &= ~newly
+                for t in state.theta:
+                    t[newly] = 0
+                if not alive.any():
+                    return state, i, died
+        return state, n_steps, died
 
     def policy_log_probs(self, state):
         return [torch.log_softmax(t, -1) for t in state.theta]

@@ -460,8 +460,8 @@ class _Job:
         """Steps to the next evaluation point, to the budget (samples or steps: the per-step loop's stopping points,
         since each step draws per_step samples), and about SEGMENT_SECONDS of compute (at most 4x the last
         segment's length, from one step at first)."""
-        def steps_to(samples: int) -> int:
-            return -(-(samples - self.counters.samples) // per_step)
+        def steps_to(samples: int) -> int:  # a step that draws nothing (an exact oracle) never reaches a sample count
+            return -(-(samples - self.counters.samples) // per_step) if per_step else 2**62
 
         n = steps_to(self.budget)
         if self.step_budget is not None:
