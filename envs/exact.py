@@ -38,9 +38,12 @@ def soft_optimal(problem: TabularProblem, rewards: Tables) -> tuple[Tables, torc
     return logps, values
 
 
-def policy_q(problem: TabularProblem, rewards: Tables, logps: Tables) -> tuple[Tables, torch.Tensor]:
+def policy_q(problem: TabularProblem, rewards: Tables, logps: Tables,
+             beta: float | None = None) -> tuple[Tables, torch.Tensor]:
     """Q_h^pi of the KL-regularised value by backward evaluation: Q_h = r_h + E V_{h+1},
-    V_h = sum_a pi_h (Q_h - beta log(pi_h/pi_ref)). Returns (Q tables [(B, n_h, A)], V_0 of shape (B, G))."""
+    V_h = sum_a pi_h (Q_h - beta log(pi_h/pi_ref)), beta the problem's unless given (0: the plain return).
+    Returns (Q tables [(B, n_h, A)], V_0 of shape (B, G))."""
+    beta = problem.beta if beta is None else beta
     values, qs = None, [None] * problem.horizon
     for h in reversed(range(problem.horizon)):
         step = problem.steps[h]
@@ -48,7 +51,8 @@ def policy_q(problem: TabularProblem, rewards: Tables, logps: Tables) -> tuple[T
         if values is not None:
             q = q + _expected_next(step, values)
         qs[h] = q
-        values = (logps[h].exp() * (q - problem.beta * (logps[h] - step.ref_logp))).sum(-1)
+        regulariser = beta * (logps[h] - step.ref_logp) if beta else 0.0
+        values = (logps[h].exp() * (q - regulariser)).sum(-1)
     return qs, values
 
 
@@ -58,12 +62,8 @@ def policy_value(problem: TabularProblem, rewards: Tables, logps: Tables) -> tor
 
 
 def expected_return(problem: TabularProblem, rewards: Tables, logps: Tables) -> torch.Tensor:
-    """E_pi[sum_t r_t], the unregularised value (no KL term), by backward evaluation. Returns (B,)."""
-    values = None
-    for h in reversed(range(problem.horizon)):
-        q = rewards[h] if values is None else rewards[h] + _expected_next(problem.steps[h], values)
-        values = (logps[h].exp() * q).sum(-1)
-    return values @ problem.init_prob
+    """E_pi[sum_t r_t], the unregularised value (no KL term): policy_q's evaluation with beta = 0. Returns (B,)."""
+    return policy_q(problem, rewards, logps, beta=0.0)[1] @ problem.init_prob
 
 
 def max_return(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
