@@ -17,7 +17,8 @@ from ratebench.envs.global_ref import GlobalReference, class_start, global_refer
 from ratebench.core.cache import cache_dir
 from ratebench.core.records import atomic_write_json, config_hash
 
-EXACT_VERSION = 2  # bump when the exact objective or the reference changes (2: global reference), so old entries are not reused
+EXACT_VERSION = 3  # bump when the exact objective or the reference changes (2: global reference; 3: box faces also
+# searched from a fixed grid, which can only lower a bounded F*), so old entries are not reused
 ORDER_SLACK = 1e-9  # f_star <= f_star_local <= F(nu_true) up to this
 
 
