@@ -214,6 +214,13 @@ class RewardModel:
         """The projection of projected SGD onto the box (identity without one): nu <- clip(nu, -R, R)."""
         return params if self.box is None else [p.clamp(-self.box, self.box) for p in params]
 
+    def gradient_mapping(self, params: Params, grads: Params) -> Params:
+        """The projected gradient with a unit step, nu - clip(nu - grad, -R, R) (the measure L-BFGS-B stops on):
+        0 exactly at a KKT point of the box, the gradient itself inside it and without a box."""
+        if self.box is None:
+            return grads
+        return [p - (p - g).clamp(-self.box, self.box) for p, g in zip(params, grads)]
+
     def init(self, seeds: list[int], salt: int = 2) -> Params:
         if self.net is None:
             return [torch.zeros(len(seeds), self.features.shape[-1], dtype=DTYPE)]

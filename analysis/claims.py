@@ -18,7 +18,7 @@ from ratebench.core.errors import ConfigError
 RELATIONS = ("upper_bound", "equals")
 CLAIM_ID = re.compile(r"[A-Za-z0-9_.-]+")
 # ε may be stated in the metric's own unit or, for grad_sq, in gradient-norm units (ε_norm² = ε_sq).
-UNIT_POWER = {("grad_sq", "grad_norm"): 2.0}
+UNIT_POWER = {("grad_sq", "grad_norm"): 2.0, ("pgrad_sq", "grad_norm"): 2.0}
 REQUIRED = ("id", "source", "algorithm", "experiment", "metric", "x", "exponent", "relation", "epsilon")
 # claim forms (docs/claim-meaning.md "Claim forms"): the fields each adds to the common ones, its relations
 COMMON = ("id", "source", "algorithm", "experiment", "metric", "x", "epsilon")

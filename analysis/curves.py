@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from ratebench.analysis.noise_term import noise_column
 
-METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "psi_grad_sq", "policy_gap", "value_gap", "target_policy_gap_excess",
+METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "pgrad_sq", "psi_grad_sq", "policy_gap", "value_gap", "target_policy_gap_excess",
            "psi_gap", "reward_err", "kl_ref")
 X_AXES = ("samples", "queries", "step")
 DEFAULT_GROUP = ("algorithm", "env", "config_hash")

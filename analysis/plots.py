@@ -27,6 +27,7 @@ METRIC_LABELS = {
     "gap_local": "gap_local  F(ν_t) − F_loc  (basin of ν_true)  [nats]",
     "lower_gap": "lower_gap  J*(ν_t) − J(ν_t, θ_t)  [reward units]",
     "grad_sq": "grad_sq  ‖∇F(ν_t)‖²  [nats²]",
+    "pgrad_sq": "pgrad_sq  ‖ν_t − Π(ν_t − ∇F(ν_t))‖²  [nats²]",
     "psi_grad_sq": "psi_grad_sq  ‖∇ψ_λ(ν_t)‖²  [nats²]",
     "policy_gap": "policy_gap  J* − J(π_t)  [reward units]",
     "value_gap": "value_gap  max_π E_π[R] − E_π_t[R]  (no KL)  [reward units]",
@@ -45,7 +46,7 @@ STYLES = list(zip(("-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1)), (0, (3,
 MAX_GROUPS = len(STYLES)  # groups per figure; more go to further pages (<stem>_page2.png, ...)
 CLAIM_STYLES = [(0, (2, 2)), (0, (6, 2)), (0, (1, 3))]
 # Metrics whose n_hit(ε) has a rate meaning (they should fall to 0); kl_ref grows from 0 by design.
-RATE_METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "psi_grad_sq", "policy_gap", "value_gap",
+RATE_METRICS = ("gap", "gap_local", "lower_gap", "grad_sq", "pgrad_sq", "psi_grad_sq", "policy_gap", "value_gap",
                 "target_policy_gap_excess",
                 "psi_gap", "reward_err")
 legend_number = partial(number_text, infinite="∞")  # an unbounded CI end reads as ∞ in a legend

@@ -80,6 +80,7 @@ class Evaluator:
             objective = exact.bilevel_objective(problem, rewards)
             grads = torch.autograd.grad(objective.sum(), nu)
             grad_sq = per_seed_sq_norm(grads)
+            pgrad_sq = per_seed_sq_norm(model.gradient_mapping([p.detach() for p in nu], grads))
             rewards = [r.detach() for r in rewards]
             objective = objective.detach()
             with torch.no_grad():  # J*(nu_t) - J(nu_t, theta_t): the lower level's own optimality
@@ -89,6 +90,7 @@ class Evaluator:
                 rewards = [r.detach() for r in algo.implicit_rewards(state)]
                 objective = exact.bilevel_objective(problem, rewards)
             grad_sq = torch.full_like(objective, math.nan)
+            pgrad_sq = grad_sq
             lower_gap = torch.full_like(objective, math.nan)
         psi_gap, y, lam_grid = penalty.psi_gap_and_minimiser(problem, rewards, lam)
         psi_grad_sq = torch.full_like(objective, math.nan)
@@ -102,6 +104,7 @@ class Evaluator:
             "gap_local": objective - self.f_star_local,
             "lower_gap": lower_gap,
             "grad_sq": grad_sq,
+            "pgrad_sq": pgrad_sq,  # grad_sq of the projected gradient: the box's KKT points are its zeros
             "psi_grad_sq": psi_grad_sq,
             "policy_gap": policy_gap,
             "value_gap": value_gap,

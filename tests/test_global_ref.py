@@ -14,6 +14,7 @@ import torch
 from scipy.optimize import minimize
 
 from ratebench import envs
+from ratebench.algorithms.models import NetConfig, RewardModel
 from ratebench.envs import bandit, exact, global_ref, mdp, penalty, token
 from ratebench.core.errors import ConfigError
 from ratebench.evaluation import Evaluator
@@ -205,16 +206,6 @@ def test_cache_entry_is_reused_and_an_invalid_one_recomputed_with_a_warning(tmp_
 
 
 # --- the metrics -------------------------------------------------------------------------
-class TabularModel:
-    """A reward model whose parameters are the unit rewards themselves: (B, n_units)."""
-
-    def __init__(self, problem):
-        self.problem = problem
-
-    def step_tables(self, params):
-        return self.problem.step_tables_from_units(params[0])
-
-
 class FixedState:
     """An algorithm stand-in: fixed unit rewards (B, n_units), a fixed policy, a fixed lam."""
 
@@ -225,7 +216,7 @@ class FixedState:
         return self.logps
 
     def reward_model(self, state):
-        return TabularModel(self.problem), [self.units]
+        return RewardModel(self.problem, NetConfig(kind="tabular")), [self.units]
 
     def schedule(self, state):
         return {} if self.lam is None else {"lam": self.lam}
