@@ -4,7 +4,7 @@ apart and instances that tuned nothing, 16 seeds each: runs what is missing unde
 against samples and prints one Markdown row per cell (p̂, CI, 1/a, asymptotic, outcome).
 
     OMP_NUM_THREADS=1 nice -n 10 python bench/coverage_reward_mle.py OUT [--instances 18 19 20]
-        [--budgets 40000 400000] [--a 0.55 0.6 0.7 0.8 0.9 1.0] [--fit-only]
+        [--budgets 40000 400000] [--a 0.55 0.6 0.7 0.8 0.9 1.0] [--fit-only | --run-only]
 
 Outcome: `covered` (CI contains 1/a and |p̂ − 1/a| ≤ 0.25), `flagged` (asymptotic false), `WRONG`
 (neither: a confident wrong fit), or the fit status; ρ is the level reward_err settles at against reward_mle's
@@ -63,8 +63,17 @@ def main(argv=None) -> int:
     ap.add_argument("--instances", type=int, nargs="+", default=[18, 19, 20])
     ap.add_argument("--budgets", type=int, nargs="+", default=[40000, 400000])
     ap.add_argument("--a", type=float, nargs="+", default=list(A_GRID))
-    ap.add_argument("--fit-only", action="store_true", help="fit the runs present, run nothing")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--fit-only", action="store_true", help="fit the runs present, run nothing")
+    mode.add_argument("--run-only", action="store_true",
+                      help="run what is missing, fit and print nothing (keeps held-out fits unseen until the fit is final)")
     args = ap.parse_args(argv)
+    if args.run_only:
+        for inst in args.instances:
+            for budget in args.budgets:
+                for a in args.a:
+                    ensure_run(args.out, inst, budget, a)
+        return 0
     print("| instance | budget | a | 1/a | p̂ | 95 % CI | window | ρ | bias | status | asymptotic | outcome |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     counts: dict[str, int] = {}
