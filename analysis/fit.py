@@ -84,6 +84,7 @@ class RateFit:
     n_stalled: int = 0  # seeds that stopped moving (gradient underflow, parameters unchanged)
     n_unhealthy: int = 0  # diverged + saturated + stalled: seeds that are not `completed` (failed counted apart)
     n_strata: int = 0
+    n_copies: int = 0  # seeds of one run whose curve copied another seed's bit for bit, counted once (groups.distinct_curves)
     final_iqm: float = np.nan
     decay: float = np.nan  # −(log-log slope of the IQM curve over the asymptotic points), no floor
     decay_low: float = np.nan
@@ -105,7 +106,7 @@ class RateFit:
     def row(self) -> dict:
         keys = ["metric", "x_name", "status", "p", "p_low", "p_high", "log10_C", "b", "b_low", "b_high", "c",
                 "c_low", "c_high", "eps_low", "eps_high", "n_levels", "n_seeds", "n_diverged", "n_failed",
-                "n_saturated", "n_stalled", "n_unhealthy", "n_strata", "final_iqm", "decay", "decay_low", "decay_high", "window_decades", "reach_eps_min",
+                "n_saturated", "n_stalled", "n_unhealthy", "n_strata", "n_copies", "final_iqm", "decay", "decay_low", "decay_high", "window_decades", "reach_eps_min",
                 "p_local", "p_local_low", "p_local_high", "p_trend", "budget_to_eps_min", "asymptotic", "asymptotic_reason", "n_instances", "boot_unit", "reason"]
         return {k: getattr(self, k) for k in keys}
 
