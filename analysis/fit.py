@@ -534,6 +534,12 @@ def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, exces
             f"term ({metric}_noise), outside [1/{opts.noise_level_tol:g}, {opts.noise_level_tol:g}]: the run is not "
             f"where the term, and the rate that comes with it, describe it"))
         return keep_all, details
+    if rho == 0 and excess["kappa"] > 0 and np.isfinite(excess["q"]):
+        details.update(asymptotic=False, reason=(
+            f"not in the noise regime: {metric} / its noise term ({metric}_noise) falls as {excess['kappa']:.3g}·x^-"
+            f"{excess['q']:.2g} through the whole run without settling at a level (fitted level 0): the excess over "
+            f"the term has not vanished by the run's end, so the window's exponent is not yet the term's"))
+        return keep_all, details
     if not (np.isfinite(rho) and rho > 0 and (excess["kappa"] == 0 or excess["kappa"] > 0 and np.isfinite(excess["q"]))):
         return keep_all, details
     span = hi - lo
@@ -584,7 +590,10 @@ def bias_aware_ci(fit: RateFit, u: np.ndarray, window: np.ndarray, iqm_point: np
     if not np.isfinite(bias):
         return low, high
     rejected = not low <= parts["p_model"] <= high
-    shifts = (0.0, bias) + ((parts["bending"], parts["excess"]) if rejected else ())
+    # rejected: neither the window nor the model is trusted over the other; besides each source alone, the CI also
+    # spans the shift that puts p̂ on the term's tail exponent p_end (the model's rate; with κ = 0 there is no
+    # excess source, and an excess the F-test missed is what a rejection shows)
+    shifts = (0.0, bias) + ((parts["bending"], parts["excess"], parts["p_end"] - fit.p) if rejected else ())
     fit.arrays["noise"].update(ci_shift=bias, ci_shifts=(min(shifts), max(shifts)), model_rejected=rejected)
     return low + min(shifts), high + max(shifts)
 
