@@ -3,7 +3,7 @@ c/(t+t0)^a has reward_err ~ t^-a (Moulines & Bach 2011), so p = 1/a. For a in A_
 apart and instances that tuned nothing, 16 seeds each: runs what is missing under OUT, fits reward_err
 against samples and prints one Markdown row per cell (p̂, CI, 1/a, asymptotic, outcome).
 
-    OMP_NUM_THREADS=1 nice -n 10 python bench/coverage_reward_mle.py OUT [--instances 21 22 23]
+    OMP_NUM_THREADS=1 nice -n 10 python bench/coverage_reward_mle.py OUT [--instances 24 25 26]
         [--budgets 40000 400000] [--a 0.55 0.6 0.7 0.8 0.9 1.0] [--fit-only | --run-only]
 
 Outcome: `covered` (CI contains 1/a and |p̂ − 1/a| ≤ 0.25), `flagged` (asymptotic false), `WRONG`
@@ -23,7 +23,7 @@ from pathlib import Path
 
 A_GRID = (0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
 TUNING_INSTANCES = (0, 11)  # the instances whose runs chose stable_tol, stable_step, tail_tol, noise_bias
-DESIGN_INSTANCES = (0, *range(11, 21))  # looked at while the noise-term rule and its CI were designed
+DESIGN_INSTANCES = (0, *range(11, 24))  # looked at while the noise-term rule and its CI were designed
 
 
 def run_dir(out: Path, inst: int, budget: int, a: float) -> Path:
@@ -64,7 +64,7 @@ def cell(d: Path, a: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--instances", type=int, nargs="+", default=[21, 22, 23])
+    ap.add_argument("--instances", type=int, nargs="+", default=[24, 25, 26])
     ap.add_argument("--budgets", type=int, nargs="+", default=[40000, 400000])
     ap.add_argument("--a", type=float, nargs="+", default=list(A_GRID))
     mode = ap.add_mutually_exclusive_group()
