@@ -247,7 +247,9 @@ def format_fit_rows(rows: list[dict], fmt: str) -> str:
 
 
 def format_fit_table(rows: list[dict]) -> str:
-    return fit_heading(rows) + "\n" + fit_display(rows).to_string(index=False)
+    notes = [f"\n{r['label']}: {r['n_copies']} seed(s) with bit-identical curves in one run counted once "
+             f"({r['n_seeds']} distinct seeds fitted)" for r in rows if r.get("n_copies")]
+    return fit_heading(rows) + "\n" + fit_display(rows).to_string(index=False) + "".join(notes)
 
 
 # ---------------------------------------------------------------------------------------------- check

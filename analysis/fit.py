@@ -84,6 +84,7 @@ class RateFit:
     n_stalled: int = 0  # seeds that stopped moving (gradient underflow, parameters unchanged)
     n_unhealthy: int = 0  # diverged + saturated + stalled: seeds that are not `completed` (failed counted apart)
     n_strata: int = 0
+    n_copies: int = 0  # seeds of one run whose curve copied another seed's bit for bit, counted once (groups.distinct_curves)
     final_iqm: float = np.nan
     decay: float = np.nan  # −(log-log slope of the IQM curve over the asymptotic points), no floor
     decay_low: float = np.nan
@@ -105,7 +106,7 @@ class RateFit:
     def row(self) -> dict:
         keys = ["metric", "x_name", "status", "p", "p_low", "p_high", "log10_C", "b", "b_low", "b_high", "c",
                 "c_low", "c_high", "eps_low", "eps_high", "n_levels", "n_seeds", "n_diverged", "n_failed",
-                "n_saturated", "n_stalled", "n_unhealthy", "n_strata", "final_iqm", "decay", "decay_low", "decay_high", "window_decades", "reach_eps_min",
+                "n_saturated", "n_stalled", "n_unhealthy", "n_strata", "n_copies", "final_iqm", "decay", "decay_low", "decay_high", "window_decades", "reach_eps_min",
                 "p_local", "p_local_low", "p_local_high", "p_trend", "budget_to_eps_min", "asymptotic", "asymptotic_reason", "n_instances", "boot_unit", "reason"]
         return {k: getattr(self, k) for k in keys}
 
@@ -478,38 +479,40 @@ def excess_model(x: np.ndarray, ratio: np.ndarray | None, opts: FitOptions) -> d
 
 
 def excess_bias(u: np.ndarray, w: np.ndarray, iqm_point: np.ndarray, excess: dict, x: np.ndarray,
-                noise_mean: np.ndarray, opts: FitOptions) -> tuple[float, float, float]:
-    """(p̂, the bias of p̂ the model predicts, a bound on |bias| that does not let its two sources cancel) on
-    window w (E,) bool. The model of the curve is M(x) = N(x)·(ρ + κ·x^-q), N the algorithm's noise term
-    (noise_mean (P,)): its shape is known far more precisely than the seeds' noisy curve. The window's
-    exponent under the model is 1/b_win, b_win the log-log slope of M between the IQM n_hit of the window's
-    top and bottom levels; the exponent the curve is heading to is that of N, where the excess has vanished:
-    1/b_end, b_end N's log-log slope over the run's last `tail` decades of x. Their difference, the bias,
-    has two sources: N's own bending over the window (1/b_end − 1/b_N, b_N N's slope between the same two
-    points; the next-order terms of the recursion, such as the offset of c/(t + t0)^a) and the excess
-    (1/b_N − 1/b_win). They have opposite signs on the runs (N bends up early, the excess steepens the curve)
-    and their sum can be small while each is large; the sum of their sizes is returned as a diagnostic
-    (noise_window judges the signed bias: judging the sum fails the a = 1 control, docs/analysis.md). κ = 0
-    (no excess shown): M = ρ·N, the excess term is zero and N's bending is still judged."""
+                noise_mean: np.ndarray, opts: FitOptions) -> tuple[float, float, dict]:
+    """(p̂, the bias of p̂ the model predicts, parts) on window w (E,) bool; parts: the bias's two sources
+    `bending` and `excess`, the model's exponent of the window `p_model` (1/b_win) and of the tail `p_end`. The model
+    of the curve is M(x) = N(x)·(ρ + κ·x^-q), N the algorithm's noise term (noise_mean (P,)): its shape is known
+    far more precisely than the seeds' noisy curve. The window's exponent under the model is 1/b_win, b_win the
+    log-log slope of M between the IQM n_hit of the window's top and bottom levels; the exponent the curve is
+    heading to is that of N, where the excess has vanished: 1/b_end, b_end N's log-log slope over the run's last
+    `tail` decades of x. Their difference, the bias, is the sum of two sources: N's own bending over the window
+    (1/b_end − 1/b_N, b_N N's slope between the same two points; the next-order terms of the recursion, such as
+    the offset of c/(t + t0)^a) and the excess (1/b_N − 1/b_win). They have opposite signs on the runs (N bends up
+    early, the excess steepens the curve) and their sum can be small while each is large: noise_window judges the
+    sum, bias_aware_ci widens the CI by each source alone as well (docs/analysis.md). κ = 0 (no excess shown):
+    M = ρ·N, the excess source is zero and N's bending is still judged. Parts are NaN (+inf) with the bias."""
     p, _ = batched_slope(u[w], iqm_point[w][None])
     p = float(p[0])
     ok = (x > 0) & np.isfinite(noise_mean) & (noise_mean > 0)
+    undefined = dict.fromkeys(("bending", "excess", "p_model", "p_end"), np.nan)
     if ok.sum() < 2:
-        return p, np.nan, np.nan
+        return p, np.nan, undefined
     lx, ln_n = np.log(x[ok]), np.log(noise_mean[ok])
     excess_x = excess["kappa"] * x[ok] ** -excess["q"] if excess["kappa"] > 0 else 0.0  # κ = 0: M = ρ·N
     ln_m = ln_n + np.log(excess["rho"] + excess_x)
     l_top, l_bot = iqm_point[w].min() * np.log(10), iqm_point[w].max() * np.log(10)
     if not l_bot > l_top + 1e-9:
-        return p, np.nan, np.nan
+        return p, np.nan, undefined
     b_win = -(np.interp(l_bot, lx, ln_m) - np.interp(l_top, lx, ln_m)) / (l_bot - l_top)
     b_n = -(np.interp(l_bot, lx, ln_n) - np.interp(l_top, lx, ln_n)) / (l_bot - l_top)
     end = lx >= lx.max() - opts.tail * np.log(10) - 1e-9
     b_end = -batched_slope(lx[end], ln_n[end][None])[0][0] if end.sum() >= 2 else np.nan
     if not (b_win > 0 and b_end > 0 and b_n > 0):
-        return (p, np.inf, np.inf) if np.isfinite(b_end) else (p, np.nan, np.nan)
-    bending, from_excess = 1 / b_end - 1 / b_n, 1 / b_n - 1 / b_win
-    return p, float(bending + from_excess), float(abs(bending) + abs(from_excess))
+        return (p, np.inf, dict.fromkeys(undefined, np.inf)) if np.isfinite(b_end) else (p, np.nan, undefined)
+    bending, from_excess = float(1 / b_end - 1 / b_n), float(1 / b_n - 1 / b_win)
+    return p, bending + from_excess, {"bending": bending, "excess": from_excess, "p_model": float(1 / b_win),
+                                      "p_end": float(1 / b_end)}
 
 
 def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, excess: dict, x: np.ndarray,
@@ -520,7 +523,7 @@ def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, exces
     when (1) the mean metric over the run's last `tail` decades of x is outside [1/noise_level_tol,
     noise_level_tol] times its noise term (the run is not where the term describes it), or (2) the tail-most
     window of min_decades is still biased beyond the tolerance. Returns (keep (E,) bool, details: rho, kappa,
-    q, F, level, cut, bias, bound, p, asymptotic, reason)."""
+    q, F, level, cut, bias, bending, excess, p, asymptotic, reason)."""
     lo, hi = u[window].min(), u[window].max()
     rho, level = excess["rho"], excess.get("level", np.nan)
     details = {**excess, "cut": 0.0, "bias": np.nan, "asymptotic": True, "reason": ""}
@@ -531,6 +534,12 @@ def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, exces
             f"term ({metric}_noise), outside [1/{opts.noise_level_tol:g}, {opts.noise_level_tol:g}]: the run is not "
             f"where the term, and the rate that comes with it, describe it"))
         return keep_all, details
+    if rho == 0 and excess["kappa"] > 0 and np.isfinite(excess["q"]):
+        details.update(asymptotic=False, reason=(
+            f"not in the noise regime: {metric} / its noise term ({metric}_noise) falls as {excess['kappa']:.3g}·x^-"
+            f"{excess['q']:.2g} through the whole run without settling at a level (fitted level 0): the excess over "
+            f"the term has not vanished by the run's end, so the window's exponent is not yet the term's"))
+        return keep_all, details
     if not (np.isfinite(rho) and rho > 0 and (excess["kappa"] == 0 or excess["kappa"] > 0 and np.isfinite(excess["q"]))):
         return keep_all, details
     span = hi - lo
@@ -540,8 +549,8 @@ def noise_window(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, exces
         w = window & keep
         if w.sum() < 2:
             break
-        p, bias, bound = excess_bias(u, w, iqm_point, excess, x, noise_mean, opts)
-        details.update(cut=k * opts.stable_step, bias=bias, bound=bound, p=p)
+        p, bias, parts = excess_bias(u, w, iqm_point, excess, x, noise_mean, opts)
+        details.update(cut=k * opts.stable_step, bias=bias, bending=parts["bending"], excess=parts["excess"], p=p)
         if not abs(bias) > opts.noise_bias * abs(p):  # NaN (no stretch after the window): nothing to judge
             return keep, details
     top = 10.0 ** -(lo + details["cut"])
@@ -565,19 +574,28 @@ def bias_aware_ci(fit: RateFit, u: np.ndarray, window: np.ndarray, iqm_point: np
                   x: np.ndarray, noise_mean: np.ndarray, opts: FitOptions) -> tuple[float, float]:
     """(p_low, p_high) of the rate the window's exponent is heading to: the bootstrap CI [fit.p_low, fit.p_high]
     covers the exponent of the chosen window; under the noise-term model that exponent differs from the rate by
-    the predicted bias (excess_bias on the final window, ≤ noise_bias·p̂ on an asymptotic fit). The interval is
-    the union of the CI and the CI shifted by that bias (a bias-aware interval: right whether the model's bias
-    is right or absent); p̂ itself is not corrected. The shift is recorded as fit.arrays["noise"]["ci_shift"].
-    Without a finite bias (no model, no stretch after the window) the CI is left as it is."""
+    the predicted bias (excess_bias on the final window, ≤ noise_bias·p̂ on an asymptotic fit), the sum of two
+    sources, N's bending and the excess, which can each be large and cancel. The interval is the union of the CI
+    shifted by 0 and by the bias (right whether the model's bias is right or absent) when the model predicts the
+    window's own exponent — its p_model inside the bootstrap CI — and, when the data reject that prediction, also
+    by each source alone (right whether each source is right or absent: a model the window contradicts is not
+    trusted to cancel). p̂ itself is not corrected. fit.arrays["noise"] records ci_shift (the bias), ci_shifts
+    (the smallest and largest shift used) and model_rejected. Without a finite bias (no model, no stretch after
+    the window) the CI is left as it is."""
     low, high = fit.p_low, fit.p_high
     rho = excess.get("rho", np.nan)
     if window.sum() < 2 or not (np.isfinite(rho) and rho > 0 and np.isfinite(excess.get("kappa", np.nan))):
         return low, high
-    _, bias, _ = excess_bias(u, window, iqm_point, excess, x, noise_mean, opts)
+    _, bias, parts = excess_bias(u, window, iqm_point, excess, x, noise_mean, opts)
     if not np.isfinite(bias):
         return low, high
-    fit.arrays["noise"]["ci_shift"] = bias
-    return low + min(bias, 0.0), high + max(bias, 0.0)
+    rejected = not low <= parts["p_model"] <= high
+    # rejected: neither the window nor the model is trusted over the other; besides each source alone, the CI also
+    # spans the shift that puts p̂ on the term's tail exponent p_end (the model's rate; with κ = 0 there is no
+    # excess source, and an excess the F-test missed is what a rejection shows)
+    shifts = (0.0, bias) + ((parts["bending"], parts["excess"], parts["p_end"] - fit.p) if rejected else ())
+    fit.arrays["noise"].update(ci_shift=bias, ci_shifts=(min(shifts), max(shifts)), model_rejected=rejected)
+    return low + min(shifts), high + max(shifts)
 
 
 def split_slopes(u: np.ndarray, window: np.ndarray, iqm_point: np.ndarray, iqm_r: np.ndarray,

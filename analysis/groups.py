@@ -38,10 +38,14 @@ def group_curves(loaded: Loaded, metric: str, x_name: str, by: list[str]) -> lis
 
 def fit_groups(loaded: Loaded, metric: str, x_name: str, by: list[str], opts: FitOptions,
                sensitivity: bool = False) -> list[tuple[dict, RateFit, object]]:
-    """(group key dict, fit, curves) for every group of runs (group_curves)."""
+    """(group key dict, fit, curves) for every group of runs (group_curves); seeds of one run with
+    bit-identical curves count once, as in `check` and `report` (distinct_curves; fit.n_copies says how many
+    were dropped, and the curves returned are the ones fitted)."""
     out = []
     for key, curves in group_curves(loaded, metric, x_name, by):
+        curves, copies = distinct_curves(curves)
         fit = fit_rate(curves, opts)
+        fit.n_copies = sum(before - after for before, after in copies.values())
         if sensitivity and fit.status != "no_data":
             fit.arrays["sensitivity"] = window_sensitivity(curves, opts)
         out.append((key, fit, curves))

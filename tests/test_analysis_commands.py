@@ -108,3 +108,25 @@ def test_report_is_self_contained_with_verdict_and_hashes(two_algorithms, tmp_pa
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert images and base64.b64decode(images[0])[:4] == b"\x89PNG"
     assert "src=\"figures" not in page  # nothing linked from the HTML: one file
+
+
+def test_fit_counts_bit_identical_seeds_of_one_run_once(tmp_path, capsys):
+    """A run whose 16 seeds are 8 curves, each twice (a deterministic method), is fitted as the run of the 8
+    distinct curves: the same p̂, CI and n_seeds (the dedupe of check and report, groups.distinct_curves), and
+    the output says how many were dropped."""
+    vals = synthetic_values(X, 1.0, 8, np.random.default_rng(5))
+    config = {"algorithm": {"name": "alg"}, "env": {"name": "bandit"}}
+    write_run(tmp_path / "distinct" / "job", X, vals, list(range(8)), metric="gap", algorithm="alg", env="bandit",
+              config=config)
+    write_run(tmp_path / "copies" / "job", X, np.vstack([vals, vals]), list(range(16)), metric="gap",
+              algorithm="alg", env="bandit", config=config)
+    rows = {}
+    for name in ("distinct", "copies"):
+        assert commands.main("fit", [str(tmp_path / name), "--json", "--n-boot", "400"]) == 0
+        [rows[name]] = json.loads(capsys.readouterr().out)
+    want, got = rows["distinct"], rows["copies"]
+    assert (got["p"], got["p_low"], got["p_high"], got["n_seeds"]) == \
+        (want["p"], want["p_low"], want["p_high"], want["n_seeds"]) and want["n_seeds"] == 8
+    assert (got["n_copies"], want["n_copies"]) == (8, 0)
+    assert commands.main("fit", [str(tmp_path / "copies"), "--n-boot", "400"]) == 0
+    assert "8 seed(s) with bit-identical curves in one run counted once (8 distinct seeds fitted)" in capsys.readouterr().out

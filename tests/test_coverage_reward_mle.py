@@ -1,7 +1,7 @@
 """Real-run coverage of the rate fit (docs/analysis.md, "Coverage on real runs"): reward_mle with step
 c/(t+t0)^a has reward_err ~ t^-a (Moulines & Bach 2011), p = 1/a. On an instance that tuned nothing
-(instance 18; the constants were chosen on instances 0 and 11, the noise-term rule designed on 0 and 11–17),
-16 seeds, 4·10^5 samples:
+(instance 24; the constants were chosen on instances 0 and 11, the noise-term rule and its CI designed on 0 and
+11–23), 16 seeds, 4·10^5 samples:
 a fit must cover 1/a (|p̂ − 1/a| ≤ 0.25) or say it is not asymptotic, and the a = 1 fit must not be
 flagged. The full grid (six a, two budgets, three instances) is bench/coverage_reward_mle.py."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ratebench.runner import run_job
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("error::RuntimeWarning")]
 fit_mod = importlib.import_module("ratebench.analysis.fit")
 
-HELD_OUT = 18
+HELD_OUT = 24
 
 
 def run_reward_mle(tmp_path_factory, a: float, budget: int = 400000, instance: int = HELD_OUT):
@@ -31,12 +31,15 @@ def run_reward_mle(tmp_path_factory, a: float, budget: int = 400000, instance: i
 
 
 def test_a06_at_4e5_samples_is_covered_or_flagged(tmp_path_factory):
+    """Measured: p̂ 1.48 [1.32, 1.83] on [0.04, 0.56], covered (and flagged)."""
     fit = run_reward_mle(tmp_path_factory, 0.6)
     covered = fit.p_low <= 1 / 0.6 <= fit.p_high and abs(fit.p - 1 / 0.6) <= 0.25
     assert covered or not fit.asymptotic, (fit.p, fit.p_low, fit.p_high, fit.asymptotic_reason)
 
 
 def test_a1_at_4e5_samples_is_covered_and_not_flagged(tmp_path_factory):
+    """Measured: p̂ 0.998 [0.822, 1.12] on [0.00089, 1.8], not flagged (the window's CI rejects the noise-term
+    model's exponent, so the CI spans each bias source alone)."""
     fit = run_reward_mle(tmp_path_factory, 1.0)
     assert fit.asymptotic, fit.asymptotic_reason
     assert fit.p_low <= 1.0 <= fit.p_high and abs(fit.p - 1.0) <= 0.25, (fit.p, fit.p_low, fit.p_high)
