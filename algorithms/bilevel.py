@@ -178,11 +178,14 @@ class Bilevel(Algorithm):
 
     def has_eager_step(self) -> bool:
         # the eager and compiled steps are the stochastic oracle's in closed form; every oracle with an exact
-        # part (exact, exact_lower, exact_upper) takes the reference step (so never the compiled segments)
-        return self.cfg.oracle == "stochastic"
+        # part (exact, exact_lower, exact_upper) takes the reference step (so never the compiled segments); so does
+        # momentum=storm (harness/config.py refuses it with any impl but reference)
+        return self.cfg.oracle == "stochastic" and self.cfg.momentum == "none"
 
     def reference_step(self, state, sampler):
         n_traj, n_pairs, inner = self.set_schedule(state)
+        if self.cfg.momentum == "storm":  # F2SA's momentum-assisted estimators (below)
+            return self._momentum_step(state, sampler, n_traj, n_pairs)
         rewards = [r.detach() for r in self.reward.step_tables(state.nu)]
         for _ in range(inner):
             self._z_step(state, sampler, rewards, n_traj)
