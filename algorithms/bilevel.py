@@ -4,11 +4,12 @@ Three sequences: z tracks theta*(nu) (argmax J), y tracks argmin f + lam g (g = 
 nu descends the penalty hypergradient; single_loop (F2SA style) or double_loop (Kwon et al. 2024).
 The four gradient estimates come from algorithms/oracles.py: stochastic (default), exact (oracle=exact), or
 exact in one level only (oracle=exact_lower: noise in the upper level only; oracle=exact_upper).
+momentum=storm replaces each sequence's estimate by F2SA's momentum-assisted (STORM) recursion (reference step).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +24,7 @@ from ratebench.core.errors import ConfigError, require
 from ratebench.envs.sampling import padded_units, policy_cdf
 
 VARIANTS = ("single_loop", "double_loop")
+MOMENTA = ("none", "storm")  # algorithm.momentum: plain estimates | recursive momentum estimates (docs/bilevel.md)
 
 
 @dataclass
@@ -50,6 +52,11 @@ class BilevelConfig:
     lam0: float = 1.0  # initial penalty; argmin psi_1 is already 5e-4 from F* in gap on the bandit
     lam_exponent: float = 1 / 7  # c_lam: lam_T ~ T^(1/7), the F2SA growth that balances the 1/lam bias
     k0: float = 100.0  # offset of every schedule (avoids huge first steps)
+    # --- momentum (single_loop, inner_steps = 1, reference step only): d_k = g(x_k) + (1 - eta_k)(d_{k-1} - g(x_{k-1})),
+    #     both on the same samples; eta_k = min(1, momentum_c / (k + k0)^momentum_exponent); eta = 1 is the plain step
+    momentum: str = "none"  # none | storm (F2SA's momentum-assisted estimators, our STORM reading: docs/bilevel.md)
+    momentum_c: float = 1.0  # eta_k's constant
+    momentum_exponent: float = 0.0  # eta_k's exponent (0 with momentum_c >= 1: eta = 1, the plain estimates)
     # --- double_loop: K, B, lam from a target eps, in units of grad_sq (||grad F||^2) ---------------
     eps: float = 0.01  # target ||grad psi||^2
     lam_scale: float = 0.2  # lam = lam_scale * eps^(-1/2): penalty bias O(1/lam^2) in grad_sq units = O(eps)
@@ -75,6 +82,16 @@ class BilevelConfig:
                               f"(z at least as fast as y), got {self.alpha_z_exponent}")
         if self.eps >= 1:
             raise ConfigError("algorithm.eps", f"must be in (0, 1), got {self.eps}")
+        if self.momentum not in MOMENTA:
+            raise ConfigError("algorithm.momentum", f"must be one of {list(MOMENTA)}, got {self.momentum!r}")
+        require(self, "algorithm", ("momentum_c",), lambda v: v > 0, "must be > 0")
+        require(self, "algorithm", ("momentum_exponent",), lambda v: 0 <= v <= 1, "must be in [0, 1]")
+        if self.momentum != "none" and self.variant != "single_loop":
+            raise ConfigError("algorithm.momentum", f"{self.momentum} is a single_loop step; allowed with "
+                              f"variant={self.variant}: none")
+        if self.momentum != "none" and self.inner_steps != 1:
+            raise ConfigError("algorithm.inner_steps", f"must be 1 with algorithm.momentum={self.momentum} (one "
+                              f"previous point per sequence), got {self.inner_steps}")
 
     # double_loop sizes as functions of eps
     def double_loop_sizes(self) -> tuple[float, int, int]:
@@ -95,6 +112,16 @@ class BilevelState:
     alpha: float = 0.0
     alpha_z: float = 0.0
     xi: float = 0.0
+    eta: float = 1.0  # momentum weight of the last step (1: plain estimates)
+    # momentum=storm: the previous point (nu_{k-1}, y_{k-1}, z_{k-1}, lam_{k-1}) and the directions d_{k-1}
+    # (empty before the first step: d_0 is the plain estimate)
+    prev_nu: list[torch.Tensor] = field(default_factory=list)
+    prev_y: list[torch.Tensor] = field(default_factory=list)
+    prev_z: list[torch.Tensor] = field(default_factory=list)
+    prev_lam: float = 0.0
+    d_nu: list[torch.Tensor] = field(default_factory=list)
+    d_y: list[torch.Tensor] = field(default_factory=list)
+    d_z: list[torch.Tensor] = field(default_factory=list)
 
 
 class Bilevel(Algorithm):
@@ -133,6 +160,7 @@ class Bilevel(Algorithm):
             state.alpha = cfg.c_alpha / (k + k0) ** cfg.alpha_exponent  # alpha_k = c_alpha / (k + k0)^a
             state.alpha_z = cfg.c_alpha_z / (k + k0) ** cfg.alpha_z_exponent
             state.xi = cfg.c_xi / (k + k0) ** cfg.xi_exponent  # xi_k = c_xi / (k + k0)^b
+            state.eta = min(1.0, cfg.momentum_c / (k + k0) ** cfg.momentum_exponent)  # eta_k (momentum=storm)
         else:
             state.lam = cfg.double_loop_sizes()[0]
             state.alpha = state.alpha_z = cfg.inner_step
@@ -141,6 +169,8 @@ class Bilevel(Algorithm):
 
     @staticmethod
     def instance_batch_refusal(cfg) -> str | None:
+        if getattr(cfg, "momentum", "none") != "none":
+            return f"algorithm.momentum={cfg.momentum} has the reference step only (one job per instance)"
         if cfg.oracle != "stochastic":
             return (f"algorithm.oracle={cfg.oracle} enumerates its instance's trajectories at every step: "
                     "it cannot batch instances")
@@ -148,11 +178,14 @@ class Bilevel(Algorithm):
 
     def has_eager_step(self) -> bool:
         # the eager and compiled steps are the stochastic oracle's in closed form; every oracle with an exact
-        # part (exact, exact_lower, exact_upper) takes the reference step (so never the compiled segments)
-        return self.cfg.oracle == "stochastic"
+        # part (exact, exact_lower, exact_upper) takes the reference step (so never the compiled segments); so does
+        # momentum=storm (harness/config.py refuses it with any impl but reference)
+        return self.cfg.oracle == "stochastic" and self.cfg.momentum == "none"
 
     def reference_step(self, state, sampler):
         n_traj, n_pairs, inner = self.set_schedule(state)
+        if self.cfg.momentum == "storm":  # F2SA's momentum-assisted estimators (below)
+            return self._momentum_step(state, sampler, n_traj, n_pairs)
         rewards = [r.detach() for r in self.reward.step_tables(state.nu)]
         for _ in range(inner):
             self._z_step(state, sampler, rewards, n_traj)
@@ -191,6 +224,77 @@ class Bilevel(Algorithm):
             return upper_y(rewards) + state.lam * (value_z(rewards) - value_y(rewards))
 
         state.nu = self.reward.project(sgd_step(state.nu, hypergradient_surrogate, state.xi))  # then onto the box, if any
+
+    # --- momentum=storm: F2SA's momentum-assisted estimators, our STORM reading (docs/bilevel.md "Momentum") ---------
+    def _momentum_step(self, state, sampler, n_traj, n_pairs):
+        """The single-loop step with each sequence moving along a recursive-momentum direction
+            d_k = g(x_k; xi_k) + (1 - eta_k) (d_{k-1} - g(x_{k-1}; xi_k)),      d_0 = g(x_0; xi_0),
+        g the plain step's estimate, xi_k this step's samples (drawn once, from the current policies, counted once),
+        x_{k-1} the previous step's point, where the same samples are importance-weighted to its policies."""
+        eta, lam = state.eta, state.lam
+        has_prev = bool(state.d_z)  # k = 0: no previous point, d_0 = g
+        rewards = [r.detach() for r in self.reward.step_tables(state.nu)]
+        rewards_prev = [r.detach() for r in self.reward.step_tables(state.prev_nu)] if has_prev else None
+        y_k, z_k = state.y, state.z
+
+        # z: d^z_k = g^_theta J(nu_k, z_k) + (1 - eta)(d^z_{k-1} - g^_theta J(nu_{k-1}, z_{k-1})); z <- z + alpha_z d^z_k
+        def z_direction(z, previous):
+            return self.oracle.value_theta(sampler, rewards, self.policy.log_probs(z), n_traj, previous)
+
+        d_z = self._storm_direction(z_direction, z_k, state.prev_z, rewards_prev, state.d_z, eta)
+        state.z = sgd_update(z_k, d_z, -state.alpha_z)
+
+        # y: g^y = g^_theta f(nu, y) / lam - g^_theta J(nu, y) at (nu_k, y_k, lam_k) and (nu_{k-1}, y_{k-1}, lam_{k-1});
+        #    d^y_k = g^y_k + (1 - eta)(d^y_{k-1} - g^y_{k-1}); y <- y - alpha d^y_k
+        def y_direction(y, previous):
+            logp_y = self.policy.log_probs(y)
+            score_f = self.oracle.upper_theta(sampler, rewards, logp_y, n_pairs, previous)  # M pairs from pi_y
+            ascent_j = self.oracle.value_theta(sampler, rewards, logp_y, n_traj, previous)  # N from pi_y
+            if previous is None:
+                return score_f / lam - ascent_j
+            return score_f[0] / lam - ascent_j[0], score_f[1] / state.prev_lam - ascent_j[1]
+
+        d_y = self._storm_direction(y_direction, y_k, state.prev_y, rewards_prev, state.d_y, eta)
+        state.y = sgd_update(y_k, d_y, state.alpha)
+
+        # nu: h(nu, y, z, lam) = g^_nu f(nu, y) + lam (g^_nu J(nu, z) - g^_nu J(nu, y)) at (nu_k, y_{k+1}, z_{k+1}, lam_k)
+        #     and at the previous nu step's point (nu_{k-1}, y_k, z_k, lam_{k-1}), the same M + 2N samples;
+        #     d^nu_k = h_k + (1 - eta)(d^nu_{k-1} - h_{k-1}); nu <- Pi(nu - xi d^nu_k)
+        with torch.no_grad():
+            logp_y, logp_z = self.policy.log_probs(state.y), self.policy.log_probs(state.z)
+            old = (self.policy.log_probs(y_k), self.policy.log_probs(z_k)) if has_prev else (None, None)
+        upper_y = self.oracle.upper_nu(sampler, logp_y, n_pairs, old[0])  # g^_nu f(nu, y), M pairs from pi_y
+        value_z = self.oracle.value_nu(sampler, logp_z, n_traj, old[1])  # g^_nu J(nu, z), N from pi_z
+        value_y = self.oracle.value_nu(sampler, logp_y, n_traj, old[0])  # g^_nu J(nu, y), N from pi_y
+
+        def hypergradient(nu, i, lam_i):  # i = 0: this point's functions, 1: the previous point's
+            tables = self.reward.step_tables(nu)
+            pick = (lambda fn: fn) if not has_prev else (lambda fns: fns[i])
+            return pick(upper_y)(tables) + lam_i * (pick(value_z)(tables) - pick(value_y)(tables))
+
+        g_nu = _gradients(lambda nu: hypergradient(nu, 0, lam), state.nu)
+        g_nu_prev = _gradients(lambda nu: hypergradient(nu, 1, state.prev_lam), state.prev_nu) if has_prev else None
+        d_nu = storm(g_nu, g_nu_prev, state.d_nu, eta)
+        nu_k = state.nu
+        state.nu = self.reward.project(sgd_update(nu_k, d_nu, state.xi))  # then onto the box, if any
+
+        # what the next step's recursion needs: this step's point and directions
+        state.prev_nu, state.prev_y, state.prev_z, state.prev_lam = nu_k, y_k, z_k, lam
+        state.d_nu, state.d_y, state.d_z = d_nu, d_y, d_z
+        state.k += 1
+        return state
+
+    def _storm_direction(self, draw, params, prev_params, rewards_prev, d_prev, eta):
+        """storm(g, g_prev, d_prev, eta) for a policy sequence: draw(params, previous) draws the samples once and
+        returns the estimate's surrogate at params, or with previous = (rewards_prev, logps at prev_params) the
+        pair (surrogate at params, surrogate at prev_params) on those samples."""
+        params = [p.detach().requires_grad_(True) for p in params]
+        if not d_prev:
+            return storm(list(torch.autograd.grad(draw(params, None).sum(), params)), None, None, eta)
+        prev = [p.detach().requires_grad_(True) for p in prev_params]
+        now, before = draw(params, (rewards_prev, self.policy.log_probs(prev)))
+        return storm(list(torch.autograd.grad(now.sum(), params)), list(torch.autograd.grad(before.sum(), prev)),
+                     d_prev, eta)
 
     # --- the fast path: the same step, closed-form gradients, one RNG call -------------
     def kernel_step(self, state, sampler):
@@ -341,6 +445,21 @@ class Bilevel(Algorithm):
                                            "pi* of the minimiser of F in the basin of nu_true (F_loc)"),
                 "target_global": minimiser_target(self.problem, reference.argmin,
                                                   "pi* of the global minimiser of F (F*)")}
+
+
+def storm(g: list[torch.Tensor], g_prev: list[torch.Tensor] | None, d_prev: list[torch.Tensor] | None,
+          eta: float) -> list[torch.Tensor]:
+    """The recursive momentum (STORM) direction d_k = g(x_k; xi_k) + (1 - eta_k) (d_{k-1} - g(x_{k-1}; xi_k));
+    the plain estimate g where there is no previous direction (k = 0)."""
+    if not d_prev:
+        return g
+    return [a + (1 - eta) * (d - b) for a, b, d in zip(g, g_prev, d_prev)]
+
+
+def _gradients(loss_of, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each seed's gradient of loss_of(params) (B,) at params (sgd_step's gradient, without the step)."""
+    params = [p.detach().requires_grad_(True) for p in params]
+    return list(torch.autograd.grad(loss_of(params).sum(), params))
 
 
 def inner_draws(n_traj: int, n_pairs: int) -> tuple:

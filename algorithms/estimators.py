@@ -32,18 +32,35 @@ def kl_regularised_return(traj: Trajectories, rewards: list[torch.Tensor], logps
     return traj.returns(rewards) - beta * (traj.log_prob(logps) - traj.log_prob(ref_logps))
 
 
+def importance_weights(traj: Trajectories, target_logps: list[torch.Tensor],
+                       behaviour_logps: list[torch.Tensor]) -> torch.Tensor:
+    """w(tau) = pi_target(tau) / pi_behaviour(tau) of trajectories drawn from the behaviour policy, detached:
+    E_behaviour[w(tau) h(tau)] = E_target[h(tau)], so an estimator at another policy can reuse the same samples
+    (the momentum step's estimate at the previous iterate). (B, N)"""
+    with torch.no_grad():
+        return torch.exp(traj.log_prob(target_logps) - traj.log_prob(behaviour_logps))
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-seed mean over the batch, each sample times its importance weight when given: (B, N) -> (B,)."""
+    return (values if weights is None else weights * values).mean(1)
+
+
 def policy_gradient_surrogate(traj: Trajectories, rewards: list[torch.Tensor], logps: list[torch.Tensor],
-                              ref_logps: list[torch.Tensor], beta: float) -> torch.Tensor:
+                              ref_logps: list[torch.Tensor], beta: float,
+                              weights: torch.Tensor | None = None) -> torch.Tensor:
     """REINFORCE for J(nu, theta) = E[R_nu] - beta KL, leave-one-out baseline.
 
     grad_theta J = E[(G(tau) - b) grad log pi_theta(tau)]; G's own theta-dependence adds
-    -beta E[grad log pi] = 0. `logps` must carry the graph to theta; rewards are detached. (B,)
+    -beta E[grad log pi] = 0. `logps` must carry the graph to theta; rewards are detached. `weights`
+    (importance_weights, when the trajectories come from another policy): each term times w(tau); b_i does
+    not depend on tau_i, so the estimate stays unbiased. (B,)
     """
     with torch.no_grad():
         ret = kl_regularised_return(traj, [r.detach() for r in rewards], [lp.detach() for lp in logps],
                                     ref_logps, beta)
         advantage = ret - leave_one_out_baseline(ret)
-    return (advantage * traj.log_prob(logps)).mean(1)
+    return _weighted_mean(advantage * traj.log_prob(logps), weights)
 
 
 def policy_gradient_weights(ret: torch.Tensor) -> torch.Tensor:
@@ -52,16 +69,26 @@ def policy_gradient_weights(ret: torch.Tensor) -> torch.Tensor:
     return (ret - leave_one_out_baseline(ret)) / ret.shape[1]
 
 
-def reward_return_surrogate(traj: Trajectories, rewards: list[torch.Tensor]) -> torch.Tensor:
-    """grad_nu of E_{tau ~ pi}[R_nu(tau)] = -grad_nu g: mean R_nu over the trajectories. (B,)"""
-    return traj.returns(rewards).mean(1)
+def reward_return_surrogate(traj: Trajectories, rewards: list[torch.Tensor],
+                            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_nu of E_{tau ~ pi}[R_nu(tau)] = -grad_nu g: mean R_nu over the trajectories (importance-weighted
+    when `weights` is given). (B,)"""
+    return _weighted_mean(traj.returns(rewards), weights)
 
 
-def preference_loss(pairs: PreferencePairs, rewards: list[torch.Tensor]) -> torch.Tensor:
-    """BT negative log-likelihood of the labelled pairs, mean per seed; its nu-gradient is
-    the estimate of grad_nu f. (B,)"""
+def pair_weights(pairs: PreferencePairs, target_logps: list[torch.Tensor],
+                 behaviour_logps: list[torch.Tensor]) -> torch.Tensor:
+    """importance_weights of a pair, both members drawn from the behaviour policy: w(tau) w(tau'). (B, M)"""
+    return (importance_weights(pairs.first, target_logps, behaviour_logps)
+            * importance_weights(pairs.second, target_logps, behaviour_logps))
+
+
+def preference_loss(pairs: PreferencePairs, rewards: list[torch.Tensor],
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """BT negative log-likelihood of the labelled pairs, mean per seed (importance-weighted when `weights` is
+    given); its nu-gradient is the estimate of grad_nu f. (B,)"""
     margin = pairs.first.returns(rewards) - pairs.second.returns(rewards)
-    return bradley_terry_nll(margin, pairs.label).mean(1)
+    return _weighted_mean(bradley_terry_nll(margin, pairs.label), weights)
 
 
 def preference_loss_weights(margin: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -71,14 +98,15 @@ def preference_loss_weights(margin: torch.Tensor, label: torch.Tensor) -> torch.
 
 
 def preference_score_surrogate(pairs: PreferencePairs, rewards: list[torch.Tensor],
-                               logps: list[torch.Tensor]) -> torch.Tensor:
+                               logps: list[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
     """Score-function estimate of grad_theta f(nu, theta) when both members come from pi_theta:
-    E[(l - b)(grad log pi(tau) + grad log pi(tau'))], l the pair's BT loss, leave-one-out b. (B,)"""
+    E[(l - b)(grad log pi(tau) + grad log pi(tau'))], l the pair's BT loss, leave-one-out b
+    (importance-weighted by pair_weights when `weights` is given). (B,)"""
     with torch.no_grad():
         margin = pairs.first.returns(rewards) - pairs.second.returns(rewards)
         loss = bradley_terry_nll(margin, pairs.label)
         centred = loss - leave_one_out_baseline(loss)
-    return (centred * (pairs.first.log_prob(logps) + pairs.second.log_prob(logps))).mean(1)
+    return _weighted_mean(centred * (pairs.first.log_prob(logps) + pairs.second.log_prob(logps)), weights)
 
 
 def preference_score_weights(margin: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
