@@ -60,11 +60,16 @@ def same_value(a, b) -> bool:
     return bool(a == b)
 
 
-def config_differences(run: dict, expected: dict, free) -> list[str]:
+def config_differences(run: dict, expected: dict, free, defaults: dict | None = None) -> list[str]:
     """The non-free keys (dotted, sorted) in which a run's flattened config differs from the
-    expected one; a key only one side has counts as null on the other."""
+    expected one; a key only one side has counts as null on the other — except a key the run lacks
+    (written by code from before the key existed) where the expected value is the key's default
+    (`defaults`, flattened): a new key's default keeps the old behaviour, so that run is what the
+    experiment asks for."""
+    defaults = defaults or {}
     keys = (set(run) | set(expected))
-    return sorted(k for k in keys if not is_free(k, free) and not same_value(run.get(k), expected.get(k)))
+    return sorted(k for k in keys if not is_free(k, free) and not same_value(run.get(k), expected.get(k))
+                  and not (_null(run.get(k)) and k in defaults and same_value(defaults[k], expected.get(k))))
 
 
 def run_configs(seeds: pd.DataFrame) -> dict[str, dict]:
@@ -86,7 +91,8 @@ class Match:
     checked: bool = True  # False: no expected config (not a shipped experiment): the tag alone decided
 
 
-def match_experiment(seeds: pd.DataFrame, experiment: str, expected: list[dict] | None, free) -> Match:
+def match_experiment(seeds: pd.DataFrame, experiment: str, expected: list[dict] | None, free,
+                     defaults: dict | None = None) -> Match:
     """The seed rows of `experiment`'s runs that match one of its expected configs (flattened,
     expected_flat) up to the free keys. A run counts when it records this experiment, or records
     none (a plain `ratebench run` spelling the experiment out, or the copy the duplicate check kept)
@@ -103,7 +109,7 @@ def match_experiment(seeds: pd.DataFrame, experiment: str, expected: list[dict] 
     keep, rejected, values = set(), {}, {}
     is_tagged = dict(zip(candidates["run_dir"].astype(str), (candidates["experiment"] == experiment)))
     for run_dir, cfg in configs.items():
-        diffs = [config_differences(cfg, e, free) for e in expected]
+        diffs = [config_differences(cfg, e, free, defaults) for e in expected]
         best = min(range(len(diffs)), key=lambda i: len(diffs[i]))
         if not diffs[best]:
             keep.add(run_dir)
@@ -292,3 +298,4 @@ class ExperimentConfigs:
     configs: tuple | None
     free: tuple
     tuning: frozenset = frozenset()
+    defaults: dict = field(default_factory=dict)  # flattened defaults of its algorithm and env (config_differences)

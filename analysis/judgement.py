@@ -33,7 +33,7 @@ def claim_evidence(loaded: Loaded, claim: Claim, expected: ExperimentConfigs, wh
         seeds = seeds[seeds["env"] == claim.env]
     free_keys = tuple(expected.free) + tuple(free) + ((claim.parameter,) if claim.parameter else ())
     match = evidence.match_experiment(seeds, claim.experiment, list(expected.configs) if expected.configs else None,
-                                      free_keys)
+                                      free_keys, expected.defaults)
     tagged = seeds[seeds["experiment"] == claim.experiment]
     rejected = evidence.rejected_note(match, seeds, claim.experiment)
     notes = [rejected] if rejected and not match.seeds.empty else []

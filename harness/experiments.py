@@ -57,7 +57,11 @@ def experiment_configs(name: str) -> ExperimentConfigs:
                evidence.expected_flat(OmegaConf.to_container(compose([f"experiment={name}", *combo]), resolve=True))
                for combo in combos]
     tuning = frozenset(int(i) for c in configs for i in json.loads(c.get("tuning_instances") or "[]"))
-    return ExperimentConfigs(tuple(configs), free, tuning)
+    # the defaults of the experiment's algorithm and env alone: a run from before a key existed matches where the
+    # experiment keeps that key's default (evidence.config_differences)
+    groups = [f"algorithm={flat_base['algorithm.name']}", f"env={flat_base['env.name']}"]
+    defaults = evidence.expected_flat(OmegaConf.to_container(compose(groups), resolve=True))
+    return ExperimentConfigs(tuple(configs), free, tuning, defaults)
 
 
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9_.-]+")

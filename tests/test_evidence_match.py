@@ -191,3 +191,20 @@ def test_a_real_run_of_the_experiment_matches_its_composed_config(claim_name, ov
     assert list(match.rejected.values()) == [["budget.samples"]]  # the one key the job changed, nothing else
     chosen, note, missing = experiments.claim_evidence(loaded, claim, free=("budget.samples",))
     assert len(chosen.seeds) == 2 and "not evidence" not in note, (note, missing)
+
+
+def test_a_run_from_before_a_key_existed_matches_where_the_experiment_keeps_its_default():
+    """A run's config lacks algorithm.momentum (written before the key existed; NaN in the seed table). It is the
+    experiment's run when the experiment keeps the key's default, and not when the experiment sets another value;
+    a run that records a different value never matches; without defaults the missing key differs."""
+    from ratebench.analysis.evidence import config_differences
+
+    defaults = {"algorithm.momentum": "none", "algorithm.lr": 0.1}
+    keeps = {"algorithm.momentum": "none", "algorithm.lr": 0.1}
+    sets = {"algorithm.momentum": "storm", "algorithm.lr": 0.1}
+    old_run = {"algorithm.momentum": float("nan"), "algorithm.lr": 0.1}
+    assert config_differences(old_run, keeps, (), defaults) == []
+    assert config_differences(old_run, sets, (), defaults) == ["algorithm.momentum"]
+    assert config_differences(old_run, keeps, ()) == ["algorithm.momentum"]
+    assert config_differences({"algorithm.momentum": "storm", "algorithm.lr": 0.1}, keeps, (), defaults) == [
+        "algorithm.momentum"]
