@@ -86,10 +86,11 @@ static void uniforms(uint64_t key, int64_t start, int64_t n, double *restrict u)
         u[i] = ((double)(int64_t)(bits >> 11) + 0.5) * 0x1p-53;
     }
 }
-static int64_t search(const double *cdf, int64_t n, double u) {  /* torch.searchsorted(cdf, u * cdf[-1]).clamp_max(n - 1) */
-    double v = u * cdf[n - 1];
+static int64_t search(const double *cdf, int64_t n, int64_t stride, double u) {
+    /* torch.searchsorted(cdf, u * cdf[-1]).clamp_max(n - 1), the cdf's entries `stride` apart */
+    double v = u * cdf[(n - 1) * stride];
     int64_t i = 0;  /* the first entry >= v of a nondecreasing cdf = how many of its first n - 1 are < v (no branches) */
-    for (int64_t j = 0; j < n - 1; j++) i += cdf[j] < v;
+    for (int64_t j = 0; j < n - 1; j++) i += cdf[j * stride] < v;
     return i;
 }
 /* exp(x), the kernel's one exponential: within 1 ulp of e^x where that is a normal number, in plain IEEE operations
@@ -347,6 +348,7 @@ static void sgd_update(const Net *from, const Net *to, int64_t k, const double *
 typedef struct {  /* per-seed scratch, allocated once per call (the policy tables: this seed's slice of Step.tables) */
     Net z, y, nu;                     /* the parameters this seed's passes read: W_in until a net's first update, then W */
     double *logp, *prob, *cdf;        /* (2S, A): pi_z's log-prob table, then pi_y's; their exp and cumsum */
+    int64_t ts;                       /* the stride of logp and cdf's entries: 1, or VL where they are a block's lanes */
     double **pacts[2];                /* policy activations per network and layer (S, width) */
     double *r, **racts;               /* reward per unit (n_units + 1) and its activations (n_units, width) */
     double *rtanh;                    /* with a bound: tanh of the network's raw output per unit (n_units + 1) */
@@ -423,11 +425,11 @@ static void draw(const Step *st, Work *w, int64_t b, const Plan *plan, int64_t c
     uniforms((uint64_t)st->keys[b], counter, plan->n_uniforms, w->u);  /* the stage's uniforms, in the stream's order */
     const double *init = st->init_cdf + b * st->init_cdf_stride;
     for (int64_t t = 0; t < T; t++) {
-        int64_t s = search(init, st->G, u[plan->columns[t]]);
+        int64_t s = search(init, st->G, 1, u[plan->columns[t]]);
         for (int64_t h = 0; h < H; h++) {
             int64_t row = s + plan->row_base[h * T + t];
             /* a ~ pi(. | s): inverse CDF */
-            int64_t a = search(w->cdf + row * A, A, u[plan->columns[(1 + 2 * h) * T + t]]);
+            int64_t a = search(w->cdf + row * A * w->ts, A, w->ts, u[plan->columns[(1 + 2 * h) * T + t]]);
             int64_t idx = row * A + a;
             w->index[t * H + h] = idx;
             w->local[t * H + h] = idx < SA ? idx : idx - SA;  /* the flat (h, s, a) of either policy's table */
@@ -438,7 +440,7 @@ static void draw(const Step *st, Work *w, int64_t b, const Plan *plan, int64_t c
                 if (K == 1) s = nxt[0];  /* deterministic successor: the draw is made, not needed */
                 else {
                     const double *cdf = st->next_cdf[h] + b * st->next_stride[h] + local * K;
-                    s = nxt[search(cdf, K, u[plan->columns[(2 + 2 * h) * T + t]])];
+                    s = nxt[search(cdf, K, 1, u[plan->columns[(2 + 2 * h) * T + t]])];
                 }
             }
         }
@@ -472,7 +474,7 @@ static void z_y_weights(const Step *st, Work *w, int64_t b, int64_t counter) {
     draw(st, w, b, &st->stage, counter);  /* trajectories: z's N, y's M pairs (first, second members), y's N */
     for (int64_t t = 0; t < T; t++) {  /* G(tau) = R_nu(tau) - beta sum_t log pi/pi_ref (a_t | s_t) */
         double lp = 0, lr = 0;
-        for (int64_t h = 0; h < H; h++) { int64_t i = w->index[t * H + h]; lp += w->logp[i]; lr += ref[w->local[t * H + h]]; }
+        for (int64_t h = 0; h < H; h++) { int64_t i = w->index[t * H + h]; lp += w->logp[i * w->ts]; lr += ref[w->local[t * H + h]]; }
         w->ret[t] = model_return(st, w, b, t) - st->beta * (lp - lr);
     }
     double *wz = w->weight, *score = w->weight + N, *wy = w->weight + N + 2 * M;
@@ -660,7 +662,7 @@ static void seed_begin(const Step *st, Work *w, int64_t b) {
     w->nu.W = (double **)st->nu.W_in, w->nu.b = (double **)st->nu.b_in;
     memset(w->r_done, 0, st->n_units + 1);
     double *t = st->tables + b * policy_table_size(st);  /* this seed's tables live in Step.tables */
-    w->logp = t, w->prob = t + 2 * S * A, w->cdf = t + 4 * S * A, t += 6 * S * A;
+    w->logp = t, w->prob = t + 2 * S * A, w->cdf = t + 4 * S * A, w->ts = 1, t += 6 * S * A;
     for (int p = 0; p < 2; p++)
         for (int l = 1; l <= st->z.n_layers; l++) { w->pacts[p][l] = t; t += S * st->z.sizes[l]; }
 }
@@ -753,9 +755,11 @@ static void zero(const Net *net, int64_t b) {
    sgd_update), so every seed's numbers are the per-seed code's bit for bit (tests/test_segments.py holds a segment to
    the per-step call, which runs the per-seed code). The backward runs over every state, a lane adding only the rows of
    the states its stage visited (`visited`): the per-seed code's gathered rows, in the same order. The draws, returns,
-   weights and the reward network stay per seed (their rows differ from seed to seed). exp, log and tanh stay libm's,
-   one lane at a time. z and y live on the lanes for the whole call: block_begin reads the seeds' parameters (and
-   tables), block_end writes them back; in between the finiteness check reads the lanes. */
+   weights and the reward network stay per seed (their rows differ from seed to seed); they read each lane's log pi and
+   cdf tables where block_tables writes them, on the lanes (Work.ts = VL apart). The exponential is vexp, exp_k's
+   operations on the lanes; log and tanh stay libm's, one lane at a time. z and y live on the lanes for the whole call:
+   block_begin reads the seeds' parameters (and tables), block_end writes them back; in between the finiteness check
+   reads the lanes. */
 typedef struct {
     int64_t n, seed[VL];          /* lanes in use and their seeds (unused lanes repeat seed[0]; nothing of theirs is written) */
     Work w[VL];                   /* each lane's per-seed scratch: draws, returns, weights, the reward network */
@@ -763,6 +767,7 @@ typedef struct {
     double *h[2][17];             /* activations (S, width) per layer; h[p][0] the inputs x (S, d), z's and y's */
     double *ref;                  /* (S, A) log pi_ref */
     double *pi, *gt;              /* (2S, A) pi_z then pi_y; the stage's d/d log pi tables (z_y_weights' grad) */
+    double *lp, *cdf;             /* (2S, A) log pi and its cumsum: each lane's Work reads them in place (ts = VL) */
     double *g, *g_prev;           /* backward scratch: (S, widest) twice */
     double *tmp;                  /* (2A): a state's log pi before normalising and its exponentials */
     vm *visited;                  /* (S) per lane: the stage visited the state */
@@ -790,6 +795,8 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
     bad |= !(k->h[0][0] = k->h[1][0] = calloc(S * net->sizes[0] * VL, sizeof(double)));
     bad |= !(k->ref = calloc(S * A * VL, sizeof(double)));
     bad |= !(k->pi = calloc(2 * S * A * VL, sizeof(double)));
+    bad |= !(k->lp = calloc(2 * S * A * VL, sizeof(double)));
+    bad |= !(k->cdf = calloc(2 * S * A * VL, sizeof(double)));
     bad |= !(k->gt = calloc(2 * S * A * VL, sizeof(double)));
     bad |= !(k->g = calloc(S * wide * VL, sizeof(double)));
     bad |= !(k->g_prev = calloc(S * wide * VL, sizeof(double)));
@@ -803,7 +810,7 @@ static void block_free(const Step *st, Block *k) {
     for (int v = 0; v < VL; v++) work_free(st, &k->w[v]);
     for (int p = 0; p < 2; p++)
         for (int l = 0; l < st->z.n_layers; l++) { free(k->W[p][l]); free(k->b[p][l]); free(k->h[p][l + 1]); }
-    free(k->h[0][0]); free(k->ref); free(k->pi); free(k->gt); free(k->g); free(k->g_prev); free(k->visited); free(k->tmp); free(k->any); free(k->xnz);
+    free(k->h[0][0]); free(k->ref); free(k->pi); free(k->lp); free(k->cdf); free(k->gt); free(k->g); free(k->g_prev); free(k->visited); free(k->tmp); free(k->any); free(k->xnz);
 }
 
 /* lanes v0 .. v1 - 1 of network p (z, y) from their seeds' parameters */
@@ -924,8 +931,8 @@ static void lane_rows(int64_t cols, int64_t width, double *out, int64_t os, cons
         }
 }
 
-/* pi_p = log-softmax(log pi_ref + MLP_p(x)) per state row, p = z, y, every lane (policy_tables); each lane's tables are
-   also written to its seed's slice of Step.tables (the draws and returns read them there) */
+/* pi_p = log-softmax(log pi_ref + MLP_p(x)) per state row, p = z, y, every lane (policy_tables), into the block's lanes
+   (the lanes' draws and returns read log pi and its cdf there, 8 apart; block_end writes them to Step.tables) */
 static void block_tables(const Step *st, Block *k) {
     const Net *net = &st->z;
     int64_t S = st->S, A = st->A, L = net->n_layers;
@@ -962,12 +969,8 @@ static void block_tables(const Step *st, Block *k) {
                 vd lpa = LANES(lp, a) - m - lse, pa = LANES(ex, a) / sum;  /* pi = exp(log pi), from the exponentials */
                 c += pa;  /* what actions are drawn from (policy_cdf) */
                 LANES(pi, s * A + a) = pa;
-                for (int64_t v = 0; v < k->n; v++) {
-                    Work *w = &k->w[v];
-                    w->logp[p * S * A + s * A + a] = lpa[v];
-                    w->prob[p * S * A + s * A + a] = pa[v];
-                    w->cdf[p * S * A + s * A + a] = c[v];
-                }
+                LANES(k->lp, p * S * A + s * A + a) = lpa;
+                LANES(k->cdf, p * S * A + s * A + a) = c;
             }
         }
     }
@@ -1053,7 +1056,8 @@ static void block_begin(const Step *st, Block *k, int64_t first, int64_t n, int 
     if (!valid) return;
     for (int64_t v = 0; v < VL; v++) {
         const double *t = st->tables + k->seed[v] * policy_table_size(st);
-        for (int64_t e = 0; e < 2 * S * A; e++) k->pi[e * VL + v] = t[2 * S * A + e];
+        for (int64_t e = 0; e < 2 * S * A; e++)
+            k->lp[e * VL + v] = t[e], k->pi[e * VL + v] = t[2 * S * A + e], k->cdf[e * VL + v] = t[4 * S * A + e];
         t += 6 * S * A;
         for (int p = 0; p < 2; p++)
             for (int l = 1; l <= L; l++) {
@@ -1062,8 +1066,7 @@ static void block_begin(const Step *st, Block *k, int64_t first, int64_t n, int 
             }
     }
 }
-/* the lanes' z and y into their seeds' parameters, their activations into their Step.tables (the log pi, pi and cdf
-   tables are written as computed) */
+/* the lanes' z and y into their seeds' parameters, their tables (log pi, pi, cdf) and activations into their Step.tables */
 static void block_end(const Step *st, Block *k) {
     const Net *net = &st->z;
     int64_t S = st->S, A = st->A, L = net->n_layers;
@@ -1079,7 +1082,10 @@ static void block_end(const Step *st, Block *k) {
         }
     }
     for (int64_t v = 0; v < k->n; v++) {
-        double *t = st->tables + k->seed[v] * policy_table_size(st) + 6 * S * A;
+        double *t = st->tables + k->seed[v] * policy_table_size(st);
+        for (int64_t e = 0; e < 2 * S * A; e++)
+            t[e] = k->lp[e * VL + v], t[2 * S * A + e] = k->pi[e * VL + v], t[4 * S * A + e] = k->cdf[e * VL + v];
+        t += 6 * S * A;
         for (int p = 0; p < 2; p++)
             for (int l = 1; l <= L; l++) {
                 for (int64_t e = 0; e < S * net->sizes[l]; e++) t[e] = k->h[p][l][e * VL + v];
@@ -1103,7 +1109,10 @@ static void run_blocks(Job *job, Step *st) {
         for (int64_t i = 0; i < seg->n_steps; i++, counter += seg->step_uniforms) {
             const double *s = seg->schedule + 4 * i;
             st->lam = s[0], st->alpha = s[1], st->alpha_z = s[2], st->xi = s[3];
-            for (int64_t v = 0; v < n; v++) seed_begin(st, &k->w[v], k->seed[v]);
+            for (int64_t v = 0; v < n; v++) {  /* each lane's draws and returns read its log pi and cdf on the lanes */
+                seed_begin(st, &k->w[v], k->seed[v]);
+                k->w[v].logp = k->lp + v, k->w[v].cdf = k->cdf + v, k->w[v].ts = VL;
+            }
             if (!valid) block_tables(st, k);
             int64_t c = counter;
             for (int64_t stage = 0; stage < st->inner; stage++, c += st->stage.n_uniforms) {  /* z_y_stage, every lane */
