@@ -97,7 +97,8 @@ static int64_t search(const double *cdf, int64_t n, int64_t stride, double u) {
    (products fused only where written fma()), so that vexp below, the same operations on the 8 lanes of a vector,
    gives every lane the bits this gives its seed. x = k ln2 + r, k an integer (rounded by adding 1.5 2^52) and
    |r| <= ln2 / 2 (two fused multiply-adds against ln2's high and low parts); e^r = 1 + r + r^2 q(r), q the Taylor
-   polynomial to r^13 (truncation < 2^-57); times 2^k as two powers of two 2^k1 2^k2 (both normal numbers, so the first
+   polynomial to r^13 (truncation < 2^-57) by Estrin's scheme (a short dependency chain: one exponential alone, as in
+   the BT weights, waits on it); times 2^k as two powers of two 2^k1 2^k2 (both normal numbers, so the first
    product is exact and only the last rounds, into the subnormals below about -708). Below -746 the result is 0 (e^x
    rounds to 0 there), above 710 it is inf, a NaN is returned as it came; never errno or a floating-point trap (a non-finite value is
    found by its bits). libm's exp is a function call per value with a slow path past its range (its overflow handler
@@ -106,11 +107,14 @@ static int64_t search(const double *cdf, int64_t n, int64_t stride, double u) {
 #define EXP_INV_LN2 0x1.71547652b82fep0     /* 1 / ln 2 */
 #define EXP_LN2_HI 0x1.62e42fefa39efp-1     /* ln 2 rounded to double, */
 #define EXP_LN2_LO 0x1.abc9e3b39803fp-56    /* and the rest (|ln 2 - HI - LO| < 6e-34) */
-#define EXP_Q(q, r, F, C)  /* q(r) = 1/2 + r/6 + ... + r^11/13! by Horner, in F (fma) and C (a constant) of the type */ \
-    q = F(C(1.0 / 6227020800.0), r, C(1.0 / 479001600.0)); q = F(q, r, C(1.0 / 39916800.0)); \
-    q = F(q, r, C(1.0 / 3628800.0)); q = F(q, r, C(1.0 / 362880.0)); q = F(q, r, C(1.0 / 40320.0)); \
-    q = F(q, r, C(1.0 / 5040.0)); q = F(q, r, C(1.0 / 720.0)); q = F(q, r, C(1.0 / 120.0)); q = F(q, r, C(1.0 / 24.0)); \
-    q = F(q, r, C(1.0 / 6.0)); q = F(q, r, C(0.5));
+#define EXP_Q(q, r, F, C, T)  /* q(r) = 1/2 + r/6 + ... + r^11/13! by Estrin's scheme (depth 4 instead of Horner's 11), \
+    in F (fma), C (a constant) and T (the type) */ \
+    T r2 = r * r, r4 = r2 * r2, r8 = r4 * r4; \
+    T p0 = F(C(1.0 / 6.0), r, C(0.5)), p1 = F(C(1.0 / 120.0), r, C(1.0 / 24.0)); \
+    T p2 = F(C(1.0 / 5040.0), r, C(1.0 / 720.0)), p3 = F(C(1.0 / 362880.0), r, C(1.0 / 40320.0)); \
+    T p4 = F(C(1.0 / 39916800.0), r, C(1.0 / 3628800.0)), p5 = F(C(1.0 / 6227020800.0), r, C(1.0 / 479001600.0)); \
+    T q01 = F(p1, r2, p0), q23 = F(p3, r2, p2), q45 = F(p5, r2, p4); \
+    q = F(q45, r8, F(q23, r4, q01));
 #define EXP_SCALAR(c) (c)
 static inline double exp_k(double x) {
     if (x < -746.0) return 0.0;
@@ -122,8 +126,8 @@ static inline double exp_k(double x) {
     kd = kd - EXP_SHIFT;
     double r = fma(-kd, EXP_LN2_HI, x);
     r = fma(-kd, EXP_LN2_LO, r);
-    EXP_Q(q, r, fma, EXP_SCALAR)
-    double y = 1.0 + fma(r * r, q, r);
+    EXP_Q(q, r, fma, EXP_SCALAR, double)
+    double y = 1.0 + fma(r2, q, r);
     uint64_t k = kb - 0x4338000000000000ULL, k1 = (uint64_t)((int64_t)k >> 1), k2 = k - k1;  /* EXP_SHIFT's bits */
     s1 = (k1 + 1023) << 52, s2 = (k2 + 1023) << 52;
     double f1, f2;
@@ -166,8 +170,8 @@ static inline vd vexp(vd x) {  /* exp_k on every lane: its operations in its ord
     vd r = vfma(-kd, (vd){0} + EXP_LN2_HI, x);
     r = vfma(-kd, (vd){0} + EXP_LN2_LO, r);
 #define EXP_VECTOR(c) ((vd){0} + (c))
-    EXP_Q(q, r, vfma, EXP_VECTOR)
-    vd y = 1.0 + vfma(r * r, q, r);
+    EXP_Q(q, r, vfma, EXP_VECTOR, vd)
+    vd y = 1.0 + vfma(r2, q, r);
     vu k = kb - 0x4338000000000000ULL, k1 = (vu)((vm)k >> 1), k2 = k - k1;
     vd f1 = (vd)((k1 + 1023) << 52), f2 = (vd)((k2 + 1023) << 52);
     y = y * f1 * f2;
