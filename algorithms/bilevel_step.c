@@ -86,14 +86,111 @@ static void uniforms(uint64_t key, int64_t start, int64_t n, double *restrict u)
         u[i] = ((double)(int64_t)(bits >> 11) + 0.5) * 0x1p-53;
     }
 }
-static int64_t search(const double *cdf, int64_t n, double u) {  /* torch.searchsorted(cdf, u * cdf[-1]).clamp_max(n - 1) */
-    double v = u * cdf[n - 1];
+static int64_t search(const double *cdf, int64_t n, int64_t stride, double u) {
+    /* torch.searchsorted(cdf, u * cdf[-1]).clamp_max(n - 1), the cdf's entries `stride` apart */
+    double v = u * cdf[(n - 1) * stride];
     int64_t i = 0;  /* the first entry >= v of a nondecreasing cdf = how many of its first n - 1 are < v (no branches) */
-    for (int64_t j = 0; j < n - 1; j++) i += cdf[j] < v;
+    for (int64_t j = 0; j < n - 1; j++) i += cdf[j * stride] < v;
     return i;
 }
-static double softplus(double x) { return x > 20.0 ? x : log1p(exp(x)); }  /* torch's threshold 20 */
-static double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+/* exp(x), the kernel's one exponential: within 1 ulp of e^x where that is a normal number, in plain IEEE operations
+   (products fused only where written fma()), so that vexp below, the same operations on the 8 lanes of a vector,
+   gives every lane the bits this gives its seed. x = k ln2 + r, k an integer (rounded by adding 1.5 2^52) and
+   |r| <= ln2 / 2 (two fused multiply-adds against ln2's high and low parts); e^r = 1 + r + r^2 q(r), q the Taylor
+   polynomial to r^13 (truncation < 2^-57) by Estrin's scheme (a short dependency chain: one exponential alone, as in
+   the BT weights, waits on it); times 2^k as two powers of two 2^k1 2^k2 (both normal numbers, so the first
+   product is exact and only the last rounds, into the subnormals below about -708). Below -746 the result is 0 (e^x
+   rounds to 0 there), above 710 it is inf, a NaN is returned as it came; never errno or a floating-point trap (a non-finite value is
+   found by its bits). libm's exp is a function call per value with a slow path past its range (its overflow handler
+   was 4 % of a segment's time, from BT margins); this inlines and vectorises. */
+#define EXP_SHIFT 0x1.8p52                  /* 1.5 2^52: adding it rounds |z| < 2^51 to an integer, in the low bits */
+#define EXP_INV_LN2 0x1.71547652b82fep0     /* 1 / ln 2 */
+#define EXP_LN2_HI 0x1.62e42fefa39efp-1     /* ln 2 rounded to double, */
+#define EXP_LN2_LO 0x1.abc9e3b39803fp-56    /* and the rest (|ln 2 - HI - LO| < 6e-34) */
+#define EXP_Q(q, r, F, C, T)  /* q(r) = 1/2 + r/6 + ... + r^11/13! by Estrin's scheme (depth 4 instead of Horner's 11), \
+    in F (fma), C (a constant) and T (the type) */ \
+    T r2 = r * r, r4 = r2 * r2, r8 = r4 * r4; \
+    T p0 = F(C(1.0 / 6.0), r, C(0.5)), p1 = F(C(1.0 / 120.0), r, C(1.0 / 24.0)); \
+    T p2 = F(C(1.0 / 5040.0), r, C(1.0 / 720.0)), p3 = F(C(1.0 / 362880.0), r, C(1.0 / 40320.0)); \
+    T p4 = F(C(1.0 / 39916800.0), r, C(1.0 / 3628800.0)), p5 = F(C(1.0 / 6227020800.0), r, C(1.0 / 479001600.0)); \
+    T q01 = F(p1, r2, p0), q23 = F(p3, r2, p2), q45 = F(p5, r2, p4); \
+    q = F(q45, r8, F(q23, r4, q01));
+#define EXP_SCALAR(c) (c)
+static inline double exp_k(double x) {
+    if (x < -746.0) return 0.0;
+    if (x > 710.0) return INFINITY;
+    if (x != x) return x;  /* NaN: itself (which NaN the arithmetic below returns depends on its operands' order) */
+    double kd = x * EXP_INV_LN2 + EXP_SHIFT, q;  /* two roundings: to double, then to an integer */
+    uint64_t kb, s1, s2;
+    memcpy(&kb, &kd, sizeof kb);
+    kd = kd - EXP_SHIFT;
+    double r = fma(-kd, EXP_LN2_HI, x);
+    r = fma(-kd, EXP_LN2_LO, r);
+    EXP_Q(q, r, fma, EXP_SCALAR, double)
+    double y = 1.0 + fma(r2, q, r);
+    uint64_t k = kb - 0x4338000000000000ULL, k1 = (uint64_t)((int64_t)k >> 1), k2 = k - k1;  /* EXP_SHIFT's bits */
+    s1 = (k1 + 1023) << 52, s2 = (k2 + 1023) << 52;
+    double f1, f2;
+    memcpy(&f1, &s1, sizeof f1), memcpy(&f2, &s2, sizeof f2);
+    return y * f1 * f2;
+}
+static double softplus(double x) { return x > 20.0 ? x : log1p(exp_k(x)); }  /* torch's threshold 20 */
+static double sigmoid(double x) { return 1.0 / (1.0 + exp_k(-x)); }
+
+/* ---- vectors of VL doubles (GCC's vector extension): the lanes of a segment's block of seeds (below). Lane-major
+   arrays: element e of lane v at [e * VL + v]. */
+#define VL 8  /* one AVX-512 vector of doubles (two AVX2 ones) */
+typedef double vd __attribute__((vector_size(VL * sizeof(double)), aligned(sizeof(double))));
+typedef int64_t vm __attribute__((vector_size(VL * sizeof(int64_t)), aligned(sizeof(int64_t))));
+#define LANES(p, e) (*(vd *)((p) + (e) * VL))  /* element e of a lane-major array, every lane */
+#define LANE_BITS(p, e) (*(const vm *)((const int64_t *)(p) + (e) * VL))  /* the same, as integers */
+static inline vd sel(vm m, vd a, vd b) { return (vd)(((vm)a & m) | ((vm)b & ~m)); }  /* per lane: m ? a : b */
+static inline vd vfma(vd a, vd b, vd c) {  /* fma(a, b, c) per lane: one vector fused multiply-add */
+#ifdef __AVX512F__
+    return (vd)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#else
+    vd r;
+    for (int v = 0; v < VL; v++) r[v] = fma(a[v], b[v], c[v]);
+    return r;
+#endif
+}
+static inline vd vfma_where(vm m, vd a, vd b, vd c) {  /* per lane: m ? fma(a, b, c) : c */
+#ifdef __AVX512F__
+    return (vd)_mm512_mask3_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c, _mm512_test_epi64_mask((__m512i)m, (__m512i)m));
+#else
+    return sel(m, vfma(a, b, c), c);
+#endif
+}
+
+static inline vd vexp(vd x) {  /* exp_k on every lane: its operations in its order, so its bits */
+    typedef uint64_t vu __attribute__((vector_size(VL * sizeof(uint64_t)), aligned(sizeof(uint64_t))));
+    vd kd = x * EXP_INV_LN2 + EXP_SHIFT, q;
+    vu kb = (vu)kd;
+    kd = kd - EXP_SHIFT;
+    vd r = vfma(-kd, (vd){0} + EXP_LN2_HI, x);
+    r = vfma(-kd, (vd){0} + EXP_LN2_LO, r);
+#define EXP_VECTOR(c) ((vd){0} + (c))
+    EXP_Q(q, r, vfma, EXP_VECTOR, vd)
+    vd y = 1.0 + vfma(r2, q, r);
+    vu k = kb - 0x4338000000000000ULL, k1 = (vu)((vm)k >> 1), k2 = k - k1;
+    vd f1 = (vd)((k1 + 1023) << 52), f2 = (vd)((k2 + 1023) << 52);
+    y = y * f1 * f2;
+    y = sel(x < -746.0, (vd){0}, y);
+    y = sel(x > 710.0, (vd){0} + INFINITY, y);
+    return sel(x != x, x, y);
+}
+
+/* exp_k and vexp of x[0 .. n - 1] into scalar and vector (tests/test_kernel_exp.py holds them to each other bit for bit and
+   to e^x within 1 ulp) */
+void exp_values(int64_t n, const double *x, double *scalar, double *vector) {
+    for (int64_t i = 0; i < n; i++) scalar[i] = exp_k(x[i]);
+    for (int64_t i = 0; i < n; i += VL) {
+        vd v = {0};
+        for (int64_t j = 0; j < VL && i + j < n; j++) v[j] = x[i + j];
+        v = vexp(v);
+        for (int64_t j = 0; j < VL && i + j < n; j++) vector[i + j] = v[j];
+    }
+}
 
 /* ---- the networks ---------------------------------------------------------------------------------- */
 static int64_t widest(const Net *net) {
@@ -255,6 +352,7 @@ static void sgd_update(const Net *from, const Net *to, int64_t k, const double *
 typedef struct {  /* per-seed scratch, allocated once per call (the policy tables: this seed's slice of Step.tables) */
     Net z, y, nu;                     /* the parameters this seed's passes read: W_in until a net's first update, then W */
     double *logp, *prob, *cdf;        /* (2S, A): pi_z's log-prob table, then pi_y's; their exp and cumsum */
+    int64_t ts;                       /* the stride of logp and cdf's entries: 1, or VL where they are a block's lanes */
     double **pacts[2];                /* policy activations per network and layer (S, width) */
     double *r, **racts;               /* reward per unit (n_units + 1) and its activations (n_units, width) */
     double *rtanh;                    /* with a bound: tanh of the network's raw output per unit (n_units + 1) */
@@ -282,9 +380,9 @@ static void policy_tables(const Step *st, Work *w, int64_t b) {
         for (int64_t s = 0; s < S; s++) {
             double m = -INFINITY, sum = 0, c = 0;
             for (int64_t a = 0; a < A; a++) { lp[s * A + a] = ref[s * A + a] + out[s * A + a]; if (lp[s * A + a] > m) m = lp[s * A + a]; }
-            for (int64_t a = 0; a < A; a++) {  /* exp of < -746 is 0 in double: skip libm's slow underflow path */
+            for (int64_t a = 0; a < A; a++) {
                 double d = lp[s * A + a] - m;
-                pi[s * A + a] = d < -746.0 ? 0.0 : exp(d);
+                pi[s * A + a] = exp_k(d);
                 sum += pi[s * A + a];
             }
             double lse = log(sum);
@@ -331,11 +429,11 @@ static void draw(const Step *st, Work *w, int64_t b, const Plan *plan, int64_t c
     uniforms((uint64_t)st->keys[b], counter, plan->n_uniforms, w->u);  /* the stage's uniforms, in the stream's order */
     const double *init = st->init_cdf + b * st->init_cdf_stride;
     for (int64_t t = 0; t < T; t++) {
-        int64_t s = search(init, st->G, u[plan->columns[t]]);
+        int64_t s = search(init, st->G, 1, u[plan->columns[t]]);
         for (int64_t h = 0; h < H; h++) {
             int64_t row = s + plan->row_base[h * T + t];
             /* a ~ pi(. | s): inverse CDF */
-            int64_t a = search(w->cdf + row * A, A, u[plan->columns[(1 + 2 * h) * T + t]]);
+            int64_t a = search(w->cdf + row * A * w->ts, A, w->ts, u[plan->columns[(1 + 2 * h) * T + t]]);
             int64_t idx = row * A + a;
             w->index[t * H + h] = idx;
             w->local[t * H + h] = idx < SA ? idx : idx - SA;  /* the flat (h, s, a) of either policy's table */
@@ -346,7 +444,7 @@ static void draw(const Step *st, Work *w, int64_t b, const Plan *plan, int64_t c
                 if (K == 1) s = nxt[0];  /* deterministic successor: the draw is made, not needed */
                 else {
                     const double *cdf = st->next_cdf[h] + b * st->next_stride[h] + local * K;
-                    s = nxt[search(cdf, K, u[plan->columns[(2 + 2 * h) * T + t]])];
+                    s = nxt[search(cdf, K, 1, u[plan->columns[(2 + 2 * h) * T + t]])];
                 }
             }
         }
@@ -380,7 +478,7 @@ static void z_y_weights(const Step *st, Work *w, int64_t b, int64_t counter) {
     draw(st, w, b, &st->stage, counter);  /* trajectories: z's N, y's M pairs (first, second members), y's N */
     for (int64_t t = 0; t < T; t++) {  /* G(tau) = R_nu(tau) - beta sum_t log pi/pi_ref (a_t | s_t) */
         double lp = 0, lr = 0;
-        for (int64_t h = 0; h < H; h++) { int64_t i = w->index[t * H + h]; lp += w->logp[i]; lr += ref[w->local[t * H + h]]; }
+        for (int64_t h = 0; h < H; h++) { int64_t i = w->index[t * H + h]; lp += w->logp[i * w->ts]; lr += ref[w->local[t * H + h]]; }
         w->ret[t] = model_return(st, w, b, t) - st->beta * (lp - lr);
     }
     double *wz = w->weight, *score = w->weight + N, *wy = w->weight + N + 2 * M;
@@ -568,7 +666,7 @@ static void seed_begin(const Step *st, Work *w, int64_t b) {
     w->nu.W = (double **)st->nu.W_in, w->nu.b = (double **)st->nu.b_in;
     memset(w->r_done, 0, st->n_units + 1);
     double *t = st->tables + b * policy_table_size(st);  /* this seed's tables live in Step.tables */
-    w->logp = t, w->prob = t + 2 * S * A, w->cdf = t + 4 * S * A, t += 6 * S * A;
+    w->logp = t, w->prob = t + 2 * S * A, w->cdf = t + 4 * S * A, w->ts = 1, t += 6 * S * A;
     for (int p = 0; p < 2; p++)
         for (int l = 1; l <= st->z.n_layers; l++) { w->pacts[p][l] = t; t += S * st->z.sizes[l]; }
 }
@@ -661,33 +759,11 @@ static void zero(const Net *net, int64_t b) {
    sgd_update), so every seed's numbers are the per-seed code's bit for bit (tests/test_segments.py holds a segment to
    the per-step call, which runs the per-seed code). The backward runs over every state, a lane adding only the rows of
    the states its stage visited (`visited`): the per-seed code's gathered rows, in the same order. The draws, returns,
-   weights and the reward network stay per seed (their rows differ from seed to seed). exp, log and tanh stay libm's,
-   one lane at a time. z and y live on the lanes for the whole call: block_begin reads the seeds' parameters (and
-   tables), block_end writes them back; in between the finiteness check reads the lanes. Lane-major arrays: element e
-   of lane v at [e * VL + v]. */
-#define VL 8  /* one AVX-512 vector of doubles (two AVX2 ones) */
-typedef double vd __attribute__((vector_size(VL * sizeof(double)), aligned(sizeof(double))));
-typedef int64_t vm __attribute__((vector_size(VL * sizeof(int64_t)), aligned(sizeof(int64_t))));
-#define LANES(p, e) (*(vd *)((p) + (e) * VL))  /* element e of a lane-major array, every lane */
-#define LANE_BITS(p, e) (*(const vm *)((const int64_t *)(p) + (e) * VL))  /* the same, as integers */
-static inline vd sel(vm m, vd a, vd b) { return (vd)(((vm)a & m) | ((vm)b & ~m)); }  /* per lane: m ? a : b */
-static inline vd vfma(vd a, vd b, vd c) {  /* fma(a, b, c) per lane: one vector fused multiply-add */
-#ifdef __AVX512F__
-    return (vd)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
-#else
-    vd r;
-    for (int v = 0; v < VL; v++) r[v] = fma(a[v], b[v], c[v]);
-    return r;
-#endif
-}
-static inline vd vfma_where(vm m, vd a, vd b, vd c) {  /* per lane: m ? fma(a, b, c) : c */
-#ifdef __AVX512F__
-    return (vd)_mm512_mask3_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c, _mm512_test_epi64_mask((__m512i)m, (__m512i)m));
-#else
-    return sel(m, vfma(a, b, c), c);
-#endif
-}
-
+   weights and the reward network stay per seed (their rows differ from seed to seed); they read each lane's log pi and
+   cdf tables where block_tables writes them, on the lanes (Work.ts = VL apart). The exponential is vexp, exp_k's
+   operations on the lanes; log and tanh stay libm's, one lane at a time. z and y live on the lanes for the whole call:
+   block_begin reads the seeds' parameters (and tables), block_end writes them back; in between the finiteness check
+   reads the lanes. */
 typedef struct {
     int64_t n, seed[VL];          /* lanes in use and their seeds (unused lanes repeat seed[0]; nothing of theirs is written) */
     Work w[VL];                   /* each lane's per-seed scratch: draws, returns, weights, the reward network */
@@ -695,7 +771,8 @@ typedef struct {
     double *h[2][17];             /* activations (S, width) per layer; h[p][0] the inputs x (S, d), z's and y's */
     double *ref;                  /* (S, A) log pi_ref */
     double *pi, *gt;              /* (2S, A) pi_z then pi_y; the stage's d/d log pi tables (z_y_weights' grad) */
-    double *g, *g_prev, *dW;      /* backward scratch: (S, widest) twice, the gradient as mlp_backward lays it out */
+    double *lp, *cdf;             /* (2S, A) log pi and its cumsum: each lane's Work reads them in place (ts = VL) */
+    double *g, *g_prev;           /* backward scratch: (S, widest) twice */
     double *tmp;                  /* (2A): a state's log pi before normalising and its exponentials */
     vm *visited;                  /* (S) per lane: the stage visited the state */
     char *any, *xnz;              /* (S) some lane visited the state; (S, d) some lane's input is not 0 */
@@ -722,10 +799,11 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
     bad |= !(k->h[0][0] = k->h[1][0] = calloc(S * net->sizes[0] * VL, sizeof(double)));
     bad |= !(k->ref = calloc(S * A * VL, sizeof(double)));
     bad |= !(k->pi = calloc(2 * S * A * VL, sizeof(double)));
+    bad |= !(k->lp = calloc(2 * S * A * VL, sizeof(double)));
+    bad |= !(k->cdf = calloc(2 * S * A * VL, sizeof(double)));
     bad |= !(k->gt = calloc(2 * S * A * VL, sizeof(double)));
     bad |= !(k->g = calloc(S * wide * VL, sizeof(double)));
     bad |= !(k->g_prev = calloc(S * wide * VL, sizeof(double)));
-    bad |= !(k->dW = calloc(n_params(net) * VL, sizeof(double)));
     bad |= !(k->visited = calloc(S, sizeof(vm)));
     bad |= !(k->any = calloc(S, 1));
     bad |= !(k->xnz = calloc(S * net->sizes[0], 1));
@@ -736,7 +814,7 @@ static void block_free(const Step *st, Block *k) {
     for (int v = 0; v < VL; v++) work_free(st, &k->w[v]);
     for (int p = 0; p < 2; p++)
         for (int l = 0; l < st->z.n_layers; l++) { free(k->W[p][l]); free(k->b[p][l]); free(k->h[p][l + 1]); }
-    free(k->h[0][0]); free(k->ref); free(k->pi); free(k->gt); free(k->g); free(k->g_prev); free(k->dW); free(k->visited); free(k->tmp); free(k->any); free(k->xnz);
+    free(k->h[0][0]); free(k->ref); free(k->pi); free(k->lp); free(k->cdf); free(k->gt); free(k->g); free(k->g_prev); free(k->visited); free(k->tmp); free(k->any); free(k->xnz);
 }
 
 /* lanes v0 .. v1 - 1 of network p (z, y) from their seeds' parameters */
@@ -801,33 +879,64 @@ static void lane_tiles(int64_t rows, int64_t width, double *out, int64_t os, con
         }
 }
 
-/* out[j] = sum over the rows r < n that a lane keeps (keep[r]; with nz, also coef[r] != 0) of coef[r] mat[r][j], j < m,
-   r ascending from 0 (coef NULL: 1): mlp_backward's sums over its gathered rows (tiles), in their order. A row no lane
-   keeps (any[r] == 0, or nz[r] == 0) is skipped. */
-static inline __attribute__((always_inline)) void lane_row_tile(const int m, double *out, const double *coef, int64_t cs,
-        const char *nz, const vm *keep, const char *any, int64_t n, const double *mat, int64_t ms) {
-    vd acc[8];
-    for (int j = 0; j < m; j++) acc[j] = (vd){0};
+/* out[q][j] -= sum over the rows r < n that a lane keeps (keep[r]; with nz, also coef[r][q] != 0) of coef[r][q] mat[r][j],
+   q < R consecutive columns of coef, j < m, r ascending from 0 (coef NULL: 1): mlp_backward's sums over its gathered
+   rows (tiles), in their order. A row no lane keeps (any[r] == 0, or nz[r] == 0) is skipped. R columns at once are R m
+   independent chains of multiply-adds (one column's m alone wait on the multiply-add's latency at every row); each
+   (q, j) still sums its rows in order. out[q] at out + q * os; arrays lane-major. */
+static inline __attribute__((always_inline)) void lane_row_tile(const int m, const int R, double *out, int64_t os,
+        const double *coef, int64_t cs, const char *nz, const vm *keep, const char *any, int64_t n, const double *mat,
+        int64_t ms) {
+    vd acc[4][8];
+    for (int q = 0; q < R; q++)
+        for (int j = 0; j < m; j++) acc[q][j] = (vd){0};
     for (int64_t r = 0; r < n; r++) {
         if (!any[r] || (nz && !nz[r * cs])) continue;  /* a state no lane's stage visited */
-        const vd c = coef ? LANES(coef, r * cs) : (vd){0} + 1.0;
-        vm use = keep[r];
-        if (nz) use &= c != 0.0;
-        for (int j = 0; j < m; j++) acc[j] = vfma_where(use, c, LANES(mat, r * ms + j), acc[j]);
+        const vm use = keep[r];
+        for (int q = 0; q < R; q++) {
+            const vd c = coef ? LANES(coef, r * cs + q) : (vd){0} + 1.0;
+            vm u = use;
+            if (nz) u &= c != 0.0;
+            for (int j = 0; j < m; j++) acc[q][j] = vfma_where(u, c, LANES(mat, r * ms + j), acc[q][j]);
+        }
     }
-    for (int j = 0; j < m; j++) LANES(out, j) = acc[j];
+    for (int q = 0; q < R; q++)
+        for (int j = 0; j < m; j++) LANES(out, q * os + j) = LANES(out, q * os + j) - acc[q][j];
 }
-#define ROW_CASE(m) case m: lane_row_tile(m, out + j0 * VL, coef, cs, nz, keep, any, n, mat + j0 * VL, ms); break;
-static void lane_rows(int64_t width, double *out, const double *coef, int64_t cs, const char *nz, const vm *keep,
-                      const char *any, int64_t n, const double *mat, int64_t ms) {
-    for (int64_t j0 = 0; j0 < width; j0 += 8)
-        switch (width - j0 < 8 ? width - j0 : 8) {
-            ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8)
+#define ROW_CASE(m) case m: lane_row_tile(m, ROWS, out + (c * os + j0) * VL, os, coef ? coef + c * VL : NULL, cs, \
+                                          nz ? nz + c : NULL, keep, any, n, mat + j0 * VL, ms); break;
+#define ROW_SWITCH switch (width - j0 < 8 ? width - j0 : 8) { ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) \
+                                                             ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8) }
+/* lane_row_tile over `cols` columns of coef (their outputs os apart), width outputs eight at a time: four columns at a
+   time where a tile is at most 6 wide, else two; one at a time with nz (the sparse input layer) or without coef */
+static void lane_rows(int64_t cols, int64_t width, double *out, int64_t os, const double *coef, int64_t cs,
+                      const char *nz, const vm *keep, const char *any, int64_t n, const double *mat, int64_t ms) {
+    int64_t c = 0;
+    if (!nz && coef) {
+        if (width <= 6)
+            for (; c + 4 <= cols; c += 4)
+                for (int64_t j0 = 0; j0 < width; j0 += 8) {
+#define ROWS 4
+                    ROW_SWITCH
+#undef ROWS
+                }
+        for (; c + 2 <= cols; c += 2)
+            for (int64_t j0 = 0; j0 < width; j0 += 8) {
+#define ROWS 2
+                ROW_SWITCH
+#undef ROWS
+            }
+    }
+    for (; c < cols; c++)
+        for (int64_t j0 = 0; j0 < width; j0 += 8) {
+#define ROWS 1
+            ROW_SWITCH
+#undef ROWS
         }
 }
 
-/* pi_p = log-softmax(log pi_ref + MLP_p(x)) per state row, p = z, y, every lane (policy_tables); each lane's tables are
-   also written to its seed's slice of Step.tables (the draws and returns read them there) */
+/* pi_p = log-softmax(log pi_ref + MLP_p(x)) per state row, p = z, y, every lane (policy_tables), into the block's lanes
+   (the lanes' draws and returns read log pi and its cdf there, 8 apart; block_end writes them to Step.tables) */
 static void block_tables(const Step *st, Block *k) {
     const Net *net = &st->z;
     int64_t S = st->S, A = st->A, L = net->n_layers;
@@ -854,9 +963,8 @@ static void block_tables(const Step *st, Block *k) {
                 LANES(lp, a) = x;
                 m = sel(x > m, x, m);
             }
-            for (int64_t a = 0; a < A; a++) {  /* exp of < -746 is 0 in double: skip libm's slow underflow path */
-                vd d = LANES(lp, a) - m, e;
-                for (int v = 0; v < VL; v++) e[v] = d[v] < -746.0 ? 0.0 : exp(d[v]);
+            for (int64_t a = 0; a < A; a++) {
+                vd e = vexp(LANES(lp, a) - m);
                 LANES(ex, a) = e;
                 sum += e;
             }
@@ -865,12 +973,8 @@ static void block_tables(const Step *st, Block *k) {
                 vd lpa = LANES(lp, a) - m - lse, pa = LANES(ex, a) / sum;  /* pi = exp(log pi), from the exponentials */
                 c += pa;  /* what actions are drawn from (policy_cdf) */
                 LANES(pi, s * A + a) = pa;
-                for (int64_t v = 0; v < k->n; v++) {
-                    Work *w = &k->w[v];
-                    w->logp[p * S * A + s * A + a] = lpa[v];
-                    w->prob[p * S * A + s * A + a] = pa[v];
-                    w->cdf[p * S * A + s * A + a] = c[v];
-                }
+                LANES(k->lp, p * S * A + s * A + a) = lpa;
+                LANES(k->cdf, p * S * A + s * A + a) = c;
             }
         }
     }
@@ -893,13 +997,9 @@ static void block_update(const Step *st, Block *k, int p) {
         for (int64_t a = 0; a < A; a++)
             LANES(g, s * A + a) = sel(seen, LANES(gt, s * A + a) - LANES(pi, s * A + a) * sum, (vd){0});
     }
-    memset(k->dW, 0, sizeof(double) * n_params(net) * VL);
-    double *dW = k->dW;
-    for (int l = 0; l < L - 1; l++) dW += (net->sizes[l] * net->sizes[l + 1] + net->sizes[l + 1]) * VL;
     for (int l = L - 1; l >= 0; l--) {
         int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
         const double *in = k->h[p][l];
-        double *db = dW + fi * fo * VL;
         if (l < L - 1) {  /* through the activation: relu' = [h > 0], tanh' = 1 - h^2 */
             const double *h = k->h[p][l + 1];
             for (int64_t e = 0; e < S * fo; e++) {
@@ -907,25 +1007,15 @@ static void block_update(const Step *st, Block *k, int p) {
                 LANES(g, e) = net->tanh_act ? ge * (1 - he * he) : sel(he > 0.0, ge, (vd){0});
             }
         }
-        /* dW = h_l^T g over the visited rows, r ascending (the input layer skips its 0 features, as tiles does there) */
-        int skip = l == 0 && (fo >= fi || fo > TILE);
-        for (int64_t i = 0; i < fi; i++)
-            lane_rows(fo, dW + i * fo * VL, in + i * VL, fi, skip ? k->xnz + i : NULL, k->visited, k->any, S, g, fo);
-        lane_rows(fo, db, NULL, 0, NULL, k->visited, k->any, S, g, fo);  /* db = sum over the visited rows of g */
-        if (l > 0) {  /* dh_l = g W^T: row r's fi outputs sum g[r][j] W[i][j] over j */
+        if (l > 0)  /* dh_l = g W^T with the layer's W before its update: row r's fi outputs sum g[r][j] W[i][j] over j */
             lane_tiles(S, fi, g_prev, fi, NULL, g, fo, NULL, fo, k->W[p][l], 1, fo);
-            double *t = g; g = g_prev; g_prev = t;
-            dW -= (net->sizes[l - 1] * fi + fi) * VL;
-        }
-    }
-    const double *grad = k->dW;  /* p <- p - grad (sgd_update, step 1), on the lanes (block_end writes the seeds') */
-    for (int l = 0; l < L; l++) {
-        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
-        const double lr = 1.0;
-        for (int64_t e = 0; e < fi * fo; e++) LANES(k->W[p][l], e) = LANES(k->W[p][l], e) - lr * LANES(grad, e);
-        grad += fi * fo * VL;
-        for (int64_t j = 0; j < fo; j++) LANES(k->b[p][l], j) = LANES(k->b[p][l], j) - lr * LANES(grad, j);
-        grad += fo * VL;
+        /* W <- W - dW, dW = h_l^T g over the visited rows, r ascending (the input layer skips its 0 features, as tiles
+           does there); b <- b - db, db = sum over the visited rows of g: sgd_update with step 1 (the step sizes are in
+           k->gt already), each sum subtracted as it is finished rather than kept in a gradient buffer (1.0 grad is grad) */
+        int skip = l == 0 && (fo >= fi || fo > TILE);
+        lane_rows(fi, fo, k->W[p][l], fo, in, fi, skip ? k->xnz : NULL, k->visited, k->any, S, g, fo);
+        lane_rows(1, fo, k->b[p][l], fo, NULL, 0, NULL, k->visited, k->any, S, g, fo);
+        if (l > 0) { double *t = g; g = g_prev; g_prev = t; }
     }
 }
 
@@ -970,7 +1060,8 @@ static void block_begin(const Step *st, Block *k, int64_t first, int64_t n, int 
     if (!valid) return;
     for (int64_t v = 0; v < VL; v++) {
         const double *t = st->tables + k->seed[v] * policy_table_size(st);
-        for (int64_t e = 0; e < 2 * S * A; e++) k->pi[e * VL + v] = t[2 * S * A + e];
+        for (int64_t e = 0; e < 2 * S * A; e++)
+            k->lp[e * VL + v] = t[e], k->pi[e * VL + v] = t[2 * S * A + e], k->cdf[e * VL + v] = t[4 * S * A + e];
         t += 6 * S * A;
         for (int p = 0; p < 2; p++)
             for (int l = 1; l <= L; l++) {
@@ -979,8 +1070,7 @@ static void block_begin(const Step *st, Block *k, int64_t first, int64_t n, int 
             }
     }
 }
-/* the lanes' z and y into their seeds' parameters, their activations into their Step.tables (the log pi, pi and cdf
-   tables are written as computed) */
+/* the lanes' z and y into their seeds' parameters, their tables (log pi, pi, cdf) and activations into their Step.tables */
 static void block_end(const Step *st, Block *k) {
     const Net *net = &st->z;
     int64_t S = st->S, A = st->A, L = net->n_layers;
@@ -996,7 +1086,10 @@ static void block_end(const Step *st, Block *k) {
         }
     }
     for (int64_t v = 0; v < k->n; v++) {
-        double *t = st->tables + k->seed[v] * policy_table_size(st) + 6 * S * A;
+        double *t = st->tables + k->seed[v] * policy_table_size(st);
+        for (int64_t e = 0; e < 2 * S * A; e++)
+            t[e] = k->lp[e * VL + v], t[2 * S * A + e] = k->pi[e * VL + v], t[4 * S * A + e] = k->cdf[e * VL + v];
+        t += 6 * S * A;
         for (int p = 0; p < 2; p++)
             for (int l = 1; l <= L; l++) {
                 for (int64_t e = 0; e < S * net->sizes[l]; e++) t[e] = k->h[p][l][e * VL + v];
@@ -1020,7 +1113,10 @@ static void run_blocks(Job *job, Step *st) {
         for (int64_t i = 0; i < seg->n_steps; i++, counter += seg->step_uniforms) {
             const double *s = seg->schedule + 4 * i;
             st->lam = s[0], st->alpha = s[1], st->alpha_z = s[2], st->xi = s[3];
-            for (int64_t v = 0; v < n; v++) seed_begin(st, &k->w[v], k->seed[v]);
+            for (int64_t v = 0; v < n; v++) {  /* each lane's draws and returns read its log pi and cdf on the lanes */
+                seed_begin(st, &k->w[v], k->seed[v]);
+                k->w[v].logp = k->lp + v, k->w[v].cdf = k->cdf + v, k->w[v].ts = VL;
+            }
             if (!valid) block_tables(st, k);
             int64_t c = counter;
             for (int64_t stage = 0; stage < st->inner; stage++, c += st->stage.n_uniforms) {  /* z_y_stage, every lane */
