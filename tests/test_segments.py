@@ -135,19 +135,25 @@ def test_when_every_seed_diverges_the_segment_stops_where_the_per_step_loop_does
     assert len(set(results[0][1].values())) > 1, "the seeds must diverge at different steps"
 
 
-def test_a_segment_never_reads_another_seeds_memory(compose_config):
-    """A NaN seed (every parameter) leaves the others' segment bit for bit, and is marked at the first step."""
+def clean_and_poisoned(compose_config, seeds: list[int], threads: int, row: int, steps: int):
+    """One segment of `steps` steps on `threads` threads, run clean and with every parameter of seed row `row` set to
+    NaN: ((tensors, died) clean, (tensors, died) poisoned)."""
     got = []
     for poison in (False, True):
-        algo, sampler, _, seeds = build(compose_config, [*SMALL, "seeds=[3,0,5]"], "fast")
-        algo.step_threads = 3
-        state = algo.init(seeds)
+        algo, sampler, _, seed_list = build(compose_config, [*SMALL, f"seeds={seeds}".replace(" ", "")], "fast")
+        algo.step_threads = threads
+        state = algo.init(seed_list)
         if poison:
             for t in algo.tensors(state).values():
-                t[1] = float("nan")
-        state, steps, died = algo.run_segment(state, sampler, 50, torch.ones(3, dtype=torch.bool))
+                t[row] = float("nan")
+        state, _, died = algo.run_segment(state, sampler, steps, torch.ones(len(seeds), dtype=torch.bool))
         got.append((algo.tensors(state), died))
-    (clean, died_clean), (poisoned, died_poisoned) = got
+    return got
+
+
+def test_a_segment_never_reads_another_seeds_memory(compose_config):
+    """A NaN seed (every parameter) leaves the others' segment bit for bit, and is marked at the first step."""
+    (clean, died_clean), (poisoned, died_poisoned) = clean_and_poisoned(compose_config, [3, 0, 5], 3, 1, 50)
     assert died_clean.tolist() == [0, 0, 0] and died_poisoned.tolist() == [0, 1, 0]
     for key, t in clean.items():
         assert torch.equal(poisoned[key][[0, 2]], t[[0, 2]]), key
@@ -157,23 +163,13 @@ def test_a_nan_seed_leaves_the_other_lanes_of_its_block_bit_for_bit(compose_conf
     """On one thread a segment steps its seeds VL = 8 at a time as the lanes of one vector (bilevel_step.c "a block of
     seeds as vector lanes"): a NaN seed sharing a block with seven others (and a second, partial block) leaves
     theirs bit for bit, is marked at the first step, and the clean run is the per-step run."""
-    seeds = "seeds=[3,0,5,7,11,13,17,19,23,29]"
-    got = []
-    for poison in (False, True):
-        algo, sampler, _, seed_list = build(compose_config, [*SMALL, seeds], "fast")
-        algo.step_threads = 1
-        state = algo.init(seed_list)
-        if poison:
-            for t in algo.tensors(state).values():
-                t[2] = float("nan")
-        state, steps, died = algo.run_segment(state, sampler, 60, torch.ones(10, dtype=torch.bool))
-        got.append((algo, algo.tensors(state), died))
-    (algo, clean, died_clean), (_, poisoned, died_poisoned) = got
+    seeds = [3, 0, 5, 7, 11, 13, 17, 19, 23, 29]
+    (clean, died_clean), (poisoned, died_poisoned) = clean_and_poisoned(compose_config, seeds, 1, 2, 60)
     assert died_clean.tolist() == [0] * 10 and died_poisoned.tolist() == [0, 0, 1] + [0] * 7
     others = [row for row in range(10) if row != 2]
     for key, t in clean.items():
         assert torch.equal(poisoned[key][others], t[others]), key
-    one, sampler, _, seeds_ = build(compose_config, [*SMALL, seeds], "fast")
+    one, sampler, _, seeds_ = build(compose_config, [*SMALL, f"seeds={seeds}".replace(" ", "")], "fast")
     state, _ = per_step(one, one.init(seeds_), sampler, torch.ones(10, dtype=torch.bool), 60)
     for key, t in one.tensors(state).items():
         assert torch.equal(t, clean[key]), key
