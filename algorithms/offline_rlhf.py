@@ -37,7 +37,7 @@ import torch
 from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.models import unit_features
 from ratebench.core.errors import ConfigError
-from ratebench.envs.exact import bradley_terry_nll, bradley_terry_nll_grad, soft_optimal, trajectory_returns
+from ratebench.envs.exact import bradley_terry_nll, bradley_terry_nll_grad, pair_feature_differences, soft_optimal
 from ratebench.envs.tabular import DTYPE
 
 PESSIMISM = ("none", "lcb")
@@ -97,9 +97,8 @@ class OfflineRLHF(Algorithm):
         self.phi = unit_features(problem, cfg.features)  # (n_units, d)
         table = problem.trajectory_table()
         self.G, self.m = table.states.shape[:2]
-        traj_phi = trajectory_returns(problem, problem.step_tables_from_units(self.phi.T.contiguous()))  # (d, G, m)
         # dphi of every enumerated pair p = g m^2 + i m + j: Phi(tau_gi) - Phi(tau_gj)  (P, d)
-        pair_phi = traj_phi[:, :, :, None] - traj_phi[:, :, None, :]  # (d, G, m, m)
+        pair_phi = pair_feature_differences(problem, self.phi)  # (d, G, m, m)
         self.dphi = pair_phi.permute(1, 2, 3, 0).reshape(-1, self.phi.shape[1])
         self.behaviour = behaviour_log_probs(problem, cfg.behaviour)  # mu [(1, n_h, A)]
         self.centred = self._centred_features()  # (n_units, d): phi(u) - v(u)

@@ -19,8 +19,6 @@ point's estimate unbiased for its own gradient. The exact oracle returns the two
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ratebench.algorithms.estimators import (importance_weights, pair_weights, policy_gradient_surrogate,
@@ -28,13 +26,10 @@ from ratebench.algorithms.estimators import (importance_weights, pair_weights, p
 from ratebench.envs import exact
 
 Tables = list[torch.Tensor]
-OfRewards = Callable[[Tables], torch.Tensor]  # reward tables [(B, n_h, A)] -> (B,), differentiable in them
 
 ORACLES = ("stochastic", "exact")  # every algorithm with an `oracle` knob
 NOISE_SWITCHES = ("exact_lower", "exact_upper")  # the bilevel method's per-level mixtures
 BILEVEL_ORACLES = ORACLES + NOISE_SWITCHES
-LOWER_LEVEL = ("value_theta", "value_nu")  # gradients of g = -J (the KL-regularised return)
-UPPER_LEVEL = ("upper_theta", "upper_nu")  # gradients of f (the Bradley-Terry preference loss)
 
 
 class StochasticOracle:

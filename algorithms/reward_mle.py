@@ -20,7 +20,8 @@ from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.estimators import preference_loss_weights
 from ratebench.algorithms.models import NetConfig, RewardModel, sgd_step, sgd_update
 from ratebench.algorithms.targets import bt_mle_target
-from ratebench.envs.exact import bradley_terry_nll, soft_optimal, trajectory_returns, trajectory_probs
+from ratebench.envs.exact import (bradley_terry_nll, pair_feature_differences, soft_optimal, trajectory_returns,
+                                  trajectory_probs)
 from ratebench.core.errors import ConfigError
 from ratebench.envs.sampling import padded_units, policy_cdf
 
@@ -184,11 +185,9 @@ def _bt_forms(problem) -> tuple[torch.Tensor, torch.Tensor]:
     """(H, M): the BT Fisher information of the linear reward at the truth, E_ref[sigma'(dR*) dPhi dPhi^T],
     and reward_err's quadratic form E_ref[dPhi dPhi^T] (reward_err(nu) = (nu - nu*)^T M (nu - nu*)),
     exact by enumeration over pi_ref pairs."""
-    feats = problem.unit_features.T  # (d, n_units): each feature dimension as a unit reward
-    phi = trajectory_returns(problem, problem.step_tables_from_units(feats))  # (d, G, m)
     true = trajectory_returns(problem, problem.true_step_tables())[0]  # (G, m)
     q = trajectory_probs(problem, problem.ref_log_probs())[0]  # (G, m)
-    dphi = phi[:, :, :, None] - phi[:, :, None, :]  # (d, G, m, m)
+    dphi = pair_feature_differences(problem, problem.unit_features)  # (d, G, m, m)
     s = torch.sigmoid(true[:, :, None] - true[:, None, :])
     w = problem.init_prob[:, None, None] * q[:, :, None] * q[:, None, :]
     fisher = torch.einsum("gij,agij,bgij->ab", w * s * (1 - s), dphi, dphi)

@@ -25,7 +25,7 @@ from ratebench.analysis.inputs import (CONF_DIR, BadInput, check_by, check_fit_o
                                        load_dir, named_claims)
 from ratebench.analysis.judgement import claim_premise, has_premise
 from ratebench.analysis.load import Loaded, RunRecordError
-from ratebench.analysis.tables import fit_display, fit_heading, latex_table, number_text, progress
+from ratebench.analysis.tables import estimate_digits, fit_display, fit_heading, latex_table, number_text, progress
 from ratebench.core.errors import ConfigError
 from ratebench.core.records import unwritable_reason
 from ratebench.analysis.code_versions import evidence_code
@@ -380,10 +380,10 @@ def verdict_row(v: Verdict, note: str = "") -> dict:
 
 def _estimate_text(est: dict | None, part: str = "value") -> str:
     """'p̂ 0.95', 'ρ̂ 0.809996', ... (part value) or '[low, high]' (part ci): the number a verdict was decided
-    on, named (ρ̂ to 6 figures: a contraction factor near 1 is told apart in its later digits)."""
+    on, named, to tables.estimate_digits figures."""
     if not est:
         return "-" if part == "value" else "[-, -]"
-    digits = 6 if est.get("name") == "ρ̂" else 3
+    digits = estimate_digits(est.get("name"))
     if part == "ci":
         return f"[{number_text(est.get('low'), digits)}, {number_text(est.get('high'), digits)}]"
     return f"{est['name']} {number_text(est.get('value'), digits)}"

@@ -1,6 +1,6 @@
 """The `predicted` curve of an exponent_curve claim: an arithmetic expression in `v` (the swept
 parameter's value), parsed into a syntax tree and evaluated by walking it, never by eval. Allowed:
-numbers, v, + - * / ** ( ), unary ±, and the functions min, max, log (natural), exp, sqrt."""
+numbers, v, + - * / ** ( ), unary ±, and the functions min, max, log (natural), log10, exp, sqrt."""
 from __future__ import annotations
 
 import ast
@@ -48,7 +48,7 @@ def _check(node, text: str) -> None:
     elif isinstance(node, ast.Call):
         name = node.func.id if isinstance(node.func, ast.Name) else None
         if name not in FUNCTIONS or node.keywords:
-            raise ExpressionError(f"{text!r}: only min, max, log, exp, sqrt may be called, without keywords")
+            raise ExpressionError(f"{text!r}: only {', '.join(FUNCTIONS)} may be called, without keywords")
         if (name in ONE_ARG and len(node.args) != 1) or (name not in ONE_ARG and len(node.args) < 2):
             raise ExpressionError(f"{text!r}: {name} takes {'one argument' if name in ONE_ARG else 'two or more'}")
         if any(isinstance(a, ast.Starred) for a in node.args):

@@ -360,10 +360,11 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions(), resample: tuple | 
     excess = excess_model(x, ratio_curve(vals, curves.noise), opts)
     if excess is not None:
         excess["level"] = end_level(x, vals, curves.noise, opts.tail)
+        term = noise_mean(curves.noise)  # (P,) the noise term the window rule and the CI read
     if window.sum() >= opts.min_levels and curves.n_seeds >= 2:
         win_r, iqm_r = replicate_windows(nh, counts, eps_all, x, c_reps, window, opts)  # (R, E) each
         if excess is not None:
-            keep, noise = noise_window(u, window, iqm_point, excess, x, noise_mean(curves.noise), opts, curves.metric)
+            keep, noise = noise_window(u, window, iqm_point, excess, x, term, opts, curves.metric)
             fit.arrays["noise"] = noise
             window, win_r = window & keep, win_r & keep[None, :]
             levels["rule_noise"] = keep
@@ -397,7 +398,7 @@ def fit_rate(curves: Curves, opts: FitOptions = FitOptions(), resample: tuple | 
     fit.p_reps = np.where(unreached, np.inf, p_reps)
     fit.p_low, fit.p_high = percentile_ci(fit.p_reps, opts.alpha, n_units)
     if "noise" in fit.arrays:  # the CI of the rate, not of the window's exponent: widened by the predicted bias
-        fit.p_low, fit.p_high = bias_aware_ci(fit, u, window, iqm_point, excess, x, noise_mean(curves.noise), opts)
+        fit.p_low, fit.p_high = bias_aware_ci(fit, u, window, iqm_point, excess, x, term, opts)
     eps_eval = opts.eps_min if opts.eps_min is not None else fit.eps_low
     profile, trend = local_profile(eps_all, window, iqm_point, iqm_r, win_r, unreached, eps_eval, opts, n_units)
     fit.arrays.update(profile=profile, profile_trend=trend)

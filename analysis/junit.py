@@ -3,6 +3,7 @@ failure, INCONCLUSIVE is skipped, each with its reason), for CI systems that dis
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from ratebench.analysis.tables import estimate_digits
 
 SUITE = "ratebench check"
 
@@ -31,7 +32,7 @@ def _details(r: dict) -> str:
     est = r.get("estimate") or {}
     if est.get("value") is not None:
         low, high = (est.get(k) if est.get(k) is not None else float("nan") for k in ("low", "high"))
-        digits = 6 if est.get("name") == "ρ̂" else 4
+        digits = estimate_digits(est.get("name"), default=4)
         lines.append(f"{est['name']} {est['value']:.{digits}g}, 95% CI [{low:.{digits}g}, {high:.{digits}g}], "
                      f"claimed {r.get('claimed')} ({r.get('form', 'polynomial')})")
     for pv in r.get("per_value") or []:

@@ -14,7 +14,7 @@ from ratebench.analysis import plots
 from ratebench.analysis.claims import UPPER_BOUND_CAVEAT, what_it_would_take
 from ratebench.analysis.curves import METRICS, has_positive
 from ratebench.analysis.load import RunRecordError, read_record
-from ratebench.analysis.tables import markdown_table, number_text
+from ratebench.analysis.tables import estimate_digits, markdown_table, number_text
 
 
 def commands_of(seeds: pd.DataFrame) -> list[str]:
@@ -204,7 +204,7 @@ def _estimate(s) -> tuple[str, str, str]:
     est = s.get("estimate")
     if not est:
         return "-", "-", "-"
-    digits = 6 if est["name"] == "ρ̂" else 3
+    digits = estimate_digits(est["name"])
     shown = number_text(est["value"], digits)
     return (shown if s["claim"].form == "polynomial" else f"{est['name']} {shown}", number_text(est["low"], digits),
             number_text(est["high"], digits))
@@ -232,7 +232,8 @@ def _claim_rows(s) -> list[tuple[str, str]]:
                                                    f"[{number_text(f.c_low)}, {number_text(f.c_high)}]"),
                  ("seeds", f"{f.n_seeds} fitted, {f.n_diverged} diverged, {f.n_saturated} saturated, "
                            f"{f.n_stalled} stalled, {f.n_failed} failed, {f.n_strata} configuration(s)")]
-    name, key, digits = ("ρ̂", "rho", 6) if c.form == "geometric" else ("p̂", "p", 3)
+    name, key = ("ρ̂", "rho") if c.form == "geometric" else ("p̂", "p")
+    digits = estimate_digits(name)
     if len(s.get("per_instance", {})) > 1 and c.form != "difference":
         def est(fit):
             return (f"{number_text(getattr(fit, key), digits)} [{number_text(getattr(fit, key + '_low'), digits)}, "

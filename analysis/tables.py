@@ -26,6 +26,12 @@ def cell_text(value, digits: int = 3) -> str:
     return str(value)
 
 
+def estimate_digits(name: str | None, default: int = 3) -> int:
+    """Significant figures to show a verdict's estimate with: a contraction factor ρ̂ near 1 is told apart in its
+    later digits (6), an exponent is not (default)."""
+    return 6 if name == "ρ̂" else default
+
+
 def number_text(value, digits: int = 3, infinite: str = "-") -> str:
     """A number as text to `digits` significant figures; None/NaN as '-', +-inf as `infinite`
     (the one number format of fit tables, reports, verdict lines and legends)."""

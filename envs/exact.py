@@ -86,6 +86,13 @@ def trajectory_returns(problem: TabularProblem, rewards: Tables) -> torch.Tensor
     return gather_shared(rewards, table.states, table.actions)
 
 
+def pair_feature_differences(problem: TabularProblem, features: torch.Tensor) -> torch.Tensor:
+    """Phi(tau_gi) - Phi(tau_gj) of every enumerated pair of trajectories from one initial state g, Phi(tau) the sum
+    of the unit features (n_units, d) along tau: (d, G, m, m), each feature dimension read as a unit reward."""
+    phi = trajectory_returns(problem, problem.step_tables_from_units(features.T.contiguous()))  # (d, G, m)
+    return phi[:, :, :, None] - phi[:, :, None, :]
+
+
 def trajectory_probs(problem: TabularProblem, logps: Tables) -> torch.Tensor:
     """P(tau | initial state g) under the policy: (B, G, m)."""
     table = problem.trajectory_table()
