@@ -17,7 +17,8 @@ from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.bilevel_kernel import CompiledStep, kernel_applies
 from ratebench.algorithms.estimators import (kl_regularised_return, policy_gradient_weights, preference_loss_weights,
                                              preference_score_weights)
-from ratebench.algorithms.models import PolicyModel, RewardModel, sgd_step, sgd_update, stack_seeds, unstack_seeds
+from ratebench.algorithms.models import (PolicyModel, RewardModel, seed_gradients, sgd_step, sgd_update, stack_seeds,
+                                         unstack_seeds)
 from ratebench.algorithms.oracles import BILEVEL_ORACLES, make_oracle
 from ratebench.algorithms.targets import minimiser_target
 from ratebench.core.errors import ConfigError, require
@@ -272,8 +273,8 @@ class Bilevel(Algorithm):
             pick = (lambda fn: fn) if not has_prev else (lambda fns: fns[i])
             return pick(upper_y)(tables) + lam_i * (pick(value_z)(tables) - pick(value_y)(tables))
 
-        g_nu = _gradients(lambda nu: hypergradient(nu, 0, lam), state.nu)
-        g_nu_prev = _gradients(lambda nu: hypergradient(nu, 1, state.prev_lam), state.prev_nu) if has_prev else None
+        g_nu = seed_gradients(lambda nu: hypergradient(nu, 0, lam), state.nu)
+        g_nu_prev = seed_gradients(lambda nu: hypergradient(nu, 1, state.prev_lam), state.prev_nu) if has_prev else None
         d_nu = storm(g_nu, g_nu_prev, state.d_nu, eta)
         nu_k = state.nu
         state.nu = self.reward.project(sgd_update(nu_k, d_nu, state.xi))  # then onto the box, if any
@@ -454,12 +455,6 @@ def storm(g: list[torch.Tensor], g_prev: list[torch.Tensor] | None, d_prev: list
     if not d_prev:
         return g
     return [a + (1 - eta) * (d - b) for a, b, d in zip(g, g_prev, d_prev)]
-
-
-def _gradients(loss_of, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each seed's gradient of loss_of(params) (B,) at params (sgd_step's gradient, without the step)."""
-    params = [p.detach().requires_grad_(True) for p in params]
-    return list(torch.autograd.grad(loss_of(params).sum(), params))
 
 
 def inner_draws(n_traj: int, n_pairs: int) -> tuple:

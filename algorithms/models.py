@@ -295,10 +295,16 @@ def sgd_step(params: Params, loss_of, lr: float | torch.Tensor) -> Params:
     """One plain SGD step (the analysed method): p <- p - lr * grad of loss_of(params).sum().
     loss_of returns per-seed losses (B,); the seeds' parameters are disjoint, so the gradient of the
     sum is each seed's own gradient. A negative lr ascends. Returns new, detached parameters."""
-    params = [p.detach().requires_grad_(True) for p in params]
-    grads = torch.autograd.grad(loss_of(params).sum(), params)
+    grads = seed_gradients(loss_of, params)
     with torch.no_grad():
         return sgd_update(params, grads, lr)
+
+
+def seed_gradients(loss_of, params: Params) -> Params:
+    """Each seed's gradient of loss_of(params) (B,) at params: the seeds' parameters are disjoint, so the gradient
+    of the sum is each seed's own."""
+    params = [p.detach().requires_grad_(True) for p in params]
+    return list(torch.autograd.grad(loss_of(params).sum(), params))
 
 
 def sgd_update(params: Params, grads: Params, lr: float) -> Params:

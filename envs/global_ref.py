@@ -252,6 +252,15 @@ def box_patterns(m: int, free: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long).reshape(-1, m)
 
 
+def box_conditions(grad: torch.Tensor, pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of the KKT test of F over the box [-R, R]^m, per row (rows, m): (every free reward's partial
+    at most FACE_STATIONARY, every reward at the bound with its partial pointing out of the box to KKT_TOL).
+    pattern: +1 / -1 where the reward sits at the upper / lower bound, 0 where it is free."""
+    stationary = (grad.abs() * (pattern == 0)).amax(-1) <= FACE_STATIONARY
+    outward = ~(((pattern == 1) & (grad > KKT_TOL)) | ((pattern == -1) & (grad < -KKT_TOL))).any(-1)
+    return stationary, outward
+
+
 def solve_box_faces(problem: TabularProblem, form: SequenceForm, patterns: torch.Tensor, bound: float,
                     gen: torch.Generator, starts: int = BOX_STARTS) -> GroupPoints:
     """Minimise F_g on every (group, box face) for patterns (C, m) with the same number k of free rewards,
@@ -281,10 +290,9 @@ def solve_box_faces(problem: TabularProblem, form: SequenceForm, patterns: torch
         (grad,) = torch.autograd.grad(value.sum(), rr)
     # a face point: every free reward off the bound and stationary in the reward itself (the rest approach a
     # smaller face, or stopped near one: a small gradient in z there is tanh saturating, not stationarity)
-    stationary = (grad.abs() * (pattern == 0)).amax(-1) <= FACE_STATIONARY
+    stationary, kkt = box_conditions(grad, pattern)
     if k:
         stationary &= (1 - torch.tanh(solved.x).abs()).amin(-1) >= SATURATED
-    kkt = ~(((pattern == 1) & (grad > KKT_TOL)) | ((pattern == -1) & (grad < -KKT_TOL))).any(-1)
     pi = torch.softmax(form.ref_logp[group] + r / problem.beta, -1)
     rows = group.shape[0]
     return GroupPoints(group, value.detach(), pi, r, torch.full((rows,), k), torch.full((rows,), k == m), kkt, stationary)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ratebench.envs.exact import bilevel_objective, optimal_value, policy_value, reward_error, soft_optimal
-from ratebench.envs.global_ref import (BOX_FACE_SIZE, FACE_STATIONARY, INTERIOR, KKT_TOL, MAX_FACE_SIZE, GroupPoints,
+from ratebench.envs.global_ref import (BOX_FACE_SIZE, INTERIOR, MAX_FACE_SIZE, GroupPoints,
+                                       box_conditions,
                                        gaussian_starts, group_objective, group_stationary_points, group_values,
                                        landscape_rows, objective_rows, policy_rows, sequence_form, to_units)
 from ratebench.envs.lbfgs import minimise_rows
@@ -249,9 +250,9 @@ def box_kkt(form, beta: float, g: int, r: torch.Tensor, bound: float | None) -> 
     with torch.enable_grad():
         rr = r.detach().clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(group_objective(form, beta, torch.tensor([g]))(rr[None]).sum(), rr)
-    at_top, at_bottom = r >= bound * (1 - 1e-9), r <= -bound * (1 - 1e-9)
-    free = ~(at_top | at_bottom)
-    return ~(((grad.abs() > FACE_STATIONARY) & free) | (at_top & (grad > KKT_TOL)) | (at_bottom & (grad < -KKT_TOL))).any()
+    pattern = (r >= bound * (1 - 1e-9)).long() - (r <= -bound * (1 - 1e-9)).long()
+    stationary, outward = box_conditions(grad[None], pattern[None])
+    return (stationary & outward)[0]
 
 
 def _group_units(form, rows: GroupPoints, pick: list[int], n_units: int) -> torch.Tensor:
