@@ -24,7 +24,6 @@ from ratebench.analysis.curves import Curves
 from ratebench.analysis.expression import ExpressionError, predict
 from ratebench.analysis.fit import FitOptions
 from ratebench.analysis.geometric import GeometricFit, fit_geometric
-from ratebench.analysis.groups import distinct_curves
 from ratebench.analysis.paired import exponent_difference, restrict
 
 # ---------------------------------------------------------------------------------------------- geometric
@@ -162,17 +161,15 @@ def judge_difference(claim: Claim, a: Curves, b: Curves, opts: FitOptions | None
     """A difference claim on the curves of its experiment (a) and of its baseline_experiment (b), paired by
     (env.instance_seed, seed); seeds of one run with bit-identical curves count once in each."""
     opts = claim_options(claim, opts or FitOptions())
-    a, copies_a = distinct_curves(a)
-    b, copies_b = distinct_curves(b)
-    d = exponent_difference(a, b, opts)
+    d = exponent_difference(a, b, opts)  # it counts bit-identical seeds of one run once
     v = difference_verdict(claim, d)
     v.pooled = d.get("fit_b")
     v.detail.update(estimate={"name": "p̂_A − p̂_B", "value": d["diff"], "low": d["diff_low"], "high": d["diff_high"]},
                     fit_a=d.get("fit_a"), fit_b=d.get("fit_b"), n_shared=d["n_shared"], boot_unit=d["boot_unit"],
-                    copies={"A": copies_a, "B": copies_b})
-    if copies_a or copies_b:
-        v.reason += (f" | seeds with bit-identical curves in one run counted once (A: {len(a.values)} distinct, "
-                     f"B: {len(b.values)} distinct)")
+                    copies=d["copies"])
+    if d["copies"]["A"] or d["copies"]["B"]:
+        v.reason += (f" | seeds with bit-identical curves in one run counted once (A: {d['n_distinct'][0]} distinct, "
+                     f"B: {d['n_distinct'][1]} distinct)")
     return v
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from ratebench.analysis.curves import Curves
 from ratebench.analysis.fit import FitOptions, RateFit, fit_rate
+from ratebench.analysis.groups import distinct_curves
 from ratebench.analysis.stats import bootstrap_counts, hierarchical_counts, percentile_ci
 
 
@@ -41,11 +42,16 @@ def exponent_difference(a: Curves, b: Curves, opts: FitOptions = FitOptions()) -
     """p̂_a − p̂_b on the (instance, seed) pairs both groups hold, with a 95% paired bootstrap CI (the
     same resample of shared units for both fits; each fit re-selects its window per replicate, and a
     replicate with p = +inf in either group gives ±inf or NaN, left out as undefined when NaN).
-    Returns the fits and {diff, diff_low, diff_high, n_shared, n_units, boot_unit, status, reason}."""
+    Seeds of one run with bit-identical curves count once in each group (groups.distinct_curves), as in `check`.
+    Returns the fits and {diff, diff_low, diff_high, n_shared, n_units, boot_unit, status, reason, copies,
+    n_distinct}."""
+    a, copies_a = distinct_curves(a)
+    b, copies_b = distinct_curves(b)
     units_a, units_b = fitted_units(a), fitted_units(b)
     shared = sorted(set(units_a) & set(units_b))
     out = {"n_shared": len(shared), "diff": np.nan, "diff_low": np.nan, "diff_high": np.nan, "n_units": 0,
-           "boot_unit": "", "status": "ok", "reason": "", "fit_a": None, "fit_b": None}
+           "boot_unit": "", "status": "ok", "reason": "", "fit_a": None, "fit_b": None,
+           "copies": {"A": copies_a, "B": copies_b}, "n_distinct": (len(a.values), len(b.values))}
     if len(shared) < opts.min_seeds:
         out.update(status="too_few_shared", reason=f"{len(shared)} (instance, seed) pairs in both groups, "
                                                    f"need ≥ {opts.min_seeds}")

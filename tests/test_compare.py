@@ -74,3 +74,24 @@ def test_compare_command_prints_a_csv_row_per_pair(tmp_path, capsys):
     assert table["diff_low"][0] <= -1.0 <= table["diff_high"][0]
     assert commands.main("compare", [str(tmp_path), "--by", "env"]) == 2  # one group: nothing to compare
     assert "compare needs at least 2" in capsys.readouterr().err
+
+
+def test_compare_counts_bit_identical_seeds_of_one_run_once():
+    """a's 8 seeds plus 8 copies of seed 0's curve under new seed ids in the same run (a deterministic method from
+    one start repeated): the paired difference is the one on the 8 distinct seeds, and the copies are reported."""
+    a, b = shared_noise(1.0), shared_noise(0.5)
+
+    def with_copies(curves):
+        values = np.concatenate([curves.values, np.repeat(curves.values[:1], 8, 0)])
+        extra = curves.seeds.iloc[[0] * 8].assign(seed=100 + np.arange(8))
+        seeds = pd.concat([curves.seeds, extra], ignore_index=True)
+        n = len(seeds)
+        return type(curves)(curves.metric, curves.x_name, curves.x, values, np.array([curves.strata[0]] * n), seeds,
+                            np.ones(n, bool), np.zeros(n, np.int64))
+
+    plain = exponent_difference(a, b, OPTS)
+    doubled = exponent_difference(with_copies(a), with_copies(b), OPTS)
+    assert doubled["n_shared"] == plain["n_shared"] == 8
+    assert (doubled["diff"], doubled["diff_low"], doubled["diff_high"]) == (plain["diff"], plain["diff_low"],
+                                                                           plain["diff_high"])
+    assert doubled["n_distinct"] == (8, 8) and doubled["copies"]["A"] and doubled["copies"]["B"]
