@@ -357,8 +357,9 @@ typedef struct {  /* per-seed scratch, allocated once per call (the policy table
     double *r, **racts;               /* reward per unit (n_units + 1) and its activations (n_units, width) */
     double *rtanh;                    /* with a bound: tanh of the network's raw output per unit (n_units + 1) */
     double *rx, **rrows;              /* the nu stage's visited units' inputs and activations, gathered as rows */
-    char *r_done;                     /* which units' rewards are computed (lazily: only visited units) */
+    char *r_done;                     /* which units' rewards are computed (only visited units: after each draw) */
     char *r_seen;                     /* units the nu stage visits */
+    int64_t *todo;                    /* a stage's visited units whose rewards are not computed yet (T * H) */
     int64_t *index, *local, *unit;    /* (T, H) flat (p, h, s, a) index, (h, s, a) index and reward unit per step */
     double *ret, *weight;             /* (T) */
     double *label;                    /* (pairs) */
@@ -395,31 +396,80 @@ static void policy_tables(const Step *st, Work *w, int64_t b) {
     }
 }
 
-static double reward_at(const Step *st, Work *w, int64_t b, int64_t u) {
-    /* r_nu(u), computed on first use: nu is fixed until the nu update, so every stage reads the same values */
-    if (u >= st->n_units) return 0.0;  /* the padded slot: a step that pays nothing */
-    if (!w->r_done[u]) {
-        const Net *net = &w->nu;
-        int64_t d = net->sizes[0];
-        const double *phi = st->unit_x + b * st->unit_x_stride + u * d;
-        if (net->n_layers == 0) {
+/* four rows' one-output layer (the reward's): out[q] = bias + in[q] . W, each row summed exactly as tiles' width-1
+   case sums one (its own four partial sums, the same final adds), the four rows' chains interleaved so that they wait
+   on the multiply-add's latency together instead of in turn */
+static void dot4(double *const out[4], const double *bias, const double *const in[4], int64_t n, const double *W) {
+    double acc[4][4];
+    for (int q = 0; q < 4; q++) acc[q][0] = bias[0], acc[q][1] = acc[q][2] = acc[q][3] = 0.0;
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4)
+        for (int q = 0; q < 4; q++)
+            for (int j = 0; j < 4; j++) acc[q][j] = fma(in[q][k + j], W[k + j], acc[q][j]);
+    for (; k < n; k++)
+        for (int q = 0; q < 4; q++) acc[q][0] = fma(in[q][k], W[k], acc[q][0]);
+    for (int q = 0; q < 4; q++) out[q][0] = (acc[q][0] + acc[q][1]) + (acc[q][2] + acc[q][3]);
+}
+
+/* r_nu(u) for the n listed units (distinct, not computed yet): each unit's operations are mlp_forward's on its one
+   row, so its bits; the units go layer by layer together, so that their independent chains overlap (the one-output
+   layer four units at a time: dot4). Activations into racts at the unit's row. */
+static void reward_units(const Step *st, Work *w, int64_t b, const int64_t *units, int64_t n) {
+    const Net *net = &w->nu;
+    int64_t d = net->sizes[0], L = net->n_layers;
+    const double *x = st->unit_x + b * st->unit_x_stride;
+    if (L == 0)  /* linear: nu . phi(u) */
+        for (int64_t q = 0; q < n; q++) {
+            const double *nu = net->W[0] + b * d, *phi = x + units[q] * d;
             double s = 0;
-            const double *nu = net->W[0] + b * d;
             for (int64_t i = 0; i < d; i++) s += nu[i] * phi[i];
-            w->r[u] = s;
-        } else {
-            double *acts[16];
-            for (int l = 1; l <= net->n_layers; l++) acts[l] = w->racts[l] + u * net->sizes[l];
-            mlp_forward(net, b, phi, 1, acts);
-            w->r[u] = acts[net->n_layers][0];
+            w->r[units[q]] = s;
         }
-        if (st->reward_bound > 0) {  /* r_nu(u) = R tanh(raw) */
+    for (int l = 0; l < L; l++) {
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1], q = 0;
+        const double *W = net->W[l] + b * fi * fo, *bias = net->b[l] + b * fo;
+        const double *in = l ? w->racts[l] : x;  /* unit u's row at u * fi */
+        double *out = w->racts[l + 1];
+        if (fo == 1)
+            for (; q + 4 <= n; q += 4) {
+                const double *rows[4];
+                double *outs[4];
+                for (int i = 0; i < 4; i++) rows[i] = in + units[q + i] * fi, outs[i] = out + units[q + i];
+                dot4(outs, bias, rows, fi, W);
+            }
+        for (; q < n; q++) tiles(fo, out + units[q] * fo, bias, in + units[q] * fi, 1, fi, W, fo, l == 0);
+        if (l + 1 < L)  /* hidden layer: relu or tanh */
+            for (q = 0; q < n; q++) {
+                double *o = out + units[q] * fo;
+                if (net->tanh_act) for (int64_t j = 0; j < fo; j++) o[j] = tanh(o[j]);
+                else for (int64_t j = 0; j < fo; j++) o[j] = o[j] > 0 ? o[j] : 0.0;
+            }
+        if (l + 1 == L) for (q = 0; q < n; q++) w->r[units[q]] = out[units[q]];
+    }
+    if (st->reward_bound > 0)  /* r_nu(u) = R tanh(raw) */
+        for (int64_t q = 0; q < n; q++) {
+            int64_t u = units[q];
             w->rtanh[u] = tanh(w->r[u]);  /* kept for the nu stage's backward */
             w->r[u] = st->reward_bound * w->rtanh[u];
         }
-        w->r_done[u] = 1;
-    }
+}
+
+static double reward_at(const Step *st, Work *w, int64_t b, int64_t u) {
+    /* r_nu(u), computed on first use: nu is fixed until the nu update, so every stage reads the same values */
+    if (u >= st->n_units) return 0.0;  /* the padded slot: a step that pays nothing */
+    if (!w->r_done[u]) { w->r_done[u] = 1; reward_units(st, w, b, &u, 1); }
     return w->r[u];
+}
+
+/* the rewards of every unit a stage's trajectories visit that is not computed yet, in one reward_units call (the
+   stage reads them all: its returns, or the nu stage's backward) */
+static void stage_rewards(const Step *st, Work *w, int64_t b, int64_t T) {
+    int64_t n = 0;
+    for (int64_t e = 0; e < T * st->H; e++) {
+        int64_t u = w->unit[e];
+        if (u < st->n_units && !w->r_done[u]) w->r_done[u] = 1, w->todo[n++] = u;
+    }
+    reward_units(st, w, b, w->todo, n);
 }
 
 static void draw(const Step *st, Work *w, int64_t b, const Plan *plan, int64_t counter) {
@@ -476,6 +526,7 @@ static void z_y_weights(const Step *st, Work *w, int64_t b, int64_t counter) {
     int64_t N = st->n_traj, M = st->n_pairs, H = st->H, S = st->S, A = st->A, T = st->stage.T;
     const double *ref = st->ref_logp + b * st->ref_logp_stride;
     draw(st, w, b, &st->stage, counter);  /* trajectories: z's N, y's M pairs (first, second members), y's N */
+    stage_rewards(st, w, b, T);
     for (int64_t t = 0; t < T; t++) {  /* G(tau) = R_nu(tau) - beta sum_t log pi/pi_ref (a_t | s_t) */
         double lp = 0, lr = 0;
         for (int64_t h = 0; h < H; h++) { int64_t i = w->index[t * H + h]; lp += w->logp[i * w->ts]; lr += ref[w->local[t * H + h]]; }
@@ -533,6 +584,7 @@ static void z_y_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
 static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     int64_t N = st->n_traj, M = st->n_pairs, H = st->H, T = st->nu_stage.T, U = st->n_units;
     draw(st, w, b, &st->nu_stage, counter);  /* trajectories: y's M pairs (first, second members), z's N, y's N */
+    stage_rewards(st, w, b, T);
     double *weight = w->weight;
     for (int64_t i = 0; i < M; i++) {  /* g^_nu f(nu, y): d/d margin of the mean BT loss = (sigmoid(m) - label) / M */
         double m = model_return(st, w, b, i) - model_return(st, w, b, M + i);
@@ -551,10 +603,10 @@ static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
             int64_t u = w->unit[t * H + h];
             if (u < U) { gu[u] += weight[t]; w->r_seen[u] = 1; }
         }
+    /* stage_rewards computed every visited unit's reward, its tanh with a bound, its activations */
     if (st->reward_bound > 0)  /* through the bound: d r_nu(u) / d raw = R (1 - tanh^2 raw), at the visited units */
         for (int64_t u = 0; u < U; u++) {
             if (!w->r_seen[u]) continue;
-            reward_at(st, w, b, u);  /* its tanh (the z and y trajectories' units may not be computed yet) */
             double t = w->rtanh[u];
             gu[u] *= st->reward_bound * (1 - t * t);
         }
@@ -582,7 +634,6 @@ static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     int64_t n = 0, L = net->n_layers;
     for (int64_t u = 0; u < U; u++) {
         if (!w->r_seen[u]) continue;
-        reward_at(st, w, b, u);  /* its activations (the z and y trajectories' units may not be computed yet) */
         for (int64_t i = 0; i < d; i++) w->rx[n * d + i] = phi[u * d + i];  /* a few doubles: no memcpy call */
         for (int l = 1; l <= L; l++) {
             int64_t wl = net->sizes[l];
@@ -632,6 +683,7 @@ static int work_alloc(const Step *st, Work *w) {  /* 0, or 1 when out of memory 
     bad |= !(w->r_done = malloc(U + 1));
     bad |= !(w->r_seen = malloc(U + 1));
     bad |= !(w->index = malloc(sizeof(int64_t) * T * H));
+    bad |= !(w->todo = malloc(sizeof(int64_t) * T * H));
     bad |= !(w->unit = malloc(sizeof(int64_t) * T * H));
     bad |= !(w->local = malloc(sizeof(int64_t) * T * H));
     bad |= !(w->ret = malloc(sizeof(double) * T));
@@ -652,7 +704,7 @@ static void work_free(const Step *st, Work *w) {
         for (int l = 1; l <= st->nu.n_layers; l++) { free(w->racts[l]); free(w->rrows[l]); }
     if (w->prows) for (int l = 1; l < st->z.n_layers; l++) free(w->prows[l]);
     free(w->prows); free(w->px);
-    free(w->racts); free(w->rrows); free(w->rx); free(w->r_done); free(w->r_seen); free(w->index); free(w->unit);
+    free(w->racts); free(w->rrows); free(w->rx); free(w->r_done); free(w->r_seen); free(w->todo); free(w->index); free(w->unit);
     free(w->local); free(w->ret); free(w->weight); free(w->label); free(w->u); free(w->grad); free(w->g);
     free(w->g_prev); free(w->Wt); free(w->gout); free(w->dW);
 }
