@@ -454,15 +454,9 @@ static void reward_units(const Step *st, Work *w, int64_t b, const int64_t *unit
         }
 }
 
-static double reward_at(const Step *st, Work *w, int64_t b, int64_t u) {
-    /* r_nu(u), computed on first use: nu is fixed until the nu update, so every stage reads the same values */
-    if (u >= st->n_units) return 0.0;  /* the padded slot: a step that pays nothing */
-    if (!w->r_done[u]) { w->r_done[u] = 1; reward_units(st, w, b, &u, 1); }
-    return w->r[u];
-}
-
 /* the rewards of every unit a stage's trajectories visit that is not computed yet, in one reward_units call (the
-   stage reads them all: its returns, or the nu stage's backward) */
+   stage reads them all: its returns, or the nu stage's backward); nu is fixed until the nu update, so every stage of
+   a step reads the same values */
 static void stage_rewards(const Step *st, Work *w, int64_t b, int64_t T) {
     int64_t n = 0;
     for (int64_t e = 0; e < T * st->H; e++) {
@@ -508,9 +502,10 @@ static void draw(const Step *st, Work *w, int64_t b, const Plan *plan, int64_t c
     }
 }
 
-static double model_return(const Step *st, Work *w, int64_t b, int64_t t) {  /* R_nu(tau) = sum_t r_nu(u_t) */
+static double model_return(const Step *st, const Work *w, int64_t t) {  /* R_nu(tau) = sum_t r_nu(u_t), after
+    stage_rewards; the padded slot (u = n_units) is a step that pays nothing */
     double s = 0;
-    for (int64_t h = 0; h < st->H; h++) s += reward_at(st, w, b, w->unit[t * st->H + h]);
+    for (int64_t h = 0; h < st->H; h++) { int64_t u = w->unit[t * st->H + h]; s += u < st->n_units ? w->r[u] : 0.0; }
     return s;
 }
 
@@ -530,7 +525,7 @@ static void z_y_weights(const Step *st, Work *w, int64_t b, int64_t counter) {
     for (int64_t t = 0; t < T; t++) {  /* G(tau) = R_nu(tau) - beta sum_t log pi/pi_ref (a_t | s_t) */
         double lp = 0, lr = 0;
         for (int64_t h = 0; h < H; h++) { int64_t i = w->index[t * H + h]; lp += w->logp[i * w->ts]; lr += ref[w->local[t * H + h]]; }
-        w->ret[t] = model_return(st, w, b, t) - st->beta * (lp - lr);
+        w->ret[t] = model_return(st, w, t) - st->beta * (lp - lr);
     }
     double *wz = w->weight, *score = w->weight + N, *wy = w->weight + N + 2 * M;
     for (int64_t i = 0; i < N; i++) { wz[i] = w->ret[i]; wy[i] = w->ret[N + 2 * M + i]; }
@@ -538,7 +533,7 @@ static void z_y_weights(const Step *st, Work *w, int64_t b, int64_t counter) {
     leave_one_out_weights(wy, N);
     for (int64_t i = 0; i < N; i++) wy[i] = -wy[i];  /* y: minus g^_theta J(nu, y) */
     for (int64_t i = 0; i < M; i++) {    /* BT loss l = softplus(m) - label m, m = R_nu(tau) - R_nu(tau') */
-        double m = model_return(st, w, b, N + i) - model_return(st, w, b, N + M + i);
+        double m = model_return(st, w, N + i) - model_return(st, w, N + M + i);
         score[i] = softplus(m) - w->label[i] * m;
     }
     leave_one_out_weights(score, M);  /* y: g^_theta f(nu, y) / lam, (l - b) / M / lam on both members */
@@ -587,7 +582,7 @@ static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     stage_rewards(st, w, b, T);
     double *weight = w->weight;
     for (int64_t i = 0; i < M; i++) {  /* g^_nu f(nu, y): d/d margin of the mean BT loss = (sigmoid(m) - label) / M */
-        double m = model_return(st, w, b, i) - model_return(st, w, b, M + i);
+        double m = model_return(st, w, i) - model_return(st, w, M + i);
         weight[i] = (sigmoid(m) - w->label[i]) / M;
         weight[M + i] = -weight[i];
     }
