@@ -84,6 +84,13 @@ class Algorithm:
         computes on its own instance's tables what a separate job would (tests/test_instance_batch.py)."""
         return None
 
+    @staticmethod
+    def impl_refusal(cfg: Any, impl: str) -> str | None:
+        """Why this configuration cannot run with `impl` ("reference", "eager", "fast"), or None when it can. Most
+        configurations can with any: a path they lack falls back to the next (Algorithm.step_path); one that has only
+        its reference step and must not be recorded under another impl's name says so here (checked before compute)."""
+        return None
+
     def has_eager_step(self) -> bool:
         """True if this configuration has an eager step (equal to the reference step to round-off)."""
         return False

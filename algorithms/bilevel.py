@@ -177,10 +177,17 @@ class Bilevel(Algorithm):
                     "it cannot batch instances")
         return None
 
+    @staticmethod
+    def impl_refusal(cfg, impl: str) -> str | None:
+        if getattr(cfg, "momentum", "none") != "none" and impl != "reference":
+            return (f"algorithm.momentum={cfg.momentum} has the reference step only; allowed: reference (or "
+                    f"algorithm.momentum=none with any impl), got {impl!r}")
+        return None
+
     def has_eager_step(self) -> bool:
         # the eager and compiled steps are the stochastic oracle's in closed form; every oracle with an exact
         # part (exact, exact_lower, exact_upper) takes the reference step (so never the compiled segments); so does
-        # momentum=storm (harness/config.py refuses it with any impl but reference)
+        # momentum=storm (impl_refusal refuses it with any impl but reference)
         return self.cfg.oracle == "stochastic" and self.cfg.momentum == "none"
 
     def reference_step(self, state, sampler):

@@ -181,10 +181,9 @@ def validate(cfg: DictConfig) -> Validated:
     impl = cfg.get("impl", "fast")
     if impl not in IMPLS:
         raise ConfigError("impl", f"must be one of {list(IMPLS)}, got {impl!r}")
-    momentum = getattr(algorithm, "momentum", "none")
-    if momentum != "none" and impl != "reference":
-        raise ConfigError("impl", f"algorithm.momentum={momentum} has the reference step only; allowed: reference "
-                                  f"(or algorithm.momentum=none with any of {list(IMPLS)}), got {impl!r}")
+    why = ALGORITHMS[algo_name].impl_refusal(algorithm, impl)
+    if why:
+        raise ConfigError("impl", why)
     health = to_dataclass(cfg.health, HealthConfig, "health")
     check_health(health)
     instances = check_instances(cfg.get("instances"), ALGORITHMS[algo_name], algorithm)
