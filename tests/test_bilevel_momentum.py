@@ -11,8 +11,6 @@ d_k = g(x_k; xi_k) + (1 - eta_k)(d_{k-1} - g(x_{k-1}; xi_k)).
 """
 from __future__ import annotations
 
-from statistics import NormalDist
-
 import numpy as np
 import pytest
 import torch
@@ -24,13 +22,10 @@ from ratebench.algorithms.bilevel import Bilevel, BilevelConfig
 from ratebench.algorithms.models import ModelConfig, NetConfig
 from ratebench.algorithms.oracles import ExactOracle, StochasticOracle
 from ratebench.core.errors import ConfigError
-from ratebench.envs import bandit, mdp
 from ratebench.envs.sampling import Counters, CountingSampler
+from test_oracle import PER_ESTIMATE, REPLICATES, SMALL, assert_mean_equals, replicate
+from test_oracle import flat as flat_grads  # (R, d) per replicate
 
-SMALL = {
-    "bandit": bandit.BanditConfig(n_contexts=3, n_actions=4, feature_dim=3),
-    "mdp": mdp.MDPConfig(n_states=3, n_actions=2, horizon=3),
-}
 SEEDS = [0, 1]
 # larger steps than the defaults so that a few steps move every sequence visibly (and eta < 1 matters)
 MOVING = dict(c_alpha=3.0, c_alpha_z=3.0, c_xi=3.0, k0=1.0, alpha_exponent=0.4, alpha_z_exponent=0.4,
@@ -125,19 +120,7 @@ def test_recursion_and_updates_equal_a_numpy_reimplementation_of_the_same_sample
 
 # --- the estimate at the previous point on the current point's samples is unbiased for that point's gradient ---
 
-REPLICATES = 4000
-PER_ESTIMATE = 4
-FAMILY_ALPHA = 1e-3
-
-
-def assert_unbiased(estimates: torch.Tensor, exact_grad: torch.Tensor) -> None:
-    """estimates (R, d) iid, exact (d,): z-test per informative coordinate, Bonferroni at FAMILY_ALPHA."""
-    informative = estimates.std(0) > 1e-12
-    assert torch.allclose(estimates[:, ~informative].mean(0), exact_grad[~informative], atol=1e-10)
-    mean, se = estimates[:, informative].mean(0), estimates[:, informative].std(0) / REPLICATES**0.5
-    z = (mean - exact_grad[informative]) / se
-    crit = NormalDist().inv_cdf(1 - FAMILY_ALPHA / (2 * int(informative.sum())))
-    assert z.abs().max() < crit, f"max |z| = {float(z.abs().max()):.2f} >= {crit:.2f}"
+# the z-test of tests/test_oracle.py (assert_mean_equals: REPLICATES estimates, Bonferroni at FAMILY_ALPHA)
 
 
 class TwoPoints:
@@ -153,21 +136,17 @@ class TwoPoints:
         self.nu_prev = [p + 0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in nu]
         self.sampler = CountingSampler(self.algo.problem, list(range(REPLICATES)), Counters())
 
-    @staticmethod
-    def replicate(params):
-        return [p.expand(REPLICATES, *p.shape[1:]).clone().requires_grad_(True) for p in params]
-
     def tables(self, nu):
         return [r.detach() for r in self.algo.reward.step_tables(nu)]
 
     def theta_estimate(self, method: str) -> torch.Tensor:
         """g^_theta at (nu', theta') from samples of pi_theta (the second surrogate of the two-point form)."""
         oracle, pol = StochasticOracle(self.algo.problem), self.algo.policy
-        now, prev = self.replicate(self.theta), self.replicate(self.theta_prev)
-        previous = (self.tables(self.replicate(self.nu_prev)), pol.log_probs(prev))
-        _, before = getattr(oracle, method)(self.sampler, self.tables(self.replicate(self.nu)), pol.log_probs(now),
-                                            PER_ESTIMATE, previous)
-        return torch.cat([g.reshape(REPLICATES, -1) for g in torch.autograd.grad(before.sum(), prev)], 1)
+        now, prev = replicate(self.theta, REPLICATES), replicate(self.theta_prev, REPLICATES)
+        previous = (self.tables(replicate(self.nu_prev, REPLICATES)), pol.log_probs(prev))
+        _, before = getattr(oracle, method)(self.sampler, self.tables(replicate(self.nu, REPLICATES)),
+                                            pol.log_probs(now), PER_ESTIMATE, previous)
+        return flat_grads(torch.autograd.grad(before.sum(), prev))
 
     def theta_exact(self, method: str) -> torch.Tensor:
         prev = [p.clone().requires_grad_(True) for p in self.theta_prev]
@@ -179,11 +158,12 @@ class TwoPoints:
         """g^_nu at (nu', theta') from samples of pi_theta."""
         oracle, pol = StochasticOracle(self.algo.problem), self.algo.policy
         with torch.no_grad():
-            logp, logp_prev = pol.log_probs(self.replicate(self.theta)), pol.log_probs(self.replicate(self.theta_prev))
+            logp = pol.log_probs(replicate(self.theta, REPLICATES))
+            logp_prev = pol.log_probs(replicate(self.theta_prev, REPLICATES))
         _, before = getattr(oracle, method)(self.sampler, logp, PER_ESTIMATE, logp_prev)
-        nu = self.replicate(self.nu_prev)
+        nu = replicate(self.nu_prev, REPLICATES)
         grads = torch.autograd.grad(before(self.algo.reward.step_tables(nu)).sum(), nu)
-        return torch.cat([g.reshape(REPLICATES, -1) for g in grads], 1)
+        return flat_grads(grads)
 
     def nu_exact(self, method: str) -> torch.Tensor:
         nu = [p.clone().requires_grad_(True) for p in self.nu_prev]
@@ -200,12 +180,12 @@ def two(request):
 
 @pytest.mark.parametrize("method", ["value_theta", "upper_theta"])
 def test_previous_point_policy_estimates_are_unbiased(two, method):
-    assert_unbiased(two.theta_estimate(method), two.theta_exact(method))
+    assert_mean_equals(two.theta_estimate(method), two.theta_exact(method))
 
 
 @pytest.mark.parametrize("method", ["value_nu", "upper_nu"])
 def test_previous_point_reward_estimates_are_unbiased(two, method):
-    assert_unbiased(two.nu_estimate(method), two.nu_exact(method))
+    assert_mean_equals(two.nu_estimate(method), two.nu_exact(method))
 
 
 @pytest.mark.parametrize("method", ["value_theta", "upper_theta", "value_nu", "upper_nu"])
@@ -219,7 +199,7 @@ def test_z_test_rejects_the_previous_point_estimate_without_importance_weights(t
     estimate, exact_value = ((two.theta_estimate, two.theta_exact) if method.endswith("theta")
                              else (two.nu_estimate, two.nu_exact))
     with pytest.raises(AssertionError, match="max \\|z\\|"):
-        assert_unbiased(estimate(method), exact_value(method))
+        assert_mean_equals(estimate(method), exact_value(method))
 
 
 # --- configuration ---
