@@ -95,3 +95,4 @@ def test_compare_counts_bit_identical_seeds_of_one_run_once():
     assert (doubled["diff"], doubled["diff_low"], doubled["diff_high"]) == (plain["diff"], plain["diff_low"],
                                                                            plain["diff_high"])
     assert doubled["n_distinct"] == (8, 8) and doubled["copies"]["A"] and doubled["copies"]["B"]
+    assert doubled["copies"] == {"A": {0: (16, 8)}, "B": {0: (16, 8)}} and plain["copies"] == {"A": {}, "B": {}}

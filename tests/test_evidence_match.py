@@ -208,3 +208,8 @@ def test_a_run_from_before_a_key_existed_matches_where_the_experiment_keeps_its_
     assert config_differences(old_run, keeps, ()) == ["algorithm.momentum"]
     assert config_differences({"algorithm.momentum": "storm", "algorithm.lr": 0.1}, keeps, (), defaults) == [
         "algorithm.momentum"]
+    # the defaults `check` passes (harness/experiments.py): the experiment's algorithm and env groups alone
+    shipped = experiments.experiment_configs("f2sa_upper")
+    assert shipped.defaults["algorithm.momentum"] == "none" and shipped.defaults["algorithm.name"] == "bilevel"
+    assert all(c["algorithm.momentum"] == "none" for c in shipped.configs)
+    assert experiments.experiment_configs("f2sa_upper_mom").defaults["algorithm.momentum"] == "none"
