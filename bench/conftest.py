@@ -48,6 +48,7 @@ def record_ratio(benchmark, name: str, value: float, note: str) -> float:
     RATIOS[name] = (value, note)
     if benchmark is not None:
         benchmark.extra_info[name] = value
+        benchmark.extra_info[f"{name}_note"] = note  # what the number is (and is not), beside it in the JSON
     print(f"\nRATIO {name} = {value:.3g}   ({note})", flush=True)
     return value
 
