@@ -16,7 +16,10 @@ from scipy.special import expit, log_softmax
 from ratebench import envs
 from ratebench.algorithms.models import NetConfig, RewardModel
 from ratebench.envs import bandit, global_ref
+from ratebench.envs import exact
 from ratebench.fstar import reference
+from test_audit import NumpyBandit
+from test_global_ref import FixedState
 
 D = torch.float64
 
@@ -254,39 +257,6 @@ def test_the_projected_tabular_reward_is_projected_sgd_on_the_unit_rewards(compo
     assert float(state.nu[0].abs().max()) <= R
 
 
-class BoxState:
-    """An algorithm stand-in: the projected tabular reward model (bound_reading project) at fixed unit rewards
-    (B, n_units), the deployed policy its soft-optimal one."""
-
-    def __init__(self, problem, units, bound):
-        from ratebench.envs import exact
-
-        self.model = RewardModel(problem, NetConfig(kind="tabular", bound=bound, bound_reading="project"))
-        self.units = units
-        self.logps = exact.soft_optimal(problem, problem.step_tables_from_units(units))[0]
-
-    def policy_log_probs(self, state):
-        return self.logps
-
-    def reward_model(self, state):
-        return self.model, [self.units]
-
-    def schedule(self, state):
-        return {}
-
-    def population_targets(self, reference):
-        return {}
-
-    def predicted_metrics(self, state):
-        return {}
-
-
-def numpy_gradient(F, r, h=1e-6):
-    """Central finite differences of a numpy objective."""
-    r = np.asarray(r, dtype=float)
-    return np.array([(F(r + h * e) - F(r - h * e)) / (2 * h) for e in np.eye(r.size)])
-
-
 def test_pgrad_sq_is_zero_at_the_box_minimiser_where_grad_sq_keeps_a_floor():
     """At the minimiser of F over [-R, R]^n (scipy's L-BFGS-B on the numpy objective, per context) the box binds
     with the gradient pointing out of it: grad_sq stays away from 0, the projected gradient's square (pgrad_sq)
@@ -308,26 +278,26 @@ def test_pgrad_sq_is_zero_at_the_box_minimiser_where_grad_sq_keeps_a_floor():
     assert np.isclose(np.abs(minimiser), bound).any()  # the box binds on this instance
     ref = global_ref.global_reference(problem, bound=bound)
 
-    def metrics(units):
+    box = NetConfig(kind="tabular", bound=bound, bound_reading="project")
+
+    def metrics(units):  # the projected tabular model at these unit rewards, the deployed policy their soft-optimal one
         units = torch.tensor(np.asarray(units)[None], dtype=D)
-        return Evaluator(problem, ref, BoxState(problem, units, bound))(None)
+        logps = exact.soft_optimal(problem, problem.step_tables_from_units(units))[0]
+        return Evaluator(problem, ref, FixedState(problem, units, logps, None, box))(None)
 
     at_min = metrics(minimiser)
     assert float(at_min["grad_sq"][0]) > 1e-4  # the floor grad_sq has at the box minimiser
     assert float(at_min["pgrad_sq"][0]) < 1e-14
 
-    def full_objective(r):
-        return sum(numpy_context_objective(problem, x)(r[x * A:(x + 1) * A]) for x in range(X)) / X
-
     rng = np.random.default_rng(0)
     point = rng.uniform(-bound, bound, X * A)
     point[[0, 4]] = bound, -bound  # two coordinates on the box
-    g = numpy_gradient(full_objective, point)
+    g = NumpyBandit(problem).grad_fd(point)  # F, the mean over contexts, in numpy (tests/test_audit.py)
     expected = float(((point - np.clip(point - g, -bound, bound)) ** 2).sum())
     got = metrics(point)
     assert float(got["pgrad_sq"][0]) == pytest.approx(expected, rel=1e-6)
     assert float(got["grad_sq"][0]) == pytest.approx(float((g ** 2).sum()), rel=1e-6)
-    # inside the box, and without one, the projected gradient is the gradient
+    # inside the box the projected gradient is the gradient
     inner = 0.5 * point
     free = metrics(inner)
     assert float(free["pgrad_sq"][0]) == pytest.approx(float(free["grad_sq"][0]), rel=1e-12)

@@ -207,16 +207,18 @@ def test_cache_entry_is_reused_and_an_invalid_one_recomputed_with_a_warning(tmp_
 
 # --- the metrics -------------------------------------------------------------------------
 class FixedState:
-    """An algorithm stand-in: fixed unit rewards (B, n_units), a fixed policy, a fixed lam."""
+    """An algorithm stand-in: fixed unit rewards (B, n_units) of a tabular reward model (`reward`: its NetConfig,
+    e.g. with a box), a fixed policy, a fixed lam."""
 
-    def __init__(self, problem, units, logps, lam):
+    def __init__(self, problem, units, logps, lam, reward: NetConfig | None = None):
         self.problem, self.units, self.logps, self.lam = problem, units, logps, lam
+        self.reward = reward or NetConfig(kind="tabular")
 
     def policy_log_probs(self, state):
         return self.logps
 
     def reward_model(self, state):
-        return RewardModel(self.problem, NetConfig(kind="tabular")), [self.units]
+        return RewardModel(self.problem, self.reward), [self.units]
 
     def schedule(self, state):
         return {} if self.lam is None else {"lam": self.lam}
