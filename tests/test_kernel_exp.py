@@ -2,8 +2,8 @@
 tables and the BT weights take it instead of libm's exp. What it must be:
 - the same bits from the per-seed function and the vector one, value by value (the segment's lanes and the per-step
   call must agree bit for bit: tests/test_segments.py holds the whole step to that);
-- within 1 ulp of e^x wherever e^x is a normal double, against e^x to 200 bits (mpmath), on random points over the
-  whole range and near the edges of the reduction (x = (k + 1/2) ln 2);
+- within 1 ulp of e^x, against e^x to 200 bits (mpmath), on random points over the whole range (subnormal results
+  included) and near the edges of the reduction (x = (k + 1/2) ln 2);
 - the edges exactly: 0 below -746 and at -inf, inf above 710 and at inf, NaN for NaN, e^x's own underflow to 0 and
   overflow to inf near -745.13 and 709.78, and subnormal results within one subnormal step.
 """
