@@ -516,12 +516,10 @@ static void leave_one_out_weights(double *v, int64_t n) {
     for (int64_t i = 0; i < n; i++) v[i] = (v[i] - (sum - v[i]) / (n - 1)) / n;
 }
 
-/* a z / y stage up to its gradient on the log-pi tables: w->grad (2S, A), z's then y's */
-static void z_y_weights(const Step *st, Work *w, int64_t b, int64_t counter) {
+/* a z / y stage's gradient on the log-pi tables from its draws and their rewards: w->grad (2S, A), z's then y's */
+static void z_y_grad(const Step *st, Work *w, int64_t b) {
     int64_t N = st->n_traj, M = st->n_pairs, H = st->H, S = st->S, A = st->A, T = st->stage.T;
     const double *ref = st->ref_logp + b * st->ref_logp_stride;
-    draw(st, w, b, &st->stage, counter);  /* trajectories: z's N, y's M pairs (first, second members), y's N */
-    stage_rewards(st, w, b, T);
     for (int64_t t = 0; t < T; t++) {  /* G(tau) = R_nu(tau) - beta sum_t log pi/pi_ref (a_t | s_t) */
         double lp = 0, lr = 0;
         for (int64_t h = 0; h < H; h++) { int64_t i = w->index[t * H + h]; lp += w->logp[i * w->ts]; lr += ref[w->local[t * H + h]]; }
@@ -543,6 +541,12 @@ static void z_y_weights(const Step *st, Work *w, int64_t b, int64_t counter) {
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < H; h++) grad[w->index[t * H + h]] += w->weight[t];
     for (int64_t e = 0; e < S * A; e++) { grad[e] *= -st->alpha_z; grad[S * A + e] *= st->alpha; }
+}
+/* a z / y stage up to its gradient on the log-pi tables */
+static void z_y_weights(const Step *st, Work *w, int64_t b, int64_t counter) {
+    draw(st, w, b, &st->stage, counter);  /* trajectories: z's N, y's M pairs (first, second members), y's N */
+    stage_rewards(st, w, b, st->stage.T);
+    z_y_grad(st, w, b);
 }
 
 static void z_y_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
@@ -576,10 +580,10 @@ static void z_y_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
     policy_tables(st, w, b);
 }
 
-static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
+/* the nu stage's d/d r_nu(u) of the hypergradient surrogate per unit (w->grad, before the bound), from its draws and
+   the rewards of its first 2M trajectories (the pairs); w->r_seen: the units it visits */
+static void nu_unit_grad(const Step *st, Work *w) {
     int64_t N = st->n_traj, M = st->n_pairs, H = st->H, T = st->nu_stage.T, U = st->n_units;
-    draw(st, w, b, &st->nu_stage, counter);  /* trajectories: y's M pairs (first, second members), z's N, y's N */
-    stage_rewards(st, w, b, T);
     double *weight = w->weight;
     for (int64_t i = 0; i < M; i++) {  /* g^_nu f(nu, y): d/d margin of the mean BT loss = (sigmoid(m) - label) / M */
         double m = model_return(st, w, i) - model_return(st, w, M + i);
@@ -598,6 +602,14 @@ static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
             int64_t u = w->unit[t * H + h];
             if (u < U) { gu[u] += weight[t]; w->r_seen[u] = 1; }
         }
+}
+
+static void nu_stage(const Step *st, Work *w, int64_t b, int64_t counter) {
+    int64_t U = st->n_units;
+    draw(st, w, b, &st->nu_stage, counter);  /* trajectories: y's M pairs (first, second members), z's N, y's N */
+    stage_rewards(st, w, b, st->nu_stage.T);
+    nu_unit_grad(st, w);
+    double *gu = w->grad;
     /* stage_rewards computed every visited unit's reward, its tanh with a bound, its activations */
     if (st->reward_bound > 0)  /* through the bound: d r_nu(u) / d raw = R (1 - tanh^2 raw), at the visited units */
         for (int64_t u = 0; u < U; u++) {
@@ -805,10 +817,12 @@ static void zero(const Net *net, int64_t b) {
    on VL seeds, and each lane sums the per-seed code's terms in its order (mlp_forward's tile / tile4, mlp_backward,
    sgd_update), so every seed's numbers are the per-seed code's bit for bit (tests/test_segments.py holds a segment to
    the per-step call, which runs the per-seed code). The backward runs over every state, a lane adding only the rows of
-   the states its stage visited (`visited`): the per-seed code's gathered rows, in the same order. The draws, returns,
-   weights and the reward network stay per seed (their rows differ from seed to seed); they read each lane's log pi and
-   cdf tables where block_tables writes them, on the lanes (Work.ts = VL apart). The exponential is vexp, exp_k's
-   operations on the lanes; log and tanh stay libm's, one lane at a time. z and y live on the lanes for the whole call:
+   the states its stage visited (`visited`): the per-seed code's gathered rows, in the same order. With a reward network
+   (not the linear reward; reward_lanes_apply) the stages' draws, returns and weights and the reward network run on the
+   lanes too (block_draw, block_rewards, block_z_y_grad, block_nu_unit_grad, block_nu_update): each lane's draw indexes
+   its own rows, so those are gathered and scattered per lane, and the arithmetic is vector. Otherwise they stay per
+   seed and read each lane's log pi and cdf tables where block_tables writes them, on the lanes (Work.ts = VL apart). The exponential is vexp, exp_k's
+   operations on the lanes; log and tanh stay libm's, one lane at a time. z and y (and such a nu) live on the lanes for the whole call:
    block_begin reads the seeds' parameters (and tables), block_end writes them back; in between the finiteness check
    reads the lanes. */
 typedef struct {
@@ -823,7 +837,27 @@ typedef struct {
     double *tmp;                  /* (2A): a state's log pi before normalising and its exponentials */
     vm *visited;                  /* (S) per lane: the stage visited the state */
     char *any, *xnz;              /* (S) some lane visited the state; (S, d) some lane's input is not 0 */
+    int rl;                       /* the reward network is on the lanes too (reward_lanes_apply) */
+    double *RW[16], *Rb[16];      /* nu, lane-major */
+    double *dRW[16], *dRb[16];    /* the nu stage's gradient of nu */
+    double *ra[17];               /* rows' reward activations per layer (rows, sizes[l]), lane-major; ra[0] the inputs */
+    double *rg, *rg_prev;         /* backward scratch: (rows, widest) each */
+    int64_t *rrow;                /* (rows, VL): lane v's unit at row r at [r * VL + v] */
+    vm *rkeep;                    /* (rows) per lane: the row is one of its units */
+    double *u, *lab, *rs, *ret, *wt, *gu;  /* a stage's uniforms, pair labels, rewards per (t, h), returns, weights per
+                                              trajectory; the nu stage's d/d r_nu(u) per unit (U) */
+    int64_t *idx, *loc, *unit;    /* per (t, h): index in the stacked (2S, A) tables, in one table, reward unit */
+    char *seen;                   /* (U) the units the nu stage visits */
 } Block;
+
+static int reward_lanes_apply(const Step *st) {
+    /* the reward network's passes on the lanes mirror reward_units and mlp_backward where every hidden layer is at
+       least 2 wide (width 1: tiles' dot-product order) and the output is one number; the linear reward stays per seed */
+    const Net *net = &st->nu;
+    if (net->n_layers < 2 || net->sizes[net->n_layers] != 1) return 0;
+    for (int l = 1; l < net->n_layers; l++) if (net->sizes[l] < 2) return 0;
+    return 1;
+}
 
 static int lanes_apply(const Step *st) {  /* the lane passes mirror the per-seed code's products of width >= 2 */
     if (st->z.n_layers < 1) return 0;
@@ -855,12 +889,45 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
     bad |= !(k->any = calloc(S, 1));
     bad |= !(k->xnz = calloc(S * net->sizes[0], 1));
     bad |= !(k->tmp = calloc(2 * A * VL, sizeof(double)));
+    k->rl = reward_lanes_apply(st);
+    if (k->rl) {
+        const Net *nu = &st->nu;
+        for (int l = 0; l < nu->n_layers; l++) {
+            bad |= !(k->RW[l] = calloc(nu->sizes[l] * nu->sizes[l + 1] * VL, sizeof(double)));
+            bad |= !(k->Rb[l] = calloc(nu->sizes[l + 1] * VL, sizeof(double)));
+            bad |= !(k->dRW[l] = calloc(nu->sizes[l] * nu->sizes[l + 1] * VL, sizeof(double)));
+            bad |= !(k->dRb[l] = calloc(nu->sizes[l + 1] * VL, sizeof(double)));
+        }
+        /* rows: a stage's (trajectory, step) pairs, or the nu stage's distinct units (at most as many) */
+        int64_t rows = (st->stage.T > st->nu_stage.T ? st->stage.T : st->nu_stage.T) * st->H;
+        for (int l = 0; l <= nu->n_layers; l++) bad |= !(k->ra[l] = calloc(rows * nu->sizes[l] * VL, sizeof(double)));
+        bad |= !(k->rg = calloc(rows * widest(nu) * VL, sizeof(double)));
+        bad |= !(k->rg_prev = calloc(rows * widest(nu) * VL, sizeof(double)));
+        bad |= !(k->rrow = calloc(rows * VL, sizeof(int64_t)));
+        bad |= !(k->rkeep = calloc(rows, sizeof(vm)));
+        int64_t T = st->stage.T > st->nu_stage.T ? st->stage.T : st->nu_stage.T;
+        int64_t nu_max = st->stage.n_uniforms > st->nu_stage.n_uniforms ? st->stage.n_uniforms : st->nu_stage.n_uniforms;
+        bad |= !(k->u = calloc((nu_max + 1) * VL, sizeof(double)));
+        bad |= !(k->lab = calloc((st->n_pairs + 1) * VL, sizeof(double)));
+        bad |= !(k->rs = calloc(rows * VL, sizeof(double)));
+        bad |= !(k->ret = calloc(T * VL, sizeof(double)));
+        bad |= !(k->wt = calloc(T * VL, sizeof(double)));
+        bad |= !(k->gu = calloc((st->n_units + 1) * VL, sizeof(double)));
+        bad |= !(k->idx = calloc(rows * VL, sizeof(int64_t)));
+        bad |= !(k->loc = calloc(rows * VL, sizeof(int64_t)));
+        bad |= !(k->unit = calloc(rows * VL, sizeof(int64_t)));
+        bad |= !(k->seen = calloc((st->n_units + 1) * VL, 1));
+    }
     return bad;
 }
 static void block_free(const Step *st, Block *k) {
     for (int v = 0; v < VL; v++) work_free(st, &k->w[v]);
     for (int p = 0; p < 2; p++)
         for (int l = 0; l < st->z.n_layers; l++) { free(k->W[p][l]); free(k->b[p][l]); free(k->h[p][l + 1]); }
+    for (int l = 0; l < 16; l++) { free(k->RW[l]); free(k->Rb[l]); free(k->dRW[l]); free(k->dRb[l]); }
+    for (int l = 0; l < 17; l++) free(k->ra[l]);
+    free(k->rg); free(k->rg_prev); free(k->rrow); free(k->rkeep);
+    free(k->u); free(k->lab); free(k->rs); free(k->ret); free(k->wt); free(k->gu); free(k->idx); free(k->loc); free(k->unit); free(k->seen);
     free(k->h[0][0]); free(k->ref); free(k->pi); free(k->lp); free(k->cdf); free(k->gt); free(k->g); free(k->g_prev); free(k->visited); free(k->tmp); free(k->any); free(k->xnz);
 }
 
@@ -1066,7 +1133,307 @@ static void block_update(const Step *st, Block *k, int p) {
     }
 }
 
-/* per lane: some parameter of z or y is inf or NaN (finite's exponent-bits test); zero_lane: lane v's z and y := 0 */
+/* ---- the reward network on the lanes (reward_lanes_apply): rows of units, lane v's row r at a unit of its own -------
+   Each product below sums its terms as the per-seed code does (reward_units' forward: tiles' order in a hidden layer,
+   the input layer skipping a lane's 0 features, dot4's four partial sums in the one-output layer; mlp_backward's sums
+   over the rows, r ascending), so each lane's bits. */
+
+/* out[q * os] = init[q] (0 without) + sum over the rows r < n a lane keeps of coef[r * cs] mat[r * ms + q * mq], q < m,
+   r ascending, one fused multiply-add each (coef NULL: plus mat); keep NULL: every lane; sparse: a lane also skips a
+   row whose coef is 0; plus_zero: 0 + the sum (a sum added to a zeroed gradient). Arrays lane-major. */
+static inline __attribute__((always_inline)) void sum_tile(const int m, double *out, int64_t os, const double *init,
+        const double *coef, int64_t cs, const double *mat, int64_t ms, int64_t mq, const vm *keep, int sparse, int64_t n,
+        int plus_zero) {
+    vd acc[8];
+    for (int q = 0; q < m; q++) acc[q] = init ? LANES(init, q) : (vd){0};
+    for (int64_t r = 0; r < n; r++) {
+        const double *row = mat + r * ms * VL;
+        if (!coef) {
+            for (int q = 0; q < m; q++) acc[q] = sel(keep[r], acc[q] + LANES(row, q * mq), acc[q]);
+            continue;
+        }
+        const vd c = LANES(coef, r * cs);
+        if (!keep && !sparse) {
+            for (int q = 0; q < m; q++) acc[q] = vfma(c, LANES(row, q * mq), acc[q]);
+            continue;
+        }
+        vm use = keep ? keep[r] : (vm){0} - 1;
+        if (sparse) use &= c != 0.0;
+        for (int q = 0; q < m; q++) acc[q] = vfma_where(use, c, LANES(row, q * mq), acc[q]);
+    }
+    for (int q = 0; q < m; q++) LANES(out, q * os) = plus_zero ? 0.0 + acc[q] : acc[q];
+}
+#define SUM_CASE(m) case m: sum_tile(m, out + q0 * os * VL, os, init ? init + q0 * VL : NULL, coef, cs, \
+                                     mat + q0 * mq * VL, ms, mq, keep, sparse, n, plus_zero); break;
+/* sum_tile over width outputs, eight at a time (their accumulators stay in registers) */
+static void sums(int64_t width, double *out, int64_t os, const double *init, const double *coef, int64_t cs,
+                 const double *mat, int64_t ms, int64_t mq, const vm *keep, int sparse, int64_t n, int plus_zero) {
+    for (int64_t q0 = 0; q0 < width; q0 += 8)
+        switch (width - q0 < 8 ? width - q0 : 8) {
+            SUM_CASE(1) SUM_CASE(2) SUM_CASE(3) SUM_CASE(4) SUM_CASE(5) SUM_CASE(6) SUM_CASE(7) SUM_CASE(8)
+        }
+}
+
+/* each lane's inputs phi(u) into row r of k->ra[0], u = units[r * VL + v] (a padded unit, u = n_units, reads unit 0:
+   nothing reads its reward or gradient) */
+static void block_reward_inputs(const Step *st, Block *k, const int64_t *units, int64_t rows) {
+    int64_t d = st->nu.sizes[0];
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t v = 0; v < VL; v++) {
+            int64_t u = units[r * VL + v];
+            const double *phi = st->unit_x + k->seed[v] * st->unit_x_stride + (u < st->n_units ? u : 0) * d;
+            for (int64_t i = 0; i < d; i++) k->ra[0][(r * d + i) * VL + v] = phi[i];
+        }
+}
+
+/* the forward of rows 0 .. rows - 1 (inputs in k->ra[0]): activations into k->ra[l], the raw output (before the bound)
+   into k->ra[L] */
+static void block_reward_rows(const Step *st, Block *k, int64_t rows) {
+    const Net *net = &st->nu;
+    int L = net->n_layers;
+    for (int l = 0; l < L; l++) {
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+        const double *W = k->RW[l];
+        for (int64_t r = 0; r < rows; r++) {
+            const double *in = k->ra[l] + r * fi * VL;
+            double *out = k->ra[l + 1] + r * fo * VL;
+            if (fo == 1) {  /* the output: bias + in . W in four partial sums, (a0 + a1) + (a2 + a3) */
+                vd acc[4] = {LANES(k->Rb[l], 0), {0}, {0}, {0}};
+                int64_t i = 0;
+                for (; i + 4 <= fi; i += 4)
+                    for (int j = 0; j < 4; j++) acc[j] = vfma(LANES(in, i + j), LANES(W, i + j), acc[j]);
+                for (; i < fi; i++) acc[0] = vfma(LANES(in, i), LANES(W, i), acc[0]);
+                LANES(out, 0) = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+                continue;
+            }
+            sums(fo, out, 1, k->Rb[l], in, 1, W, fo, 1, NULL, l == 0, fi, 0);  /* h = b + in W, k ascending */
+            if (l + 1 < L) {  /* hidden layer: relu or tanh (libm's, a lane at a time) */
+                if (net->tanh_act) for (int64_t e = 0; e < fo * VL; e++) out[e] = tanh(out[e]);
+                else for (int64_t j = 0; j < fo; j++) { vd o = LANES(out, j); LANES(out, j) = sel(o > 0.0, o, (vd){0}); }
+            }
+        }
+    }
+}
+
+/* the rewards of the first T trajectories of every lane's draw (k->unit), a row per (trajectory, step), into k->rs:
+   r_nu(u), R tanh(raw) with a bound, and 0 at a padded step (u = n_units), which model_return adds as 0 */
+static void block_rewards(const Step *st, Block *k, int64_t T) {
+    int64_t rows = T * st->H, L = st->nu.n_layers;
+    block_reward_inputs(st, k, k->unit, rows);
+    block_reward_rows(st, k, rows);
+    for (int64_t e = 0; e < rows; e++)
+        for (int v = 0; v < VL; v++) {
+            double raw = k->ra[L][e * VL + v];
+            k->rs[e * VL + v] = k->unit[e * VL + v] >= st->n_units ? 0.0 : st->reward_bound > 0 ? st->reward_bound * tanh(raw) : raw;
+        }
+}
+
+/* ---- a stage's draws, returns and weights on the lanes (with the reward network there: Block.rl) ------------------
+   draw, z_y_grad and nu_unit_grad with lane v's numbers at [e * VL + v]: the same operations per lane in the same
+   order, so each lane's bits. Lanes past the block's seeds (v >= n) copy lane 0's stream and are never written back. */
+
+/* the stage's uniforms of every lane, then its trajectories (index, local, unit per (t, h)) and its pairs' labels */
+static void block_draw(const Step *st, Block *k, const Plan *plan, int64_t counter) {
+    int64_t S = st->S, A = st->A, H = st->H, T = plan->T, SA = S * A, G = st->G;
+    double *u = k->u;
+    for (int64_t i = 0; i < plan->n_uniforms; i++) {  /* uniforms(): draw counter + i of each lane's stream */
+        uint64_t c = mix64((uint64_t)(counter + i) * 0x9E3779B97F4A7C15ULL + 1);
+        for (int v = 0; v < VL; v++) {
+            uint64_t bits = mix64((uint64_t)st->keys[k->seed[v]] ^ c);
+            u[i * VL + v] = ((double)(int64_t)(bits >> 11) + 0.5) * 0x1p-53;
+        }
+    }
+    for (int64_t t = 0; t < T; t++) {
+        int64_t s[VL];
+        const double *ui = u + plan->columns[t] * VL;
+        for (int v = 0; v < VL; v++)
+            s[v] = search(st->init_cdf + k->seed[v] * st->init_cdf_stride, G, 1, ui[v]);
+        for (int64_t h = 0; h < H; h++) {
+            int64_t e = t * H + h, base = plan->row_base[h * T + t];
+            const double *ua = u + plan->columns[(1 + 2 * h) * T + t] * VL;
+            for (int v = 0; v < VL; v++) {
+                int64_t row = s[v] + base;
+                /* a ~ pi(. | s): inverse CDF, on this lane's cdf */
+                int64_t a = search(k->cdf + row * A * VL + v, A, VL, ua[v]), idx = row * A + a;
+                int64_t local = idx < SA ? idx : idx - SA;
+                k->idx[e * VL + v] = idx, k->loc[e * VL + v] = local, k->unit[e * VL + v] = st->unit_of[local];
+                if (h < H - 1) {  /* s' ~ P(. | s, a) */
+                    int64_t K = st->next_k[h], at = s[v] * A + a, b = k->seed[v];
+                    const int64_t *nxt = st->next_idx[h] + b * st->next_stride[h] + at * K;
+                    if (K == 1) s[v] = nxt[0];
+                    else {
+                        const double *cdf = st->next_cdf[h] + b * st->next_stride[h] + at * K;
+                        s[v] = nxt[search(cdf, K, 1, u[plan->columns[(2 + 2 * h) * T + t] * VL + v])];
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t i = 0; i < plan->n_pairs; i++) {  /* Bradley-Terry oracle on the true reward, label noise eta */
+        vd r1 = {0}, r2 = {0};
+        for (int64_t h = 0; h < H; h++)
+            for (int v = 0; v < VL; v++) {
+                const double *true_r = st->true_r + k->seed[v] * st->true_r_stride;
+                r1[v] += true_r[k->unit[(plan->first[i] * H + h) * VL + v]];
+                r2[v] += true_r[k->unit[(plan->second[i] * H + h) * VL + v]];
+            }
+        vd p = st->label_noise + (1 - 2 * st->label_noise) * (1.0 / (1.0 + vexp(-(r1 - r2))));  /* sigmoid */
+        vd ul = LANES(u, plan->label_columns[i]);
+        LANES(k->lab, i) = sel(ul < p, (vd){0} + 1.0, (vd){0});
+    }
+}
+
+/* R_nu(tau_t) of every lane (model_return): the rewards of its steps, from block_rewards, a padded step paying 0 */
+static vd block_return(const Step *st, const Block *k, int64_t t) {
+    vd s = {0};
+    for (int64_t h = 0; h < st->H; h++) s += LANES(k->rs, t * st->H + h);
+    return s;
+}
+
+static void block_leave_one_out(double *v, int64_t n) {  /* leave_one_out_weights, every lane */
+    vd sum = {0};
+    for (int64_t i = 0; i < n; i++) sum += LANES(v, i);
+    for (int64_t i = 0; i < n; i++) LANES(v, i) = (LANES(v, i) - (sum - LANES(v, i)) / (double)(n - 1)) / (double)n;
+}
+
+/* z_y_grad, every lane: the gradient on the log-pi tables straight into k->gt */
+static void block_z_y_grad(const Step *st, Block *k) {
+    int64_t N = st->n_traj, M = st->n_pairs, H = st->H, S = st->S, A = st->A, T = st->stage.T;
+    double *wt = k->wt;
+    for (int64_t t = 0; t < T; t++) {  /* G(tau) = R_nu(tau) - beta sum_t log pi/pi_ref (a_t | s_t) */
+        vd lp = {0}, lr = {0};
+        for (int64_t h = 0; h < H; h++)
+            for (int v = 0; v < VL; v++) {
+                lp[v] += k->lp[k->idx[(t * H + h) * VL + v] * VL + v];
+                lr[v] += k->ref[k->loc[(t * H + h) * VL + v] * VL + v];
+            }
+        LANES(k->ret, t) = block_return(st, k, t) - st->beta * (lp - lr);
+    }
+    double *wz = wt, *score = wt + N * VL, *wy = wt + (N + 2 * M) * VL;
+    for (int64_t i = 0; i < N; i++) { LANES(wz, i) = LANES(k->ret, i); LANES(wy, i) = LANES(k->ret, N + 2 * M + i); }
+    block_leave_one_out(wz, N);  /* z: grad of g^_theta J(nu, z) = (G - b) / N on log pi(tau) */
+    block_leave_one_out(wy, N);
+    for (int64_t i = 0; i < N; i++) LANES(wy, i) = -LANES(wy, i);  /* y: minus g^_theta J(nu, y) */
+    for (int64_t i = 0; i < M; i++) {  /* BT loss l = softplus(m) - label m, m = R_nu(tau) - R_nu(tau') */
+        vd m = block_return(st, k, N + i) - block_return(st, k, N + M + i), ex = vexp(m), sp;
+        for (int v = 0; v < VL; v++) sp[v] = m[v] > 20.0 ? m[v] : log1p(ex[v]);  /* softplus */
+        LANES(score, i) = sp - LANES(k->lab, i) * m;
+    }
+    block_leave_one_out(score, M);  /* y: g^_theta f(nu, y) / lam, (l - b) / M / lam on both members */
+    for (int64_t i = 0; i < M; i++) { LANES(score, i) = LANES(score, i) / st->lam; LANES(score, M + i) = LANES(score, i); }
+    double *gt = k->gt;  /* d/d(log pi tables) of sum_i weight_i log pi(tau_i), times -alpha_z (z) / alpha (y) */
+    memset(gt, 0, sizeof(double) * 2 * S * A * VL);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++)
+            for (int v = 0; v < VL; v++) gt[k->idx[(t * H + h) * VL + v] * VL + v] += wt[t * VL + v];
+    for (int64_t e = 0; e < S * A; e++) {
+        LANES(gt, e) = LANES(gt, e) * -st->alpha_z;
+        LANES(gt, S * A + e) = LANES(gt, S * A + e) * st->alpha;
+    }
+}
+
+/* nu_unit_grad, every lane: d/d r_nu(u) per unit into k->gu (U, VL), the units visited into k->seen */
+static void block_nu_unit_grad(const Step *st, Block *k) {
+    int64_t N = st->n_traj, M = st->n_pairs, H = st->H, T = st->nu_stage.T, U = st->n_units;
+    double *wt = k->wt;
+    for (int64_t i = 0; i < M; i++) {  /* g^_nu f(nu, y): d/d margin of the mean BT loss = (sigmoid(m) - label) / M */
+        vd m = block_return(st, k, i) - block_return(st, k, M + i);
+        LANES(wt, i) = (1.0 / (1.0 + vexp(-m)) - LANES(k->lab, i)) / (double)M;
+        LANES(wt, M + i) = -LANES(wt, i);
+    }
+    for (int64_t i = 0; i < N; i++) {  /* lam (g^_nu J(nu, z) - g^_nu J(nu, y)): lam / N per trajectory's R_nu */
+        LANES(wt, 2 * M + i) = (vd){0} + st->lam / N;
+        LANES(wt, 2 * M + N + i) = -((vd){0} + st->lam / N);
+    }
+    memset(k->gu, 0, sizeof(double) * U * VL);
+    memset(k->seen, 0, U * VL);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++)
+            for (int v = 0; v < VL; v++) {
+                int64_t u = k->unit[(t * H + h) * VL + v];
+                if (u < U) { k->gu[u * VL + v] += wt[t * VL + v]; k->seen[u * VL + v] = 1; }
+            }
+}
+
+/* the nu stage's update of nu on the lanes, after block_nu_unit_grad: nu_stage's backward (mlp_backward over the
+   visited units' rows in ascending unit order, as the per-seed code gathers them), then sgd_update with step xi. A
+   lane's r-th row is its r-th visited unit; a lane with fewer rows keeps none of the rest. The rows' activations are
+   recomputed (the same bits as the stage's rewards). */
+static void block_nu_update(const Step *st, Block *k) {
+    const Net *net = &st->nu;
+    int L = net->n_layers;
+    int64_t U = st->n_units, rows = 0, nrow[VL];
+    for (int64_t v = 0; v < VL; v++) {
+        nrow[v] = 0;
+        if (v < k->n)
+            for (int64_t u = 0; u < U; u++)
+                if (k->seen[u * VL + v]) k->rrow[nrow[v]++ * VL + v] = u;
+        if (nrow[v] > rows) rows = nrow[v];
+    }
+    double *g = k->rg, *g_prev = k->rg_prev;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t v = 0; v < VL; v++) {
+            int keep = r < nrow[v];
+            k->rkeep[r][v] = -(int64_t)keep;
+            if (!keep) k->rrow[r * VL + v] = U;  /* a padded row: unit 0's inputs, no gradient */
+            g[r * VL + v] = keep ? k->gu[k->rrow[r * VL + v] * VL + v] : 0.0;  /* d/d r_nu(u) */
+        }
+    block_reward_inputs(st, k, k->rrow, rows);
+    block_reward_rows(st, k, rows);
+    if (st->reward_bound > 0)  /* through the bound: d r_nu(u) / d raw = R (1 - tanh^2 raw) */
+        for (int64_t r = 0; r < rows; r++) {
+            vd t;
+            for (int v = 0; v < VL; v++) t[v] = tanh(k->ra[L][r * VL + v]);
+            LANES(g, r) = LANES(g, r) * (st->reward_bound * (1 - t * t));
+        }
+    for (int l = L - 1; l >= 0; l--) {
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+        const double *in = k->ra[l];
+        if (l < L - 1)  /* through the activation: relu' = [h > 0], tanh' = 1 - h^2 */
+            for (int64_t e = 0; e < rows * fo; e++) {
+                vd h = LANES(k->ra[l + 1], e), ge = LANES(g, e);
+                LANES(g, e) = net->tanh_act ? ge * (1 - h * h) : sel(h > 0.0, ge, (vd){0});
+            }
+        if (fo >= fi || fo > TILE)  /* dW = h_l^T g: row i of dW sums h_l[r, i] g[r] over the kept rows */
+            for (int64_t i = 0; i < fi; i++)
+                sums(fo, k->dRW[l] + i * fo * VL, 1, NULL, in + i * VL, fi, g, fo, 1, k->rkeep, l == 0, rows, 0);
+        else  /* a narrow layer (the one output): column j of dW, then 0 + it (mlp_backward adds it to a zeroed dW) */
+            for (int64_t j = 0; j < fo; j++)
+                sums(fi, k->dRW[l] + j * VL, fo, NULL, g + j * VL, fo, in, fi, 1, k->rkeep, 0, rows, 1);
+        sums(fo, k->dRb[l], 1, NULL, NULL, 0, g, fo, 1, k->rkeep, 0, rows, 0);  /* db = sum over the kept rows of g */
+        if (l > 0) {  /* dh_l = g W^T (W before its update): row r's fi outputs sum g[r][j] W[i][j] over j */
+            for (int64_t r = 0; r < rows; r++)
+                sums(fi, g_prev + r * fi * VL, 1, NULL, g + r * fo * VL, 1, k->RW[l], 1, fo, NULL, 0, fo, 0);
+            double *t = g; g = g_prev; g_prev = t;
+        }
+    }
+    const vd xi = (vd){0} + st->xi;
+    for (int l = 0; l < L; l++) {  /* nu <- nu - xi grad (sgd_update) */
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+        for (int64_t e = 0; e < fi * fo; e++) LANES(k->RW[l], e) = LANES(k->RW[l], e) - xi * LANES(k->dRW[l], e);
+        for (int64_t j = 0; j < fo; j++) LANES(k->Rb[l], j) = LANES(k->Rb[l], j) - xi * LANES(k->dRb[l], j);
+    }
+}
+
+/* nu's lanes from (load) or into (store) the block's seeds' parameters */
+static void block_nu_copy(const Step *st, Block *k, int store) {
+    const Net *net = &st->nu;
+    for (int l = 0; l < net->n_layers; l++) {
+        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
+        for (int64_t v = 0; v < (store ? k->n : VL); v++) {
+            double *W = net->W[l] + k->seed[v] * fi * fo, *b = net->b[l] + k->seed[v] * fo;
+            for (int64_t e = 0; e < fi * fo; e++) {
+                if (store) W[e] = k->RW[l][e * VL + v]; else k->RW[l][e * VL + v] = W[e];
+            }
+            for (int64_t j = 0; j < fo; j++) {
+                if (store) b[j] = k->Rb[l][j * VL + v]; else k->Rb[l][j * VL + v] = b[j];
+            }
+        }
+    }
+}
+
+/* per lane: some parameter of z or y (and nu on the lanes) is inf or NaN (finite's exponent-bits test); zero_lane: lane v's
+   z and y (and nu on the lanes) := 0 */
 static vm block_non_finite(const Step *st, const Block *k) {
     const vm exponent = (vm){0} + 0x7FF0000000000000LL;
     vm bad = {0};
@@ -1076,6 +1443,12 @@ static vm block_non_finite(const Step *st, const Block *k) {
             for (int64_t e = 0; e < fi * fo; e++) bad |= (LANE_BITS(k->W[p][l], e) & exponent) == exponent;
             for (int64_t j = 0; j < fo; j++) bad |= (LANE_BITS(k->b[p][l], j) & exponent) == exponent;
         }
+    if (k->rl)  /* and nu, when it is on the lanes */
+        for (int l = 0; l < st->nu.n_layers; l++) {
+            int64_t fi = st->nu.sizes[l], fo = st->nu.sizes[l + 1];
+            for (int64_t e = 0; e < fi * fo; e++) bad |= (LANE_BITS(k->RW[l], e) & exponent) == exponent;
+            for (int64_t j = 0; j < fo; j++) bad |= (LANE_BITS(k->Rb[l], j) & exponent) == exponent;
+        }
     return bad;
 }
 static void zero_lane(const Step *st, Block *k, int64_t v) {
@@ -1084,6 +1457,12 @@ static void zero_lane(const Step *st, Block *k, int64_t v) {
             int64_t fi = st->z.sizes[l], fo = st->z.sizes[l + 1];
             for (int64_t e = 0; e < fi * fo; e++) k->W[p][l][e * VL + v] = 0.0;
             for (int64_t j = 0; j < fo; j++) k->b[p][l][j * VL + v] = 0.0;
+        }
+    if (k->rl)
+        for (int l = 0; l < st->nu.n_layers; l++) {
+            int64_t fi = st->nu.sizes[l], fo = st->nu.sizes[l + 1];
+            for (int64_t e = 0; e < fi * fo; e++) k->RW[l][e * VL + v] = 0.0;
+            for (int64_t j = 0; j < fo; j++) k->Rb[l][j * VL + v] = 0.0;
         }
 }
 
@@ -1156,35 +1535,48 @@ static void run_blocks(Job *job, Step *st) {
         int64_t n = job->last - first < VL ? job->last - first : VL, counter = st->counter;
         int valid = (int)st->tables_valid, alive[VL];
         block_begin(st, k, first, n, valid);
+        if (k->rl) block_nu_copy(st, k, 0);
         for (int64_t v = 0; v < n; v++) alive[v] = seg->alive[first + v] != 0;
         for (int64_t i = 0; i < seg->n_steps; i++, counter += seg->step_uniforms) {
             const double *s = seg->schedule + 4 * i;
             st->lam = s[0], st->alpha = s[1], st->alpha_z = s[2], st->xi = s[3];
-            for (int64_t v = 0; v < n; v++) {  /* each lane's draws and returns read its log pi and cdf on the lanes */
+            for (int64_t v = 0; v < n && !k->rl; v++) {  /* each lane's draws and returns read its log pi and cdf on the lanes */
                 seed_begin(st, &k->w[v], k->seed[v]);
                 k->w[v].logp = k->lp + v, k->w[v].cdf = k->cdf + v, k->w[v].ts = VL;
             }
             if (!valid) block_tables(st, k);
             int64_t c = counter;
             for (int64_t stage = 0; stage < st->inner; stage++, c += st->stage.n_uniforms) {  /* z_y_stage, every lane */
-                for (int64_t v = 0; v < n; v++) {
-                    z_y_weights(st, &k->w[v], k->seed[v], c);
-                    for (int64_t e = 0; e < 2 * st->S * st->A; e++) k->gt[e * VL + v] = k->w[v].grad[e];
-                }
+                if (k->rl) {  /* every lane: the draws, the rewards, the returns and weights into gt */
+                    block_draw(st, k, &st->stage, c);
+                    block_rewards(st, k, st->stage.T);
+                    block_z_y_grad(st, k);
+                } else
+                    for (int64_t v = 0; v < n; v++) {
+                        z_y_weights(st, &k->w[v], k->seed[v], c);
+                        for (int64_t e = 0; e < 2 * st->S * st->A; e++) k->gt[e * VL + v] = k->w[v].grad[e];
+                    }
                 block_update(st, k, 0), block_update(st, k, 1);
                 block_tables(st, k);
             }
-            for (int64_t v = 0; v < n; v++) nu_stage(st, &k->w[v], k->seed[v], c);
+            if (k->rl) {  /* every lane: the draws, the pairs' rewards, the unit gradient, nu's update */
+                block_draw(st, k, &st->nu_stage, c);
+                block_rewards(st, k, 2 * st->n_pairs);
+                block_nu_unit_grad(st, k);
+                block_nu_update(st, k);
+            } else
+                for (int64_t v = 0; v < n; v++) nu_stage(st, &k->w[v], k->seed[v], c);
             valid = 1;  /* z and y do not move in the nu stage: the step's last tables are the next step's first */
             vm bad = block_non_finite(st, k);
             for (int64_t v = 0; v < n; v++) {
                 int64_t b = k->seed[v];
-                if (alive[v] && (bad[v] || !finite(&st->nu, b))) {  /* diverged at this step */
+                if (alive[v] && (bad[v] || (!k->rl && !finite(&st->nu, b)))) {  /* diverged at this step */
                     zero_lane(st, k, v), zero(&st->nu, b);
                     seg->died[b] = i + 1, alive[v] = 0, valid = 0;  /* the zeroed parameters' tables: a forward */
                 }
             }
         }
+        if (k->rl) block_nu_copy(st, k, 1);
         block_end(st, k);
     }
     if (k) block_free(st, k);
