@@ -844,10 +844,11 @@ typedef struct {
     double *rg, *rg_prev;         /* backward scratch: (rows, widest) each */
     int64_t *rrow;                /* (rows, VL): lane v's unit at row r at [r * VL + v] */
     vm *rkeep;                    /* (rows) per lane: the row is one of its units */
-    double *u, *lab, *rs, *ret, *wt, *gu;  /* a stage's uniforms, pair labels, rewards per (t, h), returns, weights per
-                                              trajectory; the nu stage's d/d r_nu(u) per unit (U) */
+    double *u, *lab, *rs, *ret, *wt;  /* a stage's uniforms, pair labels, rewards per (t, h), returns, weights per
+                                         trajectory */
     int64_t *idx, *loc, *unit;    /* per (t, h): index in the stacked (2S, A) tables, in one table, reward unit */
-    char *seen;                   /* (U) the units the nu stage visits */
+    int64_t *slot_row;            /* per (t, h) of the nu stage: its unit's row (-1: a padded step) */
+    double *rr, *rt;              /* per row of the nu stage: r_nu(u); with a bound, tanh of the raw output */
 } Block;
 
 static int reward_lanes_apply(const Step *st) {
@@ -912,11 +913,12 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
         bad |= !(k->rs = calloc(rows * VL, sizeof(double)));
         bad |= !(k->ret = calloc(T * VL, sizeof(double)));
         bad |= !(k->wt = calloc(T * VL, sizeof(double)));
-        bad |= !(k->gu = calloc((st->n_units + 1) * VL, sizeof(double)));
+        bad |= !(k->rr = calloc(rows * VL, sizeof(double)));
+        bad |= !(k->rt = calloc(rows * VL, sizeof(double)));
+        bad |= !(k->slot_row = calloc(rows * VL, sizeof(int64_t)));
         bad |= !(k->idx = calloc(rows * VL, sizeof(int64_t)));
         bad |= !(k->loc = calloc(rows * VL, sizeof(int64_t)));
         bad |= !(k->unit = calloc(rows * VL, sizeof(int64_t)));
-        bad |= !(k->seen = calloc((st->n_units + 1) * VL, 1));
     }
     return bad;
 }
@@ -927,7 +929,7 @@ static void block_free(const Step *st, Block *k) {
     for (int l = 0; l < 16; l++) { free(k->RW[l]); free(k->Rb[l]); free(k->dRW[l]); free(k->dRb[l]); }
     for (int l = 0; l < 17; l++) free(k->ra[l]);
     free(k->rg); free(k->rg_prev); free(k->rrow); free(k->rkeep);
-    free(k->u); free(k->lab); free(k->rs); free(k->ret); free(k->wt); free(k->gu); free(k->idx); free(k->loc); free(k->unit); free(k->seen);
+    free(k->u); free(k->lab); free(k->rs); free(k->ret); free(k->wt); free(k->rr); free(k->rt); free(k->slot_row); free(k->idx); free(k->loc); free(k->unit);
     free(k->h[0][0]); free(k->ref); free(k->pi); free(k->lp); free(k->cdf); free(k->gt); free(k->g); free(k->g_prev); free(k->visited); free(k->tmp); free(k->any); free(k->xnz);
 }
 
@@ -1332,9 +1334,51 @@ static void block_z_y_grad(const Step *st, Block *k) {
     }
 }
 
-/* nu_unit_grad, every lane: d/d r_nu(u) per unit into k->gu (U, VL), the units visited into k->seen */
-static void block_nu_unit_grad(const Step *st, Block *k) {
-    int64_t N = st->n_traj, M = st->n_pairs, H = st->H, T = st->nu_stage.T, U = st->n_units;
+/* the nu stage after its draws (block_draw), every lane: nu_stage's rows are the distinct units the draws visit, in
+   ascending order (the per-seed code's gathered rows; a lane with fewer keeps none of the rest); their forward gives
+   both the pairs' rewards (the margins) and the backward's activations; then nu_unit_grad's weights and per-unit
+   gradient (summed per row, (t, h) ascending), mlp_backward over the rows and sgd_update with step xi */
+static void block_nu_stage(const Step *st, Block *k) {
+    const Net *net = &st->nu;
+    int L = net->n_layers;
+    int64_t N = st->n_traj, M = st->n_pairs, H = st->H, T = st->nu_stage.T, U = st->n_units, rows = 0, nrow[VL];
+    for (int v = 0; v < VL; v++) {  /* the lane's units, ascending (insertion into a short sorted list) */
+        int64_t n = 0;
+        for (int64_t e = 0; e < T * H; e++) {
+            int64_t u = k->unit[e * VL + v], r = n;
+            if (u >= U) continue;
+            while (r > 0 && k->rrow[(r - 1) * VL + v] > u) r--;
+            if (r > 0 && k->rrow[(r - 1) * VL + v] == u) continue;
+            for (int64_t q = n; q > r; q--) k->rrow[q * VL + v] = k->rrow[(q - 1) * VL + v];
+            k->rrow[r * VL + v] = u, n++;
+        }
+        for (int64_t e = 0; e < T * H; e++) {  /* each step's row, -1 at a padded step */
+            int64_t u = k->unit[e * VL + v], r = 0;
+            if (u >= U) { k->slot_row[e * VL + v] = -1; continue; }
+            while (k->rrow[r * VL + v] != u) r++;
+            k->slot_row[e * VL + v] = r;
+        }
+        nrow[v] = n;
+        if (n > rows) rows = n;
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int v = 0; v < VL; v++) {
+            k->rkeep[r][v] = -(int64_t)(r < nrow[v]);
+            if (r >= nrow[v]) k->rrow[r * VL + v] = U;  /* a padded row: unit 0's inputs, no gradient */
+        }
+    block_reward_inputs(st, k, k->rrow, rows);
+    block_reward_rows(st, k, rows);
+    double *raw = k->ra[L], *rr = k->rr;
+    for (int64_t r = 0; r < rows; r++)  /* r_nu(u) = R tanh(raw) with a bound (tanh kept for the backward) */
+        for (int v = 0; v < VL; v++) {
+            if (st->reward_bound > 0) k->rt[r * VL + v] = tanh(raw[r * VL + v]), rr[r * VL + v] = st->reward_bound * k->rt[r * VL + v];
+            else rr[r * VL + v] = raw[r * VL + v];
+        }
+    for (int64_t e = 0; e < 2 * M * H; e++)  /* the pairs' steps' rewards, 0 at a padded step (model_return) */
+        for (int v = 0; v < VL; v++) {
+            int64_t r = k->slot_row[e * VL + v];
+            k->rs[e * VL + v] = r < 0 ? 0.0 : rr[r * VL + v];
+        }
     double *wt = k->wt;
     for (int64_t i = 0; i < M; i++) {  /* g^_nu f(nu, y): d/d margin of the mean BT loss = (sigmoid(m) - label) / M */
         vd m = block_return(st, k, i) - block_return(st, k, M + i);
@@ -1345,45 +1389,17 @@ static void block_nu_unit_grad(const Step *st, Block *k) {
         LANES(wt, 2 * M + i) = (vd){0} + st->lam / N;
         LANES(wt, 2 * M + N + i) = -((vd){0} + st->lam / N);
     }
-    memset(k->gu, 0, sizeof(double) * U * VL);
-    memset(k->seen, 0, U * VL);
+    double *g = k->rg, *g_prev = k->rg_prev;  /* d/d r_nu(u) of the hypergradient surrogate, per row */
+    memset(g, 0, sizeof(double) * rows * VL);
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < H; h++)
             for (int v = 0; v < VL; v++) {
-                int64_t u = k->unit[(t * H + h) * VL + v];
-                if (u < U) { k->gu[u * VL + v] += wt[t * VL + v]; k->seen[u * VL + v] = 1; }
+                int64_t r = k->slot_row[(t * H + h) * VL + v];
+                if (r >= 0) g[r * VL + v] += wt[t * VL + v];
             }
-}
-
-/* the nu stage's update of nu on the lanes, after block_nu_unit_grad: nu_stage's backward (mlp_backward over the
-   visited units' rows in ascending unit order, as the per-seed code gathers them), then sgd_update with step xi. A
-   lane's r-th row is its r-th visited unit; a lane with fewer rows keeps none of the rest. The rows' activations are
-   recomputed (the same bits as the stage's rewards). */
-static void block_nu_update(const Step *st, Block *k) {
-    const Net *net = &st->nu;
-    int L = net->n_layers;
-    int64_t U = st->n_units, rows = 0, nrow[VL];
-    for (int64_t v = 0; v < VL; v++) {
-        nrow[v] = 0;
-        if (v < k->n)
-            for (int64_t u = 0; u < U; u++)
-                if (k->seen[u * VL + v]) k->rrow[nrow[v]++ * VL + v] = u;
-        if (nrow[v] > rows) rows = nrow[v];
-    }
-    double *g = k->rg, *g_prev = k->rg_prev;
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t v = 0; v < VL; v++) {
-            int keep = r < nrow[v];
-            k->rkeep[r][v] = -(int64_t)keep;
-            if (!keep) k->rrow[r * VL + v] = U;  /* a padded row: unit 0's inputs, no gradient */
-            g[r * VL + v] = keep ? k->gu[k->rrow[r * VL + v] * VL + v] : 0.0;  /* d/d r_nu(u) */
-        }
-    block_reward_inputs(st, k, k->rrow, rows);
-    block_reward_rows(st, k, rows);
     if (st->reward_bound > 0)  /* through the bound: d r_nu(u) / d raw = R (1 - tanh^2 raw) */
         for (int64_t r = 0; r < rows; r++) {
-            vd t;
-            for (int v = 0; v < VL; v++) t[v] = tanh(k->ra[L][r * VL + v]);
+            vd t = LANES(k->rt, r);
             LANES(g, r) = LANES(g, r) * (st->reward_bound * (1 - t * t));
         }
     for (int l = L - 1; l >= 0; l--) {
@@ -1559,11 +1575,9 @@ static void run_blocks(Job *job, Step *st) {
                 block_update(st, k, 0), block_update(st, k, 1);
                 block_tables(st, k);
             }
-            if (k->rl) {  /* every lane: the draws, the pairs' rewards, the unit gradient, nu's update */
+            if (k->rl) {  /* every lane: the draws, the rewards, the unit gradient, nu's update */
                 block_draw(st, k, &st->nu_stage, c);
-                block_rewards(st, k, 2 * st->n_pairs);
-                block_nu_unit_grad(st, k);
-                block_nu_update(st, k);
+                block_nu_stage(st, k);
             } else
                 for (int64_t v = 0; v < n; v++) nu_stage(st, &k->w[v], k->seed[v], c);
             valid = 1;  /* z and y do not move in the nu stage: the step's last tables are the next step's first */
