@@ -848,6 +848,8 @@ typedef struct {
                                          trajectory */
     int64_t *idx, *loc, *unit;    /* per (t, h): index in the stacked (2S, A) tables, in one table, reward unit */
     int64_t *slot_row;            /* per (t, h) of the nu stage: its unit's row (-1: a padded step) */
+    uint64_t *seen;               /* a bit per unit: the units a lane's nu stage visits (cleared after use) */
+    int64_t *before;              /* per 64-unit word of `seen`: the rows of the units below it */
     double *rr, *rt;              /* per row of the nu stage: r_nu(u); with a bound, tanh of the raw output */
 } Block;
 
@@ -916,6 +918,8 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
         bad |= !(k->rr = calloc(rows * VL, sizeof(double)));
         bad |= !(k->rt = calloc(rows * VL, sizeof(double)));
         bad |= !(k->slot_row = calloc(rows * VL, sizeof(int64_t)));
+        bad |= !(k->seen = calloc(st->n_units / 64 + 1, sizeof(uint64_t)));
+        bad |= !(k->before = calloc(st->n_units / 64 + 1, sizeof(int64_t)));
         bad |= !(k->idx = calloc(rows * VL, sizeof(int64_t)));
         bad |= !(k->loc = calloc(rows * VL, sizeof(int64_t)));
         bad |= !(k->unit = calloc(rows * VL, sizeof(int64_t)));
@@ -929,7 +933,7 @@ static void block_free(const Step *st, Block *k) {
     for (int l = 0; l < 16; l++) { free(k->RW[l]); free(k->Rb[l]); free(k->dRW[l]); free(k->dRb[l]); }
     for (int l = 0; l < 17; l++) free(k->ra[l]);
     free(k->rg); free(k->rg_prev); free(k->rrow); free(k->rkeep);
-    free(k->u); free(k->lab); free(k->rs); free(k->ret); free(k->wt); free(k->rr); free(k->rt); free(k->slot_row); free(k->idx); free(k->loc); free(k->unit);
+    free(k->u); free(k->lab); free(k->rs); free(k->ret); free(k->wt); free(k->rr); free(k->rt); free(k->slot_row); free(k->seen); free(k->before); free(k->idx); free(k->loc); free(k->unit);
     free(k->h[0][0]); free(k->ref); free(k->pi); free(k->lp); free(k->cdf); free(k->gt); free(k->g); free(k->g_prev); free(k->visited); free(k->tmp); free(k->any); free(k->xnz);
 }
 
@@ -1342,21 +1346,26 @@ static void block_nu_stage(const Step *st, Block *k) {
     const Net *net = &st->nu;
     int L = net->n_layers;
     int64_t N = st->n_traj, M = st->n_pairs, H = st->H, T = st->nu_stage.T, U = st->n_units, rows = 0, nrow[VL];
-    for (int v = 0; v < VL; v++) {  /* the lane's units, ascending (insertion into a short sorted list) */
+    int64_t words = (U + 63) / 64;
+    uint64_t *seen = k->seen;  /* a bit per unit, all 0 between calls */
+    for (int v = 0; v < VL; v++) {  /* the lane's units, ascending: the set bits of `seen`, word by word */
         int64_t n = 0;
         for (int64_t e = 0; e < T * H; e++) {
-            int64_t u = k->unit[e * VL + v], r = n;
-            if (u >= U) continue;
-            while (r > 0 && k->rrow[(r - 1) * VL + v] > u) r--;
-            if (r > 0 && k->rrow[(r - 1) * VL + v] == u) continue;
-            for (int64_t q = n; q > r; q--) k->rrow[q * VL + v] = k->rrow[(q - 1) * VL + v];
-            k->rrow[r * VL + v] = u, n++;
+            int64_t u = k->unit[e * VL + v];
+            if (u < U) seen[u >> 6] |= 1ULL << (u & 63);
         }
-        for (int64_t e = 0; e < T * H; e++) {  /* each step's row, -1 at a padded step */
-            int64_t u = k->unit[e * VL + v], r = 0;
-            if (u >= U) { k->slot_row[e * VL + v] = -1; continue; }
-            while (k->rrow[r * VL + v] != u) r++;
-            k->slot_row[e * VL + v] = r;
+        for (int64_t q = 0; q < words; q++) {
+            k->before[q] = n;  /* rows of the units below word q */
+            for (uint64_t bits = seen[q]; bits; bits &= bits - 1) k->rrow[n++ * VL + v] = q * 64 + __builtin_ctzll(bits);
+        }
+        for (int64_t e = 0; e < T * H; e++) {  /* each step's row (how many of the lane's units are below its unit), -1
+                                                  at a padded step */
+            int64_t u = k->unit[e * VL + v];
+            k->slot_row[e * VL + v] = u < U ? k->before[u >> 6] + __builtin_popcountll(seen[u >> 6] & ((1ULL << (u & 63)) - 1)) : -1;
+        }
+        for (int64_t e = 0; e < T * H; e++) {
+            int64_t u = k->unit[e * VL + v];
+            if (u < U) seen[u >> 6] = 0;
         }
         nrow[v] = n;
         if (n > rows) rows = n;
@@ -1450,20 +1459,27 @@ static void block_nu_copy(const Step *st, Block *k, int store) {
 
 /* per lane: some parameter of z or y (and nu on the lanes) is inf or NaN (finite's exponent-bits test); zero_lane: lane v's
    z and y (and nu on the lanes) := 0 */
-static vm block_non_finite(const Step *st, const Block *k) {
+static vm lanes_non_finite(const double *x, int64_t n) {  /* per lane: some x[e] is inf or NaN, e < n. Four OR
+    chains, not one: a single chain waits on the compare's latency at every element (it was 4 % of the kernel) */
     const vm exponent = (vm){0} + 0x7FF0000000000000LL;
+    vm bad[4] = {{0}, {0}, {0}, {0}};
+    int64_t e = 0;
+    for (; e + 4 <= n; e += 4)
+        for (int q = 0; q < 4; q++) bad[q] |= (LANE_BITS(x, e + q) & exponent) == exponent;
+    for (; e < n; e++) bad[0] |= (LANE_BITS(x, e) & exponent) == exponent;
+    return (bad[0] | bad[1]) | (bad[2] | bad[3]);
+}
+static vm block_non_finite(const Step *st, const Block *k) {
     vm bad = {0};
     for (int p = 0; p < 2; p++)
         for (int l = 0; l < st->z.n_layers; l++) {
             int64_t fi = st->z.sizes[l], fo = st->z.sizes[l + 1];
-            for (int64_t e = 0; e < fi * fo; e++) bad |= (LANE_BITS(k->W[p][l], e) & exponent) == exponent;
-            for (int64_t j = 0; j < fo; j++) bad |= (LANE_BITS(k->b[p][l], j) & exponent) == exponent;
+            bad |= lanes_non_finite(k->W[p][l], fi * fo) | lanes_non_finite(k->b[p][l], fo);
         }
     if (k->rl)  /* and nu, when it is on the lanes */
         for (int l = 0; l < st->nu.n_layers; l++) {
             int64_t fi = st->nu.sizes[l], fo = st->nu.sizes[l + 1];
-            for (int64_t e = 0; e < fi * fo; e++) bad |= (LANE_BITS(k->RW[l], e) & exponent) == exponent;
-            for (int64_t j = 0; j < fo; j++) bad |= (LANE_BITS(k->Rb[l], j) & exponent) == exponent;
+            bad |= lanes_non_finite(k->RW[l], fi * fo) | lanes_non_finite(k->Rb[l], fo);
         }
     return bad;
 }
