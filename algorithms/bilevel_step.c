@@ -822,13 +822,32 @@ typedef struct {
     double *g, *g_prev;           /* backward scratch: (S, widest) twice */
     double *tmp;                  /* (2A): a state's log pi before normalising and its exponentials */
     vm *visited;                  /* (S) per lane: the stage visited the state */
-    char *any, *xnz;              /* (S) some lane visited the state; (S, d) some lane's input is not 0 */
+    char *any;                    /* (S) some lane visited the state */
+    int64_t *xk, *xr;             /* the inputs some lane has not 0, as lists (a count, then the indices ascending): per
+                                     state its features (S, d + 1), per feature its states (d, S + 1) */
 } Block;
 
 static int lanes_apply(const Step *st) {  /* the lane passes mirror the per-seed code's products of width >= 2 */
     if (st->z.n_layers < 1) return 0;
     for (int l = 0; l <= st->z.n_layers; l++) if (st->z.sizes[l] < 2) return 0;  /* width 1: tiles' dot product order */
     return 1;
+}
+
+/* n zeroed doubles at a multiple of 64 bytes (lane_free frees them), so that each lane vector of a lane-major array is
+   one cache line: a vector store across two lines costs about twice one (calloc aligns to 16: measured, the lane passes
+   took 1.2-1.6x as long at an offset of 16 bytes) */
+static double *lane_calloc(int64_t n) {
+    char *p = calloc(1, sizeof(double) * n + 64 + sizeof(void *));
+    if (!p) return NULL;
+    char *a = (char *)(((uintptr_t)p + sizeof(void *) + 63) & ~(uintptr_t)63);
+    memcpy(a - sizeof(void *), &p, sizeof(void *));  /* the block calloc returned, just below */
+    return (double *)a;
+}
+static void lane_free(void *a) {
+    if (!a) return;
+    void *p;
+    memcpy(&p, (char *)a - sizeof(void *), sizeof(void *));
+    free(p);
 }
 
 static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memory */
@@ -839,29 +858,31 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
     for (int v = 0; v < VL; v++) bad |= work_alloc(st, &k->w[v]);
     for (int p = 0; p < 2; p++)
         for (int l = 0; l < L; l++) {
-            bad |= !(k->W[p][l] = calloc(net->sizes[l] * net->sizes[l + 1] * VL, sizeof(double)));
-            bad |= !(k->b[p][l] = calloc(net->sizes[l + 1] * VL, sizeof(double)));
-            bad |= !(k->h[p][l + 1] = calloc(S * net->sizes[l + 1] * VL, sizeof(double)));
+            bad |= !(k->W[p][l] = lane_calloc(net->sizes[l] * net->sizes[l + 1] * VL));
+            bad |= !(k->b[p][l] = lane_calloc(net->sizes[l + 1] * VL));
+            bad |= !(k->h[p][l + 1] = lane_calloc(S * net->sizes[l + 1] * VL));
         }
-    bad |= !(k->h[0][0] = k->h[1][0] = calloc(S * net->sizes[0] * VL, sizeof(double)));
-    bad |= !(k->ref = calloc(S * A * VL, sizeof(double)));
-    bad |= !(k->pi = calloc(2 * S * A * VL, sizeof(double)));
-    bad |= !(k->lp = calloc(2 * S * A * VL, sizeof(double)));
-    bad |= !(k->cdf = calloc(2 * S * A * VL, sizeof(double)));
-    bad |= !(k->gt = calloc(2 * S * A * VL, sizeof(double)));
-    bad |= !(k->g = calloc(S * wide * VL, sizeof(double)));
-    bad |= !(k->g_prev = calloc(S * wide * VL, sizeof(double)));
-    bad |= !(k->visited = calloc(S, sizeof(vm)));
+    bad |= !(k->h[0][0] = k->h[1][0] = lane_calloc(S * net->sizes[0] * VL));
+    bad |= !(k->ref = lane_calloc(S * A * VL));
+    bad |= !(k->pi = lane_calloc(2 * S * A * VL));
+    bad |= !(k->lp = lane_calloc(2 * S * A * VL));
+    bad |= !(k->cdf = lane_calloc(2 * S * A * VL));
+    bad |= !(k->gt = lane_calloc(2 * S * A * VL));
+    bad |= !(k->g = lane_calloc(S * wide * VL));
+    bad |= !(k->g_prev = lane_calloc(S * wide * VL));
+    bad |= !(k->visited = (vm *)lane_calloc(S * VL));
     bad |= !(k->any = calloc(S, 1));
-    bad |= !(k->xnz = calloc(S * net->sizes[0], 1));
-    bad |= !(k->tmp = calloc(2 * A * VL, sizeof(double)));
+    bad |= !(k->xk = calloc(S * (net->sizes[0] + 1), sizeof(int64_t)));
+    bad |= !(k->xr = calloc(net->sizes[0] * (S + 1), sizeof(int64_t)));
+    bad |= !(k->tmp = lane_calloc(2 * A * VL));
     return bad;
 }
 static void block_free(const Step *st, Block *k) {
     for (int v = 0; v < VL; v++) work_free(st, &k->w[v]);
     for (int p = 0; p < 2; p++)
-        for (int l = 0; l < st->z.n_layers; l++) { free(k->W[p][l]); free(k->b[p][l]); free(k->h[p][l + 1]); }
-    free(k->h[0][0]); free(k->ref); free(k->pi); free(k->lp); free(k->cdf); free(k->gt); free(k->g); free(k->g_prev); free(k->visited); free(k->tmp); free(k->any); free(k->xnz);
+        for (int l = 0; l < st->z.n_layers; l++) { lane_free(k->W[p][l]); lane_free(k->b[p][l]); lane_free(k->h[p][l + 1]); }
+    lane_free(k->h[0][0]); lane_free(k->ref); lane_free(k->pi); lane_free(k->lp); lane_free(k->cdf); lane_free(k->gt);
+    lane_free(k->g); lane_free(k->g_prev); lane_free(k->visited); lane_free(k->tmp); free(k->any); free(k->xk); free(k->xr);
 }
 
 /* lanes v0 .. v1 - 1 of network p (z, y) from their seeds' parameters */
@@ -879,37 +900,41 @@ static void block_load(const Step *st, Block *k, int p, int64_t v0, int64_t v1) 
 
 /* out[r][j] = init[j] (0 without) + sum_k coef[r][k] mat[k * ks + j * js], rows r < R, j < m, every lane: tile's and
    tile4's order (k ascending, one fused multiply-add each). nz (one row): the input layer, whose coefficients are mostly
-   0 (one-hot features); k is skipped where no lane's coef[k] is nonzero (nz[k] == 0), and a lane whose coef[k] is 0
-   skips it, as tile does. Rows at coef + r * cs and out + r * os; arrays lane-major. */
+   0 (one-hot features): the list of the k where some lane's coef[k] is not 0 (a count, then the k ascending); the other
+   k are skipped, and a lane whose coef[k] is 0 skips it, as tile does. Rows at coef + r * cs and out + r * os; arrays
+   lane-major. */
 static inline __attribute__((always_inline)) void lane_tile(const int m, const int R, double *out, int64_t os,
-        const double *init, const double *coef, int64_t cs, const char *nz, int64_t n, const double *mat, int64_t ks,
+        const double *init, const double *coef, int64_t cs, const int64_t *nz, int64_t n, const double *mat, int64_t ks,
         int64_t js) {
     vd acc[2][8];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < m; j++) acc[r][j] = init ? LANES(init, j) : (vd){0};
-    for (int64_t k = 0; k < n; k++) {
-        const double *row = mat + k * ks * VL;
-        if (nz) {
-            if (!nz[k]) continue;
+    if (nz)
+        for (int64_t q = 1; q <= nz[0]; q++) {
+            const int64_t k = nz[q];
+            const double *row = mat + k * ks * VL;
             const vd c = LANES(coef, k);
             const vm use = c != 0.0;
             for (int j = 0; j < m; j++) acc[0][j] = vfma_where(use, c, LANES(row, j * js), acc[0][j]);
-        } else
+        }
+    else
+        for (int64_t k = 0; k < n; k++) {
+            const double *row = mat + k * ks * VL;
             for (int r = 0; r < R; r++) {
                 const vd c = LANES(coef, r * cs + k);
                 for (int j = 0; j < m; j++) acc[r][j] = vfma(c, LANES(row, j * js), acc[r][j]);
             }
-    }
+        }
     for (int r = 0; r < R; r++)
         for (int j = 0; j < m; j++) LANES(out, r * os + j) = acc[r][j];
 }
 #define LANE_CASE(m) case m: lane_tile(m, ROWS, out + (r * os + j0) * VL, os, init ? init + j0 * VL : NULL, \
-                                       coef + r * cs * VL, cs, nz ? nz + r * cs : NULL, n, mat + j0 * js * VL, ks, js); break;
+                                       coef + r * cs * VL, cs, nz ? nz + r * (n + 1) : NULL, n, mat + j0 * js * VL, ks, js); break;
 #define LANE_SWITCH switch (width - j0 < 8 ? width - j0 : 8) { LANE_CASE(1) LANE_CASE(2) LANE_CASE(3) LANE_CASE(4) \
                                                                LANE_CASE(5) LANE_CASE(6) LANE_CASE(7) LANE_CASE(8) }
 /* lane_tile over `rows` rows, two at a time (two rows' independent chains), width outputs eight at a time */
 static void lane_tiles(int64_t rows, int64_t width, double *out, int64_t os, const double *init, const double *coef,
-                       int64_t cs, const char *nz, int64_t n, const double *mat, int64_t ks, int64_t js) {
+                       int64_t cs, const int64_t *nz, int64_t n, const double *mat, int64_t ks, int64_t js) {
     int64_t r = 0;
     if (!nz)
         for (; r + 2 <= rows; r += 2)
@@ -928,36 +953,44 @@ static void lane_tiles(int64_t rows, int64_t width, double *out, int64_t os, con
 
 /* out[q][j] -= sum over the rows r < n that a lane keeps (keep[r]; with nz, also coef[r][q] != 0) of coef[r][q] mat[r][j],
    q < R consecutive columns of coef, j < m, r ascending from 0 (coef NULL: 1): mlp_backward's sums over its gathered
-   rows (tiles), in their order. A row no lane keeps (any[r] == 0, or nz[r] == 0) is skipped. R columns at once are R m
+   rows (tiles), in their order. A row no lane keeps (any[r] == 0, or not in the list nz: with nz, R = 1 and the rows
+   where some lane's coef[r][0] is not 0, a count then the r ascending) is skipped. R columns at once are R m
    independent chains of multiply-adds (one column's m alone wait on the multiply-add's latency at every row); each
    (q, j) still sums its rows in order. out[q] at out + q * os; arrays lane-major. */
 static inline __attribute__((always_inline)) void lane_row_tile(const int m, const int R, double *out, int64_t os,
-        const double *coef, int64_t cs, const char *nz, const vm *keep, const char *any, int64_t n, const double *mat,
+        const double *coef, int64_t cs, const int64_t *nz, const vm *keep, const char *any, int64_t n, const double *mat,
         int64_t ms) {
     vd acc[4][8];
     for (int q = 0; q < R; q++)
         for (int j = 0; j < m; j++) acc[q][j] = (vd){0};
-    for (int64_t r = 0; r < n; r++) {
-        if (!any[r] || (nz && !nz[r * cs])) continue;  /* a state no lane's stage visited */
-        const vm use = keep[r];
-        for (int q = 0; q < R; q++) {
-            const vd c = coef ? LANES(coef, r * cs + q) : (vd){0} + 1.0;
-            vm u = use;
-            if (nz) u &= c != 0.0;
-            for (int j = 0; j < m; j++) acc[q][j] = vfma_where(u, c, LANES(mat, r * ms + j), acc[q][j]);
+    if (nz)
+        for (int64_t i = 1; i <= nz[0]; i++) {
+            const int64_t r = nz[i];
+            if (!any[r]) continue;  /* a state no lane's stage visited */
+            const vd c = LANES(coef, r * cs);
+            const vm u = keep[r] & (c != 0.0);
+            for (int j = 0; j < m; j++) acc[0][j] = vfma_where(u, c, LANES(mat, r * ms + j), acc[0][j]);
         }
-    }
+    else
+        for (int64_t r = 0; r < n; r++) {
+            if (!any[r]) continue;  /* a state no lane's stage visited */
+            const vm use = keep[r];
+            for (int q = 0; q < R; q++) {
+                const vd c = coef ? LANES(coef, r * cs + q) : (vd){0} + 1.0;
+                for (int j = 0; j < m; j++) acc[q][j] = vfma_where(use, c, LANES(mat, r * ms + j), acc[q][j]);
+            }
+        }
     for (int q = 0; q < R; q++)
         for (int j = 0; j < m; j++) LANES(out, q * os + j) = LANES(out, q * os + j) - acc[q][j];
 }
 #define ROW_CASE(m) case m: lane_row_tile(m, ROWS, out + (c * os + j0) * VL, os, coef ? coef + c * VL : NULL, cs, \
-                                          nz ? nz + c : NULL, keep, any, n, mat + j0 * VL, ms); break;
+                                          nz ? nz + c * (n + 1) : NULL, keep, any, n, mat + j0 * VL, ms); break;
 #define ROW_SWITCH switch (width - j0 < 8 ? width - j0 : 8) { ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) \
                                                              ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8) }
 /* lane_row_tile over `cols` columns of coef (their outputs os apart), width outputs eight at a time: four columns at a
    time where a tile is at most 6 wide, else two; one at a time with nz (the sparse input layer) or without coef */
 static void lane_rows(int64_t cols, int64_t width, double *out, int64_t os, const double *coef, int64_t cs,
-                      const char *nz, const vm *keep, const char *any, int64_t n, const double *mat, int64_t ms) {
+                      const int64_t *nz, const vm *keep, const char *any, int64_t n, const double *mat, int64_t ms) {
     int64_t c = 0;
     if (!nz && coef) {
         if (width <= 6)
@@ -992,7 +1025,7 @@ static void block_tables(const Step *st, Block *k) {
             int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
             const double *in = k->h[p][l];
             double *out = k->h[p][l + 1];
-            lane_tiles(S, fo, out, fo, k->b[p][l], in, fi, l == 0 ? k->xnz : NULL, fi, k->W[p][l], fo, 1);
+            lane_tiles(S, fo, out, fo, k->b[p][l], in, fi, l == 0 ? k->xk : NULL, fi, k->W[p][l], fo, 1);
             if (l + 1 < L) {  /* hidden layer: relu or tanh */
                 if (net->tanh_act)
                     for (int64_t e = 0; e < S * fo * VL; e++) out[e] = tanh(out[e]);
@@ -1060,7 +1093,7 @@ static void block_update(const Step *st, Block *k, int p) {
            does there); b <- b - db, db = sum over the visited rows of g: sgd_update with step 1 (the step sizes are in
            k->gt already), each sum subtracted as it is finished rather than kept in a gradient buffer (1.0 grad is grad) */
         int skip = l == 0 && (fo >= fi || fo > TILE);
-        lane_rows(fi, fo, k->W[p][l], fo, in, fi, skip ? k->xnz : NULL, k->visited, k->any, S, g, fo);
+        lane_rows(fi, fo, k->W[p][l], fo, in, fi, skip ? k->xr : NULL, k->visited, k->any, S, g, fo);
         lane_rows(1, fo, k->b[p][l], fo, NULL, 0, NULL, k->visited, k->any, S, g, fo);
         if (l > 0) { double *t = g; g = g_prev; g_prev = t; }
     }
@@ -1099,9 +1132,17 @@ static void block_begin(const Step *st, Block *k, int64_t first, int64_t n, int 
         for (int64_t e = 0; e < S * d; e++) k->h[0][0][e * VL + v] = x[e];
         for (int64_t e = 0; e < S * A; e++) k->ref[e * VL + v] = ref[e];
     }
-    for (int64_t e = 0; e < S * d; e++) {
-        k->xnz[e] = 0;
-        for (int64_t v = 0; v < VL; v++) k->xnz[e] |= k->h[0][0][e * VL + v] != 0.0;
+    for (int64_t i = 0; i < d; i++) k->xr[i * (S + 1)] = 0;
+    for (int64_t s = 0; s < S; s++) {
+        int64_t *row = k->xk + s * (d + 1);
+        row[0] = 0;
+        for (int64_t i = 0; i < d; i++) {
+            int nz = 0;
+            for (int64_t v = 0; v < VL; v++) nz |= k->h[0][0][(s * d + i) * VL + v] != 0.0;
+            if (!nz) continue;
+            int64_t *col = k->xr + i * (S + 1);
+            row[++row[0]] = i, col[++col[0]] = s;
+        }
     }
     block_load(st, k, 0, 0, VL), block_load(st, k, 1, 0, VL);
     if (!valid) return;
