@@ -902,10 +902,11 @@ static void block_load(const Step *st, Block *k, int p, int64_t v0, int64_t v1) 
    tile4's order (k ascending, one fused multiply-add each). nz (one row): the input layer, whose coefficients are mostly
    0 (one-hot features): the list of the k where some lane's coef[k] is not 0 (a count, then the k ascending); the other
    k are skipped, and a lane whose coef[k] is 0 skips it, as tile does. Rows at coef + r * cs and out + r * os; arrays
-   lane-major. */
+   lane-major. act: what is stored, as the separate passes over out computed it: 0 the sums, 1 relu of them (a hidden
+   layer's forward), 2 / 3 them times relu' / tanh' at the activations h (laid out as out: the backward's dh) */
 static inline __attribute__((always_inline)) void lane_tile(const int m, const int R, double *out, int64_t os,
         const double *init, const double *coef, int64_t cs, const int64_t *nz, int64_t n, const double *mat, int64_t ks,
-        int64_t js) {
+        int64_t js, int act, const double *h) {
     vd acc[2][8];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < m; j++) acc[r][j] = init ? LANES(init, j) : (vd){0};
@@ -926,15 +927,24 @@ static inline __attribute__((always_inline)) void lane_tile(const int m, const i
             }
         }
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < m; j++) LANES(out, r * os + j) = acc[r][j];
+        for (int j = 0; j < m; j++) {
+            vd o = acc[r][j];
+            if (act == 1) o = sel(o > 0.0, o, (vd){0});
+            else if (act == 2) o = sel(LANES(h, r * os + j) > 0.0, o, (vd){0});
+            else if (act == 3) { vd he = LANES(h, r * os + j); o = o * (1 - he * he); }
+            LANES(out, r * os + j) = o;
+        }
 }
 #define LANE_CASE(m) case m: lane_tile(m, ROWS, out + (r * os + j0) * VL, os, init ? init + j0 * VL : NULL, \
-                                       coef + r * cs * VL, cs, nz ? nz + r * (n + 1) : NULL, n, mat + j0 * js * VL, ks, js); break;
+                                       coef + r * cs * VL, cs, nz ? nz + r * (n + 1) : NULL, n, mat + j0 * js * VL, ks, js, \
+                                       act, h ? h + (r * os + j0) * VL : NULL); break;
 #define LANE_SWITCH switch (width - j0 < 8 ? width - j0 : 8) { LANE_CASE(1) LANE_CASE(2) LANE_CASE(3) LANE_CASE(4) \
                                                                LANE_CASE(5) LANE_CASE(6) LANE_CASE(7) LANE_CASE(8) }
-/* lane_tile over `rows` rows, two at a time (two rows' independent chains), width outputs eight at a time */
-static void lane_tiles(int64_t rows, int64_t width, double *out, int64_t os, const double *init, const double *coef,
-                       int64_t cs, const int64_t *nz, int64_t n, const double *mat, int64_t ks, int64_t js) {
+/* lane_tile over `rows` rows, two at a time (two rows' independent chains), width outputs eight at a time; inlined, so
+   that act is a constant in each copy (a runtime act kept the accumulators in memory) */
+static inline __attribute__((always_inline)) void lane_tiles(int64_t rows, int64_t width, double *out, int64_t os,
+        const double *init, const double *coef, int64_t cs, const int64_t *nz, int64_t n, const double *mat, int64_t ks,
+        int64_t js, const int act, const double *h) {
     int64_t r = 0;
     if (!nz)
         for (; r + 2 <= rows; r += 2)
@@ -1025,13 +1035,13 @@ static void block_tables(const Step *st, Block *k) {
             int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
             const double *in = k->h[p][l];
             double *out = k->h[p][l + 1];
-            lane_tiles(S, fo, out, fo, k->b[p][l], in, fi, l == 0 ? k->xk : NULL, fi, k->W[p][l], fo, 1);
-            if (l + 1 < L) {  /* hidden layer: relu or tanh */
-                if (net->tanh_act)
-                    for (int64_t e = 0; e < S * fo * VL; e++) out[e] = tanh(out[e]);
-                else
-                    for (int64_t e = 0; e < S * fo; e++) { vd o = LANES(out, e); LANES(out, e) = sel(o > 0.0, o, (vd){0}); }
-            }
+            const int64_t *nz = l == 0 ? k->xk : NULL;
+            if (l + 1 < L && !net->tanh_act)  /* a hidden layer: relu, as lane_tile stores it (act a constant in each copy) */
+                lane_tiles(S, fo, out, fo, k->b[p][l], in, fi, nz, fi, k->W[p][l], fo, 1, 1, NULL);
+            else
+                lane_tiles(S, fo, out, fo, k->b[p][l], in, fi, nz, fi, k->W[p][l], fo, 1, 0, NULL);
+            if (l + 1 < L && net->tanh_act)  /* or tanh */
+                for (int64_t e = 0; e < S * fo * VL; e++) out[e] = tanh(out[e]);
         }
         const double *out = k->h[p][L];
         double *pi = k->pi + p * S * A * VL;
@@ -1080,15 +1090,10 @@ static void block_update(const Step *st, Block *k, int p) {
     for (int l = L - 1; l >= 0; l--) {
         int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
         const double *in = k->h[p][l];
-        if (l < L - 1) {  /* through the activation: relu' = [h > 0], tanh' = 1 - h^2 */
-            const double *h = k->h[p][l + 1];
-            for (int64_t e = 0; e < S * fo; e++) {
-                vd he = LANES(h, e), ge = LANES(g, e);
-                LANES(g, e) = net->tanh_act ? ge * (1 - he * he) : sel(he > 0.0, ge, (vd){0});
-            }
-        }
-        if (l > 0)  /* dh_l = g W^T with the layer's W before its update: row r's fi outputs sum g[r][j] W[i][j] over j */
-            lane_tiles(S, fi, g_prev, fi, NULL, g, fo, NULL, fo, k->W[p][l], 1, fo);
+        /* dh_l = g W^T with the layer's W before its update: row r's fi outputs sum g[r][j] W[i][j] over j; then through
+           the activation h_l, as lane_tile stores it: relu' = [h > 0], tanh' = 1 - h^2 */
+        if (l > 0 && net->tanh_act) lane_tiles(S, fi, g_prev, fi, NULL, g, fo, NULL, fo, k->W[p][l], 1, fo, 3, in);
+        else if (l > 0) lane_tiles(S, fi, g_prev, fi, NULL, g, fo, NULL, fo, k->W[p][l], 1, fo, 2, in);
         /* W <- W - dW, dW = h_l^T g over the visited rows, r ascending (the input layer skips its 0 features, as tiles
            does there); b <- b - db, db = sum over the visited rows of g: sgd_update with step 1 (the step sizes are in
            k->gt already), each sum subtracted as it is finished rather than kept in a gradient buffer (1.0 grad is grad) */
