@@ -175,9 +175,16 @@ static inline vd vexp(vd x) {  /* exp_k on every lane: its operations in its ord
     vu k = kb - 0x4338000000000000ULL, k1 = (vu)((vm)k >> 1), k2 = k - k1;
     vd f1 = (vd)((k1 + 1023) << 52), f2 = (vd)((k2 + 1023) << 52);
     y = y * f1 * f2;
+#ifdef __AVX512F__  /* the same selections as below, one blend each (sel's and-or took three instructions, of vexp's ~45) */
+    __m512d Y = (__m512d)y, X = (__m512d)x;
+    Y = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(X, _mm512_set1_pd(-746.0), _CMP_LT_OQ), Y, _mm512_setzero_pd());
+    Y = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(X, _mm512_set1_pd(710.0), _CMP_GT_OQ), Y, _mm512_set1_pd(INFINITY));
+    return (vd)_mm512_mask_blend_pd(_mm512_cmp_pd_mask(X, X, _CMP_UNORD_Q), Y, X);
+#else
     y = sel(x < -746.0, (vd){0}, y);
     y = sel(x > 710.0, (vd){0} + INFINITY, y);
     return sel(x != x, x, y);
+#endif
 }
 
 /* exp_k and vexp of x[0 .. n - 1] into scalar and vector (tests/test_kernel_exp.py holds them to each other bit for bit and
@@ -907,7 +914,7 @@ static void block_load(const Step *st, Block *k, int p, int64_t v0, int64_t v1) 
 static inline __attribute__((always_inline)) void lane_tile(const int m, const int R, double *out, int64_t os,
         const double *init, const double *coef, int64_t cs, const int64_t *nz, int64_t n, const double *mat, int64_t ks,
         int64_t js, int act, const double *h) {
-    vd acc[2][8];
+    vd acc[4][8];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < m; j++) acc[r][j] = init ? LANES(init, j) : (vd){0};
     if (nz)
@@ -940,12 +947,20 @@ static inline __attribute__((always_inline)) void lane_tile(const int m, const i
                                        act, h ? h + (r * os + j0) * VL : NULL); break;
 #define LANE_SWITCH switch (width - j0 < 8 ? width - j0 : 8) { LANE_CASE(1) LANE_CASE(2) LANE_CASE(3) LANE_CASE(4) \
                                                                LANE_CASE(5) LANE_CASE(6) LANE_CASE(7) LANE_CASE(8) }
-/* lane_tile over `rows` rows, two at a time (two rows' independent chains), width outputs eight at a time; inlined, so
-   that act is a constant in each copy (a runtime act kept the accumulators in memory) */
+/* lane_tile over `rows` rows, width outputs eight at a time: four rows at a time where a tile is at most 6 wide (24
+   accumulators: the policy's output layer), else two (independent chains), one at a time with nz; inlined, so that act
+   is a constant in each copy (a runtime act kept the accumulators in memory) */
 static inline __attribute__((always_inline)) void lane_tiles(int64_t rows, int64_t width, double *out, int64_t os,
         const double *init, const double *coef, int64_t cs, const int64_t *nz, int64_t n, const double *mat, int64_t ks,
         int64_t js, const int act, const double *h) {
     int64_t r = 0;
+    if (!nz && width <= 6)
+        for (; r + 4 <= rows; r += 4) {
+            int64_t j0 = 0;
+#define ROWS 4
+            switch (width) { LANE_CASE(1) LANE_CASE(2) LANE_CASE(3) LANE_CASE(4) LANE_CASE(5) LANE_CASE(6) }
+#undef ROWS
+        }
     if (!nz)
         for (; r + 2 <= rows; r += 2)
             for (int64_t j0 = 0; j0 < width; j0 += 8) {
@@ -1017,12 +1032,13 @@ static void lane_rows(int64_t cols, int64_t width, double *out, int64_t os, cons
 #undef ROWS
             }
     }
-    for (; c < cols; c++)
+    for (; c < cols; c++) {
         for (int64_t j0 = 0; j0 < width; j0 += 8) {
 #define ROWS 1
             ROW_SWITCH
 #undef ROWS
         }
+    }
 }
 
 /* pi_p = log-softmax(log pi_ref + MLP_p(x)) per state row, p = z, y, every lane (policy_tables), into the block's lanes
