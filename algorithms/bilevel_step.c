@@ -175,9 +175,16 @@ static inline vd vexp(vd x) {  /* exp_k on every lane: its operations in its ord
     vu k = kb - 0x4338000000000000ULL, k1 = (vu)((vm)k >> 1), k2 = k - k1;
     vd f1 = (vd)((k1 + 1023) << 52), f2 = (vd)((k2 + 1023) << 52);
     y = y * f1 * f2;
+#ifdef __AVX512F__  /* the same selections as below, one blend each (sel's and-or took three instructions, of vexp's ~45) */
+    __m512d Y = (__m512d)y, X = (__m512d)x;
+    Y = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(X, _mm512_set1_pd(-746.0), _CMP_LT_OQ), Y, _mm512_setzero_pd());
+    Y = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(X, _mm512_set1_pd(710.0), _CMP_GT_OQ), Y, _mm512_set1_pd(INFINITY));
+    return (vd)_mm512_mask_blend_pd(_mm512_cmp_pd_mask(X, X, _CMP_UNORD_Q), Y, X);
+#else
     y = sel(x < -746.0, (vd){0}, y);
     y = sel(x > 710.0, (vd){0} + INFINITY, y);
     return sel(x != x, x, y);
+#endif
 }
 
 /* exp_k and vexp of x[0 .. n - 1] into scalar and vector (tests/test_kernel_exp.py holds them to each other bit for bit and
@@ -836,7 +843,9 @@ typedef struct {
     double *g, *g_prev;           /* backward scratch: (S, widest) twice */
     double *tmp;                  /* (2A): a state's log pi before normalising and its exponentials */
     vm *visited;                  /* (S) per lane: the stage visited the state */
-    char *any, *xnz;              /* (S) some lane visited the state; (S, d) some lane's input is not 0 */
+    char *any;                    /* (S) some lane visited the state */
+    int64_t *xk, *xr;             /* the inputs some lane has not 0, as lists (a count, then the indices ascending): per
+                                     state its features (S, d + 1), per feature its states (d, S + 1) */
     int rl;                       /* the reward network is on the lanes too (reward_lanes_apply) */
     double *RW[16], *Rb[16];      /* nu, lane-major */
     double *dRW[16], *dRb[16];    /* the nu stage's gradient of nu */
@@ -868,6 +877,23 @@ static int lanes_apply(const Step *st) {  /* the lane passes mirror the per-seed
     return 1;
 }
 
+/* n zeroed doubles at a multiple of 64 bytes (lane_free frees them), so that each lane vector of a lane-major array is
+   one cache line: a vector store across two lines costs about twice one (calloc aligns to 16: measured, the lane passes
+   took 1.2-1.6x as long at an offset of 16 bytes) */
+static double *lane_calloc(int64_t n) {
+    char *p = calloc(1, sizeof(double) * n + 64 + sizeof(void *));
+    if (!p) return NULL;
+    char *a = (char *)(((uintptr_t)p + sizeof(void *) + 63) & ~(uintptr_t)63);
+    memcpy(a - sizeof(void *), &p, sizeof(void *));  /* the block calloc returned, just below */
+    return (double *)a;
+}
+static void lane_free(void *a) {
+    if (!a) return;
+    void *p;
+    memcpy(&p, (char *)a - sizeof(void *), sizeof(void *));
+    free(p);
+}
+
 static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memory */
     const Net *net = &st->z;
     int64_t S = st->S, A = st->A, L = net->n_layers, wide = widest(net);
@@ -876,65 +902,68 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
     for (int v = 0; v < VL; v++) bad |= work_alloc(st, &k->w[v]);
     for (int p = 0; p < 2; p++)
         for (int l = 0; l < L; l++) {
-            bad |= !(k->W[p][l] = calloc(net->sizes[l] * net->sizes[l + 1] * VL, sizeof(double)));
-            bad |= !(k->b[p][l] = calloc(net->sizes[l + 1] * VL, sizeof(double)));
-            bad |= !(k->h[p][l + 1] = calloc(S * net->sizes[l + 1] * VL, sizeof(double)));
+            bad |= !(k->W[p][l] = lane_calloc(net->sizes[l] * net->sizes[l + 1] * VL));
+            bad |= !(k->b[p][l] = lane_calloc(net->sizes[l + 1] * VL));
+            bad |= !(k->h[p][l + 1] = lane_calloc(S * net->sizes[l + 1] * VL));
         }
-    bad |= !(k->h[0][0] = k->h[1][0] = calloc(S * net->sizes[0] * VL, sizeof(double)));
-    bad |= !(k->ref = calloc(S * A * VL, sizeof(double)));
-    bad |= !(k->pi = calloc(2 * S * A * VL, sizeof(double)));
-    bad |= !(k->lp = calloc(2 * S * A * VL, sizeof(double)));
-    bad |= !(k->cdf = calloc(2 * S * A * VL, sizeof(double)));
-    bad |= !(k->gt = calloc(2 * S * A * VL, sizeof(double)));
-    bad |= !(k->g = calloc(S * wide * VL, sizeof(double)));
-    bad |= !(k->g_prev = calloc(S * wide * VL, sizeof(double)));
-    bad |= !(k->visited = calloc(S, sizeof(vm)));
+    bad |= !(k->h[0][0] = k->h[1][0] = lane_calloc(S * net->sizes[0] * VL));
+    bad |= !(k->ref = lane_calloc(S * A * VL));
+    bad |= !(k->pi = lane_calloc(2 * S * A * VL));
+    bad |= !(k->lp = lane_calloc(2 * S * A * VL));
+    bad |= !(k->cdf = lane_calloc(2 * S * A * VL));
+    bad |= !(k->gt = lane_calloc(2 * S * A * VL));
+    bad |= !(k->g = lane_calloc(S * wide * VL));
+    bad |= !(k->g_prev = lane_calloc(S * wide * VL));
+    bad |= !(k->visited = (vm *)lane_calloc(S * VL));
     bad |= !(k->any = calloc(S, 1));
-    bad |= !(k->xnz = calloc(S * net->sizes[0], 1));
-    bad |= !(k->tmp = calloc(2 * A * VL, sizeof(double)));
+    bad |= !(k->xk = calloc(S * (net->sizes[0] + 1), sizeof(int64_t)));
+    bad |= !(k->xr = calloc(net->sizes[0] * (S + 1), sizeof(int64_t)));
+    bad |= !(k->tmp = lane_calloc(2 * A * VL));
     k->rl = reward_lanes_apply(st);
     if (k->rl) {
         const Net *nu = &st->nu;
         for (int l = 0; l < nu->n_layers; l++) {
-            bad |= !(k->RW[l] = calloc(nu->sizes[l] * nu->sizes[l + 1] * VL, sizeof(double)));
-            bad |= !(k->Rb[l] = calloc(nu->sizes[l + 1] * VL, sizeof(double)));
-            bad |= !(k->dRW[l] = calloc(nu->sizes[l] * nu->sizes[l + 1] * VL, sizeof(double)));
-            bad |= !(k->dRb[l] = calloc(nu->sizes[l + 1] * VL, sizeof(double)));
+            bad |= !(k->RW[l] = lane_calloc(nu->sizes[l] * nu->sizes[l + 1] * VL));
+            bad |= !(k->Rb[l] = lane_calloc(nu->sizes[l + 1] * VL));
+            bad |= !(k->dRW[l] = lane_calloc(nu->sizes[l] * nu->sizes[l + 1] * VL));
+            bad |= !(k->dRb[l] = lane_calloc(nu->sizes[l + 1] * VL));
         }
         /* rows: a stage's (trajectory, step) pairs, or the nu stage's distinct units (at most as many) */
         int64_t rows = (st->stage.T > st->nu_stage.T ? st->stage.T : st->nu_stage.T) * st->H;
-        for (int l = 0; l <= nu->n_layers; l++) bad |= !(k->ra[l] = calloc(rows * nu->sizes[l] * VL, sizeof(double)));
-        bad |= !(k->rg = calloc(rows * widest(nu) * VL, sizeof(double)));
-        bad |= !(k->rg_prev = calloc(rows * widest(nu) * VL, sizeof(double)));
-        bad |= !(k->rrow = calloc(rows * VL, sizeof(int64_t)));
-        bad |= !(k->rkeep = calloc(rows, sizeof(vm)));
+        for (int l = 0; l <= nu->n_layers; l++) bad |= !(k->ra[l] = lane_calloc(rows * nu->sizes[l] * VL));
+        bad |= !(k->rg = lane_calloc(rows * widest(nu) * VL));
+        bad |= !(k->rg_prev = lane_calloc(rows * widest(nu) * VL));
+        bad |= !(k->rrow = (int64_t *)lane_calloc(rows * VL));
+        bad |= !(k->rkeep = (vm *)lane_calloc(rows * VL));
         int64_t T = st->stage.T > st->nu_stage.T ? st->stage.T : st->nu_stage.T;
         int64_t nu_max = st->stage.n_uniforms > st->nu_stage.n_uniforms ? st->stage.n_uniforms : st->nu_stage.n_uniforms;
-        bad |= !(k->u = calloc((nu_max + 1) * VL, sizeof(double)));
-        bad |= !(k->lab = calloc((st->n_pairs + 1) * VL, sizeof(double)));
-        bad |= !(k->rs = calloc(rows * VL, sizeof(double)));
-        bad |= !(k->ret = calloc(T * VL, sizeof(double)));
-        bad |= !(k->wt = calloc(T * VL, sizeof(double)));
-        bad |= !(k->rr = calloc(rows * VL, sizeof(double)));
-        bad |= !(k->rt = calloc(rows * VL, sizeof(double)));
-        bad |= !(k->slot_row = calloc(rows * VL, sizeof(int64_t)));
+        bad |= !(k->u = lane_calloc((nu_max + 1) * VL));
+        bad |= !(k->lab = lane_calloc((st->n_pairs + 1) * VL));
+        bad |= !(k->rs = lane_calloc(rows * VL));
+        bad |= !(k->ret = lane_calloc(T * VL));
+        bad |= !(k->wt = lane_calloc(T * VL));
+        bad |= !(k->rr = lane_calloc(rows * VL));
+        bad |= !(k->rt = lane_calloc(rows * VL));
+        bad |= !(k->slot_row = (int64_t *)lane_calloc(rows * VL));
         bad |= !(k->seen = calloc(st->n_units / 64 + 1, sizeof(uint64_t)));
         bad |= !(k->before = calloc(st->n_units / 64 + 1, sizeof(int64_t)));
-        bad |= !(k->idx = calloc(rows * VL, sizeof(int64_t)));
-        bad |= !(k->loc = calloc(rows * VL, sizeof(int64_t)));
-        bad |= !(k->unit = calloc(rows * VL, sizeof(int64_t)));
+        bad |= !(k->idx = (int64_t *)lane_calloc(rows * VL));
+        bad |= !(k->loc = (int64_t *)lane_calloc(rows * VL));
+        bad |= !(k->unit = (int64_t *)lane_calloc(rows * VL));
     }
     return bad;
 }
 static void block_free(const Step *st, Block *k) {
     for (int v = 0; v < VL; v++) work_free(st, &k->w[v]);
     for (int p = 0; p < 2; p++)
-        for (int l = 0; l < st->z.n_layers; l++) { free(k->W[p][l]); free(k->b[p][l]); free(k->h[p][l + 1]); }
-    for (int l = 0; l < 16; l++) { free(k->RW[l]); free(k->Rb[l]); free(k->dRW[l]); free(k->dRb[l]); }
-    for (int l = 0; l < 17; l++) free(k->ra[l]);
-    free(k->rg); free(k->rg_prev); free(k->rrow); free(k->rkeep);
-    free(k->u); free(k->lab); free(k->rs); free(k->ret); free(k->wt); free(k->rr); free(k->rt); free(k->slot_row); free(k->seen); free(k->before); free(k->idx); free(k->loc); free(k->unit);
-    free(k->h[0][0]); free(k->ref); free(k->pi); free(k->lp); free(k->cdf); free(k->gt); free(k->g); free(k->g_prev); free(k->visited); free(k->tmp); free(k->any); free(k->xnz);
+        for (int l = 0; l < st->z.n_layers; l++) { lane_free(k->W[p][l]); lane_free(k->b[p][l]); lane_free(k->h[p][l + 1]); }
+    lane_free(k->h[0][0]); lane_free(k->ref); lane_free(k->pi); lane_free(k->lp); lane_free(k->cdf); lane_free(k->gt);
+    lane_free(k->g); lane_free(k->g_prev); lane_free(k->visited); lane_free(k->tmp); free(k->any); free(k->xk); free(k->xr);
+    for (int l = 0; l < 16; l++) { lane_free(k->RW[l]); lane_free(k->Rb[l]); lane_free(k->dRW[l]); lane_free(k->dRb[l]); }
+    for (int l = 0; l < 17; l++) lane_free(k->ra[l]);
+    lane_free(k->rg); lane_free(k->rg_prev); lane_free(k->rrow); lane_free(k->rkeep); lane_free(k->u); lane_free(k->lab);
+    lane_free(k->rs); lane_free(k->ret); lane_free(k->wt); lane_free(k->rr); lane_free(k->rt); lane_free(k->slot_row);
+    lane_free(k->idx); lane_free(k->loc); lane_free(k->unit); free(k->seen); free(k->before);
 }
 
 /* lanes v0 .. v1 - 1 of network p (z, y) from their seeds' parameters */
@@ -952,38 +981,60 @@ static void block_load(const Step *st, Block *k, int p, int64_t v0, int64_t v1) 
 
 /* out[r][j] = init[j] (0 without) + sum_k coef[r][k] mat[k * ks + j * js], rows r < R, j < m, every lane: tile's and
    tile4's order (k ascending, one fused multiply-add each). nz (one row): the input layer, whose coefficients are mostly
-   0 (one-hot features); k is skipped where no lane's coef[k] is nonzero (nz[k] == 0), and a lane whose coef[k] is 0
-   skips it, as tile does. Rows at coef + r * cs and out + r * os; arrays lane-major. */
+   0 (one-hot features): the list of the k where some lane's coef[k] is not 0 (a count, then the k ascending); the other
+   k are skipped, and a lane whose coef[k] is 0 skips it, as tile does. Rows at coef + r * cs and out + r * os; arrays
+   lane-major. act: what is stored, as the separate passes over out computed it: 0 the sums, 1 relu of them (a hidden
+   layer's forward), 2 / 3 them times relu' / tanh' at the activations h (laid out as out: the backward's dh) */
 static inline __attribute__((always_inline)) void lane_tile(const int m, const int R, double *out, int64_t os,
-        const double *init, const double *coef, int64_t cs, const char *nz, int64_t n, const double *mat, int64_t ks,
-        int64_t js) {
-    vd acc[2][8];
+        const double *init, const double *coef, int64_t cs, const int64_t *nz, int64_t n, const double *mat, int64_t ks,
+        int64_t js, int act, const double *h) {
+    vd acc[4][8];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < m; j++) acc[r][j] = init ? LANES(init, j) : (vd){0};
-    for (int64_t k = 0; k < n; k++) {
-        const double *row = mat + k * ks * VL;
-        if (nz) {
-            if (!nz[k]) continue;
+    if (nz)
+        for (int64_t q = 1; q <= nz[0]; q++) {
+            const int64_t k = nz[q];
+            const double *row = mat + k * ks * VL;
             const vd c = LANES(coef, k);
             const vm use = c != 0.0;
             for (int j = 0; j < m; j++) acc[0][j] = vfma_where(use, c, LANES(row, j * js), acc[0][j]);
-        } else
+        }
+    else
+        for (int64_t k = 0; k < n; k++) {
+            const double *row = mat + k * ks * VL;
             for (int r = 0; r < R; r++) {
                 const vd c = LANES(coef, r * cs + k);
                 for (int j = 0; j < m; j++) acc[r][j] = vfma(c, LANES(row, j * js), acc[r][j]);
             }
-    }
+        }
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < m; j++) LANES(out, r * os + j) = acc[r][j];
+        for (int j = 0; j < m; j++) {
+            vd o = acc[r][j];
+            if (act == 1) o = sel(o > 0.0, o, (vd){0});
+            else if (act == 2) o = sel(LANES(h, r * os + j) > 0.0, o, (vd){0});
+            else if (act == 3) { vd he = LANES(h, r * os + j); o = o * (1 - he * he); }
+            LANES(out, r * os + j) = o;
+        }
 }
 #define LANE_CASE(m) case m: lane_tile(m, ROWS, out + (r * os + j0) * VL, os, init ? init + j0 * VL : NULL, \
-                                       coef + r * cs * VL, cs, nz ? nz + r * cs : NULL, n, mat + j0 * js * VL, ks, js); break;
+                                       coef + r * cs * VL, cs, nz ? nz + r * (n + 1) : NULL, n, mat + j0 * js * VL, ks, js, \
+                                       act, h ? h + (r * os + j0) * VL : NULL); break;
 #define LANE_SWITCH switch (width - j0 < 8 ? width - j0 : 8) { LANE_CASE(1) LANE_CASE(2) LANE_CASE(3) LANE_CASE(4) \
                                                                LANE_CASE(5) LANE_CASE(6) LANE_CASE(7) LANE_CASE(8) }
-/* lane_tile over `rows` rows, two at a time (two rows' independent chains), width outputs eight at a time */
-static void lane_tiles(int64_t rows, int64_t width, double *out, int64_t os, const double *init, const double *coef,
-                       int64_t cs, const char *nz, int64_t n, const double *mat, int64_t ks, int64_t js) {
+/* lane_tile over `rows` rows, width outputs eight at a time: four rows at a time where a tile is at most 6 wide (24
+   accumulators: the policy's output layer), else two (independent chains), one at a time with nz; inlined, so that act
+   is a constant in each copy (a runtime act kept the accumulators in memory) */
+static inline __attribute__((always_inline)) void lane_tiles(int64_t rows, int64_t width, double *out, int64_t os,
+        const double *init, const double *coef, int64_t cs, const int64_t *nz, int64_t n, const double *mat, int64_t ks,
+        int64_t js, const int act, const double *h) {
     int64_t r = 0;
+    if (!nz && width <= 6)
+        for (; r + 4 <= rows; r += 4) {
+            int64_t j0 = 0;
+#define ROWS 4
+            switch (width) { LANE_CASE(1) LANE_CASE(2) LANE_CASE(3) LANE_CASE(4) LANE_CASE(5) LANE_CASE(6) }
+#undef ROWS
+        }
     if (!nz)
         for (; r + 2 <= rows; r += 2)
             for (int64_t j0 = 0; j0 < width; j0 += 8) {
@@ -1001,36 +1052,44 @@ static void lane_tiles(int64_t rows, int64_t width, double *out, int64_t os, con
 
 /* out[q][j] -= sum over the rows r < n that a lane keeps (keep[r]; with nz, also coef[r][q] != 0) of coef[r][q] mat[r][j],
    q < R consecutive columns of coef, j < m, r ascending from 0 (coef NULL: 1): mlp_backward's sums over its gathered
-   rows (tiles), in their order. A row no lane keeps (any[r] == 0, or nz[r] == 0) is skipped. R columns at once are R m
+   rows (tiles), in their order. A row no lane keeps (any[r] == 0, or not in the list nz: with nz, R = 1 and the rows
+   where some lane's coef[r][0] is not 0, a count then the r ascending) is skipped. R columns at once are R m
    independent chains of multiply-adds (one column's m alone wait on the multiply-add's latency at every row); each
    (q, j) still sums its rows in order. out[q] at out + q * os; arrays lane-major. */
 static inline __attribute__((always_inline)) void lane_row_tile(const int m, const int R, double *out, int64_t os,
-        const double *coef, int64_t cs, const char *nz, const vm *keep, const char *any, int64_t n, const double *mat,
+        const double *coef, int64_t cs, const int64_t *nz, const vm *keep, const char *any, int64_t n, const double *mat,
         int64_t ms) {
     vd acc[4][8];
     for (int q = 0; q < R; q++)
         for (int j = 0; j < m; j++) acc[q][j] = (vd){0};
-    for (int64_t r = 0; r < n; r++) {
-        if (!any[r] || (nz && !nz[r * cs])) continue;  /* a state no lane's stage visited */
-        const vm use = keep[r];
-        for (int q = 0; q < R; q++) {
-            const vd c = coef ? LANES(coef, r * cs + q) : (vd){0} + 1.0;
-            vm u = use;
-            if (nz) u &= c != 0.0;
-            for (int j = 0; j < m; j++) acc[q][j] = vfma_where(u, c, LANES(mat, r * ms + j), acc[q][j]);
+    if (nz)
+        for (int64_t i = 1; i <= nz[0]; i++) {
+            const int64_t r = nz[i];
+            if (!any[r]) continue;  /* a state no lane's stage visited */
+            const vd c = LANES(coef, r * cs);
+            const vm u = keep[r] & (c != 0.0);
+            for (int j = 0; j < m; j++) acc[0][j] = vfma_where(u, c, LANES(mat, r * ms + j), acc[0][j]);
         }
-    }
+    else
+        for (int64_t r = 0; r < n; r++) {
+            if (!any[r]) continue;  /* a state no lane's stage visited */
+            const vm use = keep[r];
+            for (int q = 0; q < R; q++) {
+                const vd c = coef ? LANES(coef, r * cs + q) : (vd){0} + 1.0;
+                for (int j = 0; j < m; j++) acc[q][j] = vfma_where(use, c, LANES(mat, r * ms + j), acc[q][j]);
+            }
+        }
     for (int q = 0; q < R; q++)
         for (int j = 0; j < m; j++) LANES(out, q * os + j) = LANES(out, q * os + j) - acc[q][j];
 }
 #define ROW_CASE(m) case m: lane_row_tile(m, ROWS, out + (c * os + j0) * VL, os, coef ? coef + c * VL : NULL, cs, \
-                                          nz ? nz + c : NULL, keep, any, n, mat + j0 * VL, ms); break;
+                                          nz ? nz + c * (n + 1) : NULL, keep, any, n, mat + j0 * VL, ms); break;
 #define ROW_SWITCH switch (width - j0 < 8 ? width - j0 : 8) { ROW_CASE(1) ROW_CASE(2) ROW_CASE(3) ROW_CASE(4) \
                                                              ROW_CASE(5) ROW_CASE(6) ROW_CASE(7) ROW_CASE(8) }
 /* lane_row_tile over `cols` columns of coef (their outputs os apart), width outputs eight at a time: four columns at a
    time where a tile is at most 6 wide, else two; one at a time with nz (the sparse input layer) or without coef */
 static void lane_rows(int64_t cols, int64_t width, double *out, int64_t os, const double *coef, int64_t cs,
-                      const char *nz, const vm *keep, const char *any, int64_t n, const double *mat, int64_t ms) {
+                      const int64_t *nz, const vm *keep, const char *any, int64_t n, const double *mat, int64_t ms) {
     int64_t c = 0;
     if (!nz && coef) {
         if (width <= 6)
@@ -1047,12 +1106,13 @@ static void lane_rows(int64_t cols, int64_t width, double *out, int64_t os, cons
 #undef ROWS
             }
     }
-    for (; c < cols; c++)
+    for (; c < cols; c++) {
         for (int64_t j0 = 0; j0 < width; j0 += 8) {
 #define ROWS 1
             ROW_SWITCH
 #undef ROWS
         }
+    }
 }
 
 /* pi_p = log-softmax(log pi_ref + MLP_p(x)) per state row, p = z, y, every lane (policy_tables), into the block's lanes
@@ -1065,13 +1125,13 @@ static void block_tables(const Step *st, Block *k) {
             int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
             const double *in = k->h[p][l];
             double *out = k->h[p][l + 1];
-            lane_tiles(S, fo, out, fo, k->b[p][l], in, fi, l == 0 ? k->xnz : NULL, fi, k->W[p][l], fo, 1);
-            if (l + 1 < L) {  /* hidden layer: relu or tanh */
-                if (net->tanh_act)
-                    for (int64_t e = 0; e < S * fo * VL; e++) out[e] = tanh(out[e]);
-                else
-                    for (int64_t e = 0; e < S * fo; e++) { vd o = LANES(out, e); LANES(out, e) = sel(o > 0.0, o, (vd){0}); }
-            }
+            const int64_t *nz = l == 0 ? k->xk : NULL;
+            if (l + 1 < L && !net->tanh_act)  /* a hidden layer: relu, as lane_tile stores it (act a constant in each copy) */
+                lane_tiles(S, fo, out, fo, k->b[p][l], in, fi, nz, fi, k->W[p][l], fo, 1, 1, NULL);
+            else
+                lane_tiles(S, fo, out, fo, k->b[p][l], in, fi, nz, fi, k->W[p][l], fo, 1, 0, NULL);
+            if (l + 1 < L && net->tanh_act)  /* or tanh */
+                for (int64_t e = 0; e < S * fo * VL; e++) out[e] = tanh(out[e]);
         }
         const double *out = k->h[p][L];
         double *pi = k->pi + p * S * A * VL;
@@ -1120,20 +1180,15 @@ static void block_update(const Step *st, Block *k, int p) {
     for (int l = L - 1; l >= 0; l--) {
         int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
         const double *in = k->h[p][l];
-        if (l < L - 1) {  /* through the activation: relu' = [h > 0], tanh' = 1 - h^2 */
-            const double *h = k->h[p][l + 1];
-            for (int64_t e = 0; e < S * fo; e++) {
-                vd he = LANES(h, e), ge = LANES(g, e);
-                LANES(g, e) = net->tanh_act ? ge * (1 - he * he) : sel(he > 0.0, ge, (vd){0});
-            }
-        }
-        if (l > 0)  /* dh_l = g W^T with the layer's W before its update: row r's fi outputs sum g[r][j] W[i][j] over j */
-            lane_tiles(S, fi, g_prev, fi, NULL, g, fo, NULL, fo, k->W[p][l], 1, fo);
+        /* dh_l = g W^T with the layer's W before its update: row r's fi outputs sum g[r][j] W[i][j] over j; then through
+           the activation h_l, as lane_tile stores it: relu' = [h > 0], tanh' = 1 - h^2 */
+        if (l > 0 && net->tanh_act) lane_tiles(S, fi, g_prev, fi, NULL, g, fo, NULL, fo, k->W[p][l], 1, fo, 3, in);
+        else if (l > 0) lane_tiles(S, fi, g_prev, fi, NULL, g, fo, NULL, fo, k->W[p][l], 1, fo, 2, in);
         /* W <- W - dW, dW = h_l^T g over the visited rows, r ascending (the input layer skips its 0 features, as tiles
            does there); b <- b - db, db = sum over the visited rows of g: sgd_update with step 1 (the step sizes are in
            k->gt already), each sum subtracted as it is finished rather than kept in a gradient buffer (1.0 grad is grad) */
         int skip = l == 0 && (fo >= fi || fo > TILE);
-        lane_rows(fi, fo, k->W[p][l], fo, in, fi, skip ? k->xnz : NULL, k->visited, k->any, S, g, fo);
+        lane_rows(fi, fo, k->W[p][l], fo, in, fi, skip ? k->xr : NULL, k->visited, k->any, S, g, fo);
         lane_rows(1, fo, k->b[p][l], fo, NULL, 0, NULL, k->visited, k->any, S, g, fo);
         if (l > 0) { double *t = g; g = g_prev; g_prev = t; }
     }
@@ -1510,9 +1565,17 @@ static void block_begin(const Step *st, Block *k, int64_t first, int64_t n, int 
         for (int64_t e = 0; e < S * d; e++) k->h[0][0][e * VL + v] = x[e];
         for (int64_t e = 0; e < S * A; e++) k->ref[e * VL + v] = ref[e];
     }
-    for (int64_t e = 0; e < S * d; e++) {
-        k->xnz[e] = 0;
-        for (int64_t v = 0; v < VL; v++) k->xnz[e] |= k->h[0][0][e * VL + v] != 0.0;
+    for (int64_t i = 0; i < d; i++) k->xr[i * (S + 1)] = 0;
+    for (int64_t s = 0; s < S; s++) {
+        int64_t *row = k->xk + s * (d + 1);
+        row[0] = 0;
+        for (int64_t i = 0; i < d; i++) {
+            int nz = 0;
+            for (int64_t v = 0; v < VL; v++) nz |= k->h[0][0][(s * d + i) * VL + v] != 0.0;
+            if (!nz) continue;
+            int64_t *col = k->xr + i * (S + 1);
+            row[++row[0]] = i, col[++col[0]] = s;
+        }
     }
     block_load(st, k, 0, 0, VL), block_load(st, k, 1, 0, VL);
     if (!valid) return;
