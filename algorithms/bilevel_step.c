@@ -1106,13 +1106,12 @@ static void lane_rows(int64_t cols, int64_t width, double *out, int64_t os, cons
 #undef ROWS
             }
     }
-    for (; c < cols; c++) {
+    for (; c < cols; c++)
         for (int64_t j0 = 0; j0 < width; j0 += 8) {
 #define ROWS 1
             ROW_SWITCH
 #undef ROWS
         }
-    }
 }
 
 /* pi_p = log-softmax(log pi_ref + MLP_p(x)) per state row, p = z, y, every lane (policy_tables), into the block's lanes
