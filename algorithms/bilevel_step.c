@@ -824,14 +824,15 @@ static void zero(const Net *net, int64_t b) {
    on VL seeds, and each lane sums the per-seed code's terms in its order (mlp_forward's tile / tile4, mlp_backward,
    sgd_update), so every seed's numbers are the per-seed code's bit for bit (tests/test_segments.py holds a segment to
    the per-step call, which runs the per-seed code). The backward runs over every state, a lane adding only the rows of
-   the states its stage visited (`visited`): the per-seed code's gathered rows, in the same order. With a reward network
-   (not the linear reward; reward_lanes_apply) the stages' draws, returns and weights and the reward network run on the
-   lanes too (block_draw, block_rewards, block_z_y_grad, block_nu_unit_grad, block_nu_update): each lane's draw indexes
-   its own rows, so those are gathered and scattered per lane, and the arithmetic is vector. Otherwise they stay per
-   seed and read each lane's log pi and cdf tables where block_tables writes them, on the lanes (Work.ts = VL apart). The exponential is vexp, exp_k's
-   operations on the lanes; log and tanh stay libm's, one lane at a time. z and y (and such a nu) live on the lanes for the whole call:
-   block_begin reads the seeds' parameters (and tables), block_end writes them back; in between the finiteness check
-   reads the lanes. */
+   the states its stage visited (`visited`): the per-seed code's gathered rows, in the same order. Where the reward
+   passes allow it (reward_lanes_apply: a linear or tabular reward, or hidden layers at least 2 wide) the stages' draws,
+   returns and weights and the reward's forward, backward and update run on the lanes too (block_draw, block_rewards,
+   block_z_y_grad, block_nu_stage): each lane's draw indexes rows of its own, so those are gathered and scattered lane
+   by lane, and the arithmetic is vector. Otherwise they stay per seed and read each lane's log pi and cdf tables where
+   block_tables writes them, on the lanes (Work.ts = VL apart). The exponential is vexp, exp_k's operations on the
+   lanes; log and tanh stay libm's, one lane at a time. z and y (and nu, where it is on the lanes) live on the lanes
+   for the whole call: block_begin reads the seeds' parameters (and tables), block_end writes them back; in between
+   the finiteness check reads the lanes. */
 typedef struct {
     int64_t n, seed[VL];          /* lanes in use and their seeds (unused lanes repeat seed[0]; nothing of theirs is written) */
     Work w[VL];                   /* each lane's per-seed scratch: draws, returns, weights, the reward network */
@@ -860,12 +861,16 @@ typedef struct {
     uint64_t *seen;               /* a bit per unit: the units a lane's nu stage visits (cleared after use) */
     int64_t *before;              /* per 64-unit word of `seen`: the rows of the units below it */
     double *rr, *rt;              /* per row of the nu stage: r_nu(u); with a bound, tanh of the raw output */
+    double *rraw;                 /* (rows) the reward's raw output per row: ra[L], or ra[1] for the linear reward */
+    double *phi, *gu;             /* the linear reward: every unit's features (U, d) per lane; d/d r_nu(u) per unit (U) */
 } Block;
 
 static int reward_lanes_apply(const Step *st) {
     /* the reward network's passes on the lanes mirror reward_units and mlp_backward where every hidden layer is at
-       least 2 wide (width 1: tiles' dot-product order) and the output is one number; the linear reward stays per seed */
+       least 2 wide (width 1: tiles' dot-product order) and the output is one number; a linear reward (a table, too)
+       where its per-unit features fit a block's copy of them (n_units x d <= 2^16) */
     const Net *net = &st->nu;
+    if (net->n_layers == 0) return st->n_units * net->sizes[0] <= 65536;
     if (net->n_layers < 2 || net->sizes[net->n_layers] != 1) return 0;
     for (int l = 1; l < net->n_layers; l++) if (net->sizes[l] < 2) return 0;
     return 1;
@@ -931,6 +936,13 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
         /* rows: a stage's (trajectory, step) pairs, or the nu stage's distinct units (at most as many) */
         int64_t rows = (st->stage.T > st->nu_stage.T ? st->stage.T : st->nu_stage.T) * st->H;
         for (int l = 0; l <= nu->n_layers; l++) bad |= !(k->ra[l] = lane_calloc(rows * nu->sizes[l] * VL));
+        if (nu->n_layers == 0) {  /* linear: nu (d), its raw output per row, the features and the per-unit gradient */
+            bad |= !(k->RW[0] = lane_calloc(nu->sizes[0] * VL));
+            bad |= !(k->ra[1] = lane_calloc(rows * VL));
+            bad |= !(k->phi = lane_calloc(st->n_units * nu->sizes[0] * VL));
+            bad |= !(k->gu = lane_calloc((st->n_units + 1) * VL));
+        }
+        k->rraw = k->ra[nu->n_layers ? nu->n_layers : 1];
         bad |= !(k->rg = lane_calloc(rows * widest(nu) * VL));
         bad |= !(k->rg_prev = lane_calloc(rows * widest(nu) * VL));
         bad |= !(k->rrow = (int64_t *)lane_calloc(rows * VL));
@@ -963,7 +975,8 @@ static void block_free(const Step *st, Block *k) {
     for (int l = 0; l < 17; l++) lane_free(k->ra[l]);
     lane_free(k->rg); lane_free(k->rg_prev); lane_free(k->rrow); lane_free(k->rkeep); lane_free(k->u); lane_free(k->lab);
     lane_free(k->rs); lane_free(k->ret); lane_free(k->wt); lane_free(k->rr); lane_free(k->rt); lane_free(k->slot_row);
-    lane_free(k->idx); lane_free(k->loc); lane_free(k->unit); free(k->seen); free(k->before);
+    lane_free(k->idx); lane_free(k->loc); lane_free(k->unit); free(k->seen); free(k->before); lane_free(k->phi);
+    lane_free(k->gu);
 }
 
 /* lanes v0 .. v1 - 1 of network p (z, y) from their seeds' parameters */
@@ -1251,6 +1264,12 @@ static void block_reward_inputs(const Step *st, Block *k, const int64_t *units, 
 static void block_reward_rows(const Step *st, Block *k, int64_t rows) {
     const Net *net = &st->nu;
     int L = net->n_layers;
+    if (L == 0)  /* linear: nu . phi(u), i ascending from 0 (reward_units' sum: products, then adds) */
+        for (int64_t r = 0; r < rows; r++) {
+            vd s = {0};
+            for (int64_t i = 0; i < net->sizes[0]; i++) s = s + LANES(k->RW[0], i) * LANES(k->ra[0], r * net->sizes[0] + i);
+            LANES(k->rraw, r) = s;
+        }
     for (int l = 0; l < L; l++) {
         int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
         const double *W = k->RW[l];
@@ -1278,12 +1297,12 @@ static void block_reward_rows(const Step *st, Block *k, int64_t rows) {
 /* the rewards of the first T trajectories of every lane's draw (k->unit), a row per (trajectory, step), into k->rs:
    r_nu(u), R tanh(raw) with a bound, and 0 at a padded step (u = n_units), which model_return adds as 0 */
 static void block_rewards(const Step *st, Block *k, int64_t T) {
-    int64_t rows = T * st->H, L = st->nu.n_layers;
+    int64_t rows = T * st->H;
     block_reward_inputs(st, k, k->unit, rows);
     block_reward_rows(st, k, rows);
     for (int64_t e = 0; e < rows; e++)
         for (int v = 0; v < VL; v++) {
-            double raw = k->ra[L][e * VL + v];
+            double raw = k->rraw[e * VL + v];
             k->rs[e * VL + v] = k->unit[e * VL + v] >= st->n_units ? 0.0 : st->reward_bound > 0 ? st->reward_bound * tanh(raw) : raw;
         }
 }
@@ -1431,7 +1450,7 @@ static void block_nu_stage(const Step *st, Block *k) {
         }
     block_reward_inputs(st, k, k->rrow, rows);
     block_reward_rows(st, k, rows);
-    double *raw = k->ra[L], *rr = k->rr;
+    double *raw = k->rraw, *rr = k->rr;
     for (int64_t r = 0; r < rows; r++)  /* r_nu(u) = R tanh(raw) with a bound (tanh kept for the backward) */
         for (int v = 0; v < VL; v++) {
             if (st->reward_bound > 0) k->rt[r * VL + v] = tanh(raw[r * VL + v]), rr[r * VL + v] = st->reward_bound * k->rt[r * VL + v];
@@ -1465,6 +1484,25 @@ static void block_nu_stage(const Step *st, Block *k) {
             vd t = LANES(k->rt, r);
             LANES(g, r) = LANES(g, r) * (st->reward_bound * (1 - t * t));
         }
+    if (L == 0) {  /* linear: grad nu = sum over every unit of g_u phi(u) (0 at the units not visited), u ascending */
+        int64_t d = net->sizes[0];
+        for (int64_t r = 0; r < rows; r++)
+            for (int v = 0; v < VL; v++)
+                if (r < nrow[v]) k->gu[k->rrow[r * VL + v] * VL + v] = g[r * VL + v];
+        const vd xi = (vd){0} + st->xi, box = (vd){0} + st->reward_box;
+        for (int64_t i = 0; i < d; i++) {
+            vd s = {0};
+            for (int64_t u = 0; u < U; u++) s = s + LANES(k->gu, u) * LANES(k->phi, u * d + i);
+            vd nu = LANES(k->RW[0], i) - xi * s;
+            if (st->reward_box > 0)  /* then onto the box [-R, R] (a NaN stays NaN) */
+                nu = sel(nu > box, box, sel(nu < -box, -box, nu));
+            LANES(k->RW[0], i) = nu;
+        }
+        for (int64_t r = 0; r < rows; r++)  /* gu back to 0 */
+            for (int v = 0; v < VL; v++)
+                if (r < nrow[v]) k->gu[k->rrow[r * VL + v] * VL + v] = 0.0;
+        return;
+    }
     for (int l = L - 1; l >= 0; l--) {
         int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
         const double *in = k->ra[l];
@@ -1497,6 +1535,19 @@ static void block_nu_stage(const Step *st, Block *k) {
 /* nu's lanes from (load) or into (store) the block's seeds' parameters */
 static void block_nu_copy(const Step *st, Block *k, int store) {
     const Net *net = &st->nu;
+    if (net->n_layers == 0) {  /* linear: nu (d); and, on load, each lane's features of every unit */
+        int64_t d = net->sizes[0];
+        for (int64_t v = 0; v < (store ? k->n : VL); v++) {
+            double *W = net->W[0] + k->seed[v] * d;
+            for (int64_t i = 0; i < d; i++) {
+                if (store) W[i] = k->RW[0][i * VL + v]; else k->RW[0][i * VL + v] = W[i];
+            }
+            if (!store)
+                for (int64_t e = 0; e < st->n_units * d; e++)
+                    k->phi[e * VL + v] = st->unit_x[k->seed[v] * st->unit_x_stride + e];
+        }
+        return;
+    }
     for (int l = 0; l < net->n_layers; l++) {
         int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
         for (int64_t v = 0; v < (store ? k->n : VL); v++) {
@@ -1530,6 +1581,7 @@ static vm block_non_finite(const Step *st, const Block *k) {
             int64_t fi = st->z.sizes[l], fo = st->z.sizes[l + 1];
             bad |= lanes_non_finite(k->W[p][l], fi * fo) | lanes_non_finite(k->b[p][l], fo);
         }
+    if (k->rl && st->nu.n_layers == 0) bad |= lanes_non_finite(k->RW[0], st->nu.sizes[0]);  /* a linear nu */
     if (k->rl)  /* and nu, when it is on the lanes */
         for (int l = 0; l < st->nu.n_layers; l++) {
             int64_t fi = st->nu.sizes[l], fo = st->nu.sizes[l + 1];
@@ -1544,6 +1596,8 @@ static void zero_lane(const Step *st, Block *k, int64_t v) {
             for (int64_t e = 0; e < fi * fo; e++) k->W[p][l][e * VL + v] = 0.0;
             for (int64_t j = 0; j < fo; j++) k->b[p][l][j * VL + v] = 0.0;
         }
+    if (k->rl && st->nu.n_layers == 0)
+        for (int64_t i = 0; i < st->nu.sizes[0]; i++) k->RW[0][i * VL + v] = 0.0;
     if (k->rl)
         for (int l = 0; l < st->nu.n_layers; l++) {
             int64_t fi = st->nu.sizes[l], fo = st->nu.sizes[l + 1];
