@@ -173,18 +173,27 @@ def config_hash(config: dict) -> str:
 RESULT_PACKAGES = ("ratebench", "ratebench.core", "ratebench.envs", "ratebench.algorithms")  # code that computes results
 
 
+RESULT_SOURCES = ("*.py", "*.c")  # the Python and the compiled step's C source (algorithms/bilevel_step.c)
+
+
 def code_fingerprint() -> str:
     """Hash of the source files that produce results (harness, core, envs, algorithms; not analysis):
     a finished job — or a finished experiment sweep reused by `check` — is only reused by the code
     that computed it, never after a change. Found without importing those packages."""
     import importlib.util
 
-    digest = hashlib.sha256()
+    folders = []
     for name in RESULT_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        for folder in spec.submodule_search_locations:
-            for path in sorted(Path(folder).glob("*.py")):
-                digest.update(path.name.encode() + path.read_bytes())
+        folders += importlib.util.find_spec(name).submodule_search_locations
+    return sources_fingerprint(folders)
+
+
+def sources_fingerprint(folders) -> str:
+    """Hash of the RESULT_SOURCES files directly in these folders, by name and content."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(p for pattern in RESULT_SOURCES for p in Path(folder).glob(pattern)):
+            digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -137,6 +137,34 @@ def test_reward_mle_fisher_step_is_computed_from_the_instance(compose_config):
     assert algo.c == pytest.approx(v.algorithm.lr_scale / mu, rel=1e-8)
 
 
+def test_the_code_fingerprint_covers_the_compiled_steps_c_source(tmp_path, monkeypatch):
+    """A finished job is reused only by the code that computed it: the fingerprint changes with a change to a .py or to
+    the compiled step's .c (impl=fast's results come from it), and not with a file that computes nothing (a .md)."""
+    import importlib.util
+
+    from ratebench.core.records import sources_fingerprint
+
+    (tmp_path / "step.py").write_text("x = 1\n")
+    (tmp_path / "step.c").write_text("int f(void) { return 1; }\n")
+    (tmp_path / "notes.md").write_text("notes\n")
+    before = sources_fingerprint([tmp_path])
+    (tmp_path / "notes.md").write_text("other notes\n")
+    assert sources_fingerprint([tmp_path]) == before
+    (tmp_path / "step.c").write_text("int f(void) { return 2; }\n")
+    after_c = sources_fingerprint([tmp_path])
+    assert after_c != before
+    (tmp_path / "step.py").write_text("x = 2\n")
+    assert sources_fingerprint([tmp_path]) != after_c
+    # the package's fingerprint reads the shipped kernel's source: without the .c files it is another hash
+    from ratebench.core import records
+
+    algorithms = importlib.util.find_spec("ratebench.algorithms").submodule_search_locations[0]
+    assert (Path(algorithms) / "bilevel_step.c").is_file()
+    full = records.code_fingerprint()
+    monkeypatch.setattr(records, "RESULT_SOURCES", ("*.py",))
+    assert records.code_fingerprint() != full
+
+
 def test_finished_run_is_reused_only_by_the_same_code(compose_config, tmp_path, monkeypatch):
     """Same config and code: the finished job is skipped (files untouched). A change in the code
     that computes results changes the job identity, so the job is recomputed, never reused stale."""
