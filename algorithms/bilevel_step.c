@@ -835,7 +835,7 @@ static void zero(const Net *net, int64_t b) {
    the finiteness check reads the lanes. */
 typedef struct {
     int64_t n, seed[VL];          /* lanes in use and their seeds (unused lanes repeat seed[0]; nothing of theirs is written) */
-    Work w[VL];                   /* each lane's per-seed scratch: draws, returns, weights, the reward network */
+    Work w[VL];                   /* each lane's per-seed scratch, where the stages stay per seed (rl == 0) */
     double *W[2][16], *b[2][16];  /* z and y, lane-major: W (fan_in, fan_out), b (fan_out) */
     double *h[2][17];             /* activations (S, width) per layer; h[p][0] the inputs x (S, d), z's and y's */
     double *ref;                  /* (S, A) log pi_ref */
@@ -847,7 +847,7 @@ typedef struct {
     char *any;                    /* (S) some lane visited the state */
     int64_t *xk, *xr;             /* the inputs some lane has not 0, as lists (a count, then the indices ascending): per
                                      state its features (S, d + 1), per feature its states (d, S + 1) */
-    int rl;                       /* the reward network is on the lanes too (reward_lanes_apply) */
+    int rl;                       /* the stages and the reward are on the lanes too (reward_lanes_apply) */
     double *RW[16], *Rb[16];      /* nu, lane-major */
     double *dRW[16], *dRb[16];    /* the nu stage's gradient of nu */
     double *ra[17];               /* rows' reward activations per layer (rows, sizes[l]), lane-major; ra[0] the inputs */
