@@ -1307,9 +1307,9 @@ static void block_rewards(const Step *st, Block *k, int64_t T) {
         }
 }
 
-/* ---- a stage's draws, returns and weights on the lanes (with the reward network there: Block.rl) ------------------
-   draw, z_y_grad and nu_unit_grad with lane v's numbers at [e * VL + v]: the same operations per lane in the same
-   order, so each lane's bits. Lanes past the block's seeds (v >= n) copy lane 0's stream and are never written back. */
+/* ---- a stage's draws, returns and weights on the lanes (Block.rl) ------------------------------------------------
+   draw, z_y_grad and nu_stage with lane v's numbers at [e * VL + v]: the same operations per lane in the same order,
+   so each lane's bits. Lanes past the block's seeds (v >= n) copy lane 0's stream and are never written back. */
 
 /* the stage's uniforms of every lane, then its trajectories (index, local, unit per (t, h)) and its pairs' labels */
 static void block_draw(const Step *st, Block *k, const Plan *plan, int64_t counter) {
