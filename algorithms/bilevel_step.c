@@ -799,18 +799,23 @@ static uint64_t non_finite(const double *x, int64_t n) {  /* nonzero iff some x[
     }
     return bad;
 }
-static int finite(const Net *net, int64_t b) {  /* every parameter of network b finite (the linear reward: W[0] is nu) */
+/* a network's weight matrices W[l], (sizes[l], fan_out(l)), l < n_weights: an MLP's layers (each with a bias b[l]), or
+   the linear reward's one, nu = W[0], (d, 1), without a bias */
+static int n_weights(const Net *net) { return net->n_layers ? net->n_layers : 1; }
+static int64_t fan_out(const Net *net, int l) { return net->n_layers ? net->sizes[l + 1] : 1; }
+
+static int finite(const Net *net, int64_t b) {  /* every parameter of network b finite */
     uint64_t bad = 0;
-    for (int l = 0; l < (net->n_layers ? net->n_layers : 1); l++) {
-        int64_t fi = net->sizes[l], fo = net->n_layers ? net->sizes[l + 1] : 1;
+    for (int l = 0; l < n_weights(net); l++) {
+        int64_t fi = net->sizes[l], fo = fan_out(net, l);
         bad |= non_finite(net->W[l] + b * fi * fo, fi * fo);
         if (net->n_layers) bad |= non_finite(net->b[l] + b * fo, fo);
     }
     return !bad;
 }
 static void zero(const Net *net, int64_t b) {
-    for (int l = 0; l < (net->n_layers ? net->n_layers : 1); l++) {
-        int64_t fi = net->sizes[l], fo = net->n_layers ? net->sizes[l + 1] : 1;
+    for (int l = 0; l < n_weights(net); l++) {
+        int64_t fi = net->sizes[l], fo = fan_out(net, l);
         memset(net->W[l] + b * fi * fo, 0, sizeof(double) * fi * fo);
         if (net->n_layers) memset(net->b[l] + b * fo, 0, sizeof(double) * fo);
     }
@@ -904,7 +909,8 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
     int64_t S = st->S, A = st->A, L = net->n_layers, wide = widest(net);
     memset(k, 0, sizeof(*k));
     int bad = 0;
-    for (int v = 0; v < VL; v++) bad |= work_alloc(st, &k->w[v]);
+    k->rl = reward_lanes_apply(st);
+    for (int v = 0; v < VL && !k->rl; v++) bad |= work_alloc(st, &k->w[v]);  /* the per-seed stages' scratch */
     for (int p = 0; p < 2; p++)
         for (int l = 0; l < L; l++) {
             bad |= !(k->W[p][l] = lane_calloc(net->sizes[l] * net->sizes[l + 1] * VL));
@@ -924,11 +930,11 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
     bad |= !(k->xk = calloc(S * (net->sizes[0] + 1), sizeof(int64_t)));
     bad |= !(k->xr = calloc(net->sizes[0] * (S + 1), sizeof(int64_t)));
     bad |= !(k->tmp = lane_calloc(2 * A * VL));
-    k->rl = reward_lanes_apply(st);
     if (k->rl) {
         const Net *nu = &st->nu;
-        for (int l = 0; l < nu->n_layers; l++) {
-            bad |= !(k->RW[l] = lane_calloc(nu->sizes[l] * nu->sizes[l + 1] * VL));
+        for (int l = 0; l < n_weights(nu); l++) {
+            bad |= !(k->RW[l] = lane_calloc(nu->sizes[l] * fan_out(nu, l) * VL));
+            if (!nu->n_layers) continue;  /* the linear reward: no bias, and its update needs no gradient buffer */
             bad |= !(k->Rb[l] = lane_calloc(nu->sizes[l + 1] * VL));
             bad |= !(k->dRW[l] = lane_calloc(nu->sizes[l] * nu->sizes[l + 1] * VL));
             bad |= !(k->dRb[l] = lane_calloc(nu->sizes[l + 1] * VL));
@@ -936,8 +942,7 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
         /* rows: a stage's (trajectory, step) pairs, or the nu stage's distinct units (at most as many) */
         int64_t rows = (st->stage.T > st->nu_stage.T ? st->stage.T : st->nu_stage.T) * st->H;
         for (int l = 0; l <= nu->n_layers; l++) bad |= !(k->ra[l] = lane_calloc(rows * nu->sizes[l] * VL));
-        if (nu->n_layers == 0) {  /* linear: nu (d), its raw output per row, the features and the per-unit gradient */
-            bad |= !(k->RW[0] = lane_calloc(nu->sizes[0] * VL));
+        if (nu->n_layers == 0) {  /* linear: its raw output per row, the features and the per-unit gradient */
             bad |= !(k->ra[1] = lane_calloc(rows * VL));
             bad |= !(k->phi = lane_calloc(st->n_units * nu->sizes[0] * VL));
             bad |= !(k->gu = lane_calloc((st->n_units + 1) * VL));
@@ -966,7 +971,7 @@ static int block_alloc(const Step *st, Block *k) {  /* 0, or 1 when out of memor
     return bad;
 }
 static void block_free(const Step *st, Block *k) {
-    for (int v = 0; v < VL; v++) work_free(st, &k->w[v]);
+    for (int v = 0; v < VL; v++) work_free(st, &k->w[v]);  /* zeroed where never allocated: frees nothing */
     for (int p = 0; p < 2; p++)
         for (int l = 0; l < st->z.n_layers; l++) { lane_free(k->W[p][l]); lane_free(k->b[p][l]); lane_free(k->h[p][l + 1]); }
     lane_free(k->h[0][0]); lane_free(k->ref); lane_free(k->pi); lane_free(k->lp); lane_free(k->cdf); lane_free(k->gt);
@@ -1532,34 +1537,28 @@ static void block_nu_stage(const Step *st, Block *k) {
     }
 }
 
-/* nu's lanes from (load) or into (store) the block's seeds' parameters */
+/* nu's lanes from (load) or into (store) the block's seeds' parameters; on load, a linear reward's lanes also take
+   their features of every unit (what its update sums over) */
 static void block_nu_copy(const Step *st, Block *k, int store) {
     const Net *net = &st->nu;
-    if (net->n_layers == 0) {  /* linear: nu (d); and, on load, each lane's features of every unit */
-        int64_t d = net->sizes[0];
+    for (int l = 0; l < n_weights(net); l++) {
+        int64_t fi = net->sizes[l], fo = fan_out(net, l);
         for (int64_t v = 0; v < (store ? k->n : VL); v++) {
-            double *W = net->W[0] + k->seed[v] * d;
-            for (int64_t i = 0; i < d; i++) {
-                if (store) W[i] = k->RW[0][i * VL + v]; else k->RW[0][i * VL + v] = W[i];
-            }
-            if (!store)
-                for (int64_t e = 0; e < st->n_units * d; e++)
-                    k->phi[e * VL + v] = st->unit_x[k->seed[v] * st->unit_x_stride + e];
-        }
-        return;
-    }
-    for (int l = 0; l < net->n_layers; l++) {
-        int64_t fi = net->sizes[l], fo = net->sizes[l + 1];
-        for (int64_t v = 0; v < (store ? k->n : VL); v++) {
-            double *W = net->W[l] + k->seed[v] * fi * fo, *b = net->b[l] + k->seed[v] * fo;
+            double *W = net->W[l] + k->seed[v] * fi * fo;
             for (int64_t e = 0; e < fi * fo; e++) {
                 if (store) W[e] = k->RW[l][e * VL + v]; else k->RW[l][e * VL + v] = W[e];
             }
+            if (!net->n_layers) continue;
+            double *b = net->b[l] + k->seed[v] * fo;
             for (int64_t j = 0; j < fo; j++) {
                 if (store) b[j] = k->Rb[l][j * VL + v]; else k->Rb[l][j * VL + v] = b[j];
             }
         }
     }
+    if (!store && !net->n_layers)
+        for (int64_t v = 0; v < VL; v++)
+            for (int64_t e = 0; e < st->n_units * net->sizes[0]; e++)
+                k->phi[e * VL + v] = st->unit_x[k->seed[v] * st->unit_x_stride + e];
 }
 
 /* per lane: some parameter of z or y (and nu on the lanes) is inf or NaN (finite's exponent-bits test); zero_lane: lane v's
@@ -1581,11 +1580,11 @@ static vm block_non_finite(const Step *st, const Block *k) {
             int64_t fi = st->z.sizes[l], fo = st->z.sizes[l + 1];
             bad |= lanes_non_finite(k->W[p][l], fi * fo) | lanes_non_finite(k->b[p][l], fo);
         }
-    if (k->rl && st->nu.n_layers == 0) bad |= lanes_non_finite(k->RW[0], st->nu.sizes[0]);  /* a linear nu */
     if (k->rl)  /* and nu, when it is on the lanes */
-        for (int l = 0; l < st->nu.n_layers; l++) {
-            int64_t fi = st->nu.sizes[l], fo = st->nu.sizes[l + 1];
-            bad |= lanes_non_finite(k->RW[l], fi * fo) | lanes_non_finite(k->Rb[l], fo);
+        for (int l = 0; l < n_weights(&st->nu); l++) {
+            int64_t fi = st->nu.sizes[l], fo = fan_out(&st->nu, l);
+            bad |= lanes_non_finite(k->RW[l], fi * fo);
+            if (st->nu.n_layers) bad |= lanes_non_finite(k->Rb[l], fo);
         }
     return bad;
 }
@@ -1596,13 +1595,11 @@ static void zero_lane(const Step *st, Block *k, int64_t v) {
             for (int64_t e = 0; e < fi * fo; e++) k->W[p][l][e * VL + v] = 0.0;
             for (int64_t j = 0; j < fo; j++) k->b[p][l][j * VL + v] = 0.0;
         }
-    if (k->rl && st->nu.n_layers == 0)
-        for (int64_t i = 0; i < st->nu.sizes[0]; i++) k->RW[0][i * VL + v] = 0.0;
     if (k->rl)
-        for (int l = 0; l < st->nu.n_layers; l++) {
-            int64_t fi = st->nu.sizes[l], fo = st->nu.sizes[l + 1];
+        for (int l = 0; l < n_weights(&st->nu); l++) {
+            int64_t fi = st->nu.sizes[l], fo = fan_out(&st->nu, l);
             for (int64_t e = 0; e < fi * fo; e++) k->RW[l][e * VL + v] = 0.0;
-            for (int64_t j = 0; j < fo; j++) k->Rb[l][j * VL + v] = 0.0;
+            for (int64_t j = 0; j < fo && st->nu.n_layers; j++) k->Rb[l][j * VL + v] = 0.0;
         }
 }
 
@@ -1717,7 +1714,8 @@ static void run_blocks(Job *job, Step *st) {
             for (int64_t v = 0; v < n; v++) {
                 int64_t b = k->seed[v];
                 if (alive[v] && (bad[v] || (!k->rl && !finite(&st->nu, b)))) {  /* diverged at this step */
-                    zero_lane(st, k, v), zero(&st->nu, b);
+                    zero_lane(st, k, v);
+                    if (!k->rl) zero(&st->nu, b);  /* a per-seed nu (on the lanes, zero_lane zeroed it) */
                     seg->died[b] = i + 1, alive[v] = 0, valid = 0;  /* the zeroed parameters' tables: a forward */
                 }
             }
