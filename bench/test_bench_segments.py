@@ -131,7 +131,7 @@ def test_readme_main_job_evaluation_share_and_start_up(benchmark, compose_config
                  f"reading, which leaves start-up out (main_job_eval_share)")
     assert set(record["startup_wall_s"]) == {"imports", "setup", "kernel"}
     if share > 0.2:  # not met: min psi_lam's joint solve, psi_gap's Newton solves, the other metrics and each row's
-        #              bookkeeping at 23 points against 0.1-0.2 s of steps (docs/fast.md "Evaluation")
+        #              bookkeeping at 23 points against 0.03 s of steps (docs/fast.md "Evaluation and start-up")
         pytest.xfail(f"evaluation is {share:.0%} of the main job's wall time (issue target <= 20 %)")
 
 
