@@ -65,16 +65,26 @@ class Evaluator:
 
     def __call__(self, state) -> dict[str, torch.Tensor]:
         """Per-seed metrics, each (B,) float64."""
+        return self.evaluate_many([state])[0]
+
+    def evaluate_many(self, states: list) -> list[dict[str, torch.Tensor]]:
+        """The metrics of several states of the same seeds (evaluation points the harness held back: harness/
+        runner.py), one dict of (B,) float64 per state. The states' rows are scored together, P x B rows in one
+        pass through each formula, which is what makes many small evaluation points cheap; each row's numbers are
+        its own (no formula mixes rows). What the algorithm reads off a state (its policy, reward estimate,
+        penalty lam, predictions) is read per state."""
         problem, algo = self.problem, self.algorithm
         with torch.no_grad():
-            logps = [lp.detach() for lp in algo.policy_log_probs(state)]
+            per_state = [[lp.detach() for lp in algo.policy_log_probs(s)] for s in states]
+            sizes = [t[0].shape[0] for t in per_state]
+            logps = _stack(per_state)
             policy_gap = self.policy_gap(logps)
             value_gap = self.max_return - exact.expected_return(problem, self.true_rewards, logps)
             kl_ref = exact.kl_to_ref(problem, logps)
-        estimate = algo.reward_model(state)
-        lam = algo.schedule(state).get("lam")
-        if estimate is not None:
-            model, params = estimate
+        estimates = [algo.reward_model(s) for s in states]
+        lams = [algo.schedule(s).get("lam") for s in states]
+        if estimates[0] is not None:
+            model, params = estimates[0][0], _stack([e[1] for e in estimates])
             nu = [p.detach().clone().requires_grad_(True) for p in params]
             rewards = model.step_tables(nu)
             objective = exact.bilevel_objective(problem, rewards)
@@ -87,19 +97,25 @@ class Evaluator:
                 lower_gap = exact.optimal_value(problem, rewards) - exact.policy_value(problem, rewards, logps)
         else:
             with torch.no_grad():
-                rewards = [r.detach() for r in algo.implicit_rewards(state)]
+                rewards = _stack([[r.detach() for r in algo.implicit_rewards(s)] for s in states])
                 objective = exact.bilevel_objective(problem, rewards)
             grad_sq = torch.full_like(objective, math.nan)
             pgrad_sq = grad_sq
             lower_gap = torch.full_like(objective, math.nan)
-        psi_gap, y, lam_grid = penalty.psi_gap_and_minimiser(problem, rewards, lam)
+        psi_gap = torch.full_like(objective, math.nan)
         psi_grad_sq = torch.full_like(objective, math.nan)
-        if estimate is not None and y is not None:
-            psi_grad_sq = self.psi_grad_sq(estimate, y, lam_grid)
+        # psi_gap at l = grid_lambda(lam): the states that share a grid value are solved together, grid values in
+        # the order the states reach them (min psi_l is warm-started from the nearest l solved before)
+        bounds = [0, *torch.cumsum(torch.tensor(sizes), 0).tolist()]
+        for lam_grid, members in _by_grid_lambda(lams).items():
+            rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members])
+            gap, y, _ = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid)
+            psi_gap[rows] = gap
+            if estimates[0] is not None and y is not None:
+                psi_grad_sq[rows] = self.psi_grad_sq((model, [p[rows] for p in params]), y, lam_grid)
         with torch.no_grad():
             reward_err = exact.reward_error(problem, rewards)
-        predicted = {k: torch.full_like(reward_err, v) for k, v in algo.predicted_metrics(state).items()}
-        return {
+        columns = {
             "gap": self.gap(objective),
             "gap_local": objective - self.f_star_local,
             "lower_gap": lower_gap,
@@ -112,8 +128,16 @@ class Evaluator:
             "psi_gap": psi_gap,
             "reward_err": reward_err,
             "kl_ref": kl_ref,
-            **predicted,  # the algorithm's exact predictions (Algorithm.predicted_metrics), e.g. reward_err_noise
         }
+        out = []
+        for i, state in enumerate(states):
+            part = slice(bounds[i], bounds[i + 1])
+            metrics = {k: m[part] for k, m in columns.items()}
+            # the algorithm's exact predictions (Algorithm.predicted_metrics), e.g. reward_err_noise
+            metrics.update({k: torch.full_like(metrics["reward_err"], v)
+                            for k, v in algo.predicted_metrics(state).items()})
+            out.append(metrics)
+        return out
 
     def psi_grad_sq(self, estimate, y, lam: float) -> torch.Tensor:
         """||grad psi_lam(nu_t)||^2 in the reward network's parameters (B,), through the docs/bilevel.md
@@ -124,6 +148,21 @@ class Evaluator:
         z, _ = exact.soft_optimal(self.problem, [r.detach() for r in rewards])
         surrogate = penalty.hypergradient_surrogate(self.problem, rewards, y, z, lam)
         return per_seed_sq_norm(torch.autograd.grad(surrogate.sum(), nu)).detach()
+
+
+def _stack(per_state: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-state lists of (B_i, ...) tensors -> one list of (sum B_i, ...) tensors (a single state's as it is)."""
+    return per_state[0] if len(per_state) == 1 else [torch.cat(parts) for parts in zip(*per_state)]
+
+
+def _by_grid_lambda(lams: list) -> dict[float, list[int]]:
+    """{grid_lambda(lam): indices of the states at it}, in the order of first appearance; states without a
+    penalty (lam None, non-finite or <= 0) have no psi_gap and are left out."""
+    groups: dict[float, list[int]] = {}
+    for i, lam in enumerate(lams):
+        if lam is not None and math.isfinite(lam) and lam > 0:
+            groups.setdefault(penalty.grid_lambda(lam), []).append(i)
+    return groups
 
 
 def evaluation_points(budget: int, per_decade: int) -> list[int]:
