@@ -60,19 +60,36 @@ def observe(algo, problem, state) -> dict[str, torch.Tensor]:
     log-probability, that of pi*_nu (the exact soft-optimal policy of the reward estimate) and the largest |r_nu|
     (NaN without a reward estimate, and for a method handed the true reward: its pi* is the target, and at a
     small beta it is nearly deterministic by design)."""
+    return observe_many(algo, problem, [state])[0]
+
+
+def observe_many(algo, problem, states: list) -> list[dict[str, torch.Tensor]]:
+    """observe() of several states of the same seeds, one dict of (B,) per state; their rows go through
+    soft_optimal in one pass."""
     from ratebench.envs.exact import soft_optimal
 
+    def joined(per_state):
+        return per_state[0] if len(per_state) == 1 else [torch.cat(parts) for parts in zip(*per_state)]
+
     with torch.no_grad():
-        deployed = min_log_prob(algo.policy_log_probs(state))
-        estimate = algo.reward_model(state)
-        rewards = estimate[0].step_tables(estimate[1]) if estimate is not None else algo.implicit_rewards(state)
+        policies = [algo.policy_log_probs(s) for s in states]
+        sizes = [p[0].shape[0] for p in policies]
+        deployed = min_log_prob(joined(policies))
+        estimates = [algo.reward_model(s) for s in states]
+        if estimates[0] is not None:
+            rewards = joined([e[0].step_tables(e[1]) for e in estimates])
+        else:
+            found = [algo.implicit_rewards(s) for s in states]
+            rewards = None if found[0] is None else joined(found)
         if rewards is None or algo.uses_true_reward:  # no estimate whose pi* could underflow
             nan = torch.full_like(deployed, math.nan)
-            return {"min_log_prob": deployed, "min_log_prob_star": nan, "max_abs_reward": nan}
-        rewards = [r.detach() for r in rewards]
-        star = min_log_prob(soft_optimal(problem, rewards)[0])
-        largest = torch.stack([r.reshape(r.shape[0], -1).abs().amax(1) for r in rewards]).amax(0)
-    return {"min_log_prob": deployed, "min_log_prob_star": star, "max_abs_reward": largest}
+            columns = {"min_log_prob": deployed, "min_log_prob_star": nan, "max_abs_reward": nan}
+        else:
+            rewards = [r.detach() for r in rewards]
+            star = min_log_prob(soft_optimal(problem, rewards)[0])
+            largest = torch.stack([r.reshape(r.shape[0], -1).abs().amax(1) for r in rewards]).amax(0)
+            columns = {"min_log_prob": deployed, "min_log_prob_star": star, "max_abs_reward": largest}
+    return [dict(zip(columns, parts)) for parts in zip(*(v.split(sizes) for v in columns.values()))]
 
 
 def finite_everywhere(metrics: dict[str, torch.Tensor]) -> list[str]:
@@ -156,14 +173,22 @@ class SeedHealth:
                  clock: int, step: int) -> list[str | None]:
         """At an evaluation point: per seed the reason it is saturated here (or None); also advances the
         stall memory. Every seed is looked at; the harness keeps the verdicts of those still running."""
+        return self.evaluate_many([metrics], [observed], [params], [clock], [step])[0]
+
+    def evaluate_many(self, metrics: list[dict[str, torch.Tensor]], observed: list[dict[str, torch.Tensor]],
+                      params: list[torch.Tensor], clocks: list[int], steps: list[int]) -> list[list[str | None]]:
+        """evaluate() at several evaluation points in order (each argument one entry per point): the saturation
+        check on all their rows at once, the stall memory advanced point by point."""
         if not self.cfg.enabled:
-            return [None] * self.n
+            return [[None] * self.n for _ in metrics]
         if self.watched is None:
-            self.watched = finite_everywhere(metrics)
-            self.positive = [k for k in ZERO_IS_UNDERFLOW if k in metrics and bool((metrics[k] > 0).all())]
-        reasons = saturation(metrics, observed, self.watched, self.positive, self.cfg)
-        self._track_stalls(params, clock, step)
-        return reasons
+            self.watched = finite_everywhere(metrics[0])
+            self.positive = [k for k in ZERO_IS_UNDERFLOW if k in metrics[0] and bool((metrics[0][k] > 0).all())]
+        joined = lambda dicts: {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
+        reasons = saturation(joined(metrics), joined(observed), self.watched, self.positive, self.cfg)
+        for p, clock, step in zip(params, clocks, steps):
+            self._track_stalls(p, clock, step)
+        return [reasons[i * self.n:(i + 1) * self.n] for i in range(len(metrics))]
 
     def _track_stalls(self, params: torch.Tensor, clock: int, step: int) -> None:
         past = [s for s in self.snapshots if 1 <= s["clock"] <= clock / 10]

@@ -41,20 +41,19 @@ class TensorBoardLog:
 
         self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
 
-    def log(self, frame) -> None:  # frame: one evaluation point, one row per live seed
-        if frame.empty:
-            return
-        at = int(frame["samples"].iloc[0])
-        for column in frame.columns:
-            if column in NOT_LOGGED:
-                continue
-            values = frame[column].to_numpy(dtype=float)
-            finite = values[np.isfinite(values)]
-            if finite.size:
-                self.writer.add_scalar(f"{column}/median", float(np.median(finite)), global_step=at)
-            for seed, value in zip(frame["seed"], values):
-                if np.isfinite(value):
-                    self.writer.add_scalar(f"{column}/seed_{int(seed)}", float(value), global_step=at)
+    def log(self, frame) -> None:  # frame: one or more evaluation points (one step each), one row per live seed
+        for _, point in frame.groupby("step", sort=False):
+            at = int(point["samples"].iloc[0])
+            for column in point.columns:
+                if column in NOT_LOGGED:
+                    continue
+                values = point[column].to_numpy(dtype=float)
+                finite = values[np.isfinite(values)]
+                if finite.size:
+                    self.writer.add_scalar(f"{column}/median", float(np.median(finite)), global_step=at)
+                for seed, value in zip(point["seed"], values):
+                    if np.isfinite(value):
+                        self.writer.add_scalar(f"{column}/seed_{int(seed)}", float(value), global_step=at)
         self.writer.flush()
 
     def close(self) -> None:
