@@ -322,6 +322,7 @@ class PsiReference:
         self.f_argmin = f_argmin
         self.bound = bound  # the reward class (model.reward.bound): min psi_lam over rewards in [-bound, bound]
         self.cache: dict[float, tuple[float, torch.Tensor]] = {}
+        self.store = None  # a disk store of solved values (the harness's MinPsiStore: get/put), or None
 
     def _starts(self, lam: float) -> list[torch.Tensor]:
         """First lam: the true reward and F-hat*'s argmin; later: the nearest solved lam only
@@ -338,7 +339,13 @@ class PsiReference:
     def min_psi(self, lam: float) -> float:
         lam = float(lam)
         if lam not in self.cache:
-            self.cache[lam] = minimise_psi(self.problem, lam, self._starts(lam), tol=1e-7, bound=self.bound)
+            starts = self._starts(lam)
+            found = None if self.store is None else self.store.get(lam, starts, self.bound, self.problem.n_units)
+            if found is None:
+                found = minimise_psi(self.problem, lam, starts, tol=1e-7, bound=self.bound)
+                if self.store is not None:
+                    self.store.put(lam, starts, self.bound, *found)
+            self.cache[lam] = found
         return self.cache[lam][0]
 
     def gap_and_minimiser(self, rewards: Tables, lam: float) -> tuple[torch.Tensor, Tables]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import warnings
@@ -120,6 +121,46 @@ def _reference(problem, env_config: dict, path: Path, reward_bound: float | None
     except OSError as exc:  # the cache saves time, it is not a result: run on without it
         warnings.warn(f"cannot cache the global reference in {path}: {exc.strerror or exc}", stacklevel=2)
     return ref
+
+
+class MinPsiStore:
+    """min psi_lam entries (envs/penalty.py PsiReference) on disk in the cache folder, beside F-hat*'s: one JSON file
+    per (env config, reward class, lam, the solve's start points, the envs package's sources), each written whole
+    (atomic_write_json). A solve is a pure function of that key, so an entry holds exactly the numbers the solve
+    would return (JSON keeps float64 exactly) and a run reads the same bits with or without it."""
+
+    def __init__(self, env_config: dict, directory: str | None = None):
+        import ratebench.envs
+        from ratebench.core.records import sources_fingerprint
+
+        self.folder = cache_dir(directory)
+        self.keyed = {"env": env_config, "envs_sources": sources_fingerprint(ratebench.envs.__path__)}
+
+    def path(self, lam: float, starts: list[torch.Tensor], bound: float | None) -> Path:
+        starts_hash = hashlib.sha256(b"".join(s.detach().to(torch.float64).contiguous().numpy().tobytes()
+                                              for s in starts)).hexdigest()
+        key = config_hash({**self.keyed, "lam": float(lam).hex(), "reward_bound": bound, "starts": starts_hash})
+        return self.folder / f"minpsi-{key}.json"
+
+    def get(self, lam: float, starts: list[torch.Tensor], bound: float | None, n_units: int):
+        """(min psi_lam, its argmin unit rewards) of a valid entry, or None (none, unreadable or malformed)."""
+        try:
+            entry = json.loads(self.path(lam, starts, bound).read_text())
+            value, argmin = float(entry["value"]), torch.tensor(entry["argmin"], dtype=torch.float64)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not math.isfinite(value) or argmin.shape != (n_units,) or not bool(torch.isfinite(argmin).all()):
+            return None
+        return value, argmin
+
+    def put(self, lam: float, starts: list[torch.Tensor], bound: float | None, value: float,
+            argmin: torch.Tensor) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path(lam, starts, bound), {"value": value, "argmin": argmin.tolist(),
+                                                              "lam": lam, "reward_bound": bound})
+        except OSError:  # the cache saves time, it is not a result: run on without it
+            pass
 
 
 def f_star(problem, env_config: dict, directory: str | None = None,
