@@ -2,6 +2,7 @@
 divergence handling, checkpoints (resume) and the run records of one job."""
 from __future__ import annotations
 
+import math
 import os
 import platform
 import signal
@@ -10,6 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -23,8 +25,8 @@ from ratebench.config import identity, plain, validate
 from ratebench.envs.tabular import InstanceBatch
 from ratebench.core.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
-from ratebench.fstar import reference, true_objective
-from ratebench.health import SeedHealth, flat_parameters, observe, zero_rows
+from ratebench.fstar import MinPsiStore, reference, true_objective
+from ratebench.health import SeedHealth, flat_parameters, observe_many, zero_rows
 from ratebench.live_log import live_logger
 from ratebench.progress import Progress, Timing, say
 from ratebench.core.records import (BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint,
@@ -37,6 +39,13 @@ SEGMENT_DIVERGED = ("non-finite values (inf or NaN) in the parameters (found ins
                     "which does not record the tensor)")  # the per-step check names the tensors
 FINISHED = ("completed", "diverged", "saturated", "stalled")  # final outcomes: re-running the same config reproduces them
 RESULT_FILES = ("metrics.parquet", "run.json", checkpoint.FILENAME)  # written atomically into a run folder
+# Evaluation points close together are held and scored in one batched pass (Evaluator.evaluate_many): a point is
+# held while the next one is due within HOLD_STEPS outer steps of the first point held, up to HOLD_POINTS points
+# and HOLD_BYTES of held state copies. The rule reads only the schedule and the counters, never a clock, so which
+# points are scored together (and so every bit of their metrics) is the same in every run and every resume.
+HOLD_STEPS = 1000
+HOLD_POINTS = 32
+HOLD_BYTES = 64 * 2**20
 
 
 def provenance() -> dict:
@@ -209,6 +218,8 @@ class _Part:
         self.algo.impl = v.impl
         self.algo.step_threads = step_threads(cfg)
         self.evaluator = Evaluator(self.problem, self.reference, self.algo)
+        if "psi_reference" in self.problem.derived:  # min psi_lam per lam from the cache folder too, like F-hat*
+            self.problem.derived["psi_reference"].store = MinPsiStore(plain(v.env), cfg.cache_dir)
         self.status = {s: {"status": "completed"} for s in v.seeds}
         self.health = SeedHealth(v.health, len(v.seeds))  # saturated / stalled seeds (harness/health.py)
         self.rows: list[pd.DataFrame] = []
@@ -264,6 +275,8 @@ class _Job:
         self.checkpoint_every_s = float(cfg.checkpoint_every_s)
         self.wall = self.eval_s = self.checkpoint_s = 0.0
         self.next_point, self.last_recorded = 0, None
+        self.held: list[dict] = []  # evaluation points recorded but not yet scored (HOLD_STEPS), checkpointed
+        self.held_bytes = 0
         self.resumed_from = self._restore()
         setup = time.perf_counter() - tic + sum(p.setup_s for p in parts)
         tic = time.perf_counter()
@@ -287,7 +300,8 @@ class _Job:
                 "rows": [rows(part) for part in self.parts], "wall": self.wall, "eval_s": self.eval_s,
                 "next_point": self.next_point, "last_recorded": self.last_recorded,
                 "psi_reference": [part.psi_cache() for part in self.parts],
-                "health": [part.health.state_dict() for part in self.parts], "written_on": written_on}
+                "health": [part.health.state_dict() for part in self.parts], "written_on": written_on,
+                "held": [dict(h, state=self.algo.state_dict(h["state"])) for h in self.held]}
 
     def _restore(self) -> int | None:
         saved = checkpoint.load(self.out_dir, self.run_hash)
@@ -306,6 +320,11 @@ class _Job:
             part.restore_psi_cache(psi)
         self.wall, self.eval_s = float(saved["wall"]), float(saved["eval_s"])
         self.next_point, self.last_recorded = int(saved["next_point"]), saved["last_recorded"]
+        # held points come back as they were held (their states into fresh ones: nothing shared with the loop's)
+        self.held = [dict(h, alive=h["alive"].clone(),
+                          state=self.algo.load_state_dict(self.algo.init(self.seeds.tolist()), h["state"]))
+                     for h in saved.get("held", [])]
+        self.held_bytes = sum(self._state_bytes(h["state"]) for h in self.held)
         say(f"resuming {self.out_dir} from step {self.counters.step} ({self.counters.samples:,d} samples; "
               f"checkpoint written on {saved.get('written_on', 'schedule')})")
         return self.counters.step
@@ -341,41 +360,91 @@ class _Job:
         return self.state if len(self.parts) == 1 else self.algo.select_rows(self.state, self.part_rows[i])
 
     def _record(self) -> None:
+        """At an evaluation point: hold a copy of the state with its counters, and score the points held so far
+        when the rule (HOLD_STEPS) says not to wait for the next one."""
         tic = time.perf_counter()
-        counters, schedule, shown = self.counters, self.algo.schedule(self.state), []
+        later = self.next_point
+        while later < len(self.points) and self.points[later] <= self._clock():
+            later += 1
+        state = self.algo.select_rows(self.state, slice(None))  # a copy: the loop steps on from here
+        size = self._state_bytes(state)
+        hold = self._may_hold(later, size)
+        self.held.append({"state": state, "step": self.counters.step, "samples": self.counters.samples,
+                          "queries": self.counters.queries, "clock": self._clock(), "wall": self.wall,
+                          "alive": self.alive.clone()})
+        self.held_bytes += size
+        self.last_recorded, self.next_point = self._clock(), later
+        if not hold:
+            self._score_held()
+        self.eval_s += time.perf_counter() - tic
+        self.progress.update(self._clock(), final=not self._budget_left(), timing=self._timing())
+
+    def _state_bytes(self, state) -> int:
+        return sum(t.numel() * t.element_size() for t in self.algo.tensors(state).values())
+
+    def _may_hold(self, later: int, size: int) -> bool:
+        """Whether the point being recorded can wait for the next one (HOLD_STEPS, HOLD_POINTS, HOLD_BYTES): from
+        the schedule and the counters only."""
+        if not self._budget_left() or later >= len(self.points) or not self.alive.any():
+            return False
+        if len(self.held) + 1 >= HOLD_POINTS or self.held_bytes + size > HOLD_BYTES:
+            return False
+        first = self.held[0]["step"] if self.held else self.counters.step
+        return self._steps_at(self.points[later]) - first <= HOLD_STEPS
+
+    def _steps_at(self, point: int) -> int:
+        """The step count at which the clock reaches `point`: exact on the step clock; on the sample clock from the
+        samples per step so far (one step ahead before the first; a step that draws none never reaches it). The
+        same for every impl, so a run and its reference-path twin hold the same points."""
+        if self.step_budget is not None:
+            return point
+        if not self.counters.step:
+            return 1
+        if not self.counters.samples:
+            return 2**62
+        return self.counters.step + math.ceil((point - self.counters.samples) * self.counters.step / self.counters.samples)
+
+    def _score_held(self) -> None:
+        """The exact metrics and the seed-health check of every held point in one pass per part
+        (Evaluator.evaluate_many, observe_many, SeedHealth.evaluate_many), then point by point in order its
+        rows and verdicts. A seed found saturated at a point has no rows after it (it stepped on meanwhile; a
+        status from those steps is replaced) and is zeroed now."""
+        held, self.held, self.held_bytes = self.held, [], 0
+        if not held:
+            return
+        schedule = [self.algo.schedule(h["state"]) for h in held]
         saturated = torch.zeros_like(self.alive)
+        shown = []
         for i, part in enumerate(self.parts):
-            state = self._part_state(i)
-            metrics = part.evaluator(state)  # each (n_seeds,): exact, on the part's own instance
-            alive = self.alive[self.part_rows[i]]
-            frame = pd.DataFrame({"seed": self.seeds[self.part_rows[i]][alive].numpy(), "step": counters.step,
-                                  "samples": counters.samples, "queries": counters.queries,
-                                  **{k: m[alive].numpy() for k, m in metrics.items()},
-                                  **{k: float(x) for k, x in schedule.items()},
-                                  "wall_s": self.wall})
+            rows = self.part_rows[i]
+            states = [h["state"] if len(self.parts) == 1 else self.algo.select_rows(h["state"], rows) for h in held]
+            scored = part.evaluator.evaluate_many(states)  # each (n_seeds,): exact, on the part's own instance
+            reasons = part.health.evaluate_many(scored, observe_many(part.algo, part.problem, states),
+                                                [flat_parameters(part.algo.tensors(s)) for s in states],
+                                                [h["clock"] for h in held], [h["step"] for h in held])
+            columns = {}
+            for h, metrics, sched, why in zip(held, scored, schedule, reasons):
+                alive = h["alive"][rows] & ~saturated[rows]
+                n = int(alive.sum())
+                point = {"seed": self.seeds[rows][alive].numpy(),
+                         **{k: np.full(n, h[k], dtype=np.int64) for k in ("step", "samples", "queries")},
+                         **{k: m[alive].numpy() for k, m in metrics.items()},
+                         **{k: np.full(n, float(x)) for k, x in sched.items()}, "wall_s": np.full(n, h["wall"])}
+                for k, values in point.items():
+                    columns.setdefault(k, []).append(values)
+                found = torch.tensor([w is not None for w in why]) & alive
+                for j in found.nonzero().flatten().tolist():
+                    part.status[self._part_seed(j)] = {"status": "saturated", "step": h["step"], "reason": why[j]}
+                saturated[rows] |= found
+            frame = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()})
             part.rows.append(frame)
             part.live_log.log(frame)
-            shown.append({k: m[alive] for k, m in metrics.items()})
-            saturated[self.part_rows[i]] = self._check_health(part, state, metrics, alive)
+            alive = held[-1]["alive"][rows] & ~saturated[rows]
+            shown.append({k: m[alive] for k, m in scored[-1].items()})
         if saturated.any():  # stopped like a diverged seed: zeroed so the batch stays finite, no further rows
             self.alive &= ~saturated
             zero_rows(self.algo.tensors(self.state), saturated)
-        self.last_recorded = self._clock()
-        while self.next_point < len(self.points) and self.points[self.next_point] <= self._clock():
-            self.next_point += 1
-        self.eval_s += time.perf_counter() - tic
         self.progress.metrics({k: torch.cat([m[k] for m in shown]) for k in shown[0]})
-        self.progress.update(self._clock(), final=not self._budget_left(), timing=self._timing())
-
-    def _check_health(self, part: _Part, state, metrics: dict, alive: torch.Tensor) -> torch.Tensor:
-        """The part's seed-health check at this evaluation point (harness/health.py): records the running seeds
-        found saturated and returns them as a mask over the part's rows."""
-        reasons = part.health.evaluate(metrics, observe(part.algo, part.problem, state),
-                                       flat_parameters(part.algo.tensors(state)), self._clock(), self.counters.step)
-        found = torch.tensor([why is not None for why in reasons]) & alive
-        for j in found.nonzero().flatten().tolist():
-            part.status[self._part_seed(j)] = {"status": "saturated", "step": self.counters.step, "reason": reasons[j]}
-        return found
 
     def _mark_stalled(self) -> None:
         """At the end of the run: a seed still running whose parameters have not moved for a decade is stalled."""
@@ -423,6 +492,11 @@ class _Job:
             self._maybe_checkpoint(at_evaluation=at_point)
             if self.stops.signum is not None:
                 self._stop(self.stops.signum)
+        try:
+            self._score_held()
+        except Exception:
+            if error is None:
+                raise
         if error is None and self.alive.any() and self.last_recorded != self._clock():
             self._record()
         if error is None:
