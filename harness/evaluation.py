@@ -70,9 +70,10 @@ class Evaluator:
     def evaluate_many(self, states: list) -> list[dict[str, torch.Tensor]]:
         """The metrics of several states of the same seeds (evaluation points the harness held back: harness/
         runner.py), one dict of (B,) float64 per state. The states' rows are scored together, P x B rows in one
-        pass through each formula, which is what makes many small evaluation points cheap; each row's numbers are
-        its own (no formula mixes rows). What the algorithm reads off a state (its policy, reward estimate,
-        penalty lam, predictions) is read per state."""
+        pass through each formula, which is what makes many small evaluation points cheap. No formula mixes rows,
+        but a matrix product over more rows may round differently in the last place (tests/test_held_evaluation.py):
+        which states are scored together must not depend on a clock. What the algorithm reads off a state (its
+        policy, reward estimate, penalty lam, predictions) is read per state."""
         problem, algo = self.problem, self.algorithm
         with torch.no_grad():
             per_state = [[lp.detach() for lp in algo.policy_log_probs(s)] for s in states]
