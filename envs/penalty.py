@@ -6,6 +6,7 @@ hypergradient of docs/bilevel.md, and min over nu of psi_lam. Tables in, tables 
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -187,6 +188,14 @@ class _Inner:
         self.Lrho = self.Lsym * weight
         self.lin = -lam * returns.flatten(1) - self.lam_beta * ref  # (B, T)
 
+    def rows(self, keep: torch.Tensor) -> _Inner:
+        """The same objective on the rows where `keep` (B,) is True."""
+        part = copy.copy(self)
+        part.Lsym, part.Lrho, part.lin = self.Lsym[keep], self.Lrho[keep], self.lin[keep]
+        if self.rho.dim() == 2:  # per row (split), else shared (T,)
+            part.rho, part.log_trans = self.rho[keep], self.log_trans[keep]
+        return part
+
     def _parts(self, x: torch.Tensor):
         d = self.d
         lp = torch.log_softmax(x.reshape(x.shape[0], -1, d.A), -1).reshape(x.shape)
@@ -231,34 +240,40 @@ def _newton_direction(g: torch.Tensor, H: torch.Tensor, gauge: torch.Tensor, max
 
 
 def newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_iter: int = NEWTON_MAX_ITER,
-                max_move: float = NEWTON_MAX_MOVE):
+                max_move: float = NEWTON_MAX_MOVE, compact: bool = False):
     """Minimise inner.value row by row from x0 (B, n) by Newton's method (_newton_direction) with Armijo
     backtracking per row. A row stops when its gradient sup-norm is <= tol, or when no step decreases f and its
-    gradient is <= METRIC_TOL (the precision floor of f). Returns (x, converged (B,))."""
+    gradient is <= METRIC_TOL (the precision floor of f). compact: stopped rows leave the batch instead of being
+    carried along (only where inner's arithmetic is row by row at every batch size, so that no row's bits change).
+    Returns (x, converged (B,))."""
     x = x0.detach().clone()
-    f, g, H = inner.value_grad_hessian(x)
-    active = torch.isfinite(f) & torch.isfinite(g).all(-1)  # a non-finite seed is left to the caller, unconverged
-    converged = torch.zeros_like(active)
+    converged = torch.zeros(x.shape[0], dtype=torch.bool)
+    rows, part, xs = torch.arange(x.shape[0]), inner, x.clone()  # the rows in the batch, their objective and x
+    f, g, H = part.value_grad_hessian(xs)
+    going = torch.isfinite(f) & torch.isfinite(g).all(-1)  # a non-finite row is left to the caller, unconverged
     eye = torch.eye(x.shape[1], dtype=x.dtype)
     for _ in range(max_iter):
-        done = active & (g.abs().amax(-1) <= tol)
-        converged |= done
-        active &= ~done
-        if not bool(active.any()):
+        done = going & (g.abs().amax(-1) <= tol)
+        converged[rows[done]] = True
+        going &= ~done
+        if not bool(going.any()):
             break
-        H = torch.where(active[:, None, None], H, eye)  # stopped seeds' Hessians are not factorised
-        d = torch.where(active[:, None], _newton_direction(g, H, inner.d.same, max_move), 0.0)
+        if compact and not bool(going.all()):
+            rows, part, xs, f, g, H = rows[going], part.rows(going), xs[going], f[going], g[going], H[going]
+            going = going[going]
+        H = torch.where(going[:, None, None], H, eye)  # stopped rows' Hessians are not factorised
+        d = torch.where(going[:, None], _newton_direction(g, H, part.d.same, max_move), 0.0)
         slope = (g * d).sum(-1)
         slack = ROUNDING * (1.0 + f.abs())
-        f1, g1, H1 = inner.value_grad_hessian(x + d)  # the full step, which Newton takes almost always
-        ok = active & (f1 <= f + ARMIJO * slope + slack) & torch.isfinite(f1)
-        searching = active & ~ok
-        x_new = torch.where(ok[:, None], x + d, x)
+        f1, g1, H1 = part.value_grad_hessian(xs + d)  # the full step, which Newton takes almost always
+        ok = going & (f1 <= f + ARMIJO * slope + slack) & torch.isfinite(f1)
+        searching = going & ~ok
+        x_new = torch.where(ok[:, None], xs + d, xs)
         if bool(searching.any()):  # backtrack on the value alone, then one gradient and Hessian
             step = torch.full_like(f, 0.5)
             for _ in range(60):
-                trial = x + step[:, None] * d
-                f_trial = inner.value(trial)
+                trial = xs + step[:, None] * d
+                f_trial = part.value(trial)
                 found = searching & (f_trial <= f + ARMIJO * step * slope + slack) & torch.isfinite(f_trial)
                 x_new = torch.where(found[:, None], trial, x_new)
                 searching &= ~found
@@ -266,14 +281,14 @@ def newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_it
                     break
                 step = torch.where(searching, 0.5 * step, step)
             stalled = searching
-            converged |= stalled & (g.abs().amax(-1) <= METRIC_TOL)
-            active &= ~stalled
-            x = x_new
-            f, g, H = inner.value_grad_hessian(x)
+            converged[rows[stalled & (g.abs().amax(-1) <= METRIC_TOL)]] = True
+            going &= ~stalled
+            xs = x_new
+            f, g, H = part.value_grad_hessian(xs)
         else:
-            x, f, g, H = x_new, f1, g1, H1
+            xs, f, g, H = x_new, f1, g1, H1
+        x[rows] = xs
     return x, converged
-
 
 
 def newton_applies(problem: TabularProblem) -> bool:
@@ -302,7 +317,10 @@ def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: floa
             x, converged = newton_rows(inner, x0[part], tol, NEWTON_MAX_ITER)
         else:
             B = x0[part].shape[0]
-            x_rows, converged = newton_rows(inner, x0[part][:, groups].reshape(B * d.G, -1), tol, NEWTON_MAX_ITER)
+            # a row's arithmetic is its own at every batch size here (tests/test_penalty_split.py), so converged rows
+            # leave the batch; the dense rows' (B, T) x (T, n) products are not (odd batch sizes take other kernels)
+            x_rows, converged = newton_rows(inner, x0[part][:, groups].reshape(B * d.G, -1), tol, NEWTON_MAX_ITER,
+                                            compact=True)
             x = torch.empty_like(x0[part])
             x[:, groups.reshape(-1)] = x_rows.reshape(B, -1)
             converged = converged.reshape(B, d.G).all(-1)

@@ -65,7 +65,8 @@ def test_the_newton_rows_are_groups_on_the_bandit_and_seeds_elsewhere(env, rows,
     problem = envs.make({"bandit": bandit.BanditConfig(), "mdp": mdp.MDPConfig(), "token": token.TokenConfig()}[env])
     rewards = reward_tables(problem, "near", batch=3)
     shapes, newton_rows = [], penalty.newton_rows
-    monkeypatch.setattr(penalty, "newton_rows", lambda inner, x0, *a: shapes.append(x0.shape) or newton_rows(inner, x0, *a))
+    monkeypatch.setattr(penalty, "newton_rows",
+                        lambda inner, x0, *a, **k: shapes.append(x0.shape) or newton_rows(inner, x0, *a, **k))
     penalty.penalty_minimiser_newton(problem, rewards, 2.0)
     n = penalty._flatten(exact.soft_optimal(problem, rewards)[0]).shape[1]
     G = problem.n_groups
@@ -129,3 +130,21 @@ def test_a_row_does_not_depend_on_the_other_rows_of_the_batch(lam, monkeypatch):
     psi_points = [penalty.penalised_objective(problem, [r[k:k + 8] for r in rewards], point, lam)
                   for k, point in zip(range(0, 184, 8), points)]
     assert torch.equal(penalty.penalised_objective(problem, rewards, whole, lam), torch.cat(psi_points))
+
+
+def test_group_rows_are_computed_row_by_row_at_every_batch_size():
+    """What lets converged rows leave the batch (newton_rows' compact): a row's value, gradient and Hessian are the
+    same bits whatever the batch around it, down to one row (a product over the batch could take another kernel
+    at odd or tiny sizes: the dense rows' (B, T) x (T, n) products do), and compacting leaves the solve's bits."""
+    problem = envs.make(BANDITS["default"])
+    rewards = reward_tables(problem, "bounded", batch=23)
+    groups = penalty.separable_groups(problem)
+    x = penalty._flatten(exact.soft_optimal(problem, rewards)[0])[:, groups].reshape(23 * len(groups), -1)
+    x = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    inner = penalty._Inner(problem, rewards, 0.7, split=True)
+    whole = inner.value_grad_hessian(x)
+    for size in [1, 2, 3, 5, 7, 13, 61, len(x) - 1]:
+        keep = torch.arange(len(x)) >= len(x) - size
+        assert all(torch.equal(a[keep], b) for a, b in zip(whole, inner.rows(keep).value_grad_hessian(x[keep])))
+    carried, compacted = (penalty.newton_rows(inner, x, compact=compact) for compact in (False, True))
+    assert torch.equal(carried[0], compacted[0]) and torch.equal(carried[1], compacted[1])
