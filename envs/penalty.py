@@ -300,15 +300,16 @@ def newton_applies(problem: TabularProblem) -> bool:
 
 def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: float, tol: float = NEWTON_TOL) -> Tables:
     """penalty_minimiser's y*_lam(nu) from the same start z* = pi*_nu, by Newton's method on every seed at once
-    (newton_rows) to a logit-gradient sup-norm of `tol`. A seed Newton leaves unconverged (after NEWTON_MAX_ITER
-    iterations, or non-finite) gets penalty_minimiser's solution (L-BFGS, METRIC_TOL, on the whole seed chunk).
-    Log-prob tables [(B, n_h, A)], detached."""
+    (newton_rows) to a logit-gradient sup-norm of `tol`; where the groups own disjoint logits (separable_groups), on
+    every (seed, group) at once, a seed converged when all its groups are. A seed Newton leaves unconverged (after
+    NEWTON_MAX_ITER iterations, or non-finite) gets penalty_minimiser's solution (L-BFGS, METRIC_TOL, on the whole
+    seed chunk). Log-prob tables [(B, n_h, A)], detached."""
     rewards = [r.detach() for r in rewards]
     start, _ = soft_optimal(problem, rewards)
     d = _design(problem)
     groups = d.groups  # separable: one row per (seed, group) of n/G logits; a seed converged when all its groups did
-    rows = d.part if groups is not None else d
-    per_seed = max(1, PAIR_CHUNK // (d.G * d.m * max(d.m, rows.n)))
+    n_row = d.n if groups is None else d.part.n  # logits per Newton row
+    per_seed = max(1, PAIR_CHUNK // (d.G * d.m * max(d.m, n_row)))
     x0, solved = _flatten(start), []
     for lo in range(0, x0.shape[0], per_seed):
         part = slice(lo, lo + per_seed)
