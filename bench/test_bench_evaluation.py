@@ -11,6 +11,7 @@ import statistics
 import time
 
 import pytest
+import torch
 from conftest import interleaved, record_ratio
 from ratebench.envs import penalty
 from ratebench.runner import run_job
@@ -59,3 +60,47 @@ def test_newton_vs_lbfgs_per_evaluation_point(benchmark, compose_config, tmp_pat
                  f"{points[0][0][0].shape[0]} seeds); |psi difference| <= {worst:.1e} on the first 5")
     assert worst <= 1e-5  # the L-BFGS's own error at METRIC_TOL (measured <= 2.6e-6); Newton solves to 1e-9
     assert old / new >= 1.5
+
+
+def test_split_vs_dense_newton_on_the_readme_job(benchmark, compose_config, tmp_path, monkeypatch):
+    """psi_gap (psi_gap_and_minimiser, min psi_lam cached) on the README main job's evaluation points by the Newton
+    split by context (penalty.separable_groups: one row per (seed, context)) against the dense Newton on whole seeds,
+    per evaluation point (8 rows) and every point of one lam in one call (rows = points x seeds, what a batched
+    evaluation passes). Arms interleaved, process CPU time."""
+    problem, points = evaluation_points(compose_config, tmp_path, JOBS["bandit-readme"], monkeypatch)
+    by_lam = {}
+    for rewards, lam in points:
+        by_lam.setdefault(lam, []).append(rewards)
+    batches = [([torch.cat(tables) for tables in zip(*group)], lam) for lam, group in by_lam.items()]
+    design = penalty._design(problem)
+    groups = design.groups
+    assert groups is not None
+
+    def solve(split: bool, work):
+        design.groups = groups if split else None
+        try:
+            return [penalty.psi_gap_and_minimiser(problem, rewards, lam)[0] for rewards, lam in work]
+        finally:
+            design.groups = groups
+
+    layouts = {"per_point": points, "one_call": batches}
+    arms = {f"{layout}_{kind}": (kind == "split", work) for layout, work in layouts.items() for kind in ("dense", "split")}
+    for split, work in arms.values():
+        solve(split, work)  # min psi_lam solved and cached before timing
+    times = {arm: [] for arm in arms}
+    for arm, (split, work) in interleaved(arms, rounds=5):
+        tic = time.process_time()
+        solve(split, work)
+        times[arm].append(time.process_time() - tic)
+    benchmark.pedantic(lambda: None, rounds=1)
+    worst = max(float((a - b).abs().max()) for a, b in zip(solve(True, batches), solve(False, batches)))
+    rows = sum(rewards[0].shape[0] for rewards, _ in batches)
+    ratios = {}
+    for layout, work in layouts.items():
+        dense, split = (statistics.median(times[f"{layout}_{kind}"]) for kind in ("dense", "split"))
+        ratios[layout] = record_ratio(
+            benchmark, f"psi_gap_split_vs_dense[{layout}]", dense / split,
+            f"{len(points)} points x {points[0][0][0].shape[0]} seeds, {len(work)} call{'s' * (len(work) > 1)}: {dense * 1e3:.1f} -> "
+            f"{split * 1e3:.1f} ms CPU ({rows} rows); |psi_gap difference| <= {worst:.1e}")
+    assert worst <= 1e-11  # both solve to a 1e-9 gradient; psi_lam ~0.6 here
+    assert ratios["one_call"] >= 3.0  # measured 7x when written; per point (8 rows) 1.25x, recorded only

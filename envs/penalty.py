@@ -6,6 +6,7 @@ hypergradient of docs/bilevel.md, and min over nu of psi_lam. Tables in, tables 
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -97,11 +98,22 @@ NEWTON_MAX_ITER = 100
 
 
 class _Design:
-    """The trajectory/logit incidence of a problem, built once, over the T = G m trajectories (g-major):
-    E (n, T) visits of (h, s, a), S (T, n) visits of the state of logit k, the same-state mask (n, n), rho_g and
-    log transition probabilities per trajectory (T,), sum_t log pi_ref (T,)."""
+    """The trajectory/logit incidence of a problem, built once (_Design.of), over the T = G m trajectories
+    (g-major): E (n, T) visits of (h, s, a), S (T, n) visits of the state of logit k, the same-state mask (n, n),
+    rho_g and log transition probabilities per trajectory (T,), sum_t log pi_ref (T,).
 
-    def __init__(self, problem: TabularProblem):
+    When the G groups own disjoint logit sets with one local structure (separable_groups), the inner objective is a
+    sum of G independent terms, and `groups` (G, n/G) holds each group's logits (ascending, so whole states) and
+    `part` the incidence of one group alone: E (n/G, m), S (m, n/G), same (n/G, n/G), G = 1 (its per-trajectory
+    vectors are the whole design's, one row per group: _Inner). Otherwise both are None."""
+
+    def __init__(self, E, S, same, G: int, m: int, A: int, log_trans=None, rho=None, ref=None):
+        self.E, self.S, self.same, self.log_trans, self.rho, self.ref = E, S, same, log_trans, rho, ref
+        self.G, self.m, self.n, self.A = G, m, E.shape[0], A
+        self.groups, self.part = None, None
+
+    @classmethod
+    def of(cls, problem: TabularProblem) -> _Design:
         table, A = problem.trajectory_table(), problem.n_actions
         offsets, rows = [], 0
         for step in problem.steps:
@@ -116,40 +128,82 @@ class _Design:
             state_row = (offsets[h] + table.states[..., h]).reshape(-1, 1)  # (T, 1)
             E.scatter_add_(1, state_row * A + table.actions[..., h].reshape(-1, 1), torch.ones(G * m, 1, dtype=E.dtype))
             S.scatter_add_(1, state_row * A + actions, torch.ones(G * m, A, dtype=S.dtype))
-        state_of = torch.arange(n) // A
-        self.E, self.S = E.T.contiguous(), S
-        self.same = (state_of[:, None] == state_of[None, :]).to(torch.float64)
-        self.log_trans = table.log_trans.reshape(-1)
-        self.rho = problem.init_prob.repeat_interleave(m)
-        self.ref = torch.cat([step.ref_logp.reshape(-1) for step in problem.steps]) @ self.E
-        self.G, self.m, self.n, self.A = G, m, n, A
+        state_of, E = torch.arange(n) // A, E.T.contiguous()
+        ref = torch.cat([step.ref_logp.reshape(-1) for step in problem.steps]) @ E
+        design = cls(E, S, (state_of[:, None] == state_of[None, :]).to(torch.float64), G, m, A,
+                     log_trans=table.log_trans.reshape(-1), rho=problem.init_prob.repeat_interleave(m), ref=ref)
+        design.groups, design.part = design._split()
+        return design
+
+    def _split(self):
+        """(groups, part) of the class docstring, or (None, None): one group (nothing to split), a logit that two
+        groups or none touch, groups of different sizes, or groups whose local E, S or state blocks differ."""
+        G, m = self.G, self.m
+        touched = ((self.E.T + self.S) != 0).reshape(G, m, self.n).any(1)  # (G, n): the logits group g's terms read
+        sizes = touched.sum(1)
+        if G == 1 or not bool((touched.sum(0) == 1).all()) or not bool((sizes == sizes[0]).all()):
+            return None, None
+        groups = touched.nonzero()[:, 1].reshape(G, -1)  # row-major: each group's logits ascending
+        local = [(self.E[k][:, g * m:(g + 1) * m], self.S[g * m:(g + 1) * m][:, k], self.same[k][:, k])
+                 for g, k in enumerate(groups)]
+        if not all(torch.equal(a, b) for other in local[1:] for a, b in zip(local[0], other)):
+            return None, None
+        return groups, _Design(*(t.contiguous() for t in local[0]), G=1, m=m, A=self.A)
 
 
 def _design(problem: TabularProblem) -> _Design:
     if "penalty_design" not in problem.derived:
-        problem.derived["penalty_design"] = _Design(problem)
+        problem.derived["penalty_design"] = _Design.of(problem)
     return problem.derived["penalty_design"]
+
+
+def separable_groups(problem: TabularProblem) -> torch.Tensor | None:
+    """Each initial state's logits (G, n/G), flat indices in _flatten's order, when the G > 1 groups own disjoint
+    logit sets covering all n logits, with the same incidence inside every group (the bandit: a context's actions);
+    None otherwise (the mdp's groups share states; token has one group). penalty_minimiser_newton then solves every
+    (seed, group) as its own problem of n/G logits."""
+    return _design(problem).groups
 
 
 class _Inner:
     """The inner objective of penalty_minimiser for a batch of seeds, with its closed-form gradient and Hessian in
-    the flat logits x (B, n) (_flatten's order). Values equal per_seed's in penalty_minimiser."""
+    the flat logits x (B, n) (_flatten's order). Values equal per_seed's in penalty_minimiser. With split (the
+    problem's separable_groups), the rows are the B G (seed, group) pairs, x (B G, n/G) a group's logits
+    (_Design.groups), on the design of one group with that group's rho_g, transitions and pi_ref per row: a seed's
+    value is the sum of its groups' rows, and its gradient and Hessian are theirs, block by block."""
 
-    def __init__(self, problem: TabularProblem, rewards: Tables, lam: float):
-        self.d, self.lam, self.lam_beta = _design(problem), lam, lam * problem.beta
+    def __init__(self, problem: TabularProblem, rewards: Tables, lam: float, split: bool = False):
+        d = _design(problem)
         losses = pair_losses(problem, rewards)  # (B, G, m, m)
+        returns = trajectory_returns(problem, rewards)  # (B, G, m)
+        weight, self.rho, self.log_trans, ref = problem.init_prob[:, None, None], d.rho, d.log_trans, d.ref
+        if split:
+            B, G, m = returns.shape
+            losses, returns = losses.reshape(B * G, 1, m, m), returns.reshape(B * G, 1, m)
+            weight = weight.repeat(B, 1, 1)[:, None]  # (B G, 1, 1, 1)
+            self.rho, self.log_trans, ref = (v.reshape(G, m).repeat(B, 1) for v in (d.rho, d.log_trans, d.ref))
+            d = d.part
+        self.d, self.lam, self.lam_beta = d, lam, lam * problem.beta
         self.Lsym = losses + losses.transpose(-1, -2)
-        self.Lrho = self.Lsym * problem.init_prob[:, None, None]
-        self.lin = -lam * trajectory_returns(problem, rewards).flatten(1) - self.lam_beta * self.d.ref  # (B, T)
+        self.Lrho = self.Lsym * weight
+        self.lin = -lam * returns.flatten(1) - self.lam_beta * ref  # (B, T)
+
+    def rows(self, keep: torch.Tensor) -> _Inner:
+        """The same objective on the rows where `keep` (B,) is True."""
+        part = copy.copy(self)
+        part.Lsym, part.Lrho, part.lin = self.Lsym[keep], self.Lrho[keep], self.lin[keep]
+        if self.rho.dim() == 2:  # per row (split), else shared (T,)
+            part.rho, part.log_trans = self.rho[keep], self.log_trans[keep]
+        return part
 
     def _parts(self, x: torch.Tensor):
         d = self.d
         lp = torch.log_softmax(x.reshape(x.shape[0], -1, d.A), -1).reshape(x.shape)
         lpE = lp @ d.E  # sum_t log pi(a_t | s_t): (B, T)
-        P = (lpE + d.log_trans).exp()
+        P = (lpE + self.log_trans).exp()
         LP = (self.Lsym @ P.reshape(-1, d.G, d.m, 1)).reshape(P.shape)
         u = LP + self.lin + self.lam_beta * lpE  # d phi / d P, without its constant lam beta
-        value = ((u - 0.5 * LP) * P) @ d.rho
+        value = ((u - 0.5 * LP) * P * self.rho).sum(-1)
         return lp, P, u, value
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,13 +213,13 @@ class _Inner:
         d = self.d
         lp, P, u, value = self._parts(x)
         pi = lp.exp()
-        rPu = d.rho * P * u
+        rPu = self.rho * P * u
         grad = rPu @ d.E.T - (rPu @ d.S) * pi
         D = d.E.T - d.S * pi[:, None, :]  # d log P(tau) / d x: (B, T, n)
         PD = P[..., None] * D
         LPD = (self.Lrho @ PD.reshape(-1, d.G, d.m, d.n)).reshape(PD.shape)
-        hess = D.transpose(1, 2) @ (P[..., None] * LPD + (d.rho * P * (u + 2 * self.lam_beta))[..., None] * D)
-        w = (rPu + self.lam_beta * d.rho * P) @ d.S * pi  # w_s pi_k, u with its constant
+        hess = D.transpose(1, 2) @ (P[..., None] * LPD + (self.rho * P * (u + 2 * self.lam_beta))[..., None] * D)
+        w = (rPu + self.lam_beta * self.rho * P) @ d.S * pi  # w_s pi_k, u with its constant
         hess = hess - torch.diag_embed(w) + w[:, :, None] * pi[:, None, :] * d.same
         return value, grad, hess
 
@@ -186,34 +240,40 @@ def _newton_direction(g: torch.Tensor, H: torch.Tensor, gauge: torch.Tensor, max
 
 
 def newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_iter: int = NEWTON_MAX_ITER,
-                max_move: float = NEWTON_MAX_MOVE):
+                max_move: float = NEWTON_MAX_MOVE, compact: bool = False):
     """Minimise inner.value row by row from x0 (B, n) by Newton's method (_newton_direction) with Armijo
     backtracking per row. A row stops when its gradient sup-norm is <= tol, or when no step decreases f and its
-    gradient is <= METRIC_TOL (the precision floor of f). Returns (x, converged (B,))."""
+    gradient is <= METRIC_TOL (the precision floor of f). compact: stopped rows leave the batch instead of being
+    carried along (only where inner's arithmetic is row by row at every batch size, so that no row's bits change).
+    Returns (x, converged (B,))."""
     x = x0.detach().clone()
-    f, g, H = inner.value_grad_hessian(x)
-    active = torch.isfinite(f) & torch.isfinite(g).all(-1)  # a non-finite seed is left to the caller, unconverged
-    converged = torch.zeros_like(active)
+    converged = torch.zeros(x.shape[0], dtype=torch.bool)
+    rows, part, xs = torch.arange(x.shape[0]), inner, x.clone()  # the rows in the batch, their objective and x
+    f, g, H = part.value_grad_hessian(xs)
+    going = torch.isfinite(f) & torch.isfinite(g).all(-1)  # a non-finite row is left to the caller, unconverged
     eye = torch.eye(x.shape[1], dtype=x.dtype)
     for _ in range(max_iter):
-        done = active & (g.abs().amax(-1) <= tol)
-        converged |= done
-        active &= ~done
-        if not bool(active.any()):
+        done = going & (g.abs().amax(-1) <= tol)
+        converged[rows[done]] = True
+        going &= ~done
+        if not bool(going.any()):
             break
-        H = torch.where(active[:, None, None], H, eye)  # stopped seeds' Hessians are not factorised
-        d = torch.where(active[:, None], _newton_direction(g, H, inner.d.same, max_move), 0.0)
+        if compact and not bool(going.all()):
+            rows, part, xs, f, g, H = rows[going], part.rows(going), xs[going], f[going], g[going], H[going]
+            going = going[going]
+        H = torch.where(going[:, None, None], H, eye)  # stopped rows' Hessians are not factorised
+        d = torch.where(going[:, None], _newton_direction(g, H, part.d.same, max_move), 0.0)
         slope = (g * d).sum(-1)
         slack = ROUNDING * (1.0 + f.abs())
-        f1, g1, H1 = inner.value_grad_hessian(x + d)  # the full step, which Newton takes almost always
-        ok = active & (f1 <= f + ARMIJO * slope + slack) & torch.isfinite(f1)
-        searching = active & ~ok
-        x_new = torch.where(ok[:, None], x + d, x)
+        f1, g1, H1 = part.value_grad_hessian(xs + d)  # the full step, which Newton takes almost always
+        ok = going & (f1 <= f + ARMIJO * slope + slack) & torch.isfinite(f1)
+        searching = going & ~ok
+        x_new = torch.where(ok[:, None], xs + d, xs)
         if bool(searching.any()):  # backtrack on the value alone, then one gradient and Hessian
             step = torch.full_like(f, 0.5)
             for _ in range(60):
-                trial = x + step[:, None] * d
-                f_trial = inner.value(trial)
+                trial = xs + step[:, None] * d
+                f_trial = part.value(trial)
                 found = searching & (f_trial <= f + ARMIJO * step * slope + slack) & torch.isfinite(f_trial)
                 x_new = torch.where(found[:, None], trial, x_new)
                 searching &= ~found
@@ -221,14 +281,14 @@ def newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_it
                     break
                 step = torch.where(searching, 0.5 * step, step)
             stalled = searching
-            converged |= stalled & (g.abs().amax(-1) <= METRIC_TOL)
-            active &= ~stalled
-            x = x_new
-            f, g, H = inner.value_grad_hessian(x)
+            converged[rows[stalled & (g.abs().amax(-1) <= METRIC_TOL)]] = True
+            going &= ~stalled
+            xs = x_new
+            f, g, H = part.value_grad_hessian(xs)
         else:
-            x, f, g, H = x_new, f1, g1, H1
+            xs, f, g, H = x_new, f1, g1, H1
+        x[rows] = xs
     return x, converged
-
 
 
 def newton_applies(problem: TabularProblem) -> bool:
@@ -240,17 +300,31 @@ def newton_applies(problem: TabularProblem) -> bool:
 
 def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: float, tol: float = NEWTON_TOL) -> Tables:
     """penalty_minimiser's y*_lam(nu) from the same start z* = pi*_nu, by Newton's method on every seed at once
-    (newton_rows) to a logit-gradient sup-norm of `tol`. A seed Newton leaves unconverged (after NEWTON_MAX_ITER
-    iterations, or non-finite) gets penalty_minimiser's solution (L-BFGS, METRIC_TOL, on the whole seed chunk).
-    Log-prob tables [(B, n_h, A)], detached."""
+    (newton_rows) to a logit-gradient sup-norm of `tol`; where the groups own disjoint logits (separable_groups), on
+    every (seed, group) at once, a seed converged when all its groups are. A seed Newton leaves unconverged (after
+    NEWTON_MAX_ITER iterations, or non-finite) gets penalty_minimiser's solution (L-BFGS, METRIC_TOL, on the whole
+    seed chunk). Log-prob tables [(B, n_h, A)], detached."""
     rewards = [r.detach() for r in rewards]
     start, _ = soft_optimal(problem, rewards)
     d = _design(problem)
-    per_seed = max(1, PAIR_CHUNK // (d.G * d.m * max(d.m, d.n)))
+    groups = d.groups  # separable: one row per (seed, group) of n/G logits; a seed converged when all its groups did
+    n_row = d.n if groups is None else d.part.n  # logits per Newton row
+    per_seed = max(1, PAIR_CHUNK // (d.G * d.m * max(d.m, n_row)))
     x0, solved = _flatten(start), []
     for lo in range(0, x0.shape[0], per_seed):
         part = slice(lo, lo + per_seed)
-        x, converged = newton_rows(_Inner(problem, [r[part] for r in rewards], lam), x0[part], tol, NEWTON_MAX_ITER)
+        inner = _Inner(problem, [r[part] for r in rewards], lam, split=groups is not None)
+        if groups is None:
+            x, converged = newton_rows(inner, x0[part], tol, NEWTON_MAX_ITER)
+        else:
+            B = x0[part].shape[0]
+            # a row's arithmetic is its own at every batch size here (tests/test_penalty_split.py), so converged rows
+            # leave the batch; the dense rows' (B, T) x (T, n) products are not (odd batch sizes take other kernels)
+            x_rows, converged = newton_rows(inner, x0[part][:, groups].reshape(B * d.G, -1), tol, NEWTON_MAX_ITER,
+                                            compact=True)
+            x = torch.empty_like(x0[part])
+            x[:, groups.reshape(-1)] = x_rows.reshape(B, -1)
+            converged = converged.reshape(B, d.G).all(-1)
         if not bool(converged.all()):  # the L-BFGS on the whole chunk, as before Newton: its rows' bits then do
             #                             not depend on which other seeds fell back (einsum's paths depend on the batch)
             fallback = _flatten(penalty_minimiser(problem, [r[part] for r in rewards], lam, tol=METRIC_TOL))
