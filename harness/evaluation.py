@@ -67,13 +67,15 @@ class Evaluator:
         """Per-seed metrics, each (B,) float64."""
         return self.evaluate_many([state])[0]
 
-    def evaluate_many(self, states: list) -> list[dict[str, torch.Tensor]]:
+    def evaluate_many(self, states: list, tables: dict | None = None) -> list[dict[str, torch.Tensor]]:
         """The metrics of several states of the same seeds (evaluation points the harness held back: harness/
         runner.py), one dict of (B,) float64 per state. The states' rows are scored together, P x B rows in one
         pass through each formula, which is what makes many small evaluation points cheap. No formula mixes rows,
         but a matrix product over more rows may round differently in the last place (tests/test_held_evaluation.py):
         which states are scored together must not depend on a clock. What the algorithm reads off a state (its
-        policy, reward estimate, penalty lam, predictions) is read per state."""
+        policy, reward estimate, penalty lam, predictions) is read per state. `tables`, when given, receives the
+        states' rows as scored: "logps" (the deployed policies) and "rewards" (the reward estimate's step tables),
+        each a list of (sum B_i, n_h, A) tables, and "sizes" (B_i), for the seed-health check (observe_many)."""
         problem, algo = self.problem, self.algorithm
         with torch.no_grad():
             per_state = [[lp.detach() for lp in algo.policy_log_probs(s)] for s in states]
@@ -103,6 +105,8 @@ class Evaluator:
             grad_sq = torch.full_like(objective, math.nan)
             pgrad_sq = grad_sq
             lower_gap = torch.full_like(objective, math.nan)
+        if tables is not None:
+            tables.update(logps=logps, rewards=rewards, sizes=sizes)
         psi_gap = torch.full_like(objective, math.nan)
         psi_grad_sq = torch.full_like(objective, math.nan)
         # psi_gap at l = grid_lambda(lam): the states that share a grid value are solved together, grid values in

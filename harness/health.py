@@ -63,24 +63,29 @@ def observe(algo, problem, state) -> dict[str, torch.Tensor]:
     return observe_many(algo, problem, [state])[0]
 
 
-def observe_many(algo, problem, states: list) -> list[dict[str, torch.Tensor]]:
+def observe_many(algo, problem, states: list, tables: dict | None = None) -> list[dict[str, torch.Tensor]]:
     """observe() of several states of the same seeds, one dict of (B,) per state; their rows go through
-    soft_optimal in one pass."""
+    soft_optimal in one pass. `tables`: the states' joined tables as Evaluator.evaluate_many scored them ("logps",
+    "rewards", "sizes"), read instead of computed again."""
     from ratebench.envs.exact import soft_optimal
 
     def joined(per_state):
         return per_state[0] if len(per_state) == 1 else [torch.cat(parts) for parts in zip(*per_state)]
 
     with torch.no_grad():
-        policies = [algo.policy_log_probs(s) for s in states]
-        sizes = [p[0].shape[0] for p in policies]
-        deployed = min_log_prob(joined(policies))
-        estimates = [algo.reward_model(s) for s in states]
-        if estimates[0] is not None:
-            rewards = joined([e[0].step_tables(e[1]) for e in estimates])
+        if tables is None:
+            policies = [algo.policy_log_probs(s) for s in states]
+            sizes = [p[0].shape[0] for p in policies]
+            logps = joined(policies)
+            estimates = [algo.reward_model(s) for s in states]
+            if estimates[0] is not None:
+                rewards = joined([e[0].step_tables(e[1]) for e in estimates])
+            else:
+                found = [algo.implicit_rewards(s) for s in states]
+                rewards = None if found[0] is None else joined(found)
         else:
-            found = [algo.implicit_rewards(s) for s in states]
-            rewards = None if found[0] is None else joined(found)
+            logps, rewards, sizes = tables["logps"], tables["rewards"], tables["sizes"]
+        deployed = min_log_prob(logps)
         if rewards is None or algo.uses_true_reward:  # no estimate whose pi* could underflow
             nan = torch.full_like(deployed, math.nan)
             columns = {"min_log_prob": deployed, "min_log_prob_star": nan, "max_abs_reward": nan}

@@ -134,8 +134,9 @@ class Progress:
         rate = (samples - self.start_samples) / elapsed if elapsed > 0 else 0.0
         left = None if final else self.eta(samples, timing, now)
         eta = f"{left:6.0f}s" if left is not None else "     -"
+        # no medians until the first evaluation points are scored (held points: docs/fast.md)
         line = (f"[{self.label}] {self.unit} {samples:>10,d}/{self.budget:,d} ({100 * samples / self.budget:5.1f}%)  "
-                f"{rate:>9,.0f}/s  ETA {eta}  median {self.medians}")
+                f"{rate:>9,.0f}/s  ETA {eta}" + (f"  median {self.medians}" if self.medians else ""))
         if show:
             self.last_print = now
             if self.live:

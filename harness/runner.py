@@ -418,25 +418,26 @@ class _Job:
         for i, part in enumerate(self.parts):
             rows = self.part_rows[i]
             states = [h["state"] if len(self.parts) == 1 else self.algo.select_rows(h["state"], rows) for h in held]
-            scored = part.evaluator.evaluate_many(states)  # each (n_seeds,): exact, on the part's own instance
-            reasons = part.health.evaluate_many(scored, observe_many(part.algo, part.problem, states),
+            tables = {}  # the rows' policies and reward tables as scored, which the health check reads too
+            scored = part.evaluator.evaluate_many(states, tables)  # each (n_seeds,): exact, on the part's own instance
+            reasons = part.health.evaluate_many(scored, observe_many(part.algo, part.problem, states, tables),
                                                 [flat_parameters(part.algo.tensors(s)) for s in states],
                                                 [h["clock"] for h in held], [h["step"] for h in held])
-            columns = {}
-            for h, metrics, sched, why in zip(held, scored, schedule, reasons):
+            kept = []  # per point, the part's seeds that get a row there
+            for h, why in zip(held, reasons):
                 alive = h["alive"][rows] & ~saturated[rows]
-                n = int(alive.sum())
-                point = {"seed": self.seeds[rows][alive].numpy(),
-                         **{k: np.full(n, h[k], dtype=np.int64) for k in ("step", "samples", "queries")},
-                         **{k: m[alive].numpy() for k, m in metrics.items()},
-                         **{k: np.full(n, float(x)) for k, x in sched.items()}, "wall_s": np.full(n, h["wall"])}
-                for k, values in point.items():
-                    columns.setdefault(k, []).append(values)
+                kept.append(alive)
                 found = torch.tensor([w is not None for w in why]) & alive
                 for j in found.nonzero().flatten().tolist():
                     part.status[self._part_seed(j)] = {"status": "saturated", "step": h["step"], "reason": why[j]}
                 saturated[rows] |= found
-            frame = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()})
+            kept = torch.stack(kept).numpy()  # (points, n_seeds): the frame's rows, point-major as they were held
+            per_point = lambda values, dtype=None: np.repeat(np.asarray(values, dtype=dtype), kept.sum(1))
+            frame = pd.DataFrame({"seed": np.tile(self.seeds[rows].numpy(), len(held))[kept.reshape(-1)],
+                                  **{k: per_point([h[k] for h in held], np.int64) for k in ("step", "samples", "queries")},
+                                  **{k: torch.stack([m[k] for m in scored]).numpy()[kept] for k in scored[0]},
+                                  **{k: per_point([float(x[k]) for x in schedule]) for k in schedule[0]},
+                                  "wall_s": per_point([h["wall"] for h in held])})
             part.rows.append(frame)
             part.live_log.log(frame)
             alive = held[-1]["alive"][rows] & ~saturated[rows]

@@ -81,9 +81,9 @@ def test_evaluate_many_scores_each_state_as_it_would_alone(compose_config, tmp_p
     captured = []
     original = Evaluator.evaluate_many
 
-    def spy(self, states):
+    def spy(self, states, tables=None):
         captured.append((self, [self.algorithm.select_rows(s, slice(None)) for s in states]))
-        return original(self, states)
+        return original(self, states, tables)
 
     monkeypatch.setattr(Evaluator, "evaluate_many", spy)
     run_job(compose_config(["algorithm=bilevel", f"env={env}", "budget.samples=4000", "n_seeds=3"]), tmp_path / env)
