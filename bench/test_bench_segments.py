@@ -163,7 +163,7 @@ def test_theorem_regime_evaluation_share(benchmark, compose_config, tmp_path):
 
 
 def test_ten_million_steps_killed_five_times_resume_to_the_same_metrics(benchmark, compose_config, tmp_path):
-    """Item 5 at full size: a 10^7-step bilevel run (1 seed, N = M = 2, checkpoints every 2 s between the evaluation
+    """Item 5 at full size: a 10^7-step bilevel run (1 seed, the theorem regime, checkpoints every 2 s between the evaluation
     points too) SIGKILLed at five random moments resumes to the metrics of an uninterrupted run; the checkpoint's
     size and the process's peak memory are recorded (flat in the number of steps: the state, and one metric row per
     evaluation point)."""
@@ -172,8 +172,11 @@ def test_ten_million_steps_killed_five_times_resume_to_the_same_metrics(benchmar
 
     import pandas as pd
 
-    cfg = compose_config(["algorithm=bilevel", *SMALL, "seeds=[0]", "budget.steps=10000000", "budget.samples=1000000000",
-                          "progress=false", "checkpoint_every_s=2"])
+    # the theorem regime's settings (THEOREM), where every seed of the shipped 10^7-step experiment completes; the
+    # default bandit's seed 0 at N = M = 2 saturates at step 10^6 (and, with the health check off, diverges at
+    # ~5.6 * 10^6), which would end the run before the ten million steps this test is about
+    cfg = compose_config([*(o for o in THEOREM if not o.startswith("n_seeds=")), "seeds=[0]", "budget.steps=10000000",
+                          "checkpoint_every_s=2"])
     tic = time.perf_counter()
     straight = run_job(cfg, tmp_path / "straight")
     straight_s = time.perf_counter() - tic
