@@ -85,16 +85,41 @@ class Evaluator:
             value_gap = self.max_return - exact.expected_return(problem, self.true_rewards, logps)
             kl_ref = exact.kl_to_ref(problem, logps)
         estimates = [algo.reward_model(s) for s in states]
-        lams = [algo.schedule(s).get("lam") for s in states]
+        bounds = [0, *torch.cumsum(torch.tensor(sizes), 0).tolist()]
+        # psi_gap at l = grid_lambda(lam): the states that share a grid value are solved together, grid values in
+        # the order the states reach them (min psi_l is warm-started from the nearest l solved before)
+        groups = [(lam_grid, torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members]))
+                  for lam_grid, members in _by_grid_lambda([algo.schedule(s).get("lam") for s in states]).items()]
+        n_rows = bounds[-1]
+        psi_gap = torch.full((n_rows,), math.nan, dtype=torch.float64)
+        psi_grad_sq = torch.full((n_rows,), math.nan, dtype=torch.float64)
         if estimates[0] is not None:
+            # grad F and grad psi_lam (docs/bilevel.md's surrogate, with the y* psi_gap solved and z* = pi*_nu) are
+            # different functions of the same rows' nu: the reward network runs once on the rows and, after them,
+            # again on the rows psi_gap is solved at, and one backward pass gives each copy its own gradient
             model, params = estimates[0][0], _stack([e[1] for e in estimates])
-            nu = [p.detach().clone().requires_grad_(True) for p in params]
-            rewards = model.step_tables(nu)
-            objective = exact.bilevel_objective(problem, rewards)
-            grads = torch.autograd.grad(objective.sum(), nu)
-            grad_sq = per_seed_sq_norm(grads)
-            pgrad_sq = per_seed_sq_norm(model.gradient_mapping([p.detach() for p in nu], grads))
-            rewards = [r.detach() for r in rewards]
+            again = torch.cat([rows for _, rows in groups]) if groups else torch.zeros(0, dtype=torch.long)
+            nu = [torch.cat([p, p[again]]).detach().requires_grad_(True) for p in params]
+            tables_both = model.step_tables(nu)
+            objective = exact.bilevel_objective(problem, [t[:n_rows] for t in tables_both])
+            rewards = [t[:n_rows].detach() for t in tables_both]
+            total, start, solved = objective.sum(), n_rows, []
+            for lam_grid, rows in groups:
+                gap, y, _ = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid)
+                psi_gap[rows] = gap
+                copy = slice(start, start + len(rows))
+                start += len(rows)
+                if y is not None:
+                    z, _ = exact.soft_optimal(problem, [r[rows] for r in rewards])
+                    surrogate = penalty.hypergradient_surrogate(problem, [t[copy] for t in tables_both], y, z, lam_grid)
+                    total = total + surrogate.sum()
+                    solved.append((rows, copy))
+            grads = torch.autograd.grad(total, nu)
+            grad_f = [g[:n_rows] for g in grads]
+            grad_sq = per_seed_sq_norm(grad_f)
+            pgrad_sq = per_seed_sq_norm(model.gradient_mapping([p.detach() for p in params], grad_f))
+            for rows, copy in solved:
+                psi_grad_sq[rows] = per_seed_sq_norm([g[copy] for g in grads])
             objective = objective.detach()
             with torch.no_grad():  # J*(nu_t) - J(nu_t, theta_t): the lower level's own optimality
                 lower_gap = exact.optimal_value(problem, rewards) - exact.policy_value(problem, rewards, logps)
@@ -105,19 +130,10 @@ class Evaluator:
             grad_sq = torch.full_like(objective, math.nan)
             pgrad_sq = grad_sq
             lower_gap = torch.full_like(objective, math.nan)
+            for lam_grid, rows in groups:
+                psi_gap[rows] = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid)[0]
         if tables is not None:
             tables.update(logps=logps, rewards=rewards, sizes=sizes)
-        psi_gap = torch.full_like(objective, math.nan)
-        psi_grad_sq = torch.full_like(objective, math.nan)
-        # psi_gap at l = grid_lambda(lam): the states that share a grid value are solved together, grid values in
-        # the order the states reach them (min psi_l is warm-started from the nearest l solved before)
-        bounds = [0, *torch.cumsum(torch.tensor(sizes), 0).tolist()]
-        for lam_grid, members in _by_grid_lambda(lams).items():
-            rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members])
-            gap, y, _ = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid)
-            psi_gap[rows] = gap
-            if estimates[0] is not None and y is not None:
-                psi_grad_sq[rows] = self.psi_grad_sq((model, [p[rows] for p in params]), y, lam_grid)
         with torch.no_grad():
             reward_err = exact.reward_error(problem, rewards)
         columns = {
@@ -143,16 +159,6 @@ class Evaluator:
                             for k, v in algo.predicted_metrics(state).items()})
             out.append(metrics)
         return out
-
-    def psi_grad_sq(self, estimate, y, lam: float) -> torch.Tensor:
-        """||grad psi_lam(nu_t)||^2 in the reward network's parameters (B,), through the docs/bilevel.md
-        formula (penalty.hypergradient_surrogate) with the y* that psi_gap solved and z* = pi*_nu."""
-        model, params = estimate
-        nu = [p.detach().clone().requires_grad_(True) for p in params]
-        rewards = model.step_tables(nu)
-        z, _ = exact.soft_optimal(self.problem, [r.detach() for r in rewards])
-        surrogate = penalty.hypergradient_surrogate(self.problem, rewards, y, z, lam)
-        return per_seed_sq_norm(torch.autograd.grad(surrogate.sum(), nu)).detach()
 
 
 def _stack(per_state: list[list[torch.Tensor]]) -> list[torch.Tensor]:
