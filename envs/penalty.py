@@ -302,7 +302,7 @@ I64, F64 = ctypes.c_int64, ctypes.c_double
 
 
 class _Solve(ctypes.Structure):  # penalty_newton.c's Solve
-    _fields_ = [*[(name, I64) for name in ("R", "k", "m", "A", "max_iter", "backtracks")],
+    _fields_ = [*[(name, I64) for name in ("R", "k", "m", "A", "max_iter", "backtracks", "unrolled")],
                 *[(name, ctypes.POINTER(F64))
                   for name in ("E", "S", "same", "Lsym", "Lrho", "lin", "rho", "log_trans")],
                 *[(name, F64) for name in ("lam_beta", "tol", "max_move", "armijo", "rounding", "metric_tol")],
@@ -327,9 +327,10 @@ def newton_library():
 
 
 def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL,
-                         max_iter: int = NEWTON_MAX_ITER, max_move: float = NEWTON_MAX_MOVE):
+                         max_iter: int = NEWTON_MAX_ITER, max_move: float = NEWTON_MAX_MOVE, unrolled: bool = True):
     """newton_rows on split rows (inner = _Inner(split=True)) by penalty_newton.c: (x (R, k), status (R,)), status 1
-    converged, 0 not, HANDED_BACK where Cholesky failed (x there is not a solution)."""
+    converged, 0 not, HANDED_BACK where Cholesky failed (x there is not a solution). unrolled=False: the C file's
+    generic loops instead of its copies unrolled for k = m in {4, 6, 8} (the same bits; tests compare them)."""
     d = inner.d
     R, k = x0.shape
     m = d.m
@@ -342,7 +343,7 @@ def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWT
             flat(inner.log_trans, (R, m)), flat(x0, (R, k))]
     x, status = torch.empty(R, k, dtype=torch.float64), torch.empty(R, dtype=torch.int64)
     iterations = torch.empty(R, dtype=torch.int64)
-    q = _Solve(R, k, m, d.A, max_iter, 60, *[ctypes.cast(t.data_ptr(), ctypes.POINTER(F64)) for t in keep[:8]],
+    q = _Solve(R, k, m, d.A, max_iter, 60, int(unrolled), *[ctypes.cast(t.data_ptr(), ctypes.POINTER(F64)) for t in keep[:8]],
                inner.lam_beta, tol, max_move, ARMIJO, ROUNDING, METRIC_TOL,
                ctypes.cast(keep[8].data_ptr(), ctypes.POINTER(F64)), ctypes.cast(x.data_ptr(), ctypes.POINTER(F64)),
                ctypes.cast(status.data_ptr(), ctypes.POINTER(I64)), ctypes.cast(iterations.data_ptr(), ctypes.POINTER(I64)))

@@ -21,17 +21,22 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define INLINE static inline __attribute__((always_inline))
+
+/* Every function below takes the sizes k, m as arguments and is inlined into the driver, which calls it with the
+   constants 4, 6 or 8 where k = m is one of them (Solve.unrolled) (the bandit: one trajectory per action): the compiler unrolls those
+   loops. The operations and their order are the same in every copy, so the bits are (no -ffast-math, no contraction). */
 enum { UNCONVERGED = 0, CONVERGED = 1, HANDED_BACK = 2 };
 
 typedef struct {
-    int64_t k, m, A;
+    int64_t A;
     const double *E, *S, *same;                         /* the one-group design, row-major */
     const double *Lsym, *Lrho, *lin, *rho, *log_trans;  /* this row's */
     double lam_beta;
     double *lp, *lpE, *P, *LP, *u, *pi, *rPu, *D, *PD, *LPD, *c, *w, *v;  /* scratch */
 } Row;
 
-static double sup_norm(const double *g, int64_t k) {  /* NaN if any entry is NaN, as torch's amax */
+INLINE double sup_norm(const double *g, int64_t k) {  /* NaN if any entry is NaN, as torch's amax */
     double best = 0.0;
     for (int64_t j = 0; j < k; j++) {
         double a = fabs(g[j]);
@@ -41,8 +46,8 @@ static double sup_norm(const double *g, int64_t k) {  /* NaN if any entry is NaN
     return best;
 }
 
-static double row_value(Row *r, const double *x) {  /* _Inner._parts: lp, lpE, P, LP, u and the value */
-    int64_t k = r->k, m = r->m, A = r->A;
+INLINE double row_value(Row *r, const double *x, int64_t k, int64_t m) {  /* _Inner._parts: lp, lpE, P, LP, u, value */
+    int64_t A = r->A;
     for (int64_t s = 0; s < k; s += A) {  /* torch's log_softmax: x - max - log(sum exp(x - max)) */
         double mx = x[s];
         for (int64_t a = 1; a < A; a++) mx = x[s + a] > mx || isnan(x[s + a]) ? x[s + a] : mx;
@@ -68,9 +73,8 @@ static double row_value(Row *r, const double *x) {  /* _Inner._parts: lp, lpE, P
     return value;
 }
 
-static double value_grad_hessian(Row *r, const double *x, double *g, double *H) {
-    int64_t k = r->k, m = r->m;
-    double value = row_value(r, x);
+INLINE double value_grad_hessian(Row *r, const double *x, double *g, double *H, int64_t k, int64_t m) {
+    double value = row_value(r, x, k, m);
     for (int64_t j = 0; j < k; j++) r->pi[j] = exp(r->lp[j]);
     for (int64_t t = 0; t < m; t++) {
         r->rPu[t] = r->rho[t] * r->P[t] * r->u[t];
@@ -110,7 +114,7 @@ static double value_grad_hessian(Row *r, const double *x, double *g, double *H) 
 
 /* d = -(H + same)^-1 g by Cholesky (L in chol), capped at max_move in sup-norm; 0 where a pivot is <= 0 or not
    finite (H + same not positive definite: the row is handed back). */
-static int newton_direction(int64_t k, const double *H, const double *same, const double *g, double max_move,
+INLINE int newton_direction(int64_t k, const double *H, const double *same, const double *g, double max_move,
                             double *chol, double *d) {
     for (int64_t i = 0; i < k * k; i++) chol[i] = H[i] + same[i];
     for (int64_t j = 0; j < k; j++) {
@@ -142,6 +146,7 @@ static int newton_direction(int64_t k, const double *H, const double *same, cons
 
 typedef struct {
     int64_t R, k, m, A, max_iter, backtracks;
+    int64_t unrolled;  /* 1: the copies for k = m in {4, 6, 8} where they apply; 0: the generic loops (the same bits) */
     const double *E, *S, *same;
     const double *Lsym, *Lrho, *lin, *rho, *log_trans;  /* (R, m, m), (R, m, m), (R, m) x 3 */
     double lam_beta, tol, max_move, armijo, rounding, metric_tol;
@@ -153,8 +158,7 @@ typedef struct {
 
 int64_t solve_struct_size(void) { return (int64_t)sizeof(Solve); }
 
-static void solve_row(const Solve *q, Row *r, int64_t b, double *buf) {
-    int64_t k = q->k, m = q->m;
+INLINE void solve_row(const Solve *q, Row *r, int64_t b, double *buf, int64_t k, int64_t m) {
     r->Lsym = q->Lsym + b * m * m; r->Lrho = q->Lrho + b * m * m;
     r->lin = q->lin + b * m; r->rho = q->rho + b * m; r->log_trans = q->log_trans + b * m;
     double *x = q->x + b * k, *g = buf, *H = g + k, *d = H + k * k, *chol = d + k, *trial = chol + k * k;
@@ -162,7 +166,7 @@ static void solve_row(const Solve *q, Row *r, int64_t b, double *buf) {
     memcpy(x, q->x0 + b * k, (size_t)k * sizeof(double));
     q->status[b] = UNCONVERGED;
     q->iterations[b] = 0;
-    double f = value_grad_hessian(r, x, g, H);
+    double f = value_grad_hessian(r, x, g, H, k, m);
     if (!isfinite(f)) return;  /* a non-finite row is left to the caller, unconverged */
     for (int64_t j = 0; j < k; j++) if (!isfinite(g[j])) return;
     for (int64_t it = 0; it < q->max_iter; it++) {
@@ -174,7 +178,7 @@ static void solve_row(const Solve *q, Row *r, int64_t b, double *buf) {
         for (int64_t j = 0; j < k; j++) slope += g[j] * d[j];
         double slack = q->rounding * (1.0 + fabs(f));
         for (int64_t j = 0; j < k; j++) trial[j] = x[j] + d[j];
-        double f1 = value_grad_hessian(r, trial, g1, H1);  /* the full step, which Newton takes almost always */
+        double f1 = value_grad_hessian(r, trial, g1, H1, k, m);  /* the full step, which Newton takes almost always */
         if (f1 <= f + q->armijo * slope + slack && isfinite(f1)) {
             memcpy(x, trial, (size_t)k * sizeof(double));
             memcpy(g, g1, (size_t)k * sizeof(double));
@@ -186,7 +190,7 @@ static void solve_row(const Solve *q, Row *r, int64_t b, double *buf) {
         int found = 0;
         for (int64_t s = 0; s < q->backtracks; s++) {
             for (int64_t j = 0; j < k; j++) trial[j] = x[j] + step * d[j];
-            double ft = row_value(r, trial);
+            double ft = row_value(r, trial, k, m);
             if (ft <= f + q->armijo * step * slope + slack && isfinite(ft)) { found = 1; break; }
             step = 0.5 * step;
         }
@@ -195,7 +199,7 @@ static void solve_row(const Solve *q, Row *r, int64_t b, double *buf) {
             return;
         }
         memcpy(x, trial, (size_t)k * sizeof(double));
-        f = value_grad_hessian(r, x, g, H);
+        f = value_grad_hessian(r, x, g, H, k, m);
     }
 }
 
@@ -206,12 +210,16 @@ int64_t split_newton(const Solve *q) {
     size_t row_doubles = (size_t)(4 * k + 4 * m * k + 9 * m + 2 * k), solve_doubles = (size_t)(5 * k + 3 * k * k);
     double *scratch = malloc((row_doubles + solve_doubles) * sizeof(double));
     if (scratch == NULL) return 1;
-    Row r = {k, m, q->A, q->E, q->S, q->same, NULL, NULL, NULL, NULL, NULL, q->lam_beta};
+    Row r = {q->A, q->E, q->S, q->same, NULL, NULL, NULL, NULL, NULL, q->lam_beta, NULL};
     double *p = scratch;
     r.lp = p; p += k; r.pi = p; p += k; r.w = p; p += k;
     r.lpE = p; p += m; r.P = p; p += m; r.LP = p; p += m; r.u = p; p += m; r.rPu = p; p += m; r.c = p; p += m;
     r.D = p; p += m * k; r.PD = p; p += m * k; r.LPD = p; p += m * k; r.v = p; p += m * k;
-    for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p);
+    if (!q->unrolled) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, k, m);
+    else if (k == 6 && m == 6) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, 6, 6);  /* the default bandit */
+    else if (k == 4 && m == 4) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, 4, 4);
+    else if (k == 8 && m == 8) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, 8, 8);
+    else for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, k, m);
     free(scratch);
     return 0;
 }

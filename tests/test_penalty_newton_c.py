@@ -40,6 +40,8 @@ def test_compiled_rows_equal_newton_rows(name, kind):
         inner, x0 = split_rows(problem, rewards, lam)
         x_torch, converged_torch = penalty.newton_rows(inner, x0, compact=True)
         x_c, status = penalty.compiled_newton_rows(lib, inner, x0)
+        generic = penalty.compiled_newton_rows(lib, inner, x0, unrolled=False)  # k = m = 4, 6 here: unrolled copies
+        assert torch.equal(generic[0], x_c) and torch.equal(generic[1], status)
         solved = status != penalty.HANDED_BACK
         solved_by_c += int(solved.sum())
         assert torch.equal(status[solved] == 1, converged_torch[solved]), lam
