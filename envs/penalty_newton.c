@@ -112,7 +112,7 @@ INLINE double value_grad_hessian(Row *r, const double *x, double *g, double *H, 
     return value;
 }
 
-/* d = -(H + same)^-1 g by Cholesky (L in chol), capped at max_move in sup-norm; 0 where a pivot is <= 0 or not
+/* d = -(H + same)^-1 g by Cholesky (L in chol, 1 / L_jj on its diagonal), capped at max_move in sup-norm; 0 where a pivot is <= 0 or not
    finite (H + same not positive definite: the row is handed back). */
 INLINE int newton_direction(int64_t k, const double *H, const double *same, const double *g, double max_move,
                             double *chol, double *d) {
@@ -121,23 +121,23 @@ INLINE int newton_direction(int64_t k, const double *H, const double *same, cons
         double s = chol[j * k + j];
         for (int64_t p = 0; p < j; p++) s -= chol[j * k + p] * chol[j * k + p];
         if (!(s > 0.0) || !isfinite(s)) return 0;
-        double root = sqrt(s);
-        chol[j * k + j] = root;
+        double inv = 1.0 / sqrt(s);  /* kept on the diagonal: L's off-diagonal and both solves multiply by it */
+        chol[j * k + j] = inv;
         for (int64_t i = j + 1; i < k; i++) {
             double acc = chol[i * k + j];
             for (int64_t p = 0; p < j; p++) acc -= chol[i * k + p] * chol[j * k + p];
-            chol[i * k + j] = acc / root;
+            chol[i * k + j] = acc * inv;
         }
     }
     for (int64_t i = 0; i < k; i++) {  /* L y = g */
         double acc = g[i];
         for (int64_t p = 0; p < i; p++) acc -= chol[i * k + p] * d[p];
-        d[i] = acc / chol[i * k + i];
+        d[i] = acc * chol[i * k + i];
     }
     for (int64_t i = k - 1; i >= 0; i--) {  /* L^T z = y */
         double acc = d[i];
         for (int64_t p = i + 1; p < k; p++) acc -= chol[p * k + i] * d[p];
-        d[i] = acc / chol[i * k + i];
+        d[i] = acc * chol[i * k + i];
     }
     double big = sup_norm(d, k), scale = max_move / (big > max_move || isnan(big) ? big : max_move);
     for (int64_t i = 0; i < k; i++) d[i] = -d[i] * scale;
