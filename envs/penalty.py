@@ -343,10 +343,13 @@ def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWT
             flat(inner.log_trans, (R, m)), flat(x0, (R, k))]
     x, status = torch.empty(R, k, dtype=torch.float64), torch.empty(R, dtype=torch.int64)
     iterations = torch.empty(R, dtype=torch.int64)
-    q = _Solve(R, k, m, d.A, max_iter, 60, int(unrolled), *[ctypes.cast(t.data_ptr(), ctypes.POINTER(F64)) for t in keep[:8]],
+
+    def ptr(t, ctype=F64):
+        return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
+
+    q = _Solve(R, k, m, d.A, max_iter, 60, int(unrolled), *[ptr(t) for t in keep[:8]],  # 60: newton_rows' halvings
                inner.lam_beta, tol, max_move, ARMIJO, ROUNDING, METRIC_TOL,
-               ctypes.cast(keep[8].data_ptr(), ctypes.POINTER(F64)), ctypes.cast(x.data_ptr(), ctypes.POINTER(F64)),
-               ctypes.cast(status.data_ptr(), ctypes.POINTER(I64)), ctypes.cast(iterations.data_ptr(), ctypes.POINTER(I64)))
+               ptr(keep[8]), ptr(x), ptr(status, I64), ptr(iterations, I64))
     if lib.split_newton(ctypes.byref(q)) != 0:
         raise RuntimeError("penalty_newton.c refused its sizes or could not allocate its scratch")
     return x, status
@@ -401,7 +404,8 @@ def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: floa
             # a row's arithmetic is its own at every batch size here (tests/test_penalty_split.py), so converged rows
             # leave the batch (torch) or each row is solved alone (penalty_newton.c); the dense rows' (B, T) x (T, n)
             # products are not (odd batch sizes take other kernels)
-            x_rows, converged = split_newton_rows(inner, x0[part][:, groups].reshape(B * d.G, -1), tol, NEWTON_MAX_ITER)
+            x_rows, converged = split_newton_rows(inner, x0[part][:, groups].reshape(B * d.G, -1), tol,
+                                                  NEWTON_MAX_ITER)
             x = torch.empty_like(x0[part])
             x[:, groups.reshape(-1)] = x_rows.reshape(B, -1)
             converged = converged.reshape(B, d.G).all(-1)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_penalty_split import make, reward_tables
 
 from ratebench.core import kernels
 from ratebench.envs import exact, penalty
+from test_penalty_split import make, reward_tables
 
 NAMES = ["default", "n_actions-4", "beta-4", "reward_scale-3"]
 LAMS = [1.0, 3.0, 30.0, 1000.0, 0.3]  # 0.3: indefinite Hessians on the way, rows handed back
