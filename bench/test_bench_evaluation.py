@@ -24,7 +24,8 @@ JOBS = {
 
 
 def evaluation_points(compose_config, tmp_path, overrides, monkeypatch):
-    """(problem, [(reward tables, grid lam)]) that psi_gap solved at each evaluation point of the job."""
+    """(problem, [(reward tables, grid lam)]) that psi_gap solved at each evaluation point of the job: the harness
+    scores held points in one call, their rows point-major (Evaluator.evaluate_many), cut here into the job's seeds."""
     seen, original = [], penalty.PsiReference.gap_and_minimiser
 
     def spy(self, rewards, lam):
@@ -32,9 +33,12 @@ def evaluation_points(compose_config, tmp_path, overrides, monkeypatch):
         return original(self, rewards, lam)
 
     monkeypatch.setattr(penalty.PsiReference, "gap_and_minimiser", spy)
-    run_job(compose_config([*overrides, "progress=false"]), tmp_path)
+    cfg = compose_config([*overrides, "progress=false"])
+    run_job(cfg, tmp_path)
     monkeypatch.undo()
-    return seen[0][0], [(rewards, lam) for _, rewards, lam in seen]
+    B = len(cfg.seeds)
+    return seen[0][0], [([r[k:k + B] for r in rewards], lam) for _, rewards, lam in seen
+                        for k in range(0, rewards[0].shape[0], B)]
 
 
 @pytest.mark.parametrize("job", list(JOBS))
@@ -66,8 +70,10 @@ def test_split_vs_dense_newton_on_the_readme_job(benchmark, compose_config, tmp_
     """psi_gap (psi_gap_and_minimiser, min psi_lam cached) on the README main job's evaluation points by the Newton
     split by context (penalty.separable_groups: one row per (seed, context)) against the dense Newton on whole seeds,
     per evaluation point (8 rows) and every point of one lam in one call (rows = points x seeds, what a batched
-    evaluation passes). Arms interleaved, process CPU time."""
+    evaluation passes). Both in torch (RATEBENCH_KERNELS=0; the split rows' C Newton is the next benchmark's). Arms
+    interleaved, process CPU time."""
     problem, points = evaluation_points(compose_config, tmp_path, JOBS["bandit-readme"], monkeypatch)
+    monkeypatch.setenv("RATEBENCH_KERNELS", "0")
     by_lam = {}
     for rewards, lam in points:
         by_lam.setdefault(lam, []).append(rewards)
@@ -104,3 +110,48 @@ def test_split_vs_dense_newton_on_the_readme_job(benchmark, compose_config, tmp_
             f"{split * 1e3:.1f} ms CPU ({rows} rows); |psi_gap difference| <= {worst:.1e}")
     assert worst <= 1e-11  # both solve to a 1e-9 gradient; psi_lam ~0.6 here
     assert ratios["one_call"] >= 3.0  # measured 7x when written; per point (8 rows) 1.25x, recorded only
+
+
+def test_compiled_vs_torch_split_newton_on_the_readme_job(benchmark, compose_config, tmp_path, monkeypatch):
+    """psi_gap (psi_gap_and_minimiser, min psi_lam cached) on the README main job's evaluation points, split by
+    context, with the split rows' Newton in C (envs/penalty_newton.c, split_newton_rows) against the torch
+    newton_rows (RATEBENCH_KERNELS=0), per evaluation point (8 rows of seeds) and every point of one lam in one call.
+    Arms interleaved, process CPU time."""
+    problem, points = evaluation_points(compose_config, tmp_path, JOBS["bandit-readme"], monkeypatch)
+    by_lam = {}
+    for rewards, lam in points:
+        by_lam.setdefault(lam, []).append(rewards)
+    batches = [([torch.cat(tables) for tables in zip(*group)], lam) for lam, group in by_lam.items()]
+    assert penalty.separable_groups(problem) is not None and penalty.newton_library() is not None
+
+    def solve(compiled: bool, work):
+        with monkeypatch.context() as patch:
+            if not compiled:
+                patch.setenv("RATEBENCH_KERNELS", "0")
+            return [penalty.psi_gap_and_minimiser(problem, rewards, lam)[0] for rewards, lam in work]
+
+    layouts = {"per_point": points, "one_call": batches}
+    arms = {f"{layout}_{kind}": (kind == "c", work) for layout, work in layouts.items() for kind in ("torch", "c")}
+    for compiled, work in arms.values():
+        solve(compiled, work)  # min psi_lam solved and cached before timing
+    times = {arm: [] for arm in arms}
+    for arm, (compiled, work) in interleaved(arms, rounds=7):
+        tic = time.process_time()
+        solve(compiled, work)
+        times[arm].append(time.process_time() - tic)
+    benchmark.pedantic(lambda: None, rounds=1)
+    before = dict(penalty.SPLIT_NEWTON_PATHS)
+    compiled_gaps = solve(True, batches)
+    handed_back = penalty.SPLIT_NEWTON_PATHS["handed_back"] - before["handed_back"]
+    worst = max(float(((a - b) / b).abs().max()) for a, b in zip(compiled_gaps, solve(False, batches)))
+    rows = sum(rewards[0].shape[0] for rewards, _ in batches) * problem.n_groups
+    ratios = {}
+    for layout, work in layouts.items():
+        old, new = (statistics.median(times[f"{layout}_{kind}"]) for kind in ("torch", "c"))
+        ratios[layout] = record_ratio(
+            benchmark, f"psi_gap_compiled_vs_torch_split_newton[{layout}]", old / new,
+            f"{len(points)} points x {points[0][0][0].shape[0]} seeds, {len(work)} call{'s' * (len(work) > 1)}: "
+            f"{old * 1e3:.1f} -> {new * 1e3:.1f} ms CPU ({rows} Newton rows, {handed_back} handed back to torch); "
+            f"|psi_gap difference| / |psi_gap| <= {worst:.1e}")
+    assert worst <= 1e-9  # psi_lam within 1e-11 relative (tests/test_penalty_newton_c.py); psi_gap ~1e-2 of psi_lam
+    assert ratios["one_call"] >= 2.0

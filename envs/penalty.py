@@ -7,10 +7,14 @@ hypergradient of docs/bilevel.md, and min over nu of psi_lam. Tables in, tables 
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
+import os
+from pathlib import Path
 
 import torch
 
+from ratebench.core.kernels import DISABLE, load
 from ratebench.envs.exact import (PAIR_CHUNK, expected_pair_loss, optimal_value, pair_losses, policy_value,
                                   seed_chunks, soft_optimal, trajectory_returns, upper_loss)
 from ratebench.envs.lbfgs import ARMIJO, ROUNDING, minimise_rows
@@ -291,6 +295,85 @@ def newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_it
     return x, converged
 
 
+NEWTON_SOURCE = Path(__file__).with_name("penalty_newton.c")  # newton_rows for split rows, in C
+HANDED_BACK = 2  # penalty_newton.c's status of a row whose H + same is not positive definite (0/1: (un)converged)
+SPLIT_NEWTON_PATHS = {"c": 0, "torch": 0, "handed_back": 0}  # chunks solved by each path, rows handed back to torch
+I64, F64 = ctypes.c_int64, ctypes.c_double
+
+
+class _Solve(ctypes.Structure):  # penalty_newton.c's Solve
+    _fields_ = [*[(name, I64) for name in ("R", "k", "m", "A", "max_iter", "backtracks", "unrolled")],
+                *[(name, ctypes.POINTER(F64))
+                  for name in ("E", "S", "same", "Lsym", "Lrho", "lin", "rho", "log_trans")],
+                *[(name, F64) for name in ("lam_beta", "tol", "max_move", "armijo", "rounding", "metric_tol")],
+                ("x0", ctypes.POINTER(F64)), ("x", ctypes.POINTER(F64)),
+                ("status", ctypes.POINTER(I64)), ("iterations", ctypes.POINTER(I64))]
+
+
+def newton_library():
+    """penalty_newton.c built and loaded (core/kernels.py: cached, warned once), or None: RATEBENCH_KERNELS=0 (read
+    at each call), no compiler or a failed build. None: split rows take the torch newton_rows."""
+    if os.environ.get(DISABLE, "1") == "0":
+        return None
+    lib = load(NEWTON_SOURCE)
+    if lib is not None and not hasattr(lib, "checked"):
+        lib.split_newton.argtypes, lib.split_newton.restype = [ctypes.POINTER(_Solve)], I64
+        lib.solve_struct_size.restype = I64
+        if lib.solve_struct_size() != ctypes.sizeof(_Solve):  # the two layouts of one struct: fail, never misread
+            raise RuntimeError(f"penalty_newton.c's Solve is {lib.solve_struct_size()} bytes, _Solve "
+                               f"{ctypes.sizeof(_Solve)}: their fields differ")
+        lib.checked = True
+    return lib
+
+
+def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL,
+                         max_iter: int = NEWTON_MAX_ITER, max_move: float = NEWTON_MAX_MOVE, unrolled: bool = True):
+    """newton_rows on split rows (inner = _Inner(split=True)) by penalty_newton.c: (x (R, k), status (R,)), status 1
+    converged, 0 not, HANDED_BACK where Cholesky failed (x there is not a solution). unrolled=False: the C file's
+    generic loops instead of its copies unrolled for k = m in {4, 6, 8} (the same bits; tests compare them)."""
+    d = inner.d
+    R, k = x0.shape
+    m = d.m
+
+    def flat(t, shape):
+        return t.detach().to(torch.float64).reshape(shape).contiguous()
+
+    keep = [flat(d.E, (k, m)), flat(d.S, (m, k)), flat(d.same, (k, k)), flat(inner.Lsym, (R, m, m)),
+            flat(inner.Lrho, (R, m, m)), flat(inner.lin, (R, m)), flat(inner.rho, (R, m)),
+            flat(inner.log_trans, (R, m)), flat(x0, (R, k))]
+    x, status = torch.empty(R, k, dtype=torch.float64), torch.empty(R, dtype=torch.int64)
+    iterations = torch.empty(R, dtype=torch.int64)
+
+    def ptr(t, ctype=F64):
+        return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
+
+    q = _Solve(R, k, m, d.A, max_iter, 60, int(unrolled), *[ptr(t) for t in keep[:8]],  # 60: newton_rows' halvings
+               inner.lam_beta, tol, max_move, ARMIJO, ROUNDING, METRIC_TOL,
+               ptr(keep[8]), ptr(x), ptr(status, I64), ptr(iterations, I64))
+    if lib.split_newton(ctypes.byref(q)) != 0:
+        raise RuntimeError("penalty_newton.c refused its sizes or could not allocate its scratch")
+    return x, status
+
+
+def split_newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_iter: int = NEWTON_MAX_ITER,
+                      max_move: float = NEWTON_MAX_MOVE):
+    """newton_rows(inner, x0, compact=True) on split rows: by penalty_newton.c where it builds (newton_library), whose
+    handed-back rows (an indefinite H + same) are solved here from x0 by newton_rows, so they get its bits; else by
+    newton_rows. Returns (x, converged (R,))."""
+    lib = newton_library()
+    if lib is None:
+        SPLIT_NEWTON_PATHS["torch"] += 1
+        return newton_rows(inner, x0, tol, max_iter, max_move, compact=True)
+    SPLIT_NEWTON_PATHS["c"] += 1
+    x, status = compiled_newton_rows(lib, inner, x0, tol, max_iter, max_move)
+    converged = status == 1
+    back = status == HANDED_BACK
+    if bool(back.any()):
+        SPLIT_NEWTON_PATHS["handed_back"] += int(back.sum())
+        x[back], converged[back] = newton_rows(inner.rows(back), x0[back], tol, max_iter, max_move, compact=True)
+    return x, converged
+
+
 def newton_applies(problem: TabularProblem) -> bool:
     """Whether penalty_minimiser_newton solves this problem's inner problem: n <= NEWTON_MAX_VARS logits (dense
     (n, n) Hessians per seed) and a (T, n) trajectory/logit table of at most PAIR_CHUNK elements per seed."""
@@ -301,9 +384,9 @@ def newton_applies(problem: TabularProblem) -> bool:
 def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: float, tol: float = NEWTON_TOL) -> Tables:
     """penalty_minimiser's y*_lam(nu) from the same start z* = pi*_nu, by Newton's method on every seed at once
     (newton_rows) to a logit-gradient sup-norm of `tol`; where the groups own disjoint logits (separable_groups), on
-    every (seed, group) at once, a seed converged when all its groups are. A seed Newton leaves unconverged (after
-    NEWTON_MAX_ITER iterations, or non-finite) gets penalty_minimiser's solution (L-BFGS, METRIC_TOL, on the whole
-    seed chunk). Log-prob tables [(B, n_h, A)], detached."""
+    every (seed, group) at once (split_newton_rows: in C where it builds), a seed converged when all its groups are.
+    A seed Newton leaves unconverged (after NEWTON_MAX_ITER iterations, or non-finite) gets penalty_minimiser's
+    solution (L-BFGS, METRIC_TOL, on the whole seed chunk). Log-prob tables [(B, n_h, A)], detached."""
     rewards = [r.detach() for r in rewards]
     start, _ = soft_optimal(problem, rewards)
     d = _design(problem)
@@ -319,9 +402,10 @@ def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: floa
         else:
             B = x0[part].shape[0]
             # a row's arithmetic is its own at every batch size here (tests/test_penalty_split.py), so converged rows
-            # leave the batch; the dense rows' (B, T) x (T, n) products are not (odd batch sizes take other kernels)
-            x_rows, converged = newton_rows(inner, x0[part][:, groups].reshape(B * d.G, -1), tol, NEWTON_MAX_ITER,
-                                            compact=True)
+            # leave the batch (torch) or each row is solved alone (penalty_newton.c); the dense rows' (B, T) x (T, n)
+            # products are not (odd batch sizes take other kernels)
+            x_rows, converged = split_newton_rows(inner, x0[part][:, groups].reshape(B * d.G, -1), tol,
+                                                  NEWTON_MAX_ITER)
             x = torch.empty_like(x0[part])
             x[:, groups.reshape(-1)] = x_rows.reshape(B, -1)
             converged = converged.reshape(B, d.G).all(-1)

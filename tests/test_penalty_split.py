@@ -60,17 +60,29 @@ def test_bandit_groups_are_its_contexts_and_coupled_or_single_groups_are_not_spl
     assert penalty.separable_groups(envs.make(token.TokenConfig())) is None
 
 
+@pytest.mark.parametrize("path", ["c", "torch"])
 @pytest.mark.parametrize("env,rows", [("bandit", "seed x group"), ("mdp", "seed"), ("token", "seed")])
-def test_the_newton_rows_are_groups_on_the_bandit_and_seeds_elsewhere(env, rows, monkeypatch):
+def test_the_newton_rows_are_groups_on_the_bandit_and_seeds_elsewhere(env, rows, path, monkeypatch):
+    """Split rows go to split_newton_rows (penalty_newton.c, or newton_rows with RATEBENCH_KERNELS=0), whole seeds
+    to newton_rows."""
+    if path == "torch":
+        monkeypatch.setenv("RATEBENCH_KERNELS", "0")
     problem = envs.make({"bandit": bandit.BanditConfig(), "mdp": mdp.MDPConfig(), "token": token.TokenConfig()}[env])
     rewards = reward_tables(problem, "near", batch=3)
-    shapes, newton_rows = [], penalty.newton_rows
+    shapes, newton_rows, split_rows = [], penalty.newton_rows, penalty.split_newton_rows
     monkeypatch.setattr(penalty, "newton_rows",
-                        lambda inner, x0, *a, **k: shapes.append(x0.shape) or newton_rows(inner, x0, *a, **k))
+                        lambda inner, x0, *a, **k: shapes.append(("rows", x0.shape)) or newton_rows(inner, x0, *a, **k))
+    monkeypatch.setattr(penalty, "split_newton_rows",
+                        lambda inner, x0, *a, **k: shapes.append(("split", x0.shape)) or split_rows(inner, x0, *a, **k))
+    paths = dict(penalty.SPLIT_NEWTON_PATHS)
     penalty.penalty_minimiser_newton(problem, rewards, 2.0)
     n = penalty._flatten(exact.soft_optimal(problem, rewards)[0]).shape[1]
     G = problem.n_groups
-    assert shapes == ([(3 * G, n // G)] if rows == "seed x group" else [(3, n)])
+    if rows == "seed":
+        assert shapes == [("rows", (3, n))]
+    else:
+        assert shapes == [("split", (3 * G, n // G))] + ([("rows", (3 * G, n // G))] if path == "torch" else [])
+        assert penalty.SPLIT_NEWTON_PATHS[path] == paths[path] + 1
 
 
 @pytest.mark.parametrize("name", ["default", "skewed-contexts"])
@@ -111,10 +123,15 @@ def test_split_solve_equals_the_dense_newton_and_the_lbfgs(name, kind, monkeypat
                 assert torch.allclose(a.exp(), b.exp(), rtol=0, atol=PROB_TOL), lam
 
 
+@pytest.mark.parametrize("path", ["c", "torch"])
 @pytest.mark.parametrize("lam", [0.3, 2.0])
-def test_a_row_does_not_depend_on_the_other_rows_of_the_batch(lam, monkeypatch):
+def test_a_row_does_not_depend_on_the_other_rows_of_the_batch(lam, path, monkeypatch):
     """23 evaluation points of 8 seeds in one call, and in 23 calls of 8: equal bit for bit, y* and psi_lam. Points
-    at rewards from near the truth to far from it (0.3 crosses indefinite Hessians on the far ones)."""
+    at rewards from near the truth to far from it (0.3 crosses indefinite Hessians on the far ones: penalty_newton.c
+    hands those rows back to newton_rows, whose direction there takes eigh)."""
+    if path == "torch":
+        monkeypatch.setenv("RATEBENCH_KERNELS", "0")
+    paths = dict(penalty.SPLIT_NEWTON_PATHS)
     problem = envs.make(BANDITS["default"])
     gen = torch.Generator().manual_seed(4)
     scales = torch.logspace(-1.0, 0.5, 23, dtype=torch.float64).repeat_interleave(8)[:, None]
@@ -130,6 +147,8 @@ def test_a_row_does_not_depend_on_the_other_rows_of_the_batch(lam, monkeypatch):
     psi_points = [penalty.penalised_objective(problem, [r[k:k + 8] for r in rewards], point, lam)
                   for k, point in zip(range(0, 184, 8), points)]
     assert torch.equal(penalty.penalised_objective(problem, rewards, whole, lam), torch.cat(psi_points))
+    assert penalty.SPLIT_NEWTON_PATHS[path] == paths[path] + 24
+    assert (penalty.SPLIT_NEWTON_PATHS["handed_back"] > paths["handed_back"]) == (path == "c" and lam == 0.3)
 
 
 def test_group_rows_are_computed_row_by_row_at_every_batch_size():

@@ -1,0 +1,225 @@
+/* psi_gap's inner Newton solve on split rows (envs/penalty.py split_newton_rows), every row of a chunk in one call.
+
+   This is newton_rows (envs/penalty.py) for one row of _Inner(split=True) at a time, as plain C loops: a row is one
+   (seed, group) problem of k logits on the one-group design (E (k, m) visits of (s, a), S (m, k) visits of the
+   state of logit j, same (k, k) the same-state mask, A actions per state), with its own Lsym, Lrho (m, m) and lin,
+   rho, log_trans (m). On the bandit k = m = 6: torch pays ~1 us per operation on such rows, C a few ns per flop.
+   Per row, as _Inner._parts / value_grad_hessian / _newton_direction / newton_rows:
+     lp = log-softmax per state of x;  lpE = lp E;  P = exp(lpE + log_trans);  LP = Lsym P;
+     u = LP + lin + lam_beta lpE;  value = sum((u - LP / 2) P rho)
+     grad = E (rho P u) - (S^T (rho P u)) pi,  D = E^T - S pi,  hess = D^T (P (Lrho (P D)) + rho P (u + 2 lam_beta) D)
+            - diag(w) + w pi^T same,  w = (S^T (rho P u + lam_beta rho P)) pi
+     direction -(H + same)^-1 g by Cholesky, capped at max_move in sup-norm; the full step if it passes Armijo with
+     slack rounding (1 + |f|), else halving on the value alone up to 60 times; stop at |g|_inf <= tol (converged),
+     at no decrease (converged iff |g|_inf <= metric_tol), after max_iter iterations or from a non-finite start
+     (unconverged). Where H + same is not positive definite (a pivot <= 0 or not finite) the row stops and is handed
+     back: the caller solves it from x0 with the torch newton_rows, whose modified-eigenvalue direction is not here.
+   Rows never touch each other's memory, so a row's bits do not depend on the other rows of the call. Built with
+   core/kernels.py's flags (-ffp-contract=off, no -ffast-math): NaN survives, sums keep the order written. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Every function below takes the sizes k, m as arguments and is inlined into the driver, which calls it with the
+   constants 4, 6 or 8 where k = m is one of them (Solve.unrolled) (the bandit: one trajectory per action): the compiler unrolls those
+   loops. The operations and their order are the same in every copy, so the bits are (no -ffast-math, no contraction). */
+enum { UNCONVERGED = 0, CONVERGED = 1, HANDED_BACK = 2 };
+
+typedef struct {
+    int64_t A;
+    const double *E, *S, *same;                         /* the one-group design, row-major */
+    const double *Lsym, *Lrho, *lin, *rho, *log_trans;  /* this row's */
+    double lam_beta;
+    double *lp, *lpE, *P, *LP, *u, *pi, *rPu, *D, *PD, *LPD, *c, *w, *v;  /* scratch */
+} Row;
+
+INLINE double sup_norm(const double *g, int64_t k) {  /* NaN if any entry is NaN, as torch's amax */
+    double best = 0.0;
+    for (int64_t j = 0; j < k; j++) {
+        double a = fabs(g[j]);
+        if (isnan(a)) return a;
+        if (a > best) best = a;
+    }
+    return best;
+}
+
+INLINE double row_value(Row *r, const double *x, int64_t k, int64_t m) {  /* _Inner._parts: lp, lpE, P, LP, u, value */
+    int64_t A = r->A;
+    for (int64_t s = 0; s < k; s += A) {  /* torch's log_softmax: x - max - log(sum exp(x - max)) */
+        double mx = x[s];
+        for (int64_t a = 1; a < A; a++) mx = x[s + a] > mx || isnan(x[s + a]) ? x[s + a] : mx;
+        double sum = 0.0;
+        for (int64_t a = 0; a < A; a++) sum += exp(x[s + a] - mx);
+        double lse = log(sum);
+        for (int64_t a = 0; a < A; a++) r->lp[s + a] = x[s + a] - mx - lse;
+    }
+    for (int64_t t = 0; t < m; t++) {
+        double acc = 0.0;
+        for (int64_t j = 0; j < k; j++) acc += r->lp[j] * r->E[j * m + t];
+        r->lpE[t] = acc;
+        r->P[t] = exp(acc + r->log_trans[t]);
+    }
+    double value = 0.0;
+    for (int64_t t = 0; t < m; t++) {
+        double acc = 0.0;
+        for (int64_t q = 0; q < m; q++) acc += r->Lsym[t * m + q] * r->P[q];
+        r->LP[t] = acc;
+        r->u[t] = acc + r->lin[t] + r->lam_beta * r->lpE[t];
+    }
+    for (int64_t t = 0; t < m; t++) value += (r->u[t] - 0.5 * r->LP[t]) * r->P[t] * r->rho[t];
+    return value;
+}
+
+INLINE double value_grad_hessian(Row *r, const double *x, double *g, double *H, int64_t k, int64_t m) {
+    double value = row_value(r, x, k, m);
+    for (int64_t j = 0; j < k; j++) r->pi[j] = exp(r->lp[j]);
+    for (int64_t t = 0; t < m; t++) {
+        r->rPu[t] = r->rho[t] * r->P[t] * r->u[t];
+        r->c[t] = r->rho[t] * r->P[t] * (r->u[t] + 2.0 * r->lam_beta);
+    }
+    for (int64_t j = 0; j < k; j++) {
+        double e = 0.0, s = 0.0, sw = 0.0;
+        for (int64_t t = 0; t < m; t++) {
+            e += r->rPu[t] * r->E[j * m + t];
+            s += r->rPu[t] * r->S[t * k + j];
+            sw += (r->rPu[t] + r->lam_beta * r->rho[t] * r->P[t]) * r->S[t * k + j];
+        }
+        g[j] = e - s * r->pi[j];
+        r->w[j] = sw * r->pi[j];
+    }
+    for (int64_t t = 0; t < m; t++)
+        for (int64_t j = 0; j < k; j++) {
+            r->D[t * k + j] = r->E[j * m + t] - r->S[t * k + j] * r->pi[j];
+            r->PD[t * k + j] = r->P[t] * r->D[t * k + j];
+        }
+    for (int64_t t = 0; t < m; t++)
+        for (int64_t j = 0; j < k; j++) {
+            double acc = 0.0;
+            for (int64_t q = 0; q < m; q++) acc += r->Lrho[t * m + q] * r->PD[q * k + j];
+            r->LPD[t * k + j] = acc;
+        }
+    for (int64_t t = 0; t < m; t++)  /* v = P LPD + c D: the right factor of D^T (...) */
+        for (int64_t j = 0; j < k; j++) r->v[t * k + j] = r->P[t] * r->LPD[t * k + j] + r->c[t] * r->D[t * k + j];
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t j = 0; j < k; j++) {
+            double acc = 0.0;
+            for (int64_t t = 0; t < m; t++) acc += r->D[t * k + i] * r->v[t * k + j];
+            H[i * k + j] = acc - (i == j ? r->w[i] : 0.0) + r->w[i] * r->pi[j] * r->same[i * k + j];
+        }
+    return value;
+}
+
+/* d = -(H + same)^-1 g by Cholesky (L in chol, 1 / L_jj on its diagonal), capped at max_move in sup-norm; 0 where a pivot is <= 0 or not
+   finite (H + same not positive definite: the row is handed back). */
+INLINE int newton_direction(int64_t k, const double *H, const double *same, const double *g, double max_move,
+                            double *chol, double *d) {
+    for (int64_t i = 0; i < k * k; i++) chol[i] = H[i] + same[i];
+    for (int64_t j = 0; j < k; j++) {
+        double s = chol[j * k + j];
+        for (int64_t p = 0; p < j; p++) s -= chol[j * k + p] * chol[j * k + p];
+        if (!(s > 0.0) || !isfinite(s)) return 0;
+        double inv = 1.0 / sqrt(s);  /* kept on the diagonal: L's off-diagonal and both solves multiply by it */
+        chol[j * k + j] = inv;
+        for (int64_t i = j + 1; i < k; i++) {
+            double acc = chol[i * k + j];
+            for (int64_t p = 0; p < j; p++) acc -= chol[i * k + p] * chol[j * k + p];
+            chol[i * k + j] = acc * inv;
+        }
+    }
+    for (int64_t i = 0; i < k; i++) {  /* L y = g */
+        double acc = g[i];
+        for (int64_t p = 0; p < i; p++) acc -= chol[i * k + p] * d[p];
+        d[i] = acc * chol[i * k + i];
+    }
+    for (int64_t i = k - 1; i >= 0; i--) {  /* L^T z = y */
+        double acc = d[i];
+        for (int64_t p = i + 1; p < k; p++) acc -= chol[p * k + i] * d[p];
+        d[i] = acc * chol[i * k + i];
+    }
+    double big = sup_norm(d, k), scale = max_move / (big > max_move || isnan(big) ? big : max_move);
+    for (int64_t i = 0; i < k; i++) d[i] = -d[i] * scale;
+    return 1;
+}
+
+typedef struct {
+    int64_t R, k, m, A, max_iter, backtracks;
+    int64_t unrolled;  /* 1: the copies for k = m in {4, 6, 8} where they apply; 0: the generic loops (the same bits) */
+    const double *E, *S, *same;
+    const double *Lsym, *Lrho, *lin, *rho, *log_trans;  /* (R, m, m), (R, m, m), (R, m) x 3 */
+    double lam_beta, tol, max_move, armijo, rounding, metric_tol;
+    const double *x0;  /* (R, k) */
+    double *x;         /* (R, k): the solution (x0 where the start is not finite; where handed back, untouched) */
+    int64_t *status;   /* (R): 0 unconverged, 1 converged, 2 handed back */
+    int64_t *iterations;  /* (R): Newton directions taken */
+} Solve;
+
+int64_t solve_struct_size(void) { return (int64_t)sizeof(Solve); }
+
+INLINE void solve_row(const Solve *q, Row *r, int64_t b, double *buf, int64_t k, int64_t m) {
+    r->Lsym = q->Lsym + b * m * m; r->Lrho = q->Lrho + b * m * m;
+    r->lin = q->lin + b * m; r->rho = q->rho + b * m; r->log_trans = q->log_trans + b * m;
+    double *x = q->x + b * k, *g = buf, *H = g + k, *d = H + k * k, *chol = d + k, *trial = chol + k * k;
+    double *g1 = trial + k, *H1 = g1 + k;
+    memcpy(x, q->x0 + b * k, (size_t)k * sizeof(double));
+    q->status[b] = UNCONVERGED;
+    q->iterations[b] = 0;
+    double f = value_grad_hessian(r, x, g, H, k, m);
+    if (!isfinite(f)) return;  /* a non-finite row is left to the caller, unconverged */
+    for (int64_t j = 0; j < k; j++) if (!isfinite(g[j])) return;
+    for (int64_t it = 0; it < q->max_iter; it++) {
+        double gmax = sup_norm(g, k);
+        if (gmax <= q->tol) { q->status[b] = CONVERGED; return; }
+        if (!newton_direction(k, H, q->same, g, q->max_move, chol, d)) { q->status[b] = HANDED_BACK; return; }
+        q->iterations[b] = it + 1;
+        double slope = 0.0;
+        for (int64_t j = 0; j < k; j++) slope += g[j] * d[j];
+        double slack = q->rounding * (1.0 + fabs(f));
+        for (int64_t j = 0; j < k; j++) trial[j] = x[j] + d[j];
+        double f1 = value_grad_hessian(r, trial, g1, H1, k, m);  /* the full step, which Newton takes almost always */
+        if (f1 <= f + q->armijo * slope + slack && isfinite(f1)) {
+            memcpy(x, trial, (size_t)k * sizeof(double));
+            memcpy(g, g1, (size_t)k * sizeof(double));
+            memcpy(H, H1, (size_t)(k * k) * sizeof(double));
+            f = f1;
+            continue;
+        }
+        double step = 0.5;  /* backtrack on the value alone, then one gradient and Hessian */
+        int found = 0;
+        for (int64_t s = 0; s < q->backtracks; s++) {
+            for (int64_t j = 0; j < k; j++) trial[j] = x[j] + step * d[j];
+            double ft = row_value(r, trial, k, m);
+            if (ft <= f + q->armijo * step * slope + slack && isfinite(ft)) { found = 1; break; }
+            step = 0.5 * step;
+        }
+        if (!found) {  /* no step decreases f: converged iff the gradient is at the precision floor of f */
+            if (gmax <= q->metric_tol) q->status[b] = CONVERGED;
+            return;
+        }
+        memcpy(x, trial, (size_t)k * sizeof(double));
+        f = value_grad_hessian(r, x, g, H, k, m);
+    }
+}
+
+/* Every row of the call; returns 0, or 1 when the sizes are not whole states or scratch cannot be allocated. */
+int64_t split_newton(const Solve *q) {
+    int64_t k = q->k, m = q->m;
+    if (k <= 0 || m <= 0 || q->A <= 0 || k % q->A != 0) return 1;
+    size_t row_doubles = (size_t)(4 * k + 4 * m * k + 9 * m + 2 * k), solve_doubles = (size_t)(5 * k + 3 * k * k);
+    double *scratch = malloc((row_doubles + solve_doubles) * sizeof(double));
+    if (scratch == NULL) return 1;
+    Row r = {q->A, q->E, q->S, q->same, NULL, NULL, NULL, NULL, NULL, q->lam_beta, NULL};
+    double *p = scratch;
+    r.lp = p; p += k; r.pi = p; p += k; r.w = p; p += k;
+    r.lpE = p; p += m; r.P = p; p += m; r.LP = p; p += m; r.u = p; p += m; r.rPu = p; p += m; r.c = p; p += m;
+    r.D = p; p += m * k; r.PD = p; p += m * k; r.LPD = p; p += m * k; r.v = p; p += m * k;
+    if (!q->unrolled) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, k, m);
+    else if (k == 6 && m == 6) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, 6, 6);  /* the default bandit */
+    else if (k == 4 && m == 4) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, 4, 4);
+    else if (k == 8 && m == 8) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, 8, 8);
+    else for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, k, m);
+    free(scratch);
+    return 0;
+}
