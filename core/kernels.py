@@ -57,9 +57,9 @@ def _compiler() -> str | None:
 
 
 @functools.cache
-def load(source: Path) -> ctypes.CDLL | None:
+def load(source: Path, optimise: str = "-O3") -> ctypes.CDLL | None:
     """The shared library built from the C file `source` (package data beside the module that calls it), or None
-    (warned once)."""
+    (warned once). `optimise` replaces FLAGS' -O3 (part of the cache key)."""
     if os.environ.get(DISABLE, "1") == "0":
         return None
     source_name = source.name
@@ -69,7 +69,8 @@ def load(source: Path) -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([source.read_text(), version, *FLAGS, platform.machine(), _cpu()]).encode())
+        flags = [optimise if flag == "-O3" else flag for flag in FLAGS]
+        key = hashlib.sha256("\0".join([source.read_text(), version, *flags, platform.machine(), _cpu()]).encode())
         folder = cache_dir(None) / "kernels"
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
@@ -77,7 +78,7 @@ def load(source: Path) -> ctypes.CDLL | None:
             tic = time.perf_counter()
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
-            done = subprocess.run([cc, *FLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=300)
+            done = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 os.unlink(tmp)
                 raise RuntimeError(done.stderr.strip()[-2000:])

@@ -18,6 +18,7 @@ import torch
 import ratebench
 import ratebench.algorithms
 from ratebench import checkpoint, envs
+from ratebench.envs import penalty
 from ratebench.allocator import retain_freed_memory
 from ratebench.algorithms import ALGORITHMS
 from ratebench import config
@@ -281,6 +282,8 @@ class _Job:
         setup = time.perf_counter() - tic + sum(p.setup_s for p in parts)
         tic = time.perf_counter()
         self.algo.segment_samples(self.state)  # builds (or loads) a compiled step now, not inside the first step
+        if any(penalty.newton_applies(p.problem) and penalty.separable_groups(p.problem) is not None for p in parts):
+            penalty.newton_library()  # and psi_gap's compiled Newton, not inside the first evaluation
         self.startup = {"imports": _imports_s(), "setup": setup, "kernel": time.perf_counter() - tic}
         self.progress = Progress(f"{v.env.name}/{v.algorithm.name} {self.out_dir.name}", self.step_budget or self.budget,
                                  bool(cfg.progress), start_samples=self._clock(),
