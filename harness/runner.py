@@ -357,11 +357,6 @@ class _Job:
         return self.counters.samples < self.budget and (self.step_budget is None
                                                          or self.counters.step < self.step_budget)
 
-    def _part_state(self, i: int):
-        """Part i's rows of the state (copies: Algorithm.select_rows), what its evaluator scores; a single job's state
-        as it is."""
-        return self.state if len(self.parts) == 1 else self.algo.select_rows(self.state, self.part_rows[i])
-
     def _record(self) -> None:
         """At an evaluation point: hold a copy of the state with its counters, and score the points held so far
         when the rule (HOLD_STEPS) says not to wait for the next one."""
@@ -496,11 +491,11 @@ class _Job:
             self._maybe_checkpoint(at_evaluation=at_point)
             if self.stops.signum is not None:
                 self._stop(self.stops.signum)
-        try:
+        try:  # the points held before the end (or before an error in the loop: they were reached)
             self._score_held()
         except Exception:
             if error is None:
-                raise
+                raise  # else the loop's error is the one reported
         if error is None and self.alive.any() and self.last_recorded != self._clock():
             self._record()
         if error is None:

@@ -32,9 +32,13 @@ def _one_point_at_a_time(monkeypatch):
     monkeypatch.setattr(runner, "HOLD_POINTS", 1)
 
 
+OTHERS = ["ppo_rlhf", "offline_rlhf", "reward_mle", "npg", "softmax_pg"]
+
+
 @pytest.mark.parametrize("overrides", [["algorithm=bilevel", "budget.samples=20000"], SATURATING,
-                                       ["algorithm=dpo", "budget.samples=20000", "n_seeds=4"]],
-                         ids=["readme-job", "saturating", "dpo"])
+                                       ["algorithm=dpo", "budget.samples=20000", "n_seeds=4"],
+                                       *[[f"algorithm={name}", "budget.samples=5000", "n_seeds=3"] for name in OTHERS]],
+                         ids=["readme-job", "saturating", "dpo", *OTHERS])
 def test_held_points_give_the_rows_and_statuses_of_points_scored_one_at_a_time(compose_config, tmp_path,
                                                                                 monkeypatch, overrides):
     cfg = compose_config(overrides)
