@@ -356,6 +356,14 @@ def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWT
     return x, status
 
 
+def newton_path(problem: TabularProblem) -> str | None:
+    """Which solve psi_gap's Newton runs on this problem: "compiled" (penalty_newton.c on the split rows), "torch"
+    (newton_rows: the whole seed, or split rows without the compiled library), None where Newton does not apply."""
+    if not newton_applies(problem):
+        return None
+    return "compiled" if separable_groups(problem) is not None and newton_library() is not None else "torch"
+
+
 def split_newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_iter: int = NEWTON_MAX_ITER,
                       max_move: float = NEWTON_MAX_MOVE):
     """newton_rows(inner, x0, compact=True) on split rows: by penalty_newton.c where it builds (newton_library), whose

@@ -565,6 +565,7 @@ class _Job:
 
         info["code"] = run_code(v.algorithm.name, v.env.name)  # ratebench's version/commit, the plug-ins' sources
         info["step_path"] = self.algo.step_path()  # impl=fast: compiled where it builds, else eager (docs/fast.md)
+        info["psi_newton_path"] = penalty.newton_path(part.problem)  # compiled / torch agree to ~1e-13, not bit for bit
         if len(self.parts) > 1:  # how it was computed, not what: wall times are the whole batch's
             info["instance_batch"] = {"instances": [p.v.env.instance_seed for p in self.parts],
                                       "run_hash": self.run_hash}

@@ -100,3 +100,25 @@ def test_kernels_off_or_no_compiler_take_newton_rows_bit_for_bit(monkeypatch, tm
         x, converged = penalty.split_newton_rows(inner, x0)
     assert penalty.SPLIT_NEWTON_PATHS["torch"] == before + 1
     assert torch.equal(x, reference[0]) and torch.equal(converged, reference[1])
+
+
+def test_run_json_names_the_solve_that_ran(compose_config, tmp_path, monkeypatch):
+    """provenance.psi_newton_path: compiled on the bandit, torch with kernels off and on the mdp (its groups share
+    states: the whole-seed solve), so a reader can tell why two runs' psi_gap differ in the 13th digit."""
+    import json
+
+    from ratebench.runner import run_job
+
+    def path_of(overrides, folder):
+        run_job(compose_config(["algorithm=bilevel", "budget.samples=2000", "n_seeds=2", *overrides]), tmp_path / folder)
+        return json.loads((tmp_path / folder / "run.json").read_text())["provenance"]["psi_newton_path"]
+
+    assert path_of([], "bandit") == "compiled"
+    monkeypatch.setenv(kernels.DISABLE, "0")
+    assert path_of([], "off") == "torch"
+    monkeypatch.delenv(kernels.DISABLE)
+    from ratebench import envs
+    from ratebench.config import validate
+
+    mdp = envs.make(validate(compose_config(["algorithm=bilevel", "env=mdp"])).env)
+    assert penalty.newton_applies(mdp) and penalty.newton_path(mdp) == "torch"
