@@ -307,7 +307,7 @@ class _Solve(ctypes.Structure):  # penalty_newton.c's Solve
                   for name in ("E", "S", "same", "Lsym", "Lrho", "lin", "rho", "log_trans")],
                 *[(name, F64) for name in ("lam_beta", "tol", "max_move", "armijo", "rounding", "metric_tol")],
                 ("x0", ctypes.POINTER(F64)), ("x", ctypes.POINTER(F64)),
-                ("status", ctypes.POINTER(I64)), ("iterations", ctypes.POINTER(I64))]
+                ("status", ctypes.POINTER(I64))]
 
 
 def newton_library():
@@ -343,14 +343,13 @@ def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWT
             flat(inner.Lrho, (R, m, m)), flat(inner.lin, (R, m)), flat(inner.rho, (R, m)),
             flat(inner.log_trans, (R, m)), flat(x0, (R, k))]
     x, status = torch.empty(R, k, dtype=torch.float64), torch.empty(R, dtype=torch.int64)
-    iterations = torch.empty(R, dtype=torch.int64)
 
     def ptr(t, ctype=F64):
         return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
 
     q = _Solve(R, k, m, d.A, max_iter, 60, int(unrolled), *[ptr(t) for t in keep[:8]],  # 60: newton_rows' halvings
                inner.lam_beta, tol, max_move, ARMIJO, ROUNDING, METRIC_TOL,
-               ptr(keep[8]), ptr(x), ptr(status, I64), ptr(iterations, I64))
+               ptr(keep[8]), ptr(x), ptr(status, I64))
     if lib.split_newton(ctypes.byref(q)) != 0:
         raise RuntimeError("penalty_newton.c refused its sizes or could not allocate its scratch")
     return x, status

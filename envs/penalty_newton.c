@@ -153,7 +153,6 @@ typedef struct {
     const double *x0;  /* (R, k) */
     double *x;         /* (R, k): the solution (x0 where the start is not finite; where handed back, untouched) */
     int64_t *status;   /* (R): 0 unconverged, 1 converged, 2 handed back */
-    int64_t *iterations;  /* (R): Newton directions taken */
 } Solve;
 
 int64_t solve_struct_size(void) { return (int64_t)sizeof(Solve); }
@@ -165,7 +164,6 @@ INLINE void solve_row(const Solve *q, Row *r, int64_t b, double *buf, int64_t k,
     double *g1 = trial + k, *H1 = g1 + k;
     memcpy(x, q->x0 + b * k, (size_t)k * sizeof(double));
     q->status[b] = UNCONVERGED;
-    q->iterations[b] = 0;
     double f = value_grad_hessian(r, x, g, H, k, m);
     if (!isfinite(f)) return;  /* a non-finite row is left to the caller, unconverged */
     for (int64_t j = 0; j < k; j++) if (!isfinite(g[j])) return;
@@ -173,7 +171,6 @@ INLINE void solve_row(const Solve *q, Row *r, int64_t b, double *buf, int64_t k,
         double gmax = sup_norm(g, k);
         if (gmax <= q->tol) { q->status[b] = CONVERGED; return; }
         if (!newton_direction(k, H, q->same, g, q->max_move, chol, d)) { q->status[b] = HANDED_BACK; return; }
-        q->iterations[b] = it + 1;
         double slope = 0.0;
         for (int64_t j = 0; j < k; j++) slope += g[j] * d[j];
         double slack = q->rounding * (1.0 + fabs(f));
