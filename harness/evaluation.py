@@ -75,7 +75,7 @@ class Evaluator:
         which states are scored together must not depend on a clock. What the algorithm reads off a state (its
         policy, reward estimate, penalty lam, predictions) is read per state. `tables`, when given, receives the
         states' rows as scored: "logps" (the deployed policies) and "rewards" (the reward estimate's step tables),
-        each a list of (sum B_i, n_h, A) tables, and "sizes" (B_i), for the seed-health check (observe_many)."""
+        each a list of (sum B_i, n_h, A) tables, and "sizes" (B_i), for the seed-health check (health.observe)."""
         problem, algo = self.problem, self.algorithm
         with torch.no_grad():
             per_state = [[lp.detach() for lp in algo.policy_log_probs(s)] for s in states]
@@ -88,7 +88,7 @@ class Evaluator:
         bounds = [0, *torch.cumsum(torch.tensor(sizes), 0).tolist()]
         # psi_gap at l = grid_lambda(lam): the states that share a grid value are solved together, grid values in
         # the order the states reach them (min psi_l is warm-started from the nearest l solved before)
-        groups = [(lam_grid, torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members]))
+        lam_rows = [(lam_grid, torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members]))
                   for lam_grid, members in _by_grid_lambda([algo.schedule(s).get("lam") for s in states]).items()]
         n_rows = bounds[-1]
         psi_gap = torch.full((n_rows,), math.nan, dtype=torch.float64)
@@ -98,13 +98,13 @@ class Evaluator:
             # different functions of the same rows' nu: the reward network runs once on the rows and, after them,
             # again on the rows psi_gap is solved at, and one backward pass gives each copy its own gradient
             model, params = estimates[0][0], _stack([e[1] for e in estimates])
-            again = torch.cat([rows for _, rows in groups]) if groups else torch.zeros(0, dtype=torch.long)
+            again = torch.cat([rows for _, rows in lam_rows]) if lam_rows else torch.zeros(0, dtype=torch.long)
             nu = [torch.cat([p, p[again]]).detach().requires_grad_(True) for p in params]
             tables_both = model.step_tables(nu)
             objective = exact.bilevel_objective(problem, [t[:n_rows] for t in tables_both])
             rewards = [t[:n_rows].detach() for t in tables_both]
             total, start, solved = objective.sum(), n_rows, []
-            for lam_grid, rows in groups:
+            for lam_grid, rows in lam_rows:
                 gap, y, _ = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid)
                 psi_gap[rows] = gap
                 copy = slice(start, start + len(rows))
@@ -130,7 +130,7 @@ class Evaluator:
             grad_sq = torch.full_like(objective, math.nan)
             pgrad_sq = grad_sq
             lower_gap = torch.full_like(objective, math.nan)
-            for lam_grid, rows in groups:
+            for lam_grid, rows in lam_rows:
                 psi_gap[rows] = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid)[0]
         if tables is not None:
             tables.update(logps=logps, rewards=rewards, sizes=sizes)

@@ -55,46 +55,25 @@ def min_log_prob(tables: list[torch.Tensor]) -> torch.Tensor:
     return per_step.amin(0).masked_fill(nan, math.nan)
 
 
-def observe(algo, problem, state) -> dict[str, torch.Tensor]:
-    """What the saturation check reads of a state besides its metrics, each (B,): the deployed policy's smallest
-    log-probability, that of pi*_nu (the exact soft-optimal policy of the reward estimate) and the largest |r_nu|
-    (NaN without a reward estimate, and for a method handed the true reward: its pi* is the target, and at a
-    small beta it is nearly deterministic by design)."""
-    return observe_many(algo, problem, [state])[0]
-
-
-def observe_many(algo, problem, states: list, tables: dict | None = None) -> list[dict[str, torch.Tensor]]:
-    """observe() of several states of the same seeds, one dict of (B,) per state; their rows go through
-    soft_optimal in one pass. `tables`: the states' joined tables as Evaluator.evaluate_many scored them ("logps",
-    "rewards", "sizes"), read instead of computed again."""
+def observe(problem, tables: dict, uses_true_reward: bool) -> list[dict[str, torch.Tensor]]:
+    """What the saturation check reads besides the metrics, from the rows Evaluator.evaluate_many scored (`tables`:
+    "logps" the deployed policies, "rewards" the reward estimate's step tables, "sizes" the rows of each evaluation
+    point), one dict of (B,) per point: the deployed policy's smallest log-probability, that of pi*_nu (the exact
+    soft-optimal policy of the reward estimate) and the largest |r_nu| (NaN for a method handed the true reward: its
+    pi* is the target, and at a small beta it is nearly deterministic by design)."""
     from ratebench.envs.exact import soft_optimal
 
-    def joined(per_state):
-        return per_state[0] if len(per_state) == 1 else [torch.cat(parts) for parts in zip(*per_state)]
-
     with torch.no_grad():
-        if tables is None:
-            policies = [algo.policy_log_probs(s) for s in states]
-            sizes = [p[0].shape[0] for p in policies]
-            logps = joined(policies)
-            estimates = [algo.reward_model(s) for s in states]
-            if estimates[0] is not None:
-                rewards = joined([e[0].step_tables(e[1]) for e in estimates])
-            else:
-                found = [algo.implicit_rewards(s) for s in states]
-                rewards = None if found[0] is None else joined(found)
-        else:
-            logps, rewards, sizes = tables["logps"], tables["rewards"], tables["sizes"]
-        deployed = min_log_prob(logps)
-        if rewards is None or algo.uses_true_reward:  # no estimate whose pi* could underflow
+        deployed = min_log_prob(tables["logps"])
+        if uses_true_reward:  # no estimate whose pi* could underflow
             nan = torch.full_like(deployed, math.nan)
             columns = {"min_log_prob": deployed, "min_log_prob_star": nan, "max_abs_reward": nan}
         else:
-            rewards = [r.detach() for r in rewards]
+            rewards = [r.detach() for r in tables["rewards"]]
             star = min_log_prob(soft_optimal(problem, rewards)[0])
             largest = torch.stack([r.reshape(r.shape[0], -1).abs().amax(1) for r in rewards]).amax(0)
             columns = {"min_log_prob": deployed, "min_log_prob_star": star, "max_abs_reward": largest}
-    return [dict(zip(columns, parts)) for parts in zip(*(v.split(sizes) for v in columns.values()))]
+    return [dict(zip(columns, parts)) for parts in zip(*(v.split(tables["sizes"]) for v in columns.values()))]
 
 
 def finite_everywhere(metrics: dict[str, torch.Tensor]) -> list[str]:

@@ -27,7 +27,7 @@ from ratebench.envs.tabular import InstanceBatch
 from ratebench.core.errors import ConfigError
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import MinPsiStore, reference, true_objective
-from ratebench.health import SeedHealth, flat_parameters, observe_many, zero_rows
+from ratebench.health import SeedHealth, flat_parameters, observe, zero_rows
 from ratebench.live_log import live_logger
 from ratebench.progress import Progress, Timing, say
 from ratebench.core.records import (BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint,
@@ -404,7 +404,7 @@ class _Job:
 
     def _score_held(self) -> None:
         """The exact metrics and the seed-health check of every held point in one pass per part
-        (Evaluator.evaluate_many, observe_many, SeedHealth.evaluate_many), then point by point in order its
+        (Evaluator.evaluate_many, health.observe, SeedHealth.evaluate_many), then point by point in order its
         rows and verdicts. A seed found saturated at a point has no rows after it (it stepped on meanwhile; a
         status from those steps is replaced) and is zeroed now."""
         held, self.held, self.held_bytes = self.held, [], 0
@@ -418,7 +418,7 @@ class _Job:
             states = [h["state"] if len(self.parts) == 1 else self.algo.select_rows(h["state"], rows) for h in held]
             tables = {}  # the rows' policies and reward tables as scored, which the health check reads too
             scored = part.evaluator.evaluate_many(states, tables)  # each (n_seeds,): exact, on the part's own instance
-            reasons = part.health.evaluate_many(scored, observe_many(part.algo, part.problem, states, tables),
+            reasons = part.health.evaluate_many(scored, observe(part.problem, tables, part.algo.uses_true_reward),
                                                 [flat_parameters(part.algo.tensors(s)) for s in states],
                                                 [h["clock"] for h in held], [h["step"] for h in held])
             kept = []  # per point, the part's seeds that get a row there
@@ -430,12 +430,13 @@ class _Job:
                     part.status[self._part_seed(j)] = {"status": "saturated", "step": h["step"], "reason": why[j]}
                 saturated[rows] |= found
             kept = torch.stack(kept).numpy()  # (points, n_seeds): the frame's rows, point-major as they were held
-            per_point = lambda values, dtype=None: np.repeat(np.asarray(values, dtype=dtype), kept.sum(1))
+            counts = kept.sum(1)  # each point's value repeated on its rows
             frame = pd.DataFrame({"seed": np.tile(self.seeds[rows].numpy(), len(held))[kept.reshape(-1)],
-                                  **{k: per_point([h[k] for h in held], np.int64) for k in ("step", "samples", "queries")},
+                                  **{k: np.repeat(np.array([h[k] for h in held], dtype=np.int64), counts)
+                                     for k in ("step", "samples", "queries")},
                                   **{k: torch.stack([m[k] for m in scored]).numpy()[kept] for k in scored[0]},
-                                  **{k: per_point([float(x[k]) for x in schedule]) for k in schedule[0]},
-                                  "wall_s": per_point([h["wall"] for h in held])})
+                                  **{k: np.repeat([float(x[k]) for x in schedule], counts) for k in schedule[0]},
+                                  "wall_s": np.repeat([h["wall"] for h in held], counts)})
             part.rows.append(frame)
             part.live_log.log(frame)
             alive = held[-1]["alive"][rows] & ~saturated[rows]
