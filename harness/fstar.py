@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+import ratebench.envs
 from ratebench.envs.exact import bilevel_objective
 from ratebench.envs.global_ref import GlobalReference, class_start, global_reference, to_units
 from ratebench.core.cache import cache_dir
-from ratebench.core.records import atomic_write_json, config_hash
+from ratebench.core.records import atomic_write_json, config_hash, sources_fingerprint
 
 EXACT_VERSION = 3  # bump when the exact objective or the reference changes (2: global reference; 3: box faces also
 # searched from a fixed grid, which can only lower a bounded F*), so old entries are not reused
@@ -130,9 +131,6 @@ class MinPsiStore:
     would return (JSON keeps float64 exactly) and a run reads the same bits with or without it."""
 
     def __init__(self, env_config: dict, directory: str | None = None):
-        import ratebench.envs
-        from ratebench.core.records import sources_fingerprint
-
         self.folder = cache_dir(directory)
         self.keyed = {"env": env_config, "envs_sources": sources_fingerprint(ratebench.envs.__path__)}
 
