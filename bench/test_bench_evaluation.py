@@ -41,6 +41,29 @@ def evaluation_points(compose_config, tmp_path, overrides, monkeypatch):
                         for k in range(0, rewards[0].shape[0], B)]
 
 
+def one_call_per_lam(points):
+    """The evaluation points' reward tables of one grid lam in one batch of rows (points x seeds), as
+    Evaluator.evaluate_many passes them: [(tables, lam)], one per lam."""
+    by_lam = {}
+    for rewards, lam in points:
+        by_lam.setdefault(lam, []).append(rewards)
+    return [([torch.cat(tables) for tables in zip(*group)], lam) for lam, group in by_lam.items()]
+
+
+def cpu_times(solve, layouts: dict, kinds: tuple, rounds: int) -> dict:
+    """{f"{layout}_{kind}": [process CPU seconds]} of solve(kind == kinds[1], work) for every layout's work, each arm
+    run once untimed first (min psi_lam solved and cached), then interleaved rounds."""
+    arms = {f"{layout}_{kind}": (kind == kinds[1], work) for layout, work in layouts.items() for kind in kinds}
+    for flag, work in arms.values():
+        solve(flag, work)
+    times = {arm: [] for arm in arms}
+    for arm, (flag, work) in interleaved(arms, rounds=rounds):
+        tic = time.process_time()
+        solve(flag, work)
+        times[arm].append(time.process_time() - tic)
+    return times
+
+
 @pytest.mark.parametrize("job", list(JOBS))
 def test_newton_vs_lbfgs_per_evaluation_point(benchmark, compose_config, tmp_path, monkeypatch, job):
     problem, points = evaluation_points(compose_config, tmp_path, JOBS[job], monkeypatch)
@@ -74,10 +97,7 @@ def test_split_vs_dense_newton_on_the_readme_job(benchmark, compose_config, tmp_
     interleaved, process CPU time."""
     problem, points = evaluation_points(compose_config, tmp_path, JOBS["bandit-readme"], monkeypatch)
     monkeypatch.setenv("RATEBENCH_KERNELS", "0")
-    by_lam = {}
-    for rewards, lam in points:
-        by_lam.setdefault(lam, []).append(rewards)
-    batches = [([torch.cat(tables) for tables in zip(*group)], lam) for lam, group in by_lam.items()]
+    batches = one_call_per_lam(points)
     design = penalty._design(problem)
     groups = design.groups
     assert groups is not None
@@ -90,14 +110,7 @@ def test_split_vs_dense_newton_on_the_readme_job(benchmark, compose_config, tmp_
             design.groups = groups
 
     layouts = {"per_point": points, "one_call": batches}
-    arms = {f"{layout}_{kind}": (kind == "split", work) for layout, work in layouts.items() for kind in ("dense", "split")}
-    for split, work in arms.values():
-        solve(split, work)  # min psi_lam solved and cached before timing
-    times = {arm: [] for arm in arms}
-    for arm, (split, work) in interleaved(arms, rounds=5):
-        tic = time.process_time()
-        solve(split, work)
-        times[arm].append(time.process_time() - tic)
+    times = cpu_times(solve, layouts, ("dense", "split"), rounds=5)
     benchmark.pedantic(lambda: None, rounds=1)
     worst = max(float((a - b).abs().max()) for a, b in zip(solve(True, batches), solve(False, batches)))
     rows = sum(rewards[0].shape[0] for rewards, _ in batches)
@@ -118,10 +131,7 @@ def test_compiled_vs_torch_split_newton_on_the_readme_job(benchmark, compose_con
     newton_rows (RATEBENCH_KERNELS=0), per evaluation point (8 rows of seeds) and every point of one lam in one call.
     Arms interleaved, process CPU time."""
     problem, points = evaluation_points(compose_config, tmp_path, JOBS["bandit-readme"], monkeypatch)
-    by_lam = {}
-    for rewards, lam in points:
-        by_lam.setdefault(lam, []).append(rewards)
-    batches = [([torch.cat(tables) for tables in zip(*group)], lam) for lam, group in by_lam.items()]
+    batches = one_call_per_lam(points)
     assert penalty.separable_groups(problem) is not None and penalty.newton_library() is not None
 
     def solve(compiled: bool, work):
@@ -131,14 +141,7 @@ def test_compiled_vs_torch_split_newton_on_the_readme_job(benchmark, compose_con
             return [penalty.psi_gap_and_minimiser(problem, rewards, lam)[0] for rewards, lam in work]
 
     layouts = {"per_point": points, "one_call": batches}
-    arms = {f"{layout}_{kind}": (kind == "c", work) for layout, work in layouts.items() for kind in ("torch", "c")}
-    for compiled, work in arms.values():
-        solve(compiled, work)  # min psi_lam solved and cached before timing
-    times = {arm: [] for arm in arms}
-    for arm, (compiled, work) in interleaved(arms, rounds=7):
-        tic = time.process_time()
-        solve(compiled, work)
-        times[arm].append(time.process_time() - tic)
+    times = cpu_times(solve, layouts, ("torch", "c"), rounds=7)
     benchmark.pedantic(lambda: None, rounds=1)
     before = dict(penalty.SPLIT_NEWTON_PATHS)
     compiled_gaps = solve(True, batches)
