@@ -95,15 +95,18 @@ class Evaluator:
         psi_grad_sq = torch.full((n_rows,), math.nan, dtype=torch.float64)
         if estimates[0] is not None:
             # grad F and grad psi_lam (docs/bilevel.md's surrogate, with the y* psi_gap solved and z* = pi*_nu) are
-            # different functions of the same rows' nu: the reward network runs once on the rows and, after them,
-            # again on the rows psi_gap is solved at, and one backward pass gives each copy its own gradient
+            # different functions of the same rows' nu. The reward network runs once on the rows; autograd takes each
+            # function's gradient in the unit rewards (the rows', and a copy of the rows psi_gap is solved at), and the
+            # network's closed-form backward (RewardModel.backward, the fast path's, tested equal to autograd) carries
+            # each to nu: autograd through the network itself costs several times that on these many small rows
             model, params = estimates[0][0], _stack([e[1] for e in estimates])
+            units, acts = model.units(params)
             again = torch.cat([rows for _, rows in lam_rows]) if lam_rows else torch.zeros(0, dtype=torch.long)
-            nu = [torch.cat([p, p[again]]).detach().requires_grad_(True) for p in params]
-            tables_both = model.step_tables(nu)
-            objective = exact.bilevel_objective(problem, [t[:n_rows] for t in tables_both])
-            rewards = [t[:n_rows].detach() for t in tables_both]
-            total, start, solved = objective.sum(), n_rows, []
+            leaves = [units.detach().requires_grad_(True), units[again].detach().requires_grad_(True)]
+            tables_rows, tables_again = (problem.step_tables_from_units(u) for u in leaves)
+            objective = exact.bilevel_objective(problem, tables_rows)
+            rewards = [t.detach() for t in tables_rows]
+            total, start, solved = objective.sum(), 0, []
             for lam_grid, rows in lam_rows:
                 gap, y, _ = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid)
                 psi_gap[rows] = gap
@@ -111,15 +114,18 @@ class Evaluator:
                 start += len(rows)
                 if y is not None:
                     z, _ = exact.soft_optimal(problem, [r[rows] for r in rewards])
-                    surrogate = penalty.hypergradient_surrogate(problem, [t[copy] for t in tables_both], y, z, lam_grid)
+                    surrogate = penalty.hypergradient_surrogate(problem, [t[copy] for t in tables_again], y, z, lam_grid)
                     total = total + surrogate.sum()
                     solved.append((rows, copy))
-            grads = torch.autograd.grad(total, nu)
-            grad_f = [g[:n_rows] for g in grads]
+            grad_units = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
+            grad_f = model.backward(params, acts, grad_units[0])
             grad_sq = per_seed_sq_norm(grad_f)
-            pgrad_sq = per_seed_sq_norm(model.gradient_mapping([p.detach() for p in params], grad_f))
-            for rows, copy in solved:
-                psi_grad_sq[rows] = per_seed_sq_norm([g[copy] for g in grads])
+            pgrad_sq = per_seed_sq_norm(model.gradient_mapping(params, grad_f))
+            if solved:
+                grad_psi = model.backward([p[again] for p in params], None if acts is None else [a[again] for a in acts],
+                                          grad_units[1])
+                for rows, copy in solved:
+                    psi_grad_sq[rows] = per_seed_sq_norm([g[copy] for g in grad_psi])
             objective = objective.detach()
             with torch.no_grad():  # J*(nu_t) - J(nu_t, theta_t): the lower level's own optimality
                 lower_gap = exact.optimal_value(problem, rewards) - exact.policy_value(problem, rewards, logps)
