@@ -126,6 +126,13 @@ class Algorithm:
         """The deployed policy as per-step log-prob tables [(B, n_h, A)]."""
         raise NotImplementedError
 
+    def stacked_policy_log_probs(self, states: list) -> list[torch.Tensor]:
+        """policy_log_probs of several states of the same seeds (evaluation points the harness scores together), their
+        rows stacked in order: [(sum B_i, n_h, A)]. An algorithm whose deployed policy is a network of per-row
+        parameters overrides it to run the network once on every row."""
+        per_state = [self.policy_log_probs(s) for s in states]
+        return per_state[0] if len(per_state) == 1 else [torch.cat(parts) for parts in zip(*per_state)]
+
     def reward_model(self, state: Any) -> tuple[RewardModel, Params] | None:
         """(model, parameters nu) of the reward estimate, or None if no nu exists."""
         return None

@@ -438,6 +438,10 @@ class Bilevel(Algorithm):
     def policy_log_probs(self, state):
         return self.policy.log_probs(state.z)  # the deployed policy is z (docs/bilevel.md)
 
+    def stacked_policy_log_probs(self, states):
+        params = states[0].z if len(states) == 1 else [torch.cat(p) for p in zip(*(s.z for s in states))]
+        return self.policy.log_probs(params)
+
     def reward_model(self, state):
         return self.reward, state.nu
 

@@ -78,9 +78,8 @@ class Evaluator:
         each a list of (sum B_i, n_h, A) tables, and "sizes" (B_i), for the seed-health check (health.observe)."""
         problem, algo = self.problem, self.algorithm
         with torch.no_grad():
-            per_state = [[lp.detach() for lp in algo.policy_log_probs(s)] for s in states]
-            sizes = [t[0].shape[0] for t in per_state]
-            logps = _stack(per_state)
+            logps = [lp.detach() for lp in algo.stacked_policy_log_probs(states)]
+            sizes = [logps[0].shape[0] // len(states)] * len(states)  # each state the same seeds
             policy_gap = self.policy_gap(logps)
             value_gap = self.max_return - exact.expected_return(problem, self.true_rewards, logps)
             kl_ref = exact.kl_to_ref(problem, logps)
