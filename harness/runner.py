@@ -419,7 +419,7 @@ class _Job:
             tables = {}  # the rows' policies and reward tables as scored, which the health check reads too
             scored = part.evaluator.evaluate_many(states, tables)  # each (n_seeds,): exact, on the part's own instance
             reasons = part.health.evaluate_many(scored, observe(part.problem, tables, part.algo.uses_true_reward),
-                                                [flat_parameters(part.algo.tensors(s)) for s in states],
+                                                flat_parameters([part.algo.tensors(s) for s in states]),
                                                 [h["clock"] for h in held], [h["step"] for h in held])
             kept = []  # per point, the part's seeds that get a row there
             for h, why in zip(held, reasons):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import at_step
 from ratebench.algorithms.bilevel import Bilevel
-from ratebench.health import LOG_TINY, HealthConfig, SeedHealth, relative_change, saturation
+from ratebench.health import LOG_TINY, HealthConfig, SeedHealth, flat_parameters, relative_change, saturation
 from ratebench.core.records import objective_value
 from ratebench.runner import FINISHED, run_instances_or_skip, run_job
 
@@ -76,6 +76,22 @@ def test_relative_change_and_the_decade_memory():
 
 
 # --- constructed runs ------------------------------------------------------------------------------------------------
+def test_flat_parameters_of_several_states_are_each_states_own_rows():
+    """The batched copy (one per tensor name over the states) against each state's rows written out by hand: every
+    tensor flattened per seed, float64, in the tensors' order."""
+    gen = torch.Generator().manual_seed(3)
+    states = [{"w": torch.randn(4, 3, 2, generator=gen), "lam": torch.randn(4, generator=gen),
+               "z.0": torch.randn(4, 5, generator=gen).to(torch.float32)} for _ in range(3)]
+    many = flat_parameters(states)
+    assert len(many) == 3
+    for state, flat in zip(states, many):
+        by_hand = torch.tensor([[*state["w"][b].flatten().tolist(), float(state["lam"][b]),
+                                 *[float(v) for v in state["z.0"][b]]] for b in range(4)], dtype=torch.float64)
+        assert torch.equal(flat, by_hand) and torch.equal(flat_parameters(state), by_hand)
+    many[0][0, 0] = 99.0  # copies, not views of the state
+    assert float(states[0]["w"][0, 0, 0]) != 99.0
+
+
 def test_an_absurd_step_size_saturates_every_seed_and_a_sane_one_none(compose_config, tmp_path):
     """c_xi = 1e6: the first nu-step throws the reward to ~1e8 beta, pi*_nu underflows: saturated at step 1, the
     seed's last row; c_xi = 1e170: the exact metrics overflow (NaN) with finite parameters. The default c_xi on
