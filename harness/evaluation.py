@@ -74,8 +74,9 @@ class Evaluator:
         but a matrix product over more rows may round differently in the last place (tests/test_held_evaluation.py):
         which states are scored together must not depend on a clock. What the algorithm reads off a state (its
         policy, reward estimate, penalty lam, predictions) is read per state. `tables`, when given, receives the
-        states' rows as scored: "logps" (the deployed policies) and "rewards" (the reward estimate's step tables),
-        each a list of (sum B_i, n_h, A) tables, and "sizes" (B_i), for the seed-health check (health.observe)."""
+        states' rows as scored: "logps" (the deployed policies), "rewards" (the reward estimate's step tables) and,
+        with a reward model, "star" (its pi*_nu), each a list of (sum B_i, n_h, A) tables, and "sizes" (B_i), for the
+        seed-health check (health.observe)."""
         problem, algo = self.problem, self.algorithm
         with torch.no_grad():
             logps = [lp.detach() for lp in algo.stacked_policy_log_probs(states)]
@@ -105,6 +106,8 @@ class Evaluator:
             tables_rows, tables_again = (problem.step_tables_from_units(u) for u in leaves)
             objective = exact.bilevel_objective(problem, tables_rows)
             rewards = [t.detach() for t in tables_rows]
+            with torch.no_grad():
+                star = exact.soft_optimal(problem, rewards)[0]  # pi*_nu: psi's surrogate's z*, and the health check's
             total, start, solved = objective.sum(), 0, []
             for lam_grid, rows in lam_rows:
                 gap, y, _ = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid)
@@ -112,8 +115,8 @@ class Evaluator:
                 copy = slice(start, start + len(rows))
                 start += len(rows)
                 if y is not None:
-                    z, _ = exact.soft_optimal(problem, [r[rows] for r in rewards])
-                    surrogate = penalty.hypergradient_surrogate(problem, [t[copy] for t in tables_again], y, z, lam_grid)
+                    surrogate = penalty.hypergradient_surrogate(problem, [t[copy] for t in tables_again], y,
+                                                                [t[rows] for t in star], lam_grid)
                     total = total + surrogate.sum()
                     solved.append((rows, copy))
             grad_units = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
@@ -139,6 +142,8 @@ class Evaluator:
                 psi_gap[rows] = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid)[0]
         if tables is not None:
             tables.update(logps=logps, rewards=rewards, sizes=sizes)
+            if estimates[0] is not None:
+                tables["star"] = star
         with torch.no_grad():
             reward_err = exact.reward_error(problem, rewards)
         columns = {

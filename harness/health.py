@@ -58,7 +58,7 @@ def min_log_prob(tables: list[torch.Tensor]) -> torch.Tensor:
 def observe(problem, tables: dict, uses_true_reward: bool) -> list[dict[str, torch.Tensor]]:
     """What the saturation check reads besides the metrics, from the rows Evaluator.evaluate_many scored (`tables`:
     "logps" the deployed policies, "rewards" the reward estimate's step tables, "sizes" the rows of each evaluation
-    point), one dict of (B,) per point: the deployed policy's smallest log-probability, that of pi*_nu (the exact
+    point, and "star" pi*_nu where the evaluation solved it), one dict of (B,) per point: the deployed policy's smallest log-probability, that of pi*_nu (the exact
     soft-optimal policy of the reward estimate) and the largest |r_nu| (NaN for a method handed the true reward: its
     pi* is the target, and at a small beta it is nearly deterministic by design)."""
     from ratebench.envs.exact import soft_optimal
@@ -70,7 +70,7 @@ def observe(problem, tables: dict, uses_true_reward: bool) -> list[dict[str, tor
             columns = {"min_log_prob": deployed, "min_log_prob_star": nan, "max_abs_reward": nan}
         else:
             rewards = [r.detach() for r in tables["rewards"]]
-            star = min_log_prob(soft_optimal(problem, rewards)[0])
+            star = min_log_prob(tables["star"] if "star" in tables else soft_optimal(problem, rewards)[0])
             largest = torch.stack([r.reshape(r.shape[0], -1).abs().amax(1) for r in rewards]).amax(0)
             columns = {"min_log_prob": deployed, "min_log_prob_star": star, "max_abs_reward": largest}
     return [dict(zip(columns, parts)) for parts in zip(*(v.split(tables["sizes"]) for v in columns.values()))]
