@@ -296,8 +296,9 @@ def newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_it
 
 
 NEWTON_SOURCE = Path(__file__).with_name("penalty_newton.c")  # newton_rows for split rows, in C
-HANDED_BACK = 2  # penalty_newton.c's status of a row whose H + same is not positive definite (0/1: (un)converged)
-SPLIT_NEWTON_PATHS = {"c": 0, "torch": 0, "handed_back": 0}  # chunks solved by each path, rows handed back to torch
+INDEFINITE = 2  # penalty_newton.c's status bit of a row that took the eigenvalue direction (bit 1: converged)
+SPLIT_NEWTON_PATHS = {"c": 0, "torch": 0, "indefinite": 0}  # chunks solved by each path; rows of the C path that
+#                                                            took the eigenvalue direction (an indefinite H + same)
 I64, F64 = ctypes.c_int64, ctypes.c_double
 
 
@@ -320,6 +321,7 @@ def newton_library():
     if lib is not None and not hasattr(lib, "checked"):
         lib.split_newton.argtypes, lib.split_newton.restype = [ctypes.POINTER(_Solve)], I64
         lib.solve_struct_size.restype = I64
+        lib.eigen_symmetric.argtypes, lib.eigen_symmetric.restype = [I64, I64, *[ctypes.POINTER(F64)] * 3], None
         if lib.solve_struct_size() != ctypes.sizeof(_Solve):  # the two layouts of one struct: fail, never misread
             raise RuntimeError(f"penalty_newton.c's Solve is {lib.solve_struct_size()} bytes, _Solve "
                                f"{ctypes.sizeof(_Solve)}: their fields differ")
@@ -329,9 +331,10 @@ def newton_library():
 
 def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL,
                          max_iter: int = NEWTON_MAX_ITER, max_move: float = NEWTON_MAX_MOVE, unrolled: bool = True):
-    """newton_rows on split rows (inner = _Inner(split=True)) by penalty_newton.c: (x (R, k), status (R,)), status 1
-    converged, 0 not, HANDED_BACK where Cholesky failed (x there is not a solution). unrolled=False: the C file's
-    generic loops instead of its copies unrolled for k = m in {4, 6, 8} (the same bits; tests compare them)."""
+    """newton_rows on split rows (inner = _Inner(split=True)) by penalty_newton.c: (x (R, k), status (R,)), status & 1
+    converged, status & INDEFINITE where some iteration took the eigenvalue direction (H + same not positive
+    definite). unrolled=False: the C file's generic loops instead of its copies unrolled for k = m in {4, 6, 8} (the
+    same bits; tests compare them)."""
     d = inner.d
     R, k = x0.shape
     m = d.m
@@ -365,8 +368,8 @@ def newton_path(problem: TabularProblem) -> str | None:
 
 def split_newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_iter: int = NEWTON_MAX_ITER,
                       max_move: float = NEWTON_MAX_MOVE):
-    """newton_rows(inner, x0, compact=True) on split rows: by penalty_newton.c where it builds (newton_library), whose
-    handed-back rows (an indefinite H + same) are solved here from x0 by newton_rows, so they get its bits; else by
+    """newton_rows(inner, x0, compact=True) on split rows: by penalty_newton.c where it builds (newton_library), the
+    same algorithm up to rounding (its eigenvalue direction by Jacobi rotations, not LAPACK's eigh); else by
     newton_rows. Returns (x, converged (R,))."""
     lib = newton_library()
     if lib is None:
@@ -374,12 +377,8 @@ def split_newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, 
         return newton_rows(inner, x0, tol, max_iter, max_move, compact=True)
     SPLIT_NEWTON_PATHS["c"] += 1
     x, status = compiled_newton_rows(lib, inner, x0, tol, max_iter, max_move)
-    converged = status == 1
-    back = status == HANDED_BACK
-    if bool(back.any()):
-        SPLIT_NEWTON_PATHS["handed_back"] += int(back.sum())
-        x[back], converged[back] = newton_rows(inner.rows(back), x0[back], tol, max_iter, max_move, compact=True)
-    return x, converged
+    SPLIT_NEWTON_PATHS["indefinite"] += int(((status & INDEFINITE) != 0).sum())
+    return x, (status & 1) == 1
 
 
 def newton_applies(problem: TabularProblem) -> bool:

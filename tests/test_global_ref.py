@@ -14,6 +14,7 @@ import torch
 from scipy.optimize import minimize
 
 from ratebench import envs
+from ratebench.algorithms.base import Algorithm
 from ratebench.algorithms.models import NetConfig, RewardModel
 from ratebench.envs import bandit, exact, global_ref, mdp, penalty, token
 from ratebench.core.errors import ConfigError
@@ -206,11 +207,11 @@ def test_cache_entry_is_reused_and_an_invalid_one_recomputed_with_a_warning(tmp_
 
 
 # --- the metrics -------------------------------------------------------------------------
-class FixedState:
+class FixedState(Algorithm):
     """An algorithm stand-in: fixed unit rewards (B, n_units) of a tabular reward model (`reward`: its NetConfig,
-    e.g. with a box), a fixed policy, a fixed lam."""
+    e.g. with a box), a fixed policy, a fixed lam; what it does not say is Algorithm's default."""
 
-    def __init__(self, problem, units, logps, lam, reward: NetConfig | None = None):
+    def __init__(self, problem, units, logps, lam, reward: NetConfig | None = None):  # no config: nothing to step
         self.problem, self.units, self.logps, self.lam = problem, units, logps, lam
         self.reward = reward or NetConfig(kind="tabular")
 
