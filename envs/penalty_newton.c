@@ -228,6 +228,7 @@ INLINE int newton_direction(int64_t k, const double *H, const double *same, cons
 typedef struct {
     int64_t R, k, m, A, max_iter, backtracks;
     int64_t unrolled;  /* 1: the copies for k = m in {4, 6, 8} where they apply; 0: the generic loops (the same bits) */
+    int64_t n_threads; /* threads the rows are split across (the same bits whatever their number) */
     const double *E, *S, *same;
     const double *Lsym, *Lrho, *lin, *rho, *log_trans;  /* (R, m, m), (R, m, m), (R, m) x 3 */
     double lam_beta, tol, max_move, armijo, rounding, metric_tol;
@@ -283,23 +284,52 @@ INLINE void solve_row(const Solve *q, Row *r, int64_t b, double *buf, int64_t k,
     }
 }
 
-/* Every row of the call; returns 0, or 1 when the sizes are not whole states or scratch cannot be allocated. */
-int64_t split_newton(const Solve *q) {
-    int64_t k = q->k, m = q->m;
-    if (k <= 0 || m <= 0 || q->A <= 0 || k % q->A != 0) return 1;
+/* The rows first .. last - 1 of a call, with this thread's own scratch. */
+typedef struct {
+    const Solve *q;
+    int64_t first, last, bad;  /* bad: its scratch could not be allocated */
+} Block;
+
+static void *solve_block(void *arg) {
+    Block *job = arg;
+    const Solve *q = job->q;
+    int64_t k = q->k, m = q->m, first = job->first, last = job->last;
     size_t row_doubles = (size_t)(4 * k + 4 * m * k + 9 * m + 2 * k), solve_doubles = (size_t)(7 * k + 4 * k * k);
     double *scratch = malloc((row_doubles + solve_doubles) * sizeof(double));
-    if (scratch == NULL) return 1;
+    if (scratch == NULL) { job->bad = 1; return NULL; }
     Row r = {q->A, q->E, q->S, q->same, NULL, NULL, NULL, NULL, NULL, q->lam_beta, NULL};
     double *p = scratch;
     r.lp = p; p += k; r.pi = p; p += k; r.w = p; p += k;
     r.lpE = p; p += m; r.P = p; p += m; r.LP = p; p += m; r.u = p; p += m; r.rPu = p; p += m; r.c = p; p += m;
     r.D = p; p += m * k; r.PD = p; p += m * k; r.LPD = p; p += m * k; r.v = p; p += m * k;
-    if (!q->unrolled) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, k, m);
-    else if (k == 6 && m == 6) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, 6, 6);  /* the default bandit */
-    else if (k == 4 && m == 4) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, 4, 4);
-    else if (k == 8 && m == 8) for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, 8, 8);
-    else for (int64_t b = 0; b < q->R; b++) solve_row(q, &r, b, p, k, m);
+    if (!q->unrolled) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, k, m);
+    else if (k == 6 && m == 6) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, 6, 6);  /* the default bandit */
+    else if (k == 4 && m == 4) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, 4, 4);
+    else if (k == 8 && m == 8) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, 8, 8);
+    else for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, k, m);
     free(scratch);
+    return NULL;
+}
+
+/* Every row of the call, in contiguous blocks of rows over n_threads threads (at most one per row, at most 256; the
+   calling thread solves the first block); returns 0, 1 when the sizes are not whole states or scratch cannot be
+   allocated, 3 when a thread could not start. */
+int64_t split_newton(const Solve *q) {
+    if (q->k <= 0 || q->m <= 0 || q->A <= 0 || q->k % q->A != 0) return 1;
+    int64_t n = q->n_threads < 1 ? 1 : q->n_threads;
+    if (n > q->R) n = q->R > 0 ? q->R : 1;
+    if (n > 256) n = 256;
+    Block jobs[256];
+    pthread_t threads[256];
+    for (int64_t t = 0; t < n; t++) jobs[t] = (Block){q, q->R * t / n, q->R * (t + 1) / n, 0};
+    int64_t started = 0, failed = 0;
+    for (int64_t t = 1; t < n; t++) {
+        if (pthread_create(&threads[t], NULL, solve_block, &jobs[t]) != 0) { failed = 1; break; }
+        started = t;
+    }
+    if (!failed) solve_block(&jobs[0]);
+    for (int64_t t = 1; t <= started; t++) pthread_join(threads[t], NULL);
+    if (failed) return 3;
+    for (int64_t t = 0; t < n; t++) if (jobs[t].bad) return 1;
     return 0;
 }

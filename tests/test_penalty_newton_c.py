@@ -85,6 +85,39 @@ def test_compiled_rows_equal_newton_rows(name, kind):
         assert indefinite_rows > 0
 
 
+def test_the_rows_give_the_same_bits_on_any_number_of_threads():
+    """A few hundred rows (8 seeds x 8 contexts of two reward classes at lam 0.3, some through the eigenvalue
+    direction) split across 1, 2, 3 and 7 threads (blocks of 384, 192, 128 and 54-55 rows: the edges fall in
+    different places): x and status equal bit for bit, and equal to each row solved alone."""
+    problem, lib = make("default"), penalty.newton_library()
+    parts = [split_rows(problem, reward_tables(problem, kind, seed=5, batch=24), 0.3) for kind in ("near", "bounded")]
+    x0 = torch.cat([x for _, x in parts])
+    inner = parts[0][0]
+    for name in ("Lsym", "Lrho", "lin", "rho", "log_trans"):
+        setattr(inner, name, torch.cat([getattr(part, name) for part, _ in parts]))
+    assert len(x0) == 384 and [penalty.newton_threads(len(x0), t) for t in (1, 2, 3, 7)] == [1, 2, 3, 7]
+    x, status = penalty.compiled_newton_rows(lib, inner, x0, threads=1)
+    assert 0 < int(((status & penalty.INDEFINITE) != 0).sum()) < len(x0)
+    for threads in (2, 3, 7):
+        other = penalty.compiled_newton_rows(lib, inner, x0, threads=threads)
+        assert torch.equal(other[0], x) and torch.equal(other[1], status), threads
+    for row in range(0, 384, 37):
+        alone = penalty.compiled_newton_rows(lib, inner.rows(torch.arange(384) == row), x0[row:row + 1])
+        assert torch.equal(alone[0][0], x[row]) and int(alone[1][0]) == int(status[row])
+
+
+def test_the_thread_count():
+    """Every core this process may use by default (0 too, as the harness's step_threads), never more threads than one
+    per NEWTON_ROWS_PER_THREAD rows, at least one."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    per = penalty.NEWTON_ROWS_PER_THREAD
+    assert penalty.newton_threads(1000 * per) == cores == penalty.newton_threads(1000 * per, 0)
+    assert penalty.newton_threads(2 * per - 1, 8) == 1 and penalty.newton_threads(2 * per, 8) == 2
+    assert penalty.newton_threads(0, 8) == 1 and penalty.newton_threads(1000 * per, 5) == 5
+
+
 def eigen_symmetric(lib, a):
     """penalty_newton.c's Jacobi eigen-solver on a (n, k, k): (eigenvalues (n, k) ascending, eigenvectors (n, k, k)
     as columns, in that order)."""
