@@ -329,7 +329,7 @@ def newton_library():
     return lib
 
 
-NEWTON_ROWS_PER_THREAD = 32  # split rows per thread at least: a row takes ~3 us in C, a thread ~30 us to start
+NEWTON_ROWS_PER_THREAD = 32  # split rows per thread at least: a row takes ~4 us in C, a thread ~35 us of CPU to start
 
 
 def newton_threads(rows: int, threads: int | None = None) -> int:
