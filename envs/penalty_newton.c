@@ -169,8 +169,8 @@ void eigen_symmetric(int64_t n, int64_t k, double *a, double *V, double *ev) {
 
 /* d = -(H + same)^-1 g by Cholesky (L in work, 1 / L_jj on its diagonal), or where a pivot is <= 0 or not finite
    (H + same not positive definite) the modified-eigenvalue direction -V diag(1 / max(|ev|, 1e-8 max(max |ev|, 1)))
-   V^T g; capped at max_move in sup-norm. work: 2 k^2 + 2 k doubles. Returns CONVERGED (a 1: Cholesky), INDEFINITE
-   (the eigenvalue direction), or UNCONVERGED where H + same is not finite (no direction). */
+   V^T g; capped at max_move in sup-norm. work: 2 k^2 + 2 k doubles. Returns 1 (Cholesky), INDEFINITE (the eigenvalue
+   direction), or 0 where H + same is not finite (no direction). */
 INLINE int newton_direction(int64_t k, const double *H, const double *same, const double *g, double max_move,
                             double *work, double *d) {
     double *chol = work;
@@ -203,7 +203,7 @@ INLINE int newton_direction(int64_t k, const double *H, const double *same, cons
         double *M = work, *V = M + k * k, *ev = V + k * k, *y = ev + k;
         for (int64_t i = 0; i < k * k; i++) {
             M[i] = H[i] + same[i];
-            if (!isfinite(M[i])) return UNCONVERGED;
+            if (!isfinite(M[i])) return 0;
         }
         jacobi_eigen(k, M, V, ev);
         double top = 0.0;
@@ -222,7 +222,7 @@ INLINE int newton_direction(int64_t k, const double *H, const double *same, cons
     }
     double big = sup_norm(d, k), scale = max_move / (big > max_move || isnan(big) ? big : max_move);
     for (int64_t i = 0; i < k; i++) d[i] = -d[i] * scale;
-    return positive ? CONVERGED : INDEFINITE;
+    return positive ? 1 : INDEFINITE;
 }
 
 typedef struct {
@@ -253,8 +253,8 @@ INLINE void solve_row(const Solve *q, Row *r, int64_t b, double *buf, int64_t k,
         double gmax = sup_norm(g, k);
         if (gmax <= q->tol) { q->status[b] |= CONVERGED; return; }
         int direction = newton_direction(k, H, q->same, g, q->max_move, work, d);
-        if (direction == UNCONVERGED) return;  /* H + same not finite: left to the caller, unconverged */
-        q->status[b] |= direction & INDEFINITE;
+        if (direction == 0) return;  /* H + same not finite: left to the caller, unconverged */
+        if (direction == INDEFINITE) q->status[b] |= INDEFINITE;
         double slope = 0.0;
         for (int64_t j = 0; j < k; j++) slope += g[j] * d[j];
         double slack = q->rounding * (1.0 + fabs(f));
