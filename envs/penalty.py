@@ -296,13 +296,14 @@ def newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_it
 
 
 NEWTON_SOURCE = Path(__file__).with_name("penalty_newton.c")  # newton_rows for split rows, in C
-HANDED_BACK = 2  # penalty_newton.c's status of a row whose H + same is not positive definite (0/1: (un)converged)
-SPLIT_NEWTON_PATHS = {"c": 0, "torch": 0, "handed_back": 0}  # chunks solved by each path, rows handed back to torch
+INDEFINITE = 2  # penalty_newton.c's status bit of a row that took the eigenvalue direction (bit 1: converged)
+SPLIT_NEWTON_PATHS = {"c": 0, "torch": 0, "indefinite": 0}  # chunks solved by each path; rows of the C path that
+#                                                            took the eigenvalue direction (an indefinite H + same)
 I64, F64 = ctypes.c_int64, ctypes.c_double
 
 
 class _Solve(ctypes.Structure):  # penalty_newton.c's Solve
-    _fields_ = [*[(name, I64) for name in ("R", "k", "m", "A", "max_iter", "backtracks", "unrolled")],
+    _fields_ = [*[(name, I64) for name in ("R", "k", "m", "A", "max_iter", "backtracks", "unrolled", "n_threads")],
                 *[(name, ctypes.POINTER(F64))
                   for name in ("E", "S", "same", "Lsym", "Lrho", "lin", "rho", "log_trans")],
                 *[(name, F64) for name in ("lam_beta", "tol", "max_move", "armijo", "rounding", "metric_tol")],
@@ -320,6 +321,7 @@ def newton_library():
     if lib is not None and not hasattr(lib, "checked"):
         lib.split_newton.argtypes, lib.split_newton.restype = [ctypes.POINTER(_Solve)], I64
         lib.solve_struct_size.restype = I64
+        lib.eigen_symmetric.argtypes, lib.eigen_symmetric.restype = [I64, I64, *[ctypes.POINTER(F64)] * 3], None
         if lib.solve_struct_size() != ctypes.sizeof(_Solve):  # the two layouts of one struct: fail, never misread
             raise RuntimeError(f"penalty_newton.c's Solve is {lib.solve_struct_size()} bytes, _Solve "
                                f"{ctypes.sizeof(_Solve)}: their fields differ")
@@ -327,11 +329,24 @@ def newton_library():
     return lib
 
 
+NEWTON_ROWS_PER_THREAD = 32  # split rows per thread at least: a row takes ~4 us in C, a thread ~35 us of CPU to start
+
+
+def newton_threads(rows: int, threads: int | None = None) -> int:
+    """Threads for a compiled split solve of `rows` rows: `threads`, or every core this process may use when None or
+    0 (the harness's step_threads reading), at most one per NEWTON_ROWS_PER_THREAD rows, at least 1."""
+    if not threads:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(threads), rows // NEWTON_ROWS_PER_THREAD))
+
+
 def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL,
-                         max_iter: int = NEWTON_MAX_ITER, max_move: float = NEWTON_MAX_MOVE, unrolled: bool = True):
-    """newton_rows on split rows (inner = _Inner(split=True)) by penalty_newton.c: (x (R, k), status (R,)), status 1
-    converged, 0 not, HANDED_BACK where Cholesky failed (x there is not a solution). unrolled=False: the C file's
-    generic loops instead of its copies unrolled for k = m in {4, 6, 8} (the same bits; tests compare them)."""
+                         max_iter: int = NEWTON_MAX_ITER, max_move: float = NEWTON_MAX_MOVE, unrolled: bool = True,
+                         threads: int | None = None):
+    """newton_rows on split rows (inner = _Inner(split=True)) by penalty_newton.c: (x (R, k), status (R,)), status & 1
+    converged, status & INDEFINITE where some iteration took the eigenvalue direction (H + same not positive
+    definite). unrolled=False: the C file's generic loops instead of its copies unrolled for k = m in {4, 6, 8} (the
+    same bits; tests compare them). The rows are split across newton_threads(R, threads) threads: the same bits."""
     d = inner.d
     R, k = x0.shape
     m = d.m
@@ -347,11 +362,12 @@ def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWT
     def ptr(t, ctype=F64):
         return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
 
-    q = _Solve(R, k, m, d.A, max_iter, 60, int(unrolled), *[ptr(t) for t in keep[:8]],  # 60: newton_rows' halvings
+    q = _Solve(R, k, m, d.A, max_iter, 60, int(unrolled), newton_threads(R, threads),  # 60: newton_rows' halvings
+               *[ptr(t) for t in keep[:8]],
                inner.lam_beta, tol, max_move, ARMIJO, ROUNDING, METRIC_TOL,
                ptr(keep[8]), ptr(x), ptr(status, I64))
     if lib.split_newton(ctypes.byref(q)) != 0:
-        raise RuntimeError("penalty_newton.c refused its sizes or could not allocate its scratch")
+        raise RuntimeError("penalty_newton.c refused its sizes, could not allocate its scratch or start a thread")
     return x, status
 
 
@@ -364,22 +380,18 @@ def newton_path(problem: TabularProblem) -> str | None:
 
 
 def split_newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_iter: int = NEWTON_MAX_ITER,
-                      max_move: float = NEWTON_MAX_MOVE):
-    """newton_rows(inner, x0, compact=True) on split rows: by penalty_newton.c where it builds (newton_library), whose
-    handed-back rows (an indefinite H + same) are solved here from x0 by newton_rows, so they get its bits; else by
-    newton_rows. Returns (x, converged (R,))."""
+                      max_move: float = NEWTON_MAX_MOVE, threads: int | None = None):
+    """newton_rows(inner, x0, compact=True) on split rows: by penalty_newton.c where it builds (newton_library), the
+    same algorithm up to rounding (its eigenvalue direction by Jacobi rotations, not LAPACK's eigh); else by
+    newton_rows. threads: compiled_newton_rows' (None: every core). Returns (x, converged (R,))."""
     lib = newton_library()
     if lib is None:
         SPLIT_NEWTON_PATHS["torch"] += 1
         return newton_rows(inner, x0, tol, max_iter, max_move, compact=True)
     SPLIT_NEWTON_PATHS["c"] += 1
-    x, status = compiled_newton_rows(lib, inner, x0, tol, max_iter, max_move)
-    converged = status == 1
-    back = status == HANDED_BACK
-    if bool(back.any()):
-        SPLIT_NEWTON_PATHS["handed_back"] += int(back.sum())
-        x[back], converged[back] = newton_rows(inner.rows(back), x0[back], tol, max_iter, max_move, compact=True)
-    return x, converged
+    x, status = compiled_newton_rows(lib, inner, x0, tol, max_iter, max_move, threads=threads)
+    SPLIT_NEWTON_PATHS["indefinite"] += int(((status & INDEFINITE) != 0).sum())
+    return x, (status & 1) == 1
 
 
 def newton_applies(problem: TabularProblem) -> bool:
@@ -389,12 +401,14 @@ def newton_applies(problem: TabularProblem) -> bool:
     return n <= NEWTON_MAX_VARS and problem.n_groups * problem.trajectories_per_group() * n <= PAIR_CHUNK
 
 
-def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: float, tol: float = NEWTON_TOL) -> Tables:
+def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: float, tol: float = NEWTON_TOL,
+                             threads: int | None = None) -> Tables:
     """penalty_minimiser's y*_lam(nu) from the same start z* = pi*_nu, by Newton's method on every seed at once
     (newton_rows) to a logit-gradient sup-norm of `tol`; where the groups own disjoint logits (separable_groups), on
     every (seed, group) at once (split_newton_rows: in C where it builds), a seed converged when all its groups are.
     A seed Newton leaves unconverged (after NEWTON_MAX_ITER iterations, or non-finite) gets penalty_minimiser's
-    solution (L-BFGS, METRIC_TOL, on the whole seed chunk). Log-prob tables [(B, n_h, A)], detached."""
+    solution (L-BFGS, METRIC_TOL, on the whole seed chunk). threads: split_newton_rows' (None: every core; the same
+    bits whatever it is). Log-prob tables [(B, n_h, A)], detached."""
     rewards = [r.detach() for r in rewards]
     start, _ = soft_optimal(problem, rewards)
     d = _design(problem)
@@ -413,7 +427,7 @@ def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: floa
             # leave the batch (torch) or each row is solved alone (penalty_newton.c); the dense rows' (B, T) x (T, n)
             # products are not (odd batch sizes take other kernels)
             x_rows, converged = split_newton_rows(inner, x0[part][:, groups].reshape(B * d.G, -1), tol,
-                                                  NEWTON_MAX_ITER)
+                                                  NEWTON_MAX_ITER, threads=threads)
             x = torch.empty_like(x0[part])
             x[:, groups.reshape(-1)] = x_rows.reshape(B, -1)
             converged = converged.reshape(B, d.G).all(-1)

@@ -127,8 +127,8 @@ def test_split_solve_equals_the_dense_newton_and_the_lbfgs(name, kind, monkeypat
 @pytest.mark.parametrize("lam", [0.3, 2.0])
 def test_a_row_does_not_depend_on_the_other_rows_of_the_batch(lam, path, monkeypatch):
     """23 evaluation points of 8 seeds in one call, and in 23 calls of 8: equal bit for bit, y* and psi_lam. Points
-    at rewards from near the truth to far from it (0.3 crosses indefinite Hessians on the far ones: penalty_newton.c
-    hands those rows back to newton_rows, whose direction there takes eigh)."""
+    at rewards from near the truth to far from it (0.3 crosses indefinite Hessians on the far ones: their direction
+    takes eigh in newton_rows, Jacobi rotations in penalty_newton.c)."""
     if path == "torch":
         monkeypatch.setenv("RATEBENCH_KERNELS", "0")
     paths = dict(penalty.SPLIT_NEWTON_PATHS)
@@ -140,7 +140,8 @@ def test_a_row_does_not_depend_on_the_other_rows_of_the_batch(lam, path, monkeyp
     indefinite, eigh = [], torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda m: indefinite.append(len(m)) or eigh(m))
     whole = penalty.penalty_minimiser_newton(problem, rewards, lam)
-    assert bool(indefinite) == (lam == 0.3)  # 10 iterations with some row indefinite when written
+    # 10 iterations with some row indefinite when written; C takes their direction itself, never torch's eigh
+    assert bool(indefinite) == (path == "torch" and lam == 0.3)
     points = [penalty.penalty_minimiser_newton(problem, [r[k:k + 8] for r in rewards], lam) for k in range(0, 184, 8)]
     for h, table in enumerate(whole):
         assert torch.equal(table, torch.cat([point[h] for point in points]))
@@ -148,7 +149,7 @@ def test_a_row_does_not_depend_on_the_other_rows_of_the_batch(lam, path, monkeyp
                   for k, point in zip(range(0, 184, 8), points)]
     assert torch.equal(penalty.penalised_objective(problem, rewards, whole, lam), torch.cat(psi_points))
     assert penalty.SPLIT_NEWTON_PATHS[path] == paths[path] + 24
-    assert (penalty.SPLIT_NEWTON_PATHS["handed_back"] > paths["handed_back"]) == (path == "c" and lam == 0.3)
+    assert (penalty.SPLIT_NEWTON_PATHS["indefinite"] > paths["indefinite"]) == (path == "c" and lam == 0.3)
 
 
 def test_group_rows_are_computed_row_by_row_at_every_batch_size():
