@@ -528,12 +528,13 @@ class PsiReference:
             self.cache[lam] = found
         return self.cache[lam][0]
 
-    def gap_and_minimiser(self, rewards: Tables, lam: float) -> tuple[torch.Tensor, Tables]:
-        """(psi_lam(nu) - min psi_lam per seed (B,), the inner minimiser y*_lam(nu) it solved)."""
+    def gap_and_minimiser(self, rewards: Tables, lam: float, threads: int | None = None) -> tuple[torch.Tensor, Tables]:
+        """(psi_lam(nu) - min psi_lam per seed (B,), the inner minimiser y*_lam(nu) it solved). threads: the compiled
+        Newton's (penalty_minimiser_newton; None: every core)."""
         # Always start at z* = pi*_nu: the inner problem is nonconvex, and a warm start from the
         # previous evaluation's y* was measured to land in a worse local minimum (0.2% of rows).
         if newton_applies(self.problem):
-            y = penalty_minimiser_newton(self.problem, rewards, lam)
+            y = penalty_minimiser_newton(self.problem, rewards, lam, threads=threads)
         else:
             y = penalty_minimiser(self.problem, rewards, lam, tol=METRIC_TOL)
         return psi(self.problem, rewards, lam, y=y) - self.min_psi(lam), y
@@ -553,11 +554,12 @@ def grid_lambda(lam: float) -> float:
     return 10 ** (k / LAM_GRID_PER_DECADE)
 
 
-def psi_gap_and_minimiser(problem: TabularProblem, rewards: Tables, lam: float | None):
+def psi_gap_and_minimiser(problem: TabularProblem, rewards: Tables, lam: float | None, threads: int | None = None):
     """psi_gap of docs/metrics.md for reward tables [(B, n_h, A)] with what it solved on the way:
     (gap (B,), y*_l tables [(B, n_h, A)] or None, l = grid_lambda(lam) or None). psi_l(nu) - min psi_l
     is taken at l = grid_lambda(lam), so that min psi_l (a joint L-BFGS, ~1 s on the bandit) is
-    solved once per grid value, not at every evaluation. NaN gap and no y when lam is None."""
+    solved once per grid value, not at every evaluation. NaN gap and no y when lam is None. threads: the compiled
+    Newton's (None: every core; the same bits whatever it is)."""
     batch = rewards[0].shape[0]
     if lam is None or not math.isfinite(lam) or lam <= 0:
         return torch.full((batch,), math.nan, dtype=rewards[0].dtype), None, None
@@ -565,7 +567,7 @@ def psi_gap_and_minimiser(problem: TabularProblem, rewards: Tables, lam: float |
         problem.derived["psi_reference"] = PsiReference(problem)
     lam_grid = grid_lambda(lam)
     with torch.enable_grad():
-        gap, y = problem.derived["psi_reference"].gap_and_minimiser([r.detach() for r in rewards], lam_grid)
+        gap, y = problem.derived["psi_reference"].gap_and_minimiser([r.detach() for r in rewards], lam_grid, threads)
     return gap.detach(), y, lam_grid
 
 

@@ -78,6 +78,7 @@ class Evaluator:
         with a reward model, "star" (its pi*_nu), each a list of (sum B_i, n_h, A) tables, and "sizes" (B_i), for the
         seed-health check (health.observe)."""
         problem, algo = self.problem, self.algorithm
+        threads = algo.step_threads  # psi_gap's compiled Newton shares the cores as the compiled steps do (step_threads)
         with torch.no_grad():
             logps = [lp.detach() for lp in algo.stacked_policy_log_probs(states)]
             sizes = [logps[0].shape[0] // len(states)] * len(states)  # each state the same seeds
@@ -110,7 +111,7 @@ class Evaluator:
                 star = exact.soft_optimal(problem, rewards)[0]  # pi*_nu: psi's surrogate's z*, and the health check's
             total, start, solved = objective.sum(), 0, []
             for lam_grid, rows in lam_rows:
-                gap, y, _ = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid)
+                gap, y, _ = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid, threads)
                 psi_gap[rows] = gap
                 copy = slice(start, start + len(rows))
                 start += len(rows)
@@ -139,7 +140,7 @@ class Evaluator:
             pgrad_sq = grad_sq
             lower_gap = torch.full_like(objective, math.nan)
             for lam_grid, rows in lam_rows:
-                psi_gap[rows] = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid)[0]
+                psi_gap[rows] = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid, threads)[0]
         if tables is not None:
             tables.update(logps=logps, rewards=rewards, sizes=sizes)
             if estimates[0] is not None:

@@ -253,3 +253,26 @@ def test_run_json_names_the_solve_that_ran(compose_config, tmp_path, monkeypatch
 
     mdp = envs.make(validate(compose_config(["algorithm=bilevel", "env=mdp"])).env)
     assert penalty.newton_applies(mdp) and penalty.newton_path(mdp) == "torch"
+
+
+def test_evaluation_takes_the_runs_step_threads_and_the_same_bits(compose_config, tmp_path, monkeypatch):
+    """A job's psi_gap Newton is asked for the run's step_threads (1 or 3: the argument each compiled call passed to
+    newton_threads), a call of many rows runs on that many, and the two jobs' metrics are equal in every column but
+    the clock's."""
+    import pandas as pd
+
+    from ratebench.runner import run_job
+
+    asked = []
+    real = penalty.newton_threads
+    monkeypatch.setattr(penalty, "newton_threads", lambda rows, threads=None: asked.append((rows, threads)) or
+                        real(rows, threads))
+    frames = {}
+    for n in (1, 3):
+        asked.clear()
+        run_job(compose_config(["algorithm=bilevel", "budget.samples=3000", "n_seeds=12", f"step_threads={n}"]),
+                tmp_path / str(n))
+        assert asked and {threads for _, threads in asked} == {n}, asked
+        assert max(real(rows, threads) for rows, threads in asked) == n  # 12 seeds x 8 contexts x the held points
+        frames[n] = pd.read_parquet(tmp_path / str(n) / "metrics.parquet").drop(columns="wall_s")
+    assert frames[1].equals(frames[3])
