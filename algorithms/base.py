@@ -8,6 +8,7 @@ them exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from typing import Any, ClassVar
 
@@ -162,12 +163,12 @@ class Algorithm:
         the harness may overwrite slices of diverged seeds in place. Derived from the state
         dataclass: each tensor field, and each list-of-tensors field as `<field>.<i>`."""
         named = {}
-        for f in dataclasses.fields(state):
-            value = getattr(state, f.name)
+        for name in _field_names(type(state)):
+            value = getattr(state, name)
             if isinstance(value, torch.Tensor):
-                named[f.name] = value
+                named[name] = value
             elif isinstance(value, list) and value and all(isinstance(t, torch.Tensor) for t in value):
-                named.update({f"{f.name}.{i}": t for i, t in enumerate(value)})
+                named.update({f"{name}.{i}": t for i, t in enumerate(value)})
         return named
 
     def select_rows(self, state: Any, rows: slice) -> Any:
@@ -176,15 +177,15 @@ class Algorithm:
         dataclass states whose per-row tensors lead with the row axis, alone or in lists. Copies, not views: a
         kernel may sum in another order on a view that starts mid-storage, and the evaluation must be the
         instance job's to the last bit."""
-        def cut(value):
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                return value[rows].clone()
-            if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
-                return [cut(v) for v in value]
-            return value
+        def row_copy(value):
+            return value[rows].clone() if isinstance(value, torch.Tensor) and value.dim() > 0 else value
 
-        return dataclasses.replace(state, **{f.name: cut(getattr(state, f.name)) for f in dataclasses.fields(state)
-                                             if f.init})
+        def cut(value):
+            if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+                return [row_copy(v) for v in value]
+            return row_copy(value)
+
+        return dataclasses.replace(state, **{name: cut(getattr(state, name)) for name in _field_names(type(state), True)})
 
     def state_dict(self, state: Any) -> dict:
         """The whole state as plain containers of tensors, numbers and strings, loadable with
@@ -197,6 +198,13 @@ class Algorithm:
 
 
 _CLASS, _FIELDS, _OBJECT = "__class__", "__fields__", "__state_dict__"
+
+
+@functools.cache
+def _field_names(cls: type, init_only: bool = False) -> tuple[str, ...]:
+    """The fields of a state dataclass (those its __init__ takes, with init_only), looked up once per class: the
+    harness reads and copies states at every evaluation point."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init or not init_only)
 
 
 def encode_state(value: Any) -> Any:
