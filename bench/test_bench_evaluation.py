@@ -30,9 +30,9 @@ def evaluation_points(compose_config, tmp_path, overrides, monkeypatch):
     scores held points in one call, their rows point-major (Evaluator.evaluate_many), cut here into the job's seeds."""
     seen, original = [], penalty.PsiReference.gap_and_minimiser
 
-    def spy(self, rewards, lam):
+    def spy(self, rewards, lam, threads=None):
         seen.append((self.problem, [r.detach().clone() for r in rewards], lam))
-        return original(self, rewards, lam)
+        return original(self, rewards, lam, threads)
 
     monkeypatch.setattr(penalty.PsiReference, "gap_and_minimiser", spy)
     cfg = compose_config([*overrides, "progress=false"])
