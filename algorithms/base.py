@@ -185,7 +185,8 @@ class Algorithm:
                 return [row_copy(v) for v in value]
             return row_copy(value)
 
-        return dataclasses.replace(state, **{name: cut(getattr(state, name)) for name in _field_names(type(state), True)})
+        return dataclasses.replace(state, **{name: cut(getattr(state, name))
+                                             for name in _field_names(type(state), True)})
 
     def state_dict(self, state: Any) -> dict:
         """The whole state as plain containers of tensors, numbers and strings, loadable with

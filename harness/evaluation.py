@@ -78,7 +78,7 @@ class Evaluator:
         with a reward model, "star" (its pi*_nu), each a list of (sum B_i, n_h, A) tables, and "sizes" (B_i), for the
         seed-health check (health.observe)."""
         problem, algo = self.problem, self.algorithm
-        threads = algo.step_threads  # psi_gap's compiled Newton shares the cores as the compiled steps do (step_threads)
+        threads = algo.step_threads  # psi_gap's compiled Newton takes the compiled steps' share of the cores
         with torch.no_grad():
             logps = [lp.detach() for lp in algo.stacked_policy_log_probs(states)]
             sizes = [logps[0].shape[0] // len(states)] * len(states)  # each state the same seeds
@@ -125,8 +125,8 @@ class Evaluator:
             grad_sq = per_seed_sq_norm(grad_f)
             pgrad_sq = per_seed_sq_norm(model.gradient_mapping(params, grad_f))
             if solved:
-                grad_psi = model.backward([p[again] for p in params], None if acts is None else [a[again] for a in acts],
-                                          grad_units[1])
+                acts_again = None if acts is None else [a[again] for a in acts]
+                grad_psi = model.backward([p[again] for p in params], acts_again, grad_units[1])
                 for rows, copy in solved:
                     psi_grad_sq[rows] = per_seed_sq_norm([g[copy] for g in grad_psi])
             objective = objective.detach()

@@ -58,9 +58,10 @@ def min_log_prob(tables: list[torch.Tensor]) -> torch.Tensor:
 def observe(problem, tables: dict, uses_true_reward: bool) -> list[dict[str, torch.Tensor]]:
     """What the saturation check reads besides the metrics, from the rows Evaluator.evaluate_many scored (`tables`:
     "logps" the deployed policies, "rewards" the reward estimate's step tables, "sizes" the rows of each evaluation
-    point, and "star" pi*_nu where the evaluation solved it), one dict of (B,) per point: the deployed policy's smallest log-probability, that of pi*_nu (the exact
-    soft-optimal policy of the reward estimate) and the largest |r_nu| (NaN for a method handed the true reward: its
-    pi* is the target, and at a small beta it is nearly deterministic by design)."""
+    point, and "star" pi*_nu where the evaluation solved it), one dict of (B,) per point: the deployed policy's
+    smallest log-probability, that of pi*_nu (the exact soft-optimal policy of the reward estimate) and the largest
+    |r_nu| (NaN for a method handed the true reward: its pi* is the target, and at a small beta it is nearly
+    deterministic by design)."""
     from ratebench.envs.exact import soft_optimal
 
     with torch.no_grad():
@@ -119,7 +120,8 @@ def _star_note(observed: dict[str, torch.Tensor], i: int) -> str:
     return "" if math.isnan(value) else f" (smallest log pi*_nu = {value:.4g})"
 
 
-def flat_parameters(tensors: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> torch.Tensor | list[torch.Tensor]:
+def flat_parameters(tensors: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]
+                    ) -> torch.Tensor | list[torch.Tensor]:
     """Every per-seed tensor of a state (Algorithm.tensors) as one row per seed: (B, P) float64 copies. Given the
     tensors of several states of the same seeds, a list of theirs, made with one copy per tensor name."""
     if isinstance(tensors, dict):

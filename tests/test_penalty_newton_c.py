@@ -260,7 +260,6 @@ def test_evaluation_takes_the_runs_step_threads_and_the_same_bits(compose_config
     newton_threads), a call of many rows runs on that many, and the two jobs' metrics are equal in every column but
     the clock's."""
     import pandas as pd
-
     from ratebench.runner import run_job
 
     asked = []
