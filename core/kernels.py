@@ -35,6 +35,12 @@ DISABLE = "RATEBENCH_KERNELS"  # =0: never build or load a kernel (every fast st
 BUILD_SECONDS: dict[str, float] = {}  # source file name -> seconds its last build took in this process (0: from the cache)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one): the default thread count of the
+    compiled kernels (the harness's step_threads, psi_gap's Newton)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _cpu() -> str:
     """The CPU's model and instruction-set flags: a -march=native build must never load on a CPU without its
     instructions (a home folder shared by a cluster's nodes shares the cache)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ratebench.core.kernels import DISABLE, load
+from ratebench.core.kernels import DISABLE, load, usable_cores
 from ratebench.envs.exact import (PAIR_CHUNK, expected_pair_loss, optimal_value, pair_losses, policy_value,
                                   seed_chunks, soft_optimal, trajectory_returns, upper_loss)
 from ratebench.envs.lbfgs import ARMIJO, ROUNDING, minimise_rows
@@ -335,9 +335,7 @@ NEWTON_ROWS_PER_THREAD = 32  # split rows per thread at least: a row takes ~4 us
 def newton_threads(rows: int, threads: int | None = None) -> int:
     """Threads for a compiled split solve of `rows` rows: `threads`, or every core this process may use when None or
     0 (the harness's step_threads reading), at most one per NEWTON_ROWS_PER_THREAD rows, at least 1."""
-    if not threads:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(int(threads), rows // NEWTON_ROWS_PER_THREAD))
+    return max(1, min(int(threads or usable_cores()), rows // NEWTON_ROWS_PER_THREAD))
 
 
 def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL,

@@ -25,6 +25,7 @@ from ratebench import config
 from ratebench.config import identity, plain, validate
 from ratebench.envs.tabular import InstanceBatch
 from ratebench.core.errors import ConfigError
+from ratebench.core.kernels import usable_cores
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import MinPsiStore, reference, true_objective
 from ratebench.health import SeedHealth, flat_parameters, observe, zero_rows
@@ -620,10 +621,7 @@ def _imports_s() -> float | None:
 
 def step_threads(cfg) -> int:
     """Threads of a compiled segment: cfg.step_threads, or every core this process may use when it is 0."""
-    n = int(cfg.get("step_threads", 0) or 0)
-    if n:
-        return n
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return int(cfg.get("step_threads", 0) or 0) or usable_cores()
 
 
 def _mark_diverged(algo, state, alive) -> dict[int, str]:
