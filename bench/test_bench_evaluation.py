@@ -66,6 +66,20 @@ def cpu_times(solve, layouts: dict, kinds: tuple, rounds: int) -> dict:
     return times
 
 
+def record_layout_ratios(benchmark, name: str, times: dict, layouts: dict, kinds: tuple, points: list,
+                         note: str) -> dict:
+    """{layout: median CPU of kinds[0] / of kinds[1]} from cpu_times, each recorded as name[layout] with the points,
+    the calls and the times, then `note`."""
+    ratios = {}
+    for layout, work in layouts.items():
+        old, new = (statistics.median(times[f"{layout}_{kind}"]) for kind in kinds)
+        ratios[layout] = record_ratio(
+            benchmark, f"{name}[{layout}]", old / new,
+            f"{len(points)} points x {points[0][0][0].shape[0]} seeds, {len(work)} call{'s' * (len(work) > 1)}: "
+            f"{old * 1e3:.1f} -> {new * 1e3:.1f} ms CPU {note}")
+    return ratios
+
+
 @pytest.mark.parametrize("job", list(JOBS))
 def test_newton_vs_lbfgs_per_evaluation_point(benchmark, compose_config, tmp_path, monkeypatch, job):
     problem, points = evaluation_points(compose_config, tmp_path, JOBS[job], monkeypatch)
@@ -116,13 +130,8 @@ def test_split_vs_dense_newton_on_the_readme_job(benchmark, compose_config, tmp_
     benchmark.pedantic(lambda: None, rounds=1)
     worst = max(float((a - b).abs().max()) for a, b in zip(solve(True, batches), solve(False, batches)))
     rows = sum(rewards[0].shape[0] for rewards, _ in batches)
-    ratios = {}
-    for layout, work in layouts.items():
-        dense, split = (statistics.median(times[f"{layout}_{kind}"]) for kind in ("dense", "split"))
-        ratios[layout] = record_ratio(
-            benchmark, f"psi_gap_split_vs_dense[{layout}]", dense / split,
-            f"{len(points)} points x {points[0][0][0].shape[0]} seeds, {len(work)} call{'s' * (len(work) > 1)}: {dense * 1e3:.1f} -> "
-            f"{split * 1e3:.1f} ms CPU ({rows} rows); |psi_gap difference| <= {worst:.1e}")
+    ratios = record_layout_ratios(benchmark, "psi_gap_split_vs_dense", times, layouts, ("dense", "split"), points,
+                                  f"({rows} rows); |psi_gap difference| <= {worst:.1e}")
     assert worst <= 1e-11  # both solve to a 1e-9 gradient; psi_lam ~0.6 here
     assert ratios["one_call"] >= 3.0  # measured 7x when written; per point (8 rows) 1.25x, recorded only
 
@@ -150,14 +159,9 @@ def test_compiled_vs_torch_split_newton_on_the_readme_job(benchmark, compose_con
     indefinite = penalty.SPLIT_NEWTON_PATHS["indefinite"] - before["indefinite"]
     worst = max(float(((a - b) / b).abs().max()) for a, b in zip(compiled_gaps, solve(False, batches)))
     rows = sum(rewards[0].shape[0] for rewards, _ in batches) * problem.n_groups
-    ratios = {}
-    for layout, work in layouts.items():
-        old, new = (statistics.median(times[f"{layout}_{kind}"]) for kind in ("torch", "c"))
-        ratios[layout] = record_ratio(
-            benchmark, f"psi_gap_compiled_vs_torch_split_newton[{layout}]", old / new,
-            f"{len(points)} points x {points[0][0][0].shape[0]} seeds, {len(work)} call{'s' * (len(work) > 1)}: "
-            f"{old * 1e3:.1f} -> {new * 1e3:.1f} ms CPU ({rows} Newton rows, {indefinite} through the eigenvalue direction); "
-            f"|psi_gap difference| / |psi_gap| <= {worst:.1e}")
+    ratios = record_layout_ratios(benchmark, "psi_gap_compiled_vs_torch_split_newton", times, layouts, ("torch", "c"),
+                                  points, f"({rows} Newton rows, {indefinite} through the eigenvalue direction); "
+                                          f"|psi_gap difference| / |psi_gap| <= {worst:.1e}")
     assert worst <= 1e-9  # psi_lam within 1e-11 relative (tests/test_penalty_newton_c.py); psi_gap ~1e-2 of psi_lam
     assert ratios["one_call"] >= 2.0
 
