@@ -81,12 +81,13 @@ class Evaluator:
         threads = algo.step_threads  # psi_gap's compiled Newton takes the compiled steps' share of the cores
         with torch.no_grad():
             logps = [lp.detach() for lp in algo.stacked_policy_log_probs(states)]
-            sizes = [logps[0].shape[0] // len(states)] * len(states)  # each state the same seeds
+            seeds = logps[0].shape[0] // len(states)  # each state has the same seeds
+            sizes = [seeds] * len(states)
             policy_gap = self.policy_gap(logps)
             value_gap = self.max_return - exact.expected_return(problem, self.true_rewards, logps)
             kl_ref = exact.kl_to_ref(problem, logps)
         estimates = [algo.reward_model(s) for s in states]
-        bounds = [0, *torch.cumsum(torch.tensor(sizes), 0).tolist()]
+        bounds = [i * seeds for i in range(len(states) + 1)]  # state i's rows: bounds[i]:bounds[i + 1]
         # psi_gap at l = grid_lambda(lam): the states that share a grid value are solved together, grid values in
         # the order the states reach them (min psi_l is warm-started from the nearest l solved before)
         lam_rows = [(lam_grid, torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members]))

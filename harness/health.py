@@ -120,12 +120,9 @@ def _star_note(observed: dict[str, torch.Tensor], i: int) -> str:
     return "" if math.isnan(value) else f" (smallest log pi*_nu = {value:.4g})"
 
 
-def flat_parameters(tensors: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]
-                    ) -> torch.Tensor | list[torch.Tensor]:
-    """Every per-seed tensor of a state (Algorithm.tensors) as one row per seed: (B, P) float64 copies. Given the
-    tensors of several states of the same seeds, a list of theirs, made with one copy per tensor name."""
-    if isinstance(tensors, dict):
-        return flat_parameters([tensors])[0]
+def flat_parameters(tensors: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Every per-seed tensor (Algorithm.tensors) of each of several states of the same seeds as one row per seed:
+    (B, P) float64 copies per state, made with one copy per tensor name."""
     flat = torch.cat([torch.stack([t[name].detach() for t in tensors]).reshape(len(tensors), first.shape[0], -1)
                       .to(torch.float64) for name, first in tensors[0].items()], 2)  # (states, B, P)
     return list(flat.unbind(0))
