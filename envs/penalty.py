@@ -10,6 +10,7 @@ import copy
 import ctypes
 import math
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -400,41 +401,95 @@ def newton_applies(problem: TabularProblem) -> bool:
 
 
 def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: float, tol: float = NEWTON_TOL,
-                             threads: int | None = None) -> Tables:
+                             threads: int | None = None, start: Tables | None = None) -> Tables:
     """penalty_minimiser's y*_lam(nu) from the same start z* = pi*_nu, by Newton's method on every seed at once
     (newton_rows) to a logit-gradient sup-norm of `tol`; where the groups own disjoint logits (separable_groups), on
     every (seed, group) at once (split_newton_rows: in C where it builds), a seed converged when all its groups are.
     A seed Newton leaves unconverged (after NEWTON_MAX_ITER iterations, or non-finite) gets penalty_minimiser's
     solution (L-BFGS, METRIC_TOL, on the whole seed chunk). threads: split_newton_rows' (None: every core; the same
-    bits whatever it is). Log-prob tables [(B, n_h, A)], detached."""
+    bits whatever it is). start: pi*_nu's log-prob tables where the caller has them (soft_optimal's, the same
+    bits). Log-prob tables [(B, n_h, A)], detached."""
+    return start_penalty_minimiser_newton(problem, rewards, lam, tol, threads, start)()
+
+
+def start_penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: float, tol: float = NEWTON_TOL,
+                                   threads: int | None = None, start: Tables | None = None,
+                                   background: bool = False):
+    """penalty_minimiser_newton as a function to call for its result. background: the compiled split solves run on
+    a Python thread of their own (ctypes releases the GIL while penalty_newton.c works), so that the caller's torch
+    work and the solve share the cores until it calls; the same bits, since no row reads another's memory. Without
+    the compiled path everything is done before this returns."""
     rewards = [r.detach() for r in rewards]
-    start, _ = soft_optimal(problem, rewards)
+    start = soft_optimal(problem, rewards)[0] if start is None else [t.detach() for t in start]
     d = _design(problem)
     groups = d.groups  # separable: one row per (seed, group) of n/G logits; a seed converged when all its groups did
     n_row = d.n if groups is None else d.part.n  # logits per Newton row
     per_seed = max(1, PAIR_CHUNK // (d.G * d.m * max(d.m, n_row)))
-    x0, solved = _flatten(start), []
+    x0, chunks = _flatten(start), []
     for lo in range(0, x0.shape[0], per_seed):
         part = slice(lo, lo + per_seed)
         inner = _Inner(problem, [r[part] for r in rewards], lam, split=groups is not None)
         if groups is None:
-            x, converged = newton_rows(inner, x0[part], tol, NEWTON_MAX_ITER)
+            chunks.append((part, newton_rows(inner, x0[part], tol, NEWTON_MAX_ITER)))
         else:
-            B = x0[part].shape[0]
             # a row's arithmetic is its own at every batch size here (tests/test_penalty_split.py), so converged rows
             # leave the batch (torch) or each row is solved alone (penalty_newton.c); the dense rows' (B, T) x (T, n)
             # products are not (odd batch sizes take other kernels)
-            x_rows, converged = split_newton_rows(inner, x0[part][:, groups].reshape(B * d.G, -1), tol,
-                                                  NEWTON_MAX_ITER, threads=threads)
-            x = torch.empty_like(x0[part])
-            x[:, groups.reshape(-1)] = x_rows.reshape(B, -1)
-            converged = converged.reshape(B, d.G).all(-1)
-        if not bool(converged.all()):  # the L-BFGS on the whole chunk, as before Newton: its rows' bits then do
-            #                             not depend on which other seeds fell back (einsum's paths depend on the batch)
-            fallback = _flatten(penalty_minimiser(problem, [r[part] for r in rewards], lam, tol=METRIC_TOL))
-            x = torch.where(converged[:, None], x, fallback)
-        solved.append(x)
-    return _log_softmax(_unflatten(torch.cat(solved), start))
+            B = x0[part].shape[0]
+            chunks.append((part, (inner, x0[part][:, groups].reshape(B * d.G, -1))))
+    split = [i for i, (_, solve) in enumerate(chunks) if isinstance(solve[0], _Inner)]
+
+    def solve_split() -> list:
+        return [split_newton_rows(*chunks[i][1], tol, NEWTON_MAX_ITER, threads=threads) for i in split]
+
+    later = _Later(solve_split, background and bool(split) and newton_library() is not None)
+
+    def finish() -> Tables:
+        solved, split_results = [], dict(zip(split, later.result()))
+        for i, (part, solve) in enumerate(chunks):
+            if i in split_results:
+                x_rows, converged = split_results[i]
+                x = torch.empty_like(x0[part])
+                x[:, groups.reshape(-1)] = x_rows.reshape(x.shape[0], -1)
+                converged = converged.reshape(x.shape[0], d.G).all(-1)
+            else:
+                x, converged = solve
+            if not bool(converged.all()):  # the L-BFGS on the whole chunk, as before Newton: its rows' bits then do
+                #                             not depend on which other seeds fell back (einsum's paths depend on the
+                #                             batch)
+                fallback = _flatten(penalty_minimiser(problem, [r[part] for r in rewards], lam, tol=METRIC_TOL))
+                x = torch.where(converged[:, None], x, fallback)
+            solved.append(x)
+        return _log_softmax(_unflatten(torch.cat(solved), start))
+
+    return finish
+
+
+class _Later:
+    """compute() run now, or with background on a Python thread of its own; result() waits for it and returns its
+    value (or raises what it raised). A thread per call, not a pool: a pool's thread does not survive a fork."""
+
+    def __init__(self, compute, background: bool):
+        self._value, self._error, self._thread = None, None, None
+        if background:
+            self._thread = threading.Thread(target=self._run, args=(compute,), name="ratebench-psi-newton", daemon=True)
+            self._thread.start()
+        else:
+            self._run(compute)
+
+    def _run(self, compute) -> None:
+        try:
+            self._value = compute()
+        except BaseException as error:  # handed to the caller by result()
+            self._error = error
+
+    def result(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def psi(problem: TabularProblem, rewards: Tables, lam: float, y: Tables | None = None, tol: float = 1e-10) -> torch.Tensor:
@@ -529,13 +584,26 @@ class PsiReference:
     def gap_and_minimiser(self, rewards: Tables, lam: float, threads: int | None = None) -> tuple[torch.Tensor, Tables]:
         """(psi_lam(nu) - min psi_lam per seed (B,), the inner minimiser y*_lam(nu) it solved). threads: the compiled
         Newton's (penalty_minimiser_newton; None: every core)."""
+        return self.start_gap_and_minimiser(rewards, lam, threads)()
+
+    def start_gap_and_minimiser(self, rewards: Tables, lam: float, threads: int | None = None,
+                                start: Tables | None = None, background: bool = False):
+        """gap_and_minimiser as a function to call for its result, its compiled Newton solving meanwhile with
+        background (start_penalty_minimiser_newton). start: pi*_nu's tables where the caller has them."""
         # Always start at z* = pi*_nu: the inner problem is nonconvex, and a warm start from the
         # previous evaluation's y* was measured to land in a worse local minimum (0.2% of rows).
         if newton_applies(self.problem):
-            y = penalty_minimiser_newton(self.problem, rewards, lam, threads=threads)
+            solved = start_penalty_minimiser_newton(self.problem, rewards, lam, threads=threads, start=start,
+                                                    background=background)
         else:
             y = penalty_minimiser(self.problem, rewards, lam, tol=METRIC_TOL)
-        return psi(self.problem, rewards, lam, y=y) - self.min_psi(lam), y
+            solved = lambda: y  # noqa: E731
+
+        def finish() -> tuple[torch.Tensor, Tables]:
+            y = solved()
+            return psi(self.problem, rewards, lam, y=y) - self.min_psi(lam), y
+
+        return finish
 
     def gap(self, rewards: Tables, lam: float) -> torch.Tensor:
         """psi_lam(nu) - min psi_lam per seed: (B,). Not clamped: the joint minimisation is a
@@ -558,15 +626,31 @@ def psi_gap_and_minimiser(problem: TabularProblem, rewards: Tables, lam: float |
     is taken at l = grid_lambda(lam), so that min psi_l (a joint L-BFGS, ~1 s on the bandit) is
     solved once per grid value, not at every evaluation. NaN gap and no y when lam is None. threads: the compiled
     Newton's (None: every core; the same bits whatever it is)."""
+    return start_psi_gap_and_minimiser(problem, rewards, lam, threads)()
+
+
+def start_psi_gap_and_minimiser(problem: TabularProblem, rewards: Tables, lam: float | None,
+                                threads: int | None = None, start: Tables | None = None, background: bool = False):
+    """psi_gap_and_minimiser as a function to call for its result; with background its compiled Newton solves
+    while the caller goes on (start_penalty_minimiser_newton: the same bits). start: pi*_nu's log-prob tables of
+    these rewards where the caller has them (soft_optimal's)."""
     batch = rewards[0].shape[0]
     if lam is None or not math.isfinite(lam) or lam <= 0:
-        return torch.full((batch,), math.nan, dtype=rewards[0].dtype), None, None
+        nothing = torch.full((batch,), math.nan, dtype=rewards[0].dtype), None, None
+        return lambda: nothing
     if "psi_reference" not in problem.derived:  # min psi_lam per lam, solved once per problem
         problem.derived["psi_reference"] = PsiReference(problem)
     lam_grid = grid_lambda(lam)
     with torch.enable_grad():
-        gap, y = problem.derived["psi_reference"].gap_and_minimiser([r.detach() for r in rewards], lam_grid, threads)
-    return gap.detach(), y, lam_grid
+        solving = problem.derived["psi_reference"].start_gap_and_minimiser([r.detach() for r in rewards], lam_grid,
+                                                                            threads, start, background)
+
+    def finish():
+        with torch.enable_grad():
+            gap, y = solving()
+        return gap.detach(), y, lam_grid
+
+    return finish
 
 
 def psi_gap(problem: TabularProblem, rewards: Tables, lam: float | None) -> torch.Tensor:

@@ -78,23 +78,11 @@ class Evaluator:
         with a reward model, "star" (its pi*_nu), each a list of (sum B_i, n_h, A) tables, and "sizes" (B_i), for the
         seed-health check (health.observe)."""
         problem, algo = self.problem, self.algorithm
-        threads = algo.step_threads  # psi_gap's compiled Newton takes the compiled steps' share of the cores
-        with torch.no_grad():
-            logps = [lp.detach() for lp in algo.stacked_policy_log_probs(states)]
-            seeds = logps[0].shape[0] // len(states)  # each state has the same seeds
-            sizes = [seeds] * len(states)
-            policy_gap = self.policy_gap(logps)
-            value_gap = self.max_return - exact.expected_return(problem, self.true_rewards, logps)
-            kl_ref = exact.kl_to_ref(problem, logps)
+        threads = algo.step_threads  # the compiled steps' share of the cores: psi_gap's Newton and this thread's
         estimates = [algo.reward_model(s) for s in states]
-        bounds = [i * seeds for i in range(len(states) + 1)]  # state i's rows: bounds[i]:bounds[i + 1]
         # psi_gap at l = grid_lambda(lam): the states that share a grid value are solved together, grid values in
         # the order the states reach them (min psi_l is warm-started from the nearest l solved before)
-        lam_rows = [(lam_grid, torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members]))
-                  for lam_grid, members in _by_grid_lambda([algo.schedule(s).get("lam") for s in states]).items()]
-        n_rows = bounds[-1]
-        psi_gap = torch.full((n_rows,), math.nan, dtype=torch.float64)
-        psi_grad_sq = torch.full((n_rows,), math.nan, dtype=torch.float64)
+        lams = _by_grid_lambda([algo.schedule(s).get("lam") for s in states])
         if estimates[0] is not None:
             # grad F and grad psi_lam (docs/bilevel.md's surrogate, with the y* psi_gap solved and z* = pi*_nu) are
             # different functions of the same rows' nu. The reward network runs once on the rows; autograd takes each
@@ -103,45 +91,71 @@ class Evaluator:
             # each to nu: autograd through the network itself costs several times that on these many small rows
             model, params = estimates[0][0], _stack([e[1] for e in estimates])
             units, acts = model.units(params)
-            again = torch.cat([rows for _, rows in lam_rows]) if lam_rows else torch.zeros(0, dtype=torch.long)
-            leaves = [units.detach().requires_grad_(True), units[again].detach().requires_grad_(True)]
-            tables_rows, tables_again = (problem.step_tables_from_units(u) for u in leaves)
-            objective = exact.bilevel_objective(problem, tables_rows)
+            leaf = units.detach().requires_grad_(True)
+            tables_rows = problem.step_tables_from_units(leaf)
             rewards = [t.detach() for t in tables_rows]
             with torch.no_grad():
                 star = exact.soft_optimal(problem, rewards)[0]  # pi*_nu: psi's surrogate's z*, and the health check's
-            total, start, solved = objective.sum(), 0, []
-            for lam_grid, rows in lam_rows:
-                gap, y, _ = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid, threads)
+        else:
+            with torch.no_grad():
+                rewards = _stack([[r.detach() for r in algo.implicit_rewards(s)] for s in states])
+            star = None
+        n_rows = rewards[0].shape[0]
+        seeds = n_rows // len(states)  # each state has the same seeds
+        sizes = [seeds] * len(states)
+        bounds = [i * seeds for i in range(len(states) + 1)]  # state i's rows: bounds[i]:bounds[i + 1]
+        lam_rows = [(lam_grid, torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members]))
+                    for lam_grid, members in lams.items()]
+        # psi_gap's Newton solves on a thread of its own (ctypes releases the GIL) while this one does the rest of
+        # the torch work, when the run gives the evaluation more than one core: the same bits either way
+        overlap = threads > 1
+        solving = [(rows, penalty.start_psi_gap_and_minimiser(
+                       problem, [r[rows] for r in rewards], lam_grid, threads - 1 if overlap else threads,
+                       None if star is None else [t[rows] for t in star], background=overlap))
+                   for lam_grid, rows in lam_rows]
+        with torch.no_grad():
+            logps = [lp.detach() for lp in algo.stacked_policy_log_probs(states)]
+            policy_gap = self.policy_gap(logps)
+            value_gap = self.max_return - exact.expected_return(problem, self.true_rewards, logps)
+            kl_ref = exact.kl_to_ref(problem, logps)
+        psi_gap = torch.full((n_rows,), math.nan, dtype=torch.float64)
+        psi_grad_sq = torch.full((n_rows,), math.nan, dtype=torch.float64)
+        if estimates[0] is not None:
+            objective = exact.bilevel_objective(problem, tables_rows)
+            grad_f = model.backward(params, acts, torch.autograd.grad(objective.sum(), leaf)[0])
+            grad_sq = per_seed_sq_norm(grad_f)
+            pgrad_sq = per_seed_sq_norm(model.gradient_mapping(params, grad_f))
+            objective = objective.detach()
+            with torch.no_grad():  # J*(nu_t) - J(nu_t, theta_t): the lower level's own optimality
+                lower_gap = exact.optimal_value(problem, rewards) - exact.policy_value(problem, rewards, logps)
+            again = torch.cat([rows for _, rows in lam_rows]) if lam_rows else torch.zeros(0, dtype=torch.long)
+            leaf_again = units[again].detach().requires_grad_(True)
+            tables_again = problem.step_tables_from_units(leaf_again)
+            total, start, solved = None, 0, []
+            for (lam_grid, rows), (_, finish) in zip(lam_rows, solving):
+                gap, y, _ = finish()
                 psi_gap[rows] = gap
                 copy = slice(start, start + len(rows))
                 start += len(rows)
                 if y is not None:
                     surrogate = penalty.hypergradient_surrogate(problem, [t[copy] for t in tables_again], y,
-                                                                [t[rows] for t in star], lam_grid)
-                    total = total + surrogate.sum()
+                                                                [t[rows] for t in star], lam_grid).sum()
+                    total = surrogate if total is None else total + surrogate
                     solved.append((rows, copy))
-            grad_units = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
-            grad_f = model.backward(params, acts, grad_units[0])
-            grad_sq = per_seed_sq_norm(grad_f)
-            pgrad_sq = per_seed_sq_norm(model.gradient_mapping(params, grad_f))
             if solved:
                 acts_again = None if acts is None else [a[again] for a in acts]
-                grad_psi = model.backward([p[again] for p in params], acts_again, grad_units[1])
+                grad_psi = model.backward([p[again] for p in params], acts_again,
+                                          torch.autograd.grad(total, leaf_again)[0])
                 for rows, copy in solved:
                     psi_grad_sq[rows] = per_seed_sq_norm([g[copy] for g in grad_psi])
-            objective = objective.detach()
-            with torch.no_grad():  # J*(nu_t) - J(nu_t, theta_t): the lower level's own optimality
-                lower_gap = exact.optimal_value(problem, rewards) - exact.policy_value(problem, rewards, logps)
         else:
             with torch.no_grad():
-                rewards = _stack([[r.detach() for r in algo.implicit_rewards(s)] for s in states])
                 objective = exact.bilevel_objective(problem, rewards)
             grad_sq = torch.full_like(objective, math.nan)
             pgrad_sq = grad_sq
             lower_gap = torch.full_like(objective, math.nan)
-            for lam_grid, rows in lam_rows:
-                psi_gap[rows] = penalty.psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid, threads)[0]
+            for rows, finish in solving:
+                psi_gap[rows] = finish()[0]
         if tables is not None:
             tables.update(logps=logps, rewards=rewards, sizes=sizes)
             if estimates[0] is not None:
