@@ -85,10 +85,10 @@ class Evaluator:
         lams = _by_grid_lambda([algo.schedule(s).get("lam") for s in states])
         if estimates[0] is not None:
             # grad F and grad psi_lam (docs/bilevel.md's surrogate, with the y* psi_gap solved and z* = pi*_nu) are
-            # different functions of the same rows' nu. The reward network runs once on the rows; autograd takes each
-            # function's gradient in the unit rewards (the rows', and a copy of the rows psi_gap is solved at), and the
-            # network's closed-form backward (RewardModel.backward, the fast path's, tested equal to autograd) carries
-            # each to nu: autograd through the network itself costs several times that on these many small rows
+            # different functions of the same rows' nu. Autograd takes each function's gradient in the unit rewards
+            # (the rows', and a copy of the rows psi_gap is solved at), and the network's closed-form backward
+            # (RewardModel.backward, the fast path's, tested equal to autograd) carries each to nu: autograd through
+            # the network itself costs several times that on these many small rows
             model, params = estimates[0][0], _stack([e[1] for e in estimates])
             units, acts = model.units(params)
             leaf = units.detach().requires_grad_(True)
@@ -122,9 +122,7 @@ class Evaluator:
         psi_grad_sq = torch.full((n_rows,), math.nan, dtype=torch.float64)
         if estimates[0] is not None:
             objective = exact.bilevel_objective(problem, tables_rows)
-            grad_f = model.backward(params, acts, torch.autograd.grad(objective.sum(), leaf)[0])
-            grad_sq = per_seed_sq_norm(grad_f)
-            pgrad_sq = per_seed_sq_norm(model.gradient_mapping(params, grad_f))
+            grad_f_units = torch.autograd.grad(objective.sum(), leaf)[0]
             objective = objective.detach()
             with torch.no_grad():  # J*(nu_t) - J(nu_t, theta_t): the lower level's own optimality
                 lower_gap = exact.optimal_value(problem, rewards) - exact.policy_value(problem, rewards, logps)
@@ -142,12 +140,16 @@ class Evaluator:
                                                                 [t[rows] for t in star], lam_grid).sum()
                     total = surrogate if total is None else total + surrogate
                     solved.append((rows, copy))
+            # grad psi's unit rewards go back on their rows (rows psi_gap did not solve stay 0, and their psi_grad_sq
+            # NaN), so that both gradients go through the network's activations of all rows
+            grad_psi_units = torch.zeros_like(grad_f_units)
             if solved:
-                acts_again = None if acts is None else [a[again] for a in acts]
-                grad_psi = model.backward([p[again] for p in params], acts_again,
-                                          torch.autograd.grad(total, leaf_again)[0])
-                for rows, copy in solved:
-                    psi_grad_sq[rows] = per_seed_sq_norm([g[copy] for g in grad_psi])
+                grad_psi_units[again] = torch.autograd.grad(total, leaf_again)[0]
+            grad_f, grad_psi = (model.backward(params, acts, g) for g in (grad_f_units, grad_psi_units))
+            grad_sq = per_seed_sq_norm(grad_f)
+            pgrad_sq = per_seed_sq_norm(model.gradient_mapping(params, grad_f))
+            for rows, _ in solved:
+                psi_grad_sq[rows] = per_seed_sq_norm([g[rows] for g in grad_psi])
         else:
             with torch.no_grad():
                 objective = exact.bilevel_objective(problem, rewards)
