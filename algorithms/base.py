@@ -177,8 +177,12 @@ class Algorithm:
         dataclass states whose per-row tensors lead with the row axis, alone or in lists. Copies, not views: a
         kernel may sum in another order on a view that starts mid-storage, and the evaluation must be the
         instance job's to the last bit."""
+        every = rows == slice(None)  # the harness's copy of a whole state at each evaluation point: no index first
+
         def row_copy(value):
-            return value[rows].clone() if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                return value
+            return value.clone() if every else value[rows].clone()
 
         def cut(value):
             if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):

@@ -379,7 +379,7 @@ class _Job:
         self.progress.update(self._clock(), final=not self._budget_left(), timing=self._timing())
 
     def _state_bytes(self, state) -> int:
-        return sum(t.numel() * t.element_size() for t in self.algo.tensors(state).values())
+        return sum(t.nbytes for t in self.algo.tensors(state).values())
 
     def _may_hold(self, later: int, size: int) -> bool:
         """Whether the point being recorded can wait for the next one (HOLD_STEPS, HOLD_POINTS, HOLD_BYTES): from
@@ -422,15 +422,16 @@ class _Job:
             reasons = part.health.evaluate_many(scored, observe(part.problem, tables, part.algo.uses_true_reward),
                                                 flat_parameters([part.algo.tensors(s) for s in states]),
                                                 [h["clock"] for h in held], [h["step"] for h in held])
-            kept = []  # per point, the part's seeds that get a row there
-            for h, why in zip(held, reasons):
-                alive = h["alive"][rows] & ~saturated[rows]
-                kept.append(alive)
-                found = torch.tensor([w is not None for w in why]) & alive
-                for j in found.nonzero().flatten().tolist():
-                    part.status[self._part_seed(j)] = {"status": "saturated", "step": h["step"], "reason": why[j]}
-                saturated[rows] |= found
-            kept = torch.stack(kept).numpy()  # (points, n_seeds): the frame's rows, point-major as they were held
+            # (points, n_seeds): a seed is found saturated at the first point where it runs and its check fails, and
+            # gets rows up to that point (the frame's rows, point-major as they were held)
+            alive = torch.stack([h["alive"][rows] for h in held])
+            failed = torch.tensor([[why is not None for why in point] for point in reasons]) & alive
+            found = failed & (failed.cumsum(0) == 1)
+            kept = (alive & (found.cumsum(0) - found.long() == 0)).numpy()
+            for i, j in found.nonzero().tolist():
+                part.status[self._part_seed(j)] = {"status": "saturated", "step": held[i]["step"],
+                                                   "reason": reasons[i][j]}
+            saturated[rows] |= found.any(0)
             counts = kept.sum(1)  # each point's value repeated on its rows
             frame = pd.DataFrame({"seed": np.tile(self.seeds[rows].numpy(), len(held))[kept.reshape(-1)],
                                   **{k: np.repeat(np.array([h[k] for h in held], dtype=np.int64), counts)
