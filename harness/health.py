@@ -129,9 +129,10 @@ def flat_parameters(tensors: list[dict[str, torch.Tensor]]) -> list[torch.Tensor
 
 
 def relative_change(current: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-    """max |current - past| / max |past| per row (B,): 0 when unchanged bit for bit, inf when past is all 0."""
-    moved = (current - past).abs().amax(1)
-    scale = past.abs().amax(1)
+    """max |current - past| / max |past| per row (..., B) of (..., B, P): 0 when unchanged bit for bit, inf when
+    past is all 0."""
+    moved = (current - past).abs().amax(-1)
+    scale = past.abs().amax(-1)
     return torch.where(moved == 0, torch.zeros_like(moved), moved / scale)
 
 
@@ -174,24 +175,35 @@ class SeedHealth:
             self.positive = [k for k in ZERO_IS_UNDERFLOW if k in metrics[0] and bool((metrics[0][k] > 0).all())]
         joined = lambda dicts: {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
         reasons = saturation(joined(metrics), joined(observed), self.watched, self.positive, self.cfg)
-        for p, clock, step in zip(params, clocks, steps):
-            self._track_stalls(p, clock, step)
+        self._track_stalls(params, clocks, steps)
         return [reasons[i * self.n:(i + 1) * self.n] for i in range(len(metrics))]
 
-    def _track_stalls(self, params: torch.Tensor, clock: int, step: int) -> None:
-        past = [s for s in self.snapshots if 1 <= s["clock"] <= clock / 10]
-        if past:
-            ref = past[-1]
-            self.change = relative_change(params, ref["params"])
-            frozen = self.change <= self.cfg.stall_rtol
-            newly = frozen & (self.frozen_since < 0)
-            self.frozen_since[newly] = ref["step"]
-            self.frozen_since[~frozen] = -1
-            self.snapshots = [s for s in self.snapshots if s["clock"] >= ref["clock"]]  # what a later point needs
-        last = self.snapshots[-1]["clock"] if self.snapshots else 0
-        if clock >= 1 and (last < 1 or math.floor(math.log10(clock)) > math.floor(math.log10(last))):
-            self.snapshots.append({"clock": clock, "step": step, "params": params.clone()})
-        self.last_step = step
+    def _track_stalls(self, params: list[torch.Tensor], clocks: list[int], steps: list[int]) -> None:
+        """The stall memory advanced over points in order: each point's parameters against the snapshot at the first
+        point of the latest decade at least one decade before it (its reference), and a snapshot kept at the first
+        point of each decade. Which snapshot each point compares with follows from the clocks alone, so the
+        relative changes of all the points are taken in one pass; the frozen-since steps then follow point by
+        point."""
+        refs = []  # per point: its reference snapshot, or None
+        for params_now, clock, step in zip(params, clocks, steps):
+            past = [s for s in self.snapshots if 1 <= s["clock"] <= clock / 10]
+            refs.append(past[-1] if past else None)
+            if past:
+                self.snapshots = [s for s in self.snapshots if s["clock"] >= past[-1]["clock"]]  # what later needs
+            last = self.snapshots[-1]["clock"] if self.snapshots else 0
+            if clock >= 1 and (last < 1 or math.floor(math.log10(clock)) > math.floor(math.log10(last))):
+                self.snapshots.append({"clock": clock, "step": step, "params": params_now.clone()})
+            self.last_step = step
+        compared = [i for i, ref in enumerate(refs) if ref is not None]
+        if not compared:
+            return
+        changes = relative_change(torch.stack([params[i] for i in compared]),
+                                  torch.stack([refs[i]["params"] for i in compared]))  # (points compared, n)
+        since = self.frozen_since.tolist()
+        for frozen, i in zip((changes <= self.cfg.stall_rtol).tolist(), compared):
+            since = [(refs[i]["step"] if was < 0 else was) if still else -1 for was, still in zip(since, frozen)]
+        self.frozen_since = torch.tensor(since, dtype=torch.long)
+        self.change = changes[-1].clone()
 
     def stalled(self) -> list[str | None]:
         """At the end of the run: per seed why it is stalled (or None), from the last evaluation point's check."""

@@ -75,6 +75,55 @@ def test_relative_change_and_the_decade_memory():
     assert [s["clock"] for s in health.snapshots] == [1, 10]  # the first point of each decade still needed
 
 
+def stall_memory_by_hand(points, rtol):
+    """The stall rule of docs/metrics.md written out point by point, apart from SeedHealth: at each point the
+    reference is the snapshot of the latest decade at least one decade back; a seed frozen against it keeps (or
+    starts at the reference's step) its frozen-since step, a seed that moved resets it; a snapshot is taken at the
+    first point of each decade. Returns (frozen_since, last change, snapshot clocks still needed)."""
+    snapshots, since, change = [], None, None
+    for params, clock, step in points:
+        since = [-1] * len(params) if since is None else since
+        past = [s for s in snapshots if 1 <= s[0] <= clock / 10]
+        if past:
+            clock_ref, step_ref, ref = past[-1]
+            change = [0.0 if float((a - b).abs().max()) == 0 else float((a - b).abs().max() / b.abs().max())
+                      for a, b in zip(params, ref)]
+            since = [(step_ref if was < 0 else was) if c <= rtol else -1 for was, c in zip(since, change)]
+            snapshots = [s for s in snapshots if s[0] >= clock_ref]
+        if clock >= 1 and (not snapshots or math.floor(math.log10(clock)) > math.floor(math.log10(snapshots[-1][0]))):
+            snapshots.append((clock, step, params.clone()))
+    return since, change, [s[0] for s in snapshots]
+
+
+@pytest.mark.parametrize("rtol", [0.0, 1e-3])
+@pytest.mark.parametrize("batches", [[40], [1] * 40, [3, 17, 1, 19]], ids=["all-at-once", "one-by-one", "mixed"])
+def test_the_stall_memory_over_held_points_is_the_rule_point_by_point(rtol, batches):
+    """SeedHealth advanced over 40 evaluation points (clocks 0 to ~10^5, log-spaced) handed over in batches, as the
+    harness hands held points, against stall_memory_by_hand: 6 seeds that freeze and thaw at different points (some
+    by less than rtol), frozen-since steps, the last relative change and the snapshots kept, equal."""
+    gen = torch.Generator().manual_seed(8)
+    clocks = sorted({0, *[int(10 ** (k / 8)) for k in range(60)]})[:40]
+    params, now = [], torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    for i in range(len(clocks)):
+        moves = torch.rand(6, generator=gen) < torch.tensor([0.0, 0.1, 0.5, 0.9, 0.3, 1.0])
+        size = torch.where(torch.arange(6) == 4, 1e-5, 1.0)  # seed 4 moves by less than rtol = 1e-3
+        now = now + (moves * size)[:, None] * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+        params.append(now.clone())
+    steps = [3 * c for c in clocks]
+    health, at = SeedHealth(HealthConfig(stall_rtol=rtol), 6), 0
+    metrics = {"gap": torch.ones(6, dtype=torch.float64)}
+    observed = {k: torch.zeros(6, dtype=torch.float64) for k in ("min_log_prob", "min_log_prob_star", "max_abs_reward")}
+    for size in batches:
+        part = range(at, at + size)
+        health.evaluate_many([metrics] * size, [observed] * size, [params[i] for i in part],
+                             [clocks[i] for i in part], [steps[i] for i in part])
+        at += size
+    since, change, kept = stall_memory_by_hand(zip(params, clocks, steps), rtol)
+    assert health.frozen_since.tolist() == since and 0 < sum(s >= 0 for s in since) < 6
+    assert health.change.tolist() == change and health.last_step == steps[-1]
+    assert [s["clock"] for s in health.snapshots] == kept
+
+
 # --- constructed runs ------------------------------------------------------------------------------------------------
 def test_flat_parameters_of_several_states_are_each_states_own_rows():
     """The batched copy (one per tensor name over the states) against each state's rows written out by hand: every
