@@ -68,15 +68,22 @@ class Evaluator:
         return self.evaluate_many([state])[0]
 
     def evaluate_many(self, states: list, tables: dict | None = None) -> list[dict[str, torch.Tensor]]:
+        """The metrics of several states of the same seeds, one dict of (B,) float64 per state: evaluate_columns,
+        cut per state."""
+        columns = self.evaluate_columns(states, tables)
+        seeds = len(columns["gap"]) // len(states)
+        return [{k: m[i * seeds:(i + 1) * seeds] for k, m in columns.items()} for i in range(len(states))]
+
+    def evaluate_columns(self, states: list, tables: dict | None = None) -> dict[str, torch.Tensor]:
         """The metrics of several states of the same seeds (evaluation points the harness held back: harness/
-        runner.py), one dict of (B,) float64 per state. The states' rows are scored together, P x B rows in one
-        pass through each formula, which is what makes many small evaluation points cheap. No formula mixes rows,
-        but a matrix product over more rows may round differently in the last place (tests/test_held_evaluation.py):
-        which states are scored together must not depend on a clock. What the algorithm reads off a state (its
-        policy, reward estimate, penalty lam, predictions) is read per state. `tables`, when given, receives the
-        states' rows as scored: "logps" (the deployed policies), "rewards" (the reward estimate's step tables) and,
-        with a reward model, "star" (its pi*_nu), each a list of (sum B_i, n_h, A) tables, and "sizes" (B_i), for the
-        seed-health check (health.observe)."""
+        runner.py), each a column (P B,) float64 of every state's rows, state-major: what the harness writes. The
+        states' rows are scored together, P x B rows in one pass through each formula, which is what makes many
+        small evaluation points cheap. No formula mixes rows, but a matrix product over more rows may round
+        differently in the last place (tests/test_held_evaluation.py): which states are scored together must not
+        depend on a clock. What the algorithm reads off a state (its policy, reward estimate, penalty lam,
+        predictions) is read per state. `tables`, when given, receives the states' rows as scored: "logps" (the
+        deployed policies), "rewards" (the reward estimate's step tables) and, with a reward model, "star" (its
+        pi*_nu), each a list of (P B, n_h, A) tables, for the seed-health check (health.observe)."""
         problem, algo = self.problem, self.algorithm
         threads = algo.step_threads  # the compiled steps' share of the cores: psi_gap's Newton and this thread's
         estimates = [algo.reward_model(s) for s in states]
@@ -102,7 +109,6 @@ class Evaluator:
             star = None
         n_rows = rewards[0].shape[0]
         seeds = n_rows // len(states)  # each state has the same seeds
-        sizes = [seeds] * len(states)
         bounds = [i * seeds for i in range(len(states) + 1)]  # state i's rows: bounds[i]:bounds[i + 1]
         lam_rows = [(lam_grid, torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members]))
                     for lam_grid, members in lams.items()]
@@ -159,7 +165,7 @@ class Evaluator:
             for rows, finish in solving:
                 psi_gap[rows] = finish()[0]
         if tables is not None:
-            tables.update(logps=logps, rewards=rewards, sizes=sizes)
+            tables.update(logps=logps, rewards=rewards)
             if estimates[0] is not None:
                 tables["star"] = star
         with torch.no_grad():
@@ -178,15 +184,11 @@ class Evaluator:
             "reward_err": reward_err,
             "kl_ref": kl_ref,
         }
-        out = []
-        for i, state in enumerate(states):
-            part = slice(bounds[i], bounds[i + 1])
-            metrics = {k: m[part] for k, m in columns.items()}
-            # the algorithm's exact predictions (Algorithm.predicted_metrics), e.g. reward_err_noise
-            metrics.update({k: torch.full_like(metrics["reward_err"], v)
-                            for k, v in algo.predicted_metrics(state).items()})
-            out.append(metrics)
-        return out
+        # the algorithm's exact predictions (Algorithm.predicted_metrics), e.g. reward_err_noise: one value per state
+        predicted = [algo.predicted_metrics(state) for state in states]
+        columns.update({k: torch.tensor([p[k] for p in predicted], dtype=torch.float64).repeat_interleave(seeds)
+                        for k in predicted[0]})
+        return columns
 
 
 def _stack(per_state: list[list[torch.Tensor]]) -> list[torch.Tensor]:

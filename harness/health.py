@@ -55,26 +55,23 @@ def min_log_prob(tables: list[torch.Tensor]) -> torch.Tensor:
     return per_step.amin(0).masked_fill(nan, math.nan)
 
 
-def observe(problem, tables: dict, uses_true_reward: bool) -> list[dict[str, torch.Tensor]]:
-    """What the saturation check reads besides the metrics, from the rows Evaluator.evaluate_many scored (`tables`:
-    "logps" the deployed policies, "rewards" the reward estimate's step tables, "sizes" the rows of each evaluation
-    point, and "star" pi*_nu where the evaluation solved it), one dict of (B,) per point: the deployed policy's
-    smallest log-probability, that of pi*_nu (the exact soft-optimal policy of the reward estimate) and the largest
-    |r_nu| (NaN for a method handed the true reward: its pi* is the target, and at a small beta it is nearly
-    deterministic by design)."""
+def observe(problem, tables: dict, uses_true_reward: bool) -> dict[str, torch.Tensor]:
+    """What the saturation check reads besides the metrics, from the rows Evaluator.evaluate_columns scored
+    (`tables`: "logps" the deployed policies, "rewards" the reward estimate's step tables, and "star" pi*_nu where
+    the evaluation solved it), a column per row like the metrics': the deployed policy's smallest log-probability,
+    that of pi*_nu (the exact soft-optimal policy of the reward estimate) and the largest |r_nu| (NaN for a method
+    handed the true reward: its pi* is the target, and at a small beta it is nearly deterministic by design)."""
     from ratebench.envs.exact import soft_optimal
 
     with torch.no_grad():
         deployed = min_log_prob(tables["logps"])
         if uses_true_reward:  # no estimate whose pi* could underflow
             nan = torch.full_like(deployed, math.nan)
-            columns = {"min_log_prob": deployed, "min_log_prob_star": nan, "max_abs_reward": nan}
-        else:
-            rewards = [r.detach() for r in tables["rewards"]]
-            star = min_log_prob(tables["star"] if "star" in tables else soft_optimal(problem, rewards)[0])
-            largest = torch.stack([r.reshape(r.shape[0], -1).abs().amax(1) for r in rewards]).amax(0)
-            columns = {"min_log_prob": deployed, "min_log_prob_star": star, "max_abs_reward": largest}
-    return [dict(zip(columns, parts)) for parts in zip(*(v.split(tables["sizes"]) for v in columns.values()))]
+            return {"min_log_prob": deployed, "min_log_prob_star": nan, "max_abs_reward": nan}
+        rewards = [r.detach() for r in tables["rewards"]]
+        star = min_log_prob(tables["star"] if "star" in tables else soft_optimal(problem, rewards)[0])
+        largest = torch.stack([r.reshape(r.shape[0], -1).abs().amax(1) for r in rewards]).amax(0)
+        return {"min_log_prob": deployed, "min_log_prob_star": star, "max_abs_reward": largest}
 
 
 def finite_everywhere(metrics: dict[str, torch.Tensor]) -> list[str]:
@@ -123,8 +120,9 @@ def _star_note(observed: dict[str, torch.Tensor], i: int) -> str:
 def flat_parameters(tensors: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
     """Every per-seed tensor (Algorithm.tensors) of each of several states of the same seeds as one row per seed:
     (B, P) float64 copies per state, made with one copy per tensor name."""
-    flat = torch.cat([torch.stack([t[name].detach() for t in tensors]).reshape(len(tensors), first.shape[0], -1)
-                      .to(torch.float64) for name, first in tensors[0].items()], 2)  # (states, B, P)
+    with torch.no_grad():  # copies outside any graph (rather than a detach per tensor: a few hundred calls)
+        flat = torch.cat([torch.stack([t[name] for t in tensors]).reshape(len(tensors), first.shape[0], -1)
+                          .to(torch.float64) for name, first in tensors[0].items()], 2)  # (states, B, P)
     return list(flat.unbind(0))
 
 
@@ -162,21 +160,23 @@ class SeedHealth:
                  clock: int, step: int) -> list[str | None]:
         """At an evaluation point: per seed the reason it is saturated here (or None); also advances the
         stall memory. Every seed is looked at; the harness keeps the verdicts of those still running."""
-        return self.evaluate_many([metrics], [observed], [params], [clock], [step])[0]
+        return self.evaluate_many(metrics, observed, [params], [clock], [step])[0]
 
-    def evaluate_many(self, metrics: list[dict[str, torch.Tensor]], observed: list[dict[str, torch.Tensor]],
+    def evaluate_many(self, metrics: dict[str, torch.Tensor], observed: dict[str, torch.Tensor],
                       params: list[torch.Tensor], clocks: list[int], steps: list[int]) -> list[list[str | None]]:
-        """evaluate() at several evaluation points in order (each argument one entry per point): the saturation
-        check on all their rows at once, the stall memory advanced point by point."""
+        """evaluate() at several evaluation points in order: metrics and observed are columns of every point's n
+        rows, point-major (Evaluator.evaluate_columns, observe), the others one entry per point. The saturation
+        check runs on all the rows at once, the stall memory is advanced point by point."""
+        points = len(clocks)
         if not self.cfg.enabled:
-            return [[None] * self.n for _ in metrics]
-        if self.watched is None:
-            self.watched = finite_everywhere(metrics[0])
-            self.positive = [k for k in ZERO_IS_UNDERFLOW if k in metrics[0] and bool((metrics[0][k] > 0).all())]
-        joined = lambda dicts: {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
-        reasons = saturation(joined(metrics), joined(observed), self.watched, self.positive, self.cfg)
+            return [[None] * self.n for _ in range(points)]
+        if self.watched is None:  # what the first point could compute
+            first = {k: m[:self.n] for k, m in metrics.items()}
+            self.watched = finite_everywhere(first)
+            self.positive = [k for k in ZERO_IS_UNDERFLOW if k in first and bool((first[k] > 0).all())]
+        reasons = saturation(metrics, observed, self.watched, self.positive, self.cfg)
         self._track_stalls(params, clocks, steps)
-        return [reasons[i * self.n:(i + 1) * self.n] for i in range(len(metrics))]
+        return [reasons[i * self.n:(i + 1) * self.n] for i in range(points)]
 
     def _track_stalls(self, params: list[torch.Tensor], clocks: list[int], steps: list[int]) -> None:
         """The stall memory advanced over points in order: each point's parameters against the snapshot at the first

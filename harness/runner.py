@@ -418,7 +418,7 @@ class _Job:
             rows = self.part_rows[i]
             states = [h["state"] if len(self.parts) == 1 else self.algo.select_rows(h["state"], rows) for h in held]
             tables = {}  # the rows' policies and reward tables as scored, which the health check reads too
-            scored = part.evaluator.evaluate_many(states, tables)  # each (n_seeds,): exact, on the part's own instance
+            scored = part.evaluator.evaluate_columns(states, tables)  # (points x n_seeds,): exact, on the part's instance
             reasons = part.health.evaluate_many(scored, observe(part.problem, tables, part.algo.uses_true_reward),
                                                 flat_parameters([part.algo.tensors(s) for s in states]),
                                                 [h["clock"] for h in held], [h["step"] for h in held])
@@ -428,21 +428,21 @@ class _Job:
             failed = torch.tensor([[why is not None for why in point] for point in reasons]) & alive
             found = failed & (failed.cumsum(0) == 1)
             kept = (alive & (found.cumsum(0) - found.long() == 0)).numpy()
-            for i, j in found.nonzero().tolist():
-                part.status[self._part_seed(j)] = {"status": "saturated", "step": held[i]["step"],
-                                                   "reason": reasons[i][j]}
+            for point, j in found.nonzero().tolist():
+                part.status[self._part_seed(j)] = {"status": "saturated", "step": held[point]["step"],
+                                                   "reason": reasons[point][j]}
             saturated[rows] |= found.any(0)
             counts = kept.sum(1)  # each point's value repeated on its rows
             frame = pd.DataFrame({"seed": np.tile(self.seeds[rows].numpy(), len(held))[kept.reshape(-1)],
                                   **{k: np.repeat(np.array([h[k] for h in held], dtype=np.int64), counts)
                                      for k in ("step", "samples", "queries")},
-                                  **{k: torch.stack([m[k] for m in scored]).numpy()[kept] for k in scored[0]},
+                                  **{k: m.numpy().reshape(kept.shape)[kept] for k, m in scored.items()},
                                   **{k: np.repeat([float(x[k]) for x in schedule], counts) for k in schedule[0]},
                                   "wall_s": np.repeat([h["wall"] for h in held], counts)})
             part.rows.append(frame)
             part.live_log.log(frame)
             alive = held[-1]["alive"][rows] & ~saturated[rows]
-            shown.append({k: m[alive] for k, m in scored[-1].items()})
+            shown.append({k: m[-len(alive):][alive] for k, m in scored.items()})
         if saturated.any():  # stopped like a diverged seed: zeroed so the batch stays finite, no further rows
             self.alive &= ~saturated
             zero_rows(self.algo.tensors(self.state), saturated)

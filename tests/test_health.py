@@ -115,7 +115,8 @@ def test_the_stall_memory_over_held_points_is_the_rule_point_by_point(rtol, batc
     observed = {k: torch.zeros(6, dtype=torch.float64) for k in ("min_log_prob", "min_log_prob_star", "max_abs_reward")}
     for size in batches:
         part = range(at, at + size)
-        health.evaluate_many([metrics] * size, [observed] * size, [params[i] for i in part],
+        health.evaluate_many({k: m.repeat(size) for k, m in metrics.items()},
+                             {k: m.repeat(size) for k, m in observed.items()}, [params[i] for i in part],
                              [clocks[i] for i in part], [steps[i] for i in part])
         at += size
     since, change, kept = stall_memory_by_hand(zip(params, clocks, steps), rtol)

@@ -83,15 +83,15 @@ def test_evaluate_many_scores_each_state_as_it_would_alone(compose_config, tmp_p
     from ratebench.evaluation import Evaluator
 
     captured = []
-    original = Evaluator.evaluate_many
+    original = Evaluator.evaluate_columns
 
     def spy(self, states, tables=None):
         captured.append((self, [self.algorithm.select_rows(s, slice(None)) for s in states]))
         return original(self, states, tables)
 
-    monkeypatch.setattr(Evaluator, "evaluate_many", spy)
+    monkeypatch.setattr(Evaluator, "evaluate_columns", spy)
     run_job(compose_config(["algorithm=bilevel", f"env={env}", "budget.samples=4000", "n_seeds=3"]), tmp_path / env)
-    monkeypatch.setattr(Evaluator, "evaluate_many", original)
+    monkeypatch.setattr(Evaluator, "evaluate_columns", original)
     evaluator, states = captured[0][0], [s for _, batch in captured for s in batch]
     assert len(states) >= 10
     together = evaluator.evaluate_many(states)
