@@ -346,6 +346,17 @@ def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWT
     converged, status & INDEFINITE where some iteration took the eigenvalue direction (H + same not positive
     definite). unrolled=False: the C file's generic loops instead of its copies unrolled for k = m in {4, 6, 8} (the
     same bits; tests compare them). The rows are split across newton_threads(R, threads) threads: the same bits."""
+    solve, x, status = prepare_compiled_newton_rows(lib, inner, x0, tol, max_iter, max_move, unrolled, threads)
+    solve()
+    return x, status
+
+
+def prepare_compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL,
+                                 max_iter: int = NEWTON_MAX_ITER, max_move: float = NEWTON_MAX_MOVE,
+                                 unrolled: bool = True, threads: int | None = None):
+    """compiled_newton_rows' inputs laid out for penalty_newton.c, and the output tensors: (solve, x, status), where
+    solve() makes the C call that fills x and status. It touches no Python object and ctypes releases the GIL around
+    it, so another thread can run it while this one goes on."""
     d = inner.d
     R, k = x0.shape
     m = d.m
@@ -365,9 +376,12 @@ def compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: float = NEWT
                *[ptr(t) for t in keep[:8]],
                inner.lam_beta, tol, max_move, ARMIJO, ROUNDING, METRIC_TOL,
                ptr(keep[8]), ptr(x), ptr(status, I64))
-    if lib.split_newton(ctypes.byref(q)) != 0:
-        raise RuntimeError("penalty_newton.c refused its sizes, could not allocate its scratch or start a thread")
-    return x, status
+
+    def solve(inputs=keep) -> None:  # inputs: the tensors whose memory the C reads, held until it has
+        if lib.split_newton(ctypes.byref(q)) != 0:
+            raise RuntimeError("penalty_newton.c refused its sizes, could not allocate its scratch or start a thread")
+
+    return solve, x, status
 
 
 def newton_path(problem: TabularProblem) -> str | None:
@@ -383,14 +397,30 @@ def split_newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, 
     """newton_rows(inner, x0, compact=True) on split rows: by penalty_newton.c where it builds (newton_library), the
     same algorithm up to rounding (its eigenvalue direction by Jacobi rotations, not LAPACK's eigh); else by
     newton_rows. threads: compiled_newton_rows' (None: every core). Returns (x, converged (R,))."""
+    return start_split_newton_rows([(inner, x0)], tol, max_iter, max_move, threads)()[0]
+
+
+def start_split_newton_rows(row_sets: list, tol: float = NEWTON_TOL, max_iter: int = NEWTON_MAX_ITER,
+                            max_move: float = NEWTON_MAX_MOVE, threads: int | None = None, background: bool = False):
+    """split_newton_rows on each (inner, x0) of row_sets, as a function to call for the list of results. With
+    background and the compiled library, the C calls (and nothing else: no torch, no Python object) run one after
+    the other on a Python thread of their own while the caller goes on; the same bits."""
     lib = newton_library()
     if lib is None:
-        SPLIT_NEWTON_PATHS["torch"] += 1
-        return newton_rows(inner, x0, tol, max_iter, max_move, compact=True)
-    SPLIT_NEWTON_PATHS["c"] += 1
-    x, status = compiled_newton_rows(lib, inner, x0, tol, max_iter, max_move, threads=threads)
-    SPLIT_NEWTON_PATHS["indefinite"] += int(((status & INDEFINITE) != 0).sum())
-    return x, (status & 1) == 1
+        SPLIT_NEWTON_PATHS["torch"] += len(row_sets)
+        solved = [newton_rows(inner, x0, tol, max_iter, max_move, compact=True) for inner, x0 in row_sets]
+        return lambda: solved
+    SPLIT_NEWTON_PATHS["c"] += len(row_sets)
+    prepared = [prepare_compiled_newton_rows(lib, inner, x0, tol, max_iter, max_move, threads=threads)
+                for inner, x0 in row_sets]
+    later = _Later(lambda: [solve() for solve, _, _ in prepared], background)
+
+    def finish() -> list:
+        later.result()
+        SPLIT_NEWTON_PATHS["indefinite"] += sum(int(((status & INDEFINITE) != 0).sum()) for _, _, status in prepared)
+        return [(x, (status & 1) == 1) for _, x, status in prepared]
+
+    return finish
 
 
 def newton_applies(problem: TabularProblem) -> bool:
@@ -416,9 +446,9 @@ def start_penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam
                                    threads: int | None = None, start: Tables | None = None,
                                    background: bool = False):
     """penalty_minimiser_newton as a function to call for its result. background: the compiled split solves run on
-    a Python thread of their own (ctypes releases the GIL while penalty_newton.c works), so that the caller's torch
-    work and the solve share the cores until it calls; the same bits, since no row reads another's memory. Without
-    the compiled path everything is done before this returns."""
+    a Python thread of their own (start_split_newton_rows), so that the caller's torch work and the solve share the
+    cores until it calls; the same bits, since no row reads another's memory. Without the compiled path everything
+    is done before this returns."""
     rewards = [r.detach() for r in rewards]
     start = soft_optimal(problem, rewards)[0] if start is None else [t.detach() for t in start]
     d = _design(problem)
@@ -438,14 +468,11 @@ def start_penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam
             B = x0[part].shape[0]
             chunks.append((part, (inner, x0[part][:, groups].reshape(B * d.G, -1))))
     split = [i for i, (_, solve) in enumerate(chunks) if isinstance(solve[0], _Inner)]
-
-    def solve_split() -> list:
-        return [split_newton_rows(*chunks[i][1], tol, NEWTON_MAX_ITER, threads=threads) for i in split]
-
-    later = _Later(solve_split, background and bool(split) and newton_library() is not None)
+    solving = start_split_newton_rows([chunks[i][1] for i in split], tol, NEWTON_MAX_ITER, threads=threads,
+                                      background=background)
 
     def finish() -> Tables:
-        solved, split_results = [], dict(zip(split, later.result()))
+        solved, split_results = [], dict(zip(split, solving()))
         for i, (part, solve) in enumerate(chunks):
             if i in split_results:
                 x_rows, converged = split_results[i]

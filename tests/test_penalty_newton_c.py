@@ -213,18 +213,17 @@ def test_psi_by_the_compiled_newton_equals_the_torch_path(name, kind, monkeypatc
 
 
 def test_the_solve_on_its_own_thread_gives_the_same_bits_and_its_errors(monkeypatch):
-    """start_penalty_minimiser_newton(background=True) (the compiled solve on a Python thread while the caller goes
-    on, as the evaluation runs it) against penalty_minimiser_newton: y* bit for bit, with pi*_nu passed as the start
-    or solved inside; the solve ran on another thread; an error raised there reaches the caller at result time."""
+    """start_penalty_minimiser_newton(background=True) (the C call on a Python thread while the caller goes on, as
+    the evaluation runs it) against penalty_minimiser_newton: y* bit for bit, with pi*_nu passed as the start or
+    solved inside; the C call ran on another thread; an error there reaches the caller when it asks for the result."""
     import threading
 
-    problem = make("default")
+    problem, lib = make("default"), penalty.newton_library()
     rewards = reward_tables(problem, "near", seed=3, batch=16)
     start = exact.soft_optimal(problem, rewards)[0]
     ran_on = []
-    real = penalty.split_newton_rows
-    monkeypatch.setattr(penalty, "split_newton_rows",
-                        lambda *a, **k: ran_on.append(threading.current_thread()) or real(*a, **k))
+    real = lib.split_newton
+    monkeypatch.setattr(lib, "split_newton", lambda q: ran_on.append(threading.current_thread()) or real(q))
     for lam in (0.3, 3.0):
         alone = penalty.penalty_minimiser_newton(problem, rewards, lam, threads=2)
         for given in (None, start):
@@ -234,13 +233,9 @@ def test_the_solve_on_its_own_thread_gives_the_same_bits_and_its_errors(monkeypa
             y = finish()
             assert ran_on and ran_on[0] is not threading.main_thread()
             assert all(torch.equal(a, b) for a, b in zip(y, alone)), lam
-
-    def broken(*a, **k):
-        raise MemoryError("penalty_newton.c could not allocate")
-
-    monkeypatch.setattr(penalty, "split_newton_rows", broken)
+    monkeypatch.setattr(lib, "split_newton", lambda q: 1)  # the C's "could not allocate its scratch"
     finish = penalty.start_penalty_minimiser_newton(problem, rewards, 3.0, background=True)
-    with pytest.raises(MemoryError, match="could not allocate"):
+    with pytest.raises(RuntimeError, match="could not allocate"):
         finish()
 
 
@@ -290,25 +285,27 @@ def test_run_json_names_the_solve_that_ran(compose_config, tmp_path, monkeypatch
 def test_evaluation_takes_the_runs_step_threads_and_the_same_bits(compose_config, tmp_path, monkeypatch):
     """A job's psi_gap Newton takes the run's step_threads: with 1 it solves on the evaluation's own thread, one C
     thread; with n > 1 on a thread of its own with n - 1 C threads (the evaluation's torch work has the other core)
-    (the argument each compiled call passed to newton_threads, and the thread that ran it); a call of many rows runs
-    on that many, and the jobs' metrics are equal in every column but the clock's."""
+    (the argument each compiled call passed to newton_threads, and the thread that made the C call); a call of many
+    rows runs on that many, and the jobs' metrics are equal in every column but the clock's."""
     import threading
 
     import pandas as pd
     from ratebench.runner import run_job
 
-    asked = []
-    real = penalty.newton_threads
-    monkeypatch.setattr(penalty, "newton_threads", lambda rows, threads=None: asked.append(
-        (rows, threads, threading.current_thread() is threading.main_thread())) or real(rows, threads))
+    asked, ran_on = [], []
+    real, lib = penalty.newton_threads, penalty.newton_library()
+    call = lib.split_newton
+    monkeypatch.setattr(penalty, "newton_threads", lambda rows, threads=None: asked.append((rows, threads)) or
+                        real(rows, threads))
+    monkeypatch.setattr(lib, "split_newton", lambda q: ran_on.append(threading.current_thread()) or call(q))
     frames = {}
     for n in (1, 2, 3):
-        asked.clear()
+        asked.clear(), ran_on.clear()
         run_job(compose_config(["algorithm=bilevel", "budget.samples=3000", "n_seeds=12", f"step_threads={n}"]),
                 tmp_path / str(n))
         newton = max(1, n - 1)
-        assert asked and {threads for _, threads, _ in asked} == {newton}, asked
-        assert {main for _, _, main in asked} == {n == 1}, asked
-        assert max(real(rows, threads) for rows, threads, _ in asked) == newton  # 12 seeds x 8 contexts x the points
+        assert asked and {threads for _, threads in asked} == {newton}, asked
+        assert ran_on and {t is threading.main_thread() for t in ran_on} == {n == 1}
+        assert max(real(rows, threads) for rows, threads in asked) == newton  # 12 seeds x 8 contexts x the points
         frames[n] = pd.read_parquet(tmp_path / str(n) / "metrics.parquet").drop(columns="wall_s")
     assert frames[1].equals(frames[2]) and frames[1].equals(frames[3])

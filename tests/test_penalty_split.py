@@ -63,17 +63,17 @@ def test_bandit_groups_are_its_contexts_and_coupled_or_single_groups_are_not_spl
 @pytest.mark.parametrize("path", ["c", "torch"])
 @pytest.mark.parametrize("env,rows", [("bandit", "seed x group"), ("mdp", "seed"), ("token", "seed")])
 def test_the_newton_rows_are_groups_on_the_bandit_and_seeds_elsewhere(env, rows, path, monkeypatch):
-    """Split rows go to split_newton_rows (penalty_newton.c, or newton_rows with RATEBENCH_KERNELS=0), whole seeds
-    to newton_rows."""
+    """Split rows go to start_split_newton_rows (penalty_newton.c, or newton_rows with RATEBENCH_KERNELS=0), whole
+    seeds to newton_rows."""
     if path == "torch":
         monkeypatch.setenv("RATEBENCH_KERNELS", "0")
     problem = envs.make({"bandit": bandit.BanditConfig(), "mdp": mdp.MDPConfig(), "token": token.TokenConfig()}[env])
     rewards = reward_tables(problem, "near", batch=3)
-    shapes, newton_rows, split_rows = [], penalty.newton_rows, penalty.split_newton_rows
+    shapes, newton_rows, split_rows = [], penalty.newton_rows, penalty.start_split_newton_rows
     monkeypatch.setattr(penalty, "newton_rows",
                         lambda inner, x0, *a, **k: shapes.append(("rows", x0.shape)) or newton_rows(inner, x0, *a, **k))
-    monkeypatch.setattr(penalty, "split_newton_rows",
-                        lambda inner, x0, *a, **k: shapes.append(("split", x0.shape)) or split_rows(inner, x0, *a, **k))
+    monkeypatch.setattr(penalty, "start_split_newton_rows", lambda row_sets, *a, **k: shapes.extend(
+        ("split", x0.shape) for _, x0 in row_sets) or split_rows(row_sets, *a, **k))
     paths = dict(penalty.SPLIT_NEWTON_PATHS)
     penalty.penalty_minimiser_newton(problem, rewards, 2.0)
     n = penalty._flatten(exact.soft_optimal(problem, rewards)[0]).shape[1]
