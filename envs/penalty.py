@@ -507,7 +507,7 @@ class _Later:
     def _run(self, compute) -> None:
         try:
             self._value = compute()
-        except BaseException as error:  # handed to the caller by result()
+        except BaseException as error:  # noqa: BLE001 (any error, handed as it is to the caller by result())
             self._error = error
 
     def result(self):
@@ -624,7 +624,9 @@ class PsiReference:
                                                     background=background)
         else:
             y = penalty_minimiser(self.problem, rewards, lam, tol=METRIC_TOL)
-            solved = lambda: y  # noqa: E731
+
+            def solved() -> Tables:
+                return y
 
         def finish() -> tuple[torch.Tensor, Tables]:
             y = solved()
