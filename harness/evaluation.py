@@ -146,16 +146,16 @@ class Evaluator:
                                                                 [t[rows] for t in star], lam_grid).sum()
                     total = surrogate if total is None else total + surrogate
                     solved.append((rows, copy))
-            # grad psi's unit rewards go back on their rows (rows psi_gap did not solve stay 0, and their psi_grad_sq
-            # NaN), so that both gradients go through the network's activations of all rows
-            grad_psi_units = torch.zeros_like(grad_f_units)
-            if solved:
-                grad_psi_units[again] = torch.autograd.grad(total, leaf_again)[0]
-            grad_f, grad_psi = (model.backward(params, acts, g) for g in (grad_f_units, grad_psi_units))
+            grad_f = model.backward(params, acts, grad_f_units)
             grad_sq = per_seed_sq_norm(grad_f)
             pgrad_sq = per_seed_sq_norm(model.gradient_mapping(params, grad_f))
-            for rows, _ in solved:
-                psi_grad_sq[rows] = per_seed_sq_norm([g[rows] for g in grad_psi])
+            if solved:  # grad psi's unit rewards go back on their rows (the others stay 0, their psi_grad_sq NaN), so
+                #         that it goes through the network's activations of all rows, as grad F did
+                grad_psi_units = torch.zeros_like(grad_f_units)
+                grad_psi_units[again] = torch.autograd.grad(total, leaf_again)[0]
+                grad_psi = model.backward(params, acts, grad_psi_units)
+                for rows, _ in solved:
+                    psi_grad_sq[rows] = per_seed_sq_norm([g[rows] for g in grad_psi])
         else:
             with torch.no_grad():
                 objective = exact.bilevel_objective(problem, rewards)
