@@ -41,7 +41,7 @@ SEGMENT_DIVERGED = ("non-finite values (inf or NaN) in the parameters (found ins
                     "which does not record the tensor)")  # the per-step check names the tensors
 FINISHED = ("completed", "diverged", "saturated", "stalled")  # final outcomes: re-running the same config reproduces them
 RESULT_FILES = ("metrics.parquet", "run.json", checkpoint.FILENAME)  # written atomically into a run folder
-# Evaluation points close together are held and scored in one batched pass (Evaluator.evaluate_many): a point is
+# Evaluation points close together are held and scored in one batched pass (Evaluator.evaluate_columns): a point is
 # held while the next one is due within HOLD_STEPS outer steps of the first point held, up to HOLD_POINTS points
 # and HOLD_BYTES of held state copies. The rule reads only the schedule and the counters, never a clock, so which
 # points are scored together (and so every bit of their metrics) is the same in every run and every resume.
@@ -405,7 +405,7 @@ class _Job:
 
     def _score_held(self) -> None:
         """The exact metrics and the seed-health check of every held point in one pass per part
-        (Evaluator.evaluate_many, health.observe, SeedHealth.evaluate_many), then point by point in order its
+        (Evaluator.evaluate_columns, health.observe, SeedHealth.evaluate_many), then in the points' order their
         rows and verdicts. A seed found saturated at a point has no rows after it (it stepped on meanwhile; a
         status from those steps is replaced) and is zeroed now."""
         held, self.held, self.held_bytes = self.held, [], 0
