@@ -131,8 +131,7 @@ class Algorithm:
         """policy_log_probs of several states of the same seeds (evaluation points the harness scores together), their
         rows stacked in order: [(sum B_i, n_h, A)]. An algorithm whose deployed policy is a network of per-row
         parameters overrides it to run the network once on every row."""
-        per_state = [self.policy_log_probs(s) for s in states]
-        return per_state[0] if len(per_state) == 1 else [torch.cat(parts) for parts in zip(*per_state)]
+        return stack_rows([self.policy_log_probs(s) for s in states])
 
     def reward_model(self, state: Any) -> tuple[RewardModel, Params] | None:
         """(model, parameters nu) of the reward estimate, or None if no nu exists."""
@@ -203,6 +202,12 @@ class Algorithm:
 
 
 _CLASS, _FIELDS, _OBJECT = "__class__", "__fields__", "__state_dict__"
+
+
+def stack_rows(per_state: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-state lists of (B_i, ...) tensors (parameters, tables) -> one list of (sum B_i, ...) tensors, the states'
+    rows in order (a single state's list as it is): several evaluation points scored as one batch."""
+    return per_state[0] if len(per_state) == 1 else [torch.cat(parts) for parts in zip(*per_state)]
 
 
 @functools.cache

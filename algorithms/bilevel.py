@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ratebench.algorithms.base import Algorithm
+from ratebench.algorithms.base import Algorithm, stack_rows
 from ratebench.algorithms.bilevel_kernel import CompiledStep, kernel_applies
 from ratebench.algorithms.estimators import (kl_regularised_return, policy_gradient_weights, preference_loss_weights,
                                              preference_score_weights)
@@ -439,8 +439,7 @@ class Bilevel(Algorithm):
         return self.policy.log_probs(state.z)  # the deployed policy is z (docs/bilevel.md)
 
     def stacked_policy_log_probs(self, states):
-        params = states[0].z if len(states) == 1 else [torch.cat(p) for p in zip(*(s.z for s in states))]
-        return self.policy.log_probs(params)
+        return self.policy.log_probs(stack_rows([s.z for s in states]))
 
     def reward_model(self, state):
         return self.reward, state.nu

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ratebench.algorithms.base import stack_rows
 from ratebench.algorithms.models import per_seed_sq_norm
 from ratebench.envs import exact, penalty
 from ratebench.core.grid import log_point
@@ -96,7 +97,7 @@ class Evaluator:
             # (the rows', and a copy of the rows psi_gap is solved at), and the network's closed-form backward
             # (RewardModel.backward, the fast path's, tested equal to autograd) carries each to nu: autograd through
             # the network itself costs several times that on these many small rows
-            model, params = estimates[0][0], _stack([e[1] for e in estimates])
+            model, params = estimates[0][0], stack_rows([e[1] for e in estimates])
             units, acts = model.units(params)
             leaf = units.detach().requires_grad_(True)
             tables_rows = problem.step_tables_from_units(leaf)
@@ -105,19 +106,18 @@ class Evaluator:
                 star = exact.soft_optimal(problem, rewards)[0]  # pi*_nu: psi's surrogate's z*, and the health check's
         else:
             with torch.no_grad():
-                rewards = _stack([[r.detach() for r in algo.implicit_rewards(s)] for s in states])
+                rewards = stack_rows([[r.detach() for r in algo.implicit_rewards(s)] for s in states])
             star = None
         n_rows = rewards[0].shape[0]
-        seeds = n_rows // len(states)  # each state has the same seeds
-        bounds = [i * seeds for i in range(len(states) + 1)]  # state i's rows: bounds[i]:bounds[i + 1]
-        lam_rows = [(lam_grid, torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members]))
+        seeds = n_rows // len(states)  # each state has the same seeds: state i's rows are i * seeds ... (i + 1) * seeds
+        lam_rows = [(lam_grid, torch.cat([torch.arange(i * seeds, (i + 1) * seeds) for i in members]))
                     for lam_grid, members in lams.items()]
         # psi_gap's Newton solves on a thread of its own (ctypes releases the GIL) while this one does the rest of
         # the torch work, when the run gives the evaluation more than one core: the same bits either way
         overlap = threads > 1
-        solving = [(rows, penalty.start_psi_gap_and_minimiser(
-                       problem, [r[rows] for r in rewards], lam_grid, threads - 1 if overlap else threads,
-                       None if star is None else [t[rows] for t in star], background=overlap))
+        solving = [penalty.start_psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid,
+                                                       threads - 1 if overlap else threads,
+                                                       None if star is None else [t[rows] for t in star], overlap)
                    for lam_grid, rows in lam_rows]
         with torch.no_grad():
             logps = [lp.detach() for lp in algo.stacked_policy_log_probs(states)]
@@ -135,17 +135,17 @@ class Evaluator:
             again = torch.cat([rows for _, rows in lam_rows]) if lam_rows else torch.zeros(0, dtype=torch.long)
             leaf_again = units[again].detach().requires_grad_(True)
             tables_again = problem.step_tables_from_units(leaf_again)
-            total, start, solved = None, 0, []
-            for (lam_grid, rows), (_, finish) in zip(lam_rows, solving):
+            total, start, solved = None, 0, []  # solved: the rows of each lam whose y* psi_gap found
+            for (lam_grid, rows), finish in zip(lam_rows, solving):
                 gap, y, _ = finish()
                 psi_gap[rows] = gap
-                copy = slice(start, start + len(rows))
+                copy = slice(start, start + len(rows))  # the same rows in tables_again
                 start += len(rows)
                 if y is not None:
                     surrogate = penalty.hypergradient_surrogate(problem, [t[copy] for t in tables_again], y,
                                                                 [t[rows] for t in star], lam_grid).sum()
                     total = surrogate if total is None else total + surrogate
-                    solved.append((rows, copy))
+                    solved.append(rows)
             grad_f = model.backward(params, acts, grad_f_units)
             grad_sq = per_seed_sq_norm(grad_f)
             pgrad_sq = per_seed_sq_norm(model.gradient_mapping(params, grad_f))
@@ -154,7 +154,7 @@ class Evaluator:
                 grad_psi_units = torch.zeros_like(grad_f_units)
                 grad_psi_units[again] = torch.autograd.grad(total, leaf_again)[0]
                 grad_psi = model.backward(params, acts, grad_psi_units)
-                for rows, _ in solved:
+                for rows in solved:
                     psi_grad_sq[rows] = per_seed_sq_norm([g[rows] for g in grad_psi])
         else:
             with torch.no_grad():
@@ -162,7 +162,7 @@ class Evaluator:
             grad_sq = torch.full_like(objective, math.nan)
             pgrad_sq = grad_sq
             lower_gap = torch.full_like(objective, math.nan)
-            for rows, finish in solving:
+            for (_, rows), finish in zip(lam_rows, solving):
                 psi_gap[rows] = finish()[0]
         if tables is not None:
             tables.update(logps=logps, rewards=rewards)
@@ -189,11 +189,6 @@ class Evaluator:
         columns.update({k: torch.tensor([p[k] for p in predicted], dtype=torch.float64).repeat_interleave(seeds)
                         for k in predicted[0]})
         return columns
-
-
-def _stack(per_state: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """Per-state lists of (B_i, ...) tensors -> one list of (sum B_i, ...) tensors (a single state's as it is)."""
-    return per_state[0] if len(per_state) == 1 else [torch.cat(parts) for parts in zip(*per_state)]
 
 
 def _by_grid_lambda(lams: list) -> dict[float, list[int]]:
