@@ -455,32 +455,28 @@ def start_penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam
     groups = d.groups  # separable: one row per (seed, group) of n/G logits; a seed converged when all its groups did
     n_row = d.n if groups is None else d.part.n  # logits per Newton row
     per_seed = max(1, PAIR_CHUNK // (d.G * d.m * max(d.m, n_row)))
-    x0, chunks = _flatten(start), []
+    x0, parts, dense, split = _flatten(start), [], [], []  # dense: (x, converged) per chunk; split: (inner, rows)
     for lo in range(0, x0.shape[0], per_seed):
         part = slice(lo, lo + per_seed)
+        parts.append(part)
         inner = _Inner(problem, [r[part] for r in rewards], lam, split=groups is not None)
         if groups is None:
-            chunks.append((part, newton_rows(inner, x0[part], tol, NEWTON_MAX_ITER)))
+            dense.append(newton_rows(inner, x0[part], tol, NEWTON_MAX_ITER))
         else:
             # a row's arithmetic is its own at every batch size here (tests/test_penalty_split.py), so converged rows
             # leave the batch (torch) or each row is solved alone (penalty_newton.c); the dense rows' (B, T) x (T, n)
             # products are not (odd batch sizes take other kernels)
-            B = x0[part].shape[0]
-            chunks.append((part, (inner, x0[part][:, groups].reshape(B * d.G, -1))))
-    split = [i for i, (_, solve) in enumerate(chunks) if isinstance(solve[0], _Inner)]
-    solving = start_split_newton_rows([chunks[i][1] for i in split], tol, NEWTON_MAX_ITER, threads=threads,
-                                      background=background)
+            split.append((inner, x0[part][:, groups].reshape(-1, d.part.n)))
+    solving = None if groups is None else start_split_newton_rows(split, tol, NEWTON_MAX_ITER, threads=threads,
+                                                                   background=background)
 
     def finish() -> Tables:
-        solved, split_results = [], dict(zip(split, solving()))
-        for i, (part, solve) in enumerate(chunks):
-            if i in split_results:
-                x_rows, converged = split_results[i]
-                x = torch.empty_like(x0[part])
+        solved = []
+        for part, (x, converged) in zip(parts, dense if solving is None else solving()):
+            if groups is not None:  # the chunk's (seed, group) rows back into its seeds' logits
+                x_rows, x = x, torch.empty_like(x0[part])
                 x[:, groups.reshape(-1)] = x_rows.reshape(x.shape[0], -1)
                 converged = converged.reshape(x.shape[0], d.G).all(-1)
-            else:
-                x, converged = solve
             if not bool(converged.all()):  # the L-BFGS on the whole chunk, as before Newton: its rows' bits then do
                 #                             not depend on which other seeds fell back (einsum's paths depend on the
                 #                             batch)
