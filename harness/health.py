@@ -117,13 +117,12 @@ def _star_note(observed: dict[str, torch.Tensor], i: int) -> str:
     return "" if math.isnan(value) else f" (smallest log pi*_nu = {value:.4g})"
 
 
-def flat_parameters(tensors: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+def flat_parameters(tensors: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Every per-seed tensor (Algorithm.tensors) of each of several states of the same seeds as one row per seed:
-    (B, P) float64 copies per state, made with one copy per tensor name."""
+    (states, B, P) float64, a copy made with one copy per tensor name."""
     with torch.no_grad():  # copies outside any graph (rather than a detach per tensor: a few hundred calls)
-        flat = torch.cat([torch.stack([t[name] for t in tensors]).reshape(len(tensors), first.shape[0], -1)
-                          .to(torch.float64) for name, first in tensors[0].items()], 2)  # (states, B, P)
-    return list(flat.unbind(0))
+        return torch.cat([torch.stack([t[name] for t in tensors]).reshape(len(tensors), first.shape[0], -1)
+                          .to(torch.float64) for name, first in tensors[0].items()], 2)
 
 
 def relative_change(current: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
@@ -160,13 +159,14 @@ class SeedHealth:
                  clock: int, step: int) -> list[str | None]:
         """At an evaluation point: per seed the reason it is saturated here (or None); also advances the
         stall memory. Every seed is looked at; the harness keeps the verdicts of those still running."""
-        return self.evaluate_many(metrics, observed, [params], [clock], [step])[0]
+        return self.evaluate_many(metrics, observed, params[None], [clock], [step])[0]
 
     def evaluate_many(self, metrics: dict[str, torch.Tensor], observed: dict[str, torch.Tensor],
-                      params: list[torch.Tensor], clocks: list[int], steps: list[int]) -> list[list[str | None]]:
+                      params: torch.Tensor, clocks: list[int], steps: list[int]) -> list[list[str | None]]:
         """evaluate() at several evaluation points in order: metrics and observed are columns of every point's n
-        rows, point-major (Evaluator.evaluate_columns, observe), the others one entry per point. The saturation
-        check runs on all the rows at once, the stall memory is advanced point by point."""
+        rows, point-major (Evaluator.evaluate_columns, observe), params (points, n, P) (flat_parameters), the others
+        one entry per point. The saturation check runs on all the rows at once, the stall memory over the points in
+        order."""
         points = len(clocks)
         if not self.cfg.enabled:
             return [[None] * self.n for _ in range(points)]
@@ -178,12 +178,13 @@ class SeedHealth:
         self._track_stalls(params, clocks, steps)
         return [reasons[i * self.n:(i + 1) * self.n] for i in range(points)]
 
-    def _track_stalls(self, params: list[torch.Tensor], clocks: list[int], steps: list[int]) -> None:
-        """The stall memory advanced over points in order: each point's parameters against the snapshot at the first
-        point of the latest decade at least one decade before it (its reference), and a snapshot kept at the first
-        point of each decade. Which snapshot each point compares with follows from the clocks alone, so the
-        relative changes of all the points are taken in one pass; the frozen-since steps then follow point by
-        point."""
+    def _track_stalls(self, params: torch.Tensor, clocks: list[int], steps: list[int]) -> None:
+        """The stall memory advanced over points in order (params (points, n, P)): each point's parameters against the
+        snapshot at the first point of the latest decade at least one decade before it (its reference), and a
+        snapshot kept at the first point of each decade. Which snapshot each point compares with follows from the
+        clocks alone, so the relative changes of all the points are taken at once. A seed's frozen-since step is then
+        that of the reference of the first point of its last run of frozen points (kept from before when the run
+        began earlier), -1 when the last point moved."""
         refs = []  # per point: its reference snapshot, or None
         for params_now, clock, step in zip(params, clocks, steps):
             past = [s for s in self.snapshots if 1 <= s["clock"] <= clock / 10]
@@ -197,12 +198,14 @@ class SeedHealth:
         compared = [i for i, ref in enumerate(refs) if ref is not None]
         if not compared:
             return
-        changes = relative_change(torch.stack([params[i] for i in compared]),
-                                  torch.stack([refs[i]["params"] for i in compared]))  # (points compared, n)
-        since = self.frozen_since.tolist()
-        for frozen, i in zip((changes <= self.cfg.stall_rtol).tolist(), compared):
-            since = [(refs[i]["step"] if was < 0 else was) if still else -1 for was, still in zip(since, frozen)]
-        self.frozen_since = torch.tensor(since, dtype=torch.long)
+        changes = relative_change(params[compared], torch.stack([refs[i]["params"] for i in compared]))  # (K, n)
+        moved = ~(changes <= self.cfg.stall_rtol)  # NaN: moved
+        K = len(compared)
+        ref_steps = torch.tensor([refs[i]["step"] for i in compared], dtype=torch.long)
+        run_start = torch.where(moved, torch.arange(K)[:, None], -1).amax(0) + 1  # first point of the last frozen run
+        since = torch.where((run_start == 0) & (self.frozen_since >= 0), self.frozen_since,
+                            ref_steps[run_start.clamp_max(K - 1)])
+        self.frozen_since = torch.where(run_start == K, -1, since)
         self.change = changes[-1].clone()
 
     def stalled(self) -> list[str | None]:

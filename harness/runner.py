@@ -432,13 +432,16 @@ class _Job:
                 part.status[self._part_seed(j)] = {"status": "saturated", "step": held[point]["step"],
                                                    "reason": reasons[point][j]}
             saturated[rows] |= found.any(0)
-            counts = kept.sum(1)  # each point's value repeated on its rows
+            counts = kept.sum(1)  # a point's values repeated on its rows
+
+            def per_point(values, dtype=None, counts=counts):
+                return np.repeat(np.asarray(values, dtype=dtype), counts)
+
             frame = pd.DataFrame({"seed": np.tile(self.seeds[rows].numpy(), len(held))[kept.reshape(-1)],
-                                  **{k: np.repeat(np.array([h[k] for h in held], dtype=np.int64), counts)
-                                     for k in ("step", "samples", "queries")},
+                                  **{k: per_point([h[k] for h in held], np.int64) for k in ("step", "samples", "queries")},
                                   **{k: m.numpy().reshape(kept.shape)[kept] for k, m in scored.items()},
-                                  **{k: np.repeat([float(x[k]) for x in schedule], counts) for k in schedule[0]},
-                                  "wall_s": np.repeat([h["wall"] for h in held], counts)})
+                                  **{k: per_point([float(x[k]) for x in schedule]) for k in schedule[0]},
+                                  "wall_s": per_point([h["wall"] for h in held])})
             part.rows.append(frame)
             part.live_log.log(frame)
             alive = held[-1]["alive"][rows] & ~saturated[rows]

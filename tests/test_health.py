@@ -116,13 +116,31 @@ def test_the_stall_memory_over_held_points_is_the_rule_point_by_point(rtol, batc
     for size in batches:
         part = range(at, at + size)
         health.evaluate_many({k: m.repeat(size) for k, m in metrics.items()},
-                             {k: m.repeat(size) for k, m in observed.items()}, [params[i] for i in part],
+                             {k: m.repeat(size) for k, m in observed.items()}, torch.stack([params[i] for i in part]),
                              [clocks[i] for i in part], [steps[i] for i in part])
         at += size
     since, change, kept = stall_memory_by_hand(zip(params, clocks, steps), rtol)
     assert health.frozen_since.tolist() == since and 0 < sum(s >= 0 for s in since) < 6
     assert health.change.tolist() == change and health.last_step == steps[-1]
     assert [s["clock"] for s in health.snapshots] == kept
+
+
+def test_a_seed_whose_parameters_turn_nan_does_not_read_as_stalled():
+    """A relative change that is NaN (NaN parameters) counts as a move, as in stall_memory_by_hand: of two seeds frozen
+    from clock 1, the one whose parameters are NaN from clock 20 is not stalled at the end, the other is."""
+    frozen = torch.ones(2, 3, dtype=torch.float64)
+    clocks = [1, 2, 5, 10, 20, 50, 100]
+    params = [frozen.clone() for _ in clocks]
+    for later in params[4:]:
+        later[1] = math.nan
+    health = SeedHealth(HealthConfig(), 2)
+    metrics = {"gap": torch.ones(2 * len(clocks), dtype=torch.float64)}
+    observed = {k: torch.zeros(2 * len(clocks), dtype=torch.float64)
+                for k in ("min_log_prob", "min_log_prob_star", "max_abs_reward")}
+    health.evaluate_many(metrics, observed, torch.stack(params), clocks, clocks)
+    since, _, _ = stall_memory_by_hand(zip(params, clocks, clocks), 0.0)
+    assert health.frozen_since.tolist() == since == [1, -1]
+    assert [why is not None for why in health.stalled()] == [True, False]
 
 
 # --- constructed runs ------------------------------------------------------------------------------------------------
