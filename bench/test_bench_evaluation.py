@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import interleaved, record_ratio
+from ratebench.core.kernels import usable_cores
 from ratebench.envs import exact, penalty
 from ratebench.runner import run_job
 
@@ -185,7 +186,7 @@ def test_split_newton_threads_on_the_readme_job(benchmark, compose_config, tmp_p
     groups, lib = penalty.separable_groups(problem), penalty.newton_library()
     x0 = penalty._flatten(exact.soft_optimal(problem, rewards)[0])[:, groups].reshape(-1, groups.shape[1])
     inner = penalty._Inner(problem, rewards, lam, split=True)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()  # penalty.newton_threads' default
     arms = {"one": 1, "all": cores}
     results = {arm: penalty.compiled_newton_rows(lib, inner, x0, threads=threads) for arm, threads in arms.items()}
     assert all(torch.equal(a, b) for a, b in zip(results["one"], results["all"]))

@@ -23,6 +23,8 @@ PROB_TOL = 1e-7  # y* probabilities; measured max 2.7e-15
 # basin, so their values differ by O(tol^2 / curvature) plus rounding (~1e-16 |value|), their logits by
 # O(tol / curvature): 1e-10 on the row's value (|value| ~ 1) leaves room for a flat direction (curvature ~1e-8).
 ROW_VALUE_TOL = 1e-10  # measured max 3.3e-16 (and 1.9e-14 on the rows' probabilities)
+
+
 def split_rows(problem, rewards, lam):
     """The rows penalty_minimiser_newton passes to split_newton_rows: (inner, x0 (B G, n/G)) from z*."""
     groups = penalty.separable_groups(problem)
