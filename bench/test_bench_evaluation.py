@@ -28,14 +28,15 @@ JOBS = {
 
 def evaluation_points(compose_config, tmp_path, overrides, monkeypatch):
     """(problem, [(reward tables, grid lam)]) that psi_gap solved at each evaluation point of the job: the harness
-    scores held points in one call, their rows point-major (Evaluator.evaluate_many), cut here into the job's seeds."""
-    seen, original = [], penalty.PsiReference.gap_and_minimiser
+    scores held points in one call, their rows point-major (Evaluator.evaluate_columns), cut here into the job's
+    seeds."""
+    seen, original = [], penalty.PsiReference.start_gap_and_minimiser
 
-    def spy(self, rewards, lam, threads=None):
+    def spy(self, rewards, lam, *args, **kwargs):
         seen.append((self.problem, [r.detach().clone() for r in rewards], lam))
-        return original(self, rewards, lam, threads)
+        return original(self, rewards, lam, *args, **kwargs)
 
-    monkeypatch.setattr(penalty.PsiReference, "gap_and_minimiser", spy)
+    monkeypatch.setattr(penalty.PsiReference, "start_gap_and_minimiser", spy)
     cfg = compose_config([*overrides, "progress=false"])
     run_job(cfg, tmp_path)
     monkeypatch.undo()
@@ -46,7 +47,7 @@ def evaluation_points(compose_config, tmp_path, overrides, monkeypatch):
 
 def one_call_per_lam(points):
     """The evaluation points' reward tables of one grid lam in one batch of rows (points x seeds), as
-    Evaluator.evaluate_many passes them: [(tables, lam)], one per lam."""
+    Evaluator.evaluate_columns passes them: [(tables, lam)], one per lam."""
     by_lam = {}
     for rewards, lam in points:
         by_lam.setdefault(lam, []).append(rewards)
