@@ -19,7 +19,7 @@
    Where each uniform goes is the sampler's _DrawPlan (harness/sampling.py), passed in as index tables.
    Two entry points: bilevel_step, one step of every seed per call, runs this per-seed step (seed_step); and
    bilevel_segment, n steps of every seed per call with the seeds split across threads (what a run uses; at the end),
-   runs the same step on blocks of 8 seeds, the policy networks' passes with the seeds as the lanes of one vector
+   runs the same step on blocks of VL seeds (8 with AVX-512, else 4), the policy networks' passes with the seeds as the lanes of one vector
    ("a block of seeds as vector lanes"), bit for bit the per-seed code's numbers. Products are fused multiply-adds
    only where the source says fma() (core/kernels.py builds with -ffp-contract=off), so both agree on any compiler. */
 #include <math.h>
@@ -27,7 +27,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -139,15 +139,35 @@ static double sigmoid(double x) { return 1.0 / (1.0 + exp_k(-x)); }
 
 /* ---- vectors of VL doubles (GCC's vector extension): the lanes of a segment's block of seeds (below). Lane-major
    arrays: element e of lane v at [e * VL + v]. */
-#define VL 8  /* one AVX-512 vector of doubles (two AVX2 ones) */
+#ifndef VL  /* the lanes (tests build other widths with -DVL=..., which must give the same bits) */
+#ifdef __AVX512F__
+#define VL 8  /* one AVX-512 vector of doubles */
+#else
+#define VL 4  /* one AVX2 vector of doubles: on a CPU without AVX-512, GCC moves a wider vector type through memory in
+                 pieces (the README job's steps 6x slower, the build 6x longer). A lane is a seed of its own: no bits
+                 depend on VL */
+#endif
+#endif
+#if defined(__AVX512F__) && VL == 8  /* the lanes are one AVX-512 vector: its instructions */
+#define AVX512_LANES 1
+#else
+#define AVX512_LANES 0
+#endif
+#if defined(__FMA__) && VL == 4  /* one AVX2 vector with fused multiply-adds */
+#define AVX2_LANES 1
+#else
+#define AVX2_LANES 0
+#endif
 typedef double vd __attribute__((vector_size(VL * sizeof(double)), aligned(sizeof(double))));
 typedef int64_t vm __attribute__((vector_size(VL * sizeof(int64_t)), aligned(sizeof(int64_t))));
 #define LANES(p, e) (*(vd *)((p) + (e) * VL))  /* element e of a lane-major array, every lane */
 #define LANE_BITS(p, e) (*(const vm *)((const int64_t *)(p) + (e) * VL))  /* the same, as integers */
 static inline vd sel(vm m, vd a, vd b) { return (vd)(((vm)a & m) | ((vm)b & ~m)); }  /* per lane: m ? a : b */
 static inline vd vfma(vd a, vd b, vd c) {  /* fma(a, b, c) per lane: one vector fused multiply-add */
-#ifdef __AVX512F__
+#if AVX512_LANES
     return (vd)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#elif AVX2_LANES
+    return (vd)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
 #else
     vd r;
     for (int v = 0; v < VL; v++) r[v] = fma(a[v], b[v], c[v]);
@@ -155,7 +175,7 @@ static inline vd vfma(vd a, vd b, vd c) {  /* fma(a, b, c) per lane: one vector 
 #endif
 }
 static inline vd vfma_where(vm m, vd a, vd b, vd c) {  /* per lane: m ? fma(a, b, c) : c */
-#ifdef __AVX512F__
+#if AVX512_LANES
     return (vd)_mm512_mask3_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c, _mm512_test_epi64_mask((__m512i)m, (__m512i)m));
 #else
     return sel(m, vfma(a, b, c), c);
@@ -175,7 +195,7 @@ static inline vd vexp(vd x) {  /* exp_k on every lane: its operations in its ord
     vu k = kb - 0x4338000000000000ULL, k1 = (vu)((vm)k >> 1), k2 = k - k1;
     vd f1 = (vd)((k1 + 1023) << 52), f2 = (vd)((k2 + 1023) << 52);
     y = y * f1 * f2;
-#ifdef __AVX512F__  /* the same selections as below, one blend each (sel's and-or took three instructions, of vexp's ~45) */
+#if AVX512_LANES  /* the same selections as below, one blend each (sel's and-or took three instructions, of vexp's ~45) */
     __m512d Y = (__m512d)y, X = (__m512d)x;
     Y = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(X, _mm512_set1_pd(-746.0), _CMP_LT_OQ), Y, _mm512_setzero_pd());
     Y = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(X, _mm512_set1_pd(710.0), _CMP_GT_OQ), Y, _mm512_set1_pd(INFINITY));

@@ -63,9 +63,10 @@ def _compiler() -> str | None:
 
 
 @functools.cache
-def load(source: Path, optimise: str = "-O3") -> ctypes.CDLL | None:
+def load(source: Path, optimise: str = "-O3", extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The shared library built from the C file `source` (package data beside the module that calls it), or None
-    (warned once). `optimise` replaces FLAGS' -O3 (part of the cache key)."""
+    (warned once). `optimise` replaces FLAGS' -O3; `extra` flags go after FLAGS (a later -march wins; tests build
+    other lane widths and instruction sets so); both are part of the cache key."""
     if os.environ.get(DISABLE, "1") == "0":
         return None
     source_name = source.name
@@ -75,7 +76,7 @@ def load(source: Path, optimise: str = "-O3") -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        flags = [optimise if flag == "-O3" else flag for flag in FLAGS]
+        flags = [*(optimise if flag == "-O3" else flag for flag in FLAGS), *extra]
         key = hashlib.sha256("\0".join([source.read_text(), version, *flags, platform.machine(), _cpu()]).encode())
         folder = cache_dir(None) / "kernels"
         folder.mkdir(parents=True, exist_ok=True)

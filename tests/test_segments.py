@@ -207,6 +207,51 @@ def test_an_instance_batch_in_lanes_is_the_per_step_run_bit_for_bit(compose_conf
     assert not torch.equal(rows[0], rows[3]), "the instances must differ"
 
 
+# Builds of bilevel_step.c with other lanes than this CPU's (VL = 8 on AVX-512, else 4): 8 and 2 lanes on any CPU (GCC's
+# vector extension emulates what the CPU lacks), and plain x86-64 (4 lanes, fma() one lane at a time: no FMA unit). -O1
+# builds in ~4 s; no bit may depend on the optimisation level either (-ffp-contract=off, no fast-math)
+LANE_BUILDS = {"8 lanes": ("-DVL=8",), "2 lanes": ("-DVL=2",), "x86-64 without fma": ("-march=x86-64",)}
+THIRTEEN = [f"seeds=[{','.join(map(str, range(13)))}]"]  # a full block and a partial one at each width
+LANE_CASES = {
+    "bandit": [*SMALL, *THIRTEEN],
+    "bandit-bounded": [*SMALL, *THIRTEEN, "model.reward.bound=2"],
+    "bandit-linear-reward": [*SMALL, *THIRTEEN, "model.reward.kind=linear"],
+    "mdp": ["algorithm=bilevel", "env=mdp", "algorithm.batch_traj=2", "algorithm.batch_pairs=2", *THIRTEEN],
+    "token-double-loop": ["algorithm=bilevel", "env=token", "algorithm.variant=double_loop", "algorithm.eps=0.08",
+                          *THIRTEEN],
+    "diverging": DIVERGING,
+}
+
+
+@pytest.mark.parametrize("lanes", sorted(LANE_BUILDS))
+@pytest.mark.parametrize("case", sorted(LANE_CASES))
+def test_every_lane_width_gives_the_per_step_runs_bits(compose_config, monkeypatch, lanes, case):
+    """A segment built with other lanes (VL) or without the CPU's vector instructions is the per-step run of this
+    CPU's own build bit for bit: a lane is a seed of its own, so the width must change nothing. Code that assumed 8
+    lanes (as the kernel did before CPUs without AVX-512 got 4) fails here on every machine."""
+    import platform
+
+    from ratebench.algorithms import bilevel_kernel
+    from ratebench.core import kernels
+
+    if LANE_BUILDS[lanes][0].startswith("-march") and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"-march=x86-64 builds only on x86-64 ({platform.machine()})")
+    one, one_sampler, _, seeds = build(compose_config, LANE_CASES[case], "fast")
+    a, alive_one = one.init(seeds), torch.ones(len(seeds), dtype=torch.bool)
+    a, died_one = per_step(one, a, one_sampler, alive_one, 90)
+    built = kernels.load(bilevel_kernel.SOURCE, "-O1", LANE_BUILDS[lanes])
+    assert built is not None, f"bilevel_step.c did not build with {LANE_BUILDS[lanes]}"
+    monkeypatch.setattr(bilevel_kernel, "load", lambda source, *args, **kwargs: built)
+    seg, seg_sampler, _, _ = build(compose_config, LANE_CASES[case], "fast")
+    seg.step_threads = 2
+    b, alive_seg = seg.init(seeds), torch.ones(len(seeds), dtype=torch.bool)
+    b, died_seg = segments(seg, b, seg_sampler, alive_seg, [7, 1, 20, 62])
+    assert seg._compiled.lib is built  # the segments ran on the other build
+    same(one, a, seg, b, f"{case}, {lanes}")
+    assert died_one == died_seg and torch.equal(alive_one, alive_seg)
+    assert one_sampler.state_dict() == seg_sampler.state_dict()
+
+
 def test_one_infinite_parameter_marks_its_seed_as_nan_does(compose_config):
     """The segment's non-finite check (exponent bits) finds +inf and -inf in a single entry, as torch.isfinite does
     in the per-step loop, and leaves a clean seed alone."""
