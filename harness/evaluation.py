@@ -120,6 +120,7 @@ class Evaluator:
                                                        None if star is None else [t[rows] for t in star], overlap)
                    for lam_grid, rows in lam_rows]
         with torch.no_grad():
+            reward_err = exact.reward_error(problem, rewards)
             logps = [lp.detach() for lp in algo.stacked_policy_log_probs(states)]
             policy_gap = self.policy_gap(logps)
             value_gap = self.max_return - exact.expected_return(problem, self.true_rewards, logps)
@@ -132,6 +133,9 @@ class Evaluator:
             objective = objective.detach()
             with torch.no_grad():  # J*(nu_t) - J(nu_t, theta_t): the lower level's own optimality
                 lower_gap = exact.optimal_value(problem, rewards) - exact.policy_value(problem, rewards, logps)
+            grad_f = model.backward(params, acts, grad_f_units)  # (everything before psi_gap's first wait: the
+            grad_sq = per_seed_sq_norm(grad_f)                   #  Newton's thread is still solving)
+            pgrad_sq = per_seed_sq_norm(model.gradient_mapping(params, grad_f))
             again = torch.cat([rows for _, rows in lam_rows]) if lam_rows else torch.zeros(0, dtype=torch.long)
             leaf_again = units[again].detach().requires_grad_(True)
             tables_again = problem.step_tables_from_units(leaf_again)
@@ -146,9 +150,6 @@ class Evaluator:
                                                                 [t[rows] for t in star], lam_grid).sum()
                     total = surrogate if total is None else total + surrogate
                     solved.append(rows)
-            grad_f = model.backward(params, acts, grad_f_units)
-            grad_sq = per_seed_sq_norm(grad_f)
-            pgrad_sq = per_seed_sq_norm(model.gradient_mapping(params, grad_f))
             if solved:  # grad psi's unit rewards go back on their rows (the others stay 0, their psi_grad_sq NaN), so
                 #         that it goes through the network's activations of all rows, as grad F did
                 grad_psi_units = torch.zeros_like(grad_f_units)
@@ -168,8 +169,6 @@ class Evaluator:
             tables.update(logps=logps, rewards=rewards)
             if estimates[0] is not None:
                 tables["star"] = star
-        with torch.no_grad():
-            reward_err = exact.reward_error(problem, rewards)
         columns = {
             "gap": self.gap(objective),
             "gap_local": objective - self.f_star_local,
