@@ -471,7 +471,7 @@ def start_penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam
                                                                    background=background)
 
     def finish() -> Tables:
-        solved = []
+        solved, fell_back = [], []  # fell_back: (the seeds' rows, their L-BFGS log-prob rows)
         for part, (x, converged) in zip(parts, dense if solving is None else solving()):
             if groups is not None:  # the chunk's (seed, group) rows back into its seeds' logits
                 x_rows, x = x, torch.empty_like(x0[part])
@@ -481,9 +481,12 @@ def start_penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam
                 #                             not depend on which other seeds fell back (einsum's paths depend on the
                 #                             batch)
                 fallback = _flatten(penalty_minimiser(problem, [r[part] for r in rewards], lam, tol=METRIC_TOL))
-                x = torch.where(converged[:, None], x, fallback)
+                fell_back.append((part.start + (~converged).nonzero().flatten(), fallback[~converged]))
             solved.append(x)
-        return _log_softmax(_unflatten(torch.cat(solved), start))
+        logps = _flatten(_log_softmax(_unflatten(torch.cat(solved), start)))
+        for rows, tables in fell_back:  # as the L-BFGS returned them: normalised again, a row can move by an ulp
+            logps[rows] = tables        # (log_softmax of log-probs on AVX2; tests/test_penalty_newton.py)
+        return _unflatten(logps, start)
 
     return finish
 
