@@ -471,22 +471,22 @@ def start_penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam
                                                                    background=background)
 
     def finish() -> Tables:
-        solved, fell_back = [], []  # fell_back: (the seeds' rows, their L-BFGS log-prob rows)
+        solved = []  # each chunk's log-prob rows
         for part, (x, converged) in zip(parts, dense if solving is None else solving()):
             if groups is not None:  # the chunk's (seed, group) rows back into its seeds' logits
                 x_rows, x = x, torch.empty_like(x0[part])
                 x[:, groups.reshape(-1)] = x_rows.reshape(x.shape[0], -1)
                 converged = converged.reshape(x.shape[0], d.G).all(-1)
+            # Newton's logits as log-probs; the L-BFGS's rows below are log-probs already and stay as it returned
+            # them (normalised again, a row moved by an ulp on an AVX2 CPU: tests/test_penalty_newton.py)
+            x = _flatten(_log_softmax(_unflatten(x, start)))
             if not bool(converged.all()):  # the L-BFGS on the whole chunk, as before Newton: its rows' bits then do
                 #                             not depend on which other seeds fell back (einsum's paths depend on the
                 #                             batch)
                 fallback = _flatten(penalty_minimiser(problem, [r[part] for r in rewards], lam, tol=METRIC_TOL))
-                fell_back.append((part.start + (~converged).nonzero().flatten(), fallback[~converged]))
+                x = torch.where(converged[:, None], x, fallback)
             solved.append(x)
-        logps = _flatten(_log_softmax(_unflatten(torch.cat(solved), start)))
-        for rows, tables in fell_back:  # as the L-BFGS returned them: normalised again, a row can move by an ulp
-            logps[rows] = tables        # (log_softmax of log-probs on AVX2; tests/test_penalty_newton.py)
-        return _unflatten(logps, start)
+        return _unflatten(torch.cat(solved), start)
 
     return finish
 
