@@ -208,9 +208,12 @@ def test_an_instance_batch_in_lanes_is_the_per_step_run_bit_for_bit(compose_conf
 
 
 # Builds of bilevel_step.c with other lanes than this CPU's (VL = 8 on AVX-512, else 4): 8 and 2 lanes on any CPU (GCC's
-# vector extension emulates what the CPU lacks), and plain x86-64 (4 lanes, fma() one lane at a time: no FMA unit). -O1
-# builds in ~4 s; no bit may depend on the optimisation level either (-ffp-contract=off, no fast-math)
-LANE_BUILDS = {"8 lanes": ("-DVL=8",), "2 lanes": ("-DVL=2",), "x86-64 without fma": ("-march=x86-64",)}
+# vector extension emulates what the CPU lacks), plain x86-64 (4 lanes, fma() one lane at a time: no FMA unit), and
+# x86-64-v3 (4 AVX2 lanes: their intrinsics, which an AVX-512 CPU's own build never takes). -O1 builds in ~4 s; no bit
+# may depend on the optimisation level either (-ffp-contract=off, no fast-math)
+LANE_BUILDS = {"8 lanes": ("-DVL=8",), "2 lanes": ("-DVL=2",), "x86-64 without fma": ("-march=x86-64",),
+               "x86-64-v3 avx2 lanes": ("-march=x86-64-v3",)}
+X86_64_V3 = {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c", "lzcnt", "xsave"}  # what an x86-64-v3 build may execute
 THIRTEEN = [f"seeds=[{','.join(map(str, range(13)))}]"]  # a full block and a partial one at each width
 LANE_CASES = {
     "bandit": [*SMALL, *THIRTEEN],
@@ -236,6 +239,9 @@ def test_every_lane_width_gives_the_per_step_runs_bits(compose_config, monkeypat
 
     if LANE_BUILDS[lanes][0].startswith("-march") and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip(f"-march=x86-64 builds only on x86-64 ({platform.machine()})")
+    lacking = X86_64_V3 - set(kernels._cpu().replace("abm", "lzcnt").split())
+    if "v3" in lanes and lacking:
+        pytest.skip(f"this CPU cannot run an x86-64-v3 build (no {', '.join(sorted(lacking))})")
     one, one_sampler, _, seeds = build(compose_config, LANE_CASES[case], "fast")
     a, alive_one = one.init(seeds), torch.ones(len(seeds), dtype=torch.bool)
     a, died_one = per_step(one, a, one_sampler, alive_one, 90)
