@@ -108,6 +108,10 @@ class Algorithm:
         """eager_step compiled, where has_kernel_step()."""
         raise NotImplementedError
 
+    def start_kernel_build(self) -> None:
+        """Start building the compiled step this configuration's step_path() will load (core/kernels.start_build),
+        without waiting: the harness calls it before it solves F-hat*, so that the two overlap. Nothing by default."""
+
     def segment_samples(self, state: Any) -> int | None:
         """Samples every step of a segment draws when this configuration runs segments (run_segment), else None.
         A segment's steps draw a fixed number each, so the harness knows how many steps reach a sample count."""

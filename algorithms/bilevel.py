@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ratebench.algorithms.base import Algorithm, stack_rows
-from ratebench.algorithms.bilevel_kernel import CompiledStep, kernel_applies
+from ratebench.algorithms.bilevel_kernel import SOURCE, CompiledStep, kernel_applies, kernel_fits
 from ratebench.algorithms.estimators import (kl_regularised_return, policy_gradient_weights, preference_loss_weights,
                                              preference_score_weights)
 from ratebench.algorithms.models import (PolicyModel, RewardModel, seed_gradients, sgd_step, sgd_update, stack_seeds,
@@ -22,6 +22,7 @@ from ratebench.algorithms.models import (PolicyModel, RewardModel, seed_gradient
 from ratebench.algorithms.oracles import BILEVEL_ORACLES, make_oracle
 from ratebench.algorithms.targets import minimiser_target
 from ratebench.core.errors import ConfigError, require
+from ratebench.core.kernels import start_build
 from ratebench.envs.sampling import padded_units, policy_cdf
 
 VARIANTS = ("single_loop", "double_loop")
@@ -408,6 +409,10 @@ class Bilevel(Algorithm):
 
     def has_kernel_step(self) -> bool:
         return self.compiled_step() is not None
+
+    def start_kernel_build(self) -> None:
+        if self.impl == "fast" and self.has_eager_step() and kernel_fits(self):  # what compiled_step() will load
+            start_build(SOURCE)
 
     def reward_on_visited_units(self, n_traj: int, n_pairs: int, inner: int) -> bool:
         """Whether the eager step (impl=eager, or impl=fast without a compiled step) runs an MLP reward on the

@@ -72,12 +72,15 @@ def _table(t: torch.Tensor, dims: int, dtype=torch.float64) -> tuple[torch.Tenso
     return t, (t[0].numel() if t.dim() > dims else 0)
 
 
+def kernel_fits(algo) -> bool:
+    """Whether this bilevel configuration's networks fit the compiled step's C buffers (MAX_LAYERS)."""
+    policy, reward = algo.model_cfg.policy, algo.model_cfg.reward
+    return policy.depth < MAX_LAYERS and reward.depth < MAX_LAYERS
+
+
 def kernel_applies(algo) -> bool:
     """Whether this bilevel configuration can take the compiled step (its C buffers' limits), and it builds."""
-    policy, reward = algo.model_cfg.policy, algo.model_cfg.reward
-    if policy.depth >= MAX_LAYERS or reward.depth >= MAX_LAYERS:
-        return False
-    return load(SOURCE) is not None
+    return kernel_fits(algo) and load(SOURCE) is not None
 
 
 class CompiledStep:

@@ -4,19 +4,23 @@ A fast step in plain C (no torch headers) builds in about 2 s, where a torch C++
 52 s and torch.compile 56 s here (docs/fast.md). The shared library is cached under the F-hat* cache folder
 (RATEBENCH_CACHE, else ~/.cache/ratebench) in `kernels/`, keyed by the source, the compiler's version, the
 flags and the CPU, so an edited source or another machine never loads a stale build. Parallel jobs may build
-at once: each writes its own temporary file and renames it into place.
+at once: each writes its own temporary file and renames it into place. `start_build` starts a build in the
+background (a job does so before it solves F-hat*), and `load` waits for it rather than building again.
 
 Without a compiler, or when the build fails, `load` warns once and returns None: the caller takes its eager
 torch fast path, which computes the same step (tests/test_fast.py holds both to the reference).
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -62,37 +66,107 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+class _Build:
+    """One compiler process writing a temporary file beside its target (renamed into place when it succeeds)."""
+
+    def __init__(self, cc: str, flags: list[str], source: Path, target: Path):
+        self.target, self.tic = target, time.perf_counter()
+        fd, self.tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        # a session of its own: abandon() stops the compiler driver and the passes it started (cc1, as, ld) at once
+        self.process = subprocess.Popen([cc, *flags, "-o", self.tmp, str(source), "-lm"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def finish(self) -> float:
+        """Wait for the compiler; the target in place (or RuntimeError with its messages): the build's seconds."""
+        try:
+            _, err = self.process.communicate(timeout=max(1.0, 300 - (time.perf_counter() - self.tic)))
+        except subprocess.TimeoutExpired:
+            self.abandon()
+            raise
+        if self.process.returncode != 0:
+            os.unlink(self.tmp)
+            raise RuntimeError(err.strip()[-2000:])
+        os.replace(self.tmp, self.target)  # atomic: a parallel build of the same key writes the same bytes
+        return time.perf_counter() - self.tic
+
+    def abandon(self) -> None:
+        """Stop the compiler and remove its temporary file (a build nobody waited for when the process ends)."""
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+STARTED: dict[Path, _Build] = {}  # target -> its build started by start_build, until load() waits for it
+ATTEMPTED: set[Path] = set()  # targets load() has built or tried to in this process: start_build leaves them alone
+
+
+def _plan(source: Path, optimise: str, extra: tuple[str, ...]) -> tuple[str, list[str], Path] | None:
+    """(compiler, flags, the cached library's path) of a build, or None without a compiler."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+    flags = [*(optimise if flag == "-O3" else flag for flag in FLAGS), *extra]
+    key = hashlib.sha256("\0".join([source.read_text(), version, *flags, platform.machine(), _cpu()]).encode())
+    folder = cache_dir(None) / "kernels"
+    folder.mkdir(parents=True, exist_ok=True)
+    return cc, flags, folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
+
+
+def start_build(source: Path, optimise: str = "-O3", extra: tuple[str, ...] = ()) -> None:
+    """Start building what load(source, optimise, extra) will load, in a compiler process of its own, when it is
+    neither cached nor started: a job's set-up (F-hat*, an instance's tables) then runs while the compiler does, and
+    load() waits for this build instead of starting one. Never raises and never warns: what fails is load()'s to
+    report, when it waits for the build."""
+    if os.environ.get(DISABLE, "1") == "0":
+        return
+    try:
+        plan = _plan(source, optimise, extra)
+        if plan is None or plan[2].exists() or plan[2] in STARTED or plan[2] in ATTEMPTED:
+            return
+        STARTED[plan[2]] = _Build(*plan[:2], source, plan[2])
+    except (OSError, subprocess.SubprocessError):
+        return
+
+
+@atexit.register
+def _abandon_started() -> None:
+    for build in STARTED.values():
+        build.abandon()
+    STARTED.clear()
+
+
+os.register_at_fork(after_in_child=lambda: STARTED.clear())  # a forked child leaves its parent's compilers to the parent
+
+
 @functools.cache
 def load(source: Path, optimise: str = "-O3", extra: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The shared library built from the C file `source` (package data beside the module that calls it), or None
     (warned once). `optimise` replaces FLAGS' -O3; `extra` flags go after FLAGS (a later -march wins; tests build
-    other lane widths and instruction sets so); both are part of the cache key."""
+    other lane widths and instruction sets so); both are part of the cache key. A build that start_build began is
+    waited for (its failure is reported like a build's here)."""
     if os.environ.get(DISABLE, "1") == "0":
         return None
     source_name = source.name
-    cc = _compiler()
-    if cc is None:
-        warnings.warn(f"no C compiler (cc, gcc or $CC): {source_name} not built; the eager fast path runs", stacklevel=2)
-        return None
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        flags = [*(optimise if flag == "-O3" else flag for flag in FLAGS), *extra]
-        key = hashlib.sha256("\0".join([source.read_text(), version, *flags, platform.machine(), _cpu()]).encode())
-        folder = cache_dir(None) / "kernels"
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
-        if not target.exists():
-            tic = time.perf_counter()
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-            os.close(fd)
-            done = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
-                os.unlink(tmp)
-                raise RuntimeError(done.stderr.strip()[-2000:])
-            os.replace(tmp, target)  # atomic: a parallel build of the same key writes the same bytes
-            BUILD_SECONDS[source_name] = time.perf_counter() - tic
-        else:
+        plan = _plan(source, optimise, extra)
+        if plan is None:
+            warnings.warn(f"no C compiler (cc, gcc or $CC): {source_name} not built; the eager fast path runs",
+                          stacklevel=2)
+            return None
+        cc, flags, target = plan
+        ATTEMPTED.add(target)
+        started = STARTED.pop(target, None)
+        if target.exists():
+            if started is not None:
+                started.abandon()  # another process put the same build in place meanwhile
             BUILD_SECONDS[source_name] = 0.0
+        else:
+            BUILD_SECONDS[source_name] = (started or _Build(cc, flags, source, target)).finish()
         return ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         warnings.warn(f"could not build {source_name} ({exc}); the eager fast path runs", stacklevel=2)

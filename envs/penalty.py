@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ratebench.core.kernels import DISABLE, load, usable_cores
+from ratebench.core.kernels import DISABLE, load, start_build, usable_cores
 from ratebench.envs.exact import (PAIR_CHUNK, expected_pair_loss, optimal_value, pair_losses, policy_value,
                                   seed_chunks, soft_optimal, trajectory_returns, upper_loss)
 from ratebench.envs.lbfgs import ARMIJO, ROUNDING, minimise_rows
@@ -312,13 +312,23 @@ class _Solve(ctypes.Structure):  # penalty_newton.c's Solve
                 ("status", ctypes.POINTER(I64))]
 
 
+NEWTON_OPTIMISE = "-O2"  # -O3 built in 7.4 s and -O2 in 1.9 s (AVX-512 machine); the README job's evaluation took the
+#                          same time with either (26-28 ms, 7 runs each)
+
+
+def start_newton_build(problem: TabularProblem) -> None:
+    """Start building penalty_newton.c (core/kernels.start_build) where psi_gap's Newton will run it (the problem's
+    groups split): the harness calls it before it solves F-hat*, so that the two overlap."""
+    if os.environ.get(DISABLE, "1") != "0" and newton_applies(problem) and separable_groups(problem) is not None:
+        start_build(NEWTON_SOURCE, NEWTON_OPTIMISE)
+
+
 def newton_library():
     """penalty_newton.c built and loaded (core/kernels.py: cached, warned once), or None: RATEBENCH_KERNELS=0 (read
     at each call), no compiler or a failed build. None: split rows take the torch newton_rows."""
     if os.environ.get(DISABLE, "1") == "0":
         return None
-    lib = load(NEWTON_SOURCE, optimise="-O2")  # -O3 builds in 7.4 s here and -O2 in 1.9 s; the README job's evaluation
-    #                                          takes the same time with either (26-28 ms, 7 runs each)
+    lib = load(NEWTON_SOURCE, optimise=NEWTON_OPTIMISE)
     if lib is not None and not hasattr(lib, "checked"):
         lib.split_newton.argtypes, lib.split_newton.restype = [ctypes.POINTER(_Solve)], I64
         lib.solve_struct_size.restype = I64

@@ -214,11 +214,15 @@ class _Part:
         tic = time.perf_counter()
         self.v, self.resolved, self.run_hash, self.out_dir = v, resolved, run_hash, Path(out_dir)
         self.problem = envs.make(v.env)
-        self.reference = reference(self.problem, plain(v.env), cfg.cache_dir, v.model.reward.bound)  # F* over the reward class
-        self.f_true = true_objective(self.problem)
         self.algo = ALGORITHMS[v.algorithm.name](v.algorithm, v.model, self.problem)  # steps a single job
         self.algo.impl = v.impl
         self.algo.step_threads = step_threads(cfg)
+        # the compilers of the step and of psi_gap's Newton run in processes of their own while F* is solved (cold
+        # start: the longer of the two, not their sum); the job waits for them before its first step
+        self.algo.start_kernel_build()
+        penalty.start_newton_build(self.problem)
+        self.reference = reference(self.problem, plain(v.env), cfg.cache_dir, v.model.reward.bound)  # F* over the reward class
+        self.f_true = true_objective(self.problem)
         self.evaluator = Evaluator(self.problem, self.reference, self.algo)
         if "psi_reference" in self.problem.derived:  # min psi_lam per lam from the cache folder too, like F-hat*
             self.problem.derived["psi_reference"].store = MinPsiStore(plain(v.env), cfg.cache_dir)

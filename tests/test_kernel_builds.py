@@ -1,0 +1,127 @@
+"""Compilers started ahead (core/kernels.py start_build): a job starts the builds of its compiled step and of psi_gap's
+Newton before it solves F-hat*, and load() waits for them instead of building again. A build nobody waits for is
+stopped when the process ends, a failed one is reported by load() as any failed build, and a forked child never
+touches its parent's compilers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import pandas as pd
+import pytest
+from ratebench.algorithms.bilevel_kernel import SOURCE
+from ratebench.core import kernels
+from ratebench.envs.penalty import NEWTON_OPTIMISE, NEWTON_SOURCE
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """An empty kernels cache, and no build started or tried in this process for it."""
+    monkeypatch.setenv("RATEBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "STARTED", {})
+    monkeypatch.setattr(kernels, "ATTEMPTED", set())
+    return tmp_path / "kernels"
+
+
+def count_builds(monkeypatch) -> list:
+    """Every compiler process started from now on (kernels._Build), in a list."""
+    made, original = [], kernels._Build.__init__
+
+    def counted(self, *args):
+        original(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(kernels._Build, "__init__", counted)
+    return made
+
+
+def test_load_waits_for_the_started_build_instead_of_building_again(fresh_cache, monkeypatch):
+    made = count_builds(monkeypatch)
+    kernels.start_build(NEWTON_SOURCE, NEWTON_OPTIMISE)
+    kernels.start_build(NEWTON_SOURCE, NEWTON_OPTIMISE)  # already started: nothing more
+    assert len(made) == 1 and made[0].process.poll() is None  # compiling in the background
+    lib = kernels.load.__wrapped__(NEWTON_SOURCE, NEWTON_OPTIMISE)
+    assert lib is not None and hasattr(lib, "split_newton")
+    assert len(made) == 1 and kernels.BUILD_SECONDS["penalty_newton.c"] > 0 and not kernels.STARTED
+    assert [p.name for p in fresh_cache.iterdir()] == [made[0].target.name]  # the library, no temporary file left
+    kernels.start_build(NEWTON_SOURCE, NEWTON_OPTIMISE)  # cached now: nothing to start
+    assert len(made) == 1 and not kernels.STARTED
+
+
+def test_a_failed_started_build_is_reported_by_load_once_and_leaves_nothing(fresh_cache, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a compiler that fails every build
+    made = count_builds(monkeypatch)
+    kernels.start_build(SOURCE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # start_build itself says nothing
+        kernels.start_build(SOURCE)
+    with pytest.warns(UserWarning, match="could not build bilevel_step.c"):
+        assert kernels.load.__wrapped__(SOURCE) is None
+    assert len(made) == 1  # load waited for the started build rather than running the compiler again
+    assert not list(fresh_cache.iterdir())
+    kernels.start_build(SOURCE)  # load tried this one: not started again in this process
+    assert len(made) == 1
+
+
+def test_a_build_nobody_waits_for_is_stopped_when_the_process_ends(tmp_path):
+    script = ("import sys, time; from ratebench.core import kernels; from ratebench.algorithms.bilevel_kernel import SOURCE; "
+              "kernels.start_build(SOURCE); build = next(iter(kernels.STARTED.values())); time.sleep(0.2); "
+              "assert build.process.poll() is None; print(build.process.pid)")  # still compiling when the process exits
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "RATEBENCH_CACHE": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout)  # the compiler driver, leader of its own process group (cc1, as, ld: its passes)
+    for _ in range(50):  # the passes it started are killed with it; their reaping may take a moment
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    assert not list((tmp_path / "kernels").iterdir())  # neither a temporary file nor a library
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_forgets_its_parents_compilers(fresh_cache):
+    kernels.start_build(NEWTON_SOURCE, NEWTON_OPTIMISE)
+    assert len(kernels.STARTED) == 1
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing started, and its exit kills nothing
+        os.write(write, str(len(kernels.STARTED)).encode())
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 16) == b"0"
+    os.waitpid(pid, 0)
+    build = next(iter(kernels.STARTED.values()))
+    assert build.process.poll() is None or build.process.returncode == 0  # the child's exit did not kill it
+    assert kernels.load.__wrapped__(NEWTON_SOURCE, NEWTON_OPTIMISE) is not None
+
+
+def test_a_cold_job_compiles_while_it_solves_f_star(compose_config, fresh_cache, monkeypatch, tmp_path):
+    """At the moment F-hat* is solved, both compilers are running; the job then takes the compiled step and the
+    compiled Newton, and its metrics equal those of the same job with every build done before it started."""
+    from ratebench import runner
+
+    seen, original = [], runner.reference
+
+    def watched(*args, **kwargs):
+        seen.append(sorted(t.name.split("-")[0] for t in kernels.STARTED))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "reference", watched)
+    kernels.load.cache_clear()  # this process's loads are cached: load from the fresh cache folder
+    cfg = compose_config(["algorithm=bilevel", "seeds=[0,1]", "budget.samples=3000", "progress=false"])
+    record = runner.run_job(cfg, tmp_path / "cold")
+    assert seen == [["bilevel_step", "penalty_newton"]]
+    assert record["provenance"]["step_path"] == "compiled" and record["provenance"]["psi_newton_path"] == "compiled"
+    assert record["startup_wall_s"]["kernel"] >= 0 and not kernels.STARTED
+    warm = runner.run_job(cfg, tmp_path / "warm")  # every build in place now: nothing started
+    assert seen[-1] == [] and warm["provenance"]["step_path"] == "compiled"
+    cold, again = (pd.read_parquet(tmp_path / name / "metrics.parquet").drop(columns="wall_s") for name in ("cold", "warm"))
+    pd.testing.assert_frame_equal(cold, again, check_exact=True)
+    kernels.load.cache_clear()  # later tests load from their own cache folder again
