@@ -104,12 +104,18 @@ STARTED: dict[Path, _Build] = {}  # target -> its build started by start_build, 
 ATTEMPTED: set[Path] = set()  # targets load() has built or tried to in this process: start_build leaves them alone
 
 
+@functools.cache
+def _version(cc: str) -> str:
+    """The compiler's `--version` text (part of a build's key), asked once per compiler per process."""
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+
+
 def _plan(source: Path, optimise: str, extra: tuple[str, ...]) -> tuple[str, list[str], Path] | None:
     """(compiler, flags, the cached library's path) of a build, or None without a compiler."""
     cc = _compiler()
     if cc is None:
         return None
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+    version = _version(cc)
     flags = [*(optimise if flag == "-O3" else flag for flag in FLAGS), *extra]
     key = hashlib.sha256("\0".join([source.read_text(), version, *flags, platform.machine(), _cpu()]).encode())
     folder = cache_dir(None) / "kernels"
