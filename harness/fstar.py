@@ -73,13 +73,18 @@ def cache_key(env_config: dict, reward_bound: float | None = None) -> str:
     return config_hash(keyed)
 
 
+def entry_path(env_config: dict, directory: str | None = None, reward_bound: float | None = None) -> Path:
+    """The cache entry of this env config's GlobalReference over the reward class (it may not exist yet)."""
+    return cache_dir(directory) / f"fstar-{cache_key(env_config, reward_bound)}.json"
+
+
 def reference(problem, env_config: dict, directory: str | None = None,
               reward_bound: float | None = None) -> GlobalReference:
     """The GlobalReference of this env config over the reward class (reward_bound: None, or R for tabular
     rewards in [-R, R]), from the cache when a valid entry exists. Jobs that need the same entry at once
     (a sweep's workers on one instance, parallel test workers) take an exclusive lock on it, so one
     computes it and the others read its result."""
-    path = cache_dir(directory) / f"fstar-{cache_key(env_config, reward_bound)}.json"
+    path = entry_path(env_config, directory, reward_bound)
     with _entry_lock(path):
         return _reference(problem, env_config, path, reward_bound)
 

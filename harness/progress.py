@@ -43,6 +43,11 @@ def job_log():
         RUN_LOG.setLevel(saved[2])
 
 
+def console_enabled(progress: bool) -> bool:
+    """Whether a job's progress lines reach the console: progress=true and not under CI=true."""
+    return progress and os.environ.get("CI", "").lower() not in ("1", "true")
+
+
 def say(message: str, error: bool = False) -> None:
     """One line of the job's: printed (stdout, or stderr for an error) and logged."""
     print(message, file=sys.stderr if error else sys.stdout, flush=True)
@@ -77,7 +82,7 @@ class Progress:
     def __init__(self, label: str, budget: int, enabled: bool, start_samples: int = 0,
                  interval_s: float = 0.5, log_interval_s: float = 30.0, unit: str = "samples", clock=time.perf_counter):
         self.label, self.budget, self.unit, self.clock = label, budget, unit, clock
-        self.enabled = enabled and os.environ.get("CI", "").lower() not in ("1", "true")
+        self.enabled = console_enabled(enabled)
         self.live = self.enabled and sys.stdout.isatty()
         self.interval_s = interval_s if self.live else log_interval_s
         self.log_interval_s = log_interval_s

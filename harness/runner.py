@@ -25,12 +25,13 @@ from ratebench import config
 from ratebench.config import identity, plain, validate
 from ratebench.envs.tabular import InstanceBatch
 from ratebench.core.errors import ConfigError
+from ratebench.core import kernels
 from ratebench.core.kernels import usable_cores
 from ratebench.evaluation import Evaluator, evaluation_points
-from ratebench.fstar import MinPsiStore, reference, true_objective
+from ratebench.fstar import MinPsiStore, entry_path, reference, true_objective
 from ratebench.health import SeedHealth, flat_parameters, observe, zero_rows
 from ratebench.live_log import live_logger
-from ratebench.progress import Progress, Timing, say
+from ratebench.progress import Progress, Timing, console_enabled, say
 from ratebench.core.records import (BASE_COLUMNS, atomic_write_json, atomic_write_parquet, code_fingerprint,
                                config_hash, git_commit, metrics_mismatch, remove_stale_temporaries)
 from ratebench.envs.sampling import Counters, CountingSampler
@@ -206,6 +207,17 @@ def run_instances_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> 
     return [(p.out_dir, record) for p, record in zip(job_parts, records)], False
 
 
+def _say_one_off_work(cfg, v, out_dir, builds: list[Path], solves_f_star: bool) -> None:
+    """One console line (with progress on) before a set-up that compiles or solves F* for the first time here, since
+    it can take tens of seconds before the first progress line: what it does, and that it is cached after."""
+    work = [f"compiling {', '.join(t.name.split('-')[0] + '.c' for t in builds)}"] if builds else []
+    if solves_f_star:
+        work.append(f"solving the global reference F* of this {v.env.name} instance")
+    if work and console_enabled(bool(cfg.progress)):
+        say(f"[{v.env.name}/{v.algorithm.name} {Path(out_dir).name}] first run here: {' and '.join(work)} "
+            "(once: cached for later runs)")
+
+
 class _Part:
     """One instance of a job: its identity (config, run_hash, folder), its exact references and evaluator, the
     status and metric rows of its seeds. A job has one; a batched instance family one per instance."""
@@ -219,8 +231,11 @@ class _Part:
         self.algo.step_threads = step_threads(cfg)
         # the compilers of the step and of psi_gap's Newton run in processes of their own while F* is solved (cold
         # start: the longer of the two, not their sum); the job waits for them before its first step
+        before = set(kernels.STARTED)
         self.algo.start_kernel_build()
         penalty.start_newton_build(self.problem)
+        _say_one_off_work(cfg, v, out_dir, [t for t in kernels.STARTED if t not in before],
+                          not entry_path(plain(v.env), cfg.cache_dir, v.model.reward.bound).exists())
         self.reference = reference(self.problem, plain(v.env), cfg.cache_dir, v.model.reward.bound)  # F* over the reward class
         self.f_true = true_objective(self.problem)
         self.evaluator = Evaluator(self.problem, self.reference, self.algo)

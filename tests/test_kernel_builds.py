@@ -102,10 +102,13 @@ def test_a_forked_child_forgets_its_parents_compilers(fresh_cache):
     assert kernels.load.__wrapped__(NEWTON_SOURCE, NEWTON_OPTIMISE) is not None
 
 
-def test_a_cold_job_compiles_while_it_solves_f_star(compose_config, fresh_cache, monkeypatch, tmp_path):
+def test_a_cold_job_compiles_while_it_solves_f_star(compose_config, fresh_cache, monkeypatch, tmp_path, capsys):
     """At the moment F-hat* is solved, both compilers are running; the job then takes the compiled step and the
-    compiled Newton, and its metrics equal those of the same job with every build done before it started."""
+    compiled Newton, and its metrics equal those of the same job with every build done before it started. With
+    progress on, the cold job says what its set-up does before it does it; the warm one says nothing of it."""
     from ratebench import runner
+
+    monkeypatch.setenv("CI", "")  # the console of a user's `ratebench run` (progress on)
 
     seen, original = [], runner.reference
 
@@ -115,13 +118,22 @@ def test_a_cold_job_compiles_while_it_solves_f_star(compose_config, fresh_cache,
 
     monkeypatch.setattr(runner, "reference", watched)
     kernels.load.cache_clear()  # this process's loads are cached: load from the fresh cache folder
-    cfg = compose_config(["algorithm=bilevel", "seeds=[0,1]", "budget.samples=3000", "progress=false"])
+    cfg = compose_config(["algorithm=bilevel", "seeds=[0,1]", "budget.samples=3000"])
     record = runner.run_job(cfg, tmp_path / "cold")
     assert seen == [["bilevel_step", "penalty_newton"]]
+    captured = capsys.readouterr()
+    said = [line for line in captured.out.splitlines() if "first run here" in line]
+    assert said == [("[bandit/bilevel cold] first run here: compiling bilevel_step.c, penalty_newton.c and solving the "
+                     "global reference F* of this bandit instance (once: cached for later runs)")]
     assert record["provenance"]["step_path"] == "compiled" and record["provenance"]["psi_newton_path"] == "compiled"
     assert record["startup_wall_s"]["kernel"] >= 0 and not kernels.STARTED
     warm = runner.run_job(cfg, tmp_path / "warm")  # every build in place now: nothing started
     assert seen[-1] == [] and warm["provenance"]["step_path"] == "compiled"
+    assert "first run here" not in capsys.readouterr().out
+    monkeypatch.setenv("CI", "true")  # a new instance's F* to solve, but no console: nothing said
+    runner.run_job(compose_config(["algorithm=bilevel", "seeds=[0]", "budget.samples=500", "env.instance_seed=7"]),
+                   tmp_path / "quiet")
+    assert "first run here" not in capsys.readouterr().out
     cold, again = (pd.read_parquet(tmp_path / name / "metrics.parquet").drop(columns="wall_s") for name in ("cold", "warm"))
     pd.testing.assert_frame_equal(cold, again, check_exact=True)
     kernels.load.cache_clear()  # later tests load from their own cache folder again
