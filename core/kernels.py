@@ -73,20 +73,25 @@ class _Build:
         self.target, self.tic = target, time.perf_counter()
         fd, self.tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        # a session of its own: abandon() stops the compiler driver and the passes it started (cc1, as, ld) at once
+        # its messages go to a file, not a pipe: nobody reads a pipe until load() waits, and a full one would stop the
+        # compiler there; a session of its own: abandon() stops the driver and the passes it started (cc1, as, ld)
+        self.messages = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by finish or abandon)
         self.process = subprocess.Popen([cc, *flags, "-o", self.tmp, str(source), "-lm"], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                        stderr=self.messages, start_new_session=True)
 
     def finish(self) -> float:
         """Wait for the compiler; the target in place (or RuntimeError with its messages): the build's seconds."""
         try:
-            _, err = self.process.communicate(timeout=max(1.0, 300 - (time.perf_counter() - self.tic)))
+            self.process.wait(timeout=max(1.0, 300 - (time.perf_counter() - self.tic)))
         except subprocess.TimeoutExpired:
             self.abandon()
             raise
+        with self.messages:
+            self.messages.seek(0)
+            messages = self.messages.read()
         if self.process.returncode != 0:
             os.unlink(self.tmp)
-            raise RuntimeError(err.strip()[-2000:])
+            raise RuntimeError(messages.strip()[-2000:])
         os.replace(self.tmp, self.target)  # atomic: a parallel build of the same key writes the same bytes
         return time.perf_counter() - self.tic
 
@@ -96,6 +101,7 @@ class _Build:
             with contextlib.suppress(OSError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        self.messages.close()
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
 

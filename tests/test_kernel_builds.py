@@ -66,6 +66,22 @@ def test_a_failed_started_build_is_reported_by_load_once_and_leaves_nothing(fres
     assert len(made) == 1
 
 
+def test_a_started_build_runs_to_its_end_without_anyone_reading_its_messages(fresh_cache, monkeypatch, tmp_path):
+    """A compiler that writes more than a pipe holds (64 KiB) to stderr still finishes before load() is called: its
+    messages go to a file. (Through a pipe it would wait for a reader until load(), and the build would no longer
+    overlap F-hat*.) The library then loads from that build."""
+    chatty = tmp_path / "chatty-cc"
+    chatty.write_text('#!/bin/sh\nhead -c 300000 /dev/zero | tr "\\0" w >&2\nexec cc "$@"\n')
+    chatty.chmod(0o755)
+    monkeypatch.setenv("CC", str(chatty))
+    made = count_builds(monkeypatch)
+    kernels.start_build(NEWTON_SOURCE, NEWTON_OPTIMISE)
+    assert len(made) == 1
+    made[0].process.wait(timeout=60)  # never returns (TimeoutExpired) if the compiler is stuck writing
+    assert made[0].process.returncode == 0
+    assert kernels.load.__wrapped__(NEWTON_SOURCE, NEWTON_OPTIMISE) is not None and len(made) == 1
+
+
 def test_a_build_nobody_waits_for_is_stopped_when_the_process_ends(tmp_path):
     script = ("import sys, time; from ratebench.core import kernels; from ratebench.algorithms.bilevel_kernel import SOURCE; "
               "kernels.start_build(SOURCE); build = next(iter(kernels.STARTED.values())); time.sleep(0.2); "
