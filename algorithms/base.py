@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from ratebench.algorithms.models import Params, RewardModel
+from ratebench.core.kernels import start_build
 from ratebench.envs.tabular import TabularProblem
 
 
@@ -65,7 +67,11 @@ class Algorithm:
         eager where has_eager_step(); else "reference" (reference_step, autograd)."""
         if self.impl == "reference" or not self.has_eager_step():
             return "reference"
-        return "compiled" if self.impl == "fast" and self.has_kernel_step() else "eager"
+        return "compiled" if self._tries_kernel() and self.has_kernel_step() else "eager"
+
+    def _tries_kernel(self) -> bool:
+        """step_path() asks for the compiled step (has_kernel_step: built on first use): impl=fast with an eager step."""
+        return self.impl == "fast" and self.has_eager_step()
 
     def reference_step(self, state: Any, sampler) -> Any:
         """The step as the paper writes it (autograd through the surrogates): what the other steps must equal."""
@@ -108,9 +114,17 @@ class Algorithm:
         """eager_step compiled, where has_kernel_step()."""
         raise NotImplementedError
 
-    def start_kernel_build(self) -> None:
-        """Start building the compiled step this configuration's step_path() will load (core/kernels.start_build),
-        without waiting: the harness calls it before it solves F-hat*, so that the two overlap. Nothing by default."""
+    def kernel_sources(self) -> list[Path]:
+        """The C files has_kernel_step() builds and loads (core/kernels.load) for this configuration; [] = none."""
+        return []
+
+    def start_kernel_build(self) -> list[str]:
+        """Start building the compiled step step_path() will load (core/kernels.start_build), without waiting: the
+        harness calls it before it solves F-hat*, so that the two overlap. The names of the sources whose builds
+        started."""
+        if not self._tries_kernel():
+            return []
+        return [source.name for source in self.kernel_sources() if start_build(source)]
 
     def segment_samples(self, state: Any) -> int | None:
         """Samples every step of a segment draws when this configuration runs segments (run_segment), else None.

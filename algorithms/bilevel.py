@@ -22,7 +22,6 @@ from ratebench.algorithms.models import (PolicyModel, RewardModel, seed_gradient
 from ratebench.algorithms.oracles import BILEVEL_ORACLES, make_oracle
 from ratebench.algorithms.targets import minimiser_target
 from ratebench.core.errors import ConfigError, require
-from ratebench.core.kernels import start_build
 from ratebench.envs.sampling import padded_units, policy_cdf
 
 VARIANTS = ("single_loop", "double_loop")
@@ -410,9 +409,8 @@ class Bilevel(Algorithm):
     def has_kernel_step(self) -> bool:
         return self.compiled_step() is not None
 
-    def start_kernel_build(self) -> None:
-        if self.impl == "fast" and self.has_eager_step() and kernel_fits(self):  # what compiled_step() will load
-            start_build(SOURCE)
+    def kernel_sources(self):
+        return [SOURCE] if kernel_fits(self) else []  # what compiled_step() loads where the networks fit
 
     def reward_on_visited_units(self, n_traj: int, n_pairs: int, inner: int) -> bool:
         """Whether the eager step (impl=eager, or impl=fast without a compiled step) runs an MLP reward on the

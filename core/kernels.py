@@ -76,8 +76,13 @@ class _Build:
         # its messages go to a file, not a pipe: nobody reads a pipe until load() waits, and a full one would stop the
         # compiler there; a session of its own: abandon() stops the driver and the passes it started (cc1, as, ld)
         self.messages = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by finish or abandon)
-        self.process = subprocess.Popen([cc, *flags, "-o", self.tmp, str(source), "-lm"], stdout=subprocess.DEVNULL,
-                                        stderr=self.messages, start_new_session=True)
+        try:
+            self.process = subprocess.Popen([cc, *flags, "-o", self.tmp, str(source), "-lm"],
+                                            stdout=subprocess.DEVNULL, stderr=self.messages, start_new_session=True)
+        except OSError:  # the compiler cannot start: nothing half-built is left in the cache folder
+            self.messages.close()
+            os.unlink(self.tmp)
+            raise
 
     def finish(self) -> float:
         """Wait for the compiler; the target in place (or RuntimeError with its messages): the build's seconds."""
@@ -129,20 +134,21 @@ def _plan(source: Path, optimise: str, extra: tuple[str, ...]) -> tuple[str, lis
     return cc, flags, folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
 
 
-def start_build(source: Path, optimise: str = "-O3", extra: tuple[str, ...] = ()) -> None:
+def start_build(source: Path, optimise: str = "-O3", extra: tuple[str, ...] = ()) -> bool:
     """Start building what load(source, optimise, extra) will load, in a compiler process of its own, when it is
     neither cached nor started: a job's set-up (F-hat*, an instance's tables) then runs while the compiler does, and
     load() waits for this build instead of starting one. Never raises and never warns: what fails is load()'s to
-    report, when it waits for the build."""
+    report, when it waits for the build. True if a build started."""
     if os.environ.get(DISABLE, "1") == "0":
-        return
+        return False
     try:
         plan = _plan(source, optimise, extra)
         if plan is None or plan[2].exists() or plan[2] in STARTED or plan[2] in ATTEMPTED:
-            return
+            return False
         STARTED[plan[2]] = _Build(*plan[:2], source, plan[2])
+        return True
     except (OSError, subprocess.SubprocessError):
-        return
+        return False
 
 
 @atexit.register

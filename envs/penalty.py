@@ -316,11 +316,17 @@ NEWTON_OPTIMISE = "-O2"  # -O3 built in 7.4 s and -O2 in 1.9 s (AVX-512 machine)
 #                          same time with either (26-28 ms, 7 runs each)
 
 
-def start_newton_build(problem: TabularProblem) -> None:
-    """Start building penalty_newton.c (core/kernels.start_build) where psi_gap's Newton will run it (the problem's
-    groups split): the harness calls it before it solves F-hat*, so that the two overlap."""
-    if os.environ.get(DISABLE, "1") != "0" and newton_applies(problem) and separable_groups(problem) is not None:
-        start_build(NEWTON_SOURCE, NEWTON_OPTIMISE)
+def split_newton_applies(problem: TabularProblem) -> bool:
+    """Whether psi_gap's Newton runs on this problem's (seed, group) rows, the rows penalty_newton.c solves: Newton
+    applies and the groups split (separable_groups)."""
+    return newton_applies(problem) and separable_groups(problem) is not None
+
+
+def start_newton_build(problem: TabularProblem) -> list[str]:
+    """Start building penalty_newton.c (core/kernels.start_build) where psi_gap will load it (split_newton_applies):
+    the harness calls it before it solves F-hat*, so that the two overlap. The source's name if a build started."""
+    started = split_newton_applies(problem) and start_build(NEWTON_SOURCE, NEWTON_OPTIMISE)
+    return [NEWTON_SOURCE.name] if started else []
 
 
 def newton_library():
@@ -399,7 +405,7 @@ def newton_path(problem: TabularProblem) -> str | None:
     (newton_rows: the whole seed, or split rows without the compiled library), None where Newton does not apply."""
     if not newton_applies(problem):
         return None
-    return "compiled" if separable_groups(problem) is not None and newton_library() is not None else "torch"
+    return "compiled" if split_newton_applies(problem) and newton_library() is not None else "torch"
 
 
 def split_newton_rows(inner: _Inner, x0: torch.Tensor, tol: float = NEWTON_TOL, max_iter: int = NEWTON_MAX_ITER,

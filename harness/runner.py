@@ -25,7 +25,6 @@ from ratebench import config
 from ratebench.config import identity, plain, validate
 from ratebench.envs.tabular import InstanceBatch
 from ratebench.core.errors import ConfigError
-from ratebench.core import kernels
 from ratebench.core.kernels import usable_cores
 from ratebench.evaluation import Evaluator, evaluation_points
 from ratebench.fstar import MinPsiStore, entry_path, reference, true_objective
@@ -207,10 +206,11 @@ def run_instances_or_skip(cfg, out_dir: Path, experiment: str | None = None) -> 
     return [(p.out_dir, record) for p, record in zip(job_parts, records)], False
 
 
-def _say_one_off_work(cfg, v, out_dir, builds: list[Path], solves_f_star: bool) -> None:
-    """One console line (with progress on) before a set-up that compiles or solves F* for the first time here, since
-    it can take tens of seconds before the first progress line: what it does, and that it is cached after."""
-    work = [f"compiling {', '.join(t.name.split('-')[0] + '.c' for t in builds)}"] if builds else []
+def _say_one_off_work(cfg, v, out_dir, builds: list[str], solves_f_star: bool) -> None:
+    """One console line (with progress on) before a set-up that compiles (builds: the sources whose builds started)
+    or solves F* for the first time here, since it can take tens of seconds before the first progress line: what it
+    does, and that it is cached after."""
+    work = [f"compiling {', '.join(builds)}"] if builds else []
     if solves_f_star:
         work.append(f"solving the global reference F* of this {v.env.name} instance")
     if work and console_enabled(bool(cfg.progress)):
@@ -231,11 +231,8 @@ class _Part:
         self.algo.step_threads = step_threads(cfg)
         # the compilers of the step and of psi_gap's Newton run in processes of their own while F* is solved (cold
         # start: the longer of the two, not their sum); the job waits for them before its first step
-        before = set(kernels.STARTED)
-        self.algo.start_kernel_build()
-        penalty.start_newton_build(self.problem)
-        _say_one_off_work(cfg, v, out_dir, [t for t in kernels.STARTED if t not in before],
-                          not entry_path(plain(v.env), cfg.cache_dir, v.model.reward.bound).exists())
+        builds = self.algo.start_kernel_build() + penalty.start_newton_build(self.problem)
+        _say_one_off_work(cfg, v, out_dir, builds, not entry_path(plain(v.env), cfg.cache_dir, v.model.reward.bound).exists())
         self.reference = reference(self.problem, plain(v.env), cfg.cache_dir, v.model.reward.bound)  # F* over the reward class
         self.f_true = true_objective(self.problem)
         self.evaluator = Evaluator(self.problem, self.reference, self.algo)
@@ -302,7 +299,7 @@ class _Job:
         setup = time.perf_counter() - tic + sum(p.setup_s for p in parts)
         tic = time.perf_counter()
         self.algo.segment_samples(self.state)  # builds (or loads) a compiled step now, not inside the first step
-        if any(penalty.newton_applies(p.problem) and penalty.separable_groups(p.problem) is not None for p in parts):
+        if any(penalty.split_newton_applies(p.problem) for p in parts):
             penalty.newton_library()  # and psi_gap's compiled Newton, not inside the first evaluation
         self.startup = {"imports": _imports_s(), "setup": setup, "kernel": time.perf_counter() - tic}
         self.progress = Progress(f"{v.env.name}/{v.algorithm.name} {self.out_dir.name}", self.step_budget or self.budget,

@@ -19,11 +19,14 @@ from ratebench.envs.penalty import NEWTON_OPTIMISE, NEWTON_SOURCE
 
 @pytest.fixture
 def fresh_cache(monkeypatch, tmp_path):
-    """An empty kernels cache, and no build started or tried in this process for it."""
+    """An empty kernels cache, and no build started, tried or loaded (load() is cached per process) for it; the
+    process's loads are forgotten again afterwards, so that later tests load from their own cache folder."""
     monkeypatch.setenv("RATEBENCH_CACHE", str(tmp_path))
     monkeypatch.setattr(kernels, "STARTED", {})
     monkeypatch.setattr(kernels, "ATTEMPTED", set())
-    return tmp_path / "kernels"
+    kernels.load.cache_clear()
+    yield tmp_path / "kernels"
+    kernels.load.cache_clear()
 
 
 def count_builds(monkeypatch) -> list:
@@ -64,6 +67,15 @@ def test_a_failed_started_build_is_reported_by_load_once_and_leaves_nothing(fres
     assert not list(fresh_cache.iterdir())
     kernels.start_build(SOURCE)  # load tried this one: not started again in this process
     assert len(made) == 1
+
+
+def test_a_compiler_that_cannot_start_leaves_nothing_and_start_build_says_no(fresh_cache, monkeypatch, tmp_path):
+    fresh_cache.mkdir()
+    with pytest.raises(OSError):
+        kernels._Build(str(tmp_path / "no-such-cc"), [], NEWTON_SOURCE, fresh_cache / "target.so")
+    assert not list(fresh_cache.iterdir())  # no temporary file left behind
+    monkeypatch.setattr(kernels, "_Build", lambda *args: (_ for _ in ()).throw(FileNotFoundError("no-such-cc")))
+    assert kernels.start_build(NEWTON_SOURCE, NEWTON_OPTIMISE) is False and not kernels.STARTED
 
 
 def test_a_started_build_runs_to_its_end_without_anyone_reading_its_messages(fresh_cache, monkeypatch, tmp_path):
@@ -133,7 +145,6 @@ def test_a_cold_job_compiles_while_it_solves_f_star(compose_config, fresh_cache,
         return original(*args, **kwargs)
 
     monkeypatch.setattr(runner, "reference", watched)
-    kernels.load.cache_clear()  # this process's loads are cached: load from the fresh cache folder
     cfg = compose_config(["algorithm=bilevel", "seeds=[0,1]", "budget.samples=3000"])
     record = runner.run_job(cfg, tmp_path / "cold")
     assert seen == [["bilevel_step", "penalty_newton"]]
@@ -152,4 +163,3 @@ def test_a_cold_job_compiles_while_it_solves_f_star(compose_config, fresh_cache,
     assert "first run here" not in capsys.readouterr().out
     cold, again = (pd.read_parquet(tmp_path / name / "metrics.parquet").drop(columns="wall_s") for name in ("cold", "warm"))
     pd.testing.assert_frame_equal(cold, again, check_exact=True)
-    kernels.load.cache_clear()  # later tests load from their own cache folder again
