@@ -76,13 +76,22 @@ class _Build:
         # its messages go to a file, not a pipe: nobody reads a pipe until load() waits, and a full one would stop the
         # compiler there; a session of its own: abandon() stops the driver and the passes it started (cc1, as, ld)
         self.messages = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by finish or abandon)
+        # its passes' intermediate files (cc1's .s, as's .o) in a folder of its own, removed with the build: a pass
+        # killed by abandon() would leave its file in the system's temporary folder
+        self.scratch = tempfile.mkdtemp(prefix="ratebench-cc-")
         try:
             self.process = subprocess.Popen([cc, *flags, "-o", self.tmp, str(source), "-lm"],
-                                            stdout=subprocess.DEVNULL, stderr=self.messages, start_new_session=True)
+                                            stdout=subprocess.DEVNULL, stderr=self.messages, start_new_session=True,
+                                            env={**os.environ, "TMPDIR": self.scratch})
         except OSError:  # the compiler cannot start: nothing half-built is left in the cache folder
-            self.messages.close()
-            os.unlink(self.tmp)
+            self._clean()
             raise
+
+    def _clean(self) -> None:
+        self.messages.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
 
     def finish(self) -> float:
         """Wait for the compiler; the target in place (or RuntimeError with its messages): the build's seconds."""
@@ -91,13 +100,13 @@ class _Build:
         except subprocess.TimeoutExpired:
             self.abandon()
             raise
-        with self.messages:
-            self.messages.seek(0)
-            messages = self.messages.read()
+        self.messages.seek(0)
+        messages = self.messages.read()
+        if self.process.returncode == 0:
+            os.replace(self.tmp, self.target)  # atomic: a parallel build of the same key writes the same bytes
+        self._clean()
         if self.process.returncode != 0:
-            os.unlink(self.tmp)
             raise RuntimeError(messages.strip()[-2000:])
-        os.replace(self.tmp, self.target)  # atomic: a parallel build of the same key writes the same bytes
         return time.perf_counter() - self.tic
 
     def abandon(self) -> None:
@@ -106,9 +115,7 @@ class _Build:
             with contextlib.suppress(OSError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-        self.messages.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
+        self._clean()
 
 
 STARTED: dict[Path, _Build] = {}  # target -> its build started by start_build, until load() waits for it

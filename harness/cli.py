@@ -198,15 +198,34 @@ def run_command(args: list[str]) -> int:
 SHARED_OVERRIDES_ENV = "RATEBENCH_SHARED_OVERRIDES"  # read by config.job_id (sweep job folder names)
 
 
+SWEEP_LOG_PREFIX = "ratebench-sweep-"  # + the launcher's pid + "-": the logs in the system's temporary folder
+
+
 def _start_sweep_log() -> None:
-    """A fresh file that every job of this sweep appends its outcome to (app.report_outcome)."""
+    """A fresh file that every job of this sweep appends its outcome to (app.report_outcome), named by this
+    process's pid. The logs of launchers that no longer run are removed first: a sweep killed by SIGKILL or
+    SIGTERM never reaches the `finally` that removes its own."""
     import tempfile
 
     from ratebench.app import SWEEP_LOG_ENV
 
-    fd, path = tempfile.mkstemp(prefix="ratebench-sweep-", suffix=".jsonl")
+    for old in Path(tempfile.gettempdir()).glob(f"{SWEEP_LOG_PREFIX}*-*.jsonl"):
+        pid = old.name[len(SWEEP_LOG_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            old.unlink(missing_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f"{SWEEP_LOG_PREFIX}{os.getpid()}-", suffix=".jsonl")
     os.close(fd)
     os.environ[SWEEP_LOG_ENV] = path
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _print_sweep_summary() -> int:

@@ -98,8 +98,10 @@ def test_a_build_nobody_waits_for_is_stopped_when_the_process_ends(tmp_path):
     script = ("import sys, time; from ratebench.core import kernels; from ratebench.algorithms.bilevel_kernel import SOURCE; "
               "kernels.start_build(SOURCE); build = next(iter(kernels.STARTED.values())); time.sleep(0.2); "
               "assert build.process.poll() is None; print(build.process.pid)")  # still compiling when the process exits
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "RATEBENCH_CACHE": str(tmp_path)},
-                          capture_output=True, text=True, timeout=120, check=False)
+    scratch = tmp_path / "tmp"  # the process's temporary folder: cc1 writes its assembly there
+    scratch.mkdir()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "RATEBENCH_CACHE": str(tmp_path), "TMPDIR": str(scratch)})
     assert done.returncode == 0, done.stderr
     pid = int(done.stdout)  # the compiler driver, leader of its own process group (cc1, as, ld: its passes)
     for _ in range(50):  # the passes it started are killed with it; their reaping may take a moment
@@ -111,6 +113,7 @@ def test_a_build_nobody_waits_for_is_stopped_when_the_process_ends(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
     assert not list((tmp_path / "kernels").iterdir())  # neither a temporary file nor a library
+    assert not list(scratch.iterdir())  # nor a killed pass's intermediate file
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -273,6 +273,34 @@ def test_a_failed_job_does_not_stop_its_sweep_and_sets_the_exit_status(tmp_path,
     assert finished == [300, 302]
 
 
+def test_a_sweep_removes_the_outcome_logs_of_killed_sweeps_and_its_own(tmp_path, monkeypatch):
+    """A sweep killed by SIGKILL or SIGTERM never removes its outcome log; the next sweep removes the logs of
+    launchers that no longer run, never a running launcher's, and its own when it ends."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from ratebench import cli
+    from ratebench.app import SWEEP_LOG_ENV
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.delenv(SWEEP_LOG_ENV, raising=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    killed = tmp_path / f"ratebench-sweep-{int(gone.stdout)}-x1.jsonl"  # its launcher has exited
+    running = tmp_path / f"ratebench-sweep-{os.getppid()}-x2.jsonl"  # a launcher that still runs
+    other = tmp_path / "ratebench-sweep-notes.jsonl"  # not named by a pid: not ours to judge
+    for log in (killed, running, other):
+        log.write_text('{"job": "j", "outcome": "done", "code": 0}\n')
+    cli._start_sweep_log()
+    mine = Path(os.environ[SWEEP_LOG_ENV])
+    assert mine.parent == tmp_path and mine.name.startswith(f"ratebench-sweep-{os.getpid()}-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, running.name, other.name])
+    assert cli._print_sweep_summary() == 0 and not mine.exists()
+
+
 def test_check_passes_on_the_status_of_a_failed_experiment_run(tmp_path, monkeypatch, capsys):
     """check runs its experiment in a child `ratebench run`; an internal error (3) or a signal (130,
     143) there is that status, not "bad input" (2), and never 1 (a verdict)."""
