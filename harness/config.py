@@ -1,7 +1,11 @@
 """Structured run configuration (Hydra schemas) and the validation done before any compute."""
 from __future__ import annotations
 
+import contextlib
+import copy
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -90,12 +94,42 @@ def register() -> None:
 
 def compose(overrides=(), with_hydra: bool = False) -> DictConfig:
     """The run config `ratebench run <overrides>` would build (Python API, tests, CLI checks);
-    `hydra:` (output folders, launcher) only when with_hydra."""
+    `hydra:` (output folders, launcher) only when with_hydra. A copy of the one composed before for the same
+    _compose_key, if any: Hydra's composition takes ~0.1 s, and `check`, `report`, `audit` and a sweep's checks
+    compose the same experiments again and again (a copy: the caller may change it)."""
     from hydra import compose as hydra_compose, initialize_config_module
 
-    register()
-    with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
+    key = _compose_key(overrides, with_hydra)
+    if key not in _COMPOSED:
+        register()
+        with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
+        if len(_COMPOSED) >= COMPOSED_KEPT:
+            _COMPOSED.pop(next(iter(_COMPOSED)))
+        _COMPOSED[key] = cfg
+    return copy.deepcopy(_COMPOSED[key])
+
+
+COMPOSED_KEPT = 256  # configs compose() keeps (the oldest goes first)
+_COMPOSED: dict[tuple, DictConfig] = {}
+
+
+def _compose_key(overrides, with_hydra: bool) -> tuple:
+    """Everything compose's result is a function of: the overrides; with `hydra:`, the working folder it records
+    (hydra.runtime.cwd); the registered algorithms and environments (their config schemas and presets); and every
+    YAML file Hydra may read, by path, size and modification time, in ratebench's conf folder and those of the
+    plug-ins and $RATEBENCH_CONF_PATH. An edited preset, experiment or claim is composed again."""
+    from ratebench.core.registry import conf_folders
+
+    files = []
+    for folder in conf_folders():  # ratebench's own conf/ first
+        for path in sorted(Path(folder).rglob("*.yaml")):
+            with contextlib.suppress(OSError):
+                info = path.stat()
+                files.append((str(path), info.st_size, info.st_mtime_ns))
+    registered = tuple((kind, name, id(item)) for kind, registry in (("algorithm", ALGORITHMS), ("env", ENVIRONMENTS))
+                       for name, item in registry.items())
+    return tuple(overrides), with_hydra, os.getcwd() if with_hydra else None, registered, tuple(files)
 
 
 def to_dataclass(node: Any, schema: type, where: str):
