@@ -53,6 +53,9 @@ legend_number = partial(number_text, infinite="∞")  # an unbounded CI end read
 SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
+FORMATS = ("png", "pdf")  # what `ratebench plot` writes of each figure (a report only shows the PNG)
+
+
 def power_of_ten(value: float, _pos=None) -> str:
     """Tick label 10⁻³ in plain Unicode (no mathtext: parsing it was most of plot's time)."""
     if not value > 0:
@@ -313,8 +316,8 @@ def pages(results: list, per_page: int = MAX_GROUPS) -> list[list]:
     return [results[i:i + per_page] for i in range(0, len(results), per_page)]
 
 
-def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> list[Path]:
-    """Figures (PNG + PDF) for one metric: results = [(key, fit, curves)] of fit_groups. Up to
+def metric_figure(results, claims, out_dir: Path, stem: str | None = None, formats: tuple = FORMATS) -> list[Path]:
+    """Figures (PNG + PDF: `formats`) for one metric: results = [(key, fit, curves)] of fit_groups. Up to
     MAX_GROUPS groups per figure; more groups give further pages `<stem>_page2.png`, ... Claims are
     drawn only on figures of their own metric, x and algorithm (claims_for)."""
     results = [r for r in results if r[1].status != "no_data"]
@@ -328,7 +331,7 @@ def metric_figure(results, claims, out_dir: Path, stem: str | None = None) -> li
     for number, chunk in enumerate(chunks, start=1):
         suffix = "" if number == 1 else f"_page{number}"
         title = f" (page {number} of {len(chunks)})" if len(chunks) > 1 else ""
-        paths += _one_figure(chunk, claims, metric, x_name, Path(out_dir), stem + suffix, title)
+        paths += _one_figure(chunk, claims, metric, x_name, Path(out_dir), stem + suffix, title, formats)
     return paths
 
 
@@ -339,7 +342,7 @@ def figures(results, claims, out_dir: Path) -> list[Path]:
             + runtime_figure(results, out_dir))
 
 
-def _one_figure(results, claims, metric, x_name, out_dir: Path, stem: str, title: str) -> list[Path]:
+def _one_figure(results, claims, metric, x_name, out_dir: Path, stem: str, title: str, formats: tuple) -> list[Path]:
     rate_panel = metric in RATE_METRICS
     profile_panel = rate_panel and any(len(f.arrays.get("profile", ())) for _, f, _ in results)
     n_panels = 1 + rate_panel + profile_panel
@@ -371,7 +374,7 @@ def _one_figure(results, claims, metric, x_name, out_dir: Path, stem: str, title
     keys = key_entries(rate_panel, claims, any_floor, any(t > 0 for t in targets), any(health))
     fig.tight_layout()
     legends_below(fig, groups, keys, key_columns=2 if len(keys) > 5 else 1)
-    return _save(fig, out_dir, stem)
+    return _save(fig, out_dir, stem, formats)
 
 
 def legends_below(fig, groups: list, keys: list, key_columns: int = 1) -> tuple:
@@ -395,9 +398,9 @@ def legends_below(fig, groups: list, keys: list, key_columns: int = 1) -> tuple:
 LEGEND_GAP = 0.01  # figure fraction between the two legends
 
 
-def _save(fig, out_dir: Path, stem: str) -> list[Path]:
+def _save(fig, out_dir: Path, stem: str, formats: tuple = FORMATS) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
+    paths = [out_dir / f"{stem}.{ext}" for ext in formats]
     for p in paths:
         fig.savefig(p, dpi=130, bbox_inches="tight")
     plt.close(fig)
@@ -448,7 +451,7 @@ def interval_figure(results, claims, out_dir: Path, stem: str | None = None) -> 
 
 
 def runtime_figure(results, out_dir: Path, stem: str | None = None, eps_range: tuple | None = None,
-                   title: str = "") -> list[Path]:
+                   title: str = "", formats: tuple = FORMATS) -> list[Path]:
     """Fixed-target runtimes that count failures (analysis/runtime.py), one figure per metric: left,
     ERT(ε) against 1/ε per group (filled markers where every seed reached ε, hollow where some never
     did: their budget is in the numerator); right, the runtime ECDF per group, the fraction of (seed,
@@ -502,4 +505,4 @@ def runtime_figure(results, out_dir: Path, stem: str | None = None, eps_range: t
                    label="ECDF: below 1 at the end = pairs never reached")]
     fig.tight_layout()
     legends_below(fig, handles, keys)
-    return _save(fig, Path(out_dir), stem or f"{metric}_vs_{x_name}_runtime")
+    return _save(fig, Path(out_dir), stem or f"{metric}_vs_{x_name}_runtime", formats)

@@ -102,6 +102,10 @@ def claim_section(v, curves, note: str, evidence_seeds: pd.DataFrame, fig_png: P
     }
 
 
+FIGURE_FORMATS = ("png",)  # the figures report.md links and report.html embeds (`ratebench plot` adds the PDF): a
+#                           PDF nobody links cost a quarter of a report's time
+
+
 def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups, premise=None,
                  command: str | None = None) -> list[Path]:
     """Compute every claim's verdict on the runs in `loaded` and write report.html + report.md.
@@ -122,9 +126,11 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
         if curves is not None and v.fit is not None and v.fit.status != "no_data" and claim.form == "polynomial":
             key = {"algorithm": claim.algorithm, "env": claim.env or ",".join(sorted(set(curves.seeds["env"]))),
                    "config_hash": None}
-            png = plots.metric_figure([(key, v.fit, curves)], [claim], fig_dir, stem=f"claim_{claim.id}")[0]
+            png = plots.metric_figure([(key, v.fit, curves)], [claim], fig_dir, stem=f"claim_{claim.id}",
+                                      formats=FIGURE_FORMATS)[0]
             runtime = plots.runtime_figure([(key, v.fit, curves)], fig_dir, stem=f"claim_{claim.id}_runtime",
-                                           eps_range=claim.metric_eps_range, title=" over the claim's ε range")
+                                           eps_range=claim.metric_eps_range, title=" over the claim's ε range",
+                                           formats=FIGURE_FORMATS)
             runtime_png = runtime[0] if runtime else None
             lo, hi = claim.metric_eps_range
             v.fit.arrays["sensitivity"] = window_sensitivity(curves, replace(opts, eps_min=lo, eps_max=hi))
@@ -138,9 +144,10 @@ def write_report(loaded, claims, opts, out_dir: Path, evaluate_claim, fit_groups
     for metric in [m for m in METRICS if m in loaded.metrics.columns
                    and has_positive(loaded.metrics[m])]:
         results = fit_groups(loaded, metric, "samples", ["algorithm", "env", "config_hash"], opts)
-        paths = plots.metric_figure(results, claims, fig_dir) + plots.runtime_figure(results, fig_dir)
-        progress(f"[report] {metric}: {plural(len(results), 'group')}, {plural(len(paths) // 2, 'figure')}")
-        overview.append((metric, results, [p for p in paths if p.suffix == ".png"]))
+        paths = (plots.metric_figure(results, claims, fig_dir, formats=FIGURE_FORMATS)
+                 + plots.runtime_figure(results, fig_dir, formats=FIGURE_FORMATS))
+        progress(f"[report] {metric}: {plural(len(results), 'group')}, {plural(len(paths), 'figure')}")
+        overview.append((metric, results, paths))
     out_dir.mkdir(parents=True, exist_ok=True)
     md, page = out_dir / "report.md", out_dir / "report.html"
     header = provenance_line(command)

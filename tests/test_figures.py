@@ -53,7 +53,7 @@ def test_png_has_colour(groups, tmp_path):
 def test_one_legend_entry_per_group_one_shared_key_and_no_group_dropped(groups, monkeypatch):
     _, results = groups
     saved = []
-    monkeypatch.setattr(plots, "_save", lambda fig, out, stem: saved.append((stem, fig)) or [])
+    monkeypatch.setattr(plots, "_save", lambda fig, out, stem, formats=(): saved.append((stem, fig)) or [])
     plots.metric_figure(results, [claim("bilevel")], "unused")
     assert [stem for stem, _ in saved] == ["gap_vs_samples", "gap_vs_samples_page2"]  # 7 + 1: none dropped
     (_, first), (_, second) = saved
@@ -107,7 +107,7 @@ def test_legends_never_overlap_each_other_or_the_panels(groups, monkeypatch, dra
     legend instead of under its text (the main job's figure had them overlapping)."""
     _, results = groups
     saved = []
-    monkeypatch.setattr(plots, "_save", lambda fig, out, stem: saved.append(fig) or [])
+    monkeypatch.setattr(plots, "_save", lambda fig, out, stem, formats=(): saved.append(fig) or [])
     long_names = [({**key, "label": f"{key['label']} " + "with a long configuration name " * 8}, fit, curves)
                   for key, fit, curves in results[:2]]
     for chosen in (results[:2], long_names):

@@ -4,6 +4,8 @@ main job (`ratebench run algorithm=bilevel`, whose kl_ref starts at exactly 0 an
 Every figure is written and every panel's log axis holds only positive data."""
 from __future__ import annotations
 
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -40,6 +42,9 @@ def test_plot_and_report_on_the_main_job(main_job, n_seeds, capsys):
     assert commands.main("report", [str(run), "--n-boot", "200"]) == 0
     assert (run / "report" / "report.html").stat().st_size > 1000
     assert (run / "report" / "report.md").exists()
+    # the report's folder holds the figures report.md links (report.html embeds the same), and nothing else
+    linked = set(re.findall(r"\]\(figures/([^)]+)\)", (run / "report" / "report.md").read_text()))
+    assert linked and {p.name for p in (run / "report" / "figures").iterdir()} == linked
     capsys.readouterr()
 
 
