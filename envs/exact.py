@@ -204,11 +204,13 @@ def upper_loss(problem: TabularProblem, rewards: Tables, logps: Tables, chunk: i
     returns = trajectory_returns(problem, [r.expand(B, *r.shape[1:]) for r in rewards])  # (B, G, m)
     prob = trajectory_probs(problem, [lp.expand(B, *lp.shape[1:]) for lp in logps])
     pair_probs = true_pair_probs(problem)
-    if torch.is_grad_enabled() and (returns.requires_grad or prob.requires_grad):
-        value = lambda r, p: _UpperLossBackward.apply(r, p, pair_probs, problem.init_prob)  # noqa: E731
-    else:
-        value = lambda r, p: _pair_form(p, _pair_table(r, pair_probs), problem.init_prob)  # noqa: E731
-    return torch.cat([value(returns[part], prob[part]) for part in seed_chunks(problem, B, chunk)])
+    closed_form = torch.is_grad_enabled() and (returns.requires_grad or prob.requires_grad)
+    parts = []
+    for part in seed_chunks(problem, B, chunk):
+        r, p = returns[part], prob[part]
+        parts.append(_UpperLossBackward.apply(r, p, pair_probs, problem.init_prob) if closed_form
+                     else _pair_form(p, _pair_table(r, pair_probs), problem.init_prob))
+    return torch.cat(parts)
 
 
 def bilevel_objective(problem: TabularProblem, rewards: Tables) -> torch.Tensor:

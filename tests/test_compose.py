@@ -7,7 +7,6 @@ import os
 
 import pytest
 from omegaconf import OmegaConf, open_dict
-
 from ratebench import config
 
 
