@@ -66,23 +66,29 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+_IN_SCRATCH = 'TMPDIR="$0" "$@"; status=$?; rm -rf "$0"; exit $status'  # sh -c: the compiler with TMPDIR=$0, then $0 gone
+
+
 class _Build:
     """One compiler process writing a temporary file beside its target (renamed into place when it succeeds)."""
 
     def __init__(self, cc: str, flags: list[str], source: Path, target: Path):
+        if shutil.which(cc) is None:  # as Popen would say of it: the shell below would start and report it later
+            raise FileNotFoundError(f"no such compiler: {cc}")
         self.target, self.tic = target, time.perf_counter()
         fd, self.tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         # its messages go to a file, not a pipe: nobody reads a pipe until load() waits, and a full one would stop the
         # compiler there; a session of its own: abandon() stops the driver and the passes it started (cc1, as, ld)
         self.messages = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by finish or abandon)
-        # its passes' intermediate files (cc1's .s, as's .o) in a folder of its own, removed with the build: a pass
-        # killed by abandon() would leave its file in the system's temporary folder
+        # its passes' intermediate files (cc1's .s, as's .o) in a folder of its own: a pass killed by abandon() would
+        # leave its file in the system's temporary folder. The folder goes with the build (_clean), and a shell in the
+        # compiler's session removes it when the compiler ends: so also when this process is killed outright
         self.scratch = tempfile.mkdtemp(prefix="ratebench-cc-")
         try:
-            self.process = subprocess.Popen([cc, *flags, "-o", self.tmp, str(source), "-lm"],
-                                            stdout=subprocess.DEVNULL, stderr=self.messages, start_new_session=True,
-                                            env={**os.environ, "TMPDIR": self.scratch})
+            self.process = subprocess.Popen(["/bin/sh", "-c", _IN_SCRATCH, self.scratch,
+                                             cc, *flags, "-o", self.tmp, str(source), "-lm"],
+                                            stdout=subprocess.DEVNULL, stderr=self.messages, start_new_session=True)
         except OSError:  # the compiler cannot start: nothing half-built is left in the cache folder
             self._clean()
             raise

@@ -116,6 +116,28 @@ def test_a_build_nobody_waits_for_is_stopped_when_the_process_ends(tmp_path):
     assert not list(scratch.iterdir())  # nor a killed pass's intermediate file
 
 
+def test_a_process_killed_outright_during_a_build_leaves_no_temporary_folder(tmp_path):
+    """SIGKILL runs no exit handler: the compiler, in its own session, finishes alone, and its temporary folder (its
+    passes' TMPDIR) is removed by the shell that runs it, not left in the system's temporary folder."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    script = ("import os, signal; from ratebench.core import kernels; from ratebench.algorithms.bilevel_kernel import "
+              "SOURCE; kernels.start_build(SOURCE); build = next(iter(kernels.STARTED.values())); "
+              "print(build.process.pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "RATEBENCH_CACHE": str(tmp_path), "TMPDIR": str(scratch)})
+    assert done.returncode == -9, done.stderr
+    pid = int(done.stdout)
+    for _ in range(1200):  # the compiler runs to its end (~7 s here); no longer a process of ours to wait for
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    time.sleep(0.2)
+    assert not list(scratch.iterdir())  # its folder went with it
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_forgets_its_parents_compilers(fresh_cache):
     kernels.start_build(NEWTON_SOURCE, NEWTON_OPTIMISE)
