@@ -5,6 +5,8 @@ Everything takes reward and policy *tables* (never networks): rewards as per-ste
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F_
 
@@ -143,6 +145,30 @@ def pair_losses(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
     return _pair_table(trajectory_returns(problem, rewards), true_pair_probs(problem))
 
 
+class PairTables(NamedTuple):
+    """The pair tables of some rows' rewards (pair_tables), built once for several formulas over the same rows (the
+    evaluation's F, its psi_lam and psi's inner problem): each (B, G, m, m)."""
+
+    losses: torch.Tensor  # BCE(p*, sigmoid(R_i - R_j))
+    margin_grad: torch.Tensor  # its derivative in the margin, sigmoid(R_i - R_j) - p*_ij
+
+    def rows(self, index) -> PairTables:
+        return PairTables(self.losses[index], self.margin_grad[index])
+
+
+def pair_tables(problem: TabularProblem, rewards: Tables) -> PairTables | None:
+    """The rows' pair tables (the same bits as each formula's own), or None when they exceed PAIR_CHUNK elements:
+    there the formulas build them chunk by chunk as before, so that memory stays bounded."""
+    pair_probs = true_pair_probs(problem)
+    if rewards[0].shape[0] * pair_probs.numel() > PAIR_CHUNK:
+        return None
+    with torch.no_grad():
+        returns = trajectory_returns(problem, [r.detach() for r in rewards])
+        margin = returns[..., :, None] - returns[..., None, :]
+        losses = bradley_terry_nll(margin, pair_probs)
+        return PairTables(losses, bradley_terry_nll_grad(margin, pair_probs, overwrite=True))
+
+
 def _pair_table(returns: torch.Tensor, pair_probs: torch.Tensor) -> torch.Tensor:
     """BCE(p*, sigmoid(R(tau) - R(tau'))) of every pair from the returns (B, G, m): (B, G, m, m)."""
     return bradley_terry_nll(returns[..., :, None] - returns[..., None, :], pair_probs)
@@ -172,10 +198,13 @@ class _UpperLossBackward(torch.autograd.Function):
     differentiates the backward too."""
 
     @staticmethod
-    def forward(ctx, returns, prob, pair_probs, init_prob):
-        margin = returns[..., :, None] - returns[..., None, :]
-        losses = bradley_terry_nll(margin, pair_probs)
-        margin_grad = bradley_terry_nll_grad(margin, pair_probs, overwrite=True) if ctx.needs_input_grad[0] else None
+    def forward(ctx, returns, prob, pair_probs, init_prob, pairs=None):
+        if pairs is not None:  # built from these returns before (pair_tables)
+            losses, margin_grad = pairs
+        else:
+            margin = returns[..., :, None] - returns[..., None, :]
+            losses = bradley_terry_nll(margin, pair_probs)
+            margin_grad = bradley_terry_nll_grad(margin, pair_probs, overwrite=True) if ctx.needs_input_grad[0] else None
         ctx.save_for_backward(returns, prob, pair_probs, init_prob, losses, margin_grad)
         return _pair_form(prob, losses, init_prob)
 
@@ -191,14 +220,16 @@ class _UpperLossBackward(torch.autograd.Function):
             d_returns = weight * prob * (margin_grad @ col - margin_grad.transpose(-1, -2) @ col)[..., 0]
         if ctx.needs_input_grad[1]:
             d_prob = weight * (losses @ col + losses.transpose(-1, -2) @ col)[..., 0]
-        return d_returns, d_prob, None, None
+        return d_returns, d_prob, None, None, None
 
 
-def upper_loss(problem: TabularProblem, rewards: Tables, logps: Tables, chunk: int = PAIR_CHUNK) -> torch.Tensor:
+def upper_loss(problem: TabularProblem, rewards: Tables, logps: Tables, chunk: int = PAIR_CHUNK,
+               pairs: PairTables | None = None) -> torch.Tensor:
     """f(nu, theta) = E_g E_{tau, tau' ~ pi(.|g)} BCE(p*, sigmoid(R_nu(tau) - R_nu(tau'))).
 
     BCE(p, sigmoid(d)) = softplus(d) - p d. Exact by enumerating pairs; seeds are processed
-    in chunks so that no intermediate exceeds `chunk` elements. Returns (B,).
+    in chunks so that no intermediate exceeds `chunk` elements. pairs: these rewards' pair_tables, when the
+    caller built them already (then no table is built here). Returns (B,).
     """
     B = max(rewards[0].shape[0], logps[0].shape[0])
     returns = trajectory_returns(problem, [r.expand(B, *r.shape[1:]) for r in rewards])  # (B, G, m)
@@ -208,14 +239,15 @@ def upper_loss(problem: TabularProblem, rewards: Tables, logps: Tables, chunk: i
     parts = []
     for part in seed_chunks(problem, B, chunk):
         r, p = returns[part], prob[part]
-        parts.append(_UpperLossBackward.apply(r, p, pair_probs, problem.init_prob) if closed_form
-                     else _pair_form(p, _pair_table(r, pair_probs), problem.init_prob))
+        built = None if pairs is None else PairTables(pairs.losses[part], pairs.margin_grad[part])
+        parts.append(_UpperLossBackward.apply(r, p, pair_probs, problem.init_prob, built) if closed_form
+                     else _pair_form(p, _pair_table(r, pair_probs) if built is None else built.losses, problem.init_prob))
     return torch.cat(parts)
 
 
-def bilevel_objective(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
-    """F(nu) = f(nu, theta*(nu)) with theta*(nu) the exact soft-optimal policy. (B,)."""
-    return upper_loss(problem, rewards, soft_optimal(problem, rewards)[0])
+def bilevel_objective(problem: TabularProblem, rewards: Tables, pairs: PairTables | None = None) -> torch.Tensor:
+    """F(nu) = f(nu, theta*(nu)) with theta*(nu) the exact soft-optimal policy (pairs: upper_loss's). (B,)."""
+    return upper_loss(problem, rewards, soft_optimal(problem, rewards)[0], pairs=pairs)
 
 
 def reward_error(problem: TabularProblem, rewards: Tables) -> torch.Tensor:

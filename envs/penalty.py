@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ratebench.core.kernels import DISABLE, load, start_build, usable_cores
-from ratebench.envs.exact import (PAIR_CHUNK, expected_pair_loss, optimal_value, pair_losses, policy_value,
-                                  seed_chunks, soft_optimal, trajectory_returns, upper_loss)
+from ratebench.envs.exact import (PAIR_CHUNK, PairTables, expected_pair_loss, optimal_value, pair_losses,
+                                  policy_value, seed_chunks, soft_optimal, trajectory_returns, upper_loss)
 from ratebench.envs.lbfgs import ARMIJO, ROUNDING, minimise_rows
 from ratebench.envs.tabular import TabularProblem
 
@@ -32,8 +32,13 @@ def penalised_objective(problem: TabularProblem, rewards: Tables, logps: Tables,
     """h_lam(nu, theta) = f(nu, theta) + lam (J*(nu) - J(nu, theta)) >= f: (B,).
 
     J*(nu) - J(nu, theta) = g(nu, theta) - g*(nu) >= 0 is the value penalty."""
-    gap = optimal_value(problem, rewards) - policy_value(problem, rewards, logps)
-    return upper_loss(problem, rewards, logps) + lam * gap
+    optimal, value = optimal_value(problem, rewards), policy_value(problem, rewards, logps)
+    return penalised_value(upper_loss(problem, rewards, logps), optimal, value, lam)
+
+
+def penalised_value(upper: torch.Tensor, optimal: torch.Tensor, value: torch.Tensor, lam: float) -> torch.Tensor:
+    """h_lam from its parts: f(nu, theta) + lam (J*(nu) - J(nu, theta)), each (B,)."""
+    return upper + lam * (optimal - value)
 
 
 def _flatten(tables: Tables) -> torch.Tensor:
@@ -177,9 +182,11 @@ class _Inner:
     (_Design.groups), on the design of one group with that group's rho_g, transitions and pi_ref per row: a seed's
     value is the sum of its groups' rows, and its gradient and Hessian are theirs, block by block."""
 
-    def __init__(self, problem: TabularProblem, rewards: Tables, lam: float, split: bool = False):
+    def __init__(self, problem: TabularProblem, rewards: Tables, lam: float, split: bool = False,
+                 losses: torch.Tensor | None = None):
+        """losses: the rewards' pair_losses, when the caller has them (exact.pair_tables)."""
         d = _design(problem)
-        losses = pair_losses(problem, rewards)  # (B, G, m, m)
+        losses = pair_losses(problem, rewards) if losses is None else losses  # (B, G, m, m)
         returns = trajectory_returns(problem, rewards)  # (B, G, m)
         weight, self.rho, self.log_trans, ref = problem.init_prob[:, None, None], d.rho, d.log_trans, d.ref
         if split:
@@ -460,11 +467,11 @@ def penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: floa
 
 def start_penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam: float, tol: float = NEWTON_TOL,
                                    threads: int | None = None, start: Tables | None = None,
-                                   background: bool = False):
+                                   background: bool = False, pairs: PairTables | None = None):
     """penalty_minimiser_newton as a function to call for its result. background: the compiled split solves run on
     a Python thread of their own (start_split_newton_rows), so that the caller's torch work and the solve share the
     cores until it calls; the same bits, since no row reads another's memory. Without the compiled path everything
-    is done before this returns."""
+    is done before this returns. pairs: the rewards' exact.pair_tables, where the caller has them."""
     rewards = [r.detach() for r in rewards]
     start = soft_optimal(problem, rewards)[0] if start is None else [t.detach() for t in start]
     d = _design(problem)
@@ -475,7 +482,8 @@ def start_penalty_minimiser_newton(problem: TabularProblem, rewards: Tables, lam
     for lo in range(0, x0.shape[0], per_seed):
         part = slice(lo, lo + per_seed)
         parts.append(part)
-        inner = _Inner(problem, [r[part] for r in rewards], lam, split=groups is not None)
+        inner = _Inner(problem, [r[part] for r in rewards], lam, split=groups is not None,
+                       losses=None if pairs is None else pairs.losses[part])
         if groups is None:
             dense.append(newton_rows(inner, x0[part], tol, NEWTON_MAX_ITER))
         else:
@@ -545,9 +553,26 @@ def hypergradient_surrogate(problem: TabularProblem, rewards: Tables, y: Tables,
     """Scalar per seed whose nu-gradient (through `rewards`) is the docs/bilevel.md formula
     grad psi_lam = grad_nu f(nu, y) + lam (grad_nu g(nu, y) - grad_nu g(nu, z)), y, z held fixed,
     grad_nu g(nu, theta) = -E_{tau ~ pi_theta}[grad_nu R_nu(tau)]. (B,)"""
+    return _surrogate_parts(problem, rewards, y, z, lam)[0]
+
+
+def hypergradient_surrogate_and_psi(problem: TabularProblem, rewards: Tables, y: Tables, z: Tables, lam: float,
+                                    optimal: torch.Tensor, pairs: PairTables | None = None
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hypergradient_surrogate (B,), psi_lam(nu) = h_lam(nu, y) (B,), detached) with y = y*_lam(nu) solved, from the
+    same pass: the surrogate's f(nu, y) and J(nu, y) are psi's terms, so the evaluation builds the rows' pair table
+    once for both (or none: pairs, their exact.pair_tables). optimal: J*(nu) of these rows (exact.optimal_value),
+    detached."""
+    surrogate, upper, value = _surrogate_parts(problem, rewards, y, z, lam, pairs)
+    return surrogate, penalised_value(upper.detach(), optimal, value.detach(), lam)
+
+
+def _surrogate_parts(problem: TabularProblem, rewards: Tables, y: Tables, z: Tables, lam: float,
+                     pairs: PairTables | None = None):
+    """(surrogate, f(nu, y), J(nu, y)), each (B,) in the graph of `rewards`."""
     y, z = [t.detach() for t in y], [t.detach() for t in z]
-    return (upper_loss(problem, rewards, y)
-            + lam * (-policy_value(problem, rewards, y) + policy_value(problem, rewards, z)))
+    upper, value = upper_loss(problem, rewards, y, pairs=pairs), policy_value(problem, rewards, y)
+    return upper + lam * (-value + policy_value(problem, rewards, z)), upper, value
 
 
 def psi_gradient(problem: TabularProblem, unit_rewards: torch.Tensor, lam: float) -> torch.Tensor:
@@ -628,20 +653,23 @@ class PsiReference:
         Newton's (penalty_minimiser_newton; None: every core)."""
         return self.start_gap_and_minimiser(rewards, lam, threads)()
 
-    def start_gap_and_minimiser(self, rewards: Tables, lam: float, threads: int | None = None,
-                                start: Tables | None = None, background: bool = False):
-        """gap_and_minimiser as a function to call for its result, its compiled Newton solving meanwhile with
-        background (start_penalty_minimiser_newton). start: pi*_nu's tables where the caller has them."""
+    def start_minimiser(self, rewards: Tables, lam: float, threads: int | None = None, start: Tables | None = None,
+                        background: bool = False, pairs: PairTables | None = None):
+        """psi_gap's y*_lam(nu) as a function to call for it, its compiled Newton solving meanwhile with background
+        (start_penalty_minimiser_newton). start: pi*_nu's tables, pairs: the rewards' exact.pair_tables, where the
+        caller has them."""
         # Always start at z* = pi*_nu: the inner problem is nonconvex, and a warm start from the
         # previous evaluation's y* was measured to land in a worse local minimum (0.2% of rows).
         if newton_applies(self.problem):
-            solved = start_penalty_minimiser_newton(self.problem, rewards, lam, threads=threads, start=start,
-                                                    background=background)
-        else:
-            y = penalty_minimiser(self.problem, rewards, lam, tol=METRIC_TOL)
+            return start_penalty_minimiser_newton(self.problem, rewards, lam, threads=threads, start=start,
+                                                  background=background, pairs=pairs)
+        y = penalty_minimiser(self.problem, rewards, lam, tol=METRIC_TOL)
+        return lambda: y
 
-            def solved() -> Tables:
-                return y
+    def start_gap_and_minimiser(self, rewards: Tables, lam: float, threads: int | None = None,
+                                start: Tables | None = None, background: bool = False):
+        """gap_and_minimiser as a function to call for its result (start_minimiser's solve, then psi_lam there)."""
+        solved = self.start_minimiser(rewards, lam, threads, start, background)
 
         def finish() -> tuple[torch.Tensor, Tables]:
             y = solved()
@@ -682,12 +710,10 @@ def start_psi_gap_and_minimiser(problem: TabularProblem, rewards: Tables, lam: f
     if lam is None or not math.isfinite(lam) or lam <= 0:
         nothing = torch.full((batch,), math.nan, dtype=rewards[0].dtype), None, None
         return lambda: nothing
-    if "psi_reference" not in problem.derived:  # min psi_lam per lam, solved once per problem
-        problem.derived["psi_reference"] = PsiReference(problem)
     lam_grid = grid_lambda(lam)
     with torch.enable_grad():
-        solving = problem.derived["psi_reference"].start_gap_and_minimiser([r.detach() for r in rewards], lam_grid,
-                                                                            threads, start, background)
+        solving = psi_reference(problem).start_gap_and_minimiser([r.detach() for r in rewards], lam_grid, threads,
+                                                                 start, background)
 
     def finish():
         with torch.enable_grad():
@@ -695,6 +721,35 @@ def start_psi_gap_and_minimiser(problem: TabularProblem, rewards: Tables, lam: f
         return gap.detach(), y, lam_grid
 
     return finish
+
+
+def start_psi_minimiser(problem: TabularProblem, rewards: Tables, lam_grid: float, threads: int | None = None,
+                        start: Tables | None = None, background: bool = False, pairs: PairTables | None = None):
+    """psi_gap's y*_l(nu) at a grid value l = grid_lambda(lam) alone, as a function to call for it (tables
+    [(B, n_h, A)], detached), for a caller that computes psi_l(nu) itself (hypergradient_surrogate_and_psi), whose
+    psi_gap is then psi_l(nu) - min_psi(problem, l). The same solve as start_psi_gap_and_minimiser's (pairs: the
+    rewards' exact.pair_tables, where the caller has them)."""
+    with torch.enable_grad():  # the L-BFGS (and Newton's fallback to it) differentiates
+        solving = psi_reference(problem).start_minimiser([r.detach() for r in rewards], lam_grid, threads, start,
+                                                          background, pairs)
+
+    def finish() -> Tables:
+        with torch.enable_grad():
+            return solving()
+
+    return finish
+
+
+def min_psi(problem: TabularProblem, lam_grid: float) -> float:
+    """min psi_l over the reward class, at a grid value l (PsiReference.min_psi, solved once per l and problem)."""
+    return psi_reference(problem).min_psi(lam_grid)
+
+
+def psi_reference(problem: TabularProblem) -> PsiReference:
+    """The problem's PsiReference (min psi_lam per lam, solved once per problem), made on first use."""
+    if "psi_reference" not in problem.derived:
+        problem.derived["psi_reference"] = PsiReference(problem)
+    return problem.derived["psi_reference"]
 
 
 def psi_gap(problem: TabularProblem, rewards: Tables, lam: float | None) -> torch.Tensor:

@@ -104,20 +104,27 @@ class Evaluator:
             rewards = [t.detach() for t in tables_rows]
             with torch.no_grad():
                 star = exact.soft_optimal(problem, rewards)[0]  # pi*_nu: psi's surrogate's z*, and the health check's
+            # the rows' pair tables, built once for F, psi's inner problem and psi with its surrogate (None where
+            # they are too large to keep: each builds its own chunks then)
+            pairs = exact.pair_tables(problem, rewards)
         else:
             with torch.no_grad():
                 rewards = stack_rows([[r.detach() for r in algo.implicit_rewards(s)] for s in states])
-            star = None
+            star = pairs = None
         n_rows = rewards[0].shape[0]
         seeds = n_rows // len(states)  # each state has the same seeds: state i's rows are i * seeds ... (i + 1) * seeds
         lam_rows = [(lam_grid, torch.cat([torch.arange(i * seeds, (i + 1) * seeds) for i in members]))
                     for lam_grid, members in lams.items()]
         # psi_gap's Newton solves on a thread of its own (ctypes releases the GIL) while this one does the rest of
-        # the torch work, when the run gives the evaluation more than one core: the same bits either way
+        # the torch work, when the run gives the evaluation more than one core: the same bits either way. With a
+        # reward model only y* is solved there: psi_lam(nu) comes with its gradient's surrogate below
         overlap = threads > 1
-        solving = [penalty.start_psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid,
-                                                       threads - 1 if overlap else threads,
-                                                       None if star is None else [t[rows] for t in star], overlap)
+        solving = [penalty.start_psi_minimiser(problem, [r[rows] for r in rewards], lam_grid,
+                                               threads - 1 if overlap else threads, [t[rows] for t in star], overlap,
+                                               None if pairs is None else pairs.rows(rows))
+                   if estimates[0] is not None else
+                   penalty.start_psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid,
+                                                       threads - 1 if overlap else threads, None, overlap)
                    for lam_grid, rows in lam_rows]
         with torch.no_grad():
             reward_err = exact.reward_error(problem, rewards)
@@ -128,28 +135,30 @@ class Evaluator:
         psi_gap = torch.full((n_rows,), math.nan, dtype=torch.float64)
         psi_grad_sq = torch.full((n_rows,), math.nan, dtype=torch.float64)
         if estimates[0] is not None:
-            objective = exact.bilevel_objective(problem, tables_rows)
+            objective = exact.bilevel_objective(problem, tables_rows, pairs)
             grad_f_units = torch.autograd.grad(objective.sum(), leaf)[0]
             objective = objective.detach()
             with torch.no_grad():  # J*(nu_t) - J(nu_t, theta_t): the lower level's own optimality
-                lower_gap = exact.optimal_value(problem, rewards) - exact.policy_value(problem, rewards, logps)
+                optimal = exact.optimal_value(problem, rewards)
+                lower_gap = optimal - exact.policy_value(problem, rewards, logps)
             grad_f = model.backward(params, acts, grad_f_units)  # (everything before psi_gap's first wait: the
             grad_sq = per_seed_sq_norm(grad_f)                   #  Newton's thread is still solving)
             pgrad_sq = per_seed_sq_norm(model.gradient_mapping(params, grad_f))
             again = torch.cat([rows for _, rows in lam_rows]) if lam_rows else torch.zeros(0, dtype=torch.long)
             leaf_again = units[again].detach().requires_grad_(True)
             tables_again = problem.step_tables_from_units(leaf_again)
-            total, start, solved = None, 0, []  # solved: the rows of each lam whose y* psi_gap found
+            total, start, solved = None, 0, []  # solved: the rows of each lam (whose y* psi_gap found)
             for (lam_grid, rows), finish in zip(lam_rows, solving):
-                gap, y, _ = finish()
-                psi_gap[rows] = gap
+                y = finish()
                 copy = slice(start, start + len(rows))  # the same rows in tables_again
                 start += len(rows)
-                if y is not None:
-                    surrogate = penalty.hypergradient_surrogate(problem, [t[copy] for t in tables_again], y,
-                                                                [t[rows] for t in star], lam_grid).sum()
-                    total = surrogate if total is None else total + surrogate
-                    solved.append(rows)
+                # psi_lam(nu) = h_lam(nu, y*) and the surrogate share f(nu, y*) and J(nu, y*): one pair table for both
+                surrogate, psi_value = penalty.hypergradient_surrogate_and_psi(
+                    problem, [t[copy] for t in tables_again], y, [t[rows] for t in star], lam_grid, optimal[rows],
+                    None if pairs is None else pairs.rows(rows))
+                psi_gap[rows] = psi_value - penalty.min_psi(problem, lam_grid)
+                total = surrogate.sum() if total is None else total + surrogate.sum()
+                solved.append(rows)
             if solved:  # grad psi's unit rewards go back on their rows (the others stay 0, their psi_grad_sq NaN), so
                 #         that it goes through the network's activations of all rows, as grad F did
                 grad_psi_units = torch.zeros_like(grad_f_units)

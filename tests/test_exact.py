@@ -136,6 +136,36 @@ def test_upper_loss_gradient_in_closed_form_equals_autograd_through_the_pair_tab
                                policy_hessian(plain_tables), rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("chunk", [exact.PAIR_CHUNK, 1])
+def test_upper_loss_on_prebuilt_pair_tables_is_the_same_bits(problem, chunk, monkeypatch):
+    """exact.pair_tables built once for several formulas (the evaluation's F, psi and psi's inner problem): upper_loss
+    on them gives the value and gradients it computes alone, with and without autograd: bit for bit in one chunk;
+    in chunks of one seed to rounding (a table built over three seeds is not always the bits of three built alone:
+    where an element falls in a vectorised loop or its scalar tail takes another softplus); tables of other rewards
+    change the value (they are what is used); and too large a table is not built."""
+    units = random_unit_rewards(problem, 7, batch=3)
+    logps = [lp.expand(3, -1, -1) for lp in random_policy(problem, 8)]
+    pairs = exact.pair_tables(problem, problem.step_tables_from_units(units))
+    assert pairs.losses.shape == pairs.margin_grad.shape == (3, *exact.true_pair_probs(problem).shape)
+    results = {}
+    for name, given in (("alone", None), ("prebuilt", pairs)):
+        u = units.clone().requires_grad_(True)
+        value = exact.upper_loss(problem, problem.step_tables_from_units(u), logps, chunk=chunk, pairs=given)
+        with torch.no_grad():
+            bare = exact.upper_loss(problem, problem.step_tables_from_units(units), logps, chunk=chunk, pairs=given)
+        results[name] = (value.detach(), bare, torch.autograd.grad(value.sum(), u)[0])
+    for got, want in zip(results["prebuilt"], results["alone"]):
+        if chunk == exact.PAIR_CHUNK:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    other = exact.pair_tables(problem, problem.step_tables_from_units(2 * units))
+    assert not torch.equal(exact.upper_loss(problem, problem.step_tables_from_units(units), logps, pairs=other),
+                           results["alone"][1])
+    monkeypatch.setattr(exact, "PAIR_CHUNK", 3 * exact.true_pair_probs(problem).numel() - 1)
+    assert exact.pair_tables(problem, problem.step_tables_from_units(units)) is None
+
+
 def test_gradient_through_reward_network_matches_finite_differences(problem):
     model = RewardModel(problem, NetConfig(kind="mlp", width=5, activation="tanh"))
     params = model.init([0])

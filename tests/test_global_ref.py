@@ -285,6 +285,12 @@ def test_psi_grad_sq_equals_the_tabular_psi_gradient(small):
     lam_grid = penalty.grid_lambda(lam)
     expected = penalty.psi_gradient(problem, units, lam_grid).pow(2).sum(-1)
     assert torch.allclose(metrics["psi_grad_sq"], expected, rtol=1e-4, atol=1e-9)
+    # psi_gap, whose psi_lam the evaluation takes from the surrogate's pass, against psi_gap's own route (psi_lam by
+    # penalised_objective at the same y*); nonzero: the rows are not the minimiser
+    rewards = problem.step_tables_from_units(units)
+    alone = penalty.psi_gap(problem, rewards, lam)
+    assert bool((alone > 1e-6).all())
+    torch.testing.assert_close(metrics["psi_gap"], alone, rtol=1e-12, atol=1e-15)
     # and the psi gradient itself against central finite differences of psi (first unit, first row)
     e = torch.zeros_like(units[:1])
     e[0, 0] = 1e-4

@@ -121,6 +121,37 @@ def test_min_psi_lower_bounds_psi_and_f_star(problem):
     assert float(penalty.psi_gradient(problem, argmin[None], lam).norm()) < 1e-4
 
 
+def test_surrogate_and_psi_in_one_pass_are_each_formula_alone(problem):
+    """hypergradient_surrogate_and_psi (the evaluation's psi_lam and its gradient's surrogate from one pair table):
+    psi_lam = penalised_objective at the same y and the surrogate with its gradient = hypergradient_surrogate's, bit
+    for bit, with the tables built inside or given (exact.pair_tables); and psi's inner objective on given tables
+    (_Inner(losses=...)) is the one it builds, value, gradient and Hessian."""
+    lam = 3.0
+    units = random_units(problem, 11, batch=3)
+    rewards = problem.step_tables_from_units(units)
+    z, _ = exact.soft_optimal(problem, rewards)
+    y = penalty.penalty_minimiser(problem, rewards, lam)
+    optimal = exact.optimal_value(problem, rewards)
+    want_psi = penalty.penalised_objective(problem, rewards, y, lam)
+    u = units.clone().requires_grad_(True)
+    want = penalty.hypergradient_surrogate(problem, problem.step_tables_from_units(u), y, z, lam)
+    want_grad = torch.autograd.grad(want.sum(), u)[0]
+    for pairs in (None, exact.pair_tables(problem, rewards)):
+        u = units.clone().requires_grad_(True)
+        surrogate, psi = penalty.hypergradient_surrogate_and_psi(problem, problem.step_tables_from_units(u), y, z, lam,
+                                                                 optimal, pairs)
+        assert not psi.requires_grad and torch.equal(psi, want_psi.detach())
+        assert torch.equal(surrogate.detach(), want.detach())
+        assert torch.equal(torch.autograd.grad(surrogate.sum(), u)[0], want_grad)
+    x = penalty._flatten(z)
+    built, given = (penalty._Inner(problem, rewards, lam, losses=losses).value_grad_hessian(x)
+                    for losses in (None, exact.pair_tables(problem, rewards).losses))
+    for a, b in zip(built, given):
+        assert torch.equal(a, b)
+    other = penalty._Inner(problem, rewards, lam, losses=2 * exact.pair_tables(problem, rewards).losses)
+    assert not torch.equal(other.value(x), built[0])  # the tables given are the ones used
+
+
 def test_psi_gap_metric_is_nan_without_lambda_and_zero_at_the_minimiser():
     problem = envs.make(SMALL["bandit"])
     lam = penalty.grid_lambda(2.0)
