@@ -316,7 +316,7 @@ class _Solve(ctypes.Structure):  # penalty_newton.c's Solve
                   for name in ("E", "S", "same", "Lsym", "Lrho", "lin", "rho", "log_trans")],
                 *[(name, F64) for name in ("lam_beta", "tol", "max_move", "armijo", "rounding", "metric_tol")],
                 ("x0", ctypes.POINTER(F64)), ("x", ctypes.POINTER(F64)),
-                ("status", ctypes.POINTER(I64))]
+                ("status", ctypes.POINTER(I64)), ("next_row", ctypes.POINTER(I64))]
 
 
 NEWTON_OPTIMISE = "-O2"  # -O3 built in 7.4 s and -O2 in 1.9 s (AVX-512 machine); the README job's evaluation took the
@@ -344,6 +344,7 @@ def newton_library():
     lib = load(NEWTON_SOURCE, optimise=NEWTON_OPTIMISE)
     if lib is not None and not hasattr(lib, "checked"):
         lib.split_newton.argtypes, lib.split_newton.restype = [ctypes.POINTER(_Solve)], I64
+        lib.help_split_newton.argtypes, lib.help_split_newton.restype = [ctypes.POINTER(_Solve)], I64
         lib.solve_struct_size.restype = I64
         lib.eigen_symmetric.argtypes, lib.eigen_symmetric.restype = [I64, I64, *[ctypes.POINTER(F64)] * 3], None
         if lib.solve_struct_size() != ctypes.sizeof(_Solve):  # the two layouts of one struct: fail, never misread
@@ -378,8 +379,8 @@ def prepare_compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: floa
                                  max_iter: int = NEWTON_MAX_ITER, max_move: float = NEWTON_MAX_MOVE,
                                  unrolled: bool = True, threads: int | None = None):
     """compiled_newton_rows' inputs laid out for penalty_newton.c, and the output tensors: (solve, x, status), where
-    solve() makes the C call that fills x and status. It touches no Python object and ctypes releases the GIL around
-    it, so another thread can run it while this one goes on."""
+    solve() makes the C call that fills x and status (a _CompiledSolve). It touches no Python object and ctypes
+    releases the GIL around it, so another thread can run it while this one goes on, and join it (solve.help())."""
     d = inner.d
     R, k = x0.shape
     m = d.m
@@ -391,6 +392,7 @@ def prepare_compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: floa
             flat(inner.Lrho, (R, m, m)), flat(inner.lin, (R, m)), flat(inner.rho, (R, m)),
             flat(inner.log_trans, (R, m)), flat(x0, (R, k))]
     x, status = torch.empty(R, k, dtype=torch.float64), torch.empty(R, dtype=torch.int64)
+    keep.append(torch.zeros(1, dtype=torch.int64))  # the next row no thread has taken (Solve.next_row)
 
     def ptr(t, ctype=F64):
         return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
@@ -398,13 +400,25 @@ def prepare_compiled_newton_rows(lib, inner: _Inner, x0: torch.Tensor, tol: floa
     q = _Solve(R, k, m, d.A, max_iter, 60, int(unrolled), newton_threads(R, threads),  # 60: newton_rows' halvings
                *[ptr(t) for t in keep[:8]],
                inner.lam_beta, tol, max_move, ARMIJO, ROUNDING, METRIC_TOL,
-               ptr(keep[8]), ptr(x), ptr(status, I64))
+               ptr(keep[8]), ptr(x), ptr(status, I64), ptr(keep[9], I64))
+    return _CompiledSolve(lib, q, keep), x, status
 
-    def solve(inputs=keep) -> None:  # inputs: the tensors whose memory the C reads, held until it has
-        if lib.split_newton(ctypes.byref(q)) != 0:
+
+class _CompiledSolve:
+    """One prepared penalty_newton.c call: calling it solves every row (split_newton); help(), from another thread
+    while that call runs, takes rows of the same call too (help_split_newton), so that a thread that has nothing
+    else to do shortens the wait. Which thread solves a row does not change its bits."""
+
+    def __init__(self, lib, q: _Solve, inputs: list[torch.Tensor]):
+        self.lib, self.q, self.inputs = lib, q, inputs  # inputs: the tensors whose memory the C reads, held until it has
+
+    def __call__(self) -> None:
+        if self.lib.split_newton(ctypes.byref(self.q)) != 0:
             raise RuntimeError("penalty_newton.c refused its sizes, could not allocate its scratch or start a thread")
 
-    return solve, x, status
+    def help(self) -> None:
+        if self.lib.help_split_newton(ctypes.byref(self.q)) != 0:
+            raise RuntimeError("penalty_newton.c refused its sizes or could not allocate its scratch")
 
 
 def newton_path(problem: TabularProblem) -> str | None:
@@ -439,6 +453,9 @@ def start_split_newton_rows(row_sets: list, tol: float = NEWTON_TOL, max_iter: i
     later = _Later(lambda: [solve() for solve, _, _ in prepared], background)
 
     def finish() -> list:
+        if background:  # this thread takes the rows the solve's thread has not taken yet, instead of only waiting
+            for solve, _, _ in prepared:
+                solve.help()
         later.result()
         SPLIT_NEWTON_PATHS["indefinite"] += sum(int(((status & INDEFINITE) != 0).sum()) for _, _, status in prepared)
         return [(x, (status & 1) == 1) for _, x, status in prepared]

@@ -15,8 +15,9 @@
      max_move in sup-norm; the full step if it passes Armijo with slack rounding (1 + |f|), else halving on the value
      alone up to 60 times; stop at |g|_inf <= tol (converged), at no decrease (converged iff |g|_inf <= metric_tol),
      after max_iter iterations, from a non-finite start or a non-finite H + same (unconverged).
-   Rows never touch each other's memory, so a row's bits do not depend on the other rows of the call, nor on how the
-   rows are split across threads (split_newton: contiguous blocks, each thread its own scratch). Built with
+   Rows never touch each other's memory, so a row's bits do not depend on the other rows of the call, nor on which
+   thread solves it: split_newton's threads, and a thread that joins them with help_split_newton, take the rows in
+   small blocks from one shared counter until none is left, each with its own scratch. Built with
    core/kernels.py's flags (-ffp-contract=off, no -ffast-math): NaN survives, sums keep the order written. */
 #include <math.h>
 #include <pthread.h>
@@ -235,6 +236,7 @@ typedef struct {
     const double *x0;  /* (R, k) */
     double *x;         /* (R, k): the solution (x0 where the start is not finite) */
     int64_t *status;   /* (R): CONVERGED or UNCONVERGED, | INDEFINITE where an eigenvalue direction was taken */
+    int64_t *next_row; /* the first row no thread has taken yet: 0 before the call, R (or more) after it */
 } Solve;
 
 int64_t solve_struct_size(void) { return (int64_t)sizeof(Solve); }
@@ -284,16 +286,29 @@ INLINE void solve_row(const Solve *q, Row *r, int64_t b, double *buf, int64_t k,
     }
 }
 
-/* The rows first .. last - 1 of a call, with this thread's own scratch. */
+/* Rows a thread takes at a time from the shared counter: ~30 us of work on the bandit, so that the counter is rarely
+   touched and a thread that joins late still finds rows to take. */
+#define CLAIM 8
+
+/* One thread's share of a call: blocks of CLAIM rows taken from q->next_row until none is left, with this thread's
+   own scratch. */
 typedef struct {
     const Solve *q;
-    int64_t first, last, bad;  /* bad: its scratch could not be allocated */
+    int64_t bad;  /* its scratch could not be allocated */
 } Block;
+
+/* The next block of rows for this thread: [*first, *last), or 0 when every row is taken. */
+static int take_rows(const Solve *q, int64_t *first, int64_t *last) {
+    int64_t b = __atomic_fetch_add(q->next_row, CLAIM, __ATOMIC_RELAXED);
+    if (b >= q->R) return 0;
+    *first = b, *last = b + CLAIM < q->R ? b + CLAIM : q->R;
+    return 1;
+}
 
 static void *solve_block(void *arg) {
     Block *job = arg;
     const Solve *q = job->q;
-    int64_t k = q->k, m = q->m, first = job->first, last = job->last;
+    int64_t k = q->k, m = q->m, first, last;
     size_t row_doubles = (size_t)(4 * k + 4 * m * k + 9 * m + 2 * k), solve_doubles = (size_t)(7 * k + 4 * k * k);
     double *scratch = malloc((row_doubles + solve_doubles) * sizeof(double));
     if (scratch == NULL) { job->bad = 1; return NULL; }
@@ -302,26 +317,30 @@ static void *solve_block(void *arg) {
     r.lp = p; p += k; r.pi = p; p += k; r.w = p; p += k;
     r.lpE = p; p += m; r.P = p; p += m; r.LP = p; p += m; r.u = p; p += m; r.rPu = p; p += m; r.c = p; p += m;
     r.D = p; p += m * k; r.PD = p; p += m * k; r.LPD = p; p += m * k; r.v = p; p += m * k;
-    if (!q->unrolled) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, k, m);
-    else if (k == 6 && m == 6) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, 6, 6);  /* the default bandit */
-    else if (k == 4 && m == 4) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, 4, 4);
-    else if (k == 8 && m == 8) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, 8, 8);
-    else for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, k, m);
+    while (take_rows(q, &first, &last)) {
+        if (!q->unrolled) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, k, m);
+        else if (k == 6 && m == 6) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, 6, 6);  /* the default bandit */
+        else if (k == 4 && m == 4) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, 4, 4);
+        else if (k == 8 && m == 8) for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, 8, 8);
+        else for (int64_t b = first; b < last; b++) solve_row(q, &r, b, p, k, m);
+    }
     free(scratch);
     return NULL;
 }
 
-/* Every row of the call, in contiguous blocks of rows over n_threads threads (at most one per row, at most 256; the
-   calling thread solves the first block); returns 0, 1 when the sizes are not whole states or scratch cannot be
+static int bad_sizes(const Solve *q) { return q->k <= 0 || q->m <= 0 || q->A <= 0 || q->k % q->A != 0; }
+
+/* Every row of the call, over n_threads threads (at most one per row, at most 256; the calling thread is one of
+   them) taking blocks of rows from q->next_row; returns 0, 1 when the sizes are not whole states or scratch cannot be
    allocated, 3 when a thread could not start. */
 int64_t split_newton(const Solve *q) {
-    if (q->k <= 0 || q->m <= 0 || q->A <= 0 || q->k % q->A != 0) return 1;
+    if (bad_sizes(q)) return 1;
     int64_t n = q->n_threads < 1 ? 1 : q->n_threads;
     if (n > q->R) n = q->R > 0 ? q->R : 1;
     if (n > 256) n = 256;
     Block jobs[256];
     pthread_t threads[256];
-    for (int64_t t = 0; t < n; t++) jobs[t] = (Block){q, q->R * t / n, q->R * (t + 1) / n, 0};
+    for (int64_t t = 0; t < n; t++) jobs[t] = (Block){q, 0};
     int64_t started = 0, failed = 0;
     for (int64_t t = 1; t < n; t++) {
         if (pthread_create(&threads[t], NULL, solve_block, &jobs[t]) != 0) { failed = 1; break; }
@@ -332,4 +351,14 @@ int64_t split_newton(const Solve *q) {
     if (failed) return 3;
     for (int64_t t = 0; t < n; t++) if (jobs[t].bad) return 1;
     return 0;
+}
+
+/* The calling thread joins a split_newton call running on another thread (or not started yet): it takes rows from
+   the same counter until none is left, then returns (the rows other threads took may still be being solved: the
+   caller waits for split_newton to return). Returns 0, or 1 like split_newton. */
+int64_t help_split_newton(const Solve *q) {
+    if (bad_sizes(q)) return 1;
+    Block job = {q, 0};
+    solve_block(&job);
+    return job.bad;
 }

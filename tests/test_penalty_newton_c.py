@@ -7,6 +7,7 @@ tests/test_penalty_split.py (both paths) and below."""
 from __future__ import annotations
 
 import ctypes
+import math
 
 import pytest
 import torch
@@ -239,6 +240,31 @@ def test_the_solve_on_its_own_thread_gives_the_same_bits_and_its_errors(monkeypa
     finish = penalty.start_penalty_minimiser_newton(problem, rewards, 3.0, background=True)
     with pytest.raises(RuntimeError, match="could not allocate"):
         finish()
+
+
+def test_a_thread_that_helps_a_running_solve_gives_the_same_bits():
+    """The evaluation's thread joins the solve's own (help_split_newton: rows from the same counter): helped before the
+    solve starts it solves every row itself (the solve then finds none left), helped while it runs the two share the
+    rows; x and the statuses are those of the solve alone, bit for bit, every row converged."""
+    import threading
+
+    problem, lib = make("default"), penalty.newton_library()
+    inner, x0 = split_rows(problem, reward_tables(problem, "near", seed=4, batch=64), 3.0)
+    alone = penalty.compiled_newton_rows(lib, inner, x0, threads=1)
+    assert bool(((alone[1] & 1) == 1).all())
+    solve, x, status = penalty.prepare_compiled_newton_rows(lib, inner, x0, threads=1)
+    solve.help()  # every row, on this thread
+    assert torch.equal(x, alone[0]) and torch.equal(status, alone[1])
+    x.fill_(math.nan)
+    solve()  # nothing left to take: x stays as it is
+    assert bool(x.isnan().all())
+    for _ in range(5):
+        solve, x, status = penalty.prepare_compiled_newton_rows(lib, inner, x0, threads=1)
+        other = threading.Thread(target=solve)
+        other.start()
+        solve.help()
+        other.join()
+        assert torch.equal(x, alone[0]) and torch.equal(status, alone[1])
 
 
 def test_kernels_off_or_no_compiler_take_newton_rows_bit_for_bit(monkeypatch, tmp_path):
