@@ -180,12 +180,13 @@ class Algorithm:
         the harness may overwrite slices of diverged seeds in place. Derived from the state
         dataclass: each tensor field, and each list-of-tensors field as `<field>.<i>`."""
         named = {}
-        for name in _field_names(type(state)):
+        for name in _field_names(type(state)):  # (the harness reads this at every evaluation point: no comprehensions)
             value = getattr(state, name)
             if isinstance(value, torch.Tensor):
                 named[name] = value
-            elif isinstance(value, list) and value and all(isinstance(t, torch.Tensor) for t in value):
-                named.update({f"{name}.{i}": t for i, t in enumerate(value)})
+            elif isinstance(value, list) and value and _all_tensors(value):
+                for key, t in zip(_item_names(name, len(value)), value):
+                    named[key] = t
         return named
 
     def select_rows(self, state: Any, rows: slice) -> Any:
@@ -195,19 +196,15 @@ class Algorithm:
         kernel may sum in another order on a view that starts mid-storage, and the evaluation must be the
         instance job's to the last bit."""
         every = rows == slice(None)  # the harness's copy of a whole state at each evaluation point: no index first
-
-        def row_copy(value):
-            if not isinstance(value, torch.Tensor) or value.dim() == 0:
-                return value
-            return value.clone() if every else value[rows].clone()
-
-        def cut(value):
-            if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
-                return [row_copy(v) for v in value]
-            return row_copy(value)
-
-        return dataclasses.replace(state, **{name: cut(getattr(state, name))
-                                             for name in _field_names(type(state), True)})
+        copies = {}  # the fields that hold per-row tensors; the others stay as they are
+        for name in _field_names(type(state), True):
+            value = getattr(state, name)
+            if isinstance(value, torch.Tensor):
+                if value.dim():
+                    copies[name] = value.clone() if every else value[rows].clone()
+            elif isinstance(value, list) and value and _all_tensors(value):
+                copies[name] = [v if not v.dim() else v.clone() if every else v[rows].clone() for v in value]
+        return dataclasses.replace(state, **copies)
 
     def state_dict(self, state: Any) -> dict:
         """The whole state as plain containers of tensors, numbers and strings, loadable with
@@ -226,6 +223,19 @@ def stack_rows(per_state: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     """Per-state lists of (B_i, ...) tensors (parameters, tables) -> one list of (sum B_i, ...) tensors, the states'
     rows in order (a single state's list as it is): several evaluation points scored as one batch."""
     return per_state[0] if len(per_state) == 1 else [torch.cat(parts) for parts in zip(*per_state)]
+
+
+def _all_tensors(values: list) -> bool:
+    for value in values:
+        if not isinstance(value, torch.Tensor):
+            return False
+    return True
+
+
+@functools.cache
+def _item_names(name: str, n: int) -> tuple[str, ...]:
+    """tensors()' keys of a list field's items: `<field>.<i>`."""
+    return tuple(f"{name}.{i}" for i in range(n))
 
 
 @functools.cache

@@ -126,8 +126,8 @@ def flat_parameters(tensors: list[dict[str, torch.Tensor]]) -> torch.Tensor:
 
 
 def relative_change(current: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-    """max |current - past| / max |past| per row (..., B) of (..., B, P): 0 when unchanged bit for bit, inf when
-    past is all 0."""
+    """max |current - past| / max |past| per row (..., B) of (..., B, P) (past broadcast against current): 0 when
+    unchanged bit for bit, inf when past is all 0."""
     moved = (current - past).abs().amax(-1)
     scale = past.abs().amax(-1)
     return torch.where(moved == 0, torch.zeros_like(moved), moved / scale)
@@ -198,7 +198,15 @@ class SeedHealth:
         compared = [i for i, ref in enumerate(refs) if ref is not None]
         if not compared:
             return
-        changes = relative_change(params[compared], torch.stack([refs[i]["params"] for i in compared]))  # (K, n)
+        # (K, n): the points that share a reference are consecutive (references follow the clock), so each run of
+        # them is compared with its one snapshot by broadcasting, without a copy of the snapshot per point
+        runs = [[compared[0]]]
+        for i in compared[1:]:
+            if refs[i] is refs[runs[-1][-1]] and i == runs[-1][-1] + 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        changes = torch.cat([relative_change(params[run[0]:run[-1] + 1], refs[run[0]]["params"]) for run in runs])
         moved = ~(changes <= self.cfg.stall_rtol)  # NaN: moved
         K = len(compared)
         ref_steps = torch.tensor([refs[i]["step"] for i in compared], dtype=torch.long)
