@@ -4,6 +4,7 @@ fitted decay and floor and claimed slopes, next to n_hit(ε) vs 1/ε with the fi
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from functools import partial
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, LogLocator
+from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator
 from ratebench.analysis.runtime import (UNHEALTHY, expected_runtime, runtime_ecdf, runtime_matrix,  # noqa: F401
                                         shared_targets)
 from ratebench.analysis.stats import bootstrap_counts, trimmed_mean
@@ -66,10 +67,30 @@ def power_of_ten(value: float, _pos=None) -> str:
     return "10" + str(round(k)).translate(SUPERSCRIPT)
 
 
+class MinorPowerLabels(LogFormatterSciNotation):
+    """matplotlib's minor tick labels of a log axis (they appear where the axis spans about a decade or less: 2×10³),
+    in plain Unicode like power_of_ten's. Its mathtext labels were parsed ~1,000 times per `ratebench plot` of the
+    README job (43 distinct labels: matplotlib's cache of 50 parses thrashes over the figures' sizes), ~10 s of a
+    48 s profiled run."""
+
+    def _non_decade_format(self, sign_string, base, fx, usetex):
+        exponent = math.floor(fx)
+        coeff = float(base) ** (fx - exponent)
+        if abs(coeff - round(coeff)) < 1e-10:
+            coeff = round(coeff)
+        return f"{sign_string}{coeff:g}×{base}{str(exponent).translate(SUPERSCRIPT)}"
+
+    def __call__(self, x, pos=None):
+        label = super().__call__(x, pos)  # a decade (rare among minor ticks) comes as mathtext: 10^{k} in Unicode too
+        decade = re.fullmatch(r"\$\\mathdefault\{(-?)(\d+)\^\{(-?\d+)\}\}\$", label)
+        return f"{decade[1]}{decade[2]}{decade[3].translate(SUPERSCRIPT)}" if decade else label
+
+
 def log_ticks(axis) -> None:
     axis.set_major_locator(LogLocator(base=10))
     axis.set_major_formatter(FuncFormatter(power_of_ten))
-    # minor ticks keep matplotlib's labels, which appear only when the axis spans under a decade
+    # minor ticks keep matplotlib's choice of labels (only where the axis spans about a decade or less), in Unicode
+    axis.set_minor_formatter(MinorPowerLabels(base=10, labelOnlyBase=False))
 
 
 def _positive(y: np.ndarray) -> np.ndarray:

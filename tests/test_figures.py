@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from ratebench.analysis import commands, plots
@@ -94,6 +95,23 @@ def test_interval_plot_shows_every_group_with_its_ci(groups, tmp_path):
 
 def test_tick_labels_are_plain_powers_of_ten():
     assert plots.power_of_ten(1e-3) == "10⁻³" and plots.power_of_ten(100.0) == "10²" and plots.power_of_ten(3.0) == ""
+
+
+def test_minor_tick_labels_of_an_axis_within_a_decade_are_plain_text():
+    """Where a log axis spans under a decade matplotlib labels its minor ticks; log_ticks keeps which, as Unicode
+    (no mathtext: no `$`), with the values they stand for."""
+    fig, ax = plt.subplots()
+    ax.set_yscale("log")
+    plots.log_ticks(ax.yaxis)
+    ax.set_ylim(1.5e-3, 8e-3)
+    fig.canvas.draw()
+    labels = {round(t.get_loc(), 12): t.label1.get_text() for t in ax.yaxis.get_minor_ticks() if t.label1.get_text()}
+    plt.close(fig)
+    assert labels and not any("$" in text for text in labels.values())
+    for value, text in labels.items():
+        coeff, exponent = text.split("×10")
+        assert float(coeff) * 10.0 ** int(exponent.translate(str.maketrans("⁻⁰¹²³⁴⁵⁶⁷⁸⁹", "-0123456789"))) == \
+            pytest.approx(value, rel=1e-9)
 
 
 def _boxes(fig):
