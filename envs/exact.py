@@ -204,7 +204,8 @@ class _UpperLossBackward(torch.autograd.Function):
         else:
             margin = returns[..., :, None] - returns[..., None, :]
             losses = bradley_terry_nll(margin, pair_probs)
-            margin_grad = bradley_terry_nll_grad(margin, pair_probs, overwrite=True) if ctx.needs_input_grad[0] else None
+            margin_grad = (bradley_terry_nll_grad(margin, pair_probs, overwrite=True) if ctx.needs_input_grad[0]
+                           else None)
         ctx.save_for_backward(returns, prob, pair_probs, init_prob, losses, margin_grad)
         return _pair_form(prob, losses, init_prob)
 
@@ -240,8 +241,11 @@ def upper_loss(problem: TabularProblem, rewards: Tables, logps: Tables, chunk: i
     for part in seed_chunks(problem, B, chunk):
         r, p = returns[part], prob[part]
         built = None if pairs is None else PairTables(pairs.losses[part], pairs.margin_grad[part])
-        parts.append(_UpperLossBackward.apply(r, p, pair_probs, problem.init_prob, built) if closed_form
-                     else _pair_form(p, _pair_table(r, pair_probs) if built is None else built.losses, problem.init_prob))
+        if closed_form:
+            parts.append(_UpperLossBackward.apply(r, p, pair_probs, problem.init_prob, built))
+        else:
+            losses = _pair_table(r, pair_probs) if built is None else built.losses
+            parts.append(_pair_form(p, losses, problem.init_prob))
     return torch.cat(parts)
 
 

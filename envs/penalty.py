@@ -410,7 +410,8 @@ class _CompiledSolve:
     else to do shortens the wait. Which thread solves a row does not change its bits."""
 
     def __init__(self, lib, q: _Solve, inputs: list[torch.Tensor]):
-        self.lib, self.q, self.inputs = lib, q, inputs  # inputs: the tensors whose memory the C reads, held until it has
+        self.lib, self.q = lib, q
+        self.inputs = inputs  # the tensors whose memory the C reads, held until it has
 
     def __call__(self) -> None:
         if self.lib.split_newton(ctypes.byref(self.q)) != 0:

@@ -119,13 +119,14 @@ class Evaluator:
         # the torch work, when the run gives the evaluation more than one core: the same bits either way. With a
         # reward model only y* is solved there: psi_lam(nu) comes with its gradient's surrogate below
         overlap = threads > 1
+        group_pairs = [None if pairs is None else pairs.rows(rows) for _, rows in lam_rows]  # each lam's rows' tables
         solving = [penalty.start_psi_minimiser(problem, [r[rows] for r in rewards], lam_grid,
                                                threads - 1 if overlap else threads, [t[rows] for t in star], overlap,
-                                               None if pairs is None else pairs.rows(rows))
+                                               group)
                    if estimates[0] is not None else
                    penalty.start_psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid,
                                                        threads - 1 if overlap else threads, None, overlap)
-                   for lam_grid, rows in lam_rows]
+                   for (lam_grid, rows), group in zip(lam_rows, group_pairs)]
         with torch.no_grad():
             reward_err = exact.reward_error(problem, rewards)
             logps = [lp.detach() for lp in algo.stacked_policy_log_probs(states)]
@@ -147,15 +148,15 @@ class Evaluator:
             again = torch.cat([rows for _, rows in lam_rows]) if lam_rows else torch.zeros(0, dtype=torch.long)
             leaf_again = units[again].detach().requires_grad_(True)
             tables_again = problem.step_tables_from_units(leaf_again)
-            total, start, solved = None, 0, []  # solved: the rows of each lam (whose y* psi_gap found)
-            for (lam_grid, rows), finish in zip(lam_rows, solving):
+            total, start, solved = None, 0, []  # solved: the rows of each lam
+            for (lam_grid, rows), finish, group in zip(lam_rows, solving, group_pairs):
                 y = finish()
                 copy = slice(start, start + len(rows))  # the same rows in tables_again
                 start += len(rows)
                 # psi_lam(nu) = h_lam(nu, y*) and the surrogate share f(nu, y*) and J(nu, y*): one pair table for both
                 surrogate, psi_value = penalty.hypergradient_surrogate_and_psi(
                     problem, [t[copy] for t in tables_again], y, [t[rows] for t in star], lam_grid, optimal[rows],
-                    None if pairs is None else pairs.rows(rows))
+                    group)
                 psi_gap[rows] = psi_value - penalty.min_psi(problem, lam_grid)
                 total = surrogate.sum() if total is None else total + surrogate.sum()
                 solved.append(rows)
