@@ -96,10 +96,12 @@ class Progress:
         self.first_step: int | None = None
         self.evaluations, self.last_eval_s = 0, 0.0
 
+    SHOWN = ("gap", "policy_gap", "reward_err")  # the metrics whose medians the line shows
+
     def metrics(self, metrics: dict) -> None:
-        """Remember the current per-seed metrics (B,) for the line."""
+        """Remember the current per-seed metrics (B,) for the line (those of SHOWN it is given)."""
         self.medians = " ".join(f"{k}={float(v.nanmedian()):.3g}" for k, v in metrics.items()
-                                if k in ("gap", "policy_gap", "reward_err") and len(v))
+                                if k in self.SHOWN and len(v))
 
     def _time(self, units: int, timing: Timing | None) -> None:
         """Count evaluations (eval_s grew) and fix the ETA's origin after the first step."""

@@ -461,7 +461,7 @@ class _Job:
             part.rows.append(frame)
             part.live_log.log(frame)
             alive = held[-1]["alive"][rows] & ~saturated[rows]
-            shown.append({k: m[-len(alive):][alive] for k, m in scored.items()})
+            shown.append({k: scored[k][-len(alive):][alive] for k in Progress.SHOWN if k in scored})
         if saturated.any():  # stopped like a diverged seed: zeroed so the batch stays finite, no further rows
             self.alive &= ~saturated
             zero_rows(self.algo.tensors(self.state), saturated)

@@ -92,3 +92,19 @@ def test_app_log_carries_the_runs_lines(tmp_path, capsys, monkeypatch, progress)
     assert len(final) == 1 and "[ratebench.run][INFO]" in final[0]
     assert sum("samples " in line for line in log) >= 4  # the start and each decade of samples, whatever the console
     assert ("(100.0%)" in printed) == (progress == "true")
+
+
+def test_the_line_shows_the_medians_of_the_last_point_scored(tmp_path, monkeypatch):
+    """The final line's medians (gap, policy_gap, reward_err: Progress.SHOWN, and no other metric) are those of the
+    run's last evaluation point in metrics.parquet, 3 seeds (an odd count: torch's median is the middle value)."""
+    import pandas as pd
+
+    monkeypatch.delenv("CI", raising=False)
+    out = tmp_path / "run"
+    assert main(["run", "budget.samples=2000", "n_seeds=3", "progress=false", f"hydra.run.dir={out}"]) == 0
+    final = [line for line in (out / "app.log").read_text().splitlines() if "(100.0%)" in line]
+    frame = pd.read_parquet(out / "metrics.parquet")
+    last = frame[frame["samples"] == frame["samples"].max()]
+    assert len(final) == 1 and len(last) == 3
+    shown = final[0].split("  median ")[1].split()
+    assert shown == [f"{k}={float(last[k].median()):.3g}" for k in Progress.SHOWN]
