@@ -157,16 +157,20 @@ class PairTables(NamedTuple):
 
 
 def pair_tables(problem: TabularProblem, rewards: Tables) -> PairTables | None:
-    """The rows' pair tables (the same bits as each formula's own), or None when they exceed PAIR_CHUNK elements:
-    there the formulas build them chunk by chunk as before, so that memory stays bounded."""
-    pair_probs = true_pair_probs(problem)
-    if rewards[0].shape[0] * pair_probs.numel() > PAIR_CHUNK:
+    """The rows' pair tables (the same bits as each formula's own), or None when they take more than one of
+    seed_chunks' chunks: there the formulas build them chunk by chunk as before, so that memory stays bounded."""
+    if len(seed_chunks(problem, rewards[0].shape[0], PAIR_CHUNK)) > 1:
         return None
     with torch.no_grad():
-        returns = trajectory_returns(problem, [r.detach() for r in rewards])
-        margin = returns[..., :, None] - returns[..., None, :]
-        losses = bradley_terry_nll(margin, pair_probs)
-        return PairTables(losses, bradley_terry_nll_grad(margin, pair_probs, overwrite=True))
+        return _tables(trajectory_returns(problem, [r.detach() for r in rewards]), true_pair_probs(problem), True)
+
+
+def _tables(returns: torch.Tensor, pair_probs: torch.Tensor, with_grad: bool) -> PairTables:
+    """The BT losses of every pair from the returns (B, G, m), and with_grad their margin derivative (else None),
+    computed in the tables already allocated (no autograd through it)."""
+    margin = returns[..., :, None] - returns[..., None, :]
+    losses = bradley_terry_nll(margin, pair_probs)
+    return PairTables(losses, bradley_terry_nll_grad(margin, pair_probs, overwrite=True) if with_grad else None)
 
 
 def _pair_table(returns: torch.Tensor, pair_probs: torch.Tensor) -> torch.Tensor:
@@ -199,13 +203,8 @@ class _UpperLossBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, returns, prob, pair_probs, init_prob, pairs=None):
-        if pairs is not None:  # built from these returns before (pair_tables)
-            losses, margin_grad = pairs
-        else:
-            margin = returns[..., :, None] - returns[..., None, :]
-            losses = bradley_terry_nll(margin, pair_probs)
-            margin_grad = (bradley_terry_nll_grad(margin, pair_probs, overwrite=True) if ctx.needs_input_grad[0]
-                           else None)
+        # pairs: built from these returns before (pair_tables)
+        losses, margin_grad = _tables(returns, pair_probs, ctx.needs_input_grad[0]) if pairs is None else pairs
         ctx.save_for_backward(returns, prob, pair_probs, init_prob, losses, margin_grad)
         return _pair_form(prob, losses, init_prob)
 
@@ -240,7 +239,7 @@ def upper_loss(problem: TabularProblem, rewards: Tables, logps: Tables, chunk: i
     parts = []
     for part in seed_chunks(problem, B, chunk):
         r, p = returns[part], prob[part]
-        built = None if pairs is None else PairTables(pairs.losses[part], pairs.margin_grad[part])
+        built = None if pairs is None else pairs.rows(part)
         if closed_form:
             parts.append(_UpperLossBackward.apply(r, p, pair_probs, problem.init_prob, built))
         else:

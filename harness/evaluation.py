@@ -148,7 +148,7 @@ class Evaluator:
             again = torch.cat([rows for _, rows in lam_rows]) if lam_rows else torch.zeros(0, dtype=torch.long)
             leaf_again = units[again].detach().requires_grad_(True)
             tables_again = problem.step_tables_from_units(leaf_again)
-            total, start, solved = None, 0, []  # solved: the rows of each lam
+            total, start = None, 0
             for (lam_grid, rows), finish, group in zip(lam_rows, solving, group_pairs):
                 y = finish()
                 copy = slice(start, start + len(rows))  # the same rows in tables_again
@@ -159,14 +159,12 @@ class Evaluator:
                     group)
                 psi_gap[rows] = psi_value - penalty.min_psi(problem, lam_grid)
                 total = surrogate.sum() if total is None else total + surrogate.sum()
-                solved.append(rows)
-            if solved:  # grad psi's unit rewards go back on their rows (the others stay 0, their psi_grad_sq NaN), so
+            if lam_rows:  # grad psi's unit rewards go back on their rows (the others stay 0, their psi_grad_sq NaN), so
                 #         that it goes through the network's activations of all rows, as grad F did
                 grad_psi_units = torch.zeros_like(grad_f_units)
                 grad_psi_units[again] = torch.autograd.grad(total, leaf_again)[0]
                 grad_psi = model.backward(params, acts, grad_psi_units)
-                for rows in solved:
-                    psi_grad_sq[rows] = per_seed_sq_norm([g[rows] for g in grad_psi])
+                psi_grad_sq[again] = per_seed_sq_norm([g[again] for g in grad_psi])
         else:
             with torch.no_grad():
                 objective = exact.bilevel_objective(problem, rewards)
