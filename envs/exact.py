@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F_
 
-from ratebench.envs.tabular import TabularProblem, gather_shared
+from ratebench.envs.tabular import TabularProblem
 
 Tables = list[torch.Tensor]
 
@@ -84,8 +84,7 @@ def optimal_value(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
 
 def trajectory_returns(problem: TabularProblem, rewards: Tables) -> torch.Tensor:
     """R(tau) for every enumerated trajectory: (B, G, m)."""
-    table = problem.trajectory_table()
-    return gather_shared(rewards, table.states, table.actions)
+    return problem.trajectory_table().gather(rewards)
 
 
 def pair_feature_differences(problem: TabularProblem, features: torch.Tensor) -> torch.Tensor:
@@ -98,7 +97,7 @@ def pair_feature_differences(problem: TabularProblem, features: torch.Tensor) ->
 def trajectory_probs(problem: TabularProblem, logps: Tables) -> torch.Tensor:
     """P(tau | initial state g) under the policy: (B, G, m)."""
     table = problem.trajectory_table()
-    return (gather_shared(logps, table.states, table.actions) + table.log_trans).exp()
+    return (table.gather(logps) + table.log_trans).exp()
 
 
 def bradley_terry_nll(margin: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -302,3 +302,39 @@ def test_sampler_counts_samples_and_queries(problem):
     sampler.trajectories(problem.ref_log_probs(), 5)
     sampler.pairs(problem.ref_log_probs(), 7)
     assert (counters.samples, counters.queries) == (5 + 14, 7)
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_trajectory_gather_equals_a_loop_over_the_trajectories(problem, with_grad):
+    """TrajectoryTable.gather (indices built once; a bandit's rows read in order without indexing) against the sum
+    over steps of each trajectory's table entries, read one trajectory at a time: bit for bit, twice (the second
+    call reads the stored indices), and for gather_shared too. The bandit's in-order path is taken, and the mdp's
+    and token task's first step indexes (so both paths are compared here)."""
+    from ratebench.envs.tabular import gather_shared
+
+    gen = torch.Generator().manual_seed(3)
+    tables = [torch.randn(5, s.n_states, problem.n_actions, generator=gen, dtype=torch.float64)
+              .requires_grad_(with_grad) for s in problem.steps]
+    table = problem.trajectory_table()
+    G, m, H = table.states.shape
+    expected = torch.empty(5, G, m, dtype=torch.float64)
+    with torch.no_grad():
+        for g in range(G):
+            for i in range(m):
+                value = tables[0][:, table.states[g, i, 0], table.actions[g, i, 0]]
+                for h in range(1, H):
+                    value = value + tables[h][:, table.states[g, i, h], table.actions[g, i, h]]
+                expected[:, g, i] = value
+    for _ in range(2):
+        got = table.gather(tables)
+        assert torch.equal(got.detach(), expected) and got.requires_grad == with_grad
+    assert torch.equal(gather_shared(tables, table.states, table.actions).detach(), expected)
+    in_order = [index is None for index in table._flat]
+    assert all(in_order) == (problem.horizon == 1)  # a bandit's one step; a longer task's first step is not
+    if with_grad:  # the gradient of a sum of reads: each entry's count of trajectories through it
+        table.gather(tables).sum().backward()
+        counts = torch.zeros(G * m, dtype=torch.long)
+        for h in range(H):
+            flat = (table.states[..., h] * problem.n_actions + table.actions[..., h]).reshape(-1)
+            visits = torch.bincount(flat, minlength=tables[h][0].numel()).to(torch.float64)
+            assert torch.equal(tables[h].grad, visits.reshape(tables[h].shape[1:]).expand_as(tables[h]))
