@@ -333,7 +333,6 @@ def test_trajectory_gather_equals_a_loop_over_the_trajectories(problem, with_gra
     assert all(in_order) == (problem.horizon == 1)  # a bandit's one step; a longer task's first step is not
     if with_grad:  # the gradient of a sum of reads: each entry's count of trajectories through it
         table.gather(tables).sum().backward()
-        counts = torch.zeros(G * m, dtype=torch.long)
         for h in range(H):
             flat = (table.states[..., h] * problem.n_actions + table.actions[..., h]).reshape(-1)
             visits = torch.bincount(flat, minlength=tables[h][0].numel()).to(torch.float64)
