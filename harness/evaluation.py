@@ -127,6 +127,9 @@ class Evaluator:
                    penalty.start_psi_gap_and_minimiser(problem, [r[rows] for r in rewards], lam_grid,
                                                        threads - 1 if overlap else threads, None, overlap)
                    for (lam_grid, rows), group in zip(lam_rows, group_pairs)]
+        # min psi_l depends on l alone: read from its store (or solved) now, while the Newton runs, not after its wait
+        # (its first read in a run costs ~0.5 ms: the store's key and file); PsiReference keeps it for psi_gap's finish
+        min_psis = [penalty.min_psi(problem, lam_grid) for lam_grid, _ in lam_rows]
         with torch.no_grad():
             reward_err = exact.reward_error(problem, rewards)
             logps = [lp.detach() for lp in algo.stacked_policy_log_probs(states)]
@@ -149,7 +152,7 @@ class Evaluator:
             leaf_again = units[again].detach().requires_grad_(True)
             tables_again = problem.step_tables_from_units(leaf_again)
             total, start = None, 0
-            for (lam_grid, rows), finish, group in zip(lam_rows, solving, group_pairs):
+            for (lam_grid, rows), finish, group, min_psi in zip(lam_rows, solving, group_pairs, min_psis):
                 y = finish()
                 copy = slice(start, start + len(rows))  # the same rows in tables_again
                 start += len(rows)
@@ -157,7 +160,7 @@ class Evaluator:
                 surrogate, psi_value = penalty.hypergradient_surrogate_and_psi(
                     problem, [t[copy] for t in tables_again], y, [t[rows] for t in star], lam_grid, optimal[rows],
                     group)
-                psi_gap[rows] = psi_value - penalty.min_psi(problem, lam_grid)
+                psi_gap[rows] = psi_value - min_psi
                 total = surrogate.sum() if total is None else total + surrogate.sum()
             if lam_rows:  # grad psi's unit rewards go back on their rows (the others stay 0, their psi_grad_sq NaN), so
                 #         that it goes through the network's activations of all rows, as grad F did
