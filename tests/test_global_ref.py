@@ -328,9 +328,9 @@ def test_runs_without_the_new_columns_load_as_nan_with_one_note(tmp_path, capsys
     new = loaded.metrics[loaded.metrics.run_dir.str.endswith("new")]
     assert old[["gap_local", "lower_gap", "psi_grad_sq"]].isna().all().all()
     assert np.allclose(new.gap_local, new.gap / 2)
-    assert commands.main("fit", [str(tmp_path), "--metric", "gap_local"]) == 0
-    assert commands.main("fit", [str(tmp_path), "--metric", "gap"]) == 0
-    assert commands.main("plot", [str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
+    assert commands.main("fit", [str(tmp_path), "--metric", "gap_local", "--n-boot", "200"]) == 0
+    assert commands.main("fit", [str(tmp_path), "--metric", "gap", "--n-boot", "200"]) == 0
+    assert commands.main("plot", [str(tmp_path), "--out", str(tmp_path / "figs"), "--n-boot", "200"]) == 0
     # the claims on the new column over an old run alone: no data, no crash
     import ratebench.conf
     from pathlib import Path
