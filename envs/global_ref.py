@@ -400,9 +400,9 @@ def multistart(problem: TabularProblem, n_starts: int, seed: int = 0, bound: flo
     converged (n,) bool: gradient sup-norm <= CONVERGED)."""
     objective = objective_rows(problem, bound)
     screened = minimise_rows(objective, gaussian_starts(problem, n_starts, seed, MULTISTART_SCALES, bound), SOLVER_TOL,
-                             max_iter=SCREEN_ITER)
+                             max_iter=SCREEN_ITER, same_function=True)
     keep = screened.value.argsort()[:KEEP]
-    polished = minimise_rows(objective, screened.x[keep], SOLVER_TOL, max_iter=POLISH_ITER)
+    polished = minimise_rows(objective, screened.x[keep], SOLVER_TOL, max_iter=POLISH_ITER, same_function=True)
     values, x, grad = screened.value.clone(), screened.x.clone(), screened.grad_norm.clone()
     values[keep], x[keep], grad[keep] = polished.value, polished.x, polished.grad_norm
     return values, to_units(x, bound), grad <= CONVERGED

@@ -90,6 +90,44 @@ def test_a_row_does_not_depend_on_the_other_rows():
         assert torch.allclose(alone.x[0], together.x[row], atol=1e-14, rtol=0)
 
 
+
+def test_one_function_of_every_row_evaluates_only_the_rows_still_searching():
+    """same_function=True (a multistart: one function, rows differ only in their start) gives the iterates of the
+    default, where every trial evaluates every row, and evaluates fewer rows: no converged row again, and an Armijo
+    backtrack only the rows still searching. Rosenbrock (curved: many backtracks), starts at several scales."""
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.cat([torch.tensor([[-1.2, 1.0], [1.0, 1.0]], dtype=torch.float64),
+                    torch.randn(10, 2, generator=gen, dtype=torch.float64) * torch.tensor([[1.0], [3.0]] * 5)])
+    seen = {}
+
+    def counting(name):
+        def objective(x):  # the same function of every row
+            seen[name] = seen.get(name, 0) + x.shape[0]
+            return (1 - x[:, 0]) ** 2 + 100 * (x[:, 1] - x[:, 0] ** 2) ** 2
+        return objective
+
+    every = minimise_rows(counting("every"), x0, tol=1e-9)
+    subset = minimise_rows(counting("subset"), x0, tol=1e-9, same_function=True)
+    assert torch.equal(subset.x, every.x) and torch.equal(subset.value, every.value)
+    assert torch.equal(subset.grad_norm, every.grad_norm) and subset.iterations == every.iterations
+    assert subset.evaluations == every.evaluations  # the same batched calls, on fewer rows
+    assert seen["every"] == x0.shape[0] * every.evaluations
+    assert seen["subset"] < seen["every"] / 2, seen
+    assert torch.allclose(subset.x, torch.ones_like(x0), atol=1e-6)
+
+
+def test_one_function_on_f_of_unit_rewards_gives_the_same_multistart():
+    """The multistarts of F (envs/global_ref.py, envs/landscape.py) on a small mdp: the rows' end points, values and
+    gradients the same bits with and without same_function."""
+    from ratebench.envs.global_ref import gaussian_starts, objective_rows
+
+    problem = envs.make(mdp.MDPConfig(n_states=3, n_actions=2, horizon=3))
+    x0 = gaussian_starts(problem, 12, 0, (1.0, 3.0, 10.0))
+    every = minimise_rows(objective_rows(problem), x0, 1e-10, max_iter=60)
+    subset = minimise_rows(objective_rows(problem), x0, 1e-10, max_iter=60, same_function=True)
+    for a, b in ((every.x, subset.x), (every.value, subset.value), (every.grad_norm, subset.grad_norm)):
+        assert torch.equal(a, b)
+
 def test_steps_into_non_finite_values_are_backtracked():
     """-log(1 - x^2) + 5 (x - 0.9)^2: a full first step from 0 leaves the domain (NaN); the
     line search must shorten it and still converge to the root of the first-order condition."""
