@@ -229,7 +229,8 @@ def solve_faces(problem: TabularProblem, form: SequenceForm, faces: torch.Tensor
     group, face = torch.arange(G).repeat_interleave(C), faces.repeat(G, 1)  # one block: (G * C,), (G * C, s)
     x0 = _starts(problem, form, group, face, gen, starts, None)
     group, face = group.repeat(starts), face.repeat(starts, 1)
-    solved = minimise_rows(face_objective(form, problem.beta, group, face), x0, SOLVER_TOL, max_iter=FACE_ITER)
+    solved = minimise_rows(face_objective(form, problem.beta, group, face), x0, SOLVER_TOL, max_iter=FACE_ITER,
+                           rows_objective=lambda rows: face_objective(form, problem.beta, group[rows], face[rows]))
     pi = face_policy(form, problem.beta, group, face, solved.x)
     r = torch.full((group.shape[0], m), 0.0, dtype=DTYPE)
     r = (r + (solved.x.amin(-1, keepdim=True) - OFF_SUPPORT * problem.beta)).scatter(1, face, solved.x)
@@ -279,8 +280,12 @@ def solve_box_faces(problem: TabularProblem, form: SequenceForm, patterns: torch
     base = pattern.to(DTYPE) * bound
     full = group_objective(form, problem.beta, group)
     if k:
-        solved = minimise_rows(lambda z: full(base.scatter(1, idx, bound * torch.tanh(z))), x0, SOLVER_TOL,
-                               max_iter=BOX_ITER)
+        def free_rewards(rows):  # z (rows, k) -> F_g of those rows with their free rewards R tanh(z)
+            rows_full = group_objective(form, problem.beta, group[rows])
+            return lambda z: rows_full(base[rows].scatter(1, idx[rows], bound * torch.tanh(z)))
+
+        solved = minimise_rows(free_rewards(slice(None)), x0, SOLVER_TOL, max_iter=BOX_ITER,
+                               rows_objective=free_rewards)
         r = base.scatter(1, idx, bound * torch.tanh(solved.x))
     else:
         r = base

@@ -116,6 +116,27 @@ def test_one_function_of_every_row_evaluates_only_the_rows_still_searching():
     assert torch.allclose(subset.x, torch.ones_like(x0), atol=1e-6)
 
 
+
+def test_rows_with_data_of_their_own_are_evaluated_as_a_subset_through_rows_objective():
+    """rows_objective(index) (the faces of global_ref: a group and a face per row) gives the iterates of the every-row
+    run, to the row-independence test's 1e-14, with fewer rows evaluated; the rows' data follow their rows."""
+    a, b = random_quadratics(batch=7, n=5, seed=2)
+    seen = {"every": 0, "subset": 0}
+
+    def objective_for(rows, name):
+        def objective(x):
+            seen[name] += x.shape[0]
+            return (0.5 * torch.einsum("bi,bij,bj->b", x, a[rows], x) - (b[rows] * x).sum(-1)
+                    + 0.1 * (x ** 4).sum(-1))
+        return objective
+
+    x0 = torch.zeros_like(b)
+    every = minimise_rows(objective_for(slice(None), "every"), x0, tol=1e-9)
+    subset = minimise_rows(objective_for(slice(None), "subset"), x0, tol=1e-9,
+                           rows_objective=lambda rows: objective_for(rows, "subset"))
+    assert torch.allclose(subset.x, every.x, atol=1e-14, rtol=0) and subset.iterations == every.iterations
+    assert seen["subset"] < seen["every"], seen
+
 def test_one_function_on_f_of_unit_rewards_gives_the_same_multistart():
     """The multistarts of F (envs/global_ref.py, envs/landscape.py) on a small mdp: the rows' end points, values and
     gradients the same bits with and without same_function."""
