@@ -32,7 +32,7 @@ import torch
 
 from ratebench.envs.exact import true_pair_probs, bilevel_objective, bradley_terry_nll, soft_optimal
 from ratebench.envs.lbfgs import minimise_rows
-from ratebench.envs.tabular import DTYPE, TabularProblem, gather_shared
+from ratebench.envs.tabular import DTYPE, TabularProblem
 from ratebench.core.errors import ConfigError
 
 MAX_FACE_SIZE = 12  # trajectories per group whose 2^m - 1 faces are enumerated (4095 faces)
@@ -145,7 +145,7 @@ def sequence_form(problem: TabularProblem) -> SequenceForm | None:
     unit = torch.where(paying, units, 0).sum(-1)  # (G, m)
     if unit.unique().numel() != unit.numel():
         return None
-    ref_logp = gather_shared(problem.ref_log_probs(), table.states, table.actions)[0]  # (G, m)
+    ref_logp = table.gather(problem.ref_log_probs())[0]  # (G, m)
     return SequenceForm(unit, ref_logp, true_pair_probs(problem))
 
 
@@ -229,8 +229,10 @@ def solve_faces(problem: TabularProblem, form: SequenceForm, faces: torch.Tensor
     group, face = torch.arange(G).repeat_interleave(C), faces.repeat(G, 1)  # one block: (G * C,), (G * C, s)
     x0 = _starts(problem, form, group, face, gen, starts, None)
     group, face = group.repeat(starts), face.repeat(starts, 1)
-    solved = minimise_rows(face_objective(form, problem.beta, group, face), x0, SOLVER_TOL, max_iter=FACE_ITER,
-                           rows_objective=lambda rows: face_objective(form, problem.beta, group[rows], face[rows]))
+    def of_rows(rows):  # the faces' objective on some of its rows
+        return face_objective(form, problem.beta, group[rows], face[rows])
+
+    solved = minimise_rows(of_rows(slice(None)), x0, SOLVER_TOL, max_iter=FACE_ITER, rows_objective=of_rows)
     pi = face_policy(form, problem.beta, group, face, solved.x)
     r = torch.full((group.shape[0], m), 0.0, dtype=DTYPE)
     r = (r + (solved.x.amin(-1, keepdim=True) - OFF_SUPPORT * problem.beta)).scatter(1, face, solved.x)
@@ -405,9 +407,10 @@ def multistart(problem: TabularProblem, n_starts: int, seed: int = 0, bound: flo
     converged (n,) bool: gradient sup-norm <= CONVERGED)."""
     objective = objective_rows(problem, bound)
     screened = minimise_rows(objective, gaussian_starts(problem, n_starts, seed, MULTISTART_SCALES, bound), SOLVER_TOL,
-                             max_iter=SCREEN_ITER, same_function=True)
+                             max_iter=SCREEN_ITER, rows_objective=lambda rows: objective)
     keep = screened.value.argsort()[:KEEP]
-    polished = minimise_rows(objective, screened.x[keep], SOLVER_TOL, max_iter=POLISH_ITER, same_function=True)
+    polished = minimise_rows(objective, screened.x[keep], SOLVER_TOL, max_iter=POLISH_ITER,
+                             rows_objective=lambda rows: objective)
     values, x, grad = screened.value.clone(), screened.x.clone(), screened.grad_norm.clone()
     values[keep], x[keep], grad[keep] = polished.value, polished.x, polished.grad_norm
     return values, to_units(x, bound), grad <= CONVERGED

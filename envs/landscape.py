@@ -84,8 +84,9 @@ def multistart(problem: TabularProblem, n_starts: int = 64, seed: int = 0, bound
     bound). Computed once per (problem, n_starts, seed, bound) and kept in problem.derived."""
     key = ("multistart", n_starts, seed, bound)
     if key not in problem.derived:
-        res = minimise_rows(objective_rows(problem, bound), multistart_starts(problem, n_starts, seed, bound),
-                            STATIONARY_TOL, max_iter=MAX_ITER, same_function=True)
+        objective = objective_rows(problem, bound)
+        res = minimise_rows(objective, multistart_starts(problem, n_starts, seed, bound), STATIONARY_TOL,
+                            max_iter=MAX_ITER, rows_objective=lambda rows: objective)
         problem.derived[key] = Multistart(to_units(res.x, bound), res.value, res.grad_norm,
                                           res.grad_norm <= STATIONARY_TOL)
     return problem.derived[key]

@@ -38,12 +38,9 @@ def _value_and_grad(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.
     return value.detach(), grad.detach()
 
 
-def _value_and_grad_of(objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: torch.Tensor | None,
-                       rows_objective: Callable | None):
-    """_value_and_grad at the rows of x where `rows` (B,) is True (rows_objective(index): their objective), the
-    others NaN and 0; without rows_objective, at every row."""
-    if rows_objective is None:
-        return _value_and_grad(objective, x)
+def _value_and_grad_of_rows(rows_objective: Callable, x: torch.Tensor, rows: torch.Tensor):
+    """_value_and_grad at the rows of x where `rows` (B,) is True, through rows_objective(index), their objective;
+    the other rows NaN and 0."""
     value, grad = x.new_full((x.shape[0],), math.nan), torch.zeros_like(x)
     index = rows.nonzero()[:, 0]
     if index.numel():
@@ -75,7 +72,7 @@ def inverse_hessian_times(grad, s_hist, y_hist, h0, chronological) -> torch.Tens
 def minimise_rows(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, tol: float,
                   max_iter: int = 1000, history: int = 10, max_backtracks: int = 50,
                   preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  first_step: float = 1.0, same_function: bool = False,
+                  first_step: float = 1.0,
                   rows_objective: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None
                   ) -> RowResult:
     """Minimise objective(x)[b] over x[b] for every row b of x0 (B, n). `objective` maps (B, n)
@@ -86,14 +83,12 @@ def minimise_rows(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.T
     (scaled by the usual s.y / y.D.y after each accepted step). first_step: sup-norm of the
     first move, before any curvature is known; small keeps a nonconvex row in its start's basin.
 
-    same_function: objective applies one function to every row (no data of its own per row, such as F of unit
-    rewards in a multistart), so it may be handed any subset of the rows: then a trial step is evaluated only on the
-    rows that still search (an Armijo backtrack of a few rows no longer evaluates them all, nor are converged rows
-    evaluated again). rows_objective(index): the objective of rows `index` (a LongTensor) alone, for an objective
-    with data of its own per row (the faces of global_ref: a group and a face per row), with the same effect.
-    Otherwise every trial evaluates every row, a frozen one at its own point."""
-    if same_function:
-        rows_objective = lambda index: objective  # noqa: E731
+    rows_objective(index): the objective of the rows `index` (a LongTensor) alone, where the objective can be
+    restricted to some of its rows: `lambda index: objective` for one function of every row (F of unit rewards in a
+    multistart), or the rows' own data taken at index (the faces of global_ref: a group and a face per row). Then a
+    trial step is evaluated only on the rows still searching: an Armijo backtrack of a few rows no longer evaluates
+    them all, and converged rows are not evaluated again. Without it every trial evaluates every row, a frozen one at
+    its own point."""
     x = x0.detach().clone()
     B, n = x.shape
     f, g = _value_and_grad(objective, x)
@@ -123,7 +118,8 @@ def minimise_rows(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.T
         x_new, f_new, g_new = x, f, g
         for _ in range(max_backtracks):
             trial = x + step[:, None] * d
-            f_trial, g_trial = _value_and_grad_of(objective, trial, searching, rows_objective)
+            f_trial, g_trial = (_value_and_grad(objective, trial) if rows_objective is None
+                                else _value_and_grad_of_rows(rows_objective, trial, searching))
             evaluations += 1
             slack = ROUNDING * (1.0 + f.abs())
             ok = searching & (f_trial <= f + ARMIJO * step * slope + slack) & torch.isfinite(f_trial)

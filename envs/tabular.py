@@ -39,19 +39,21 @@ class TrajectoryTable:
     states: torch.Tensor  # (G, m, H) long
     actions: torch.Tensor  # (G, m, H) long
     log_trans: torch.Tensor  # (G, m): sum of log transition probabilities (given g)
-    # per step h, the flat index s * A + a of every trajectory's (state, action) in a (n_h * A) row, or None where
-    # that is every entry in order (a bandit: trajectory i of group g is (g, i)); built on first use (gather)
-    _flat: list | None = field(default=None, init=False, repr=False, compare=False)
+    # per step h, the flat index s * A + a of every trajectory's (state, action) in that step's (n_h A) row, (G m,),
+    # or None where it is every entry of the row in order (a bandit: trajectory i of group g is (g, i))
+    step_index: list
 
     def gather(self, tables: list[torch.Tensor]) -> torch.Tensor:
-        """gather_shared(tables, self.states, self.actions), the same bits, with the indices built once: the
-        evaluation reads the trajectories' returns and log-probabilities of a few hundred rows several times per
-        pass, and the indexing (B, n_h A) -> (B, G, m) cost more than the rest of such a read."""
-        if self._flat is None:
-            A = tables[0].shape[2]
-            self._flat = [None if _in_order(index, t.shape[1] * A) else index.reshape(-1)
-                          for index, t in zip(_flat_indices(self.states, self.actions, A), tables)]
-        return _gather_flat(tables, self._flat, self.states.shape[:-1])
+        """Sum over h of tables[h][:, states[..., h], actions[..., h]] (tables [(B, n_h, A)]): (B, G, m), a tensor of
+        its own. A step read in order is a view rather than an indexed copy: the evaluation reads the trajectories'
+        returns and log-probabilities of a few hundred rows several times per pass, and indexing them cost more than
+        the rest of such a read."""
+        shape, total = self.states.shape[:-1], None
+        for table, index in zip(tables, self.step_index):
+            row = table.reshape(table.shape[0], -1)
+            value = (row if index is None else row[:, index]).reshape(table.shape[0], *shape)
+            total = value if total is None else total + value
+        return total.clone() if len(tables) == 1 and self.step_index[0] is None else total  # never a view of tables
 
 
 @dataclass
@@ -247,36 +249,12 @@ def _enumerate(problem: TabularProblem) -> TrajectoryTable:
         )
         actions = actions.repeat_interleave(K, dim=1)
         log_trans = (log_trans[..., None] + lp).reshape(G, -1)
-    return TrajectoryTable(states=states, actions=actions, log_trans=log_trans)
-
-
-def gather_shared(tables: list[torch.Tensor], states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Sum over h of tables[h][:, states[..., h], actions[..., h]] for index tensors shared by
-    all seeds. tables: [(B, n_h, A)]; states/actions: (*idx, H). Returns (B, *idx)."""
-    flat = [index.reshape(-1) for index in _flat_indices(states, actions, tables[0].shape[2])]
-    return _gather_flat(tables, flat, states.shape[:-1])
-
-
-def _flat_indices(states: torch.Tensor, actions: torch.Tensor, A: int) -> list[torch.Tensor]:
-    """Per step h, s * A + a of the (state, action) pairs: (*idx,) each."""
-    return [states[..., h] * A + actions[..., h] for h in range(states.shape[-1])]
-
-
-def _in_order(index: torch.Tensor, n: int) -> bool:
-    """Whether index is 0, 1, ..., n - 1: every entry of a row, in its order."""
-    return index.numel() == n and bool((index.reshape(-1) == torch.arange(n)).all())
-
-
-def _gather_flat(tables: list[torch.Tensor], flat: list, shape: torch.Size) -> torch.Tensor:
-    """Sum over h of tables[h] (B, n_h, A) read at the flat indices flat[h] ((prod shape,), or None: every entry in
-    order, a copy): (B, *shape). Summed from the first step's values, left to right as written."""
-    total = None
-    for table, index in zip(tables, flat):
-        B = table.shape[0]
-        row = table.reshape(B, -1)
-        value = (row.clone() if index is None else row[:, index]).reshape(B, *shape)
-        total = value if total is None else total + value
-    return total
+    step_index = []
+    for h, step in enumerate(problem.steps):
+        index = (states[..., h] * A + actions[..., h]).reshape(-1)
+        in_order = index.numel() == step.n_states * A and bool((index == torch.arange(index.numel())).all())
+        step_index.append(None if in_order else index)
+    return TrajectoryTable(states=states, actions=actions, log_trans=log_trans, step_index=step_index)
 
 
 def gather_per_step(tables: list[torch.Tensor], states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:

@@ -306,12 +306,10 @@ def test_sampler_counts_samples_and_queries(problem):
 
 @pytest.mark.parametrize("with_grad", [False, True])
 def test_trajectory_gather_equals_a_loop_over_the_trajectories(problem, with_grad):
-    """TrajectoryTable.gather (indices built once; a bandit's rows read in order without indexing) against the sum
-    over steps of each trajectory's table entries, read one trajectory at a time: bit for bit, twice (the second
-    call reads the stored indices), and for gather_shared too. The bandit's in-order path is taken, and the mdp's
-    and token task's first step indexes (so both paths are compared here)."""
-    from ratebench.envs.tabular import gather_shared
-
+    """TrajectoryTable.gather (indices built with the table; a step read in order is not indexed) against the sum
+    over steps of each trajectory's table entries, read one trajectory at a time: bit for bit, and never a view of
+    the tables (a caller may write into it). The bandit's in-order path is taken, and the mdp's and token task's
+    first step indexes (so both paths are compared here)."""
     gen = torch.Generator().manual_seed(3)
     tables = [torch.randn(5, s.n_states, problem.n_actions, generator=gen, dtype=torch.float64)
               .requires_grad_(with_grad) for s in problem.steps]
@@ -325,11 +323,10 @@ def test_trajectory_gather_equals_a_loop_over_the_trajectories(problem, with_gra
                 for h in range(1, H):
                     value = value + tables[h][:, table.states[g, i, h], table.actions[g, i, h]]
                 expected[:, g, i] = value
-    for _ in range(2):
-        got = table.gather(tables)
-        assert torch.equal(got.detach(), expected) and got.requires_grad == with_grad
-    assert torch.equal(gather_shared(tables, table.states, table.actions).detach(), expected)
-    in_order = [index is None for index in table._flat]
+    got = table.gather(tables)
+    assert torch.equal(got.detach(), expected) and got.requires_grad == with_grad
+    assert all(got.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in tables)
+    in_order = [index is None for index in table.step_index]
     assert all(in_order) == (problem.horizon == 1)  # a bandit's one step; a longer task's first step is not
     if with_grad:  # the gradient of a sum of reads: each entry's count of trajectories through it
         table.gather(tables).sum().backward()

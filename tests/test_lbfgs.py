@@ -92,9 +92,9 @@ def test_a_row_does_not_depend_on_the_other_rows():
 
 
 def test_one_function_of_every_row_evaluates_only_the_rows_still_searching():
-    """same_function=True (a multistart: one function, rows differ only in their start) gives the iterates of the
-    default, where every trial evaluates every row, and evaluates fewer rows: no converged row again, and an Armijo
-    backtrack only the rows still searching. Rosenbrock (curved: many backtracks), starts at several scales."""
+    """rows_objective=lambda rows: objective (a multistart: one function, rows differ only in their start) gives the
+    iterates of the default, where every trial evaluates every row, and evaluates fewer rows: no converged row again,
+    and an Armijo backtrack only the rows still searching. Rosenbrock (curved: many backtracks), starts at several scales."""
     gen = torch.Generator().manual_seed(4)
     x0 = torch.cat([torch.tensor([[-1.2, 1.0], [1.0, 1.0]], dtype=torch.float64),
                     torch.randn(10, 2, generator=gen, dtype=torch.float64) * torch.tensor([[1.0], [3.0]] * 5)])
@@ -107,7 +107,8 @@ def test_one_function_of_every_row_evaluates_only_the_rows_still_searching():
         return objective
 
     every = minimise_rows(counting("every"), x0, tol=1e-9)
-    subset = minimise_rows(counting("subset"), x0, tol=1e-9, same_function=True)
+    shared = counting("subset")
+    subset = minimise_rows(shared, x0, tol=1e-9, rows_objective=lambda rows: shared)
     assert torch.equal(subset.x, every.x) and torch.equal(subset.value, every.value)
     assert torch.equal(subset.grad_norm, every.grad_norm) and subset.iterations == every.iterations
     assert subset.evaluations == every.evaluations  # the same batched calls, on fewer rows
@@ -139,13 +140,14 @@ def test_rows_with_data_of_their_own_are_evaluated_as_a_subset_through_rows_obje
 
 def test_one_function_on_f_of_unit_rewards_gives_the_same_multistart():
     """The multistarts of F (envs/global_ref.py, envs/landscape.py) on a small mdp: the rows' end points, values and
-    gradients the same bits with and without same_function."""
+    gradients the same bits with and without rows_objective."""
     from ratebench.envs.global_ref import gaussian_starts, objective_rows
 
     problem = envs.make(mdp.MDPConfig(n_states=3, n_actions=2, horizon=3))
     x0 = gaussian_starts(problem, 12, 0, (1.0, 3.0, 10.0))
     every = minimise_rows(objective_rows(problem), x0, 1e-10, max_iter=60)
-    subset = minimise_rows(objective_rows(problem), x0, 1e-10, max_iter=60, same_function=True)
+    objective = objective_rows(problem)
+    subset = minimise_rows(objective, x0, 1e-10, max_iter=60, rows_objective=lambda rows: objective)
     for a, b in ((every.x, subset.x), (every.value, subset.value), (every.grad_norm, subset.grad_norm)):
         assert torch.equal(a, b)
 
