@@ -419,7 +419,7 @@ def multistart(problem: TabularProblem, n_starts: int, seed: int = 0, bound: flo
 def policy_rows(problem: TabularProblem, x: torch.Tensor) -> torch.Tensor:
     """pi*_x as one flat row of probabilities per unit-reward row: (n, sum_h n_h A)."""
     logps, _ = soft_optimal(problem, problem.step_tables_from_units(x))
-    return torch.cat([lp.exp().reshape(x.shape[0], -1) for lp in logps], 1)
+    return torch.cat([lp.exp().flatten(1) for lp in logps], 1)  # (flatten: also for n = 0 rows)
 
 
 # --- the reference ----------------------------------------------------------------------------
