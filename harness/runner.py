@@ -649,6 +649,11 @@ def _mark_diverged(algo, state, alive) -> dict[int, str]:
     batch stays finite, and it gets no further metric rows. Other seeds continue. Returns the
     rows that diverged at this step, each with the reason (which tensors hold inf or NaN)."""
     tensors = algo.tensors(state)
+    with torch.no_grad():  # every step of an eager run: one sum per tensor says "all finite" (a NaN or inf makes it
+        #                   non-finite; finite values that overflow it only send it to the check per row below)
+        total = sum(t.sum() for t in tensors.values())
+        if not isinstance(total, torch.Tensor) or bool(total.isfinite()):
+            return {}
     finite = torch.ones_like(alive)
     for t in tensors.values():
         finite &= torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -215,6 +216,48 @@ def test_prefetched_uniforms_are_the_direct_draws():
     for shape in [(3,), (2, 4), (10,), (30,)]:  # the last one runs past the buffer: drawn directly
         assert torch.equal(direct.uniform(*shape), ahead.uniform(*shape))
     assert direct.state_dict() == ahead.state_dict()
+
+
+def _splitmix_uniforms(seed: int, stream: int, start: int, n: int) -> list[float]:
+    """Draws start .. start + n - 1 of one seed, from splitmix64 written here on Python's integers (an independent
+    reference for core/rng.py: key = mix(mix(seed G + stream) + stream), bits = mix(key ^ mix(i G + 1)), u = the top
+    53 bits + 1/2, over 2^53)."""
+    mask, golden = (1 << 64) - 1, 0x9E3779B97F4A7C15
+
+    def mix(x):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    key = mix((mix((seed * golden + stream) & mask) + stream) & mask)
+    return [((mix(key ^ mix((i * golden + 1) & mask)) >> 11) + 0.5) * 2.0**-53 for i in range(start, start + n)]
+
+
+@pytest.mark.parametrize("lookahead", [1, 24, 1 << 15])
+def test_uniforms_drawn_ahead_are_the_counters_draws(monkeypatch, lookahead):
+    """uniform() serves draws it made ahead (core/rng.py LOOKAHEAD; 24 = 8 per seed here, so requests straddle the
+    end of what was drawn), also after the counter jumps forward (a segment's reserve) and back (a restore, or set
+    by hand)."""
+    from ratebench.core import rng as rng_module
+
+    monkeypatch.setattr(rng_module, "LOOKAHEAD", lookahead)
+    seeds, stream = [7, 2, 9], 1
+    rng, at = CounterRng(seeds, stream=stream), 0
+    for step, shape in enumerate([(5,), (2, 4), (3,), (10,), (1,), (6,), (30,), (4,)]):
+        if step == 4:  # a segment's compiled steps drew 17 uniforms per seed
+            rng.counter += 17
+            at += 17
+        if step == 6:  # a checkpoint from further back restored
+            rng.load_state_dict({"counter": 3})
+            at = 3
+        if step == 7:  # the counter set back by hand, before the draws still held ahead
+            rng.counter = at = 1
+        n = math.prod(shape)
+        got = rng.uniform(*shape)
+        want = torch.tensor([_splitmix_uniforms(s, stream, at, n) for s in seeds], dtype=torch.float64)
+        assert torch.equal(got, want.reshape(len(seeds), *shape)), (lookahead, step)
+        at += n
+    assert rng.state_dict() == {"counter": at}
 
 
 def test_impl_is_in_the_hash_and_validated(compose_config):
@@ -416,13 +459,16 @@ def test_a_compiled_step_is_cached_per_cpu(monkeypatch, tmp_path):
     home folder shared by a cluster's nodes must not hand a -march=native build to a CPU without its instructions.
     The same CPU loads its build from the cache; another CPU builds its own."""
     from ratebench.core import kernels
-    from ratebench.algorithms.bilevel_kernel import SOURCE
 
+    # a C file of one function: the key and the cache are the same code for every source (core/kernels.py), and
+    # this one builds in a fraction of a second where bilevel_step.c takes ~7 s at -O3
+    source = tmp_path / "one_function.c"
+    source.write_text("double twice(double x) { return 2.0 * x; }\n")
     monkeypatch.setenv("RATEBENCH_CACHE", str(tmp_path))
     built = {}
     for cpu in ("cpu-a", "cpu-a", "cpu-b"):
         monkeypatch.setattr(kernels, "_cpu", lambda cpu=cpu: cpu)
-        assert kernels.load.__wrapped__(SOURCE) is not None
-        built.setdefault(cpu, []).append(kernels.BUILD_SECONDS["bilevel_step.c"] > 0)
+        assert kernels.load.__wrapped__(source) is not None
+        built.setdefault(cpu, []).append(kernels.BUILD_SECONDS[source.name] > 0)
     assert built == {"cpu-a": [True, False], "cpu-b": [True]}
     assert len(list((tmp_path / "kernels").glob("*.so"))) == 2

@@ -93,6 +93,27 @@ def test_nan_in_one_seed_marks_it_diverged_and_others_continue(compose_config, t
     assert np.isfinite(frame[["gap", "policy_gap", "reward_err"]].to_numpy()).all()
 
 
+def test_finite_parameters_whose_sum_overflows_are_not_diverged():
+    """The non-finite check's shortcut (one sum per tensor) overflows on large finite values: they must still count
+    as finite, and a NaN or an inf among them must still mark its seed (and only its seed)."""
+    from types import SimpleNamespace
+
+    from ratebench.runner import _mark_diverged
+
+    class Algo:
+        def tensors(self, state):
+            return {"w": state.w, "b": state.b}
+
+    big = torch.full((3, 4), 1.5e308, dtype=torch.float64)
+    state, alive = SimpleNamespace(w=big.clone(), b=-big[:, :2].clone()), torch.ones(3, dtype=torch.bool)
+    assert _mark_diverged(Algo(), state, alive) == {} and alive.all() and torch.equal(state.w, big)
+    for bad in (float("inf"), float("nan")):
+        state.w = big.clone()
+        state.w[2, 1], alive = bad, torch.ones(3, dtype=torch.bool)
+        assert list(_mark_diverged(Algo(), state, alive)) == [2]
+        assert alive.tolist() == [True, True, False] and torch.equal(state.w[:2], big[:2]) and not state.w[2].any()
+
+
 def test_exception_in_step_records_failure_then_raises(compose_config, tmp_path, monkeypatch):
     def broken(self, state, sampler):
         if state.t == 10:
