@@ -330,7 +330,11 @@ def test_runs_without_the_new_columns_load_as_nan_with_one_note(tmp_path, capsys
     assert np.allclose(new.gap_local, new.gap / 2)
     assert commands.main("fit", [str(tmp_path), "--metric", "gap_local", "--n-boot", "200"]) == 0
     assert commands.main("fit", [str(tmp_path), "--metric", "gap", "--n-boot", "200"]) == 0
-    assert commands.main("plot", [str(tmp_path), "--out", str(tmp_path / "figs"), "--n-boot", "200"]) == 0
+    # the plot of a column both formats have and of the columns the old run lacks (each metric costs ~4 s of figures)
+    assert commands.main("plot", [str(tmp_path), "--out", str(tmp_path / "figs"), "--n-boot", "200", "--metric", "gap",
+                                  "--metric", "gap_local", "--metric", "lower_gap", "--metric", "psi_grad_sq"]) == 0
+    assert {p.name for p in (tmp_path / "figs").glob("*_vs_samples.png")} == {
+        f"{m}_vs_samples.png" for m in ("gap", "gap_local", "lower_gap", "psi_grad_sq")}
     # the claims on the new column over an old run alone: no data, no crash
     import ratebench.conf
     from pathlib import Path
