@@ -265,3 +265,31 @@ def test_compiled_step_build_seconds(benchmark, monkeypatch, tmp_path):
     record_ratio(benchmark, "compiled_build_s[bilevel_step.c]", build_s,
                  f"wall seconds to build into an empty cache (issue target <= 30 s); from the cache {cached_s * 1e3:.1f} ms")
     assert build_s <= 30.0
+
+
+@pytest.mark.parametrize("config", ["reward_mle-16", "dpo_online-16", "ppo_rlhf_online-16"])
+def test_eager_steps_with_uniforms_drawn_ahead(benchmark, compose_config, config, monkeypatch):
+    """impl=fast's eager steps (no compiled step) with CounterRng.uniform serving its draws from a block computed
+    ahead (core/rng.py LOOKAHEAD) against each call drawing its own (LOOKAHEAD = 1, the code before): steps/s, one
+    run, arms interleaved. The same numbers either way (tests/test_fast.py)."""
+    from ratebench.core import rng
+
+    runs = {}
+    for arm in ("one_call_each", "drawn_ahead"):
+        algo, sampler, v = build(compose_config, CONFIGS[config][0], "fast")
+        runs[arm] = [algo, sampler, algo.init(v.seeds)]
+    times = {arm: [] for arm in runs}
+    for arm, run in interleaved(runs):
+        monkeypatch.setattr(rng, "LOOKAHEAD", 1 if arm == "one_call_each" else 1 << 15)
+        algo, sampler, state = run
+        tic = time.perf_counter()
+        for _ in range(100):
+            state = algo.step(state, sampler)
+        times[arm].append((time.perf_counter() - tic) / 100)
+        run[2] = state
+    benchmark.pedantic(lambda: None, rounds=1)
+    t = {arm: statistics.median(x) for arm, x in times.items()}
+    ratio = record_ratio(benchmark, f"drawn_ahead_speedup[{config}]", t["one_call_each"] / t["drawn_ahead"],
+                         f"eager step {t['one_call_each'] * 1e6:.0f} -> {t['drawn_ahead'] * 1e6:.0f} us (median of 7 "
+                         f"rounds of 100 steps)")
+    assert ratio >= 0.95  # never slower beyond this machine's noise
