@@ -51,7 +51,7 @@ class CounterRng:
             n *= s
         ahead, offset = self._ahead, self.counter - self._ahead_start
         if ahead is None or offset < 0 or offset + n > ahead.shape[1]:
-            self.prefetch(max(n, LOOKAHEAD // len(self.keys)))
+            self.prefetch(max(n, LOOKAHEAD // max(1, len(self.keys))))
             ahead, offset = self._ahead, 0
         u = ahead[:, offset:offset + n]  # the same numbers: draw i depends on (seed, stream, i) only
         self.counter += n
