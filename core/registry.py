@@ -147,15 +147,23 @@ def conf_folders() -> list[Path]:
     """The conf folders whose claims/ and experiment/ (and algorithm/, env/ presets) ratebench reads, in
     the order Hydra searches them: ratebench's own conf/, the `ratebench.claims` plug-ins, then the
     folders of $RATEBENCH_CONF_PATH (set by `check` for a claim file given by path, inherited by its run)."""
-    folders = list(_plugin_folders(tuple(sys.path)))
-    for text in os.environ.get(CONF_PATH_ENV, "").split(os.pathsep):
-        if text.strip():
-            folders.append(Path(text.strip()).absolute())
-    unique = []
+    return list(_unique_folders(_plugin_folders(tuple(sys.path)), os.environ.get(CONF_PATH_ENV, ""), os.getcwd()))
+
+
+@functools.lru_cache(maxsize=64)
+def _unique_folders(plugin_folders: tuple, extra: str, cwd: str) -> tuple[Path, ...]:
+    """The plug-ins' folders then $RATEBENCH_CONF_PATH's (relative ones against cwd), each real folder once (the
+    first name it is given by). Kept per (sys.path, $RATEBENCH_CONF_PATH, cwd): every compose, preset lookup and
+    claim search asks, and a Path.resolve is an lstat per component (a process whose variable grew to 16 folders
+    spent ~7 ms a call resolving them)."""
+    folders = list(plugin_folders) + [Path(cwd, text.strip()) for text in extra.split(os.pathsep) if text.strip()]
+    unique, seen = [], set()
     for folder in folders:
-        if folder.resolve() not in [f.resolve() for f in unique]:
+        real = folder.resolve()
+        if real not in seen:
+            seen.add(real)
             unique.append(folder)
-    return unique
+    return tuple(unique)
 
 
 @functools.lru_cache(maxsize=16)
@@ -181,8 +189,7 @@ def add_conf_folder(folder: Path) -> None:
 
 def search_path() -> list[str]:
     """hydra.searchpath (conf/config.yaml): every conf folder but ratebench's own (Hydra's primary one)."""
-    home = conf_folders()[0]
-    return [f"file://{folder}" for folder in conf_folders()[1:] if folder.resolve() != home.resolve()]
+    return [f"file://{folder}" for folder in conf_folders()[1:]]  # none is the first one again (conf_folders)
 
 
 def files(subfolder: str) -> list[Path]:

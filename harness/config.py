@@ -74,22 +74,40 @@ class RunConfig:
 
 
 def register() -> None:
+    """The resolvers and the ConfigStore's schemas and presets that conf/config.yaml composes with. Stored again only
+    when what they are made of changed (the registered algorithms and environments, the conf folders, the store
+    itself): each store converts a dataclass to a config, ~40 ms for all of them, which every new compose paid."""
+    from ratebench.core.registry import conf_folders
+    from ratebench.plugin_config import SEARCH_PATH_RESOLVER, register_presets
+
+    cs = ConfigStore.instance()
+    stored = (id(cs), _registered(), tuple(conf_folders()))
+    if (stored == _REGISTERED.get("key") and "run_schema.yaml" in cs.repo
+            and all(OmegaConf.has_resolver(name) for name in ("rb_job_id", "rb_run_help", SEARCH_PATH_RESOLVER))):
+        return
     if not OmegaConf.has_resolver("rb_job_id"):
         OmegaConf.register_new_resolver("rb_job_id", job_id)  # hydra.sweep.subdir (conf/config.yaml)
     if not OmegaConf.has_resolver("rb_run_help"):
         from ratebench.core.catalog import run_help
 
         OmegaConf.register_new_resolver("rb_run_help", run_help)  # hydra.help.template (conf/config.yaml)
-    cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     for name, spec in ENVIRONMENTS.items():
         cs.store(group="env", name=f"{name}_schema", node=spec.Config)
     for name, algo in ALGORITHMS.items():
         cs.store(group="algorithm", name=f"{name}_schema", node=algo.Config)
-    from ratebench.plugin_config import register_presets
-
     register_presets(cs)  # a plug-in without a preset file is selectable by its name (env=<name>, algorithm=<name>)
+    _REGISTERED["key"] = stored
+
+
+_REGISTERED: dict[str, tuple] = {}  # what register() last stored the schemas and presets for
+
+
+def _registered() -> tuple:
+    """The registered algorithms and environments, by name and object identity."""
+    return tuple((kind, name, id(item)) for kind, registry in (("algorithm", ALGORITHMS), ("env", ENVIRONMENTS))
+                 for name, item in registry.items())
 
 
 def compose(overrides=(), with_hydra: bool = False) -> DictConfig:
@@ -101,13 +119,63 @@ def compose(overrides=(), with_hydra: bool = False) -> DictConfig:
 
     key = _compose_key(overrides, with_hydra)
     if key not in _COMPOSED:
-        register()
-        with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
+        values = None if with_hydra else _value_overrides(overrides, key[-1])
+        if values:  # the config of the other overrides, with these values set as Hydra sets them (_value_overrides)
+            from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+            parsed, indices = values
+            cfg = compose([o for i, o in enumerate(overrides) if i not in indices])
+            if all(_is_leaf(cfg, o.key_or_group) for o in parsed):
+                ConfigLoaderImpl._apply_overrides_to_config(parsed, cfg)
+            else:
+                values = None
+        if not values:
+            register()
+            with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
+                cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
         if len(_COMPOSED) >= COMPOSED_KEPT:
             _COMPOSED.pop(next(iter(_COMPOSED)))
         _COMPOSED[key] = cfg
     return copy.deepcopy(_COMPOSED[key])
+
+
+def _value_overrides(overrides, files: tuple) -> tuple[list, set[int]] | None:
+    """The overrides that set a value (`key=value`, no group, package, sweep, + or ~), parsed, and their positions;
+    None if there are none or some override does not parse. Hydra composes the defaults list from the other overrides
+    and only then sets these on the result (ConfigLoaderImpl._apply_overrides_to_config, in their order), so compose
+    can take the config of the other overrides (kept: a sweep's jobs, a test's runs differ in values) and set them
+    with the same function: ~10 ms instead of Hydra's ~0.1 s. A key that names a config group (a folder of a conf
+    folder's YAML files, a ConfigStore group, anything under hydra) stays with Hydra."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    if not overrides:
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return None  # Hydra's composition reports it
+    from ratebench.core.registry import conf_folders
+
+    groups = {name for name, node in ConfigStore.instance().repo.items() if isinstance(node, dict)}
+    for folder in conf_folders():  # files: every YAML file of the conf folders (_compose_key)
+        groups |= {Path(path).parent.relative_to(folder).as_posix() for path, _, _ in files
+                   if Path(path).is_relative_to(folder)}
+    picked = [(i, o) for i, o in enumerate(parsed)
+              if o.type == OverrideType.CHANGE and o.package is None and not o.is_sweep_override()
+              and not o.key_or_group.startswith("hydra") and "/" not in o.key_or_group
+              and o.key_or_group not in groups and not isinstance(o.value(), dict)]
+    return ([o for _, o in picked], {i for i, _ in picked}) if picked else None
+
+
+def _is_leaf(cfg: DictConfig, key: str) -> bool:
+    """Whether `key` (dotted) names a value or a list in cfg, not a config node nor a missing key."""
+    parent_key, _, name = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False, throw_on_resolution_failure=False) \
+        if parent_key else cfg
+    return isinstance(parent, DictConfig) and name in parent and not isinstance(parent._get_node(name), DictConfig)
 
 
 COMPOSED_KEPT = 256  # configs compose() keeps (the oldest goes first): ~135 KB each, so ~35 MB at most
@@ -127,9 +195,7 @@ def _compose_key(overrides, with_hydra: bool) -> tuple:
             with contextlib.suppress(OSError):
                 info = path.stat()
                 files.append((str(path), info.st_size, info.st_mtime_ns))
-    registered = tuple((kind, name, id(item)) for kind, registry in (("algorithm", ALGORITHMS), ("env", ENVIRONMENTS))
-                       for name, item in registry.items())
-    return tuple(overrides), with_hydra, os.getcwd() if with_hydra else None, registered, tuple(files)
+    return tuple(overrides), with_hydra, os.getcwd() if with_hydra else None, _registered(), tuple(files)
 
 
 def to_dataclass(node: Any, schema: type, where: str):

@@ -22,6 +22,20 @@ def _private_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _conf_path_restored():
+    """$RATEBENCH_CONF_PATH as it was before the test: `check` on a claim file given by path adds its folder for the
+    runs it starts (registry.add_conf_folder), which must not leak into the next test's conf folders."""
+    from ratebench.core.registry import CONF_PATH_ENV
+
+    before = os.environ.get(CONF_PATH_ENV)
+    yield
+    if before is None:
+        os.environ.pop(CONF_PATH_ENV, None)
+    else:
+        os.environ[CONF_PATH_ENV] = before
+
+
 @pytest.fixture
 def compose_config():
     """compose_config([overrides]) -> the run config Hydra would build (without `hydra:`)."""
