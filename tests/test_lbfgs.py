@@ -188,3 +188,26 @@ def test_penalty_minimiser_matches_torch_lbfgs(config, lam):
     reference = _torch_lbfgs_psi(problem, rewards, lam)
     assert (ours - reference).max() <= 1e-12
     assert (ours - reference).abs().max() <= 1e-8
+
+
+def test_only_the_rows_still_moving_get_a_direction(monkeypatch):
+    """Rows that converge early are frozen: later iterations compute the L-BFGS direction of the moving rows alone
+    (its products cost per row), and every row ends where it ends alone."""
+    from ratebench.envs import lbfgs
+
+    scales = torch.tensor([1.0, 1.0, 30.0, 100.0], dtype=torch.float64)[:, None]
+    starts = torch.tensor([[0.1, 0.1], [-1.2, 1.0], [-1.2, 1.0], [2.0, -1.0]], dtype=torch.float64)
+
+    def objective_for(rows):
+        def objective(x):  # Rosenbrock-like rows of different curvature: they stop at different iterations
+            return (1 - x[:, 0]) ** 2 + scales[rows, 0] * (x[:, 1] - x[:, 0] ** 2) ** 2
+        return objective
+
+    sizes, original = [], lbfgs.inverse_hessian_times
+    monkeypatch.setattr(lbfgs, "inverse_hessian_times", lambda g, *a: (sizes.append(g.shape[0]), original(g, *a))[1])
+    together = lbfgs.minimise_rows(objective_for(slice(None)), starts, tol=1e-10)
+    assert sizes[0] == 4 and min(sizes) == 1 and sizes == sorted(sizes, reverse=True)
+    for row in range(4):
+        alone = lbfgs.minimise_rows(objective_for(slice(row, row + 1)), starts[row:row + 1], tol=1e-10)
+        assert torch.allclose(alone.x[0], together.x[row], atol=1e-14, rtol=0)
+        assert float(together.grad_norm[row]) <= 1e-10
