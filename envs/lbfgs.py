@@ -104,13 +104,11 @@ def minimise_rows(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.T
         slot = iteration % history
         filled = min(iteration, history)
         chronological = [(slot - filled + i) % history for i in range(filled)]
-        h0 = gamma[:, None] * diag
-        if bool(active.all()):
-            d = -inverse_hessian_times(g, s_hist, y_hist, h0, chronological)
-        else:  # the rows still moving only: a frozen row's direction is never used, and the products cost per row
-            moving = active.nonzero()[:, 0]
-            d = torch.zeros_like(g)
-            d[moving] = -inverse_hessian_times(g[moving], s_hist[moving], y_hist[moving], h0[moving], chronological)
+        # the rows still moving only: a frozen row's direction is never used, and the products cost per row
+        moving = active.nonzero()[:, 0]
+        d = torch.zeros_like(g)
+        d[moving] = -inverse_hessian_times(g[moving], s_hist[moving], y_hist[moving], (gamma[:, None] * diag)[moving],
+                                           chronological)
         slope = (g * d).sum(-1)
         uphill = active & (slope >= 0)  # lost positive definiteness numerically: restart that row's memory
         if bool(uphill.any()):

@@ -119,7 +119,8 @@ def compose(overrides=(), with_hydra: bool = False) -> DictConfig:
 
     key = _compose_key(overrides, with_hydra)
     if key not in _COMPOSED:
-        values = None if with_hydra else _value_overrides(overrides, key[-1])
+        files = key[-1]  # every YAML file of the conf folders, as _compose_key read them
+        values = None if with_hydra else _value_overrides(overrides, files)
         if values:  # the config of the other overrides, with these values set as Hydra sets them (_value_overrides)
             from hydra._internal.config_loader_impl import ConfigLoaderImpl
 

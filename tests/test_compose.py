@@ -106,8 +106,7 @@ def test_register_stores_again_only_what_changed(monkeypatch):
     stored.clear()
     config.register()
     assert stored == []
-    monkeypatch.setitem(ConfigStore.instance().repo, "run_schema.yaml", None)
-    del ConfigStore.instance().repo["run_schema.yaml"]
+    monkeypatch.delitem(ConfigStore.instance().repo, "run_schema.yaml")  # put back after the test
     config.register()
     assert "run_schema" in stored
     monkeypatch.setattr(config, "_COMPOSED", {})
