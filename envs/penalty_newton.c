@@ -4,7 +4,8 @@
    (seed, group) problem of k logits on the one-group design (E (k, m) visits of (s, a), S (m, k) visits of the
    state of logit j, same (k, k) the same-state mask, A actions per state), with its own Lsym, Lrho (m, m) and lin,
    rho, log_trans (m). On the bandit k = m = 6: torch pays ~1 us per operation on such rows, C a few ns per flop.
-   Per row, as _Inner._parts / value_grad_hessian / _newton_direction / newton_rows:
+   Per row, as _Inner._parts / value_grad_hessian / _newton_direction / newton_rows (the Hessian where an iteration
+   goes on from the point, not where it stops: the same bits):
      lp = log-softmax per state of x;  lpE = lp E;  P = exp(lpE + log_trans);  LP = Lsym P;
      u = LP + lin + lam_beta lpE;  value = sum((u - LP / 2) P rho)
      grad = E (rho P u) - (S^T (rho P u)) pi,  D = E^T - S pi,  hess = D^T (P (Lrho (P D)) + rho P (u + 2 lam_beta) D)
@@ -78,7 +79,9 @@ INLINE double row_value(Row *r, const double *x, int64_t k, int64_t m) {  /* _In
     return value;
 }
 
-INLINE double value_grad_hessian(Row *r, const double *x, double *g, double *H, int64_t k, int64_t m) {
+/* The value and gradient at x, keeping in r's scratch what hessian() reads (pi, P, c, w): a point's Hessian is computed
+   only where an iteration goes on from it (not at the point that converges, nor at a rejected trial). */
+INLINE double value_grad(Row *r, const double *x, double *g, int64_t k, int64_t m) {
     double value = row_value(r, x, k, m);
     for (int64_t j = 0; j < k; j++) r->pi[j] = exp(r->lp[j]);
     for (int64_t t = 0; t < m; t++) {
@@ -95,6 +98,11 @@ INLINE double value_grad_hessian(Row *r, const double *x, double *g, double *H, 
         g[j] = e - s * r->pi[j];
         r->w[j] = sw * r->pi[j];
     }
+    return value;
+}
+
+/* The Hessian at the point value_grad() was last called at (its scratch). */
+INLINE void hessian(Row *r, double *H, int64_t k, int64_t m) {
     for (int64_t t = 0; t < m; t++)
         for (int64_t j = 0; j < k; j++) {
             r->D[t * k + j] = r->E[j * m + t] - r->S[t * k + j] * r->pi[j];
@@ -114,7 +122,6 @@ INLINE double value_grad_hessian(Row *r, const double *x, double *g, double *H, 
             for (int64_t t = 0; t < m; t++) acc += r->D[t * k + i] * r->v[t * k + j];
             H[i * k + j] = acc - (i == j ? r->w[i] : 0.0) + r->w[i] * r->pi[j] * r->same[i * k + j];
         }
-    return value;
 }
 
 /* Eigenvalues ev (k) and eigenvectors V (k, k), row-major, column i for ev[i], of the symmetric a (k, k), by the
@@ -245,15 +252,16 @@ INLINE void solve_row(const Solve *q, Row *r, int64_t b, double *buf, int64_t k,
     r->Lsym = q->Lsym + b * m * m; r->Lrho = q->Lrho + b * m * m;
     r->lin = q->lin + b * m; r->rho = q->rho + b * m; r->log_trans = q->log_trans + b * m;
     double *x = q->x + b * k, *g = buf, *H = g + k, *d = H + k * k, *work = d + k, *trial = work + 2 * k * k + 2 * k;
-    double *g1 = trial + k, *H1 = g1 + k;
+    double *g1 = trial + k;
     memcpy(x, q->x0 + b * k, (size_t)k * sizeof(double));
     q->status[b] = UNCONVERGED;
-    double f = value_grad_hessian(r, x, g, H, k, m);
+    double f = value_grad(r, x, g, k, m);
     if (!isfinite(f)) return;  /* a non-finite row is left to the caller, unconverged */
     for (int64_t j = 0; j < k; j++) if (!isfinite(g[j])) return;
     for (int64_t it = 0; it < q->max_iter; it++) {
         double gmax = sup_norm(g, k);
         if (gmax <= q->tol) { q->status[b] |= CONVERGED; return; }
+        hessian(r, H, k, m);  /* at x: value_grad's last call was at x */
         int direction = newton_direction(k, H, q->same, g, q->max_move, work, d);
         if (direction == 0) return;  /* H + same not finite: left to the caller, unconverged */
         if (direction == INDEFINITE) q->status[b] |= INDEFINITE;
@@ -261,11 +269,10 @@ INLINE void solve_row(const Solve *q, Row *r, int64_t b, double *buf, int64_t k,
         for (int64_t j = 0; j < k; j++) slope += g[j] * d[j];
         double slack = q->rounding * (1.0 + fabs(f));
         for (int64_t j = 0; j < k; j++) trial[j] = x[j] + d[j];
-        double f1 = value_grad_hessian(r, trial, g1, H1, k, m);  /* the full step, which Newton takes almost always */
+        double f1 = value_grad(r, trial, g1, k, m);  /* the full step, which Newton takes almost always */
         if (f1 <= f + q->armijo * slope + slack && isfinite(f1)) {
             memcpy(x, trial, (size_t)k * sizeof(double));
             memcpy(g, g1, (size_t)k * sizeof(double));
-            memcpy(H, H1, (size_t)(k * k) * sizeof(double));
             f = f1;
             continue;
         }
@@ -282,7 +289,7 @@ INLINE void solve_row(const Solve *q, Row *r, int64_t b, double *buf, int64_t k,
             return;
         }
         memcpy(x, trial, (size_t)k * sizeof(double));
-        f = value_grad_hessian(r, x, g, H, k, m);
+        f = value_grad(r, x, g, k, m);
     }
 }
 
@@ -309,7 +316,7 @@ static void *solve_block(void *arg) {
     Block *job = arg;
     const Solve *q = job->q;
     int64_t k = q->k, m = q->m, first, last;
-    size_t row_doubles = (size_t)(4 * k + 4 * m * k + 9 * m + 2 * k), solve_doubles = (size_t)(7 * k + 4 * k * k);
+    size_t row_doubles = (size_t)(4 * k + 4 * m * k + 9 * m + 2 * k), solve_doubles = (size_t)(6 * k + 3 * k * k);
     double *scratch = malloc((row_doubles + solve_doubles) * sizeof(double));
     if (scratch == NULL) { job->bad = 1; return NULL; }
     Row r = {q->A, q->E, q->S, q->same, NULL, NULL, NULL, NULL, NULL, q->lam_beta, NULL};
