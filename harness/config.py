@@ -130,7 +130,16 @@ def compose(overrides=(), with_hydra: bool = False) -> DictConfig:
                 ConfigLoaderImpl._apply_overrides_to_config(parsed, cfg)
             else:
                 values = None
-        if not values:
+        with_hydra_key = (key[0], True, os.getcwd(), *key[3:])
+        if not values and not with_hydra and with_hydra_key in _COMPOSED:
+            # the same composition with `hydra:` is kept: Hydra composes one config either way and then deletes that
+            # node (hydra.compose), so its copy without the node is this config (an experiment's configs need both)
+            from omegaconf import open_dict
+
+            cfg = copy.deepcopy(_COMPOSED[with_hydra_key])
+            with open_dict(cfg):
+                del cfg["hydra"]
+        elif not values:
             register()
             with initialize_config_module(config_module="ratebench.conf", version_base="1.3"):
                 cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)

@@ -167,3 +167,20 @@ def test_each_family_of_experiments_composes_to_hydras_config(monkeypatch):
         overrides = [f"experiment={path.stem}", *evidence.sweep_combinations(params, ())[0][-1], "n_seeds=2",
                      "budget.samples=777"]
         assert _outcome(config.compose, overrides) == _outcome(_hydra_itself, overrides), overrides
+
+
+def test_a_config_kept_with_hydra_gives_the_one_without_it(hydra_calls):
+    """compose(o) after compose(o, with_hydra=True) (as experiment_configs asks for both) drops `hydra:` from the
+    kept one instead of composing again, and equals Hydra's own composition without it: the job's keys, the
+    struct flag, the read-only flag. One experiment of each family and a run with groups and values."""
+    from ratebench.core.registry import files
+
+    families = {p.stem.split("_")[0]: p.stem for p in files("experiment")}
+    for overrides in ([f"experiment={name}"] for name in families.values()), [["algorithm=bilevel", "env=mdp"]]:
+        for o in overrides:
+            with_hydra = config.compose(o, with_hydra=True)
+            calls = len(hydra_calls)
+            mine = _outcome(config.compose, o)
+            assert len(hydra_calls) == calls, o  # no composition for the config without hydra:
+            assert mine == _outcome(_hydra_itself, o), o
+            assert "hydra" in with_hydra and "hydra" in config.compose(o, with_hydra=True)  # the kept one keeps it
